@@ -1,0 +1,34 @@
+# The two commands: `make run` (the main job on KOP) and `make test` (the test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?=
+BACKBONE ?= efficientnet_lite0
+SEED   ?= 0
+OUT    ?= runs/make-run
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch/torchvision are pinned here to the releases this machine keeps on local disk, so the
+# install takes a minute instead of a multi-GB download; pyproject.toml allows a range.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/kneeosteo audit $(DATA) --out $(OUT)/audit
+	$(BIN)/kneeosteo split $(DATA) --out $(OUT)/split.json --seed $(SEED)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,165 @@
+"""`kneeosteo audit`: what is really in a data set, before anyone trains on it.
+
+Reports counts, formats, sizes, exact and near duplicates (and duplicates carrying both labels),
+unreadable files, and the metadata-only shortcut accuracy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from kneeosteo.data.duplicates import (
+    NEAR_DUP_THRESHOLD,
+    exact_groups,
+    is_conflict,
+    leakage_groups,
+    near_duplicate_clusters,
+)
+from kneeosteo.data.scan import Scan
+from kneeosteo.data.shortcut import metadata_only_accuracy
+from kneeosteo.utils.atomic import write_json, write_text
+
+
+def _dist(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = np.percentile(values, [0, 25, 50, 75, 100])
+    return {"min": float(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": float(q[4])}
+
+
+def deduplicated(scan: Scan) -> list:
+    """One record per content id, label-conflict groups dropped: what the shortcut check sees."""
+    seen, out = {}, []
+    conflicts = {r.content_id for g in exact_groups(scan.records) if is_conflict(g) for r in g}
+    for r in sorted(scan.records, key=lambda r: r.path):
+        if r.content_id in conflicts or r.content_id in seen:
+            continue
+        seen[r.content_id] = r
+        out.append(r)
+    return out
+
+
+def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0) -> dict:
+    recs = scan.records
+    per_class = {}
+    for label in scan.classes:
+        rs = [r for r in recs if r.label == label]
+        per_class[label] = {
+            "images": len(rs),
+            "formats": dict(Counter(r.meta.format for r in rs)),
+            "modes": dict(Counter(r.meta.mode for r in rs)),
+            "width": _dist([r.meta.width for r in rs]),
+            "height": _dist([r.meta.height for r in rs]),
+            "aspect_ratio": _dist([r.meta.width / r.meta.height for r in rs]),
+            "file_size": _dist([r.meta.file_size for r in rs]),
+        }
+    groups = exact_groups(recs)
+    conflicts = [g for g in groups if is_conflict(g)]
+    clusters = near_duplicate_clusters(recs, near_threshold)
+    dedup = deduplicated(scan)
+    lg = leakage_groups(dedup, near_threshold)
+    shortcut = metadata_only_accuracy(dedup, [lg[r.path] for r in dedup], seed=seed)
+    members = lambda g: [{"path": r.path, "label": r.label} for r in g]  # noqa: E731
+    return {
+        "data": str(scan.root),
+        "classes": scan.classes,
+        "positive_class": scan.positive,
+        "files_read": len(recs),
+        "distinct_images": len({r.content_id for r in recs}),
+        "per_class": per_class,
+        "exact_duplicates": {
+            "groups": len(groups),
+            "files_involved": sum(len(g) for g in groups),
+            "label_conflicts": len(conflicts),
+            "list": [{"content_id": g[0].content_id, "conflict": is_conflict(g), "members": members(g)} for g in groups],
+        },
+        "near_duplicates": {
+            "method": "pHash (imagehash.phash, 64 bits), connected components",
+            "threshold_bits": near_threshold,
+            "clusters": len(clusters),
+            "list": [{"cross_label": is_conflict(g), "members": members(g)} for g in clusters],
+        },
+        "unreadable": scan.unreadable,
+        "skipped_not_images": scan.skipped,
+        "shortcut_metadata_only": shortcut,
+    }
+
+
+def render_markdown(a: dict) -> str:
+    lines = [f"# Audit of `{a['data']}`", ""]
+    lines += [
+        f"- files read: {a['files_read']}, distinct images (by decoded pixels): {a['distinct_images']}",
+        f"- unreadable files: {len(a['unreadable'])}; skipped (not images): {len(a['skipped_not_images'])}",
+        "",
+        "## Per class",
+        "",
+        "| class | images | formats | modes | width median [min-max] | height median [min-max] | aspect median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, c in a["per_class"].items():
+        w, h, ar = c["width"], c["height"], c["aspect_ratio"]
+        fmt = ", ".join(f"{k} {v}" for k, v in sorted(c["formats"].items()))
+        mode = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
+        if not w:
+            lines.append(f"| {label} | 0 | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {c['images']} | {fmt} | {mode} | {w['median']:.0f} [{w['min']:.0f}-{w['max']:.0f}] "
+            f"| {h['median']:.0f} [{h['min']:.0f}-{h['max']:.0f}] | {ar['median']:.3f} |"
+        )
+    ex = a["exact_duplicates"]
+    lines += ["", "## Exact duplicates (same decoded pixels)", ""]
+    lines.append(f"{ex['groups']} groups, {ex['files_involved']} files; **{ex['label_conflicts']} groups carry both labels**.")
+    lines.append("")
+    for g in ex["list"]:
+        tag = "**LABEL CONFLICT** " if g["conflict"] else ""
+        lines.append(f"- {tag}" + ", ".join(f"`{m['path']}`" for m in g["members"]))
+    nd = a["near_duplicates"]
+    lines += ["", f"## Near duplicates ({nd['method']}, <= {nd['threshold_bits']} bits)", ""]
+    lines.append(f"{nd['clusters']} clusters of different pictures within the threshold.")
+    lines.append("")
+    for g in nd["list"]:
+        tag = "(cross-label) " if g["cross_label"] else ""
+        lines.append(f"- {tag}" + ", ".join(f"`{m['path']}` ({m['label']})" for m in g["members"]))
+    lines += ["", "## Unreadable files", ""]
+    lines += [f"- `{u['path']}`: {u['reason']}" for u in a["unreadable"]] or ["none"]
+    s = a["shortcut_metadata_only"]
+    lines += ["", "## Shortcut check: label from file metadata only", ""]
+    if s.get("accuracy") is None:
+        lines.append(f"not computed: {s.get('reason')}")
+    else:
+        lo, hi = s["accuracy_ci95"]
+        lines += [
+            f"{s['classifier']} on {s['n']} de-duplicated images, features {', '.join(s['features'])}:",
+            "",
+            f"**accuracy {s['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), AUC {s['auc']:.3f}**; "
+            f"majority-class baseline {s['majority_baseline']:.3f}. Most used: {', '.join(s['top_features'])}.",
+            "",
+            "An image model must beat this by a clear margin before it can be said to look at bone.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(a: dict) -> list[str]:
+    ex, nd, s = a["exact_duplicates"], a["near_duplicates"], a["shortcut_metadata_only"]
+    counts = ", ".join(f"{k} {v['images']}" for k, v in a["per_class"].items())
+    out = [
+        f"files read: {a['files_read']} ({counts}); distinct images: {a['distinct_images']}",
+        f"exact duplicate groups: {ex['groups']} ({ex['files_involved']} files), label conflicts: {ex['label_conflicts']}",
+        f"near-duplicate clusters (pHash <= {nd['threshold_bits']} bits): {nd['clusters']}",
+        f"unreadable: {len(a['unreadable'])}, skipped non-images: {len(a['skipped_not_images'])}",
+    ]
+    if s.get("accuracy") is not None:
+        lo, hi = s["accuracy_ci95"]
+        out.append(f"metadata-only accuracy: {s['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), AUC {s['auc']:.3f}")
+    return out
+
+
+def write_audit(a: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "audit.json", a)
+    write_text(out_dir / "audit.md", render_markdown(a))
+    return out_dir / "audit.json", out_dir / "audit.md"

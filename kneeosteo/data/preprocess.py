@@ -1,0 +1,70 @@
+"""Turn a canonical greyscale radiograph into the tensor a network eats.
+
+Two presets:
+- ``paper``: stretch to 224x224 (aspect ratio ignored, as the paper does), 3 identical channels,
+  normalised with the backbone's mean/std.
+- ``robust``: aspect-preserving letterbox onto a black square, optional CLAHE. Stretching makes a
+  tall narrow film look different from a square one, which lets a network read the *source*
+  (a label shortcut the audit finds on KOP) instead of bone; the letterbox removes that cue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS = ("paper", "robust")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    preset: str = "paper"
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    clahe: bool = False
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preprocessing preset {self.preset!r} (choose from {PRESETS})")
+
+    def key(self) -> str:
+        """Stable id of everything that changes the pixels; part of every cache key."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def geometry(self, pixels: np.ndarray) -> torch.Tensor:
+        """(H, W) float [0,1] -> (1, S, S) float32 [0,1]: the resized picture before normalisation."""
+        img = np.ascontiguousarray(pixels, dtype=np.float32)
+        if self.clahe:
+            u16 = np.round(img * 65535).astype(np.uint16)
+            img = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u16).astype(np.float32) / 65535
+        t = torch.from_numpy(img)[None, None]
+        s = self.size
+        if self.preset == "paper":
+            out = F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        else:
+            h, w = img.shape
+            scale = s / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            small = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+            out = torch.zeros(1, 1, s, s)
+            top, left = (s - nh) // 2, (s - nw) // 2
+            out[..., top : top + nh, left : left + nw] = small
+        return out[0].clamp_(0, 1)
+
+    def normalise(self, grey: torch.Tensor) -> torch.Tensor:
+        """(..., 1, S, S) in [0,1] -> (..., 3, S, S) normalised; cheap enough to do per batch."""
+        mean = torch.tensor(self.mean, dtype=grey.dtype, device=grey.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=grey.dtype, device=grey.device).view(3, 1, 1)
+        return (grey.expand(*grey.shape[:-3], 3, *grey.shape[-2:]) - mean) / std
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        return self.normalise(self.geometry(pixels))

@@ -1,0 +1,267 @@
+"""Read one radiograph file (raster or DICOM) into a canonical greyscale float32 image.
+
+Every failure becomes an :class:`ImageReadError` naming the file, so that a scan over
+thousands of files can report bad ones by name and carry on instead of crashing.
+The format is decided by content, not by suffix: the suffix only decides whether we try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # pydicom >= 3
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+except ImportError:  # pragma: no cover - pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageReadError", "NotAnImageError", "ImageMeta",
+           "LoadedImage", "is_candidate", "read_image", "to_uint8"]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+MAX_PIXELS: int = 100_000_000
+# Pillow's own guard agrees with ours, so its bomb warning (turned into an error below) fires
+# at the same size; a larger ``max_pixels`` argument therefore cannot loosen it.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+# Restrict Pillow to the formats we mean to accept: with every plugin enabled, random bytes are
+# occasionally "recognised" as TGA, SPIDER, ... and decoded into noise.  GIF and MPO are here
+# because they turn up under .png/.jpg names.
+_PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "GIF")
+_FORMAT_NAMES = {"MPO": "JPEG"}
+_MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
+
+
+class ImageReadError(Exception):
+    """A file we tried to read could not be decoded; callers report it and skip the file."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep picklable across DataLoader worker processes
+        return type(self), (self.path, self.reason)
+
+
+class NotAnImageError(ImageReadError):
+    """The file is plainly not an image (wrong suffix, no DICOM preamble): skip with a warning."""
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    path: str
+    format: str      # decoded format: PNG, JPEG, BMP, TIFF, GIF or DICOM
+    mode: str        # PIL mode, or DICOM photometric interpretation
+    width: int       # of the canonical pixels, i.e. after EXIF orientation
+    height: int
+    bit_depth: int   # bits per sample in the source
+    file_size: int
+    channels: int
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays field-wise is ambiguous
+class LoadedImage:
+    pixels: np.ndarray  # float32, HxW, [0, 1], C-contiguous
+    meta: ImageMeta
+
+    @cached_property
+    def content_id(self) -> str:
+        """Identity of the picture itself, independent of container, colour type and name."""
+        h = hashlib.sha256(f"{self.pixels.shape[0]}x{self.pixels.shape[1]}:".encode())
+        h.update(np.ascontiguousarray(self.pixels, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+    def phash(self) -> imagehash.ImageHash:
+        return imagehash.phash(Image.fromarray(to_uint8(self.pixels)), hash_size=8)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """[0,1] floats to uint8 with rounding, so that 8-bit sources round-trip exactly."""
+    return np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_candidate(path) -> bool:
+    """Suffix decides cheaply; otherwise sniff for DICOM, which scanners often save as
+    ``IM0001`` or ``1.2.840....42`` (a numeric "suffix")."""
+    p = Path(path)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return p.is_file() and _has_dicom_preamble(p)
+
+
+def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Decode ``path``; raise ImageReadError (NotAnImageError for non-images), never anything else."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise ImageReadError(p, "not a regular file")
+    except OSError as e:
+        raise ImageReadError(p, f"cannot read file ({e.strerror or e})") from e
+    suffix = p.suffix.lower()
+    dicm = _has_dicom_preamble(p)
+    if not dicm and suffix not in IMAGE_SUFFIXES:
+        raise NotAnImageError(p, f"not an image file (suffix {suffix or 'none'!r})")
+    if size == 0:
+        raise ImageReadError(p, "empty file")
+    try:
+        if dicm:
+            pixels, meta = _read_dicom(p, size, max_pixels, force=False)
+        else:
+            try:
+                pixels, meta = _read_pil(p, size, max_pixels)
+            except UnidentifiedImageError:
+                if suffix not in _DICOM_SUFFIXES:
+                    raise ImageReadError(p, "not a recognised image format "
+                                            "(content is not PNG/JPEG/BMP/TIFF/GIF)") from None
+                pixels, meta = _read_dicom(p, size, max_pixels, force=True)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(p, f"decompression bomb ({e})") from e
+    except MemoryError as e:
+        raise ImageReadError(p, "out of memory while decoding") from e
+    except Exception as e:  # decoders raise anything (OSError, SyntaxError, struct.error, ...)
+        raise ImageReadError(p, f"corrupt or truncated image data ({_short(e)})") from e
+    pixels = np.ascontiguousarray(np.clip(np.nan_to_num(pixels), 0.0, 1.0), dtype=np.float32)
+    return LoadedImage(pixels, meta)
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _bomb_check(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageReadError(path, f"decompression bomb: {width}x{height} = {width * height} "
+                                   f"pixels exceeds the limit of {max_pixels}")
+
+
+def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path, formats=_PIL_FORMATS) as img:
+            _bomb_check(path, img.width, img.height, max_pixels)  # header only, nothing decoded yet
+            fmt, mode, channels = img.format, img.mode, len(img.getbands())
+            bits = _MODE_BITS.get(mode, 8)
+            if fmt == "TIFF":  # 'I' and 'F' may hold 8..32-bit samples; the tag knows which
+                tag = img.tag_v2.get(258, bits)
+                bits = int(tag[0] if isinstance(tag, tuple) else tag)
+            img.load()  # first frame only; raises on truncated data
+            img = ImageOps.exif_transpose(img)
+            pixels = _pil_to_grey(img, bits)
+    meta = ImageMeta(str(path), _FORMAT_NAMES.get(fmt, fmt), mode, pixels.shape[1],
+                     pixels.shape[0], bits, size, channels)
+    return pixels, meta
+
+
+def _pil_to_grey(img: Image.Image, bits: int) -> np.ndarray:
+    """Scale by the type's full range, never by the image's own min/max, so that exposure
+    differences between radiographs survive.  Alpha is dropped, not composited: exported
+    radiographs carry an all-opaque alpha, and the stored grey values are the measurement."""
+    mode = img.mode
+    if mode == "1":
+        return np.asarray(img, dtype=np.float32)
+    if mode == "L":
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if mode.startswith("I"):
+        a = np.asarray(img).astype(np.float64)
+        return a / float(2 ** min(bits, 32) - 1)
+    if mode == "F":  # float has no intrinsic range: keep [0,1] data, stretch anything else
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return a
+        return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    # RGB, RGBA, P, PA, LA, CMYK, YCbCr, ...: via RGB to ITU-R 601 luma (Pillow's 'L');
+    # R=G=B maps exactly to the grey value, so equal-channel RGB matches grey files.
+    return np.asarray(img.convert("RGB").convert("L"), dtype=np.float32) / 255.0
+
+
+def _read_dicom(path: Path, size: int, max_pixels: int, force: bool) -> tuple[np.ndarray, ImageMeta]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about every odd tag in real-world files
+        ds = pydicom.dcmread(path, force=force)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            if force:  # a forced read of a file without preamble: most likely not DICOM at all
+                raise ImageReadError(path, "not a recognised image format (no DICOM preamble, "
+                                           "no pixel data)")
+            raise ImageReadError(path, "DICOM has no pixel data")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows <= 0 or cols <= 0:
+            raise ImageReadError(path, "DICOM has no valid Rows/Columns")
+        _bomb_check(path, cols, rows, max_pixels)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            # no file meta: pydicom needs a syntax to decode; use the one the body was read with
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                              pydicom.uid.ExplicitVRLittleEndian if little else
+                                              pydicom.uid.ExplicitVRBigEndian)
+        arr = _dicom_first_frame(path, ds)
+        pixels = _dicom_to_grey(ds, arr)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    meta = ImageMeta(str(path), "DICOM", photometric, cols, rows,
+                     int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0), size,
+                     int(ds.get("SamplesPerPixel", 1) or 1))
+    return pixels, meta
+
+
+def _dicom_first_frame(path: Path, ds) -> np.ndarray:
+    """Decode frame 0 only; a missing codec is a fixable setup problem, so say how to fix it."""
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        if hasattr(ds, "pixel_array_options"):  # pydicom 3 decodes just the frame asked for
+            ds.pixel_array_options(index=0)
+            return ds.pixel_array
+        arr = ds.pixel_array  # pragma: no cover - pydicom 2.x
+        return arr[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr
+    except Exception as e:
+        if ts is not None and ts.is_transfer_syntax and ts.is_compressed:
+            raise ImageReadError(path, f"cannot decode compressed DICOM transfer syntax "
+                                       f"'{ts.name}' ({ts}): install a decoder, e.g. `pip install "
+                                       f"pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` (JPEG, "
+                                       f"JPEG 2000), `pip install pyjpegls` (JPEG-LS) or `pip "
+                                       f"install python-gdcm` [{_short(e, 120)}]") from e
+        raise
+
+
+def _dicom_to_grey(ds, arr: np.ndarray) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB): ITU-R 601 luma
+        top = 255.0 if arr.dtype == np.uint8 else float(2 ** int(ds.get("BitsStored", 16)) - 1)
+        return (arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])) / top
+    arr = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        # The VOI output range depends on BitsStored, rescale and LUT descriptor; probing the
+        # transform at -inf/+inf gives that range without re-deriving pydicom's rules.
+        out = apply_voi_lut(arr, ds).astype(np.float64)
+        lo, hi = sorted(float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds))
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    else:  # no display transform stored: stretch to the image's own range
+        lo, hi = float(arr.min()), float(arr.max())
+        out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if photometric == "MONOCHROME1":  # after windowing: the window is defined on stored values
+        out = 1.0 - np.clip(out, 0.0, 1.0)
+    return out

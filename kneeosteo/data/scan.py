@@ -1,0 +1,160 @@
+"""Walk a class-folder data set once and describe every file: label, metadata, content ids.
+
+Audit, split and training all start from this scan, so decoding each radiograph (the slow part)
+is done once per file content: results are memoised on disk keyed by the sha256 of the file's
+bytes, and a changed file is simply a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kneeosteo.data.reader import ImageMeta, ImageReadError, NotAnImageError, is_candidate, read_image
+from kneeosteo.paths import cache_dir
+from kneeosteo.utils.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+POSITIVE_CLASS = "osteoporosis"
+
+
+class DataError(Exception):
+    """A problem with the data set as a whole (missing folder, one class only...)."""
+
+
+@dataclass
+class Record:
+    """One readable image of the data set; ``path`` is relative to the data root, POSIX style."""
+
+    path: str
+    label: str
+    target: int  # 1 = positive class
+    content_id: str
+    phash: str
+    meta: ImageMeta
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "meta"}, "meta": asdict(self.meta)}
+
+
+@dataclass
+class Scan:
+    root: Path
+    classes: list[str]
+    positive: str
+    records: list[Record] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    skipped: list[dict] = field(default_factory=list)  # not images at all
+
+    def by_path(self) -> dict[str, Record]:
+        return {r.path: r for r in self.records}
+
+
+def class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def resolve_classes(root: Path, positive: str = POSITIVE_CLASS) -> list[str]:
+    """Return ``[negative, positive]``; a binary task needs exactly two class folders."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    folders = class_folders(root)
+    if positive not in folders:
+        raise DataError(f"{root}: no class folder named '{positive}' (found: {', '.join(folders) or 'none'})")
+    others = [f for f in folders if f != positive]
+    if len(others) != 1:
+        raise DataError(
+            f"{root}: expected exactly two class folders (one negative, '{positive}'), found {folders}"
+        )
+    return [others[0], positive]
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """All files below ``folder``; symlinked folders are not followed, so link loops can't hang us."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(path: Path, memo_dir: Path | None) -> tuple[str, dict]:
+    """Decode one file -> ("ok", {...}) or ("unreadable"/"skipped", {"reason"})."""
+    try:
+        if not is_candidate(path):
+            raise NotAnImageError(path, "not an image file (unknown suffix)")
+        memo = None
+        if memo_dir is not None:
+            try:
+                memo = memo_dir / f"{_file_sha256(path)}.json"
+                if memo.is_file():
+                    return "ok", json.loads(memo.read_text())
+            except (OSError, ValueError):
+                memo = None
+        img = read_image(path)
+        info = {"content_id": img.content_id, "phash": str(img.phash()), "meta": asdict(img.meta)}
+        if memo is not None:
+            try:
+                write_json(memo, info)
+            except OSError:
+                pass
+        return "ok", info
+    except NotAnImageError as exc:
+        return "skipped", {"reason": exc.reason}
+    except ImageReadError as exc:
+        return "unreadable", {"reason": exc.reason}
+    except OSError as exc:  # permission denied, broken symlink...
+        return "unreadable", {"reason": f"cannot open: {exc.strerror or exc}"}
+
+
+def scan_dataset(
+    root: str | os.PathLike,
+    positive: str = POSITIVE_CLASS,
+    require_binary: bool = True,
+    use_cache: bool = True,
+    workers: int | None = None,
+) -> Scan:
+    """Read every file under the class folders of ``root``; bad files are recorded, never fatal."""
+    root = Path(root)
+    if require_binary:
+        classes = resolve_classes(root, positive)
+    else:
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found")
+        classes = class_folders(root)
+        if not classes:
+            raise DataError(f"{root}: no class folders inside")
+    memo_dir = cache_dir() / "scan" if use_cache else None
+    jobs = [(label, f) for label in classes for f in _walk_files(root / label)]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
+        results = list(pool.map(lambda job: _describe(job[1], memo_dir), jobs))
+    scan = Scan(root=root, classes=classes, positive=positive)
+    for (label, f), (status, info) in zip(jobs, results):
+        rel = f.relative_to(root).as_posix()
+        if status == "ok":
+            meta = ImageMeta(**{**info["meta"], "path": str(f)})
+            scan.records.append(
+                Record(rel, label, int(label == positive), info["content_id"], info["phash"], meta)
+            )
+        else:
+            getattr(scan, status).append({"path": rel, "reason": info["reason"]})
+            log.warning("%s %s: %s", "skipping" if status == "skipped" else "unreadable", f, info["reason"])
+    for label in classes:
+        if not any(r.label == label for r in scan.records):
+            log.warning("class folder '%s' holds no readable image", label)
+    return scan

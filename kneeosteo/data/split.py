@@ -1,0 +1,191 @@
+"""Leakage-safe train/val/test splits, and the stable JSON format every command accepts.
+
+De-duplication comes first: one representative per exact-duplicate group, groups whose copies
+carry different labels excluded, and near-duplicate clusters assigned as a unit so no picture
+(or a re-encoded copy of it) is on both sides of a partition.
+
+File format (paths relative to DATA, POSIX, the label is the first path component)::
+
+    {"format": "kneeosteo-split/1", "data": "...", "seed": 0, "protocol": "paper",
+     "train": [...], "val": [...], "test": [...],
+     "excluded": [{"path": ..., "reason": ...}], ...}
+
+``--protocol kfold`` replaces train/val/test by ``"folds": [{"train", "val", "test"}, ...]``.
+Files written by other tools need only the partition keys (and ``data`` if DATA isn't given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, exact_groups, is_conflict, leakage_groups
+from kneeosteo.data.scan import DataError, Record, Scan
+from kneeosteo.utils.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kneeosteo-split/1"
+PAPER_TEST_SIZE = 72
+PARTS = ("train", "val", "test")
+
+
+def deduplicate(records: list[Record]) -> tuple[list[Record], list[dict]]:
+    """Keep one file per picture; drop every copy of a picture filed under two labels."""
+    excluded, drop = [], set()
+    for g in exact_groups(records):
+        if is_conflict(g):
+            labels = sorted({r.label for r in g})
+            for r in g:
+                others = ", ".join(o.path for o in g if o is not r)
+                excluded.append({"path": r.path, "reason": f"label conflict: same pixels as {others} ({'/'.join(labels)})"})
+                drop.add(r.path)
+        else:
+            for r in g[1:]:
+                excluded.append({"path": r.path, "reason": f"exact duplicate of {g[0].path}"})
+                drop.add(r.path)
+    return [r for r in records if r.path not in drop], excluded
+
+
+def _units(records: list[Record], threshold: int) -> list[list[Record]]:
+    groups = leakage_groups(records, threshold)
+    units: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        units[groups[r.path]].append(r)
+    return [sorted(u, key=lambda r: r.path) for _, u in sorted(units.items())]
+
+
+def _take(units: list[list[Record]], targets: dict[str, int], rng: np.random.Generator):
+    """Greedily move whole units into a partition until each class reaches its target count."""
+    chosen, rest, counts = [], [], Counter()
+    for k in rng.permutation(len(units)):
+        u = units[k]
+        need = Counter(r.label for r in u)
+        if all(counts[lab] + n <= targets.get(lab, 0) for lab, n in need.items()):
+            chosen.append(u)
+            counts.update(need)
+        else:
+            rest.append(u)
+    return chosen, rest
+
+
+def _stratified_targets(units: list[list[Record]], total: int) -> dict[str, int]:
+    counts = Counter(r.label for u in units for r in u)
+    n = sum(counts.values())
+    return {lab: int(round(total * c / n)) for lab, c in counts.items()}
+
+
+def _flat(units: list[list[Record]]) -> list[str]:
+    return sorted(r.path for u in units for r in u)
+
+
+def _train_val(units, val_fraction: float, rng) -> dict[str, list[str]]:
+    n = sum(len(u) for u in units)
+    val, train = _take(units, _stratified_targets(units, int(round(val_fraction * n))), rng)
+    return {"train": _flat(train), "val": _flat(val)}
+
+
+def make_split(
+    scan: Scan,
+    protocol: str = "paper",
+    seed: int = 0,
+    test_size: int = PAPER_TEST_SIZE,
+    val_fraction: float = 0.1,
+    folds: int = 5,
+    near_threshold: int = NEAR_DUP_THRESHOLD,
+) -> dict:
+    """Build the split document (see module docstring)."""
+    if len(scan.classes) != 2 or any(not any(r.label == c for r in scan.records) for c in scan.classes):
+        raise DataError(f"{scan.root}: a split needs images in both classes {scan.classes}")
+    kept, excluded = deduplicate(scan.records)
+    units = _units(kept, near_threshold)
+    rng = np.random.default_rng(seed)
+    doc = {
+        "format": FORMAT,
+        "data": str(scan.root),
+        "seed": seed,
+        "protocol": protocol,
+        "classes": scan.classes,
+        "positive_class": scan.positive,
+        "near_duplicate_threshold": near_threshold,
+    }
+    if protocol == "paper":
+        if test_size >= len(kept):
+            raise DataError(f"{scan.root}: test size {test_size} >= {len(kept)} usable images")
+        test, rest = _take(units, _stratified_targets(units, test_size), rng)
+        doc.update(_train_val(rest, val_fraction, rng))
+        doc["test"] = _flat(test)
+    elif protocol == "kfold":
+        unit_y = [Counter(r.label for r in u).most_common(1)[0][0] for u in units]
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        doc["folds"] = []
+        for tr, te in cv.split(np.zeros(len(units)), unit_y, groups=np.arange(len(units))):
+            fold = _train_val([units[i] for i in tr], val_fraction, rng)
+            fold["test"] = _flat([units[i] for i in te])
+            doc["folds"].append(fold)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r} (use 'paper' or 'kfold')")
+    doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
+    doc["content_ids"] = {r.path: r.content_id for r in kept}
+    return doc
+
+
+def write_split(doc: dict, path: str | Path) -> None:
+    write_json(path, doc)
+
+
+@dataclass
+class SplitSets:
+    """One train/val/test assignment with labels resolved; ``missing`` lists named but absent files."""
+
+    data: Path
+    classes: list[str]
+    positive: str
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    seed: int = 0
+    missing: list[str] = field(default_factory=list)
+
+    def items(self, part: str) -> list[tuple[str, int]]:
+        return [(p, int(p.split("/", 1)[0] == self.positive)) for p in getattr(self, part)]
+
+
+def load_split(path: str | Path, data: str | Path | None = None, fold: int | None = None) -> SplitSets:
+    """Read and check a split file; missing files are dropped with a warning naming them."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read split file ({exc})") from exc
+    if "folds" in doc:
+        k = 0 if fold is None else fold
+        if not 0 <= k < len(doc["folds"]):
+            raise DataError(f"{path}: fold {k} out of range (file has {len(doc['folds'])})")
+        parts = doc["folds"][k]
+    else:
+        parts = doc
+    if any(not isinstance(parts.get(p), list) for p in PARTS):
+        raise DataError(f"{path}: split file needs lists 'train', 'val' and 'test'")
+    root = Path(data) if data is not None else Path(doc.get("data", ""))
+    if not root.is_dir():
+        raise DataError(f"{path}: data folder {root} not found (pass DATA)")
+    seen: dict[str, str] = {}
+    for p in PARTS:
+        for f in parts[p]:
+            if f in seen:
+                raise DataError(f"{path}: '{f}' is in both {seen[f]} and {p}")
+            seen[f] = p
+    classes = doc.get("classes") or sorted({f.split("/", 1)[0] for f in seen})
+    positive = doc.get("positive_class", classes[-1])
+    missing = sorted(f for f in seen if not (root / f).is_file())
+    for f in missing:
+        log.warning("%s: split names %s, which does not exist in %s; skipped", path, f, root)
+    keep = {p: [f for f in parts[p] if f not in set(missing)] for p in PARTS}
+    return SplitSets(root, classes, positive, keep["train"], keep["val"], keep["test"], int(doc.get("seed", 0)), missing)
