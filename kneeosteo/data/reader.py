@@ -35,9 +35,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 # Restrict Pillow to the formats we mean to accept: with every plugin enabled, random bytes are
-# occasionally "recognised" as TGA, SPIDER, ... and decoded into noise.  GIF and MPO are here
-# because they turn up under .png/.jpg names.
-_PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "GIF")
+# occasionally "recognised" as TGA, SPIDER, ... and decoded into noise.  GIF is here because it
+# turns up under .png names; the JPEG opener also yields MPO (multi-picture camera JPEGs).
+_PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF")
 _FORMAT_NAMES = {"MPO": "JPEG"}
 _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
 
@@ -159,6 +159,7 @@ def _bomb_check(path: Path, width: int, height: int, max_pixels: int) -> None:
 
 def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" etc.: not actionable
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path, formats=_PIL_FORMATS) as img:
             _bomb_check(path, img.width, img.height, max_pixels)  # header only, nothing decoded yet
@@ -213,7 +214,8 @@ def _read_dicom(path: Path, size: int, max_pixels: int, force: bool) -> tuple[np
         _bomb_check(path, cols, rows, max_pixels)
         if "TransferSyntaxUID" not in ds.file_meta:
             # no file meta: pydicom needs a syntax to decode; use the one the body was read with
-            implicit, little = ds.original_encoding
+            implicit, little = (getattr(ds, "original_encoding", None)  # pydicom 2.x lacks it
+                                or (ds.is_implicit_VR, ds.is_little_endian))
             ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
                                               pydicom.uid.ExplicitVRLittleEndian if little else
                                               pydicom.uid.ExplicitVRBigEndian)

@@ -92,27 +92,35 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _describe(path: Path, memo_dir: Path | None) -> tuple[str, dict]:
-    """Decode one file -> ("ok", {...}) or ("unreadable"/"skipped", {"reason"})."""
+def describe_file(path: Path, use_cache: bool = True) -> dict:
+    """content id, pHash and metadata of one image, memoised by the sha256 of the file's bytes.
+
+    Raises ImageReadError / NotAnImageError / OSError like ``read_image``.
+    """
+    if not is_candidate(path):
+        raise NotAnImageError(path, "not an image file (unknown suffix)")
+    memo = None
+    if use_cache:
+        try:
+            memo = cache_dir() / "scan" / f"{_file_sha256(path)}.json"
+            if memo.is_file():
+                return json.loads(memo.read_text())
+        except (OSError, ValueError):
+            memo = None
+    img = read_image(path)
+    info = {"content_id": img.content_id, "phash": str(img.phash()), "meta": asdict(img.meta)}
+    if memo is not None:
+        try:
+            write_json(memo, info)
+        except OSError:
+            pass
+    return info
+
+
+def _describe(path: Path, use_cache: bool) -> tuple[str, dict]:
+    """-> ("ok", info) or ("unreadable"/"skipped", {"reason"}); never raises for a bad file."""
     try:
-        if not is_candidate(path):
-            raise NotAnImageError(path, "not an image file (unknown suffix)")
-        memo = None
-        if memo_dir is not None:
-            try:
-                memo = memo_dir / f"{_file_sha256(path)}.json"
-                if memo.is_file():
-                    return "ok", json.loads(memo.read_text())
-            except (OSError, ValueError):
-                memo = None
-        img = read_image(path)
-        info = {"content_id": img.content_id, "phash": str(img.phash()), "meta": asdict(img.meta)}
-        if memo is not None:
-            try:
-                write_json(memo, info)
-            except OSError:
-                pass
-        return "ok", info
+        return "ok", describe_file(path, use_cache)
     except NotAnImageError as exc:
         return "skipped", {"reason": exc.reason}
     except ImageReadError as exc:
@@ -138,11 +146,10 @@ def scan_dataset(
         classes = class_folders(root)
         if not classes:
             raise DataError(f"{root}: no class folders inside")
-    memo_dir = cache_dir() / "scan" if use_cache else None
     jobs = [(label, f) for label in classes for f in _walk_files(root / label)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
-        results = list(pool.map(lambda job: _describe(job[1], memo_dir), jobs))
+        results = list(pool.map(lambda job: _describe(job[1], use_cache), jobs))
     scan = Scan(root=root, classes=classes, positive=positive)
     for (label, f), (status, info) in zip(jobs, results):
         rel = f.relative_to(root).as_posix()

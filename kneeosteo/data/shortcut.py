@@ -39,14 +39,14 @@ def metadata_only_accuracy(
 ) -> dict:
     """Cross-validated accuracy/AUC of a small random forest on metadata; folds respect duplicate groups.
 
-    Out-of-fold predictions of each repeat are pooled; the reported accuracy is the mean over
-    repeats with a Wilson 95% interval on the pooled counts of the first repeat (n = images).
+    Each repeat gives out-of-fold predictions for every image; the reported accuracy is the mean
+    over repeats, with a Wilson 95% interval for that proportion over n = images.
     """
     y = np.array([r.target for r in records])
     if len(set(y)) < 2 or min(np.bincount(y)) < folds:
         return {"accuracy": None, "reason": "too few images per class for cross-validation"}
     x, names = metadata_matrix(records)
-    accs, aucs, first_correct = [], [], None
+    accs, aucs = [], []
     importances = np.zeros(len(names))
     for rep in range(repeats):
         prob = np.zeros(len(y))
@@ -57,10 +57,9 @@ def metadata_only_accuracy(
             prob[te] = clf.predict_proba(x[te])[:, 1]
             importances += clf.feature_importances_
         correct = (prob >= 0.5) == y
-        first_correct = correct if first_correct is None else first_correct
         accs.append(correct.mean())
         aucs.append(roc_auc_score(y, prob))
-    lo, hi = proportion_confint(int(first_correct.sum()), len(y), alpha=0.05, method="wilson")
+    lo, hi = proportion_confint(int(round(np.mean(accs) * len(y))), len(y), alpha=0.05, method="wilson")
     order = np.argsort(-importances)
     return {
         "classifier": f"RandomForest(200 trees, depth 4), {folds}-fold StratifiedGroupKFold x {repeats}",

@@ -1,0 +1,54 @@
+"""The paper's fully connected classification head on the fused features."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ClassifierHead"]
+
+
+class ClassifierHead(nn.Module):
+    """Hidden blocks of Linear -> BatchNorm1d -> Dropout -> ReLU, then Linear(-> 1): one logit.
+
+    The block order is the paper's. Dropout before ReLU is mathematically the same as after it
+    (dropout multiplies by 0 or a positive scale, which commutes with ReLU), so following the
+    paper costs nothing. The Linear bias before BatchNorm is redundant but kept (Keras' default,
+    what the paper used). Returns (B, 1) logits; apply the sigmoid outside (train with
+    BCE-with-logits). BatchNorm1d needs batches of >= 2 in train mode: drop the last batch
+    of an epoch if it could hold a single sample.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int] = (1024, 512, 256, 128),
+        dropout: Sequence[float] = (0.5, 0.3, 0.2, 0.1),
+    ):
+        super().__init__()
+        hidden = tuple(int(h) for h in hidden)
+        dropout = tuple(float(p) for p in dropout)
+        if len(hidden) != len(dropout):
+            raise ValueError(f"hidden {hidden} and dropout {dropout} must have the same length")
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        self.in_features = int(in_features)
+        self.hidden = hidden
+        self.dropout = dropout
+        layers: list[nn.Module] = []
+        prev = self.in_features
+        for width, p in zip(hidden, dropout):
+            layers += [nn.Linear(prev, width), nn.BatchNorm1d(width), nn.Dropout(p), nn.ReLU()]
+            prev = width
+        self.layers = nn.Sequential(*layers)
+        self.out = nn.Linear(prev, 1)
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "hidden": list(self.hidden), "dropout": list(self.dropout)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"ClassifierHead expects (B, {self.in_features}), got {tuple(x.shape)}")
+        return self.out(self.layers(x))

@@ -1,0 +1,71 @@
+"""On-disk tensor cache for preprocessed inputs and frozen-backbone features.
+
+Keys are sha256 digests of a descriptor naming *everything* that shaped the tensors (image
+content id, preprocessing, augmentation and seed, backbone and the sha256 of its weights), so a
+change in any of them can never reuse a stale entry. Each entry stores the sha256 of its own
+tensor bytes; an entry that fails that check (a torn write, bit rot) is deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kneeosteo.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(**descriptor) -> str:
+    return hashlib.sha256(json.dumps(descriptor, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class TensorCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(header_len)).get("__metadata__", {})
+            tensors = load_file(path)
+            if meta.get("sha256") != _digest(tensors):
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, SafetensorError) as exc:
+            log.warning("cache entry %s is damaged (%s); recomputing", path, exc)
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return tensors
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(self._path(key)) as tmp:
+            save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)})

@@ -1,0 +1,141 @@
+"""Materialise a partition as tensors: preprocessed AM inputs and frozen-backbone features.
+
+This is where the CPU time of the naive loop goes (decode a 2-megapixel radiograph, augment,
+resize, run DenseNet); done once and cached, every later epoch and run only reads tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kneeosteo.data.augment import AugmentParams, offline_versions
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.data.reader import ImageReadError, read_image
+from kneeosteo.data.scan import describe_file
+from kneeosteo.training.cache import TensorCache, cache_key
+from kneeosteo.utils.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedSet:
+    grey: torch.Tensor  # (N, 1, S, S) float16 in [0, 1]; normalised per batch
+    targets: torch.Tensor  # (N,) float32, 1 = positive
+    paths: list[str]  # source file of each row, relative to the data root
+    versions: list[int]  # 0 = the original, k > 0 = augmented copy k
+    features: torch.Tensor | None = None  # (N, D) frozen-backbone features
+    bad: list[dict] = field(default_factory=list)  # files that could not be read
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def originals(self) -> "PreparedSet":
+        keep = [i for i, v in enumerate(self.versions) if v == 0]
+        return self.subset(keep)
+
+    def subset(self, idx: list[int]) -> "PreparedSet":
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return PreparedSet(
+            self.grey[t], self.targets[t], [self.paths[i] for i in idx], [self.versions[i] for i in idx],
+            None if self.features is None else self.features[t], self.bad,
+        )
+
+
+def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | None, seed: int, cache: TensorCache):
+    """Grey (V, 1, S, S) tensors for one image: the original, then its augmented copies."""
+    keys = [cache_key(kind="input", content=cid, prep=prep.key())]
+    if aug is not None and aug.copies > 0:
+        keys.append(cache_key(kind="input-aug", content=cid, prep=prep.key(), aug=aug.key(), seed=seed))
+    found = [cache.get(k) for k in keys]
+    if all(f is not None for f in found):
+        return keys, [f["grey"] for f in found]
+    pixels = read_image(path).pixels
+    out = [prep.geometry(pixels)[None].half()]
+    if len(keys) > 1:
+        out.append(torch.stack([prep.geometry(v) for v in offline_versions(pixels, cid, seed, aug)]).half())
+    for k, t in zip(keys, out):
+        cache.put(k, {"grey": t})
+    return keys, out
+
+
+@torch.no_grad()
+def _features_for(keys: list[str], grey: list[torch.Tensor], prep: Preprocess, backbone: nn.Module,
+                  backbone_id: str, cache: TensorCache, batch_size: int, device: str, label: str) -> torch.Tensor:
+    fkeys = [cache_key(kind="features", input=k, backbone=backbone_id) for k in keys]
+    feats: list[torch.Tensor | None] = [None] * len(keys)
+    for i, fk in enumerate(fkeys):
+        hit = cache.get(fk)
+        feats[i] = None if hit is None else hit["features"]
+    todo = [i for i, f in enumerate(feats) if f is None]
+    if todo:
+        backbone.eval()
+        flat = [(i, j) for i in todo for j in range(grey[i].shape[0])]
+        chunks = {i: [None] * grey[i].shape[0] for i in todo}
+        for start in progress_bar(range(0, len(flat), batch_size), f"{label}: backbone features", total=(len(flat) + batch_size - 1) // batch_size):
+            batch = flat[start : start + batch_size]
+            x = torch.stack([grey[i][j].float() for i, j in batch])
+            x = prep.normalise(x).to(device).contiguous(memory_format=torch.channels_last)
+            out = backbone(x).float().cpu()
+            for (i, j), f in zip(batch, out):
+                chunks[i][j] = f
+        for i in todo:
+            feats[i] = torch.stack(chunks[i])
+            cache.put(fkeys[i], {"features": feats[i]})
+    return torch.cat(feats)
+
+
+def prepare(
+    items: list[tuple[str, int]],
+    root: str | Path,
+    prep: Preprocess,
+    cache: TensorCache,
+    augment: AugmentParams | None = None,
+    seed: int = 0,
+    backbone: nn.Module | None = None,
+    backbone_id: str | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    label: str = "data",
+    workers: int = 2,
+) -> PreparedSet:
+    """Inputs (and, given a frozen backbone, its features) for ``items`` = [(relpath, target)]."""
+    root = Path(root)
+
+    def one(item):
+        rel, target = item
+        try:
+            cid = describe_file(root / rel)["content_id"]
+            keys, grey = _inputs_for(root / rel, cid, prep, augment, seed, cache)
+            return rel, target, keys, grey, None
+        except (ImageReadError, OSError) as exc:
+            return rel, target, None, None, getattr(exc, "reason", str(exc))
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(progress_bar(pool.map(one, items), f"{label}: images", total=len(items)))
+    keys, grey, targets, paths, versions, bad = [], [], [], [], [], []
+    for rel, target, k, g, err in results:
+        if err is not None:
+            log.warning("%s: %s; left out", root / rel, err)
+            bad.append({"path": rel, "reason": err})
+            continue
+        for kk, gg in zip(k, g):
+            keys.append(kk)
+            grey.append(gg)
+            n = gg.shape[0]
+            start = 0 if kk == k[0] else 1
+            versions.extend(range(start, start + n))
+            paths.extend([rel] * n)
+            targets.extend([float(target)] * n)
+    if not grey:
+        raise ImageReadError(root, f"no readable image in the {label} set")
+    features = None
+    if backbone is not None:
+        features = _features_for(keys, grey, prep, backbone, backbone_id or "unknown", cache, batch_size, device, label)
+    return PreparedSet(torch.cat(grey), torch.tensor(targets), paths, versions, features, bad)

@@ -1,0 +1,254 @@
+"""`kneeosteo train`: the paper's protocol, from a data folder to a scored run folder.
+
+With the backbone frozen, its features are computed once and cached (``prepare``), so an
+epoch only runs the attention module and the head; bf16 autocast and channels-last make that
+part as fast as the CPU allows. Every epoch's state is saved, so ``--resume`` continues after
+a crash with the same result an uninterrupted run would have given.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kneeosteo import __version__
+from kneeosteo.data.augment import AugmentParams, OnlineAugment
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.data.scan import DataError, scan_dataset
+from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
+from kneeosteo.models import build_model, get_backbone_spec, save_checkpoint
+from kneeosteo.paths import cache_dir
+from kneeosteo.training.cache import TensorCache
+from kneeosteo.training.config import TrainConfig
+from kneeosteo.training.prepare import PreparedSet, prepare
+from kneeosteo.utils.atomic import atomic_path, write_json, write_text
+from kneeosteo.utils.progress import progress_bar
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda asked for, but no CUDA device is available")
+    return name
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cap = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if cap in ("AVX512", "AVX512_BF16", "AMX") or "AMX" in cap else None
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def resolve_split(cfg: TrainConfig, data: Path, run: Path) -> SplitSets:
+    """The split file given, else a fresh paper-protocol split saved into the run folder."""
+    if cfg.split:
+        return load_split(cfg.split, data, cfg.fold)
+    scan = scan_dataset(data, positive=cfg.positive)
+    doc = make_split(scan, "paper", seed=cfg.seed)
+    write_split(doc, run / "split.json")
+    return load_split(run / "split.json", data)
+
+
+@dataclass
+class Batches:
+    """Tensors of one partition ready for the model."""
+
+    data: PreparedSet
+    prep: Preprocess
+
+    def inputs(self, idx: torch.Tensor, channels_last: bool, device: str, online: OnlineAugment | None = None):
+        grey = self.data.grey[idx].float()
+        x = self.prep.normalise(grey).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = None if self.data.features is None else self.data.features[idx].to(device)
+        return x, feats, self.data.targets[idx].to(device)
+
+
+def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optimizer=None,
+              generator: torch.Generator | None = None, desc: str = "") -> tuple[float, float, np.ndarray]:
+    """One pass; trains when ``optimizer`` is given. Returns mean loss, accuracy, probabilities."""
+    n = len(batches.data)
+    train = optimizer is not None
+    order = torch.randperm(n, generator=generator) if train else torch.arange(n)
+    model.train(train)
+    total, correct, probs = 0.0, 0, np.zeros(n, dtype=np.float64)
+    steps = range(0, n, cfg.batch_size)
+    for start in progress_bar(steps, desc, total=len(steps)):
+        idx = order[start : start + cfg.batch_size]
+        if train and len(idx) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        x, feats, y = batches.inputs(idx, cfg.channels_last, device)
+        with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images=x, features=feats).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        p = torch.sigmoid(logits.detach()).double().cpu().numpy()
+        probs[idx.numpy()] = p
+        total += float(loss) * len(idx)
+        correct += int(((p >= cfg.threshold) == (y.cpu().numpy() >= 0.5)).sum())
+    return total / n, correct / n, probs
+
+
+def _save_state(run: Path, model, optimizer, state: dict) -> None:
+    """Everything --resume needs, written atomically: weights + Adam moments, then the JSON."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, (p, st) in enumerate(optimizer.state.items()):
+        for name, v in st.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(v)
+    ckpt = run / "checkpoint"
+    with atomic_path(ckpt / "last.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    write_json(ckpt / "state.json", state)
+
+
+def _load_state(run: Path, model, optimizer) -> dict:
+    ckpt = run / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(str(ckpt / "last.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+        if st:
+            optimizer.state[p] = st
+    return state
+
+
+def _history_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def environment() -> dict:
+    return {
+        "kneeosteo": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, backbone_id: str | None,
+                       prep: Preprocess, device: str, parts=("train", "val", "test")) -> dict[str, PreparedSet]:
+    cache = TensorCache(cache_dir() / "tensors")
+    aug = AugmentParams(cfg.copies, tuple(cfg.zoom), tuple(cfg.crop_fraction), cfg.rotation)
+    out = {}
+    for part in parts:
+        out[part] = prepare(
+            sets.items(part), data, prep, cache,
+            augment=aug if (part == "train" and cfg.augment == "offline") else None,
+            seed=cfg.seed, backbone=backbone, backbone_id=backbone_id, device=device, label=part,
+        )
+    log.info("tensor cache: %d hits, %d misses", cache.hits, cache.misses)
+    return out
+
+
+def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
+    """Train on the split, keep the best epoch by validation loss, then score the test set."""
+    from kneeosteo.evaluation.evaluate import score_and_write
+
+    data = Path(cfg.data) if cfg.data else None
+    if data is None or not data.is_dir():
+        raise DataError(f"{cfg.data}: data folder not found")
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    set_seed(cfg.seed)
+    sets = resolve_split(cfg, data, run) if not resume or not (run / "split.json").exists() else load_split(run / "split.json", data)
+    if cfg.split and not (run / "split.json").exists():
+        write_text(run / "split.json", Path(cfg.split).read_text())
+
+    model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
+                               use_backbone=cfg.use_backbone, finetune=cfg.finetune)
+    model.to(device)
+    spec = get_backbone_spec(cfg.backbone)
+    prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
+    cache_backbone = cfg.use_backbone and not cfg.finetune
+    backbone_id = f"{cfg.backbone}:{winfo.sha256 or winfo.source}" if cache_backbone else None
+    t0 = time.perf_counter()
+    parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep, device)
+    prep_seconds = time.perf_counter() - t0
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    config = {
+        **cfg.to_dict(),
+        "data": str(data),
+        "split_sizes": {p: len(getattr(sets, p)) for p in ("train", "val", "test")},
+        "train_samples": len(parts["train"]),
+        "backbone_weights_info": winfo.to_dict() if hasattr(winfo, "to_dict") else vars(winfo),
+        "preprocess_spec": {"preset": prep.preset, "size": prep.size, "mean": prep.mean, "std": prep.std, "clahe": prep.clahe},
+        "autocast": str(amp) if amp else "fp32",
+        "device_used": device,
+        "environment": environment(),
+    }
+    write_json(run / "config.json", config)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if resume and (run / "checkpoint" / "state.json").exists():
+        state = _load_state(run, model, optimizer)
+        console(f"resuming after epoch {state['epoch']}")
+    batches = {k: Batches(v, prep) for k, v in parts.items()}
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"] + 1
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
+        t = time.perf_counter()
+        tl, ta, _ = run_epoch(model, batches["train"], cfg, device, amp, optimizer, gen, f"epoch {epoch} train")
+        vl, va, _ = run_epoch(model, batches["val"], cfg, device, amp, desc=f"epoch {epoch} val")
+        row = {"epoch": epoch, "train_loss": round(tl, 6), "train_accuracy": round(ta, 6), "val_loss": round(vl, 6),
+               "val_accuracy": round(va, 6), "lr": cfg.lr, "seconds": round(time.perf_counter() - t, 2)}
+        state["history"].append(row)
+        console(f"epoch {epoch:3d}  train loss {tl:.4f} acc {ta:.3f}  val loss {vl:.4f} acc {va:.3f}  ({row['seconds']:.1f}s)")
+        if vl < state["best_val_loss"] - 1e-6:
+            state.update(best_val_loss=vl, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(model, run, config)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        write_text(run / "history.csv", _history_csv(state["history"]))
+        _save_state(run, model, optimizer, state)
+    config["best_epoch"] = state["best_epoch"]
+    config["epochs_run"] = state["epoch"]
+    config["prepare_seconds"] = round(prep_seconds, 1)
+    write_json(run / "config.json", config)
+    console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
+    score_and_write(run, parts["test"], sets, cfg.threshold, out=run, device=device, history=state["history"])
+    return run

@@ -1,0 +1,351 @@
+"""Small generated test images, good and bad, written to a given path.
+
+Every writer takes the destination ``path`` and returns it as a :class:`Path`.  Pictures are a
+gradient plus a bright disc whose position depends on ``variant``, so different variants are
+different pictures (different content ids and perceptual hashes).  Writers that take ``array``
+write exactly those values instead, for tests that check specific pixels.
+Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+W, H = 64, 48  # default size: deliberately not square, so transposition bugs show
+
+
+# --------------------------------------------------------------------------- pictures
+
+def picture(width: int = W, height: int = H, variant: int = 0) -> np.ndarray:
+    """Float64 HxW in [0, 1]: diagonal gradient (exactly 0 at top-left, 1 at bottom-right
+    before the disc) plus a bright disc placed by ``variant``."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    img = 0.6 * (x / max(width - 1, 1) + y / max(height - 1, 1)) / 2.0
+    rng = np.random.default_rng(1000 + variant)
+    cx, cy = rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height
+    r = rng.uniform(0.12, 0.22) * min(width, height)
+    img[(x - cx) ** 2 + (y - cy) ** 2 <= r * r] = 0.95
+    if variant % 2:  # mirror every other variant so low frequencies differ, not just the disc
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def grey8(width: int = W, height: int = H, variant: int = 0) -> np.ndarray:
+    return np.rint(picture(width, height, variant) * 255).astype(np.uint8)
+
+
+def grey16(width: int = W, height: int = H, variant: int = 0) -> np.ndarray:
+    return np.rint(picture(width, height, variant) * 65535).astype(np.uint16)
+
+
+def rgb8(width: int = W, height: int = H, variant: int = 0, equal_channels: bool = False) -> np.ndarray:
+    g = grey8(width, height, variant)
+    if equal_channels:
+        return np.stack([g, g, g], axis=-1)
+    return np.stack([g, (g.astype(np.int32) * 3 // 4).astype(np.uint8), 255 - g], axis=-1)
+
+
+def add_noise(arr: np.ndarray, amplitude: int = 2, seed: int = 0) -> np.ndarray:
+    """Tiny integer noise (near-duplicate), saturating at the dtype limits."""
+    info = np.iinfo(arr.dtype)
+    rng = np.random.default_rng(seed)
+    noisy = arr.astype(np.int64) + rng.integers(-amplitude, amplitude + 1, size=arr.shape)
+    return np.clip(noisy, info.min, info.max).astype(arr.dtype)
+
+
+def _save(img: Image.Image, path, fmt: str, **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+# --------------------------------------------------------------------------- raster writers
+
+def png_grey8(path, variant: int = 0, array: np.ndarray | None = None, size=(W, H)) -> Path:
+    a = grey8(*size, variant) if array is None else np.asarray(array, dtype=np.uint8)
+    return _save(Image.fromarray(a), path, "PNG")
+
+
+def png_grey16(path, variant: int = 0, array: np.ndarray | None = None, size=(W, H)) -> Path:
+    a = grey16(*size, variant) if array is None else np.asarray(array, dtype=np.uint16)
+    return _save(Image.fromarray(a), path, "PNG")  # mode I;16
+
+
+def png_rgb(path, variant: int = 0, equal_channels: bool = False, array: np.ndarray | None = None,
+            size=(W, H)) -> Path:
+    a = rgb8(*size, variant, equal_channels) if array is None else np.asarray(array, dtype=np.uint8)
+    return _save(Image.fromarray(a), path, "PNG")
+
+
+def png_rgba(path, variant: int = 0, equal_channels: bool = True, alpha: int | None = None,
+             size=(W, H)) -> Path:
+    """Alpha is a horizontal ramp unless a constant ``alpha`` is given."""
+    rgb = rgb8(*size, variant, equal_channels)
+    w, h = size
+    a = (np.full((h, w), alpha, np.uint8) if alpha is not None
+         else np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1)))
+    return _save(Image.fromarray(np.dstack([rgb, a])), path, "PNG")
+
+
+def png_palette(path, variant: int = 0, size=(W, H)) -> Path:
+    """Mode 'P' with a grey-ramp palette: index i is grey level i, so it reads like png_grey8."""
+    img = Image.new("P", size)
+    img.frombytes(grey8(*size, variant).tobytes())
+    img.putpalette(bytes(v for i in range(256) for v in (i, i, i)))
+    return _save(img, path, "PNG")
+
+
+def jpeg_rgb(path, variant: int = 0, quality: int = 95, size=(W, H)) -> Path:
+    return _save(Image.fromarray(rgb8(*size, variant)), path, "JPEG", quality=quality)
+
+
+def jpeg_grey(path, variant: int = 0, quality: int = 95, size=(W, H)) -> Path:
+    return _save(Image.fromarray(grey8(*size, variant)), path, "JPEG", quality=quality)
+
+
+def jpeg_cmyk(path, variant: int = 0, size=(W, H)) -> Path:
+    img = Image.fromarray(rgb8(*size, variant)).convert("CMYK")
+    return _save(img, path, "JPEG", quality=95)
+
+
+def jpeg_exif_rotated(path, variant: int = 0, orientation: int = 6, size=(W, H)) -> Path:
+    """Stored WxH, EXIF says rotate (6 = 90 degrees clockwise), so it displays HxW."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(Image.fromarray(grey8(*size, variant)), path, "JPEG", quality=95, exif=exif)
+
+
+def bmp(path, variant: int = 0, mode: str = "RGB", size=(W, H)) -> Path:
+    a = rgb8(*size, variant) if mode == "RGB" else grey8(*size, variant)
+    return _save(Image.fromarray(a), path, "BMP")
+
+
+def tiff(path, variant: int = 0, bits: int = 8, array: np.ndarray | None = None, size=(W, H)) -> Path:
+    if array is not None:
+        a = np.asarray(array, dtype=np.uint16 if bits == 16 else np.uint8)
+    else:
+        a = grey16(*size, variant) if bits == 16 else grey8(*size, variant)
+    return _save(Image.fromarray(a), path, "TIFF")
+
+
+def gif_animated(path, variant: int = 0, frames: int = 3, size=(W, H)) -> Path:
+    """Frame 0 is ``variant``; later frames are other pictures, which the reader must ignore."""
+    imgs = [Image.fromarray(grey8(*size, variant + 7 * i)) for i in range(frames)]
+    return _save(imgs[0], path, "GIF", save_all=True, append_images=imgs[1:], duration=100, loop=0)
+
+
+def one_by_one(path, value: int = 128) -> Path:
+    return png_grey8(path, array=np.full((1, 1), value, np.uint8))
+
+
+# --------------------------------------------------------------------------- DICOM
+
+def dicom(path, photometric: str = "MONOCHROME2", bits: int = 16, rescale_slope: float | None = None,
+          rescale_intercept: float | None = None, window_center: float | None = None,
+          window_width: float | None = None, pixel_data: bool = True, rgb: bool = False,
+          array: np.ndarray | None = None, frames: int = 1, variant: int = 0, size=(W, H),
+          bits_stored: int | None = None, preamble: bool = True) -> Path:
+    """A minimal valid DX-like DICOM (Explicit VR Little Endian).  ``preamble=False`` writes a
+    bare dataset without the 128-byte preamble, 'DICM' and file meta, as old archives do."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    w, h = size
+    if rgb:
+        a = rgb8(w, h, variant) if array is None else np.asarray(array, dtype=np.uint8)
+        photometric, bits = "RGB", 8
+    elif array is not None:
+        a = np.asarray(array, dtype=np.uint16 if bits == 16 else np.uint8)
+    else:
+        a = grey16(w, h, variant) if bits == 16 else grey8(w, h, variant)
+    if frames > 1:
+        a = np.stack([a] + [np.flip(a, axis=0)] * (frames - 1))
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID = "TEST"
+    ds.Rows, ds.Columns = a.shape[-3:-1] if rgb else a.shape[-2:]
+    ds.SamplesPerPixel = 3 if rgb else 1
+    ds.PhotometricInterpretation = photometric
+    if rgb:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits_stored or bits
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if rescale_slope is not None or rescale_intercept is not None:
+        ds.RescaleSlope = rescale_slope if rescale_slope is not None else 1
+        ds.RescaleIntercept = rescale_intercept if rescale_intercept is not None else 0
+        ds.RescaleType = "US"
+    if window_center is not None:
+        ds.WindowCenter = window_center
+        ds.WindowWidth = window_width
+    if pixel_data:
+        ds.PixelData = np.ascontiguousarray(a).astype("<u2" if bits == 16 else "u1").tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=False, little_endian=True)
+    return path
+
+
+def dicom_compressed_unsupported(path, size=(W, H)) -> Path:
+    """JPEG-LS Lossless transfer syntax with junk fragments: no decoder for it is installed."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    import pydicom
+
+    p = dicom(path, bits=8, size=size)
+    ds = pydicom.dcmread(p)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(60) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+def dicom_rle(path, variant: int = 0, size=(W, H)) -> Path:
+    """RLE Lossless: compressed, but decodable by pydicom's own numpy decoder."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    p = dicom(path, bits=16, variant=variant, size=size)
+    ds = pydicom.dcmread(p)
+    ds.compress(RLELossless)
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+# --------------------------------------------------------------------------- bad files
+
+def zero_byte(path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def _noisy_bytes(fmt: str, **kw) -> bytes:
+    # noise does not compress, so the cut lands well inside the compressed pixel data
+    a = np.random.default_rng(7).integers(0, 256, size=(128, 128), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def truncated_png(path) -> Path:
+    data = _noisy_bytes("PNG")
+    Path(path).write_bytes(data[: len(data) // 2])
+    return Path(path)
+
+
+def truncated_jpeg(path) -> Path:
+    data = _noisy_bytes("JPEG", quality=95)
+    Path(path).write_bytes(data[: len(data) // 2])
+    return Path(path)
+
+
+def text_as_png(path) -> Path:
+    Path(path).write_text("patient list\nid,label\n1,normal\n" * 4)
+    return Path(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(path, width: int = 60000, height: int = 60000) -> Path:
+    """A well-formed PNG header claiming a huge size, with only a token IDAT: a reader that
+    checks the header first rejects it without allocating anything."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + _png_chunk(b"IEND", b""))
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- class-folder data set
+
+@dataclass
+class GeneratedDataset:
+    root: Path
+    items: list[tuple[Path, str]] = field(default_factory=list)          # every file, with its label
+    exact_duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (original, copy)
+    conflicts: list[tuple[Path, Path]] = field(default_factory=list)   # exact copy in the other class
+    near_duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (original, noisy copy)
+
+    def paths(self, label: str | None = None) -> list[Path]:
+        return [p for p, lab in self.items if label is None or lab == label]
+
+
+def dataset_image(index: int, label: str, size: int = 64, seed: int = 0,
+                  learnable: bool = True, classes=("normal", "osteoporosis")) -> np.ndarray:
+    """A distinct uint8 "radiograph" per (seed, index): smooth random blobs; with
+    ``learnable`` the second class gets strong high-frequency texture (thin trabeculae)."""
+    rng = np.random.default_rng([seed, index, classes.index(label)])
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 0.2 + 0.2 * x if index % 2 else 0.2 + 0.2 * y
+    for _ in range(4):
+        cx, cy, s, amp = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), rng.uniform(0.06, 0.2), rng.uniform(0.2, 0.5)
+        img = img + amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+    noise = 0.12 if learnable and label == classes[1] else 0.02
+    img = img + rng.normal(0.0, noise, size=img.shape)
+    return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_dataset(root, n_per_class: int = 8, size: int = 64, seed: int = 0,
+                 classes=("normal", "osteoporosis"), exact_duplicates: int = 0,
+                 conflict_duplicates: int = 0, near_duplicates: int = 0,
+                 learnable: bool = True) -> GeneratedDataset:
+    """Write ``root/<class>/<class>_NNN.png``.  Duplicates copy the first images of the first
+    class: ``exact_duplicates`` into the same class (``dup_`` prefix), ``conflict_duplicates``
+    into the other class (``conflict_`` prefix, a label conflict), ``near_duplicates`` into the
+    same class with +-2 grey-level noise (``near_`` prefix)."""
+    root = Path(root)
+    out = GeneratedDataset(root)
+    originals: dict[str, list[tuple[Path, np.ndarray]]] = {c: [] for c in classes}
+    for label in classes:
+        for i in range(n_per_class):
+            a = dataset_image(i, label, size, seed, learnable, tuple(classes))
+            p = png_grey8(root / label / f"{label}_{i:03d}.png", array=a)
+            out.items.append((p, label))
+            originals[label].append((p, a))
+    src_label, other = classes[0], classes[1]
+    src = originals[src_label]
+    for k in range(exact_duplicates):
+        p0, a = src[k % len(src)]
+        p = png_grey8(root / src_label / f"dup_{k:03d}.png", array=a)
+        out.items.append((p, src_label))
+        out.exact_duplicates.append((p0, p))
+    for k in range(conflict_duplicates):
+        p0, a = src[(k + exact_duplicates) % len(src)]
+        p = png_grey8(root / other / f"conflict_{k:03d}.png", array=a)
+        out.items.append((p, other))
+        out.conflicts.append((p0, p))
+    for k in range(near_duplicates):
+        p0, a = src[(k + exact_duplicates + conflict_duplicates) % len(src)]
+        p = png_grey8(root / src_label / f"near_{k:03d}.png", array=add_noise(a, 2, seed=seed * 1000 + k))
+        out.items.append((p, src_label))
+        out.near_duplicates.append((p0, p))
+    return out
