@@ -87,6 +87,118 @@ def split(
     print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts); wrote {out}")
 
 
+def _pair(text: Optional[str], name: str) -> Optional[tuple[float, float]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter("give two numbers as LOW,HIGH", param_hint=name)
+    return lo, hi
+
+
+@app.command()
+def train(
+    data: Optional[Path] = DataArg,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split JSON; made with the paper protocol when absent."),
+    fold: Optional[int] = typer.Option(None, help="Fold of a k-fold split file."),
+    backbone: Optional[str] = typer.Option(None, help="efficientnet_lite0 (default, offline), efficientnet_lite1/2, densenet169 (paper)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."),
+    attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
+    use_backbone: Optional[bool] = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),
+    finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Train the backbone too (no feature cache)."),
+    preprocess: Optional[str] = typer.Option(None, help="paper (stretch to 224) or robust (letterbox)."),
+    clahe: Optional[bool] = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
+    augment: Optional[str] = typer.Option(None, help="offline (paper: 5 copies), online, or none."),
+    copies: Optional[int] = typer.Option(None, help="Augmented copies per training image (paper: 5)."),
+    zoom: Optional[str] = typer.Option(None, help="Zoom range LOW,HIGH (default 0.9,1.2)."),
+    crop_fraction: Optional[str] = typer.Option(None, help="ROI crop side fraction LOW,HIGH (default 0.8,1.0)."),
+    rotation: Optional[float] = typer.Option(None, help="Rotation range in degrees (default 15)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience on validation loss (default 6)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 3e-4)."),
+    seed: Optional[int] = typer.Option(None, help="Seed: same seed, same metrics."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help="auto, bf16 or fp32."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
+):
+    """Train the hybrid model (or an ablation) and score it on the held-out test set."""
+    from kneeosteo.training.config import load_config
+    from kneeosteo.training.trainer import train as run_training
+
+    if resume is not None:
+        saved = resume / "config.json"
+        if not saved.is_file():
+            raise CliError(f"{resume}: nothing to resume (no config.json)")
+        import json
+
+        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in _config_fields()}
+        cfg = load_config(None, {**base, "out": str(resume)})
+    else:
+        overrides = dict(
+            data=str(_data(data)) if (data or not config) else None, out=str(out) if out else None,
+            split=str(split_file) if split_file else None, fold=fold, backbone=backbone,
+            backbone_weights=backbone_weights, attention=attention, use_backbone=use_backbone,
+            finetune=finetune, preprocess=preprocess, clahe=clahe, augment=augment, copies=copies,
+            zoom=_pair(zoom, "--zoom"), crop_fraction=_pair(crop_fraction, "--crop-fraction"),
+            rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
+            device=device, precision=precision,
+        )
+        try:
+            cfg = load_config(config, overrides)
+        except (ValueError, TypeError, OSError) as exc:
+            raise CliError(f"{config}: {exc}")
+        if cfg.data is None:
+            cfg.data = str(_data(None))
+    if cfg.augment not in ("offline", "online", "none"):
+        raise typer.BadParameter("use offline, online or none", param_hint="--augment")
+    run = run_training(cfg, resume=resume is not None)
+    print(f"run written to {run}")
+
+
+def _config_fields() -> set[str]:
+    from kneeosteo.training.config import TrainConfig
+
+    return set(TrainConfig.__dataclass_fields__)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder written by `kneeosteo train`."),
+    data: Optional[Path] = typer.Argument(None, help="Score on every image of this class-folder data set instead."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Score on the test part of this split file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write metrics.json etc. (default: the run folder)."),
+    threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the run's, 0.5)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Score a trained run: the paper's metrics with 95% intervals, predictions.csv and figures."""
+    from kneeosteo.evaluation.evaluate import evaluate_run
+
+    evaluate_run(run, data, split_file, out, device=device, threshold=threshold)
+
+
+@app.command()
+def summary(
+    backbone: str = typer.Option("efficientnet_lite0", help="Backbone name."),
+    attention: bool = typer.Option(True, "--attention/--no-attention"),
+    depth: int = typer.Option(3, help="How deep to expand nested modules."),
+):
+    """Print the network layer by layer with output shapes and parameters (the paper's Fig. 1 and 2)."""
+    import torch
+    from torchinfo import summary as torchinfo_summary
+
+    from kneeosteo.models import build_model
+
+    model, _ = build_model(backbone, weights="none", attention=attention)
+    model.eval()
+    x = torch.zeros(1, 3, 224, 224)
+    print(torchinfo_summary(model, input_data={"images": x}, depth=depth, verbose=0,
+                            col_names=("output_size", "num_params", "trainable")))
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from kneeosteo.data.reader import ImageReadError

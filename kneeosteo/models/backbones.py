@@ -495,6 +495,11 @@ def _ordered_remap(
     src = list(sd.items())
     if len(src) != len(target):  # the target has no classifier: drop the file's
         src = [(k, v) for k, v in src if not k.startswith(spec.classifier_prefixes)]
+    if origin.suffix.lower() == ".safetensors":
+        raise BackboneWeightsError(
+            f"{origin}: keys do not use {spec.name}'s (timm) names, and an in-order mapping needs a "
+            ".pth state dict (safetensors files do not keep tensor order); rename the keys or pass the .pth"
+        )
     if len(src) != len(target):
         raise BackboneWeightsError(
             f"{origin}: {len(src)} tensors (classifier excluded) but {spec.name} has {len(target)}; "

@@ -4,8 +4,8 @@ its factory, and safetensors checkpoints that rebuild it exactly.
 Checkpoint layout (a directory): ``model.safetensors`` + ``config.json``. When the backbone is
 frozen and its weights came from a known file (pretrained, sha256 recorded), only the
 non-backbone tensors are stored ("partial"): the backbone is rebuilt from its weights file and
-its sha256 checked against the recorded one, which keeps checkpoints ~1 MB instead of ~60 MB
-per seed/fold. Otherwise (fine-tuned, random or no backbone) the full state is stored. The
+its sha256 checked against the recorded one, so each seed/fold stores only the head and AM
+(~9 MB) instead of also repeating the backbone (~57 MB for DenseNet169). Otherwise (fine-tuned, random or no backbone) the full state is stored. The
 model config is written both to ``config.json`` and into the safetensors metadata, so a config
 edited (or swapped) after saving is detected, as is a truncated or altered tensor file (sha256).
 """
@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from kneeosteo.models.attention import AttentionModule
+from kneeosteo.models.head import ClassifierHead
 from kneeosteo.models.backbones import (
+    BackboneSpec,
     BackboneWeightsError,
     WeightsInfo,
     build_backbone,
@@ -37,6 +39,7 @@ __all__ = [
     "build_model",
     "build_model_from_config",
     "load_checkpoint",
+    "model_config",
     "save_checkpoint",
     "CHECKPOINT_WEIGHTS",
     "CHECKPOINT_CONFIG",
@@ -88,11 +91,9 @@ class HybridModel(nn.Module):
         backbone_weights: WeightsInfo | None = None,
     ):
         super().__init__()
-        from kneeosteo.models.head import ClassifierHead
-
         if not (use_attention or use_backbone):
             raise ValueError("at least one of use_attention / use_backbone must be True")
-        self.spec = get_backbone_spec(backbone_name)  # also names the input normalisation
+        get_backbone_spec(backbone_name)  # validate; the name also fixes the input normalisation
         self.backbone_name = backbone_name
         self.use_attention = bool(use_attention)
         self.use_backbone = bool(use_backbone)
@@ -116,9 +117,14 @@ class HybridModel(nn.Module):
         return self
 
     @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone_spec(self.backbone_name)
+
+    @property
     def preprocess(self) -> dict[str, Any]:
         """Normalisation the inputs must have: the backbone's mean/std at ``image_size``."""
-        return {"mean": list(self.spec.mean), "std": list(self.spec.std), "input_size": self.image_size}
+        spec = self.spec
+        return {"mean": list(spec.mean), "std": list(spec.std), "input_size": self.image_size}
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features (B, feature_dim); without autograd when frozen (for caching).
@@ -173,7 +179,11 @@ class HybridModel(nn.Module):
             self.train(was_training)
 
     def model_config(self) -> dict[str, Any]:
-        """JSON-able description from which :func:`build_model_from_config` rebuilds this model."""
+        """JSON-able description from which :func:`build_model_from_config` rebuilds this model.
+
+        ``backbone_weights`` is where the backbone's *initial* weights came from; a fine-tuned
+        backbone differs from them (its full state then goes into the checkpoint).
+        """
         return {
             "architecture": "HybridModel",
             "backbone": self.backbone_name,
@@ -265,9 +275,16 @@ def build_model_from_config(
 # checkpoints
 
 
+def model_config(model: HybridModel) -> dict[str, Any]:
+    """Same as ``model.model_config()``."""
+    return model.model_config()
+
+
 def _backbone_reproducible(model: HybridModel) -> bool:
+    """A frozen backbone whose pretrained weights file is identified (sha256) can be rebuilt,
+    whether or not the module is attached (training from cached features may omit it)."""
     w = model.backbone_weights
-    return bool(model.backbone is not None and model.freeze_backbone and w and w.pretrained and w.sha256)
+    return bool(model.use_backbone and model.freeze_backbone and w and w.pretrained and w.sha256)
 
 
 def save_checkpoint(
@@ -289,9 +306,14 @@ def save_checkpoint(
     path_dir = Path(path_dir)
     mc = model.model_config()
     reproducible = _backbone_reproducible(model)
-    if include_backbone is False and not reproducible and model.backbone is not None:
+    if include_backbone is False and not reproducible and model.use_backbone:
         raise ValueError("the backbone is fine-tuned or not from a known weights file; it must be saved")
     partial = reproducible if include_backbone is None else not include_backbone
+    if model.use_backbone and model.backbone is None and not partial:
+        raise ValueError(
+            "the model has no backbone module and no identified pretrained backbone weights, so a "
+            "checkpoint could not rebuild it; construct it with backbone_weights=WeightsInfo from build_backbone"
+        )
     tensors = {
         k: v.detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
@@ -325,6 +347,13 @@ def _kneeosteo_version() -> str:
     return __version__
 
 
+def _st_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length, JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__") or {}
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
@@ -347,7 +376,6 @@ def load_checkpoint(
     recorded sha256. Every disagreement (sha256, config vs file metadata, missing/unexpected
     keys, shapes) raises :class:`CheckpointError` naming the file.
     """
-    from safetensors import safe_open
     from safetensors.torch import load as st_load
 
     path_dir = Path(path_dir)
@@ -374,8 +402,7 @@ def load_checkpoint(
         )
     try:
         tensors = st_load(data)
-        with safe_open(str(w_path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        meta = _st_metadata(data)
     except Exception as exc:
         raise CheckpointError(f"{w_path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     if _META_KEY not in meta:
@@ -420,10 +447,12 @@ def _rebuild_with_backbone(
     candidates: list[str | os.PathLike | None] = []
     if backbone_weights is not None:
         candidates.append(backbone_weights)
-    else:
-        if rec.get("path") and Path(rec["path"]).is_file():
-            candidates.append(rec["path"])
-        candidates.append("default")
+    else:  # the way it was resolved at training time first, so the provenance stays the same
+        recorded = rec.get("path") if rec.get("path") and Path(rec["path"]).is_file() else None
+        if rec.get("source") == "file" and recorded:
+            candidates += [recorded, "default"]
+        else:
+            candidates += ["default"] + ([recorded] if recorded else [])
     errors = []
     for cand in candidates:
         try:
