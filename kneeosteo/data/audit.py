@@ -161,5 +161,8 @@ def summary_lines(a: dict) -> list[str]:
 def write_audit(a: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     write_json(out_dir / "audit.json", a)
-    write_text(out_dir / "audit.md", render_markdown(a))
+    # File names that are not valid UTF-8 arrive as lone surrogates (os.fsdecode); show their
+    # bytes as \xNN instead of crashing on encoding the report.
+    md = render_markdown(a).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    write_text(out_dir / "audit.md", md)
     return out_dir / "audit.json", out_dir / "audit.md"

@@ -66,12 +66,18 @@ def offline_versions(pixels: np.ndarray, content_id: str, seed: int, p: AugmentP
     return [augment(small, _rng(seed, content_id, k), p) for k in range(1, p.copies + 1)]
 
 
-class OnlineAugment:
-    """The same transformation drawn afresh every time it is called (for ``--augment online``)."""
+def augment_batch(grey: torch.Tensor, rng: np.random.Generator, p: AugmentParams) -> torch.Tensor:
+    """``--augment online``: a fresh version of each (1, S, S) input of a batch, every epoch.
 
-    def __init__(self, params: AugmentParams, seed: int = 0):
-        self.params = params
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return augment(shrink(pixels), self.rng, self.params)
+    Works on the already resized inputs (cheap); the ROI crop becomes an equivalent zoom plus
+    shift, so the output keeps its size.
+    """
+    out = torch.empty_like(grey)
+    s = grey.shape[-1]
+    for i in range(grey.shape[0]):
+        f = rng.uniform(*p.crop_fraction)
+        shift = [float(rng.uniform(-1, 1) * (1 - f) * s / 2) for _ in range(2)]
+        out[i] = TF.affine(grey[i], angle=float(rng.uniform(-p.rotation, p.rotation)), translate=shift,
+                           scale=float(rng.uniform(*p.zoom) / f), shear=[0.0, 0.0],
+                           interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+    return out

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, exact_groups, is_conflict, leakage_groups
-from kneeosteo.data.scan import DataError, Record, Scan
+from kneeosteo.data.scan import POSITIVE_CLASS, DataError, Record, Scan
 from kneeosteo.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,17 @@ def _take(units: list[list[Record]], targets: dict[str, int], rng: np.random.Gen
 def _stratified_targets(units: list[list[Record]], total: int) -> dict[str, int]:
     counts = Counter(r.label for u in units for r in u)
     n = sum(counts.values())
-    return {lab: int(round(total * c / n)) for lab, c in counts.items()}
+    raw = {lab: total * c / n for lab, c in counts.items()}
+    targets = {lab: int(round(v)) for lab, v in raw.items()}
+    # Rounding each class on its own can miss the total (4.5 + 4.5 rounds half-to-even to 8, not
+    # 9); move the shortfall/excess to the classes whose rounding was furthest off.
+    while sum(targets.values()) < total:
+        lab = max(sorted(raw), key=lambda k: raw[k] - targets[k])
+        targets[lab] += 1
+    while sum(targets.values()) > total:
+        lab = min(sorted(raw), key=lambda k: raw[k] - targets[k])
+        targets[lab] -= 1
+    return targets
 
 
 def _flat(units: list[list[Record]]) -> list[str]:
@@ -173,7 +183,11 @@ def load_split(path: str | Path, data: str | Path | None = None, fold: int | Non
         parts = doc
     if any(not isinstance(parts.get(p), list) for p in PARTS):
         raise DataError(f"{path}: split file needs lists 'train', 'val' and 'test'")
-    root = Path(data) if data is not None else Path(doc.get("data", ""))
+    if data is None and not doc.get("data"):
+        # Path("") is ".": without this, every file would be looked up in the working directory
+        # and silently dropped as missing
+        raise DataError(f"{path}: split file names no data folder (pass DATA)")
+    root = Path(data) if data is not None else Path(doc["data"])
     if not root.is_dir():
         raise DataError(f"{path}: data folder {root} not found (pass DATA)")
     seen: dict[str, str] = {}
@@ -183,7 +197,14 @@ def load_split(path: str | Path, data: str | Path | None = None, fold: int | Non
                 raise DataError(f"{path}: '{f}' is in both {seen[f]} and {p}")
             seen[f] = p
     classes = doc.get("classes") or sorted({f.split("/", 1)[0] for f in seen})
-    positive = doc.get("positive_class", classes[-1])
+    if not classes:
+        raise DataError(f"{path}: split file names no images")
+    # A file without "positive_class" (written by another tool) uses the package's positive class
+    # when it is there: "the alphabetically last folder" would silently invert the labels of,
+    # e.g., osteoporosis/ vs. reference/.
+    positive = doc.get("positive_class") or (POSITIVE_CLASS if POSITIVE_CLASS in classes else classes[-1])
+    if "classes" not in doc:
+        classes = [c for c in classes if c != positive] + [positive]  # [negative, positive]
     missing = sorted(f for f in seen if not (root / f).is_file())
     for f in missing:
         log.warning("%s: split names %s, which does not exist in %s; skipped", path, f, root)

@@ -22,6 +22,19 @@ from kneeosteo.training.prepare import PreparedSet, prepare
 from kneeosteo.utils.atomic import write_json, write_text
 
 
+def run_settings(run: Path) -> dict:
+    """The training settings saved in a run's config.json (under "run")."""
+    try:
+        return json.loads((Path(run) / "config.json").read_text())["run"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{run}: not a training run ({exc})") from exc
+
+
+def run_preprocess(cfg: dict) -> Preprocess:
+    ps = cfg["preprocess_spec"]
+    return Preprocess(ps["preset"], ps["size"], tuple(ps["mean"]), tuple(ps["std"]), ps["clahe"])
+
+
 @torch.no_grad()
 def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     model.eval()
@@ -49,9 +62,7 @@ def score_and_write(run: Path, test: PreparedSet, sets: SplitSets, threshold: fl
     if model is None:
         model, _ = load_checkpoint(run)
         model.to(device)
-    cfg = json.loads((run / "config.json").read_text())
-    ps = cfg["preprocess_spec"]
-    prep = Preprocess(ps["preset"], ps["size"], tuple(ps["mean"]), tuple(ps["std"]), ps["clahe"])
+    prep = run_preprocess(run_settings(run))
     prob = predict_prepared(model, test, prep, device)
     y = test.targets.numpy().astype(int)
     metrics = metrics_with_ci(y, prob, threshold=threshold)
@@ -75,7 +86,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str | P
     run = Path(run)
     if not (run / "config.json").is_file():
         raise DataError(f"{run}: not a training run (no config.json)")
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = run_settings(run)
     model, _ = load_checkpoint(run)
     model.to(device)
     if split is not None or data is None:
@@ -85,8 +96,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str | P
         scan = scan_dataset(data, positive=cfg.get("positive", "osteoporosis"))
         root = Path(data)
         sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records])
-    ps = cfg["preprocess_spec"]
-    prep = Preprocess(ps["preset"], ps["size"], tuple(ps["mean"]), tuple(ps["std"]), ps["clahe"])
+    prep = run_preprocess(cfg)
     cached = cfg.get("use_backbone", True) and not cfg.get("finetune", False)
     wi = cfg.get("backbone_weights_info", {})
     backbone_id = f"{cfg['backbone']}:{wi.get('sha256') or wi.get('source')}" if cached else None

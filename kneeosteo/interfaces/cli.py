@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 
@@ -130,12 +131,9 @@ def train(
     from kneeosteo.training.trainer import train as run_training
 
     if resume is not None:
-        saved = resume / "config.json"
-        if not saved.is_file():
-            raise CliError(f"{resume}: nothing to resume (no config.json)")
-        import json
+        from kneeosteo.evaluation.evaluate import run_settings
 
-        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in _config_fields()}
+        base = {k: v for k, v in run_settings(resume).items() if k in _config_fields()}
         cfg = load_config(None, {**base, "out": str(resume)})
     else:
         overrides = dict(
@@ -207,5 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except (CliError, DataError, ImageReadError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        # escape: a path such as "knee [left].png" is not Rich markup; soft_wrap: keep the
+        # promised single line (Rich would otherwise fold long paths at the console width)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         sys.exit(1)

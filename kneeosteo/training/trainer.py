@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kneeosteo import __version__
-from kneeosteo.data.augment import AugmentParams, OnlineAugment
+from kneeosteo.data.augment import AugmentParams, augment_batch
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import DataError, scan_dataset
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
@@ -81,12 +81,19 @@ class Batches:
     data: PreparedSet
     prep: Preprocess
 
-    def inputs(self, idx: torch.Tensor, channels_last: bool, device: str, online: OnlineAugment | None = None):
+    online: AugmentParams | None = None  # draw a fresh augmentation per batch (--augment online)
+
+    def inputs(self, idx: torch.Tensor, channels_last: bool, device: str, rng: np.random.Generator | None = None):
         grey = self.data.grey[idx].float()
+        augmented = self.online is not None and rng is not None
+        if augmented:
+            grey = augment_batch(grey, rng, self.online)
         x = self.prep.normalise(grey).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = None if self.data.features is None else self.data.features[idx].to(device)
+        # cached features describe the un-augmented input; with online augmentation the frozen
+        # backbone must see the augmented pixels, so it runs live
+        feats = None if (self.data.features is None or augmented) else self.data.features[idx].to(device)
         return x, feats, self.data.targets[idx].to(device)
 
 
@@ -96,6 +103,7 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
     n = len(batches.data)
     train = optimizer is not None
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))) if train else None
     model.train(train)
     total, correct, probs = 0.0, 0, np.zeros(n, dtype=np.float64)
     steps = range(0, n, cfg.batch_size)
@@ -103,7 +111,7 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
         idx = order[start : start + cfg.batch_size]
         if train and len(idx) < 2:  # BatchNorm cannot train on a single sample
             continue
-        x, feats, y = batches.inputs(idx, cfg.channels_last, device)
+        x, feats, y = batches.inputs(idx, cfg.channels_last, device, rng)
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
             loss = F.binary_cross_entropy_with_logits(logits, y)
@@ -113,7 +121,7 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
             optimizer.step()
         p = torch.sigmoid(logits.detach()).double().cpu().numpy()
         probs[idx.numpy()] = p
-        total += float(loss) * len(idx)
+        total += float(loss.detach()) * len(idx)
         correct += int(((p >= cfg.threshold) == (y.cpu().numpy() >= 0.5)).sum())
     return total / n, correct / n, probs
 
@@ -162,10 +170,14 @@ def environment() -> dict:
     }
 
 
+def aug_params(cfg: TrainConfig) -> AugmentParams:
+    return AugmentParams(cfg.copies, tuple(cfg.zoom), tuple(cfg.crop_fraction), cfg.rotation)
+
+
 def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, backbone_id: str | None,
                        prep: Preprocess, device: str, parts=("train", "val", "test")) -> dict[str, PreparedSet]:
     cache = TensorCache(cache_dir() / "tensors")
-    aug = AugmentParams(cfg.copies, tuple(cfg.zoom), tuple(cfg.crop_fraction), cfg.rotation)
+    aug = aug_params(cfg)
     out = {}
     for part in parts:
         out[part] = prepare(
@@ -217,7 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
         "device_used": device,
         "environment": environment(),
     }
-    write_json(run / "config.json", config)
+    if not resume:
+        save_checkpoint(model, run, config)  # config.json exists from the start, for --resume
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -225,7 +238,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     if resume and (run / "checkpoint" / "state.json").exists():
         state = _load_state(run, model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
-    batches = {k: Batches(v, prep) for k, v in parts.items()}
+    online = aug_params(cfg) if cfg.augment == "online" else None
+    batches = {k: Batches(v, prep, online if k == "train" else None) for k, v in parts.items()}
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -245,10 +259,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
         state["epoch"] = epoch
         write_text(run / "history.csv", _history_csv(state["history"]))
         _save_state(run, model, optimizer, state)
-    config["best_epoch"] = state["best_epoch"]
-    config["epochs_run"] = state["epoch"]
-    config["prepare_seconds"] = round(prep_seconds, 1)
-    write_json(run / "config.json", config)
+    doc = json.loads((run / "config.json").read_text())
+    doc["run"].update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], prepare_seconds=round(prep_seconds, 1))
+    write_json(run / "config.json", doc)
     console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
     score_and_write(run, parts["test"], sets, cfg.threshold, out=run, device=device, history=state["history"])
     return run

@@ -1,0 +1,493 @@
+"""Training end to end on tiny generated data: run folder contents, evaluation, determinism,
+the frozen backbone and its feature cache, cache keys, resume after a crash, early stopping,
+the ``summary`` command and config files.
+
+Kept under ~90 s on two CPU cores: 16 images per class at 64x64, one augmented copy, three
+epochs, and one trained reference run (module fixture) that most tests compare against.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import imagegen as g
+from kneeosteo.data.augment import AugmentParams
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import make_split, write_split
+from kneeosteo.evaluation.evaluate import evaluate_run, run_preprocess
+from kneeosteo.interfaces.cli import app
+from kneeosteo.models import build_model, load_checkpoint
+from kneeosteo.training import trainer
+from kneeosteo.training.cache import TensorCache, cache_key
+from kneeosteo.training.config import TrainConfig, load_config
+from kneeosteo.training.prepare import prepare
+from kneeosteo.training.trainer import HISTORY_FIELDS, train
+
+SIZE = 64
+N_PER_CLASS = 16
+TEST_SIZE = 8
+EPOCHS = 3
+METRIC_KEYS = ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss", "auc")
+PNGS = ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_cfg(ws, out, **kw) -> TrainConfig:
+    base = dict(data=str(ws.data), out=str(out), split=str(ws.split), image_size=SIZE, copies=1,
+                epochs=EPOCHS, patience=100, batch_size=8, seed=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*_args, **_kw) -> None:
+    pass
+
+
+def history(run: Path, with_seconds: bool = False) -> list[dict]:
+    """history.csv rows; ``seconds`` is wall-clock time, the one column that may differ."""
+    with open(run / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows if with_seconds else [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def predictions(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def cache_files(root: Path) -> list[Path]:
+    return sorted((root / "tensors").rglob("*.safetensors")) if (root / "tensors").exists() else []
+
+
+def train_counting(cfg: TrainConfig, mp: pytest.MonkeyPatch, resume: bool = False) -> SimpleNamespace:
+    """Train while recording the trainer's tensor caches (hits/misses) and the live model."""
+    caches, models = [], []
+
+    class CountingCache(TensorCache):
+        def __init__(self, root):
+            super().__init__(root)
+            caches.append(self)
+
+    real = trainer.run_epoch
+
+    def spy(model, *args, **kw):
+        models.append(model)
+        return real(model, *args, **kw)
+
+    mp.setattr(trainer, "TensorCache", CountingCache)
+    mp.setattr(trainer, "run_epoch", spy)
+    try:
+        run = train(cfg, resume=resume, console=quiet)
+    finally:
+        mp.undo()
+    return SimpleNamespace(run=run, hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches),
+                           model=models[-1])
+
+
+def full_forward_probs(run: Path, data: Path, paths: list[str], cache_root: Path) -> np.ndarray:
+    """P(positive) from the reloaded model running its own backbone on the images (no cached features)."""
+    model, cfg = load_checkpoint(run)
+    prep = run_preprocess(cfg["run"])
+    ps = prepare([(p, 0) for p in paths], data, prep, TensorCache(cache_root), label="check")
+    with torch.no_grad():
+        return torch.sigmoid(model(images=prep.normalise(ps.grey.float())).float()).double().numpy()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Generated data sets, a paper-protocol split, and a cache shared by this module's runs.
+
+    Module-scoped fixtures are set up before conftest's per-test KNEEOSTEO_CACHE, so they point
+    the cache at their own folder (never the user's ~/.cache)."""
+    root = tmp_path_factory.mktemp("training")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        data = g.make_dataset(root / "data", n_per_class=N_PER_CLASS, size=SIZE, seed=0).root
+        other = g.make_dataset(root / "other", n_per_class=6, size=SIZE, seed=7).root
+        doc = make_split(scan_dataset(data), "paper", seed=0, test_size=TEST_SIZE, val_fraction=0.25)
+        write_split(doc, root / "split.json")
+        yield SimpleNamespace(root=root, data=data, other=other, split=root / "split.json", doc=doc,
+                              cache=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def runs(ws):
+    """Reference run A, then B = A again in the same (own) cache, both with counted cache use."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KNEEOSTEO_CACHE", str(ws.root / "cache_ab"))
+        a = train_counting(make_cfg(ws, ws.root / "run_a"), pytest.MonkeyPatch())
+        a.files = cache_files(ws.root / "cache_ab")
+        b = train_counting(make_cfg(ws, ws.root / "run_b"), pytest.MonkeyPatch())
+        b.files = cache_files(ws.root / "cache_ab")
+    return SimpleNamespace(a=a, b=b)
+
+
+# --------------------------------------------------------------------------- 1. train -> evaluate
+
+
+def test_train_writes_a_complete_run_folder(ws, runs):
+    run = runs.a.run
+    doc = ws.doc
+    cfg = json.loads((run / "config.json").read_text())["run"]
+    assert cfg["backbone"] == "efficientnet_lite0" and cfg["seed"] == 0
+    assert cfg["split_sizes"] == {p: len(doc[p]) for p in ("train", "val", "test")}
+    assert cfg["split_sizes"]["test"] == TEST_SIZE
+    assert cfg["train_samples"] == 2 * len(doc["train"])  # original + 1 offline copy each
+    wi = cfg["backbone_weights_info"]
+    assert wi["pretrained"] is True and len(wi["sha256"]) == 64
+    assert cfg["best_epoch"] >= 1 and cfg["epochs_run"] == EPOCHS
+    assert (run / "model.safetensors").stat().st_size > 0
+
+    with open(run / "history.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == list(HISTORY_FIELDS)
+    rows = history(run, with_seconds=True)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    for r in rows:
+        for k in HISTORY_FIELDS:
+            assert math.isfinite(float(r[k])), (k, r)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for k in METRIC_KEYS:
+        assert set(metrics[k]) >= {"value", "ci_low", "ci_high"}, k
+    counts = metrics["counts"]
+    assert sum(counts[k] for k in ("tp", "fp", "fn", "tn")) == TEST_SIZE
+
+    preds = predictions(run / "predictions.csv")
+    assert list(preds[0]) == ["path", "label", "probability", "prediction"]
+    assert sorted(r["path"] for r in preds) == sorted(doc["test"])  # relative to DATA
+    threshold = cfg["threshold"]
+    for r in preds:
+        assert (ws.data / r["path"]).is_file()
+        assert int(r["label"]) == int(r["path"].split("/")[0] == "osteoporosis")
+        assert int(r["prediction"]) == int(float(r["probability"]) >= threshold)
+    # the confusion counts are those of predictions.csv
+    tp = sum(int(r["label"]) == 1 and int(r["prediction"]) == 1 for r in preds)
+    tn = sum(int(r["label"]) == 0 and int(r["prediction"]) == 0 for r in preds)
+    assert (counts["tp"], counts["tn"]) == (tp, tn)
+
+    for name in PNGS:
+        data = (run / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, name
+
+
+def test_evaluate_run_reproduces_the_test_metrics(ws, runs, tmp_path):
+    run = runs.a.run
+    saved_metrics = (run / "metrics.json").read_text()
+    saved_preds = (run / "predictions.csv").read_text()
+    # default target: the run's own split, written into the run folder (fresh per-test cache:
+    # the backbone features are recomputed, not read back)
+    m = evaluate_run(run)
+    assert m["accuracy"]["value"] == json.loads(saved_metrics)["accuracy"]["value"]
+    assert (run / "predictions.csv").read_text() == saved_preds
+    assert (run / "metrics.json").read_text() == saved_metrics
+
+    out = tmp_path / "other_eval"
+    m = evaluate_run(run, data=ws.other, out=out)
+    files = sorted(p.relative_to(ws.other).as_posix() for p in ws.other.rglob("*.png"))
+    preds = predictions(out / "predictions.csv")
+    assert sorted(r["path"] for r in preds) == files
+    assert m["n"] == len(files) == sum(m["counts"].values())
+    for name in ("metrics.json", "confusion_matrix.png", "roc.png"):
+        assert (out / name).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- 2. determinism
+
+
+def test_same_seed_same_run_other_seed_other_run(ws, runs):
+    a, b = runs.a.run, runs.b.run
+    assert history(a) == history(b)
+    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+    assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
+
+    c = train(make_cfg(ws, ws.root / "run_c", seed=1), console=quiet)
+    pa = [float(r["probability"]) for r in predictions(a / "predictions.csv")]
+    pc = [float(r["probability"]) for r in predictions(c / "predictions.csv")]
+    assert pa != pc
+    assert history(a) != history(c)
+
+
+# --------------------------------------------------------------------------- 3. frozen backbone
+
+
+def test_backbone_stays_frozen_and_features_come_from_the_cache(ws, runs, tmp_path):
+    fresh, info = build_model("efficientnet_lite0")
+    ref = fresh.backbone.state_dict()
+    # the live model at the end of training (BatchNorm statistics included) ...
+    live = runs.a.model.backbone.state_dict()
+    # ... and the reloaded one
+    model, doc = load_checkpoint(runs.a.run)
+    assert doc["contents"] == "without-frozen-backbone"  # only AM + head were stored
+    assert doc["run"]["backbone_weights_info"]["sha256"] == info.sha256
+    for state in (live, model.backbone.state_dict()):
+        assert state.keys() == ref.keys()
+        for k, v in ref.items():
+            assert torch.equal(state[k].cpu(), v), k
+    assert not any(p.requires_grad for p in runs.a.model.backbone.parameters())
+    assert all(p.requires_grad for p in runs.a.model.head.parameters())
+
+    # the cached features are the pretrained backbone's: same probabilities from a full forward
+    preds = predictions(runs.a.run / "predictions.csv")
+    full = full_forward_probs(runs.a.run, ws.data, [r["path"] for r in preds], tmp_path / "check")
+    np.testing.assert_allclose([float(r["probability"]) for r in preds], full, atol=2e-5)
+
+    # cache use: run A filled an empty cache (one entry per input tensor and per feature
+    # tensor), the identical run B only read it
+    d = ws.doc
+    n_entries = 2 * (2 * len(d["train"]) + len(d["val"]) + len(d["test"]))
+    assert runs.a.hits == 0 and runs.a.misses == n_entries == len(runs.a.files)
+    assert runs.b.misses == 0 and runs.b.hits == n_entries
+    assert runs.b.files == runs.a.files
+
+
+def test_random_backbone_features_are_not_shared_across_seeds(ws, tmp_path):
+    """With backbone_weights='none' the backbone is a seed-dependent random init, so a run with
+    seed 1 must not reuse features that seed 0's (different) backbone wrote into the cache."""
+    kw = dict(backbone_weights="none", augment="none", epochs=1)
+    train(make_cfg(ws, tmp_path / "s0", **kw), console=quiet)
+    run = train(make_cfg(ws, tmp_path / "s1", seed=1, **kw), console=quiet)
+    preds = predictions(run / "predictions.csv")
+    full = full_forward_probs(run, ws.data, [r["path"] for r in preds], tmp_path / "check")
+    np.testing.assert_allclose([float(r["probability"]) for r in preds], full, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- 4. cache keys
+
+
+class StubBackbone(nn.Module):
+    """A cheap stand-in for a backbone: pooled (B, 3) features."""
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3))
+
+
+def test_cache_keys_name_everything_that_shapes_the_tensors(ws, tmp_path):
+    items = [(p, int(p.startswith("osteoporosis"))) for p in ws.doc["test"][:4]]
+    aug = AugmentParams(copies=1)
+    base = dict(prep=Preprocess("paper", 32), augment=aug, seed=0, backbone_id="stub:a")
+
+    def run(**change):
+        kw = {**base, **change}
+        cache = TensorCache(tmp_path / "c")
+        ps = prepare(items, ws.data, kw.pop("prep"), cache, backbone=StubBackbone(), label="t", **kw)
+        return ps, cache
+
+    first, c = run()
+    n = len(items)
+    assert (c.hits, c.misses) == (0, 4 * n)  # per image: input, input-aug, and their features
+    again, c = run()
+    assert (c.hits, c.misses) == (4 * n, 0)
+    assert torch.equal(first.grey, again.grey) and torch.equal(first.features, again.features)
+
+    # a change in preprocessing misses everything; in augmentation only the augmented copy
+    # (and its features); in the backbone only the features
+    for change, misses in (
+        (dict(prep=Preprocess("robust", 32)), 4 * n),
+        (dict(prep=Preprocess("paper", 48)), 4 * n),
+        (dict(prep=Preprocess("paper", 32, clahe=True)), 4 * n),
+        (dict(augment=AugmentParams(copies=1, rotation=5.0)), 2 * n),
+        (dict(augment=AugmentParams(copies=1, zoom=(1.0, 1.1))), 2 * n),
+        (dict(seed=1), 2 * n),
+        (dict(backbone_id="stub:b"), 2 * n),
+    ):
+        _, c = run(**change)
+        assert c.misses == misses, change
+    changed, _ = run(seed=1)
+    assert not torch.equal(changed.grey, first.grey)
+
+    k = dict(kind="features", input="x", backbone="efficientnet_lite0:abc")
+    assert cache_key(**k) == cache_key(**dict(reversed(k.items())))
+    assert cache_key(**k) != cache_key(**{**k, "backbone": "efficientnet_lite0:abd"})
+    assert cache_key(**k) != cache_key(**{**k, "backbone": "densenet169:abc"})
+    p = Preprocess("paper", 64)
+    assert len({p.key(), Preprocess("robust", 64).key(), Preprocess("paper", 65).key(),
+                Preprocess("paper", 64, mean=(0.5, 0.5, 0.5)).key()}) == 4
+    assert AugmentParams(copies=2).key() != AugmentParams(copies=1).key()
+
+
+@pytest.mark.parametrize("where", ["tensor bytes", "header", "truncated"])
+def test_damaged_cache_entry_is_detected_deleted_and_recomputed(ws, tmp_path, where):
+    cache = TensorCache(tmp_path / "c")
+    t = {"grey": torch.arange(4096, dtype=torch.float32).reshape(1, 64, 64)}
+    cache.put("ab" * 32, t)
+    path = cache._path("ab" * 32)
+    assert torch.equal(cache.get("ab" * 32)["grey"], t["grey"])
+    raw = bytearray(path.read_bytes())
+    if where == "tensor bytes":
+        raw[-100] ^= 0xFF
+    elif where == "header":
+        raw[12] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+    cache.hits = cache.misses = 0
+    assert cache.get("ab" * 32) is None
+    assert not path.exists() and (cache.hits, cache.misses) == (0, 1)
+
+    # through prepare: a damaged entry is recomputed to the same tensors and rewritten
+    items = [(p, 0) for p in ws.doc["test"][:2]]
+    prep = Preprocess("paper", 32)
+    c1 = TensorCache(tmp_path / "p")
+    first = prepare(items, ws.data, prep, c1, backbone=StubBackbone(), backbone_id="stub", label="t")
+    files = sorted((tmp_path / "p").rglob("*.safetensors"))
+    assert len(files) == 4
+    for f in files:
+        raw = bytearray(f.read_bytes())
+        raw[-3] ^= 0x55
+        f.write_bytes(bytes(raw))
+    c2 = TensorCache(tmp_path / "p")
+    again = prepare(items, ws.data, prep, c2, backbone=StubBackbone(), backbone_id="stub", label="t")
+    assert c2.hits == 0 and c2.misses == 4
+    assert torch.equal(first.grey, again.grey) and torch.equal(first.features, again.features)
+    c3 = TensorCache(tmp_path / "p")
+    prepare(items, ws.data, prep, c3, backbone=StubBackbone(), backbone_id="stub", label="t")
+    assert (c3.hits, c3.misses) == (4, 0)
+
+
+# --------------------------------------------------------------------------- 5. resume
+
+
+def test_resume_continues_as_if_never_stopped(ws, runs, tmp_path):
+    a = runs.a.run
+    out = tmp_path / "resumed"
+    train(make_cfg(ws, out, epochs=2), console=quiet)
+    assert len(history(out)) == 2
+    train(make_cfg(ws, out, epochs=EPOCHS), resume=True, console=quiet)
+    assert history(out) == history(a)
+    assert (out / "metrics.json").read_text() == (a / "metrics.json").read_text()
+    assert (out / "predictions.csv").read_text() == (a / "predictions.csv").read_text()
+    assert json.loads((out / "config.json").read_text())["run"]["best_epoch"] == \
+        json.loads((a / "config.json").read_text())["run"]["best_epoch"]
+
+
+def test_resume_after_a_crash_through_the_cli(ws, runs, tmp_path, monkeypatch):
+    a = runs.a.run
+    out = tmp_path / "crashed"
+    real = trainer.run_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # train of epoch 3 (train and val are separate calls)
+            raise RuntimeError("simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "run_epoch", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_cfg(ws, out), console=quiet)
+    assert len(history(out)) == 2 and not (out / "metrics.json").exists()
+    monkeypatch.setattr(trainer, "run_epoch", real)
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "resuming after epoch 2" in result.output
+    assert history(out) == history(a)
+    assert (out / "metrics.json").read_text() == (a / "metrics.json").read_text()
+    assert (out / "predictions.csv").read_text() == (a / "predictions.csv").read_text()
+
+
+def test_resume_keeps_the_fold_of_a_kfold_split(ws, tmp_path, monkeypatch):
+    doc = make_split(scan_dataset(ws.data), "kfold", seed=0, folds=4, val_fraction=0.25)
+    write_split(doc, tmp_path / "folds.json")
+    assert doc["folds"][2]["test"] != doc["folds"][0]["test"]
+    calls = {"n": 0}
+
+    def stub(model, batches, cfg, device, amp, optimizer=None, generator=None, desc=""):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return 0.5, 0.5, np.full(len(batches.data), 0.5)
+
+    monkeypatch.setattr(trainer, "run_epoch", stub)
+    out = tmp_path / "fold2"
+    cfg = make_cfg(ws, out, split=str(tmp_path / "folds.json"), fold=2, augment="none", epochs=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, console=quiet)
+    train(cfg, resume=True, console=quiet)
+    preds = predictions(out / "predictions.csv")
+    assert sorted(r["path"] for r in preds) == sorted(doc["folds"][2]["test"])
+    sizes = json.loads((out / "config.json").read_text())["run"]["split_sizes"]
+    assert sizes == {p: len(doc["folds"][2][p]) for p in ("train", "val", "test")}
+
+
+# --------------------------------------------------------------------------- 6. early stopping
+
+
+def test_early_stopping_keeps_the_best_epoch(ws, tmp_path, monkeypatch):
+    real = trainer.run_epoch
+    val_losses = iter([0.9, 0.7, 0.8, 0.6, 0.5])  # rises at epoch 3: patience 1 stops there
+    snapshots: list[dict] = []
+
+    def scripted(model, batches, cfg, device, amp, optimizer=None, generator=None, desc=""):
+        if optimizer is not None:
+            return real(model, batches, cfg, device, amp, optimizer, generator, desc)
+        _, acc, probs = real(model, batches, cfg, device, amp, desc=desc)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")})
+        return next(val_losses), acc, probs
+
+    monkeypatch.setattr(trainer, "run_epoch", scripted)
+    out = train(make_cfg(ws, tmp_path / "es", augment="none", epochs=5, patience=1), console=quiet)
+    rows = history(out)
+    assert len(rows) == 3 and len(snapshots) == 3
+    run = json.loads((out / "config.json").read_text())["run"]
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert run["best_epoch"] == int(best["epoch"]) == 2
+    assert run["epochs_run"] == 3
+    # the saved model is the best epoch's, not the last one's
+    model, _ = load_checkpoint(out)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshots[1].items())
+    assert not all(torch.equal(state[k], v) for k, v in snapshots[2].items())
+
+
+# --------------------------------------------------------------------------- 7. summary
+
+
+def test_summary_lists_the_layers():
+    result = CliRunner().invoke(app, ["summary", "--backbone", "efficientnet_lite0"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = result.output
+    for word in ("HybridModel", "AttentionModule", "ClassifierHead", "Total params", "Trainable params"):
+        assert word in out, word
+    assert any(ch.isdigit() for ch in out.split("Total params", 1)[1][:40])
+
+
+# --------------------------------------------------------------------------- 8. config files
+
+
+def test_config_precedence_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('epochs = 7\nlr = 0.01\nbackbone = "densenet169"\nzoom = [0.8, 1.1]\n')
+    cfg = load_config(path, {"epochs": 3, "lr": None, "seed": 5})
+    assert cfg.epochs == 3  # the command line beats the file
+    assert cfg.lr == 0.01 and cfg.backbone == "densenet169"  # the file beats the defaults
+    assert cfg.zoom == (0.8, 1.1) and isinstance(cfg.zoom, tuple)
+    assert cfg.seed == 5 and cfg.batch_size == TrainConfig().batch_size  # defaults otherwise
+
+    table = tmp_path / "table.toml"
+    table.write_text("[train]\npatience = 2\n")
+    assert load_config(table, {}).patience == 2
+    assert load_config(None, {}) == TrainConfig()
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = 2\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config(bad, {})
+    with pytest.raises(ValueError, match="epoks"):
+        load_config(None, {"epoks": 3})
