@@ -109,8 +109,18 @@ def full_forward_probs(run: Path, data: Path, paths: list[str], cache_root: Path
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny batches gain nothing from more, and on a shared 2-core
+    machine OpenMP threads competing with another process made each step several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, one_thread):
     """Generated data sets, a paper-protocol split, and a cache shared by this module's runs.
 
     Module-scoped fixtures are set up before conftest's per-test KNEEOSTEO_CACHE, so they point
@@ -234,6 +244,7 @@ def test_backbone_stays_frozen_and_features_come_from_the_cache(ws, runs, tmp_pa
     # ... and the reloaded one
     model, doc = load_checkpoint(runs.a.run)
     assert doc["contents"] == "without-frozen-backbone"  # only AM + head were stored
+    assert model.preprocess["input_size"] == SIZE  # the resolution it was trained at
     assert doc["run"]["backbone_weights_info"]["sha256"] == info.sha256
     for state in (live, model.backbone.state_dict()):
         assert state.keys() == ref.keys()

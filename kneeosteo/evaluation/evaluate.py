@@ -17,7 +17,7 @@ from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import PAPER_COLUMNS, format_table, metrics_with_ci
 from kneeosteo.models import load_checkpoint
 from kneeosteo.paths import cache_dir
-from kneeosteo.training.cache import TensorCache
+from kneeosteo.training.cache import TensorCache, backbone_cache_id
 from kneeosteo.training.prepare import PreparedSet, prepare
 from kneeosteo.utils.atomic import write_json, write_text
 
@@ -98,8 +98,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str | P
         sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records])
     prep = run_preprocess(cfg)
     cached = cfg.get("use_backbone", True) and not cfg.get("finetune", False)
-    wi = cfg.get("backbone_weights_info", {})
-    backbone_id = f"{cfg['backbone']}:{wi.get('sha256') or wi.get('source')}" if cached else None
+    wi = cfg.get("backbone_weights_info") or {}
+    backbone_id = backbone_cache_id(cfg["backbone"], model.backbone, wi.get("sha256")) if cached else None
     test = prepare(sets.items("test"), root, prep, TensorCache(cache_dir() / "tensors"),
                    backbone=model.backbone if cached else None, backbone_id=backbone_id, device=device, label="test")
     return score_and_write(run, test, sets, cfg["threshold"] if threshold is None else threshold,

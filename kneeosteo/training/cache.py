@@ -26,6 +26,20 @@ def cache_key(**descriptor) -> str:
     return hashlib.sha256(json.dumps(descriptor, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def backbone_cache_id(name: str, module, weights_sha256: str | None) -> str:
+    """Names the frozen backbone that computed cached features.
+
+    A pretrained backbone is named by the sha256 of its weights file. One without a file
+    (``--backbone-weights none``) is a random initialisation that depends on the seed, so it is
+    named by a digest of its own parameters and buffers: two different random backbones must
+    never share feature entries.
+    """
+    if weights_sha256:
+        return f"{name}:{weights_sha256}"
+    state = {k: v.detach().cpu().reshape(-1) for k, v in module.state_dict().items()}
+    return f"{name}:state-{_digest(state)}"
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):

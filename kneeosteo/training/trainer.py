@@ -29,7 +29,7 @@ from kneeosteo.data.scan import DataError, scan_dataset
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
 from kneeosteo.models import build_model, get_backbone_spec, save_checkpoint
 from kneeosteo.paths import cache_dir
-from kneeosteo.training.cache import TensorCache
+from kneeosteo.training.cache import TensorCache, backbone_cache_id
 from kneeosteo.training.config import TrainConfig
 from kneeosteo.training.prepare import PreparedSet, prepare
 from kneeosteo.utils.atomic import atomic_path, write_json, write_text
@@ -129,8 +129,9 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
 def _save_state(run: Path, model, optimizer, state: dict) -> None:
     """Everything --resume needs, written atomically: weights + Adam moments, then the JSON."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, (p, st) in enumerate(optimizer.state.items()):
-        for name, v in st.items():
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):  # indexed like _load_state: by position among the parameters
+        for name, v in optimizer.state.get(p, {}).items():
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(v)
     ckpt = run / "checkpoint"
     with atomic_path(ckpt / "last.safetensors") as tmp:
@@ -146,6 +147,8 @@ def _load_state(run: Path, model, optimizer) -> dict:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+        # moments go where the parameter is (a resume on CUDA); Adam keeps ``step`` on the CPU
+        st = {k: v if k == "step" else v.to(device=p.device, dtype=p.dtype) for k, v in st.items()}
         if st:
             optimizer.state[p] = st
     return state
@@ -201,17 +204,20 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     set_seed(cfg.seed)
-    sets = resolve_split(cfg, data, run) if not resume or not (run / "split.json").exists() else load_split(run / "split.json", data)
+    if resume and (run / "split.json").exists():  # the split file copied at the start, same fold
+        sets = load_split(run / "split.json", data, cfg.fold)
+    else:
+        sets = resolve_split(cfg, data, run)
     if cfg.split and not (run / "split.json").exists():
         write_text(run / "split.json", Path(cfg.split).read_text())
 
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
-                               use_backbone=cfg.use_backbone, finetune=cfg.finetune)
+                               use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
     model.to(device)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
     cache_backbone = cfg.use_backbone and not cfg.finetune
-    backbone_id = f"{cfg.backbone}:{winfo.sha256 or winfo.source}" if cache_backbone else None
+    backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
     parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep, device)
     prep_seconds = time.perf_counter() - t0
