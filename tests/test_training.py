@@ -29,7 +29,7 @@ from kneeosteo.evaluation.evaluate import evaluate_run, run_preprocess
 from kneeosteo.interfaces.cli import app
 from kneeosteo.models import build_model, load_checkpoint
 from kneeosteo.training import trainer
-from kneeosteo.training.cache import TensorCache, cache_key
+from kneeosteo.training.cache import TensorCache, backbone_cache_id, cache_key
 from kneeosteo.training.config import TrainConfig, load_config
 from kneeosteo.training.prepare import prepare
 from kneeosteo.training.trainer import HISTORY_FIELDS, train
@@ -121,10 +121,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, one_thread):
-    """Generated data sets, a paper-protocol split, and a cache shared by this module's runs.
+    """Generated data sets and a paper-protocol split.
 
     Module-scoped fixtures are set up before conftest's per-test KNEEOSTEO_CACHE, so they point
-    the cache at their own folder (never the user's ~/.cache)."""
+    the cache at their own folder (never the user's ~/.cache); tests get conftest's fresh one."""
     root = tmp_path_factory.mktemp("training")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
@@ -330,6 +330,15 @@ def test_cache_keys_name_everything_that_shapes_the_tensors(ws, tmp_path):
     assert len({p.key(), Preprocess("robust", 64).key(), Preprocess("paper", 65).key(),
                 Preprocess("paper", 64, mean=(0.5, 0.5, 0.5)).key()}) == 4
     assert AugmentParams(copies=2).key() != AugmentParams(copies=1).key()
+
+    # the backbone id: the weights file's sha256 when there is one, else the module's own state
+    torch.manual_seed(0)
+    r0 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    torch.manual_seed(1)
+    r1 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert backbone_cache_id("b", r0, "f" * 64) == "b:" + "f" * 64
+    assert backbone_cache_id("b", r0, None) != backbone_cache_id("b", r1, None)
+    assert backbone_cache_id("b", r0, None) == backbone_cache_id("b", r0.to(memory_format=torch.channels_last), None)
 
 
 @pytest.mark.parametrize("where", ["tensor bytes", "header", "truncated"])

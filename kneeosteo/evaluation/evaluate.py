@@ -102,5 +102,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str | P
     backbone_id = backbone_cache_id(cfg["backbone"], model.backbone, wi.get("sha256")) if cached else None
     test = prepare(sets.items("test"), root, prep, TensorCache(cache_dir() / "tensors"),
                    backbone=model.backbone if cached else None, backbone_id=backbone_id, device=device, label="test")
+    if out is None:  # never overwrite the run's own test results with another data set's
+        out = run if (data is None and split is None) else run / "evaluations" / Path(split or data).stem
     return score_and_write(run, test, sets, cfg["threshold"] if threshold is None else threshold,
-                           Path(out) if out else run, device=device, model=model)
+                           Path(out), device=device, model=model)

@@ -168,7 +168,7 @@ def evaluate(
     run: Path = typer.Argument(..., help="A run folder written by `kneeosteo train`."),
     data: Optional[Path] = typer.Argument(None, help="Score on every image of this class-folder data set instead."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Score on the test part of this split file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write metrics.json etc. (default: the run folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write metrics.json etc. (default: the run folder; RUN/evaluations/NAME for DATA or --split)."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the run's, 0.5)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
@@ -195,6 +195,134 @@ def summary(
     x = torch.zeros(1, 3, 224, 224)
     print(torchinfo_summary(model, input_data={"images": x}, depth=depth, verbose=0,
                             col_names=("output_size", "num_params", "trainable")))
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, DICOM."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="preds.csv or preds.json (default: a table on stdout)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
+    engine: str = typer.Option("torch", help="torch, or onnxruntime (runs the model's ONNX export)."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
+):
+    """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
+    from kneeosteo.inference import ENGINES, InferenceError, Predictor
+    from kneeosteo.inference.output import OUTPUT_SUFFIXES, format_table, write_predictions
+
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise typer.BadParameter(f"{out}: use a .csv or .json file name", param_hint="--out")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
+    if onnx_file is not None and engine != "onnxruntime":
+        raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
+    try:
+        predictor = Predictor(run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
+        result = predictor.predict(inputs)
+    except InferenceError as exc:
+        raise CliError(str(exc))
+    if out is not None:
+        write_predictions(result, out)
+        print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
+    elif result.predictions:
+        print(format_table(result))
+    for err in result.errors:
+        typer.echo(f"{err.path}: {err.reason}", err=True)
+    if not result.predictions:
+        raise CliError(f"no image could be read ({len(result.errors)} unreadable, see above)")
+
+
+@app.command()
+def explain(
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Folder for NAME.png (radiograph, Grad-CAM, attention) and NAME.json per image."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    target: str = typer.Option("positive", help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold for the label (default: the model's)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Grad-CAM on the backbone's last feature map and the attention module's spatial map, per image."""
+    from kneeosteo.inference import Explainer, InferenceError
+    from kneeosteo.inference.report import explain_files
+
+    if target not in ("positive", "negative", "predicted"):
+        raise typer.BadParameter("use positive, negative or predicted", param_hint="--target")
+    try:
+        written, errors = explain_files(Explainer(run, target=target, threshold=threshold, device=device), images, out)
+    except InferenceError as exc:
+        raise CliError(str(exc))
+    for _, png, js in written:
+        print(f"wrote {png} and {js.name}")
+    for err in errors:
+        typer.echo(f"{err.path}: {err.reason}", err=True)
+    if not written:
+        raise CliError(f"no image could be read ({len(errors)} unreadable, see above)")
+
+
+@app.command()
+def export(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx."),
+    opset: int = typer.Option(17, min=17, help="ONNX opset."),
+):
+    """Export backbone + attention module + head (probability output, dynamic batch) to ONNX, checked with onnx.checker."""
+    from kneeosteo.inference import InferenceError, export_onnx
+
+    if fmt != "onnx":
+        raise typer.BadParameter("only onnx is supported", param_hint="--format")
+    try:
+        path = export_onnx(run, out, opset=opset)
+    except InferenceError as exc:
+        raise CliError(str(exc))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}); onnx.checker passed; "
+          f"use it with `kneeosteo predict --engine onnxruntime --onnx {path} IMAGE...`")
+
+
+@app.command()
+def reproduce(
+    data: Optional[Path] = DataArg,
+    out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
+    seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models)."),
+    protocol: str = typer.Option("paper", help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
+    folds: int = typer.Option(5, help="Folds for --protocol kfold."),
+    test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
+    quick: bool = typer.Option(False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per cell (default 30; --quick 8)."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience (default 6; --quick 3)."),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."),
+    list_models: bool = typer.Option(False, "--list-models", help="Print the known model ids and exit."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML training settings shared by all cells."),
+):
+    """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
+    from kneeosteo.data.audit import build_audit
+    from kneeosteo.data.scan import scan_dataset
+    from kneeosteo.evaluation.reproduce import default_models, model_catalogue, reproduce as run_reproduce
+    from kneeosteo.training.config import load_config
+
+    if list_models:
+        for key, spec in model_catalogue().items():
+            print(f"{key:28s} {spec.title}")
+        return
+    if protocol not in ("paper", "kfold"):
+        raise typer.BadParameter("use 'paper' or 'kfold'", param_hint="--protocol")
+    root = _data(data)
+    n_seeds = 3 if quick and seeds == 5 else seeds
+    base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
+                                "patience": patience or (3 if quick else None)})
+    chosen = models.split(",") if models else default_models(quick)
+    scan = scan_dataset(root, positive=base.positive)
+    shortcut = build_audit(scan)["shortcut_metadata_only"]
+    try:
+        rows = run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
+                            test_size=test_size)
+    except ValueError as exc:
+        raise CliError(str(exc))
+    print((out / "table1.md").read_text())
+    print(f"wrote {out}/table1.md, table1.csv, table1.png")
 
 
 def main(argv: list[str] | None = None) -> None:

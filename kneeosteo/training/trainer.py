@@ -47,6 +47,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX in the CPU flags (Linux); elsewhere trust torch's capability string."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    except OSError:
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     """bf16 where the hardware runs it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32."""
     if precision == "fp32":
@@ -55,8 +64,7 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cap = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if cap in ("AVX512", "AVX512_BF16", "AMX") or "AMX" in cap else None
+    return torch.bfloat16 if _cpu_has_bf16() else None
 
 
 def set_seed(seed: int) -> None:

@@ -1,0 +1,171 @@
+"""Where the model looks: Grad-CAM on the backbone's last feature map and the attention
+module's spatial map, both brought back onto the original radiograph's pixel grid.
+
+Grad-CAM explains the osteoporosis (positive) logit by default, whatever the prediction: one
+fixed question makes maps of different images comparable. ``target="negative"`` or
+``"predicted"`` explain another class; for the negative class the single logit's sign is flipped
+(``BinaryClassifierOutputTarget(0)``), because a binary model with one logit has no separate
+"normal" output. An all-zero Grad-CAM map is a valid answer: nothing in the last feature map
+speaks for the target class (its raw maximum in the JSON is then 0). The frozen backbone needs no parameter gradients: the input is made to require
+grad, so autograd records the backbone and Grad-CAM gets d(logit)/d(activations); the loaded
+model is not modified (its parameter .grad fields are cleared again afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.inference.runinfo import ModelInfo, load_model, resolve_run, run_info
+
+__all__ = ["GRADCAM_LAYERS", "Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape"]
+
+# Last spatial feature map of each backbone (module path inside HybridModel.backbone). Others
+# fall back to the last Conv2d (for vit_b_16: the patch embedding, a coarse stand-in).
+GRADCAM_LAYERS = {
+    "densenet169": "features.norm5",  # torchvision applies ReLU + pooling after it
+    "efficientnet_lite0": "bn2",  # timm BatchNormAct2d: conv_head -> BN -> ReLU6
+    "efficientnet_lite1": "bn2",
+    "efficientnet_lite2": "bn2",
+    "efficientnet_b0": "features.8",
+    "resnet50": "layer4",
+    "vgg19": "features.35",  # ReLU after the last conv, before the last max-pool
+}
+TARGETS = ("positive", "negative", "predicted")
+
+
+def gradcam_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the feature map Grad-CAM should use for this HybridModel."""
+    if model.backbone is None:  # AM-only ablation: the AM's conv stack, before its attention
+        return "attention.features", model.attention.features
+    name = GRADCAM_LAYERS.get(model.backbone_name)
+    if name is not None:
+        return "backbone." + name, model.backbone.get_submodule(name)
+    convs = [(n, m) for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{model.backbone_name}: no Conv2d layer for Grad-CAM")
+    return "backbone." + convs[-1][0], convs[-1][1]
+
+
+def to_image_shape(m: np.ndarray, shape: tuple[int, int], prep: Preprocess) -> np.ndarray:
+    """A map over the network input (any resolution) -> (H, W) over the original image, undoing
+    the preprocessing geometry: 'paper' stretched, so stretch back; 'robust' letterboxed, so crop
+    the padding away first (same arithmetic as ``Preprocess.geometry``)."""
+    s = prep.size
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)
+    h, w = shape
+    if prep.preset == "robust":
+        scale = s / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        top, left = (s - nh) // 2, (s - nw) // 2
+        t = t[..., top : top + nh, left : left + nw]
+    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return np.clip(np.nan_to_num(t[0, 0].numpy()), 0.0, 1.0)
+
+
+def map_stats(m: np.ndarray) -> dict:
+    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+    return {"shape": list(m.shape), "min": float(m.min()), "max": float(m.max()), "mean": float(m.mean()),
+            "std": float(m.std()), "argmax": [int(r), int(c)]}
+
+
+@dataclass
+class Explanation:
+    probability: float  # P(positive)
+    positive: str
+    label: str
+    target: str  # the class Grad-CAM explains
+    layer: str  # Grad-CAM's layer
+    gradcam: np.ndarray  # (H, W) in [0, 1], normalised per image (grad-cam's convention)
+    attention: np.ndarray | None  # (H, W) in [0, 1], the AM's sigmoid weights (None: no AM)
+    gradcam_raw: np.ndarray  # ReLU(sum_k w_k A_k) on the feature-map grid, before normalising
+    attention_raw: np.ndarray | None  # the AM's spatial map on its own grid
+
+    def stats(self) -> dict:
+        """JSON-able: probability, and min/max/mean/std/argmax of each map (raw and on the image)."""
+        out = {"probability": self.probability, "positive_class": self.positive, "label": self.label, "gradcam_target": self.target,
+               "gradcam_layer": self.layer,
+               "gradcam": {"raw": map_stats(self.gradcam_raw), "image": map_stats(self.gradcam)},
+               "attention": None}
+        if self.attention is not None:
+            out["attention"] = {"raw": map_stats(self.attention_raw), "image": map_stats(self.attention)}
+        return out
+
+
+class _LogitNet(nn.Module):
+    """(B, 1) logits, the shape grad-cam's targets expect; the input requires grad (see module doc)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.requires_grad:
+            images = images.detach().requires_grad_(True)
+        return self.model(images=images).float().unsqueeze(1)
+
+
+class Explainer:
+    """Grad-CAM + attention maps for single images with a trained run (PyTorch only)."""
+
+    def __init__(self, run: str | os.PathLike | None = None, *, target: str = "positive",
+                 threshold: float | None = None, device: str = "cpu"):
+        run = resolve_run(run)
+        info = run_info(run)
+        self._setup(load_model(run, device), info, target, threshold, device)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, info: ModelInfo, *, target: str = "positive",
+                   threshold: float | None = None, device: str = "cpu") -> "Explainer":
+        self = cls.__new__(cls)
+        self._setup(model.eval(), info, target, threshold, device)
+        return self
+
+    def _setup(self, model, info, target, threshold, device):
+        if target not in TARGETS:
+            raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
+        self.model, self.info, self.target, self.device = model, info, target, device
+        self.threshold = info.threshold if threshold is None else float(threshold)
+        self.layer_name, self.layer = gradcam_layer(model)
+
+    def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
+        """Canonical greyscale (H, W) in [0, 1] -> maps on that (H, W) grid.
+
+        ``target`` overrides the explainer's: positive, negative or predicted."""
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+        target = target or self.target
+        if target not in TARGETS:
+            raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
+        x = self.info.preprocess(pixels)[None].to(self.device)
+        if target == "predicted":
+            with torch.no_grad():
+                cls = int(float(torch.sigmoid(self.model(images=x).float())[0]) >= self.threshold)
+        else:
+            cls = int(target == "positive")
+        targets = [BinaryClassifierOutputTarget(cls)]
+        cam = GradCAM(model=_LogitNet(self.model), target_layers=[self.layer])
+        try:
+            with torch.enable_grad():
+                norm = cam(input_tensor=x, targets=targets)[0]
+            p = float(torch.sigmoid(cam.outputs.detach()[0, 0]))
+            ag = cam.activations_and_grads
+            raw = cam.get_cam_image(x, self.layer, targets, ag.activations[0].numpy(), ag.gradients[0].numpy())
+            raw = np.maximum(raw[0], 0).astype(np.float32)
+        finally:
+            cam.activations_and_grads.release()
+            self.model.zero_grad(set_to_none=True)
+        am = None if self.model.attention is None else self.model.attention.last_spatial_map[0, 0].cpu().numpy()
+        shape, prep = pixels.shape, self.info.preprocess
+        return Explanation(p, self.info.positive, self.info.label(p, self.threshold),
+                           self.info.positive if cls else self.info.negative, self.layer_name,
+                           to_image_shape(norm, shape, prep),
+                           None if am is None else to_image_shape(am, shape, prep), raw, am)

@@ -1,0 +1,170 @@
+"""ONNX export of the whole network (backbone, AM, head, sigmoid) and an ONNX Runtime wrapper.
+
+The graph takes *normalised* images (B, 3, S, S) and returns P(positive) (B,); the batch axis
+is dynamic. Everything else a caller needs (preprocessing, threshold, classes, model id) is in
+the model's metadata_props under ``kneeosteo.*``, so an .onnx file can be used on its own.
+The legacy TorchScript-based exporter (``dynamo=False``) is used: the dynamo exporter needs
+onnxscript, and the traced graph of this plain CNN is exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.inference.runinfo import InferenceError, ModelInfo, load_model, resolve_run, run_info
+from kneeosteo.utils.atomic import write_bytes
+
+__all__ = ["DEFAULT_OPSET", "OnnxModel", "ProbabilityNet", "ensure_onnx", "export_onnx", "onnx_metadata"]
+
+log = logging.getLogger(__name__)
+DEFAULT_OPSET = 17
+_P = "kneeosteo."
+
+
+class ProbabilityNet(nn.Module):
+    """images -> sigmoid(logit): the exported graph, so ONNX users get probabilities directly."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(images=images).float())
+
+
+def onnx_metadata(info: ModelInfo) -> dict[str, str]:
+    p = info.preprocess
+    return {
+        _P + "model_id": info.model_id,
+        _P + "backbone": info.backbone,
+        _P + "preprocess": json.dumps(asdict(p)),
+        _P + "threshold": repr(info.threshold),
+        _P + "classes": json.dumps([info.negative, info.positive]),
+        _P + "input": (f"images: float32 (B, 3, {p.size}, {p.size}); read the radiograph as greyscale "
+                       f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
+                       f"robust: letterbox onto a black square), CLAHE={p.clahe}, copy to 3 channels, "
+                       f"then (x - mean) / std with mean={list(p.mean)}, std={list(p.std)}"),
+        _P + "output": f"probability: float32 (B,), P({info.positive})",
+    }
+
+
+def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                verify: bool = True) -> Path:
+    """Export ``run`` (None: the bundled model) to ``out``, check it with onnx.checker and, when
+    onnxruntime is installed and ``verify``, compare it with PyTorch on random inputs."""
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset {opset} is too old; use 17 or newer")
+    run = resolve_run(run)
+    info = run_info(run)
+    net = ProbabilityNet(load_model(run, "cpu")).eval()
+    s = info.preprocess.size
+    example = torch.zeros(2, 3, s, s)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings from shape checks that are constant here
+        torch.onnx.export(net, (example,), buf, input_names=["images"], output_names=["probability"],
+                          dynamic_axes={"images": {0: "batch"}, "probability": {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.doc_string = (f"kneeosteo hybrid model {info.model_id}: normalised knee radiographs -> "
+                        f"P({info.positive}). See metadata_props kneeosteo.* for the preprocessing.")
+    del proto.metadata_props[:]
+    for k, v in onnx_metadata(info).items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    if verify:
+        _verify(data, net, s)
+    write_bytes(out, data)
+    return Path(out)
+
+
+def _verify(data: bytes, net: nn.Module, size: int, tol: float = 1e-4) -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning("onnxruntime not installed: the export was checked, but not run")
+        return
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = net(x).double().numpy()
+    got = OnnxModel(data, require_metadata=False)(x.numpy()).astype(np.float64)
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= tol:
+        raise InferenceError(f"the ONNX export disagrees with PyTorch: max |difference| {diff:.2e} > {tol}")
+
+
+class OnnxModel:
+    """An ONNX Runtime session on an exported model, with the metadata read back as ModelInfo."""
+
+    def __init__(self, model: str | os.PathLike | bytes, require_metadata: bool = True):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise InferenceError("--engine onnxruntime needs the onnxruntime package: pip install onnxruntime") from exc
+        src = model if isinstance(model, bytes) else str(model)
+        try:
+            self.session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            raise InferenceError(f"{model if not isinstance(model, bytes) else 'model'}: not a loadable "
+                                 f"ONNX model ({type(exc).__name__}: {exc})") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = _info_from_metadata(meta, model) if require_metadata else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+
+def _info_from_metadata(meta: dict[str, str], origin) -> ModelInfo:
+    try:
+        p = json.loads(meta[_P + "preprocess"])
+        negative, positive = json.loads(meta[_P + "classes"])
+        prep = Preprocess(p["preset"], int(p["size"]), tuple(p["mean"]), tuple(p["std"]), bool(p["clahe"]))
+        return ModelInfo(meta[_P + "model_id"], prep, float(meta[_P + "threshold"]), negative, positive,
+                         meta.get(_P + "backbone", ""))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InferenceError(f"{origin}: no kneeosteo metadata ({type(exc).__name__}: {exc}); "
+                             "export it with `kneeosteo export`") from exc
+
+
+def ensure_onnx(run: str | os.PathLike | None) -> Path:
+    """RUN/model.onnx when it was exported from these weights, else an export kept in the cache
+    (made now if needed): the run folder may be read-only, e.g. the bundled model."""
+    from kneeosteo.paths import cache_dir
+
+    run = resolve_run(run)
+    info = run_info(run)
+    local = run / "model.onnx"
+    if _matches(local, info):
+        return local
+    cached = cache_dir() / "onnx" / (re.sub(r"[^A-Za-z0-9._-]", "_", info.model_id) + ".onnx")
+    if not _matches(cached, info):
+        log.info("exporting %s to %s", run, cached)
+        export_onnx(run, cached)
+    return cached
+
+
+def _matches(path: Path, info: ModelInfo) -> bool:
+    """Exported from these weights with these settings (a threshold edited since also counts)."""
+    if not path.is_file():
+        return False
+    try:
+        meta = OnnxModel(path).session.get_modelmeta().custom_metadata_map
+    except InferenceError:
+        return False
+    return all(meta.get(k) == v for k, v in onnx_metadata(info).items())

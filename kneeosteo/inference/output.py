@@ -1,0 +1,45 @@
+"""Prediction files (CSV or JSON, chosen by the extension) and the terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from kneeosteo.inference.predictor import COLUMNS, PredictionResult
+from kneeosteo.utils.atomic import write_json, write_text
+
+__all__ = ["OUTPUT_SUFFIXES", "format_table", "write_predictions"]
+
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+def _csv(result: PredictionResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for p in result.predictions:
+        w.writerow([p.path, p.content_id, f"{p.probability:.6f}", p.label, f"{p.threshold:g}", p.model])
+    return buf.getvalue()
+
+
+def write_predictions(result: PredictionResult, out: str | Path) -> Path:
+    """CSV: the columns only (errors go to stderr); JSON: rows plus an ``errors`` list."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".csv":
+        write_text(out, _csv(result))
+    elif suffix == ".json":
+        write_json(out, {"columns": list(COLUMNS), "predictions": [p.as_row() for p in result.predictions],
+                         "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})
+    else:
+        raise ValueError(f"{out}: unknown output type {suffix or '(none)'!r}; use {' or '.join(OUTPUT_SUFFIXES)}")
+    return out
+
+
+def format_table(result: PredictionResult) -> str:
+    """Aligned columns for a terminal; content ids shortened to 12 hex digits (files keep all 64)."""
+    rows = [list(COLUMNS)] + [[p.path, p.content_id[:12], f"{p.probability:.4f}", p.label, f"{p.threshold:g}",
+                               p.model] for p in result.predictions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

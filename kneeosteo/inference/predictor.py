@@ -1,0 +1,138 @@
+"""P(osteoporosis) for radiograph files, from a trained run (PyTorch) or its ONNX export
+(ONNX Runtime). Both engines share the run's own preprocessing, so they give the same rows.
+
+Images are read and preprocessed in a few threads (decoders release the GIL) and run through
+the network in batches; unreadable files are collected, not fatal.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
+from kneeosteo.inference.inputs import collect_inputs
+from kneeosteo.inference.runinfo import InferenceError, ModelInfo, load_model, resolve_run, run_info
+from kneeosteo.utils.progress import progress_bar
+
+__all__ = ["COLUMNS", "ENGINES", "Prediction", "PredictionResult", "Predictor"]
+
+COLUMNS = ("path", "content_id", "probability", "label", "threshold", "model")
+ENGINES = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    content_id: str
+    probability: float  # P(positive class)
+    label: str
+    threshold: float
+    model: str
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PredictionResult:
+    predictions: list[Prediction] = field(default_factory=list)
+    errors: list[ImageReadError] = field(default_factory=list)  # .path, .reason
+
+
+class Predictor:
+    """Load a model once, then predict many files.
+
+    ``engine="torch"``: the run's checkpoint (``run=None``: the bundled default model), fp32,
+    channels-last, under ``inference_mode``. ``engine="onnxruntime"``: the network runs in ONNX
+    Runtime from ``onnx`` (an exported file, whose metadata carries preprocessing, threshold and
+    classes, so no run folder is needed) or, without it, from the run's export, made on demand
+    and kept in the cache. Preprocessing uses the same (torch) code as training in both engines:
+    bit-identical inputs matter more than dropping torch from the reader.
+    """
+
+    def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "torch",
+                 onnx: str | os.PathLike | None = None, threshold: float | None = None,
+                 batch_size: int = 16, device: str = "cpu"):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r} (choose from {ENGINES})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        self.engine, self.batch_size, self.device = engine, batch_size, device
+        self._model = self._session = None
+        if engine == "torch":
+            self.run = resolve_run(run)
+            info = run_info(self.run)
+            self._model = load_model(self.run, device).to(memory_format=torch.channels_last)
+        else:
+            from kneeosteo.inference.export import OnnxModel, ensure_onnx
+
+            self.run = resolve_run(run) if (run is not None or onnx is None) else None
+            self._session = OnnxModel(onnx if onnx is not None else ensure_onnx(self.run))
+            info = self._session.info
+            if self.run is not None and onnx is not None and run_info(self.run).model_id != info.model_id:
+                raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run}")
+        self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
+
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Normalised (B, 3, S, S) inputs -> P(positive) as float64 (B,)."""
+        if self._session is not None:
+            return self._session(np.asarray(images, dtype=np.float32)).astype(np.float64)
+        x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
+        with torch.inference_mode():
+            logits = self._model(images=x.contiguous(memory_format=torch.channels_last))
+            return torch.sigmoid(logits.float()).double().cpu().numpy()
+
+    def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Canonical greyscale images (H, W) in [0, 1] -> P(positive), batched."""
+        prep = self.info.preprocess
+        out = [self.probabilities(torch.stack([prep(p) for p in pixels[i : i + self.batch_size]]))
+               for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def predict(self, inputs: Iterable[str | os.PathLike], progress: bool = True) -> PredictionResult:
+        """Files and folders (recursed) -> one Prediction per readable image, errors for the rest."""
+        files, errors = collect_inputs(inputs)
+        result = PredictionResult(errors=errors)
+        prep = self.info.preprocess
+
+        def load(path: Path):
+            try:
+                img = read_image(path)
+                return img, prep(img.pixels)
+            except ImageReadError as exc:
+                return exc, None
+
+        batches = range(0, len(files), self.batch_size)
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            for start in progress_bar(batches, "predict", total=len(batches), unit="batch") if progress else batches:
+                chunk = files[start : start + self.batch_size]
+                loaded = list(pool.map(load, chunk))
+                good = [(p, img, x) for p, (img, x) in zip(chunk, loaded) if isinstance(img, LoadedImage)]
+                result.errors.extend(img for img, _ in loaded if isinstance(img, ImageReadError))
+                if not good:
+                    continue
+                probs = self.probabilities(torch.stack([x for _, _, x in good]))
+                result.predictions.extend(self._row(p, img, q) for (p, img, _), q in zip(good, probs))
+        return result
+
+    def _row(self, path: Path, img: LoadedImage, p: float) -> Prediction:
+        p = float(p)
+        return Prediction(str(path), img.content_id, p, self.info.label(p), self.threshold, self.model_id)
+

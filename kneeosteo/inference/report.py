@@ -1,0 +1,80 @@
+"""Files written by `kneeosteo explain`: a three-panel PNG and a JSON of map statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kneeosteo.inference.explain import Explanation
+from kneeosteo.utils.atomic import atomic_path, write_json
+
+__all__ = ["render_png", "write_explanation"]
+
+
+def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, threshold: float) -> None:
+    """Radiograph | Grad-CAM overlay | attention overlay, probability and label in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(13, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
+        ax.set_axis_off()
+    axes[0].set_title("radiograph")
+    im = axes[1].imshow(ex.gradcam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    note = "" if ex.gradcam_raw.max() > 0 else f"\nall zero: nothing in this layer speaks for {ex.target}"
+    axes[1].set_title(f"Grad-CAM ({ex.target}, {ex.layer}){note}", fontsize=9)
+    if ex.attention is not None:
+        # the AM's sigmoid weights often span a narrow band: scale the colours to this map
+        im = axes[2].imshow(ex.attention, cmap="jet", alpha=0.45)
+        fig.colorbar(im, ax=axes[2], shrink=0.8)
+        axes[2].set_title("attention module, spatial map", fontsize=9)
+    else:
+        axes[2].set_title("no attention module (ablation)", fontsize=9)
+    fig.suptitle(f"{title}\nP({ex.positive}) = {ex.probability:.3f} -> {ex.label} (threshold {threshold:g})",
+                 fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def write_explanation(pixels: np.ndarray, ex: Explanation, out_dir: Path, name: str, extra: dict) -> tuple[Path, Path]:
+    """``out_dir/name.png`` and ``out_dir/name.json`` (``extra``: path, content id, model, ...)."""
+    png, js = out_dir / f"{name}.png", out_dir / f"{name}.json"
+    render_png(pixels, ex, png, Path(extra.get("path", name)).name, extra.get("threshold", 0.5))
+    write_json(js, {**extra, "image_shape": list(pixels.shape), **ex.stats()})
+    return png, js
+
+
+def explain_files(explainer, inputs, out_dir: str | Path, progress: bool = True):
+    """Explain every image among ``inputs`` (files/folders, as for predict) into ``out_dir``.
+
+    Returns ``(written [(image, png, json)], errors [ImageReadError])``. Output names are the
+    image's stem, with ``-2``, ``-3``... when two inputs share one.
+    """
+    from kneeosteo.data.reader import ImageReadError, read_image
+    from kneeosteo.inference.inputs import collect_inputs
+    from kneeosteo.utils.progress import progress_bar
+
+    out_dir = Path(out_dir)
+    files, errors = collect_inputs(inputs)
+    written, used = [], set()
+    for path in progress_bar(files, "explain", total=len(files)) if progress else files:
+        try:
+            img = read_image(path)
+        except ImageReadError as exc:
+            errors.append(exc)
+            continue
+        name, k = path.stem or "image", 1
+        while name in used:
+            k += 1
+            name = f"{path.stem}-{k}"
+        used.add(name)
+        ex = explainer.explain(img.pixels)
+        extra = {"path": str(path), "content_id": img.content_id, "model": explainer.info.model_id,
+                 "threshold": explainer.threshold}
+        written.append((path, *write_explanation(img.pixels, ex, out_dir, name, extra)))
+    return written, errors

@@ -1,0 +1,292 @@
+"""Using a trained model: `predict` (torch and ONNX Runtime), `explain`, `export`, the bundled
+default model. One tiny run (64x64, one epoch) is trained per module and shared."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import imagegen as g
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.data.reader import read_image
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import make_split, write_split
+from kneeosteo.inference import (COLUMNS, Explainer, InferenceError, ModelInfo, OnnxModel, Predictor,
+                                 bundled, collect_inputs, has_bundled_model)
+from kneeosteo.inference.explain import to_image_shape
+from kneeosteo.interfaces.cli import main
+from kneeosteo.models import build_model
+from kneeosteo.training.config import TrainConfig
+from kneeosteo.training.trainer import train
+
+SIZE = 64
+GOOD = ("a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/e.png", "folder/nested/f.png")
+
+
+def _main(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    return exc.value.code
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches gain nothing from more threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, one_thread):
+    """A trained run, its ONNX export (via the CLI) and a folder of good and bad images."""
+    root = tmp_path_factory.mktemp("inference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
+        write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
+        run = train(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
+                                backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
+                                image_size=SIZE, device="cpu"), console=lambda *a: None)
+        assert _main(["export", "--run", run, "--out", root / "model.onnx"]) == 0
+    im = root / "images"
+    g.png_grey8(im / "a.png", variant=0)
+    g.png_grey16(im / "b16.png", variant=1)
+    g.jpeg_rgb(im / "c.jpg", variant=2)
+    g.dicom(im / "d1.dcm", photometric="MONOCHROME1", variant=3)
+    g.dicom(im / "d2.dcm", photometric="MONOCHROME2", variant=4)
+    g.png_grey8(im / "folder" / "e.png", variant=5)
+    g.png_grey8(im / "folder" / "nested" / "f.png", variant=6, size=(40, 70))
+    g.text_as_png(im / "folder" / ".hidden.png")
+    (im / "folder" / "notes.txt").write_text("not an image")
+    g.truncated_png(im / "folder" / "bad.png")
+    (im / "readme.txt").write_text("named explicitly, so reported")
+    inputs = [im / n for n in GOOD[:5]] + [im / "folder", im / "readme.txt"]
+    return SimpleNamespace(root=root, run=run, onnx=root / "model.onnx", images=im, inputs=inputs)
+
+
+@pytest.fixture(scope="module")
+def torch_result(ws):
+    return Predictor(ws.run).predict(ws.inputs)
+
+
+# --------------------------------------------------------------------------- inputs and predict
+
+
+def test_collect_inputs_recurses_skips_and_reports(ws, tmp_path):
+    files, errors = collect_inputs(ws.inputs + [ws.images / "a.png", tmp_path / "missing.png"])
+    assert [f.relative_to(ws.images).as_posix() for f in files] == [
+        "a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/bad.png", "folder/e.png",
+        "folder/nested/f.png", "readme.txt"]  # folder: sorted, .txt and dot-files skipped; a.png once
+    assert [e.reason for e in errors] == ["no such file or directory"]
+    (tmp_path / "d").mkdir()
+    g.png_grey8(tmp_path / "real" / "x.png")
+    os.symlink(tmp_path / "real", tmp_path / "d" / "link", target_is_directory=True)
+    assert collect_inputs([tmp_path / "d"]) == ([], [])  # symlinked folders are not followed
+
+
+def test_predict_every_format(ws, torch_result):
+    res = torch_result
+    assert [Path(p.path).relative_to(ws.images).as_posix() for p in res.predictions] == list(GOOD)
+    sha = hashlib.sha256((ws.run / "model.safetensors").read_bytes()).hexdigest()
+    for p in res.predictions:
+        assert 0.0 <= p.probability <= 1.0
+        assert p.content_id == read_image(p.path).content_id
+        assert p.label == ("osteoporosis" if p.probability >= p.threshold else "normal")
+        assert p.threshold == 0.5 and p.model == f"run-{sha[:12]}"
+    assert len({p.content_id for p in res.predictions}) == len(GOOD)  # MONOCHROME1 is not MONOCHROME2
+    reasons = {Path(e.path).name: e.reason for e in res.errors}
+    assert set(reasons) == {"bad.png", "readme.txt"}
+    assert "truncated" in reasons["bad.png"] and "not an image" in reasons["readme.txt"]
+
+
+def test_batch_size_and_threshold(ws, torch_result):
+    probs = [p.probability for p in torch_result.predictions]
+    one = Predictor(ws.run, batch_size=1, threshold=0.0).predict(ws.inputs)
+    np.testing.assert_allclose([p.probability for p in one.predictions], probs, atol=1e-5)
+    assert {p.label for p in one.predictions} == {"osteoporosis"} and one.predictions[0].threshold == 0.0
+    with pytest.raises(ValueError):
+        Predictor(ws.run, threshold=1.5)
+
+
+def test_cli_predict_csv_json_table_and_exit_codes(ws, torch_result, tmp_path, capsys):
+    want = {p.path: p for p in torch_result.predictions}
+    args = ["predict", "--run", ws.run, *ws.inputs]
+    assert _main(args + ["--out", tmp_path / "p.csv"]) == 0
+    assert "bad.png: corrupt or truncated" in capsys.readouterr().err
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == COLUMNS and len(rows) == len(GOOD)
+    for r in rows:
+        assert abs(float(r["probability"]) - want[r["path"]].probability) < 1e-6
+        assert r["content_id"] == want[r["path"]].content_id and r["label"] == want[r["path"]].label
+
+    assert _main(args + ["--out", tmp_path / "p.json"]) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["columns"] == list(COLUMNS) and [tuple(r) for r in doc["predictions"]] == [COLUMNS] * len(GOOD)
+    assert {Path(e["path"]).name for e in doc["errors"]} == {"bad.png", "readme.txt"}
+
+    capsys.readouterr()
+    assert _main(["predict", "--run", ws.run, ws.images / "a.png", "--threshold", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == list(COLUMNS) and "osteoporosis" in out[1]
+
+    bad = [ws.images / "folder" / "bad.png", ws.images / "readme.txt"]
+    assert _main(["predict", "--run", ws.run, *bad]) == 1
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "readme.txt" in err and "no image could be read" in err
+    assert _main(["predict", "--run", ws.run, ws.images / "a.png", "--out", tmp_path / "p.txt"]) == 2
+    assert not (tmp_path / "p.txt").exists()
+    assert _main(["predict", "--run", tmp_path, ws.images / "a.png"]) == 1  # not a run folder
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_maps(ws):
+    ex = Explainer(ws.run)
+    a, b = g.picture(64, 48, 0).astype(np.float32), g.picture(64, 48, 1).astype(np.float32)
+    maps = {(name, t): ex.explain(img, target=t) for name, img in (("a", a), ("b", b))
+            for t in ("positive", "negative")}
+    for e in maps.values():
+        for m in (e.gradcam, e.attention):
+            assert m.shape == (48, 64) and np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+        assert e.layer == "backbone.bn2" and e.attention_raw.shape == (SIZE // 16,) * 2
+    # one logit: the negative class's Grad-CAM is ReLU of minus the positive's weighted sum
+    assert maps["a", "positive"].gradcam_raw.max() + maps["a", "negative"].gradcam_raw.max() > 0
+    assert not np.allclose(maps["a", "positive"].attention, maps["b", "positive"].attention)
+    assert any(not np.allclose(maps["a", t].gradcam, maps["b", t].gradcam) for t in ("positive", "negative"))
+    tall = ex.explain(g.picture(30, 90, 2).astype(np.float32))
+    assert tall.gradcam.shape == tall.attention.shape == (90, 30)
+    # the loaded model is left as it was: frozen backbone, no gradients kept, eval mode
+    assert not any(p.requires_grad for p in ex.model.backbone.parameters())
+    assert all(p.grad is None for p in ex.model.parameters()) and not ex.model.training
+
+
+@pytest.mark.parametrize("backbone, use_backbone, attention, layer", [
+    ("densenet169", True, True, "backbone.features.norm5"),
+    ("efficientnet_lite0", False, True, "attention.features"),
+    ("efficientnet_lite0", True, False, "backbone.bn2"),
+])
+def test_explain_other_architectures(backbone, use_backbone, attention, layer):
+    model, _ = build_model(backbone, weights="none", attention=attention, use_backbone=use_backbone)
+    info = ModelInfo("x", Preprocess("robust", SIZE), 0.5, "normal", "osteoporosis")
+    e = Explainer.from_model(model, info).explain(g.picture(50, 40, 0).astype(np.float32))
+    assert e.layer == layer and e.gradcam.shape == (40, 50) and np.isfinite(e.gradcam).all()
+    assert (e.attention is None) == (not attention)
+
+
+@pytest.mark.parametrize("preset", ["paper", "robust"])
+def test_maps_return_to_the_original_geometry(preset):
+    """A map that *is* the preprocessed picture comes back as (nearly) the original picture."""
+    y, x = np.mgrid[0:40, 0:90]
+    pixels = ((x / 89 + y / 39) / 2).astype(np.float32)  # smooth: interpolation error stays small
+    prep = Preprocess(preset, 32)
+    back = to_image_shape(prep.geometry(pixels)[0].numpy(), pixels.shape, prep)
+    assert back.shape == pixels.shape and np.abs(back - pixels).mean() < 0.03
+
+
+def test_cli_explain_writes_png_and_json(ws, tmp_path):
+    out = tmp_path / "expl"
+    args = ["explain", "--run", ws.run, ws.images / "a.png", ws.images / "d1.dcm", ws.images / "folder" / "bad.png"]
+    assert _main(args + ["--out", out]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "d1.json", "d1.png"]
+    assert (out / "a.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    doc = json.loads((out / "d1.json").read_text())
+    assert doc["image_shape"] == [g.H, g.W] and 0 <= doc["probability"] <= 1
+    assert doc["content_id"] == read_image(ws.images / "d1.dcm").content_id
+    for m in ("gradcam", "attention"):
+        assert doc[m]["image"]["shape"] == [g.H, g.W]
+        assert set(doc[m]["raw"]) == {"shape", "min", "max", "mean", "std", "argmax"}
+    assert _main(["explain", "--run", ws.run, ws.images / "readme.txt", "--out", out]) == 1
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def test_onnx_export_is_valid_and_matches_torch(ws):
+    import onnx
+
+    proto = onnx.load(str(ws.onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    pred = Predictor(ws.run)
+    assert meta["kneeosteo.model_id"] == pred.model_id
+    assert json.loads(meta["kneeosteo.preprocess"])["size"] == SIZE
+    ort = OnnxModel(ws.onnx)
+    assert ort.info == pred.info
+    x = torch.stack([pred.info.preprocess(g.picture(64, 48, v).astype(np.float32)) for v in range(3)])
+    for batch in (x, x[:1]):  # dynamic batch axis
+        got = ort(batch.numpy())
+        assert got.shape == (len(batch),)
+        np.testing.assert_allclose(got, pred.probabilities(batch), atol=1e-4)
+
+
+def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monkeypatch):
+    res = Predictor(engine="onnxruntime", onnx=ws.onnx).predict(ws.inputs)  # no run folder needed
+    assert [(p.path, p.content_id, p.model) for p in res.predictions] == \
+        [(p.path, p.content_id, p.model) for p in torch_result.predictions]
+    for a, b in zip(res.predictions, torch_result.predictions):
+        assert abs(a.probability - b.probability) < 1e-4
+        if abs(b.probability - b.threshold) > 1e-4:
+            assert a.label == b.label
+    assert len(res.errors) == 2
+
+    # without --onnx: exported on demand into the cache, then reused
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(cache))
+    assert _main(["predict", "--engine", "onnxruntime", "--run", ws.run, ws.images / "a.png",
+                  "--out", tmp_path / "o.json"]) == 0
+    (cached,) = (cache / "onnx").glob("*.onnx")
+    stamp = cached.stat().st_mtime_ns
+    Predictor(ws.run, engine="onnxruntime")
+    assert cached.stat().st_mtime_ns == stamp
+    row = json.loads((tmp_path / "o.json").read_text())["predictions"][0]
+    assert abs(row["probability"] - torch_result.predictions[0].probability) < 1e-4
+    assert _main(["export", "--run", ws.run, "--format", "tflite", "--out", tmp_path / "m"]) == 2
+
+
+# --------------------------------------------------------------------------- bundled model
+
+
+def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "_asset_dir", lambda: ws.root / "no_such_folder")
+    with pytest.raises(InferenceError, match="--run"):
+        Predictor()
+    assert _main(["predict", ws.images / "a.png"]) == 1
+    assert "no bundled default model" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bundled_run():
+    if not has_bundled_model():
+        pytest.skip("no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet")
+    return bundled.bundled_run_dir()
+
+
+def test_bundled_model_loads_and_predicts(bundled_run):
+    p = Predictor()
+    probs = p.predict_pixels([g.picture(64, 48, v).astype(np.float32) for v in range(2)])
+    assert probs.shape == (2,) and np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()
+    assert p.model_id.startswith(bundled_run.name + "-")
+
+
+def test_bundled_model_accuracy_matches_its_card(bundled_run, kop, tmp_path):
+    from kneeosteo.evaluation.evaluate import evaluate_run
+
+    split = bundled_run / "split.json"
+    if not split.is_file():
+        pytest.skip(f"{split} missing: the bundled model's test split is unknown")
+    card = json.loads((bundled_run / "metrics.json").read_text())["accuracy"]
+    card = card["value"] if isinstance(card, dict) else card
+    got = evaluate_run(bundled_run, data=kop, split=split, out=tmp_path)["accuracy"]["value"]
+    assert abs(got - card) < 1e-6
