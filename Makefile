@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
+# The paper protocol end to end: audit, leakage-safe split, train (5x offline augmentation,
+# frozen backbone, early stopping), then score the held-out test set and print the metrics.
 run: $(STAMP)
 	$(BIN)/kneeosteo audit $(DATA) --out $(OUT)/audit
 	$(BIN)/kneeosteo split $(DATA) --out $(OUT)/split.json --seed $(SEED)
+	$(BIN)/kneeosteo train $(DATA) --config configs/default_model.toml --split $(OUT)/split.json --backbone $(BACKBONE) --seed $(SEED) --out $(OUT)/$(BACKBONE)-seed$(SEED)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

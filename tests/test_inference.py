@@ -266,7 +266,7 @@ def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
     assert "no bundled default model" in capsys.readouterr().err
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session: set up (and skipped) before the session-scoped `kop`
 def bundled_run():
     if not has_bundled_model():
         pytest.skip("no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet")

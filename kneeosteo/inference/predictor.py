@@ -115,6 +115,7 @@ class Predictor:
         def load(path: Path):
             try:
                 img = read_image(path)
+                img.content_id  # hash in the worker thread too (cached on the image)
                 return img, prep(img.pixels)
             except ImageReadError as exc:
                 return exc, None

@@ -1,0 +1,95 @@
+"""`reproduce` end to end on a tiny generated data set: table shape, shared test images, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import imagegen
+from kneeosteo.evaluation.reproduce import PAPER_TABLE, model_catalogue, reproduce
+from kneeosteo.training.config import TrainConfig
+
+MODELS = ["hybrid-efficientnet_lite0", "fc-efficientnet_lite0", "am-only", "fc-vgg19"]
+
+
+@pytest.fixture(scope="module")
+def tiny_repro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    imagegen.make_dataset(root, n_per_class=12, size=48, seed=3)
+    out = tmp_path_factory.mktemp("repro")
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KNEEOSTEO_CACHE", str(cache))
+    mp.setenv("KNEEOSTEO_OFFLINE", "1")  # vgg19 weights: don't try a download
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
+    logs = []
+    rows = reproduce(root, out, base, MODELS, seeds=[0, 1], test_size=6, console=logs.append)
+    yield root, out, base, rows, logs
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def test_table_has_a_row_per_model_with_paper_columns(tiny_repro):
+    _, out, _, rows, _ = tiny_repro
+    with open(out / "table1.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["model"] for r in table] == MODELS  # no metadata row: no shortcut figure was given
+    for col in ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss", "auc"):
+        assert f"{col}_mean" in table[0] and f"{col}_ci_low" in table[0]
+    ran = {r["model"]: r for r in rows}
+    for key in MODELS[:3]:
+        assert ran[key]["seeds"] == 2
+        assert 0.0 <= ran[key]["accuracy_mean"] <= 1.0
+    assert ran["fc-vgg19"]["status"].startswith("skipped")
+    assert ran["fc-vgg19"]["seeds"] == 0
+    # the paper's value sits next to ours for the baseline it corresponds to
+    assert ran["fc-vgg19"]["accuracy_paper"] == PAPER_TABLE["VGG19"][4]
+    md = (out / "table1.md").read_text()
+    assert "same test images: yes" in md
+    assert (out / "table1.png").stat().st_size > 1000
+
+
+def test_every_model_saw_identical_test_images(tiny_repro):
+    _, out, _, _, _ = tiny_repro
+    for seed in (0, 1):
+        split = json.loads((out / "splits" / f"seed{seed}.json").read_text())
+        expected = sorted(split["test"])
+        for key in MODELS[:3]:
+            with open(out / "cells" / key / f"seed{seed}" / "predictions.csv", newline="") as fh:
+                assert sorted(r["path"] for r in csv.DictReader(fh)) == expected
+
+
+def test_paired_tests_against_the_reference_hybrid(tiny_repro):
+    _, _, _, rows, _ = tiny_repro
+    ran = {r["model"]: r for r in rows}
+    ref = ran["hybrid-efficientnet_lite0"]
+    assert "mcnemar_p" not in ref  # the reference is not compared with itself
+    fc = ran["fc-efficientnet_lite0"]
+    assert fc["paired_n"] == 12  # 6 test images x 2 seeds
+    assert 0.0 <= fc["mcnemar_p"] <= 1.0
+
+
+def test_rerun_reuses_finished_cells(tiny_repro):
+    root, out, base, rows, _ = tiny_repro
+    logs = []
+    again = reproduce(root, out, base, MODELS, seeds=[0, 1], test_size=6, console=logs.append)
+    assert sum("(done, reused)" in line for line in logs) == 6
+    assert [r["accuracy_mean"] for r in again] == [r["accuracy_mean"] for r in rows]
+
+
+def test_unknown_model_is_refused(tiny_repro):
+    root, out, base, _, _ = tiny_repro
+    with pytest.raises(ValueError, match="unknown model"):
+        reproduce(root, out, base, ["resnet-9000"], seeds=[0])
+
+
+def test_catalogue_covers_the_papers_baselines_and_ablations():
+    cat = model_catalogue()
+    assert {m.paper_row for m in cat.values()} >= set(PAPER_TABLE)
+    assert not cat["fc-efficientnet_lite0"].attention and cat["fc-efficientnet_lite0"].use_backbone
+    assert cat["am-only"].attention and not cat["am-only"].use_backbone
