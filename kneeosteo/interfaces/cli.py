@@ -317,7 +317,7 @@ def reproduce(
     scan = scan_dataset(root, positive=base.positive)
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     try:
-        rows = run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
+        run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                             test_size=test_size)
     except ValueError as exc:
         raise CliError(str(exc))
