@@ -19,7 +19,7 @@ from kneeosteo.interfaces.cli import app, main
 from kneeosteo.paths import KAGGLE_HELP
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("audit", "split", "train", "evaluate", "summary")
+COMMANDS = ("audit", "split", "train", "evaluate", "summary", "reproduce", "predict", "explain", "export")
 runner = CliRunner()
 
 
