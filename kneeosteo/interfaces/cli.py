@@ -325,6 +325,46 @@ def reproduce(
     print(f"wrote {out}/table1.md, table1.csv, table1.png")
 
 
+@app.command()
+def serve(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (default loopback: only this computer)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    workers: int = typer.Option(2, min=1, help="Inference threads."),
+    queue: int = typer.Option(16, min=0, help="Requests that may wait for a thread; beyond that: 503 with Retry-After."),
+    max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload in MB (larger: 413)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Web page and HTTP API: upload a radiograph, get P(osteoporosis) with Grad-CAM and attention overlays."""
+    try:
+        import uvicorn
+
+        from kneeosteo.interfaces.web import WebSettings, create_app
+        from kneeosteo.interfaces.web.server import is_loopback
+    except ImportError as exc:
+        raise CliError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
+                       "pip install fastapi uvicorn python-multipart")
+    from kneeosteo.inference import InferenceError
+
+    try:
+        web = create_app(WebSettings(run=run, threshold=threshold, device=device, workers=workers, queue=queue,
+                                     max_upload_bytes=int(max_upload_mb * 1e6)))
+    except InferenceError as exc:
+        raise CliError(str(exc))
+    if device == "cpu":  # the workers share the cores instead of each claiming all of them
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if not is_loopback(host):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this address can upload images; "
+                   "there is no authentication", err=True)
+    typer.echo(f"kneeosteo: model {web.state.service.info.model_id} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(web, host=host, port=port, log_level="info")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from kneeosteo.data.reader import ImageReadError

@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from kneeosteo.utils.state_dict import mismatch_report
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -272,60 +274,23 @@ for _n, _res, _dim in (("0", 224, 1280), ("1", 240, 1280), ("2", 260, 1280)):
         )
     )
 
-register_backbone(
-    BackboneSpec(
-        name="vgg19",
-        feature_dim=512,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        builder=_tv_vgg19,
-        weight_sources=_TV_SOURCES.format(files="vgg19-dcbb9e9d.pth"),
-        urls=(_TV + "vgg19-dcbb9e9d.pth",),
-        classifier_prefixes=("classifier.",),
+# The paper's baselines: torchvision ImageNet weights, (name, features, builder, files, extras).
+for _name, _dim, _builder, _files, _extra in (
+    ("vgg19", 512, _tv_vgg19, ("vgg19-dcbb9e9d.pth",), {"classifier_prefixes": ("classifier.",)}),
+    ("resnet50", 2048, _tv_resnet50, ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+     {"classifier_prefixes": ("fc.",), "hf_repo": "timm/resnet50.tv_in1k"}),
+    ("efficientnet_b0", 1280, _tv_efficientnet_b0, ("efficientnet_b0_rwightman-7f5810bc.pth",),
+     {"classifier_prefixes": ("classifier.",)}),
+    ("vit_b_16", 768, _tv_vit_b_16, ("vit_b_16-c867db91.pth",), {"classifier_prefixes": ("heads.",)}),
+):
+    register_backbone(
+        BackboneSpec(
+            name=_name, feature_dim=_dim, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, builder=_builder,
+            weight_sources=_TV_SOURCES.format(files=" or ".join(_files))
+            + (f"; timm HF cache {_extra['hf_repo']}" if "hf_repo" in _extra else ""),
+            urls=tuple(_TV + f for f in _files), **_extra,
+        )
     )
-)
-register_backbone(
-    BackboneSpec(
-        name="resnet50",
-        feature_dim=2048,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        builder=_tv_resnet50,
-        weight_sources=_TV_SOURCES.format(files="resnet50-0676ba61.pth (V1, preferred) or resnet50-11ad3fa6.pth (V2)")
-        + "; timm HF cache timm/resnet50.tv_in1k",
-        urls=(_TV + "resnet50-0676ba61.pth", _TV + "resnet50-11ad3fa6.pth"),
-        hf_repo="timm/resnet50.tv_in1k",
-        classifier_prefixes=("fc.",),
-    )
-)
-register_backbone(
-    BackboneSpec(
-        name="efficientnet_b0",
-        feature_dim=1280,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        builder=_tv_efficientnet_b0,
-        weight_sources=_TV_SOURCES.format(files="efficientnet_b0_rwightman-7f5810bc.pth"),
-        urls=(_TV + "efficientnet_b0_rwightman-7f5810bc.pth",),
-        classifier_prefixes=("classifier.",),
-    )
-)
-register_backbone(
-    BackboneSpec(
-        name="vit_b_16",
-        feature_dim=768,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        builder=_tv_vit_b_16,
-        weight_sources=_TV_SOURCES.format(files="vit_b_16-c867db91.pth"),
-        urls=(_TV + "vit_b_16-c867db91.pth",),
-        classifier_prefixes=("heads.",),
-    )
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,23 +490,9 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], spec: Backbon
         sd = _ordered_remap(sd, target, spec, origin)
     sd = {k: v for k, v in sd.items() if k in target or not k.startswith(spec.classifier_prefixes)}
     # old checkpoints predate BatchNorm's num_batches_tracked; BatchNorm fills it in on load
-    missing = sorted(k for k in set(target) - set(sd) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(sd) - set(target))
-    bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                 for k, v in sd.items() if k in target and v.shape != target[k].shape]
-    if missing or unexpected or bad_shape:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-        parts = [f"{origin}: does not fit backbone {spec.name!r}."]
-        if missing:
-            parts.append(f"Missing keys: {show(missing)}.")
-        if unexpected:
-            parts.append(f"Unexpected keys: {show(unexpected)}.")
-        if bad_shape:
-            parts.append(f"Shape mismatches: {show(bad_shape)}.")
-        raise BackboneWeightsError(" ".join(parts))
+    problems = mismatch_report(target, sd, ignore_missing=("num_batches_tracked",))
+    if problems:
+        raise BackboneWeightsError(" ".join([f"{origin}: does not fit backbone {spec.name!r}.", *problems]))
     return sd
 
 

@@ -32,6 +32,7 @@ from kneeosteo.models.backbones import (
     get_backbone_spec,
 )
 from kneeosteo.utils.atomic import atomic_path, write_json
+from kneeosteo.utils.state_dict import mismatch_report
 
 __all__ = [
     "CheckpointError",
@@ -422,19 +423,9 @@ def load_checkpoint(
     else:
         model = build_model_from_config(mc, "none")
     expected = {k: v for k, v in model.state_dict().items() if not (partial and k.startswith("backbone."))}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-           for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or bad:
-        msg = [f"{w_path}: does not match the model described in {cfg_path.name}."]
-        if missing:
-            msg.append(f"Missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}.")
-        if unexpected:
-            msg.append(f"Unexpected: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}.")
-        if bad:
-            msg.append(f"Shape mismatches: {'; '.join(bad[:6])}.")
-        raise CheckpointError(" ".join(msg))
+    problems = mismatch_report(expected, tensors)
+    if problems:
+        raise CheckpointError(" ".join([f"{w_path}: does not match the model described in {cfg_path.name}.", *problems]))
     model.load_state_dict(tensors, strict=False)
     return model.eval(), cfg
 

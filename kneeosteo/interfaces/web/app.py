@@ -1,0 +1,195 @@
+"""The FastAPI application: the page, the prediction and explanation endpoints, model info and a
+health check. Models load once, when the app is made, so a missing model fails `serve` at
+start-up, not at the first upload. Inference runs in a BoundedPool: decoding and the network
+never block the event loop, and a full pool answers 503 with Retry-After."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+
+from kneeosteo.data.reader import MAX_PIXELS
+from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
+from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
+from kneeosteo.interfaces.web.uploads import (ACCEPTED, MULTIPART_SLACK, BodyLimit, decode, display_name,
+                                              save_upload)
+
+__all__ = ["DEFAULT_CAVEAT", "WebSettings", "create_app", "card_caveat"]
+
+DEFAULT_CAVEAT = "Research use only — not a diagnostic device."
+_CAVEAT_RE = re.compile(r"research use|not a (medical|diagnostic)|not for (clinical|diagnos)", re.I)
+# the page loads nothing from anywhere else: the browser enforces what the page promises
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    run: Optional[Path] = None  # None: the bundled default model
+    threshold: Optional[float] = None  # None: the model's
+    device: str = "cpu"
+    workers: int = 2  # inference threads
+    queue: int = 16  # jobs that may wait for a thread; more get 503
+    max_upload_bytes: int = 32 * 1000 * 1000
+    max_pixels: int = MAX_PIXELS
+
+
+def card_caveat(card: Optional[str]) -> str:
+    """The model card's first line that limits its use (e.g. 'Research use only ...'), without
+    Markdown marks; the project's standard caveat when the card has none."""
+    for line in (card or "").splitlines():
+        text = re.sub(r"[*_`]", "", line).strip().lstrip("#>-+ ").strip()
+        if _CAVEAT_RE.search(text):
+            return text[:300]
+    return DEFAULT_CAVEAT
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Prediction(BaseModel):
+    filename: str = Field(description="The client's file name, echoed for display only.")
+    probability: float = Field(description="P(positive class), in [0, 1].")
+    label: str
+    threshold: float
+    positive_class: str
+    model_id: str = Field(description="<run name>-<sha256[:12] of the weights>.")
+    content_id: str = Field(description="sha256 of the decoded pixels: the same picture in any container has one id.")
+    format: str
+    width: int
+    height: int
+
+
+class Explanation(Prediction):
+    gradcam_target: str
+    gradcam_layer: str
+    image_png: str = Field(description="The decoded radiograph, PNG, base64.")
+    gradcam_png: str = Field(description="Grad-CAM over the radiograph, PNG, base64.")
+    attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; null without an attention module.")
+
+
+class Service:
+    """The models and what the endpoints report about them. Grad-CAM hooks into the model, so
+    explanations are serialised on their own model copy; predictions run concurrently."""
+
+    def __init__(self, settings: WebSettings):
+        from kneeosteo.inference import Explainer, Predictor, resolve_run
+
+        self.settings = settings
+        run = resolve_run(settings.run)
+        self.predictor = Predictor(run, threshold=settings.threshold, device=settings.device, batch_size=1)
+        self.explainer = Explainer(run, threshold=settings.threshold, device=settings.device)
+        self._explain_lock = threading.Lock()
+        self.info = self.predictor.info
+        card = (run / "MODEL_CARD.md").read_text() if (run / "MODEL_CARD.md").is_file() else None
+        self.caveat = card_caveat(card)
+        self.model_doc = {
+            "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
+            "classes": {"negative": self.info.negative, "positive": self.info.positive},
+            "caveat": self.caveat, "card": card, "config": _read_json(run / "config.json"),
+            "metrics": _read_json(run / "metrics.json"),
+            "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
+                       "workers": settings.workers, "queue": settings.queue},
+        }
+
+    def predict(self, path: Path, name: str) -> dict:
+        img = decode(path, name, self.settings.max_pixels)
+        p = float(self.predictor.predict_pixels([img.pixels])[0])
+        return self._row(img, name, p)
+
+    def explain(self, path: Path, name: str) -> dict:
+        img = decode(path, name, self.settings.max_pixels)
+        p = float(self.predictor.predict_pixels([img.pixels])[0])  # the same number /api/predict gives
+        with self._explain_lock:
+            ex = self.explainer.explain(img.pixels)
+        return {**self._row(img, name, p), "gradcam_target": ex.target, "gradcam_layer": ex.layer,
+                "image_png": encode_b64(grey_png(img.pixels)),
+                "gradcam_png": encode_b64(overlay_png(img.pixels, ex.gradcam)),
+                "attention_png": None if ex.attention is None else
+                encode_b64(overlay_png(img.pixels, ex.attention, stretch=True))}
+
+    def _row(self, img, name: str, p: float) -> dict:
+        return {"filename": name, "probability": p, "label": self.info.label(p), "threshold": self.info.threshold,
+                "positive_class": self.info.positive, "model_id": self.info.model_id,
+                "content_id": img.content_id, "format": img.meta.format,
+                "width": img.meta.width, "height": img.meta.height}
+
+
+def _page(caveat: str, settings: WebSettings) -> str:
+    text = resources.files("kneeosteo.interfaces.web").joinpath("static", "index.html").read_text("utf-8")
+    return (text.replace("__CAVEAT__", html.escape(caveat))
+            .replace("__MAX_BYTES__", str(settings.max_upload_bytes))
+            .replace("__ACCEPTED__", html.escape(ACCEPTED)))
+
+
+Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
+_ERRORS = {
+    413: {"description": "Upload larger than the limit."},
+    415: {"description": "Not an image this service reads (PNG, JPEG, DICOM, BMP, TIFF, GIF)."},
+    422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, decompression bomb), or no `file` field."},
+    503: {"description": "All workers busy and the queue full; retry after the Retry-After seconds."},
+}
+
+
+def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
+    """The app, with its models loaded (InferenceError when there is no usable model)."""
+    service = Service(settings)
+    pool = BoundedPool(settings.workers, settings.queue)
+    app = FastAPI(title="kneeosteo", version="1", summary="Osteoporosis in knee radiographs. " + service.caveat)
+    app.state.service, app.state.pool = service, pool
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_SLACK)
+    page = _page(service.caveat, settings)
+
+    async def run_job(upload: UploadFile, job: Callable[[Path, str], dict]) -> dict:
+        with tempfile.TemporaryDirectory(prefix="kneeosteo-upload-") as tmp:
+            path = await save_upload(upload, Path(tmp), settings.max_upload_bytes)
+            try:
+                return await pool.run(job, path, display_name(upload.filename))
+            except PoolFull:
+                raise HTTPException(503, "the server is busy: every worker is in use and the queue is full; "
+                                         "try again in a moment", headers={"Retry-After": "1"}) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index():
+        return HTMLResponse(page, headers={"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff",
+                                           "Cache-Control": "no-store"})
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"status": "ok", "model_id": service.info.model_id, "busy": pool.pending, "capacity": pool.capacity}
+
+    @app.get("/api/model", tags=["model"])
+    def model() -> dict:
+        """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json."""
+        return service.model_doc
+
+    @app.post("/api/predict", response_model=Prediction, responses=_ERRORS, tags=["model"])
+    async def predict(file: Upload):
+        """P(osteoporosis), label and threshold for one radiograph (multipart field `file`)."""
+        return await run_job(file, service.predict)
+
+    @app.post("/api/explain", response_model=Explanation, responses=_ERRORS, tags=["model"])
+    async def explain(file: Upload):
+        """The prediction plus the radiograph, Grad-CAM and attention overlays as base64 PNGs."""
+        return await run_job(file, service.explain)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
+
+    return app

@@ -1,0 +1,118 @@
+"""Uploads, handled defensively: the body is counted while it streams in (413 past the limit,
+before it is all received), the file goes only into a private temporary folder that the request
+removes, its type is decided by its first bytes (the client's file name is never a path), and
+the project's reader decodes it with its decompression-bomb guard.
+
+Status codes: 413 too large; 415 not an image we read; 422 an image that cannot be decoded
+(corrupt, truncated, empty, too many pixels), with the reader's reason."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path, PurePath
+
+from fastapi import HTTPException, UploadFile
+
+from kneeosteo.data.reader import ImageReadError, LoadedImage, NotAnImageError, read_image
+
+__all__ = ["ACCEPTED", "BodyLimit", "TooLarge", "decode", "display_name", "save_upload"]
+
+CHUNK = 1 << 20
+# multipart framing (boundaries, part headers) on top of the file itself
+MULTIPART_SLACK = 64 * 1024
+ACCEPTED = "PNG, JPEG or DICOM (also BMP, TIFF, GIF)"
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"),
+          (b"GIF89a", ".gif"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
+
+
+class TooLarge(HTTPException):
+    """413; an HTTPException so that FastAPI passes it through its body parsing unchanged."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"upload too large: the limit is {_mb(limit)}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:g} MB" if n >= 100_000 else f"{n} bytes"
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``limit`` bytes, by its Content-Length when it
+    has one, else by counting the chunks as they arrive (chunked uploads)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise TooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse({"detail": TooLarge(self.limit).detail}, 413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def display_name(filename: str | None) -> str:
+    """The client's name for the file, for messages only: never opened, never joined to a path."""
+    name = PurePath((filename or "").replace("\\", "/")).name
+    return "".join(c for c in name if c.isprintable())[:200] or "upload"
+
+
+def _suffix(head: bytes, filename: str) -> str | None:
+    if head[128:132] == b"DICM":
+        return ".dcm"
+    for magic, suffix in _MAGIC:
+        if head.startswith(magic):
+            return suffix
+    if PurePath(filename).suffix.lower() in (".dcm", ".dicom"):
+        return ".dcm"  # DICOM without preamble (old archives): only the name says so; the reader checks
+    return None
+
+
+async def save_upload(upload: UploadFile, folder: Path, limit: int) -> Path:
+    """Copy the upload into ``folder`` (a TemporaryDirectory) with a suffix chosen by content."""
+    name = display_name(upload.filename)
+    head = await upload.read(CHUNK)
+    if not head:
+        raise HTTPException(422, f"{name}: the file is empty")
+    suffix = _suffix(head, name)
+    if suffix is None:
+        raise HTTPException(415, f"{name}: not an image this service reads; send a {ACCEPTED} file")
+    size = 0
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="upload-", suffix=suffix, delete=False) as out:
+        while head:
+            size += len(head)
+            if size > limit:
+                raise TooLarge(limit)
+            out.write(head)
+            head = await upload.read(CHUNK)
+    return Path(out.name)
+
+
+def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
+    """The reader's canonical image; its errors become 415/422 naming the upload, not our path."""
+    try:
+        img = read_image(path, max_pixels=max_pixels)
+        img.content_id  # hash here, in the worker thread
+        return img
+    except ImageReadError as exc:
+        reason = exc.reason.replace(str(path), name)
+        unknown = isinstance(exc, NotAnImageError) or reason.startswith("not a recognised image format")
+        raise HTTPException(415 if unknown else 422, f"{name}: {reason}") from None
