@@ -290,3 +290,10 @@ def test_bundled_model_accuracy_matches_its_card(bundled_run, kop, tmp_path):
     card = card["value"] if isinstance(card, dict) else card
     got = evaluate_run(bundled_run, data=kop, split=split, out=tmp_path)["accuracy"]["value"]
     assert abs(got - card) < 1e-6
+
+
+def test_model_card_states_the_measured_accuracy(bundled_run):
+    measured = json.loads((bundled_run / "metrics.json").read_text())["accuracy"]["value"]
+    card = (bundled_run / "MODEL_CARD.md").read_text()
+    assert f"**{measured:.4f}**" in card
+    assert "not a diagnostic device" in card

@@ -4,7 +4,8 @@ Each (model, seed[, fold]) is a *cell*: an ordinary training run folder under
 ``DIR/cells/<model>/seed<S>[/fold<K>]``. A cell with a ``metrics.json`` is finished and never
 recomputed; an interrupted cell resumes from its last epoch. Frozen-backbone features are
 cached by (content, preprocessing, augmentation, backbone weights), so models sharing a
-backbone share them.
+backbone share them. Under torchrun every rank walks the same cells, each trained
+data-parallel; rank 0 writes the splits, timings and tables.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from kneeosteo.data.split import make_split, write_split
 from kneeosteo.evaluation.metrics import PAPER_COLUMNS, binary_metrics
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
 from kneeosteo.models.backbones import BackboneWeightsError, _default_weights_file, get_backbone_spec
+from kneeosteo.training import distributed
 from kneeosteo.training.config import TrainConfig
-from kneeosteo.utils.atomic import write_json, write_text
+from kneeosteo.utils.atomic import ensure_writable, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def weights_available(backbone: str) -> tuple[bool, str]:
 
 
 def _read_predictions(cell: Path) -> dict[str, tuple[int, float]]:
-    with open(cell / "predictions.csv", newline="") as fh:
+    # surrogateescape: file names that are not UTF-8 were written as their bytes (utils.atomic)
+    with open(cell / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return {r["path"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(fh)}
 
 
@@ -127,8 +130,9 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
     t = time.perf_counter()
     train(cfg, resume=resume, console=lambda msg: log.info("%s seed %s: %s", m.key, cell.seed, msg))
     seconds = time.perf_counter() - t
-    prev = json.loads((cell.path / "timing.json").read_text())["seconds"] if (cell.path / "timing.json").is_file() else 0
-    write_json(cell.path / "timing.json", {"seconds": round(prev + seconds, 1)})
+    if distributed.is_main_process():
+        prev = json.loads((cell.path / "timing.json").read_text())["seconds"] if (cell.path / "timing.json").is_file() else 0
+        write_json(cell.path / "timing.json", {"seconds": round(prev + seconds, 1)})
     return seconds
 
 
@@ -287,6 +291,10 @@ def forest_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _silent(*_args, **_kw) -> None:
+    pass
+
+
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
               test_size: int = 72) -> list[dict]:
@@ -295,6 +303,10 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")
     specs = [cat[m] for m in models]
+    ensure_writable(out)  # before hours of training, not after
+    ctx = distributed.context(base.device)
+    if not ctx.is_main:
+        console = _silent
     status, runnable, random_init = {}, [], set()
     avail: dict[str, tuple[bool, str]] = {}
     for m in specs:
@@ -314,7 +326,10 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         if m.key not in random_init:
             status[m.key] = "frozen backbone" if m.backbone else "trained from scratch"
     ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
-    splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)
+    if ctx.is_main:
+        make_splits(data, out, seeds, protocol, folds, base.positive, test_size)
+    ctx.barrier()
+    splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
     for i, c in enumerate(cells, 1):
         fold = f" fold {c.fold}" if c.fold is not None else ""
@@ -323,6 +338,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         secs = run_cell(c, base, splits[c.seed], c.model.key in random_init)
         if secs:
             console(f"    {secs:.0f} s")
+    if not ctx.is_main:
+        return []
     rows, info = aggregate(specs, seeds, cells, status, ref, shortcut)
     info.update(reference=ref, seeds=seeds, protocol=protocol, models=models)
     write_text(out / "table1.csv", table_csv(rows))

@@ -27,7 +27,8 @@ from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.inference.runinfo import InferenceError, ModelInfo, load_model, resolve_run, run_info
 from kneeosteo.utils.atomic import write_bytes
 
-__all__ = ["DEFAULT_OPSET", "OnnxModel", "ProbabilityNet", "ensure_onnx", "export_onnx", "onnx_metadata"]
+__all__ = ["DEFAULT_OPSET", "QUANT_MODES", "OnnxModel", "ProbabilityNet", "ensure_onnx", "ensure_int8_onnx",
+           "export_onnx", "onnx_metadata", "quantize_onnx"]
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
@@ -110,14 +111,17 @@ def _verify(data: bytes, net: nn.Module, size: int, tol: float = 1e-4) -> None:
 class OnnxModel:
     """An ONNX Runtime session on an exported model, with the metadata read back as ModelInfo."""
 
-    def __init__(self, model: str | os.PathLike | bytes, require_metadata: bool = True):
+    def __init__(self, model: str | os.PathLike | bytes, require_metadata: bool = True, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise InferenceError("--engine onnxruntime needs the onnxruntime package: pip install onnxruntime") from exc
         src = model if isinstance(model, bytes) else str(model)
+        opts = ort.SessionOptions()
+        if threads:  # default: ONNX Runtime's own choice (one thread per physical core)
+            opts.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise InferenceError(f"{model if not isinstance(model, bytes) else 'model'}: not a loadable "
                                  f"ONNX model ({type(exc).__name__}: {exc})") from exc
@@ -167,3 +171,69 @@ def _matches(path: Path, info: ModelInfo) -> bool:
     except InferenceError:
         return False
     return all(meta.get(k) == v for k, v in onnx_metadata(info).items())
+
+
+# --------------------------------------------------------------------------------------------
+# int8 quantisation
+
+QUANT_MODES = ("dynamic", "static")
+
+
+class _ArrayReader:
+    """onnxruntime.quantization CalibrationDataReader over a list of (B, 3, S, S) float32 arrays."""
+
+    def __init__(self, input_name: str, batches):
+        self._it = iter([{input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - only some calibrators call it
+        pass
+
+
+def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "static", calibration=None,
+                  per_channel: bool = True) -> Path:
+    """int8 copy of the float ONNX model ``src`` (metadata_props kept).
+
+    ``static``: weights and activations int8 (QDQ, per-channel weights, MinMax ranges from the
+    ``calibration`` batches: normalised (B, 3, S, S) inputs, preferably real radiographs);
+    ONNX Runtime then runs the convolutions as int8 kernels (VNNI/AMX). ``dynamic``: weights int8,
+    activation ranges computed per call; needs no calibration, but ONNX Runtime's dynamic path
+    (ConvInteger) is often *slower* than fp32 for convolutions, so measure before using it.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantisation mode {mode!r} (choose from {QUANT_MODES})")
+    src, out = Path(src), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pre = out.with_name(out.stem + ".pre.onnx")
+    tmp = out.with_name(out.stem + ".tmp.onnx")
+    try:
+        try:  # shape inference + graph optimisation first, as ONNX Runtime recommends
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            model_in = pre
+        except Exception as exc:  # pragma: no cover - optional step
+            log.info("quant_pre_process failed (%s); quantising the model as exported", exc)
+            model_in = src
+        if mode == "dynamic":
+            quantize_dynamic(str(model_in), str(tmp), per_channel=per_channel, weight_type=QuantType.QInt8)
+        else:
+            if not calibration:
+                raise ValueError("static int8 quantisation needs calibration batches")
+            name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+            quantize_static(str(model_in), str(tmp), _ArrayReader(name, calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+        del proto.metadata_props[:]
+        for k, v in {**meta, _P + "quantization": json.dumps({"mode": mode, "per_channel": per_channel})}.items():
+            proto.metadata_props.add(key=k, value=v)
+        write_bytes(out, proto.SerializeToString())
+    finally:
+        pre.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return out

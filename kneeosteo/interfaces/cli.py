@@ -100,6 +100,7 @@ def _pair(text: Optional[str], name: str) -> Optional[tuple[float, float]]:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[Path] = DataArg,
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split JSON; made with the paper protocol when absent."),
@@ -125,6 +126,9 @@ def train(
     precision: Optional[str] = typer.Option(None, help="auto, bf16 or fp32."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
+    devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
+    nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
+    master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Train the hybrid model (or an ablation) and score it on the held-out test set."""
     from kneeosteo.training.config import load_config
@@ -153,8 +157,23 @@ def train(
             cfg.data = str(_data(None))
     if cfg.augment not in ("offline", "online", "none"):
         raise typer.BadParameter("use offline, online or none", param_hint="--augment")
-    run = run_training(cfg, resume=resume is not None)
-    print(f"run written to {run}")
+    from kneeosteo.training.distributed import is_main_process, launch_if_asked
+    from kneeosteo.utils.atomic import OutputError, ensure_writable
+
+    try:
+        ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the features
+        if launch_if_asked(ctx, devices, nodes, master):
+            return
+    except (ValueError, OutputError) as exc:
+        raise CliError(str(exc))
+    try:
+        run = run_training(cfg, resume=resume is not None)
+    except OutputError as exc:
+        hint = f"; fix that, then continue with `kneeosteo train --resume {cfg.out}`" if \
+            (Path(cfg.out) / "config.json").is_file() else ""
+        raise CliError(f"{exc}{hint}")
+    if is_main_process():
+        print(f"run written to {run}")
 
 
 def _config_fields() -> set[str]:
@@ -207,6 +226,7 @@ def predict(
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
+    workers: int = typer.Option(1, min=1, help="Processes sharing the files (whole batches each); same rows as one, in input order."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, InferenceError, Predictor
@@ -218,13 +238,26 @@ def predict(
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
+    from kneeosteo.utils.atomic import OutputError, ensure_writable
+
     try:
-        predictor = Predictor(run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
-        result = predictor.predict(inputs)
-    except InferenceError as exc:
+        if out is not None:
+            ensure_writable(out.parent)  # before reading thousands of images, not after
+        kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
+        predictor = Predictor(**kwargs)  # loaded here even with --workers: a bad model fails once, clearly
+        if workers > 1:
+            from kneeosteo.inference.sharded import predict_sharded
+
+            result = predict_sharded(inputs, workers, **kwargs)
+        else:
+            result = predictor.predict(inputs)
+    except (InferenceError, OutputError) as exc:
         raise CliError(str(exc))
     if out is not None:
-        write_predictions(result, out)
+        try:
+            write_predictions(result, out)
+        except OutputError as exc:
+            raise CliError(str(exc))
         print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
     elif result.predictions:
         print(format_table(result))
@@ -283,6 +316,7 @@ def export(
 
 @app.command()
 def reproduce(
+    ctx: typer.Context,
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
@@ -296,6 +330,9 @@ def reproduce(
     allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."),
     list_models: bool = typer.Option(False, "--list-models", help="Print the known model ids and exit."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML training settings shared by all cells."),
+    devices: int = typer.Option(1, min=1, help="Data-parallel processes per cell on this machine (torchrun + DistributedDataParallel)."),
+    nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
+    master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -309,6 +346,15 @@ def reproduce(
         return
     if protocol not in ("paper", "kfold"):
         raise typer.BadParameter("use 'paper' or 'kfold'", param_hint="--protocol")
+    from kneeosteo.training.distributed import is_main_process, launch_if_asked
+    from kneeosteo.utils.atomic import OutputError, ensure_writable
+
+    try:
+        ensure_writable(out)  # before the audit and hours of training
+        if launch_if_asked(ctx, devices, nodes, master):
+            return
+    except (ValueError, OutputError) as exc:
+        raise CliError(str(exc))
     root = _data(data)
     n_seeds = 3 if quick and seeds == 5 else seeds
     base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
@@ -319,8 +365,10 @@ def reproduce(
     try:
         run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                             test_size=test_size)
-    except ValueError as exc:
+    except (ValueError, OutputError) as exc:
         raise CliError(str(exc))
+    if not is_main_process():
+        return
     print((out / "table1.md").read_text())
     print(f"wrote {out}/table1.md, table1.csv, table1.png")
 

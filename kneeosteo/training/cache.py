@@ -4,6 +4,9 @@ Keys are sha256 digests of a descriptor naming *everything* that shaped the tens
 content id, preprocessing, augmentation and seed, backbone and the sha256 of its weights), so a
 change in any of them can never reuse a stale entry. Each entry stores the sha256 of its own
 tensor bytes; an entry that fails that check (a torn write, bit rot) is deleted and recomputed.
+Entries are written atomically, so processes sharing a cache (data-parallel ranks) never read a
+partial one. A cache that cannot be written (full, read-only) only costs speed: a warning, then
+tensors are computed without being kept.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TensorCache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.write_error: str | None = None
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -80,6 +84,12 @@ class TensorCache:
         return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.write_error is not None:
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        with atomic_path(self._path(key)) as tmp:
-            save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)})
+        try:
+            with atomic_path(self._path(key)) as tmp:
+                save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)})
+        except (OSError, SafetensorError) as exc:
+            self.write_error = str(exc)
+            log.warning("tensor cache %s cannot be written (%s); going on without caching", self.root, exc)

@@ -81,8 +81,13 @@ def _features_for(keys: list[str], grey: list[torch.Tensor], prep: Preprocess, b
         for start in progress_bar(range(0, len(flat), batch_size), f"{label}: backbone features", total=(len(flat) + batch_size - 1) // batch_size):
             batch = flat[start : start + batch_size]
             x = torch.stack([grey[i][j].float() for i, j in batch])
+            # oneDNN (and cuDNN) pick convolution kernels by batch size: an image's features differ
+            # in the 5th digit between a batch of 8 and one of 32. Padding every batch to full size
+            # makes them independent of the images (or data-parallel rank) they were computed with.
+            if len(batch) < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - len(batch), *x.shape[1:]))])
             x = prep.normalise(x).to(device).contiguous(memory_format=torch.channels_last)
-            out = backbone(x).float().cpu()
+            out = backbone(x).float().cpu()[: len(batch)]
             for (i, j), f in zip(batch, out):
                 chunks[i][j] = f
         for i in todo:

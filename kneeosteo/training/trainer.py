@@ -3,7 +3,9 @@
 With the backbone frozen, its features are computed once and cached (``prepare``), so an
 epoch only runs the attention module and the head; bf16 autocast and channels-last make that
 part as fast as the CPU allows. Every epoch's state is saved, so ``--resume`` continues after
-a crash with the same result an uninterrupted run would have given.
+a crash (even ``kill -9`` mid-epoch) with the same result an uninterrupted run would have
+given. Under ``torchrun`` the same loop runs data-parallel (``distributed.py``): rank 0 writes
+every file, the others only compute.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
 from kneeosteo.models import build_model, get_backbone_spec, save_checkpoint
 from kneeosteo.paths import cache_dir
 from kneeosteo.training.cache import TensorCache, backbone_cache_id
+from kneeosteo.training import distributed
 from kneeosteo.training.config import TrainConfig
+from kneeosteo.training.distributed import Dist
 from kneeosteo.training.prepare import PreparedSet, prepare
-from kneeosteo.utils.atomic import atomic_path, write_json, write_text
+from kneeosteo.utils.atomic import atomic_path, ensure_writable, write_json, write_text
 from kneeosteo.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -106,8 +110,14 @@ class Batches:
 
 
 def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optimizer=None,
-              generator: torch.Generator | None = None, desc: str = "") -> tuple[float, float, np.ndarray]:
-    """One pass; trains when ``optimizer`` is given. Returns mean loss, accuracy, probabilities."""
+              generator: torch.Generator | None = None, desc: str = "",
+              ctx: Dist | None = None) -> tuple[float, float, np.ndarray]:
+    """One pass; trains when ``optimizer`` is given. Returns mean loss, accuracy, probabilities.
+
+    With ``ctx.world > 1`` every rank draws the same permutation and trains on its slice of each
+    batch; the loss is scaled so that DDP's gradient average equals one process's batch mean.
+    """
+    world = ctx.world if (ctx is not None and optimizer is not None) else 1
     n = len(batches.data)
     train = optimizer is not None
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
@@ -117,25 +127,37 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
     steps = range(0, n, cfg.batch_size)
     for start in progress_bar(steps, desc, total=len(steps)):
         idx = order[start : start + cfg.batch_size]
-        if train and len(idx) < 2:  # BatchNorm cannot train on a single sample
+        if train and len(idx) < max(2, world):  # BatchNorm cannot train on a single sample
             continue
+        batch_n = len(idx)
+        if world > 1:
+            idx = ctx.piece(idx)
         x, feats, y = batches.inputs(idx, cfg.channels_last, device, rng)
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if world > 1:
+                summed = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+                loss = summed * (world / batch_n)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, y)
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         p = torch.sigmoid(logits.detach()).double().cpu().numpy()
         probs[idx.numpy()] = p
-        total += float(loss.detach()) * len(idx)
+        total += float(summed.detach()) if world > 1 else float(loss.detach()) * len(idx)
         correct += int(((p >= cfg.threshold) == (y.cpu().numpy() >= 0.5)).sum())
+    if world > 1:
+        ctx.batch = None
+        total, correct = ctx.all_sum(total, correct)
     return total / n, correct / n, probs
 
 
 def _save_state(run: Path, model, optimizer, state: dict) -> None:
-    """Everything --resume needs, written atomically: weights + Adam moments, then the JSON."""
+    """Everything --resume needs in ONE atomic file (weights, Adam moments, and the JSON state in
+    its metadata), so a kill between two writes cannot pair one epoch's weights with another
+    epoch's state; state.json is a readable copy."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):  # indexed like _load_state: by position among the parameters
@@ -143,13 +165,18 @@ def _save_state(run: Path, model, optimizer, state: dict) -> None:
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(v)
     ckpt = run / "checkpoint"
     with atomic_path(ckpt / "last.safetensors") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"state": json.dumps(state)})
     write_json(ckpt / "state.json", state)
 
 
 def _load_state(run: Path, model, optimizer) -> dict:
+    from safetensors import safe_open
+
     ckpt = run / "checkpoint"
-    state = json.loads((ckpt / "state.json").read_text())
+    with safe_open(str(ckpt / "last.safetensors"), "pt") as fh:
+        embedded = (fh.metadata() or {}).get("state")
+    state = json.loads(embedded) if embedded else json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "last.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -186,7 +213,12 @@ def aug_params(cfg: TrainConfig) -> AugmentParams:
 
 
 def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, backbone_id: str | None,
-                       prep: Preprocess, device: str, parts=("train", "val", "test")) -> dict[str, PreparedSet]:
+                       prep: Preprocess, device: str, parts=("train", "val", "test"),
+                       ctx: Dist | None = None) -> dict[str, PreparedSet]:
+    """Partitions as tensors; under DDP each rank first computes its shard into the shared cache."""
+    if ctx is not None and ctx.world > 1:
+        distributed.warm_cache(ctx, sets, lambda shard, ps: prepare_partitions(
+            cfg, data, shard, backbone, backbone_id, prep, device, ps))
     cache = TensorCache(cache_dir() / "tensors")
     aug = aug_params(cfg)
     out = {}
@@ -200,6 +232,18 @@ def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, 
     return out
 
 
+def _split_sets(cfg: TrainConfig, data: Path, run: Path, resume: bool, ctx: Dist) -> SplitSets:
+    """The run's split; rank 0 writes split.json, the other ranks read what it wrote."""
+    if resume and (run / "split.json").exists():  # the split file copied at the start, same fold
+        return load_split(run / "split.json", data, cfg.fold)
+    if ctx.is_main:
+        sets = resolve_split(cfg, data, run)
+        if cfg.split and not (run / "split.json").exists():
+            write_text(run / "split.json", Path(cfg.split).read_text())
+    ctx.barrier()
+    return sets if ctx.is_main else load_split(cfg.split or run / "split.json", data, cfg.fold)
+
+
 def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     """Train on the split, keep the best epoch by validation loss, then score the test set."""
     from kneeosteo.evaluation.evaluate import score_and_write
@@ -207,17 +251,14 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     data = Path(cfg.data) if cfg.data else None
     if data is None or not data.is_dir():
         raise DataError(f"{cfg.data}: data folder not found")
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
+    run = ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the first epoch
     device = resolve_device(cfg.device)
+    ctx = distributed.context(device)
+    if not ctx.is_main:
+        console = _silent
     amp = autocast_dtype(cfg.precision, device)
     set_seed(cfg.seed)
-    if resume and (run / "split.json").exists():  # the split file copied at the start, same fold
-        sets = load_split(run / "split.json", data, cfg.fold)
-    else:
-        sets = resolve_split(cfg, data, run)
-    if cfg.split and not (run / "split.json").exists():
-        write_text(run / "split.json", Path(cfg.split).read_text())
+    sets = _split_sets(cfg, data, run, resume, ctx)
 
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
                                use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
@@ -227,7 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     cache_backbone = cfg.use_backbone and not cfg.finetune
     backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
-    parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep, device)
+    parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep,
+                               device, ctx=ctx)
     prep_seconds = time.perf_counter() - t0
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -241,41 +283,53 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
         "preprocess_spec": {"preset": prep.preset, "size": prep.size, "mean": prep.mean, "std": prep.std, "clahe": prep.clahe},
         "autocast": str(amp) if amp else "fp32",
         "device_used": device,
+        "processes": ctx.world,
         "environment": environment(),
     }
-    if not resume:
+    if not resume and ctx.is_main:
         save_checkpoint(model, run, config)  # config.json exists from the start, for --resume
 
+    net = distributed.data_parallel(model, ctx, device) if ctx.world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
-    if resume and (run / "checkpoint" / "state.json").exists():
+    if resume and (run / "checkpoint" / "last.safetensors").exists():
         state = _load_state(run, model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
     batches = {k: Batches(v, prep, online if k == "train" else None) for k, v in parts.items()}
+    sharded = {"ctx": ctx} if ctx.world > 1 else {}
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
         t = time.perf_counter()
-        tl, ta, _ = run_epoch(model, batches["train"], cfg, device, amp, optimizer, gen, f"epoch {epoch} train")
+        tl, ta, _ = run_epoch(net, batches["train"], cfg, device, amp, optimizer, gen, f"epoch {epoch} train", **sharded)
         vl, va, _ = run_epoch(model, batches["val"], cfg, device, amp, desc=f"epoch {epoch} val")
         row = {"epoch": epoch, "train_loss": round(tl, 6), "train_accuracy": round(ta, 6), "val_loss": round(vl, 6),
                "val_accuracy": round(va, 6), "lr": cfg.lr, "seconds": round(time.perf_counter() - t, 2)}
         state["history"].append(row)
         console(f"epoch {epoch:3d}  train loss {tl:.4f} acc {ta:.3f}  val loss {vl:.4f} acc {va:.3f}  ({row['seconds']:.1f}s)")
-        if vl < state["best_val_loss"] - 1e-6:
+        improved = vl < state["best_val_loss"] - 1e-6
+        if improved:
             state.update(best_val_loss=vl, best_epoch=epoch, bad_epochs=0)
-            save_checkpoint(model, run, config)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        write_text(run / "history.csv", _history_csv(state["history"]))
-        _save_state(run, model, optimizer, state)
-    doc = json.loads((run / "config.json").read_text())
-    doc["run"].update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], prepare_seconds=round(prep_seconds, 1))
-    write_json(run / "config.json", doc)
-    console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
-    score_and_write(run, parts["test"], sets, cfg.threshold, out=run, device=device, history=state["history"])
+        if ctx.is_main:
+            if improved:
+                save_checkpoint(model, run, config)
+            write_text(run / "history.csv", _history_csv(state["history"]))
+            _save_state(run, model, optimizer, state)
+    if ctx.is_main:
+        doc = json.loads((run / "config.json").read_text())
+        doc["run"].update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], prepare_seconds=round(prep_seconds, 1))
+        write_json(run / "config.json", doc)
+        console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
+        score_and_write(run, parts["test"], sets, cfg.threshold, out=run, device=device, history=state["history"])
+    ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
     return run
+
+
+def _silent(*_args, **_kw) -> None:
+    pass

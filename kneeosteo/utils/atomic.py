@@ -2,33 +2,91 @@
 
 Everything the tool writes goes to a temporary file in the destination folder, is flushed
 and fsynced, then renamed over the target (rename is atomic on POSIX within one filesystem).
+A write that fails (disk full, read-only folder) leaves the previous version untouched and no
+temporary file behind, and says so in one line (:class:`OutputError`). ``ensure_writable``
+checks an output folder *before* hours of work, not after.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+MIN_FREE_BYTES = 64 * 2**20
+# errors that mean "this folder cannot take our files", as opposed to a bug in the caller
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                  errno.EEXIST, errno.EISDIR, errno.EFBIG}
+
+
+class OutputError(OSError):
+    """An output folder or file that cannot be written; the message names it, on one line."""
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
+def ensure_writable(folder: str | os.PathLike, min_free: int = MIN_FREE_BYTES) -> Path:
+    """Create ``folder``, write + fsync + remove a probe file in it, and check its free space."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kneeosteo-probe-", dir=folder)
+        try:
+            os.write(fd, b"kneeosteo write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write output here ({_reason(exc)})") from exc
+    if free < min_free:
+        raise OutputError(f"{folder}: only {free / 2**20:.0f} MiB free on its disk, at least "
+                          f"{min_free / 2**20:.0f} MiB needed; free some space or choose another folder")
+    return folder
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except OutputError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{target}: could not be written ({_reason(exc)}); "
+                          "its previous version, if any, is unchanged") from exc
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -38,7 +96,9 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
-    write_bytes(target, text.encode("utf-8"))
+    # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives lone surrogates)
+    # is written back as its original bytes, so the path in a CSV still opens that file
+    write_bytes(target, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:

@@ -15,19 +15,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, Response
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
-from kneeosteo.interfaces.web.uploads import (ACCEPTED, MULTIPART_SLACK, BodyLimit, decode, display_name,
-                                              save_upload)
+from kneeosteo.interfaces.web.uploads import ACCEPTED, BodyLimit, decode, display_name, save_upload
 
 __all__ = ["DEFAULT_CAVEAT", "WebSettings", "create_app", "card_caveat"]
 
 DEFAULT_CAVEAT = "Research use only — not a diagnostic device."
+BUSY = "the server is busy: every worker is in use and the queue is full; try again in a moment"
 _CAVEAT_RE = re.compile(r"research use|not a (medical|diagnostic)|not for (clinical|diagnos)", re.I)
 # the page loads nothing from anywhere else: the browser enforces what the page promises
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -78,6 +78,7 @@ class Prediction(BaseModel):
 class Explanation(Prediction):
     gradcam_target: str
     gradcam_layer: str
+    gradcam_all_zero: bool = Field(description="True when nothing in the layer speaks for the target class (a valid answer).")
     image_png: str = Field(description="The decoded radiograph, PNG, base64.")
     gradcam_png: str = Field(description="Grad-CAM over the radiograph, PNG, base64.")
     attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; null without an attention module.")
@@ -118,6 +119,7 @@ class Service:
         with self._explain_lock:
             ex = self.explainer.explain(img.pixels)
         return {**self._row(img, name, p), "gradcam_target": ex.target, "gradcam_layer": ex.layer,
+                "gradcam_all_zero": bool(ex.gradcam_raw.max() <= 0),
                 "image_png": encode_b64(grey_png(img.pixels)),
                 "gradcam_png": encode_b64(overlay_png(img.pixels, ex.gradcam)),
                 "attention_png": None if ex.attention is None else
@@ -140,10 +142,25 @@ def _page(caveat: str, settings: WebSettings) -> str:
 Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
 _ERRORS = {
     413: {"description": "Upload larger than the limit."},
-    415: {"description": "Not an image this service reads (PNG, JPEG, DICOM, BMP, TIFF, GIF)."},
+    415: {"description": "Not an image this service reads (PNG, JPEG, DICOM, BMP, TIFF)."},
     422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, decompression bomb), or no `file` field."},
     503: {"description": "All workers busy and the queue full; retry after the Retry-After seconds."},
 }
+
+
+class ShedWhenFull:
+    """ASGI middleware: answer 503 before reading an upload when the pool is already full, so a
+    burst costs neither parsing nor temporary files (the pool itself stays the final judge)."""
+
+    def __init__(self, app, pool: BoundedPool, paths: tuple[str, ...]):
+        self.app, self.pool, self.paths = app, pool, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths and self.pool.full:
+            # no "Connection: close": the server discards the unread body and the client gets the answer
+            response = JSONResponse({"detail": BUSY}, 503, headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
@@ -152,29 +169,30 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
     pool = BoundedPool(settings.workers, settings.queue)
     app = FastAPI(title="kneeosteo", version="1", summary="Osteoporosis in knee radiographs. " + service.caveat)
     app.state.service, app.state.pool = service, pool
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     page = _page(service.caveat, settings)
+
+    app.add_middleware(ShedWhenFull, pool=pool, paths=("/api/predict", "/api/explain"))
 
     async def run_job(upload: UploadFile, job: Callable[[Path, str], dict]) -> dict:
         with tempfile.TemporaryDirectory(prefix="kneeosteo-upload-") as tmp:
             path = await save_upload(upload, Path(tmp), settings.max_upload_bytes)
             try:
                 return await pool.run(job, path, display_name(upload.filename))
-            except PoolFull:
-                raise HTTPException(503, "the server is busy: every worker is in use and the queue is full; "
-                                         "try again in a moment", headers={"Retry-After": "1"}) from None
+            except PoolFull:  # filled up while this upload arrived
+                raise HTTPException(503, BUSY, headers={"Retry-After": "1"}) from None
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index():
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def index():
         return HTMLResponse(page, headers={"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff",
                                            "Cache-Control": "no-store"})
 
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "model_id": service.info.model_id, "busy": pool.pending, "capacity": pool.capacity}
 
     @app.get("/api/model", tags=["model"])
-    def model() -> dict:
+    async def model() -> dict:
         """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json."""
         return service.model_doc
 
@@ -189,7 +207,7 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
         return await run_job(file, service.explain)
 
     @app.get("/favicon.ico", include_in_schema=False)
-    def favicon():
+    async def favicon():
         return Response(status_code=204)
 
     return app

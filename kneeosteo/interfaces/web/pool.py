@@ -36,6 +36,10 @@ class BoundedPool:
         """Jobs running or waiting."""
         return self._pending
 
+    @property
+    def full(self) -> bool:
+        return self._pending >= self.capacity
+
     def submit(self, fn: Callable[..., T], *args) -> Future:
         """Start ``fn(*args)`` in a worker, or raise PoolFull; thread-safe."""
         with self._lock:

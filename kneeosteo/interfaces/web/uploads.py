@@ -20,9 +20,9 @@ __all__ = ["ACCEPTED", "BodyLimit", "TooLarge", "decode", "display_name", "save_
 CHUNK = 1 << 20
 # multipart framing (boundaries, part headers) on top of the file itself
 MULTIPART_SLACK = 64 * 1024
-ACCEPTED = "PNG, JPEG or DICOM (also BMP, TIFF, GIF)"
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"),
-          (b"GIF89a", ".gif"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
+ACCEPTED = "PNG, JPEG or DICOM (also BMP, TIFF)"
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+_BMP_DIB_SIZES = (12, 40, 52, 56, 64, 108, 124)  # "BM" alone is too weak: it also starts text
 
 
 class TooLarge(HTTPException):
@@ -37,18 +37,21 @@ def _mb(n: int) -> str:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a request body over ``limit`` bytes, by its Content-Length when it
-    has one, else by counting the chunks as they arrive (chunked uploads)."""
+    """ASGI middleware: refuse a request body over ``limit`` (+ multipart framing) bytes, by its
+    Content-Length when it has one, else by counting the chunks as they arrive (chunked uploads)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, slack: int = MULTIPART_SLACK):
+        self.app, self.limit, self.body_limit = app, limit, limit + slack
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > self.body_limit):
+            from fastapi.responses import JSONResponse
+
+            response = JSONResponse({"detail": TooLarge(self.limit).detail}, 413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -56,17 +59,11 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > self.body_limit:
                     raise TooLarge(self.limit)
             return message
 
         await self.app(scope, counted, send)
-
-    async def _refuse(self, scope, receive, send):
-        from fastapi.responses import JSONResponse
-
-        response = JSONResponse({"detail": TooLarge(self.limit).detail}, 413, headers={"Connection": "close"})
-        await response(scope, receive, send)
 
 
 def display_name(filename: str | None) -> str:
@@ -81,8 +78,10 @@ def _suffix(head: bytes, filename: str) -> str | None:
     for magic, suffix in _MAGIC:
         if head.startswith(magic):
             return suffix
-    if PurePath(filename).suffix.lower() in (".dcm", ".dicom"):
-        return ".dcm"  # DICOM without preamble (old archives): only the name says so; the reader checks
+    if head[:2] == b"BM" and len(head) > 18 and head[14] in _BMP_DIB_SIZES and head[15:18] == bytes(3):
+        return ".bmp"
+    if head[:2] in (b"\x02\x00", b"\x08\x00") or PurePath(filename).suffix.lower() in (".dcm", ".dicom"):
+        return ".dcm"  # DICOM without preamble (old archives) starts with a group 0002/0008 tag; the reader checks
     return None
 
 
@@ -114,5 +113,8 @@ def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
         return img
     except ImageReadError as exc:
         reason = exc.reason.replace(str(path), name)
-        unknown = isinstance(exc, NotAnImageError) or reason.startswith("not a recognised image format")
-        raise HTTPException(415 if unknown else 422, f"{name}: {reason}") from None
+        if isinstance(exc, NotAnImageError) or (reason.startswith("not a recognised") and path.suffix == ".dcm"):
+            raise HTTPException(415, f"{name}: {reason}") from None  # DICOM by name only, and it is not
+        if reason.startswith("not a recognised"):  # its first bytes said what it is: a damaged file
+            reason = f"corrupt {path.suffix[1:].upper()} data: the file starts like one but cannot be decoded"
+        raise HTTPException(422, f"{name}: {reason}") from None

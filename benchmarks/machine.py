@@ -1,0 +1,137 @@
+"""The machine a benchmark ran on, and its measured compute peak.
+
+The peak is what a large dense matmul reaches in this process, with the threads the other
+sections use: the practical ceiling every model's GFLOP/s is compared with. It is measured in
+the same run as the models, so a loaded machine lowers both alike.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import time
+
+from benchmarks.common import loadavg, now_iso
+
+PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "timm", "numpy", "pillow", "pydicom", "kneeosteo")
+
+
+def _cpuinfo() -> dict:
+    model, flags = platform.processor() or "unknown", ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("unknown", "", platform.processor()):
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value
+    except OSError:
+        pass
+    words = set(flags.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in words]}
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def describe() -> dict:
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    return {
+        "date": now_iso(),
+        "hostname_hash": None,  # deliberately not recorded
+        "platform": platform.platform(),
+        **_cpuinfo(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gb": _memory_gb(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "versions": _versions(),
+        "loadavg": loadavg(),
+    }
+
+
+def matmul_peak(dtype: str = "fp32", n: int = 4096, reps: int = 5) -> dict:
+    """Best and median GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype``.
+
+    ``int8`` uses torch._int_mm (int8 x int8 -> int32; counted as 2 n^3 ops) where this torch
+    build has it on the CPU; otherwise the result says why not.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        if dtype == "int8":
+            a = torch.randint(-64, 64, (n, n), dtype=torch.int8, generator=g)
+            b = torch.randint(-64, 64, (n, n), dtype=torch.int8, generator=g)
+            fn = lambda: torch._int_mm(a, b)  # noqa: E731
+        else:
+            t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+            a = torch.randn(n, n, generator=g).to(t)
+            b = torch.randn(n, n, generator=g).to(t)
+            fn = lambda: torch.mm(a, b)  # noqa: E731
+        fn()  # warm-up (oneDNN/AMX kernel selection)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    except Exception as exc:  # e.g. no CPU kernel for _int_mm in this build
+        return {"dtype": dtype, "n": n, "available": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    flops = 2.0 * n ** 3
+    times.sort()
+    return {
+        "dtype": dtype,
+        "n": n,
+        "available": True,
+        "reps": reps,
+        "best_gflops": round(flops / times[0] / 1e9, 1),
+        "median_gflops": round(flops / times[len(times) // 2] / 1e9, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def peaks(quick: bool = False) -> dict:
+    n, reps = (1024, 3) if quick else (4096, 5)
+    return {dt: matmul_peak(dt, n=n, reps=reps) for dt in ("fp32", "bf16", "int8")}
+
+
+def machine_section(quick: bool = False) -> dict:
+    doc = describe()
+    doc["peak"] = peaks(quick)
+    doc["loadavg_after_peak"] = loadavg()
+    return doc
+
+
+if __name__ == "__main__":  # python -m benchmarks.machine: just print it
+    import json
+
+    print(json.dumps(machine_section(quick=True), indent=2))

@@ -1,0 +1,102 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright over a loopback server.
+
+Skips where /usr/bin/chromium or the playwright package is missing (CI installs both; see
+.ci/run). Playwright's own browser download (`playwright install`) is never used. With
+KNEEOSTEO_UPDATE_SCREENSHOT=1 the screenshot also replaces docs/screenshot.png (made with the
+bundled model when there is one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the "
+                "browser test", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                               "(pip install playwright; its browser download is not needed)")
+
+import imagegen as g  # noqa: E402
+from kneeosteo.inference import bundled_run_dir, has_bundled_model  # noqa: E402
+from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app, serve_in_thread  # noqa: E402
+from test_web import train_tiny_run  # noqa: E402  (the session's shared tiny run)
+
+REPO = Path(__file__).resolve().parent.parent
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+UPDATE = os.environ.get("KNEEOSTEO_UPDATE_SCREENSHOT") == "1"
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    run = bundled_run_dir() if UPDATE and has_bundled_model() else train_tiny_run(tmp_path_factory)
+    with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=2))) as url:
+        yield url
+
+
+@pytest.fixture()
+def page(tmp_path):
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 860}, timeout=20_000)
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def _api_predict(base_url: str, path: Path) -> dict:
+    boundary = "kneeosteo-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(base_url + "/api/predict", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        return json.loads(r.read())
+
+
+def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
+    image = g.png_grey8(tmp_path / "knee_radiograph.png", array=g.dataset_image(5, "osteoporosis", size=320))
+    elsewhere = []
+    page.on("request", lambda r: None if r.url.startswith((base_url, "data:", "blob:")) else elsewhere.append(r.url))
+    page.goto(base_url + "/")
+    assert DEFAULT_CAVEAT.split(" — ")[0] in page.inner_text("#caveat")
+    page.wait_for_function("document.getElementById('modelinfo').textContent.includes('threshold')")
+
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#result", state="visible", timeout=20_000)
+    page.wait_for_function("['image', 'gradcam', 'attention'].every("
+                           "id => { const e = document.getElementById(id); return e.complete && e.naturalWidth > 0; })")
+    shown = float(page.get_attribute("#probability", "data-value"))
+    want = _api_predict(base_url, image)
+    assert shown == pytest.approx(want["probability"], abs=1e-9)
+    assert f"{want['probability']:.3f}" in page.inner_text("#probability")
+    assert page.inner_text("#label") == want["label"] and page.inner_text("#threshold") == str(want["threshold"])
+    assert page.inner_text("#model") == want["model_id"]
+    assert page.eval_on_selector("#gradcam", "e => e.naturalWidth") == 320
+    assert not page.is_visible("#error")
+
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if UPDATE:
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+    # a dropped non-image: the page says so in plain words and hides the old result
+    page.evaluate("""() => {
+        const dt = new DataTransfer();
+        dt.items.add(new File(["id,label\\n1,normal\\n"], "patients.csv", {type: "text/csv"}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""")
+    page.wait_for_selector("#error", state="visible", timeout=10_000)
+    assert "not an image the model can read" in page.inner_text("#error")
+    assert not page.is_visible("#result")
+    assert elsewhere == []  # the page fetched nothing from anywhere but its own server
