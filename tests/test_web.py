@@ -132,9 +132,12 @@ def test_model_endpoint(client, tiny_run):
 
 
 def test_caveat_comes_from_the_model_card():
-    card = "# Model card\n\nSome intro.\n\n> **Research use only: not for clinical diagnosis.**\n\nMore."
-    assert card_caveat(card) == "Research use only: not for clinical diagnosis."
-    assert card_caveat("# Card\nNo warning here.") == card_caveat(None) == DEFAULT_CAVEAT
+    card = ("# Model card: default\n\n**Research use only — not a diagnostic device.** It has not been\n"
+            "validated on any clinical population.\n\n## Data\nKOP.\n")
+    assert card_caveat(card) == "Research use only — not a diagnostic device."
+    card = "# Card\n\nSome intro.\n\n> For research use only. Do not use it for patients.\n"
+    assert card_caveat(card) == "For research use only."
+    assert card_caveat("# Card\nNo warning here.\n```\nresearch use\n```") == card_caveat(None) == DEFAULT_CAVEAT
 
 
 def test_openapi_schema_lists_every_endpoint(client):

@@ -46,12 +46,17 @@ class WebSettings:
 
 
 def card_caveat(card: Optional[str]) -> str:
-    """The model card's first line that limits its use (e.g. 'Research use only ...'), without
-    Markdown marks; the project's standard caveat when the card has none."""
-    for line in (card or "").splitlines():
-        text = re.sub(r"[*_`]", "", line).strip().lstrip("#>-+ ").strip()
-        if _CAVEAT_RE.search(text):
-            return text[:300]
+    """The model card's caveat: in its first paragraph that limits its use ('Research use only
+    ...'), the bold sentence saying so, else the first such sentence; without Markdown marks.
+    The project's standard caveat when the card has none."""
+    for para in re.split(r"\n\s*\n", card or ""):
+        if para.lstrip().startswith("```"):
+            continue
+        text = " ".join(line.strip().lstrip("#>-+ ") for line in para.splitlines()).strip()
+        bold = [b for b in re.findall(r"\*\*(.+?)\*\*|__(.+?)__", text) for b in b if b and _CAVEAT_RE.search(b)]
+        sentences = bold or [t for t in re.split(r"(?<=[.!?])\s+", text) if _CAVEAT_RE.search(t)]
+        if sentences:
+            return re.sub(r"[*_`]", "", sentences[0]).strip()[:300]
     return DEFAULT_CAVEAT
 
 
@@ -78,10 +83,11 @@ class Prediction(BaseModel):
 class Explanation(Prediction):
     gradcam_target: str
     gradcam_layer: str
-    gradcam_all_zero: bool = Field(description="True when nothing in the layer speaks for the target class (a valid answer).")
+    gradcam_all_zero: bool = Field(description="Nothing in the layer speaks for the target class (a valid answer).")
     image_png: str = Field(description="The decoded radiograph, PNG, base64.")
     gradcam_png: str = Field(description="Grad-CAM over the radiograph, PNG, base64.")
-    attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; null without an attention module.")
+    attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; "
+                                                     "null without an attention module.")
 
 
 class Service:
@@ -143,7 +149,8 @@ Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
 _ERRORS = {
     413: {"description": "Upload larger than the limit."},
     415: {"description": "Not an image this service reads (PNG, JPEG, DICOM, BMP, TIFF)."},
-    422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, decompression bomb), or no `file` field."},
+    422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, "
+                          "decompression bomb), or no `file` field."},
     503: {"description": "All workers busy and the queue full; retry after the Retry-After seconds."},
 }
 
