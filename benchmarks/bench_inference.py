@@ -322,6 +322,7 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
     doc: dict = {"settings": settings, "models": {}, "notes": []}
     tmp = tempfile.TemporaryDirectory(prefix="kneeosteo-bench-inf-") if work is None else None
     work = Path(tmp.name) if tmp else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     try:
         with section(doc):
             for name in models:

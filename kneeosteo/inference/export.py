@@ -208,10 +208,13 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
 
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantisation mode {mode!r} (choose from {QUANT_MODES})")
+    import shutil
+    import tempfile
+
     src, out = Path(src), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pre = out.with_name(out.stem + ".pre.onnx")
-    tmp = out.with_name(out.stem + ".tmp.onnx")
+    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))  # private: parallel runs don't collide
+    pre, tmp = work / "pre.onnx", work / "int8.onnx"
     try:
         try:  # shape inference + graph optimisation first, as ONNX Runtime recommends
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -234,6 +237,73 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
             proto.metadata_props.add(key=k, value=v)
         write_bytes(out, proto.SerializeToString())
     finally:
-        pre.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+CALIBRATION_IMAGES = 64
+
+
+def _calibration_items(run: Path, data: str | os.PathLike | None, n: int) -> tuple[Path, list[str]]:
+    """Up to ``n`` training-split files of ``run`` (evenly spaced in split order, both classes)."""
+    from kneeosteo.data.scan import DataError
+    from kneeosteo.data.split import load_split
+
+    doc = json.loads((run / "config.json").read_text())
+    root = data or doc.get("run", {}).get("data") or os.environ.get("KNEEOSTEO_DATA")
+    split = run / "split.json"
+    if not root or not Path(root).is_dir() or not split.is_file():
+        raise InferenceError(
+            f"--engine onnxruntime-int8 calibrates on the run's training images, but the data folder "
+            f"({root or 'not recorded'}) or {split} is not there; set KNEEOSTEO_DATA to the data folder, "
+            f"or use --engine onnxruntime (fp32)")
+    try:
+        train = load_split(split, root).train
+    except DataError as exc:
+        raise InferenceError(str(exc)) from exc
+    if not train:
+        raise InferenceError(f"{split}: no training images to calibrate the int8 model on")
+    step = max(1, len(train) // n)
+    return Path(root), train[::step][:n]
+
+
+def ensure_int8_onnx(run: str | os.PathLike | None, data: str | os.PathLike | None = None,
+                     images: int = CALIBRATION_IMAGES) -> Path:
+    """Static int8 version of the run's ONNX export, calibrated on up to ``images`` of its training
+    images (data folder: ``data``, else the one recorded in config.json, else $KNEEOSTEO_DATA),
+    kept in the cache under a key naming the weights, the calibration files (size, mtime) and the
+    quantiser settings and version, so a change of any of them makes a new one."""
+    import hashlib
+
+    import onnxruntime
+
+    from kneeosteo.data.reader import ImageReadError, read_image
+    from kneeosteo.paths import cache_dir
+
+    run = resolve_run(run)
+    info = run_info(run)
+    root, files = _calibration_items(run, data, images)
+    stats = []
+    for rel in files:
+        try:
+            st = (root / rel).stat()
+            stats.append([rel, st.st_size, st.st_mtime_ns])
+        except OSError:
+            continue
+    key = hashlib.sha256(json.dumps({
+        "model": info.model_id, "onnx": onnx_metadata(info), "calibration": stats, "mode": "static-qdq-u8s8-per-channel-minmax",
+        "onnxruntime": onnxruntime.__version__, "opset": DEFAULT_OPSET}, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache_dir() / "onnx" / (re.sub(r"[^A-Za-z0-9._-]", "_", info.model_id) + f".int8-{key}.onnx")
+    if out.is_file():
+        return out
+    xs = []
+    for rel, *_ in stats:
+        try:
+            xs.append(info.preprocess(read_image(root / rel).pixels).numpy())
+        except ImageReadError:
+            continue
+    if not xs:
+        raise InferenceError(f"{root}: none of the calibration images could be read")
+    x = np.stack(xs).astype(np.float32)
+    log.info("quantising %s to int8 (%d calibration images) into %s", run, len(x), out)
+    return quantize_onnx(ensure_onnx(run), out, "static", [x[i : i + 8] for i in range(0, len(x), 8)])

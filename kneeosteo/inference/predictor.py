@@ -1,5 +1,18 @@
 """P(osteoporosis) for radiograph files, from a trained run (PyTorch) or its ONNX export
-(ONNX Runtime). Both engines share the run's own preprocessing, so they give the same rows.
+(ONNX Runtime). All engines share the run's own preprocessing, so they give the same rows.
+
+Engines (``engine=``; ``kneeosteo predict --engine``):
+
+- ``auto`` (default): ``onnxruntime`` on the CPU, ``torch`` on CUDA. ONNX Runtime fp32 was the
+  fastest engine that agrees with PyTorch fp32 (|dp| < 1e-3) on both backbones, at batch 1 and
+  32 (``benchmarks/RESULTS.md``, ``python -m benchmarks.run``).
+- ``torch``: PyTorch fp32, channels-last, under ``inference_mode`` (the reference).
+- ``torch-bf16``: the same under bf16 autocast (fast where the CPU has AVX-512 BF16/AMX; not
+  bit-faithful: probabilities move by up to ~1e-2, see RESULTS.md).
+- ``onnxruntime``: ONNX Runtime fp32 on the model's export (``onnx=`` file or made on demand).
+- ``onnxruntime-int8``: ONNX Runtime on a static int8 (QDQ) version of the export, calibrated
+  on the run's training images (made on demand and cached); probabilities move by up to a few
+  hundredths, see RESULTS.md.
 
 Images are read and preprocessed in a few threads (decoders release the GIL) and run through
 the network in batches; unreadable files are collected, not fatal.
@@ -21,10 +34,23 @@ from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.inference.runinfo import InferenceError, ModelInfo, load_model, resolve_run, run_info
 from kneeosteo.utils.progress import progress_bar
 
-__all__ = ["COLUMNS", "ENGINES", "Prediction", "PredictionResult", "Predictor"]
+__all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "Prediction", "PredictionResult", "Predictor", "resolve_engine"]
 
 COLUMNS = ("path", "content_id", "probability", "label", "threshold", "model")
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
+CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: benchmarks/RESULTS.md
+
+
+def resolve_engine(engine: str, device: str = "cpu", onnx=None) -> str:
+    """The concrete engine ``auto`` stands for: onnxruntime on the CPU (or when an .onnx file is
+    given), torch elsewhere (ONNX Runtime here runs on the CPU only)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from {ENGINES})")
+    if engine != "auto":
+        return engine
+    if onnx is not None:
+        return "onnxruntime"
+    return CPU_DEFAULT_ENGINE if device == "cpu" else "torch"
 
 
 @dataclass(frozen=True)
@@ -50,33 +76,42 @@ class Predictor:
     """Load a model once, then predict many files.
 
     ``engine="torch"``: the run's checkpoint (``run=None``: the bundled default model), fp32,
-    channels-last, under ``inference_mode``. ``engine="onnxruntime"``: the network runs in ONNX
-    Runtime from ``onnx`` (an exported file, whose metadata carries preprocessing, threshold and
-    classes, so no run folder is needed) or, without it, from the run's export, made on demand
-    and kept in the cache. Preprocessing uses the same (torch) code as training in both engines:
+    channels-last, under ``inference_mode``; ``"torch-bf16"`` adds bf16 autocast.
+    ``engine="onnxruntime"``: the network runs in ONNX Runtime from ``onnx`` (an exported file,
+    whose metadata carries preprocessing, threshold and classes, so no run folder is needed) or,
+    without it, from the run's export, made on demand and kept in the cache;
+    ``"onnxruntime-int8"`` likewise with the static int8 version (``onnx`` must then be an int8
+    file). ``"auto"`` (default) picks one of them, see :func:`resolve_engine`; ``self.engine`` is
+    the engine used. Preprocessing uses the same (torch) code as training in every engine:
     bit-identical inputs matter more than dropping torch from the reader.
     """
 
-    def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "torch",
+    def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "auto",
                  onnx: str | os.PathLike | None = None, threshold: float | None = None,
                  batch_size: int = 16, device: str = "cpu"):
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r} (choose from {ENGINES})")
+        engine = resolve_engine(engine, device, onnx)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.engine, self.batch_size, self.device = engine, batch_size, device
         self._model = self._session = None
-        if engine == "torch":
+        self._autocast = torch.bfloat16 if engine == "torch-bf16" else None
+        if engine.startswith("torch"):
             self.run = resolve_run(run)
             info = run_info(self.run)
             self._model = load_model(self.run, device).to(memory_format=torch.channels_last)
         else:
-            from kneeosteo.inference.export import OnnxModel, ensure_onnx
+            from kneeosteo.inference.export import OnnxModel, ensure_int8_onnx, ensure_onnx
 
+            int8 = engine == "onnxruntime-int8"
             self.run = resolve_run(run) if (run is not None or onnx is None) else None
-            self._session = OnnxModel(onnx if onnx is not None else ensure_onnx(self.run))
+            if onnx is None:
+                onnx = ensure_int8_onnx(self.run) if int8 else ensure_onnx(self.run)
+            self._session = OnnxModel(onnx)
+            if int8 and "kneeosteo.quantization" not in self._session.session.get_modelmeta().custom_metadata_map:
+                raise InferenceError(f"{onnx}: not an int8 model (no kneeosteo.quantization metadata); "
+                                     "use --engine onnxruntime for it")
             info = self._session.info
             if self.run is not None and onnx is not None and run_info(self.run).model_id != info.model_id:
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run}")
@@ -95,7 +130,8 @@ class Predictor:
         if self._session is not None:
             return self._session(np.asarray(images, dtype=np.float32)).astype(np.float64)
         x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=self._autocast or torch.float32,
+                                                    enabled=self._autocast is not None):
             logits = self._model(images=x.contiguous(memory_format=torch.channels_last))
             return torch.sigmoid(logits.float()).double().cpu().numpy()
 

@@ -222,7 +222,7 @@ def predict(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="preds.csv or preds.json (default: a table on stdout)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
-    engine: str = typer.Option("torch", help="torch, or onnxruntime (runs the model's ONNX export)."),
+    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest measured, see benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), torch-bf16 (bf16 autocast), onnxruntime (fp32, runs the model's ONNX export), or onnxruntime-int8 (static int8, calibrated on the run's training images)."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),

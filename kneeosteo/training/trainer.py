@@ -36,7 +36,7 @@ from kneeosteo.training import distributed
 from kneeosteo.training.config import TrainConfig
 from kneeosteo.training.distributed import Dist
 from kneeosteo.training.prepare import PreparedSet, prepare
-from kneeosteo.utils.atomic import atomic_path, ensure_writable, write_json, write_text
+from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
 from kneeosteo.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     run = ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the first epoch
     device = resolve_device(cfg.device)
     ctx = distributed.context(device)
+    if resume and ctx.is_main:  # what a kill -9 in the middle of a write left behind
+        for folder in (run, run / "checkpoint"):
+            remove_temporaries(folder)
     if not ctx.is_main:
         console = _silent
     amp = autocast_dtype(cfg.precision, device)

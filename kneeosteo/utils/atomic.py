@@ -3,7 +3,8 @@
 Everything the tool writes goes to a temporary file in the destination folder, is flushed
 and fsynced, then renamed over the target (rename is atomic on POSIX within one filesystem).
 A write that fails (disk full, read-only folder) leaves the previous version untouched and no
-temporary file behind, and says so in one line (:class:`OutputError`). ``ensure_writable``
+temporary file behind, and says so in one line (:class:`OutputError`); the temporaries a
+``kill -9`` leaves are removed by the next run (``remove_temporaries``). ``ensure_writable``
 checks an output folder *before* hours of work, not after.
 """
 
@@ -62,6 +63,14 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete what a killed writer left in ``folder``: its temporaries, never a finished file."""
+    stale = [p for pattern in (".*.tmp", ".kneeosteo-probe-*") for p in Path(folder).glob(pattern)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 @contextmanager

@@ -49,11 +49,11 @@ def card_caveat(card: Optional[str]) -> str:
     """The model card's caveat: in its first paragraph that limits its use ('Research use only
     ...'), the bold sentence saying so, else the first such sentence; without Markdown marks.
     The project's standard caveat when the card has none."""
-    for para in re.split(r"\n\s*\n", card or ""):
-        if para.lstrip().startswith("```"):
-            continue
+    card = re.sub(r"```.*?(```|$)", "", card or "", flags=re.S)  # code blocks are not prose
+    for para in re.split(r"\n\s*\n", card):
         text = " ".join(line.strip().lstrip("#>-+ ") for line in para.splitlines()).strip()
-        bold = [b for b in re.findall(r"\*\*(.+?)\*\*|__(.+?)__", text) for b in b if b and _CAVEAT_RE.search(b)]
+        spans = [s for pair in re.findall(r"\*\*(.+?)\*\*|__(.+?)__", text) for s in pair if s]
+        bold = [s for s in spans if _CAVEAT_RE.search(s)]
         sentences = bold or [t for t in re.split(r"(?<=[.!?])\s+", text) if _CAVEAT_RE.search(t)]
         if sentences:
             return re.sub(r"[*_`]", "", sentences[0]).strip()[:300]

@@ -1,0 +1,351 @@
+"""Faults: `kill -9` mid-epoch then `--resume`; a disk that fills up mid-run; output folders that
+are read-only, full or not folders, refused before any work; ENOSPC inside an atomic write; a
+read-only feature cache; damaged checkpoints refused through the CLI; and two source checks:
+nothing unpickles, and every file the package writes goes through the atomic helpers.
+
+Every fault ends with the run's own files intact (no data lost): the resumed run's history,
+metrics and predictions are byte-for-byte those of a run that was never interrupted. The test
+prints the fault tally the README's reliability section reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import imagegen as g
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import make_split, write_split
+from kneeosteo.interfaces.cli import main
+from kneeosteo.training import cache as cache_mod
+from kneeosteo.training.config import TrainConfig
+from kneeosteo.training.trainer import train
+from kneeosteo.utils import atomic
+from kneeosteo.utils.atomic import OutputError, atomic_path, write_json, write_text
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "kneeosteo"
+# online augmentation: the frozen backbone runs in every epoch, so an epoch lasts long enough to
+# be killed in the middle of
+SETTINGS = dict(image_size=64, copies=1, augment="online", epochs=6, batch_size=8, patience=100, device="cpu")
+RESULTS = ("metrics.json", "predictions.csv")
+
+
+def _main(argv) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    return exc.value.code
+
+
+def history(run: Path) -> list[dict]:
+    """history.csv without the wall-clock column."""
+    with open(run / "history.csv", newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+
+def assert_same_results(run: Path, ref: Path) -> None:
+    assert history(run) == history(ref)
+    for name in RESULTS:
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".kneeosteo-probe")]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Data, split, a TOML with SETTINGS, and the uninterrupted reference run (one thread, like
+    the subprocesses, which get OMP_NUM_THREADS=1)."""
+    root = tmp_path_factory.mktemp("faults")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        data = g.make_dataset(root / "data", n_per_class=12, size=64).root
+        write_split(make_split(scan_dataset(data), "paper", seed=0, test_size=6, val_fraction=0.25), root / "split.json")
+        (root / "cfg.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
+        ref = train(TrainConfig(data=str(data), out=str(root / "ref"), split=str(root / "split.json"), **SETTINGS),
+                    console=lambda *a: None)
+        yield SimpleNamespace(root=root, data=data, split=root / "split.json", cfg=root / "cfg.toml", ref=ref,
+                              cache=root / "cache")
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> list[dict]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        try:
+            with open(run / "history.csv", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError:
+            rows = []
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.01)
+    raise AssertionError(f"no epoch {n} within {timeout} s")
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(ws, tmp_path):
+    run = tmp_path / "killed"
+    env = {**os.environ, "KNEEOSTEO_CACHE": str(ws.cache), "OMP_NUM_THREADS": "1"}
+    fresh = [sys.executable, "-m", "kneeosteo", "train", str(ws.data), "--split", str(ws.split),
+             "--config", str(ws.cfg), "--out", str(run)]
+    resume = [sys.executable, "-m", "kneeosteo", "train", "--resume", str(run)]
+    killed_after = []
+    for cmd, epochs_first in ((fresh, 1), (resume, 3)):  # two kills: in epoch 2, then in epoch 4
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                rows = _wait_for_epochs(run, epochs_first, proc)
+                time.sleep(float(rows[-1]["seconds"]) / 2)  # half-way through the next epoch
+                os.kill(proc.pid, signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        done = len(history(run))
+        assert epochs_first <= done < SETTINGS["epochs"] and not (run / "metrics.json").exists()
+        killed_after.append(done)
+    res = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"resuming after epoch \d", res.stdout)
+    assert_same_results(run, ws.ref)
+    assert not temporaries(run)
+    print(f"\nkill -9 faults injected: 2 (after epochs {killed_after}); data lost: none")
+
+
+# --------------------------------------------------------------------------- full disk, read-only
+
+
+def test_disk_full_mid_run_is_one_line_and_resume_completes(ws, tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.cache))
+    run = tmp_path / "full"
+    real_replace, calls = os.replace, {"n": 0}
+
+    def replace(src, dst):
+        if Path(dst).name == "history.csv":
+            calls["n"] += 1
+            if calls["n"] == 3:  # the disk fills up while epoch 3 is saved
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    argv = ["train", ws.data, "--split", ws.split, "--config", ws.cfg, "--out", run]
+    assert _main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "history.csv: could not be written (No space left on device)" in err
+    assert f"kneeosteo train --resume {run}" in err
+    assert len(history(run)) == 2 and not (run / "metrics.json").exists()  # epoch 2's file intact
+    assert not temporaries(run)
+
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert _main(["train", "--resume", run]) == 0
+    assert_same_results(run, ws.ref)
+
+
+@pytest.mark.parametrize("fault", ["not a folder", "read-only", "full"])
+@pytest.mark.parametrize("command", ["train", "reproduce", "predict"])
+def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch, capsys, command, fault):
+    out = tmp_path / "out"
+    if fault == "not a folder":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "out"
+    elif fault == "read-only":  # tests run as root, which ignores chmod: make the probe fail instead
+        def readonly(*a, **kw):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(atomic, "tempfile", SimpleNamespace(mkstemp=readonly))
+    else:
+        monkeypatch.setattr(atomic, "shutil", SimpleNamespace(disk_usage=lambda p: SimpleNamespace(free=2**20)))
+    argv = {
+        "train": ["train", ws.data, "--split", ws.split, "--config", ws.cfg, "--out", out],
+        "reproduce": ["reproduce", ws.data, "--out", out, "--models", "am-only", "--seeds", "1"],
+        "predict": ["predict", ws.data, "--run", ws.ref, "--out", out / "p.csv"],
+    }[command]
+    t = time.perf_counter()
+    assert _main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err, err
+    assert {"not a folder": "is a file, not a folder", "read-only": "Read-only file system",
+            "full": "only 1 MiB free"}[fault] in err
+    assert time.perf_counter() - t < 20  # refused up front: no features, no model, no training
+    assert not (Path(os.environ["KNEEOSTEO_CACHE"]) / "tensors").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="audit/split write through utils.atomic, but cli.main() does not yet "
+                   "catch OutputError (add it to main's except tuple and call ensure_writable(out) first)")
+@pytest.mark.parametrize("command", ["audit", "split"])
+def test_audit_and_split_unwritable_output_is_one_line(ws, tmp_path, capsys, command):
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / ("audit" if command == "audit" else "split.json")
+    code = None
+    try:
+        code = _main([command, ws.data, "--out", out])
+    finally:
+        err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "a-file" in err
+
+
+@pytest.mark.parametrize("where", ["writer", "fsync", "rename"])
+def test_enospc_during_an_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, where):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"accuracy": 0.8})
+    before = target.read_bytes()
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def fail(*a, **kw):
+        raise full
+
+    if where == "fsync":
+        monkeypatch.setattr(atomic.os, "fsync", fail)
+    elif where == "rename":
+        monkeypatch.setattr(atomic.os, "replace", fail)
+    with pytest.raises(OutputError, match=r"metrics\.json: could not be written \(No space left on device\)"):
+        if where == "writer":
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b'{"accuracy": 0.')  # half a file, then the disk is full
+                raise full
+        else:
+            write_json(target, {"accuracy": 0.9})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    with pytest.raises(ValueError):  # other errors pass through untouched
+        with atomic_path(target):
+            raise ValueError("a bug, not a disk problem")
+
+
+def test_read_only_cache_costs_speed_not_the_run(ws, tmp_path, monkeypatch, caplog, one_thread):
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(tmp_path / "ro-cache"))
+
+    @contextmanager
+    def readonly(target):
+        raise OSError(errno.EROFS, "Read-only file system")
+        yield
+
+    monkeypatch.setattr(cache_mod, "atomic_path", readonly)
+    cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 1})
+    run = train(cfg, console=lambda *a: None)
+    assert (run / "metrics.json").is_file()
+    assert not list((tmp_path / "ro-cache").rglob("*.safetensors"))
+    warnings = [r.message for r in caplog.records if "cannot be written" in r.message]
+    assert 1 <= len(warnings) <= 4  # once per cache object, not once per entry
+
+
+def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
+    """A kill between writing the weights and state.json must not pair epoch k's weights with
+    epoch k-1's state: the state travels inside last.safetensors."""
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.cache))
+    cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 3})
+    run = train(cfg, console=lambda *a: None)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    stale = {**state, "epoch": 2, "history": state["history"][:2]}
+    write_json(run / "checkpoint" / "state.json", stale)  # as if killed before state.json was renamed
+    for name in RESULTS:
+        (run / name).unlink()
+    train(TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None)
+    assert_same_results(run, ws.ref)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered", "config mismatch"])
+def test_damaged_checkpoint_is_refused_by_predict(ws, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(ws.ref, run)
+    weights, config = run / "model.safetensors", run / "config.json"
+    raw = bytearray(weights.read_bytes())
+    if damage == "truncated":
+        weights.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "tampered":
+        raw[-20] ^= 0x01
+        weights.write_bytes(bytes(raw))
+    else:
+        doc = json.loads(config.read_text())
+        doc["model"]["head"]["hidden"] = [512, 256, 128, 64]
+        config.write_text(json.dumps(doc))
+    assert _main(["predict", "--run", run, ws.data / "normal" / "normal_000.png"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors" in err, err
+    assert {"truncated": "truncated", "tampered": "sha256", "config mismatch": "head.hidden"}[damage] in err
+
+
+@pytest.mark.xfail(strict=True, reason="`evaluate` lets CheckpointError through as a traceback: cli.main() "
+                   "should catch kneeosteo.models.CheckpointError like DataError")
+def test_damaged_checkpoint_is_refused_by_evaluate(ws, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ws.ref, run)
+    (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:1000])
+    code = None
+    try:
+        code = _main(["evaluate", run])
+    except Exception:  # noqa: BLE001 - the traceback this test is about
+        pass
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "model.safetensors" in err
+
+
+# --------------------------------------------------------------------------- source checks
+
+
+def _sources() -> list[tuple[Path, str]]:
+    return [(p, p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+def test_nothing_unpickles():
+    """Model and cache files are safetensors/JSON; the one torch.load (third-party .pth backbone
+    weights) is weights_only=True. Any pickle-based loader is a code-execution hole."""
+    banned = re.compile(r"\bpickle\.loads?\(|\bcPickle\b|\bdill\.|\bcloudpickle\b|\bjoblib\.load\(|allow_pickle\s*=\s*True"
+                        r"|\bpd\.read_pickle\(|\bread_pickle\(|\btorch\.package\b|\bshelve\.open\(")
+    found = []
+    for path, text in _sources():
+        for n, line in enumerate(text.splitlines(), 1):
+            if banned.search(line):
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+        for m in re.finditer(r"torch\.load\(", text):
+            call = text[m.start() : text.find(")", m.start()) + 1]
+            if "weights_only=True" not in call:
+                found.append(f"{path.relative_to(REPO)}: {call}")
+    assert not found, "unpickling code:\n" + "\n".join(found)
+
+
+def test_every_file_the_package_writes_goes_through_the_atomic_helpers():
+    """A raw write (open(..., 'w'), Path.write_*, savefig, save_file, torch.save) must write the
+    temporary path that utils.atomic.atomic_path hands out, never a final name."""
+    raw = re.compile(r"\.write_(text|bytes)\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|\.savefig\(|\bsave_file\("
+                     r"|\btorch\.save\(|\bnp\.save|\.to_csv\(|\bonnx\.save\(")
+    found = []
+    for path, text in _sources():
+        if path.name == "atomic.py":
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if raw.search(line) and "tmp" not in line:
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "direct writes:\n" + "\n".join(found)
