@@ -8,7 +8,7 @@ SEED   ?= 0
 OUT    ?= runs/make-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean browser-deps test-browser screenshot load-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,16 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# Debian's Chromium for the browser test (Playwright drives it; never `playwright install`).
+browser-deps:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test-browser: $(STAMP) browser-deps
+	$(BIN)/python -m pytest -q tests/test_browser.py
+
+screenshot: $(STAMP) browser-deps
+	KNEEOSTEO_UPDATE_SCREENSHOT=1 $(BIN)/python -m pytest -q tests/test_browser.py
+
+load-test: $(STAMP)
+	$(BIN)/python benchmarks/load_test.py $(if $(RUN),--run $(RUN))

@@ -195,6 +195,18 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def _in_process(spec: dict) -> dict:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return worker(spec)
+    except Exception as exc:
+        return {"engine": spec["engine"], "model": spec["model"], "skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_worker(spec: dict, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
@@ -305,7 +317,9 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
 
 def run_section(quick: bool = False, peaks: dict | None = None, threads: int | None = None, models=None,
                 engines=None, run: str | None = None, data: str | None = None, work: Path | None = None,
-                compile_cap_s: float = 420.0, log=print) -> dict:
+                compile_cap_s: float = 420.0, isolate: bool | None = None, log=print) -> dict:
+    """``isolate`` (default: not with ``quick``): one process per (model, engine), so the peak
+    memory is that engine's own; in-process rows (the smoke run) report a cumulative peak."""
     import torch
 
     threads = threads or torch.get_num_threads()
@@ -317,6 +331,7 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
         "warmup": 1 if quick else 3, "min_iters": 3 if quick else 20, "max_iters": 20 if quick else 300,
         "target_s": 0.3 if quick else 10.0,
     }
+    isolate = (not quick) if isolate is None else isolate
     if quick:  # compiling takes minutes here: more than the whole smoke run may spend
         engines = [e for e in engines if not ENGINES[e].get("compile")]
     doc: dict = {"settings": settings, "models": {}, "notes": []}
@@ -344,12 +359,14 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                             "batches": list(BATCHES), **settings}
                     cap = (60 if quick else compile_cap_s) if ENGINES[eng].get("compile") else (120 if quick else 900)
                     log(f"  inference: {name} {eng} ...")
-                    res = _run_worker(spec, cap)
+                    res = _run_worker(spec, cap) if isolate else _in_process(spec)
                     mdoc["engines"][eng] = res
                 _derive(mdoc, peaks or {})
                 doc["models"][name] = mdoc
             if quick:
                 doc["notes"].append("torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)")
+            if not isolate:
+                doc["notes"].append("engines ran in one process: peak RSS is cumulative, not per engine")
             doc["int8_accuracy_kop"] = _kop_accuracy(quick, run, data, work, threads)
     finally:
         if tmp:

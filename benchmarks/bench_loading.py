@@ -106,7 +106,7 @@ def run_section(quick: bool = False, kop: Path | None = None, workers: int = 2, 
 
             kfiles = sorted(p for p in Path(kop).rglob("*") if p.is_file() and is_candidate(p)
                             and p.suffix.lower() != ".md")
-            sets["kop (as shipped)"] = kfiles[:: max(1, len(kfiles) // (8 if quick else 96))]
+            sets["kop (as shipped)"] = kfiles[:: max(1, len(kfiles) // (3 if quick else 96))][: 3 if quick else 96]
         for fmt, fs in sets.items():
             mp = sum(_megapixels(f) for f in fs)
             mb = sum(f.stat().st_size for f in fs) / 2**20

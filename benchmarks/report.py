@@ -24,7 +24,7 @@ def _f(x, nd: int = 1) -> str:
         return "–"
     if isinstance(x, float):
         if abs(x) and abs(x) < 10 ** -nd:
-            return f"{x:.1e}"
+            return f"{x:.2g}"
         return f"{x:,.{nd}f}"
     return str(x)
 
