@@ -90,7 +90,6 @@ def count_flops(net, size: int) -> int:
 def export_files(name: str, net, size: int, work: Path, calib: np.ndarray) -> dict:
     """model.onnx (fp32) and its two int8 versions for ``net``; failures are recorded, not raised."""
     import io
-    import logging
     import warnings
 
     import onnx
@@ -110,7 +109,6 @@ def export_files(name: str, net, size: int, work: Path, calib: np.ndarray) -> di
                           opset_version=DEFAULT_OPSET, do_constant_folding=True, dynamo=False)
     onnx.save(onnx.load_from_string(buf.getvalue()), str(fp32))
     files["fp32"], seconds["export"] = str(fp32), round(time.perf_counter() - t, 2)
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser warns per 1-D weight: noise here
     for mode in ("dynamic", "static"):
         t = time.perf_counter()
         try:
@@ -230,18 +228,24 @@ def _run_worker(spec: dict, timeout: float) -> dict:
 # int8 accuracy on KOP
 
 
-def find_model_run(explicit: str | None) -> tuple[Path | None, str]:
-    """The bundled model, else ``--run``; (None, reason) when neither exists."""
+def find_model_run(explicit: str | None, fallback: str | None = None) -> tuple[Path | None, str]:
+    """``--run`` when given, else the bundled model, else ``fallback`` (the run `make run` made in
+    this benchmark); (None, reason) when there is none."""
     from kneeosteo.inference.bundled import bundled_run_dir, has_bundled_model
 
-    if has_bundled_model():
-        return bundled_run_dir(), "bundled default model"
+    def usable(run):
+        return (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+
     if explicit:
         run = Path(explicit)
-        if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
+        if usable(run):
             return run, f"--run {run}"
         return None, f"--run {run}: not a finished run folder (config.json/model.safetensors missing)"
-    return None, "no bundled model (kneeosteo/assets/default_model/) and no --run given"
+    if has_bundled_model():
+        return bundled_run_dir(), "bundled default model"
+    if fallback and usable(Path(fallback)):
+        return Path(fallback), "the run `make run` made in this benchmark"
+    return None, "no --run given, no bundled model (kneeosteo/assets/default_model/), no `make run` output"
 
 
 def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, threads: int, limit: int | None = None) -> dict:
@@ -275,8 +279,13 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
                 continue
         return np.stack(xs).astype(np.float32), np.array(ys)
 
-    x, y = load(test)
-    calib, _ = load(calib_items)
+    if not test or not calib_items:
+        return {"skipped": f"{run}: empty test or training split", "model_run": str(run)}
+    try:
+        x, y = load(test)
+        calib, _ = load(calib_items)
+    except ValueError:  # np.stack of nothing: no file of the split could be read
+        return {"skipped": f"{run}: the split's images are not readable under {data}", "model_run": str(run)}
     fp32 = export_onnx(run, work / "kop.fp32.onnx")
     model = load_model(run, "cpu")
     with torch.inference_mode():
@@ -308,6 +317,14 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
         p = np.concatenate([torch.sigmoid(m(images=torch.from_numpy(x[i:i + 16]).contiguous(
             memory_format=torch.channels_last)).float()).numpy() for i in range(0, len(x), 16)]).astype(np.float64)
     out["engines"]["torch-cl-bf16"] = score(p)
+    # the model's own sensitivity, for scale: fp32, inputs moved by uniform noise of +-1 grey level
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        xn = torch.from_numpy(x)
+        xn = xn + (torch.rand(xn.shape, generator=g) - 0.5) * 2 * (1 / 255) / torch.tensor(info.preprocess.std).view(3, 1, 1)
+        p = np.concatenate([torch.sigmoid(model(images=xn[i:i + 16]).float()).numpy()
+                            for i in range(0, len(xn), 16)]).astype(np.float64)
+    out["engines"]["torch-fp32, input +-1 grey level noise (reference)"] = score(p)
     return out
 
 
@@ -317,7 +334,8 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
 
 def run_section(quick: bool = False, peaks: dict | None = None, threads: int | None = None, models=None,
                 engines=None, run: str | None = None, data: str | None = None, work: Path | None = None,
-                compile_cap_s: float = 420.0, isolate: bool | None = None, log=print) -> dict:
+                compile_cap_s: float = 420.0, isolate: bool | None = None, fallback_run: str | None = None,
+                log=print) -> dict:
     """``isolate`` (default: not with ``quick``): one process per (model, engine), so the peak
     memory is that engine's own; in-process rows (the smoke run) report a cumulative peak."""
     import torch
@@ -367,17 +385,17 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                 doc["notes"].append("torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)")
             if not isolate:
                 doc["notes"].append("engines ran in one process: peak RSS is cumulative, not per engine")
-            doc["int8_accuracy_kop"] = _kop_accuracy(quick, run, data, work, threads)
+            doc["int8_accuracy_kop"] = _kop_accuracy(quick, run, data, work, threads, fallback_run)
     finally:
         if tmp:
             tmp.cleanup()
     return doc
 
 
-def _kop_accuracy(quick, run, data, work, threads) -> dict:
+def _kop_accuracy(quick, run, data, work, threads, fallback=None) -> dict:
     if quick and not run:
         return {"skipped": "--quick: needs a trained run (pass --run)"}
-    path, why = find_model_run(run)
+    path, why = find_model_run(run, fallback)
     try:
         return int8_accuracy(path, why, Path(data) if data else None, work, threads, limit=8 if quick else None)
     except Exception as exc:  # report, do not lose the timing rows

@@ -35,7 +35,7 @@ from kneeosteo.training import cache as cache_mod
 from kneeosteo.training.config import TrainConfig
 from kneeosteo.training.trainer import train
 from kneeosteo.utils import atomic
-from kneeosteo.utils.atomic import OutputError, atomic_path, write_json, write_text
+from kneeosteo.utils.atomic import OutputError, atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "kneeosteo"
@@ -199,8 +199,6 @@ def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch,
     assert not (Path(os.environ["KNEEOSTEO_CACHE"]) / "tensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="audit/split write through utils.atomic, but cli.main() does not yet "
-                   "catch OutputError (add it to main's except tuple and call ensure_writable(out) first)")
 @pytest.mark.parametrize("command", ["audit", "split"])
 def test_audit_and_split_unwritable_output_is_one_line(ws, tmp_path, capsys, command):
     (tmp_path / "a-file").write_text("x")
@@ -297,8 +295,6 @@ def test_damaged_checkpoint_is_refused_by_predict(ws, tmp_path, capsys, damage):
     assert {"truncated": "truncated", "tampered": "sha256", "config mismatch": "head.hidden"}[damage] in err
 
 
-@pytest.mark.xfail(strict=True, reason="`evaluate` lets CheckpointError through as a traceback: cli.main() "
-                   "should catch kneeosteo.models.CheckpointError like DataError")
 def test_damaged_checkpoint_is_refused_by_evaluate(ws, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(ws.ref, run)

@@ -215,6 +215,9 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))  # private: parallel runs don't collide
     pre, tmp = work / "pre.onnx", work / "int8.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser warns (on the root logger) for every 1-D weight it keeps per-tensor
     try:
         try:  # shape inference + graph optimisation first, as ONNX Runtime recommends
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -237,6 +240,7 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
             proto.metadata_props.add(key=k, value=v)
         write_bytes(out, proto.SerializeToString())
     finally:
+        root.setLevel(level)
         shutil.rmtree(work, ignore_errors=True)
     return out
 

@@ -39,7 +39,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
             errors.append(ImageReadError(p, "no such file or directory"))
             continue
         for f in found:
-            key = f.resolve()
+            try:
+                key = f.resolve()
+            except (OSError, RuntimeError):  # a symlink loop: let the reader report it by name
+                key = f.absolute()
             if key not in seen:
                 seen.add(key)
                 files.append(f)

@@ -52,6 +52,9 @@ def audit(
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
     from kneeosteo.data.scan import scan_dataset
 
+    from kneeosteo.utils.atomic import ensure_writable
+
+    ensure_writable(out)  # fail before the scan, not after it
     scan = scan_dataset(_data(data), positive=positive, require_binary=False)
     report = build_audit(scan, near_threshold=near_threshold, seed=seed)
     paths = write_audit(report, out)
@@ -78,6 +81,9 @@ def split(
 
     if protocol not in ("paper", "kfold"):
         raise typer.BadParameter("use 'paper' or 'kfold'", param_hint="--protocol")
+    from kneeosteo.utils.atomic import ensure_writable
+
+    ensure_writable(out.parent)
     scan = scan_dataset(_data(data), positive=positive)
     doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold)
     write_split(doc, out)
@@ -222,7 +228,7 @@ def predict(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="preds.csv or preds.json (default: a table on stdout)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
-    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest measured, see benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), torch-bf16 (bf16 autocast), onnxruntime (fp32, runs the model's ONNX export), or onnxruntime-int8 (static int8, calibrated on the run's training images)."),
+    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images)."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
@@ -417,10 +423,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from kneeosteo.data.reader import ImageReadError
     from kneeosteo.data.scan import DataError
+    from kneeosteo.models.hybrid import CheckpointError
+    from kneeosteo.utils.atomic import OutputError
 
     try:
         app(args=argv, standalone_mode=True)
-    except (CliError, DataError, ImageReadError, FileNotFoundError) as exc:
+    except (CliError, DataError, ImageReadError, FileNotFoundError, OutputError, CheckpointError) as exc:
         # escape: a path such as "knee [left].png" is not Rich markup; soft_wrap: keep the
         # promised single line (Rich would otherwise fold long paths at the console width)
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)

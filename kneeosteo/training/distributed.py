@@ -63,12 +63,12 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def piece(self, idx: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous slice of a global batch (sizes differ by at most one)."""
-        sizes = [len(p) for p in torch.tensor_split(idx, self.world)]
+    def piece(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n`` (shares differ by at most one)."""
+        sizes = [n // self.world + (r < n % self.world) for r in range(self.world)]
         start = sum(sizes[: self.rank])
         self.batch = (sizes, start)
-        return idx[start : start + sizes[self.rank]]
+        return slice(start, start + sizes[self.rank])
 
 
 _CTX: Dist | None = None

@@ -130,9 +130,11 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
         if train and len(idx) < max(2, world):  # BatchNorm cannot train on a single sample
             continue
         batch_n = len(idx)
-        if world > 1:
-            idx = ctx.piece(idx)
         x, feats, y = batches.inputs(idx, cfg.channels_last, device, rng)
+        if world > 1:  # every rank prepares the whole batch (online augmentation draws per image), keeps its rows
+            rows = ctx.piece(batch_n)
+            idx, x, y = idx[rows], x[rows], y[rows]
+            feats = None if feats is None else feats[rows]
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
             if world > 1:
