@@ -8,7 +8,7 @@ SEED   ?= 0
 OUT    ?= runs/make-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean browser-deps test-browser screenshot load-test
+.PHONY: run test venv clean browser-deps test-browser screenshot load-test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,7 @@ screenshot: $(STAMP) browser-deps
 
 load-test: $(STAMP)
 	$(BIN)/python benchmarks/load_test.py $(if $(RUN),--run $(RUN))
+
+# Benchmarks (not part of `make test`); writes benchmarks/results/*.json and benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run

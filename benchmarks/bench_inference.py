@@ -179,8 +179,8 @@ def worker(spec: dict) -> dict:
         t = time.perf_counter()
         run(x)  # first call: compiles / plans for this shape
         row["first_call_s"] = round(time.perf_counter() - t, 3)
-        min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] // 2)
-        times = time_calls(lambda: run(x), warmup=spec["warmup"], min_iters=min_iters,
+        min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] * 2 // 5)
+        times = time_calls(lambda: run(x), warmup=spec["warmup"] if batch == 1 else 1, min_iters=min_iters,
                            max_iters=spec["max_iters"], target_s=spec["target_s"])
         row.update(latency_stats(times, batch))
         hwm = proc_status_kb("VmHWM")
@@ -203,6 +203,47 @@ def _in_process(spec: dict) -> dict:
         return {"engine": spec["engine"], "model": spec["model"], "skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     finally:
         torch.set_num_threads(before)
+
+
+HEAD_TO_HEAD = ("torch-cl-fp32", "torch-cl-bf16", "ort-fp32", "ort-int8-static")
+
+
+def head_to_head(base_spec: dict, engines=HEAD_TO_HEAD, rounds: dict | None = None, pause_s: float = 0.2) -> dict:
+    """The engines `predict` offers, loaded side by side in this process and called in turn
+    (round-robin, the starting engine rotating), so a change of machine load during the run
+    hits all of them alike; the per-engine rows above run minutes apart and can be skewed by
+    it. ``pause_s`` (untimed) between calls lets the previous engine's thread pool stop
+    spinning: ONNX Runtime's and OpenMP's idle threads spin-wait for a while, and an engine
+    started while the other's threads still spin on the same 2 cores runs several times slower.
+    Returns the median latency per engine and batch size."""
+    rounds = rounds or {1: 30, 32: 6}
+    runners, out = {}, {"rounds": {str(k): v for k, v in rounds.items()}, "pause_s": pause_s, "batches": {}}
+    for eng in engines:
+        try:
+            runners[eng] = _make_runner({**base_spec, "engine": eng})[0]
+        except Exception as exc:
+            out.setdefault("skipped", {})[eng] = f"{type(exc).__name__}: {exc}"[:200]
+    size = base_spec["image_size"]
+    rng = np.random.default_rng(3)
+    names = list(runners)
+    for batch, n in rounds.items():
+        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        for name in names:  # warm-up: first-call planning and compilation out of the way
+            runners[name](x)
+            runners[name](x)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(n):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                time.sleep(pause_s)
+                t = time.perf_counter()
+                runners[name](x)
+                times[name].append(time.perf_counter() - t)
+        out["batches"][str(batch)] = {
+            name: {"p50_ms": round(1e3 * float(np.median(ts)), 3),
+                   "images_per_s": round(batch / float(np.median(ts)), 3), "calls": len(ts)}
+            for name, ts in times.items()}
+    return out
 
 
 def _run_worker(spec: dict, timeout: float) -> dict:
@@ -347,7 +388,7 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
     settings = {
         "image_size": size, "batches": list(BATCHES), "threads": threads,
         "warmup": 1 if quick else 3, "min_iters": 3 if quick else 20, "max_iters": 20 if quick else 300,
-        "target_s": 0.3 if quick else 10.0,
+        "target_s": 0.3 if quick else 8.0,
     }
     isolate = (not quick) if isolate is None else isolate
     if quick:  # compiling takes minutes here: more than the whole smoke run may spend
@@ -380,6 +421,14 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                     res = _run_worker(spec, cap) if isolate else _in_process(spec)
                     mdoc["engines"][eng] = res
                 _derive(mdoc, peaks or {})
+                log(f"  inference: {name} head-to-head (interleaved) ...")
+                try:
+                    mdoc["head_to_head"] = head_to_head(
+                        {"model": name, "state": str(state), "files": ex["files"], "file_errors": ex["errors"],
+                         "threads": threads, "image_size": size},
+                        rounds={1: 3, 32: 2} if quick else {1: 30, 32: 6})
+                except Exception as exc:
+                    mdoc["head_to_head"] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
                 doc["models"][name] = mdoc
             if quick:
                 doc["notes"].append("torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)")

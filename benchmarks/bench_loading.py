@@ -72,7 +72,6 @@ def _threads(files, size, workers):
 
 
 def _dataloader(files, size, workers):
-    import torch
     from torch.utils.data import DataLoader
 
     # torch threads inside each worker: 1 (DataLoader's default), so 2 workers use 2 cores
@@ -80,7 +79,6 @@ def _dataloader(files, size, workers):
                         multiprocessing_context="fork" if workers else None)
     for _ in loader:
         pass
-    del torch
 
 
 def _time(fn, repeats: int) -> float:
@@ -106,7 +104,7 @@ def run_section(quick: bool = False, kop: Path | None = None, workers: int = 2, 
 
             kfiles = sorted(p for p in Path(kop).rglob("*") if p.is_file() and is_candidate(p)
                             and p.suffix.lower() != ".md")
-            sets["kop (as shipped)"] = kfiles[:: max(1, len(kfiles) // (3 if quick else 96))][: 3 if quick else 96]
+            sets[f"{Path(kop).name} (as shipped)"] = kfiles[:: max(1, len(kfiles) // (3 if quick else 96))][: 3 if quick else 96]
         for fmt, fs in sets.items():
             mp = sum(_megapixels(f) for f in fs)
             mb = sum(f.stat().st_size for f in fs) / 2**20

@@ -18,6 +18,7 @@ An epoch is a training pass plus a validation pass, as in ``kneeosteo train``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -270,8 +271,41 @@ def time_make_run(data: Path, work: Path, timeout: float = 3600.0) -> dict:
 # the section
 
 
+BACKBONES = ("efficientnet_lite0", "densenet169")  # the default model's, and the paper's
+
+
+def _weights(name: str, wanted: str) -> str:
+    """``wanted`` when those weights are on this machine, else "none" (random: the same timing)."""
+    from kneeosteo.models.backbones import BackboneWeightsError, build_backbone
+
+    try:
+        build_backbone(name, wanted, allow_download=False)
+        return wanted
+    except BackboneWeightsError:
+        return "none"
+
+
+def _ratios(rows: dict) -> dict:
+    out = {}
+    for prec in ("bf16", "fp32"):
+        n, c = rows.get(f"naive_{prec}"), rows.get(f"cached_{prec}")
+        if n and c:
+            out[prec] = {
+                "epoch_speedup": round(n["mean_epoch_s"] / c["mean_epoch_s"], 2),
+                "train_images_per_s_speedup": round(c["mean_train_images_per_s"] / n["mean_train_images_per_s"], 2),
+                # the cached epoch is the AM + head alone; the rest of a naive epoch is decode,
+                # augmentation and the frozen backbone
+                "am_head_share_of_naive_epoch": round(c["mean_epoch_s"] / n["mean_epoch_s"], 3),
+                "projected_30_epochs_naive_s": round(30 * n["mean_epoch_s"], 1),
+                "projected_30_epochs_cached_s": round(rows["cached_bf16"].get("prepare_cold_s", 0)
+                                                      + 30 * c["mean_epoch_s"], 1),
+            }
+    return out
+
+
 def run_section(quick: bool = False, data: str | None = None, epochs_naive: int = 2, epochs_cached: int = 3,
-                make_run: bool = True, fp32: bool = True, work: Path | None = None, log=print) -> dict:
+                make_run: bool = True, fp32: bool = True, backbones=BACKBONES, work: Path | None = None,
+                log=print) -> dict:
     import torch
 
     from kneeosteo.data.scan import scan_dataset
@@ -305,30 +339,21 @@ def run_section(quick: bool = False, data: str | None = None, epochs_naive: int 
             write_split(split, split_path)
             amp = autocast_dtype(cfg.precision, "cpu")
             doc["setup"] = {
-                "data": data_name, "backbone": cfg.backbone, "backbone_weights": cfg.backbone_weights,
-                "copies": cfg.copies, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+                "data": data_name, "copies": cfg.copies, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
                 "autocast": str(amp) if amp else "fp32", "channels_last": cfg.channels_last,
                 "threads": torch.get_num_threads(), "epochs_naive": epochs_naive, "epochs_cached": epochs_cached,
                 "split_sizes": {k: len(split[k]) for k in ("train", "val", "test", "excluded")},
             }
-            rows = {}
-            rows["cached_bf16"] = run_cached(cfg, root, split_path, amp, epochs_cached, cache, log=log)
-            rows["naive_bf16"] = run_naive(cfg, root, split_path, amp, epochs_naive, log)
-            if fp32:
-                rows["cached_fp32"] = run_cached(cfg, root, split_path, None, epochs_cached, cache, cold=False, log=log)
-                rows["naive_fp32"] = run_naive(cfg, root, split_path, None, max(1, epochs_naive - 1), log)
-            doc["rows"] = rows
-            doc["ratios"] = {}
-            for prec in ("bf16", "fp32"):
-                n, c = rows.get(f"naive_{prec}"), rows.get(f"cached_{prec}")
-                if n and c:
-                    doc["ratios"][prec] = {
-                        "epoch_speedup": round(n["mean_epoch_s"] / c["mean_epoch_s"], 2),
-                        "train_images_per_s_speedup": round(c["mean_train_images_per_s"] / n["mean_train_images_per_s"], 2),
-                        "projected_30_epochs_naive_s": round(30 * n["mean_epoch_s"], 1),
-                        "projected_30_epochs_cached_s": round(rows["cached_bf16"].get("prepare_cold_s", 0)
-                                                              + 30 * c["mean_epoch_s"], 1),
-                    }
+            doc["backbones"] = {}
+            for i, name in enumerate(["efficientnet_lite0"] if quick else list(backbones)):
+                bcfg = dataclasses.replace(cfg, backbone=name, backbone_weights=_weights(name, cfg.backbone_weights))
+                log(f"  training: backbone {name} (weights {bcfg.backbone_weights})")
+                rows = {"cached_bf16": run_cached(bcfg, root, split_path, amp, epochs_cached, cache, log=log),
+                        "naive_bf16": run_naive(bcfg, root, split_path, amp, epochs_naive, log)}
+                if fp32 and i == 0:  # fp32 rows for the default backbone only
+                    rows["cached_fp32"] = run_cached(bcfg, root, split_path, None, epochs_cached, cache, cold=False, log=log)
+                    rows["naive_fp32"] = run_naive(bcfg, root, split_path, None, max(1, epochs_naive - 1), log)
+                doc["backbones"][name] = {"weights": bcfg.backbone_weights, "rows": rows, "ratios": _ratios(rows)}
             if make_run:
                 log("  training: timing `make run` (cold cache) ...")
                 doc["make_run"] = time_make_run(root, work)

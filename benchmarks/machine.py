@@ -65,7 +65,6 @@ def describe() -> dict:
         usable = os.cpu_count()
     return {
         "date": now_iso(),
-        "hostname_hash": None,  # deliberately not recorded
         "platform": platform.platform(),
         **_cpuinfo(),
         "logical_cpus": os.cpu_count(),

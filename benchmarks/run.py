@@ -1,6 +1,6 @@
 """Run the benchmarks and write results/*.json + RESULTS.md.
 
-    python -m benchmarks.run                      # everything, on KOP (~30-40 min on an idle 2-core machine)
+    python -m benchmarks.run                      # everything, on KOP (~1-1.5 h on an idle 2-core machine)
     python -m benchmarks.run --quick --out /tmp/b # smoke: tiny generated data, ~1 min
     python -m benchmarks.run --only inference,loading
     python benchmarks/run.py ...                  # the same
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--epochs-cached", type=int, default=3)
     ap.add_argument("--no-make-run", action="store_true", help="do not time a full `make run`")
     ap.add_argument("--no-fp32", action="store_true", help="training: skip the fp32 naive/cached rows")
+    ap.add_argument("--train-backbones", default="efficientnet_lite0,densenet169",
+                    help="training backbones (random weights where the pretrained file is not on this machine)")
     ap.add_argument("--models", default=None, help="inference backbones (default: efficientnet_lite0,densenet169)")
     ap.add_argument("--engines", default=None, help="inference engines (default: all, see bench_inference.ENGINES)")
     ap.add_argument("--compile-cap", type=float, default=420.0, help="seconds a torch.compile worker may take in all")
@@ -86,7 +88,7 @@ def main(argv=None) -> Path:
             elif name == "training":
                 doc = bench_training.run_section(quick=args.quick, data=str(data), epochs_naive=args.epochs_naive,
                                                  epochs_cached=args.epochs_cached, make_run=not args.no_make_run,
-                                                 fp32=not args.no_fp32,
+                                                 fp32=not args.no_fp32, backbones=args.train_backbones.split(","),
                                                  work=work / "training", log=log)
                 trained_run = (doc.get("make_run") or {}).get("run_folder")
             else:

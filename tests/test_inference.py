@@ -76,7 +76,7 @@ def ws(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def torch_result(ws):
-    return Predictor(ws.run).predict(ws.inputs)
+    return Predictor(ws.run, engine="torch").predict(ws.inputs)
 
 
 # --------------------------------------------------------------------------- inputs and predict

@@ -75,10 +75,18 @@ def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, 
     return cat
 
 
+PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
+
+
 def default_models(quick: bool) -> list[str]:
     if quick:
         return [f"hybrid-{b}" for b in OFFLINE_BACKBONES] + [f"fc-{b}" for b in OFFLINE_BACKBONES] + ["am-only"]
     return list(model_catalogue())
+
+
+def quick_display_only(models: list[str]) -> list[str]:
+    """The paper's rows that --quick does not train, listed so its values stand beside ours."""
+    return [m for m in PAPER_MODELS if m not in models]
 
 
 def weights_available(backbone: str) -> tuple[bool, str]:
@@ -181,6 +189,8 @@ def aggregate(specs: list[ModelSpec], seeds: list[int], cells: list[Cell], statu
                 prob = np.array([v[1] for v in p.values()])
                 vals.append(binary_metrics(y, prob)[col])
             stat = mean_std_ci(vals) if vals else {"mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+            if col != "loss":  # a t-interval can overshoot [0, 1]; the metric cannot
+                stat = {**stat, "ci_low": max(stat["ci_low"], 0.0), "ci_high": min(stat["ci_high"], 1.0)}
             row.update({f"{col}_mean": stat["mean"], f"{col}_std": stat["std"],
                         f"{col}_ci_low": stat["ci_low"], f"{col}_ci_high": stat["ci_high"]})
             paper = PAPER_TABLE.get(m.paper_row or "")
@@ -297,9 +307,10 @@ def _silent(*_args, **_kw) -> None:
 
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
-              test_size: int = 72) -> list[dict]:
+              test_size: int = 72, display_only: tuple[str, ...] = ()) -> list[dict]:
+    """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run."""
     cat = model_catalogue()
-    unknown = [m for m in models if m not in cat]
+    unknown = [m for m in list(models) + list(display_only) if m not in cat]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")
     specs = [cat[m] for m in models]
@@ -322,6 +333,9 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         else:
             status[m.key] = f"skipped: {why}"
             console(f"skipping {m.key}: {why}")
+    for key in display_only:
+        specs.append(cat[key])
+        status[key] = "not run (--quick: offline backbones only)"
     for m in runnable:
         if m.key not in random_init:
             status[m.key] = "frozen backbone" if m.backbone else "trained from scratch"

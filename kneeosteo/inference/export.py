@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -208,9 +210,6 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
 
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantisation mode {mode!r} (choose from {QUANT_MODES})")
-    import shutil
-    import tempfile
-
     src, out = Path(src), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))  # private: parallel runs don't collide
@@ -254,9 +253,12 @@ def _calibration_items(run: Path, data: str | os.PathLike | None, n: int) -> tup
     from kneeosteo.data.split import load_split
 
     doc = json.loads((run / "config.json").read_text())
-    root = data or doc.get("run", {}).get("data") or os.environ.get("KNEEOSTEO_DATA")
+    tried = [data] if data else [doc.get("run", {}).get("data"), os.environ.get("KNEEOSTEO_DATA")]
+    tried = [str(t) for t in tried if t]
+    root = next((t for t in tried if Path(t).is_dir()), None)
     split = run / "split.json"
-    if not root or not Path(root).is_dir() or not split.is_file():
+    if root is None or not split.is_file():
+        root = " or ".join(tried) or None
         raise InferenceError(
             f"--engine onnxruntime-int8 calibrates on the run's training images, but the data folder "
             f"({root or 'not recorded'}) or {split} is not there; set KNEEOSTEO_DATA to the data folder, "

@@ -343,7 +343,8 @@ def reproduce(
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
     from kneeosteo.data.scan import scan_dataset
-    from kneeosteo.evaluation.reproduce import default_models, model_catalogue, reproduce as run_reproduce
+    from kneeosteo.evaluation.reproduce import default_models, model_catalogue, quick_display_only
+    from kneeosteo.evaluation.reproduce import reproduce as run_reproduce
     from kneeosteo.training.config import load_config
 
     if list_models:
@@ -370,7 +371,7 @@ def reproduce(
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     try:
         run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
-                            test_size=test_size)
+                            test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else ())
     except (ValueError, OutputError) as exc:
         raise CliError(str(exc))
     if not is_main_process():
