@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 KOP_DIR = (REPO / ".." / "shared" / "datasets" / "kop").resolve()
@@ -24,3 +25,13 @@ def kop() -> Path:
     if not KOP_DIR.is_dir():
         pytest.skip(f"KOP data set not found at {KOP_DIR}; tests that need it skip on a fresh clone")
     return KOP_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: tiny batches gain nothing from more, and on a shared
+    2-core machine OpenMP threads competing with other processes made each step several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,13 +37,7 @@ def _main(argv: list[str]) -> int:
     return exc.value.code
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from more threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -109,14 +109,7 @@ def full_forward_probs(run: Path, data: Path, paths: list[str], cache_root: Path
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny batches gain nothing from more, and on a shared 2-core
-    machine OpenMP threads competing with another process made each step several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,7 @@ def train_tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny images gain nothing from more threads, and the pool runs several at once."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
