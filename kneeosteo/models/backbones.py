@@ -291,6 +291,7 @@ for _name, _dim, _builder, _files, _extra in (
             urls=tuple(_TV + f for f in _files), **_extra,
         )
     )
+del _name, _dim, _builder, _files, _extra  # loop variables, not part of the module's API
 
 
 # --------------------------------------------------------------------------------------------
