@@ -91,6 +91,29 @@ def test_attention_blocks_follow_cbam():
     assert (am.fc.in_features, am.fc.out_features) == (64, 128)
 
 
+def test_attention_pool_before_relu_matches_the_papers_order():
+    """The blocks run conv -> pool -> ReLU for speed; the paper's conv -> ReLU -> pool must give the
+    same features and the same weight gradients (a wrong reordering, e.g. ReLU after a
+    non-monotone op, would not)."""
+    torch.manual_seed(0)
+    am = AttentionModule()
+    kinds = [type(m) for m in am.features]
+    assert kinds == [nn.Conv2d, nn.MaxPool2d, nn.ReLU] * 4
+    paper = AttentionModule()
+    paper.load_state_dict(am.state_dict())
+    paper.features = nn.Sequential(*[
+        m for i in range(0, len(am.features), 3)
+        for m in (paper.features[i], nn.ReLU(), nn.MaxPool2d(2, 2))
+    ])
+    x = _images()
+    ours, ref = am(x), paper(x)
+    assert torch.equal(ours, ref)
+    ours.sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(am.named_parameters(), paper.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
 def test_attention_channels_last_bf16_autocast():
     am = AttentionModule().to(memory_format=torch.channels_last)
     x = _images().to(memory_format=torch.channels_last).requires_grad_(True)
