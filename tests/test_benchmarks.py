@@ -14,16 +14,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import imagegen as g
-from kneeosteo.data.scan import scan_dataset
-from kneeosteo.data.split import make_split, write_split
+from tinyrun import tiny_run
 from kneeosteo.inference import ENGINES, InferenceError, Predictor
 from kneeosteo.inference.predictor import CPU_DEFAULT_ENGINE, LOSSY_ENGINES, resolve_engine
 from kneeosteo.interfaces.cli import main
-from kneeosteo.training.config import TrainConfig
-from kneeosteo.training.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -36,23 +32,17 @@ LOSSY_TOL = 0.05
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
-        write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-        run = train(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
-                                backbone="efficientnet_lite0", backbone_weights="none", epochs=1, copies=1,
-                                batch_size=8, image_size=SIZE, device="cpu"), console=lambda *a: None)
+def ws(tmp_path_factory, one_thread):
+    settings = dict(backbone="efficientnet_lite0", backbone_weights="none", epochs=1, copies=1, batch_size=8,
+                    image_size=SIZE, device="cpu")
+    tiny = tiny_run(tmp_path_factory.mktemp("bench"), settings, n_per_class=10, size=SIZE, run_name="run",
+                    split_kw={"test_size": 4})
+    root, data, run = tiny.root, tiny.data, tiny.run
     im = root / "images"
     files = [g.png_grey8(im / "a.png", variant=0), g.png_grey16(im / "b16.png", variant=1),
              g.jpeg_rgb(im / "c.jpg", variant=2), g.dicom(im / "d.dcm", photometric="MONOCHROME1", variant=3),
              g.png_grey8(im / "e.png", variant=5, size=(40, 70))]
-    yield SimpleNamespace(root=root, data=data, run=run, files=files)
-    torch.set_num_threads(before)
+    return SimpleNamespace(root=root, data=data, run=run, files=files)
 
 
 # --------------------------------------------------------------------------- the smoke run

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,14 +26,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import imagegen as g
-from kneeosteo.data.scan import scan_dataset
-from kneeosteo.data.split import make_split, write_split
+from tinyrun import tiny_run
 from kneeosteo.inference.sharded import shard_files
 from kneeosteo.interfaces.cli import app, main
 from kneeosteo.training import distributed
-from kneeosteo.training.config import TrainConfig
 from kneeosteo.training.distributed import Dist, GlobalDropout
-from kneeosteo.training.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -49,18 +45,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Data, split, and the one-process reference run (one thread, like each torchrun worker)."""
-    root = tmp_path_factory.mktemp("ddp")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache1"))
-        data = g.make_dataset(root / "data", n_per_class=12, size=64).root
-        write_split(make_split(scan_dataset(data), "paper", seed=0, test_size=6, val_fraction=0.25), root / "split.json")
-        (root / "cfg.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
-        run = train(TrainConfig(data=str(data), out=str(root / "one"), split=str(root / "split.json"), **SETTINGS),
-                    console=lambda *a: None)
-    torch.set_num_threads(before)
-    return SimpleNamespace(root=root, data=data, split=root / "split.json", cfg=root / "cfg.toml", run=run)
+    return tiny_run(tmp_path_factory.mktemp("ddp"), SETTINGS, run_name="one")
 
 
 def test_two_processes_match_one(ws):

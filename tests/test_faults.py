@@ -25,11 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-import imagegen as g
-from kneeosteo.data.scan import scan_dataset
-from kneeosteo.data.split import make_split, write_split
+from tinyrun import tiny_run
 from kneeosteo.interfaces.cli import main
 from kneeosteo.training import cache as cache_mod
 from kneeosteo.training.config import TrainConfig
@@ -68,30 +65,12 @@ def temporaries(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """Data, split, a TOML with SETTINGS, and the uninterrupted reference run (one thread, like
-    the subprocesses, which get OMP_NUM_THREADS=1)."""
-    root = tmp_path_factory.mktemp("faults")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        data = g.make_dataset(root / "data", n_per_class=12, size=64).root
-        write_split(make_split(scan_dataset(data), "paper", seed=0, test_size=6, val_fraction=0.25), root / "split.json")
-        (root / "cfg.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
-        ref = train(TrainConfig(data=str(data), out=str(root / "ref"), split=str(root / "split.json"), **SETTINGS),
-                    console=lambda *a: None)
-        yield SimpleNamespace(root=root, data=data, split=root / "split.json", cfg=root / "cfg.toml", ref=ref,
-                              cache=root / "cache")
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def ws(tmp_path_factory, one_thread):
+    """Data, split, a TOML with SETTINGS, and the uninterrupted reference run ``ws.ref`` (one
+    thread throughout, like the subprocesses, which get OMP_NUM_THREADS=1)."""
+    ws = tiny_run(tmp_path_factory.mktemp("faults"), SETTINGS)
+    ws.ref = ws.run
+    return ws
 
 
 # --------------------------------------------------------------------------- kill -9
