@@ -38,14 +38,17 @@ def _data(path: Optional[Path]) -> Path:
 
 
 DataArg = typer.Argument(None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop).")
+PositiveOpt = typer.Option("osteoporosis", help="Name of the positive class folder.")
+NearOpt = typer.Option(6, help="pHash Hamming distance (bits of 64) at or below which two images are near "
+                               "duplicates, i.e. one leakage group.")
 
 
 @app.command()
 def audit(
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("out/audit"), "--out", help="Folder for audit.json and audit.md."),
-    positive: str = typer.Option("osteoporosis", help="Name of the positive class folder."),
-    near_threshold: int = typer.Option(6, help="pHash Hamming distance (bits of 64) for near duplicates."),
+    positive: str = PositiveOpt,
+    near_threshold: int = NearOpt,
     seed: int = typer.Option(0, help="Seed of the shortcut check's cross-validation."),
 ):
     """Count, de-duplicate and check a data set for label shortcuts; writes audit.json and audit.md."""
@@ -72,8 +75,8 @@ def split(
     seed: int = typer.Option(0, help="Random seed."),
     test_size: int = typer.Option(72, help="Test images for --protocol paper (the paper's 72)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of the non-test images used for validation."),
-    positive: str = typer.Option("osteoporosis", help="Name of the positive class folder."),
-    near_threshold: int = typer.Option(6, help="pHash distance that makes two images one leakage group."),
+    positive: str = PositiveOpt,
+    near_threshold: int = NearOpt,
 ):
     """De-duplicate, then split into train/val/test with no picture shared between partitions."""
     from kneeosteo.data.scan import scan_dataset
