@@ -51,6 +51,10 @@ def test_table_has_a_row_per_model_with_paper_columns(tiny_repro):
     assert ran["fc-vgg19"]["accuracy_paper"] == PAPER_TABLE["VGG19"][4]
     md = (out / "table1.md").read_text()
     assert "same test images: yes" in md
+    # a GitHub/CommonMark table needs as many delimiter cells as header cells, and rows to match
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(MODELS)
+    assert {line.count("|") for line in table_lines} == {table_lines[0].count("|")}
     assert (out / "table1.png").stat().st_size > 1000
 
 

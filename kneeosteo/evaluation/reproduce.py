@@ -244,7 +244,7 @@ def _fmt(row: dict, col: str) -> str:
 
 def render_markdown(rows: list[dict], info: dict) -> str:
     head = "| model | status | seeds | " + " | ".join(COLUMNS) + " | paper acc | McNemar p | DeLong p | time (s) |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 8)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]  # a delimiter row per header cell, or no table
     for r in rows:
         paper = r.get("accuracy_paper")
         paper_s = f"{paper:.4f} ({r['paper_row']})" if paper is not None and not np.isnan(paper) else "-"
