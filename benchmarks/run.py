@@ -1,6 +1,6 @@
 """Run the benchmarks and write results/*.json + RESULTS.md.
 
-    python -m benchmarks.run                      # everything, on KOP (~1-1.5 h on an idle 2-core machine)
+    python -m benchmarks.run                      # everything, on KOP (~30 min on an idle 2-core machine)
     python -m benchmarks.run --quick --out /tmp/b # smoke: tiny generated data, ~1 min
     python -m benchmarks.run --only inference,loading
     python benchmarks/run.py ...                  # the same
