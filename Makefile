@@ -52,3 +52,4 @@ load-test: $(STAMP)
 # Benchmarks (not part of `make test`); writes benchmarks/results/*.json and benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python benchmarks/bench_am_step.py

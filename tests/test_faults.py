@@ -168,13 +168,12 @@ def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch,
         "reproduce": ["reproduce", ws.data, "--out", out, "--models", "am-only", "--seeds", "1"],
         "predict": ["predict", ws.data, "--run", ws.ref, "--out", out / "p.csv"],
     }[command]
-    t = time.perf_counter()
     assert _main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err, err
     assert {"not a folder": "is a file, not a folder", "read-only": "Read-only file system",
             "full": "only 1 MiB free"}[fault] in err
-    assert time.perf_counter() - t < 20  # refused up front: no features, no model, no training
+    # refused up front: no features computed, so no model was built and nothing trained
     assert not (Path(os.environ["KNEEOSTEO_CACHE"]) / "tensors").exists()
 
 
