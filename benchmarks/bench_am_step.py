@@ -96,9 +96,9 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     doc = run(args.iters, args.batch, args.size)
     write_json(args.out, doc)
-    md = args.out.with_suffix(".md")
-    md.write_text(markdown(doc))
-    print(markdown(doc))
+    md, text = args.out.with_suffix(".md"), markdown(doc)
+    md.write_text(text)
+    print(text)
     return md
 
 

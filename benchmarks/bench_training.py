@@ -275,14 +275,13 @@ BACKBONES = ("efficientnet_lite0", "densenet169")  # the default model's, and th
 
 
 def _weights(name: str, wanted: str) -> str:
-    """``wanted`` when those weights are on this machine, else "none" (random: the same timing)."""
-    from kneeosteo.models.backbones import BackboneWeightsError, build_backbone
+    """``wanted`` when it is a file or the default weights are on this machine, else "none"
+    (random weights: the same timing)."""
+    from kneeosteo.evaluation.reproduce import weights_available
 
-    try:
-        build_backbone(name, wanted, allow_download=False)
-        return wanted
-    except BackboneWeightsError:
-        return "none"
+    if wanted != "default":
+        return wanted if Path(wanted).is_file() else "none"
+    return wanted if weights_available(name, allow_download=False)[0] else "none"
 
 
 def _ratios(rows: dict) -> dict:
@@ -293,9 +292,6 @@ def _ratios(rows: dict) -> dict:
             out[prec] = {
                 "epoch_speedup": round(n["mean_epoch_s"] / c["mean_epoch_s"], 2),
                 "train_images_per_s_speedup": round(c["mean_train_images_per_s"] / n["mean_train_images_per_s"], 2),
-                # the cached epoch is the AM + head alone; the rest of a naive epoch is decode,
-                # augmentation and the frozen backbone
-                "am_head_share_of_naive_epoch": round(c["mean_epoch_s"] / n["mean_epoch_s"], 3),
                 "projected_30_epochs_naive_s": round(30 * n["mean_epoch_s"], 1),
                 "projected_30_epochs_cached_s": round(rows["cached_bf16"].get("prepare_cold_s", 0)
                                                       + 30 * c["mean_epoch_s"], 1),

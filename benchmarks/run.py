@@ -53,14 +53,20 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def output_paths(args) -> tuple[Path, Path]:
+    """Where the JSON and RESULTS.md go: a smoke run never overwrites the committed results."""
+    out = args.out or (Path(tempfile.mkdtemp(prefix="kneeosteo-bench-quick-")) if args.quick else DEFAULT_OUT)
+    md = args.md or (DEFAULT_MD if out.resolve() == DEFAULT_OUT.resolve() else out / "RESULTS.md")
+    return out, md
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         raise SystemExit(f"unknown section(s) {bad}; choose from {SECTIONS}")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="kneeosteo-bench-quick-")) if args.quick else DEFAULT_OUT)
-    md = args.md or (DEFAULT_MD if out.resolve() == DEFAULT_OUT.resolve() else out / "RESULTS.md")
+    out, md = output_paths(args)
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(args.threads or (1 if args.quick else None))
     common = {"quick": args.quick, "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,7 +78,7 @@ def _names(outcome: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("bad")
     data = g.make_dataset(root / "data", n_per_class=GOOD_PER_CLASS, size=64).root
     good = {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
@@ -96,11 +95,8 @@ def ws(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
         mp.setattr(audit_mod, "metadata_only_accuracy", functools.partial(metadata_only_accuracy, repeats=1))
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
         yield SimpleNamespace(root=root, data=data, good=good, readable=good | _names("read"), empty=empty,
                               single=single)
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ read-only feature cache; damaged checkpoints refused through the CLI; and two so
 nothing unpickles, and every file the package writes goes through the atomic helpers.
 
 Every fault ends with the run's own files intact (no data lost): the resumed run's history,
-metrics and predictions are byte-for-byte those of a run that was never interrupted. The test
-prints the fault tally the README's reliability section reports.
+metrics and predictions are byte-for-byte those of a run that was never interrupted. The
+README's reliability section counts the faults injected here (one per collected case; the
+kill -9 test kills twice).
 """
 
 from __future__ import annotations

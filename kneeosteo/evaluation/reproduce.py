@@ -89,10 +89,10 @@ def quick_display_only(models: list[str]) -> list[str]:
     return [m for m in PAPER_MODELS if m not in models]
 
 
-def weights_available(backbone: str) -> tuple[bool, str]:
+def weights_available(backbone: str, allow_download: bool = True) -> tuple[bool, str]:
     """Resolve the default weights file (package, caches, one download try) without building the net."""
     try:
-        _, source = _default_weights_file(get_backbone_spec(backbone), allow_download=True)
+        _, source = _default_weights_file(get_backbone_spec(backbone), allow_download=allow_download)
         return True, source
     except BackboneWeightsError as exc:
         return False, str(exc).splitlines()[0]

@@ -54,7 +54,6 @@ def audit(
     """Count, de-duplicate and check a data set for label shortcuts; writes audit.json and audit.md."""
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
     from kneeosteo.data.scan import scan_dataset
-
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out)  # fail before the scan, not after it
