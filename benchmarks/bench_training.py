@@ -191,7 +191,7 @@ def run_cached(cfg, data, split_path, amp, epochs: int, cache: Path, cold: bool 
     ``cold``: time prepare on an empty tensor cache first, then again warm; else warm only."""
     import torch
 
-    from kneeosteo.training.cache import backbone_cache_id
+    from kneeosteo.features.cache import backbone_cache_id
     from kneeosteo.training.trainer import Batches, prepare_partitions, run_epoch
 
     model, winfo, prep, sets, opt = _setup(cfg, data, split_path)
@@ -306,7 +306,7 @@ def run_section(quick: bool = False, data: str | None = None, epochs_naive: int 
 
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
-    from kneeosteo.training.config import TrainConfig
+    from kneeosteo.config import TrainConfig
     from kneeosteo.training.trainer import autocast_dtype
 
     tmp = tempfile.TemporaryDirectory(prefix="kneeosteo-bench-train-") if work is None else None

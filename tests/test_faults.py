@@ -30,7 +30,7 @@ import pytest
 from tinyrun import tiny_run
 from kneeosteo.interfaces.cli import main
 from kneeosteo.training import cache as cache_mod
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.training.trainer import train
 from kneeosteo.utils import atomic
 from kneeosteo.utils.atomic import OutputError, atomic_path, write_json

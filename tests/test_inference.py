@@ -24,7 +24,7 @@ from kneeosteo.inference import (COLUMNS, Explainer, InferenceError, ModelInfo, 
 from kneeosteo.inference.explain import to_image_shape
 from kneeosteo.interfaces.cli import main
 from kneeosteo.models import build_model
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.training.trainer import train
 
 SIZE = 64

@@ -10,7 +10,7 @@ import torch
 
 import imagegen
 from kneeosteo.evaluation.reproduce import PAPER_TABLE, model_catalogue, reproduce
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 
 MODELS = ["hybrid-efficientnet_lite0", "fc-efficientnet_lite0", "am-only", "fc-vgg19"]
 

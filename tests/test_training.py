@@ -29,9 +29,9 @@ from kneeosteo.evaluation.evaluate import evaluate_run, run_preprocess
 from kneeosteo.interfaces.cli import app
 from kneeosteo.models import build_model, load_checkpoint
 from kneeosteo.training import trainer
-from kneeosteo.training.cache import TensorCache, backbone_cache_id, cache_key
-from kneeosteo.training.config import TrainConfig, load_config
-from kneeosteo.training.prepare import prepare
+from kneeosteo.features.cache import TensorCache, backbone_cache_id, cache_key
+from kneeosteo.config import TrainConfig, load_config
+from kneeosteo.features.prepare import prepare
 from kneeosteo.training.trainer import HISTORY_FIELDS, train
 
 SIZE = 64

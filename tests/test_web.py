@@ -28,7 +28,7 @@ from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app
 from kneeosteo.interfaces.web import uploads
 from kneeosteo.interfaces.web.app import card_caveat
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.training.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent

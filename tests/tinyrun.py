@@ -17,7 +17,7 @@ import torch
 import imagegen as g
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.training.trainer import train
 
 

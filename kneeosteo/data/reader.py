@@ -17,6 +17,7 @@ import imagehash
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
+from kneeosteo.errors import ImageReadError, NotAnImageError
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -42,20 +43,6 @@ _FORMAT_NAMES = {"MPO": "JPEG"}
 _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
 
 
-class ImageReadError(Exception):
-    """A file we tried to read could not be decoded; callers report it and skip the file."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep picklable across DataLoader worker processes
-        return type(self), (self.path, self.reason)
-
-
-class NotAnImageError(ImageReadError):
-    """The file is plainly not an image (wrong suffix, no DICOM preamble): skip with a warning."""
 
 
 @dataclass(frozen=True)

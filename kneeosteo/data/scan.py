@@ -18,14 +18,11 @@ from pathlib import Path
 from kneeosteo.data.reader import ImageMeta, ImageReadError, NotAnImageError, is_candidate, read_image
 from kneeosteo.paths import cache_dir
 from kneeosteo.utils.atomic import write_json
+from kneeosteo.errors import DataError
 
 log = logging.getLogger(__name__)
 
 POSITIVE_CLASS = "osteoporosis"
-
-
-class DataError(Exception):
-    """A problem with the data set as a whole (missing folder, one class only...)."""
 
 
 @dataclass

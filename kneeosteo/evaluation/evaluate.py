@@ -17,8 +17,8 @@ from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import PAPER_COLUMNS, format_table, metrics_with_ci
 from kneeosteo.models import load_checkpoint
 from kneeosteo.paths import cache_dir
-from kneeosteo.training.cache import TensorCache, backbone_cache_id
-from kneeosteo.training.prepare import PreparedSet, prepare
+from kneeosteo.features.cache import TensorCache, backbone_cache_id
+from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.utils.atomic import write_json, write_text
 
 

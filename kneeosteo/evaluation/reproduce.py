@@ -26,7 +26,7 @@ from kneeosteo.evaluation.metrics import PAPER_COLUMNS, binary_metrics
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
 from kneeosteo.models.backbones import BackboneWeightsError, _default_weights_file, get_backbone_spec
 from kneeosteo.training import distributed
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.utils.atomic import ensure_writable, write_json, write_text
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,9 @@ from pathlib import Path
 
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import DataError
+from kneeosteo.errors import InferenceError
 
 __all__ = ["InferenceError", "ModelInfo", "load_model", "resolve_run", "run_info"]
-
-
-class InferenceError(RuntimeError):
-    """A model could not be found, loaded or used; the CLI prints it as one line (exit 1)."""
 
 
 @dataclass(frozen=True)

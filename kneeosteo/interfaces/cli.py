@@ -139,7 +139,7 @@ def train(
     master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Train the hybrid model (or an ablation) and score it on the held-out test set."""
-    from kneeosteo.training.config import load_config
+    from kneeosteo.config import load_config
     from kneeosteo.training.trainer import train as run_training
 
     if resume is not None:
@@ -185,7 +185,7 @@ def train(
 
 
 def _config_fields() -> set[str]:
-    from kneeosteo.training.config import TrainConfig
+    from kneeosteo.config import TrainConfig
 
     return set(TrainConfig.__dataclass_fields__)
 
@@ -347,7 +347,7 @@ def reproduce(
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.evaluation.reproduce import default_models, model_catalogue, quick_display_only
     from kneeosteo.evaluation.reproduce import reproduce as run_reproduce
-    from kneeosteo.training.config import load_config
+    from kneeosteo.config import load_config
 
     if list_models:
         for key, spec in model_catalogue().items():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kneeosteo.utils.state_dict import mismatch_report
+from kneeosteo.errors import BackboneWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 DOWNLOAD_TIMEOUT_S = 20.0
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-
-
-class BackboneWeightsError(RuntimeError):
-    """Pretrained weights could not be found or do not fit the backbone."""
 
 
 @dataclass(frozen=True)

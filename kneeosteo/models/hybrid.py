@@ -33,6 +33,7 @@ from kneeosteo.models.backbones import (
 )
 from kneeosteo.utils.atomic import atomic_path, write_json
 from kneeosteo.utils.state_dict import mismatch_report
+from kneeosteo.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -51,10 +52,6 @@ CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_FORMAT = "kneeosteo-hybrid-checkpoint"
 CHECKPOINT_VERSION = 1
 _META_KEY = "kneeosteo_model_config"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, corrupt, or inconsistent with its config."""
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -31,11 +31,11 @@ from kneeosteo.data.scan import DataError, scan_dataset
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
 from kneeosteo.models import build_model, get_backbone_spec, save_checkpoint
 from kneeosteo.paths import cache_dir
-from kneeosteo.training.cache import TensorCache, backbone_cache_id
+from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.training import distributed
-from kneeosteo.training.config import TrainConfig
+from kneeosteo.config import TrainConfig
 from kneeosteo.training.distributed import Dist
-from kneeosteo.training.prepare import PreparedSet, prepare
+from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
 from kneeosteo.utils.progress import progress_bar
 

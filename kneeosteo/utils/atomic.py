@@ -18,15 +18,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from kneeosteo.errors import OutputError
 
 MIN_FREE_BYTES = 64 * 2**20
 # errors that mean "this folder cannot take our files", as opposed to a bug in the caller
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                   errno.EEXIST, errno.EISDIR, errno.EFBIG}
-
-
-class OutputError(OSError):
-    """An output folder or file that cannot be written; the message names it, on one line."""
 
 
 def _reason(exc: OSError) -> str:

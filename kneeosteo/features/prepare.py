@@ -18,7 +18,7 @@ from kneeosteo.data.augment import AugmentParams, offline_versions
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageReadError, read_image
 from kneeosteo.data.scan import describe_file
-from kneeosteo.training.cache import TensorCache, cache_key
+from kneeosteo.features.cache import TensorCache, cache_key
 from kneeosteo.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)

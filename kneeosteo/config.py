@@ -1,0 +1,135 @@
+"""Every training setting in one dataclass, validated where it is built, loadable from TOML and
+saved with each run.
+
+Precedence: command-line option > ``--config run.toml`` > the defaults below. The paper gives
+the architecture but not the optimiser settings; the defaults here are common choices for a small
+head trained with Adam, not tuned on KOP (tuning on its 27 validation images would overfit them).
+
+The choices (``PRESETS``, ``AUGMENT_MODES``, ``PRECISIONS``, ``DEVICES``, the backbone registry)
+are the ones the command line offers, so a value the CLI accepts is one the trainer runs, and an
+impossible one (``--precision fp16``, ``--epochs 0``) is a :class:`~kneeosteo.errors.ConfigError`
+naming the setting before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kneeosteo.data.preprocess import PRESETS
+from kneeosteo.errors import ConfigError
+
+__all__ = ["AUGMENT_MODES", "DEVICES", "PRECISIONS", "PRESETS", "TrainConfig", "load_config"]
+
+AUGMENT_MODES = ("offline", "online", "none")  # offline: the paper's 5 copies; online: fresh per epoch
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU/GPU runs it natively
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None
+    out: str = "runs/train"
+    split: str | None = None  # split.json; made on the fly with the paper protocol when absent
+    fold: int | None = None  # for k-fold split files
+    positive: str = "osteoporosis"
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str = "default"  # "default" (cache/package/download), a file, or "none"
+    attention: bool = True  # the AM branch (False = backbone + head ablation)
+    use_backbone: bool = True  # False = AM + head ablation
+    finetune: bool = False  # train the backbone too (no feature cache)
+    preprocess: str = "paper"  # paper | robust
+    clahe: bool = False
+    image_size: int = 224
+    augment: str = "offline"  # offline (paper, 5 copies) | online | none
+    copies: int = 5
+    zoom: tuple[float, float] = (0.9, 1.2)
+    crop_fraction: tuple[float, float] = (0.8, 1.0)
+    rotation: float = 15.0
+    epochs: int = 30
+    patience: int = 6  # early stopping on validation loss
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threshold: float = 0.5
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 where the CPU/GPU has it) | bf16 | fp32
+    channels_last: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.zoom = tuple(self.zoom)
+        self.crop_fraction = tuple(self.crop_fraction)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that cannot work."""
+        from kneeosteo.models.backbones import list_backbones
+
+        def choice(name: str, options) -> None:
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: choose one of {', '.join(options)}")
+
+        def number(name: str, lo: float, hi: float = math.inf, integer: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
+            if not ok or not (math.isfinite(v) and lo <= v <= hi):
+                kind = "a whole number" if integer else "a number"
+                raise ConfigError(f"{name} = {v!r}: must be {kind} in [{lo}, {hi}]")
+
+        choice("preprocess", PRESETS)
+        choice("augment", AUGMENT_MODES)
+        choice("precision", PRECISIONS)
+        choice("device", DEVICES)
+        choice("backbone", list_backbones())
+        number("epochs", 1, integer=True)
+        number("patience", 1, integer=True)
+        number("batch_size", 2, integer=True)  # BatchNorm cannot train on one sample
+        number("copies", 0, 100, integer=True)
+        number("image_size", 32, 2048, integer=True)
+        number("seed", 0, integer=True)
+        number("lr", 1e-12, 10.0)
+        number("weight_decay", 0.0, 10.0)
+        number("threshold", 0.0, 1.0)
+        number("rotation", 0.0, 180.0)
+        if self.fold is not None:
+            number("fold", 0, integer=True)
+        for name, lo, hi in (("zoom", 0.1, 10.0), ("crop_fraction", 0.05, 1.0)):
+            pair = getattr(self, name)
+            if (len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair)
+                    or not lo <= pair[0] <= pair[1] <= hi):
+                raise ConfigError(f"{name} = {pair!r}: must be LOW,HIGH with {lo} <= LOW <= HIGH <= {hi}")
+        if not (self.attention or self.use_backbone):
+            raise ConfigError("attention and use_backbone are both off: the model would have no input branch")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value):
+    if name not in TrainConfig.__dataclass_fields__:
+        raise ConfigError(f"unknown setting '{name}' (valid: {', '.join(TrainConfig.__dataclass_fields__)})")
+    if isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Merge a TOML file (flat keys, as in ``config.json``) with explicit command-line values."""
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the settings file ({exc})") from exc
+        values.update({k: _coerce(k, v) for k, v in doc.get("train", doc).items()})
+    values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:  # a value of the wrong kind that validation could not even compare
+        raise ConfigError(f"{path or 'settings'}: {exc}") from exc
