@@ -12,15 +12,17 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 from sklearn.metrics import roc_auc_score
 
+from kneeosteo.evaluation import metrics as metrics_module
 from kneeosteo.evaluation.metrics import (
-    PAPER_COLUMNS,
-    _rank_auc_rows,
+    METRICS,
+    Metric,
     binary_metrics,
     confusion_counts,
     format_table,
+    metric_names,
     metrics_with_ci,
 )
-from kneeosteo.evaluation.stats import delong_auc_ci, delong_test, mcnemar_exact, mean_std_ci
+from kneeosteo.evaluation.stats import delong_auc_ci, delong_test, mcnemar_exact, mean_std_ci, rank_auc_rows
 
 Z975 = 1.959964
 
@@ -125,7 +127,7 @@ def test_ci_output_structure_and_json():
     r = metrics_with_ci(y, p, n_boot=200)
     assert r["counts"] == {"tp": 34, "fp": 4, "fn": 7, "tn": 27}
     assert (r["n"], r["n_positive"], r["n_negative"]) == (72, 41, 31)
-    for k in PAPER_COLUMNS + ("auc",):
+    for k in metric_names():
         assert set(r[k]) == {"value", "ci_low", "ci_high", "method"}
         assert r[k]["ci_low"] <= r[k]["value"] <= r[k]["ci_high"], k
     assert {r[k]["method"] for k in ("f1", "auc", "loss")} == {"bootstrap"}
@@ -152,7 +154,7 @@ def test_vectorised_rank_auc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     pos = rng.integers(0, 10, size=(20, 15)) / 10  # coarse scores -> many ties
     neg = rng.integers(0, 8, size=(20, 11)) / 10
-    fast = _rank_auc_rows(pos, neg)
+    fast = rank_auc_rows(pos, neg)
     for i in range(20):
         ref = roc_auc_score(np.r_[np.ones(15), np.zeros(11)], np.r_[pos[i], neg[i]])
         assert fast[i] == pytest.approx(ref, abs=1e-12)
@@ -165,10 +167,79 @@ def test_format_table():
     lines = text.splitlines()
     assert len(lines) == 4
     assert lines[0].split("|")[1:-1][0].strip() == "model"
-    assert [c.strip() for c in lines[0].split("|")[2:-1]] == list(PAPER_COLUMNS) + ["auc"]
+    assert [c.strip() for c in lines[0].split("|")[2:-1]] == list(metric_names())
     acc = rows["ours"]["accuracy"]
     assert f"0.8472 [{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]" in lines[2]
     assert "0.8293" in lines[3] and "| -" in lines[3]
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def test_table_order_and_paper_columns():
+    # the paper's Table I order, then AUC; the paper reports all but AUC
+    assert metric_names() == ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss", "auc")
+    assert metric_names(paper=False) == ("auc",)
+    assert metrics_module.PAPER_COLUMNS == metric_names(paper=True)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_every_table_metric_is_computed_with_its_interval(name):
+    y, p = paper_set()
+    metric = METRICS[name]
+    r = metrics_with_ci(y, p, n_boot=100)
+    assert r[name]["method"] == metric.interval
+    assert r[name]["value"] == binary_metrics(y, p)[name]
+    assert r[name]["ci_low"] <= r[name]["value"] <= r[name]["ci_high"]
+    if metric.unit:
+        assert 0.0 <= r[name]["ci_low"] and r[name]["ci_high"] <= 1.0
+    if metric.counts is not None:  # vectorised over replicates == scalar on the same counts
+        pos, neg = p[y == 1][None, :], p[y == 0][None, :]
+        assert metric.replicates(pos, neg, 0.5)[0] == pytest.approx(r[name]["value"], abs=1e-15)
+    assert name in format_table({"m": r}).splitlines()[0]
+
+
+def test_table_rejects_inconsistent_entries():
+    with pytest.raises(ValueError):
+        Metric("x", "x", "wilson", scores=lambda y, p: 0.0)  # Wilson needs counts
+    with pytest.raises(ValueError):
+        Metric("x", "x", "bootstrap")  # neither counts nor scores
+    with pytest.raises(ValueError):
+        metrics_module.register_metric(Metric("auc", "AUC", "bootstrap", scores=lambda y, p: 0.0))
+
+
+def npv(tp, fp, fn, tn):
+    return tn, tn + fn
+
+
+def brier(y, p):
+    return float(np.mean((p - y) ** 2))
+
+
+@pytest.fixture
+def extra_metrics(monkeypatch):
+    """Two metrics registered for one test only: a count one (Wilson) and a score one
+    (bootstrap, no vectorised form, so each replicate calls it)."""
+    monkeypatch.setitem(METRICS, "npv", Metric("npv", "NPV", "wilson", counts=npv))
+    monkeypatch.setitem(METRICS, "brier", Metric("brier", "Brier score", "bootstrap", scores=brier))
+    return METRICS
+
+
+def test_a_registered_metric_flows_everywhere(extra_metrics):
+    y, p = paper_set()
+    m = binary_metrics(y, p)
+    assert m["npv"] == 27 / 34 and m["brier"] == pytest.approx(brier(y, p), abs=1e-15)
+    r = metrics_with_ci(y, p, n_boot=200)
+    assert r["npv"]["method"] == "wilson"
+    assert (r["npv"]["ci_low"], r["npv"]["ci_high"]) == pytest.approx(wilson_closed_form(27, 34), abs=1e-6)
+    assert r["brier"]["method"] == "bootstrap"
+    assert r["brier"]["ci_low"] < r["brier"]["value"] < r["brier"]["ci_high"]
+    assert json.loads(json.dumps(r, allow_nan=False)) == r  # what metrics.json holds
+    header = [c.strip() for c in format_table({"m": r}).splitlines()[0].split("|")[2:-1]]
+    assert header[-2:] == ["npv", "brier"]  # the evaluate printout
+    # the metrics already there keep their values and intervals bit for bit
+    del METRICS["npv"], METRICS["brier"]
+    assert metrics_with_ci(y, p, n_boot=200) == {k: v for k, v in r.items() if k not in ("npv", "brier")}
 
 
 # ------------------------------------------------------------------------------- McNemar

@@ -1,7 +1,13 @@
 """Binary classification metrics for the knee osteoporosis test set, with confidence intervals.
 
-Plain functions over numpy arrays (MONAI-style ``compute_*`` functions, no stateful metric
+Plain functions over numpy arrays (MONAI-style metrics-as-functions, no stateful metric
 objects), so every number in a results table can be recomputed from saved predictions alone.
+
+One table, :data:`METRICS`, says for each metric its name, title, how it is computed (from the
+confusion counts, or from labels and scores), its interval kind and whether the paper reports
+it. It drives ``metrics.json`` (:func:`metrics_with_ci`), :func:`binary_metrics`, the
+``evaluate`` printout (:func:`format_table`), Table I's columns and the README's column list
+(:func:`metric_names`). Adding a metric is one :func:`register_metric` call (or one entry here).
 
 Conventions
 -----------
@@ -18,25 +24,25 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
+from kneeosteo.evaluation.stats import rank_auc_rows
+
 __all__ = [
+    "METRICS",
+    "Metric",
     "PAPER_COLUMNS",
-    "PROPORTION_METRICS",
-    "BOOTSTRAP_METRICS",
+    "register_metric",
+    "metric_names",
     "confusion_counts",
     "binary_metrics",
     "metrics_with_ci",
     "format_table",
-]
-
-#: Table I column order of the paper (its "Ours" row is TP 34, FP 4, FN 7, TN 27).
-PAPER_COLUMNS: tuple[str, ...] = (
     "sensitivity",
     "specificity",
     "precision",
@@ -44,16 +50,166 @@ PAPER_COLUMNS: tuple[str, ...] = (
     "accuracy",
     "f1",
     "loss",
-)
-
-#: Metrics that are a binomial proportion count/nobs, hence get a Wilson interval.
-PROPORTION_METRICS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "fpr", "accuracy")
-
-#: Metrics that are not a single proportion, hence get a stratified bootstrap interval.
-BOOTSTRAP_METRICS: tuple[str, ...] = ("f1", "auc", "loss")
+    "auc",
+]
 
 _EPS = 1e-7  # Keras' default epsilon: keeps the loss comparable with the paper's Keras logs.
 _BOOT_CHUNK_ELEMS = 2_000_000  # bounds bootstrap memory (~16 MB per float array) for large n.
+
+
+# ---------------------------------------------------------------------------------------------
+# the metrics, as plain functions
+#
+# A *count* metric maps the confusion counts (ints, or int arrays over bootstrap replicates) to
+# (numerator, denominator); its value is their ratio, nan when the denominator is 0. A *score*
+# metric maps labels and probabilities to a float.
+
+
+def sensitivity(tp, fp, fn, tn):
+    """Recall of the positive class: tp / (tp + fn)."""
+    return tp, tp + fn
+
+
+def specificity(tp, fp, fn, tn):
+    """Recall of the negative class: tn / (fp + tn)."""
+    return tn, fp + tn
+
+
+def precision(tp, fp, fn, tn):
+    """Positive predictive value: tp / (tp + fp)."""
+    return tp, tp + fp
+
+
+def fpr(tp, fp, fn, tn):
+    """False positive rate: fp / (fp + tn)."""
+    return fp, fp + tn
+
+
+def accuracy(tp, fp, fn, tn):
+    """(tp + tn) / n."""
+    return tp + tn, tp + fp + fn + tn
+
+
+def f1(tp, fp, fn, tn):
+    """Harmonic mean of precision and sensitivity: 2 tp / (2 tp + fp + fn)."""
+    return 2 * tp, 2 * tp + fp + fn
+
+
+def _bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-case cross-entropy; clipping mirrors Keras so a confident miss costs ~16, not inf."""
+    pc = np.clip(p, _EPS, 1.0 - _EPS)
+    return -(y * np.log(pc) + (1 - y) * np.log1p(-pc))
+
+
+def loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy, probabilities clipped to [1e-7, 1 - 1e-7] as Keras does."""
+    return float(np.mean(_bce(y, p)))
+
+
+def _loss_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    n = pos.shape[1] + neg.shape[1]
+    return (_bce(np.ones_like(pos), pos).sum(axis=1) + _bce(np.zeros_like(neg), neg).sum(axis=1)) / n
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``); nan when only one class is present."""
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else math.nan
+
+
+def _auc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    if not (pos.shape[1] and neg.shape[1]):
+        return np.full(pos.shape[0], math.nan)
+    return rank_auc_rows(pos, neg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metrics table.
+
+    Give exactly one of ``counts`` (tp, fp, fn, tn) -> (numerator, denominator), vectorised
+    over numpy arrays, or ``scores`` (y, prob) -> float. ``interval`` is "wilson" (only for a
+    count metric that is a binomial proportion: numerator counts successes among denominator
+    cases) or "bootstrap" (stratified percentile bootstrap). ``score_rows`` (pos (b, m),
+    neg (b, k)) -> (b,) optionally vectorises a score metric over bootstrap replicates;
+    without it ``scores`` is called once per replicate. ``paper``: a column of the paper's
+    tables. ``unit``: the value lies in [0, 1] (Table I clips its t-intervals there).
+    """
+
+    name: str
+    title: str
+    interval: Literal["wilson", "bootstrap"]
+    counts: Callable[..., tuple[Any, Any]] | None = None
+    scores: Callable[[np.ndarray, np.ndarray], float] | None = None
+    score_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    paper: bool = False
+    unit: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.counts is None) == (self.scores is None):
+            raise ValueError(f"metric {self.name!r}: give exactly one of counts= or scores=")
+        if self.interval not in ("wilson", "bootstrap"):
+            raise ValueError(f"metric {self.name!r}: interval must be 'wilson' or 'bootstrap'")
+        if self.interval == "wilson" and self.counts is None:
+            raise ValueError(f"metric {self.name!r}: a Wilson interval needs a count metric")
+
+    def value(self, y: np.ndarray, p: np.ndarray, counts: Mapping[str, int]) -> float:
+        """The point estimate on labels ``y``, probabilities ``p`` and their confusion counts."""
+        if self.counts is not None:
+            return _ratio(*self.counts(**counts))
+        return float(self.scores(y, p))
+
+    def replicates(self, pos: np.ndarray, neg: np.ndarray, threshold: float) -> np.ndarray:
+        """The metric on each bootstrap replicate (rows of resampled positive/negative scores)."""
+        if self.counts is not None:
+            tp = (pos >= threshold).sum(axis=1)
+            fp = (neg >= threshold).sum(axis=1)
+            num, den = self.counts(tp, fp, pos.shape[1] - tp, neg.shape[1] - fp)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(den > 0, num / den, math.nan)
+        if self.score_rows is not None:
+            return self.score_rows(pos, neg)
+        y = np.r_[np.ones(pos.shape[1], np.int64), np.zeros(neg.shape[1], np.int64)]
+        return np.array([self.scores(y, np.r_[a, b]) for a, b in zip(pos, neg)], dtype=np.float64)
+
+
+#: The metrics table, in column order (the paper's Table I order, then AUC).
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to :data:`METRICS` (as the last column); it then appears in metrics.json,
+    the evaluate printout and Table I with no other change."""
+    if metric.name in METRICS or metric.name in ("tp", "fp", "fn", "tn", "threshold", "n", "counts"):
+        raise ValueError(f"metric {metric.name!r} is already defined")
+    METRICS[metric.name] = metric
+    return metric
+
+
+for _m in (
+    Metric("sensitivity", "sensitivity", "wilson", counts=sensitivity, paper=True),
+    Metric("specificity", "specificity", "wilson", counts=specificity, paper=True),
+    Metric("precision", "precision", "wilson", counts=precision, paper=True),
+    Metric("fpr", "FPR", "wilson", counts=fpr, paper=True),
+    Metric("accuracy", "accuracy", "wilson", counts=accuracy, paper=True),
+    Metric("f1", "F1", "bootstrap", counts=f1, paper=True),
+    Metric("loss", "loss", "bootstrap", scores=loss, score_rows=_loss_rows, paper=True, unit=False),
+    Metric("auc", "AUC", "bootstrap", scores=auc, score_rows=_auc_rows),
+):
+    register_metric(_m)
+del _m
+
+
+def metric_names(paper: bool | None = None) -> tuple[str, ...]:
+    """Names in table order; ``paper=True`` only the paper's columns, ``False`` only ours."""
+    return tuple(k for k, m in METRICS.items() if paper is None or m.paper == paper)
+
+
+#: The paper's Table I columns, as at import (code should call ``metric_names(paper=True)``).
+PAPER_COLUMNS: tuple[str, ...] = metric_names(paper=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,40 +258,18 @@ def confusion_counts(y_true: Any, y_pred: Any) -> dict[str, int]:
     yp = _as_labels(y_pred, "y_pred")
     if y.shape != yp.shape:
         raise ValueError(f"y_true has {y.size} items but y_pred has {yp.size}")
-    tp = int(np.sum((y == 1) & (yp == 1)))
-    fp = int(np.sum((y == 0) & (yp == 1)))
-    fn = int(np.sum((y == 1) & (yp == 0)))
-    tn = int(np.sum((y == 0) & (yp == 0)))
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, yp, labels=[0, 1]).ravel())
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def _bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-case cross-entropy; clipping mirrors Keras so a confident miss costs ~16, not inf."""
-    pc = np.clip(p, _EPS, 1.0 - _EPS)
-    return -(y * np.log(pc) + (1 - y) * np.log1p(-pc))
-
-
-def _from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
-    return {
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, fp + tn),
-        "precision": _ratio(tp, tp + fp),
-        "fpr": _ratio(fp, fp + tn),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-    }
-
-
 def binary_metrics(y_true: Any, prob: Any, threshold: float = 0.5) -> dict[str, Any]:
-    """Paper Table II metrics plus AUC at one operating point.
+    """Every metric of :data:`METRICS` at one operating point, plus the counts, ``threshold``, ``n``.
 
     ``auc`` is threshold-free and ``nan`` when only one class is present (sklearn would raise).
     """
     y, p = _check_pair(y_true, prob)
     counts = confusion_counts(y, (p >= threshold).astype(np.int64))
-    out: dict[str, Any] = _from_counts(**counts)
-    out["loss"] = float(np.mean(_bce(y, p)))
-    out["auc"] = float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else math.nan
+    out: dict[str, Any] = {name: m.value(y, p, counts) for name, m in METRICS.items()}
     out.update(counts)
     out["threshold"] = float(threshold)
     out["n"] = int(y.size)
@@ -154,42 +288,25 @@ def _wilson(count: int, nobs: int, alpha: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _rank_auc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Row-wise AUC via the Mann-Whitney U statistic (midranks give ties credit 1/2)."""
-    m, n = pos.shape[1], neg.shape[1]
-    ranks = rankdata(np.concatenate([pos, neg], axis=1), axis=1)
-    u = ranks[:, :m].sum(axis=1) - m * (m + 1) / 2.0
-    return u / (m * n)
-
-
 def _stratified_bootstrap(
-    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, rng: np.random.Generator
+    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, rng: np.random.Generator,
+    metrics: Sequence[Metric],
 ) -> dict[str, np.ndarray]:
     """Resample positives and negatives separately so every replicate keeps the test set's
     class balance (and AUC stays defined), vectorised over replicates in memory-bounded chunks."""
     p_pos, p_neg = p[y == 1], p[y == 0]
-    l_pos, l_neg = _bce(np.ones_like(p_pos), p_pos), _bce(np.zeros_like(p_neg), p_neg)
     m, k = p_pos.size, p_neg.size
     n = m + k
-    f1 = np.empty(n_boot)
-    auc = np.full(n_boot, math.nan)
-    loss = np.empty(n_boot)
+    out = {metric.name: np.full(n_boot, math.nan) for metric in metrics}
     chunk = max(1, _BOOT_CHUNK_ELEMS // n)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         ip = rng.integers(0, m, size=(b, m)) if m else np.empty((b, 0), dtype=np.int64)
         ineg = rng.integers(0, k, size=(b, k)) if k else np.empty((b, 0), dtype=np.int64)
         bp, bn = p_pos[ip], p_neg[ineg]
-        tp = (bp >= threshold).sum(axis=1)
-        fp = (bn >= threshold).sum(axis=1)
-        fn = m - tp
-        den = 2 * tp + fp + fn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1[start : start + b] = np.where(den > 0, 2 * tp / den, math.nan)
-        loss[start : start + b] = (l_pos[ip].sum(axis=1) + l_neg[ineg].sum(axis=1)) / n
-        if m and k:
-            auc[start : start + b] = _rank_auc_rows(bp, bn)
-    return {"f1": f1, "auc": auc, "loss": loss}
+        for metric in metrics:
+            out[metric.name][start : start + b] = metric.replicates(bp, bn, threshold)
+    return out
 
 
 def _percentile_ci(samples: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -211,9 +328,9 @@ def metrics_with_ci(
     """Point estimates with (1 - alpha) intervals, because with ~70 test images a bare
     "0.8472" hides a +-0.08 uncertainty that decides whether two models differ at all.
 
-    Proportions get Wilson intervals (exact-count based, no resampling noise); f1, auc and
-    loss are not single proportions and get stratified percentile-bootstrap intervals
-    (seeded ``numpy.random.Generator``, so reruns are bit-identical).
+    Each metric gets the interval its :data:`METRICS` entry names: Wilson for proportions
+    (exact-count based, no resampling noise), a stratified percentile bootstrap otherwise
+    (f1, auc, loss; seeded ``numpy.random.Generator``, so reruns are bit-identical).
 
     Each metric maps to ``{"value", "ci_low", "ci_high", "method"}``; undefined values and
     intervals are ``nan``. Also returned: ``counts``, ``threshold``, ``n``, ``n_positive``,
@@ -225,26 +342,19 @@ def metrics_with_ci(
         raise ValueError("alpha must be in (0, 1)")
     y, p = _check_pair(y_true, prob)
     point = binary_metrics(y, p, threshold=threshold)
-    tp, fp, fn, tn = (point[k] for k in ("tp", "fp", "fn", "tn"))
-    proportions = {
-        "sensitivity": (tp, tp + fn),
-        "specificity": (tn, fp + tn),
-        "precision": (tp, tp + fp),
-        "fpr": (fp, fp + tn),
-        "accuracy": (tp + tn, tp + fp + fn + tn),
-    }
+    counts = {k: point[k] for k in ("tp", "fp", "fn", "tn")}
+    boot_metrics = [m for m in METRICS.values() if m.interval == "bootstrap"]
+    boot = _stratified_bootstrap(y, p, float(threshold), int(n_boot), np.random.default_rng(seed), boot_metrics)
     out: dict[str, Any] = {}
-    for name, (count, nobs) in proportions.items():
-        lo, hi = _wilson(count, nobs, alpha)
-        out[name] = {"value": point[name], "ci_low": lo, "ci_high": hi, "method": "wilson"}
-
-    boot = _stratified_bootstrap(y, p, float(threshold), int(n_boot), np.random.default_rng(seed))
-    for name in BOOTSTRAP_METRICS:
+    for name, metric in METRICS.items():
         value = point[name]
-        lo, hi = _percentile_ci(boot[name], alpha) if not math.isnan(value) else (math.nan, math.nan)
-        out[name] = {"value": value, "ci_low": lo, "ci_high": hi, "method": "bootstrap"}
+        if metric.interval == "wilson":
+            lo, hi = _wilson(*metric.counts(**counts), alpha)
+        else:
+            lo, hi = _percentile_ci(boot[name], alpha) if not math.isnan(value) else (math.nan, math.nan)
+        out[name] = {"value": value, "ci_low": lo, "ci_high": hi, "method": metric.interval}
 
-    out["counts"] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    out["counts"] = counts
     out["threshold"] = float(threshold)
     out["n"] = int(y.size)
     out["n_positive"] = int(y.sum())
@@ -279,13 +389,15 @@ def _fmt_cell(entry: Any) -> str:
 
 def format_table(
     rows: Mapping[str, Mapping[str, Any]],
-    columns: Sequence[str] = PAPER_COLUMNS + ("auc",),
+    columns: Sequence[str] | None = None,
 ) -> str:
-    """Markdown table, one row per model, cells "value [lo, hi]" to 4 decimals.
+    """Markdown table, one row per model, cells "value [lo, hi]" to 4 decimals; ``columns``
+    defaults to every metric of :data:`METRICS`, in table order.
 
     Accepts ``metrics_with_ci`` outputs (with intervals) or ``binary_metrics`` outputs (bare
     values) so the paper's numbers and ours can sit in one table; a missing metric shows "-".
     """
+    columns = metric_names() if columns is None else tuple(columns)
     header = ["model", *columns]
     body = [[str(name), *(_fmt_cell(row.get(col)) for col in columns)] for name, row in rows.items()]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

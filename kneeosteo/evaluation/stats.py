@@ -15,7 +15,7 @@ from scipy.stats import norm, rankdata
 from scipy.stats import t as student_t
 from statsmodels.stats.contingency_tables import mcnemar
 
-__all__ = ["mcnemar_exact", "delong_test", "delong_auc_ci", "mean_std_ci"]
+__all__ = ["mcnemar_exact", "delong_test", "delong_auc_ci", "mean_std_ci", "rank_auc_rows"]
 
 
 def mcnemar_exact(correct_a: Any, correct_b: Any) -> dict[str, Any]:
@@ -36,6 +36,23 @@ def mcnemar_exact(correct_a: Any, correct_b: Any) -> dict[str, Any]:
         return {"b": b, "c": c, "statistic": float(b), "pvalue": 1.0}
     res = mcnemar(table, exact=True)
     return {"b": b, "c": c, "statistic": float(res.statistic), "pvalue": float(min(1.0, res.pvalue))}
+
+
+def _auc_from_pooled_ranks(tz: np.ndarray, m: int, n: int) -> np.ndarray:
+    """Mann-Whitney U / (m n) per row, from midranks of the pooled [positives | negatives]."""
+    return (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
+
+
+def rank_auc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Row-wise AUC of score rows ``pos`` (b, m) against ``neg`` (b, k), ties counting 1/2.
+
+    The DeLong internals' AUC, exposed for the stratified bootstrap: one call ranks all
+    replicates at once, where ``sklearn.metrics.roc_auc_score`` per replicate is ~250x slower
+    (7 s for 2000 replicates of 72 cases on 2 cores) and differs in the last bit. Point AUCs
+    use ``roc_auc_score``.
+    """
+    m, n = pos.shape[1], neg.shape[1]
+    return _auc_from_pooled_ranks(rankdata(np.concatenate([pos, neg], axis=1), axis=1), m, n)
 
 
 def _delong_components(y_true: Any, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +77,7 @@ def _delong_components(y_true: Any, probs: np.ndarray) -> tuple[np.ndarray, np.n
     tx = rankdata(pos, axis=1)
     ty = rankdata(neg, axis=1)
     tz = rankdata(np.concatenate([pos, neg], axis=1), axis=1)
-    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
+    aucs = _auc_from_pooled_ranks(tz, m, n)
     v10 = (tz[:, :m] - tx) / n
     v01 = 1.0 - (tz[:, m:] - ty) / m
     cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
