@@ -1,30 +1,43 @@
-"""The paper's figures for a run: accuracy and loss curves (Fig. 3, 4), confusion matrix (Fig. 5), ROC."""
+"""The paper's figures for a run: accuracy and loss curves (Fig. 3, 4), confusion matrix (Fig. 5),
+ROC; and Table I's forest plot.
+
+Matplotlib's object-oriented API only: each figure is a :class:`matplotlib.figure.Figure` saved
+with its own Agg canvas, so importing this module sets no backend and never imports pyplot
+(no global figure registry to leak, nothing to close, safe in servers and threads).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from kneeosteo.utils.atomic import atomic_path
 
-from kneeosteo.utils.atomic import atomic_path  # noqa: E402
+__all__ = ["curves", "confusion", "roc", "forest_plot"]
 
 
-def _save(fig, path: Path) -> None:
+def _figure(**kw) -> Figure:
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _save(fig: Figure, path: Path, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 
 def curves(history: list[dict], out: Path) -> None:
     epochs = [int(r["epoch"]) for r in history]
     for key, name, title in (("accuracy", "accuracy.png", "Training and validation accuracy"),
                              ("loss", "loss.png", "Training and validation loss")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = _figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         ax.plot(epochs, [float(r[f"train_{key}"]) for r in history], "o-", label="train")
         ax.plot(epochs, [float(r[f"val_{key}"]) for r in history], "s-", label="validation")
         ax.set_xlabel("epoch")
@@ -37,7 +50,8 @@ def curves(history: list[dict], out: Path) -> None:
 
 def confusion(counts: dict, classes: list[str], out: Path) -> None:
     m = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
-    fig, ax = plt.subplots(figsize=(4, 3.5))
+    fig = _figure(figsize=(4, 3.5))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=14)
@@ -50,7 +64,8 @@ def confusion(counts: dict, classes: list[str], out: Path) -> None:
 
 
 def roc(y: np.ndarray, prob: np.ndarray, auc: float, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = _figure(figsize=(4, 4))
+    ax = fig.subplots()
     if len(set(y.tolist())) == 2:
         fpr, tpr, _ = roc_curve(y, prob)
         ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
@@ -60,3 +75,32 @@ def roc(y: np.ndarray, prob: np.ndarray, auc: float, out: Path) -> None:
     ax.set_title("ROC (test set)")
     ax.legend(loc="lower right")
     _save(fig, out / "roc.png")
+
+
+def _missing(x) -> bool:
+    return x is None or x != x  # None or nan, of any float type
+
+
+def forest_plot(rows: Sequence[Mapping], path: Path, columns: Sequence[tuple[str, str]] = (("accuracy", "accuracy"),
+                                                                                          ("auc", "AUC"))) -> None:
+    """Table I as a forest plot: per model, ``{col}_mean`` with its ``{col}_ci_low/high`` and the
+    paper's ``{col}_paper`` as a red x, one panel per ``(column, title)``. Rows that were not run
+    (no ``seeds``) are left out, except the metadata-only reference."""
+    shown = [r for r in rows if r.get("seeds") or r["model"] == "metadata-only"]
+    fig = _figure(figsize=(5 * len(columns), 0.5 * len(shown) + 1.5))
+    axes = np.atleast_1d(fig.subplots(1, len(columns), sharey=True))
+    for ax, (col, title) in zip(axes, columns):
+        for i, r in enumerate(shown):
+            m, lo, hi = r.get(f"{col}_mean"), r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high")
+            if _missing(m):
+                continue
+            err = None if _missing(lo) else [[max(m - lo, 0.0)], [max(hi - m, 0.0)]]
+            ax.errorbar(m, i, xerr=err, fmt="o", capsize=3)
+            paper = r.get(f"{col}_paper")
+            if not _missing(paper):
+                ax.plot(paper, i, "rx")
+        ax.set_title(f"{title} (95% CI over seeds; x = paper)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(shown)), [r["title"] for r in shown])
+    axes[0].invert_yaxis()
+    _save(fig, path, dpi=110)
