@@ -3,7 +3,12 @@ and every kind of bad file becomes an ImageReadError naming the file."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imagegen as g
+from PIL import Image
+
+from kneeosteo.data import formats
 from kneeosteo.data.reader import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
@@ -254,7 +262,8 @@ def test_error_is_picklable():
 # ----------------------------------------------------------------------------- helpers
 
 def test_is_candidate(tmp_path):
-    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+    assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"} <= IMAGE_SUFFIXES
+    assert is_candidate(tmp_path / "x.gif")  # the README says GIF is readable: the CLI must try it
     assert is_candidate(tmp_path / "x.PNG") and is_candidate(tmp_path / "x.dicom")
     assert not is_candidate(tmp_path / "x.txt")
     assert is_candidate(g.dicom(tmp_path / "IM0001"))
@@ -263,6 +272,20 @@ def test_is_candidate(tmp_path):
     assert not is_candidate(tmp_path / "NOTES")
     (tmp_path / "sub").mkdir()
     assert not is_candidate(tmp_path / "sub")
+
+
+def test_reader_leaves_pillows_global_pixel_limit_alone():
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import kneeosteo.data.reader; "
+            "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bomb_limit_is_max_pixels_not_pillows_global(tmp_path, monkeypatch):
+    path = g.png_grey8(tmp_path / "a.png")  # 3072 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # Pillow would only warn (error above 4000)
+    assert read_image(path).pixels.shape == (g.H, g.W)
+    with pytest.raises(ImageReadError, match="3072 pixels exceeds the limit of 3071"):
+        read_image(path, max_pixels=g.W * g.H - 1)
 
 
 def test_to_uint8_round_trips_8bit():
@@ -331,3 +354,67 @@ def test_random_bytes_only_ever_raise_image_read_error(tmp_path, prefix, body, s
         return
     px = img.pixels  # if random bytes happen to decode, the result must still be canonical
     assert px.dtype == np.float32 and px.ndim == 2 and 0.0 <= px.min() <= px.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- the formats table
+# Every entry of data/formats.py, written by its own encoder, must be read by the reader, tried by
+# the command line (is_candidate), typed by the web upload check, and offered by the web page.
+
+TABLE = [(f, s) for f in formats.FORMATS for s in f.suffixes]
+LOSSLESS = {"PNG", "BMP", "TIFF", "GIF"}
+
+
+def write_format(fmt: formats.InputFormat, path):
+    if fmt.decoder == "dicom":
+        return g.dicom(path)
+    Image.fromarray(g.grey8()).save(path, format=fmt.pillow[0])
+    return path
+
+
+@pytest.mark.parametrize("fmt,suffix", TABLE, ids=[f"{f.name}{s}" for f, s in TABLE])
+def test_every_format_in_the_table_is_read_tried_and_uploaded(tmp_path, fmt, suffix):
+    from kneeosteo.interfaces.web import uploads
+    from starlette.datastructures import UploadFile
+
+    path = write_format(fmt, tmp_path / f"a{suffix}")
+    img = read_image(path)
+    check_canonical(img)
+    assert img.meta.format == fmt.name
+    if fmt.name in LOSSLESS:
+        np.testing.assert_array_equal(img.pixels, GREY.astype(np.float32))
+    assert is_candidate(path) and is_candidate(tmp_path / f"other{suffix.upper()}")
+    # the web upload check types the file by its content, whatever the client calls it
+    data = path.read_bytes()
+    assert formats.sniff(data[:132]) is fmt
+    saved = asyncio.run(uploads.save_upload(UploadFile(io.BytesIO(data), filename="upload"), tmp_path, 10**7))
+    assert saved.suffix in fmt.suffixes
+    assert uploads.decode(saved, "upload", MAX_PIXELS).content_id == img.content_id
+
+
+def test_gif_is_read_first_frame_under_its_own_suffix(tmp_path):
+    img = read_image(g.gif_animated(tmp_path / "a.gif"))
+    assert img.meta.format == "GIF"
+    np.testing.assert_array_equal(img.pixels, GREY.astype(np.float32))  # frame 0, not a later one
+
+
+def test_help_text_and_web_page_list_exactly_the_table():
+    from kneeosteo.interfaces.web.app import WebSettings, _page
+    from kneeosteo.interfaces.web.uploads import ACCEPTED
+
+    assert formats.describe() == ", ".join(f.name for f in formats.FORMATS)
+    assert formats.describe("or") == ACCEPTED and ACCEPTED.endswith(f" or {formats.FORMATS[-1].name}")
+    assert {"PNG", "JPEG", "GIF", "DICOM"} <= set(formats.describe().split(", "))
+    page = _page("Research use only.", WebSettings())
+    accept = re.search(r'<input type="file" id="file" accept="([^"]*)"', page).group(1).split(",")
+    assert sorted(accept) == sorted({s for f in formats.FORMATS for s in f.suffixes + f.mime_types})
+    assert ACCEPTED in page and not re.search(r"__[A-Z_]+__", page)  # every placeholder filled
+
+
+def test_formats_table_is_consistent():
+    names = [f.name for f in formats.FORMATS]
+    suffixes = [s for f in formats.FORMATS for s in f.suffixes]
+    assert len(set(names)) == len(names) and len(set(suffixes)) == len(suffixes)
+    assert all(f.mime_types and f.suffixes for f in formats.FORMATS)
+    with pytest.raises(ValueError, match="Pillow"):
+        formats.InputFormat("X", (".x",), ("image/x",), "pillow", lambda head: False)
+    assert formats.sniff(b"%PDF-1.7" + bytes(200)) is None and formats.sniff(b"BMI table\n" * 30) is None

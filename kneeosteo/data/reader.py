@@ -17,6 +17,8 @@ import imagehash
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kneeosteo.data import formats
 from kneeosteo.errors import ImageReadError, NotAnImageError
 
 try:  # pydicom >= 3
@@ -27,19 +29,15 @@ except ImportError:  # pragma: no cover - pydicom 2.x
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageReadError", "NotAnImageError", "ImageMeta",
            "LoadedImage", "is_candidate", "read_image", "to_uint8"]
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+# Which files we try, and with which decoder, comes from the formats table (data/formats.py).
+IMAGE_SUFFIXES: frozenset[str] = formats.suffixes()
 MAX_PIXELS: int = 100_000_000
-# Pillow's own guard agrees with ours, so its bomb warning (turned into an error below) fires
-# at the same size; a larger ``max_pixels`` argument therefore cannot loosen it.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
-_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_DICOM_SUFFIXES = formats.suffixes("dicom")
 # Restrict Pillow to the formats we mean to accept: with every plugin enabled, random bytes are
-# occasionally "recognised" as TGA, SPIDER, ... and decoded into noise.  GIF is here because it
-# turns up under .png names; the JPEG opener also yields MPO (multi-picture camera JPEGs).
-_PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF")
-_FORMAT_NAMES = {"MPO": "JPEG"}
+# occasionally "recognised" as TGA, SPIDER, ... and decoded into noise.
+_PIL_FORMATS = formats.pillow_formats()
+_PIL_NAMES = "/".join(f.name for f in formats.FORMATS if f.decoder == "pillow")
 _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
 
 
@@ -48,7 +46,7 @@ _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
 @dataclass(frozen=True)
 class ImageMeta:
     path: str
-    format: str      # decoded format: PNG, JPEG, BMP, TIFF, GIF or DICOM
+    format: str      # decoded format: a name in the formats table (PNG, JPEG, ..., DICOM)
     mode: str        # PIL mode, or DICOM photometric interpretation
     width: int       # of the canonical pixels, i.e. after EXIF orientation
     height: int
@@ -119,11 +117,11 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
             except UnidentifiedImageError:
                 if suffix not in _DICOM_SUFFIXES:
                     raise ImageReadError(p, "not a recognised image format "
-                                            "(content is not PNG/JPEG/BMP/TIFF/GIF)") from None
+                                            f"(content is not {_PIL_NAMES})") from None
                 pixels, meta = _read_dicom(p, size, max_pixels, force=True)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(p, f"decompression bomb ({e})") from e
     except MemoryError as e:
         raise ImageReadError(p, "out of memory while decoding") from e
@@ -147,7 +145,10 @@ def _bomb_check(path: Path, width: int, height: int, max_pixels: int) -> None:
 def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" etc.: not actionable
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our limit is ``max_pixels``, checked on the declared size below, so Pillow's global
+        # MAX_IMAGE_PIXELS is left alone and its warning ignored; its hard error (twice its own
+        # limit, about 179 megapixels) stays as a backstop and is reported as a bomb too.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path, formats=_PIL_FORMATS) as img:
             _bomb_check(path, img.width, img.height, max_pixels)  # header only, nothing decoded yet
             fmt, mode, channels = img.format, img.mode, len(img.getbands())
@@ -158,7 +159,8 @@ def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, Image
             img.load()  # first frame only; raises on truncated data
             img = ImageOps.exif_transpose(img)
             pixels = _pil_to_grey(img, bits)
-    meta = ImageMeta(str(path), _FORMAT_NAMES.get(fmt, fmt), mode, pixels.shape[1],
+    entry = formats.by_pillow_format(fmt)
+    meta = ImageMeta(str(path), entry.name if entry else fmt, mode, pixels.shape[1],
                      pixels.shape[0], bits, size, channels)
     return pixels, meta
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
-from kneeosteo.interfaces.web.uploads import ACCEPTED, BodyLimit, decode, display_name, save_upload
+from kneeosteo.interfaces.web.uploads import ACCEPT_LIST, ACCEPTED, BodyLimit, decode, display_name, save_upload
 
 __all__ = ["DEFAULT_CAVEAT", "WebSettings", "create_app", "card_caveat"]
 
@@ -142,6 +142,7 @@ def _page(caveat: str, settings: WebSettings) -> str:
     text = resources.files("kneeosteo.interfaces.web").joinpath("static", "index.html").read_text("utf-8")
     return (text.replace("__CAVEAT__", html.escape(caveat))
             .replace("__MAX_BYTES__", str(settings.max_upload_bytes))
+            .replace("__ACCEPT_LIST__", html.escape(ACCEPT_LIST))
             .replace("__ACCEPTED__", html.escape(ACCEPTED)))
 
 

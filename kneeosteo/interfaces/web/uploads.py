@@ -13,16 +13,17 @@ from pathlib import Path, PurePath
 
 from fastapi import HTTPException, UploadFile
 
-from kneeosteo.data.reader import ImageReadError, LoadedImage, NotAnImageError, read_image
+from kneeosteo.data import formats
+from kneeosteo.data.reader import LoadedImage, read_image
+from kneeosteo.errors import ImageReadError, NotAnImageError
 
-__all__ = ["ACCEPTED", "BodyLimit", "TooLarge", "decode", "display_name", "save_upload"]
+__all__ = ["ACCEPTED", "ACCEPT_LIST", "BodyLimit", "TooLarge", "decode", "display_name", "save_upload"]
 
 CHUNK = 1 << 20
 # multipart framing (boundaries, part headers) on top of the file itself
 MULTIPART_SLACK = 64 * 1024
-ACCEPTED = "PNG, JPEG or DICOM (also BMP, TIFF)"
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
-_BMP_DIB_SIZES = (12, 40, 52, 56, 64, 108, 124)  # "BM" alone is too weak: it also starts text
+ACCEPTED = formats.describe("or")  # "PNG, JPEG, BMP, TIFF, GIF or DICOM": the 415 message and the page
+ACCEPT_LIST = formats.accept_attribute()  # the page's <input type=file accept=...>
 
 
 class TooLarge(HTTPException):
@@ -73,16 +74,14 @@ def display_name(filename: str | None) -> str:
 
 
 def _suffix(head: bytes, filename: str) -> str | None:
-    if head[128:132] == b"DICM":
-        return ".dcm"
-    for magic, suffix in _MAGIC:
-        if head.startswith(magic):
-            return suffix
-    if head[:2] == b"BM" and len(head) > 18 and head[14] in _BMP_DIB_SIZES and head[15:18] == bytes(3):
-        return ".bmp"
-    if head[:2] in (b"\x02\x00", b"\x08\x00") or PurePath(filename).suffix.lower() in (".dcm", ".dicom"):
-        return ".dcm"  # DICOM without preamble (old archives) starts with a group 0002/0008 tag; the reader checks
-    return None
+    """The temporary file's suffix, from the formats table: by content (first bytes), or by the
+    client's name for a format without a reliable signature (DICOM without preamble)."""
+    fmt = formats.sniff(head)
+    if fmt is None:
+        fmt = formats.by_suffix(PurePath(filename).suffix)
+        if fmt is not None and not fmt.trust_suffix:
+            fmt = None
+    return None if fmt is None else fmt.suffixes[0]
 
 
 async def save_upload(upload: UploadFile, folder: Path, limit: int) -> Path:
@@ -113,8 +112,9 @@ def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
         return img
     except ImageReadError as exc:
         reason = exc.reason.replace(str(path), name)
-        if isinstance(exc, NotAnImageError) or (reason.startswith("not a recognised") and path.suffix == ".dcm"):
+        by_name = formats.by_suffix(path.suffix)
+        if isinstance(exc, NotAnImageError) or (reason.startswith("not a recognised") and by_name and by_name.trust_suffix):
             raise HTTPException(415, f"{name}: {reason}") from None  # DICOM by name only, and it is not
         if reason.startswith("not a recognised"):  # its first bytes said what it is: a damaged file
-            reason = f"corrupt {path.suffix[1:].upper()} data: the file starts like one but cannot be decoded"
+            reason = f"corrupt {by_name.name if by_name else path.suffix[1:].upper()} data: the file starts like one but cannot be decoded"
         raise HTTPException(422, f"{name}: {reason}") from None
