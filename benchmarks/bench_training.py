@@ -277,7 +277,7 @@ BACKBONES = ("efficientnet_lite0", "densenet169")  # the default model's, and th
 def _weights(name: str, wanted: str) -> str:
     """``wanted`` when it is a file or the default weights are on this machine, else "none"
     (random weights: the same timing)."""
-    from kneeosteo.evaluation.reproduce import weights_available
+    from kneeosteo.experiments.reproduce import weights_available
 
     if wanted != "default":
         return wanted if Path(wanted).is_file() else "none"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 
 import imagegen
-from kneeosteo.evaluation.reproduce import PAPER_TABLE, model_catalogue, reproduce
 from kneeosteo.config import TrainConfig
+from kneeosteo.evaluation.metrics import METRICS, Metric
+from kneeosteo.experiments.reproduce import model_catalogue, reproduce
+from kneeosteo.experiments.table1 import PAPER_TABLE
 
 MODELS = ["hybrid-efficientnet_lite0", "fc-efficientnet_lite0", "am-only", "fc-vgg19"]
 
@@ -39,7 +42,7 @@ def test_table_has_a_row_per_model_with_paper_columns(tiny_repro):
     with open(out / "table1.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [r["model"] for r in table] == MODELS  # no metadata row: no shortcut figure was given
-    for col in ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss", "auc"):
+    for col in METRICS:  # one column group per metric of the table
         assert f"{col}_mean" in table[0] and f"{col}_ci_low" in table[0]
     ran = {r["model"]: r for r in rows}
     for key in MODELS[:3]:
@@ -48,7 +51,7 @@ def test_table_has_a_row_per_model_with_paper_columns(tiny_repro):
     assert ran["fc-vgg19"]["status"].startswith("skipped")
     assert ran["fc-vgg19"]["seeds"] == 0
     # the paper's value sits next to ours for the baseline it corresponds to
-    assert ran["fc-vgg19"]["accuracy_paper"] == PAPER_TABLE["VGG19"][4]
+    assert ran["fc-vgg19"]["accuracy_paper"] == PAPER_TABLE["VGG19"]["accuracy"]
     md = (out / "table1.md").read_text()
     assert "same test images: yes" in md
     # a GitHub/CommonMark table needs as many delimiter cells as header cells, and rows to match
@@ -97,3 +100,32 @@ def test_catalogue_covers_the_papers_baselines_and_ablations():
     assert {m.paper_row for m in cat.values()} >= set(PAPER_TABLE)
     assert not cat["fc-efficientnet_lite0"].attention and cat["fc-efficientnet_lite0"].use_backbone
     assert cat["am-only"].attention and not cat["am-only"].use_backbone
+
+
+def npv(tp, fp, fn, tn):
+    return tn, tn + fn
+
+
+def test_a_registered_metric_flows_into_metrics_json_and_table1(tiny_repro, tmp_path, monkeypatch):
+    """One table entry, no other change: a rescored cell's metrics.json and Table I carry it, even
+    marked as a paper column (which the paper's printed table lacks: its paper value is nan)."""
+    root, out, base, rows, _ = tiny_repro
+    monkeypatch.setitem(METRICS, "npv", Metric("npv", "NPV", "wilson", counts=npv, paper=True))
+    again = tmp_path / "repro"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "cells" / "am-only" / "seed0")  # trained and scored anew (AM only: seconds)
+    new = reproduce(root, again, base, MODELS, seeds=[0, 1], test_size=6, console=lambda _: None)
+    metrics = json.loads((again / "cells" / "am-only" / "seed0" / "metrics.json").read_text())
+    assert metrics["npv"]["method"] == "wilson" and "ci_low" in metrics["npv"]
+    with open(again / "table1.csv", newline="") as fh:
+        table = {r["model"]: r for r in csv.DictReader(fh)}
+    assert {"npv_mean", "npv_std", "npv_ci_low", "npv_ci_high", "npv_paper"} <= set(table["am-only"])
+    assert table["fc-vgg19"]["npv_paper"] == "nan"
+    header = [c.strip() for c in (again / "table1.md").read_text().splitlines()[0].split("|")]
+    assert header[header.index("auc") + 1] == "npv"
+    old = {r["model"]: r for r in rows}
+    for r in new:  # the metrics already there keep their values in the cells not rescored
+        if r["model"] in ("hybrid-efficientnet_lite0", "fc-efficientnet_lite0"):
+            for c in METRICS:
+                if c != "npv":  # nan == nan: a ratio undefined in both runs
+                    assert r[f"{c}_mean"] == pytest.approx(old[r["model"]][f"{c}_mean"], abs=0, nan_ok=True), c

@@ -345,8 +345,8 @@ def reproduce(
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
     from kneeosteo.data.scan import scan_dataset
-    from kneeosteo.evaluation.reproduce import default_models, model_catalogue, quick_display_only
-    from kneeosteo.evaluation.reproduce import reproduce as run_reproduce
+    from kneeosteo.experiments.reproduce import default_models, model_catalogue, quick_display_only
+    from kneeosteo.experiments.reproduce import reproduce as run_reproduce
     from kneeosteo.config import load_config
 
     if list_models:

@@ -1,0 +1,224 @@
+"""`kneeosteo reproduce`: the grid behind the paper's Table I, on one split per seed shared by every model.
+
+Each (model, seed[, fold]) is a *cell*: an ordinary run folder under
+``DIR/cells/<model>/seed<S>[/fold<K>]``, trained and scored by
+:func:`kneeosteo.experiments.pipeline.train_and_score`. A cell with a ``metrics.json`` is finished
+and never recomputed; an interrupted cell resumes from its last epoch. Frozen-backbone features
+are cached by (content, preprocessing, augmentation, backbone weights), so models sharing a
+backbone share them. Under torchrun every rank walks the same cells, each trained
+data-parallel; rank 0 writes the splits, timings and tables (:mod:`kneeosteo.experiments.table1`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kneeosteo.config import TrainConfig
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import make_split, write_split
+from kneeosteo.errors import BackboneWeightsError, ConfigError
+from kneeosteo.experiments.pipeline import train_and_score
+from kneeosteo.experiments.table1 import Predictions, aggregate, write_table1
+from kneeosteo.models.weights import find_default_weights
+from kneeosteo.training import distributed
+from kneeosteo.utils.atomic import ensure_writable, write_json
+
+__all__ = [
+    "BASELINES", "HYBRID_BACKBONES", "OFFLINE_BACKBONES", "PAPER_MODELS", "Cell", "ModelSpec", "default_models",
+    "make_splits", "model_catalogue", "quick_display_only", "reproduce", "run_cell", "weights_available",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str  # folder-safe id
+    title: str
+    backbone: str | None  # None: attention module only
+    attention: bool
+    paper_row: str | None = None  # its row in table1.PAPER_TABLE
+
+    @property
+    def use_backbone(self) -> bool:
+        return self.backbone is not None
+
+
+BASELINES = {"vgg19": "VGG19", "efficientnet_b0": "EfficientNetB0", "densenet169": "Densenet169",
+             "vit_b_16": "ViT", "resnet50": "ResNet50"}
+HYBRID_BACKBONES = ("densenet169", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+OFFLINE_BACKBONES = ("efficientnet_lite0",)
+
+
+def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, ModelSpec]:
+    """Every model reproduce knows: hybrids, backbone+FC baselines/ablations, AM+FC."""
+    cat: dict[str, ModelSpec] = {}
+    for b in backbones:
+        cat[f"hybrid-{b}"] = ModelSpec(f"hybrid-{b}", f"Hybrid ({b} + AM)", b, True,
+                                       "Ours" if b == "densenet169" else None)
+    for b in dict.fromkeys(list(BASELINES) + list(backbones)):
+        cat[f"fc-{b}"] = ModelSpec(f"fc-{b}", f"{b} + FC head (no AM)", b, False, BASELINES.get(b))
+    cat["am-only"] = ModelSpec("am-only", "AM + FC head (no backbone)", None, True)
+    return cat
+
+
+PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
+
+
+def default_models(quick: bool) -> list[str]:
+    if quick:
+        return [f"hybrid-{b}" for b in OFFLINE_BACKBONES] + [f"fc-{b}" for b in OFFLINE_BACKBONES] + ["am-only"]
+    return list(model_catalogue())
+
+
+def quick_display_only(models: list[str]) -> list[str]:
+    """The paper's rows that --quick does not train, listed so its values stand beside ours."""
+    return [m for m in PAPER_MODELS if m not in models]
+
+
+def weights_available(backbone: str, allow_download: bool = True) -> tuple[bool, str]:
+    """(True, source) if the default weights resolve (package, caches, one download try), else
+    (False, the first line of why), without building the net."""
+    try:
+        _, source = find_default_weights(backbone, allow_download=allow_download)
+        return True, source
+    except BackboneWeightsError as exc:
+        return False, str(exc).splitlines()[0]
+
+
+@dataclass
+class Cell:
+    model: ModelSpec
+    seed: int
+    fold: int | None
+    path: Path
+
+
+def _cells(out: Path, specs: list[ModelSpec], seeds: list[int], folds: int | None) -> list[Cell]:
+    cells = []
+    for s in seeds:
+        for m in specs:
+            for k in ([None] if folds is None else range(folds)):
+                p = out / "cells" / m.key / f"seed{s}" / (f"fold{k}" if k is not None else "")
+                cells.append(Cell(m, s, k, p))
+    return cells
+
+
+def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool) -> float:
+    """Train+score one cell unless finished; returns the wall seconds it took (0 if cached)."""
+    if (cell.path / "metrics.json").is_file():
+        return 0.0
+    m = cell.model
+    cfg = replace(
+        base, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
+        backbone=m.backbone or "efficientnet_lite0", attention=m.attention, use_backbone=m.use_backbone,
+        backbone_weights="none" if random_init else base.backbone_weights,
+    )
+    resume = (cell.path / "checkpoint" / "state.json").is_file()
+    t = time.perf_counter()
+    train_and_score(cfg, resume=resume, console=lambda msg: log.info("%s seed %s: %s", m.key, cell.seed, msg))
+    seconds = time.perf_counter() - t
+    if distributed.is_main_process():
+        prev = json.loads((cell.path / "timing.json").read_text())["seconds"] if (cell.path / "timing.json").is_file() else 0
+        write_json(cell.path / "timing.json", {"seconds": round(prev + seconds, 1)})
+    return seconds
+
+
+def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: int, positive: str,
+                test_size: int = 72) -> dict[int, Path]:
+    """One split file per seed, written once and reused on rerun (so a resume sees the same split)."""
+    paths, scan = {}, None
+    for s in seeds:
+        p = out / "splits" / f"seed{s}.json"
+        if not p.is_file():
+            scan = scan or scan_dataset(data, positive=positive)
+            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds), p)
+        paths[s] = p
+    return paths
+
+
+def _read_predictions(cell: Path) -> dict[str, tuple[int, float]]:
+    # surrogateescape: file names that are not UTF-8 were written as their bytes (utils.atomic)
+    with open(cell / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return {r["path"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(fh)}
+
+
+def _seed_predictions(cells: list[Cell]) -> dict[tuple[str, int], Predictions]:
+    """Each (model, seed)'s test predictions; the folds of a k-fold seed are pooled."""
+    preds: dict[tuple[str, int], dict] = {}
+    for c in cells:
+        if (c.path / "predictions.csv").is_file():
+            preds.setdefault((c.model.key, c.seed), {}).update(_read_predictions(c.path))
+    return preds
+
+
+def _seconds(specs: list[ModelSpec], cells: list[Cell]) -> dict[str, float]:
+    seconds = {m.key: 0.0 for m in specs}
+    for c in cells:
+        if (c.path / "timing.json").is_file():
+            seconds[c.model.key] += json.loads((c.path / "timing.json").read_text())["seconds"]
+    return seconds
+
+
+def _silent(*_args, **_kw) -> None:
+    pass
+
+
+def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
+              folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
+              test_size: int = 72, display_only: tuple[str, ...] = ()) -> list[dict]:
+    """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run."""
+    cat = model_catalogue()
+    unknown = [m for m in list(models) + list(display_only) if m not in cat]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")
+    specs = [cat[m] for m in models]
+    ensure_writable(out)  # before hours of training, not after
+    ctx = distributed.context(base.device)
+    if not ctx.is_main:
+        console = _silent
+    status, runnable, random_init = {}, [], set()
+    avail: dict[str, tuple[bool, str]] = {}
+    for m in specs:
+        if m.backbone is not None and m.backbone not in avail:
+            avail[m.backbone] = weights_available(m.backbone)
+        ok, why = avail.get(m.backbone, (True, ""))
+        if ok:
+            runnable.append(m)
+        elif allow_random_init:
+            runnable.append(m)
+            random_init.add(m.key)
+            status[m.key] = "random init (no pretrained weights)"
+        else:
+            status[m.key] = f"skipped: {why}"
+            console(f"skipping {m.key}: {why}")
+    for key in display_only:
+        specs.append(cat[key])
+        status[key] = "not run (--quick: offline backbones only)"
+    for m in runnable:
+        if m.key not in random_init:
+            status[m.key] = "frozen backbone" if m.backbone else "trained from scratch"
+    ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
+    if ctx.is_main:
+        make_splits(data, out, seeds, protocol, folds, base.positive, test_size)
+    ctx.barrier()
+    splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
+    cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
+    for i, c in enumerate(cells, 1):
+        fold = f" fold {c.fold}" if c.fold is not None else ""
+        done = (c.path / "metrics.json").is_file()
+        console(f"[{i}/{len(cells)}] {c.model.key} seed {c.seed}{fold}" + (" (done, reused)" if done else ""))
+        secs = run_cell(c, base, splits[c.seed], c.model.key in random_init)
+        if secs:
+            console(f"    {secs:.0f} s")
+    if not ctx.is_main:
+        return []
+    rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut)
+    info.update(reference=ref, seeds=seeds, protocol=protocol, models=models)
+    write_table1(out, rows, info)
+    return rows

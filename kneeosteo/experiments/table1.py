@@ -1,0 +1,165 @@
+"""The paper's Table I from finished runs: per-model aggregation over seeds, paired tests against
+the reference hybrid, and the table as markdown, CSV, JSON and a forest plot.
+
+Knows nothing of training or of the grid's folders: it takes each (model, seed)'s test
+predictions. Its columns are :func:`kneeosteo.evaluation.metrics.metric_names` at call time, so a
+metric registered in :data:`~kneeosteo.evaluation.metrics.METRICS` appears here with no other change.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from kneeosteo.evaluation import figures
+from kneeosteo.evaluation.metrics import METRICS, binary_metrics, metric_names
+from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
+from kneeosteo.utils.atomic import write_json, write_text
+from kneeosteo.utils.csvfile import csv_text
+
+__all__ = ["PAPER_TABLE", "Predictions", "aggregate", "paired_tests", "render_markdown", "table_csv", "write_table1"]
+
+#: One model's test predictions for one seed: image path -> (label, P(positive)).
+Predictions = Mapping[str, tuple[int, float]]
+
+# The paper's Table I, as printed (its columns: the paper's metrics, in this order).
+_PRINTED = ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss")
+PAPER_TABLE: dict[str, dict[str, float]] = {
+    row: dict(zip(_PRINTED, values))
+    for row, values in {
+        "VGG19": (0.8889, 0.7143, 0.9211, 0.2857, 0.7763, 0.8046, 0.6294),
+        "EfficientNetB0": (0.9259, 0.7347, 0.8774, 0.2643, 0.8026, 0.8276, 0.6029),
+        "Densenet169": (0.8571, 0.8049, 0.8684, 0.1951, 0.8289, 0.8354, 0.5892),
+        "ViT": (0.9444, 0.6852, 0.7782, 0.3148, 0.7500, 0.8043, 0.6498),
+        "ResNet50": (0.8571, 0.7083, 0.8947, 0.2917, 0.7632, 0.7907, 0.6236),
+        "Ours": (0.8293, 0.8710, 0.8947, 0.1290, 0.8472, 0.8608, 0.5834),
+    }.items()
+}
+
+
+class TableModel(Protocol):
+    """What a table row needs to know of a model (``experiments.reproduce.ModelSpec`` has it)."""
+
+    key: str
+    title: str
+    paper_row: str | None
+
+
+def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[tuple[str, int], Predictions],
+              seconds: Mapping[str, float], status: Mapping[str, str], reference: str | None,
+              shortcut: dict | None) -> tuple[list[dict], dict]:
+    """One row per model: every metric's mean, std and t-interval over seeds, the paper's value,
+    paired tests against ``reference``; plus a metadata-only row from the audit's ``shortcut``."""
+    columns = metric_names()
+    # every model of a seed must have been scored on the same images
+    same_images = all(
+        len({tuple(sorted(preds[(m.key, s)])) for m in specs if (m.key, s) in preds}) <= 1 for s in seeds
+    )
+    rows = []
+    for m in specs:
+        row = {"model": m.key, "title": m.title, "status": status.get(m.key, "ok"), "paper_row": m.paper_row or "",
+               "seeds": 0, "seconds": round(seconds.get(m.key, 0.0), 1)}
+        per_seed = [preds[(m.key, s)] for s in seeds if (m.key, s) in preds]
+        row["seeds"] = len(per_seed)
+        scored = []
+        for p in per_seed:
+            y = np.array([v[0] for v in p.values()])
+            prob = np.array([v[1] for v in p.values()])
+            scored.append(binary_metrics(y, prob))
+        paper = PAPER_TABLE.get(m.paper_row or "", {})
+        for col in columns:
+            vals = [s[col] for s in scored]
+            stat = mean_std_ci(vals) if vals else {"mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+            if METRICS[col].unit:  # a t-interval can overshoot [0, 1]; the metric cannot
+                stat = {**stat, "ci_low": max(stat["ci_low"], 0.0), "ci_high": min(stat["ci_high"], 1.0)}
+            row.update({f"{col}_mean": stat["mean"], f"{col}_std": stat["std"],
+                        f"{col}_ci_low": stat["ci_low"], f"{col}_ci_high": stat["ci_high"]})
+            row[f"{col}_paper"] = paper.get(col, np.nan)
+        if reference and m.key != reference and per_seed:
+            row.update(paired_tests(preds, m.key, reference, seeds))
+        rows.append(row)
+    if shortcut and shortcut.get("accuracy") is not None:
+        lo, hi = shortcut["accuracy_ci95"]
+        rows.append({"model": "metadata-only", "title": "File metadata only (audit shortcut check)",
+                     "status": "reference", "seeds": 0, "accuracy_mean": shortcut["accuracy"],
+                     "accuracy_ci_low": lo, "accuracy_ci_high": hi, "auc_mean": shortcut["auc"]})
+    return rows, {"same_test_images": same_images}
+
+
+def paired_tests(preds: Mapping[tuple[str, int], Predictions], key: str, ref: str, seeds: Sequence[int]) -> dict:
+    """McNemar and DeLong of ``key`` against ``ref``, pooling (seed, image) pairs over seeds."""
+    y, pa, pb = [], [], []
+    for s in seeds:
+        a, b = preds.get((key, s)), preds.get((ref, s))
+        if not a or not b:
+            continue
+        for path in sorted(set(a) & set(b)):
+            y.append(a[path][0])
+            pa.append(a[path][1])
+            pb.append(b[path][1])
+    if not y:
+        return {}
+    y, pa, pb = np.array(y), np.array(pa), np.array(pb)
+    mc = mcnemar_exact((pa >= 0.5) == y, (pb >= 0.5) == y)
+    out = {"mcnemar_b": mc["b"], "mcnemar_c": mc["c"], "mcnemar_p": mc["pvalue"], "paired_n": len(y)}
+    try:
+        out["delong_p"] = delong_test(y, pa, pb)["pvalue"]
+    except ValueError:
+        out["delong_p"] = np.nan
+    return out
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(row: dict, col: str) -> str:
+    m = row.get(f"{col}_mean")
+    if _missing(m):
+        return "-"
+    sd, lo, hi = row.get(f"{col}_std"), row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+    s = f"{m:.3f}"
+    if not _missing(sd):
+        s += f" ± {sd:.3f}"
+    if not _missing(lo):
+        s += f" [{lo:.3f}, {hi:.3f}]"
+    return s
+
+
+def render_markdown(rows: list[dict], info: dict) -> str:
+    columns = metric_names()
+    head = "| model | status | seeds | " + " | ".join(columns) + " | paper acc | McNemar p | DeLong p | time (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]  # a delimiter row per header cell, or no table
+    for r in rows:
+        paper = r.get("accuracy_paper")
+        paper_s = f"{paper:.4f} ({r['paper_row']})" if not _missing(paper) else "-"
+        p = lambda k: f"{r[k]:.3g}" if not _missing(r.get(k)) else "-"  # noqa: E731
+        lines.append(
+            f"| {r['title']} | {r['status']} | {r.get('seeds', 0)} | " + " | ".join(_fmt(r, c) for c in columns)
+            + f" | {paper_s} | {p('mcnemar_p')} | {p('delong_p')} | {r.get('seconds', '-')} |"
+        )
+    lines += [
+        "",
+        "Cells: mean ± std over seeds [95% t-interval over seeds]. Paired tests are against the reference "
+        f"hybrid ({info.get('reference')}), pooling the (seed, test image) pairs of all seeds: exact McNemar on "
+        "correctness at threshold 0.5, DeLong on AUC.",
+        f"Every model of a seed was scored on the same test images: {'yes' if info.get('same_test_images') else 'NO'}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict]) -> str:
+    """Every key of every row is a column (first-seen order); a row lacking one leaves it empty."""
+    return csv_text(list(dict.fromkeys(k for r in rows for k in r)), rows)
+
+
+def write_table1(out: Path, rows: list[dict], info: dict) -> None:
+    """``table1.csv``, ``table1.md``, ``table1.json`` and the forest plot ``table1.png`` under ``out``."""
+    write_text(out / "table1.csv", table_csv(rows))
+    write_text(out / "table1.md", render_markdown(rows, info))
+    write_json(out / "table1.json", {"info": info, "rows": rows})
+    figures.forest_plot(rows, out / "table1.png",
+                        [(c, METRICS[c].title) for c in ("accuracy", "auc") if c in METRICS])
