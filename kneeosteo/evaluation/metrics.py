@@ -36,7 +36,6 @@ from kneeosteo.evaluation.stats import rank_auc_rows
 __all__ = [
     "METRICS",
     "Metric",
-    "PAPER_COLUMNS",
     "register_metric",
     "metric_names",
     "confusion_counts",
@@ -206,10 +205,6 @@ del _m
 def metric_names(paper: bool | None = None) -> tuple[str, ...]:
     """Names in table order; ``paper=True`` only the paper's columns, ``False`` only ours."""
     return tuple(k for k, m in METRICS.items() if paper is None or m.paper == paper)
-
-
-#: The paper's Table I columns, as at import (code should call ``metric_names(paper=True)``).
-PAPER_COLUMNS: tuple[str, ...] = metric_names(paper=True)
 
 
 # ---------------------------------------------------------------------------------------------
