@@ -68,7 +68,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that cannot work."""
-        from kneeosteo.models.backbones import list_backbones
+        from kneeosteo.models import list_backbones
 
         def choice(name: str, options) -> None:
             if getattr(self, name) not in options:

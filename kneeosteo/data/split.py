@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, exact_groups, is_conflict, leakage_groups
-from kneeosteo.data.scan import POSITIVE_CLASS, DataError, Record, Scan
+from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, deduplicate, leakage_groups
+from kneeosteo.data.scan import POSITIVE_CLASS, Record, Scan
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -34,23 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kneeosteo-split/1"
 PAPER_TEST_SIZE = 72
 PARTS = ("train", "val", "test")
-
-
-def deduplicate(records: list[Record]) -> tuple[list[Record], list[dict]]:
-    """Keep one file per picture; drop every copy of a picture filed under two labels."""
-    excluded, drop = [], set()
-    for g in exact_groups(records):
-        if is_conflict(g):
-            labels = sorted({r.label for r in g})
-            for r in g:
-                others = ", ".join(o.path for o in g if o is not r)
-                excluded.append({"path": r.path, "reason": f"label conflict: same pixels as {others} ({'/'.join(labels)})"})
-                drop.add(r.path)
-        else:
-            for r in g[1:]:
-                excluded.append({"path": r.path, "reason": f"exact duplicate of {g[0].path}"})
-                drop.add(r.path)
-    return [r for r in records if r.path not in drop], excluded
 
 
 def _units(records: list[Record], threshold: int) -> list[list[Record]]:
@@ -140,7 +124,7 @@ def make_split(
             fold["test"] = _flat([units[i] for i in te])
             doc["folds"].append(fold)
     else:
-        raise ValueError(f"unknown protocol {protocol!r} (use 'paper' or 'kfold')")
+        raise ConfigError(f"unknown protocol {protocol!r} (use 'paper' or 'kfold')")
     doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
     doc["content_ids"] = {r.path: r.content_id for r in kept}
     return doc

@@ -9,11 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from kneeosteo.config import TrainConfig
+from kneeosteo.evaluation.evaluate import score
+from kneeosteo.evaluation.metrics import format_table
 from kneeosteo.training.trainer import train
 
 __all__ = ["train_and_score"]
 
 
 def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
-    """Train ``cfg`` (resuming if asked), score the test set, and return the run folder."""
-    return train(cfg, resume=resume, console=console)
+    """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
+    result = train(cfg, resume=resume, console=console)
+    if result.is_main:
+        metrics = score(result.run, result.model, result.test, result.sets, result.run.path,
+                        device=result.device, history=result.history)
+        console(format_table({result.run.path.name: metrics}))
+    result.ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
+    return result.run.path

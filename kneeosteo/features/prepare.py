@@ -18,6 +18,7 @@ from kneeosteo.data.augment import AugmentParams, offline_versions
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageReadError, read_image
 from kneeosteo.data.scan import describe_file
+from kneeosteo.errors import DataError
 from kneeosteo.features.cache import TensorCache, cache_key
 from kneeosteo.utils.progress import progress_bar
 
@@ -139,7 +140,7 @@ def prepare(
             paths.extend([rel] * n)
             targets.extend([float(target)] * n)
     if not grey:
-        raise ImageReadError(root, f"no readable image in the {label} set")
+        raise DataError(f"{root}: no readable image in the {label} set")
     features = None
     if backbone is not None:
         features = _features_for(keys, grey, prep, backbone, backbone_id or "unknown", cache, batch_size, device, label)

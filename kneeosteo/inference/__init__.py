@@ -1,12 +1,13 @@
 """Using a trained model: batch prediction (PyTorch or ONNX Runtime), Grad-CAM and attention
-explanations, ONNX export, and the bundled default model."""
+explanations, ONNX export (and its int8 versions). Models come from run folders
+(:class:`kneeosteo.run.RunDir`; ``None`` means the bundled default model)."""
 
-from kneeosteo.inference.bundled import bundled_run_dir, has_bundled_model
+from kneeosteo.errors import InferenceError
 from kneeosteo.inference.explain import Explainer, Explanation
 from kneeosteo.inference.export import OnnxModel, export_onnx
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.inference.predictor import COLUMNS, ENGINES, Prediction, PredictionResult, Predictor
-from kneeosteo.inference.runinfo import InferenceError, ModelInfo, resolve_run, run_info
+from kneeosteo.run import ModelInfo, RunDir
 
 __all__ = [
     "COLUMNS",
@@ -19,10 +20,7 @@ __all__ = [
     "Prediction",
     "PredictionResult",
     "Predictor",
-    "bundled_run_dir",
+    "RunDir",
     "collect_inputs",
     "export_onnx",
-    "has_bundled_model",
-    "resolve_run",
-    "run_info",
 ]

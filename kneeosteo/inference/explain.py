@@ -22,21 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.inference.runinfo import ModelInfo, load_model, resolve_run, run_info
+from kneeosteo.models import get_backbone_spec
+from kneeosteo.run import ModelInfo, RunDir
 
-__all__ = ["GRADCAM_LAYERS", "Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape"]
+__all__ = ["Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape"]
 
-# Last spatial feature map of each backbone (module path inside HybridModel.backbone). Others
-# fall back to the last Conv2d (for vit_b_16: the patch embedding, a coarse stand-in).
-GRADCAM_LAYERS = {
-    "densenet169": "features.norm5",  # torchvision applies ReLU + pooling after it
-    "efficientnet_lite0": "bn2",  # timm BatchNormAct2d: conv_head -> BN -> ReLU6
-    "efficientnet_lite1": "bn2",
-    "efficientnet_lite2": "bn2",
-    "efficientnet_b0": "features.8",
-    "resnet50": "layer4",
-    "vgg19": "features.35",  # ReLU after the last conv, before the last max-pool
-}
 TARGETS = ("positive", "negative", "predicted")
 
 
@@ -44,7 +34,7 @@ def gradcam_layer(model: nn.Module) -> tuple[str, nn.Module]:
     """(name, module) of the feature map Grad-CAM should use for this HybridModel."""
     if model.backbone is None:  # AM-only ablation: the AM's conv stack, before its attention
         return "attention.features", model.attention.features
-    name = GRADCAM_LAYERS.get(model.backbone_name)
+    name = get_backbone_spec(model.backbone_name).gradcam_layer  # the registry entry says which
     if name is not None:
         return "backbone." + name, model.backbone.get_submodule(name)
     convs = [(n, m) for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)]
@@ -117,9 +107,8 @@ class Explainer:
 
     def __init__(self, run: str | os.PathLike | None = None, *, target: str = "positive",
                  threshold: float | None = None, device: str = "cpu"):
-        run = resolve_run(run)
-        info = run_info(run)
-        self._setup(load_model(run, device), info, target, threshold, device)
+        run = RunDir.open(run)
+        self._setup(run.load_model(device), run.info, target, threshold, device)
 
     @classmethod
     def from_model(cls, model: nn.Module, info: ModelInfo, *, target: str = "positive",

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
+from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
-from kneeosteo.inference.runinfo import InferenceError, ModelInfo, load_model, resolve_run, run_info
+from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.utils.progress import progress_bar
 
 __all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Prediction", "PredictionResult", "Predictor",
@@ -49,7 +50,7 @@ def resolve_engine(engine: str, device: str = "cpu", onnx=None) -> str:
     """The concrete engine ``auto`` stands for: onnxruntime on the CPU (or when an .onnx file is
     given), torch elsewhere (ONNX Runtime here runs on the CPU only)."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r} (choose from {ENGINES})")
+        raise ConfigError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     if engine != "auto":
         return engine
     if onnx is not None:
@@ -98,21 +99,23 @@ class Predictor:
             log.warning("--engine %s is lossy: probabilities can differ from fp32 by tenths on a sensitive model "
                         "(benchmarks/RESULTS.md); use it for throughput, not for reported results", engine)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+            raise ConfigError(f"threshold must lie in [0, 1], got {threshold}")
         self.engine, self.batch_size, self.device = engine, batch_size, device
         self._model = self._session = None
         self._autocast = torch.bfloat16 if engine == "torch-bf16" else None
+        self.run: RunDir | None
         if engine.startswith("torch"):
-            self.run = resolve_run(run)
-            info = run_info(self.run)
-            self._model = load_model(self.run, device).to(memory_format=torch.channels_last)
+            self.run = RunDir.open(run)
+            info = self.run.info
+            self._model = self.run.load_model(device).to(memory_format=torch.channels_last)
         else:
-            from kneeosteo.inference.export import OnnxModel, ensure_int8_onnx, ensure_onnx
+            from kneeosteo.inference.export import OnnxModel, ensure_onnx
+            from kneeosteo.inference.quantize import ensure_int8_onnx
 
             int8 = engine == "onnxruntime-int8"
-            self.run = resolve_run(run) if (run is not None or onnx is None) else None
+            self.run = RunDir.open(run) if (run is not None or onnx is None) else None
             if onnx is None:
                 onnx = ensure_int8_onnx(self.run) if int8 else ensure_onnx(self.run)
             self._session = OnnxModel(onnx)
@@ -120,8 +123,8 @@ class Predictor:
                 raise InferenceError(f"{onnx}: not an int8 model (no kneeosteo.quantization metadata); "
                                      "use --engine onnxruntime for it")
             info = self._session.info
-            if self.run is not None and onnx is not None and run_info(self.run).model_id != info.model_id:
-                raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run}")
+            if self.run is not None and self.run.model_id != info.model_id:
+                raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
 
     @property

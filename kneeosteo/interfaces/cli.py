@@ -1,7 +1,9 @@
 """The `kneeosteo` command line: one obvious entry point per task.
 
-Exit codes: 0 success, 2 bad usage (typer/click), 1 a data or model error, reported as one line
-naming the culprit.
+Exit codes: 0 success, 2 bad usage (click's usage errors and :class:`~kneeosteo.errors.ConfigError`),
+1 any other :class:`~kneeosteo.errors.KneeosteoError` (data, model, output). ``main`` catches the
+one root and prints one line naming the culprit; anything else is a bug and keeps its traceback.
+Choices offered here are the ones the config validates (``kneeosteo.config``, the registries).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS
+from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 
 app = typer.Typer(
@@ -26,15 +30,32 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-class CliError(Exception):
-    """An expected failure: printed as one line, exit code 1."""
-
-
 def _data(path: Optional[Path]) -> Path:
     found = find_data_dir(str(path) if path else None)
     if found is None:
-        raise CliError(f"{path}: data folder not found" if path else KAGGLE_HELP)
+        raise DataError(f"{path}: data folder not found" if path else KAGGLE_HELP)
     return found
+
+
+def _choice(options):
+    """A value parser that accepts only ``options`` (click exits 2 with the list otherwise)."""
+    options = [str(o) for o in options]
+
+    def parse(value: str) -> str:
+        if value not in options:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _backbones() -> list[str]:
+    from kneeosteo.models import list_backbones
+
+    return list_backbones()
+
+
+PROTOCOLS = ("paper", "kfold")
 
 
 DataArg = typer.Argument(None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop).")
@@ -69,7 +90,7 @@ def audit(
 def split(
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("out/split.json"), "--out", help="Where to write the split JSON."),
-    protocol: str = typer.Option("paper", help="paper: 72-image stratified test set, 10% validation; kfold: K folds."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds."),
     folds: int = typer.Option(5, help="Number of folds for --protocol kfold."),
     seed: int = typer.Option(0, help="Random seed."),
     test_size: int = typer.Option(72, help="Test images for --protocol paper (the paper's 72)."),
@@ -80,9 +101,6 @@ def split(
     """De-duplicate, then split into train/val/test with no picture shared between partitions."""
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
-
-    if protocol not in ("paper", "kfold"):
-        raise typer.BadParameter("use 'paper' or 'kfold'", param_hint="--protocol")
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
@@ -113,14 +131,14 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split JSON; made with the paper protocol when absent."),
     fold: Optional[int] = typer.Option(None, help="Fold of a k-fold split file."),
-    backbone: Optional[str] = typer.Option(None, help="efficientnet_lite0 (default, offline), efficientnet_lite1/2, densenet169 (paper)."),
+    backbone: Optional[str] = typer.Option(None, parser=_choice(_backbones()), help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them."),
     backbone_weights: Optional[str] = typer.Option(None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."),
     attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
     use_backbone: Optional[bool] = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),
     finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Train the backbone too (no feature cache)."),
-    preprocess: Optional[str] = typer.Option(None, help="paper (stretch to 224) or robust (letterbox)."),
+    preprocess: Optional[str] = typer.Option(None, parser=_choice(PRESETS), help="paper (stretch to 224) or robust (letterbox)."),
     clahe: Optional[bool] = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
-    augment: Optional[str] = typer.Option(None, help="offline (paper: 5 copies), online, or none."),
+    augment: Optional[str] = typer.Option(None, parser=_choice(AUGMENT_MODES), help="offline (paper: 5 copies), online, or none."),
     copies: Optional[int] = typer.Option(None, help="Augmented copies per training image (paper: 5)."),
     zoom: Optional[str] = typer.Option(None, help="Zoom range LOW,HIGH (default 0.9,1.2)."),
     crop_fraction: Optional[str] = typer.Option(None, help="ROI crop side fraction LOW,HIGH (default 0.8,1.0)."),
@@ -130,8 +148,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 3e-4)."),
     seed: Optional[int] = typer.Option(None, help="Seed: same seed, same metrics."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, help="auto, bf16 or fp32."),
+    device: Optional[str] = typer.Option(None, parser=_choice(DEVICES), help="auto (CUDA when present), cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
     devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
@@ -139,13 +157,13 @@ def train(
     master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Train the hybrid model (or an ablation) and score it on the held-out test set."""
-    from kneeosteo.config import load_config
-    from kneeosteo.training.trainer import train as run_training
+    from kneeosteo.config import TrainConfig, load_config
+    from kneeosteo.experiments.pipeline import train_and_score
+    from kneeosteo.run import RunDir
 
     if resume is not None:
-        from kneeosteo.evaluation.evaluate import run_settings
-
-        base = {k: v for k, v in run_settings(resume).items() if k in _config_fields()}
+        settings = RunDir.open(resume).config.settings
+        base = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
         cfg = load_config(None, {**base, "out": str(resume)})
     else:
         overrides = dict(
@@ -157,37 +175,23 @@ def train(
             rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
             device=device, precision=precision,
         )
-        try:
-            cfg = load_config(config, overrides)
-        except (ValueError, TypeError, OSError) as exc:
-            raise CliError(f"{config}: {exc}")
+        cfg = load_config(config, overrides)
         if cfg.data is None:
             cfg.data = str(_data(None))
-    if cfg.augment not in ("offline", "online", "none"):
-        raise typer.BadParameter("use offline, online or none", param_hint="--augment")
     from kneeosteo.training.distributed import is_main_process, launch_if_asked
-    from kneeosteo.utils.atomic import OutputError, ensure_writable
+    from kneeosteo.utils.atomic import ensure_writable
 
+    ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the features
+    if launch_if_asked(ctx, devices, nodes, master):
+        return
     try:
-        ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the features
-        if launch_if_asked(ctx, devices, nodes, master):
-            return
-    except (ValueError, OutputError) as exc:
-        raise CliError(str(exc))
-    try:
-        run = run_training(cfg, resume=resume is not None)
+        run = train_and_score(cfg, resume=resume is not None)
     except OutputError as exc:
-        hint = f"; fix that, then continue with `kneeosteo train --resume {cfg.out}`" if \
-            (Path(cfg.out) / "config.json").is_file() else ""
-        raise CliError(f"{exc}{hint}")
+        if RunDir(cfg.out).is_run():
+            raise OutputError(f"{exc}; fix that, then continue with `kneeosteo train --resume {cfg.out}`") from exc
+        raise
     if is_main_process():
         print(f"run written to {run}")
-
-
-def _config_fields() -> set[str]:
-    from kneeosteo.config import TrainConfig
-
-    return set(TrainConfig.__dataclass_fields__)
 
 
 @app.command()
@@ -201,8 +205,11 @@ def evaluate(
 ):
     """Score a trained run: the paper's metrics with 95% intervals, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
+    from kneeosteo.evaluation.metrics import format_table
 
-    evaluate_run(run, data, split_file, out, device=device, threshold=threshold)
+    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold)
+    print(format_table({run.name: metrics}))
+    print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 
 @app.command()
@@ -237,7 +244,7 @@ def predict(
     workers: int = typer.Option(1, min=1, help="Processes sharing the files (whole batches each); same rows as one, in input order."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
-    from kneeosteo.inference import ENGINES, InferenceError, Predictor
+    from kneeosteo.inference import ENGINES, Predictor
     from kneeosteo.inference.output import OUTPUT_SUFFIXES, format_table, write_predictions
 
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -246,33 +253,27 @@ def predict(
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
-    from kneeosteo.utils.atomic import OutputError, ensure_writable
+    from kneeosteo.utils.atomic import ensure_writable
 
-    try:
-        if out is not None:
-            ensure_writable(out.parent)  # before reading thousands of images, not after
-        kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
-        predictor = Predictor(**kwargs)  # loaded here even with --workers: a bad model fails once, clearly
-        if workers > 1:
-            from kneeosteo.inference.sharded import predict_sharded
-
-            result = predict_sharded(inputs, workers, **kwargs)
-        else:
-            result = predictor.predict(inputs)
-    except (InferenceError, OutputError) as exc:
-        raise CliError(str(exc))
     if out is not None:
-        try:
-            write_predictions(result, out)
-        except OutputError as exc:
-            raise CliError(str(exc))
+        ensure_writable(out.parent)  # before reading thousands of images, not after
+    kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
+    predictor = Predictor(**kwargs)  # loaded here even with --workers: a bad model fails once, clearly
+    if workers > 1:
+        from kneeosteo.inference.sharded import predict_sharded
+
+        result = predict_sharded(inputs, workers, **kwargs)
+    else:
+        result = predictor.predict(inputs)
+    if out is not None:
+        write_predictions(result, out)
         print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
     elif result.predictions:
         print(format_table(result))
     for err in result.errors:
         typer.echo(f"{err.path}: {err.reason}", err=True)
     if not result.predictions:
-        raise CliError(f"no image could be read ({len(result.errors)} unreadable, see above)")
+        raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)")
 
 
 @app.command()
@@ -280,44 +281,34 @@ def explain(
     images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Folder for NAME.png (radiograph, Grad-CAM, attention) and NAME.json per image."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
-    target: str = typer.Option("positive", help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted."),
+    target: str = typer.Option("positive", parser=_choice(("positive", "negative", "predicted")), help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold for the label (default: the model's)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
     """Grad-CAM on the backbone's last feature map and the attention module's spatial map, per image."""
-    from kneeosteo.inference import Explainer, InferenceError
+    from kneeosteo.inference import Explainer
     from kneeosteo.inference.report import explain_files
 
-    if target not in ("positive", "negative", "predicted"):
-        raise typer.BadParameter("use positive, negative or predicted", param_hint="--target")
-    try:
-        written, errors = explain_files(Explainer(run, target=target, threshold=threshold, device=device), images, out)
-    except InferenceError as exc:
-        raise CliError(str(exc))
+    written, errors = explain_files(Explainer(run, target=target, threshold=threshold, device=device), images, out)
     for _, png, js in written:
         print(f"wrote {png} and {js.name}")
     for err in errors:
         typer.echo(f"{err.path}: {err.reason}", err=True)
     if not written:
-        raise CliError(f"no image could be read ({len(errors)} unreadable, see above)")
+        raise DataError(f"no image could be read ({len(errors)} unreadable, see above)")
 
 
 @app.command()
 def export(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    fmt: str = typer.Option("onnx", "--format", parser=_choice(("onnx",)), help="Export format: onnx."),
     out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx."),
     opset: int = typer.Option(17, min=17, help="ONNX opset."),
 ):
     """Export backbone + attention module + head (probability output, dynamic batch) to ONNX, checked with onnx.checker."""
-    from kneeosteo.inference import InferenceError, export_onnx
+    from kneeosteo.inference import export_onnx
 
-    if fmt != "onnx":
-        raise typer.BadParameter("only onnx is supported", param_hint="--format")
-    try:
-        path = export_onnx(run, out, opset=opset)
-    except InferenceError as exc:
-        raise CliError(str(exc))
+    path = export_onnx(run, out, opset=opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}); onnx.checker passed; "
           f"use it with `kneeosteo predict --engine onnxruntime --onnx {path} IMAGE...`")
 
@@ -329,7 +320,7 @@ def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
     models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models)."),
-    protocol: str = typer.Option("paper", help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
     folds: int = typer.Option(5, help="Folds for --protocol kfold."),
     test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
     quick: bool = typer.Option(False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."),
@@ -353,17 +344,12 @@ def reproduce(
         for key, spec in model_catalogue().items():
             print(f"{key:28s} {spec.title}")
         return
-    if protocol not in ("paper", "kfold"):
-        raise typer.BadParameter("use 'paper' or 'kfold'", param_hint="--protocol")
     from kneeosteo.training.distributed import is_main_process, launch_if_asked
-    from kneeosteo.utils.atomic import OutputError, ensure_writable
+    from kneeosteo.utils.atomic import ensure_writable
 
-    try:
-        ensure_writable(out)  # before the audit and hours of training
-        if launch_if_asked(ctx, devices, nodes, master):
-            return
-    except (ValueError, OutputError) as exc:
-        raise CliError(str(exc))
+    ensure_writable(out)  # before the audit and hours of training
+    if launch_if_asked(ctx, devices, nodes, master):
+        return
     root = _data(data)
     n_seeds = 3 if quick and seeds == 5 else seeds
     base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
@@ -371,11 +357,8 @@ def reproduce(
     chosen = models.split(",") if models else default_models(quick)
     scan = scan_dataset(root, positive=base.positive)
     shortcut = build_audit(scan)["shortcut_metadata_only"]
-    try:
-        run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
-                            test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else ())
-    except (ValueError, OutputError) as exc:
-        raise CliError(str(exc))
+    run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
+                  test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else ())
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
@@ -400,15 +383,10 @@ def serve(
         from kneeosteo.interfaces.web import WebSettings, create_app
         from kneeosteo.interfaces.web.server import is_loopback
     except ImportError as exc:
-        raise CliError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
+        raise KneeosteoError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
                        "pip install fastapi uvicorn python-multipart")
-    from kneeosteo.inference import InferenceError
-
-    try:
-        web = create_app(WebSettings(run=run, threshold=threshold, device=device, workers=workers, queue=queue,
-                                     max_upload_bytes=int(max_upload_mb * 1e6)))
-    except InferenceError as exc:
-        raise CliError(str(exc))
+    web = create_app(WebSettings(run=run, threshold=threshold, device=device, workers=workers, queue=queue,
+                                 max_upload_bytes=int(max_upload_mb * 1e6)))
     if device == "cpu":  # the workers share the cores instead of each claiming all of them
         import os
 
@@ -422,17 +400,32 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="info")
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    from kneeosteo.data.reader import ImageReadError
-    from kneeosteo.data.scan import DataError
-    from kneeosteo.models.hybrid import CheckpointError
-    from kneeosteo.utils.atomic import OutputError
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: a usage error or a KneeosteoError is one line on stderr (exit 2 or 1)."""
+    import importlib
+
+    click_errors = importlib.import_module(typer.BadParameter.__module__)  # typer's own copy of click's
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        app(args=argv, standalone_mode=True)
-    except (CliError, DataError, ImageReadError, FileNotFoundError, OutputError, CheckpointError) as exc:
-        # escape: a path such as "knee [left].png" is not Rich markup; soft_wrap: keep the
-        # promised single line (Rich would otherwise fold long paths at the console width)
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
-        sys.exit(1)
+        code = app(args=argv, standalone_mode=False)
+    except click_errors.NoArgsIsHelpError:  # typer has printed the help already
+        sys.exit(2)
+    except click_errors.UsageError as exc:  # bad option, missing argument, a choice not offered
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _error(f"{_one_line(exc.format_message())}{where}", 2)
+    except typer.Abort:  # Ctrl-C
+        _error("interrupted", 130)
+    except KneeosteoError as exc:
+        _error(_one_line(str(exc)), exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str, code: int) -> None:
+    # escape: a path such as "knee [left].png" is not Rich markup; soft_wrap: keep the
+    # promised single line (Rich would otherwise fold long paths at the console width)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    sys.exit(code)

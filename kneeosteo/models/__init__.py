@@ -1,30 +1,16 @@
 """Model building blocks (timm/MONAI-style split): reusable blocks (``attention``, ``head``),
-a backbone registry with explicit weight resolution (``backbones``), and the assembled
-paper model with its checkpoints (``hybrid``)."""
+the backbone registry (``registry``: the spec type; ``backbones``: the entries) with explicit
+weight resolution (``weights``), the assembled paper model (``hybrid``) and its weights file
+(``checkpoint``)."""
 
+from kneeosteo.errors import BackboneWeightsError, CheckpointError
 from kneeosteo.models.attention import AttentionModule, ChannelAttention, SpatialAttention
-from kneeosteo.models.backbones import (
-    BACKBONES,
-    BackboneSpec,
-    BackboneWeightsError,
-    WeightsInfo,
-    build_backbone,
-    freeze,
-    get_backbone_spec,
-    list_backbones,
-    load_backbone_weights,
-    register_backbone,
-)
+from kneeosteo.models.backbones import build_backbone, freeze
+from kneeosteo.models.checkpoint import load_weights, read_identity, save_weights
 from kneeosteo.models.head import ClassifierHead
-from kneeosteo.models.hybrid import (
-    CheckpointError,
-    HybridModel,
-    build_model,
-    build_model_from_config,
-    load_checkpoint,
-    model_config,
-    save_checkpoint,
-)
+from kneeosteo.models.hybrid import HybridModel, build_model, build_model_from_config
+from kneeosteo.models.registry import BACKBONES, BackboneSpec, get_backbone_spec, list_backbones, register_backbone
+from kneeosteo.models.weights import WeightsInfo, find_default_weights, load_backbone_weights
 
 __all__ = [
     "AttentionModule",
@@ -40,12 +26,13 @@ __all__ = [
     "build_backbone",
     "build_model",
     "build_model_from_config",
+    "find_default_weights",
     "freeze",
     "get_backbone_spec",
     "list_backbones",
     "load_backbone_weights",
-    "load_checkpoint",
-    "model_config",
+    "load_weights",
+    "read_identity",
     "register_backbone",
-    "save_checkpoint",
+    "save_weights",
 ]

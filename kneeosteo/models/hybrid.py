@@ -1,21 +1,11 @@
-"""The paper's hybrid model (frozen backbone features ++ attention-module features -> FC head),
-its factory, and safetensors checkpoints that rebuild it exactly.
+"""The paper's hybrid model (frozen backbone features ++ attention-module features -> FC head)
+and its factory. Its checkpoint file format is in ``checkpoint.py``.
 
-Checkpoint layout (a directory): ``model.safetensors`` + ``config.json``. When the backbone is
-frozen and its weights came from a known file (pretrained, sha256 recorded), only the
-non-backbone tensors are stored ("partial"): the backbone is rebuilt from its weights file and
-its sha256 checked against the recorded one, so each seed/fold stores only the head and AM
-(~9 MB) instead of also repeating the backbone (~57 MB for DenseNet169). Otherwise (fine-tuned, random or no backbone) the full state is stored. The
-model config is written both to ``config.json`` and into the safetensors metadata, so a config
-edited (or swapped) after saving is detected, as is a truncated or altered tensor file (sha256).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -23,35 +13,13 @@ from torch import nn
 
 from kneeosteo.models.attention import AttentionModule
 from kneeosteo.models.head import ClassifierHead
-from kneeosteo.models.backbones import (
-    BackboneSpec,
-    BackboneWeightsError,
-    WeightsInfo,
-    build_backbone,
-    freeze,
-    get_backbone_spec,
-)
-from kneeosteo.utils.atomic import atomic_path, write_json
-from kneeosteo.utils.state_dict import mismatch_report
 from kneeosteo.errors import CheckpointError
+from kneeosteo.models.backbones import build_backbone, freeze
+from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
+from kneeosteo.models.weights import WeightsInfo
 
-__all__ = [
-    "CheckpointError",
-    "HybridModel",
-    "build_model",
-    "build_model_from_config",
-    "load_checkpoint",
-    "model_config",
-    "save_checkpoint",
-    "CHECKPOINT_WEIGHTS",
-    "CHECKPOINT_CONFIG",
-]
+__all__ = ["HybridModel", "build_model", "build_model_from_config"]
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_FORMAT = "kneeosteo-hybrid-checkpoint"
-CHECKPOINT_VERSION = 1
-_META_KEY = "kneeosteo_model_config"
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -192,7 +160,6 @@ class HybridModel(nn.Module):
             "image_size": self.image_size,
             "attention": self.attention.config() if self.attention is not None else None,
             "head": self.head.config(),
-            "preprocess": self.preprocess,
             "backbone_weights": self.backbone_weights.to_dict() if self.backbone_weights else None,
         }
 
@@ -212,7 +179,7 @@ def build_model(
     ``use_backbone=False`` builds no backbone (the name still fixes the input normalisation) and
     returns ``WeightsInfo(source="unused", ...)``.
     """
-    spec = get_backbone_spec(backbone)
+    spec = get_backbone_spec(backbone)  # ConfigError for an unknown name, before any weights are sought
     if use_backbone:
         module, info = build_backbone(backbone, weights, allow_download=allow_download)
     else:
@@ -267,193 +234,3 @@ def build_model_from_config(
     if model.head.config() != head:
         raise CheckpointError(f"head config {head} disagrees with feature_dim/attention (built {model.head.config()})")
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def model_config(model: HybridModel) -> dict[str, Any]:
-    """Same as ``model.model_config()``."""
-    return model.model_config()
-
-
-def _backbone_reproducible(model: HybridModel) -> bool:
-    """A frozen backbone whose pretrained weights file is identified (sha256) can be rebuilt,
-    whether or not the module is attached (training from cached features may omit it)."""
-    w = model.backbone_weights
-    return bool(model.use_backbone and model.freeze_backbone and w and w.pretrained and w.sha256)
-
-
-def save_checkpoint(
-    model: HybridModel,
-    path_dir: str | os.PathLike,
-    config: dict[str, Any] | None = None,
-    *,
-    include_backbone: bool | None = None,
-) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``path_dir`` (atomically each).
-
-    ``config``: extra JSON-able run information (training settings, metrics), stored under
-    ``"run"``; the model's own config is always written. ``include_backbone=None`` stores the
-    frozen pretrained backbone only when it cannot be rebuilt from its weights file (see module
-    docstring); ``True`` forces a full state.
-    """
-    from safetensors.torch import save as st_save
-
-    path_dir = Path(path_dir)
-    mc = model.model_config()
-    reproducible = _backbone_reproducible(model)
-    if include_backbone is False and not reproducible and model.use_backbone:
-        raise ValueError("the backbone is fine-tuned or not from a known weights file; it must be saved")
-    partial = reproducible if include_backbone is None else not include_backbone
-    if model.use_backbone and model.backbone is None and not partial:
-        raise ValueError(
-            "the model has no backbone module and no identified pretrained backbone weights, so a "
-            "checkpoint could not rebuild it; construct it with backbone_weights=WeightsInfo from build_backbone"
-        )
-    tensors = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in model.state_dict().items()
-        if not (partial and k.startswith("backbone."))
-    }
-    contents = "without-frozen-backbone" if partial else "full"
-    data = st_save(tensors, metadata={_META_KEY: json.dumps(mc, sort_keys=True), "contents": contents})
-    weights_path = path_dir / CHECKPOINT_WEIGHTS
-    with atomic_path(weights_path) as tmp:
-        tmp.write_bytes(data)
-    write_json(
-        path_dir / CHECKPOINT_CONFIG,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "model": mc,
-            "weights_file": CHECKPOINT_WEIGHTS,
-            "weights_sha256": hashlib.sha256(data).hexdigest(),
-            "contents": contents,
-            "num_tensors": len(tensors),
-            "versions": {"torch": torch.__version__, "kneeosteo": _kneeosteo_version()},
-            "run": config or {},
-        },
-    )
-    return path_dir
-
-
-def _kneeosteo_version() -> str:
-    from kneeosteo import __version__
-
-    return __version__
-
-
-def _st_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length, JSON)."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    return header.get("__metadata__") or {}
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
-
-
-def load_checkpoint(
-    path_dir: str | os.PathLike,
-    *,
-    backbone_weights: str | os.PathLike | None = None,
-    allow_download: bool = False,
-) -> tuple[HybridModel, dict[str, Any]]:
-    """Rebuild and load a checkpoint; returns ``(model in eval mode, config.json contents)``.
-
-    For a checkpoint without its frozen backbone, the backbone weights are resolved from
-    ``backbone_weights``, else the recorded path, else the default sources, and must have the
-    recorded sha256. Every disagreement (sha256, config vs file metadata, missing/unexpected
-    keys, shapes) raises :class:`CheckpointError` naming the file.
-    """
-    from safetensors.torch import load as st_load
-
-    path_dir = Path(path_dir)
-    cfg_path, w_path = path_dir / CHECKPOINT_CONFIG, path_dir / CHECKPOINT_WEIGHTS
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: missing; not a kneeosteo checkpoint directory") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{cfg_path}: unreadable ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a {CHECKPOINT_FORMAT} config")
-    if cfg.get("format_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{cfg_path}: format_version {cfg.get('format_version')} (this code reads {CHECKPOINT_VERSION})")
-    try:
-        data = w_path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{w_path}: missing") from None
-    sha = hashlib.sha256(data).hexdigest()
-    if cfg.get("weights_sha256") != sha:
-        raise CheckpointError(
-            f"{w_path}: sha256 {sha[:12]}... differs from {cfg.get('weights_sha256')!r} recorded in {cfg_path.name}; "
-            "the file is truncated, altered, or from another checkpoint"
-        )
-    try:
-        tensors = st_load(data)
-        meta = _st_metadata(data)
-    except Exception as exc:
-        raise CheckpointError(f"{w_path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-    if _META_KEY not in meta:
-        raise CheckpointError(f"{w_path}: has no embedded model config; not written by kneeosteo")
-    file_mc = json.loads(meta[_META_KEY])
-    mc = cfg.get("model")
-    diffs = _diff(mc, file_mc)
-    if diffs:
-        raise CheckpointError(
-            f"{cfg_path} and {w_path.name} disagree on the model: " + "; ".join(diffs[:5])
-            + ". The config was edited or swapped after saving."
-        )
-    partial = meta.get("contents") == "without-frozen-backbone"
-
-    if partial:
-        model = _rebuild_with_backbone(mc, backbone_weights, allow_download, w_path)
-    else:
-        model = build_model_from_config(mc, "none")
-    expected = {k: v for k, v in model.state_dict().items() if not (partial and k.startswith("backbone."))}
-    problems = mismatch_report(expected, tensors)
-    if problems:
-        raise CheckpointError(" ".join([f"{w_path}: does not match the model described in {cfg_path.name}.", *problems]))
-    model.load_state_dict(tensors, strict=False)
-    return model.eval(), cfg
-
-
-def _rebuild_with_backbone(
-    mc: dict[str, Any], backbone_weights: str | os.PathLike | None, allow_download: bool, w_path: Path
-) -> HybridModel:
-    rec = mc.get("backbone_weights") or {}
-    want = rec.get("sha256")
-    candidates: list[str | os.PathLike | None] = []
-    if backbone_weights is not None:
-        candidates.append(backbone_weights)
-    else:  # the way it was resolved at training time first, so the provenance stays the same
-        recorded = rec.get("path") if rec.get("path") and Path(rec["path"]).is_file() else None
-        if rec.get("source") == "file" and recorded:
-            candidates += [recorded, "default"]
-        else:
-            candidates += ["default"] + ([recorded] if recorded else [])
-    errors = []
-    for cand in candidates:
-        try:
-            model = build_model_from_config(mc, cand, allow_download=allow_download)
-        except BackboneWeightsError as exc:
-            errors.append(str(exc))
-            continue
-        got = model.backbone_weights.sha256 if model.backbone_weights else None
-        if got == want:
-            return model
-        errors.append(f"{cand}: backbone weights sha256 {got} differs from the recorded {want}")
-    raise CheckpointError(
-        f"{w_path}: stores the model without its frozen {mc.get('backbone')} backbone, whose weights "
-        f"(sha256 {want}, originally {rec.get('path')}) could not be found; pass backbone_weights=FILE. "
-        + " | ".join(errors)
-    )

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kneeosteo.data.reader import ImageReadError
+from kneeosteo.errors import ConfigError, DataError, KneeosteoError
 
 __all__ = ["Dist", "context", "data_parallel", "is_main_process", "launch", "launch_if_asked", "relaunch_args",
            "under_torchrun", "warm_cache"]
@@ -101,8 +101,8 @@ def warm_cache(ctx: Dist, sets, prepare_parts) -> None:
     for part in ("train", "val", "test"):
         try:
             prepare_parts(shard, (part,))
-        except ImageReadError:  # an empty or all-unreadable shard: the full pass reports the files
-            pass
+        except DataError:  # this rank's shard is empty or unreadable; the full pass after the barrier
+            pass           # reports the files (or the empty partition) once, on every rank
     ctx.barrier()
 
 
@@ -206,7 +206,7 @@ def launch(args: list[str], devices: int, nodes: int = 1, master: str | None = N
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(devices)]
     if nodes > 1:
         if not master:
-            raise ValueError("--nodes > 1 needs --master HOST:PORT (the same on every node)")
+            raise ConfigError("--nodes > 1 needs --master HOST:PORT (the same on every node)")
         cmd += ["--nnodes", str(nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", master,
                 "--rdzv_id", "kneeosteo"]
     else:
@@ -221,5 +221,5 @@ def launch_if_asked(cli, devices: int, nodes: int = 1, master: str | None = None
         return False
     code = launch(relaunch_args(cli), devices, nodes, master)
     if code != 0:
-        raise ValueError(f"distributed run failed (torchrun exit status {code}); the first error is above")
+        raise KneeosteoError(f"distributed run failed (torchrun exit status {code}); the first error is above")
     return True

@@ -10,8 +10,6 @@ every file, the others only compute.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import platform
@@ -25,18 +23,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kneeosteo import __version__
+from kneeosteo.config import TrainConfig
 from kneeosteo.data.augment import AugmentParams, augment_batch
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.data.scan import DataError, scan_dataset
+from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
-from kneeosteo.models import build_model, get_backbone_spec, save_checkpoint
-from kneeosteo.paths import cache_dir
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
-from kneeosteo.training import distributed
-from kneeosteo.config import TrainConfig
-from kneeosteo.training.distributed import Dist
 from kneeosteo.features.prepare import PreparedSet, prepare
+from kneeosteo.models import build_model, get_backbone_spec
+from kneeosteo.paths import cache_dir
+from kneeosteo.run import RunDir
+from kneeosteo.training import distributed
+from kneeosteo.training.distributed import Dist
 from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
+from kneeosteo.utils.csvfile import write_csv
 from kneeosteo.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda asked for, but no CUDA device is available")
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
     return name
 
 
@@ -76,14 +77,14 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def resolve_split(cfg: TrainConfig, data: Path, run: Path) -> SplitSets:
-    """The split file given, else a fresh paper-protocol split saved into the run folder."""
+def resolve_split(cfg: TrainConfig, data: Path, split_file: Path) -> SplitSets:
+    """The split file given, else a fresh paper-protocol split saved as ``split_file``."""
     if cfg.split:
         return load_split(cfg.split, data, cfg.fold)
     scan = scan_dataset(data, positive=cfg.positive)
     doc = make_split(scan, "paper", seed=cfg.seed)
-    write_split(doc, run / "split.json")
-    return load_split(run / "split.json", data)
+    write_split(doc, split_file)
+    return load_split(split_file, data)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
     return total / n, correct / n, probs
 
 
-def _save_state(run: Path, model, optimizer, state: dict) -> None:
+def _save_state(run: RunDir, model, optimizer, state: dict) -> None:
     """Everything --resume needs in ONE atomic file (weights, Adam moments, and the JSON state in
     its metadata), so a kill between two writes cannot pair one epoch's weights with another
     epoch's state; state.json is a readable copy."""
@@ -165,21 +166,19 @@ def _save_state(run: Path, model, optimizer, state: dict) -> None:
     for i, p in enumerate(params):  # indexed like _load_state: by position among the parameters
         for name, v in optimizer.state.get(p, {}).items():
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(v)
-    ckpt = run / "checkpoint"
-    with atomic_path(ckpt / "last.safetensors") as tmp:
+    with atomic_path(run.state_file) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"state": json.dumps(state)})
-    write_json(ckpt / "state.json", state)
+    write_json(run.state_json, state)
 
 
-def _load_state(run: Path, model, optimizer) -> dict:
+def _load_state(run: RunDir, model, optimizer) -> dict:
     from safetensors import safe_open
 
-    ckpt = run / "checkpoint"
-    with safe_open(str(ckpt / "last.safetensors"), "pt") as fh:
+    with safe_open(str(run.state_file), "pt") as fh:
         embedded = (fh.metadata() or {}).get("state")
-    state = json.loads(embedded) if embedded else json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "last.safetensors"))
+    state = json.loads(embedded) if embedded else json.loads(run.state_json.read_text())
+    tensors = load_file(str(run.state_file))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
@@ -189,14 +188,6 @@ def _load_state(run: Path, model, optimizer) -> dict:
         if st:
             optimizer.state[p] = st
     return state
-
-
-def _history_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def environment() -> dict:
@@ -234,37 +225,66 @@ def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, 
     return out
 
 
-def _split_sets(cfg: TrainConfig, data: Path, run: Path, resume: bool, ctx: Dist) -> SplitSets:
+
+def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist) -> SplitSets:
     """The run's split; rank 0 writes split.json, the other ranks read what it wrote."""
-    if resume and (run / "split.json").exists():  # the split file copied at the start, same fold
-        return load_split(run / "split.json", data, cfg.fold)
+    if resume and run.split_file.exists():  # the split file copied at the start, same fold
+        return load_split(run.split_file, data, cfg.fold)
     if ctx.is_main:
-        sets = resolve_split(cfg, data, run)
-        if cfg.split and not (run / "split.json").exists():
-            write_text(run / "split.json", Path(cfg.split).read_text())
+        sets = resolve_split(cfg, data, run.split_file)
+        if cfg.split and not run.split_file.exists():
+            write_text(run.split_file, Path(cfg.split).read_text())
     ctx.barrier()
-    return sets if ctx.is_main else load_split(cfg.split or run / "split.json", data, cfg.fold)
+    return sets if ctx.is_main else load_split(cfg.split or run.split_file, data, cfg.fold)
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
-    """Train on the split, keep the best epoch by validation loss, then score the test set."""
-    from kneeosteo.evaluation.evaluate import score_and_write
+@dataclass
+class TrainResult:
+    """What training leaves for its caller to score: the run folder, the best epoch's model
+    (on ``device``), the prepared test partition and the split."""
 
+    run: RunDir
+    model: torch.nn.Module
+    test: PreparedSet
+    sets: SplitSets
+    history: list[dict]
+    device: str
+    ctx: Dist
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+
+@dataclass
+class _Setup:
+    run: RunDir
+    data: Path
+    device: str
+    amp: torch.dtype | None
+    ctx: Dist
+    sets: SplitSets
+    model: torch.nn.Module
+    prep: Preprocess
+    parts: dict[str, PreparedSet]
+    settings: dict
+    record: dict
+
+
+def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
+    """Folder, device, split, model, and the partitions as tensors (cached features)."""
     data = Path(cfg.data) if cfg.data else None
     if data is None or not data.is_dir():
         raise DataError(f"{cfg.data}: data folder not found")
-    run = ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the first epoch
+    run = RunDir(ensure_writable(cfg.out))  # a read-only or full disk fails now, not after the first epoch
     device = resolve_device(cfg.device)
     ctx = distributed.context(device)
     if resume and ctx.is_main:  # what a kill -9 in the middle of a write left behind
-        for folder in (run, run / "checkpoint"):
+        for folder in (run.path, run.checkpoint_dir):
             remove_temporaries(folder)
-    if not ctx.is_main:
-        console = _silent
     amp = autocast_dtype(cfg.precision, device)
     set_seed(cfg.seed)
     sets = _split_sets(cfg, data, run, resume, ctx)
-
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
                                use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
     model.to(device)
@@ -275,42 +295,46 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     t0 = time.perf_counter()
     parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep,
                                device, ctx=ctx)
-    prep_seconds = time.perf_counter() - t0
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    config = {
-        **cfg.to_dict(),
+    record = {
         "data": str(data),
         "split_sizes": {p: len(getattr(sets, p)) for p in ("train", "val", "test")},
         "train_samples": len(parts["train"]),
-        "backbone_weights_info": winfo.to_dict() if hasattr(winfo, "to_dict") else vars(winfo),
-        "preprocess_spec": {"preset": prep.preset, "size": prep.size, "mean": prep.mean, "std": prep.std, "clahe": prep.clahe},
+        "backbone_weights": winfo.to_dict(),
         "autocast": str(amp) if amp else "fp32",
         "device_used": device,
         "processes": ctx.world,
         "environment": environment(),
+        "prepare_seconds": round(time.perf_counter() - t0, 1),
     }
-    if not resume and ctx.is_main:
-        save_checkpoint(model, run, config)  # config.json exists from the start, for --resume
+    return _Setup(run, data, device, amp, ctx, sets, model, prep, parts, {**cfg.to_dict(), "data": str(data)}, record)
 
-    net = distributed.data_parallel(model, ctx, device) if ctx.world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _save_model(s: _Setup, cfg: TrainConfig) -> None:
+    negative = next(c for c in s.sets.classes if c != s.sets.positive)
+    s.run.save_model(s.model, s.prep, (negative, s.sets.positive), cfg.threshold, s.settings, s.record)
+
+
+def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
+    """The epochs: train, validate, keep the best by validation loss, save state every epoch."""
+    net = distributed.data_parallel(s.model, s.ctx, s.device) if s.ctx.world > 1 else s.model
+    params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
-    if resume and (run / "checkpoint" / "last.safetensors").exists():
-        state = _load_state(run, model, optimizer)
+    if resume and s.run.state_file.exists():
+        state = _load_state(s.run, s.model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
-    batches = {k: Batches(v, prep, online if k == "train" else None) for k, v in parts.items()}
-    sharded = {"ctx": ctx} if ctx.world > 1 else {}
+    batches = {k: Batches(v, s.prep, online if k == "train" else None) for k, v in s.parts.items()}
+    sharded = {"ctx": s.ctx} if s.ctx.world > 1 else {}
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
         t = time.perf_counter()
-        tl, ta, _ = run_epoch(net, batches["train"], cfg, device, amp, optimizer, gen, f"epoch {epoch} train", **sharded)
-        vl, va, _ = run_epoch(model, batches["val"], cfg, device, amp, desc=f"epoch {epoch} val")
+        tl, ta, _ = run_epoch(net, batches["train"], cfg, s.device, s.amp, optimizer, gen, f"epoch {epoch} train", **sharded)
+        vl, va, _ = run_epoch(s.model, batches["val"], cfg, s.device, s.amp, desc=f"epoch {epoch} val")
         row = {"epoch": epoch, "train_loss": round(tl, 6), "train_accuracy": round(ta, 6), "val_loss": round(vl, 6),
                "val_accuracy": round(va, 6), "lr": cfg.lr, "seconds": round(time.perf_counter() - t, 2)}
         state["history"].append(row)
@@ -321,19 +345,28 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        if ctx.is_main:
+        if s.ctx.is_main:
             if improved:
-                save_checkpoint(model, run, config)
-            write_text(run / "history.csv", _history_csv(state["history"]))
-            _save_state(run, model, optimizer, state)
-    if ctx.is_main:
-        doc = json.loads((run / "config.json").read_text())
-        doc["run"].update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], prepare_seconds=round(prep_seconds, 1))
-        write_json(run / "config.json", doc)
+                _save_model(s, cfg)
+            write_csv(s.run.history_file, HISTORY_FIELDS, state["history"])
+            _save_state(s.run, s.model, optimizer, state)
+    return state
+
+
+def train(cfg: TrainConfig, resume: bool = False, console=print) -> TrainResult:
+    """Train on the split and keep the best epoch by validation loss; the caller scores the test set
+    (``kneeosteo.experiments.pipeline.train_and_score``)."""
+    s = _setup(cfg, resume)
+    if not s.ctx.is_main:
+        console = _silent
+    if not resume and s.ctx.is_main:
+        _save_model(s, cfg)  # config.json exists from the start, for --resume
+    state = _fit(s, cfg, resume, console)
+    if s.ctx.is_main:
+        s.run.update_record(best_epoch=state["best_epoch"], epochs_run=state["epoch"])
         console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
-        score_and_write(run, parts["test"], sets, cfg.threshold, out=run, device=device, history=state["history"])
-    ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
-    return run
+    best = s.run.load_model(s.device) if s.ctx.is_main else s.model
+    return TrainResult(s.run, best, s.parts["test"], s.sets, state["history"], s.device, s.ctx)
 
 
 def _silent(*_args, **_kw) -> None:

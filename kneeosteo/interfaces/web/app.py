@@ -6,7 +6,6 @@ never block the event loop, and a full pool answers 503 with Retry-After."""
 from __future__ import annotations
 
 import html
-import json
 import re
 import tempfile
 import threading
@@ -60,12 +59,6 @@ def card_caveat(card: Optional[str]) -> str:
     return DEFAULT_CAVEAT
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 class Prediction(BaseModel):
     filename: str = Field(description="The client's file name, echoed for display only.")
@@ -95,21 +88,21 @@ class Service:
     explanations are serialised on their own model copy; predictions run concurrently."""
 
     def __init__(self, settings: WebSettings):
-        from kneeosteo.inference import Explainer, Predictor, resolve_run
+        from kneeosteo.inference import Explainer, Predictor, RunDir
 
         self.settings = settings
-        run = resolve_run(settings.run)
+        run = RunDir.open(settings.run)  # read and verified once, shared by both models
         self.predictor = Predictor(run, threshold=settings.threshold, device=settings.device, batch_size=1)
         self.explainer = Explainer(run, threshold=settings.threshold, device=settings.device)
         self._explain_lock = threading.Lock()
         self.info = self.predictor.info
-        card = (run / "MODEL_CARD.md").read_text() if (run / "MODEL_CARD.md").is_file() else None
+        card = run.card_file.read_text() if run.card_file.is_file() else None
         self.caveat = card_caveat(card)
         self.model_doc = {
             "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
-            "caveat": self.caveat, "card": card, "config": _read_json(run / "config.json"),
-            "metrics": _read_json(run / "metrics.json"),
+            "caveat": self.caveat, "card": card, "config": run.read_json("config.json"),
+            "metrics": run.read_json("metrics.json"),
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
                        "workers": settings.workers, "queue": settings.queue},
         }

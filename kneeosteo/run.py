@@ -1,0 +1,311 @@
+"""The run folder, kneeosteo's central artifact, as a type (MONAI-bundle style: a fixed, typed layout).
+
+``kneeosteo train`` writes one; ``evaluate``, ``predict``, ``explain``, ``export``, ``serve`` and
+``reproduce`` read it, all through :class:`RunDir`. Nobody else spells its file names or parses
+its ``config.json``. The bundled default model is just a ``RunDir`` at a packaged path.
+
+``config.json`` (format ``kneeosteo-run``, version 2)::
+
+    {"format": "kneeosteo-run", "format_version": 2,
+     "weights_file": "model.safetensors", "weights_sha256": "<sha256 of that file>",
+     "identity": {"model": {architecture}, "preprocess": {preset, size, mean, std, clahe},
+                  "classes": [negative, positive], "threshold": 0.5},
+     "settings": {every training setting, as asked},
+     "record": {split sizes, backbone weights, precision, environment, best epoch, ...}}
+
+``identity`` is everything that changes a prediction. It is stored once more *inside* the
+weights file's own metadata, so the recorded sha256 covers it: reading a run checks the file's
+sha256, then that config.json's identity is the one in the file, then that every value is in
+range. An edited mean, threshold or class name is refused with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.errors import CheckpointError
+from kneeosteo.utils.atomic import write_json
+
+__all__ = ["RUN_FILES", "ModelInfo", "RunConfig", "RunDir"]
+
+FORMAT = "kneeosteo-run"
+FORMAT_VERSION = 2
+
+# Every file a run folder may hold, with what it is: the README's table is this one.
+RUN_FILES = {
+    "config.json": "settings, identity (preprocessing, classes, threshold, architecture), weights sha256, record",
+    "model.safetensors": "the best epoch's weights (AM + head; a frozen pretrained backbone is rebuilt from its verified file)",
+    "split.json": "the split used",
+    "history.csv": "per epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds",
+    "metrics.json": "test metrics with intervals",
+    "predictions.csv": "path, label, probability, prediction per test image",
+    "accuracy.png": "training curves (the paper's Fig. 3)",
+    "loss.png": "training curves (the paper's Fig. 4)",
+    "confusion_matrix.png": "the paper's Fig. 5",
+    "roc.png": "ROC curve",
+    "checkpoint/": "last epoch's state for --resume",
+    "evaluations/NAME/": "scores on other data sets (`evaluate RUN DATA`)",
+    "MODEL_CARD.md": "the bundled model's card",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a prediction needs to know about a model: read from a run folder or an ONNX export."""
+
+    model_id: str
+    preprocess: Preprocess
+    threshold: float
+    negative: str
+    positive: str
+    backbone: str = ""
+
+    def label(self, probability: float, threshold: float | None = None) -> str:
+        t = self.threshold if threshold is None else threshold
+        return self.positive if probability >= t else self.negative
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The typed content of a run's config.json (see the module docstring)."""
+
+    model: dict
+    preprocess: Preprocess
+    classes: tuple[str, str]  # (negative, positive)
+    threshold: float
+    weights_sha256: str
+    settings: dict
+    record: dict
+
+    @property
+    def negative(self) -> str:
+        return self.classes[0]
+
+    @property
+    def positive(self) -> str:
+        return self.classes[1]
+
+    @property
+    def backbone(self) -> str:
+        return str(self.model.get("backbone", ""))
+
+    def identity(self) -> dict[str, Any]:
+        return identity(self.preprocess, self.classes, self.threshold)
+
+
+def identity(preprocess: Preprocess, classes, threshold: float) -> dict[str, Any]:
+    """The prediction-changing settings stored with the weights (besides the architecture)."""
+    p = asdict(preprocess)
+    p["mean"], p["std"] = list(p["mean"]), list(p["std"])
+    return {"preprocess": p, "classes": list(classes), "threshold": float(threshold)}
+
+
+def _checked(doc: dict, where: Path) -> tuple[Preprocess, tuple[str, str], float]:
+    """The identity's values, or CheckpointError naming the file and the value out of range."""
+    try:
+        p = doc["preprocess"]
+        mean, std = tuple(float(v) for v in p["mean"]), tuple(float(v) for v in p["std"])
+        prep = Preprocess(str(p["preset"]), int(p["size"]), mean, std, bool(p["clahe"]))
+        negative, positive = (str(c) for c in doc["classes"])
+        threshold = float(doc["threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: incomplete or malformed identity ({type(exc).__name__}: {exc})") from exc
+    problems = []
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std):
+        problems.append(f"mean {list(mean)} / std {list(std)} must be 3 finite numbers each")
+    elif not all(v > 0 for v in std):
+        problems.append(f"std {list(std)} must be positive")
+    if not 1 <= prep.size <= 4096:
+        problems.append(f"size {prep.size} out of [1, 4096]")
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        problems.append(f"threshold {threshold} out of [0, 1]")
+    if not negative or not positive or negative == positive:
+        problems.append(f"classes {[negative, positive]} must be two different names")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    return prep, (negative, positive), threshold
+
+
+class RunDir:
+    """A run folder: its paths, its verified config, its model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ---------------------------------------------------------------------------- the layout
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.json"
+
+    @property
+    def history_file(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.path / "predictions.csv"
+
+    @property
+    def card_file(self) -> Path:
+        return self.path / "MODEL_CARD.md"
+
+    @property
+    def onnx_file(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def state_file(self) -> Path:
+        """Everything ``--resume`` needs, in one atomic safetensors file."""
+        return self.checkpoint_dir / "last.safetensors"
+
+    @property
+    def state_json(self) -> Path:
+        """A readable copy of the resume state."""
+        return self.checkpoint_dir / "state.json"
+
+    def evaluation_dir(self, name: str) -> Path:
+        return self.path / "evaluations" / name
+
+    def is_run(self) -> bool:
+        return self.config_file.is_file()
+
+    # ---------------------------------------------------------------------------- finding one
+    @classmethod
+    def bundled(cls) -> "RunDir":
+        """The default model shipped in ``kneeosteo/assets/default_model/``."""
+        folder = resources.files("kneeosteo").joinpath("assets", "default_model")
+        missing = [f for f in ("config.json", "model.safetensors") if not folder.joinpath(f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"no bundled default model in this installation ({', '.join(missing)} missing in "
+                "kneeosteo/assets/default_model/); pass --run RUN, a folder written by `kneeosteo train`")
+        if not isinstance(folder, Path):  # e.g. a zipped install: the loaders need real files
+            raise CheckpointError("the bundled default model is not on the file system (zipped install?); pass --run RUN")
+        return cls(folder)
+
+    @classmethod
+    def open(cls, run: "str | Path | RunDir | None") -> "RunDir":
+        """``run`` (checked to be a run folder), or the bundled default model when it is None."""
+        if run is None:
+            return cls.bundled()
+        rd = run if isinstance(run, RunDir) else cls(run)
+        if not rd.is_run():
+            raise CheckpointError(f"{rd.path}: not a run folder (no config.json); pass a folder written by `kneeosteo train`")
+        return rd
+
+    # ---------------------------------------------------------------------------- reading
+    @functools.cached_property
+    def config(self) -> RunConfig:
+        """config.json, read once, with the weights file's sha256 and identity verified."""
+        from kneeosteo.models.checkpoint import read_identity
+
+        try:
+            doc = json.loads(self.config_file.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.config_file}: missing; not a run folder") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.config_file}: unreadable ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CheckpointError(f"{self.config_file}: not a {FORMAT} config")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{self.config_file}: format_version {doc.get('format_version')} "
+                                  f"(this kneeosteo reads {FORMAT_VERSION}); retrain the model with this version")
+        sha = doc.get("weights_sha256")
+        if not isinstance(sha, str) or not isinstance(doc.get("identity"), dict):
+            raise CheckpointError(f"{self.config_file}: no weights_sha256 or identity recorded")
+        stored = read_identity(self.weights_file, sha)  # the sha256 covers the identity inside the file
+        diffs = _diff(doc["identity"], stored)
+        if diffs:
+            raise CheckpointError(f"{self.config_file} and {self.weights_file.name} disagree: " + "; ".join(diffs[:5])
+                                  + ". The config was edited or swapped after training.")
+        prep, classes, threshold = _checked(stored, self.weights_file)
+        return RunConfig(stored["model"], prep, classes, threshold, sha, doc.get("settings") or {}, doc.get("record") or {})
+
+    @property
+    def model_id(self) -> str:
+        """``<folder name>-<first 12 hex of the weights' sha256>``: names the exact weights."""
+        return f"{self.path.resolve().name}-{self.config.weights_sha256[:12]}"
+
+    @property
+    def info(self) -> ModelInfo:
+        c = self.config
+        return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone)
+
+    def load_model(self, device: str = "cpu", backbone_weights=None):
+        """The run's HybridModel in eval mode on ``device`` (weights verified against config.json)."""
+        from kneeosteo.models.checkpoint import load_weights
+
+        model = load_weights(self.weights_file, self.config.weights_sha256, backbone_weights=backbone_weights)
+        return model.to(device).eval()
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the run (metrics.json, split.json), or None when absent or unreadable."""
+        try:
+            return json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ---------------------------------------------------------------------------- writing
+    def save_model(self, model, preprocess: Preprocess, classes, threshold: float, settings: dict, record: dict) -> None:
+        """Write the weights (identity inside) and config.json; what is verified on reading."""
+        from kneeosteo.models.checkpoint import save_weights
+
+        ident = identity(preprocess, classes, threshold)
+        _checked(ident, self.weights_file)
+        sha = save_weights(model, self.weights_file, ident)
+        from kneeosteo import __version__
+        import torch
+
+        write_json(self.config_file, {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "weights_file": self.weights_file.name, "weights_sha256": sha,
+            "identity": {"model": model.model_config(), **ident},
+            "settings": settings, "record": record,
+            "versions": {"kneeosteo": __version__, "torch": torch.__version__},
+        })
+        self.__dict__.pop("config", None)
+
+    def update_record(self, **values: Any) -> None:
+        """Add to config.json's record (not part of the identity: the weights stay valid)."""
+        doc = json.loads(self.config_file.read_text())
+        doc["record"].update(values)
+        write_json(self.config_file, doc)
+        self.__dict__.pop("config", None)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
