@@ -18,10 +18,12 @@ import torch
 
 import imagegen as g
 from kneeosteo.data import audit as audit_mod
+from kneeosteo.data import duplicates as dup_mod
 from kneeosteo.data.audit import build_audit, write_audit
 from kneeosteo.data.augment import AugmentParams, offline_versions, shrink
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.data.scan import DataError, resolve_classes, scan_dataset
+from kneeosteo.data.reader import ImageMeta
+from kneeosteo.data.scan import DataError, Record, resolve_classes, scan_dataset
 from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.data.split import PARTS, PAPER_TEST_SIZE, load_split, make_split, write_split
 
@@ -226,6 +228,47 @@ def test_audit_finds_exactly_the_planted_duplicates(dup_dataset, tmp_path, fast_
     text = md.read_text()
     assert text.count("LABEL CONFLICT") == 2
     assert "conflict_000.png" in text and "near_000.png" in text
+
+
+def _record(path: str, content_id: str, phash: str, label: str = "normal") -> Record:
+    meta = ImageMeta(path, "PNG", "L", 8, 8, 8, 1, 1)
+    return Record(path, label, int(label == "osteoporosis"), content_id, phash, meta)
+
+
+def test_near_pairs_match_brute_force_in_any_block_size():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=40, dtype=np.int64)
+    flips = rng.integers(0, 64, size=(40, 3))
+    # every other hash is a 0..3-bit variant of its neighbour, so there are pairs at every distance
+    vals = [int(b) if i % 2 == 0 else int(base[i - 1]) ^ sum(1 << int(f) for f in flips[i][: i % 4])
+            for i, b in enumerate(base)]
+    hexes = [f"{v:016x}" for v in vals]
+    for t in (0, 2, 6, 40):
+        brute = {(i, j) for i in range(40) for j in range(i + 1, 40) if (vals[i] ^ vals[j]).bit_count() <= t}
+        for block in (1, 7 * 8, 1 << 22):  # one row per block, a few rows, everything at once
+            got = {tuple(p) for p in dup_mod.near_pairs(hexes, t, block_elems=block).tolist()}
+            assert got == brute, (t, block)
+    assert dup_mod.near_pairs(hexes[:1], 6).shape == (0, 2)
+
+
+def test_chains_of_near_and_exact_duplicates_form_one_group():
+    recs = [_record("a", "c1", "0000000000000000"), _record("b", "c2", "000000000000000f"),  # 4 bits from a
+            _record("c", "c3", "00000000000000ff"),  # 4 from b, 8 from a: joined through b
+            _record("d", "c9", "ffffffffffffffff"), _record("e", "c9", "0f0f0f0f0f0f0f0f"),  # same pixels
+            _record("f", "c5", "f0f0f0f0f0f0f0f0")]
+    assert dup_mod.leakage_groups(recs, 4) == {"a": 0, "b": 0, "c": 0, "d": 1, "e": 1, "f": 2}
+    assert dup_mod.leakage_groups(recs, 3) == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 3, "f": 4}
+    assert [[r.path for r in c] for c in dup_mod.near_duplicate_clusters(recs, 4)] == [["a", "b", "c"]]
+
+
+def test_one_deduplication_for_split_and_audit(dup_dataset):
+    ds, scan = dup_dataset
+    kept, excluded = dup_mod.deduplicate(scan.records)
+    assert [r.path for r in kept] == [r.path for r in scan.records if r.path not in {e["path"] for e in excluded}]
+    assert len({r.content_id for r in kept}) == len(kept) == 46 - 2 - 2 * 2  # conflicts lose both copies
+    assert sum("label conflict" in e["reason"] for e in excluded) == 4
+    doc = make_split(scan, test_size=10)
+    assert sorted(doc["content_ids"]) == sorted(r.path for r in kept)
 
 
 def _two_sources(root: Path, n: int = 16, same_metadata: bool = False) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 
 from kneeosteo.data.duplicates import (
     NEAR_DUP_THRESHOLD,
+    deduplicate,
     exact_groups,
     is_conflict,
     leakage_groups,
@@ -28,18 +29,6 @@ def _dist(values: list[float]) -> dict:
         return {}
     q = np.percentile(values, [0, 25, 50, 75, 100])
     return {"min": float(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": float(q[4])}
-
-
-def deduplicated(scan: Scan) -> list:
-    """One record per content id, label-conflict groups dropped: what the shortcut check sees."""
-    seen, out = {}, []
-    conflicts = {r.content_id for g in exact_groups(scan.records) if is_conflict(g) for r in g}
-    for r in sorted(scan.records, key=lambda r: r.path):
-        if r.content_id in conflicts or r.content_id in seen:
-            continue
-        seen[r.content_id] = r
-        out.append(r)
-    return out
 
 
 def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0) -> dict:
@@ -59,7 +48,7 @@ def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int 
     groups = exact_groups(recs)
     conflicts = [g for g in groups if is_conflict(g)]
     clusters = near_duplicate_clusters(recs, near_threshold)
-    dedup = deduplicated(scan)
+    dedup = sorted(deduplicate(recs)[0], key=lambda r: r.path)  # what the shortcut check sees
     lg = leakage_groups(dedup, near_threshold)
     shortcut = metadata_only_accuracy(dedup, [lg[r.path] for r in dedup], seed=seed)
     members = lambda g: [{"path": r.path, "label": r.label} for r in g]  # noqa: E731
