@@ -523,6 +523,32 @@ def test_robust_preset_letterboxes_a_tall_image():
     assert torch.all(wide[0] == 0) and torch.all(wide[112] > 0.99)
 
 
+@pytest.mark.parametrize("preset", ["paper", "robust"])
+@pytest.mark.parametrize("h,w", [(400, 100), (100, 400), (37, 211), (300, 300), (1, 999)])
+def test_content_box_is_where_geometry_puts_the_picture(preset, h, w):
+    prep = Preprocess(preset=preset, size=64)
+    top, left, nh, nw = prep.content_box(h, w)
+    geo = prep.geometry(np.ones((h, w), np.float32))[0]
+    inside = torch.zeros_like(geo, dtype=torch.bool)
+    inside[top:top + nh, left:left + nw] = True
+    assert torch.all(geo[inside] > 0.99) and torch.all(geo[~inside] == 0)
+    if preset == "robust":
+        assert max(nh, nw) == 64 and abs(nh / nw - h / w) < 2 / min(nh, nw)
+
+
+def test_walk_files_is_sorted_skips_hidden_and_does_not_follow_folder_links(tmp_path):
+    from kneeosteo.data.scan import walk_files
+    from kneeosteo.inference.inputs import collect_inputs
+
+    for rel in ("b.png", "a.txt", ".DS_Store", "sub/c.png", ".hidden/d.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "sub" / "loop", target_is_directory=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path)] == ["a.txt", "b.png", "sub/c.png"]
+    # the command line's folder inputs are the same walk, minus the files no reader would try
+    assert collect_inputs([tmp_path])[0] == [tmp_path / "b.png", tmp_path / "sub" / "c.png"]
+
+
 def test_preprocess_key_changes_with_every_parameter():
     base = Preprocess()
     variants = [Preprocess(preset="robust"), Preprocess(size=256), Preprocess(mean=(0.5, 0.5, 0.5)),

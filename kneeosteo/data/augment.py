@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from kneeosteo.data.preprocess import scaled_size
+
 WORK_SIZE = 512  # longest side the augmentation works at; the networks see 224 px anyway
 
 
@@ -36,12 +38,10 @@ def _rng(seed: int, content_id: str, copy: int) -> np.random.Generator:
 
 
 def shrink(pixels: np.ndarray, longest: int = WORK_SIZE) -> np.ndarray:
-    h, w = pixels.shape
-    scale = longest / max(h, w)
-    if scale >= 1:
+    if max(pixels.shape) <= longest:
         return pixels
     t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    size = scaled_size(*pixels.shape, longest)
     return F.interpolate(t, size=size, mode="bilinear", antialias=True)[0, 0].numpy()
 
 

@@ -24,6 +24,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("paper", "robust")
 
 
+def scaled_size(h: int, w: int, longest: int) -> tuple[int, int]:
+    """(h, w) scaled so that the longer side is ``longest``, aspect kept, each side at least 1."""
+    scale = longest / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     preset: str = "paper"
@@ -51,14 +57,21 @@ class Preprocess:
         if self.preset == "paper":
             out = F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         else:
-            h, w = img.shape
-            scale = s / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            top, left, nh, nw = self.content_box(*img.shape)
             small = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
             out = torch.zeros(1, 1, s, s)
-            top, left = (s - nh) // 2, (s - nw) // 2
             out[..., top : top + nh, left : left + nw] = small
         return out[0].clamp_(0, 1)
+
+    def content_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Where an (h, w) image lands in the S x S network input: ``(top, left, height, width)``.
+        'paper' stretches it over the whole square; 'robust' letterboxes it, centred. The one
+        place this arithmetic lives: Grad-CAM and the web overlays crop maps back with it."""
+        s = self.size
+        if self.preset == "paper":
+            return 0, 0, s, s
+        nh, nw = scaled_size(h, w, s)
+        return (s - nh) // 2, (s - nw) // 2, nh, nw
 
     def normalise(self, grey: torch.Tensor) -> torch.Tensor:
         """(..., 1, S, S) in [0,1] -> (..., 3, S, S) normalised; cheap enough to do per batch."""

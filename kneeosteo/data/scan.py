@@ -7,7 +7,6 @@ bytes, and a changed file is simply a new key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from kneeosteo.data.reader import ImageMeta, ImageReadError, NotAnImageError, is_candidate, read_image
 from kneeosteo.paths import cache_dir
 from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.hashing import sha256_file
 from kneeosteo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -72,21 +72,15 @@ def resolve_classes(root: Path, positive: str = POSITIVE_CLASS) -> list[str]:
     return [others[0], positive]
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """All files below ``folder``; symlinked folders are not followed, so link loops can't hang us."""
+def walk_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file below ``folder``, sorted per folder; hidden files and folders (.DS_Store & co)
+    are skipped and symlinked folders are not followed, so link loops cannot hang us. The one
+    folder walk: the data scan and the command line's inputs both use it."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return out
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_file(path: Path, use_cache: bool = True) -> dict:
@@ -99,7 +93,7 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
     memo = None
     if use_cache:
         try:
-            memo = cache_dir() / "scan" / f"{_file_sha256(path)}.json"
+            memo = cache_dir() / "scan" / f"{sha256_file(path)}.json"
             if memo.is_file():
                 return json.loads(memo.read_text())
         except (OSError, ValueError):
@@ -143,7 +137,7 @@ def scan_dataset(
         classes = class_folders(root)
         if not classes:
             raise DataError(f"{root}: no class folders inside")
-    jobs = [(label, f) for label in classes for f in _walk_files(root / label)]
+    jobs = [(label, f) for label in classes for f in walk_files(root / label)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
         results = list(pool.map(lambda job: _describe(job[1], use_cache), jobs))

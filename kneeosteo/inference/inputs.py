@@ -6,20 +6,11 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from kneeosteo.data.reader import ImageReadError, is_candidate
+from kneeosteo.data.reader import is_candidate
+from kneeosteo.data.scan import walk_files
+from kneeosteo.errors import ImageReadError
 
 __all__ = ["collect_inputs"]
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Image candidates below ``folder``, sorted; symlinked folders and dot-files are skipped, as
-    in the data scan (link loops cannot hang us, .DS_Store & co are noise)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(p for f in sorted(filenames) if not f.startswith(".")
-                   and is_candidate(p := Path(dirpath) / f))
-    return out
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageReadError]]:
@@ -32,7 +23,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = _walk(p)
+            found = [f for f in walk_files(p) if is_candidate(f)]
         elif p.exists():
             found = [p]
         else:
