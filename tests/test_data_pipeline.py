@@ -9,6 +9,9 @@ import functools
 import json
 import logging
 import os
+import stat
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import DataError, Record, resolve_classes, scan_dataset
 from kneeosteo.data.shortcut import metadata_only_accuracy
+from kneeosteo.utils import atomic
 from kneeosteo.data.split import PARTS, PAPER_TEST_SIZE, load_split, make_split, write_split
 
 NONUTF8 = b"\xff\xfe.png"
@@ -622,3 +626,42 @@ def test_kop_paper_split(kop_scan, kop_manifest):
     for grp in conflicts:
         for p in grp:
             assert p not in where and "label conflict" in excluded[p], p
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_users_usual_permissions(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        assert atomic.current_umask() == umask
+        atomic.write_text(tmp_path / "a.json", "{}")
+        atomic.write_bytes(tmp_path / "sub" / "b.bin", b"x")
+        with atomic.atomic_path(tmp_path / "c.pt") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(before)
+    for name in ("a.json", "sub/b.bin", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_umask_without_proc_is_read_once_and_restored(monkeypatch):
+    def no_proc(*a, **k):
+        raise FileNotFoundError("/proc/self/status")
+
+    monkeypatch.setattr(atomic, "open", no_proc, raising=False)  # as on macOS
+    atomic._umask_by_setting.cache_clear()
+    before = os.umask(0o027)
+    try:
+        assert atomic.current_umask() == 0o027 and atomic.new_file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(before)
+        atomic._umask_by_setting.cache_clear()
+
+
+def test_importing_the_data_layer_changes_no_global_state():
+    code = ("import os; os.umask = None; from PIL import Image; limit = Image.MAX_IMAGE_PIXELS; "
+            "import kneeosteo.utils.atomic, kneeosteo.data.scan, kneeosteo.data.reader; "
+            "assert Image.MAX_IMAGE_PIXELS == limit")
+    subprocess.run([sys.executable, "-c", code], check=True)  # os.umask called at import: TypeError

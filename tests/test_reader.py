@@ -7,8 +7,6 @@ import asyncio
 import io
 import pickle
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -272,12 +270,6 @@ def test_is_candidate(tmp_path):
     assert not is_candidate(tmp_path / "NOTES")
     (tmp_path / "sub").mkdir()
     assert not is_candidate(tmp_path / "sub")
-
-
-def test_reader_leaves_pillows_global_pixel_limit_alone():
-    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import kneeosteo.data.reader; "
-            "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bomb_limit_is_max_pixels_not_pillows_global(tmp_path, monkeypatch):

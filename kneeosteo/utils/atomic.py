@@ -11,6 +11,7 @@ checks an output folder *before* hours of work, not after.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -53,13 +54,30 @@ def ensure_writable(folder: str | os.PathLike, min_free: int = MIN_FREE_BYTES) -
     return folder
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask, without changing it: Linux shows it in /proc/self/status ("Umask:").
+    Elsewhere the only way is to set it and set it back, which races with threads creating files
+    meanwhile; that is done once, on first use, and remembered."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_by_setting()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_UMASK = _current_umask()
+def new_file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file: 0666 less the umask (0644 under 022)."""
+    return 0o666 & ~current_umask()
 
 
 def remove_temporaries(folder: str | os.PathLike) -> int:
@@ -81,6 +99,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
+        os.chmod(tmp_path, new_file_mode())  # mkstemp made it 0600: give it the user's usual mode
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
