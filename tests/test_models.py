@@ -29,11 +29,15 @@ from kneeosteo.models import (
     build_backbone,
     build_model,
     get_backbone_spec,
+    WeightsInfo,
     load_backbone_weights,
-    load_checkpoint,
-    save_checkpoint,
+    load_weights,
+    read_identity,
+    save_weights,
 )
-from kneeosteo.models import backbones as bb
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.models import weights as weights_mod
+from kneeosteo.run import RunDir
 
 torch.set_num_threads(2)
 
@@ -52,7 +56,7 @@ def _offline(monkeypatch, tmp_path_factory):
     def no_download(url, dst):
         raise OSError(f"test is offline: {url}")
 
-    monkeypatch.setattr(bb, "_download", no_download)
+    monkeypatch.setattr(weights_mod, "_download", no_download)
 
 
 # ------------------------------------------------------------------------------ attention
@@ -169,7 +173,7 @@ def _old_torchvision_keys(sd: dict) -> dict:
 
 def test_densenet169_random_init_features_and_fusion(densenet):
     model, info = densenet
-    assert info == bb.WeightsInfo(source="random", path=None, sha256=None, pretrained=False)
+    assert info == WeightsInfo(source="random", path=None, sha256=None, pretrained=False)
     with torch.no_grad():
         feats = model(_images(1))
     assert feats.shape == (1, 1664)
@@ -187,7 +191,7 @@ def test_densenet169_default_without_cache_names_all_remedies(monkeypatch, tmp_p
         calls.append((url, dst))
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(bb, "_download", failing_download)
+    monkeypatch.setattr(weights_mod, "_download", failing_download)
     with pytest.raises(BackboneWeightsError) as exc:
         build_backbone("densenet169")  # "default"
     msg = str(exc.value)
@@ -441,6 +445,22 @@ def _train_a_little(model: HybridModel) -> None:
     model.eval()
 
 
+def _contents(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()["contents"]
+
+
+def _save_run(model: HybridModel, folder: Path, settings: dict | None = None) -> RunDir:
+    """A run folder holding ``model`` (what ``kneeosteo train`` writes at its end)."""
+    run = RunDir(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run.save_model(model, Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), ("normal", "osteoporosis"), 0.5,
+                   settings or {}, {})
+    return run
+
+
 def test_checkpoint_round_trip_partial(lite_hybrid, tmp_path):
     from safetensors import safe_open
 
@@ -448,14 +468,26 @@ def test_checkpoint_round_trip_partial(lite_hybrid, tmp_path):
     _train_a_little(model)
     x = _images(2)
     ref = model(x)
-    save_checkpoint(model, tmp_path, {"lr": 1e-3})
-    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as fh:
+    w = tmp_path / "w.safetensors"
+    sha = save_weights(model, w)
+    assert sha == hashlib.sha256(w.read_bytes()).hexdigest()
+    with safe_open(str(w), framework="pt") as fh:
         keys = list(fh.keys())
     assert keys and not any(k.startswith("backbone.") for k in keys)  # rebuilt from the pip file
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model"]["backbone_weights"]["sha256"] == info.sha256
-    assert cfg["run"] == {"lr": 1e-3}
-    loaded, _ = load_checkpoint(tmp_path)
+    assert _contents(w) == "without-frozen-backbone"
+    assert read_identity(w, sha)["model"]["backbone_weights"]["sha256"] == info.sha256
+    loaded = load_weights(w, sha)
+    assert not loaded.training and not loaded.backbone.training
+    assert torch.equal(loaded(x), ref)
+    assert loaded.model_config() == model.model_config()
+
+    # the same through a run folder: settings recorded, the weights verified on loading
+    run = _save_run(model, tmp_path / "run", {"lr": 1e-3})
+    cfg = RunDir(run.path).config
+    assert cfg.model["backbone_weights"]["sha256"] == info.sha256
+    assert cfg.settings == {"lr": 1e-3}
+    assert cfg.weights_sha256 == hashlib.sha256(run.weights_file.read_bytes()).hexdigest()
+    loaded = RunDir(run.path).load_model()
     assert not loaded.training and not loaded.backbone.training
     assert torch.equal(loaded(x), ref)
     assert loaded.model_config() == model.model_config()
@@ -470,23 +502,26 @@ def test_checkpoint_of_cached_features_model_rebuilds_backbone(lite_hybrid, tmp_
     full.eval()
     x = _images(2)
     feats = full.extract_features(x)
-    save_checkpoint(model, tmp_path)
-    loaded, _ = load_checkpoint(tmp_path)
+    sha = save_weights(model, tmp_path / "w.safetensors")
+    loaded = load_weights(tmp_path / "w.safetensors", sha)
     assert loaded.backbone is not None
     assert torch.equal(loaded(x), model(x, features=feats))
     with pytest.raises(ValueError, match="backbone_weights"):
-        save_checkpoint(HybridModel("efficientnet_lite0", None, 1280), tmp_path / "nope")
+        save_weights(HybridModel("efficientnet_lite0", None, 1280), tmp_path / "nope.safetensors")
+    assert not (tmp_path / "nope.safetensors").exists()
 
 
 def test_checkpoint_refuses_other_backbone_weights(lite_hybrid, tmp_path):
     model, _ = lite_hybrid
-    save_checkpoint(model, tmp_path / "ckpt")
+    run = _save_run(model, tmp_path / "ckpt")
     sd = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
     sd["_conv_stem.weight"] = sd["_conv_stem.weight"] + 0.01
     other = tmp_path / "other.pth"
     torch.save(sd, other)
     with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint(tmp_path / "ckpt", backbone_weights=other)
+        load_weights(run.weights_file, backbone_weights=other)
+    with pytest.raises(CheckpointError, match="sha256"):
+        RunDir(run.path).load_model(backbone_weights=other)
 
 
 def test_checkpoint_round_trip_full_and_tampering(tmp_path):
@@ -496,27 +531,35 @@ def test_checkpoint_round_trip_full_and_tampering(tmp_path):
     _train_a_little(model)
     x = _images(2)
     ref = model(x)
-    ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    loaded, cfg = load_checkpoint(ckpt)
-    assert cfg["contents"] == "full"
-    assert torch.equal(loaded(x), ref)
+    run = _save_run(model, tmp_path / "ckpt")
+    assert _contents(run.weights_file) == "full"
+    assert torch.equal(RunDir(run.path).load_model()(x), ref)
+    assert torch.equal(load_weights(run.weights_file)(x), ref)
 
-    cfg_path, w_path = ckpt / "config.json", ckpt / "model.safetensors"
+    cfg_path, w_path = run.config_file, run.weights_file
     good_cfg, good_w = cfg_path.read_text(), w_path.read_bytes()
     tampered = json.loads(good_cfg)
-    tampered["model"]["head"]["hidden"] = [512, 256, 128, 64]
+    tampered["identity"]["model"]["head"]["hidden"] = [512, 256, 128, 64]
     cfg_path.write_text(json.dumps(tampered))
     with pytest.raises(CheckpointError, match=r"config\.json.*head\.hidden"):
-        load_checkpoint(ckpt)
+        RunDir(run.path).load_model()
+
+    edited = json.loads(good_cfg)  # a prediction-changing setting edited after training
+    edited["identity"]["threshold"] = 0.3
+    cfg_path.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match=r"config\.json.*threshold"):
+        RunDir(run.path).config
 
     cfg_path.write_text(good_cfg)
     w_path.write_bytes(good_w[: len(good_w) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
-        load_checkpoint(ckpt)
+        RunDir(run.path).load_model()
 
     # without the recorded sha256 the safetensors reader itself must still refuse the file
     no_sha = json.loads(good_cfg)
     no_sha["weights_sha256"] = hashlib.sha256(w_path.read_bytes()).hexdigest()
     cfg_path.write_text(json.dumps(no_sha))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
-        load_checkpoint(ckpt)
+        RunDir(run.path).load_model()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        load_weights(w_path)
