@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     click_errors = importlib.import_module(typer.BadParameter.__module__)  # typer's own copy of click's
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="kneeosteo", standalone_mode=False)
     except click_errors.NoArgsIsHelpError:  # typer has printed the help already
         sys.exit(2)
     except click_errors.UsageError as exc:  # bad option, missing argument, a choice not offered

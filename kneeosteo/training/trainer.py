@@ -284,10 +284,12 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
             remove_temporaries(folder)
     amp = autocast_dtype(cfg.precision, device)
     set_seed(cfg.seed)
-    sets = _split_sets(cfg, data, run, resume, ctx)
+    # the model first: missing backbone weights fail in a second, before the data is scanned
+    # (the split's own seeded generator is independent of the initialisation drawn here)
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
                                use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
     model.to(device)
+    sets = _split_sets(cfg, data, run, resume, ctx)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
     cache_backbone = cfg.use_backbone and not cfg.finetune
