@@ -25,9 +25,12 @@ from kneeosteo.data.augment import AugmentParams
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.evaluation.evaluate import evaluate_run, run_preprocess
+from kneeosteo.errors import ConfigError
+from kneeosteo.evaluation.evaluate import evaluate_run
+from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.interfaces.cli import app
-from kneeosteo.models import build_model, load_checkpoint
+from kneeosteo.models import build_model
+from kneeosteo.run import RunDir
 from kneeosteo.training import trainer
 from kneeosteo.features.cache import TensorCache, backbone_cache_id, cache_key
 from kneeosteo.config import TrainConfig, load_config
@@ -68,6 +71,14 @@ def predictions(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def weights_contents(run: Path) -> str:
+    """What the run's weights file stores: ``full`` or ``without-frozen-backbone``."""
+    from safetensors import safe_open
+
+    with safe_open(str(RunDir(run).weights_file), framework="pt") as fh:
+        return fh.metadata()["contents"]
+
+
 def cache_files(root: Path) -> list[Path]:
     return sorted((root / "tensors").rglob("*.safetensors")) if (root / "tensors").exists() else []
 
@@ -90,7 +101,7 @@ def train_counting(cfg: TrainConfig, mp: pytest.MonkeyPatch, resume: bool = Fals
     mp.setattr(trainer, "TensorCache", CountingCache)
     mp.setattr(trainer, "run_epoch", spy)
     try:
-        run = train(cfg, resume=resume, console=quiet)
+        run = train_and_score(cfg, resume=resume, console=quiet)
     finally:
         mp.undo()
     return SimpleNamespace(run=run, hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches),
@@ -99,8 +110,8 @@ def train_counting(cfg: TrainConfig, mp: pytest.MonkeyPatch, resume: bool = Fals
 
 def full_forward_probs(run: Path, data: Path, paths: list[str], cache_root: Path) -> np.ndarray:
     """P(positive) from the reloaded model running its own backbone on the images (no cached features)."""
-    model, cfg = load_checkpoint(run)
-    prep = run_preprocess(cfg["run"])
+    model = RunDir(run).load_model()
+    prep = RunDir(run).config.preprocess
     ps = prepare([(p, 0) for p in paths], data, prep, TensorCache(cache_root), label="check")
     with torch.no_grad():
         return torch.sigmoid(model(images=prep.normalise(ps.grey.float())).float()).double().numpy()
@@ -147,14 +158,17 @@ def runs(ws):
 def test_train_writes_a_complete_run_folder(ws, runs):
     run = runs.a.run
     doc = ws.doc
-    cfg = json.loads((run / "config.json").read_text())["run"]
+    config = RunDir(run).config
+    cfg, rec = config.settings, config.record
+    assert json.loads((run / "config.json").read_text())["settings"] == cfg
     assert cfg["backbone"] == "efficientnet_lite0" and cfg["seed"] == 0
-    assert cfg["split_sizes"] == {p: len(doc[p]) for p in ("train", "val", "test")}
-    assert cfg["split_sizes"]["test"] == TEST_SIZE
-    assert cfg["train_samples"] == 2 * len(doc["train"])  # original + 1 offline copy each
-    wi = cfg["backbone_weights_info"]
+    assert config.backbone == "efficientnet_lite0"
+    assert rec["split_sizes"] == {p: len(doc[p]) for p in ("train", "val", "test")}
+    assert rec["split_sizes"]["test"] == TEST_SIZE
+    assert rec["train_samples"] == 2 * len(doc["train"])  # original + 1 offline copy each
+    wi = rec["backbone_weights"]
     assert wi["pretrained"] is True and len(wi["sha256"]) == 64
-    assert cfg["best_epoch"] >= 1 and cfg["epochs_run"] == EPOCHS
+    assert rec["best_epoch"] >= 1 and rec["epochs_run"] == EPOCHS
     assert (run / "model.safetensors").stat().st_size > 0
 
     with open(run / "history.csv", newline="") as fh:
@@ -174,7 +188,8 @@ def test_train_writes_a_complete_run_folder(ws, runs):
     preds = predictions(run / "predictions.csv")
     assert list(preds[0]) == ["path", "label", "probability", "prediction"]
     assert sorted(r["path"] for r in preds) == sorted(doc["test"])  # relative to DATA
-    threshold = cfg["threshold"]
+    threshold = config.threshold
+    assert threshold == cfg["threshold"]
     for r in preds:
         assert (ws.data / r["path"]).is_file()
         assert int(r["label"]) == int(r["path"].split("/")[0] == "osteoporosis")
@@ -195,13 +210,15 @@ def test_evaluate_run_reproduces_the_test_metrics(ws, runs, tmp_path):
     saved_preds = (run / "predictions.csv").read_text()
     # default target: the run's own split, written into the run folder (fresh per-test cache:
     # the backbone features are recomputed, not read back)
-    m = evaluate_run(run)
+    m, where = evaluate_run(run)
+    assert where == run
     assert m["accuracy"]["value"] == json.loads(saved_metrics)["accuracy"]["value"]
     assert (run / "predictions.csv").read_text() == saved_preds
     assert (run / "metrics.json").read_text() == saved_metrics
 
     out = tmp_path / "other_eval"
-    m = evaluate_run(run, data=ws.other, out=out)
+    m, where = evaluate_run(run, data=ws.other, out=out)
+    assert where == out
     files = sorted(p.relative_to(ws.other).as_posix() for p in ws.other.rglob("*.png"))
     preds = predictions(out / "predictions.csv")
     assert sorted(r["path"] for r in preds) == files
@@ -219,7 +236,7 @@ def test_same_seed_same_run_other_seed_other_run(ws, runs):
     assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
     assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
 
-    c = train(make_cfg(ws, ws.root / "run_c", seed=1), console=quiet)
+    c = train_and_score(make_cfg(ws, ws.root / "run_c", seed=1), console=quiet)
     pa = [float(r["probability"]) for r in predictions(a / "predictions.csv")]
     pc = [float(r["probability"]) for r in predictions(c / "predictions.csv")]
     assert pa != pc
@@ -235,10 +252,12 @@ def test_backbone_stays_frozen_and_features_come_from_the_cache(ws, runs, tmp_pa
     # the live model at the end of training (BatchNorm statistics included) ...
     live = runs.a.model.backbone.state_dict()
     # ... and the reloaded one
-    model, doc = load_checkpoint(runs.a.run)
-    assert doc["contents"] == "without-frozen-backbone"  # only AM + head were stored
+    model = RunDir(runs.a.run).load_model()
+    assert weights_contents(runs.a.run) == "without-frozen-backbone"  # only AM + head were stored
     assert model.preprocess["input_size"] == SIZE  # the resolution it was trained at
-    assert doc["run"]["backbone_weights_info"]["sha256"] == info.sha256
+    assert RunDir(runs.a.run).config.preprocess.size == SIZE
+    assert RunDir(runs.a.run).config.record["backbone_weights"]["sha256"] == info.sha256
+    assert model.backbone_weights.sha256 == info.sha256
     for state in (live, model.backbone.state_dict()):
         assert state.keys() == ref.keys()
         for k, v in ref.items():
@@ -264,8 +283,8 @@ def test_random_backbone_features_are_not_shared_across_seeds(ws, tmp_path):
     """With backbone_weights='none' the backbone is a seed-dependent random init, so a run with
     seed 1 must not reuse features that seed 0's (different) backbone wrote into the cache."""
     kw = dict(backbone_weights="none", augment="none", epochs=1)
-    train(make_cfg(ws, tmp_path / "s0", **kw), console=quiet)
-    run = train(make_cfg(ws, tmp_path / "s1", seed=1, **kw), console=quiet)
+    train_and_score(make_cfg(ws, tmp_path / "s0", **kw), console=quiet)
+    run = train_and_score(make_cfg(ws, tmp_path / "s1", seed=1, **kw), console=quiet)
     preds = predictions(run / "predictions.csv")
     full = full_forward_probs(run, ws.data, [r["path"] for r in preds], tmp_path / "check")
     np.testing.assert_allclose([float(r["probability"]) for r in preds], full, atol=2e-5)
@@ -381,12 +400,11 @@ def test_resume_continues_as_if_never_stopped(ws, runs, tmp_path):
     out = tmp_path / "resumed"
     train(make_cfg(ws, out, epochs=2), console=quiet)
     assert len(history(out)) == 2
-    train(make_cfg(ws, out, epochs=EPOCHS), resume=True, console=quiet)
+    train_and_score(make_cfg(ws, out, epochs=EPOCHS), resume=True, console=quiet)
     assert history(out) == history(a)
     assert (out / "metrics.json").read_text() == (a / "metrics.json").read_text()
     assert (out / "predictions.csv").read_text() == (a / "predictions.csv").read_text()
-    assert json.loads((out / "config.json").read_text())["run"]["best_epoch"] == \
-        json.loads((a / "config.json").read_text())["run"]["best_epoch"]
+    assert RunDir(out).config.record["best_epoch"] == RunDir(a).config.record["best_epoch"]
 
 
 def test_resume_after_a_crash_through_the_cli(ws, runs, tmp_path, monkeypatch):
@@ -432,10 +450,10 @@ def test_resume_keeps_the_fold_of_a_kfold_split(ws, tmp_path, monkeypatch):
     cfg = make_cfg(ws, out, split=str(tmp_path / "folds.json"), fold=2, augment="none", epochs=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, console=quiet)
-    train(cfg, resume=True, console=quiet)
+    train_and_score(cfg, resume=True, console=quiet)
     preds = predictions(out / "predictions.csv")
     assert sorted(r["path"] for r in preds) == sorted(doc["folds"][2]["test"])
-    sizes = json.loads((out / "config.json").read_text())["run"]["split_sizes"]
+    sizes = RunDir(out).config.record["split_sizes"]
     assert sizes == {p: len(doc["folds"][2][p]) for p in ("train", "val", "test")}
 
 
@@ -455,18 +473,22 @@ def test_early_stopping_keeps_the_best_epoch(ws, tmp_path, monkeypatch):
         return next(val_losses), acc, probs
 
     monkeypatch.setattr(trainer, "run_epoch", scripted)
-    out = train(make_cfg(ws, tmp_path / "es", augment="none", epochs=5, patience=1), console=quiet)
+    result = train(make_cfg(ws, tmp_path / "es", augment="none", epochs=5, patience=1), console=quiet)
+    out = result.run.path
+    assert not result.run.metrics_file.exists()  # train does not score: train_and_score does
     rows = history(out)
     assert len(rows) == 3 and len(snapshots) == 3
-    run = json.loads((out / "config.json").read_text())["run"]
+    assert [(h["epoch"], h["val_loss"]) for h in result.history] == \
+        [(int(r["epoch"]), float(r["val_loss"])) for r in rows]  # the history returned is history.csv's
+    run = RunDir(out).config.record
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert run["best_epoch"] == int(best["epoch"]) == 2
     assert run["epochs_run"] == 3
     # the saved model is the best epoch's, not the last one's
-    model, _ = load_checkpoint(out)
-    state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in snapshots[1].items())
-    assert not all(torch.equal(state[k], v) for k, v in snapshots[2].items())
+    for model in (RunDir(out).load_model(), result.model):  # the reloaded and the returned model
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in snapshots[1].items())
+        assert not all(torch.equal(state[k], v) for k, v in snapshots[2].items())
 
 
 # --------------------------------------------------------------------------- 7. summary
@@ -500,7 +522,7 @@ def test_config_precedence_and_unknown_keys(tmp_path):
 
     bad = tmp_path / "bad.toml"
     bad.write_text("epochs = 2\nlearning_rate = 0.1\n")
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         load_config(bad, {})
-    with pytest.raises(ValueError, match="epoks"):
+    with pytest.raises(ConfigError, match="epoks"):
         load_config(None, {"epoks": 3})
