@@ -73,7 +73,12 @@ class ModelError(KneeosteoError):
 
 
 class BackboneWeightsError(ModelError):
-    """Pretrained weights could not be found or do not fit the backbone."""
+    """Pretrained weights could not be found or do not fit the backbone. ``summary`` is a short
+    form for tables (the message itself also names where we looked and the remedies)."""
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        self.summary = summary or message
 
 
 class CheckpointError(ModelError):

@@ -83,12 +83,12 @@ def quick_display_only(models: list[str]) -> list[str]:
 
 def weights_available(backbone: str, allow_download: bool = True) -> tuple[bool, str]:
     """(True, source) if the default weights resolve (package, caches, one download try), else
-    (False, the first line of why), without building the net."""
+    (False, why in a few words), without building the net."""
     try:
         _, source = find_default_weights(backbone, allow_download=allow_download)
         return True, source
     except BackboneWeightsError as exc:
-        return False, str(exc).splitlines()[0]
+        return False, exc.summary
 
 
 @dataclass

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kneeosteo.utils.atomic import atomic_path
@@ -69,9 +69,8 @@ class TensorCache:
             self.misses += 1
             return None
         try:
-            with open(path, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                meta = json.loads(fh.read(header_len)).get("__metadata__", {})
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
             tensors = load_file(path)
             if meta.get("sha256") != _digest(tensors):
                 raise ValueError("checksum mismatch")

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from kneeosteo.inference.predictor import COLUMNS, PredictionResult
-from kneeosteo.utils.atomic import write_json, write_text
+from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.csvfile import write_csv
 
 __all__ = ["OUTPUT_SUFFIXES", "format_table", "write_predictions"]
 
 OUTPUT_SUFFIXES = (".csv", ".json")
-
-
-def _csv(result: PredictionResult) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for p in result.predictions:
-        w.writerow([p.path, p.content_id, f"{p.probability:.6f}", p.label, f"{p.threshold:g}", p.model])
-    return buf.getvalue()
 
 
 def write_predictions(result: PredictionResult, out: str | Path) -> Path:
@@ -28,7 +18,8 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix == ".csv":
-        write_text(out, _csv(result))
+        write_csv(out, COLUMNS, [(p.path, p.content_id, f"{p.probability:.6f}", p.label, f"{p.threshold:g}", p.model)
+                                 for p in result.predictions])
     elif suffix == ".json":
         write_json(out, {"columns": list(COLUMNS), "predictions": [p.as_row() for p in result.predictions],
                          "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})

@@ -147,7 +147,8 @@ def find_default_weights(name: str, allow_download: bool = True) -> tuple[Path, 
             reason = "no file was written"
         except Exception as exc:  # offline, DNS, timeout, hash mismatch: all end in the remedies
             reason = f"{type(exc).__name__}: {exc}"
-    raise BackboneWeightsError(_no_weights_message(spec, tried, reason))
+    raise BackboneWeightsError(_no_weights_message(spec, tried, reason),
+                               summary=f"no pretrained weights for backbone {spec.name!r} were found")
 
 
 
