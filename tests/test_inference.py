@@ -19,13 +19,14 @@ from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import read_image
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.inference import (COLUMNS, Explainer, InferenceError, ModelInfo, OnnxModel, Predictor,
-                                 bundled, collect_inputs, has_bundled_model)
+from kneeosteo import run as run_mod
+from kneeosteo.errors import CheckpointError
+from kneeosteo.inference import COLUMNS, Explainer, ModelInfo, OnnxModel, Predictor, RunDir, collect_inputs
 from kneeosteo.inference.explain import to_image_shape
 from kneeosteo.interfaces.cli import main
 from kneeosteo.models import build_model
 from kneeosteo.config import TrainConfig
-from kneeosteo.training.trainer import train
+from kneeosteo.experiments.pipeline import train_and_score
 
 SIZE = 64
 GOOD = ("a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/e.png", "folder/nested/f.png")
@@ -48,7 +49,7 @@ def ws(tmp_path_factory, one_thread):
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
         data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
         write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-        run = train(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
+        run = train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
                                 backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
                                 image_size=SIZE, device="cpu"), console=lambda *a: None)
         assert _main(["export", "--run", run, "--out", root / "model.onnx"]) == 0
@@ -252,9 +253,20 @@ def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monk
 # --------------------------------------------------------------------------- bundled model
 
 
+def has_bundled_model() -> bool:
+    try:
+        RunDir.bundled()
+    except CheckpointError:
+        return False
+    return True
+
+
 def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
-    monkeypatch.setattr(bundled, "_asset_dir", lambda: ws.root / "no_such_folder")
-    with pytest.raises(InferenceError, match="--run"):
+    # the package's assets as a fresh install without the model would have them (run.py only)
+    monkeypatch.setattr(run_mod, "resources", SimpleNamespace(files=lambda pkg: ws.root / "no_such_folder"))
+    with pytest.raises(CheckpointError, match="--run"):
+        RunDir.bundled()
+    with pytest.raises(CheckpointError, match="--run"):
         Predictor()
     assert _main(["predict", ws.images / "a.png"]) == 1
     assert "no bundled default model" in capsys.readouterr().err
@@ -264,7 +276,7 @@ def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
 def bundled_run():
     if not has_bundled_model():
         pytest.skip("no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet")
-    return bundled.bundled_run_dir()
+    return RunDir.bundled().path
 
 
 def test_bundled_model_loads_and_predicts(bundled_run):
@@ -272,6 +284,8 @@ def test_bundled_model_loads_and_predicts(bundled_run):
     probs = p.predict_pixels([g.picture(64, 48, v).astype(np.float32) for v in range(2)])
     assert probs.shape == (2,) and np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()
     assert p.model_id.startswith(bundled_run.name + "-")
+    sha = hashlib.sha256((bundled_run / "model.safetensors").read_bytes()).hexdigest()
+    assert p.model_id == f"{bundled_run.name}-{sha[:12]}" == RunDir.open(None).model_id
 
 
 def test_bundled_model_accuracy_matches_its_card(bundled_run, kop, tmp_path):
@@ -282,7 +296,9 @@ def test_bundled_model_accuracy_matches_its_card(bundled_run, kop, tmp_path):
         pytest.skip(f"{split} missing: the bundled model's test split is unknown")
     card = json.loads((bundled_run / "metrics.json").read_text())["accuracy"]
     card = card["value"] if isinstance(card, dict) else card
-    got = evaluate_run(bundled_run, data=kop, split=split, out=tmp_path)["accuracy"]["value"]
+    metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=tmp_path)
+    assert where == tmp_path
+    got = metrics["accuracy"]["value"]
     assert abs(got - card) < 1e-6
 
 
