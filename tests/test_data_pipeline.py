@@ -628,6 +628,46 @@ def test_kop_paper_split(kop_scan, kop_manifest):
             assert p not in where and "label conflict" in excluded[p], p
 
 
+# --------------------------------------------------------------------------- decodes per run
+
+def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, monkeypatch):
+    """`train --split` on a cold cache: prepare needs the content id (scan memo) and the pixels;
+    one decode gives both. Counted by wrapping read_image where the data layer calls it."""
+    from kneeosteo.data import scan as scan_mod
+    from kneeosteo.features import prepare as prepare_mod
+    from kneeosteo.features.cache import TensorCache
+
+    ds = g.make_dataset(tmp_path / "d", n_per_class=3, size=48)
+    decoded: Counter = Counter()
+    real = scan_mod.read_image
+
+    def counting(path, *a, **k):
+        decoded[Path(path).name] += 1
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(scan_mod, "read_image", counting)
+    monkeypatch.setattr(prepare_mod, "read_image", counting)
+    items = [(p.relative_to(ds.root).as_posix(), int(lab == "osteoporosis")) for p, lab in ds.items]
+    names = {p.name for p, _ in ds.items}
+
+    def run(cache_root):
+        decoded.clear()
+        out = prepare_mod.prepare(items, ds.root, Preprocess(size=32), TensorCache(cache_root),
+                                  augment=AugmentParams(copies=2), workers=1)
+        assert len(out) == 3 * len(items)
+        return dict(decoded)
+
+    assert run(tmp_path / "t1") == {n: 1 for n in names}  # cold: was 2 (describe_file, then pixels)
+    assert run(tmp_path / "t1") == {}  # warm: nothing decoded
+    # `train` without --split, cold: the scan decodes for ids and pHashes, then prepare for the
+    # pixels (the split is not known while scanning). Still two; measured here so a fix shows.
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(tmp_path / "cold"))
+    decoded.clear()
+    scan_dataset(ds.root)
+    assert dict(decoded) == {n: 1 for n in names}
+    assert run(tmp_path / "t2") == {n: 1 for n in names}
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

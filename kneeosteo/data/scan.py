@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kneeosteo.data.reader import ImageMeta, ImageReadError, NotAnImageError, is_candidate, read_image
+from kneeosteo.data.reader import ImageMeta, ImageReadError, LoadedImage, NotAnImageError, is_candidate, read_image
 from kneeosteo.paths import cache_dir
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.hashing import sha256_file
@@ -88,6 +88,12 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
 
     Raises ImageReadError / NotAnImageError / OSError like ``read_image``.
     """
+    return describe_and_read(path, use_cache)[0]
+
+
+def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedImage | None]:
+    """``describe_file``'s answer, plus the decoded image when it had to decode (no memo yet), so
+    a caller that needs the pixels too does not decode the file a second time."""
     if not is_candidate(path):
         raise NotAnImageError(path, "not an image file (unknown suffix)")
     memo = None
@@ -95,7 +101,7 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
         try:
             memo = cache_dir() / "scan" / f"{sha256_file(path)}.json"
             if memo.is_file():
-                return json.loads(memo.read_text())
+                return json.loads(memo.read_text()), None
         except (OSError, ValueError):
             memo = None
     img = read_image(path)
@@ -105,7 +111,7 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
             write_json(memo, info)
         except OSError:
             pass
-    return info
+    return info, img
 
 
 def _describe(path: Path, use_cache: bool) -> tuple[str, dict]:

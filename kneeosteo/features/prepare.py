@@ -16,8 +16,8 @@ from torch import nn
 
 from kneeosteo.data.augment import AugmentParams, offline_versions
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.data.reader import ImageReadError, read_image
-from kneeosteo.data.scan import describe_file
+from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
+from kneeosteo.data.scan import describe_and_read
 from kneeosteo.errors import DataError
 from kneeosteo.features.cache import TensorCache, cache_key
 from kneeosteo.utils.progress import progress_bar
@@ -49,15 +49,17 @@ class PreparedSet:
         )
 
 
-def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | None, seed: int, cache: TensorCache):
-    """Grey (V, 1, S, S) tensors for one image: the original, then its augmented copies."""
+def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | None, seed: int, cache: TensorCache,
+                img: LoadedImage | None = None):
+    """Grey (V, 1, S, S) tensors for one image: the original, then its augmented copies; ``img`` is
+    the file already decoded, if it was, so it is not decoded again."""
     keys = [cache_key(kind="input", content=cid, prep=prep.key())]
     if aug is not None and aug.copies > 0:
         keys.append(cache_key(kind="input-aug", content=cid, prep=prep.key(), aug=aug.key(), seed=seed))
     found = [cache.get(k) for k in keys]
     if all(f is not None for f in found):
         return keys, [f["grey"] for f in found]
-    pixels = read_image(path).pixels
+    pixels = (img if img is not None else read_image(path)).pixels
     out = [prep.geometry(pixels)[None].half()]
     if len(keys) > 1:
         out.append(torch.stack([prep.geometry(v) for v in offline_versions(pixels, cid, seed, aug)]).half())
@@ -117,8 +119,8 @@ def prepare(
     def one(item):
         rel, target = item
         try:
-            cid = describe_file(root / rel)["content_id"]
-            keys, grey = _inputs_for(root / rel, cid, prep, augment, seed, cache)
+            info, img = describe_and_read(root / rel)  # decodes only without a scan memo
+            keys, grey = _inputs_for(root / rel, info["content_id"], prep, augment, seed, cache, img)
             return rel, target, keys, grey, None
         except (ImageReadError, OSError) as exc:
             return rel, target, None, None, getattr(exc, "reason", str(exc))
