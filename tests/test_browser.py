@@ -23,7 +23,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
                                "(pip install playwright; its browser download is not needed)")
 
 import imagegen as g  # noqa: E402
-from kneeosteo.inference import bundled_run_dir, has_bundled_model  # noqa: E402
+from kneeosteo.errors import CheckpointError  # noqa: E402
+from kneeosteo.run import RunDir  # noqa: E402
 from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app, serve_in_thread  # noqa: E402
 from test_web import train_tiny_run  # noqa: E402  (the session's shared tiny run)
 
@@ -33,9 +34,17 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 UPDATE = os.environ.get("KNEEOSTEO_UPDATE_SCREENSHOT") == "1"
 
 
+def _bundled_run_dir() -> Path | None:
+    try:
+        return RunDir.bundled().path
+    except CheckpointError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    run = bundled_run_dir() if UPDATE and has_bundled_model() else train_tiny_run(tmp_path_factory)
+    bundled = _bundled_run_dir() if UPDATE else None
+    run = bundled if bundled is not None else train_tiny_run(tmp_path_factory)
     with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=2))) as url:
         yield url
 

@@ -22,14 +22,18 @@ import imagegen as g
 from kneeosteo.data.reader import read_image
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.inference import Predictor, bundled, run_info
+from types import SimpleNamespace
+
+from kneeosteo import run as run_mod
+from kneeosteo.inference import Predictor
+from kneeosteo.run import RunDir
 from kneeosteo.interfaces.cli import main
 from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app
 from kneeosteo.interfaces.web import uploads
 from kneeosteo.interfaces.web.app import card_caveat
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
 from kneeosteo.config import TrainConfig
-from kneeosteo.training.trainer import train
+from kneeosteo.experiments.pipeline import train_and_score
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -47,9 +51,9 @@ def train_tiny_run(tmp_path_factory) -> Path:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
         data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
         write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-        train(TrainConfig(data=str(data), out=str(run), split=str(root / "split.json"),
-                          backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
-                          image_size=SIZE, device="cpu"), console=lambda *a: None)
+        train_and_score(TrainConfig(data=str(data), out=str(run), split=str(root / "split.json"),
+                                    backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
+                                    image_size=SIZE, device="cpu"), console=lambda *a: None)
     (root / "ready").write_text("ok")
     return run
 
@@ -112,12 +116,12 @@ def test_page_is_one_self_contained_offline_file(client):
 def test_healthz(client, tiny_run):
     r = client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model_id": run_info(tiny_run).model_id, "busy": 0, "capacity": 4}
+    assert r.json() == {"status": "ok", "model_id": RunDir(tiny_run).info.model_id, "busy": 0, "capacity": 4}
 
 
 def test_model_endpoint(client, tiny_run):
     doc = client.get("/api/model").json()
-    info = run_info(tiny_run)
+    info = RunDir(tiny_run).info
     assert doc["model_id"] == info.model_id and doc["threshold"] == info.threshold == 0.5
     assert doc["classes"] == {"negative": "normal", "positive": "osteoporosis"}
     assert doc["config"] == json.loads((tiny_run / "config.json").read_text())
@@ -319,7 +323,8 @@ def _main(argv) -> int:
 
 
 def test_serve_without_a_model_fails_clearly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bundled, "_asset_dir", lambda: tmp_path / "no_such_folder")
+    # the package's assets as a fresh install without the model would have them (run.py only)
+    monkeypatch.setattr(run_mod, "resources", SimpleNamespace(files=lambda pkg: tmp_path / "no_such_folder"))
     assert _main(["serve"]) == 1
     assert "no bundled default model" in capsys.readouterr().err
     assert _main(["serve", "--run", tmp_path]) == 1
