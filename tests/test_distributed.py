@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 import imagegen as g
 from tinyrun import tiny_run
 from kneeosteo.inference.sharded import shard_files
+from kneeosteo.run import RunDir
 from kneeosteo.interfaces.cli import app, main
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist, GlobalDropout
@@ -59,7 +60,7 @@ def test_two_processes_match_one(ws):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("run written to") == 1  # rank 0 speaks, rank 1 only computes
     one, two = ws.run, out
-    assert json.loads((two / "config.json").read_text())["run"]["processes"] == 2
+    assert RunDir(two).config.record["processes"] == 2 and RunDir(one).config.record["processes"] == 1
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
     h1, h2 = _rows(one / "history.csv"), _rows(two / "history.csv")
@@ -121,7 +122,8 @@ def test_multi_node_needs_a_master_and_a_failed_job_is_one_line(ws, monkeypatch,
     argv = ["train", str(ws.data), "--out", str(ws.root / "y"), "--devices", "2"]
     with pytest.raises(SystemExit) as exc:
         main(argv + ["--nodes", "2"])
-    assert exc.value.code == 1 and "--master HOST:PORT" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a bad invocation (ConfigError): exit 2, one line
+    assert exc.value.code == 2 and "--master HOST:PORT" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: 3)
     with pytest.raises(SystemExit) as exc:
         main(argv)
