@@ -29,6 +29,7 @@ from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import load_split
 from kneeosteo.interfaces.cli import main
+from kneeosteo.run import RunDir
 
 CAFE = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name: not valid UTF-8
 # path -> (writer, outcome, words in the reason, web status)
@@ -154,8 +155,8 @@ def test_train_on_the_corpus_with_missing_split_entries(ws, split_doc, run, capl
     preds = _rows(run.path / "predictions.csv")
     assert sorted(r["path"] for r in preds) == sorted(split_doc["test"])
     assert metrics["n"] == len(split_doc["test"])
-    cfg = json.loads((run.path / "config.json").read_text())["run"]
-    assert cfg["split_sizes"] == {k: len(split_doc[k]) for k in ("train", "val", "test")}  # ghosts dropped
+    record = RunDir(run.path).config.record
+    assert record["split_sizes"] == {k: len(split_doc[k]) for k in ("train", "val", "test")}  # ghosts dropped
     for rel, (_, outcome, *_rest) in CORPUS.items():
         _tally("train", "trained or tested on" if outcome == "read" else "not in the split")
     # the warnings the run printed: the same loader, with the log captured here
