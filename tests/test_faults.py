@@ -29,11 +29,13 @@ import pytest
 
 from tinyrun import tiny_run
 from kneeosteo.interfaces.cli import main
-from kneeosteo.training import cache as cache_mod
+from kneeosteo.errors import OutputError
+from kneeosteo.experiments.pipeline import train_and_score
+from kneeosteo.features import cache as cache_mod
 from kneeosteo.config import TrainConfig
-from kneeosteo.training.trainer import train
+from kneeosteo.run import RunDir
 from kneeosteo.utils import atomic
-from kneeosteo.utils.atomic import OutputError, atomic_path, write_json
+from kneeosteo.utils.atomic import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "kneeosteo"
@@ -228,7 +230,7 @@ def test_read_only_cache_costs_speed_not_the_run(ws, tmp_path, monkeypatch, capl
 
     monkeypatch.setattr(cache_mod, "atomic_path", readonly)
     cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 1})
-    run = train(cfg, console=lambda *a: None)
+    run = train_and_score(cfg, console=lambda *a: None)
     assert (run / "metrics.json").is_file()
     assert not list((tmp_path / "ro-cache").rglob("*.safetensors"))
     warnings = [r.message for r in caplog.records if "cannot be written" in r.message]
@@ -240,13 +242,15 @@ def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
     epoch k-1's state: the state travels inside last.safetensors."""
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.cache))
     cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 3})
-    run = train(cfg, console=lambda *a: None)
-    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    run = train_and_score(cfg, console=lambda *a: None)
+    state_json = RunDir(run).state_json
+    assert state_json == run / "checkpoint" / "state.json" and RunDir(run).state_file.is_file()
+    state = json.loads(state_json.read_text())
     stale = {**state, "epoch": 2, "history": state["history"][:2]}
-    write_json(run / "checkpoint" / "state.json", stale)  # as if killed before state.json was renamed
+    write_json(state_json, stale)  # as if killed before state.json was renamed
     for name in RESULTS:
         (run / name).unlink()
-    train(TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None)
+    train_and_score(TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None)
     assert_same_results(run, ws.ref)
 
 
@@ -266,7 +270,7 @@ def test_damaged_checkpoint_is_refused_by_predict(ws, tmp_path, capsys, damage):
         weights.write_bytes(bytes(raw))
     else:
         doc = json.loads(config.read_text())
-        doc["model"]["head"]["hidden"] = [512, 256, 128, 64]
+        doc["identity"]["model"]["head"]["hidden"] = [512, 256, 128, 64]
         config.write_text(json.dumps(doc))
     assert _main(["predict", "--run", run, ws.data / "normal" / "normal_000.png"]) == 1
     err = capsys.readouterr().err.strip()
