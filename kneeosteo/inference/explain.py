@@ -46,16 +46,13 @@ def gradcam_layer(model: nn.Module) -> tuple[str, nn.Module]:
 def to_image_shape(m: np.ndarray, shape: tuple[int, int], prep: Preprocess) -> np.ndarray:
     """A map over the network input (any resolution) -> (H, W) over the original image, undoing
     the preprocessing geometry: 'paper' stretched, so stretch back; 'robust' letterboxed, so crop
-    the padding away first (same arithmetic as ``Preprocess.geometry``)."""
+    the padding away first (``Preprocess.content_box``, the arithmetic ``geometry`` uses)."""
     s = prep.size
     t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
     t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)
     h, w = shape
-    if prep.preset == "robust":
-        scale = s / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        top, left = (s - nh) // 2, (s - nw) // 2
-        t = t[..., top : top + nh, left : left + nw]
+    top, left, nh, nw = prep.content_box(h, w)  # the whole square for 'paper'
+    t = t[..., top : top + nh, left : left + nw]
     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     return np.clip(np.nan_to_num(t[0, 0].numpy()), 0.0, 1.0)
 

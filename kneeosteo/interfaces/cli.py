@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS
+from kneeosteo.data import formats
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 
@@ -233,7 +234,7 @@ def summary(
 
 @app.command()
 def predict(
-    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, DICOM."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help=f"Image files or folders (searched recursively): {formats.describe()}."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="preds.csv or preds.json (default: a table on stdout)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
@@ -278,7 +279,7 @@ def predict(
 
 @app.command()
 def explain(
-    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders (searched recursively)."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help=f"Image files or folders (searched recursively): {formats.describe()}."),
     out: Path = typer.Option(..., "--out", help="Folder for NAME.png (radiograph, Grad-CAM, attention) and NAME.json per image."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
     target: str = typer.Option("positive", parser=_choice(("positive", "negative", "predicted")), help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted."),

@@ -15,13 +15,12 @@ from typing import Callable
 
 from torch import nn
 
+from kneeosteo.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec, register_backbone
 from kneeosteo.models.weights import WeightsInfo, load_backbone_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD", "build_backbone", "freeze"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (0.5, 0.5, 0.5)  # TensorFlow Lite models scale inputs to [-1, 1]
 TF_LITE_STD = (0.5, 0.5, 0.5)
 

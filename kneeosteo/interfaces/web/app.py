@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from kneeosteo.data.reader import MAX_PIXELS
+from kneeosteo.data import formats
 from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
 from kneeosteo.interfaces.web.uploads import ACCEPT_LIST, ACCEPTED, BodyLimit, decode, display_name, save_upload
@@ -142,7 +143,7 @@ def _page(caveat: str, settings: WebSettings) -> str:
 Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
 _ERRORS = {
     413: {"description": "Upload larger than the limit."},
-    415: {"description": "Not an image this service reads (PNG, JPEG, DICOM, BMP, TIFF)."},
+    415: {"description": f"Not an image this service reads ({formats.describe()})."},
     422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, "
                           "decompression bomb), or no `file` field."},
     503: {"description": "All workers busy and the queue full; retry after the Retry-After seconds."},

@@ -10,6 +10,9 @@ import io
 import numpy as np
 from PIL import Image
 
+from kneeosteo.data.preprocess import scaled_size
+from kneeosteo.data.reader import to_uint8
+
 __all__ = ["DISPLAY_SIDE", "encode_b64", "grey_png", "overlay_png"]
 
 DISPLAY_SIDE = 768
@@ -18,11 +21,10 @@ ALPHA = 0.45
 
 def _fit(a: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
     h, w = a.shape
-    scale = side / max(h, w)
-    if scale >= 1:
+    if max(h, w) <= side:
         return np.asarray(a, np.float32)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32)).resize(size, Image.Resampling.BILINEAR))
+    nh, nw = scaled_size(h, w, side)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32)).resize((nw, nh), Image.Resampling.BILINEAR))
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -31,13 +33,9 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _u8(a: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def grey_png(pixels: np.ndarray) -> bytes:
     """The canonical greyscale image as the model saw it (so DICOM shows in a browser too)."""
-    return _png(_u8(_fit(pixels)))
+    return _png(to_uint8(_fit(pixels)))
 
 
 def overlay_png(pixels: np.ndarray, heat: np.ndarray, stretch: bool = False) -> bytes:
@@ -51,7 +49,7 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, stretch: bool = False) -> 
         heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
     blend = (1 - ALPHA) * grey[..., None] + ALPHA * colour
-    return _png(_u8(blend))
+    return _png(to_uint8(blend))
 
 
 def encode_b64(png: bytes) -> str:
