@@ -80,6 +80,21 @@ def test_bad_protocol_message_names_the_option(tmp_path):
     assert "--protocol" in res.output and "paper" in res.output
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["summary", "--backbone", "nope"], "unknown backbone 'nope'"),
+    (["train", "{data}", "--epochs", "0"], "epochs = 0"),
+    (["train", "{data}", "--precision", "fp8"], "'fp8' is not one of"),  # click's own check
+    (["train", "{data}", "--config", "{data}/c.toml"], "precision = 'fp8'"),  # TrainConfig's
+])
+def test_bad_setting_is_a_config_error_exit_2_one_line(argv, words, tmp_path, capsys):
+    """A ConfigError (a setting out of range or an unknown choice) is bad usage: exit 2, one line."""
+    (tmp_path / "c.toml").write_text('precision = "fp8"\n')
+    assert _main([a.format(data=tmp_path) for a in argv] + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- data errors
 
 def test_missing_data_folder_is_one_line_naming_it(capsys):
