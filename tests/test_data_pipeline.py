@@ -650,22 +650,29 @@ def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, m
     items = [(p.relative_to(ds.root).as_posix(), int(lab == "osteoporosis")) for p, lab in ds.items]
     names = {p.name for p, _ in ds.items}
 
-    def run(cache_root):
-        decoded.clear()
-        out = prepare_mod.prepare(items, ds.root, Preprocess(size=32), TensorCache(cache_root),
+    prep = Preprocess(size=32)
+    outputs = {}
+
+    def run(cache_root, clear=True):
+        if clear:
+            decoded.clear()
+        out = prepare_mod.prepare(items, ds.root, prep, TensorCache(cache_root),
                                   augment=AugmentParams(copies=2), workers=1)
         assert len(out) == 3 * len(items)
+        outputs[cache_root.name] = out.grey
         return dict(decoded)
 
     assert run(tmp_path / "t1") == {n: 1 for n in names}  # cold: was 2 (describe_file, then pixels)
     assert run(tmp_path / "t1") == {}  # warm: nothing decoded
-    # `train` without --split, cold: the scan decodes for ids and pHashes, then prepare for the
-    # pixels (the split is not known while scanning). Still two; measured here so a fix shows.
+    # `train` without --split, cold: the scan decodes for ids and pHashes and hands each image to
+    # precache (input + the augmentation's small copy), so prepare decodes nothing: once in all
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(tmp_path / "cold"))
     decoded.clear()
-    scan_dataset(ds.root)
-    assert dict(decoded) == {n: 1 for n in names}
-    assert run(tmp_path / "t2") == {n: 1 for n in names}
+    cache = TensorCache(tmp_path / "t2")
+    scan_dataset(ds.root, on_image=lambda info, img: prepare_mod.precache(info["content_id"], img.pixels, prep, cache))
+    assert run(tmp_path / "t2", clear=False) == {n: 1 for n in names}
+    # and the tensors are the ones a direct decode gives (augmented copies included)
+    assert torch.equal(outputs["t1"], outputs["t2"])
 
 
 # --------------------------------------------------------------------------- atomic writes

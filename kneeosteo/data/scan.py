@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kneeosteo.data.reader import ImageMeta, ImageReadError, LoadedImage, NotAnImageError, is_candidate, read_image
 from kneeosteo.paths import cache_dir
@@ -114,10 +115,14 @@ def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedI
     return info, img
 
 
-def _describe(path: Path, use_cache: bool) -> tuple[str, dict]:
-    """-> ("ok", info) or ("unreadable"/"skipped", {"reason"}); never raises for a bad file."""
+def _describe(path: Path, use_cache: bool, on_image=None) -> tuple[str, dict]:
+    """-> ("ok", info) or ("unreadable"/"skipped", {"reason"}); never raises for a bad file.
+    ``on_image(info, image)`` sees each image this call had to decode, while it is in memory."""
     try:
-        return "ok", describe_file(path, use_cache)
+        info, img = describe_and_read(path, use_cache)
+        if img is not None and on_image is not None:
+            on_image(info, img)
+        return "ok", info
     except NotAnImageError as exc:
         return "skipped", {"reason": exc.reason}
     except ImageReadError as exc:
@@ -132,8 +137,13 @@ def scan_dataset(
     require_binary: bool = True,
     use_cache: bool = True,
     workers: int | None = None,
+    on_image: Callable[[dict, LoadedImage], None] | None = None,
 ) -> Scan:
-    """Read every file under the class folders of ``root``; bad files are recorded, never fatal."""
+    """Read every file under the class folders of ``root``; bad files are recorded, never fatal.
+
+    ``on_image(info, image)`` is called (in a worker thread) for every image the scan decodes, so
+    a caller that needs the pixels too (training without a split file) can use them then instead
+    of decoding the file a second time."""
     root = Path(root)
     if require_binary:
         classes = resolve_classes(root, positive)
@@ -146,7 +156,7 @@ def scan_dataset(
     jobs = [(label, f) for label in classes for f in walk_files(root / label)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
-        results = list(pool.map(lambda job: _describe(job[1], use_cache), jobs))
+        results = list(pool.map(lambda job: _describe(job[1], use_cache, on_image), jobs))
     scan = Scan(root=root, classes=classes, positive=positive)
     for (label, f), (status, info) in zip(jobs, results):
         rel = f.relative_to(root).as_posix()

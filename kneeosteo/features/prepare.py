@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kneeosteo.data.augment import AugmentParams, offline_versions
+from kneeosteo.data.augment import WORK_SIZE, AugmentParams, offline_versions, shrink
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
 from kneeosteo.data.scan import describe_and_read
@@ -49,22 +49,46 @@ class PreparedSet:
         )
 
 
+def _input_key(cid: str, prep: Preprocess) -> str:
+    return cache_key(kind="input", content=cid, prep=prep.key())
+
+
+def _small_key(cid: str) -> str:
+    """The augmentation's working copy (``augment.shrink``) of one image: all it needs of the pixels."""
+    return cache_key(kind="shrunk", content=cid, longest=WORK_SIZE)
+
+
+def precache(cid: str, pixels, prep: Preprocess, cache: TensorCache) -> None:
+    """Store what ``prepare`` needs of a decoded image (its network input and the augmentation's
+    working copy), so that a scan that decodes it anyway spares ``prepare`` a second decode."""
+    cache.put(_input_key(cid, prep), {"grey": prep.geometry(pixels)[None].half()})
+    cache.put(_small_key(cid), {"pixels": torch.from_numpy(shrink(pixels).astype("float32", copy=False))})
+
+
 def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | None, seed: int, cache: TensorCache,
                 img: LoadedImage | None = None):
     """Grey (V, 1, S, S) tensors for one image: the original, then its augmented copies; ``img`` is
-    the file already decoded, if it was, so it is not decoded again."""
-    keys = [cache_key(kind="input", content=cid, prep=prep.key())]
+    the file already decoded, if it was, so it is not decoded again (nor when ``precache`` kept
+    what is needed)."""
+    keys = [_input_key(cid, prep)]
     if aug is not None and aug.copies > 0:
         keys.append(cache_key(kind="input-aug", content=cid, prep=prep.key(), aug=aug.key(), seed=seed))
     found = [cache.get(k) for k in keys]
     if all(f is not None for f in found):
         return keys, [f["grey"] for f in found]
-    pixels = (img if img is not None else read_image(path)).pixels
-    out = [prep.geometry(pixels)[None].half()]
-    if len(keys) > 1:
-        out.append(torch.stack([prep.geometry(v) for v in offline_versions(pixels, cid, seed, aug)]).half())
-    for k, t in zip(keys, out):
-        cache.put(k, {"grey": t})
+    small = cache.get(_small_key(cid)) if (img is None and found[0] is not None) else None
+    if small is not None:  # only the augmented copies are missing, and they start from the small copy
+        aug_pixels = small["pixels"].numpy()
+        out = [found[0]["grey"]]
+    else:
+        pixels = (img if img is not None else read_image(path)).pixels
+        aug_pixels = pixels
+        out = [prep.geometry(pixels)[None].half()]
+    if len(keys) > 1:  # offline_versions shrinks first; shrinking the small copy again changes nothing
+        out.append(torch.stack([prep.geometry(v) for v in offline_versions(aug_pixels, cid, seed, aug)]).half())
+    for k, t, hit in zip(keys, out, found):
+        if hit is None:
+            cache.put(k, {"grey": t})
     return keys, out
 
 

@@ -30,7 +30,7 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
-from kneeosteo.features.prepare import PreparedSet, prepare
+from kneeosteo.features.prepare import PreparedSet, precache, prepare
 from kneeosteo.models import build_model, get_backbone_spec
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
@@ -77,11 +77,17 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def resolve_split(cfg: TrainConfig, data: Path, split_file: Path) -> SplitSets:
-    """The split file given, else a fresh paper-protocol split saved as ``split_file``."""
+def resolve_split(cfg: TrainConfig, data: Path, split_file: Path, prep: Preprocess | None = None) -> SplitSets:
+    """The split file given, else a fresh paper-protocol split saved as ``split_file``. The scan
+    that makes it decodes every image; with ``prep`` it keeps what ``prepare`` will need of each
+    (``features.prepare.precache``), so no image is decoded twice in one run."""
     if cfg.split:
         return load_split(cfg.split, data, cfg.fold)
-    scan = scan_dataset(data, positive=cfg.positive)
+    hook = None
+    if prep is not None:
+        cache = TensorCache(cache_dir() / "tensors")
+        hook = lambda info, img: precache(info["content_id"], img.pixels, prep, cache)  # noqa: E731
+    scan = scan_dataset(data, positive=cfg.positive, on_image=hook)
     doc = make_split(scan, "paper", seed=cfg.seed)
     write_split(doc, split_file)
     return load_split(split_file, data)
@@ -226,12 +232,12 @@ def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, 
 
 
 
-def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist) -> SplitSets:
+def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist, prep: Preprocess) -> SplitSets:
     """The run's split; rank 0 writes split.json, the other ranks read what it wrote."""
     if resume and run.split_file.exists():  # the split file copied at the start, same fold
         return load_split(run.split_file, data, cfg.fold)
     if ctx.is_main:
-        sets = resolve_split(cfg, data, run.split_file)
+        sets = resolve_split(cfg, data, run.split_file, prep)
         if cfg.split and not run.split_file.exists():
             write_text(run.split_file, Path(cfg.split).read_text())
     ctx.barrier()
@@ -289,9 +295,9 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
                                use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
     model.to(device)
-    sets = _split_sets(cfg, data, run, resume, ctx)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
+    sets = _split_sets(cfg, data, run, resume, ctx, prep)
     cache_backbone = cfg.use_backbone and not cfg.finetune
     backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
