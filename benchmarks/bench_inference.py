@@ -95,7 +95,8 @@ def export_files(name: str, net, size: int, work: Path, calib: np.ndarray) -> di
     import onnx
     import torch
 
-    from kneeosteo.inference.export import DEFAULT_OPSET, quantize_onnx
+    from kneeosteo.inference.export import DEFAULT_OPSET
+    from kneeosteo.inference.quantize import quantize_onnx
 
     files, errors, seconds = {}, {}, {}
     fp32 = work / f"{name}.fp32.onnx"
@@ -272,18 +273,21 @@ def _run_worker(spec: dict, timeout: float) -> dict:
 def find_model_run(explicit: str | None, fallback: str | None = None) -> tuple[Path | None, str]:
     """``--run`` when given, else the bundled model, else ``fallback`` (the run `make run` made in
     this benchmark); (None, reason) when there is none."""
-    from kneeosteo.inference.bundled import bundled_run_dir, has_bundled_model
+    from kneeosteo.errors import CheckpointError
+    from kneeosteo.run import RunDir
 
     def usable(run):
-        return (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+        return RunDir(run).is_run() and RunDir(run).weights_file.is_file()
 
     if explicit:
         run = Path(explicit)
         if usable(run):
             return run, f"--run {run}"
         return None, f"--run {run}: not a finished run folder (config.json/model.safetensors missing)"
-    if has_bundled_model():
-        return bundled_run_dir(), "bundled default model"
+    try:
+        return RunDir.bundled().path, "bundled default model"
+    except CheckpointError:
+        pass
     if fallback and usable(Path(fallback)):
         return Path(fallback), "the run `make run` made in this benchmark"
     return None, "no --run given, no bundled model (kneeosteo/assets/default_model/), no `make run` output"
@@ -297,15 +301,16 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
 
     from kneeosteo.data.reader import ImageReadError, read_image
     from kneeosteo.data.split import load_split
-    from kneeosteo.inference.export import OnnxModel, export_onnx, quantize_onnx
-    from kneeosteo.inference.runinfo import load_model, run_info
+    from kneeosteo.inference.export import OnnxModel, export_onnx
+    from kneeosteo.inference.quantize import quantize_onnx
+    from kneeosteo.run import RunDir
 
-    doc = json.loads((run / "config.json").read_text())
-    data = Path(data or doc.get("run", {}).get("data") or "")
-    split = run / "split.json"
+    rd = RunDir(run)
+    data = Path(data or rd.config.record.get("data") or rd.config.settings.get("data") or "")
+    split = rd.split_file
     if not data.is_dir() or not split.is_file():
         return {"skipped": f"{run}: data folder {data} or split.json not found", "model_run": str(run)}
-    info = run_info(run)
+    info = rd.info
     sets = load_split(split, data)
     test = sets.items("test")[:limit] if limit else sets.items("test")
     calib_items = sets.items("train")[:64 if not limit else 8]
@@ -328,7 +333,7 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
     except ValueError:  # np.stack of nothing: no file of the split could be read
         return {"skipped": f"{run}: the split's images are not readable under {data}", "model_run": str(run)}
     fp32 = export_onnx(run, work / "kop.fp32.onnx")
-    model = load_model(run, "cpu")
+    model = rd.load_model("cpu")
     with torch.inference_mode():
         p_torch = np.concatenate([torch.sigmoid(model(images=torch.from_numpy(x[i:i + 16])).float()).numpy()
                                   for i in range(0, len(x), 16)]).astype(np.float64)

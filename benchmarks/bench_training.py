@@ -19,7 +19,6 @@ An epoch is a training pass plus a validation pass, as in ``kneeosteo train``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -258,11 +257,14 @@ def time_make_run(data: Path, work: Path, timeout: float = 3600.0) -> dict:
     run = next(iter(sorted(out.glob("*-seed*"))), None)
     if run is not None:
         doc["run_folder"] = str(run)
+        from kneeosteo.errors import KneeosteoError
+        from kneeosteo.run import RunDir
+
         try:
-            cfg = json.loads((run / "config.json").read_text()).get("run", {})
-            doc["epochs_run"] = cfg.get("epochs_run")
-            doc["prepare_seconds"] = cfg.get("prepare_seconds")
-        except (OSError, ValueError):
+            record = RunDir(run).config.record
+            doc["epochs_run"] = record.get("epochs_run")
+            doc["prepare_seconds"] = record.get("prepare_seconds")
+        except (OSError, ValueError, KneeosteoError):
             pass
     return doc
 

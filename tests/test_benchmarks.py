@@ -17,6 +17,7 @@ import pytest
 
 import imagegen as g
 from tinyrun import tiny_run
+from kneeosteo.errors import ConfigError
 from kneeosteo.inference import ENGINES, InferenceError, Predictor
 from kneeosteo.inference.predictor import CPU_DEFAULT_ENGINE, LOSSY_ENGINES, resolve_engine
 from kneeosteo.interfaces.cli import main
@@ -156,14 +157,14 @@ def test_auto_is_the_measured_default(ws, monkeypatch):
     assert resolve_engine("auto", "cuda") == "torch"  # ONNX Runtime runs on the CPU here
     assert resolve_engine("auto", "cpu", onnx="m.onnx") == "onnxruntime"
     assert resolve_engine("torch", "cpu") == "torch"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         resolve_engine("tensorrt")
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.root / "cache"))
     assert Predictor(ws.run).engine == "onnxruntime"
 
 
 def test_int8_model_is_cached_and_keyed_by_its_calibration(ws, monkeypatch, tmp_path):
-    from kneeosteo.inference.export import ensure_int8_onnx
+    from kneeosteo.inference.quantize import ensure_int8_onnx
 
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(tmp_path / "cache"))
     first = ensure_int8_onnx(ws.run)
