@@ -14,12 +14,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.data import formats
+from kneeosteo.errors import ModelError
 from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
 from kneeosteo.interfaces.web.uploads import ACCEPT_LIST, ACCEPTED, BodyLimit, decode, display_name, save_upload
@@ -141,13 +143,40 @@ def _page(caveat: str, settings: WebSettings) -> str:
 
 
 Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What was wrong, in one short line; never a copy of the upload.")
+
+
 _ERRORS = {
-    413: {"description": "Upload larger than the limit."},
-    415: {"description": f"Not an image this service reads ({formats.describe()})."},
-    422: {"description": "A recognised image that cannot be decoded (empty, corrupt, truncated, "
-                          "decompression bomb), or no `file` field."},
-    503: {"description": "All workers busy and the queue full; retry after the Retry-After seconds."},
+    413: {"model": ErrorBody, "description": "Upload larger than the limit."},
+    415: {"model": ErrorBody, "description": f"Not an image this service reads ({formats.describe()})."},
+    422: {"model": ErrorBody, "description": "A recognised image that cannot be decoded (empty, corrupt, "
+                                             "truncated, decompression bomb, more pixels than the service "
+                                             "decodes), or no `file` field holding a file."},
+    503: {"model": ErrorBody, "description": "All workers busy and the queue full; retry after the "
+                                             "Retry-After seconds."},
 }
+SEND_FILE = "send the image as a file in the multipart/form-data field `file` (with a file name)"
+
+
+def validation_detail(exc: RequestValidationError, limit: int = 300) -> str:
+    """One short line for a request FastAPI could not validate. FastAPI's own 422 lists every
+    error with its ``input``, which for a form field is the whole upload (a 405 KB upload gave an
+    880 KB answer); this names the field and the problem only."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "header", "path")]
+        field = ".".join(loc) or "request"
+        if field == "file":
+            problem = "no `file` field" if err.get("type") == "missing" else \
+                "the `file` field is not a file (a plain form field, or a file with an empty name)"
+            parts.append(f"{problem}: {SEND_FILE}")
+        else:
+            parts.append(f"{field}: {str(err.get('msg', 'invalid'))[:100]}")
+    text = "; ".join(dict.fromkeys(parts)) or f"invalid request: {SEND_FILE}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ShedWhenFull:
@@ -171,6 +200,15 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
     pool = BoundedPool(settings.workers, settings.queue)
     app = FastAPI(title="kneeosteo", version="1", summary="Osteoporosis in knee radiographs. " + service.caveat)
     app.state.service, app.state.pool = service, pool
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_detail(exc)}, 422)
+
+
+    @app.exception_handler(ModelError)
+    async def model_failed(request, exc: ModelError):  # e.g. a non-finite probability: never a label
+        return JSONResponse({"detail": " ".join(str(exc).split())}, 500)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     page = _page(service.caveat, settings)
 
