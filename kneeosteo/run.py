@@ -53,6 +53,8 @@ RUN_FILES = {
     "checkpoint/": "last epoch's state for --resume",
     "evaluations/NAME/": "scores on other data sets (`evaluate RUN DATA`)",
     "MODEL_CARD.md": "the bundled model's card",
+    # no model.onnx: an export found in a run folder is never trusted (it could have been planted);
+    # exports live in the cache, keyed by the weights' sha256, with their own sha256 beside them
 }
 
 
@@ -66,6 +68,7 @@ class ModelInfo:
     negative: str
     positive: str
     backbone: str = ""
+    weights_sha256: str = ""  # the exact weights; an ONNX export records it and is checked against it
 
     def label(self, probability: float, threshold: float | None = None) -> str:
         t = self.threshold if threshold is None else threshold
@@ -175,10 +178,6 @@ class RunDir:
         return self.path / "MODEL_CARD.md"
 
     @property
-    def onnx_file(self) -> Path:
-        return self.path / "model.onnx"
-
-    @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoint"
 
@@ -228,6 +227,9 @@ class RunDir:
         """config.json, read once, with the weights file's sha256 and identity verified."""
         from kneeosteo.models.checkpoint import read_identity
 
+        for f in (self.config_file, self.weights_file):
+            if f.exists() and not f.is_file():  # a FIFO or device would block the read forever
+                raise CheckpointError(f"{f}: not a regular file")
         try:
             doc = json.loads(self.config_file.read_text())
         except FileNotFoundError:
@@ -258,7 +260,7 @@ class RunDir:
     @property
     def info(self) -> ModelInfo:
         c = self.config
-        return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone)
+        return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone, c.weights_sha256)
 
     def load_model(self, device: str = "cpu", backbone_weights=None):
         """The run's HybridModel in eval mode on ``device`` (weights verified against config.json)."""

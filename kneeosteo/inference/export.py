@@ -29,8 +29,10 @@ from kneeosteo.errors import InferenceError
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.utils.atomic import write_bytes
+from kneeosteo.utils.hashing import sha256_file
 
-__all__ = ["DEFAULT_OPSET", "OnnxModel", "ProbabilityNet", "cached_onnx_path", "ensure_onnx", "export_onnx", "onnx_metadata"]
+__all__ = ["DEFAULT_OPSET", "OnnxModel", "ProbabilityNet", "cached_onnx_path", "ensure_onnx", "export_onnx", "is_sealed",
+           "onnx_metadata", "seal"]
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
@@ -55,6 +57,7 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
         _P + "backbone": info.backbone,
         _P + "preprocess": json.dumps(asdict(p)),
         _P + "threshold": repr(info.threshold),
+        _P + "weights_sha256": info.weights_sha256,
         _P + "classes": json.dumps([info.negative, info.positive]),
         _P + "input": (f"images: float32 (B, 3, {p.size}, {p.size}); read the radiograph as greyscale "
                        f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
@@ -141,29 +144,47 @@ def _info_from_metadata(meta: dict[str, str], origin) -> ModelInfo:
         negative, positive = json.loads(meta[_P + "classes"])
         prep = Preprocess(p["preset"], int(p["size"]), tuple(p["mean"]), tuple(p["std"]), bool(p["clahe"]))
         return ModelInfo(meta[_P + "model_id"], prep, float(meta[_P + "threshold"]), negative, positive,
-                         meta.get(_P + "backbone", ""))
+                         meta.get(_P + "backbone", ""), meta.get(_P + "weights_sha256", ""))
     except (KeyError, ValueError, TypeError) as exc:
         raise InferenceError(f"{origin}: no kneeosteo metadata ({type(exc).__name__}: {exc}); "
                              "export it with `kneeosteo export`") from exc
 
 
 def cached_onnx_path(info: ModelInfo, suffix: str = ".onnx") -> Path:
-    """Where exports of the model ``info`` names are kept in the cache."""
-    return cache_dir() / "onnx" / (re.sub(r"[^A-Za-z0-9._-]", "_", info.model_id) + suffix)
+    """Where exports of the exact weights ``info`` names are kept in the cache (full sha256 in the name)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", info.model_id.rsplit("-", 1)[0])
+    return cache_dir() / "onnx" / f"{name}-{info.weights_sha256 or info.model_id}{suffix}"
+
+
+def seal(path: Path) -> None:
+    """Record an export's own sha256 beside it (``NAME.sha256``), written when we write the export."""
+    write_bytes(path.with_name(path.name + ".sha256"), (sha256_file(path) + "\n").encode())
+
+
+def is_sealed(path: Path) -> bool:
+    """The file is the one we wrote: its sha256 is the one recorded beside it when it was written."""
+    side = path.with_name(path.name + ".sha256")
+    try:
+        return path.is_file() and side.is_file() and side.read_text().strip() == sha256_file(path)
+    except OSError:
+        return False
 
 
 def ensure_onnx(run: str | os.PathLike | RunDir | None) -> Path:
-    """RUN/model.onnx when it was exported from these weights, else an export kept in the cache
-    (made now if needed): the run folder may be read-only, e.g. the bundled model."""
+    """The run's ONNX export, kept in the cache (made now if needed; the run folder may be
+    read-only, e.g. the bundled model). It is trusted only if it is the file we wrote (sha256
+    recorded beside it) and was exported from these exact weights with these settings; anything
+    else (a damaged, swapped or stale file) is exported again. A ``model.onnx`` lying in the run
+    folder is never used: it could have been planted there."""
     run = RunDir.open(run)
-    info = run.info
-    local = run.onnx_file
-    if _matches(local, info):
-        return local
+    info = run.info  # verifies the weights' sha256 on the way
     cached = cached_onnx_path(info)
-    if not _matches(cached, info):
+    if not (is_sealed(cached) and _matches(cached, info)):
+        if cached.exists():
+            log.warning("%s is not the export kneeosteo wrote for these weights; exporting again", cached)
         log.info("exporting %s to %s", run, cached)
         export_onnx(run, cached)
+        seal(cached)
     return cached
 
 

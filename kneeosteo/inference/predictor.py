@@ -123,7 +123,8 @@ class Predictor:
                 raise InferenceError(f"{onnx}: not an int8 model (no kneeosteo.quantization metadata); "
                                      "use --engine onnxruntime for it")
             info = self._session.info
-            if self.run is not None and self.run.model_id != info.model_id:
+            if self.run is not None and (self.run.model_id != info.model_id
+                                         or self.run.config.weights_sha256 != info.weights_sha256):
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
 
@@ -138,12 +139,18 @@ class Predictor:
     def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """Normalised (B, 3, S, S) inputs -> P(positive) as float64 (B,)."""
         if self._session is not None:
-            return self._session(np.asarray(images, dtype=np.float32)).astype(np.float64)
-        x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
-        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=self._autocast or torch.float32,
-                                                    enabled=self._autocast is not None):
-            logits = self._model(images=x.contiguous(memory_format=torch.channels_last))
-            return torch.sigmoid(logits.float()).double().cpu().numpy()
+            p = self._session(np.asarray(images, dtype=np.float32)).astype(np.float64)
+        else:
+            x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
+            with torch.inference_mode(), torch.autocast(torch.device(self.device).type,
+                                                        dtype=self._autocast or torch.float32,
+                                                        enabled=self._autocast is not None):
+                logits = self._model(images=x.contiguous(memory_format=torch.channels_last))
+                p = torch.sigmoid(logits.float()).double().cpu().numpy()
+        if not np.isfinite(p).all():  # never a label: a NaN is "normal" at any threshold
+            raise InferenceError(f"model {self.model_id} gave a non-finite probability; its weights or "
+                                 "preprocessing are broken")
+        return p
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Canonical greyscale images (H, W) in [0, 1] -> P(positive), batched."""

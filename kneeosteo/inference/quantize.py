@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kneeosteo.errors import DataError, ImageReadError, InferenceError
-from kneeosteo.inference.export import _P, DEFAULT_OPSET, cached_onnx_path, ensure_onnx, onnx_metadata
+from kneeosteo.inference.export import _P, DEFAULT_OPSET, cached_onnx_path, ensure_onnx, is_sealed, onnx_metadata, seal
 from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_bytes
 
@@ -142,7 +142,7 @@ def ensure_int8_onnx(run: str | os.PathLike | RunDir | None, data: str | os.Path
         "model": info.model_id, "onnx": onnx_metadata(info), "calibration": stats, "mode": "static-qdq-u8s8-per-channel-minmax",
         "onnxruntime": onnxruntime.__version__, "opset": DEFAULT_OPSET}, sort_keys=True).encode()).hexdigest()[:16]
     out = cached_onnx_path(info, f".int8-{key}.onnx")
-    if out.is_file():
+    if is_sealed(out):  # the file we wrote, unchanged since
         return out
     xs = []
     for rel, *_ in stats:
@@ -154,4 +154,6 @@ def ensure_int8_onnx(run: str | os.PathLike | RunDir | None, data: str | os.Path
         raise InferenceError(f"{root}: none of the calibration images could be read")
     x = np.stack(xs).astype(np.float32)
     log.info("quantising %s to int8 (%d calibration images) into %s", run, len(x), out)
-    return quantize_onnx(ensure_onnx(run), out, "static", [x[i : i + 8] for i in range(0, len(x), 8)])
+    quantize_onnx(ensure_onnx(run), out, "static", [x[i : i + 8] for i in range(0, len(x), 8)])
+    seal(out)
+    return out

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kneeosteo.errors import BackboneWeightsError, CheckpointError
 from kneeosteo.models.hybrid import HybridModel, build_model_from_config
 from kneeosteo.models.weights import WeightsInfo
@@ -68,6 +70,8 @@ def save_weights(model: HybridModel, path: str | os.PathLike, identity: dict[str
 def _read(path: Path, sha256: str | None) -> tuple[bytes, dict[str, str]]:
     from safetensors import safe_open
 
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read forever
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -117,6 +121,10 @@ def load_weights(path: str | os.PathLike, sha256: str | None = None, *,
     problems = mismatch_report(expected, tensors)
     if problems:
         raise CheckpointError(" ".join([f"{path}: does not match the model described in its metadata.", *problems]))
+    broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if broken:  # NaN/inf weights give NaN probabilities, which must never become a label
+        raise CheckpointError(f"{path}: non-finite values in {', '.join(broken[:5])}"
+                              + (f" and {len(broken) - 5} more tensors" if len(broken) > 5 else ""))
     model.load_state_dict(tensors, strict=False)
     return model.eval()
 

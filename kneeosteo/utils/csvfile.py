@@ -1,5 +1,11 @@
 """Every CSV file kneeosteo writes goes through here: one dialect (comma, ``\\n`` line ends,
-minimal quoting), written atomically."""
+minimal quoting), written atomically, and safe to open in a spreadsheet.
+
+Formula injection (OWASP "CSV Injection"): a cell that starts with ``=``, ``+``, ``-``, ``@``, a
+tab or a carriage return is run as a formula by Excel, LibreOffice and Google Sheets. A file
+named ``=HYPERLINK(...).png`` would then put a live formula into ``predictions.csv``. Such text
+cells are written with a leading ``'`` (the guidance's escape; spreadsheets show the text as
+is); numbers, and text that is a plain number such as ``-0.5``, are left alone."""
 
 from __future__ import annotations
 
@@ -10,16 +16,33 @@ from typing import Iterable, Mapping, Sequence
 
 from kneeosteo.utils.atomic import write_text
 
-__all__ = ["csv_text", "write_csv"]
+__all__ = ["csv_text", "safe_cell", "write_csv"]
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value):
+    """``value``, with a leading ``'`` if it is text a spreadsheet would run as a formula."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value  # a plain number such as "-0.5"
+    except ValueError:
+        return "'" + value
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
     """The CSV text of ``rows`` (sequences in ``header`` order, or mappings keyed by it)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # Python < 3.12 quotes a field only for the characters of ``lineterminator``, so a bare "\r"
+    # in a file name would end the row for every reader: rows holding one are fully quoted
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     w.writerow(header)
     for row in rows:
-        w.writerow([row.get(k, "") for k in header] if isinstance(row, Mapping) else row)
+        cells = [safe_cell(c) for c in ([row.get(k, "") for k in header] if isinstance(row, Mapping) else row)]
+        (quoted if any(isinstance(c, str) and "\r" in c for c in cells) else w).writerow(cells)
     return buf.getvalue()
 
 

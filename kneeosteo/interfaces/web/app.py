@@ -19,14 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.data import formats
 from kneeosteo.errors import ModelError
 from kneeosteo.interfaces.web.overlays import encode_b64, grey_png, overlay_png
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
 from kneeosteo.interfaces.web.uploads import ACCEPT_LIST, ACCEPTED, BodyLimit, decode, display_name, save_upload
 
-__all__ = ["DEFAULT_CAVEAT", "WebSettings", "create_app", "card_caveat"]
+__all__ = ["DEFAULT_CAVEAT", "SERVICE_MAX_PIXELS", "WebSettings", "create_app", "card_caveat"]
 
 DEFAULT_CAVEAT = "Research use only — not a diagnostic device."
 BUSY = "the server is busy: every worker is in use and the queue is full; try again in a moment"
@@ -34,6 +33,15 @@ _CAVEAT_RE = re.compile(r"research use|not a (medical|diagnostic)|not for (clini
 # the page loads nothing from anywhere else: the browser enforces what the page promises
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+# The service decodes at most this many pixels per upload (`serve --max-megapixels`), refused from
+# the header before anything is decoded. The largest radiographs are ~23 MP (a 24x30 cm
+# mammogram at 50 um); knee films from CR/DR panels are 3-15 MP. Decoding peaks at ~13 bytes a
+# pixel (8-bit frame, float32 copy, clipping; measured +310 MB for a 25 MP PNG), so 25 MP is about
+# 0.3 GB per running job, against ~1.3 GB at the reader's own 100 MP limit, which let six
+# 9999x9999 uploads take the server from 1.5 to 4.2 GB.
+SERVICE_MAX_PIXELS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class WebSettings:
     workers: int = 2  # inference threads
     queue: int = 16  # jobs that may wait for a thread; more get 503
     max_upload_bytes: int = 32 * 1000 * 1000
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = SERVICE_MAX_PIXELS
 
 
 def card_caveat(card: Optional[str]) -> str:
