@@ -63,3 +63,67 @@ def test_422_for_a_missing_field_says_what_to_send(client):
     assert r.status_code == 422 and len(r.content) < 2048
     assert "multipart" in r.json()["detail"] and "file" in r.json()["detail"]
     assert "x" * 64 not in r.text
+
+
+# ------------------------------------------------------- 6: huge declared size, refused before decoding
+
+def huge_png(path: Path, width: int = 9999, height: int = 9999) -> Path:
+    """A valid 8-bit grey PNG, all black, whose pixels (100 MP for 9999x9999) dwarf its file
+    (~100 KB): the rows are compressed as they are made, so nothing that size is ever held."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp, row, idat = zlib.compressobj(9), b"\x00" * (width + 1), []
+    for _ in range(height):
+        idat.append(comp.compress(row))
+    idat.append(comp.flush())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory) -> Path:
+    return huge_png(tmp_path_factory.mktemp("huge") / "huge.png")
+
+
+def test_service_default_bounds_decoded_pixels_at_25_mp():
+    assert WebSettings().max_pixels == 25_000_000
+
+
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/explain"])
+def test_huge_declared_size_is_refused_before_decoding(client, huge, endpoint, monkeypatch):
+    from PIL import ImageFile
+
+    assert huge.stat().st_size < 200_000  # small file, 100 MP
+    decoded = []
+
+    def no_decode(self, *a, **k):  # a decode would cost ~2 GB and seconds: it must not start
+        decoded.append(self)
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    r = client.post(endpoint, files={"file": ("huge.png", huge.read_bytes(), "image/png")})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "9999x9999" in detail and "25 MP" in detail and "--max-megapixels" in detail, detail
+    assert not decoded
+    assert client.get("/api/model").json()["limits"]["max_pixels"] == 25_000_000
+
+
+def test_serve_max_megapixels_option_reaches_the_service(monkeypatch):
+    import kneeosteo.interfaces.web as web
+    from kneeosteo.errors import KneeosteoError
+    from kneeosteo.interfaces.cli import main
+
+    seen = []
+
+    def fake_create_app(settings):
+        seen.append(settings)
+        raise KneeosteoError("stop here")  # before any model loads or a socket opens
+
+    monkeypatch.setattr(web, "create_app", fake_create_app)
+    for argv, expected in ((["serve"], 25_000_000), (["serve", "--max-megapixels", "4.5"], 4_500_000)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert seen.pop().max_pixels == expected

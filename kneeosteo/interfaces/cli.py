@@ -374,6 +374,8 @@ def serve(
     workers: int = typer.Option(2, min=1, help="Inference threads."),
     queue: int = typer.Option(16, min=0, help="Requests that may wait for a thread; beyond that: 503 with Retry-After."),
     max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload in MB (larger: 413)."),
+    max_megapixels: float = typer.Option(25.0, min=0.000001, help="Most pixels an upload may declare, in millions "
+                                         "(more: 422, refused from the header before decoding)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
@@ -387,7 +389,7 @@ def serve(
         raise KneeosteoError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
                        "pip install fastapi uvicorn python-multipart")
     web = create_app(WebSettings(run=run, threshold=threshold, device=device, workers=workers, queue=queue,
-                                 max_upload_bytes=int(max_upload_mb * 1e6)))
+                                 max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=int(max_megapixels * 1e6)))
     if device == "cpu":  # the workers share the cores instead of each claiming all of them
         import os
 

@@ -117,4 +117,7 @@ def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
             raise HTTPException(415, f"{name}: {reason}") from None  # DICOM by name only, and it is not
         if reason.startswith("not a recognised"):  # its first bytes said what it is: a damaged file
             reason = f"corrupt {by_name.name if by_name else path.suffix[1:].upper()} data: the file starts like one but cannot be decoded"
+        if reason.startswith("decompression bomb"):  # the declared size is over ours (or over Pillow's own limit)
+            reason += (f"; this service decodes at most {max_pixels / 1e6:g} MP per image (`serve --max-megapixels`):"
+                       " send a smaller image")
         raise HTTPException(422, f"{name}: {reason}") from None
