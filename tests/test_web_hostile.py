@@ -127,3 +127,199 @@ def test_serve_max_megapixels_option_reaches_the_service(monkeypatch):
         with pytest.raises(SystemExit):
             main(argv)
         assert seen.pop().max_pixels == expected
+
+
+# --------------------------------------------- 7: stalled connections are closed, the page answers
+
+# short limits for the test; `serve` uses ConnectionLimits() (5 s idle, 10 s headers, 10 KB / 10 s)
+IDLE, HEADERS, WINDOW, MIN_BYTES = 1.0, 1.5, 1.5, 4096
+SLACK = 3.0  # the server checks every tenth of the shortest limit; the rest is a loaded machine
+POST_HEAD = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n")
+
+
+def guarded_server(app, **limits):
+    from kneeosteo.interfaces.web.server import ConnectionLimits, serve_in_thread
+
+    kw = dict(idle_s=IDLE, header_s=HEADERS, body_window_s=WINDOW, body_min_bytes=MIN_BYTES)
+    return serve_in_thread(app, host="127.0.0.1", limits=ConnectionLimits(**{**kw, **limits}))
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    assert host == "127.0.0.1"  # loopback only
+    return host, int(port)
+
+
+def stalled(addr, kind: str):
+    """A socket that stops: idle (sends nothing), half (half the headers), body (headers and a
+    short body), kept (one full request answered, then silence)."""
+    import socket
+
+    s = socket.create_connection(addr, timeout=5)
+    if kind == "half":
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-")
+    elif kind == "body":
+        s.sendall(POST_HEAD + b"--xyz\r\n" + b"a" * 1000)
+    elif kind == "kept":
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+    return s
+
+
+def read_response(s) -> bytes:
+    """One whole HTTP/1.1 response from ``s`` (headers and a Content-Length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := s.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def closed_by_server(s, deadline: float) -> bool:
+    """Whether the server closes ``s`` before ``deadline`` (time.monotonic()); reads and drops
+    whatever it sends first."""
+    import socket
+    import time
+
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            if not s.recv(65536):
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+    return False
+
+
+def still_open(s) -> bool:
+    import socket
+
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.setblocking(True)
+
+
+@pytest.mark.parametrize("kind, bound", [("idle", IDLE), ("half", HEADERS), ("body", WINDOW), ("kept", IDLE)])
+def test_stalled_connection_is_closed_within_its_bound(app, kind, bound):
+    import time
+
+    with guarded_server(app) as url:
+        s = stalled(address(url), kind)
+        try:
+            assert closed_by_server(s, time.monotonic() + bound + SLACK), f"{kind}: still open after {bound + SLACK} s"
+        finally:
+            s.close()
+
+
+def test_trickled_headers_and_body_are_closed_too(app):
+    """One byte at a time keeps no connection alive: headers have a deadline, a body a rate."""
+    import time
+
+    with guarded_server(app) as url:
+        addr = address(url)
+        heads, body = stalled(addr, "idle"), stalled(addr, "body")
+        try:
+            start = time.monotonic()
+            end = start + max(HEADERS, WINDOW) + SLACK
+            closed = {"headers": False, "body": False}
+            while time.monotonic() < end and not all(closed.values()):
+                for name, s in (("headers", heads), ("body", body)):
+                    if not closed[name]:
+                        try:
+                            s.sendall(b"X")  # well under the 4096 bytes per 1.5 s the body needs
+                        except OSError:
+                            closed[name] = True
+                time.sleep(0.1)
+            closed = {k: v or not still_open(s) for (k, v), s in zip(closed.items(), (heads, body))}
+            assert all(closed.values()), closed
+        finally:
+            heads.close()
+            body.close()
+
+
+def test_slow_but_steady_clients_are_served(app):
+    """The limits close stalls, not slow clients: headers in pieces within the bound, a body
+    faster than the minimum rate, and a second request on a kept connection all get answers."""
+    import socket
+    import time
+
+    with guarded_server(app) as url:
+        addr = address(url)
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")
+            time.sleep(HEADERS / 3)
+            s.sendall(b"Host: 127.0.0.1\r\n")
+            time.sleep(HEADERS / 3)
+            s.sendall(b"\r\n")
+            assert read_response(s).startswith(b"HTTP/1.1 200")
+            time.sleep(IDLE / 2)  # kept alive: the next request is on time
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_response(s).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(addr, timeout=10) as s:  # 100 KB body in 3 s, 2 windows
+            s.sendall(POST_HEAD)
+            for _ in range(10):
+                s.sendall(b"z" * 10_000)
+                time.sleep(0.3)
+            reply = read_response(s)
+            assert reply.startswith(b"HTTP/1.1 4"), reply[:200]  # answered (not a multipart file: 4xx)
+
+
+def test_page_answers_while_200_stalled_sockets_are_open_and_all_are_then_closed(app):
+    import time
+    import urllib.request
+
+    kinds = ("idle", "half", "body", "kept")
+    with guarded_server(app, idle_s=4.0, header_s=4.0, body_window_s=4.0) as url:
+        addr = address(url)
+        socks = []
+        try:
+            for i in range(200):
+                socks.append(stalled(addr, kinds[i % 4]))
+            assert sum(still_open(s) for s in socks) >= 190  # they are held while the page is asked for
+            for path in ("/", "/healthz"):
+                with urllib.request.urlopen(url + path, timeout=5) as r:
+                    assert r.status == 200 and r.read()
+            deadline = time.monotonic() + 4.0 + SLACK
+            open_after = [i for i, s in enumerate(socks) if not closed_by_server(s, deadline)]
+            assert not open_after, f"{len(open_after)} of 200 stalled sockets still open"
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_serve_runs_uvicorn_with_the_guard_and_its_documented_limits(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    import uvicorn
+
+    import kneeosteo.interfaces.web as web
+    from kneeosteo.interfaces.cli import main
+    from kneeosteo.interfaces.web.guard import ConnectionLimits, GuardedH11Protocol
+
+    fake = SimpleNamespace(state=SimpleNamespace(service=SimpleNamespace(info=SimpleNamespace(model_id="m"))))
+    monkeypatch.setattr(web, "create_app", lambda settings: fake)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--port", "8123"])
+    assert stop.value.code == 0
+    kw = calls[0]
+    assert issubclass(kw["http"], GuardedH11Protocol) and kw["http"].limits == ConnectionLimits()
+    assert (ConnectionLimits().idle_s, ConnectionLimits().header_s, ConnectionLimits().body_window_s,
+            ConnectionLimits().body_min_bytes) == (5.0, 10.0, 10.0, 10_000)  # the README's numbers
+    assert kw["timeout_keep_alive"] == 5 and kw["host"] == "127.0.0.1"

@@ -21,6 +21,7 @@ from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS
 from kneeosteo.data import formats
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
+from kneeosteo.utils.text import printable
 
 app = typer.Typer(
     add_completion=False,
@@ -272,7 +273,7 @@ def predict(
     elif result.predictions:
         print(format_table(result))
     for err in result.errors:
-        typer.echo(f"{err.path}: {err.reason}", err=True)
+        typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not result.predictions:
         raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)")
 
@@ -292,9 +293,9 @@ def explain(
 
     written, errors = explain_files(Explainer(run, target=target, threshold=threshold, device=device), images, out)
     for _, png, js in written:
-        print(f"wrote {png} and {js.name}")
+        print(printable(f"wrote {png} and {js.name}"))
     for err in errors:
-        typer.echo(f"{err.path}: {err.reason}", err=True)
+        typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not written:
         raise DataError(f"no image could be read ({len(errors)} unreadable, see above)")
 
@@ -384,7 +385,7 @@ def serve(
         import uvicorn
 
         from kneeosteo.interfaces.web import WebSettings, create_app
-        from kneeosteo.interfaces.web.server import is_loopback
+        from kneeosteo.interfaces.web.server import is_loopback, uvicorn_options
     except ImportError as exc:
         raise KneeosteoError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
                        "pip install fastapi uvicorn python-multipart")
@@ -400,7 +401,7 @@ def serve(
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can upload images; "
                    "there is no authentication", err=True)
     typer.echo(f"kneeosteo: model {web.state.service.info.model_id} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(web, host=host, port=port, log_level="info")
+    uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: README
 
 
 def _one_line(text: str) -> str:

@@ -1,5 +1,6 @@
 """Run the app with uvicorn: in the foreground for `kneeosteo serve`, or in a background thread on
-a loopback socket that is already bound (no race for a "free" port) for tests and benchmarks."""
+a loopback socket that is already bound (no race for a "free" port) for tests and benchmarks.
+Both use the guarded protocol (guard.py): stalled clients are closed within bounded times."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
-__all__ = ["is_loopback", "serve_in_thread"]
+from kneeosteo.interfaces.web.guard import ConnectionLimits, uvicorn_options
+
+__all__ = ["ConnectionLimits", "is_loopback", "serve_in_thread", "uvicorn_options"]
 
 
 def is_loopback(host: str) -> bool:
@@ -23,15 +26,18 @@ def is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 20.0, **config) -> Iterator[str]:
-    """Serve ``app`` on ``host`` at a port the OS picks; yields the base URL, stops on exit."""
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 20.0,
+                    limits: Optional[ConnectionLimits] = ConnectionLimits(), **config) -> Iterator[str]:
+    """Serve ``app`` on ``host`` at a port the OS picks; yields the base URL, stops on exit.
+    ``limits``: the client time limits (None: uvicorn's own, which never close a stalled client)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    options = {**(uvicorn_options(limits) if limits is not None else {}), **config}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
     thread.start()
     try:
