@@ -95,3 +95,49 @@ def test_audit_and_split_with_a_fifo_finish(fifo_data, tmp_path):
     assert run_guarded(lambda: _main(["split", data, "--out", out / "split.json", "--test-size", "2"]), fifos) == 0
     split = json.loads((out / "split.json").read_text())
     assert not {"normal/fifo.png", "osteoporosis/pipe"} & set(split["train"] + split["val"] + split["test"])
+
+
+# --------------------------------------------------------------------------- item 4: explain
+
+CAFE = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8, a lone surrogate in Python
+MATH = "x$\\frac$y.png"  # an even number of dollar signs: matplotlib would parse it as mathtext
+
+
+@pytest.fixture
+def explain_inputs(tmp_path):
+    src = tmp_path / "in"
+    g.png_grey8(src / CAFE, variant=1)
+    g.png_grey8(src / "good.png", variant=2)
+    g.png_grey8(src / MATH, variant=3)
+    g.text_as_png(src / "text.png")
+    return src
+
+
+def test_explain_survives_non_utf8_and_mathtext_names(explain_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _main(["explain", explain_inputs, "--out", out]) == 0
+    std = capsys.readouterr()
+    for stem in ("caf\udce9", "good", "x$\\frac$y"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.json").is_file(), stem
+    assert json.loads((out / "caf\udce9.json").read_text())["path"] == str(explain_inputs / CAFE)  # the real name
+    assert "caf\\xe9.png" in std.out and "\udce9" not in std.out + std.err  # shown safely
+    assert "text.png: not a recognised image format" in std.err  # the unreadable list survives
+
+
+def test_one_image_failing_in_explain_never_drops_the_others(explain_inputs, tmp_path, capsys, monkeypatch):
+    from kneeosteo.inference import report
+
+    real = report.write_explanation
+
+    def flaky(pixels, ex, out_dir, name, extra):
+        if name == "good":
+            raise RuntimeError("renderer exploded")
+        return real(pixels, ex, out_dir, name, extra)
+
+    monkeypatch.setattr(report, "write_explanation", flaky)
+    out = tmp_path / "out"
+    assert _main(["explain", explain_inputs, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert (out / "caf\udce9.png").is_file() and (out / "x$\\frac$y.png").is_file()
+    assert "good.png: could not be explained (RuntimeError: renderer exploded)" in err
+    assert "text.png: not a recognised image format" in err

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from kneeosteo.errors import OutputError
 from kneeosteo.inference.explain import Explanation
 from kneeosteo.utils.atomic import atomic_path, write_json
+from kneeosteo.utils.text import printable
+
+log = logging.getLogger(__name__)
 
 __all__ = ["render_png", "write_explanation"]
 
 
+def title_text(name: str) -> str:
+    """A file name as a figure title: undecodable bytes and control or bidi characters escaped
+    (``printable``), dollar signs escaped so matplotlib never parses the name as mathtext."""
+    return printable(name).replace("$", r"\$")
+
+
 def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, threshold: float) -> None:
-    """Radiograph | Grad-CAM overlay | attention overlay, probability and label in the title."""
+    """Radiograph | Grad-CAM overlay | attention overlay, probability and label in the title
+    (``title`` is shown as plain text, see ``title_text``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
@@ -35,7 +47,7 @@ def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, thre
         axes[2].set_title("attention module, spatial map", fontsize=9)
     else:
         axes[2].set_title("no attention module (ablation)", fontsize=9)
-    fig.suptitle(f"{title}\nP({ex.positive}) = {ex.probability:.3f} -> {ex.label} (threshold {threshold:g})",
+    fig.suptitle(f"{title_text(title)}\nP({ex.positive}) = {ex.probability:.3f} -> {ex.label} (threshold {threshold:g})",
                  fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -73,8 +85,14 @@ def explain_files(explainer, inputs, out_dir: str | Path, progress: bool = True)
             k += 1
             name = f"{path.stem}-{k}"
         used.add(name)
-        ex = explainer.explain(img.pixels)
-        extra = {"path": str(path), "content_id": img.content_id, "model": explainer.info.model_id,
-                 "threshold": explainer.threshold}
-        written.append((path, *write_explanation(img.pixels, ex, out_dir, name, extra)))
+        try:
+            ex = explainer.explain(img.pixels)
+            extra = {"path": str(path), "content_id": img.content_id, "model": explainer.info.model_id,
+                     "threshold": explainer.threshold}
+            written.append((path, *write_explanation(img.pixels, ex, out_dir, name, extra)))
+        except OutputError:  # the output folder itself: every other image would fail the same way
+            raise
+        except Exception as exc:  # one image's failure never drops the others, nor the error list
+            log.debug("explaining %s failed", path, exc_info=True)
+            errors.append(ImageReadError(path, f"could not be explained ({type(exc).__name__}: {exc})"))
     return written, errors

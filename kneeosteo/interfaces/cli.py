@@ -21,6 +21,7 @@ from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS
 from kneeosteo.data import formats
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
+from kneeosteo.utils.text import printable
 
 app = typer.Typer(
     add_completion=False,
@@ -272,7 +273,7 @@ def predict(
     elif result.predictions:
         print(format_table(result))
     for err in result.errors:
-        typer.echo(f"{err.path}: {err.reason}", err=True)
+        typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not result.predictions:
         raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)")
 
@@ -292,9 +293,9 @@ def explain(
 
     written, errors = explain_files(Explainer(run, target=target, threshold=threshold, device=device), images, out)
     for _, png, js in written:
-        print(f"wrote {png} and {js.name}")
+        print(printable(f"wrote {png} and {js.name}"))
     for err in errors:
-        typer.echo(f"{err.path}: {err.reason}", err=True)
+        typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not written:
         raise DataError(f"no image could be read ({len(errors)} unreadable, see above)")
 
