@@ -136,6 +136,19 @@ def tiff(path, variant: int = 0, bits: int = 8, array: np.ndarray | None = None,
     return _save(Image.fromarray(a), path, "TIFF")
 
 
+def tiff_float(path, array: np.ndarray | None = None, variant: int = 0, size=(W, H)) -> Path:
+    """32-bit float TIFF (mode F) holding exactly ``array`` (NaN and inf included)."""
+    a = picture(*size, variant) if array is None else array
+    return _save(Image.fromarray(np.asarray(a, dtype=np.float32)), path, "TIFF")
+
+
+def tiff_int32(path, array: np.ndarray | None = None, variant: int = 0, size=(W, H)) -> Path:
+    """32-bit signed integer TIFF (mode I, BitsPerSample 32); by default 12-bit data in it, as
+    some scanners write."""
+    a = np.rint(picture(*size, variant) * 4095) if array is None else array
+    return _save(Image.fromarray(np.asarray(a, dtype=np.int32)), path, "TIFF")
+
+
 def gif_animated(path, variant: int = 0, frames: int = 3, size=(W, H)) -> Path:
     """Frame 0 is ``variant``; later frames are other pictures, which the reader must ignore."""
     imgs = [Image.fromarray(grey8(*size, variant + 7 * i)) for i in range(frames)]

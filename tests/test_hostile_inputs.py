@@ -141,3 +141,44 @@ def test_one_image_failing_in_explain_never_drops_the_others(explain_inputs, tmp
     assert (out / "caf\udce9.png").is_file() and (out / "x$\\frac$y.png").is_file()
     assert "good.png: could not be explained (RuntimeError: renderer exploded)" in err
     assert "text.png: not a recognised image format" in err
+
+
+# --------------------------------------------------------------------------- item 5: float and wide TIFFs
+
+from kneeosteo.data.reader import ImageReadError, read_image  # noqa: E402
+
+
+def _with(value, where=(3, 5)):
+    a = g.picture().astype(np.float32)
+    a[where] = value
+    return a
+
+
+@pytest.mark.parametrize("name,array", [
+    ("nan.tif", _with(np.nan)),
+    ("inf.tif", _with(np.inf)),
+    ("minus_inf.tif", _with(-np.inf)),
+    ("all_nan.tif", np.full((g.H, g.W), np.nan, np.float32)),
+    ("all_inf.tif", np.full((g.H, g.W), np.inf, np.float32)),
+])
+def test_non_finite_float_tiff_is_an_error_naming_the_file(tmp_path, name, array):
+    path = g.tiff_float(tmp_path / name, array)
+    with pytest.raises(ImageReadError) as exc:
+        read_image(path)
+    assert exc.value.path == str(path) and "not finite" in exc.value.reason
+
+
+def test_finite_float_tiff_still_reads(tmp_path):
+    a = g.picture()
+    assert np.allclose(read_image(g.tiff_float(tmp_path / "f.tif", a)).pixels, a, atol=1e-6)
+    b = read_image(g.tiff_float(tmp_path / "g.tif", a * 1000 - 7)).pixels  # outside [0, 1]: stretched
+    assert np.allclose(b, (a - a.min()) / (a.max() - a.min()), atol=1e-5)
+
+
+def test_int32_tiff_is_scaled_by_its_actual_range(tmp_path):
+    img = read_image(g.tiff_int32(tmp_path / "i32.tif"))  # 12-bit data in a 32-bit container
+    a = np.rint(g.picture() * 4095)
+    assert img.meta.bit_depth == 32 and img.pixels.max() == 1.0
+    assert np.allclose(img.pixels, (a - a.min()) / (a.max() - a.min()), atol=1e-6)
+    flat = read_image(g.tiff_int32(tmp_path / "flat.tif", np.full((g.H, g.W), 70000))).pixels
+    assert flat.max() == 0.0  # one value: no contrast, not a division by zero

@@ -66,7 +66,7 @@ FORMATS: tuple[InputFormat, ...] = (
                 notes="EXIF orientation applied"),
     InputFormat("BMP", (".bmp",), ("image/bmp",), "pillow", _is_bmp, ("BMP",)),
     InputFormat("TIFF", (".tif", ".tiff"), ("image/tiff",), "pillow", _starts(b"II*\x00", b"MM\x00*"), ("TIFF",),
-                notes="8/16-bit"),
+                notes="8/16/32-bit integer (32-bit: stretched to its own range), 32-bit float"),
     InputFormat("GIF", (".gif",), ("image/gif",), "pillow", _starts(b"GIF87a", b"GIF89a"), ("GIF",),
                 notes="first frame"),
     InputFormat("DICOM", (".dcm", ".dicom"), ("application/dicom",), "dicom", _is_dicom, trust_suffix=True,

@@ -39,6 +39,7 @@ _DICOM_SUFFIXES = formats.suffixes("dicom")
 _PIL_FORMATS = formats.pillow_formats()
 _PIL_NAMES = "/".join(f.name for f in formats.FORMATS if f.decoder == "pillow")
 _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
+NON_FINITE = "pixel values are not finite (NaN or infinity)"
 
 
 
@@ -127,7 +128,9 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
         raise ImageReadError(p, "out of memory while decoding") from e
     except Exception as e:  # decoders raise anything (OSError, SyntaxError, struct.error, ...)
         raise ImageReadError(p, f"corrupt or truncated image data ({_short(e)})") from e
-    pixels = np.ascontiguousarray(np.clip(np.nan_to_num(pixels), 0.0, 1.0), dtype=np.float32)
+    if not np.isfinite(pixels).all():  # a NaN/inf sample is no measurement: never guess one (was: 0)
+        raise ImageReadError(p, NON_FINITE)
+    pixels = np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)
     return LoadedImage(pixels, meta)
 
 
@@ -158,17 +161,20 @@ def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, Image
                 bits = int(tag[0] if isinstance(tag, tuple) else tag)
             img.load()  # first frame only; raises on truncated data
             img = ImageOps.exif_transpose(img)
-            pixels = _pil_to_grey(img, bits)
+            pixels = _pil_to_grey(img, bits, path)
     entry = formats.by_pillow_format(fmt)
     meta = ImageMeta(str(path), entry.name if entry else fmt, mode, pixels.shape[1],
                      pixels.shape[0], bits, size, channels)
     return pixels, meta
 
 
-def _pil_to_grey(img: Image.Image, bits: int) -> np.ndarray:
+def _pil_to_grey(img: Image.Image, bits: int, path: Path) -> np.ndarray:
     """Scale by the type's full range, never by the image's own min/max, so that exposure
-    differences between radiographs survive.  Alpha is dropped, not composited: exported
-    radiographs carry an all-opaque alpha, and the stored grey values are the measurement."""
+    differences between radiographs survive; the exceptions are the types without a meaningful
+    full range: integers wider than 16 bits (a 32-bit TIFF holding 12-bit data would be black
+    by 2**32 - 1) and floats outside [0, 1], both stretched to the image's own min..max.
+    Alpha is dropped, not composited: exported radiographs carry an all-opaque alpha, and the
+    stored grey values are the measurement. NaN/inf samples are refused (ImageReadError)."""
     mode = img.mode
     if mode == "1":
         return np.asarray(img, dtype=np.float32)
@@ -176,9 +182,14 @@ def _pil_to_grey(img: Image.Image, bits: int) -> np.ndarray:
         return np.asarray(img, dtype=np.float32) / 255.0
     if mode.startswith("I"):
         a = np.asarray(img).astype(np.float64)
-        return a / float(2 ** min(bits, 32) - 1)
+        if bits > 16:  # 24/32-bit integers: scanners fill a few bits of them; use the actual range
+            lo, hi = float(a.min()), float(a.max())
+            return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return a / float(2 ** bits - 1)
     if mode == "F":  # float has no intrinsic range: keep [0,1] data, stretch anything else
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageReadError(path, NON_FINITE)
         lo, hi = float(a.min()), float(a.max())
         if lo >= 0.0 and hi <= 1.0:
             return a
