@@ -298,6 +298,20 @@ def bomb_png(path, width: int = 60000, height: int = 60000) -> Path:
     return Path(path)
 
 
+def huge_png(path, width: int = 9999, height: int = 9999) -> Path:
+    """A valid 8-bit greyscale PNG with huge pixels in a small file ("small file, huge pixels"):
+    a horizontal gradient, each row the same; written row by row, never held in memory."""
+    row = b"\x00" + (np.arange(width) * 255 // max(width - 1, 1)).astype(np.uint8).tobytes()
+    z = zlib.compressobj(9)
+    chunks = [z.compress(row * min(256, height - y)) for y in range(0, height, 256)] + [z.flush()]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(chunks))
+            + _png_chunk(b"IEND", b""))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
 # --------------------------------------------------------------------------- class-folder data set
 
 @dataclass

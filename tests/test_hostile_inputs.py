@@ -182,3 +182,57 @@ def test_int32_tiff_is_scaled_by_its_actual_range(tmp_path):
     assert np.allclose(img.pixels, (a - a.min()) / (a.max() - a.min()), atol=1e-6)
     flat = read_image(g.tiff_int32(tmp_path / "flat.tif", np.full((g.H, g.W), 70000))).pixels
     assert flat.max() == 0.0  # one value: no contrast, not a division by zero
+
+
+# --------------------------------------------------------------------------- item 6: small files, huge pixels
+
+
+def test_images_up_to_max_side_decode_exactly_larger_ones_reduced(tmp_path):
+    from kneeosteo.data.reader import MAX_SIDE
+
+    assert MAX_SIDE >= 4096  # every KOP image (at most 2430 x 2660) decodes exactly as before
+    a = np.tile(np.arange(MAX_SIDE, dtype=np.uint32) % 251, (6, 1)).astype(np.uint8)
+    exact = read_image(g.png_grey8(tmp_path / "edge.png", array=a))
+    assert np.array_equal(exact.pixels, a / np.float32(255.0)) and exact.meta.reduction == 1
+    b = np.tile(np.arange(MAX_SIDE + 1, dtype=np.uint32) % 251, (6, 1)).astype(np.uint8)
+    big = read_image(g.png_grey8(tmp_path / "over.png", array=b))
+    assert big.pixels.shape == (3, MAX_SIDE // 2 + 1) and big.meta.reduction == 2
+    assert (big.meta.width, big.meta.height) == (MAX_SIDE + 1, 6)  # the source's size
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    h, w = a.shape
+    pad = np.pad(a.astype(np.float64), ((0, -h % f), (0, -w % f)), constant_values=np.nan)
+    return np.nanmean(pad.reshape(-(-h // f), f, -(-w // f), f), axis=(1, 3))
+
+
+@pytest.mark.parametrize("writer,name", [
+    (g.png_grey8, "a.png"), (g.png_grey16, "a.png"), (g.png_rgb, "a.png"), (g.png_rgba, "a.png"),
+    (g.png_palette, "a.png"), (g.jpeg_grey, "a.jpg"), (g.jpeg_exif_rotated, "a.jpg"), (g.tiff, "a.tif"),
+    (g.bmp, "a.bmp"), (g.gif_animated, "a.gif"), (g.dicom, "a.dcm"), (g.dicom_rle, "a.dcm"),
+])
+def test_max_side_reduces_every_format_to_the_block_mean(tmp_path, writer, name):
+    path = writer(tmp_path / name, size=(403, 101))
+    full = read_image(path, max_side=None).pixels
+    small = read_image(path, max_side=100)  # factor 5 (a JPEG decodes at 1/4 scale, then 2)
+    assert max(small.pixels.shape) <= 100 and small.meta.reduction in (5, 8)
+    assert (small.meta.width, small.meta.height) == (full.shape[1], full.shape[0])
+    f = small.meta.reduction
+    if f == 5:  # the JPEG's DCT scaling is not a block mean: only its size is checked
+        assert np.abs(_block_mean(full, f) - small.pixels).max() < 0.01
+
+
+def test_a_small_file_with_huge_pixels_decodes_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = g.huge_png(tmp_path / "huge.png")  # 9999 x 9999, under 1 MB on disk
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        img = read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert img.pixels.shape == (3333, 3333) and img.meta.reduction == 3
+    # numpy's allocations (tracemalloc sees them): a full-size float32 copy alone would be 400 MB
+    assert peak < 200e6, f"{peak / 1e6:.0f} MB"

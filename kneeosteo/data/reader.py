@@ -26,12 +26,17 @@ try:  # pydicom >= 3
 except ImportError:  # pragma: no cover - pydicom 2.x
     from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageReadError", "NotAnImageError", "ImageMeta",
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "MAX_SIDE", "ImageReadError", "NotAnImageError", "ImageMeta",
            "LoadedImage", "is_candidate", "read_image", "to_uint8"]
 
 # Which files we try, and with which decoder, comes from the formats table (data/formats.py).
 IMAGE_SUFFIXES: frozenset[str] = formats.suffixes()
 MAX_PIXELS: int = 100_000_000
+# Images whose longer side exceeds this are decoded reduced by an integer factor (JPEG at reduced
+# DCT scale, others averaged over factor x factor blocks in their integer type), so that a small
+# file with huge pixels cannot cost gigabytes. Every KOP image (at most 2430 x 2660) and anything
+# up to 4096 x 4096 decodes exactly as it always did: same pixels, same content id.
+MAX_SIDE: int = 4096
 
 _DICOM_SUFFIXES = formats.suffixes("dicom")
 # Restrict Pillow to the formats we mean to accept: with every plugin enabled, random bytes are
@@ -54,6 +59,9 @@ class ImageMeta:
     bit_depth: int   # bits per sample in the source
     file_size: int
     channels: int
+    # width/height stay the source's; the pixels are that size divided by ``reduction`` (rounded
+    # up) when the longer side exceeded ``max_side`` (1: full size)
+    reduction: int = 1
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays field-wise is ambiguous
@@ -94,8 +102,16 @@ def is_candidate(path) -> bool:
     return p.is_file() and _has_dicom_preamble(p)
 
 
-def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Decode ``path``; raise ImageReadError (NotAnImageError for non-images), never anything else."""
+def read_image(path, max_pixels: int = MAX_PIXELS, max_side: int | None = MAX_SIDE) -> LoadedImage:
+    """Decode ``path``; raise ImageReadError (NotAnImageError for non-images), never anything else.
+
+    ``max_pixels`` refuses files declaring more pixels (a decompression bomb; checked on the
+    header, before decoding). An image whose longer side exceeds ``max_side`` is decoded reduced
+    by the smallest integer factor that brings it to at most ``max_side`` (``None``: never), so
+    memory stays bounded: a 9999 x 9999 PNG costs its decoder's buffer plus a 3333 x 3333 image.
+    Images within ``max_side`` decode exactly as without it."""
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -111,15 +127,15 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
         raise ImageReadError(p, "empty file")
     try:
         if dicm:
-            pixels, meta = _read_dicom(p, size, max_pixels, force=False)
+            pixels, meta = _read_dicom(p, size, max_pixels, max_side, force=False)
         else:
             try:
-                pixels, meta = _read_pil(p, size, max_pixels)
+                pixels, meta = _read_pil(p, size, max_pixels, max_side)
             except UnidentifiedImageError:
                 if suffix not in _DICOM_SUFFIXES:
                     raise ImageReadError(p, "not a recognised image format "
                                             f"(content is not {_PIL_NAMES})") from None
-                pixels, meta = _read_dicom(p, size, max_pixels, force=True)
+                pixels, meta = _read_dicom(p, size, max_pixels, max_side, force=True)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as e:
@@ -145,7 +161,39 @@ def _bomb_check(path: Path, width: int, height: int, max_pixels: int) -> None:
                                    f"pixels exceeds the limit of {max_pixels}")
 
 
-def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+def _factor(width: int, height: int, max_side: int | None) -> int:
+    """The smallest integer reduction that brings the longer side to at most ``max_side``."""
+    longer = max(width, height)
+    return 1 if max_side is None or longer <= max_side else -(-longer // max_side)
+
+
+# modes Image.reduce averages as we need; the others go strip by strip through a mode it does:
+# palette indices cannot be averaged, and alpha is dropped (reduce would weight colour by it)
+_REDUCIBLE = {"L", "RGB", "I", "F", "CMYK", "YCbCr"}
+_REDUCE_VIA = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBX": "RGB", "LA": "L", "1": "L",
+               "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    """Average ``factor`` x ``factor`` blocks (partial blocks at the edges, like Image.reduce) in
+    the image's integer type; modes that cannot be averaged as stored are converted strip by
+    strip, so no full-size copy is ever made."""
+    if factor <= 1:
+        return img
+    if img.mode in _REDUCIBLE:
+        return img.reduce(factor)
+    target = _REDUCE_VIA.get(img.mode, "RGB")
+    w, h = img.size
+    out = Image.new(target, (-(-w // factor), -(-h // factor)))
+    rows = factor * max(1, (1 << 22) // max(1, w * factor))  # strips of about 4 Mpixel, whole blocks
+    for y in range(0, h, rows):
+        strip = img.crop((0, y, w, min(h, y + rows))).convert(target).reduce(factor)
+        out.paste(strip, (0, y // factor))
+    out.info = dict(img.info)  # keep EXIF for the orientation
+    return out
+
+
+def _read_pil(path: Path, size: int, max_pixels: int, max_side: int | None = MAX_SIDE) -> tuple[np.ndarray, ImageMeta]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" etc.: not actionable
         # Our limit is ``max_pixels``, checked on the declared size below, so Pillow's global
@@ -159,12 +207,25 @@ def _read_pil(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, Image
             if fmt == "TIFF":  # 'I' and 'F' may hold 8..32-bit samples; the tag knows which
                 tag = img.tag_v2.get(258, bits)
                 bits = int(tag[0] if isinstance(tag, tuple) else tag)
+            width, height = img.size
+            factor = _factor(width, height, max_side)
+            if factor > 1 and fmt in ("JPEG", "MPO"):  # the decoder scales by 1/2, 1/4 or 1/8 itself
+                img.draft(img.mode, (-(-width // factor), -(-height // factor)))
             img.load()  # first frame only; raises on truncated data
+            reduction = 1
+            if factor > 1:
+                img = _reduce(img, _factor(*img.size, max_side))
+                reduction = -(-max(width, height) // max(img.size))  # JPEG: DCT scale x block factor
+            swap = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation turns it a quarter
             img = ImageOps.exif_transpose(img)
             pixels = _pil_to_grey(img, bits, path)
     entry = formats.by_pillow_format(fmt)
-    meta = ImageMeta(str(path), entry.name if entry else fmt, mode, pixels.shape[1],
-                     pixels.shape[0], bits, size, channels)
+    if reduction > 1:  # the source's size, after orientation
+        width, height = (height, width) if swap else (width, height)
+    else:
+        width, height = pixels.shape[1], pixels.shape[0]
+    meta = ImageMeta(str(path), entry.name if entry else fmt, mode, width, height, bits, size, channels,
+                     reduction)
     return pixels, meta
 
 
@@ -199,7 +260,22 @@ def _pil_to_grey(img: Image.Image, bits: int, path: Path) -> np.ndarray:
     return np.asarray(img.convert("RGB").convert("L"), dtype=np.float32) / 255.0
 
 
-def _read_dicom(path: Path, size: int, max_pixels: int, force: bool) -> tuple[np.ndarray, ImageMeta]:
+def _block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks of an (H, W[, C]) array, one block row at a time
+    (no full-size temporary); integers are rounded back to their type."""
+    h, w = arr.shape[:2]
+    starts = np.arange(0, w, factor)
+    widths = np.minimum(factor, w - starts).reshape((-1,) + (1,) * (arr.ndim - 2))
+    out = np.empty((-(-h // factor), len(starts)) + arr.shape[2:], dtype=np.float64)
+    for i, y in enumerate(range(0, h, factor)):
+        block = arr[y : y + factor]
+        out[i] = np.add.reduceat(block.sum(axis=0, dtype=np.float64), starts, axis=0) / (widths * len(block))
+    if np.issubdtype(arr.dtype, np.integer):
+        return np.rint(out).astype(arr.dtype)
+    return out.astype(arr.dtype)
+
+
+def _read_dicom(path: Path, size: int, max_pixels: int, max_side: int | None, force: bool) -> tuple[np.ndarray, ImageMeta]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every odd tag in real-world files
         ds = pydicom.dcmread(path, force=force)
@@ -220,11 +296,17 @@ def _read_dicom(path: Path, size: int, max_pixels: int, force: bool) -> tuple[np
                                               pydicom.uid.ExplicitVRLittleEndian if little else
                                               pydicom.uid.ExplicitVRBigEndian)
         arr = _dicom_first_frame(path, ds)
+        factor = _factor(cols, rows, max_side)
+        if factor > 1:  # before the LUTs, which work in float64 on every pixel
+            if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+                arr = np.ascontiguousarray(arr[::factor, ::factor])  # indices: pick, never average
+            else:
+                arr = _block_mean(arr, factor)
         pixels = _dicom_to_grey(ds, arr)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     meta = ImageMeta(str(path), "DICOM", photometric, cols, rows,
                      int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0), size,
-                     int(ds.get("SamplesPerPixel", 1) or 1))
+                     int(ds.get("SamplesPerPixel", 1) or 1), factor)
     return pixels, meta
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kneeosteo.data.reader import ImageMeta, ImageReadError, LoadedImage, NotAnImageError, is_candidate, read_image
+from kneeosteo.data.reader import MAX_SIDE, ImageMeta, ImageReadError, LoadedImage, NotAnImageError, is_candidate, read_image
 from kneeosteo.paths import cache_dir
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.hashing import sha256_file
@@ -108,8 +108,11 @@ def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedI
         try:
             memo = cache_dir() / "scan" / f"{sha256_file(path)}.json"
             if memo.is_file():
-                return json.loads(memo.read_text()), None
-        except (OSError, ValueError):
+                info = json.loads(memo.read_text())
+                m = info["meta"]  # a memo from before reduced decoding (no "reduction") of a big image is stale
+                if "reduction" in m or max(m["width"], m["height"]) <= MAX_SIDE:
+                    return info, None
+        except (OSError, ValueError, KeyError, TypeError):
             memo = None
     img = read_image(path)
     info = {"content_id": img.content_id, "phash": str(img.phash()), "meta": asdict(img.meta)}

@@ -23,11 +23,28 @@ def title_text(name: str) -> str:
     return printable(name).replace("$", r"\$")
 
 
+DISPLAY_SIDE = 1024  # a panel is about 400 px wide: more only costs memory (RGBA float64 per overlay)
+
+
+def _for_display(m: np.ndarray | None, factor: int) -> np.ndarray | None:
+    """Block mean of a float map for drawing only (the JSON statistics use the full map)."""
+    if m is None or factor <= 1:
+        return m
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).reduce(factor))
+
+
 def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, threshold: float) -> None:
     """Radiograph | Grad-CAM overlay | attention overlay, probability and label in the title
-    (``title`` is shown as plain text, see ``title_text``)."""
+    (``title`` is shown as plain text, see ``title_text``). Images with a side over
+    ``DISPLAY_SIDE`` are drawn from block means (the panels are far smaller anyway)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    factor = -(-max(pixels.shape) // DISPLAY_SIDE)
+    pixels = _for_display(pixels, factor)
+    gradcam, attention = _for_display(ex.gradcam, factor), _for_display(ex.attention, factor)
 
     fig = Figure(figsize=(13, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -36,13 +53,13 @@ def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, thre
         ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
         ax.set_axis_off()
     axes[0].set_title("radiograph")
-    im = axes[1].imshow(ex.gradcam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    im = axes[1].imshow(gradcam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.colorbar(im, ax=axes[1], shrink=0.8)
     note = "" if ex.gradcam_raw.max() > 0 else f"\nall zero: nothing in this layer speaks for {ex.target}"
     axes[1].set_title(f"Grad-CAM ({ex.target}, {ex.layer}){note}", fontsize=9)
-    if ex.attention is not None:
+    if attention is not None:
         # the AM's sigmoid weights often span a narrow band: scale the colours to this map
-        im = axes[2].imshow(ex.attention, cmap="jet", alpha=0.45)
+        im = axes[2].imshow(attention, cmap="jet", alpha=0.45)
         fig.colorbar(im, ax=axes[2], shrink=0.8)
         axes[2].set_title("attention module, spatial map", fontsize=9)
     else:
