@@ -126,7 +126,7 @@ def test_model_endpoint(client, tiny_run):
     assert doc["classes"] == {"negative": "normal", "positive": "osteoporosis"}
     assert doc["config"] == json.loads((tiny_run / "config.json").read_text())
     assert doc["caveat"] == DEFAULT_CAVEAT and doc["card"] is None  # a trained run has no card
-    assert doc["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 100_000_000, "workers": 2, "queue": 2}
+    assert doc["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 25_000_000, "workers": 2, "queue": 2}  # 25 MP: the service default
 
 
 def test_caveat_comes_from_the_model_card():
