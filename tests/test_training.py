@@ -319,14 +319,15 @@ def test_cache_keys_name_everything_that_shapes_the_tensors(ws, tmp_path):
     assert torch.equal(first.grey, again.grey) and torch.equal(first.features, again.features)
 
     # a change in preprocessing misses everything; in augmentation only the augmented copy
-    # (and its features); in the backbone only the features
+    # (and its features), plus one look for the augmentation's 512-px working copy (kept only
+    # when a scan decoded the image, features.prepare.precache); in the backbone only the features
     for change, misses in (
         (dict(prep=Preprocess("robust", 32)), 4 * n),
         (dict(prep=Preprocess("paper", 48)), 4 * n),
         (dict(prep=Preprocess("paper", 32, clahe=True)), 4 * n),
-        (dict(augment=AugmentParams(copies=1, rotation=5.0)), 2 * n),
-        (dict(augment=AugmentParams(copies=1, zoom=(1.0, 1.1))), 2 * n),
-        (dict(seed=1), 2 * n),
+        (dict(augment=AugmentParams(copies=1, rotation=5.0)), 3 * n),
+        (dict(augment=AugmentParams(copies=1, zoom=(1.0, 1.1))), 3 * n),
+        (dict(seed=1), 3 * n),
         (dict(backbone_id="stub:b"), 2 * n),
     ):
         _, c = run(**change)
