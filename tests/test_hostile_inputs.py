@@ -236,3 +236,95 @@ def test_a_small_file_with_huge_pixels_decodes_in_bounded_memory(tmp_path):
     assert img.pixels.shape == (3333, 3333) and img.meta.reduction == 3
     # numpy's allocations (tracemalloc sees them): a full-size float32 copy alone would be 400 MB
     assert peak < 200e6, f"{peak / 1e6:.0f} MB"
+
+
+# --------------------------------------------------------------------------- item 10: unreadable sub-folders
+
+
+@pytest.fixture
+def locked_folder(tmp_path, monkeypatch):
+    """A data set with a sub-folder that cannot be listed. Tests run as root here, where chmod 000
+    does not stop anyone, so listing it raises PermissionError as it would for another user."""
+    data = g.make_dataset(tmp_path / "data", n_per_class=3, size=32).root
+    locked = data / "normal" / "private"
+    g.png_grey8(locked / "a.png", variant=5)
+    g.png_grey8(locked / "b.png", variant=6)
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == locked:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return data, locked
+
+
+def test_unreadable_sub_folder_is_reported_by_scan_and_audit(locked_folder, tmp_path):
+    data, locked = locked_folder
+    scan = scan_dataset(data)
+    assert {"path": "normal/private", "reason": "cannot list folder (Permission denied)"} in scan.unreadable
+    assert _main(["audit", data, "--out", tmp_path / "audit"]) == 0
+    doc = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert "normal/private" in {u["path"] for u in doc["unreadable"]}
+
+
+def test_unreadable_sub_folder_is_reported_by_predicts_input_collection(locked_folder):
+    from kneeosteo.inference.inputs import collect_inputs
+
+    data, locked = locked_folder
+    files, errors = collect_inputs([data])
+    assert len(files) == 6
+    assert [(e.path, e.reason) for e in errors] == [(str(locked), "cannot list folder (Permission denied)")]
+
+
+# --------------------------------------------------------------------------- item 12: one bomb limit
+
+
+def test_bomb_message_and_readme_quote_the_one_limit(tmp_path):
+    from kneeosteo.data.reader import MAX_PIXELS
+
+    mp = f"{MAX_PIXELS / 1e6:g} megapixels"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"more than {mp}" in readme
+    for w, h in ((60000, 60000), (12000, 9000)):  # beyond Pillow's own backstop, and only beyond ours
+        with pytest.raises(ImageReadError) as exc:
+            read_image(g.bomb_png(tmp_path / f"bomb{w}.png", w, h))
+        assert f"{w * h} pixels declared, more than the limit of {mp}" in exc.value.reason, exc.value.reason
+        assert "178956970" not in exc.value.reason
+
+
+# --------------------------------------------------------------------------- item 13: the terminal
+
+
+def test_table_escapes_control_and_bidi_characters_files_keep_the_name():
+    from kneeosteo.inference.output import format_table
+    from kneeosteo.inference.predictor import Prediction, PredictionResult
+
+    names = ["a\nb.png", "\u202egnp.exe", "tab\there.png", "caf\udce9.png", "x\x1b[31mred.png"]
+    rows = [Prediction(n, "0" * 64, 0.25, "normal", 0.5, "m") for n in names]
+    table = format_table(PredictionResult(rows))
+    lines = table.split("\n")
+    assert len(lines) == 1 + len(names)
+    for bad in ("\u202e", "\t", "\udce9", "\x1b"):
+        assert bad not in table
+    for shown in ("a\\nb.png", "\\u202egnp.exe", "tab\\there.png", "caf\\xe9.png", "x\\x1b[31mred.png"):
+        assert shown in table
+    assert len({len(line.split("  ")[0]) for line in lines[1:]}) == 1  # still aligned
+    assert rows[0].path == "a\nb.png"  # the row (CSV, JSON) keeps the real name
+
+
+def test_empty_input_says_no_image_found(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _main(["predict", "--engine", "torch", tmp_path / "empty"]) == 1
+    err = capsys.readouterr().err
+    assert "no image found in the inputs" in err and "0 unreadable" not in err
+
+
+def test_out_through_a_file_says_a_part_of_the_path_is_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    img = g.png_grey8(tmp_path / "x.png")
+    assert _main(["predict", img, "--out", afile / "x.csv"]) == 1
+    err = capsys.readouterr().err
+    assert "a part of the path is a file" in err and "File exists" not in err

@@ -56,7 +56,10 @@ class Scan:
 
 
 def class_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:  # the data folder itself cannot be listed
+        raise DataError(f"{root}: {folder_error(exc)}") from exc
 
 
 def resolve_classes(root: Path, positive: str = POSITIVE_CLASS) -> list[str]:
@@ -74,15 +77,24 @@ def resolve_classes(root: Path, positive: str = POSITIVE_CLASS) -> list[str]:
     return [others[0], positive]
 
 
-def walk_files(folder: str | os.PathLike) -> list[Path]:
+def walk_files(folder: str | os.PathLike, errors: list[OSError] | None = None) -> list[Path]:
     """Every file below ``folder``, sorted per folder; hidden files and folders (.DS_Store & co)
     are skipped and symlinked folders are not followed, so link loops cannot hang us. The one
-    folder walk: the data scan and the command line's inputs both use it."""
+    folder walk: the data scan and the command line's inputs both use it.
+
+    A folder that cannot be listed (permission denied, vanished) is never skipped silently: its
+    OSError (``.filename`` names it) is appended to ``errors`` for the caller to report."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False,
+                                                onerror=None if errors is None else errors.append):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return out
+
+
+def folder_error(exc: OSError) -> str:
+    """The reason for a folder the walk could not list, as the scan and predict report it."""
+    return f"cannot list folder ({exc.strerror or exc})"
 
 
 def describe_file(path: Path, use_cache: bool = True) -> dict:
@@ -162,11 +174,17 @@ def scan_dataset(
         classes = class_folders(root)
         if not classes:
             raise DataError(f"{root}: no class folders inside")
-    jobs = [(label, f) for label in classes for f in walk_files(root / label)]
+    walk_errors: list[OSError] = []
+    jobs = [(label, f) for label in classes for f in walk_files(root / label, walk_errors)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
         results = list(pool.map(lambda job: _describe(job[1], use_cache, on_image), jobs))
     scan = Scan(root=root, classes=classes, positive=positive)
+    for exc in walk_errors:  # folders that could not be listed: their files are missing, say so
+        folder = Path(exc.filename) if exc.filename else root
+        rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+        scan.unreadable.append({"path": rel, "reason": folder_error(exc)})
+        log.warning("unreadable folder %s: %s", folder, folder_error(exc))
     for (label, f), (status, info) in zip(jobs, results):
         rel = f.relative_to(root).as_posix()
         if status == "ok":
