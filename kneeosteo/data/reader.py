@@ -8,6 +8,7 @@ The format is decided by content, not by suffix: the suffix only decides whether
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -138,8 +139,10 @@ def read_image(path, max_pixels: int = MAX_PIXELS, max_side: int | None = MAX_SI
                 pixels, meta = _read_dicom(p, size, max_pixels, max_side, force=True)
     except ImageReadError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(p, f"decompression bomb ({e})") from e
+    except Image.DecompressionBombError as e:  # Pillow's own backstop, beyond ours: same words, our limit
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ImageReadError(p, _bomb_reason(declared.group(1) if declared else "more", limit)) from e
     except MemoryError as e:
         raise ImageReadError(p, "out of memory while decoding") from e
     except Exception as e:  # decoders raise anything (OSError, SyntaxError, struct.error, ...)
@@ -155,10 +158,14 @@ def _short(e: BaseException, limit: int = 200) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
+def _bomb_reason(declared: str, limit: int) -> str:
+    """The one wording, quoting the one limit (MAX_PIXELS unless a caller passed another)."""
+    return f"decompression bomb: {declared} pixels exceeds the limit of {limit} ({limit / 1e6:g} megapixels)"
+
+
 def _bomb_check(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageReadError(path, f"decompression bomb: {width}x{height} = {width * height} "
-                                   f"pixels exceeds the limit of {max_pixels}")
+        raise ImageReadError(path, _bomb_reason(f"{width}x{height} = {width * height}", max_pixels))
 
 
 def _factor(width: int, height: int, max_side: int | None) -> int:
