@@ -7,6 +7,7 @@ from pathlib import Path
 from kneeosteo.inference.predictor import COLUMNS, PredictionResult
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.csvfile import write_csv
+from kneeosteo.utils.text import printable
 
 __all__ = ["OUTPUT_SUFFIXES", "format_table", "write_predictions"]
 
@@ -29,8 +30,11 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
 
 
 def format_table(result: PredictionResult) -> str:
-    """Aligned columns for a terminal; content ids shortened to 12 hex digits (files keep all 64)."""
-    rows = [list(COLUMNS)] + [[p.path, p.content_id[:12], f"{p.probability:.4f}", p.label, f"{p.threshold:g}",
-                               p.model] for p in result.predictions]
+    """Aligned columns for a terminal; content ids shortened to 12 hex digits (files keep all 64).
+    Names are shown through ``printable``: a newline, tab, escape sequence, bidi mark or
+    undecodable byte in a file name is escaped, so it can neither break nor reorder the table;
+    the CSV and JSON files keep the real name."""
+    rows = [list(COLUMNS)] + [[printable(p.path), p.content_id[:12], f"{p.probability:.4f}", printable(p.label),
+                               f"{p.threshold:g}", printable(p.model)] for p in result.predictions]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

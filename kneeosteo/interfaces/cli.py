@@ -275,7 +275,8 @@ def predict(
     for err in result.errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not result.predictions:
-        raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)")
+        raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)" if result.errors
+                        else "no image found in the inputs")
 
 
 @app.command()
@@ -297,7 +298,8 @@ def explain(
     for err in errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not written:
-        raise DataError(f"no image could be read ({len(errors)} unreadable, see above)")
+        raise DataError(f"no image could be read ({len(errors)} unreadable, see above)" if errors
+                        else "no image found in the inputs")
 
 
 @app.command()

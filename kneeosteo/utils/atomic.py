@@ -28,7 +28,9 @@ _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def _reason(exc: OSError) -> str:
-    if exc.errno == errno.ENOTDIR:
+    # ENOTDIR: a file in the middle of the path; EEXIST: mkdir(exist_ok=True) found a file where
+    # the folder should be (it said "File exists"): in both, a part of the path is a file
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         return "a part of the path is a file, not a folder"
     return exc.strerror or str(exc)
 
