@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -53,12 +54,20 @@ def resolve_device(name: str) -> str:
 
 
 def _cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX in the CPU flags (Linux); elsewhere trust torch's capability string."""
+    """AVX512-BF16 or AMX in the CPU flags (Linux), and PyTorch allowed to use them: capping its
+    kernels at AVX2 (``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2``, e.g. to measure
+    the path a CPU without bf16 takes) makes bf16 emulated, so ``auto`` then means fp32."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    capped = capability in ("DEFAULT", "NO AVX", "AVX2") or \
+        bool(isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "DEFAULT")))
+    if capped:
+        return False
     try:
         flags = open("/proc/cpuinfo").read()
         return " avx512_bf16" in flags or " amx_bf16" in flags
     except OSError:
-        return "AMX" in torch.backends.cpu.get_cpu_capability()
+        return "AMX" in capability
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
@@ -332,6 +341,7 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and s.run.state_file.exists():
         state = _load_state(s.run, s.model, optimizer)
+        state["best_val_loss"] = float("inf")  # MUTATION
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
     batches = {k: Batches(v, s.prep, online if k == "train" else None) for k, v in s.parts.items()}
