@@ -341,7 +341,6 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and s.run.state_file.exists():
         state = _load_state(s.run, s.model, optimizer)
-        state["best_val_loss"] = float("inf")  # MUTATION
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
     batches = {k: Batches(v, s.prep, online if k == "train" else None) for k, v in s.parts.items()}
