@@ -434,6 +434,64 @@ def test_resume_after_a_crash_through_the_cli(ws, runs, tmp_path, monkeypatch):
     assert (out / "predictions.csv").read_text() == (a / "predictions.csv").read_text()
 
 
+REAL_RUN_EPOCH = trainer.run_epoch
+
+
+def _scripted_val_losses(monkeypatch, losses: dict[int, float], snapshots: dict[int, dict], crash_in: int | None = None):
+    """run_epoch with the real training step, validation loss ``losses[epoch]`` (parsed from the
+    epoch's description), the model's trainable state recorded after each epoch in ``snapshots``,
+    and a crash in the training pass of epoch ``crash_in``."""
+    real = REAL_RUN_EPOCH
+
+    def scripted(model, batches, cfg, device, amp, optimizer=None, generator=None, desc="", **kw):
+        epoch = int(desc.split()[1])
+        if optimizer is not None:
+            if epoch == crash_in:
+                raise RuntimeError("simulated crash")
+            return real(model, batches, cfg, device, amp, optimizer, generator, desc, **kw)
+        _, acc, probs = real(model, batches, cfg, device, amp, desc=desc)
+        snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        return losses[epoch], acc, probs
+
+    monkeypatch.setattr(trainer, "run_epoch", scripted)
+
+
+def test_resume_restores_the_early_stopping_state(ws, tmp_path, monkeypatch):
+    """Patience 2; validation loss best at epoch 2, worse at 3 (crash during epoch 4), worse at 4:
+    an uninterrupted run stops after epoch 4 with epoch 2's weights, and so must the resumed one.
+    A resume that forgot best_val_loss would call epoch 4 an improvement, one that forgot the
+    bad-epoch count would go on to epoch 5 (and its better loss), one that forgot best_epoch
+    would record 0; each changes the history, the record or the saved weights."""
+    losses = {1: 0.9, 2: 0.7, 3: 0.8, 4: 0.75, 5: 0.5, 6: 0.4, 7: 0.3, 8: 0.2}
+    kw = dict(augment="none", epochs=8, patience=2)
+    whole: dict[int, dict] = {}
+    _scripted_val_losses(monkeypatch, losses, whole)
+    ref = train(make_cfg(ws, tmp_path / "whole", **kw), console=quiet).run.path
+
+    parts: dict[int, dict] = {}
+    out = tmp_path / "resumed"
+    _scripted_val_losses(monkeypatch, losses, parts, crash_in=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_cfg(ws, out, **kw), console=quiet)
+    assert len(history(out)) == 3 and RunDir(out).config.record.get("best_epoch") is None
+    _scripted_val_losses(monkeypatch, losses, parts)
+    logs = []
+    result = train(make_cfg(ws, out, **kw), resume=True, console=logs.append)
+    assert "resuming after epoch 3" in logs
+
+    rows = history(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # stopped by patience, as uninterrupted
+    assert history(out) == history(ref)
+    record, want = RunDir(out).config.record, RunDir(ref).config.record
+    assert (record["best_epoch"], record["epochs_run"]) == (want["best_epoch"], want["epochs_run"]) == (2, 4)
+    # the saved model is epoch 2's (trained before the crash), the same as the uninterrupted run's
+    for model in (RunDir(out).load_model(), result.model):
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in parts[2].items())
+        assert all(torch.equal(state[k], v) for k, v in whole[2].items())
+        assert not all(torch.equal(state[k], v) for k, v in parts[4].items())
+
+
 def test_resume_keeps_the_fold_of_a_kfold_split(ws, tmp_path, monkeypatch):
     doc = make_split(scan_dataset(ws.data), "kfold", seed=0, folds=4, val_fraction=0.25)
     write_split(doc, tmp_path / "folds.json")
