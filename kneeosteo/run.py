@@ -38,24 +38,27 @@ __all__ = ["RUN_FILES", "ModelInfo", "RunConfig", "RunDir"]
 FORMAT = "kneeosteo-run"
 FORMAT_VERSION = 2
 
-# Every file a run folder may hold, with what it is: the README's table is this one.
+# Every file a run folder may hold, with what it is; the README's table is this one (a test checks).
 RUN_FILES = {
-    "config.json": "settings, identity (preprocessing, classes, threshold, architecture), weights sha256, record",
-    "model.safetensors": "the best epoch's weights (AM + head; a frozen pretrained backbone is rebuilt from its verified file)",
+    "config.json": "`identity` (what changes a prediction: architecture, preprocessing, class names, threshold), "
+                   "`settings` (every training setting as asked), `record` (split sizes, backbone weights' source "
+                   "and sha256, precision, environment, best epoch), the sha256 of `model.safetensors`",
+    "model.safetensors": "the best epoch's weights (AM + head; a frozen pretrained backbone is rebuilt from its "
+                         "verified weights file, not duplicated), with the identity in its metadata",
     "split.json": "the split used",
-    "history.csv": "per epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds",
-    "metrics.json": "test metrics with intervals",
-    "predictions.csv": "path, label, probability, prediction per test image",
-    "accuracy.png": "training curves (the paper's Fig. 3)",
-    "loss.png": "training curves (the paper's Fig. 4)",
-    "confusion_matrix.png": "the paper's Fig. 5",
-    "roc.png": "ROC curve",
-    "checkpoint/": "last epoch's state for --resume",
-    "evaluations/NAME/": "scores on other data sets (`evaluate RUN DATA`)",
-    "MODEL_CARD.md": "the bundled model's card",
-    # no model.onnx: an export found in a run folder is never trusted (it could have been planted);
-    # exports live in the cache, keyed by the weights' sha256, with their own sha256 beside them
+    "history.csv": "per epoch: `epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds`",
+    "metrics.json": "test metrics with intervals (see `evaluate`)",
+    "predictions.csv": "`path,label,probability,prediction` per test image, path relative to DATA",
+    "accuracy.png": "training and validation accuracy per epoch (the paper's Fig. 3)",
+    "loss.png": "training and validation loss per epoch (the paper's Fig. 4)",
+    "confusion_matrix.png": "the test confusion matrix (the paper's Fig. 5)",
+    "roc.png": "the test ROC curve with its AUC",
+    "checkpoint/": "last epoch's state for `--resume` (one atomic safetensors file, and a readable state.json)",
+    "evaluations/NAME/": "scores on another data set or split (`evaluate RUN DATA`)",
+    "MODEL_CARD.md": "the bundled model's card (`scripts/bundle_default_model.py`)",
 }
+# No model.onnx: an export found in a run folder is never trusted (it could have been planted);
+# exports live in the cache, keyed by the weights' sha256, with their own sha256 beside them.
 
 
 @dataclass(frozen=True)

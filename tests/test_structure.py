@@ -260,3 +260,14 @@ def test_adding_a_backbone_is_one_registry_entry(monkeypatch):
     assert model.feature_dim == 8 and not info.pretrained
     assert model(images=torch.randn(2, 3, 32, 32)).shape == (2,)
     assert gradcam_layer(model)[0] == "backbone.0"
+
+
+def test_the_readme_lists_exactly_the_run_folder_files():
+    """One table of what a run folder holds (``kneeosteo.run.RUN_FILES``); the README shows it."""
+    from kneeosteo.run import RUN_FILES
+
+    readme = (PKG.parent / "README.md").read_text()
+    table = readme[readme.index("RUN holds:"):].split("\n\n")[1]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in table.splitlines()[2:]}
+    assert rows == RUN_FILES
