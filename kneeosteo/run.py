@@ -29,6 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kneeosteo import __version__
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.errors import CheckpointError
 from kneeosteo.utils.atomic import write_json
@@ -287,9 +290,6 @@ class RunDir:
         ident = identity(preprocess, classes, threshold)
         _checked(ident, self.weights_file)
         sha = save_weights(model, self.weights_file, ident)
-        from kneeosteo import __version__
-        import torch
-
         write_json(self.config_file, {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "weights_file": self.weights_file.name, "weights_sha256": sha,
