@@ -1,0 +1,244 @@
+"""Does an input look like the knee radiographs the model was trained on? (out-of-distribution)
+
+Two parts, both cheap at prediction time:
+
+1. **Feature distance.** Fitted on in-domain feature vectors (the frozen backbone's pooled
+   features of the training images). Features are standardised per dimension, then either
+   - ``mahalanobis``: distance to the training mean under a Ledoit-Wolf shrinkage covariance
+     (:class:`sklearn.covariance.LedoitWolf`; shrinkage keeps the inverse stable when there are
+     fewer images than dimensions, as with 1664 DenseNet features and ~250 training images), or
+   - ``knn``: mean Euclidean distance to the ``k`` nearest training vectors
+     (:class:`sklearn.neighbors.NearestNeighbors`).
+   The ``domain_score`` is that distance: higher is further from the training images.
+
+2. **Pixel checks** on the canonical greyscale image in [0, 1] (and the RGB original if there
+   was one): blank or uniform (standard deviation below ``min_std``), too few grey levels (a
+   document, a binary mask: fewer than ``min_grey_levels`` distinct 8-bit levels), colour
+   (mean HSV saturation of the RGB above ``max_saturation``; a radiograph saved as RGB has
+   none), implausible shape (longer side over shorter above ``max_aspect``).
+
+The threshold is the ``acceptance`` quantile (default 0.95) of distances of *held-out*
+in-domain vectors: given ones, or else out-of-fold distances on the training vectors (each
+fold scored by a model fitted without it). Distances of the vectors a model was fitted on are
+optimistically small, markedly so in high dimensions, and a threshold taken from them would
+reject far more than 5% of new in-domain images.
+
+An input is in domain when its distance is at most the threshold and no pixel check fails.
+``to_state`` gives plain numpy arrays (for safetensors) and a JSON dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve, solve_triangular
+from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage
+from sklearn.model_selection import KFold
+from sklearn.neighbors import NearestNeighbors
+
+from kneeosteo.errors import ConfigError, DataError
+
+__all__ = ["METHODS", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
+
+METHODS = ("mahalanobis", "knn")
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    min_std: float = 0.02
+    min_grey_levels: int = 32
+    max_saturation: float = 0.15
+    max_aspect: float = 3.0
+
+
+def pixel_problems(pixels=None, rgb=None, limits: PixelLimits = PixelLimits()) -> list[str]:
+    """Reasons (short phrases) why an image cannot be an in-domain radiograph; [] if none.
+
+    ``pixels``: the canonical greyscale image, 2-D floats in [0, 1]; ``rgb``: the original
+    colour image (H, W, 3), integers or floats in [0, 1], when the file had colour."""
+    problems = []
+    if pixels is not None:
+        g = np.asarray(pixels, dtype=np.float64)
+        if g.ndim != 2 or g.size == 0:
+            raise DataError(f"pixel check: expected a 2-D greyscale image, got shape {g.shape}")
+        if not np.all(np.isfinite(g)):
+            return ["pixel values are not finite"]
+        if float(g.std()) < limits.min_std:
+            problems.append(f"blank or uniform image (grey-level spread {g.std():.3f} < {limits.min_std})")
+        else:
+            levels = np.unique(np.clip(np.rint(g * 255), 0, 255)).size
+            if levels < limits.min_grey_levels:
+                problems.append(f"too few grey levels ({levels} < {limits.min_grey_levels})")
+        h, w = g.shape
+        aspect = max(h, w) / min(h, w)
+        if aspect > limits.max_aspect:
+            problems.append(f"implausible aspect ratio ({aspect:.2f} > {limits.max_aspect})")
+    if rgb is not None:
+        c = np.asarray(rgb)
+        if c.ndim != 3 or c.shape[2] < 3:
+            raise DataError(f"pixel check: expected an (H, W, 3) colour image, got shape {c.shape}")
+        c = c[..., :3].astype(np.float64)
+        if np.issubdtype(np.asarray(rgb).dtype, np.integer):
+            c /= np.iinfo(np.asarray(rgb).dtype).max
+        hi, lo = c.max(axis=2), c.min(axis=2)
+        sat = np.where(hi > 0, (hi - lo) / np.where(hi > 0, hi, 1), 0.0)
+        if float(sat.mean()) > limits.max_saturation:
+            problems.append(f"colour image (mean saturation {sat.mean():.2f} > {limits.max_saturation})")
+    return problems
+
+
+def _shrunk_inverse(z: np.ndarray) -> dict[str, np.ndarray]:
+    """The inverse of the Ledoit-Wolf covariance of standardised, centred ``z`` (n, d), in the
+    cheaper of two exact forms.
+
+    Ledoit-Wolf's estimate is ``C = (1 - s) * z'z / n + s * mu * I`` (``mu`` the mean variance).
+    With more images than features its inverse is stored as the (d, d) ``precision``; with fewer
+    (the usual case: ~250 images, 1280-1664 features) the Woodbury identity gives
+    ``x' C^-1 x = (|x|^2 - b |W x|^2) / a`` with ``a = s * mu``, ``b = (1 - s) / n`` and
+    ``W = L^-1 z`` (``L L' = a I + b z z'``, n by n), so only the (n, d) ``factor`` is stored
+    and no d by d matrix is ever inverted."""
+    n, d = z.shape
+    if n > d:
+        cov = LedoitWolf(assume_centered=True, store_precision=False).fit(z).covariance_
+        return {"precision": cho_solve(cho_factor(cov), np.eye(d))}
+    mu = float((z * z).sum() / (n * d))
+    if mu <= 0:
+        raise DataError("domain check: every feature is constant across the in-domain images")
+    s = max(float(ledoit_wolf_shrinkage(z, assume_centered=True)), 1e-6)
+    a, b = s * mu, (1 - s) / n
+    lower = np.linalg.cholesky(a * np.eye(n) + b * (z @ z.T))
+    return {"factor": solve_triangular(lower, z, lower=True), "coef": np.array([a, b])}
+
+
+@dataclass(frozen=True)
+class DomainVerdict:
+    """One image's domain check: ``score`` (feature distance), ``threshold``, ``ok`` and the
+    ``reasons`` it failed (distance above threshold and/or pixel problems)."""
+
+    score: float
+    threshold: float
+    ok: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+class DomainCheck:
+    def __init__(self, method: str = "mahalanobis", acceptance: float = 0.95, k: int = 5,
+                 pixel_limits: PixelLimits = PixelLimits()):
+        if method not in METHODS:
+            raise ConfigError(f"domain-check method {method!r} is not one of: {', '.join(METHODS)}")
+        if not 0 < acceptance < 1:
+            raise ConfigError(f"domain-check acceptance must lie in (0, 1), such as 0.95; got {acceptance!r}")
+        if int(k) < 1:
+            raise ConfigError(f"domain-check k must be at least 1, got {k}")
+        self.method, self.acceptance, self.k = method, float(acceptance), int(k)
+        self.pixel_limits = pixel_limits
+        self.threshold: float | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+        self._nn: NearestNeighbors | None = None
+
+    # -- fitting -----------------------------------------------------------------------------
+    @staticmethod
+    def _features(x, name: str = "features") -> np.ndarray:
+        a = np.asarray(x, dtype=np.float64)
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[0] == 0:
+            raise DataError(f"{name}: expected (n_images, n_features), got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise DataError(f"{name}: feature values are not finite")
+        return a
+
+    def _fit_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        mean = x.mean(axis=0)
+        scale = x.std(axis=0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        z = (x - mean) / scale
+        if self.method == "mahalanobis":
+            return {"mean": mean, "scale": scale, **_shrunk_inverse(z)}
+        if x.shape[0] <= self.k:
+            raise DataError(f"domain check: kNN with k={self.k} needs more than {self.k} in-domain images")
+        return {"mean": mean, "scale": scale, "reference": z}
+
+    def _distance(self, arrays: dict[str, np.ndarray], x: np.ndarray, nn: NearestNeighbors | None = None) -> np.ndarray:
+        if x.shape[1] != arrays["mean"].size:
+            raise DataError(f"domain check: {x.shape[1]} features given, fitted on {arrays['mean'].size}")
+        z = (x - arrays["mean"]) / arrays["scale"]
+        if self.method == "mahalanobis":
+            if "precision" in arrays:
+                d2 = ((z @ arrays["precision"]) * z).sum(axis=1)
+            else:  # Woodbury form: (|z|^2 - b |W z|^2) / a
+                a, b = arrays["coef"]
+                d2 = ((z * z).sum(axis=1) - b * ((z @ arrays["factor"].T) ** 2).sum(axis=1)) / a
+            return np.sqrt(np.maximum(d2, 0.0))
+        nn = nn or NearestNeighbors(n_neighbors=self.k).fit(arrays["reference"])
+        return nn.kneighbors(z, n_neighbors=self.k)[0].mean(axis=1)
+
+    def fit(self, features, heldout_features=None, folds: int = 5, seed: int = 0) -> "DomainCheck":
+        """Fit on in-domain ``features``; set the threshold on ``heldout_features`` if given,
+        else on out-of-fold distances of ``features`` (``folds``-fold, shuffled by ``seed``)."""
+        x = self._features(features)
+        if heldout_features is not None:
+            scores = self._distance(self._fit_arrays(x), self._features(heldout_features, "held-out features"))
+        else:
+            if x.shape[0] < 2 * folds:
+                raise DataError(f"domain check: {x.shape[0]} in-domain images are too few for "
+                                f"{folds}-fold threshold setting; give held-out features")
+            scores = np.empty(x.shape[0])
+            for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+                scores[test] = self._distance(self._fit_arrays(x[train]), x[test])
+        self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        self._set_arrays(self._fit_arrays(x))
+        return self
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        # C order, float64: what safetensors gives back, so a reloaded check scores bit for bit alike
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
+        self._arrays = arrays
+        self._nn = NearestNeighbors(n_neighbors=self.k).fit(arrays["reference"]) if self.method == "knn" else None
+
+    # -- scoring -----------------------------------------------------------------------------
+    def distance(self, features) -> np.ndarray:
+        """Domain scores (distances) of a batch of feature vectors."""
+        if self.threshold is None:
+            raise DataError("the domain check has not been fitted (call fit first)")
+        return self._distance(self._arrays, self._features(features), self._nn)
+
+    def assess(self, features, pixels=None, rgb=None) -> DomainVerdict:
+        """The verdict for one image (one feature vector, optionally its pixels)."""
+        x = self._features(features)
+        if x.shape[0] != 1:
+            raise DataError(f"domain check: assess takes one image's features, got {x.shape[0]}")
+        score = float(self.distance(x)[0])
+        reasons = pixel_problems(pixels, rgb, self.pixel_limits)
+        if score > self.threshold:
+            reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {self.threshold:.3g})")
+        return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))
+
+    def score(self, features, pixels=None, rgb=None) -> tuple[float, bool]:
+        """``(domain_score, ok)`` for one image."""
+        v = self.assess(features, pixels, rgb)
+        return v.score, v.ok
+
+    # -- storage -----------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """``(tensors, meta)``: float64 arrays for safetensors and a JSON-able dict."""
+        if self.threshold is None:
+            raise DataError("the domain check has not been fitted (call fit first)")
+        meta = {"method": self.method, "acceptance": self.acceptance, "k": self.k, "threshold": self.threshold,
+                "n_features": int(self._arrays["mean"].size), "pixel_limits": asdict(self.pixel_limits)}
+        return {k: v.copy() for k, v in self._arrays.items()}, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict, meta: dict) -> "DomainCheck":
+        dc = cls(meta["method"], meta["acceptance"], meta["k"], PixelLimits(**meta.get("pixel_limits", {})))
+        if dc.method == "knn":
+            needed = ("mean", "scale", "reference")
+        else:
+            needed = ("mean", "scale", "precision") if "precision" in tensors else ("mean", "scale", "factor", "coef")
+        missing = [n for n in needed if n not in tensors]
+        if missing:
+            raise DataError(f"domain-check state lacks {', '.join(missing)}")
+        dc._set_arrays({n: tensors[n] for n in needed})
+        dc.threshold = float(meta["threshold"])
+        return dc

@@ -1,0 +1,71 @@
+"""What one prediction carries (issue 15), and the function that assembles it.
+
+Field names are the interfaces' contract (CLI CSV/JSON, API JSON, web page, explain JSON):
+
+- ``status``: ``out_of_domain`` when the domain check fails; else ``uncertain`` when the
+  conformal set is not a single class; else ``ok``;
+- ``probability``: the calibrated probability of the positive class; ``raw_probability`` the
+  model's own ``sigmoid(logit)``;
+- ``label``: the class at the operating threshold (``probability >= threshold`` is positive),
+  given for ``ok`` and ``uncertain``, empty when ``out_of_domain``;
+- ``prediction_set``: the conformal set (one class, both, or at low coverage none); empty when
+  ``out_of_domain``, since the coverage guarantee holds only for in-domain images;
+- ``domain_score`` and ``domain_threshold``: the feature distance and the threshold it was
+  held to (higher is further from the training images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kneeosteo.errors import DataError
+
+from .calibration import sigmoid
+from .conformal import CLASS_NAMES
+
+__all__ = ["STATUSES", "TrustedPrediction", "trusted_prediction"]
+
+STATUSES = ("ok", "uncertain", "out_of_domain")
+
+
+@dataclass(frozen=True)
+class TrustedPrediction:
+    status: str
+    probability: float
+    raw_probability: float
+    label: str
+    prediction_set: tuple[str, ...]
+    domain_score: float
+    domain_threshold: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``prediction_set`` as a list."""
+        return {"status": self.status, "probability": self.probability, "raw_probability": self.raw_probability,
+                "label": self.label, "prediction_set": list(self.prediction_set),
+                "domain_score": self.domain_score, "domain_threshold": self.domain_threshold}
+
+
+def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal, domain_score: float,
+                       domain_threshold: float, in_domain: bool,
+                       class_names: tuple[str, str] = CLASS_NAMES) -> TrustedPrediction:
+    """Combine one image's raw ``logit`` with the fitted pieces.
+
+    ``calibrator``: a fitted :class:`~.calibration.TemperatureScaler` or ``PlattScaler``;
+    ``threshold``: the operating threshold on the calibrated probability; ``conformal``: a
+    fitted :class:`~.conformal.ConformalClassifier` (calibrated on calibrated probabilities);
+    ``domain_score``/``domain_threshold``/``in_domain``: the domain check's verdict (for
+    instance ``DomainCheck.assess``'s ``score``, ``threshold`` and ``ok``)."""
+    z = float(np.asarray(logit, dtype=np.float64).reshape(-1)[0]) if np.ndim(logit) else float(logit)
+    if not np.isfinite(z):
+        raise DataError("the model's logit is not finite")
+    raw = float(sigmoid(z))
+    prob = float(calibrator.transform(np.array([z]))[0])
+    if not in_domain:
+        status, label, pset = "out_of_domain", "", ()
+    else:
+        pset = conformal.predict(np.array([prob]))[0]
+        status = "ok" if len(pset) == 1 else "uncertain"
+        label = class_names[1] if prob >= threshold else class_names[0]
+    return TrustedPrediction(status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold))
