@@ -1,8 +1,8 @@
 """The page in a real browser: Debian's Chromium driven by Playwright over a loopback server.
 
-Skips where /usr/bin/chromium or the playwright package is missing (CI installs both; see
-.ci/run). Playwright's own browser download (`playwright install`) is never used. With
-KNEEOSTEO_UPDATE_SCREENSHOT=1 the screenshot also replaces docs/screenshot.png (made with the
+Skips where /usr/bin/chromium or the playwright package is missing, and fails instead under
+CI=true (.ci/run installs both; conftest.require). Playwright's own browser download
+(`playwright install`) is never used. With KNEEOSTEO_UPDATE_SCREENSHOT=1 the screenshot also replaces docs/screenshot.png (made with the
 bundled model when there is one)."""
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the "
-                "browser test", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                               "(pip install playwright; its browser download is not needed)")
+require(CHROMIUM.is_file(), f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run "
+        "the browser test", module=True)
+sync_api = None
+try:
+    from playwright import sync_api
+except ImportError:
+    require(False, "the playwright package is not installed (pip install playwright; its browser download "
+            "is not needed)", module=True)
 
 import imagegen as g  # noqa: E402
 from kneeosteo.errors import CheckpointError  # noqa: E402
 from kneeosteo.run import RunDir  # noqa: E402
 from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app, serve_in_thread  # noqa: E402
-from test_web import train_tiny_run  # noqa: E402  (the session's shared tiny run)
 
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -42,9 +46,9 @@ def _bundled_run_dir() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
+def base_url(tiny):
     bundled = _bundled_run_dir() if UPDATE else None
-    run = bundled if bundled is not None else train_tiny_run(tmp_path_factory)
+    run = bundled if bundled is not None else tiny.run  # the session's tiny run (conftest.tiny)
     with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=2))) as url:
         yield url
 

@@ -1,7 +1,6 @@
 """`kneeosteo serve`: every endpoint and every error code through FastAPI's test client, the
 bounded pool's 503, upload hygiene (temporary files only, client paths never opened), the
-`serve` command, and a small loopback load test. One tiny run (64x64, one epoch) is shared with
-tests/test_browser.py."""
+`serve` command, and a small loopback load test, on the session's tiny run (conftest.tiny)."""
 
 from __future__ import annotations
 
@@ -20,8 +19,6 @@ from PIL import Image
 
 import imagegen as g
 from kneeosteo.data.reader import read_image
-from kneeosteo.data.scan import scan_dataset
-from kneeosteo.data.split import make_split, write_split
 from types import SimpleNamespace
 
 from kneeosteo import run as run_mod
@@ -32,42 +29,43 @@ from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app
 from kneeosteo.interfaces.web import uploads
 from kneeosteo.interfaces.web.app import card_caveat
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
-from kneeosteo.config import TrainConfig
-from kneeosteo.experiments.pipeline import train_and_score
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 LIMIT = 200_000  # bytes: small, so 413 is cheap to provoke
 
 
-def train_tiny_run(tmp_path_factory) -> Path:
-    """The session's tiny run, trained once and reused by every module that asks (the web and
-    the browser tests), as tests/test_inference.py trains its own."""
-    root = tmp_path_factory.getbasetemp() / "web-model"
-    run = root / "run"
-    if (root / "ready").is_file():
-        return run
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
-        write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-        train_and_score(TrainConfig(data=str(data), out=str(run), split=str(root / "split.json"),
-                                    backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
-                                    image_size=SIZE, device="cpu"), console=lambda *a: None)
-    (root / "ready").write_text("ok")
-    return run
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    return train_tiny_run(tmp_path_factory)
+@pytest.fixture(scope="module")
+def tiny_run(tiny) -> Path:
+    """The session's tiny trained run (conftest.tiny), shared with test_inference and test_browser."""
+    return tiny.run
 
 
 @pytest.fixture(scope="module")
-def app(tiny_run):
+def module_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web-cache")
+
+
+@pytest.fixture(autouse=True)
+def _module_cache(_isolated_cache, module_cache, monkeypatch):
+    """The module's own cache for every test (after conftest's per-test one), so the tiny run's
+    ONNX export the library side of a comparison needs is made once, not once per test."""
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(module_cache))
+
+
+@pytest.fixture(scope="module")
+def cache_at_module_setup():
+    """Where a module-scoped fixture (set up before any per-test fixture) would cache things."""
+    from kneeosteo.paths import cache_dir
+
+    return cache_dir()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_run, cache_at_module_setup):
     return create_app(WebSettings(run=tiny_run, workers=2, queue=2, max_upload_bytes=LIMIT))
 
 
@@ -117,6 +115,20 @@ def test_healthz(client, tiny_run):
     r = client.get("/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "model_id": RunDir(tiny_run).info.model_id, "busy": 0, "capacity": 4}
+
+
+def test_module_fixtures_never_touch_the_users_cache(app, cache_at_module_setup, tmp_path_factory):
+    """The app above was created (and exported its ONNX) in a module-scoped fixture, which runs
+    before any per-test fixture: conftest's session-scoped cache must already be in place, or
+    the export lands in (and a stale one is read from) the user's ~/.cache/kneeosteo."""
+    from kneeosteo.inference.export import cached_onnx_path
+
+    base = tmp_path_factory.getbasetemp().resolve()
+    assert cache_at_module_setup.resolve().is_relative_to(base), cache_at_module_setup
+    with pytest.MonkeyPatch.context() as mp:  # the app's export, where the module setup put it
+        mp.setenv("KNEEOSTEO_CACHE", str(cache_at_module_setup))
+        assert app.state.service.predictor.engine == "onnxruntime"  # the default engine exported it
+        assert cached_onnx_path(app.state.service.info).is_file()
 
 
 def test_model_endpoint(client, tiny_run):
