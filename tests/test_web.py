@@ -253,13 +253,36 @@ def test_too_large_is_413(client):
     # the file alone is over the limit, the request is not (multipart slack): counted while copied
     r = client.post("/api/predict", files={"file": ("big.png", over)})
     assert r.status_code == 413 and "the limit is 0.2 MB" in r.json()["detail"]
-    # a request declared far too large is refused from its Content-Length, before its body
-    r = client.post("/api/explain", files={"file": ("big.png", over * 2)})
-    assert r.status_code == 413
-    # chunked, with no Content-Length: refused once the counted bytes pass the limit
-    chunks = (bytes(10_000) for _ in range(40))
-    r = client.post("/api/predict", content=chunks, headers={"content-type": "multipart/form-data; boundary=x"})
+    assert "connection" not in r.headers  # not the Content-Length path (which closes)
+
+
+def _body(sent: list, chunks: int = 40, size: int = 10_000):
+    """A request body that records how many of its chunks the server asked for."""
+    for i in range(chunks):
+        sent.append(i)
+        yield bytes(size)
+
+
+def test_413_from_content_length_reads_no_body(client):
+    """A request declared far too large is refused from its Content-Length header alone: the
+    middleware answers before reading one chunk of the body, and closes the connection."""
+    sent: list = []
+    r = client.post("/api/explain", content=_body(sent), headers={
+        "content-type": "multipart/form-data; boundary=x", "content-length": str(40 * 10_000)})
+    assert r.status_code == 413 and "the limit is 0.2 MB" in r.json()["detail"]
+    assert r.headers.get("connection") == "close"
+    assert sent == []  # refused before the body
+
+
+def test_413_while_streaming_without_content_length(client):
+    """Chunked, with no Content-Length: refused by counting the bytes as they arrive (the test
+    client hands the app the whole body, so how far it got is not observable here; which path
+    answered is: the Content-Length refusal closes the connection, the counted one does not)."""
+    sent: list = []
+    r = client.post("/api/predict", content=_body(sent), headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413 and "content-length" not in r.request.headers
+    assert "the limit is 0.2 MB" in r.json()["detail"]
+    assert r.headers.get("connection") != "close" and sent  # the body was read: counted, not declared
 
 
 def test_client_file_names_are_never_opened(client, files):
