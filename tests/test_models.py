@@ -79,9 +79,46 @@ def test_attention_module_shapes_and_maps():
     assert maps["channel"].requires_grad and maps["spatial"].requires_grad
     torch.testing.assert_close(maps["channel"].detach(), ch)
     torch.testing.assert_close(maps["spatial"].detach(), sp)
-    # the maps must actually modulate the features: a different spatial map changes the output
+    # a different input gives different maps
     assert am(_images(seed=1)).shape == (2, 128)
     assert not torch.equal(am.last_spatial_map, sp)
+
+
+@pytest.mark.parametrize("which", ["channel_attention", "spatial_attention"])
+def test_attention_maps_modulate_the_features(which, monkeypatch):
+    """Each map must multiply the features: the same module with that map forced to all ones (no
+    attention) gives another output, and one that keeps only half of the map's positions
+    (channels or pixels) gives the output of features masked the same way."""
+    torch.manual_seed(0)
+    am = AttentionModule().eval()
+    x = _images()
+    with torch.no_grad():
+        out = am(x)
+        block = getattr(am, which)
+        real = block.attention_map
+        monkeypatch.setattr(block, "attention_map", lambda h: torch.ones_like(real(h)))
+        flat = am(x)
+        assert (out - flat).abs().max() > 1e-3, "the map does not change the output"
+
+        def half(h):
+            m = real(h).clone()
+            if which == "channel_attention":
+                m[:, m.shape[1] // 2:] = 0  # (B, C, 1, 1): drop the second half of the channels
+            else:
+                m[..., m.shape[-1] // 2:] = 0  # (B, 1, h, w): drop the right half of the map
+            return m
+
+        monkeypatch.setattr(block, "attention_map", half)
+        masked = am(x)
+        monkeypatch.undo()
+        # by hand: the features through the (masked) maps, pooled, through the dense layer
+        h = am.features(x)
+        ch = half(h) if which == "channel_attention" else am.channel_attention.attention_map(h)
+        h = h * ch
+        sp = half(h) if which == "spatial_attention" else am.spatial_attention.attention_map(h)
+        want = torch.relu(am.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h * sp, 1), 1)))
+    torch.testing.assert_close(masked, want)
+    assert (masked - out).abs().max() > 1e-3
 
 
 def test_attention_blocks_follow_cbam():
