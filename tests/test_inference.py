@@ -1,5 +1,6 @@
 """Using a trained model: `predict` (torch and ONNX Runtime), `explain`, `export`, the bundled
-default model. One tiny run (64x64, one epoch) is trained per module and shared."""
+default model (its card's figures and its ONNX export on KOP). The session's tiny run
+(conftest.tiny) is used throughout, exported to ONNX once for the module."""
 
 from __future__ import annotations
 
@@ -17,16 +18,13 @@ import torch
 import imagegen as g
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import read_image
-from kneeosteo.data.scan import scan_dataset
-from kneeosteo.data.split import make_split, write_split
 from kneeosteo import run as run_mod
 from kneeosteo.errors import CheckpointError
 from kneeosteo.inference import COLUMNS, Explainer, ModelInfo, OnnxModel, Predictor, RunDir, collect_inputs
 from kneeosteo.inference.explain import to_image_shape
 from kneeosteo.interfaces.cli import main
 from kneeosteo.models import build_model
-from kneeosteo.config import TrainConfig
-from kneeosteo.experiments.pipeline import train_and_score
+from conftest import require
 
 SIZE = 64
 GOOD = ("a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/e.png", "folder/nested/f.png")
@@ -42,17 +40,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, one_thread):
-    """A trained run, its ONNX export (via the CLI) and a folder of good and bad images."""
+def module_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("inference-cache")
+
+
+@pytest.fixture(autouse=True)
+def _module_cache(_isolated_cache, module_cache, monkeypatch):
+    """One cache for the module (after conftest's per-test one): the run's ONNX export is made
+    once and reused by every test that asks for the default engine. Tests about the cache itself
+    set their own."""
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(module_cache))
+
+
+@pytest.fixture(scope="module")
+def ws(tiny, tmp_path_factory, one_thread):
+    """The session's tiny trained run, its ONNX export (via the CLI) and a folder of good and bad images."""
     root = tmp_path_factory.mktemp("inference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        data = g.make_dataset(root / "data", n_per_class=10, size=SIZE).root
-        write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-        run = train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
-                                backbone="efficientnet_lite0", epochs=1, copies=1, batch_size=8,
-                                image_size=SIZE, device="cpu"), console=lambda *a: None)
-        assert _main(["export", "--run", run, "--out", root / "model.onnx"]) == 0
+    run = tiny.run
+    assert _main(["export", "--run", run, "--out", root / "model.onnx"]) == 0
     im = root / "images"
     g.png_grey8(im / "a.png", variant=0)
     g.png_grey16(im / "b16.png", variant=1)
@@ -122,7 +127,8 @@ def test_cli_predict_csv_json_table_and_exit_codes(ws, torch_result, tmp_path, c
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == COLUMNS and len(rows) == len(GOOD)
     for r in rows:
-        assert abs(float(r["probability"]) - want[r["path"]].probability) < 1e-6
+        # the CLI's default engine is ONNX Runtime (1e-6 from torch here), the CSV keeps 6 decimals
+        assert abs(float(r["probability"]) - want[r["path"]].probability) < 1e-5
         assert r["content_id"] == want[r["path"]].content_id and r["label"] == want[r["path"]].label
 
     assert _main(args + ["--out", tmp_path / "p.json"]) == 0
@@ -209,21 +215,31 @@ def test_cli_explain_writes_png_and_json(ws, tmp_path):
 
 
 def test_onnx_export_is_valid_and_matches_torch(ws):
+    """The export against PyTorch itself (engine="torch"): the default engine on a CPU *is* ONNX
+    Runtime, so a Predictor(run) reference would compare the export with itself."""
     import onnx
 
     proto = onnx.load(str(ws.onnx))
     onnx.checker.check_model(proto, full_check=True)
     meta = {p.key: p.value for p in proto.metadata_props}
-    pred = Predictor(ws.run)
-    assert meta["kneeosteo.model_id"] == pred.model_id
+    ref = Predictor(ws.run, engine="torch")
+    assert ref.engine == "torch" and ref._session is None  # really PyTorch, not a session
+    assert meta["kneeosteo.model_id"] == ref.model_id
     assert json.loads(meta["kneeosteo.preprocess"])["size"] == SIZE
     ort = OnnxModel(ws.onnx)
-    assert ort.info == pred.info
-    x = torch.stack([pred.info.preprocess(g.picture(64, 48, v).astype(np.float32)) for v in range(3)])
-    for batch in (x, x[:1]):  # dynamic batch axis
+    assert ort.info == ref.info
+    x = torch.stack([ref.info.preprocess(g.picture(64, 48, v).astype(np.float32)) for v in range(3)]
+                    + [ref.info.preprocess(read_image(f).pixels) for f in ws.inputs[:5]])
+    want = ref.probabilities(x)
+    assert np.ptp(want) > 100 * 1e-4  # the outputs differ by far more than the tolerance
+    for batch, w in ((x, want), (x[:1], want[:1])):  # dynamic batch axis
         got = ort(batch.numpy())
         assert got.shape == (len(batch),)
-        np.testing.assert_allclose(got, pred.probabilities(batch), atol=1e-4)
+        np.testing.assert_allclose(got, w, atol=1e-4)
+    # the default engine (ONNX Runtime, exported on demand) agrees with PyTorch too
+    auto = Predictor(ws.run)
+    assert auto.engine == "onnxruntime"
+    np.testing.assert_allclose(auto.probabilities(x), want, atol=1e-4)
 
 
 def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monkeypatch):
@@ -253,30 +269,33 @@ def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monk
 # --------------------------------------------------------------------------- bundled model
 
 
-def has_bundled_model() -> bool:
-    try:
-        RunDir.bundled()
-    except CheckpointError:
-        return False
-    return True
+@pytest.fixture(scope="module")
+def bundled_on_kop(bundled_run, kop, tmp_path_factory):
+    """The bundled model scored on its own KOP test split by `evaluate` (PyTorch fp32), and its
+    ONNX export run on the same 72 prepared inputs (read back from the cache evaluate filled:
+    each image is decoded once)."""
+    from kneeosteo.data.split import load_split
+    from kneeosteo.evaluation.evaluate import evaluate_run
+    from kneeosteo.features.cache import TensorCache
+    from kneeosteo.features.prepare import prepare
+    from kneeosteo.inference.export import ensure_onnx
 
-
-def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
-    # the package's assets as a fresh install without the model would have them (run.py only)
-    monkeypatch.setattr(run_mod, "resources", SimpleNamespace(files=lambda pkg: ws.root / "no_such_folder"))
-    with pytest.raises(CheckpointError, match="--run"):
-        RunDir.bundled()
-    with pytest.raises(CheckpointError, match="--run"):
-        Predictor()
-    assert _main(["predict", ws.images / "a.png"]) == 1
-    assert "no bundled default model" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="session")  # session: set up (and skipped) before the session-scoped `kop`
-def bundled_run():
-    if not has_bundled_model():
-        pytest.skip("no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet")
-    return RunDir.bundled().path
+    split = bundled_run / "split.json"
+    require(split.is_file(), f"{split} missing: the bundled model's test split is unknown")
+    root = tmp_path_factory.mktemp("bundled-kop")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=root / "eval")
+        rd = RunDir(bundled_run)
+        prep = rd.config.preprocess
+        sets = load_split(split, kop)
+        cache = TensorCache(root / "cache" / "tensors")
+        inputs = prepare(sets.items("test"), kop, prep, cache, label="onnx")
+        onnx_probs = OnnxModel(ensure_onnx(rd))(prep.normalise(inputs.grey.float()).numpy())
+    with open(where / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return SimpleNamespace(metrics=metrics, where=where, out=root / "eval", rows=rows, paths=inputs.paths,
+                           onnx=onnx_probs, decoded_again=cache.misses)
 
 
 def test_bundled_model_loads_and_predicts(bundled_run):
@@ -288,18 +307,22 @@ def test_bundled_model_loads_and_predicts(bundled_run):
     assert p.model_id == f"{bundled_run.name}-{sha[:12]}" == RunDir.open(None).model_id
 
 
-def test_bundled_model_accuracy_matches_its_card(bundled_run, kop, tmp_path):
-    from kneeosteo.evaluation.evaluate import evaluate_run
-
-    split = bundled_run / "split.json"
-    if not split.is_file():
-        pytest.skip(f"{split} missing: the bundled model's test split is unknown")
+def test_bundled_model_accuracy_matches_its_card(bundled_run, bundled_on_kop):
     card = json.loads((bundled_run / "metrics.json").read_text())["accuracy"]
     card = card["value"] if isinstance(card, dict) else card
-    metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=tmp_path)
-    assert where == tmp_path
-    got = metrics["accuracy"]["value"]
+    assert bundled_on_kop.where == bundled_on_kop.out
+    got = bundled_on_kop.metrics["accuracy"]["value"]
     assert abs(got - card) < 1e-6
+
+
+def test_bundled_model_onnx_export_matches_torch_on_kop(bundled_on_kop):
+    """The real model's export against PyTorch fp32 on the KOP test images (a tiny model can hide
+    an export bug that a 1792-feature DenseNet-sized head would not)."""
+    torch_probs = {r["path"]: float(r["probability"]) for r in bundled_on_kop.rows}
+    assert bundled_on_kop.decoded_again == 0  # the prepared inputs came from evaluate's cache
+    want = np.array([torch_probs[p] for p in bundled_on_kop.paths])
+    assert len(want) == 72 and np.ptp(want) > 0.5
+    np.testing.assert_allclose(bundled_on_kop.onnx, want, atol=1e-4)  # predictions.csv keeps 6 decimals
 
 
 def test_model_card_states_the_measured_accuracy(bundled_run):
