@@ -307,12 +307,15 @@ def test_bundled_model_loads_and_predicts(bundled_run):
     assert p.model_id == f"{bundled_run.name}-{sha[:12]}" == RunDir.open(None).model_id
 
 
-def test_bundled_model_accuracy_matches_its_card(bundled_run, bundled_on_kop):
-    card = json.loads((bundled_run / "metrics.json").read_text())["accuracy"]
-    card = card["value"] if isinstance(card, dict) else card
+def test_bundled_model_metrics_match_its_card(bundled_run, bundled_on_kop):
+    """Every figure of the card, not only accuracy: drift that flips no label (a slightly scaled
+    logit) still moves the loss, and one that reorders images moves the AUC."""
+    card = json.loads((bundled_run / "metrics.json").read_text())
+    got = bundled_on_kop.metrics
     assert bundled_on_kop.where == bundled_on_kop.out
-    got = bundled_on_kop.metrics["accuracy"]["value"]
-    assert abs(got - card) < 1e-6
+    assert got["counts"] == card["counts"] and got["n"] == card["n"] == 72
+    for name in ("accuracy", "auc", "loss", "sensitivity", "specificity", "f1"):
+        assert abs(got[name]["value"] - card[name]["value"]) < 1e-6, (name, got[name]["value"], card[name]["value"])
 
 
 def test_bundled_model_onnx_export_matches_torch_on_kop(bundled_on_kop):
