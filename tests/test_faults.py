@@ -176,8 +176,12 @@ def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch,
     assert len(err.splitlines()) == 1 and str(out) in err, err
     assert {"not a folder": "is a file, not a folder", "read-only": "Read-only file system",
             "full": "only 1 MiB free"}[fault] in err
-    # refused up front: no features computed, so no model was built and nothing trained
-    assert not (Path(os.environ["KNEEOSTEO_CACHE"]) / "tensors").exists()
+    # refused up front, before the work each command would have left in the cache: train and
+    # reproduce compute features (tensors/) first, predict exports the run to ONNX (onnx/) for
+    # its default engine; nothing at all was written there
+    cache = Path(os.environ["KNEEOSTEO_CACHE"])
+    assert not (cache / "tensors").exists() and not (cache / "onnx").exists()
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
 
 
 @pytest.mark.parametrize("command", ["audit", "split"])
