@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import os
+from contextlib import contextmanager
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +32,7 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import load_split
 from kneeosteo.interfaces.cli import main
 from kneeosteo.run import RunDir
+from kneeosteo.training import trainer
 
 CAFE = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name: not valid UTF-8
 # path -> (writer, outcome, words in the reason, web status)
@@ -100,10 +103,33 @@ def ws(tmp_path_factory, one_thread):
                               single=single)
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _warnings_logged():
+    """The WARNING messages logged while the block runs (module fixtures have no caplog)."""
+    handler, root = _Collect(), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        root.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def split_doc(ws):
-    assert _main(["split", ws.data, "--out", ws.root / "split.json", "--test-size", "8", "--val-fraction", "0.2"]) == 0
-    return json.loads((ws.root / "split.json").read_text())
+    with _warnings_logged() as warned:
+        assert _main(["split", ws.data, "--out", ws.root / "split.json", "--test-size", "8", "--val-fraction", "0.2"]) == 0
+    doc = json.loads((ws.root / "split.json").read_text())
+    doc["_warned"] = "\n".join(warned)  # what the command said, for the tally (not part of the file)
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +139,19 @@ def run(ws, split_doc):
            "test": split_doc["test"] + ["osteoporosis/gone.png"]}
     (ws.root / "split_missing.json").write_text(json.dumps(doc))
     (ws.root / "cfg.toml").write_text('image_size = 64\ncopies = 1\nepochs = 1\nbatch_size = 8\ndevice = "cpu"\n')
-    code = _main(["train", ws.data, "--split", ws.root / "split_missing.json", "--config", ws.root / "cfg.toml",
-                  "--out", ws.root / "run"])
-    return SimpleNamespace(code=code, path=ws.root / "run")
+    used: dict[str, list[str]] = {}
+    real = trainer.prepare
+
+    def recording(items, *a, label="", **kw):  # the files each partition's tensors were made from
+        out = real(items, *a, label=label, **kw)
+        used.setdefault(label, []).extend(out.paths)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp, _warnings_logged() as warned:
+        mp.setattr(trainer, "prepare", recording)
+        code = _main(["train", ws.data, "--split", ws.root / "split_missing.json", "--config", ws.root / "cfg.toml",
+                      "--out", ws.root / "run"])
+    return SimpleNamespace(code=code, path=ws.root / "run", used=used, warned="\n".join(warned))
 
 
 # --------------------------------------------------------------------------- the mixed folder
@@ -135,8 +171,11 @@ def test_audit_reports_every_bad_file_by_name_and_reads_the_rest(ws, caplog):
             assert words in unreadable[rel], (rel, unreadable[rel])
         if outcome in ("unreadable", "skipped"):
             assert str(ws.data / rel) in warned, rel
-        _tally("audit", {"read": "read and counted", "unreadable": "reported by name with the reason",
-                         "skipped": "skipped with a warning", "ignored": "not followed"}[outcome])
+        seen = ("reported by name with the reason" if rel in unreadable and str(ws.data / rel) in warned
+                else "skipped with a warning" if rel in skipped and str(ws.data / rel) in warned
+                else "not followed" if rel + "/" not in warned + json.dumps(doc)
+                and not (ws.data / rel).is_file() else "read and counted")
+        _tally("audit", seen)
 
 
 def test_split_uses_every_readable_file_and_warns_about_the_rest(ws, split_doc):
@@ -144,9 +183,20 @@ def test_split_uses_every_readable_file_and_warns_about_the_rest(ws, split_doc):
     assert len(parts) == len(set(parts))
     assert set(parts) | {e["path"] for e in split_doc["excluded"]} == ws.readable
     assert split_doc["excluded"] == []  # every corpus picture is distinct
+    warned = split_doc["_warned"]
     for rel, (_, outcome, *_rest) in CORPUS.items():
-        _tally("split", "assigned to a partition" if outcome == "read" else "left out, named in a warning"
-               if outcome in ("unreadable", "skipped") else "not followed")
+        inside = rel + "/"
+        if rel in parts:
+            seen = "assigned to a partition"
+        elif str(ws.data / rel) in warned:
+            seen = "left out, named in a warning"
+        elif not any(p.startswith(inside) for p in parts) and inside not in warned:
+            seen = "not followed"  # a folder link: nothing under it was used or mentioned
+        else:
+            seen = "left out silently"
+        _tally("split", seen)
+        expected = {"read": "assigned to a partition", "ignored": "not followed"}.get(outcome, "left out, named in a warning")
+        assert seen == expected, (rel, seen)
 
 
 def test_train_on_the_corpus_with_missing_split_entries(ws, split_doc, run, caplog):
@@ -157,14 +207,20 @@ def test_train_on_the_corpus_with_missing_split_entries(ws, split_doc, run, capl
     assert metrics["n"] == len(split_doc["test"])
     record = RunDir(run.path).config.record
     assert record["split_sizes"] == {k: len(split_doc[k]) for k in ("train", "val", "test")}  # ghosts dropped
+    used = {p for paths in run.used.values() for p in paths}
+    assert set(run.used) == {"train", "val", "test"} and used == set(split_doc["train"] + split_doc["val"] + split_doc["test"])
     for rel, (_, outcome, *_rest) in CORPUS.items():
-        _tally("train", "trained or tested on" if outcome == "read" else "not in the split")
+        seen = "trained or tested on" if rel in used else "not in the split"
+        _tally("train", seen)
+        assert seen == ("trained or tested on" if outcome == "read" else "not in the split"), rel
     # the warnings the run printed: the same loader, with the log captured here
     sets = load_split(ws.root / "split_missing.json", ws.data)
     assert sets.missing == ["normal/ghost.png", "osteoporosis/gone.png"]
     for name in sets.missing:
         assert f"split names {name}, which does not exist" in caplog.text
-        _tally("train (split names a missing file)", "warning naming it; trained on the rest")
+        said = f"split names {name}, which does not exist" in run.warned  # what the train command itself logged
+        _tally("train (split names a missing file)", "warning naming it; trained on the rest" if said and name not in used
+               else "not warned or used")
 
 
 def test_predict_names_every_bad_file_and_predicts_the_rest(ws, run, tmp_path, capsys):
@@ -179,15 +235,16 @@ def test_predict_names_every_bad_file_and_predicts_the_rest(ws, run, tmp_path, c
     for rel, (_, outcome, words, _) in CORPUS.items():
         if outcome == "ignored":
             continue
+        predicted = {r["path"] for r in rows}
         if outcome == "read":
-            _tally("predict", "predicted")
+            _tally("predict", "predicted" if str(ws.data / rel) in predicted else "missing")
             continue
         reason = reported[str(ws.data / rel)]
         if rel.endswith("self_loop.png"):  # pathlib's exists() swallows ELOOP: it may read as missing
             assert reason in ("no such file or directory", "cannot read file (Too many levels of symbolic links)")
         else:
             assert words in reason, (rel, reason)
-        _tally("predict", "error line naming the file")
+        _tally("predict", "error line naming the file" if str(ws.data / rel) not in predicted else "predicted anyway")
 
 
 def test_predict_over_a_folder_with_a_symlink_loop(ws, run, tmp_path, capsys):
@@ -266,9 +323,33 @@ def test_random_bytes_through_the_scan_are_each_accounted_for_once(tmp_path_fact
     assert sorted(seen) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def test_zz_print_the_tally():
-    """Runs last in this module (alphabetical order within the file is definition order)."""
+# what each interface must have done with the corpus, from the table above (the tally itself is
+# built from what the tests observed)
+def _expected_tally() -> dict[str, Counter]:
+    n = Counter(v[1] for v in CORPUS.values())
+    bad = n["unreadable"] + n["skipped"]
+    web = Counter(v[3] for v in CORPUS.values() if v[3] is not None)
+    return {
+        "audit": Counter({"read and counted": n["read"], "reported by name with the reason": n["unreadable"],
+                          "skipped with a warning": n["skipped"], "not followed": n["ignored"]}),
+        "split": Counter({"assigned to a partition": n["read"], "left out, named in a warning": bad,
+                          "not followed": n["ignored"]}),
+        "train": Counter({"trained or tested on": n["read"], "not in the split": bad + n["ignored"]}),
+        "train (split names a missing file)": Counter({"warning naming it; trained on the rest": 2}),
+        "predict": Counter({"predicted": n["read"], "error line naming the file": bad}),
+        "web API": Counter({("200 with a probability" if code == 200 else f"{code} naming the upload, with the reason"): k
+                            for code, k in web.items()}),
+        "class folder without images": Counter({"audit: warning; split/train: one-line error": 1}),
+        "single-class data set": Counter({"audit: counts; split/train: one-line error": 1}),
+    }
+
+
+def test_zz_the_tally_is_what_was_observed():
+    """Runs last in this module (definition order). Every interface's tally, built from the
+    outcomes the tests above captured, is the one the corpus table promises; it is printed for
+    the README's reliability section."""
     inputs = len(CORPUS) + 2 * GOOD_PER_CLASS
     print(f"\nbad-input corpus: {len(CORPUS)} bad files + {2 * GOOD_PER_CLASS} good ones = {inputs} inputs")
     for interface, counts in TALLY.items():
         print(f"  {interface}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    assert TALLY == _expected_tally()
