@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +81,90 @@ def test_paired_tests_against_the_reference_hybrid(tiny_repro):
     fc = ran["fc-efficientnet_lite0"]
     assert fc["paired_n"] == 12  # 6 test images x 2 seeds
     assert 0.0 <= fc["mcnemar_p"] <= 1.0
+
+
+def _cell(out, key: str, seed: int) -> tuple[dict, dict]:
+    """A cell's predictions.csv as {path: (label, probability)} and its metrics.json."""
+    cell = out / "cells" / key / f"seed{seed}"
+    with open(cell / "predictions.csv", newline="") as fh:
+        preds = {r["path"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(fh)}
+    return preds, json.loads((cell / "metrics.json").read_text())
+
+
+def _delong_p(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """DeLong's test written out (structural components, Sun & Xu's notation), independent of
+    kneeosteo.evaluation.stats; p = 1 for equal AUCs, nan for a zero variance with unequal ones."""
+    from scipy.stats import norm
+
+    pos, neg = y == 1, y == 0
+
+    def components(p):
+        x, z = p[pos][:, None], p[neg][None, :]
+        psi = (x > z) + 0.5 * (x == z)
+        return psi.mean(axis=1), psi.mean(axis=0), psi.mean()
+
+    va, wa, auc_a = components(a)
+    vb, wb, auc_b = components(b)
+    s = np.cov(np.vstack([va, vb])) / pos.sum() + np.cov(np.vstack([wa, wb])) / neg.sum()
+    var = s[0, 0] + s[1, 1] - 2 * s[0, 1]
+    if auc_a == auc_b:
+        return 1.0
+    if var <= 1e-15:
+        return math.nan
+    return float(2 * norm.sf(abs(auc_a - auc_b) / math.sqrt(var)))
+
+
+def test_paired_tests_and_aggregation_recomputed_from_the_cells(tiny_repro):
+    """Every aggregated figure again, from the cells' own files and textbook formulas: per-seed
+    accuracy and AUC (predictions.csv vs metrics.json), mean, sample std and Student-t interval
+    over seeds, the discordant counts, McNemar's exact p and DeLong's p pooled over seeds."""
+    from scipy.stats import binomtest
+    from scipy.stats import t as student_t
+    from sklearn.metrics import roc_auc_score
+
+    _, out, _, rows, _ = tiny_repro
+    ran = {r["model"]: r for r in rows}
+    with open(out / "table1.csv", newline="") as fh:
+        table = {r["model"]: r for r in csv.DictReader(fh)}
+    ref = "hybrid-efficientnet_lite0"
+    cells = {(k, s): _cell(out, k, s) for k in MODELS[:3] for s in (0, 1)}
+    for key in MODELS[:3]:
+        per_seed = []
+        for seed in (0, 1):
+            preds, metrics = cells[key, seed]
+            y = np.array([v[0] for v in preds.values()])
+            p = np.array([v[1] for v in preds.values()])
+            acc, auc = float(np.mean((p >= 0.5) == y)), float(roc_auc_score(y, p))
+            assert metrics["accuracy"]["value"] == pytest.approx(acc, abs=1e-12), (key, seed)
+            assert metrics["auc"]["value"] == pytest.approx(auc, abs=1e-6), (key, seed)  # probabilities: 6 decimals
+            per_seed.append({"accuracy": acc, "auc": auc})
+        for col in ("accuracy", "auc"):
+            v = np.array([s[col] for s in per_seed])
+            mean, sd = float(v.mean()), float(v.std(ddof=1))
+            half = float(student_t.ppf(0.975, df=len(v) - 1)) * sd / math.sqrt(len(v))
+            want = {"mean": mean, "std": sd, "ci_low": max(mean - half, 0.0), "ci_high": min(mean + half, 1.0)}
+            for stat, value in want.items():
+                assert ran[key][f"{col}_{stat}"] == pytest.approx(value, abs=1e-6), (key, col, stat)
+                assert float(table[key][f"{col}_{stat}"]) == pytest.approx(value, abs=1e-4), (key, col, stat)
+        if key == ref:
+            continue
+        y, pa, pb = [], [], []
+        for seed in (0, 1):
+            a, b = cells[key, seed][0], cells[ref, seed][0]
+            assert set(a) == set(b)
+            for path in sorted(a):
+                y.append(a[path][0])
+                pa.append(a[path][1])
+                pb.append(b[path][1])
+        y, pa, pb = np.array(y), np.array(pa), np.array(pb)
+        right_a, right_b = (pa >= 0.5) == y, (pb >= 0.5) == y
+        b_, c_ = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+        r = ran[key]
+        assert (r["paired_n"], r["mcnemar_b"], r["mcnemar_c"]) == (len(y), b_, c_), key
+        p_mc = 1.0 if b_ == c_ else min(1.0, binomtest(min(b_, c_), b_ + c_, 0.5).pvalue)
+        assert r["mcnemar_p"] == pytest.approx(p_mc, abs=1e-9), key
+        assert r["delong_p"] == pytest.approx(_delong_p(y, pa, pb), abs=1e-6, nan_ok=True), key
+        assert float(table[key]["mcnemar_p"]) == pytest.approx(p_mc, abs=1e-4)
 
 
 def test_rerun_reuses_finished_cells(tiny_repro):
