@@ -269,6 +269,17 @@ def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monk
 # --------------------------------------------------------------------------- bundled model
 
 
+def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
+    # the package's assets as a fresh install without the model would have them (run.py only)
+    monkeypatch.setattr(run_mod, "resources", SimpleNamespace(files=lambda pkg: ws.root / "no_such_folder"))
+    with pytest.raises(CheckpointError, match="--run"):
+        RunDir.bundled()
+    with pytest.raises(CheckpointError, match="--run"):
+        Predictor()
+    assert _main(["predict", ws.images / "a.png"]) == 1
+    assert "no bundled default model" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def bundled_on_kop(bundled_run, kop, tmp_path_factory):
     """The bundled model scored on its own KOP test split by `evaluate` (PyTorch fp32), and its
