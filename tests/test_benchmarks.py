@@ -23,15 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 FP32_TOL = 1e-3
 # Lossy engines, compared on the logit scale (a probability difference means little near 0 or 1):
-# torch-bf16 moves the session's tiny model by up to 0.40 logits (measured), so 0.6. The model's
-# logits spread over ~9 units on the images used here, and the tests assert the spread is at
-# least 10x each tolerance, so an engine that answered a constant (or ignored its input) fails.
-BF16_LOGIT_TOL = 0.6
+# torch-bf16 moves the session's tiny model (trained in fp32, so the same model on every CPU) by
+# up to 0.48 logits, measured on both the AVX-512-BF16 and the AVX2 path, so 0.8. Its logits
+# spread over ~11 units on the images used here, and the tests assert the spread is at least
+# 10x each tolerance, so an engine that answered a constant (or ignored its input) fails.
+BF16_LOGIT_TOL = 0.8
 # The benchmark's own models (random-init backbones, quick run) move by a few 1e-3 (int8) and
 # 1e-4 (bf16) in probability; 0.05 there, as before.
 LOSSY_TOL = 0.05
-INT8_COLLAPSES = ("static int8 collapses the session's tiny model (probabilities 0.96-0.99 for images torch "
-                  "puts at 0.05-0.998, |dlogit| up to 6.4): the engine is not usable on it; strict, so a fix shows")
+INT8_COLLAPSES = ("static int8 collapses the session's tiny model (probabilities near 0.96-0.99 for images torch "
+                  "spreads over 0.02-0.999, |dp| up to 0.92, |dlogit| up to 6.5): the engine is not usable on it; "
+                  "strict, so a fix shows")
 
 
 def _logit(p) -> np.ndarray:
