@@ -25,6 +25,7 @@ from kneeosteo.errors import BackboneWeightsError, ConfigError
 from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.experiments.table1 import Predictions, aggregate, write_table1
 from kneeosteo.models.weights import find_default_weights
+from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
 from kneeosteo.utils.atomic import ensure_writable, write_json
 
@@ -98,6 +99,11 @@ class Cell:
     fold: int | None
     path: Path
 
+    @property
+    def run(self) -> RunDir:
+        """The cell is an ordinary run folder."""
+        return RunDir(self.path)
+
 
 def _cells(out: Path, specs: list[ModelSpec], seeds: list[int], folds: int | None) -> list[Cell]:
     cells = []
@@ -111,7 +117,7 @@ def _cells(out: Path, specs: list[ModelSpec], seeds: list[int], folds: int | Non
 
 def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool) -> float:
     """Train+score one cell unless finished; returns the wall seconds it took (0 if cached)."""
-    if (cell.path / "metrics.json").is_file():
+    if cell.run.metrics_file.is_file():
         return 0.0
     m = cell.model
     cfg = replace(
@@ -142,9 +148,9 @@ def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: i
     return paths
 
 
-def _read_predictions(cell: Path) -> dict[str, tuple[int, float]]:
+def _read_predictions(run: RunDir) -> dict[str, tuple[int, float]]:
     # surrogateescape: file names that are not UTF-8 were written as their bytes (utils.atomic)
-    with open(cell / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    with open(run.predictions_file, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return {r["path"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(fh)}
 
 
@@ -152,8 +158,8 @@ def _seed_predictions(cells: list[Cell]) -> dict[tuple[str, int], Predictions]:
     """Each (model, seed)'s test predictions; the folds of a k-fold seed are pooled."""
     preds: dict[tuple[str, int], dict] = {}
     for c in cells:
-        if (c.path / "predictions.csv").is_file():
-            preds.setdefault((c.model.key, c.seed), {}).update(_read_predictions(c.path))
+        if c.run.predictions_file.is_file():
+            preds.setdefault((c.model.key, c.seed), {}).update(_read_predictions(c.run))
     return preds
 
 
@@ -211,7 +217,7 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
     for i, c in enumerate(cells, 1):
         fold = f" fold {c.fold}" if c.fold is not None else ""
-        done = (c.path / "metrics.json").is_file()
+        done = c.run.metrics_file.is_file()
         console(f"[{i}/{len(cells)}] {c.model.key} seed {c.seed}{fold}" + (" (done, reused)" if done else ""))
         secs = run_cell(c, base, splits[c.seed], c.model.key in random_init)
         if secs:

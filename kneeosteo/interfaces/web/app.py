@@ -112,8 +112,8 @@ class Service:
         self.model_doc = {
             "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
-            "caveat": self.caveat, "card": card, "config": run.read_json("config.json"),
-            "metrics": run.read_json("metrics.json"),
+            "caveat": self.caveat, "card": card, "config": run.read_json(run.config_file.name),
+            "metrics": run.read_json(run.metrics_file.name),
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
                        "workers": settings.workers, "queue": settings.queue},
         }
