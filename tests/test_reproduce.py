@@ -57,7 +57,7 @@ def test_table_has_a_row_per_model_with_paper_columns(tiny_repro):
     md = (out / "table1.md").read_text()
     assert "same test images: yes" in md
     # a GitHub/CommonMark table needs as many delimiter cells as header cells, and rows to match
-    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    table_lines = [line for line in md.split("Shortcut probes")[0].splitlines() if line.startswith("|")]
     assert len(table_lines) == 2 + len(MODELS)
     assert {line.count("|") for line in table_lines} == {table_lines[0].count("|")}
     assert (out / "table1.png").stat().st_size > 1000
@@ -215,3 +215,28 @@ def test_a_registered_metric_flows_into_metrics_json_and_table1(tiny_repro, tmp_
             for c in METRICS:
                 if c != "npv":  # nan == nan: a ratio undefined in both runs
                     assert r[f"{c}_mean"] == pytest.approx(old[r["model"]][f"{c}_mean"], abs=0, nan_ok=True), c
+
+
+def test_shortcut_probes_in_the_table_recomputed_from_the_cells(tiny_repro):
+    """The probe columns of table1 again from each cell's metrics.json: shortcut-adversarial
+    correct/n pooled over seeds with a Wilson interval, per-seed counts, occlusion AUCs averaged."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    _, out, _, rows, _ = tiny_repro
+    ran = {r["model"]: r for r in rows}
+    for key in MODELS[:3]:
+        probes = [_cell(out, key, s)[1]["shortcut_probes"] for s in (0, 1)]
+        adv = [p["shortcut_adversarial"] for p in probes]
+        k, n = sum(a.get("correct", 0) for a in adv), sum(a["n"] for a in adv if "correct" in a)
+        if n:
+            assert (ran[key]["adversarial_n"], ran[key]["adversarial_accuracy"]) == (n, pytest.approx(k / n)), key
+            lo, hi = proportion_confint(k, n, method="wilson")
+            assert (ran[key]["adversarial_ci_low"], ran[key]["adversarial_ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+            assert ran[key]["adversarial_per_seed"] == "; ".join(
+                f"{s}: {a['correct']}/{a['n']}" for s, a in zip((0, 1), adv) if "correct" in a)
+        hidden = [p["occlusion"]["hide_bone"]["auc"] for p in probes]
+        assert ran[key]["auc_bone_hidden_mean"] == pytest.approx(np.mean(hidden)), key
+    md = (out / "table1.md").read_text()
+    assert "Shortcut probes" in md and "shortcut-adversarial acc" in md
+    table_lines = [line for line in md.split("Shortcut probes")[1].splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + 3 and len({line.count("|") for line in table_lines}) == 1

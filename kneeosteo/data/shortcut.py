@@ -12,26 +12,32 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from statsmodels.stats.proportion import proportion_confint
 
+from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import Record
 
 FEATURES = ("width", "height", "aspect_ratio", "file_size", "bit_depth", "channels", "format", "mode")
 
 
-def metadata_matrix(records: list[Record]) -> tuple[np.ndarray, list[str]]:
-    """Numeric features plus one-hot format and colour mode."""
-    formats = sorted({r.meta.format for r in records})
-    modes = sorted({r.meta.mode for r in records})
+def metadata_matrix(records: list[Record] | list[ImageMeta]) -> tuple[np.ndarray, list[str]]:
+    """Numeric features plus one-hot format and colour mode, for scan records or bare ``ImageMeta``s."""
+    metas = [getattr(r, "meta", r) for r in records]
+    formats = sorted({m.format for m in metas})
+    modes = sorted({m.mode for m in metas})
     names = ["width", "height", "aspect_ratio", "file_size", "bit_depth", "channels"]
     names += [f"format={f}" for f in formats] + [f"mode={m}" for m in modes]
     rows = []
-    for r in records:
-        m = r.meta
+    for m in metas:
         rows.append(
             [m.width, m.height, m.width / m.height, m.file_size, m.bit_depth, m.channels]
             + [float(m.format == f) for f in formats]
             + [float(m.mode == md) for md in modes]
         )
     return np.asarray(rows, dtype=float), names
+
+
+def metadata_classifier(seed: int = 0) -> RandomForestClassifier:
+    """The audit's metadata-only classifier; the shortcut probes refit the same one on a training partition."""
+    return RandomForestClassifier(n_estimators=200, max_depth=4, random_state=seed, n_jobs=1)
 
 
 def metadata_only_accuracy(
@@ -52,7 +58,7 @@ def metadata_only_accuracy(
         prob = np.zeros(len(y))
         cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + rep)
         for tr, te in cv.split(x, y, groups):
-            clf = RandomForestClassifier(n_estimators=200, max_depth=4, random_state=seed + rep, n_jobs=1)
+            clf = metadata_classifier(seed + rep)
             clf.fit(x[tr], y[tr])
             prob[te] = clf.predict_proba(x[te])[:, 1]
             importances += clf.feature_importances_

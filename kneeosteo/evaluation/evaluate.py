@@ -15,6 +15,7 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import metrics_with_ci
+from kneeosteo.evaluation.probes import shortcut_probes
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
@@ -40,8 +41,13 @@ def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "
 
 
 def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, threshold: float | None = None,
-          device: str = "cpu", history: list[dict] | None = None) -> dict:
-    """Metrics with intervals, predictions.csv and figures for ``test`` under ``out``; returns the metrics."""
+          device: str = "cpu", history: list[dict] | None = None, train: PreparedSet | None = None,
+          probes: bool = True) -> dict:
+    """Metrics with intervals, predictions.csv and figures for ``test`` under ``out``; returns the metrics.
+
+    With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
+    under ``shortcut_probes``; ``train`` (the prepared training originals) enables the two that
+    need a training partition."""
     threshold = run.config.threshold if threshold is None else threshold
     prob = predict_prepared(model, test, run.config.preprocess, device)
     y = test.targets.numpy().astype(int)
@@ -49,6 +55,10 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     metrics["classes"] = sets.classes
     metrics["positive_class"] = sets.positive
     metrics["unreadable"] = test.bad
+    if probes:
+        metrics["shortcut_probes"] = shortcut_probes(model, run.config.preprocess, sets.data, test.paths, y, prob,
+                                                     threshold, train=train, device=device,
+                                                     seed=int(run.config.settings.get("seed", 0)))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     write_csv(out / "predictions.csv", PREDICTION_FIELDS,
@@ -61,7 +71,8 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
 
 
 def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split: str | Path | None = None,
-                 out: str | Path | None = None, device: str = "cpu", threshold: float | None = None) -> tuple[dict, Path]:
+                 out: str | Path | None = None, device: str = "cpu", threshold: float | None = None,
+                 probes: bool = True) -> tuple[dict, Path]:
     """Score ``run`` on: a class-folder data set ``data`` (all of it), a split's test part, or its
     own split. Returns (metrics, the folder they were written to)."""
     run = RunDir.open(run)
@@ -74,12 +85,18 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
         scan = scan_dataset(data, positive=cfg.positive)
         root = Path(data)
         sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records])
-    cached = model.use_backbone and model.freeze_backbone
-    wi = model.backbone_weights
-    backbone_id = backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None) if cached else None
-    test = prepare(sets.items("test"), root, cfg.preprocess, TensorCache(cache_dir() / "tensors"),
-                   backbone=model.backbone if cached else None, backbone_id=backbone_id, device=device, label="test")
+    test = prepare_part(model, sets.items("test"), root, cfg.preprocess, device, "test")
+    train = prepare_part(model, sets.items("train"), root, cfg.preprocess, device, "train") if probes and sets.train else None
     if out is None:  # never overwrite the run's own test results with another data set's
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
-    return score(run, model, test, sets, out, threshold, device), out
+    return score(run, model, test, sets, out, threshold, device, train=train, probes=probes), out
+
+
+def prepare_part(model, items: list[tuple[str, int]], root: Path, prep: Preprocess, device: str, label: str) -> PreparedSet:
+    """Inputs, and the frozen backbone's features (cached), for scoring ``items`` (no augmentation)."""
+    cached = model.use_backbone and model.freeze_backbone
+    wi = model.backbone_weights
+    backbone_id = backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None) if cached else None
+    return prepare(items, root, prep, TensorCache(cache_dir() / "tensors"), backbone=model.backbone if cached else None,
+                   backbone_id=backbone_id, device=device, label=label)

@@ -11,6 +11,7 @@ from pathlib import Path
 from kneeosteo.config import TrainConfig
 from kneeosteo.evaluation.evaluate import score
 from kneeosteo.evaluation.metrics import format_table
+from kneeosteo.evaluation.probes import format_probes
 from kneeosteo.training.trainer import train
 
 __all__ = ["train_and_score"]
@@ -21,7 +22,8 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
     result = train(cfg, resume=resume, console=console)
     if result.is_main:
         metrics = score(result.run, result.model, result.test, result.sets, result.run.path,
-                        device=result.device, history=result.history)
+                        device=result.device, history=result.history, train=result.train)
         console(format_table({result.run.path.name: metrics}))
+        console(format_probes(metrics["shortcut_probes"]))
     result.ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
     return result.run.path

@@ -163,6 +163,17 @@ def _seed_predictions(cells: list[Cell]) -> dict[tuple[str, int], Predictions]:
     return preds
 
 
+def _seed_probes(cells: list[Cell]) -> dict[tuple[str, int], list[dict]]:
+    """Each (model, seed)'s shortcut probes from its metrics.json, one entry per fold."""
+    out: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        if c.run.metrics_file.is_file():
+            probes = (c.run.read_json(c.run.metrics_file.name) or {}).get("shortcut_probes")
+            if probes:
+                out.setdefault((c.model.key, c.seed), []).append(probes)
+    return out
+
+
 def _seconds(specs: list[ModelSpec], cells: list[Cell]) -> dict[str, float]:
     seconds = {m.key: 0.0 for m in specs}
     for c in cells:
@@ -224,7 +235,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
             console(f"    {secs:.0f} s")
     if not ctx.is_main:
         return []
-    rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut)
+    rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut,
+                           _seed_probes(cells))
     info.update(reference=ref, seeds=seeds, protocol=protocol, models=models)
     write_table1(out, rows, info)
     return rows

@@ -20,7 +20,8 @@ from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
 from kneeosteo.utils.atomic import write_json, write_text
 from kneeosteo.utils.csvfile import csv_text
 
-__all__ = ["PAPER_TABLE", "Predictions", "aggregate", "paired_tests", "render_markdown", "table_csv", "write_table1"]
+__all__ = ["PAPER_TABLE", "Predictions", "aggregate", "paired_tests", "probe_summary", "render_markdown", "table_csv",
+           "write_table1"]
 
 #: One model's test predictions for one seed: image path -> (label, P(positive)).
 Predictions = Mapping[str, tuple[int, float]]
@@ -50,9 +51,11 @@ class TableModel(Protocol):
 
 def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[tuple[str, int], Predictions],
               seconds: Mapping[str, float], status: Mapping[str, str], reference: str | None,
-              shortcut: dict | None) -> tuple[list[dict], dict]:
+              shortcut: dict | None, probes: Mapping[tuple[str, int], list[dict]] | None = None) -> tuple[list[dict], dict]:
     """One row per model: every metric's mean, std and t-interval over seeds, the paper's value,
-    paired tests against ``reference``; plus a metadata-only row from the audit's ``shortcut``."""
+    paired tests against ``reference``, the shortcut probes (``probes``: each (model, seed)'s
+    ``shortcut_probes`` from metrics.json, one per fold); plus a metadata-only row from the audit's
+    ``shortcut``."""
     columns = metric_names()
     # every model of a seed must have been scored on the same images
     same_images = all(
@@ -80,6 +83,8 @@ def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[
             row[f"{col}_paper"] = paper.get(col, np.nan)
         if reference and m.key != reference and per_seed:
             row.update(paired_tests(preds, m.key, reference, seeds))
+        if probes:
+            row.update(probe_summary({s: probes[(m.key, s)] for s in seeds if (m.key, s) in probes}))
         rows.append(row)
     if shortcut and shortcut.get("accuracy") is not None:
         lo, hi = shortcut["accuracy_ci95"]
@@ -87,6 +92,48 @@ def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[
                      "status": "reference", "seeds": 0, "accuracy_mean": shortcut["accuracy"],
                      "accuracy_ci_low": lo, "accuracy_ci_high": hi, "auc_mean": shortcut["auc"]})
     return rows, {"same_test_images": same_images}
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+    return float(lo), float(hi)
+
+
+def probe_summary(per_seed: Mapping[int, list[dict]]) -> dict:
+    """One model's shortcut probes over seeds: shortcut-adversarial accuracy pooled over seeds
+    (correct / n summed, Wilson interval) and per seed; occlusion AUCs and source-probe balanced
+    accuracies as mean ± std over seeds (t-interval)."""
+    out: dict = {}
+    k = n = 0
+    seeds_txt, occ, src = [], {"hide_bone": [], "only_bone": []}, {}
+    for seed, folds in sorted(per_seed.items()):
+        ks = sum(f["shortcut_adversarial"].get("correct", 0) for f in folds)
+        ns = sum(f["shortcut_adversarial"].get("n", 0) for f in folds if "correct" in f["shortcut_adversarial"])
+        k, n = k + ks, n + ns
+        if ns:
+            seeds_txt.append(f"{seed}: {ks}/{ns}")
+        for kind in occ:
+            vals = [f["occlusion"][kind]["auc"] for f in folds if "auc" in f["occlusion"][kind]]
+            if vals:
+                occ[kind].append(float(np.mean(vals)))
+        for attr in ("format", "mode", "aspect_tercile"):
+            vals = [f["source"][attr]["balanced_accuracy"] for f in folds
+                    if "balanced_accuracy" in f.get("source", {}).get(attr, {})]
+            if vals:
+                src.setdefault(attr, []).append(float(np.mean(vals)))
+    if n:
+        lo, hi = _wilson(k, n)
+        out.update(adversarial_accuracy=k / n, adversarial_ci_low=lo, adversarial_ci_high=hi, adversarial_n=n,
+                   adversarial_per_seed="; ".join(seeds_txt))
+    for kind, name in (("hide_bone", "auc_bone_hidden"), ("only_bone", "auc_bone_only")):
+        if occ[kind]:
+            st = mean_std_ci(occ[kind])
+            out.update({f"{name}_mean": st["mean"], f"{name}_std": st["std"]})
+    for attr, vals in src.items():
+        out[f"source_{attr}_mean"] = float(np.mean(vals))
+    return out
 
 
 def paired_tests(preds: Mapping[tuple[str, int], Predictions], key: str, ref: str, seeds: Sequence[int]) -> dict:
@@ -141,6 +188,7 @@ def render_markdown(rows: list[dict], info: dict) -> str:
             f"| {r['title']} | {r['status']} | {r.get('seeds', 0)} | " + " | ".join(_fmt(r, c) for c in columns)
             + f" | {paper_s} | {p('mcnemar_p')} | {p('delong_p')} | {r.get('seconds', '-')} |"
         )
+    lines += ["", *_probe_table(rows)]
     lines += [
         "",
         "Cells: mean ± std over seeds [95% t-interval over seeds]. Paired tests are against the reference "
@@ -149,6 +197,30 @@ def render_markdown(rows: list[dict], info: dict) -> str:
         f"Every model of a seed was scored on the same test images: {'yes' if info.get('same_test_images') else 'NO'}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _probe_table(rows: list[dict]) -> list[str]:
+    """The shortcut probes per model (rows that have them)."""
+    probed = [r for r in rows if "adversarial_n" in r or "auc_bone_hidden_mean" in r]
+    if not probed:
+        return []
+    lines = ["Shortcut probes (does the model read bone or the film's source?):", "",
+             "| model | shortcut-adversarial acc [Wilson 95%] (n) | per seed (correct/n) | AUC bone hidden | "
+             "AUC bone only | source probe: format / mode / aspect (balanced acc) |",
+             "|---|---|---|---|---|---|"]
+    for r in probed:
+        adv = (f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
+               f"(n = {r['adversarial_n']})") if "adversarial_n" in r else "-"
+        src = " / ".join("-" if _missing(r.get(f"source_{a}_mean")) else f"{r[f'source_{a}_mean']:.2f}"
+                         for a in ("format", "mode", "aspect_tercile"))
+        lines.append(f"| {r['title']} | {adv} | {r.get('adversarial_per_seed', '-')} | {_fmt(r, 'auc_bone_hidden')} | "
+                     f"{_fmt(r, 'auc_bone_only')} | {src} |")
+    lines += ["", "Shortcut-adversarial: accuracy on the test images where the metadata-only forest (fitted on each "
+              "seed's training partition) is wrong; the shortcut scores 0 there, chance is 0.5. AUCs: mean ± std "
+              "over seeds with the bone region hidden (only the film's border shows) and with only the bone shown. "
+              "Source probe: cross-validated balanced accuracy of a logistic regression predicting the file's "
+              "format, colour mode and aspect-ratio tercile from the model's fused features (training images)."]
+    return lines
 
 
 def table_csv(rows: list[dict]) -> str:

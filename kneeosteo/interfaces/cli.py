@@ -204,13 +204,18 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write metrics.json etc. (default: the run folder; RUN/evaluations/NAME for DATA or --split)."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the run's, 0.5)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    probes: bool = typer.Option(True, "--probes/--no-probes",
+                                help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe)."),
 ):
-    """Score a trained run: the paper's metrics with 95% intervals, predictions.csv and figures."""
+    """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
     from kneeosteo.evaluation.metrics import format_table
+    from kneeosteo.evaluation.probes import format_probes
 
-    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold)
+    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes)
     print(format_table({run.name: metrics}))
+    if probes:
+        print(format_probes(metrics["shortcut_probes"]))
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 

@@ -105,6 +105,11 @@ class HybridModel(nn.Module):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.fused_features(images, features)).squeeze(-1)
+
+    def fused_features(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head reads: backbone and attention-module features side by side (B, head input).
+        The source probe asks how much of the film's source these carry."""
         parts: list[torch.Tensor] = []
         if self.use_backbone:
             if features is None:
@@ -130,8 +135,7 @@ class HybridModel(nn.Module):
             if parts and parts[0].shape[0] != am.shape[0]:
                 raise ValueError(f"batch sizes differ: features {parts[0].shape[0]}, images {am.shape[0]}")
             parts.append(am)
-        fused = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return self.head(fused).squeeze(-1)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:

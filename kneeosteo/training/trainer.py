@@ -256,11 +256,13 @@ def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Di
 @dataclass
 class TrainResult:
     """What training leaves for its caller to score: the run folder, the best epoch's model
-    (on ``device``), the prepared test partition and the split."""
+    (on ``device``), the prepared test partition, the training originals (no augmented copies;
+    for the shortcut probes) and the split."""
 
     run: RunDir
     model: torch.nn.Module
     test: PreparedSet
+    train: PreparedSet
     sets: SplitSets
     history: list[dict]
     device: str
@@ -383,7 +385,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> TrainResult:
         s.run.update_record(best_epoch=state["best_epoch"], epochs_run=state["epoch"])
         console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
     best = s.run.load_model(s.device) if s.ctx.is_main else s.model
-    return TrainResult(s.run, best, s.parts["test"], s.sets, state["history"], s.device, s.ctx)
+    return TrainResult(s.run, best, s.parts["test"], s.parts["train"].originals(), s.sets, state["history"], s.device,
+                       s.ctx)
 
 
 def _silent(*_args, **_kw) -> None:

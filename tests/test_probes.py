@@ -1,0 +1,167 @@
+"""The shortcut probes (issue 13) on generated films where the answer is known.
+
+A "film" here is dark background, a soft-tissue slab and two bright bone shafts. The *border*
+(background grey) or the *bone* (its brightness) carries the label; toy models that read only
+one of them must show it in the probes: a border reader keeps its AUC with the bone hidden and
+loses it with only the bone shown, a bone reader the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kneeosteo.data.bone import bone_mask, occlude
+from kneeosteo.data.preprocess import Preprocess
+from kneeosteo.data.reader import ImageMeta
+from kneeosteo.evaluation.probes import (
+    format_probes, occlusion_aucs, shortcut_adversarial, source_attributes, source_probe,
+)
+
+SIZE = 96
+
+
+def film(border: float, bone: float, seed: int, h: int = SIZE, w: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels in [0, 1], true bone region): background ``border``, tissue 0.45, two shafts ``bone``."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), border, np.float32)
+    img[:, w // 5: 4 * w // 5] = 0.45
+    truth = np.zeros((h, w), bool)
+    for x0 in (0.30, 0.56):
+        c = int(x0 * w)
+        truth[h // 10: 9 * h // 10, c: c + w // 7] = True
+    img[truth] = bone
+    img += rng.normal(0, 0.01, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1), truth
+
+
+class CornerReader(nn.Module):
+    """Logit = mean of the input's top-left corner: reads the film's border only."""
+
+    def forward(self, images):
+        return images[:, 0, :6, :6].mean(dim=(1, 2))
+
+
+class CentreReader(nn.Module):
+    """Logit = mean of the central band where the shafts are: reads the bone."""
+
+    def forward(self, images):
+        s = images.shape[-1]
+        return images[:, 0, s // 4: 3 * s // 4, s // 3: 2 * s // 3].mean(dim=(1, 2))
+
+
+def test_bone_mask_finds_the_shafts_and_leaves_the_background():
+    img, truth = film(0.05, 0.85, 0)
+    m = bone_mask(img)
+    assert m.shape == img.shape and m.dtype == bool
+    assert m[truth].mean() > 0.95  # the bone is inside (dilated mask)
+    assert not m[:, :8].any() and not m[:, -8:].any()  # the film's border is not
+    assert 0.2 < m.mean() < 0.7
+    # the same on uint8 input, and a blank image hides everything rather than guessing
+    assert (bone_mask((img * 255).astype(np.uint8)) == m).mean() > 0.98
+    assert bone_mask(np.full((40, 50), 0.5, np.float32)).all()
+
+
+def test_bone_mask_ignores_a_burnt_in_white_bar():
+    img, truth = film(0.05, 0.8, 1)
+    img[-6:, :] = 1.0  # a white label bar along the bottom edge
+    m = bone_mask(img)
+    assert not m[-3:, :].any() and m[truth].mean() > 0.95
+
+
+def test_occlude_hides_or_keeps_exactly_the_mask():
+    img, truth = film(0.1, 0.9, 2)
+    hidden = occlude(img, truth, "hide_bone")
+    assert np.allclose(hidden[truth], np.median(img[~truth])) and np.array_equal(hidden[~truth], img[~truth])
+    only = occlude(img, truth, "only_bone")
+    assert (only[~truth] == 0).all() and np.array_equal(only[truth], img[truth])
+    with pytest.raises(ValueError):
+        occlude(img, truth, "blur")
+
+
+def _films(carrier: str, n: int = 24):
+    """Half positive; ``carrier`` says what differs between the classes (the rest varies at random)."""
+    rng = np.random.default_rng(7)
+    images, y = [], []
+    for i in range(n):
+        t = i % 2
+        border = (0.02 + 0.12 * t) if carrier == "border" else rng.uniform(0.02, 0.14)
+        bone = (0.7 + 0.25 * t) if carrier == "bone" else rng.uniform(0.7, 0.95)
+        images.append(film(border, bone, i)[0])
+        y.append(t)
+    return images, np.array(y)
+
+
+@pytest.mark.parametrize("carrier,model,hidden,only", [
+    ("border", CornerReader(), "high", "chance"),
+    ("bone", CentreReader(), "chance", "high"),
+])
+def test_occlusion_probes_tell_a_border_reader_from_a_bone_reader(carrier, model, hidden, only):
+    images, y = _films(carrier)
+    prep = Preprocess("paper", 64)
+    out = occlusion_aucs(model, prep, images, y, batch_size=8)
+    for kind, want in (("hide_bone", hidden), ("only_bone", only)):
+        auc = out[kind]["auc"]
+        assert out[kind]["n"] == len(y) and out[kind]["ci95"][0] <= auc <= out[kind]["ci95"][1]
+        if want == "high":
+            assert auc > 0.95, (kind, auc)
+        else:
+            assert 0.2 < auc < 0.8, (kind, auc)
+    assert 0.2 < out["mask_fraction"]["median"] < 0.7
+
+
+def _meta(fmt: str, w: int = 100, h: int = 100, mode: str = "L") -> ImageMeta:
+    return ImageMeta(path="x", format=fmt, mode=mode, width=w, height=h, bit_depth=8, file_size=1000, channels=1)
+
+
+def test_shortcut_adversarial_scores_a_metadata_reader_zero_and_an_oracle_one():
+    # training: the format gives the label away; test: 6 of 20 images break the rule
+    train = [_meta("JPEG" if i % 2 else "PNG") for i in range(40)]
+    y_train = [i % 2 for i in range(40)]
+    y_test = np.array([i % 2 for i in range(20)])
+    flipped = np.zeros(20, bool)
+    flipped[:6] = True
+    test = [_meta(("JPEG" if t else "PNG") if not f else ("PNG" if t else "JPEG")) for t, f in zip(y_test, flipped)]
+    reads_format = np.array([int(m.format == "JPEG") for m in test])
+    r = shortcut_adversarial(train, y_train, test, y_test, reads_format)
+    assert r["n"] == 6 and r["correct"] == 0 and r["accuracy"] == 0.0
+    assert r["metadata_accuracy"] == pytest.approx(14 / 20)
+    assert r["ci95"][0] == 0.0 and 0.3 < r["ci95"][1] < 0.5  # Wilson at 0 of 6
+    oracle = shortcut_adversarial(train, y_train, test, y_test, y_test)
+    assert oracle["accuracy"] == 1.0 and oracle["correct"] == 6
+    assert "skipped" in shortcut_adversarial(train, [1] * 40, test, y_test, y_test)
+
+
+def test_source_probe_finds_a_source_the_features_carry_and_not_one_they_do_not():
+    rng = np.random.default_rng(0)
+    metas = [_meta("JPEG" if i % 3 else "PNG", w=100 + i, h=100) for i in range(60)]
+    carries = np.c_[[float(m.format == "JPEG") for m in metas], rng.normal(size=(60, 5))]
+    carries[:, 0] += rng.normal(0, 0.1, 60)
+    r = source_probe(carries, metas)
+    assert r["format"]["balanced_accuracy"] > 0.95 and r["format"]["chance"] == 0.5
+    assert r["format"]["classes"] == {"JPEG": 40, "PNG": 20} and r["format"]["n"] == 60
+    noise = source_probe(rng.normal(size=(60, 6)), metas)
+    assert noise["format"]["balanced_accuracy"] < 0.75
+    assert "skipped" in r["mode"]  # one colour mode only
+    assert sorted(set(source_attributes(metas)["aspect_tercile"])) == ["high", "low", "mid"]
+
+
+def test_a_trained_run_carries_the_probes_in_its_metrics(tiny):
+    """The session's tiny run was scored by train_and_score: its metrics.json holds all three
+    probes with counts that match its own test set."""
+    from kneeosteo.run import RunDir
+
+    run = RunDir(tiny.run)
+    m = json.loads(run.metrics_file.read_text())
+    p = m["shortcut_probes"]
+    n_test = m["counts"]["tp"] + m["counts"]["fp"] + m["counts"]["fn"] + m["counts"]["tn"]
+    for kind in ("hide_bone", "only_bone"):
+        assert p["occlusion"][kind]["n"] == n_test and 0 <= p["occlusion"][kind]["auc"] <= 1
+    adv = p["shortcut_adversarial"]
+    assert adv["n_test"] == n_test and 0 <= adv["n"] <= n_test
+    assert set(p["source"]) == {"format", "mode", "aspect_tercile"}
+    assert "bone hidden" in format_probes(p)
