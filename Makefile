@@ -28,7 +28,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kneeosteo audit $(DATA) --out $(OUT)/audit
 	$(BIN)/kneeosteo split $(DATA) --out $(OUT)/split.json --seed $(SEED)
-	$(BIN)/kneeosteo train $(DATA) --config configs/default_model.toml --split $(OUT)/split.json --backbone $(BACKBONE) --seed $(SEED) --out $(OUT)/$(BACKBONE)-seed$(SEED)
+	$(BIN)/kneeosteo train $(DATA) --config configs/paper.toml --split $(OUT)/split.json --backbone $(BACKBONE) --seed $(SEED) --out $(OUT)/$(BACKBONE)-seed$(SEED)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kneeosteo.data.preprocess import PRESETS
+from kneeosteo.data.shortcut import REWEIGHTS
 from kneeosteo.errors import ConfigError
 
-__all__ = ["AUGMENT_MODES", "DEVICES", "PRECISIONS", "PRESETS", "TrainConfig", "load_config"]
+__all__ = ["AUGMENT_MODES", "DEVICES", "PRECISIONS", "PRESETS", "REWEIGHTS", "TrainConfig", "load_config"]
 
 AUGMENT_MODES = ("offline", "online", "none")  # offline: the paper's 5 copies; online: fresh per epoch
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU/GPU runs it natively
@@ -56,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     threshold: float = 0.5
+    reweight: str = "none"  # none | metadata: inverse-propensity weights against the file-metadata shortcut
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has it) | bf16 | fp32
     channels_last: bool = True
@@ -85,6 +87,7 @@ class TrainConfig:
         choice("augment", AUGMENT_MODES)
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
+        choice("reweight", REWEIGHTS)
         choice("backbone", list_backbones())
         number("epochs", 1, integer=True)
         number("patience", 1, integer=True)

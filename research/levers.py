@@ -88,67 +88,10 @@ def load_pixels(rec) -> np.ndarray:
 # bone region without labels
 
 
-def _clear_bands(small: np.ndarray) -> np.ndarray:
-    """Black out white bands (burnt-in bars) running along the edges of the film."""
-    out = small.copy()
-    bright = small >= 240
-    for axis in (0, 1):
-        frac = bright.mean(axis=1 - axis)  # per row (axis 0) / per column (axis 1)
-        n = frac.size
-        for rng in (range(n), range(n - 1, -1, -1)):
-            for i in rng:
-                if frac[i] < 0.8:
-                    break
-                if axis == 0:
-                    out[i, :] = 0
-                else:
-                    out[:, i] = 0
-    return out
-
-
-def bone_mask(img: np.ndarray) -> np.ndarray:
-    """Label-free bone region (bool, same shape as img).
-
-    At MASK_SIDE scale: Gaussian blur (sigma 1% of the longest side); Otsu #1 separates film
-    background from the body; Otsu #2 on the body pixels separates soft tissue from bone;
-    morphological opening; connected components of the bone class, keeping those with at least
-    10% of the largest component's area (at most 4: femur, tibia, fibula, patella); holes filled;
-    dilated by 3% of the longest side. Upsampled to the image's size. Saturated pixels (>= 250 of
-    255) are left out of Otsu #2, and white bands along the film's edges (rows/columns at the
-    border that are >= 80% at >= 240, e.g. burnt-in bars) are blacked out first.
-    """
-    h, w = img.shape
-    s = MASK_SIDE / max(h, w)
-    small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    side = max(small.shape)
-    small = _clear_bands(small)
-    sig = 0.01 * side
-    b = cv2.GaussianBlur(small, (0, 0), sig)
-    t1, _ = cv2.threshold(b, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # saturated pixels (burnt-in labels, collimator edges) are left out of Otsu #2
-    sat = small >= 250
-    body = b[(b > t1) & ~sat]
-    if body.size < 10:
-        return np.ones_like(img, dtype=bool)
-    t2, _ = cv2.threshold(body.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    m = (b > t2).astype(np.uint8)
-    k = max(3, int(0.01 * side) | 1)
-    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    if n <= 1:
-        return np.ones_like(img, dtype=bool)
-    areas = stats[1:, cv2.CC_STAT_AREA].astype(float)
-    order = np.argsort(-areas)
-    keep = [i + 1 for i in order[:4] if areas[i] >= 0.1 * areas[order[0]]]
-    m = np.isin(lab, keep).astype(np.uint8)
-    # fill holes: flood the background from the border, what is not reached is inside
-    ff = np.pad(m, 1)
-    mask = np.zeros((ff.shape[0] + 2, ff.shape[1] + 2), np.uint8)
-    cv2.floodFill(ff, mask, (0, 0), 1)
-    m = m | (1 - ff[1:-1, 1:-1])
-    d = max(3, int(0.03 * side) * 2 + 1)
-    m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d)))
-    return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+# bone_mask and occlude now live in the package (kneeosteo.data.bone, ported from this script
+# unchanged but for names and float input): the probes in `evaluate`/`reproduce` use them.
+from kneeosteo.data.bone import bone_mask  # noqa: E402
+from kneeosteo.data.bone import occlude as _occlude  # noqa: E402
 
 
 def _mask_path(cid: str) -> Path:
@@ -166,17 +109,8 @@ def load_mask(rec, img) -> np.ndarray:
 
 
 def occlude(img: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
-    """'hide_bone': bone region filled with the median of the visible rest (probe a);
-    'only_bone': everything outside the bone region set to 0, i.e. black (probe b)."""
-    out = img.copy()
-    if kind == "hide_bone":
-        rest = img[~mask]
-        out[mask] = np.uint8(np.median(rest)) if rest.size else 0
-    elif kind == "only_bone":
-        out[~mask] = 0
-    elif kind != "orig":
-        raise ValueError(kind)
-    return out
+    """'orig' (unchanged) or the package's hide_bone / only_bone view."""
+    return img.copy() if kind == "orig" else _occlude(img, mask, kind)
 
 
 def bbox(mask: np.ndarray, pad: float = 0.05) -> tuple[int, int, int, int]:

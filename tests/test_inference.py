@@ -296,7 +296,7 @@ def bundled_on_kop(bundled_run, kop, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundled-kop")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=root / "eval")
+        metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=root / "eval", probes=False)
         rd = RunDir(bundled_run)
         prep = rd.config.preprocess
         sets = load_split(split, kop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from statsmodels.stats.proportion import proportion_confint
 
 from kneeosteo.data.reader import ImageMeta
@@ -78,3 +78,29 @@ def metadata_only_accuracy(
         "majority_baseline": float(max(y.mean(), 1 - y.mean())),
         "top_features": [names[i] for i in order[:5]],
     }
+
+
+REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight
+
+
+def metadata_weights(metas: list[ImageMeta] | list[Record], y, seed: int = 0, folds: int = 5,
+                     clip: float = 10.0) -> np.ndarray:
+    """Inverse-propensity weights against the metadata shortcut, one per training image.
+
+    Each image is weighted by 1 / P(its own label | its file metadata), P from the audit's forest
+    fitted out of fold (``folds``-fold stratified, on these images only), clipped at ``clip`` and
+    scaled to mean 1. Images whose metadata gives their label away count little, those whose
+    metadata points the wrong way count a lot, so a model trained with them gains less from reading
+    the source. Fewer than ``folds`` images in a class: all weights 1 (nothing to fit on).
+    """
+    y = np.asarray(y, dtype=int)
+    counts = np.bincount(y, minlength=2)
+    if len(y) == 0 or counts.min() < folds:
+        return np.ones(len(y))
+    x, _ = metadata_matrix(metas)
+    prob = np.zeros(len(y))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        prob[te] = metadata_classifier(seed).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1]
+    own = np.where(y == 1, prob, 1 - prob)
+    w = np.minimum(1.0 / np.maximum(own, 1e-6), clip)
+    return w / w.mean()

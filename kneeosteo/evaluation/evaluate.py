@@ -31,12 +31,7 @@ PREDICTION_FIELDS = ("path", "label", "probability", "prediction")
 @torch.no_grad()
 def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        sl = slice(start, start + batch_size)
-        x = prep.normalise(data.grey[sl].float()).to(device).contiguous(memory_format=torch.channels_last)
-        feats = None if data.features is None else data.features[sl].to(device)
-        out.append(torch.sigmoid(model(images=x, features=feats).float()).double().cpu())
+    out = [torch.sigmoid(model(images=x, features=f).float()).double().cpu() for x, f in data.batches(prep, device, batch_size)]
     return torch.cat(out).numpy()
 
 

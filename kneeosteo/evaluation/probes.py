@@ -143,15 +143,9 @@ def _metas(root: Path, paths: list[str]) -> list[ImageMeta]:
 
 
 @torch.no_grad()
-def _fused(model, prep: Preprocess, part, device: str, batch_size: int = 64) -> np.ndarray:
+def _fused(model, prep: Preprocess, part, device: str) -> np.ndarray:
     model.eval()
-    out = []
-    for start in range(0, len(part), batch_size):
-        sl = slice(start, start + batch_size)
-        x = prep.normalise(part.grey[sl].float()).to(device).contiguous(memory_format=torch.channels_last)
-        feats = None if part.features is None else part.features[sl].to(device)
-        out.append(model.fused_features(images=x, features=feats).float().cpu())
-    return torch.cat(out).numpy()
+    return torch.cat([model.fused_features(images=x, features=f).float().cpu() for x, f in part.batches(prep, device)]).numpy()
 
 
 def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[str], y_test, prob, threshold: float,

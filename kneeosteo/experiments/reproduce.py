@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kneeosteo.config import TrainConfig
+from kneeosteo.config import TrainConfig, load_config
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
 from kneeosteo.errors import BackboneWeightsError, ConfigError
@@ -30,7 +30,8 @@ from kneeosteo.training import distributed
 from kneeosteo.utils.atomic import ensure_writable, write_json
 
 __all__ = [
-    "BASELINES", "HYBRID_BACKBONES", "OFFLINE_BACKBONES", "PAPER_MODELS", "Cell", "ModelSpec", "default_models",
+    "BASELINES", "HYBRID_BACKBONES", "OFFLINE_BACKBONES", "PAPER_MODELS", "Cell", "ModelSpec", "config_model",
+    "default_models",
     "make_splits", "model_catalogue", "quick_display_only", "reproduce", "run_cell", "weights_available",
 ]
 
@@ -44,6 +45,7 @@ class ModelSpec:
     backbone: str | None  # None: attention module only
     attention: bool
     paper_row: str | None = None  # its row in table1.PAPER_TABLE
+    config: str | None = None  # a TOML settings file: the cell trains exactly these settings
 
     @property
     def use_backbone(self) -> bool:
@@ -66,6 +68,13 @@ def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, 
         cat[f"fc-{b}"] = ModelSpec(f"fc-{b}", f"{b} + FC head (no AM)", b, False, BASELINES.get(b))
     cat["am-only"] = ModelSpec("am-only", "AM + FC head (no backbone)", None, True)
     return cat
+
+
+def config_model(path: str) -> ModelSpec:
+    """A model given as a settings file (``configs/default_model.toml``): its key is the file's stem."""
+    cfg = load_config(path, {})
+    return ModelSpec(Path(path).stem, f"{Path(path).stem} ({path})", cfg.backbone if cfg.use_backbone else None,
+                     cfg.attention, config=str(path))
 
 
 PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
@@ -120,11 +129,16 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
     if cell.run.metrics_file.is_file():
         return 0.0
     m = cell.model
-    cfg = replace(
-        base, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
-        backbone=m.backbone or "efficientnet_lite0", attention=m.attention, use_backbone=m.use_backbone,
-        backbone_weights="none" if random_init else base.backbone_weights,
-    )
+    if m.config:  # the file's own settings; the grid decides only the data, split, seed and device
+        own = load_config(m.config, {})
+        cfg = replace(own, data=base.data, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
+                      device=base.device, backbone_weights="none" if random_init else own.backbone_weights)
+    else:
+        cfg = replace(
+            base, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
+            backbone=m.backbone or "efficientnet_lite0", attention=m.attention, use_backbone=m.use_backbone,
+            backbone_weights="none" if random_init else base.backbone_weights,
+        )
     resume = (cell.path / "checkpoint" / "state.json").is_file()
     t = time.perf_counter()
     train_and_score(cfg, resume=resume, console=lambda msg: log.info("%s seed %s: %s", m.key, cell.seed, msg))
@@ -191,6 +205,7 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
               test_size: int = 72, display_only: tuple[str, ...] = ()) -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run."""
     cat = model_catalogue()
+    cat.update({m: config_model(m) for m in models if m.endswith(".toml")})
     unknown = [m for m in list(models) + list(display_only) if m not in cat]
     if unknown:
         raise ConfigError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")

@@ -41,6 +41,13 @@ class PreparedSet:
         keep = [i for i, v in enumerate(self.versions) if v == 0]
         return self.subset(keep)
 
+    def batches(self, prep: Preprocess, device: str = "cpu", batch_size: int = 64):
+        """(normalised inputs, cached features or None) per batch, in row order, as a model eats them."""
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            x = prep.normalise(self.grey[sl].float()).to(device).contiguous(memory_format=torch.channels_last)
+            yield x, None if self.features is None else self.features[sl].to(device)
+
     def subset(self, idx: list[int]) -> "PreparedSet":
         t = torch.as_tensor(idx, dtype=torch.long)
         return PreparedSet(

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS
+from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
 from kneeosteo.data import formats
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
@@ -152,7 +152,9 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed: same seed, same metrics."),
     device: Optional[str] = typer.Option(None, parser=_choice(DEVICES), help="auto (CUDA when present), cpu or cuda."),
     precision: Optional[str] = typer.Option(None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings."),
+    image_size: Optional[int] = typer.Option(None, help="Network input side in px (paper: 224; default model: 512)."),
+    reweight: Optional[str] = typer.Option(None, parser=_choice(REWEIGHTS), help="none, or metadata: weight each training image by 1 / P(its label | file metadata) against the source shortcut."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
     devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
     nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
@@ -175,7 +177,7 @@ def train(
             finetune=finetune, preprocess=preprocess, clahe=clahe, augment=augment, copies=copies,
             zoom=_pair(zoom, "--zoom"), crop_fraction=_pair(crop_fraction, "--crop-fraction"),
             rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, precision=precision,
+            device=device, precision=precision, image_size=image_size, reweight=reweight,
         )
         cfg = load_config(config, overrides)
         if cfg.data is None:
@@ -328,7 +330,7 @@ def reproduce(
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models)."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models), or settings files (configs/default_model.toml): such a model trains exactly the file's settings."),
     protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
     folds: int = typer.Option(5, help="Folds for --protocol kfold."),
     test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
