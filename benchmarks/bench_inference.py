@@ -180,9 +180,14 @@ def worker(spec: dict) -> dict:
         t = time.perf_counter()
         run(x)  # first call: compiles / plans for this shape
         row["first_call_s"] = round(time.perf_counter() - t, 3)
-        min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] * 2 // 5)
-        times = time_calls(lambda: run(x), warmup=spec["warmup"] if batch == 1 else 1, min_iters=min_iters,
-                           max_iters=spec["max_iters"], target_s=spec["target_s"])
+        if spec.get("once"):  # one timed call, no warm-up (see run_section: emulated bf16 in --quick)
+            warmup, min_iters, max_iters = 0, 1, 1
+        else:
+            warmup = spec["warmup"] if batch == 1 else 1
+            min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] * 2 // 5)
+            max_iters = spec["max_iters"]
+        times = time_calls(lambda: run(x), warmup=warmup, min_iters=min_iters,
+                           max_iters=max_iters, target_s=spec["target_s"])
         row.update(latency_stats(times, batch))
         hwm = proc_status_kb("VmHWM")
         row["peak_rss_mb"] = round((hwm or 0) / 1024, 1)
@@ -398,6 +403,14 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
     isolate = (not quick) if isolate is None else isolate
     if quick:  # compiling takes minutes here: more than the whole smoke run may spend
         engines = [e for e in engines if not ENGINES[e].get("compile")]
+    from benchmarks.machine import bf16_native
+
+    emulated = not bf16_native()
+    settings["bf16_native"] = not emulated
+    # --quick where bf16 is emulated (~30x slower than fp32 here: 5 s per batch of 32 on a loaded
+    # 2-core machine): the bf16 rows are timed with one call per batch size (still built, run and
+    # compared with fp32 like every other row) and left out of the head-to-head.
+    once = quick and emulated
     doc: dict = {"settings": settings, "models": {}, "notes": []}
     tmp = tempfile.TemporaryDirectory(prefix="kneeosteo-bench-inf-") if work is None else None
     work = Path(tmp.name) if tmp else Path(work)
@@ -420,18 +433,26 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                 for eng in engines:
                     spec = {"engine": eng, "model": name, "state": str(state), "files": ex["files"],
                             "file_errors": ex["errors"], "agree_inputs": str(work / f"{name}.agree.npy"),
-                            "batches": list(BATCHES), **settings}
+                            "batches": list(BATCHES), **settings,
+                            "once": once and bool(ENGINES[eng].get("bf16"))}
                     cap = (60 if quick else compile_cap_s) if ENGINES[eng].get("compile") else (120 if quick else 900)
                     log(f"  inference: {name} {eng} ...")
                     res = _run_worker(spec, cap) if isolate else _in_process(spec)
+                    if ENGINES[eng].get("bf16"):
+                        res["bf16_emulated"] = emulated
+                        res["timed_once"] = spec["once"]
                     mdoc["engines"][eng] = res
                 _derive(mdoc, peaks or {})
                 log(f"  inference: {name} head-to-head (interleaved) ...")
+                left_out = [e for e in HEAD_TO_HEAD if once and ENGINES[e].get("bf16")]
                 try:
                     mdoc["head_to_head"] = head_to_head(
                         {"model": name, "state": str(state), "files": ex["files"], "file_errors": ex["errors"],
                          "threads": threads, "image_size": size},
-                        rounds={1: 3, 32: 2} if quick else {1: 30, 32: 6})
+                        engines=[e for e in HEAD_TO_HEAD if e not in left_out],
+                        rounds={1: 3, 32: 2} if quick else {1: 30, 32: 6}, pause_s=0.05 if quick else 0.2)
+                    for e in left_out:
+                        mdoc["head_to_head"].setdefault("skipped", {})[e] = "--quick: bf16 is emulated on this CPU"
                 except Exception as exc:
                     mdoc["head_to_head"] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
                 doc["models"][name] = mdoc
@@ -439,6 +460,11 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                 doc["notes"].append("torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)")
             if not isolate:
                 doc["notes"].append("engines ran in one process: peak RSS is cumulative, not per engine")
+            if emulated:
+                doc["notes"].append("bf16 is emulated on this CPU (no AVX-512 BF16/AMX, or PyTorch capped at AVX2): "
+                                    "the bf16 rows time the emulation" + (
+                                        "; --quick timed them with one call per batch size and left them out "
+                                        "of the head-to-head" if once else ""))
             doc["int8_accuracy_kop"] = _kop_accuracy(quick, run, data, work, threads, fallback_run)
     finally:
         if tmp:

@@ -56,6 +56,15 @@ def _versions() -> dict:
     return out
 
 
+def bf16_native() -> bool:
+    """Whether this CPU runs bf16 natively (AVX-512 BF16 / AMX, and PyTorch not capped at AVX2),
+    as ``--precision auto`` decides; without it bf16 is emulated (converted to fp32 and back) and
+    every bf16 number below measures the emulation, not the hardware."""
+    from kneeosteo.training.trainer import _cpu_has_bf16
+
+    return _cpu_has_bf16()
+
+
 def describe() -> dict:
     import torch
 
@@ -73,6 +82,7 @@ def describe() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "bf16_native": bf16_native(),
         "versions": _versions(),
         "loadavg": loadavg(),
     }
@@ -118,14 +128,24 @@ def matmul_peak(dtype: str = "fp32", n: int = 4096, reps: int = 5) -> dict:
     }
 
 
-def peaks(quick: bool = False) -> dict:
+# --quick on a CPU without native bf16: the emulated bf16 matmul runs ~100x slower than fp32
+# (a 1024-wide one took 30 s of a 60-s smoke run), so it is measured once at this width; the
+# code path is the same, the figure is marked emulated as in a full run.
+QUICK_EMULATED_BF16 = (256, 1)
+
+
+def peaks(quick: bool = False, native_bf16: bool | None = None) -> dict:
     n, reps = (1024, 3) if quick else (4096, 5)
-    return {dt: matmul_peak(dt, n=n, reps=reps) for dt in ("fp32", "bf16", "int8")}
+    native = bf16_native() if native_bf16 is None else native_bf16
+    out = {dt: matmul_peak(dt, n=n, reps=reps) for dt in ("fp32", "int8")}
+    out["bf16"] = matmul_peak("bf16", *(QUICK_EMULATED_BF16 if quick and not native else (n, reps)))
+    out["bf16"]["emulated"] = not native
+    return {dt: out[dt] for dt in ("fp32", "bf16", "int8")}
 
 
 def machine_section(quick: bool = False) -> dict:
     doc = describe()
-    doc["peak"] = peaks(quick)
+    doc["peak"] = peaks(quick, doc["bf16_native"])
     doc["loadavg_after_peak"] = loadavg()
     return doc
 

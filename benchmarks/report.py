@@ -42,7 +42,11 @@ def machine_md(m: dict) -> list[str]:
 
     def peak(dt):
         p = pk.get(dt) or {}
-        return f"{_f(p.get('best_gflops'))} GFLOP/s" if p.get("available") else f"n/a ({p.get('reason', '?')})"
+        if not p.get("available"):
+            return f"n/a ({p.get('reason', '?')})"
+        if p.get("emulated"):
+            return f"{_f(p.get('best_gflops'))} GFLOP/s (emulated: no native bf16; {p.get('n')}x{p.get('n')}, {p.get('reps')} run(s))"
+        return f"{_f(p.get('best_gflops'))} GFLOP/s"
 
     n = (pk.get("fp32") or {}).get("n", "?")
     return [
@@ -123,8 +127,9 @@ def inference_md(d: dict) -> list[str]:
             if "batches" not in r:
                 skipped.append(f"- {eng}: {r.get('skipped')}")
                 continue
+            label = f"{eng} (emulated{', 1 call' if r.get('timed_once') else ''})" if r.get("bf16_emulated") else eng
             for b, row in r["batches"].items():
-                lines.append(f"| {eng} | {b} | {_f(row.get('images_per_s'))} | {_f(row.get('p50_ms'))} | "
+                lines.append(f"| {label} | {b} | {_f(row.get('images_per_s'))} | {_f(row.get('p50_ms'))} | "
                              f"{_f(row.get('p95_ms'))} | {_f(row.get('first_call_s'), 2)} | {_f(row.get('peak_rss_mb'), 0)} | "
                              f"{_f(row.get('peak_rss_delta_mb'), 0)} | {_f(row.get('gflops'))} | "
                              f"{_f(row.get('pct_of_peak'))}% {row.get('peak_kind', '')} | {_f(r.get('max_abs_dp_vs_fp32'), 4)} |")
@@ -163,6 +168,9 @@ def _fastest(m: dict, kop: dict) -> list[str]:
         for b, rows in h2h.items():
             out.append(f"| {b} | " + " | ".join(_f(rows[e]["images_per_s"]) for e in engines) + " |")
         out.append("")
+        left_out = (m.get("head_to_head") or {}).get("skipped") or {}
+        if isinstance(left_out, dict) and left_out:
+            out += ["Left out of the head-to-head: " + "; ".join(f"{e} ({why})" for e, why in left_out.items()), ""]
     for b in ("1", "32"):
         cands = {}
         for eng in PREDICT_ENGINE:

@@ -126,6 +126,60 @@ def test_quick_run_writes_every_section(quick):
     assert acc["engines"]["ort-fp32"]["max_abs_dp_vs_torch_fp32"] < FP32_TOL
 
 
+def test_quick_run_runs_every_bf16_path_and_marks_emulation(quick):
+    """Where bf16 is emulated (no AVX-512 BF16/AMX, or the AVX2-capped path), --quick times the
+    bf16 peak on a small matrix and the bf16 engine with one call per batch size, and leaves it out
+    of the head-to-head; but every bf16 code path still runs (the bf16 matmul, the engine's batch 1
+    and 32 calls, its agreement with fp32, the percentage of the bf16 peak), and the results say
+    that bf16 was emulated. Where bf16 is native, nothing is cut."""
+    from kneeosteo.training.trainer import _cpu_has_bf16
+
+    native = _cpu_has_bf16()
+    m = quick.docs["machine"]
+    assert m["bf16_native"] is native
+    pk = m["peak"]["bf16"]
+    assert pk["available"] and pk["best_gflops"] > 0 and pk["emulated"] is (not native)
+    assert (pk["n"], pk["reps"]) == ((1024, 3) if native else (256, 1))
+    assert (m["peak"]["fp32"]["n"], m["peak"]["fp32"]["reps"]) == (1024, 3)
+    inf = quick.docs["inference"]
+    assert inf["settings"]["bf16_native"] is native
+    eff = inf["models"]["efficientnet_lite0"]
+    bf = eff["engines"]["torch-cl-bf16"]
+    assert bf["bf16_emulated"] is (not native) and bf["timed_once"] is (not native)
+    for b in ("1", "32"):
+        assert (bf["batches"][b]["iterations"] == 1) is (not native), bf["batches"][b]
+        assert bf["batches"][b]["peak_kind"] == "bf16" and bf["batches"][b]["pct_of_peak"] > 0
+        fp = eff["engines"]["torch-cl-fp32"]
+        assert fp["batches"][b]["iterations"] >= 3 and "timed_once" not in fp  # fp32 rows: as before
+    assert len(bf["agree_probs"]) == 8 and bf["max_abs_dp_vs_fp32"] <= LOSSY_TOL
+    h2h = eff["head_to_head"]
+    for b in ("1", "32"):
+        assert {"torch-cl-fp32", "ort-fp32", "ort-int8-static"} <= set(h2h["batches"][b])
+        assert ("torch-cl-bf16" in h2h["batches"][b]) is native
+    assert ("emulated" in (h2h.get("skipped") or {}).get("torch-cl-bf16", "")) is (not native)
+    assert ("torch-cl-bf16 (emulated, 1 call) | 32 |" in quick.md) is (not native)
+    assert ("GFLOP/s (emulated: no native bf16; 256x256, 1 run(s))" in quick.md) is (not native)
+    assert "torch-cl-bf16" in inf["int8_accuracy_kop"]["engines"]  # the bf16 accuracy pass runs either way
+
+
+def test_a_full_run_measures_the_bf16_peak_in_full_and_marks_it_emulated(monkeypatch):
+    """Only --quick shrinks the emulated bf16 matmul; a full run measures it at full size and marks it."""
+    from benchmarks import machine, report
+
+    calls = []
+    monkeypatch.setattr(machine, "matmul_peak", lambda dt, n=4096, reps=5: calls.append((dt, n, reps)) or
+                        {"dtype": dt, "n": n, "reps": reps, "available": True, "best_gflops": 1.0})
+    for quick, native, want in ((False, False, (4096, 5)), (False, True, (4096, 5)),
+                                (True, True, (1024, 3)), (True, False, (256, 1))):
+        calls.clear()
+        pk = machine.peaks(quick, native)
+        assert list(pk) == ["fp32", "bf16", "int8"] and pk["bf16"]["emulated"] is (not native)
+        assert dict((dt, (n, reps)) for dt, n, reps in calls)["bf16"] == want
+        assert {(n, reps) for dt, n, reps in calls if dt != "bf16"} == {(4096, 5) if not quick else (1024, 3)}
+        md = "\n".join(report.machine_md({"peak": pk, "versions": {}}))
+        assert ("bf16 1.0 GFLOP/s (emulated: no native bf16" in md) is (not native)
+
+
 def test_quick_run_writes_the_tables(quick):
     md = quick.md
     assert md.startswith("# Benchmarks") and "## Machine" in md and "GFLOP/s" in md

@@ -18,8 +18,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import forkrun
 from tinyrun import tiny_run
 from kneeosteo.interfaces.cli import main
 from kneeosteo.errors import OutputError
@@ -79,10 +78,10 @@ def ws(tmp_path_factory, one_thread):
 # --------------------------------------------------------------------------- kill -9
 
 
-def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> list[dict]:
+def _wait_for_epochs(run: Path, n: int, proc, timeout: float = 240) -> list[dict]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.is_alive(), "the run ended before it could be killed"
         try:
             with open(run / "history.csv", newline="") as fh:
                 rows = list(csv.DictReader(fh))
@@ -95,29 +94,32 @@ def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(ws, tmp_path):
+    """Each `kneeosteo train` is its own process, forked from a server that imported the package
+    once (tests/forkrun.py: the same main() as `python -m kneeosteo`, without re-importing torch
+    for every start); SIGKILL is sent to that process's pid."""
     run = tmp_path / "killed"
     env = {**os.environ, "KNEEOSTEO_CACHE": str(ws.cache), "OMP_NUM_THREADS": "1"}
-    fresh = [sys.executable, "-m", "kneeosteo", "train", str(ws.data), "--split", str(ws.split),
-             "--config", str(ws.cfg), "--out", str(run)]
-    resume = [sys.executable, "-m", "kneeosteo", "train", "--resume", str(run)]
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    fresh = ["train", ws.data, "--split", ws.split, "--config", ws.cfg, "--out", run]
+    resume = ["train", "--resume", run]
     killed_after = []
     for cmd, epochs_first in ((fresh, 1), (resume, 3)):  # two kills: in epoch 2, then in epoch 4
-        with open(tmp_path / "stderr.txt", "w") as err:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-            try:
-                rows = _wait_for_epochs(run, epochs_first, proc)
-                time.sleep(float(rows[-1]["seconds"]) / 2)  # half-way through the next epoch
-                os.kill(proc.pid, signal.SIGKILL)
-            finally:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+        proc = forkrun.start(cmd, env, REPO, out, err)
+        try:
+            rows = _wait_for_epochs(run, epochs_first, proc)
+            time.sleep(float(rows[-1]["seconds"]) / 2)  # half-way through the next epoch
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.join()
+        assert proc.exitcode == -signal.SIGKILL
         done = len(history(run))
         assert epochs_first <= done < SETTINGS["epochs"] and not (run / "metrics.json").exists()
         killed_after.append(done)
-    res = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert re.search(r"resuming after epoch \d", res.stdout)
+    proc = forkrun.start(resume, env, REPO, out, err)
+    proc.join(300)
+    assert proc.exitcode == 0, err.read_text()[-3000:]
+    assert re.search(r"resuming after epoch \d", out.read_text())
     assert_same_results(run, ws.ref)
     assert not temporaries(run)
     print(f"\nkill -9 faults injected: 2 (after epochs {killed_after}); data lost: none")

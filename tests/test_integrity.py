@@ -40,13 +40,24 @@ def knee(tmp_path_factory) -> Path:
     return g.png_grey8(tmp_path_factory.mktemp("img") / "knee.png")
 
 
-def _shifted_onnx(run: Path, out: Path, shift: float = 20.0) -> Path:
-    """The run's own export with the head's last bias moved by ``shift``: same metadata, other weights."""
+@pytest.fixture(scope="module")
+def bundled_export(tmp_path_factory) -> Path:
+    """The export of a copy of the bundled model named as ``copy_of_bundled`` names its copies
+    (same folder name and files, so the same model id and metadata): made once per module, the
+    tests below derive their doctored files from it instead of exporting again."""
+    root = tmp_path_factory.mktemp("bundled-export")
+    run = root / "bundled_copy"
+    shutil.copytree(RunDir.bundled().path, run)
+    return export_onnx(run, root / "model.onnx", verify=False)
+
+
+def _shifted_onnx(export: Path, out: Path, shift: float = 20.0) -> Path:
+    """The run's own export (``export``, from ``bundled_export``) with the head's last bias moved
+    by ``shift``, written to ``out``: same metadata, other weights."""
     import onnx
     from onnx import numpy_helper
 
-    export_onnx(run, out, verify=False)
-    proto = onnx.load(str(out))
+    proto = onnx.load(str(export))
     bias = [t for t in proto.graph.initializer if t.name.endswith("head.out.bias")]
     assert bias, [t.name for t in proto.graph.initializer][-5:]
     arr = numpy_helper.to_array(bias[0]) + np.float32(shift)
@@ -55,21 +66,21 @@ def _shifted_onnx(run: Path, out: Path, shift: float = 20.0) -> Path:
     return out
 
 
-def test_a_planted_model_onnx_in_the_run_folder_is_never_used(copy_of_bundled, knee):
+def test_a_planted_model_onnx_in_the_run_folder_is_never_used(copy_of_bundled, bundled_export, knee):
     """Item 1: RUN/model.onnx with a shifted bias answered 1.0 under the same model id."""
-    _shifted_onnx(copy_of_bundled, copy_of_bundled / "model.onnx")
+    _shifted_onnx(bundled_export, copy_of_bundled / "model.onnx")
     want = Predictor(copy_of_bundled, engine="torch").predict([knee], progress=False).predictions[0].probability
     got = Predictor(copy_of_bundled).predict([knee], progress=False).predictions[0].probability  # default: ORT
     assert abs(got - want) < 1e-4
 
 
-def test_a_tampered_cached_export_is_exported_again(copy_of_bundled, knee):
+def test_a_tampered_cached_export_is_exported_again(copy_of_bundled, bundled_export, knee):
     """The cache is keyed by the weights' sha256 and each export's own sha256 is recorded when
     written: a swapped file there is detected and replaced, not used."""
     first = ensure_onnx(copy_of_bundled)
     assert first == cached_onnx_path(RunDir(copy_of_bundled).info)
     good = sha256_file(first)
-    _shifted_onnx(copy_of_bundled, first)  # swapped behind our back, metadata intact
+    _shifted_onnx(bundled_export, first)  # swapped behind our back, metadata intact
     assert sha256_file(ensure_onnx(copy_of_bundled)) == good
 
 
