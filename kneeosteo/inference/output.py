@@ -34,7 +34,7 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
 
 
 def _num(v) -> str:
-    return "" if v is None else f"{v:.6g}"
+    return "" if v is None else f"{v:.6f}"
 
 
 def format_table(result: PredictionResult) -> str:
