@@ -42,11 +42,15 @@ from kneeosteo.run import RunDir
 from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler, TrustBundle, choose_threshold, logit
 from kneeosteo.trust.operating_point import parse_operating_point
 
-__all__ = ["MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
+__all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
            "trust_line"]
 
 log = logging.getLogger(__name__)
 MIN_TEMPERATURE_IMAGES = 10
+# Below this many in-domain images the feature check is not fitted: with 14 images in 1280
+# dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
+# and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
+MIN_DOMAIN_IMAGES = 50
 _T_BOUNDS = (0.0101, 99.0)  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
 
 
@@ -99,7 +103,7 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
     feats = backbone_features(model, fit_set, prep, device)
     check = None
     if feats is None:
-        info["domain"] = "none: the model has no backbone features"
+        info["domain"] = "pixel checks only: the model has no backbone features"
     elif domain is not None:
         check = copy.deepcopy(domain)
         check.refit_threshold(feats)
@@ -108,11 +112,14 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
         source = fit_set if domain_set is None else domain_set.originals()
         x = feats if domain_set is None else backbone_features(model, source, prep, device)
         try:
+            if len(x) < MIN_DOMAIN_IMAGES:
+                raise DataError(f"{len(x)} in-domain images are too few for a feature distance in {x.shape[1]} "
+                                f"dimensions (at least {MIN_DOMAIN_IMAGES}); only the pixel checks apply")
             check = DomainCheck(acceptance=acceptance).fit(x)
             info["domain"] = (f"fitted on {len(x)} {'calibration' if domain_set is None else 'training'} images, "
                               f"threshold at {acceptance:g} of out-of-fold distances")
         except DataError as exc:
-            info["domain"] = f"none: {exc}"
+            info["domain"] = f"pixel checks only: {exc}"
             log.warning("no domain check for this run: %s", exc)
     return TrustBundle(calibrator, threshold, str(op), conformal, check, tuple(classes), info)
 

@@ -42,13 +42,12 @@ def format_table(result: PredictionResult) -> str:
     Names are shown through ``printable``: a newline, tab, escape sequence, bidi mark or
     undecodable byte in a file name is escaped, so it can neither break nor reorder the table;
     the CSV and JSON files keep the real name."""
-    header = ["path", "content_id", "status", "probability", "raw", "label", "prediction_set", "domain_score",
-              "threshold", "model"]
-    rows = [header] + [[printable(p.path), p.content_id[:12], p.status,
-                        f"{p.probability:.4f}" + ("" if p.calibrated else " (uncalibrated)"),
-                        f"{p.raw_probability:.4f}", printable(p.label) or "-",
-                        printable(SET_SEPARATOR.join(p.prediction_set)) or "-",
-                        "-" if p.domain_score is None else f"{p.domain_score:.4g}/{p.domain_threshold:.4g}",
-                        f"{p.threshold:g}", printable(p.model)] for p in result.predictions]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    rows = [list(COLUMNS)] + [[printable(p.path), p.content_id[:12], p.status, f"{p.probability:.4f}",
+                               f"{p.raw_probability:.4f}", printable(p.label) or "-",
+                               printable(SET_SEPARATOR.join(p.prediction_set)) or "-",
+                               "-" if p.domain_score is None else f"{p.domain_score:.4g}",
+                               "-" if p.domain_threshold is None else f"{p.domain_threshold:.4g}",
+                               "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model)]
+                              for p in result.predictions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -18,7 +18,7 @@ from kneeosteo.errors import DataError
 
 from .calibration import calibrator_from_dict, sigmoid
 from .conformal import ConformalClassifier
-from .domain import DomainCheck
+from .domain import DomainCheck, pixel_problems
 from .operating_point import parse_operating_point
 from .prediction import TrustedPrediction, trusted_prediction
 
@@ -44,8 +44,8 @@ class TrustBundle:
     # -- use ------------------------------------------------------------------------------------
     def predict(self, logit: float, features=None, pixels=None) -> TrustedPrediction:
         """One image: its raw logit, its backbone features (D,) and its canonical pixels."""
-        if self.domain is None:
-            score, dthr, ok = float("nan"), float("nan"), True
+        if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
+            score, dthr, ok = float("nan"), float("nan"), pixels is None or not pixel_problems(pixels)
         else:
             if features is None:
                 raise DataError("this run's domain check needs the image's backbone features")
