@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from conftest import KOP_DIR, require
+from imagegen import non_knee_corpus
 from kneeosteo.errors import CheckpointError, ConfigError
 from kneeosteo.run import RunDir
 from kneeosteo.trust import STATUSES, sigmoid
@@ -26,63 +27,6 @@ FIELDS = ("status", "probability", "raw_probability", "label", "prediction_set",
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def non_knee_corpus(folder: Path) -> list[Path]:
-    """Noise, blank and uniform images, documents, photo-like scenes, screenshots-like UI and
-    pydicom's own CT and MR samples: nothing a knee model has seen."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    out = []
-
-    def save(name, arr):
-        p = folder / name
-        Image.fromarray(arr).save(p)
-        out.append(p)
-
-    save("noise_uniform.png", (rng.random((320, 256)) * 255).astype(np.uint8))
-    save("noise_gaussian.png", np.clip(rng.normal(128, 40, (300, 300)), 0, 255).astype(np.uint8))
-    save("black.png", np.zeros((256, 256), np.uint8))
-    save("white.png", np.full((256, 256), 255, np.uint8))
-    save("grey.png", np.full((200, 300), 117, np.uint8))
-    for k in range(2):  # a document: black lines of "text" on white
-        page = Image.new("L", (400, 520), 250)
-        d = ImageDraw.Draw(page)
-        for line in range(30):
-            y = 30 + line * 16
-            x = 30
-            while x < 360:
-                w = int(rng.integers(10, 40))
-                d.rectangle([x, y, x + w, y + 8], fill=int(rng.integers(0, 60)))
-                x += w + 6
-        out.append(folder / f"document_{k}.png")
-        page.save(out[-1])
-    for k in range(3):  # a photo-like scene: smooth colour fields and shapes
-        yy, xx = np.mgrid[0:240, 0:320] / 240.0
-        a, b = rng.random(2) * 6
-        rgb = np.stack([np.sin(a * xx + k) * 0.5 + 0.5, np.cos(b * yy) * 0.5 + 0.5, xx * yy], axis=2)
-        img = Image.fromarray((rgb * 255).astype(np.uint8))
-        d = ImageDraw.Draw(img)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, 280)), int(rng.integers(0, 200))
-            d.ellipse([x0, y0, x0 + 40, y0 + 40], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        out.append(folder / f"photo_{k}.png")
-        img.save(out[-1])
-    ui = Image.new("RGB", (480, 300), (240, 240, 240))  # a screenshot: bars, buttons, text blocks
-    d = ImageDraw.Draw(ui)
-    d.rectangle([0, 0, 480, 30], fill=(40, 80, 160))
-    for i in range(5):
-        d.rectangle([20, 50 + 45 * i, 200, 80 + 45 * i], fill=(200, 200, 210), outline=(90, 90, 90))
-        d.rectangle([240, 55 + 45 * i, 460, 60 + 45 * i], fill=(30, 30, 30))
-    out.append(folder / "screenshot.png")
-    ui.save(out[-1])
-    import pydicom.data
-
-    samples = Path(pydicom.data.__file__).parent / "test_files"
-    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm"):
-        if (samples / name).is_file():
-            out.append(samples / name)
-    return out
 
 
 # -- the session's tiny run, calibrated once on its own data (20 images) ---------------------------
