@@ -102,7 +102,7 @@ class Explanation(Prediction):
     gradcam_png: Optional[str] = Field(description="Grad-CAM over the radiograph, PNG, base64; null when "
                                                    "out_of_domain (a map would explain nothing).")
     attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; "
-                                                     "null without an attention module.")
+                                                     "null without an attention module or when out_of_domain.")
 
 
 class Service:
