@@ -285,11 +285,11 @@ class RunDir:
 
     @property
     def info(self) -> ModelInfo:
-        """The model as predictions see it; with trust files the threshold is the operating
-        threshold on the calibrated probability, else the identity's on the raw one."""
-        c, t = self.config, self.trust
-        threshold = c.threshold if t is None else t.threshold
-        return ModelInfo(self.model_id, c.preprocess, threshold, c.negative, c.positive, c.backbone, c.weights_sha256)
+        """The model as its weights define it: the identity's threshold, on the raw probability
+        (what an ONNX export records). A run with trust files predicts with ``trust.threshold``
+        on the calibrated probability instead (``Predictor``, ``Explainer``)."""
+        c = self.config
+        return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone, c.weights_sha256)
 
     @functools.cached_property
     def trust(self) -> "TrustBundle | None":

@@ -297,3 +297,25 @@ def test_refitting_the_domain_threshold_keeps_the_arrays():
     assert after == check.threshold > before
     assert np.mean(check.distance(site) <= after) == pytest.approx(0.9, abs=0.01)
     assert all(np.array_equal(arrays[k], check.to_state()[0][k]) for k in arrays)
+
+
+def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_thread):
+    """`kneeosteo calibrate RUN --out NEW`: what training fits, from the run's split (how an old
+    run such as the bundled model gets trust files); a bad setting is a usage error (exit 2)."""
+    from kneeosteo.interfaces.cli import main
+
+    old = _old_run(tiny, tmp_path / "old")
+    before = _tree_digest(old)
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(old), "--out", str(tmp_path / "new"), "--coverage", "0.8"])
+    assert e.value.code == 0
+    assert _tree_digest(old) == before and RunDir(old).trust is None
+    new = RunDir(tmp_path / "new")
+    t = new.trust
+    assert t.fitted["mode"] == "split" and t.fitted["calibration_set"] == "validation partition"
+    assert t.conformal.coverage == 0.8
+    assert set(new.config.record["calibration_data"]["content_ids"]) == set(json.loads(tiny.split.read_text())["val"])
+    assert f"model {new.model_id}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(old), "--out", str(tmp_path / "bad"), "--operating-point", "median"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()

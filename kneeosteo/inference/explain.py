@@ -123,7 +123,10 @@ class Explainer:
         if target not in TARGETS:
             raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
         self.model, self.info, self.target, self.device = model, info, target, device
-        self.threshold = info.threshold if threshold is None else float(threshold)
+        if threshold is None:  # a run with trust files: its operating threshold, on the calibrated probability
+            self.threshold = info.threshold if trust is None else trust.threshold
+        else:
+            self.threshold = float(threshold)
         self.trust = trust if (trust is None or threshold is None) else replace(trust, threshold=self.threshold)
         self.layer_name, self.layer = gradcam_layer(model)
 

@@ -139,8 +139,11 @@ class Predictor:
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
         self.trust = None if self.run is None else self.run.trust
-        if self.trust is not None and threshold is not None:
-            self.trust = replace(self.trust, threshold=float(threshold))
+        if self.trust is not None:  # the operating threshold is on the calibrated probability
+            if threshold is None:
+                self.info = replace(self.info, threshold=self.trust.threshold)
+            else:
+                self.trust = replace(self.trust, threshold=float(threshold))
         if (self.trust is not None and self.trust.domain is not None and self._session is not None
                 and "features" not in self._session.output_names):
             raise InferenceError(f"{onnx}: an export without the features output, which this run's domain check "
