@@ -113,7 +113,7 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     # a blank image is out of domain: the page says so, and shows no label, probability bar or map
     blank = g.png_grey8(tmp_path / "blank.png", array=np.full((200, 200), 100, np.uint8))
     page.set_input_files("#file", str(blank))
-    page.wait_for_function("document.getElementById('status').textContent.includes('blank.png')")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: blank')")  # not 'Analysing'
     assert _api_predict(base_url, blank)["status"] == "out_of_domain"
     assert page.inner_text("#verdict") == "out of domain"
     assert "does not look like a knee radiograph the model knows" in page.inner_text("#notice")
