@@ -150,7 +150,8 @@ def test_nan_weights_are_refused_even_with_the_hash_fixed_up(copy_of_bundled):
 
 def test_a_non_finite_probability_is_an_error_never_a_label(knee, monkeypatch):
     p = Predictor(engine="torch")
-    monkeypatch.setattr(p, "_model", lambda images: torch.full((images.shape[0],), float("nan")))
+    monkeypatch.setattr(p._model, "forward",
+                        lambda images=None, features=None: torch.full((images.shape[0],), float("nan")))
     with pytest.raises(InferenceError, match="non-finite"):
         p.predict([knee], progress=False)
 
