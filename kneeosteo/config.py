@@ -61,11 +61,16 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 where the CPU/GPU has it) | bf16 | fp32
     channels_last: bool = True
+    # trust (issue 15), fitted after training: see kneeosteo.experiments.trust_fit
+    operating_point: str = "0.5"  # youden | sensitivity=X | specificity=X | a threshold
+    coverage: float = 0.9  # split-conformal coverage
+    domain_acceptance: float = 0.95  # share of held-out in-domain images the domain check accepts
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.zoom = tuple(self.zoom)
         self.crop_fraction = tuple(self.crop_fraction)
+        self.operating_point = str(self.operating_point)
         self.validate()
 
     def validate(self) -> None:
@@ -101,6 +106,13 @@ class TrainConfig:
         number("rotation", 0.0, 180.0)
         if self.fold is not None:
             number("fold", 0, integer=True)
+        from kneeosteo.trust.operating_point import parse_operating_point
+
+        parse_operating_point(self.operating_point)
+        for name in ("coverage", "domain_acceptance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"{name} = {v!r}: must be a number in (0, 1), such as 0.9")
         for name, lo, hi in (("zoom", 0.1, 10.0), ("crop_fraction", 0.05, 1.0)):
             pair = getattr(self, name)
             if (len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair)

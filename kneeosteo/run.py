@@ -27,14 +27,19 @@ import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kneeosteo import __version__
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.errors import CheckpointError
-from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.atomic import atomic_path, write_json
+from kneeosteo.utils.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from kneeosteo.trust import TrustBundle
 
 __all__ = ["RUN_FILES", "ModelInfo", "RunConfig", "RunDir"]
 
@@ -56,6 +61,13 @@ RUN_FILES = {
     "loss.png": "training and validation loss per epoch (the paper's Fig. 4)",
     "confusion_matrix.png": "the test confusion matrix (the paper's Fig. 5)",
     "roc.png": "the test ROC curve with its AUC",
+    "trust.json": "the fitted trust pieces (issue 15): temperature, operating point and threshold, conformal "
+                  "coverage and quantiles, domain-check method and threshold, what each was fitted on, and the "
+                  "sha256 of `trust.safetensors` and of the weights; its own sha256 is in config.json's record",
+    "trust.safetensors": "the trust arrays: conformal calibration scores, the domain check's mean, scale and "
+                         "shrunk inverse covariance (float64)",
+    "calibration.png": "reliability diagram of the test probabilities, raw and calibrated (`evaluate`)",
+    "decision_curve.png": "net benefit of the calibrated model against treat-all and treat-none (`evaluate`)",
     "checkpoint/": "last epoch's state for `--resume` (one atomic safetensors file, and a readable state.json)",
     "evaluations/NAME/": "scores on another data set or split (`evaluate RUN DATA`)",
     "MODEL_CARD.md": "the bundled model's card (`scripts/bundle_default_model.py`)",
@@ -180,6 +192,14 @@ class RunDir:
         return self.path / "predictions.csv"
 
     @property
+    def trust_file(self) -> Path:
+        return self.path / "trust.json"
+
+    @property
+    def trust_tensors_file(self) -> Path:
+        return self.path / "trust.safetensors"
+
+    @property
     def card_file(self) -> Path:
         return self.path / "MODEL_CARD.md"
 
@@ -265,8 +285,56 @@ class RunDir:
 
     @property
     def info(self) -> ModelInfo:
+        """The model as its weights define it: the identity's threshold, on the raw probability
+        (what an ONNX export records). A run with trust files predicts with ``trust.threshold``
+        on the calibrated probability instead (``Predictor``, ``Explainer``)."""
         c = self.config
         return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone, c.weights_sha256)
+
+    @functools.cached_property
+    def trust(self) -> "TrustBundle | None":
+        """The fitted trust pieces, verified, or None for a run without them (an older run).
+
+        config.json's record holds the sha256 of trust.json, which holds the sha256 of
+        trust.safetensors and of the weights it was fitted for: an edited, swapped or planted
+        trust file is a CheckpointError naming it."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        from kneeosteo.errors import DataError
+        from kneeosteo.trust import TrustBundle
+
+        recorded = self.config.record.get("trust")
+        present = [f for f in (self.trust_file, self.trust_tensors_file) if f.exists()]
+        if recorded is None:
+            if present:
+                raise CheckpointError(f"{present[0]}: trust file not recorded in {self.config_file.name} (planted or "
+                                      "left by an interrupted write); remove it or refit with `kneeosteo calibrate`")
+            return None
+        for f in (self.trust_file, self.trust_tensors_file):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing or not a regular file, but {self.config_file.name} records trust "
+                                      "files; copy the whole run folder")
+        if not isinstance(recorded, dict) or sha256_file(self.trust_file) != recorded.get("sha256"):
+            raise CheckpointError(f"{self.trust_file}: sha256 differs from the one recorded in "
+                                  f"{self.config_file.name}; the file was edited or swapped after fitting")
+        try:
+            meta = json.loads(self.trust_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.trust_file}: unreadable ({exc})") from exc
+        if sha256_file(self.trust_tensors_file) != meta.get("tensors_sha256"):
+            raise CheckpointError(f"{self.trust_tensors_file}: sha256 differs from the one recorded in "
+                                  f"{self.trust_file.name}; the file was edited or swapped after fitting")
+        if meta.get("weights_sha256") != self.config.weights_sha256:
+            raise CheckpointError(f"{self.trust_file}: fitted for other weights ({meta.get('weights_sha256')!r})")
+        try:
+            bundle = TrustBundle.from_state(load_file(str(self.trust_tensors_file)), meta)
+        except (KeyError, TypeError, ValueError, DataError, SafetensorError) as exc:
+            raise CheckpointError(f"{self.trust_file}: malformed trust state ({type(exc).__name__}: {exc})") from exc
+        if tuple(bundle.classes) != self.config.classes:
+            raise CheckpointError(f"{self.trust_file}: classes {list(bundle.classes)} differ from the model's "
+                                  f"{list(self.config.classes)}")
+        return bundle
 
     def load_model(self, device: str = "cpu", backbone_weights=None):
         """The run's HybridModel in eval mode on ``device`` (weights verified against config.json)."""
@@ -289,6 +357,8 @@ class RunDir:
 
         ident = identity(preprocess, classes, threshold)
         _checked(ident, self.weights_file)
+        for stale in (self.trust_file, self.trust_tensors_file):  # fitted for the weights replaced now
+            stale.unlink(missing_ok=True)
         sha = save_weights(model, self.weights_file, ident)
         write_json(self.config_file, {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -299,12 +369,50 @@ class RunDir:
         })
         self.__dict__.pop("config", None)
 
+    def save_trust(self, bundle) -> None:
+        """Write trust.safetensors, then trust.json (with the former's sha256), then record
+        trust.json's sha256 in config.json; each write atomic."""
+        from safetensors.numpy import save_file
+
+        tensors, meta = bundle.to_state()
+        with atomic_path(self.trust_tensors_file) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        meta = {**meta, "tensors_sha256": sha256_file(self.trust_tensors_file),
+                "weights_sha256": self.config.weights_sha256}
+        write_json(self.trust_file, meta)
+        self.update_record(trust={"sha256": sha256_file(self.trust_file)})
+
+    def derive(self, out: "str | Path", record: dict) -> "RunDir":
+        """A new run folder at ``out`` with a byte copy of this run's weights and split, and this
+        run's identity and settings; ``record`` is added to the copied record (nothing here is
+        modified). Its model id differs by the folder name; trust files are fitted afterwards."""
+        import shutil
+
+        src = self.config  # verifies the weights before they are copied
+        new = RunDir(out)
+        new.path.mkdir(parents=True, exist_ok=True)
+        if new.is_run():
+            raise CheckpointError(f"{new.path}: already a run folder; choose a new --out")
+        with atomic_path(new.weights_file) as tmp:
+            shutil.copyfile(self.weights_file, tmp)
+        if self.split_file.is_file():
+            with atomic_path(new.split_file) as tmp:
+                shutil.copyfile(self.split_file, tmp)
+        doc = json.loads(self.config_file.read_text())
+        base = {k: v for k, v in (doc.get("record") or {}).items() if k != "trust"}
+        doc["record"] = {**base, **record}
+        if sha256_file(new.weights_file) != src.weights_sha256:
+            raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")
+        write_json(new.config_file, doc)
+        return new
+
     def update_record(self, **values: Any) -> None:
         """Add to config.json's record (not part of the identity: the weights stay valid)."""
         doc = json.loads(self.config_file.read_text())
         doc["record"].update(values)
         write_json(self.config_file, doc)
         self.__dict__.pop("config", None)
+        self.__dict__.pop("trust", None)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

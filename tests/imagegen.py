@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 W, H = 64, 48  # default size: deliberately not square, so transposition bugs show
 
@@ -375,4 +375,61 @@ def make_dataset(root, n_per_class: int = 8, size: int = 64, seed: int = 0,
         p = png_grey8(root / src_label / f"near_{k:03d}.png", array=add_noise(a, 2, seed=seed * 1000 + k))
         out.items.append((p, src_label))
         out.near_duplicates.append((p0, p))
+    return out
+
+
+def non_knee_corpus(folder: Path) -> list[Path]:
+    """Noise, blank and uniform images, documents, photo-like scenes, screenshots-like UI and
+    pydicom's own CT and MR samples: nothing a knee model has seen."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    out = []
+
+    def save(name, arr):
+        p = folder / name
+        Image.fromarray(arr).save(p)
+        out.append(p)
+
+    save("noise_uniform.png", (rng.random((320, 256)) * 255).astype(np.uint8))
+    save("noise_gaussian.png", np.clip(rng.normal(128, 40, (300, 300)), 0, 255).astype(np.uint8))
+    save("black.png", np.zeros((256, 256), np.uint8))
+    save("white.png", np.full((256, 256), 255, np.uint8))
+    save("grey.png", np.full((200, 300), 117, np.uint8))
+    for k in range(2):  # a document: black lines of "text" on white
+        page = Image.new("L", (400, 520), 250)
+        d = ImageDraw.Draw(page)
+        for line in range(30):
+            y = 30 + line * 16
+            x = 30
+            while x < 360:
+                w = int(rng.integers(10, 40))
+                d.rectangle([x, y, x + w, y + 8], fill=int(rng.integers(0, 60)))
+                x += w + 6
+        out.append(folder / f"document_{k}.png")
+        page.save(out[-1])
+    for k in range(3):  # a photo-like scene: smooth colour fields and shapes
+        yy, xx = np.mgrid[0:240, 0:320] / 240.0
+        a, b = rng.random(2) * 6
+        rgb = np.stack([np.sin(a * xx + k) * 0.5 + 0.5, np.cos(b * yy) * 0.5 + 0.5, xx * yy], axis=2)
+        img = Image.fromarray((rgb * 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, 280)), int(rng.integers(0, 200))
+            d.ellipse([x0, y0, x0 + 40, y0 + 40], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        out.append(folder / f"photo_{k}.png")
+        img.save(out[-1])
+    ui = Image.new("RGB", (480, 300), (240, 240, 240))  # a screenshot: bars, buttons, text blocks
+    d = ImageDraw.Draw(ui)
+    d.rectangle([0, 0, 480, 30], fill=(40, 80, 160))
+    for i in range(5):
+        d.rectangle([20, 50 + 45 * i, 200, 80 + 45 * i], fill=(200, 200, 210), outline=(90, 90, 90))
+        d.rectangle([240, 55 + 45 * i, 460, 60 + 45 * i], fill=(30, 30, 30))
+    out.append(folder / "screenshot.png")
+    ui.save(out[-1])
+    import pydicom.data
+
+    samples = Path(pydicom.data.__file__).parent / "test_files"
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm"):
+        if (samples / name).is_file():
+            out.append(samples / name)
     return out

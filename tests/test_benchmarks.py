@@ -215,7 +215,8 @@ def test_the_tiny_model_spreads_far_beyond_the_tolerances(reference):
     p = np.array([r.probability for r in reference.predictions])
     assert np.ptp(p) >= 10 * LOSSY_TOL >= 100 * FP32_TOL  # >= 0.5 in probability
     assert np.ptp(_logit(p)) >= 10 * BF16_LOGIT_TOL
-    assert len({r.label for r in reference.predictions}) == 2
+    # both classes among the labels ('' is an out-of-domain image's, issue 15)
+    assert {"normal", "osteoporosis"} <= {r.label for r in reference.predictions}
 
 
 @pytest.mark.parametrize("engine", [

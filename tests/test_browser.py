@@ -13,6 +13,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import require
@@ -95,6 +96,12 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     assert page.inner_text("#model") == want["model_id"]
     assert page.eval_on_selector("#gradcam", "e => e.naturalWidth") == 320
     assert not page.is_visible("#error")
+    # the status as the API gives it (the tiny run's 2 validation images make every set hold both
+    # classes: uncertain), said so on the page
+    assert want["status"] in ("ok", "uncertain")
+    assert page.inner_text("#verdict") == want["status"]
+    if want["status"] == "uncertain":
+        assert "Uncertain" in page.inner_text("#notice") and page.is_visible("#notice")
 
     shot = tmp_path / "screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -102,6 +109,16 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     if UPDATE:
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+    # a blank image is out of domain: the page says so, and shows no label, probability bar or map
+    blank = g.png_grey8(tmp_path / "blank.png", array=np.full((200, 200), 100, np.uint8))
+    page.set_input_files("#file", str(blank))
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: blank')")  # not 'Analysing'
+    assert _api_predict(base_url, blank)["status"] == "out_of_domain"
+    assert page.inner_text("#verdict") == "out of domain"
+    assert "does not look like a knee radiograph the model knows" in page.inner_text("#notice")
+    assert not page.is_visible("#probcard") and not page.is_visible("#labelcard") and not page.is_visible("#probbar")
+    assert not page.is_visible("#gradcam") and not page.is_visible("#attention")
 
     # a dropped non-image: the page says so in plain words and hides the old result
     page.evaluate("""() => {

@@ -302,7 +302,7 @@ def test_table_escapes_control_and_bidi_characters_files_keep_the_name():
     from kneeosteo.inference.predictor import Prediction, PredictionResult
 
     names = ["a\nb.png", "\u202egnp.exe", "tab\there.png", "caf\udce9.png", "x\x1b[31mred.png"]
-    rows = [Prediction(n, "0" * 64, 0.25, "normal", 0.5, "m") for n in names]
+    rows = [Prediction(n, "0" * 64, "ok", 0.25, 0.25, "normal", ("normal",), None, None, False, 0.5, "m") for n in names]
     table = format_table(PredictionResult(rows))
     lines = table.split("\n")
     assert len(lines) == 1 + len(names)

@@ -161,7 +161,8 @@ def test_nan_weights_are_refused_even_with_the_hash_fixed_up(copy_of_bundled):
 
 def test_a_non_finite_probability_is_an_error_never_a_label(knee, monkeypatch):
     p = Predictor(engine="torch")
-    monkeypatch.setattr(p, "_model", lambda images: torch.full((images.shape[0],), float("nan")))
+    monkeypatch.setattr(p._model, "forward",
+                        lambda images=None, features=None: torch.full((images.shape[0],), float("nan")))
     with pytest.raises(InferenceError, match="non-finite"):
         p.predict([knee], progress=False)
 
@@ -194,7 +195,7 @@ def test_a_fifo_named_model_safetensors_is_refused_not_waited_on(copy_of_bundled
 @pytest.mark.parametrize("name", ["=1+2.png", "+1.png", "-2.png", "@SUM(A1).png", "\t=1.png", "\r=1.png"])
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path, name):
     """Item 9: a file named =1+2.png wrote a cell starting with '='."""
-    row = Prediction(name, "ab" * 32, 0.25, "normal", 0.5, "m-1")
+    row = Prediction(name, "ab" * 32, "ok", 0.25, 0.25, "normal", ("normal",), None, None, False, 0.5, "m-1")
     out = write_predictions(PredictionResult([row]), tmp_path / "p.csv")
     with open(out, newline="") as fh:
         cell = list(csv.reader(fh))[1][0]

@@ -319,5 +319,6 @@ def test_trusted_prediction_fields_and_statuses():
     assert away.status == "out_of_domain" and away.label == "" and away.prediction_set == ()
     d = away.to_dict()
     assert list(d) == ["status", "probability", "raw_probability", "label", "prediction_set",
-                       "domain_score", "domain_threshold"]
+                       "domain_score", "domain_threshold", "calibrated"]
+    assert d["calibrated"] is True
     json.dumps(d)

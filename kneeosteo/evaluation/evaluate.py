@@ -16,6 +16,7 @@ from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.evaluation.probes import shortcut_probes
+from kneeosteo.evaluation.trust_metrics import trust_metrics
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
@@ -55,6 +56,7 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
                                                      threshold, train=train, device=device,
                                                      seed=int(run.config.settings.get("seed", 0)))
     out.mkdir(parents=True, exist_ok=True)
+    metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
     write_json(out / "metrics.json", metrics)
     write_csv(out / "predictions.csv", PREDICTION_FIELDS,
               [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(test.paths, y, prob)])

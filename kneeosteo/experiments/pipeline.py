@@ -1,4 +1,5 @@
-"""One run end to end: train on the split, then score the held-out test set into the run folder.
+"""One run end to end: train on the split, fit its trust pieces (calibration, operating
+threshold, conformal sets, domain check: ``trust_fit``), then score the held-out test set into the run folder.
 
 Training (``kneeosteo.training``) and scoring (``kneeosteo.evaluation``) do not know each other;
 this is where they meet, for ``kneeosteo train`` and for every cell of ``reproduce``.
@@ -9,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from kneeosteo.config import TrainConfig
+from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import score
 from kneeosteo.evaluation.metrics import format_table
 from kneeosteo.evaluation.probes import format_probes
+from kneeosteo.experiments.trust_fit import fit_trust_from_split, trust_line
 from kneeosteo.training.trainer import train
 
 __all__ = ["train_and_score"]
@@ -21,6 +24,15 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
     """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
     result = train(cfg, resume=resume, console=console)
     if result.is_main:
+        try:
+            bundle = fit_trust_from_split(result.run, result.model, result.sets, operating_point=cfg.operating_point,
+                                          coverage=cfg.coverage, acceptance=cfg.domain_acceptance, device=result.device)
+        except DataError as exc:  # e.g. a validation part of one class: the trained model is kept, uncalibrated
+            console(f"warning: no trust files fitted ({exc}); predictions will say calibrated: false. "
+                    f"Fit them later with `kneeosteo calibrate {result.run.path} DATA --out NEWRUN`")
+        else:
+            result.run.save_trust(bundle)
+            console(trust_line(bundle))
         metrics = score(result.run, result.model, result.test, result.sets, result.run.path,
                         device=result.device, history=result.history, train=result.train)
         console(format_table({result.run.path.name: metrics}))

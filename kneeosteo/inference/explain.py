@@ -14,7 +14,7 @@ model is not modified (its parameter .grad fields are cleared again afterwards).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.models import get_backbone_spec
 from kneeosteo.run import ModelInfo, RunDir
+from kneeosteo.trust import TrustBundle, TrustedPrediction, untrusted_prediction
 
 __all__ = ["Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape"]
 
@@ -65,19 +66,23 @@ def map_stats(m: np.ndarray) -> dict:
 
 @dataclass
 class Explanation:
-    probability: float  # P(positive)
+    probability: float  # calibrated P(positive) (the raw one for a run without trust files)
     positive: str
-    label: str
+    label: str  # empty when the image is out of domain
     target: str  # the class Grad-CAM explains
     layer: str  # Grad-CAM's layer
     gradcam: np.ndarray  # (H, W) in [0, 1], normalised per image (grad-cam's convention)
     attention: np.ndarray | None  # (H, W) in [0, 1], the AM's sigmoid weights (None: no AM)
     gradcam_raw: np.ndarray  # ReLU(sum_k w_k A_k) on the feature-map grid, before normalising
     attention_raw: np.ndarray | None  # the AM's spatial map on its own grid
+    trust: TrustedPrediction | None = None  # status, prediction set, domain score (issue 15)
 
     def stats(self) -> dict:
-        """JSON-able: probability, and min/max/mean/std/argmax of each map (raw and on the image)."""
-        out = {"probability": self.probability, "positive_class": self.positive, "label": self.label, "gradcam_target": self.target,
+        """JSON-able: the prediction's fields (status, probability, raw_probability, label,
+        prediction_set, domain_score, domain_threshold, calibrated), and min/max/mean/std/argmax
+        of each map (raw and on the image)."""
+        out = {**({} if self.trust is None else self.trust.to_dict()),
+               "probability": self.probability, "positive_class": self.positive, "label": self.label, "gradcam_target": self.target,
                "gradcam_layer": self.layer,
                "gradcam": {"raw": map_stats(self.gradcam_raw), "image": map_stats(self.gradcam)},
                "attention": None}
@@ -105,21 +110,35 @@ class Explainer:
     def __init__(self, run: str | os.PathLike | None = None, *, target: str = "positive",
                  threshold: float | None = None, device: str = "cpu"):
         run = RunDir.open(run)
-        self._setup(run.load_model(device), run.info, target, threshold, device)
+        self._setup(run.load_model(device), run.info, target, threshold, device, run.trust)
 
     @classmethod
     def from_model(cls, model: nn.Module, info: ModelInfo, *, target: str = "positive",
-                   threshold: float | None = None, device: str = "cpu") -> "Explainer":
+                   threshold: float | None = None, device: str = "cpu", trust: TrustBundle | None = None) -> "Explainer":
         self = cls.__new__(cls)
-        self._setup(model.eval(), info, target, threshold, device)
+        self._setup(model.eval(), info, target, threshold, device, trust)
         return self
 
-    def _setup(self, model, info, target, threshold, device):
+    def _setup(self, model, info, target, threshold, device, trust=None):
         if target not in TARGETS:
             raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
         self.model, self.info, self.target, self.device = model, info, target, device
-        self.threshold = info.threshold if threshold is None else float(threshold)
+        if threshold is None:  # a run with trust files: its operating threshold, on the calibrated probability
+            self.threshold = info.threshold if trust is None else trust.threshold
+        else:
+            self.threshold = float(threshold)
+        self.trust = trust if (trust is None or threshold is None) else replace(trust, threshold=self.threshold)
         self.layer_name, self.layer = gradcam_layer(model)
+
+    def verdict(self, pixels: np.ndarray) -> TrustedPrediction:
+        """The prediction's fields for one image (what ``predict`` gives for it)."""
+        x = self.info.preprocess(pixels)[None].to(self.device)
+        with torch.no_grad():
+            z, feats = self.model.logit_and_features(x)
+        z = float(z.float()[0])
+        if self.trust is None:
+            return untrusted_prediction(z, self.threshold, (self.info.negative, self.info.positive))
+        return self.trust.predict(z, None if feats is None else feats[0].double().cpu().numpy(), pixels)
 
     def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
         """Canonical greyscale (H, W) in [0, 1] -> maps on that (H, W) grid.
@@ -132,9 +151,9 @@ class Explainer:
         if target not in TARGETS:
             raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
         x = self.info.preprocess(pixels)[None].to(self.device)
+        verdict = self.verdict(pixels)
         if target == "predicted":
-            with torch.no_grad():
-                cls = int(float(torch.sigmoid(self.model(images=x).float())[0]) >= self.threshold)
+            cls = int(verdict.probability >= self.threshold)
         else:
             cls = int(target == "positive")
         targets = [BinaryClassifierOutputTarget(cls)]
@@ -142,7 +161,6 @@ class Explainer:
         try:
             with torch.enable_grad():
                 norm = cam(input_tensor=x, targets=targets)[0]
-            p = float(torch.sigmoid(cam.outputs.detach()[0, 0]))
             ag = cam.activations_and_grads
             raw = cam.get_cam_image(x, self.layer, targets, ag.activations[0].numpy(), ag.gradients[0].numpy())
             raw = np.maximum(raw[0], 0).astype(np.float32)
@@ -151,7 +169,7 @@ class Explainer:
             self.model.zero_grad(set_to_none=True)
         am = None if self.model.attention is None else self.model.attention.last_spatial_map[0, 0].cpu().numpy()
         shape, prep = pixels.shape, self.info.preprocess
-        return Explanation(p, self.info.positive, self.info.label(p, self.threshold),
+        return Explanation(verdict.probability, self.info.positive, verdict.label,
                            self.info.positive if cls else self.info.negative, self.layer_name,
                            to_image_shape(norm, shape, prep),
-                           None if am is None else to_image_shape(am, shape, prep), raw, am)
+                           None if am is None else to_image_shape(am, shape, prep), raw, am, verdict)

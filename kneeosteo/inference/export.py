@@ -1,8 +1,8 @@
 """ONNX export of the whole network (backbone, AM, head, sigmoid) and an ONNX Runtime wrapper.
 (int8 versions of an export: ``quantize.py``.)
 
-The graph takes *normalised* images (B, 3, S, S) and returns P(positive) (B,); the batch axis
-is dynamic. Everything else a caller needs (preprocessing, threshold, classes, model id) is in
+The graph takes *normalised* images (B, 3, S, S) and returns P(positive) (B,), the logit (B,)
+and the frozen backbone's features (B, D) for the domain check; the batch axis is dynamic. Everything else a caller needs (preprocessing, threshold, classes, model id) is in
 the model's metadata_props under ``kneeosteo.*``, so an .onnx file can be used on its own.
 The legacy TorchScript-based exporter (``dynamo=False``) is used: the dynamo exporter needs
 onnxscript, and the traced graph of this plain CNN is exact.
@@ -31,7 +31,7 @@ from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.utils.atomic import write_bytes
 from kneeosteo.utils.hashing import sha256_file
 
-__all__ = ["DEFAULT_OPSET", "OnnxModel", "ProbabilityNet", "cached_onnx_path", "ensure_onnx", "export_onnx", "is_sealed",
+__all__ = ["DEFAULT_OPSET", "ExportNet", "OnnxModel", "ProbabilityNet", "cached_onnx_path", "ensure_onnx", "export_onnx", "is_sealed",
            "onnx_metadata", "seal"]
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,26 @@ class ProbabilityNet(nn.Module):
         return torch.sigmoid(self.model(images=images).float())
 
 
+class ExportNet(nn.Module):
+    """The exported graph: images -> (probability, logit[, features]). The logit feeds the
+    calibration, the frozen backbone's pooled features the domain check (issue 15)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.with_features = model.use_backbone and model.backbone is not None
+
+    def output_names(self) -> list[str]:
+        return ["probability", "logit", "features"] if self.with_features else ["probability", "logit"]
+
+    def forward(self, images: torch.Tensor):
+        feats = self.model.extract_features(images) if self.with_features else None
+        z = self.model(images=images, features=feats).float()
+        if feats is None:
+            return torch.sigmoid(z), z
+        return torch.sigmoid(z), z, feats.float()
+
+
 def onnx_metadata(info: ModelInfo) -> dict[str, str]:
     p = info.preprocess
     return {
@@ -63,7 +83,9 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
                        f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
                        f"robust: letterbox onto a black square), CLAHE={p.clahe}, copy to 3 channels, "
                        f"then (x - mean) / std with mean={list(p.mean)}, std={list(p.std)}"),
-        _P + "output": f"probability: float32 (B,), P({info.positive})",
+        _P + "output": f"probability: float32 (B,), P({info.positive}); logit: float32 (B,); features: float32 "
+                       f"(B, D), the frozen backbone's pooled features (for the domain check; absent without a "
+                       f"backbone)",
     }
 
 
@@ -77,14 +99,15 @@ def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: in
         raise ValueError(f"opset {opset} is too old; use 17 or newer")
     run = RunDir.open(run)
     info = run.info
-    net = ProbabilityNet(run.load_model("cpu")).eval()
+    net = ExportNet(run.load_model("cpu")).eval()
     s = info.preprocess.size
     example = torch.zeros(2, 3, s, s)
     buf = io.BytesIO()
+    names = net.output_names()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings from shape checks that are constant here
-        torch.onnx.export(net, (example,), buf, input_names=["images"], output_names=["probability"],
-                          dynamic_axes={"images": {0: "batch"}, "probability": {0: "batch"}},
+        torch.onnx.export(net, (example,), buf, input_names=["images"], output_names=names,
+                          dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
     proto.doc_string = (f"kneeosteo hybrid model {info.model_id}: normalised knee radiographs -> "
@@ -106,7 +129,7 @@ def _verify(data: bytes, net: nn.Module, size: int, tol: float = 1e-4) -> None:
         return
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = net(x).double().numpy()
+        want = net(x)[0].double().numpy()
     got = OnnxModel(data, require_metadata=False)(x.numpy()).astype(np.float64)
     diff = float(np.max(np.abs(got - want)))
     if not diff <= tol:
@@ -135,7 +158,16 @@ class OnnxModel:
         self.info = _info_from_metadata(meta, model) if require_metadata else None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        """P(positive) (B,)."""
+        return self.outputs(images)[0]
+
+    def outputs(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output: probability, then logit and features in an export made by this version."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
 
 def _info_from_metadata(meta: dict[str, str], origin) -> ModelInfo:

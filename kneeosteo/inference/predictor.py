@@ -34,12 +34,15 @@ from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.run import ModelInfo, RunDir
+from kneeosteo.trust import TrustedPrediction, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
 __all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Prediction", "PredictionResult", "Predictor",
            "resolve_engine"]
 
-COLUMNS = ("path", "content_id", "probability", "label", "threshold", "model")
+# issue 15's fields, then the threshold and model; a run without trust files: calibrated false
+COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "label", "prediction_set",
+           "domain_score", "domain_threshold", "calibrated", "threshold", "model")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -62,13 +65,21 @@ def resolve_engine(engine: str, device: str = "cpu", onnx=None) -> str:
 class Prediction:
     path: str
     content_id: str
-    probability: float  # P(positive class)
-    label: str
+    status: str  # ok | uncertain | out_of_domain
+    probability: float  # calibrated P(positive class) (the raw one when not calibrated)
+    raw_probability: float
+    label: str  # empty when out_of_domain
+    prediction_set: tuple[str, ...]
+    domain_score: float | None  # None: the run has no domain check
+    domain_threshold: float | None
+    calibrated: bool
     threshold: float
     model: str
 
     def as_row(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        row["prediction_set"] = list(self.prediction_set)
+        return row
 
 
 @dataclass
@@ -127,6 +138,16 @@ class Predictor:
                                          or self.run.config.weights_sha256 != info.weights_sha256):
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
+        self.trust = None if self.run is None else self.run.trust
+        if self.trust is not None:  # the operating threshold is on the calibrated probability
+            if threshold is None:
+                self.info = replace(self.info, threshold=self.trust.threshold)
+            else:
+                self.trust = replace(self.trust, threshold=float(threshold))
+        if (self.trust is not None and self.trust.domain is not None and self._session is not None
+                and "features" not in self._session.output_names):
+            raise InferenceError(f"{onnx}: an export without the features output, which this run's domain check "
+                                 "needs; export it again with this version (`kneeosteo export`)")
 
     @property
     def model_id(self) -> str:
@@ -136,28 +157,57 @@ class Predictor:
     def threshold(self) -> float:
         return self.info.threshold
 
-    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Normalised (B, 3, S, S) inputs -> P(positive) as float64 (B,)."""
+    def forward(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Normalised (B, 3, S, S) inputs -> (P(positive), logits, backbone features or None), float64."""
+        feats = None
         if self._session is not None:
-            p = self._session(np.asarray(images, dtype=np.float32)).astype(np.float64)
+            outs = self._session.outputs(np.asarray(images, dtype=np.float32))
+            p = outs[0].astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):  # an export older than the logit output
+                z = outs[1].astype(np.float64) if len(outs) > 1 else np.log(p) - np.log1p(-p)
+            feats = outs[2].astype(np.float64) if len(outs) > 2 else None
         else:
-            x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
+            x = torch.as_tensor(images, dtype=torch.float32).to(self.device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(torch.device(self.device).type,
                                                         dtype=self._autocast or torch.float32,
                                                         enabled=self._autocast is not None):
-                logits = self._model(images=x.contiguous(memory_format=torch.channels_last))
+                logits, f = self._model.logit_and_features(x)
+                feats = None if f is None else f.float().double().cpu().numpy()
+                z = logits.float().double().cpu().numpy()
                 p = torch.sigmoid(logits.float()).double().cpu().numpy()
         if not np.isfinite(p).all():  # never a label: a NaN is "normal" at any threshold
             raise InferenceError(f"model {self.model_id} gave a non-finite probability; its weights or "
                                  "preprocessing are broken")
-        return p
+        return p, z, feats
+
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Normalised (B, 3, S, S) inputs -> raw P(positive) as float64 (B,)."""
+        return self.forward(images)[0]
+
+    def assess(self, images, pixels: Sequence[np.ndarray | None]) -> list[TrustedPrediction]:
+        """Normalised inputs and each image's canonical pixels -> one TrustedPrediction each:
+        calibrated, thresholded, with its conformal set and domain verdict (a run without trust
+        files: the raw probability at the run's threshold, ``calibrated`` False)."""
+        p, z, feats = self.forward(images)
+        if self.trust is None:
+            return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
+        return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i]) for i in range(len(z))]
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """Canonical greyscale images (H, W) in [0, 1] -> P(positive), batched."""
+        """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched."""
         prep = self.info.preprocess
         out = [self.probabilities(torch.stack([prep(p) for p in pixels[i : i + self.batch_size]]))
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out) if out else np.zeros(0)
+
+    def predict_trusted(self, pixels: Sequence[np.ndarray]) -> list[TrustedPrediction]:
+        """Canonical greyscale images (H, W) in [0, 1] -> TrustedPrediction each, batched."""
+        prep = self.info.preprocess
+        out: list[TrustedPrediction] = []
+        for i in range(0, len(pixels), self.batch_size):
+            chunk = pixels[i : i + self.batch_size]
+            out.extend(self.assess(torch.stack([prep(p) for p in chunk]), chunk))
+        return out
 
     def predict(self, inputs: Iterable[str | os.PathLike], progress: bool = True) -> PredictionResult:
         """Files and folders (recursed) -> one Prediction per readable image, errors for the rest."""
@@ -182,11 +232,13 @@ class Predictor:
                 result.errors.extend(img for img, _ in loaded if isinstance(img, ImageReadError))
                 if not good:
                     continue
-                probs = self.probabilities(torch.stack([x for _, _, x in good]))
-                result.predictions.extend(self._row(p, img, q) for (p, img, _), q in zip(good, probs))
+                verdicts = self.assess(torch.stack([x for _, _, x in good]), [img.pixels for _, img, _ in good])
+                result.predictions.extend(self._row(p, img, t) for (p, img, _), t in zip(good, verdicts))
         return result
 
-    def _row(self, path: Path, img: LoadedImage, p: float) -> Prediction:
-        p = float(p)
-        return Prediction(str(path), img.content_id, p, self.info.label(p), self.threshold, self.model_id)
+    def _row(self, path: Path, img: LoadedImage, t: TrustedPrediction) -> Prediction:
+        d = t.to_dict()
+        return Prediction(str(path), img.content_id, t.status, t.probability, t.raw_probability, t.label,
+                          t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
+                          self.threshold, self.model_id)
 

@@ -14,13 +14,26 @@ from kneeosteo.utils.text import printable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["render_png", "write_explanation"]
+__all__ = ["OUT_OF_DOMAIN_TEXT", "render_png", "verdict_text", "write_explanation"]
 
 
 def title_text(name: str) -> str:
     """A file name as a figure title: undecodable bytes and control or bidi characters escaped
     (``printable``), dollar signs escaped so matplotlib never parses the name as mathtext."""
     return printable(name).replace("$", r"\$")
+
+
+OUT_OF_DOMAIN_TEXT = "this does not look like a knee radiograph the model knows"
+
+
+def verdict_text(ex: Explanation, threshold: float) -> str:
+    """The figure's verdict line: status first; no label for an out-of-domain image."""
+    t = ex.trust
+    if t is not None and t.status == "out_of_domain":
+        return f"out of domain: {OUT_OF_DOMAIN_TEXT} (no label; the maps explain nothing)"
+    cal = "" if t is None or t.calibrated else " (uncalibrated)"
+    status = "" if t is None else f"{t.status}: "
+    return f"{status}P({ex.positive}) = {ex.probability:.3f}{cal} -> {ex.label} (threshold {threshold:g})"
 
 
 DISPLAY_SIDE = 1024  # a panel is about 400 px wide: more only costs memory (RGBA float64 per overlay)
@@ -64,8 +77,7 @@ def render_png(pixels: np.ndarray, ex: Explanation, path: Path, title: str, thre
         axes[2].set_title("attention module, spatial map", fontsize=9)
     else:
         axes[2].set_title("no attention module (ablation)", fontsize=9)
-    fig.suptitle(f"{title_text(title)}\nP({ex.positive}) = {ex.probability:.3f} -> {ex.label} (threshold {threshold:g})",
-                 fontsize=10)
+    fig.suptitle(f"{title_text(title)}\n{verdict_text(ex, threshold)}", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
 

@@ -60,6 +60,10 @@ def _backbones() -> list[str]:
 PROTOCOLS = ("paper", "kfold")
 
 
+OPERATING_POINT_HELP = ("Operating threshold on the calibrated probability, chosen on the validation images: youden, "
+                        "sensitivity=0.9, specificity=0.9, or a threshold such as 0.5 (default 0.5).")
+COVERAGE_HELP = "Split-conformal coverage of the prediction sets, in (0, 1) (default 0.9)."
+ACCEPTANCE_HELP = "Share of held-out in-domain images the domain check accepts, in (0, 1) (default 0.95)."
 DataArg = typer.Argument(None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop).")
 PositiveOpt = typer.Option("osteoporosis", help="Name of the positive class folder.")
 NearOpt = typer.Option(6, help="pHash Hamming distance (bits of 64) at or below which two images are near "
@@ -154,6 +158,9 @@ def train(
     precision: Optional[str] = typer.Option(None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."),
     image_size: Optional[int] = typer.Option(None, help="Network input side in px (paper: 224; default model: 512)."),
     reweight: Optional[str] = typer.Option(None, parser=_choice(REWEIGHTS), help="none, or metadata: weight each training image by 1 / P(its label | file metadata) against the source shortcut."),
+    operating_point: Optional[str] = typer.Option(None, "--operating-point", help=OPERATING_POINT_HELP),
+    coverage: Optional[float] = typer.Option(None, help=COVERAGE_HELP),
+    domain_acceptance: Optional[float] = typer.Option(None, help=ACCEPTANCE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
     devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
@@ -178,6 +185,8 @@ def train(
             zoom=_pair(zoom, "--zoom"), crop_fraction=_pair(crop_fraction, "--crop-fraction"),
             rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
             device=device, precision=precision, image_size=image_size, reweight=reweight,
+            operating_point=operating_point, coverage=coverage,
+            domain_acceptance=domain_acceptance,
         )
         cfg = load_config(config, overrides)
         if cfg.data is None:
@@ -218,7 +227,59 @@ def evaluate(
     print(format_table({run.name: metrics}))
     if probes:
         print(format_probes(metrics["shortcut_probes"]))
+    for line in trust_summary(metrics["trust"]):
+        print(line)
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
+
+
+@app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="A run folder (read only; never changed)."),
+    data: Optional[Path] = typer.Argument(None, help="A site's labelled class folders: fit on every image of it. "
+                                                     "Without it: the run's own split (or --split)."),
+    out: Path = typer.Option(..., "--out", help="The new run folder (weights copied byte for byte, a new model id)."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Fit as training does, on this split's validation "
+                                                                    "part (domain check on its training part)."),
+    operating_point: str = typer.Option("0.5", "--operating-point", help=OPERATING_POINT_HELP),
+    coverage: float = typer.Option(0.9, help=COVERAGE_HELP),
+    domain_acceptance: float = typer.Option(0.95, help=ACCEPTANCE_HELP),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder."""
+    from kneeosteo.experiments.trust_fit import calibrate_run, trust_line
+    from kneeosteo.trust.conformal import _check_coverage
+    from kneeosteo.trust.operating_point import parse_operating_point
+    from kneeosteo.utils.atomic import ensure_writable
+
+    parse_operating_point(operating_point)
+    _check_coverage(coverage)
+    if not 0 < domain_acceptance < 1:
+        raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
+    ensure_writable(out)
+    new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
+                        acceptance=domain_acceptance, device=device)
+    print(trust_line(new.trust))
+    print(f"wrote {new.path} (model {new.model_id}); {run} is unchanged")
+
+
+def trust_summary(t: dict) -> list[str]:
+    """evaluate's lines about trust (metrics.json's ``trust`` block)."""
+    def ece(block):
+        e = block.get("ece")
+        return "-" if e is None else f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+    lines = [f"calibration (raw): ECE {ece(t['raw'])}, Brier {t['raw']['brier']:.3f}"]
+    if not t["calibrated"]:
+        return lines + ["this run has no trust files: probabilities are uncalibrated, no domain check "
+                        "(add them with `kneeosteo calibrate`)"]
+    c = t["calibrated_probabilities"]
+    lines.append(f"calibration (calibrated): ECE {ece(c)}, Brier {c['brier']:.3f}, slope {c.get('slope', float('nan')):.3f}")
+    at = t["at_operating_threshold"]
+    lines.append(f"at the operating threshold {t['threshold']:.4g} ({t['operating_point']}): sensitivity "
+                 f"{at['sensitivity']['value']:.3f}, specificity {at['specificity']['value']:.3f}")
+    lines.append(f"conformal coverage {t['conformal_coverage']:.3f} (target {t['coverage']:g}), abstention "
+                 f"{t['abstention_rate']:.3f}; domain acceptance {t.get('domain_acceptance_by_features', float('nan')):.3f}")
+    return lines
 
 
 @app.command()

@@ -104,6 +104,14 @@ class HybridModel(nn.Module):
                 return self.backbone(images)
         return self.backbone(images)
 
+    def logit_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B,), the backbone's pooled features (B, D) or None without a backbone branch):
+        one backbone pass for both the prediction and the domain check."""
+        if not (self.use_backbone and self.backbone is not None):
+            return self(images=images), None
+        feats = self.extract_features(images)
+        return self(images=images, features=feats), feats
+
     def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.fused_features(images, features)).squeeze(-1)
 

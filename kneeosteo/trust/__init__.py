@@ -15,11 +15,13 @@ Modules, one concern each:
 - :mod:`.conformal` — split-conformal prediction sets (crepes), coverage, abstention rate;
 - :mod:`.decision_curve` — net benefit of the model, treat-all and treat-none;
 - :mod:`.domain` — Mahalanobis (Ledoit-Wolf) or kNN feature distance plus pixel checks;
-- :mod:`.prediction` — :class:`TrustedPrediction` and the function that builds one.
+- :mod:`.prediction` — :class:`TrustedPrediction` and the function that builds one;
+- :mod:`.bundle` — :class:`TrustBundle`, the fitted pieces of one run (stored by ``RunDir``).
 """
 
 from __future__ import annotations
 
+from .bundle import TRUST_FORMAT, TrustBundle, untrusted_prediction
 from .calibration import (
     PlattScaler,
     TemperatureScaler,
@@ -52,6 +54,8 @@ from .prediction import STATUSES, TrustedPrediction, trusted_prediction
 __all__ = [
     "CLASS_NAMES",
     "STATUSES",
+    "TRUST_FORMAT",
+    "TrustBundle",
     "CalibrationFit",
     "ConformalClassifier",
     "DecisionCurve",
@@ -82,4 +86,5 @@ __all__ = [
     "sigmoid",
     "treat_all_net_benefit",
     "trusted_prediction",
+    "untrusted_prediction",
 ]

@@ -67,7 +67,8 @@ def pixel_problems(pixels=None, rgb=None, limits: PixelLimits = PixelLimits()) -
         if float(g.std()) < limits.min_std:
             problems.append(f"blank or uniform image (grey-level spread {g.std():.3f} < {limits.min_std})")
         else:
-            levels = np.unique(np.clip(np.rint(g * 255), 0, 255)).size
+            levels = int(np.count_nonzero(np.bincount(np.clip(np.rint(g * 255), 0, 255).astype(np.uint8).ravel(),
+                                                      minlength=256)))
             if levels < limits.min_grey_levels:
                 problems.append(f"too few grey levels ({levels} < {limits.min_grey_levels})")
         h, w = g.shape
@@ -190,6 +191,16 @@ class DomainCheck:
         self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
         self._set_arrays(self._fit_arrays(x))
         return self
+
+    def refit_threshold(self, heldout_features) -> float:
+        """Keep the fitted arrays; set the threshold to the ``acceptance`` quantile of the
+        distances of ``heldout_features`` (in-domain images the arrays were not fitted on, e.g.
+        a site's own films). Returns the new threshold."""
+        if self.threshold is None:
+            raise DataError("the domain check has not been fitted (call fit first)")
+        scores = self._distance(self._arrays, self._features(heldout_features, "held-out features"), self._nn)
+        self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        return self.threshold
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         # C order, float64: what safetensors gives back, so a reloaded check scores bit for bit alike

@@ -11,7 +11,9 @@ Field names are the interfaces' contract (CLI CSV/JSON, API JSON, web page, expl
 - ``prediction_set``: the conformal set (one class, both, or at low coverage none); empty when
   ``out_of_domain``, since the coverage guarantee holds only for in-domain images;
 - ``domain_score`` and ``domain_threshold``: the feature distance and the threshold it was
-  held to (higher is further from the training images).
+  held to (higher is further from the training images); empty (``None`` in JSON) for a run
+  without a domain check;
+- ``calibrated``: False for a run without trust files (``probability`` is then the raw one).
 """
 
 from __future__ import annotations
@@ -37,14 +39,20 @@ class TrustedPrediction:
     raw_probability: float
     label: str
     prediction_set: tuple[str, ...]
-    domain_score: float
+    domain_score: float  # NaN: no domain check
     domain_threshold: float
+    calibrated: bool = True
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``prediction_set`` as a list."""
+        """JSON-ready: ``prediction_set`` as a list, a missing domain score as None."""
         return {"status": self.status, "probability": self.probability, "raw_probability": self.raw_probability,
                 "label": self.label, "prediction_set": list(self.prediction_set),
-                "domain_score": self.domain_score, "domain_threshold": self.domain_threshold}
+                "domain_score": _or_none(self.domain_score), "domain_threshold": _or_none(self.domain_threshold),
+                "calibrated": self.calibrated}
+
+
+def _or_none(v: float):
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal, domain_score: float,

@@ -73,8 +73,18 @@ def card_caveat(card: Optional[str]) -> str:
 
 class Prediction(BaseModel):
     filename: str = Field(description="The client's file name, echoed for display only.")
-    probability: float = Field(description="P(positive class), in [0, 1].")
-    label: str
+    status: str = Field(description="ok; uncertain (the conformal set holds both classes); out_of_domain (the "
+                                    "image does not look like the knee radiographs the model was trained on).")
+    probability: float = Field(description="Calibrated P(positive class), in [0, 1] (the raw one when "
+                                           "`calibrated` is false).")
+    raw_probability: float = Field(description="The model's own P(positive class), before calibration.")
+    label: str = Field(description="The class at the operating threshold; empty when out_of_domain.")
+    prediction_set: list[str] = Field(description="The conformal prediction set at the run's coverage; "
+                                                  "empty when out_of_domain.")
+    domain_score: Optional[float] = Field(description="Distance of the image's backbone features from the "
+                                                      "training images; null when the run has no domain check.")
+    domain_threshold: Optional[float]
+    calibrated: bool = Field(description="False for a run without trust files (no calibration, no domain check).")
     threshold: float
     positive_class: str
     model_id: str = Field(description="<run name>-<sha256[:12] of the weights>.")
@@ -89,9 +99,10 @@ class Explanation(Prediction):
     gradcam_layer: str
     gradcam_all_zero: bool = Field(description="Nothing in the layer speaks for the target class (a valid answer).")
     image_png: str = Field(description="The decoded radiograph, PNG, base64.")
-    gradcam_png: str = Field(description="Grad-CAM over the radiograph, PNG, base64.")
+    gradcam_png: Optional[str] = Field(description="Grad-CAM over the radiograph, PNG, base64; null when "
+                                                   "out_of_domain (a map would explain nothing).")
     attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; "
-                                                     "null without an attention module.")
+                                                     "null without an attention module or when out_of_domain.")
 
 
 class Service:
@@ -112,6 +123,7 @@ class Service:
         self.model_doc = {
             "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
+            "calibrated": run.trust is not None, "trust": None if run.trust is None else run.trust.summary(),
             "caveat": self.caveat, "card": card, "config": run.read_json(run.config_file.name),
             "metrics": run.read_json(run.metrics_file.name),
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
@@ -120,23 +132,25 @@ class Service:
 
     def predict(self, path: Path, name: str) -> dict:
         img = decode(path, name, self.settings.max_pixels)
-        p = float(self.predictor.predict_pixels([img.pixels])[0])
-        return self._row(img, name, p)
+        return self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])
 
     def explain(self, path: Path, name: str) -> dict:
         img = decode(path, name, self.settings.max_pixels)
-        p = float(self.predictor.predict_pixels([img.pixels])[0])  # the same number /api/predict gives
+        row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])  # what /api/predict gives
+        if row["status"] == "out_of_domain":  # no label, so no map of the evidence for one
+            return {**row, "gradcam_target": "", "gradcam_layer": self.explainer.layer_name, "gradcam_all_zero": False,
+                    "image_png": encode_b64(grey_png(img.pixels)), "gradcam_png": None, "attention_png": None}
         with self._explain_lock:
             ex = self.explainer.explain(img.pixels)
-        return {**self._row(img, name, p), "gradcam_target": ex.target, "gradcam_layer": ex.layer,
+        return {**row, "gradcam_target": ex.target, "gradcam_layer": ex.layer,
                 "gradcam_all_zero": bool(ex.gradcam_raw.max() <= 0),
                 "image_png": encode_b64(grey_png(img.pixels)),
                 "gradcam_png": encode_b64(overlay_png(img.pixels, ex.gradcam)),
                 "attention_png": None if ex.attention is None else
                 encode_b64(overlay_png(img.pixels, ex.attention, stretch=True))}
 
-    def _row(self, img, name: str, p: float) -> dict:
-        return {"filename": name, "probability": p, "label": self.info.label(p), "threshold": self.info.threshold,
+    def _row(self, img, name: str, t) -> dict:
+        return {"filename": name, **t.to_dict(), "threshold": self.info.threshold,
                 "positive_class": self.info.positive, "model_id": self.info.model_id,
                 "content_id": img.content_id, "format": img.meta.format,
                 "width": img.meta.width, "height": img.meta.height}

@@ -1,0 +1,203 @@
+"""Fitting a run's trust pieces (issue 15): at the end of training, and for `kneeosteo calibrate`.
+
+What is fitted on what:
+
+- **temperature** (one parameter, so the ranking and the 0.5 decision point stay put), the
+  **operating threshold** (``--operating-point``) and the **split-conformal** quantile
+  (``--coverage``): on held-out labelled images, the validation partition when training (KOP:
+  27 images), a site's own films with ``calibrate RUN DATA``. With fewer than
+  ``MIN_TEMPERATURE_IMAGES`` images, fewer than 3 of a class, or logits the temperature can
+  separate perfectly (its fit then runs to the bound, probabilities 0 and 1), the temperature is
+  kept at 1 and ``fitted`` says why. Conformal sets from too few images hold both classes (the
+  answer is then ``uncertain``, honestly), see :mod:`kneeosteo.trust.conformal`.
+- the **domain check**: on the frozen backbone's features of the training images (originals,
+  not augmented copies), with the threshold at ``acceptance`` of out-of-fold distances (each
+  training image scored by a fit without it). ``calibrate RUN DATA`` keeps the fitted arrays
+  and sets the threshold on the site's films; a run without a domain check gets one fitted on
+  the site's films.
+
+The temperature, threshold and conformal quantile share the same held-out images; the
+temperature has one parameter, so the exchangeability the conformal guarantee needs is only
+mildly strained (the README says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import SplitSets, load_split
+from kneeosteo.errors import DataError
+from kneeosteo.evaluation.evaluate import predict_prepared
+from kneeosteo.features.cache import TensorCache, backbone_cache_id
+from kneeosteo.features.prepare import PreparedSet, prepare
+from kneeosteo.paths import cache_dir
+from kneeosteo.run import RunDir
+from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler, TrustBundle, choose_threshold, logit
+from kneeosteo.trust.operating_point import parse_operating_point
+
+__all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
+           "trust_line"]
+
+log = logging.getLogger(__name__)
+MIN_TEMPERATURE_IMAGES = 10
+# Below this many in-domain images the feature check is not fitted: with 14 images in 1280
+# dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
+# and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
+MIN_DOMAIN_IMAGES = 50
+_T_BOUNDS = (0.0101, 99.0)  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
+
+
+@torch.no_grad()
+def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch_size: int = 32) -> np.ndarray | None:
+    """(N, D) float64 backbone features of ``data`` (cached ones when the backbone is frozen,
+    else computed now); None for a model without a backbone branch."""
+    if model.backbone is None or not model.use_backbone:
+        return None
+    if data.features is not None:
+        return data.features.double().numpy()
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = prep.normalise(data.grey[start : start + batch_size].float()).to(device)
+        out.append(model.extract_features(x).float().double().cpu())
+    return torch.cat(out).numpy()
+
+
+def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:
+    n_min = int(min((y == 0).sum(), (y == 1).sum()))
+    if z.size < MIN_TEMPERATURE_IMAGES or n_min < 3:
+        return TemperatureScaler(1.0), f"kept at 1: {z.size} images ({n_min} of the rarer class) are too few"
+    cal = TemperatureScaler()
+    t = cal.fit(z, y)
+    if not _T_BOUNDS[0] < t < _T_BOUNDS[1]:
+        return TemperatureScaler(1.0), f"kept at 1: the fit ran to its bound ({t:.3g}; perfectly separable logits)"
+    return cal, f"fitted on {z.size} images"
+
+
+def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.5", coverage: float = 0.9,
+              domain_set: PreparedSet | None = None, domain: DomainCheck | None = None,
+              acceptance: float = 0.95, device: str = "cpu", fitted: dict | None = None) -> TrustBundle:
+    """The bundle for ``model``: calibration, threshold and conformal on ``fit_set``'s original
+    images; the domain check fitted on ``domain_set`` (out-of-fold threshold), or ``domain``'s
+    arrays with the threshold refitted on ``fit_set``, or (neither) fitted on ``fit_set``."""
+    op = parse_operating_point(operating_point)
+    fit_set = fit_set.originals()
+    y = fit_set.targets.numpy().astype(int)
+    if y.min() == y.max():
+        raise DataError(f"calibration images: need both classes, got {len(y)} of class {int(y[0])} only")
+    z = logit(predict_prepared(model, fit_set, prep, device))
+    calibrator, t_note = _temperature(z, y)
+    p = calibrator.transform(z)
+    threshold = choose_threshold(p, y, op)
+    conformal = ConformalClassifier(coverage, class_names=tuple(classes)).fit(p, y)
+    info = dict(fitted or {})
+    info.update(calibration_images=int(len(y)), temperature=t_note,
+                calibration_classes={classes[0]: int((y == 0).sum()), classes[1]: int((y == 1).sum())})
+    feats = backbone_features(model, fit_set, prep, device)
+    check = None
+    if feats is None:
+        info["domain"] = "pixel checks only: the model has no backbone features"
+    elif domain is not None:
+        check = copy.deepcopy(domain)
+        check.refit_threshold(feats)
+        info["domain"] = f"training-image fit kept; threshold refitted on {len(feats)} calibration images"
+    else:
+        source = fit_set if domain_set is None else domain_set.originals()
+        x = feats if domain_set is None else backbone_features(model, source, prep, device)
+        try:
+            if len(x) < MIN_DOMAIN_IMAGES:
+                raise DataError(f"{len(x)} in-domain images are too few for a feature distance in {x.shape[1]} "
+                                f"dimensions (at least {MIN_DOMAIN_IMAGES}); only the pixel checks apply")
+            check = DomainCheck(acceptance=acceptance).fit(x)
+            info["domain"] = (f"fitted on {len(x)} {'calibration' if domain_set is None else 'training'} images, "
+                              f"threshold at {acceptance:g} of out-of-fold distances")
+        except DataError as exc:
+            info["domain"] = f"pixel checks only: {exc}"
+            log.warning("no domain check for this run: %s", exc)
+    return TrustBundle(calibrator, threshold, str(op), conformal, check, tuple(classes), info)
+
+
+def trust_line(bundle: TrustBundle) -> str:
+    """One line for the console: what was fitted."""
+    cal = bundle.calibrator.to_dict()
+    t = cal.get("temperature")
+    dom = "none" if bundle.domain is None else f"{bundle.domain.method}, threshold {bundle.domain.threshold:.4g}"
+    return (f"trust: temperature {t:.3g} ({bundle.fitted.get('temperature', '')}); operating point "
+            f"{bundle.operating_point} -> threshold {bundle.threshold:.4g}; conformal coverage "
+            f"{bundle.conformal.coverage:g}; domain check {dom}")
+
+
+def _backbone_id(model) -> str | None:
+    if not (model.use_backbone and model.freeze_backbone):
+        return None
+    wi = model.backbone_weights
+    return backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None)
+
+
+def _prepare(model, items, root, prep, device: str, label: str) -> PreparedSet:
+    bid = _backbone_id(model)
+    return prepare(items, root, prep, TensorCache(cache_dir() / "tensors"),
+                   backbone=model.backbone if bid else None, backbone_id=bid, device=device, label=label)
+
+
+def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point="0.5", coverage: float = 0.9,
+                         acceptance: float = 0.95, device: str = "cpu") -> TrustBundle:
+    """Training's fit: calibration on the validation partition, the domain check on the
+    training partition's originals (read from the feature cache training filled)."""
+    prep = run.config.preprocess
+    val = _prepare(model, sets.items("val"), sets.data, prep, device, "calibration (val)")
+    train = _prepare(model, sets.items("train"), sets.data, prep, device, "domain check (train)")
+    return fit_trust(model, prep, val, run.config.classes, operating_point=operating_point, coverage=coverage,
+                     domain_set=train, acceptance=acceptance, device=device,
+                     fitted={"mode": "split", "calibration_set": "validation partition",
+                             "domain_set": "training partition (originals)"})
+
+
+def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", coverage: float = 0.9,
+                  acceptance: float = 0.95, device: str = "cpu") -> RunDir:
+    """`kneeosteo calibrate`: a new run folder at ``out`` with ``run``'s weights (a byte copy; the
+    original is only read) and trust pieces fitted on
+
+    - ``data`` alone: every image of that class-folder data set (a site's own films);
+    - ``split`` (or neither: the run's own split.json): that split's validation partition, with
+      the domain check on its training partition, as training does.
+    """
+    src = RunDir.open(run)
+    if RunDir(out).is_run():
+        raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
+    model = src.load_model(device)
+    cfg = src.config
+    parse_operating_point(operating_point)  # a bad setting fails before any image is read
+    common = dict(operating_point=operating_point, coverage=coverage, acceptance=acceptance, device=device)
+    if data is not None and split is None:
+        scan = scan_dataset(data, positive=cfg.positive)
+        if scan.classes and list(scan.classes) != list(cfg.classes) and set(scan.classes) != set(cfg.classes):
+            raise DataError(f"{data}: class folders {scan.classes} differ from the model's {list(cfg.classes)}")
+        items = [(r.path, r.target) for r in scan.records]
+        site = _prepare(model, items, data, cfg.preprocess, device, "calibration (site)")
+        old = src.trust
+        bundle = fit_trust(model, cfg.preprocess, site, cfg.classes, domain=None if old is None else old.domain,
+                           fitted={"mode": "site", "calibration_set": str(data)}, **common)
+        record = {"data": str(Path(data)), "content_ids": {r.path: r.content_id for r in scan.records}}
+    else:
+        split_file = Path(split) if split is not None else src.split_file
+        root = data if data is not None else cfg.record.get("data")
+        sets = load_split(split_file, root, cfg.settings.get("fold"))
+        bundle = fit_trust_from_split(src, model, sets, **common)
+        try:
+            ids = json.loads(split_file.read_text()).get("content_ids") or {}
+        except (OSError, ValueError, AttributeError):
+            ids = {}
+        record = {"data": str(sets.data), "split": str(split_file),
+                  "content_ids": {p: ids.get(p, "") for p in sets.val}}
+    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
+                           "calibration_data": record})
+    new.save_trust(bundle)
+    return new

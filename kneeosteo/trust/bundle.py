@@ -1,0 +1,112 @@
+"""A run's fitted trust pieces together: calibrator, operating threshold, conformal sets and the
+domain check, stored as one safetensors file (arrays) and one JSON file (everything else).
+
+:class:`TrustBundle` turns one image's raw logit, backbone features and pixels into a
+:class:`~.prediction.TrustedPrediction`. A run without a bundle (runs written before issue 15,
+the bundled model until it is refitted) uses :func:`untrusted_prediction`: the raw probability,
+the run's own threshold, a one-class set from it, status ``ok``, no domain score, and
+``calibrated: false``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kneeosteo.errors import DataError
+
+from .calibration import calibrator_from_dict, sigmoid
+from .conformal import ConformalClassifier
+from .domain import DomainCheck, pixel_problems
+from .operating_point import parse_operating_point
+from .prediction import TrustedPrediction, trusted_prediction
+
+__all__ = ["TRUST_FORMAT", "TrustBundle", "untrusted_prediction"]
+
+TRUST_FORMAT = "kneeosteo-trust/1"
+
+
+@dataclass
+class TrustBundle:
+    """``calibrator`` (temperature or Platt), ``threshold`` on the calibrated probability (chosen by
+    ``operating_point``), ``conformal`` sets at their coverage, ``domain`` (None for a model with
+    no backbone features), the class names, and ``fitted`` (what each piece was fitted on)."""
+
+    calibrator: object
+    threshold: float
+    operating_point: str
+    conformal: ConformalClassifier
+    domain: DomainCheck | None
+    classes: tuple[str, str]
+    fitted: dict = field(default_factory=dict)
+
+    # -- use ------------------------------------------------------------------------------------
+    def predict(self, logit: float, features=None, pixels=None) -> TrustedPrediction:
+        """One image: its raw logit, its backbone features (D,) and its canonical pixels."""
+        if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
+            score, dthr, ok = float("nan"), float("nan"), pixels is None or not pixel_problems(pixels)
+        else:
+            if features is None:
+                raise DataError("this run's domain check needs the image's backbone features")
+            verdict = self.domain.assess(np.asarray(features, dtype=np.float64)[None, :], pixels)
+            score, dthr, ok = verdict.score, verdict.threshold, verdict.ok
+        return trusted_prediction(logit, calibrator=self.calibrator, threshold=self.threshold,
+                                  conformal=self.conformal, domain_score=score, domain_threshold=dthr,
+                                  in_domain=ok, class_names=self.classes)
+
+    def calibrated(self, logits) -> np.ndarray:
+        return self.calibrator.transform(np.asarray(logits, dtype=np.float64))
+
+    # -- storage ------------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """``(tensors, meta)``: arrays prefixed ``conformal.`` / ``domain.``; JSON for the rest."""
+        ct, cm = self.conformal.to_state()
+        tensors = {f"conformal.{k}": np.asarray(v, dtype=np.float64) for k, v in ct.items()}
+        meta = {"format": TRUST_FORMAT, "classes": list(self.classes),
+                "calibration": self.calibrator.to_dict(), "threshold": float(self.threshold),
+                "operating_point": self.operating_point, "conformal": cm, "domain": None,
+                "fitted": self.fitted}
+        if self.domain is not None:
+            dt, dm = self.domain.to_state()
+            tensors.update({f"domain.{k}": v for k, v in dt.items()})
+            meta["domain"] = dm
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict, meta: dict) -> "TrustBundle":
+        """Inverse of :meth:`to_state`; KeyError/ValueError/TypeError/DataError on a bad state."""
+        if meta.get("format") != TRUST_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {TRUST_FORMAT}")
+        part = lambda p: {k[len(p):]: np.asarray(v) for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+        threshold = float(meta["threshold"])
+        if not (np.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold {threshold} out of [0, 1]")
+        parse_operating_point(meta["operating_point"])
+        conformal = ConformalClassifier.from_state(part("conformal."), meta["conformal"])
+        domain = None if meta.get("domain") is None else DomainCheck.from_state(part("domain."), meta["domain"])
+        if domain is not None and not np.isfinite(domain.threshold):
+            raise ValueError("domain threshold is not finite")
+        classes = tuple(str(c) for c in meta["classes"])
+        if len(classes) != 2 or classes[0] == classes[1]:
+            raise ValueError(f"classes {list(classes)} must be two different names")
+        conformal.class_names = classes
+        return cls(calibrator_from_dict(meta["calibration"]), threshold, str(meta["operating_point"]),
+                   conformal, domain, classes, dict(meta.get("fitted") or {}))
+
+    def summary(self) -> dict:
+        """What the interfaces show about the bundle (API /api/model, evaluate)."""
+        return {"calibration": self.calibrator.to_dict(), "threshold": self.threshold,
+                "operating_point": self.operating_point, "coverage": self.conformal.coverage,
+                "domain_threshold": None if self.domain is None else self.domain.threshold,
+                "domain_method": None if self.domain is None else self.domain.method,
+                "fitted": self.fitted}
+
+
+def untrusted_prediction(logit: float, threshold: float, classes: tuple[str, str]) -> TrustedPrediction:
+    """A run without trust files: the raw probability and the run's threshold, status ``ok``."""
+    raw = float(sigmoid(float(logit)))
+    if not np.isfinite(raw):
+        raise DataError("the model's logit is not finite")
+    label = classes[1] if raw >= threshold else classes[0]
+    return TrustedPrediction("ok", raw, raw, label, (label,), float("nan"), float("nan"), calibrated=False)

@@ -1,0 +1,321 @@
+"""Issue 15 wired in: a run's trust files (written, verified, refused when tampered), `calibrate`
+(a new run; the original byte-identical), the fields every interface carries (CLI CSV/JSON, API,
+explain JSON), a run without trust files still working, evaluate's trust block, and the domain
+check on KOP against a generated non-knee corpus and pydicom's CT/MR samples."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import KOP_DIR, require
+from imagegen import non_knee_corpus
+from kneeosteo.errors import CheckpointError, ConfigError
+from kneeosteo.run import RunDir
+from kneeosteo.trust import STATUSES, sigmoid
+
+FIELDS = ("status", "probability", "raw_probability", "label", "prediction_set", "domain_score", "domain_threshold")
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -- the session's tiny run, calibrated once on its own data (20 images) ---------------------------
+
+@pytest.fixture(scope="module")
+def calibrated(tiny, tmp_path_factory, one_thread):
+    from kneeosteo.experiments.trust_fit import calibrate_run
+
+    root = tmp_path_factory.mktemp("calibrated")
+    before = _tree_digest(tiny.run)
+    new = calibrate_run(tiny.run, root / "site-run", tiny.data, operating_point="youden", coverage=0.8)
+    return RunDir(new.path), before
+
+
+def test_training_writes_verified_trust_files(tiny):
+    run = RunDir(tiny.run)
+    bundle = run.trust
+    assert bundle is not None and run.trust_file.is_file() and run.trust_tensors_file.is_file()
+    doc = json.loads(run.trust_file.read_text())
+    assert doc["weights_sha256"] == run.config.weights_sha256
+    assert run.config.record["trust"]["sha256"] == hashlib.sha256(run.trust_file.read_bytes()).hexdigest()
+    assert doc["fitted"]["calibration_set"] == "validation partition"
+    assert bundle.conformal.coverage == 0.9 and bundle.operating_point == "0.5"
+    # 14 training images are too few for the feature distance: pixel checks only, and it says so
+    assert bundle.domain is None and "pixel checks only" in doc["fitted"]["domain"]
+
+
+def test_calibrate_leaves_the_run_byte_identical_and_makes_a_new_model(calibrated, tiny):
+    new, before = calibrated
+    assert _tree_digest(tiny.run) == before
+    old = RunDir(tiny.run)
+    assert new.weights_file.read_bytes() == old.weights_file.read_bytes()
+    assert new.model_id != old.model_id
+    rec = new.config.record
+    assert rec["calibrated_from"]["model_id"] == old.model_id
+    ids = rec["calibration_data"]["content_ids"]
+    assert len(ids) == 20 and all(len(v) == 64 for v in ids.values())
+    t = new.trust
+    assert t.fitted["mode"] == "site" and t.fitted["calibration_images"] == 20
+    assert t.conformal.coverage == 0.8 and t.operating_point == "youden"
+    assert t.domain is None  # 20 site images: too few for the feature distance, as 14 were at training
+
+
+def test_calibrate_refuses_an_existing_run_as_output(tiny, tmp_path):
+    from kneeosteo.errors import DataError
+    from kneeosteo.experiments.trust_fit import calibrate_run
+
+    with pytest.raises(DataError, match="already a run folder"):
+        calibrate_run(tiny.run, tiny.run, tiny.data)
+
+
+@pytest.mark.parametrize("damage", ["edit-json", "edit-tensors", "delete-json", "plant"])
+def test_a_damaged_trust_file_is_refused(tiny, tmp_path, damage):
+    run = RunDir(shutil.copytree(tiny.run, tmp_path / "run"))
+    if damage == "edit-json":
+        doc = json.loads(run.trust_file.read_text())
+        doc["threshold"] = 0.1
+        run.trust_file.write_text(json.dumps(doc))
+        match = "sha256 differs"
+    elif damage == "edit-tensors":
+        data = bytearray(run.trust_tensors_file.read_bytes())
+        data[-3] ^= 0x55
+        run.trust_tensors_file.write_bytes(bytes(data))
+        match = "sha256 differs"
+    elif damage == "delete-json":
+        run.trust_file.unlink()
+        match = "missing"
+    else:  # trust files in a run whose config.json records none
+        doc = json.loads(run.config_file.read_text())
+        del doc["record"]["trust"]
+        run.config_file.write_text(json.dumps(doc))
+        match = "not recorded"
+    with pytest.raises(CheckpointError, match=match):
+        RunDir(run.path).trust
+    from kneeosteo.inference import Predictor
+
+    with pytest.raises(CheckpointError):
+        Predictor(run.path, engine="torch")
+
+
+def _old_run(tiny, where: Path) -> Path:
+    """The tiny run as a run from before issue 15: no trust files, none recorded."""
+    run = RunDir(shutil.copytree(tiny.run, where))
+    run.trust_file.unlink()
+    run.trust_tensors_file.unlink()
+    doc = json.loads(run.config_file.read_text())
+    del doc["record"]["trust"]
+    run.config_file.write_text(json.dumps(doc))
+    return run.path
+
+
+def test_a_run_without_trust_files_still_predicts_uncalibrated(tiny, tmp_path, one_thread):
+    from kneeosteo.inference import Predictor
+
+    old = _old_run(tiny, tmp_path / "old")
+    assert RunDir(old).trust is None
+    pred = Predictor(old, engine="torch")
+    rows = pred.predict([tiny.data], progress=False).predictions
+    assert len(rows) == 20
+    for r in rows:
+        assert r.status == "ok" and r.calibrated is False
+        assert r.probability == r.raw_probability and r.domain_score is None and r.domain_threshold is None
+        assert r.label == ("osteoporosis" if r.probability >= r.threshold else "normal")
+        assert r.prediction_set == (r.label,)
+
+
+def _blank(tmp_path) -> Path:
+    p = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128), 90, np.uint8)).save(p)
+    return p
+
+
+def _check_row(row: dict, bundle, threshold: float):
+    assert set(FIELDS) <= set(row)
+    assert row["status"] in STATUSES and row["calibrated"] in (True, "true")
+    raw, prob = float(row["raw_probability"]), float(row["probability"])
+    z = np.log(raw) - np.log1p(-raw)
+    assert prob == pytest.approx(float(bundle.calibrator.transform(np.array([z]))[0]), abs=2e-6)
+    pset = row["prediction_set"] if isinstance(row["prediction_set"], list) else \
+        [s for s in row["prediction_set"].split(";") if s]
+    if row["status"] == "out_of_domain":
+        assert row["label"] == "" and pset == []
+    else:
+        assert row["label"] == ("osteoporosis" if prob >= threshold else "normal")
+        assert (row["status"] == "ok") == (len(pset) == 1)
+    if bundle.domain is None:  # pixel checks only
+        assert row["domain_threshold"] in (None, "") and row["domain_score"] in (None, "")
+    else:
+        assert float(row["domain_threshold"]) == pytest.approx(bundle.domain.threshold)
+
+
+def test_cli_predict_csv_and_json_carry_the_fields(calibrated, tiny, tmp_path, one_thread):
+    from kneeosteo.interfaces.cli import main
+
+    run, _ = calibrated
+    blank = _blank(tmp_path)
+    rows = {}
+    for suffix in (".csv", ".json"):
+        out = tmp_path / f"preds{suffix}"
+        with pytest.raises(SystemExit) as e:
+            main(["predict", str(tiny.data), str(blank), "--run", str(run.path), "--out", str(out)])
+        assert e.value.code == 0
+        if suffix == ".csv":
+            with out.open() as fh:
+                rows[suffix] = list(csv.DictReader(fh))
+        else:
+            rows[suffix] = json.loads(out.read_text())["predictions"]
+    for suffix, got in rows.items():
+        assert len(got) == 21
+        for row in got:
+            _check_row(row, run.trust, run.trust.threshold)
+        statuses = {Path(r["path"]).name: r["status"] for r in got}
+        assert statuses["blank.png"] == "out_of_domain"  # a uniform image fails the pixel check
+    # 20 calibration images at coverage 0.8: finite quantile, so some answers are confident
+    assert any(r["status"] == "ok" for r in rows[".json"])
+
+
+def test_api_and_explain_json_carry_the_fields(calibrated, tiny, tmp_path, one_thread):
+    from fastapi.testclient import TestClient
+
+    from kneeosteo.inference import Explainer, Predictor
+    from kneeosteo.inference.report import explain_files
+    from kneeosteo.interfaces.web import WebSettings, create_app
+
+    run, _ = calibrated
+    image = sorted((tiny.data / "osteoporosis").iterdir())[0]
+    blank = _blank(tmp_path)
+    want = Predictor(run.path, engine="torch").predict([image], progress=False).predictions[0]
+    client = TestClient(create_app(WebSettings(run=run.path, workers=1, queue=1)))
+    for endpoint in ("predict", "explain"):
+        r = client.post(f"/api/{endpoint}", files={"file": (image.name, image.read_bytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        _check_row(body, run.trust, run.trust.threshold)
+        assert body["status"] == want.status and body["label"] == want.label
+        assert body["probability"] == pytest.approx(want.probability, abs=1e-4)
+        r = client.post(f"/api/{endpoint}", files={"file": ("blank.png", blank.read_bytes(), "image/png")})
+        body = r.json()
+        assert body["status"] == "out_of_domain" and body["label"] == "" and body["prediction_set"] == []
+        if endpoint == "explain":
+            assert body["gradcam_png"] is None and body["attention_png"] is None
+    assert client.get("/api/model").json()["calibrated"] is True
+    written, errors = explain_files(Explainer(run.path), [image, blank], tmp_path / "ex", progress=False)
+    assert not errors
+    docs = {Path(js).stem: json.loads(Path(js).read_text()) for _, _, js in written}
+    _check_row(docs[image.stem], run.trust, run.trust.threshold)
+    assert docs[image.stem]["status"] == want.status
+    assert docs["blank"]["status"] == "out_of_domain" and docs["blank"]["label"] == ""
+
+
+def test_evaluate_reports_calibration_coverage_and_figures(calibrated, tiny, tmp_path, one_thread):
+    from kneeosteo.evaluation.evaluate import evaluate_run
+
+    run, _ = calibrated
+    metrics, out = evaluate_run(run.path, tiny.data, out=tmp_path / "ev")
+    t = metrics["trust"]
+    assert t["calibrated"] is True and t["n"] == 20
+    assert (out / "calibration.png").stat().st_size > 5000 and (out / "decision_curve.png").stat().st_size > 5000
+    ece = t["calibrated_probabilities"]["ece"]
+    assert ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+    assert t["at_operating_threshold"]["threshold"] == pytest.approx(run.trust.threshold)
+    assert t["at_0.5"]["threshold"] == 0.5
+    # scored on the very images it was calibrated on: coverage at least the target (split conformal)
+    assert t["conformal_coverage"] >= 0.8 and 0 <= t["abstention_rate"] <= 1
+    assert 0 <= t["confident_share"] <= 1 - t["abstention_rate"] + 1e-12
+    old, _ = evaluate_run(_old_run(tiny, tmp_path / "old"), tiny.data, out=tmp_path / "ev-old")
+    assert old["trust"]["calibrated"] is False and "ece" in old["trust"]["raw"]
+
+
+def test_training_settings_reject_a_bad_operating_point_or_coverage():
+    from kneeosteo.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="operating point"):
+        TrainConfig(operating_point="median")
+    with pytest.raises(ConfigError, match="coverage"):
+        TrainConfig(coverage=1.0)
+    assert TrainConfig(operating_point="sensitivity=0.9").operating_point == "sensitivity=0.9"
+
+
+# -- the domain check on KOP ------------------------------------------------------------------------
+
+def test_domain_check_accepts_kop_test_images_and_rejects_non_knee_images(tmp_path):
+    """Fitted as training fits it (frozen Lite0 features of KOP training images, out-of-fold
+    threshold at 95%), on the bundled model's split: KOP test images pass, the generated
+    non-knee corpus and pydicom's CT/MR samples do not."""
+    require(KOP_DIR.is_dir(), f"KOP data set not found at {KOP_DIR}")
+    import torch
+
+    from kneeosteo.data.preprocess import Preprocess
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.models import build_model, get_backbone_spec
+    from kneeosteo.trust import DomainCheck
+
+    split = json.loads((Path(__file__).resolve().parent.parent / "kneeosteo" / "assets" / "default_model"
+                        / "split.json").read_text())
+    model, _ = build_model("efficientnet_lite0", attention=False)
+    spec = get_backbone_spec("efficientnet_lite0")
+    prep = Preprocess("paper", 224, tuple(spec.mean), tuple(spec.std), False)
+
+    @torch.no_grad()
+    def feats(pixels):
+        x = torch.stack([prep(p) for p in pixels])
+        return model.eval().extract_features(x).double().numpy()
+
+    # the backbone costs ~0.1 s an image on one core: a sixth of the training images (41), a third of the test (24)
+    train = [read_image(KOP_DIR / p).pixels for p in split["train"][::6]]
+    test = [read_image(KOP_DIR / p).pixels for p in split["test"][::3]]
+    check = DomainCheck().fit(feats(train))
+    accepted = [check.assess(f[None], px).ok for f, px in zip(feats(test), test)]
+    assert np.mean(accepted) >= 0.9, f"{sum(accepted)} of {len(test)} KOP test images accepted"
+    junk = [read_image(p).pixels for p in non_knee_corpus(tmp_path / "junk")]
+    rejected = [not check.assess(f[None], px).ok for f, px in zip(feats(junk), junk)]
+    assert all(rejected), f"accepted: {[i for i, r in enumerate(rejected) if not r]}"
+    assert len(junk) >= 14
+
+
+def test_refitting_the_domain_threshold_keeps_the_arrays():
+    """What `calibrate RUN SITE` does to a run's domain check: the training fit stays, the threshold
+    becomes the acceptance quantile of the site's distances (a shifted site gets a higher one)."""
+    from kneeosteo.trust import DomainCheck
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(300, 20))
+    check = DomainCheck(acceptance=0.9).fit(train)
+    arrays, before = check.to_state()[0], check.threshold
+    site = rng.normal(size=(200, 20)) * 1.3 + 0.5
+    after = check.refit_threshold(site)
+    assert after == check.threshold > before
+    assert np.mean(check.distance(site) <= after) == pytest.approx(0.9, abs=0.01)
+    assert all(np.array_equal(arrays[k], check.to_state()[0][k]) for k in arrays)
+
+
+def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_thread):
+    """`kneeosteo calibrate RUN --out NEW`: what training fits, from the run's split (how an old
+    run such as the bundled model gets trust files); a bad setting is a usage error (exit 2)."""
+    from kneeosteo.interfaces.cli import main
+
+    old = _old_run(tiny, tmp_path / "old")
+    before = _tree_digest(old)
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(old), "--out", str(tmp_path / "new"), "--coverage", "0.8"])
+    assert e.value.code == 0
+    assert _tree_digest(old) == before and RunDir(old).trust is None
+    new = RunDir(tmp_path / "new")
+    t = new.trust
+    assert t.fitted["mode"] == "split" and t.fitted["calibration_set"] == "validation partition"
+    assert t.conformal.coverage == 0.8
+    assert set(new.config.record["calibration_data"]["content_ids"]) == set(json.loads(tiny.split.read_text())["val"])
+    assert f"model {new.model_id}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(old), "--out", str(tmp_path / "bad"), "--operating-point", "median"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
