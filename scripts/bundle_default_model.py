@@ -2,9 +2,11 @@
 
 Usage: python scripts/bundle_default_model.py RUN AUDIT_JSON [TABLE1_JSON]
 
-RUN: a run trained with `configs/default_model.toml` on the seed-0 paper split (e.g. the
-`default_model/seed0` cell of `kneeosteo reproduce`); AUDIT_JSON: `kneeosteo audit`'s audit.json;
-TABLE1_JSON: the `reproduce` grid that compared it with the paper's hybrid (its evidence).
+RUN: a run trained with `configs/default_model.toml` on the seed-0 paper split (e.g. its cell of
+`kneeosteo reproduce`), given its trust files by `kneeosteo calibrate CELL DATA --split
+CELL/split.json --out RUN` and scored again by `kneeosteo evaluate RUN` (metrics.json with the
+shortcut probes and the trust block); AUDIT_JSON: `kneeosteo audit`'s audit.json; TABLE1_JSON:
+the `reproduce` grid that compared it with the paper's hybrid (its evidence).
 
 Every figure of the card is read from the run's own files, the audit and the grid, never typed in.
 """
@@ -22,6 +24,7 @@ from kneeosteo.utils.atomic import write_text
 
 DEST = Path(__file__).resolve().parent.parent / "kneeosteo" / "assets" / "default_model"
 FILES = ("config.json", "model.safetensors", "metrics.json", "split.json", "history.csv")
+TRUST_FILES = ("trust.json", "trust.safetensors")  # when the run has them (`kneeosteo calibrate`)
 
 
 def ci(m: dict, name: str) -> str:
@@ -138,7 +141,9 @@ def main(run: str, audit_json: str, table_json: str | None = None) -> None:
     audit = json.loads(Path(audit_json).read_text())
     table = json.loads(Path(table_json).read_text()) if table_json else None
     DEST.mkdir(parents=True, exist_ok=True)
-    for f in FILES:
+    for f in TRUST_FILES:  # a stale pair must not outlive the model it was fitted for
+        (DEST / f).unlink(missing_ok=True)
+    for f in FILES + tuple(f for f in TRUST_FILES if (run_dir / f).is_file()):
         shutil.copy2(run_dir / f, DEST / f)
     write_text(DEST / "MODEL_CARD.md", card(run_dir, audit, table))
     print(f"bundled {run_dir} into {DEST}")
