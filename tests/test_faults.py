@@ -243,6 +243,32 @@ def test_read_only_cache_costs_speed_not_the_run(ws, tmp_path, monkeypatch, capl
     assert 1 <= len(warnings) <= 4  # once per cache object, not once per entry
 
 
+def test_a_read_only_cache_warns_once_even_when_threads_fail_together(tmp_path, monkeypatch, caplog):
+    """prepare writes from a thread pool: eight writers failing at the same moment must give one
+    warning, not eight (a race on the 'already warned' flag made the count depend on timing)."""
+    import threading
+
+    import torch
+
+    gate = threading.Barrier(8)
+
+    @contextmanager
+    def readonly(target):
+        gate.wait(timeout=10)  # every writer is past the 'already failed?' check before any fails
+        raise OSError(errno.EROFS, "Read-only file system")
+        yield
+
+    monkeypatch.setattr(cache_mod, "atomic_path", readonly)
+    cache = cache_mod.TensorCache(tmp_path / "ro")
+    threads = [threading.Thread(target=cache.put, args=(f"{i:064x}", {"x": torch.zeros(2)})) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warnings) == 1 and cache.write_error and "Read-only" in cache.write_error
+
+
 def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
     """A kill between writing the weights and state.json must not pair epoch k's weights with
     epoch k-1's state: the state travels inside last.safetensors."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ class TensorCache:
         self.hits = 0
         self.misses = 0
         self.write_error: str | None = None
+        self._warn_once = threading.Lock()  # prepare's threads may all fail at once: one warning
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -90,5 +92,8 @@ class TensorCache:
             with atomic_path(self._path(key)) as tmp:
                 save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)})
         except (OSError, SafetensorError) as exc:
-            self.write_error = str(exc)
-            log.warning("tensor cache %s cannot be written (%s); going on without caching", self.root, exc)
+            with self._warn_once:
+                first = self.write_error is None
+                self.write_error = self.write_error or str(exc)
+            if first:
+                log.warning("tensor cache %s cannot be written (%s); going on without caching", self.root, exc)
