@@ -16,6 +16,7 @@ the load average is recorded. For a CPU without bf16, cap PyTorch's ISA first:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -79,8 +80,6 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         with section(doc.setdefault("training", {})) as t:
             t.update(train_once(data, split, tmp / "run", tmp / "cache"))
-        import json
-
         test = json.loads(split.read_text())["test"][: args.images]
         with section(doc.setdefault("prediction", {})) as p:
             os.environ["KNEEOSTEO_CACHE"] = str(tmp / "cache")

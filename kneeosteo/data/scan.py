@@ -105,6 +105,11 @@ def describe_file(path: Path, use_cache: bool = True) -> dict:
     return describe_and_read(path, use_cache)[0]
 
 
+def file_meta(path: Path) -> ImageMeta:
+    """The file's metadata (format, colour mode, size...) from ``describe_file``'s memo."""
+    return ImageMeta(**describe_file(path)["meta"])
+
+
 def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedImage | None]:
     """``describe_file``'s answer, plus the decoded image when it had to decode (no memo yet), so
     a caller that needs the pixels too does not decode the file a second time.

@@ -33,7 +33,7 @@ from statsmodels.stats.proportion import proportion_confint
 from kneeosteo.data.bone import OCCLUSIONS, bone_mask, occlude
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageMeta, ImageReadError, read_image
-from kneeosteo.data.scan import describe_file
+from kneeosteo.data.scan import file_meta
 from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix
 from kneeosteo.evaluation.stats import delong_auc_ci
 
@@ -139,7 +139,7 @@ def source_probe(features: np.ndarray, metas: list[ImageMeta], folds: int = 5, s
 
 
 def _metas(root: Path, paths: list[str]) -> list[ImageMeta]:
-    return [ImageMeta(**describe_file(root / p)["meta"]) for p in paths]
+    return [file_meta(root / p) for p in paths]
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
     if result.is_main:
         try:
             bundle = fit_trust_from_split(result.run, result.model, result.sets, operating_point=cfg.operating_point,
-                                          coverage=cfg.coverage, acceptance=cfg.domain_acceptance, device=result.device)
+                                          coverage=cfg.coverage, acceptance=cfg.domain_acceptance, device=result.device,
+                                          train=result.train)
         except DataError as exc:  # e.g. a validation part of one class: the trained model is kept, uncalibrated
             console(f"warning: no trust files fitted ({exc}); predictions will say calibrated: false. "
                     f"Fit them later with `kneeosteo calibrate {result.run.path} DATA --out NEWRUN`")

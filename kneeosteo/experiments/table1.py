@@ -16,6 +16,7 @@ import numpy as np
 
 from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import METRICS, binary_metrics, metric_names
+from kneeosteo.evaluation.probes import SOURCE_ATTRIBUTES
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
 from kneeosteo.utils.atomic import write_json, write_text
 from kneeosteo.utils.csvfile import csv_text
@@ -118,7 +119,7 @@ def probe_summary(per_seed: Mapping[int, list[dict]]) -> dict:
             vals = [f["occlusion"][kind]["auc"] for f in folds if "auc" in f["occlusion"][kind]]
             if vals:
                 occ[kind].append(float(np.mean(vals)))
-        for attr in ("format", "mode", "aspect_tercile"):
+        for attr in SOURCE_ATTRIBUTES:
             vals = [f["source"][attr]["balanced_accuracy"] for f in folds
                     if "balanced_accuracy" in f.get("source", {}).get(attr, {})]
             if vals:
@@ -212,7 +213,7 @@ def _probe_table(rows: list[dict]) -> list[str]:
         adv = (f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
                f"(n = {r['adversarial_n']})") if "adversarial_n" in r else "-"
         src = " / ".join("-" if _missing(r.get(f"source_{a}_mean")) else f"{r[f'source_{a}_mean']:.2f}"
-                         for a in ("format", "mode", "aspect_tercile"))
+                         for a in SOURCE_ATTRIBUTES)
         lines.append(f"| {r['title']} | {adv} | {r.get('adversarial_per_seed', '-')} | {_fmt(r, 'auc_bone_hidden')} | "
                      f"{_fmt(r, 'auc_bone_only')} | {src} |")
     lines += ["", "Shortcut-adversarial: accuracy on the test images where the metadata-only forest (fitted on each "

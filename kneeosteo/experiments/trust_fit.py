@@ -34,10 +34,8 @@ import torch
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
-from kneeosteo.evaluation.evaluate import predict_prepared
-from kneeosteo.features.cache import TensorCache, backbone_cache_id
-from kneeosteo.features.prepare import PreparedSet, prepare
-from kneeosteo.paths import cache_dir
+from kneeosteo.evaluation.evaluate import predict_prepared, prepare_part
+from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler, TrustBundle, choose_threshold, logit
 from kneeosteo.trust.operating_point import parse_operating_point
@@ -63,11 +61,8 @@ def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch
     if data.features is not None:
         return data.features.double().numpy()
     model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        x = prep.normalise(data.grey[start : start + batch_size].float()).to(device)
-        out.append(model.extract_features(x).float().double().cpu())
-    return torch.cat(out).numpy()
+    with torch.no_grad():
+        return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()
 
 
 def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:
@@ -134,26 +129,15 @@ def trust_line(bundle: TrustBundle) -> str:
             f"{bundle.conformal.coverage:g}; domain check {dom}")
 
 
-def _backbone_id(model) -> str | None:
-    if not (model.use_backbone and model.freeze_backbone):
-        return None
-    wi = model.backbone_weights
-    return backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None)
-
-
-def _prepare(model, items, root, prep, device: str, label: str) -> PreparedSet:
-    bid = _backbone_id(model)
-    return prepare(items, root, prep, TensorCache(cache_dir() / "tensors"),
-                   backbone=model.backbone if bid else None, backbone_id=bid, device=device, label=label)
-
-
 def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point="0.5", coverage: float = 0.9,
-                         acceptance: float = 0.95, device: str = "cpu") -> TrustBundle:
+                         acceptance: float = 0.95, device: str = "cpu", train: PreparedSet | None = None) -> TrustBundle:
     """Training's fit: calibration on the validation partition, the domain check on the
-    training partition's originals (read from the feature cache training filled)."""
+    training partition's originals (``train`` when the caller has them prepared already, else
+    read from the feature cache training filled)."""
     prep = run.config.preprocess
-    val = _prepare(model, sets.items("val"), sets.data, prep, device, "calibration (val)")
-    train = _prepare(model, sets.items("train"), sets.data, prep, device, "domain check (train)")
+    val = prepare_part(model, sets.items("val"), sets.data, prep, device, "calibration (val)")
+    if train is None:
+        train = prepare_part(model, sets.items("train"), sets.data, prep, device, "domain check (train)")
     return fit_trust(model, prep, val, run.config.classes, operating_point=operating_point, coverage=coverage,
                      domain_set=train, acceptance=acceptance, device=device,
                      fitted={"mode": "split", "calibration_set": "validation partition",
@@ -181,7 +165,7 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
         if scan.classes and list(scan.classes) != list(cfg.classes) and set(scan.classes) != set(cfg.classes):
             raise DataError(f"{data}: class folders {scan.classes} differ from the model's {list(cfg.classes)}")
         items = [(r.path, r.target) for r in scan.records]
-        site = _prepare(model, items, data, cfg.preprocess, device, "calibration (site)")
+        site = prepare_part(model, items, data, cfg.preprocess, device, "calibration (site)")
         old = src.trust
         bundle = fit_trust(model, cfg.preprocess, site, cfg.classes, domain=None if old is None else old.domain,
                            fitted={"mode": "site", "calibration_set": str(data)}, **common)

@@ -27,8 +27,7 @@ from kneeosteo import __version__
 from kneeosteo.config import TrainConfig
 from kneeosteo.data.augment import AugmentParams, augment_batch
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.data.reader import ImageMeta
-from kneeosteo.data.scan import describe_file, scan_dataset
+from kneeosteo.data.scan import file_meta, scan_dataset
 from kneeosteo.data.shortcut import metadata_weights
 from kneeosteo.data.split import SplitSets, load_split, make_split, write_split
 from kneeosteo.errors import ConfigError, DataError
@@ -347,7 +346,7 @@ def _metadata_weights(data: Path, train: PreparedSet, seed: int) -> tuple[torch.
     """Per-row loss weights against the metadata shortcut (``data.shortcut.metadata_weights``), fitted
     on the training originals; augmented copies share their source's weight. Also a summary for the record."""
     paths = list(dict.fromkeys(train.paths))
-    metas = [ImageMeta(**describe_file(data / p)["meta"]) for p in paths]
+    metas = [file_meta(data / p) for p in paths]
     target = dict(zip(train.paths, train.targets.numpy().astype(int)))
     w = metadata_weights(metas, [target[p] for p in paths], seed=seed)
     by_path = dict(zip(paths, w))
