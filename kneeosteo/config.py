@@ -42,6 +42,8 @@ class TrainConfig:
     attention: bool = True  # the AM branch (False = backbone + head ablation)
     use_backbone: bool = True  # False = AM + head ablation
     finetune: bool = False  # train the backbone too (no feature cache)
+    trainable_stages: int = 0  # with finetune: train only the backbone's last N stages (0 = all of it)
+    backbone_lr_scale: float = 1.0  # discriminative learning rate: the backbone learns at lr x this
     preprocess: str = "paper"  # paper | robust
     clahe: bool = False
     image_size: int = 224
@@ -50,6 +52,7 @@ class TrainConfig:
     zoom: tuple[float, float] = (0.9, 1.2)
     crop_fraction: tuple[float, float] = (0.8, 1.0)
     rotation: float = 15.0
+    source_augment: bool = False  # with augment = online: JPEG re-encoding, gamma, blur, noise, flips
     epochs: int = 30
     patience: int = 6  # early stopping on validation loss
     batch_size: int = 32
@@ -104,6 +107,12 @@ class TrainConfig:
         number("weight_decay", 0.0, 10.0)
         number("threshold", 0.0, 1.0)
         number("rotation", 0.0, 180.0)
+        number("trainable_stages", 0, 64, integer=True)
+        number("backbone_lr_scale", 1e-6, 10.0)
+        if self.trainable_stages and not self.finetune:
+            raise ConfigError(f"trainable_stages = {self.trainable_stages} needs finetune = true (the backbone is frozen)")
+        if self.source_augment and self.augment != "online":
+            raise ConfigError(f"source_augment = true needs augment = online (it draws per batch), not {self.augment!r}")
         if self.fold is not None:
             number("fold", 0, integer=True)
         from kneeosteo.trust.operating_point import parse_operating_point

@@ -490,6 +490,27 @@ def test_identity_augmentation_leaves_the_image_unchanged(big_picture):
         assert np.abs(v - small).max() < 1e-3
 
 
+def test_source_augment_is_seeded_bounded_and_does_what_it_says():
+    from kneeosteo.data.augment import SourceAugment, source_augment_batch
+
+    gen = torch.Generator().manual_seed(0)
+    grey = (torch.rand(6, 1, 32, 32, generator=gen) * 0.8 + 0.1).half()
+    a = source_augment_batch(grey, np.random.default_rng(5))
+    b = source_augment_batch(grey, np.random.default_rng(5))
+    assert a.dtype == grey.dtype and a.shape == grey.shape and torch.equal(a, b)  # seeded
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert not torch.equal(a, grey)
+    none = SourceAugment(p=0.0)
+    assert torch.equal(source_augment_batch(grey, np.random.default_rng(1), none), grey)  # p = 0: untouched
+    flip_only = SourceAugment(p=1.0, gamma=(1.0, 1.0), jpeg_quality=(100, 100), blur_sigma=(1e-3, 1e-3),
+                              noise_std=(0.0, 0.0))
+    out = source_augment_batch(grey, np.random.default_rng(1), flip_only).float()
+    torch.testing.assert_close(out, grey.float().flip(-1), atol=0.02, rtol=0)  # flip; q100 JPEG nearly lossless
+    harsh = SourceAugment(p=1.0, gamma=(1.0, 1.0), jpeg_quality=(5, 5), blur_sigma=(1e-3, 1e-3), noise_std=(0.0, 0.0))
+    lossy = source_augment_batch(grey, np.random.default_rng(1), harsh).float()
+    assert float((lossy - grey.float().flip(-1)).abs().mean()) > 0.03  # quality 5 JPEG really re-encodes
+
+
 def test_augment_params_key_tracks_every_parameter():
     base = AugmentParams()
     keys = {base.key(), AugmentParams(copies=4).key(), AugmentParams(zoom=(0.9, 1.1)).key(),

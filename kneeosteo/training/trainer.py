@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from kneeosteo import __version__
 from kneeosteo.config import TrainConfig
-from kneeosteo.data.augment import AugmentParams, augment_batch
+from kneeosteo.data.augment import AugmentParams, augment_batch, source_augment_batch
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import file_meta, scan_dataset
 from kneeosteo.data.shortcut import metadata_weights
@@ -111,6 +111,7 @@ class Batches:
     prep: Preprocess
 
     online: AugmentParams | None = None  # draw a fresh augmentation per batch (--augment online)
+    source: bool = False  # with online: also source_augment_batch (--source-augment)
     weights: torch.Tensor | None = None  # per-row loss weights (--reweight metadata), None = all 1
 
     def loss_weights(self, idx: torch.Tensor, device: str) -> torch.Tensor | None:
@@ -121,6 +122,8 @@ class Batches:
         augmented = self.online is not None and rng is not None
         if augmented:
             grey = augment_batch(grey, rng, self.online)
+            if self.source:
+                grey = source_augment_batch(grey, rng)
         x = self.prep.normalise(grey).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -312,7 +315,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     # the model first: missing backbone weights fail in a second, before the data is scanned
     # (the split's own seeded generator is independent of the initialisation drawn here)
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
-                               use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size)
+                               use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size,
+                               trainable_stages=cfg.trainable_stages)
     model.to(device)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
@@ -362,17 +366,27 @@ def _save_model(s: _Setup, cfg: TrainConfig) -> None:
     s.run.save_model(s.model, s.prep, (negative, s.sets.positive), cfg.threshold, s.settings, s.record)
 
 
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters for Adam; a fine-tuned backbone's in a group of its own at
+    ``lr * backbone_lr_scale`` (discriminative learning rates). Empty groups are left out."""
+    backbone = {id(p) for p in model.backbone.parameters()} if getattr(model, "backbone", None) is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in backbone]},
+              {"params": [p for p in trainable if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
     """The epochs: train, validate, keep the best by validation loss, save state every epoch."""
     net = distributed.data_parallel(s.model, s.ctx, s.device) if s.ctx.world > 1 else s.model
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(s.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and s.run.state_file.exists():
         state = _load_state(s.run, s.model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
-    batches = {k: Batches(v, s.prep, online if k == "train" else None) for k, v in s.parts.items()}
+    batches = {k: Batches(v, s.prep, online if k == "train" else None, cfg.source_augment and k == "train")
+               for k, v in s.parts.items()}
     batches["train"].weights = s.weights
     sharded = {"ctx": s.ctx} if s.ctx.world > 1 else {}
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
