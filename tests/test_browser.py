@@ -130,3 +130,33 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     assert "not an image the model can read" in page.inner_text("#error")
     assert not page.is_visible("#result")
     assert elsewhere == []  # the page fetched nothing from anywhere but its own server
+
+
+def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny, tmp_path):
+    """`kneeosteo report` of the tiny run in Chromium: no request leaves the file, no console
+    error, every image decoded; the screenshot goes to docs/report.png with KNEEOSTEO_UPDATE_SCREENSHOT=1
+    (made from the bundled model on KOP when both are here)."""
+    from kneeosteo.reporting import write_report
+
+    kop = REPO.parent / "shared" / "datasets" / "kop"
+    bundled = _bundled_run_dir() if UPDATE else None
+    if bundled is not None and kop.is_dir():
+        html = write_report(bundled, tmp_path / "report.html", data=kop)
+    else:
+        html = write_report(tiny.run, tmp_path / "report.html", data=tiny.data, correct=2)
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else requests.append(r.url))
+    page.goto(html.as_uri())
+    page.wait_for_load_state("load")
+    n = page.eval_on_selector_all("img", "els => els.length")
+    broken = page.eval_on_selector_all("img", "els => els.filter(e => !(e.complete && e.naturalWidth > 0)).map(e => e.alt)")
+    assert n >= 8 and broken == []
+    assert errors == [] and requests == []
+    assert page.eval_on_selector_all("section", "els => els.map(e => e.id)")[0] == "summary"
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
+    if UPDATE:
+        shutil.copyfile(shot, REPO / "docs" / "report.png")

@@ -240,3 +240,37 @@ def test_shortcut_probes_in_the_table_recomputed_from_the_cells(tiny_repro):
     assert "Shortcut probes" in md and "shortcut-adversarial acc" in md
     table_lines = [line for line in md.split("Shortcut probes")[1].splitlines() if line.startswith("|")]
     assert len(table_lines) == 2 + 3 and len({line.count("|") for line in table_lines}) == 1
+
+
+def test_report_of_a_reproduce_folder_links_every_row_to_its_cells(tiny_repro, tmp_path):
+    from html.parser import HTMLParser
+
+    from kneeosteo.reporting import write_report
+
+    _root, out, _base, rows, _logs = tiny_repro
+    html = write_report(out, tmp_path / "grid.html").read_text()
+
+    class Links(HTMLParser):
+        ids, hrefs, srcs = set(), [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                self.ids.add(a["id"])
+            if "href" in a:
+                self.hrefs.append(a["href"])
+            if "src" in a:
+                self.srcs.append(a["src"])
+
+    page = Links()
+    page.feed(html)
+    cells = sorted(p.parent for p in (out / "cells").rglob("metrics.json"))
+    anchors = {i for i in page.ids if i.startswith("cell-")}
+    assert len(anchors) == len(cells)  # one section per finished cell
+    assert all(h.startswith("#") and h[1:] in page.ids for h in page.hrefs)  # every link lands
+    assert all(s.startswith("data:image/") for s in page.srcs) and page.srcs  # forest plot, ROC, loss inline
+    for r in rows:
+        if r.get("seeds"):
+            assert r["title"] in html
+            acc = f"{r['accuracy_mean']:.3f} &plusmn; {r['accuracy_std']:.3f}"
+            assert acc in html

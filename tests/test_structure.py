@@ -33,7 +33,8 @@ LAYERS = {  # module prefix -> layer
     "kneeosteo.training": 4, "kneeosteo.evaluation": 4,
     "kneeosteo.experiments": 5,
     "kneeosteo.inference": 6,
-    "kneeosteo.interfaces": 7, "kneeosteo.__main__": 7,
+    "kneeosteo.reporting": 7,
+    "kneeosteo.interfaces": 8, "kneeosteo.__main__": 8,
 }
 PEERS = {frozenset({"kneeosteo.training", "kneeosteo.evaluation"})}
 

@@ -237,6 +237,22 @@ def evaluate(
 
 
 @app.command()
+def report(
+    path: Path = typer.Argument(..., help="A run folder, or a `reproduce` output folder."),
+    out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: inline figures, no network)."),
+    pdf: Optional[Path] = typer.Option(None, "--pdf", help="Also print it to this PDF with headless Chromium."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The data folder (default: the one the run recorded)."),
+    correct: int = typer.Option(4, min=0, help="Correctly classified test images shown beside every wrong one."),
+    seed: int = typer.Option(0, min=0, help="Seed of the randomised twin in the saliency sanity check."),
+):
+    """One page of evidence a reviewer asks for: data flow, audit, metrics, calibration, probes, explanations, checklist."""
+    from kneeosteo.reporting import write_report
+
+    html = write_report(path, out, pdf=pdf, data=data, correct=correct, seed=seed)
+    print(f"wrote {html}" + (f" and {pdf}" if pdf else ""))
+
+
+@app.command()
 def calibrate(
     run: Path = typer.Argument(..., help="A run folder (read only; never changed)."),
     data: Optional[Path] = typer.Argument(None, help="A site's labelled class folders: fit on every image of it. "
