@@ -171,6 +171,8 @@ BAD_INVOCATIONS = [  # (arguments, exit code, words the one line must contain)
     ("train {DATA} --backbone densenet169 --epochs 1 --out {ROOT}/dn", 1, "densenet169"),
     ("train --resume {ROOT}/not_a_run", 1, "not_a_run"),
     ("train {DATA} --no-attention --no-backbone --out {ROOT}/r", 2, "attention"),
+    ("train {DATA} --trainable-stages 2 --out {ROOT}/r", 2, "needs finetune"),
+    ("train {DATA} --source-augment --out {ROOT}/r", 2, "augment = online"),
     ("split {DATA} --protocol kfolds --out {ROOT}/s.json", 2, "kfolds"),
     ("audit {ROOT}/no_such_data --out {ROOT}/a", 1, "no_such_data"),
     ("evaluate {ROOT}/not_a_run", 1, "not_a_run"),
@@ -186,6 +188,9 @@ BAD_INVOCATIONS = [  # (arguments, exit code, words the one line must contain)
     ("export --run {ROOT}/not_a_run --out {ROOT}/m.onnx", 1, "not_a_run"),
     ("serve --run {ROOT}/not_a_run", 1, "not_a_run"),
     ("reproduce {DATA} --protocol loo --out {ROOT}/rep", 2, "loo"),
+    ("report {ROOT}/not_a_run --out {ROOT}/r.html", 1, "not_a_run"),
+    ("report {TAMPERED} --out {ROOT}/r.html", 1, "config.json"),
+    ("report {TAMPERED} --out {ROOT}/r.html --data {ROOT}/no_such_data", 1, "no_such_data"),
     ("no-such-command", 2, "no-such-command"),
 ]
 

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +340,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
         "processes": ctx.world,
         "environment": environment(),
         "prepare_seconds": round(time.perf_counter() - t0, 1),
+        "command_line": shlex.join(sys.argv),  # the process's: `kneeosteo train ...`, or the reproduce grid's
     }
     weights = None
     if cfg.reweight == "metadata":
