@@ -18,21 +18,19 @@ PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "timm", "numpy", "pil
 
 
 def _cpuinfo() -> dict:
-    model, flags = platform.processor() or "unknown", ""
+    model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("unknown", "", platform.processor()):
+                if key.strip() == "model name":
                     model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = value
+                    break
     except OSError:
         pass
-    words = set(flags.split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in words]}
+    from kneeosteo.utils.compute_path import cpu_flags
+
+    return {"cpu_model": model, "cpu_flags": cpu_flags()}
 
 
 def _memory_gb() -> float | None:
@@ -60,9 +58,9 @@ def bf16_native() -> bool:
     """Whether this CPU runs bf16 natively (AVX-512 BF16 / AMX, and PyTorch not capped at AVX2),
     as ``--precision auto`` decides; without it bf16 is emulated (converted to fp32 and back) and
     every bf16 number below measures the emulation, not the hardware."""
-    from kneeosteo.training.trainer import _cpu_has_bf16
+    from kneeosteo.utils.compute_path import bf16_native as native
 
-    return _cpu_has_bf16()
+    return native()
 
 
 def describe() -> dict:

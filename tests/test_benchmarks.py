@@ -132,7 +132,7 @@ def test_quick_run_runs_every_bf16_path_and_marks_emulation(quick):
     of the head-to-head; but every bf16 code path still runs (the bf16 matmul, the engine's batch 1
     and 32 calls, its agreement with fp32, the percentage of the bf16 peak), and the results say
     that bf16 was emulated. Where bf16 is native, nothing is cut."""
-    from kneeosteo.training.trainer import _cpu_has_bf16
+    from kneeosteo.utils.compute_path import bf16_native as _cpu_has_bf16
 
     native = _cpu_has_bf16()
     m = quick.docs["machine"]

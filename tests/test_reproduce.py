@@ -242,6 +242,15 @@ def test_shortcut_probes_in_the_table_recomputed_from_the_cells(tiny_repro):
     assert len(table_lines) == 2 + 3 and len({line.count("|") for line in table_lines}) == 1
 
 
+def test_tables_say_which_compute_path_trained_the_cells(tiny_repro):
+    _root, out, _base, _rows, _logs = tiny_repro
+    info = json.loads((out / "table1.json").read_text())["info"]
+    cells = list((out / "cells").rglob("metrics.json"))
+    assert sum(info["compute_paths"].values()) == len(cells)
+    label = next(iter(info["compute_paths"]))
+    assert label.startswith(("fp32 on ", "bf16 on ")) and f"Trained on: {label}" in (out / "table1.md").read_text()
+
+
 def test_report_of_a_reproduce_folder_links_every_row_to_its_cells(tiny_repro, tmp_path):
     from html.parser import HTMLParser
 

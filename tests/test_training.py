@@ -633,3 +633,22 @@ def test_finetune_settings_are_checked():
         build_model("efficientnet_lite0", weights="none", finetune=True, trainable_stages=9)
     with pytest.raises(ConfigError, match="vgg19 offers none"):
         build_model("vgg19", weights="none", finetune=True, trainable_stages=1)
+
+
+def test_runs_and_metrics_record_their_compute_path(ws, runs, monkeypatch):
+    """Results are identical on the same path only, so each run says which path it took."""
+    from kneeosteo.utils.compute_path import bf16_native, cells_paths, compute_path, path_label
+
+    run = RunDir(runs.a.run)
+    env = run.config.record["environment"]
+    here = compute_path()
+    assert env["cpu_capability"] == here["cpu_capability"] and env["cpu_flags"] == here["cpu_flags"]
+    m = json.loads(run.metrics_file.read_text())
+    assert m["computed_with"]["training"]["precision"] == str(run.config.record["autocast"])
+    assert m["computed_with"]["scoring"]["cpu_capability"] == here["cpu_capability"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the forced AVX2 path never claims native bf16
+    assert bf16_native() is False and compute_path()["onednn_max_cpu_isa"] == "AVX2"
+    assert path_label("torch.bfloat16", "AVX512") == "bf16 on AVX512" and path_label("fp32", "AVX2") == "fp32 on AVX2"
+    recs = [{"autocast": "fp32", "environment": {"cpu_capability": "AVX2"}}] * 2 + \
+           [{"autocast": "torch.bfloat16", "environment": {"cpu_capability": "AVX512"}}]
+    assert cells_paths(recs) == {"fp32 on AVX2": 2, "bf16 on AVX512": 1}

@@ -22,6 +22,7 @@ from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.compute_path import compute_path
 from kneeosteo.utils.csvfile import write_csv
 
 __all__ = ["PREDICTION_FIELDS", "evaluate_run", "predict_prepared", "score"]
@@ -51,6 +52,11 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     metrics["classes"] = sets.classes
     metrics["positive_class"] = sets.positive
     metrics["unreadable"] = test.bad
+    env = run.config.record.get("environment") or {}
+    metrics["computed_with"] = {  # results are identical on the same path, not across paths
+        "training": {"precision": str(run.config.record.get("autocast", "unknown")),
+                     "cpu_capability": env.get("cpu_capability"), "onednn_max_cpu_isa": env.get("onednn_max_cpu_isa")},
+        "scoring": {"precision": "fp32", **compute_path()}}
     if probes:
         metrics["shortcut_probes"] = shortcut_probes(model, run.config.preprocess, sets.data, test.paths, y, prob,
                                                      threshold, train=train, device=device,

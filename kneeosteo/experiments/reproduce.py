@@ -26,6 +26,7 @@ from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.experiments.table1 import Predictions, aggregate, write_table1
 from kneeosteo.models.weights import find_default_weights
 from kneeosteo.run import RunDir
+from kneeosteo.utils.compute_path import cells_paths
 from kneeosteo.training import distributed
 from kneeosteo.utils.atomic import ensure_writable, write_json
 
@@ -252,6 +253,7 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         return []
     rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut,
                            _seed_probes(cells))
-    info.update(reference=ref, seeds=seeds, protocol=protocol, models=models)
+    info.update(reference=ref, seeds=seeds, protocol=protocol, models=models,
+                compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]))
     write_table1(out, rows, info)
     return rows

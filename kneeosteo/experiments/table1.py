@@ -196,6 +196,9 @@ def render_markdown(rows: list[dict], info: dict) -> str:
         f"hybrid ({info.get('reference')}), pooling the (seed, test image) pairs of all seeds: exact McNemar on "
         "correctness at threshold 0.5, DeLong on AUC.",
         f"Every model of a seed was scored on the same test images: {'yes' if info.get('same_test_images') else 'NO'}.",
+        "Trained on: " + (", ".join(f"{k} ({v} cells)" for k, v in info["compute_paths"].items())
+                          if info.get("compute_paths") else "unknown (cells from before paths were recorded)")
+        + ". The same seed gives identical results on the same path (precision and instruction set), not across paths.",
     ]
     return "\n".join(lines) + "\n"
 

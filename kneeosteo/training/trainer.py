@@ -40,6 +40,7 @@ from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist
+from kneeosteo.utils.compute_path import bf16_native, compute_path
 from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
 from kneeosteo.utils.csvfile import write_csv
 from kneeosteo.utils.progress import progress_bar
@@ -56,23 +57,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX in the CPU flags (Linux), and PyTorch allowed to use them: capping its
-    kernels at AVX2 (``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2``, e.g. to measure
-    the path a CPU without bf16 takes) makes bf16 emulated, so ``auto`` then means fp32."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    capped = capability in ("DEFAULT", "NO AVX", "AVX2") or \
-        bool(isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "DEFAULT")))
-    if capped:
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    except OSError:
-        return "AMX" in capability
-
-
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     """bf16 where the hardware runs it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32."""
     if precision == "fp32":
@@ -81,7 +65,7 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else None
+    return torch.bfloat16 if bf16_native() else None
 
 
 def set_seed(seed: int) -> None:
@@ -223,7 +207,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **compute_path(),  # cpu_capability, onednn_max_cpu_isa, cpu_flags, bf16_native, forced_below_cpu
         "threads": torch.get_num_threads(),
     }
 
