@@ -123,6 +123,15 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     return _train_tiny(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_report(tiny, tmp_path_factory) -> Path:
+    """`kneeosteo report` of the tiny run (two right images in the gallery), made once per session
+    for the report tests and the browser test."""
+    from kneeosteo.reporting import write_report
+
+    return write_report(tiny.run, tmp_path_factory.mktemp("report") / "report.html", data=tiny.data, correct=2)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module: tiny batches gain nothing from more, and on a shared

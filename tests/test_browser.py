@@ -132,7 +132,7 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     assert elsewhere == []  # the page fetched nothing from anywhere but its own server
 
 
-def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny, tmp_path):
+def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny_report, tmp_path):
     """`kneeosteo report` of the tiny run in Chromium: no request leaves the file, no console
     error, every image decoded; the screenshot goes to docs/report.png with KNEEOSTEO_UPDATE_SCREENSHOT=1
     (made from the bundled model on KOP when both are here)."""
@@ -143,7 +143,7 @@ def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny, 
     if bundled is not None and kop.is_dir():
         html = write_report(bundled, tmp_path / "report.html", data=kop)
     else:
-        html = write_report(tiny.run, tmp_path / "report.html", data=tiny.data, correct=2)
+        html = tiny_report
     errors, requests = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))

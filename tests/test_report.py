@@ -58,11 +58,9 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def report(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "report.html"
-    write_report(tiny.run, out, data=tiny.data, correct=2)
-    html = out.read_text()
-    return out, html, Page(html)
+def report(tiny_report):
+    html = tiny_report.read_text()
+    return tiny_report, html, Page(html)
 
 
 def _predictions(run: Path) -> list[dict]:
