@@ -502,8 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI: a usage error or a KneeosteoError is one line on stderr (exit 2 or 1)."""
     import importlib
 
+    from kneeosteo.utils.allocator import keep_freed_memory
+
     click_errors = importlib.import_module(typer.BadParameter.__module__)  # typer's own copy of click's
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    keep_freed_memory()  # no page faults per training step (kneeosteo/utils/allocator.py)
     try:
         code = app(args=argv, prog_name="kneeosteo", standalone_mode=False)
     except click_errors.NoArgsIsHelpError:  # typer has printed the help already
