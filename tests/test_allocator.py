@@ -23,7 +23,7 @@ def step():
     return float(a.sum())
 vals = [step() for _ in range(4)]      # glibc settles after a few steps
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-vals += [step() for _ in range(6)]
+vals += [step() for _ in range(10)]
 print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, "vals": vals}))
 """
 
@@ -38,8 +38,10 @@ def _probe(mode: str, **env) -> dict:
 def test_freed_memory_is_reused_without_page_faults():
     default, kept = _probe("system"), _probe("keep")
     assert kept["applied"] is True and default["applied"] is False
-    assert default["faults"] > 6 * 16384 * 0.9  # glibc default: the 64 MB block faults in again every step
-    assert kept["faults"] < default["faults"] / 3  # kept: the earlier steps' pages are mostly reused (measured 6x fewer)
+    assert default["faults"] > 10 * 16384 * 0.9  # glibc default: the 64 MB block faults in again every step
+    # kept: the earlier steps' pages are reused; a block is faulted in again now and then (measured 0-3 of
+    # 6 steps under load), never every step
+    assert kept["faults"] < default["faults"] / 2
     assert kept["vals"] == default["vals"]  # where memory comes from changes no value
 
 
