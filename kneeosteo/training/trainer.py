@@ -40,6 +40,7 @@ from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist
+from kneeosteo.utils.allocator import keep_freed_memory
 from kneeosteo.utils.compute_path import bf16_native, compute_path
 from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
 from kneeosteo.utils.csvfile import write_csv
@@ -404,6 +405,7 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
 def train(cfg: TrainConfig, resume: bool = False, console=print) -> TrainResult:
     """Train on the split and keep the best epoch by validation loss; the caller scores the test set
     (``kneeosteo.experiments.pipeline.train_and_score``)."""
+    keep_freed_memory()  # each step's activations reuse the last step's pages (utils/allocator.py)
     s = _setup(cfg, resume)
     if not s.ctx.is_main:
         console = _silent

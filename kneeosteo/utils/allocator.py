@@ -9,7 +9,8 @@ trim the heap makes the second step reuse the first step's pages: no faults, no 
 same values (only where memory comes from changes). The cost: the process keeps its peak heap
 until it exits, which a training run or a server reaches anyway.
 
-``kneeosteo``'s command line calls :func:`keep_freed_memory` once at start; set
+``kneeosteo``'s command line calls :func:`keep_freed_memory` once at start, and so does
+``kneeosteo.training.trainer.train`` for library callers (the setting is per process); set
 ``KNEEOSTEO_MALLOC=system`` to keep glibc's defaults. Elsewhere than glibc (macOS, musl, Windows)
 it does nothing and says so.
 """
