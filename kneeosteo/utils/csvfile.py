@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from typing import Iterable, Mapping, Sequence
 
-from kneeosteo.utils.atomic import write_text
+from kneeosteo.utils.atomic import atomic_path, write_text
 
-__all__ = ["csv_text", "safe_cell", "write_csv"]
+__all__ = ["CsvStream", "csv_text", "safe_cell", "write_csv"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -32,18 +33,49 @@ def safe_cell(value):
         return "'" + value
 
 
-def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
+def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping], with_header: bool = True) -> str:
     """The CSV text of ``rows`` (sequences in ``header`` order, or mappings keyed by it)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # Python < 3.12 quotes a field only for the characters of ``lineterminator``, so a bare "\r"
     # in a file name would end the row for every reader: rows holding one are fully quoted
     quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    w.writerow(header)
+    if with_header:
+        w.writerow(header)
     for row in rows:
         cells = [safe_cell(c) for c in ([row.get(k, "") for k in header] if isinstance(row, Mapping) else row)]
         (quoted if any(isinstance(c, str) and "\r" in c for c in cells) else w).writerow(cells)
     return buf.getvalue()
+
+
+class CsvStream:
+    """A CSV file written chunk by chunk (a few rows in memory at a time) and renamed onto
+    ``target`` only when the ``with`` block ends without an error, like :func:`write_csv`."""
+
+    def __init__(self, target: str | os.PathLike, header: Sequence[str]):
+        self.target, self.header = target, list(header)
+
+    def __enter__(self) -> "CsvStream":
+        self._ctx = atomic_path(self.target)
+        tmp = self._ctx.__enter__()
+        try:
+            self._fh = open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            self._fh.write(csv_text(self.header, []))
+        except BaseException:
+            self._ctx.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, rows: Iterable[Sequence | Mapping]) -> None:
+        self._fh.write(csv_text(self.header, rows, with_header=False))
+
+    def __exit__(self, et, ev, tb) -> bool:
+        try:
+            self._fh.close()  # a full disk may show only now, when the buffer is flushed
+        except OSError as exc:
+            if et is None:
+                et, ev, tb = type(exc), exc, exc.__traceback__
+        return bool(self._ctx.__exit__(et, ev, tb))
 
 
 def write_csv(target: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
