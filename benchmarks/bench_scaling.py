@@ -168,8 +168,11 @@ def _table_without_time(path: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in ("seconds", "time_s")} for r in csv.DictReader(fh)]
 
 
-def bench_grid(data: Path | None, quick: bool, extra: list[str]) -> dict:
-    """`reproduce` twice into fresh folders, locally and on a local Ray instance; same tables?"""
+def bench_grid(data: Path | None, quick: bool, extra: list[str], local_threads: int | None = None) -> dict:
+    """`reproduce` twice into fresh folders, locally and on a local Ray instance; same tables?
+
+    Ray cells use one thread each (--cpus-per-cell 1), so the tables are bit-identical to a local
+    run with one thread (``local_threads=1``); today's local run uses every core in one cell."""
     work = Path(tempfile.mkdtemp(prefix="kneeosteo-grid-"))
     if data is None:  # the tiny generated grid the tests use: seconds, not the real target
         data = imagegen().make_dataset(work / "data", n_per_class=12, size=48, seed=3).root
@@ -177,8 +180,11 @@ def bench_grid(data: Path | None, quick: bool, extra: list[str]) -> dict:
                           "--models", "hybrid-efficientnet_lite0,fc-efficientnet_lite0,am-only"]
     args = [PY, "-m", "kneeosteo", "reproduce", data] + (["--quick"] if quick else []) + list(extra)
     doc = {"date": now_iso(), "cpus": os.cpu_count(), "data": str(data), "args": " ".join(map(str, args[3:]))}
+    doc["local_threads"] = local_threads or "default (all cores)"
     for name, more in (("local", []), ("ray", ["--ray"])):
         env = {**os.environ, "KNEEOSTEO_CACHE": str(work / f"cache-{name}"), "PYTHONPATH": str(REPO)}
+        if name == "local" and local_threads:
+            env["OMP_NUM_THREADS"] = str(local_threads)
         doc[name] = _run_child(args + ["--out", work / name] + more, env)
         print(name, {k: doc[name][k] for k in ("rc", "wall_s", "peak_rss_mb", "loadavg_start", "loadavg_end")},
               flush=True)
@@ -250,10 +256,10 @@ def render() -> Path:
     g = runs("grid")
     if g:
         lines += ["### `reproduce`: local vs `--ray` (local Ray instance)", "",
-                  "| date | arguments | local wall s | ray wall s | ray / local | same tables (time column aside) | load avg (local; ray) |",
-                  "|---|---|---:|---:|---:|---|---|"]
+                  "| date | arguments | local threads | local wall s | ray wall s | ray / local | same tables (time column aside) | load avg (local; ray) |",
+                  "|---|---|---|---:|---:|---:|---|---|"]
         for r in g:
-            lines.append(f"| {r['date'][:16]} | `{r['args']}` | {r['local']['wall_s']} | {r['ray']['wall_s']} | "
+            lines.append(f"| {r['date'][:16]} | `{r['args']}` | {r.get('local_threads', '?')} | {r['local']['wall_s']} | {r['ray']['wall_s']} | "
                          f"{r['ray_over_local']} | {r['same_table_apart_from_time']} | {_la(r['local'])}; {_la(r['ray'])} |")
         lines.append("")
     p = runs("predict")
@@ -282,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     gr = sub.add_parser("grid")
     gr.add_argument("--data", type=Path, default=None, help="default: a tiny generated data set")
     gr.add_argument("--quick", action="store_true")
+    gr.add_argument("--local-threads", type=int, default=None, help="OMP_NUM_THREADS of the local run (1: bit-identical to Ray's cells)")
     gr.add_argument("extra", nargs="*", help="more reproduce arguments (after --)")
     pr = sub.add_parser("predict")
     pr.add_argument("--inputs", type=Path, default=None, help="default: generated 256-px files")
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.what == "archive":
         bench_archive(a.n, a.data)
     elif a.what == "grid":
-        bench_grid(a.data, a.quick, a.extra)
+        bench_grid(a.data, a.quick, a.extra, a.local_threads)
     elif a.what == "predict":
         bench_predict(a.inputs, a.n)
     else:
