@@ -1,7 +1,8 @@
 """`reproduce --ray [ADDRESS]`: every (model, seed[, fold]) cell of the grid as one Ray task.
 
 The cells are those of :mod:`kneeosteo.experiments.reproduce` and each task runs the same
-:func:`~kneeosteo.experiments.reproduce.run_cell`, so the contract is unchanged: a finished cell
+:func:`~kneeosteo.experiments.reproduce.run_cell` (handed in by ``reproduce``, which imports this
+module, never the other way round), so the contract is unchanged: a finished cell
 (its ``metrics.json``) is never submitted again, an interrupted one resumes from its last epoch
 (also when Ray retries a task whose worker died), every cell of a seed reads the seed's split,
 written by the driver before any task starts. Cells write into the output folder, which must be
@@ -21,10 +22,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from kneeosteo.config import TrainConfig
 from kneeosteo.errors import ConfigError, KneeosteoError
-from kneeosteo.experiments.reproduce import Cell, run_cell
 from kneeosteo.utils.progress import progress_bar
 from kneeosteo.utils.ray_cluster import connect, forwarded_env, task_env
 
@@ -40,11 +41,15 @@ class GridReport:
     results: dict[str, dict]  # cell label -> what its task returned (seconds, host, resumed)
 
 
+Cell = Any  # kneeosteo.experiments.reproduce.Cell: .model (.key), .seed, .fold, .path, .run
+
+
 def _label(c: Cell) -> str:
     return f"{c.model.key} seed {c.seed}" + (f" fold {c.fold}" if c.fold is not None else "")
 
 
-def _cell_task(cell: Cell, base: TrainConfig, split_path: str, random_init: bool, env: dict, threads: int) -> dict:
+def _cell_task(run_cell: Callable, cell: Cell, base: TrainConfig, split_path: str, random_init: bool, env: dict,
+               threads: int) -> dict:
     """Runs in a Ray worker: one cell, with the driver's cache/offline settings and ``threads``."""
     import torch
 
@@ -82,9 +87,11 @@ def _error_class(name: str) -> type[KneeosteoError]:
         "ImageReadError", "NotAnImageError", "BackboneWeightsError") else KneeosteoError
 
 
-def run_cells_ray(cells: list[Cell], base: TrainConfig, splits: dict[int, Path], random_init: set[str],
-                  address: str | None = None, cpus_per_cell: float = 1.0, console=print) -> GridReport:
-    """Run the unfinished ``cells`` as Ray tasks (see the module docstring); returns what ran."""
+def run_cells_ray(run_cell: Callable, cells: list[Cell], base: TrainConfig, splits: dict[int, Path],
+                  random_init: set[str], address: str | None = None, cpus_per_cell: float = 1.0,
+                  console=print) -> GridReport:
+    """Run the unfinished ``cells`` with ``run_cell(cell, base, split_path, random_init)`` as Ray
+    tasks (see the module docstring); returns what ran."""
     with connect(address) as ray:
         from ray.exceptions import RayError, RayTaskError
 
@@ -102,7 +109,7 @@ def run_cells_ray(cells: list[Cell], base: TrainConfig, splits: dict[int, Path],
         for c in todo:
             ref = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False,
                                  name=f"cell {_label(c)}").remote(
-                c, base, str(Path(splits[c.seed]).resolve()), c.model.key in random_init, env, threads)
+                run_cell, c, base, str(Path(splits[c.seed]).resolve()), c.model.key in random_init, env, threads)
             refs[ref] = c
         if todo:
             console(f"submitted {len(todo)} cells to Ray ({cpus:g} CPU{'s' if cpus != 1 else ''}"

@@ -252,7 +252,7 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         from kneeosteo.experiments.ray_grid import run_cells_ray
 
         base = replace(base, data=str(Path(base.data).resolve()) if base.data else base.data)
-        run_cells_ray(cells, base, splits, random_init, ray, cpus_per_cell, console)
+        run_cells_ray(run_cell, cells, base, splits, random_init, ray, cpus_per_cell, console)
     for i, c in enumerate(cells if ray is None else [], 1):
         fold = f" fold {c.fold}" if c.fold is not None else ""
         done = c.run.metrics_file.is_file()
