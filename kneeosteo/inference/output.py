@@ -14,7 +14,7 @@ from pathlib import Path
 from kneeosteo.errors import KneeosteoError
 from kneeosteo.inference.predictor import COLUMNS, Prediction, PredictionResult
 from kneeosteo.utils.atomic import atomic_path, write_json
-from kneeosteo.utils.csvfile import CsvStream
+from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
 __all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "csv_row", "format_table",
@@ -71,7 +71,8 @@ class PredictionWriter:
 
     def __enter__(self) -> "PredictionWriter":
         if self.suffix == ".csv":
-            self._csv = CsvStream(self.out, COLUMNS).__enter__()
+            self._csv = csv_stream(self.out, COLUMNS)
+            self._write_csv = self._csv.__enter__()
         else:
             self._schema = parquet_schema()
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ class PredictionWriter:
         predictions = list(predictions)
         self.rows += len(predictions)
         if self.suffix == ".csv":
-            self._csv.write(csv_row(p) for p in predictions)
+            self._write_csv(csv_row(p) for p in predictions)
             return
         self._pending.extend(predictions)
         while len(self._pending) >= self.shard_rows:

@@ -19,6 +19,7 @@ as they come and keeps only the file list and the bad files' reasons.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -121,6 +122,7 @@ def predict_ray(inputs: Iterable, out: str | os.PathLike, predictor: Predictor, 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows in input order, as a local run writes them
         ctx.enable_progress_bars = progress
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines: not ours to print
         if not files:
             return 0, errors
         n_actors = actors or max(1, int((ray.cluster_resources().get("CPU", 1) - READ_CPUS) // cpus_per_actor))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
-from typing import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from kneeosteo.utils.atomic import atomic_path, write_text
 
-__all__ = ["CsvStream", "csv_text", "safe_cell", "write_csv"]
+__all__ = ["csv_stream", "csv_text", "safe_cell", "write_csv"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -48,34 +48,14 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping], with_hea
     return buf.getvalue()
 
 
-class CsvStream:
-    """A CSV file written chunk by chunk (a few rows in memory at a time) and renamed onto
-    ``target`` only when the ``with`` block ends without an error, like :func:`write_csv`."""
-
-    def __init__(self, target: str | os.PathLike, header: Sequence[str]):
-        self.target, self.header = target, list(header)
-
-    def __enter__(self) -> "CsvStream":
-        self._ctx = atomic_path(self.target)
-        tmp = self._ctx.__enter__()
-        try:
-            self._fh = open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="")
-            self._fh.write(csv_text(self.header, []))
-        except BaseException:
-            self._ctx.__exit__(*sys.exc_info())
-            raise
-        return self
-
-    def write(self, rows: Iterable[Sequence | Mapping]) -> None:
-        self._fh.write(csv_text(self.header, rows, with_header=False))
-
-    def __exit__(self, et, ev, tb) -> bool:
-        try:
-            self._fh.close()  # a full disk may show only now, when the buffer is flushed
-        except OSError as exc:
-            if et is None:
-                et, ev, tb = type(exc), exc, exc.__traceback__
-        return bool(self._ctx.__exit__(et, ev, tb))
+@contextmanager
+def csv_stream(target: str | os.PathLike, header: Sequence[str]) -> Iterator[Callable[[Iterable], None]]:
+    """Yield ``write(rows)``: a CSV file written chunk by chunk (a few rows in memory at a time),
+    renamed onto ``target`` only when the ``with`` block ends without an error, like :func:`write_csv`."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(csv_text(header, []))
+            yield lambda rows: fh.write(csv_text(header, rows, with_header=False))
 
 
 def write_csv(target: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
