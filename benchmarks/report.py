@@ -235,6 +235,8 @@ def render(out: Path) -> str:
     for name, fn in (("training", training_md), ("inference", inference_md), ("loading", loading_md)):
         doc = _load(out, name)
         lines += fn(doc) if doc else [f"## {name.title()}", "", "Not run yet.", ""]
+    if (out / "scaling.md").is_file():  # written by benchmarks/bench_scaling.py (issue 18)
+        lines += ["## Scaling out (Ray, archive-size audit and split)", "", (out / "scaling.md").read_text().strip(), ""]
     if (out / "load_test.md").is_file():  # written by benchmarks/load_test.py, owned elsewhere
         lines += ["## Load test (serve)", "", (out / "load_test.md").read_text().strip(), ""]
     elif (out / "load_test.json").is_file():

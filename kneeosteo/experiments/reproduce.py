@@ -75,7 +75,7 @@ def config_model(path: str) -> ModelSpec:
     """A model given as a settings file (``configs/default_model.toml``): its key is the file's stem."""
     cfg = load_config(path, {})
     return ModelSpec(Path(path).stem, f"{Path(path).stem} ({path})", cfg.backbone if cfg.use_backbone else None,
-                     cfg.attention, config=str(path))
+                     cfg.attention, config=str(Path(path).resolve()))  # resolved: a Ray task may run elsewhere
 
 
 PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
@@ -203,8 +203,12 @@ def _silent(*_args, **_kw) -> None:
 
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
-              test_size: int = 72, display_only: tuple[str, ...] = ()) -> list[dict]:
-    """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run."""
+              test_size: int = 72, display_only: tuple[str, ...] = (), ray: str | None = None,
+              cpus_per_cell: float = 1.0) -> list[dict]:
+    """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
+
+    ``ray``: None runs the cells here one after another; an address (``"local"``, ``"auto"``,
+    ``HOST:PORT``) runs each unfinished cell as a Ray task (:mod:`kneeosteo.experiments.ray_grid`)."""
     cat = model_catalogue()
     cat.update({m: config_model(m) for m in models if m.endswith(".toml")})
     unknown = [m for m in list(models) + list(display_only) if m not in cat]
@@ -212,6 +216,9 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         raise ConfigError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")
     specs = [cat[m] for m in models]
     ensure_writable(out)  # before hours of training, not after
+    if ray is not None and distributed.under_torchrun():
+        raise ConfigError("--ray runs each cell as one Ray task; it cannot be combined with --devices/--nodes (torchrun)")
+    out = Path(out).resolve()  # Ray tasks may run in another working directory
     ctx = distributed.context(base.device)
     if not ctx.is_main:
         console = _silent
@@ -242,7 +249,12 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     ctx.barrier()
     splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
-    for i, c in enumerate(cells, 1):
+    if ray is not None:
+        from kneeosteo.experiments.ray_grid import run_cells_ray
+
+        base = replace(base, data=str(Path(base.data).resolve()) if base.data else base.data)
+        run_cells_ray(run_cell, cells, base, splits, random_init, ray, cpus_per_cell, console)
+    for i, c in enumerate(cells if ray is None else [], 1):
         fold = f" fold {c.fold}" if c.fold is not None else ""
         done = c.run.metrics_file.is_file()
         console(f"[{i}/{len(cells)}] {c.model.key} seed {c.seed}{fold}" + (" (done, reused)" if done else ""))

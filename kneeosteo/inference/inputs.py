@@ -1,7 +1,12 @@
-"""Turn the files and folders named on a command line into the list of images to read."""
+"""Turn the files, folders and manifests named on a command line into the list of images to read.
+
+A manifest is a ``.csv`` file listing one image (or folder) per row: the ``path`` column when the
+header has one, else the first column; relative paths are taken from the manifest's folder. Its
+entries are handled like files named on the command line (a missing one is an error naming it)."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Iterable
@@ -10,7 +15,30 @@ from kneeosteo.data.reader import is_candidate
 from kneeosteo.data.scan import folder_error, walk_files
 from kneeosteo.errors import ImageReadError
 
-__all__ = ["collect_inputs"]
+__all__ = ["MANIFEST_SUFFIX", "collect_inputs", "read_manifest"]
+
+MANIFEST_SUFFIX = ".csv"
+
+
+def read_manifest(path: Path) -> tuple[list[Path], list[ImageReadError]]:
+    """The entries of a manifest CSV, or an error naming it when it cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except (OSError, csv.Error) as exc:
+        return [], [ImageReadError(path, f"manifest cannot be read ({getattr(exc, 'strerror', None) or exc})")]
+    if not rows:
+        return [], [ImageReadError(path, "manifest lists no files")]
+    header = [c.strip().lower() for c in rows[0]]
+    col = header.index("path") if "path" in header else 0
+    body = rows[1:] if "path" in header else rows
+    base = path.parent
+    out = []
+    for r in body:
+        if col < len(r) and r[col].strip():
+            entry = Path(r[col].strip())
+            out.append(entry if entry.is_absolute() else base / entry)
+    return out, []
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageReadError]]:
@@ -20,7 +48,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     files: list[Path] = []
     errors: list[ImageReadError] = []
     seen: set[Path] = set()
-    for item in inputs:
+    for item in _expand_manifests(inputs, errors):
         p = Path(item)
         if p.is_dir():
             walk_errors: list[OSError] = []
@@ -40,3 +68,16 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
                 seen.add(key)
                 files.append(f)
     return files, errors
+
+
+def _expand_manifests(inputs, errors: list[ImageReadError]):
+    """The inputs with each manifest named on the command line replaced by its entries (a
+    manifest's own ``.csv`` entries are not opened as manifests again)."""
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() == MANIFEST_SUFFIX and p.is_file():
+            entries, errs = read_manifest(p)
+            errors.extend(errs)
+            yield from entries
+        else:
+            yield item

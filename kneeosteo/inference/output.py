@@ -1,30 +1,147 @@
-"""Prediction files (CSV or JSON, chosen by the extension) and the terminal table."""
+"""Prediction files (CSV, JSON or Parquet, chosen by the extension) and the terminal table.
+
+:class:`PredictionWriter` streams: rows are written as they come (``predict --ray`` never holds
+them all), CSV into one file, Parquet into a folder of part files (``preds.parquet/part-00000.parquet``,
+...; ``pyarrow.parquet.read_table(folder)`` reads them as one table), each committed atomically."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from kneeosteo.inference.predictor import COLUMNS, PredictionResult
-from kneeosteo.utils.atomic import write_json
-from kneeosteo.utils.csvfile import write_csv
+from kneeosteo.errors import KneeosteoError
+from kneeosteo.inference.predictor import COLUMNS, Prediction, PredictionResult
+from kneeosteo.utils.atomic import atomic_path, write_json
+from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
-__all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "format_table", "write_predictions"]
+__all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "csv_row", "format_table",
+           "write_predictions"]
 
-OUTPUT_SUFFIXES = (".csv", ".json")
+OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
+STREAM_SUFFIXES = (".csv", ".parquet")  # written row by row; JSON is one document
 SET_SEPARATOR = ";"  # a conformal set of two classes in a CSV cell: "normal;osteoporosis"
+SHARD_ROWS = 100_000  # rows per Parquet part file
+
+
+def csv_row(p: Prediction) -> tuple:
+    """One prediction as its CSV cells: a two-class set joined by ``;``, a missing domain score empty."""
+    return (p.path, p.content_id, p.status, f"{p.probability:.6f}", f"{p.raw_probability:.6f}", p.label,
+            SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
+            str(p.calibrated).lower(), f"{p.threshold:g}", p.model)
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise KneeosteoError(f"Parquet output needs pyarrow ({exc}); pip install 'kneeosteo[ray]' (or pyarrow)") from exc
+    return pa, pq
+
+
+def parquet_schema():
+    pa, _ = _pyarrow()
+    return pa.schema([("path", pa.string()), ("content_id", pa.string()), ("status", pa.string()),
+                      ("probability", pa.float64()), ("raw_probability", pa.float64()), ("label", pa.string()),
+                      ("prediction_set", pa.list_(pa.string())), ("domain_score", pa.float64()),
+                      ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
+                      ("model", pa.string())])
+
+
+def _utf8(text: str) -> str:
+    # Parquet strings are UTF-8: a file name that is not (os.fsdecode's lone surrogates) is kept
+    # readable with \x escapes, as the terminal table shows it
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class PredictionWriter:
+    """Stream predictions into ``out`` (.csv: one file; .parquet: a folder of part files of
+    ``shard_rows`` rows). Nothing appears at ``out`` unless the ``with`` block ends without an
+    error; then it replaces what was there."""
+
+    def __init__(self, out: str | os.PathLike, shard_rows: int = SHARD_ROWS):
+        self.out, self.shard_rows, self.rows = Path(out), shard_rows, 0
+        self.suffix = self.out.suffix.lower()
+        if self.suffix not in STREAM_SUFFIXES:
+            raise ValueError(f"{out}: cannot stream {self.suffix or '(none)'!r}; use {' or '.join(STREAM_SUFFIXES)}")
+        self._pending: list[Prediction] = []
+
+    def __enter__(self) -> "PredictionWriter":
+        if self.suffix == ".csv":
+            self._csv = csv_stream(self.out, COLUMNS)
+            self._write_csv = self._csv.__enter__()
+        else:
+            self._schema = parquet_schema()
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+            self._parts = 0
+        return self
+
+    def write(self, predictions) -> None:
+        predictions = list(predictions)
+        self.rows += len(predictions)
+        if self.suffix == ".csv":
+            self._write_csv(csv_row(p) for p in predictions)
+            return
+        self._pending.extend(predictions)
+        while len(self._pending) >= self.shard_rows:
+            self._flush(self._pending[: self.shard_rows])
+            self._pending = self._pending[self.shard_rows:]
+
+    def _flush(self, rows: list[Prediction]) -> None:
+        pa, pq = _pyarrow()
+        cols = {name: [] for name in self._schema.names}
+        for p in rows:
+            for name in cols:
+                v = getattr(p, name)
+                cols[name].append(_utf8(v) if name == "path" else list(v) if name == "prediction_set" else v)
+        table = pa.table(cols, schema=self._schema)
+        with atomic_path(self._dir / f"part-{self._parts:05d}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        self._parts += 1
+
+    def __exit__(self, et, ev, tb) -> bool:
+        if self.suffix == ".csv":
+            return bool(self._csv.__exit__(et, ev, tb))
+        try:
+            if et is None:
+                if self._pending or not self._parts:  # an empty result is still a readable (empty) table
+                    self._flush(self._pending)
+                self._pending = []
+                old = None
+                if self.out.is_dir() and not self.out.is_symlink():
+                    old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", suffix=".tmp", dir=self.out.parent))
+                    os.replace(self.out, old / "x")
+                try:
+                    os.replace(self._dir, self.out)
+                except OSError:
+                    if old is not None:
+                        os.replace(old / "x", self.out)
+                    raise
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            from kneeosteo.errors import OutputError
+
+            raise OutputError(f"{self.out}: could not be written ({exc.strerror or exc}); "
+                              "its previous version, if any, is unchanged") from exc
+        finally:
+            if self._dir.exists():
+                shutil.rmtree(self._dir, ignore_errors=True)
+        return False
 
 
 def write_predictions(result: PredictionResult, out: str | Path) -> Path:
     """CSV: the columns only (errors go to stderr; a two-class set joined by ``;``, a missing domain
-    score empty); JSON: rows plus an ``errors`` list."""
+    score empty); Parquet: the same columns typed, in part files; JSON: rows plus an ``errors`` list."""
     out = Path(out)
     suffix = out.suffix.lower()
-    if suffix == ".csv":
-        write_csv(out, COLUMNS, [(p.path, p.content_id, p.status, f"{p.probability:.6f}", f"{p.raw_probability:.6f}",
-                                  p.label, SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score),
-                                  _num(p.domain_threshold), str(p.calibrated).lower(), f"{p.threshold:g}", p.model)
-                                 for p in result.predictions])
+    if suffix in STREAM_SUFFIXES:
+        with PredictionWriter(out) as w:
+            w.write(result.predictions)
     elif suffix == ".json":
         write_json(out, {"columns": list(COLUMNS), "predictions": [p.as_row() for p in result.predictions],
                          "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})

@@ -184,14 +184,22 @@ class Predictor:
         """Normalised (B, 3, S, S) inputs -> raw P(positive) as float64 (B,)."""
         return self.forward(images)[0]
 
-    def assess(self, images, pixels: Sequence[np.ndarray | None]) -> list[TrustedPrediction]:
+    def assess(self, images, pixels: Sequence[np.ndarray | None],
+               pixel_reasons: Sequence[list[str]] | None = None) -> list[TrustedPrediction]:
         """Normalised inputs and each image's canonical pixels -> one TrustedPrediction each:
         calibrated, thresholded, with its conformal set and domain verdict (a run without trust
-        files: the raw probability at the run's threshold, ``calibrated`` False)."""
+        files: the raw probability at the run's threshold, ``calibrated`` False). Where the pixels
+        were checked elsewhere (``predict --ray``'s read tasks), ``pixel_reasons`` replaces them."""
         p, z, feats = self.forward(images)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
-        return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i]) for i in range(len(z))]
+        return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
+                                   None if pixel_reasons is None else pixel_reasons[i]) for i in range(len(z))]
+
+    @property
+    def pixel_limits(self):
+        """The pixel check's limits (:class:`kneeosteo.trust.domain.PixelLimits`), None without trust files."""
+        return None if self.trust is None else self.trust.pixel_limits
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched."""
@@ -233,12 +241,13 @@ class Predictor:
                 if not good:
                     continue
                 verdicts = self.assess(torch.stack([x for _, _, x in good]), [img.pixels for _, img, _ in good])
-                result.predictions.extend(self._row(p, img, t) for (p, img, _), t in zip(good, verdicts))
+                result.predictions.extend(self.row(p, img.content_id, t) for (p, img, _), t in zip(good, verdicts))
         return result
 
-    def _row(self, path: Path, img: LoadedImage, t: TrustedPrediction) -> Prediction:
+    def row(self, path: Path | str, content_id: str, t: TrustedPrediction) -> Prediction:
+        """The output row of one image's verdict."""
         d = t.to_dict()
-        return Prediction(str(path), img.content_id, t.status, t.probability, t.raw_probability, t.label,
+        return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
                           t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
                           self.threshold, self.model_id)
 

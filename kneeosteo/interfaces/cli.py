@@ -66,6 +66,30 @@ COVERAGE_HELP = "Split-conformal coverage of the prediction sets, in (0, 1) (def
 ACCEPTANCE_HELP = "Share of held-out in-domain images the domain check accepts, in (0, 1) (default 0.95)."
 DataArg = typer.Argument(None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop).")
 PositiveOpt = typer.Option("osteoporosis", help="Name of the positive class folder.")
+RAY_HELP = ("Run on Ray: --ray alone (or --ray local) starts a local Ray instance with this machine's cores; "
+            "--ray auto joins this machine's cluster; --ray HOST:PORT or ray://HOST:PORT another one. "
+            "Needs pip install 'kneeosteo\\[ray]'.")
+
+
+def RayOpt():
+    return typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP)
+
+
+def ray_flag(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional address (click options cannot): a bare ``--ray`` (last, or
+    followed by an option or by anything that is not an address, such as an input folder) becomes
+    ``--ray=local``."""
+    from kneeosteo.utils.ray_cluster import is_address
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-") or not is_address(out[i + 1])):
+            out[i] = "--ray=local"
+    return out
+
+
 NearOpt = typer.Option(6, help="pHash Hamming distance (bits of 64) at or below which two images are near "
                                "duplicates, i.e. one leakage group.")
 
@@ -325,20 +349,34 @@ def summary(
 def predict(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT", help=f"Image files or folders (searched recursively): {formats.describe()}."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="preds.csv or preds.json (default: a table on stdout)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="preds.csv, preds.json or preds.parquet (a folder of Parquet part files; needs pyarrow) (default: a table on stdout)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
     engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images)."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
     workers: int = typer.Option(1, min=1, help="Processes sharing the files (whole batches each); same rows as one, in input order."),
+    ray: Optional[str] = RayOpt(),
+    actors: Optional[int] = typer.Option(None, min=1, help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor)."),
+    cpus_per_actor: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
     from kneeosteo.inference.output import OUTPUT_SUFFIXES, format_table, write_predictions
 
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise typer.BadParameter(f"{out}: use a .csv or .json file name", param_hint="--out")
+        raise typer.BadParameter(f"{out}: use a .csv, .json or .parquet file name", param_hint="--out")
+    if ray is not None:
+        from kneeosteo.inference.output import STREAM_SUFFIXES
+        from kneeosteo.utils.ray_cluster import check_address, import_ray
+
+        if out is None or out.suffix.lower() not in STREAM_SUFFIXES:
+            raise typer.BadParameter("--ray streams its rows into --out preds.parquet (a folder of part files) "
+                                     "or preds.csv", param_hint="--out")
+        if workers > 1:
+            raise typer.BadParameter("--ray and --workers are two ways to share the files; choose one", param_hint="--ray")
+        check_address(ray)
+        import_ray()  # not installed: one line, before the model is loaded
     if engine not in ENGINES:
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
@@ -348,7 +386,19 @@ def predict(
     if out is not None:
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
-    predictor = Predictor(**kwargs)  # loaded here even with --workers: a bad model fails once, clearly
+    predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
+    if ray is not None:
+        from kneeosteo.inference.ray_predict import predict_ray
+
+        rows, errors = predict_ray(inputs, out, predictor, kwargs, address=ray, actors=actors,
+                                   cpus_per_actor=cpus_per_actor)
+        print(f"wrote {rows} predictions to {out} (model {predictor.model_id})")
+        for err in errors:
+            typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
+        if not rows:
+            raise DataError(f"no image could be read ({len(errors)} unreadable, see above)" if errors
+                            else "no image found in the inputs")
+        return
     if workers > 1:
         from kneeosteo.inference.sharded import predict_sharded
 
@@ -424,6 +474,8 @@ def reproduce(
     devices: int = typer.Option(1, min=1, help="Data-parallel processes per cell on this machine (torchrun + DistributedDataParallel)."),
     nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
     master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
+    ray: Optional[str] = RayOpt(),
+    cpus_per_cell: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -440,6 +492,13 @@ def reproduce(
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out)  # before the audit and hours of training
+    if ray is not None:
+        from kneeosteo.utils.ray_cluster import check_address, import_ray
+
+        check_address(ray)
+        import_ray()  # not installed: one line, before the audit
+        if devices > 1 or nodes > 1:
+            raise typer.BadParameter("--ray runs each cell as one Ray task; drop --devices/--nodes", param_hint="--ray")
     if launch_if_asked(ctx, devices, nodes, master):
         return
     root = _data(data)
@@ -450,7 +509,8 @@ def reproduce(
     scan = scan_dataset(root, positive=base.positive)
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
-                  test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else ())
+                  test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,
+                  cpus_per_cell=cpus_per_cell)
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
@@ -508,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     keep_freed_memory()  # no page faults per training step (kneeosteo/utils/allocator.py)
     try:
-        code = app(args=argv, prog_name="kneeosteo", standalone_mode=False)
+        code = app(args=ray_flag(sys.argv[1:] if argv is None else argv), prog_name="kneeosteo", standalone_mode=False)
     except click_errors.NoArgsIsHelpError:  # typer has printed the help already
         sys.exit(2)
     except click_errors.UsageError as exc:  # bad option, missing argument, a choice not offered

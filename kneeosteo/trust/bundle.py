@@ -18,7 +18,7 @@ from kneeosteo.errors import DataError
 
 from .calibration import calibrator_from_dict, sigmoid
 from .conformal import ConformalClassifier
-from .domain import DomainCheck, pixel_problems
+from .domain import DomainCheck, PixelLimits, pixel_problems
 from .operating_point import parse_operating_point
 from .prediction import TrustedPrediction, trusted_prediction
 
@@ -42,18 +42,26 @@ class TrustBundle:
     fitted: dict = field(default_factory=dict)
 
     # -- use ------------------------------------------------------------------------------------
-    def predict(self, logit: float, features=None, pixels=None) -> TrustedPrediction:
-        """One image: its raw logit, its backbone features (D,) and its canonical pixels."""
+    def predict(self, logit: float, features=None, pixels=None, pixel_reasons=None) -> TrustedPrediction:
+        """One image: its raw logit, its backbone features (D,) and its canonical pixels (or, from a
+        process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`' check found)."""
         if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
-            score, dthr, ok = float("nan"), float("nan"), pixels is None or not pixel_problems(pixels)
+            ok = not pixel_reasons if pixel_reasons is not None else (pixels is None or not pixel_problems(pixels))
+            score, dthr = float("nan"), float("nan")
         else:
             if features is None:
                 raise DataError("this run's domain check needs the image's backbone features")
-            verdict = self.domain.assess(np.asarray(features, dtype=np.float64)[None, :], pixels)
+            verdict = self.domain.assess(np.asarray(features, dtype=np.float64)[None, :], pixels,
+                                         pixel_reasons=pixel_reasons)
             score, dthr, ok = verdict.score, verdict.threshold, verdict.ok
         return trusted_prediction(logit, calibrator=self.calibrator, threshold=self.threshold,
                                   conformal=self.conformal, domain_score=score, domain_threshold=dthr,
                                   in_domain=ok, class_names=self.classes)
+
+    @property
+    def pixel_limits(self) -> PixelLimits:
+        """The limits of the pixel check :meth:`predict` applies."""
+        return self.domain.pixel_limits if self.domain is not None else PixelLimits()
 
     def calibrated(self, logits) -> np.ndarray:
         return self.calibrator.transform(np.asarray(logits, dtype=np.float64))

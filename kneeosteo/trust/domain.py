@@ -215,13 +215,14 @@ class DomainCheck:
             raise DataError("the domain check has not been fitted (call fit first)")
         return self._distance(self._arrays, self._features(features), self._nn)
 
-    def assess(self, features, pixels=None, rgb=None) -> DomainVerdict:
-        """The verdict for one image (one feature vector, optionally its pixels)."""
+    def assess(self, features, pixels=None, rgb=None, pixel_reasons=None) -> DomainVerdict:
+        """The verdict for one image (one feature vector, optionally its pixels, or the reasons
+        :func:`pixel_problems` gave for them under :attr:`pixel_limits` where the pixels were)."""
         x = self._features(features)
         if x.shape[0] != 1:
             raise DataError(f"domain check: assess takes one image's features, got {x.shape[0]}")
         score = float(self.distance(x)[0])
-        reasons = pixel_problems(pixels, rgb, self.pixel_limits)
+        reasons = list(pixel_reasons) if pixel_reasons is not None else pixel_problems(pixels, rgb, self.pixel_limits)
         if score > self.threshold:
             reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {self.threshold:.3g})")
         return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from kneeosteo.utils.atomic import write_text
+from kneeosteo.utils.atomic import atomic_path, write_text
 
-__all__ = ["csv_text", "safe_cell", "write_csv"]
+__all__ = ["csv_stream", "csv_text", "safe_cell", "write_csv"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -32,18 +33,29 @@ def safe_cell(value):
         return "'" + value
 
 
-def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
+def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping], with_header: bool = True) -> str:
     """The CSV text of ``rows`` (sequences in ``header`` order, or mappings keyed by it)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # Python < 3.12 quotes a field only for the characters of ``lineterminator``, so a bare "\r"
     # in a file name would end the row for every reader: rows holding one are fully quoted
     quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    w.writerow(header)
+    if with_header:
+        w.writerow(header)
     for row in rows:
         cells = [safe_cell(c) for c in ([row.get(k, "") for k in header] if isinstance(row, Mapping) else row)]
         (quoted if any(isinstance(c, str) and "\r" in c for c in cells) else w).writerow(cells)
     return buf.getvalue()
+
+
+@contextmanager
+def csv_stream(target: str | os.PathLike, header: Sequence[str]) -> Iterator[Callable[[Iterable], None]]:
+    """Yield ``write(rows)``: a CSV file written chunk by chunk (a few rows in memory at a time),
+    renamed onto ``target`` only when the ``with`` block ends without an error, like :func:`write_csv`."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(csv_text(header, []))
+            yield lambda rows: fh.write(csv_text(header, rows, with_header=False))
 
 
 def write_csv(target: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
