@@ -30,6 +30,15 @@ def require(condition, reason: str, *, module: bool = False) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _user_process_allocator():
+    """The suite's process allocates as `kneeosteo` does (the CLI and train() keep freed memory,
+    kneeosteo/utils/allocator.py) from the first test on, not from whichever test first calls them."""
+    from kneeosteo.utils.allocator import keep_freed_memory
+
+    keep_freed_memory()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
     """KNEEOSTEO_CACHE for the whole session, set before any module- or session-scoped fixture
     runs (they are set up before the per-test one below), so nothing the suite does ever writes
