@@ -49,6 +49,8 @@ def variants(quick: bool) -> list[dict]:
     """(name, environment, precision, threads, batch) of every measured variant."""
     v = [dict(name="native path, bf16", env={}, precision="bf16"),
          dict(name="native path, fp32", env={}, precision="fp32"),
+         dict(name="native path, bf16 + glibc malloc keeps memory", env=GLIBC_KEEP, precision="bf16"),
+         dict(name="native path, fp32 + glibc malloc keeps memory", env=GLIBC_KEEP, precision="fp32"),
          dict(name="AVX2 fp32 (baseline)", env=AVX2, precision="fp32"),
          dict(name="AVX2 fp32 + glibc malloc keeps memory", env={**AVX2, **GLIBC_KEEP}, precision="fp32"),
          dict(name="AVX2 fp32 + OMP_WAIT_POLICY=PASSIVE", env={**AVX2, "OMP_WAIT_POLICY": "PASSIVE"}, precision="fp32"),
@@ -57,7 +59,7 @@ def variants(quick: bool) -> list[dict]:
     for lib, path in LIBS.items():
         if Path(path).is_file():
             v.append(dict(name=f"AVX2 fp32 + {lib}", env={**AVX2, "LD_PRELOAD": path}, precision="fp32"))
-    return v[:3] if quick else v
+    return [x for x in v if x["name"] in ("native path, bf16", "native path, fp32", "AVX2 fp32 (baseline)")] if quick else v
 
 
 # ------------------------------------------------------------------ one variant, in its own process
@@ -133,9 +135,16 @@ def run_variant(v: dict, steps: int, profile: bool) -> dict:
     return {"name": v["name"], "env": v["env"], **row, "loadavg_before": before, "loadavg_after": loadavg()}
 
 
-def run(steps: int, repeats: int, quick: bool) -> dict:
+def run(steps: int, repeats: int, quick: bool, only: str | None = None, keep: list[dict] | None = None) -> dict:
+    """Every variant (``only``: those whose name contains it; rows of ``keep`` with other names stay)."""
     doc = {"started": now_iso(), "steps": steps, "repeats": repeats, "rows": []}
+    chosen = [v for v in variants(quick) if only is None or only in v["name"]]
     for v in variants(quick):
+        if v not in chosen:
+            old = next((r for r in keep or [] if r.get("name") == v["name"]), None)
+            if old is not None:
+                doc["rows"].append(old)
+            continue
         reps = [run_variant(v, steps, profile=(v["name"] == "AVX2 fp32 (baseline)" and r == 0)) for r in range(repeats)]
         ok = [r for r in reps if "error" not in r]
         if not ok:
@@ -178,6 +187,7 @@ def main(argv=None) -> Path | None:
     ap.add_argument("--steps", type=int, default=46)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="three variants, for a smoke test")
+    ap.add_argument("--only", help="measure only the variants whose name contains this; keep the others' rows from --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp32_path.json")
     args = ap.parse_args(argv)
@@ -188,7 +198,8 @@ def main(argv=None) -> Path | None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         print(json.dumps(measure(a["precision"], a["batch"], a["steps"], profile=a["profile"])))
         return None
-    doc = run(args.steps, args.repeats, args.quick)
+    keep = json.loads(args.out.read_text())["rows"] if (args.only and args.out.is_file()) else None
+    doc = run(args.steps, args.repeats, args.quick, args.only, keep)
     write_json(args.out, doc)
     md, text = args.out.with_suffix(".md"), markdown(doc)
     md.write_text(text)
