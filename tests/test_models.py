@@ -605,3 +605,18 @@ def test_checkpoint_round_trip_full_and_tampering(tmp_path):
         RunDir(run.path).load_model()
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
         load_weights(w_path)
+
+
+def test_weights_file_bytes_depend_only_on_content(tmp_path):
+    """safetensors writes its metadata map in a random (Rust HashMap) order; the same weights must
+    still give the same bytes, or the sha256 that names a model changes between identical runs."""
+    from kneeosteo.models.checkpoint import load_weights, save_weights
+
+    torch.manual_seed(0)
+    model, _ = build_model("efficientnet_lite0", weights="none")
+    shas = {save_weights(model, tmp_path / f"w{i}.safetensors", {"threshold": 0.5, "classes": ["a", "b"]},
+                         include_backbone=True) for i in range(8)}
+    assert len(shas) == 1
+    assert len({(tmp_path / f"w{i}.safetensors").read_bytes() for i in range(8)}) == 1
+    twin = load_weights(tmp_path / "w0.safetensors", shas.pop())  # any safetensors reader loads it
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())

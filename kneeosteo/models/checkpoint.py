@@ -50,6 +50,8 @@ def save_weights(model: HybridModel, path: str | os.PathLike, identity: dict[str
     pretrained backbone only when it cannot be rebuilt from its weights file; ``True`` forces it."""
     from safetensors.torch import save as st_save
 
+    from kneeosteo.utils.safetensors_bytes import canonical
+
     reproducible = _backbone_reproducible(model)
     if include_backbone is False and not reproducible and model.use_backbone:
         raise ValueError("the backbone is fine-tuned or not from a known weights file; it must be saved")
@@ -60,9 +62,9 @@ def save_weights(model: HybridModel, path: str | os.PathLike, identity: dict[str
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
                if not (partial and k.startswith("backbone."))}
     meta = {"model": model.model_config(), **(identity or {})}
-    data = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True),
-                                      "format_version": str(WEIGHTS_FORMAT_VERSION),
-                                      "contents": _PARTIAL if partial else "full"})
+    data = canonical(st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True),
+                                                "format_version": str(WEIGHTS_FORMAT_VERSION),
+                                                "contents": _PARTIAL if partial else "full"}))
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
