@@ -135,9 +135,13 @@ def test_a_cell_whose_worker_dies_is_retried_and_resumes(grids, tmp_path):
                            kwargs=dict(seeds=[0], test_size=4, console=logs.append, ray="local"))
     run.start()
     history = out / "cells" / "am-only" / "seed0" / "history.csv"
+    state = out / "cells" / "am-only" / "seed0" / "checkpoint" / "state.json"
     end = time.monotonic() + 240
-    while time.monotonic() < end and not (history.is_file() and len(history.read_text().splitlines()) >= 2):
-        time.sleep(0.05)  # until epoch 1 is saved
+    # until epoch 1's resume state is saved (history.csv is written just before it: waiting for the
+    # history alone let the kill land between the two, and the retry then rightly started afresh)
+    while time.monotonic() < end and not (state.is_file() and history.is_file()
+                                           and len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
     victims = _descendants_named("ray::cell am-only seed 0")
     assert victims, "no Ray worker running the cell was found"
     epochs_before = len(history.read_text().splitlines()) - 1
