@@ -283,3 +283,17 @@ def test_report_of_a_reproduce_folder_links_every_row_to_its_cells(tiny_repro, t
             assert r["title"] in html
             acc = f"{r['accuracy_mean']:.3f} &plusmn; {r['accuracy_std']:.3f}"
             assert acc in html
+
+
+def test_every_lever_file_loads_and_says_what_it_trains():
+    from pathlib import Path
+
+    from kneeosteo.experiments.reproduce import config_model
+
+    levers = sorted((Path(__file__).resolve().parent.parent / "configs" / "levers").glob("*.toml"))
+    assert len(levers) >= 5
+    for f in levers:
+        spec = config_model(str(f))
+        assert spec.key == f.stem and Path(spec.config) == f.resolve()
+        tuned = "finetune = true" in f.read_text()
+        assert (spec.trained == "backbone's last 1 stage(s) fine-tuned") == tuned, f.name

@@ -47,6 +47,7 @@ class ModelSpec:
     attention: bool
     paper_row: str | None = None  # its row in table1.PAPER_TABLE
     config: str | None = None  # a TOML settings file: the cell trains exactly these settings
+    trained: str | None = None  # what training changes, when not the default (a fine-tuned backbone)
 
     @property
     def use_backbone(self) -> bool:
@@ -74,8 +75,13 @@ def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, 
 def config_model(path: str) -> ModelSpec:
     """A model given as a settings file (``configs/default_model.toml``): its key is the file's stem."""
     cfg = load_config(path, {})
+    tuned = None
+    if cfg.use_backbone and cfg.finetune:
+        tuned = (f"backbone's last {cfg.trainable_stages} stage(s) fine-tuned" if cfg.trainable_stages
+                 else "backbone fine-tuned")
     return ModelSpec(Path(path).stem, f"{Path(path).stem} ({path})", cfg.backbone if cfg.use_backbone else None,
-                     cfg.attention, config=str(Path(path).resolve()))  # resolved: a Ray task may run elsewhere
+                     cfg.attention, config=str(Path(path).resolve()),  # resolved: a Ray task may run elsewhere
+                     trained=tuned)
 
 
 PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
@@ -242,7 +248,7 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         status[key] = "not run (--quick: offline backbones only)"
     for m in runnable:
         if m.key not in random_init:
-            status[m.key] = "frozen backbone" if m.backbone else "trained from scratch"
+            status[m.key] = m.trained or ("frozen backbone" if m.backbone else "trained from scratch")
     ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
     if ctx.is_main:
         make_splits(data, out, seeds, protocol, folds, base.positive, test_size)
