@@ -132,7 +132,8 @@ def run_variant(v: dict, steps: int, profile: bool) -> dict:
     if done.returncode != 0:
         return {"name": v["name"], "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"name": v["name"], "env": v["env"], **row, "loadavg_before": before, "loadavg_after": loadavg()}
+    return {"name": v["name"], "env": v["env"], **row, "measured": now_iso(), "loadavg_before": before,
+            "loadavg_after": loadavg()}
 
 
 def run(steps: int, repeats: int, quick: bool, only: str | None = None, keep: list[dict] | None = None) -> dict:
@@ -162,7 +163,9 @@ def run(steps: int, repeats: int, quick: bool, only: str | None = None, keep: li
 
 def markdown(doc: dict) -> str:
     lines = ["# The cached training step per compute path, and the fp32 levers", "",
-             f"Measured {doc['started']} to {doc['finished']}; {doc['steps']} optimiser steps per epoch (AM + head, "
+             f"Measured {doc['started']} to {doc['finished']} (rows kept by --only from an earlier run: "
+             f"{', '.join(r['name'] for r in doc['rows'] if r.get('measured', doc['started']) < doc['started']) or 'none'}); "
+             f"{doc['steps']} optimiser steps per epoch (AM + head, "
              f"224 px, channels-last), best of {doc['repeats']} fresh processes per row; load average before/after each.", "",
              "| variant | step ms | wall s | user s | sys s | sys share | minor faults | GFLOP/s | share of peak | load |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -235,6 +235,11 @@ def render(out: Path) -> str:
     for name, fn in (("training", training_md), ("inference", inference_md), ("loading", loading_md)):
         doc = _load(out, name)
         lines += fn(doc) if doc else [f"## {name.title()}", "", "Not run yet.", ""]
+    for name, title in (("fp32_path.md", "Compute paths and the fp32 levers (issue 17)"),
+                        ("make_run_paths.md", "`make run` per compute path (issue 17)")):
+        if (out / name).is_file():  # written by benchmarks/bench_fp32_path.py and by hand from timed make runs
+            body = (out / name).read_text().strip().split("\n", 1)[-1].strip()  # its own title dropped
+            lines += [f"## {title}", "", body, ""]
     if (out / "scaling.md").is_file():  # written by benchmarks/bench_scaling.py (issue 18)
         lines += ["## Scaling out (Ray, archive-size audit and split)", "", (out / "scaling.md").read_text().strip(), ""]
     if (out / "load_test.md").is_file():  # written by benchmarks/load_test.py, owned elsewhere
