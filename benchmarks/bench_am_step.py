@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/bench_am_step.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, latency_stats, section, set_threads, time_calls, write_json  # noqa: E402
+from benchmarks.common import REPO, latency_stats, section, set_threads, time_calls, write_results  # noqa: E402
 
 
 def _papers_order(am):
@@ -95,11 +95,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "am_step.json")
     args = ap.parse_args(argv)
     doc = run(args.iters, args.batch, args.size)
-    write_json(args.out, doc)
-    md, text = args.out.with_suffix(".md"), markdown(doc)
-    md.write_text(text)
-    print(text)
-    return md
+    return write_results(args.out, doc, markdown)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/bench_fp32_path.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, loadavg, now_iso, write_json  # noqa: E402
+from benchmarks.common import REPO, loadavg, now_iso, write_results  # noqa: E402
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 GLIBC_KEEP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**34), "MALLOC_TOP_PAD_": str(2**28)}
@@ -203,11 +203,7 @@ def main(argv=None) -> Path | None:
         return None
     keep = json.loads(args.out.read_text())["rows"] if (args.only and args.out.is_file()) else None
     doc = run(args.steps, args.repeats, args.quick, args.only, keep)
-    write_json(args.out, doc)
-    md, text = args.out.with_suffix(".md"), markdown(doc)
-    md.write_text(text)
-    print(text)
-    return md
+    return write_results(args.out, doc, markdown)
 
 
 if __name__ == "__main__":

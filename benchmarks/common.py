@@ -124,3 +124,12 @@ def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def write_results(out: Path, doc: dict, markdown: Callable[[dict], str]) -> Path:
+    """``out`` (JSON) and its Markdown twin beside it; prints the Markdown and returns its path."""
+    write_json(out, doc)
+    md, text = out.with_suffix(".md"), markdown(doc)
+    md.write_text(text)
+    print(text)
+    return md
