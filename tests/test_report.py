@@ -181,18 +181,30 @@ class _FakeExplainer:
 def test_sanity_check_tells_a_weight_blind_map_from_a_learned_one():
     rng = np.random.default_rng(0)
     images = [(f"i{k}", rng.random((32, 32))) for k in range(6)]
-    blind = sanity_check(_FakeExplainer("image"), _FakeExplainer("image"), images)
+
+    def explained(fake):
+        return [(n, px, fake.explain(px)) for n, px in images]
+
+    blind = sanity_check(explained(_FakeExplainer("image")), _FakeExplainer("image"))
     assert blind["gradcam"]["median"] == pytest.approx(1.0) and verdict(blind["gradcam"]).startswith("fails")
-    learned = sanity_check(_FakeExplainer("noise", 1), _FakeExplainer("noise", 2), images)
+    learned = sanity_check(explained(_FakeExplainer("noise", 1)), _FakeExplainer("noise", 2))
     assert abs(learned["gradcam"]["median"]) < 0.3 and verdict(learned["gradcam"]).startswith("passes")
+    assert [r["path"] for r in learned["images"]] == [n for n, _ in images]
     assert verdict({"n": 0}).startswith("undefined")
 
 
-def test_sanity_check_in_the_report_is_measured(report):
-    _, _, page = report
+def test_sanity_check_in_the_report_covers_every_gallery_image(report):
+    """The table's image counts (defined + constant maps) equal the gallery's, and each case shows
+    its own rho: the check ran on the images shown, not on a fixed or empty set."""
+    import re
+
+    _, html, page = report
     text = page.section("explanations")
-    assert "Saliency sanity check" in text and "median rho" in text
-    assert any(v in text for v in ("passes:", "weak:", "fails:", "undefined:"))
+    assert "Saliency sanity check" in text and any(v in text for v in ("passes:", "weak:", "fails:", "undefined:"))
+    cases = [a for t, a in page.tags if t == "div" and "data-kind" in a]
+    row = re.search(r"<tr><td>Grad-CAM</td><td class=\"n\">(\d+)(?: \(\+(\d+) constant\))?</td>", html)
+    assert row and int(row.group(1)) + int(row.group(2) or 0) == len(cases) > 0
+    assert text.count("sanity rho: Grad-CAM") == len(cases)
 
 
 def test_reproducibility_names_the_exact_files(tiny, report):

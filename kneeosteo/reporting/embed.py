@@ -1,4 +1,4 @@
-"""Everything the report puts inline: figures and pictures as ``data:`` URIs (the page makes no
+"""Everything the report puts inline: figure files and pictures as ``data:`` URIs (the page makes no
 request of its own), and the Jinja2 environment that renders it with autoescaping on, so a file
 name or a setting can never inject markup."""
 
@@ -9,10 +9,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["data_uri", "figure_uri", "file_uri", "image_uri", "render"]
+__all__ = ["data_uri", "file_uri", "image_uri", "render"]
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -26,17 +25,6 @@ def file_uri(path: Path) -> str | None:
         return None
     mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
     return data_uri(path.read_bytes(), mime)
-
-
-def figure_uri(fig: Figure, dpi: int = 110) -> str:
-    """A matplotlib figure (object API, its own Agg canvas) as an inline PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return data_uri(buf.getvalue(), "image/png")
 
 
 def image_uri(rgb: np.ndarray, quality: int = 85) -> str:

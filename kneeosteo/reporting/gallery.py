@@ -11,8 +11,6 @@ from PIL import Image
 
 __all__ = ["Case", "panels", "select_cases"]
 
-KINDS = ("false negative", "false positive", "true positive", "true negative")
-
 
 @dataclass(frozen=True)
 class Case:

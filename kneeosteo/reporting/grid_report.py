@@ -21,7 +21,7 @@ def is_grid(path: Path) -> bool:
     return (Path(path) / "table1.json").is_file() and (Path(path) / "cells").is_dir()
 
 
-def _anchor(model: str, cell: Path, root: Path) -> str:
+def _anchor(cell: Path, root: Path) -> str:
     rel = cell.relative_to(root / "cells").as_posix()
     return "cell-" + "".join(ch if ch.isalnum() else "-" for ch in rel)
 
@@ -59,7 +59,7 @@ def grid_context(path: str | Path) -> dict:
             probes = m.get("shortcut_probes") or {}
             adv = probes.get("shortcut_adversarial", {})
             occ = probes.get("occlusion", {})
-            anchor = _anchor(key, c, root)
+            anchor = _anchor(c, root)
             label = c.relative_to(root / "cells" / key).as_posix()
             per.append({"label": label, "anchor": anchor, "accuracy": m["accuracy"]["value"], "auc": m["auc"]["value"]})
             cells.append({"anchor": anchor, "model": r.get("title", key), "label": label, "path": c.relative_to(root).as_posix(),

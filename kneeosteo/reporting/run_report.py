@@ -83,7 +83,7 @@ def summary_section(run: RunDir, metrics: dict | None, note: str) -> dict:
     if metrics:
         head = [{"name": METRIC_NAMES[k], "value": metrics[k]} for k in HEADLINE if k in metrics]
     return {"model_id": run.model_id, "backbone": cfg.backbone, "architecture": _architecture(cfg.model),
-            "data": cfg.record.get("data", "?"), "classes": list(cfg.classes), "threshold": cfg.threshold,
+            "data": cfg.record.get("data", "?"), "classes": list(cfg.classes),
             "n_test": (metrics or {}).get("n"), "headline": head, "caveat": CAVEAT, "scored": note}
 
 
@@ -183,8 +183,7 @@ def performance_section(run: RunDir, folder: Path, metrics: dict, work: Path) ->
     return {"columns": [c[0] for c in columns], "table": table, "counts": counts,
             "classes": list(run.config.classes), "n": metrics.get("n"),
             "roc": file_uri(folder / "roc.png"), "confusion": file_uri(folder / "confusion_matrix.png"),
-            "curves": curves, "calibrated_note": "probabilities as the model outputs them (raw); "
-            "the operating threshold applies to calibrated ones" if trust.get("calibrated") else ""}
+            "curves": curves}
 
 
 def calibration_section(folder: Path, metrics: dict) -> dict | None:
@@ -220,7 +219,7 @@ def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: 
     model = run.load_model("cpu")
     explainer = Explainer.from_model(model, run.info, trust=run.trust)
     twin = Explainer.from_model(sanity.randomised_copy(model, seed), run.info, trust=None)
-    shown, images, unreadable = [], [], []
+    shown, explained, unreadable = [], [], []
     for c in cases:
         try:
             pixels = read_image(data / c.path).pixels
@@ -228,11 +227,11 @@ def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: 
             unreadable.append(f"{c.path}: {exc}")
             continue
         ex = explainer.explain(pixels)
-        images.append((c.path, pixels))
+        explained.append((c.path, pixels, ex))
         shown.append({"path": c.path, "kind": c.kind, "probability": c.probability, "correct": c.correct,
                       "picture": image_uri(gallery.panels(pixels, ex.gradcam, ex.attention)),
                       "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else ""})
-    check = sanity.sanity_check(explainer, twin, images)
+    check = sanity.sanity_check(explained, twin)
     by_path = {r["path"]: r for r in check["images"]}
     for s in shown:
         s["gradcam_rho"] = by_path[s["path"]]["gradcam_rho"]

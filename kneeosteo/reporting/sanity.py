@@ -66,14 +66,15 @@ def _summary(values: list[float]) -> dict:
             "share_below_0.5": float((np.abs(v) < 0.5).mean()), "undefined": len(values) - int(len(v))}
 
 
-def sanity_check(explainer, random_explainer, images: list[tuple[str, np.ndarray]]) -> dict:
+def sanity_check(explained: list[tuple[str, np.ndarray, object]], random_explainer) -> dict:
     """Per image rho(trained map, randomised map) for Grad-CAM and the attention map, and a summary.
 
-    ``explainer``/``random_explainer``: :class:`~kneeosteo.inference.explain.Explainer` objects of the
-    trained model and of ``randomised_copy`` of it; ``images``: (name, canonical greyscale pixels)."""
+    ``explained``: (name, canonical greyscale pixels, the trained model's ``Explanation`` of them,
+    already made for the gallery: each trained map is computed once); ``random_explainer``: an
+    :class:`~kneeosteo.inference.explain.Explainer` of ``randomised_copy`` of the model."""
     rows = []
-    for name, pixels in images:
-        a, b = explainer.explain(pixels), random_explainer.explain(pixels)
+    for name, pixels, a in explained:
+        b = random_explainer.explain(pixels)
         rows.append({"path": name,
                      "gradcam_rho": rank_correlation(a.gradcam_raw, b.gradcam_raw),
                      "attention_rho": rank_correlation(a.attention_raw, b.attention_raw)

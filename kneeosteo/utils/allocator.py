@@ -3,8 +3,8 @@
 A training step allocates and frees activations of hundreds of MB. glibc serves blocks that big
 with fresh ``mmap`` calls and returns them with ``munmap`` when freed, so every step faults every
 page in again and the kernel zeroes it: on the AVX2 fp32 path that was a quarter of the step's
-CPU time (``benchmarks/bench_fp32_path.py``: about 185,000 minor page faults per step, 24% of
-the CPU time in the kernel). Telling malloc never to use ``mmap`` for large blocks and never to
+CPU time (``benchmarks/bench_fp32_path.py``, idle, forced AVX2 fp32: about 200,000 minor page
+faults per step, 28% of the CPU time in the kernel). Telling malloc never to use ``mmap`` for large blocks and never to
 trim the heap makes the second step reuse the first step's pages: no faults, no kernel time, the
 same values (only where memory comes from changes). The cost: the process keeps its peak heap
 until it exits, which a training run or a server reaches anyway.

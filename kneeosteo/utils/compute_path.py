@@ -43,12 +43,12 @@ def _capped() -> bool:
         bool(isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "DEFAULT")))
 
 
-def bf16_native() -> bool:
+def bf16_native(flags: list[str] | None = None) -> bool:
     """AVX512-BF16 or AMX in the CPU flags, and PyTorch allowed to use them; capped at AVX2 (to
     measure the path a CPU without bf16 takes) bf16 is emulated, so ``--precision auto`` means fp32."""
     if _capped():
         return False
-    flags = cpu_flags()
+    flags = cpu_flags() if flags is None else flags
     if flags:
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return "AMX" in torch.backends.cpu.get_cpu_capability()
@@ -56,10 +56,11 @@ def bf16_native() -> bool:
 
 def compute_path() -> dict:
     """This process's path: PyTorch's CPU capability, the oneDNN cap, the CPU flags, native bf16."""
+    flags = cpu_flags()  # one read of /proc/cpuinfo
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
-            "cpu_flags": cpu_flags(), "bf16_native": bf16_native(), "forced_below_cpu": _capped() and
-            any(f.startswith(("avx512", "amx")) for f in cpu_flags())}
+            "cpu_flags": flags, "bf16_native": bf16_native(flags),
+            "forced_below_cpu": _capped() and any(f.startswith(("avx512", "amx")) for f in flags)}
 
 
 def cells_paths(records: list[dict]) -> dict[str, int]:
