@@ -1,5 +1,6 @@
 """The paper's figures for a run: accuracy and loss curves (Fig. 3, 4), confusion matrix (Fig. 5),
-ROC; and Table I's forest plot.
+ROC; Table I's forest plot; and for the multiclass and regression tasks a K x K confusion matrix,
+a Bland-Altman plot and predicted against true values.
 
 Matplotlib's object-oriented API only: each figure is a :class:`matplotlib.figure.Figure` saved
 with its own Agg canvas, so importing this module sets no backend and never imports pyplot
@@ -16,9 +17,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from kneeosteo.evaluation.regression import bland_altman_limits
 from kneeosteo.utils.atomic import atomic_path
 
-__all__ = ["curves", "confusion", "roc", "forest_plot"]
+__all__ = ["curves", "confusion", "confusion_k", "roc", "forest_plot", "bland_altman", "predicted_vs_true"]
 
 
 def _figure(**kw) -> Figure:
@@ -49,18 +51,30 @@ def curves(history: list[dict], out: Path) -> None:
 
 
 def confusion(counts: dict, classes: list[str], out: Path) -> None:
+    """The binary confusion matrix (Fig. 5) from ``{"tp", "fp", "fn", "tn"}``, as confusion_matrix.png."""
     m = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
-    fig = _figure(figsize=(4, 3.5))
+    confusion_k(m, classes, out / "confusion_matrix.png")
+
+
+def confusion_k(matrix, classes: Sequence[str], out_path: Path, title: str = "Confusion matrix (test set)") -> None:
+    """A K x K confusion matrix (rows true class, columns predicted), each cell's count written in it."""
+    m = np.asarray(matrix)
+    k = len(classes)
+    if m.shape != (k, k):
+        raise ValueError(f"confusion matrix must be {k} x {k} for {k} classes, got shape {m.shape}")
+    size = max(4.0, 1.1 * k + 1.5)
+    fig = _figure(figsize=(size, size * 0.875))
     ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=14)
-    ax.set_xticks([0, 1], classes)
-    ax.set_yticks([0, 1], classes)
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black",
+                fontsize=14 if k <= 3 else 10)
+    ax.set_xticks(range(k), classes)
+    ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title("Confusion matrix (test set)")
-    _save(fig, out / "confusion_matrix.png")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    _save(fig, Path(out_path))
 
 
 def roc(y: np.ndarray, prob: np.ndarray, auc: float, out: Path) -> None:
@@ -104,3 +118,48 @@ def forest_plot(rows: Sequence[Mapping], path: Path, columns: Sequence[tuple[str
     axes[0].set_yticks(range(len(shown)), [r["title"] for r in shown])
     axes[0].invert_yaxis()
     _save(fig, path, dpi=110)
+
+
+def bland_altman(y_true, y_pred, out_path: Path, target_name: str) -> None:
+    """Bland-Altman plot: mean of predicted and true against their difference (predicted - true),
+    with the bias and the 95% limits of agreement as labelled horizontal lines."""
+    t, p = np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(y_pred, dtype=np.float64).ravel()
+    ba = bland_altman_limits(t, p)
+    fig = _figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    ax.scatter((t + p) / 2, p - t, s=14, alpha=0.7)
+    for key, label, style in (("upper", "+1.96 SD", "--"), ("bias", "bias", "-"), ("lower", "-1.96 SD", "--")):
+        v = ba[key]["value"]
+        ax.axhline(v, linestyle=style, color="crimson" if key == "bias" else "grey")
+        ax.annotate(f"{label} {v:.2f}", xy=(1.0, v), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=9)
+    ax.set_xlabel(f"mean of predicted and true {target_name}")
+    ax.set_ylabel(f"predicted - true {target_name}")
+    ax.set_title(f"Bland-Altman ({target_name}, n = {t.size})")
+    ax.grid(alpha=0.3)
+    _save(fig, Path(out_path))
+
+
+def predicted_vs_true(y_true, y_pred, out_path: Path, target_name: str, cutoffs: Sequence[float] | None = None) -> None:
+    """Scatter of predicted against true values with the identity line; ``cutoffs`` (e.g. the WHO
+    T-score cut-offs -1.0 and -2.5) are drawn as dashed lines on both axes."""
+    t, p = np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(y_pred, dtype=np.float64).ravel()
+    fig = _figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.scatter(t, p, s=14, alpha=0.7)
+    lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="grey", label="identity")
+    for i, c in enumerate(cutoffs or ()):
+        ax.axvline(c, linestyle="--", color="crimson", linewidth=0.8, label="cut-offs" if i == 0 else None)
+        ax.axhline(c, linestyle="--", color="crimson", linewidth=0.8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"true {target_name}")
+    ax.set_ylabel(f"predicted {target_name}")
+    ax.set_title(f"Predicted vs true {target_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, Path(out_path))

@@ -13,6 +13,8 @@ Modules, one concern each:
   calibration slope and intercept, reliability-diagram data;
 - :mod:`.operating_point` — ``youden|sensitivity=0.9|specificity=0.9|0.5`` parsed and chosen;
 - :mod:`.conformal` — split-conformal prediction sets (crepes), coverage, abstention rate;
+- :mod:`.multiclass` — the multiclass and regression tasks: temperature scaling of K logits,
+  K-class conformal sets, conformal intervals for a regression target, their coverage;
 - :mod:`.decision_curve` — net benefit of the model, treat-all and treat-none;
 - :mod:`.domain` — Mahalanobis (Ledoit-Wolf) or kNN feature distance plus pixel checks;
 - :mod:`.prediction` — :class:`TrustedPrediction` and the function that builds one;
@@ -48,6 +50,13 @@ from .conformal import (
 )
 from .decision_curve import DecisionCurve, decision_curve, net_benefit, treat_all_net_benefit
 from .domain import DomainCheck, DomainVerdict, PixelLimits, pixel_problems
+from .multiclass import (
+    ConformalInterval,
+    ConformalSetsK,
+    TemperatureScalerK,
+    empirical_interval_coverage,
+    empirical_set_coverage,
+)
 from .operating_point import OperatingPoint, choose_threshold, parse_operating_point
 from .prediction import STATUSES, TrustedPrediction, trusted_prediction
 
@@ -58,6 +67,8 @@ __all__ = [
     "TrustBundle",
     "CalibrationFit",
     "ConformalClassifier",
+    "ConformalInterval",
+    "ConformalSetsK",
     "DecisionCurve",
     "DomainCheck",
     "DomainVerdict",
@@ -66,6 +77,7 @@ __all__ = [
     "PlattScaler",
     "ReliabilityDiagram",
     "TemperatureScaler",
+    "TemperatureScalerK",
     "TrustedPrediction",
     "abstention_rate",
     "brier_score",
@@ -74,6 +86,8 @@ __all__ = [
     "choose_threshold",
     "decision_curve",
     "empirical_coverage",
+    "empirical_interval_coverage",
+    "empirical_set_coverage",
     "expected_calibration_error",
     "expected_calibration_error_interval",
     "fit_calibrator",
