@@ -19,9 +19,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kneeosteo.data.manifest import TARGETS
 from kneeosteo.data.preprocess import PRESETS
 from kneeosteo.data.shortcut import REWEIGHTS
 from kneeosteo.errors import ConfigError
+from kneeosteo.models.task import CLASSIFICATION_TASKS, task_of
 
 __all__ = ["AUGMENT_MODES", "DEVICES", "PRECISIONS", "PRESETS", "REWEIGHTS", "TrainConfig", "load_config"]
 
@@ -37,6 +39,11 @@ class TrainConfig:
     split: str | None = None  # split.json; made on the fly with the paper protocol when absent
     fold: int | None = None  # for k-fold split files
     positive: str = "osteoporosis"
+    labels: str | None = None  # a label manifest (data/manifest.py); None = class folders
+    merge: dict = field(default_factory=dict)  # {"osteopenia": "normal"}: classes merged before anything else
+    task: str = "binary"  # binary | multiclass (models/task.py)
+    target: str = "label"  # label (classification) | t_score | bmd (regression on that manifest column)
+    classes: tuple = ()  # class names in index order; empty = found in the data
     backbone: str = "efficientnet_lite0"
     backbone_weights: str = "default"  # "default" (cache/package/download), a file, or "none"
     attention: bool = True  # the AM branch (False = backbone + head ablation)
@@ -74,6 +81,10 @@ class TrainConfig:
         self.zoom = tuple(self.zoom)
         self.crop_fraction = tuple(self.crop_fraction)
         self.operating_point = str(self.operating_point)
+        self.classes = tuple(self.classes)
+        from kneeosteo.data.manifest import parse_merge
+
+        self.merge = parse_merge(self.merge)
         self.validate()
 
     def validate(self) -> None:
@@ -96,6 +107,16 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
         choice("reweight", REWEIGHTS)
+        choice("task", CLASSIFICATION_TASKS)
+        choice("target", TARGETS)
+        if self.target != "label" and not self.labels:
+            raise ConfigError(f"target = {self.target!r} needs a label manifest with that column (labels = labels.csv)")
+        if self.kind != "binary":
+            for name, default in (("reweight", "none"), ("operating_point", "0.5")):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{name} = {getattr(self, name)!r} is for the binary task only (this run: {self.kind})")
+        if self.classes and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
+            raise ConfigError(f"classes = {list(self.classes)}: give two or more different names")
         choice("backbone", list_backbones())
         number("epochs", 1, integer=True)
         number("patience", 1, integer=True)
@@ -130,6 +151,16 @@ class TrainConfig:
         if not (self.attention or self.use_backbone):
             raise ConfigError("attention and use_backbone are both off: the model would have no input branch")
 
+    @property
+    def kind(self) -> str:
+        """binary, multiclass or regression (``models.task.task_of``)."""
+        return task_of(self.task, self.target)
+
+    def scan_options(self) -> dict:
+        """``data.scan.scan_dataset``'s keywords for this run's labels, merge, target and task."""
+        return {"labels": self.labels, "merge": self.merge, "target": self.target,
+                "classes": list(self.classes) or None, "require_binary": self.kind == "binary"}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -137,7 +168,7 @@ class TrainConfig:
 def _coerce(name: str, value):
     if name not in TrainConfig.__dataclass_fields__:
         raise ConfigError(f"unknown setting '{name}' (valid: {', '.join(TrainConfig.__dataclass_fields__)})")
-    if isinstance(value, list):
+    if isinstance(value, list) and name != "merge":
         value = tuple(value)
     return value
 

@@ -99,42 +99,50 @@ class RunConfig:
 
     model: dict
     preprocess: Preprocess
-    classes: tuple[str, str]  # (negative, positive)
+    classes: tuple[str, ...]  # binary: (negative, positive); multiclass: index order; regression: ()
     threshold: float
     weights_sha256: str
     settings: dict
     record: dict
+    task: str = "binary"  # binary | multiclass | regression (models/task.py)
+    target: str = "label"  # a regression's number (t_score, bmd)
 
     @property
     def negative(self) -> str:
-        return self.classes[0]
+        return self.classes[0] if self.classes else ""
 
     @property
     def positive(self) -> str:
-        return self.classes[1]
+        return self.classes[-1] if self.classes else ""
 
     @property
     def backbone(self) -> str:
         return str(self.model.get("backbone", ""))
 
     def identity(self) -> dict[str, Any]:
-        return identity(self.preprocess, self.classes, self.threshold)
+        return identity(self.preprocess, self.classes, self.threshold, self.task, self.target)
 
 
-def identity(preprocess: Preprocess, classes, threshold: float) -> dict[str, Any]:
-    """The prediction-changing settings stored with the weights (besides the architecture)."""
+def identity(preprocess: Preprocess, classes, threshold: float, task: str = "binary",
+             target: str = "label") -> dict[str, Any]:
+    """The prediction-changing settings stored with the weights (besides the architecture).
+    A binary run's identity has no task/target keys (the paper's; unchanged since format 2)."""
     p = asdict(preprocess)
     p["mean"], p["std"] = list(p["mean"]), list(p["std"])
-    return {"preprocess": p, "classes": list(classes), "threshold": float(threshold)}
+    extra = {} if task == "binary" else {"task": task, "target": target}
+    return {"preprocess": p, "classes": list(classes), "threshold": float(threshold), **extra}
 
 
-def _checked(doc: dict, where: Path) -> tuple[Preprocess, tuple[str, str], float]:
+def _checked(doc: dict, where: Path) -> tuple[Preprocess, tuple[str, ...], float]:
     """The identity's values, or CheckpointError naming the file and the value out of range."""
     try:
         p = doc["preprocess"]
         mean, std = tuple(float(v) for v in p["mean"]), tuple(float(v) for v in p["std"])
         prep = Preprocess(str(p["preset"]), int(p["size"]), mean, std, bool(p["clahe"]))
-        negative, positive = (str(c) for c in doc["classes"])
+        classes = tuple(str(c) for c in doc["classes"])
+        task = str(doc.get("task", "binary"))
+        if task == "binary":
+            negative, positive = classes
         threshold = float(doc["threshold"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: incomplete or malformed identity ({type(exc).__name__}: {exc})") from exc
@@ -147,11 +155,15 @@ def _checked(doc: dict, where: Path) -> tuple[Preprocess, tuple[str, str], float
         problems.append(f"size {prep.size} out of [1, 4096]")
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         problems.append(f"threshold {threshold} out of [0, 1]")
-    if not negative or not positive or negative == positive:
-        problems.append(f"classes {[negative, positive]} must be two different names")
+    if task not in ("binary", "multiclass", "regression"):
+        problems.append(f"task {task!r} unknown")
+    elif task != "regression" and (not all(classes) or len(set(classes)) != len(classes) or len(classes) < 2):
+        problems.append(f"classes {list(classes)} must be two or more different names")
+    elif task == "regression" and classes:
+        problems.append(f"a regression has no classes, found {list(classes)}")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
-    return prep, (negative, positive), threshold
+    return prep, classes, threshold
 
 
 class RunDir:
@@ -276,7 +288,8 @@ class RunDir:
             raise CheckpointError(f"{self.config_file} and {self.weights_file.name} disagree: " + "; ".join(diffs[:5])
                                   + ". The config was edited or swapped after training.")
         prep, classes, threshold = _checked(stored, self.weights_file)
-        return RunConfig(stored["model"], prep, classes, threshold, sha, doc.get("settings") or {}, doc.get("record") or {})
+        return RunConfig(stored["model"], prep, classes, threshold, sha, doc.get("settings") or {}, doc.get("record") or {},
+                         str(stored.get("task", "binary")), str(stored.get("target", "label")))
 
     @property
     def model_id(self) -> str:
@@ -351,11 +364,12 @@ class RunDir:
             return None
 
     # ---------------------------------------------------------------------------- writing
-    def save_model(self, model, preprocess: Preprocess, classes, threshold: float, settings: dict, record: dict) -> None:
+    def save_model(self, model, preprocess: Preprocess, classes, threshold: float, settings: dict, record: dict,
+                   task: str = "binary", target: str = "label") -> None:
         """Write the weights (identity inside) and config.json; what is verified on reading."""
         from kneeosteo.models.checkpoint import save_weights
 
-        ident = identity(preprocess, classes, threshold)
+        ident = identity(preprocess, classes, threshold, task, target)
         _checked(ident, self.weights_file)
         for stale in (self.trust_file, self.trust_tensors_file):  # fitted for the weights replaced now
             stale.unlink(missing_ok=True)

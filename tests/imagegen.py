@@ -165,7 +165,8 @@ def dicom(path, photometric: str = "MONOCHROME2", bits: int = 16, rescale_slope:
           rescale_intercept: float | None = None, window_center: float | None = None,
           window_width: float | None = None, pixel_data: bool = True, rgb: bool = False,
           array: np.ndarray | None = None, frames: int = 1, variant: int = 0, size=(W, H),
-          bits_stored: int | None = None, preamble: bool = True) -> Path:
+          bits_stored: int | None = None, preamble: bool = True, patient_id: str = "TEST",
+          study_uid: str | None = None) -> Path:
     """A minimal valid DX-like DICOM (Explicit VR Little Endian).  ``preamble=False`` writes a
     bare dataset without the 128-byte preamble, 'DICM' and file meta, as old archives do."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -191,7 +192,10 @@ def dicom(path, photometric: str = "MONOCHROME2", bits: int = 16, rescale_slope:
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.PatientID = "TEST"
+    if patient_id:
+        ds.PatientID = patient_id
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
     ds.Rows, ds.Columns = a.shape[-3:-1] if rgb else a.shape[-2:]
     ds.SamplesPerPixel = 3 if rgb else 1
     ds.PhotometricInterpretation = photometric
@@ -376,6 +380,53 @@ def make_dataset(root, n_per_class: int = 8, size: int = 64, seed: int = 0,
         out.items.append((p, src_label))
         out.near_duplicates.append((p0, p))
     return out
+
+
+def t_score_image(t_score: float, index: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """A "radiograph" whose texture tracks a T-score: smooth blobs plus noise of amplitude
+    0.02 + 0.035 * max(0, -T), so lower T (less bone) looks coarser and a model can learn it."""
+    rng = np.random.default_rng([seed, index, 7])
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 0.25 + 0.2 * (x if index % 2 else y)
+    for _ in range(4):
+        cx, cy, s, amp = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), rng.uniform(0.06, 0.2), rng.uniform(0.2, 0.4)
+        img = img + amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+    img = img + rng.normal(0.0, 0.02 + 0.035 * max(0.0, -t_score), size=img.shape)
+    return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_patient_dataset(root, patients: int = 18, size: int = 64, seed: int = 0, dicom_every: int = 4):
+    """A hospital-style export: ``root/films/pNNN_{left,right}.{png,dcm}`` (two knees per
+    patient; every ``dicom_every``-th patient as DICOM carrying its PatientID), and
+    ``root/labels.csv`` with path, label (the WHO band), patient_id, t_score, bmd, side,
+    study_date and an extra ``site`` column. T-scores are spread over the three bands; a
+    patient's knees differ by 0.3. Returns (data root, manifest path, rows as dicts)."""
+    import csv
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(patients):
+        base = [-0.2, -1.8, -3.2][k % 3] + rng.uniform(-0.5, 0.5)
+        for j, side in enumerate(("left", "right")):
+            t = round(base + 0.3 * j, 2)
+            a = t_score_image(t, 2 * k + j, size, seed)
+            name = f"films/p{k:03d}_{side}"
+            if dicom_every and k % dicom_every == dicom_every - 1:
+                dicom(root / f"{name}.dcm", bits=8, array=a, patient_id=f"PAT{k:03d}")
+                path = f"{name}.dcm"
+            else:
+                path = png_grey8(root / f"{name}.png", array=a).relative_to(root).as_posix()
+            label = "normal" if t >= -1.0 else ("osteopenia" if t > -2.5 else "osteoporosis")
+            rows.append({"path": path, "label": label, "patient_id": f"P{k:03d}", "t_score": t,
+                         "bmd": round(1.0 + 0.12 * t, 3), "side": side, "study_date": "2024-03-01",
+                         "site": "A" if k % 2 else "B"})
+    manifest = root / "labels.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root, manifest, rows
 
 
 def non_knee_corpus(folder: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from kneeosteo.data.duplicates import (
     leakage_groups,
     near_duplicate_clusters,
 )
+from kneeosteo.data.grouping import KEY_SOURCES, dicom_patient_ids, group_summary
 from kneeosteo.data.scan import Scan
 from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.utils.atomic import write_json, write_text
@@ -31,7 +32,44 @@ def _dist(values: list[float]) -> dict:
     return {"min": float(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": float(q[4])}
 
 
-def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0) -> dict:
+def _column_summary(recs) -> dict:
+    """The manifest's numbers (distribution per class) and its text columns (most common values)."""
+    out: dict = {"numbers": {}, "text": {}}
+    for col in sorted({c for r in recs for c in r.values}):
+        out["numbers"][col] = {label: _dist([r.values[col] for r in recs if r.label == label and col in r.values])
+                               for label in sorted({r.label for r in recs})}
+    for col in sorted({c for r in recs for c in r.info}):
+        counts = Counter(r.info[col] for r in recs if col in r.info)
+        out["text"][col] = {"distinct": len(counts), "most_common": dict(counts.most_common(10))}
+    return out
+
+
+def split_check(scan: Scan, split_file: str | Path) -> dict:
+    """Does the split file keep every patient in one partition? ``flag`` says what is wrong."""
+    import json
+
+    from kneeosteo.data.split import load_split, patient_leaks
+
+    doc = json.loads(Path(split_file).read_text())
+    sets = load_split(split_file, scan.root)
+    leaks = patient_leaks(sets, scan.records)
+    key = doc.get("group_key")
+    patient_sources = [k for k in (key or []) if k in KEY_SOURCES]
+    carried = [s for s, n in (("DICOM PatientID", dicom_patient_ids(scan.records)),
+                              ("manifest patient_id", sum(1 for r in scan.records if r.patient_id))) if n]
+    flag = ""
+    if carried and not patient_sources:
+        flag = (f"split made without patient ids ({'group_key not recorded' if key is None else 'group_key: ' + ', '.join(key)})"
+                f" although the files carry {' and '.join(carried)}")
+    if leaks:
+        flag = (flag + "; " if flag else "") + f"{len(leaks)} patient(s) span two or more partitions"
+    return {"file": str(split_file), "group_key": key, "patients_spanning_partitions": len(leaks),
+            "leaks": leaks[:100], "flag": flag}
+
+
+def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0,
+                split: str | Path | None = None) -> dict:
+    """The audit document; ``split``: also check that split file for patients on both sides."""
     recs = scan.records
     per_class = {}
     for label in scan.classes:
@@ -74,6 +112,12 @@ def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int 
         "unreadable": scan.unreadable,
         "skipped_not_images": scan.skipped,
         "shortcut_metadata_only": shortcut,
+        "labels_from": scan.manifest or "class folders",
+        "merge": scan.merge,
+        "manifest_rows_left_out": scan.left_out,
+        "columns": _column_summary(recs),
+        "patients": group_summary(recs),
+        **({"split_check": split_check(scan, split)} if split is not None else {}),
     }
 
 
@@ -113,6 +157,30 @@ def render_markdown(a: dict) -> str:
     for g in nd["list"]:
         tag = "(cross-label) " if g["cross_label"] else ""
         lines.append(f"- {tag}" + ", ".join(f"`{m['path']}` ({m['label']})" for m in g["members"]))
+    lines += ["", "## Labels and patients", ""]
+    lines.append(f"labels from: `{a['labels_from']}`" + (f"; merged: {', '.join(f'{k} -> {v}' for k, v in a['merge'].items())}"
+                                                        if a["merge"] else ""))
+    pt = a["patients"]
+    per = pt.get("images_per_patient")
+    lines.append(f"patients: {pt['patients']} ({', '.join(f'{k} {v}' for k, v in pt['key_sources'].items()) or 'no patient ids'}); "
+                 f"images without a patient id: {pt['images_without_patient']}"
+                 + (f"; images per patient median {per['median']:g} [{per['min']}-{per['max']}], "
+                    f"{per['patients_with_2_or_more']} patients with 2 or more" if per else ""))
+    for col, by_class in a["columns"]["numbers"].items():
+        lines.append(f"- {col}: " + "; ".join(f"{lab} median {d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
+                                               for lab, d in by_class.items() if d))
+    for col, t in a["columns"]["text"].items():
+        lines.append(f"- {col}: {t['distinct']} distinct; " + ", ".join(f"{k} {v}" for k, v in t["most_common"].items()))
+    if a["manifest_rows_left_out"]:
+        lines += ["", f"### Manifest rows left out ({len(a['manifest_rows_left_out'])})", ""]
+        lines += [f"- row {m['row']} `{m['path']}`: {m['reason']}" for m in a["manifest_rows_left_out"]]
+    if "split_check" in a:
+        sc = a["split_check"]
+        lines += ["", f"### Split check: `{sc['file']}`", ""]
+        lines.append(f"**{sc['flag']}**" if sc["flag"] else
+                     f"every patient in one partition (group key: {', '.join(sc['group_key'] or ['not recorded'])})")
+        for leak in sc["leaks"][:20]:
+            lines.append(f"- {leak['key']}: " + "; ".join(f"{p}: {', '.join(v)}" for p, v in leak["partitions"].items()))
     lines += ["", "## Unreadable files", ""]
     lines += [f"- `{u['path']}`: {u['reason']}" for u in a["unreadable"]] or ["none"]
     s = a["shortcut_metadata_only"]
@@ -140,7 +208,12 @@ def summary_lines(a: dict) -> list[str]:
         f"exact duplicate groups: {ex['groups']} ({ex['files_involved']} files), label conflicts: {ex['label_conflicts']}",
         f"near-duplicate clusters (pHash <= {nd['threshold_bits']} bits): {nd['clusters']}",
         f"unreadable: {len(a['unreadable'])}, skipped non-images: {len(a['skipped_not_images'])}",
+        f"patients: {a['patients']['patients']} (images without a patient id: {a['patients']['images_without_patient']})",
     ]
+    if a["manifest_rows_left_out"]:
+        out.append(f"manifest rows left out: {len(a['manifest_rows_left_out'])} (reasons in audit.md)")
+    if a.get("split_check", {}).get("flag"):
+        out.append(f"SPLIT CHECK: {a['split_check']['flag']}")
     if s.get("accuracy") is not None:
         lo, hi = s["accuracy_ci95"]
         out.append(f"metadata-only accuracy: {s['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), AUC {s['auc']:.3f}")

@@ -63,6 +63,10 @@ class ImageMeta:
     # width/height stay the source's; the pixels are that size divided by ``reduction`` (rounded
     # up) when the longer side exceeded ``max_side`` (1: full size)
     reduction: int = 1
+    # DICOM only: who and which study the film belongs to ("" when absent), so a split can keep
+    # every film of one patient in one partition (data/grouping.py)
+    patient_id: str = ""
+    study_uid: str = ""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays field-wise is ambiguous
@@ -313,8 +317,17 @@ def _read_dicom(path: Path, size: int, max_pixels: int, max_side: int | None, fo
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     meta = ImageMeta(str(path), "DICOM", photometric, cols, rows,
                      int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0), size,
-                     int(ds.get("SamplesPerPixel", 1) or 1), factor)
+                     int(ds.get("SamplesPerPixel", 1) or 1), factor,
+                     _dicom_text(ds, "PatientID"), _dicom_text(ds, "StudyInstanceUID"))
     return pixels, meta
+
+
+def _dicom_text(ds, keyword: str) -> str:
+    """A DICOM string attribute, stripped; "" when absent or unreadable."""
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception:  # a malformed value must not cost the image
+        return ""
 
 
 def _dicom_first_frame(path: Path, ds) -> np.ndarray:

@@ -54,17 +54,19 @@ def metadata_only_accuracy(
     x, names = metadata_matrix(records)
     accs, aucs = [], []
     importances = np.zeros(len(names))
+    k = int(y.max()) + 1
     for rep in range(repeats):
-        prob = np.zeros(len(y))
+        prob = np.zeros((len(y), k))
         cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + rep)
         for tr, te in cv.split(x, y, groups):
             clf = metadata_classifier(seed + rep)
             clf.fit(x[tr], y[tr])
-            prob[te] = clf.predict_proba(x[te])[:, 1]
+            prob[np.ix_(te, clf.classes_)] = clf.predict_proba(x[te])
             importances += clf.feature_importances_
-        correct = (prob >= 0.5) == y
-        accs.append(correct.mean())
-        aucs.append(roc_auc_score(y, prob))
+        # two classes: P(positive) >= 0.5, as before; more: the most probable class, one-vs-rest macro AUC
+        pred = (prob[:, 1] >= 0.5).astype(int) if k == 2 else prob.argmax(axis=1)
+        accs.append((pred == y).mean())
+        aucs.append(roc_auc_score(y, prob[:, 1]) if k == 2 else roc_auc_score(y, prob, multi_class="ovr"))
     lo, hi = proportion_confint(int(round(np.mean(accs) * len(y))), len(y), alpha=0.05, method="wilson")
     order = np.argsort(-importances)
     return {
@@ -75,7 +77,7 @@ def metadata_only_accuracy(
         "accuracy_std": float(np.std(accs)),
         "accuracy_ci95": [float(lo), float(hi)],
         "auc": float(np.mean(aucs)),
-        "majority_baseline": float(max(y.mean(), 1 - y.mean())),
+        "majority_baseline": float(np.bincount(y).max() / len(y)),
         "top_features": [names[i] for i in order[:5]],
     }
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, deduplicate, leakage_groups
+from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, deduplicate
+from kneeosteo.data.grouping import split_groups
 from kneeosteo.data.scan import POSITIVE_CLASS, Record, Scan
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,14 @@ PAPER_TEST_SIZE = 72
 PARTS = ("train", "val", "test")
 
 
-def _units(records: list[Record], threshold: int) -> list[list[Record]]:
-    groups = leakage_groups(records, threshold)
+def _units(records: list[Record], threshold: int) -> tuple[list[list[Record]], list[str]]:
+    """The split's units (files that must stay together, ``grouping.split_groups``) and the key
+    sources that formed them."""
+    groups, used = split_groups(records, threshold)
     units: dict[int, list[Record]] = defaultdict(list)
     for r in records:
         units[groups[r.path]].append(r)
-    return [sorted(u, key=lambda r: r.path) for _, u in sorted(units.items())]
+    return [sorted(u, key=lambda r: r.path) for _, u in sorted(units.items())], used
 
 
 def _take(units: list[list[Record]], targets: dict[str, int], rng: np.random.Generator):
@@ -95,10 +99,14 @@ def make_split(
     near_threshold: int = NEAR_DUP_THRESHOLD,
 ) -> dict:
     """Build the split document (see module docstring)."""
-    if len(scan.classes) != 2 or any(not any(r.label == c for r in scan.records) for c in scan.classes):
-        raise DataError(f"{scan.root}: a split needs images in both classes {scan.classes}")
+    empty = [c for c in scan.classes if not any(r.label == c for r in scan.records)]
+    if scan.target == "label" and (len(scan.classes) < 2 or empty):
+        raise DataError(f"{scan.manifest or scan.root}: a split needs images in every class {scan.classes}"
+                        + (f" (none in {', '.join(empty)})" if empty else ""))
+    if not scan.records:
+        raise DataError(f"{scan.manifest or scan.root}: no usable images to split")
     kept, excluded = deduplicate(scan.records)
-    units = _units(kept, near_threshold)
+    units, used = _units(kept, near_threshold)
     rng = np.random.default_rng(seed)
     doc = {
         "format": FORMAT,
@@ -108,7 +116,15 @@ def make_split(
         "classes": scan.classes,
         "positive_class": scan.positive,
         "near_duplicate_threshold": near_threshold,
+        # what kept files together: duplicates always, patient ids where the data had them
+        "group_key": used,
+        "groups": len(units),
+        "target": scan.target,
     }
+    if scan.merge:
+        doc["merge"] = scan.merge
+    if scan.manifest:
+        doc["manifest"] = {"file": scan.manifest, "sha256": sha256_file(scan.manifest), "left_out": scan.left_out}
     if protocol == "paper":
         if test_size >= len(kept):
             raise DataError(f"{scan.root}: test size {test_size} >= {len(kept)} usable images")
@@ -127,6 +143,10 @@ def make_split(
         raise ConfigError(f"unknown protocol {protocol!r} (use 'paper' or 'kfold')")
     doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
     doc["content_ids"] = {r.path: r.content_id for r in kept}
+    doc["labels"] = {r.path: r.label for r in kept}  # the class of each file, whatever its folder
+    values = {r.path: r.values for r in kept if r.values}
+    if values:
+        doc["values"] = values
     return doc
 
 
@@ -146,13 +166,41 @@ class SplitSets:
     test: list[str]
     seed: int = 0
     missing: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # path -> class; absent: the path's first folder
+    values: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> {"t_score": ...}
+    target: str = "label"  # or a number column: items() then gives that number
 
-    def items(self, part: str) -> list[tuple[str, int]]:
-        return [(p, int(p.split("/", 1)[0] == self.positive)) for p in getattr(self, part)]
+    def merged(self, merge: dict[str, str], positive: str | None = None) -> "SplitSets":
+        """The same split with classes merged (``{"osteopenia": "normal"}``); ``positive``: a binary
+        task, classes ordered [negative, positive]."""
+        from dataclasses import replace
+
+        from kneeosteo.data.scan import binary_classes
+        from kneeosteo.data.who import severity_order
+
+        paths = self.train + self.val + self.test
+        labels = {p: merge.get(self.label(p), self.label(p)) for p in paths}
+        found = sorted(set(labels.values()) | {merge.get(c, c) for c in self.classes})
+        classes = binary_classes(found, positive, "the merged split") if positive else severity_order(found)
+        return replace(self, labels=labels, classes=classes, positive=positive or self.positive)
+
+    def label(self, path: str) -> str:
+        return self.labels.get(path) or path.split("/", 1)[0]
+
+    def items(self, part: str) -> list[tuple[str, float]]:
+        """(path, target) of a partition: the class index (binary: 1 = positive) or, for a
+        regression target, the file's value."""
+        if self.target != "label":
+            return [(p, float(self.values[p][self.target])) for p in getattr(self, part)]
+        index = {c: k for k, c in enumerate(self.classes)}
+        return [(p, index[self.label(p)]) for p in getattr(self, part)]
 
 
-def load_split(path: str | Path, data: str | Path | None = None, fold: int | None = None) -> SplitSets:
-    """Read and check a split file; missing files are dropped with a warning naming them."""
+def load_split(path: str | Path, data: str | Path | None = None, fold: int | None = None,
+               target: str | None = None) -> SplitSets:
+    """Read and check a split file; missing files are dropped with a warning naming them.
+    ``target``: train on that number (``t_score``, ``bmd``) of the split's values instead of
+    the split's own target."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -193,4 +241,37 @@ def load_split(path: str | Path, data: str | Path | None = None, fold: int | Non
     for f in missing:
         log.warning("%s: split names %s, which does not exist in %s; skipped", path, f, root)
     keep = {p: [f for f in parts[p] if f not in set(missing)] for p in PARTS}
-    return SplitSets(root, classes, positive, keep["train"], keep["val"], keep["test"], int(doc.get("seed", 0)), missing)
+    labels = doc.get("labels") or {}
+    values = doc.get("values") or {}
+    target = str(target or doc.get("target") or "label")
+    sets = SplitSets(root, classes, positive, keep["train"], keep["val"], keep["test"], int(doc.get("seed", 0)), missing,
+                     labels, values, target)
+    named = set(keep["train"] + keep["val"] + keep["test"])
+    if target != "label":
+        lacking = sorted(f for f in named if target not in values.get(f, {}))
+        if lacking:
+            raise DataError(f"{path}: no {target} value for {len(lacking)} file(s), such as {lacking[0]}")
+    unknown = sorted({sets.label(f) for f in named} - set(classes)) if target == "label" else []
+    if unknown:
+        raise DataError(f"{path}: label(s) {', '.join(unknown)} not among the split's classes {classes}")
+    return sets
+
+
+def patient_leaks(sets: SplitSets, records: list[Record]) -> list[dict]:
+    """Patients (by the keys of ``grouping.patient_keys``) whose films sit in more than one
+    partition of ``sets``: [{"key", "partitions": {part: [paths]}}]. Empty for a sound split."""
+    from kneeosteo.data.grouping import patient_keys
+
+    part_of = {p: name for name in PARTS for p in getattr(sets, name)}
+    by_key: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.path in part_of:
+            for key in patient_keys(r):
+                by_key[key][part_of[r.path]].append(r.path)
+    out, seen = [], set()
+    for k, parts in sorted(by_key.items()):
+        films = frozenset(p for v in parts.values() for p in v)
+        if len(parts) > 1 and films not in seen:  # a patient named by two keys (manifest + DICOM) counts once
+            seen.add(films)
+            out.append({"key": f"{k[0]}={k[1]}", "partitions": {p: sorted(v) for p, v in parts.items()}})
+    return out

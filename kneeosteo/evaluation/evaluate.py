@@ -16,7 +16,10 @@ from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.evaluation.probes import shortcut_probes
+from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
+from kneeosteo.errors import DataError
+from kneeosteo.models.task import get_task
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
@@ -25,16 +28,23 @@ from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.compute_path import compute_path
 from kneeosteo.utils.csvfile import write_csv
 
-__all__ = ["PREDICTION_FIELDS", "evaluate_run", "predict_prepared", "score"]
+__all__ = ["PREDICTION_FIELDS", "evaluate_run", "predict_prepared", "raw_outputs", "score"]
 
 PREDICTION_FIELDS = ("path", "label", "probability", "prediction")
 
 
 @torch.no_grad()
-def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+def raw_outputs(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+    """The model's outputs on ``data`` as they leave the head: logits, or a regression's values."""
     model.eval()
-    out = [torch.sigmoid(model(images=x, features=f).float()).double().cpu() for x, f in data.batches(prep, device, batch_size)]
+    out = [model(images=x, features=f).float().double().cpu() for x, f in data.batches(prep, device, batch_size)]
     return torch.cat(out).numpy()
+
+
+def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+    """P(positive) (binary), class probabilities (multiclass) or values (regression) on ``data``."""
+    z = torch.from_numpy(raw_outputs(model, data, prep, device, batch_size))
+    return get_task(getattr(model, "task", "binary")).answer_of(z).double().numpy()
 
 
 def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, threshold: float | None = None,
@@ -45,6 +55,8 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
     under ``shortcut_probes``; ``train`` (the prepared training originals) enables the two that
     need a training partition."""
+    if run.config.task != "binary":
+        return score_task(run, raw_outputs(model, test, run.config.preprocess, device), test, sets, out, history)
     threshold = run.config.threshold if threshold is None else threshold
     prob = predict_prepared(model, test, run.config.preprocess, device)
     y = test.targets.numpy().astype(int)
@@ -75,19 +87,32 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
 
 def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split: str | Path | None = None,
                  out: str | Path | None = None, device: str = "cpu", threshold: float | None = None,
-                 probes: bool = True) -> tuple[dict, Path]:
-    """Score ``run`` on: a class-folder data set ``data`` (all of it), a split's test part, or its
-    own split. Returns (metrics, the folder they were written to)."""
+                 probes: bool = True, labels: str | Path | None = None) -> tuple[dict, Path]:
+    """Score ``run`` on: a data set ``data`` (all of it; class folders, or the label manifest
+    ``labels``), a split's test part, or its own split. Returns (metrics, the folder they were
+    written to). The run's own ``merge`` applies to the data scored."""
     run = RunDir.open(run)
     cfg = run.config
     model = run.load_model(device)
+    merge = cfg.settings.get("merge") or {}
+    probes = probes and cfg.task == "binary"  # the shortcut probes are binary (metadata vs. one label)
     if split is not None or data is None:
-        sets = load_split(split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"))
+        sets = load_split(split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"),
+                          target=cfg.target)
+        if merge:
+            sets = sets.merged(merge, cfg.positive if cfg.task == "binary" else None)
         root = sets.data
     else:
-        scan = scan_dataset(data, positive=cfg.positive)
+        scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=merge, target=cfg.target,
+                            require_binary=cfg.task == "binary",
+                            classes=list(cfg.classes) if cfg.task == "multiclass" else None)
         root = Path(data)
-        sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records])
+        sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records],
+                         labels={r.path: r.label for r in scan.records},
+                         values={r.path: r.values for r in scan.records if r.values}, target=cfg.target)
+    if cfg.task == "multiclass" and list(sets.classes) != list(cfg.classes):
+        raise DataError(f"{split or data or run.split_file}: classes {list(sets.classes)} differ from the model's "
+                        f"{list(cfg.classes)}")
     test = prepare_part(model, sets.items("test"), root, cfg.preprocess, device, "test")
     train = prepare_part(model, sets.items("train"), root, cfg.preprocess, device, "train") if probes and sets.train else None
     if out is None:  # never overwrite the run's own test results with another data set's

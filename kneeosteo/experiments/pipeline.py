@@ -14,6 +14,8 @@ from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import score
 from kneeosteo.evaluation.metrics import format_table
 from kneeosteo.evaluation.probes import format_probes
+from kneeosteo.evaluation.task_scoring import format_task_metrics
+from kneeosteo.experiments.task_trust import fit_task_trust, task_trust_line
 from kneeosteo.experiments.trust_fit import fit_trust_from_split, trust_line
 from kneeosteo.training.trainer import train
 
@@ -23,7 +25,9 @@ __all__ = ["train_and_score"]
 def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
     result = train(cfg, resume=resume, console=console)
-    if result.is_main:
+    if result.is_main and cfg.kind != "binary":
+        _score_task_run(result, cfg, console)
+    elif result.is_main:
         try:
             bundle = fit_trust_from_split(result.run, result.model, result.sets, operating_point=cfg.operating_point,
                                           coverage=cfg.coverage, acceptance=cfg.domain_acceptance, device=result.device,
@@ -40,3 +44,17 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
         console(format_probes(metrics["shortcut_probes"]))
     result.ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
     return result.run.path
+
+
+def _score_task_run(result, cfg: TrainConfig, console) -> None:
+    """A multiclass or regression run: its task trust on the validation images, then the test set."""
+    try:
+        trust = fit_task_trust(result.run, result.model, result.sets, cfg.coverage, result.device)
+    except DataError as exc:
+        console(f"warning: no calibration fitted ({exc})")
+    else:
+        result.run.update_record(task_trust=trust)
+        console(task_trust_line(trust))
+    metrics = score(result.run, result.model, result.test, result.sets, result.run.path, device=result.device,
+                    history=result.history)
+    console(format_task_metrics(result.run.path.name, metrics))

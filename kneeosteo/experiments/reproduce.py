@@ -157,13 +157,14 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
 
 
 def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: int, positive: str,
-                test_size: int = 72) -> dict[int, Path]:
-    """One split file per seed, written once and reused on rerun (so a resume sees the same split)."""
+                test_size: int = 72, scan_kw: dict | None = None) -> dict[int, Path]:
+    """One split file per seed, written once and reused on rerun (so a resume sees the same split).
+    ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``)."""
     paths, scan = {}, None
     for s in seeds:
         p = out / "splits" / f"seed{s}.json"
         if not p.is_file():
-            scan = scan or scan_dataset(data, positive=positive)
+            scan = scan or scan_dataset(data, positive=positive, **(scan_kw or {}))
             write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds), p)
         paths[s] = p
     return paths
@@ -250,8 +251,11 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         if m.key not in random_init:
             status[m.key] = m.trained or ("frozen backbone" if m.backbone else "trained from scratch")
     ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
+    if base.kind != "binary":
+        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
+                          "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
     if ctx.is_main:
-        make_splits(data, out, seeds, protocol, folds, base.positive, test_size)
+        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options())
     ctx.barrier()
     splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)

@@ -145,7 +145,7 @@ def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point
 
 
 def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", coverage: float = 0.9,
-                  acceptance: float = 0.95, device: str = "cpu") -> RunDir:
+                  acceptance: float = 0.95, device: str = "cpu", labels=None) -> RunDir:
     """`kneeosteo calibrate`: a new run folder at ``out`` with ``run``'s weights (a byte copy; the
     original is only read) and trust pieces fitted on
 
@@ -160,8 +160,10 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     cfg = src.config
     parse_operating_point(operating_point)  # a bad setting fails before any image is read
     common = dict(operating_point=operating_point, coverage=coverage, acceptance=acceptance, device=device)
+    if cfg.task != "binary":
+        return _calibrate_task_run(src, model, out, data, split, coverage, device)
     if data is not None and split is None:
-        scan = scan_dataset(data, positive=cfg.positive)
+        scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=cfg.settings.get("merge") or None)
         if scan.classes and list(scan.classes) != list(cfg.classes) and set(scan.classes) != set(cfg.classes):
             raise DataError(f"{data}: class folders {scan.classes} differ from the model's {list(cfg.classes)}")
         items = [(r.path, r.target) for r in scan.records]
@@ -184,4 +186,25 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
                            "calibration_data": record})
     new.save_trust(bundle)
+    return new
+
+
+def _calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, device: str) -> RunDir:
+    """``calibrate`` for a multiclass or regression run: its temperature and conformal sets, or
+    its conformal interval, refitted on a split's validation partition (``experiments/task_trust.py``)."""
+    from kneeosteo.experiments.task_trust import fit_task_trust
+
+    cfg = src.config
+    if data is not None and split is None:
+        raise DataError(f"a {cfg.task} run is calibrated on a split's validation part: pass --split "
+                        "(make one with `kneeosteo split DATA --labels ...`)")
+    split_file = Path(split) if split is not None else src.split_file
+    sets = load_split(split_file, data if data is not None else cfg.record.get("data"), cfg.settings.get("fold"),
+                      target=cfg.target)
+    if cfg.settings.get("merge"):
+        sets = sets.merged(cfg.settings["merge"])
+    trust = fit_task_trust(src, model, sets, coverage, device)
+    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
+                           "calibration_data": {"data": str(sets.data), "split": str(split_file)}})
+    new.update_record(task_trust=trust)
     return new

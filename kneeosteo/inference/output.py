@@ -28,9 +28,11 @@ SHARD_ROWS = 100_000  # rows per Parquet part file
 
 def csv_row(p: Prediction) -> tuple:
     """One prediction as its CSV cells: a two-class set joined by ``;``, a missing domain score empty."""
-    return (p.path, p.content_id, p.status, f"{p.probability:.6f}", f"{p.raw_probability:.6f}", p.label,
+    return (p.path, p.content_id, p.status, _num(p.probability), _num(p.raw_probability), p.label,
             SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
-            str(p.calibrated).lower(), f"{p.threshold:g}", p.model)
+            str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
+            SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
+            _num(p.value), _num(p.interval_low), _num(p.interval_high))
 
 
 def _pyarrow():
@@ -48,7 +50,8 @@ def parquet_schema():
                       ("probability", pa.float64()), ("raw_probability", pa.float64()), ("label", pa.string()),
                       ("prediction_set", pa.list_(pa.string())), ("domain_score", pa.float64()),
                       ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
-                      ("model", pa.string())])
+                      ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
+                      ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64())])
 
 
 def _utf8(text: str) -> str:
@@ -97,7 +100,8 @@ class PredictionWriter:
         for p in rows:
             for name in cols:
                 v = getattr(p, name)
-                cols[name].append(_utf8(v) if name == "path" else list(v) if name == "prediction_set" else v)
+                cols[name].append(_utf8(v) if name == "path" else list(v) if name == "prediction_set"
+                                  else (None if v is None else list(v.items())) if name == "probabilities" else v)
         table = pa.table(cols, schema=self._schema)
         with atomic_path(self._dir / f"part-{self._parts:05d}.parquet") as tmp:
             pq.write_table(table, tmp)
@@ -151,7 +155,7 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
 
 
 def _num(v) -> str:
-    return "" if v is None else f"{v:.6f}"
+    return "" if v is None or v != v else f"{v:.6f}"  # v != v: NaN (a regression has no probability)
 
 
 def format_table(result: PredictionResult) -> str:
@@ -159,12 +163,19 @@ def format_table(result: PredictionResult) -> str:
     Names are shown through ``printable``: a newline, tab, escape sequence, bidi mark or
     undecodable byte in a file name is escaped, so it can neither break nor reorder the table;
     the CSV and JSON files keep the real name."""
-    rows = [list(COLUMNS)] + [[printable(p.path), p.content_id[:12], p.status, f"{p.probability:.4f}",
-                               f"{p.raw_probability:.4f}", printable(p.label) or "-",
+    def num(v, fmt: str) -> str:
+        return "-" if v is None or v != v else format(v, fmt)
+
+    rows = [list(COLUMNS)] + [[printable(p.path), p.content_id[:12], p.status, num(p.probability, ".4f"),
+                               num(p.raw_probability, ".4f"), printable(p.label) or "-",
                                printable(SET_SEPARATOR.join(p.prediction_set)) or "-",
-                               "-" if p.domain_score is None else f"{p.domain_score:.4g}",
-                               "-" if p.domain_threshold is None else f"{p.domain_threshold:.4g}",
-                               "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model)]
+                               num(p.domain_score, ".4g"), num(p.domain_threshold, ".4g"),
+                               "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
+                               SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
+                               num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f")]
                               for p in result.predictions]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    # the task columns only when a row has them: a binary run's table is the paper model's
+    keep = [i for i in range(len(COLUMNS)) if i < 12 or any(r[i] != "-" for r in rows[1:])]
+    rows = [[r[i] for i in keep] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -34,6 +34,9 @@ from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.run import ModelInfo, RunDir
+from kneeosteo.data.who import who_band
+from kneeosteo.evaluation.task_scoring import task_answers
+from kneeosteo.models.task import get_task
 from kneeosteo.trust import TrustedPrediction, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
@@ -42,7 +45,9 @@ __all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Predict
 
 # issue 15's fields, then the threshold and model; a run without trust files: calibrated false
 COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "label", "prediction_set",
-           "domain_score", "domain_threshold", "calibrated", "threshold", "model")
+           "domain_score", "domain_threshold", "calibrated", "threshold", "model",
+           # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
+           "probabilities", "value", "interval_low", "interval_high")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -75,6 +80,10 @@ class Prediction:
     calibrated: bool
     threshold: float
     model: str
+    probabilities: dict[str, float] | None = None  # multiclass: P(class) per class, calibrated
+    value: float | None = None  # regression: the predicted T-score or BMD
+    interval_low: float | None = None  # its split-conformal interval
+    interval_high: float | None = None
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -105,6 +114,11 @@ class Predictor:
     def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "auto",
                  onnx: str | os.PathLike | None = None, threshold: float | None = None,
                  batch_size: int = 16, device: str = "cpu"):
+        if onnx is None and RunDir.open(run).config.task != "binary":
+            if engine not in ("auto", "torch"):  # the ONNX export and int8 cover the paper's binary model
+                raise ConfigError(f"--engine {engine}: a {RunDir.open(run).config.task} run predicts with "
+                                  "--engine torch (ONNX export covers binary models only)")
+            engine = "torch"
         engine = resolve_engine(engine, device, onnx)
         if engine in LOSSY_ENGINES:
             log.warning("--engine %s is lossy: probabilities can differ from fp32 by tenths on a sensitive model "
@@ -138,7 +152,8 @@ class Predictor:
                                          or self.run.config.weights_sha256 != info.weights_sha256):
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
-        self.trust = None if self.run is None else self.run.trust
+        self.task = "binary" if self.run is None else self.run.config.task
+        self.trust = None if (self.run is None or self.task != "binary") else self.run.trust
         if self.trust is not None:  # the operating threshold is on the calibrated probability
             if threshold is None:
                 self.info = replace(self.info, threshold=self.trust.threshold)
@@ -174,7 +189,7 @@ class Predictor:
                 logits, f = self._model.logit_and_features(x)
                 feats = None if f is None else f.float().double().cpu().numpy()
                 z = logits.float().double().cpu().numpy()
-                p = torch.sigmoid(logits.float()).double().cpu().numpy()
+                p = get_task(self.task).answer_of(logits).double().cpu().numpy()
         if not np.isfinite(p).all():  # never a label: a NaN is "normal" at any threshold
             raise InferenceError(f"model {self.model_id} gave a non-finite probability; its weights or "
                                  "preprocessing are broken")
@@ -191,6 +206,8 @@ class Predictor:
         files: the raw probability at the run's threshold, ``calibrated`` False). Where the pixels
         were checked elsewhere (``predict --ray``'s read tasks), ``pixel_reasons`` replaces them."""
         p, z, feats = self.forward(images)
+        if self.task != "binary":
+            return task_verdicts(self.run, z)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
         return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
@@ -247,7 +264,34 @@ class Predictor:
     def row(self, path: Path | str, content_id: str, t: TrustedPrediction) -> Prediction:
         """The output row of one image's verdict."""
         d = t.to_dict()
+        lo, hi = t.interval if t.interval else (None, None)
         return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
                           t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
-                          self.threshold, self.model_id)
+                          self.threshold, self.model_id, dict(t.probabilities) or None,
+                          d.get("value"), lo, hi)
+
+
+def task_verdicts(run: RunDir, outputs: np.ndarray) -> list[TrustedPrediction]:
+    """A multiclass or regression run's answers as TrustedPredictions: the top class with every
+    class's calibrated probability and the conformal set (``uncertain`` when it is not one
+    class), or the value with its conformal interval (the label: its WHO band for a T-score).
+    These runs have no domain check yet (README: limitations)."""
+    cfg = run.config
+    a = task_answers(run, outputs)
+    out = []
+    if cfg.task == "multiclass":
+        for i, q in enumerate(a["probabilities"]):
+            k = int(np.argmax(q))
+            pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
+            status = "ok" if a["sets"] is None or len(pset) == 1 else "uncertain"
+            out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k], pset, float("nan"),
+                                         float("nan"), a["calibrated"],
+                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q))))
+        return out
+    for i, v in enumerate(a["values"]):
+        label = who_band(float(v)) if cfg.target == "t_score" else ""
+        interval = () if a["interval"] is None else (float(a["interval"][0][i]), float(a["interval"][1][i]))
+        out.append(TrustedPrediction("ok", float("nan"), float("nan"), label, (), float("nan"), float("nan"),
+                                     a["interval"] is not None, (), float(v), interval))
+    return out
 

@@ -19,6 +19,8 @@ from rich.markup import escape
 
 from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
 from kneeosteo.data import formats
+from kneeosteo.data.manifest import TARGETS
+from kneeosteo.models.task import CLASSIFICATION_TASKS
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 from kneeosteo.utils.text import printable
@@ -90,6 +92,26 @@ def ray_flag(argv: list[str]) -> list[str]:
     return out
 
 
+LABELS_HELP = ("Label manifest (CSV: path,label[,patient_id,t_score,bmd,side,study_date,...]; paths relative to DATA) "
+               "instead of class folders. See README 'Your own data'.")
+MERGE_HELP = "Merge classes before anything else: CLASS=INTO, such as osteopenia=normal (repeatable)."
+TASK_HELP = "binary (the paper's; two classes) or multiclass (K classes, softmax head)."
+TARGET_HELP = "label (classify), or t_score / bmd: regress that manifest column (Huber loss)."
+CLASSES_HELP = "Class names in index order, comma-separated; a manifest label outside them is left out as unknown."
+
+
+def LabelsOpt():
+    return typer.Option(None, "--labels", help=LABELS_HELP)
+
+
+def MergeOpt():
+    return typer.Option(None, "--merge", help=MERGE_HELP)
+
+
+def _classes(text: Optional[str]) -> Optional[list[str]]:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
 NearOpt = typer.Option(6, help="pHash Hamming distance (bits of 64) at or below which two images are near "
                                "duplicates, i.e. one leakage group.")
 
@@ -101,15 +123,19 @@ def audit(
     positive: str = PositiveOpt,
     near_threshold: int = NearOpt,
     seed: int = typer.Option(0, help="Seed of the shortcut check's cross-validation."),
+    labels: Optional[Path] = LabelsOpt(),
+    merge: Optional[list[str]] = MergeOpt(),
+    target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Also check this split file: does any patient span two partitions?"),
 ):
-    """Count, de-duplicate and check a data set for label shortcuts; writes audit.json and audit.md."""
+    """Count, de-duplicate and check a data set for label shortcuts and patients; writes audit.json and audit.md."""
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out)  # fail before the scan, not after it
-    scan = scan_dataset(_data(data), positive=positive, require_binary=False)
-    report = build_audit(scan, near_threshold=near_threshold, seed=seed)
+    scan = scan_dataset(_data(data), positive=positive, require_binary=False, labels=labels, merge=merge, target=target)
+    report = build_audit(scan, near_threshold=near_threshold, seed=seed, split=split_file)
     paths = write_audit(report, out)
     for line in summary_lines(report):
         print(line)
@@ -127,21 +153,32 @@ def split(
     val_fraction: float = typer.Option(0.1, help="Fraction of the non-test images used for validation."),
     positive: str = PositiveOpt,
     near_threshold: int = NearOpt,
+    labels: Optional[Path] = LabelsOpt(),
+    merge: Optional[list[str]] = MergeOpt(),
+    task: str = typer.Option("binary", parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
+    target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
+    classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
 ):
-    """De-duplicate, then split into train/val/test with no picture shared between partitions."""
+    """De-duplicate, then split into train/val/test with no picture or patient shared between partitions."""
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
+    from kneeosteo.models.task import task_of
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
-    scan = scan_dataset(_data(data), positive=positive)
+    scan = scan_dataset(_data(data), positive=positive, labels=labels, merge=merge, target=target,
+                        classes=_classes(classes), require_binary=task_of(task, target) == "binary")
     doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold)
     write_split(doc, out)
     parts = doc["folds"] if protocol == "kfold" else [doc]
     for k, p in enumerate(parts):
         tag = f"fold {k}: " if protocol == "kfold" else ""
         print(tag + ", ".join(f"{name} {len(p[name])}" for name in ("train", "val", "test")))
-    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts); wrote {out}")
+    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts); classes {', '.join(doc['classes'])}; "
+          f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)")
+    if scan.left_out:
+        print(f"left out {len(scan.left_out)} manifest row(s); `kneeosteo audit --labels` lists why")
+    print(f"wrote {out}")
 
 
 def _pair(text: Optional[str], name: str) -> Optional[tuple[float, float]]:
@@ -188,6 +225,11 @@ def train(
     operating_point: Optional[str] = typer.Option(None, "--operating-point", help=OPERATING_POINT_HELP),
     coverage: Optional[float] = typer.Option(None, help=COVERAGE_HELP),
     domain_acceptance: Optional[float] = typer.Option(None, help=ACCEPTANCE_HELP),
+    labels: Optional[Path] = LabelsOpt(),
+    merge: Optional[list[str]] = MergeOpt(),
+    task: Optional[str] = typer.Option(None, parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
+    target: Optional[str] = typer.Option(None, parser=_choice(TARGETS), help=TARGET_HELP),
+    classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
     devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
@@ -214,7 +256,8 @@ def train(
             rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
             device=device, precision=precision, image_size=image_size, reweight=reweight,
             operating_point=operating_point, coverage=coverage,
-            domain_acceptance=domain_acceptance,
+            domain_acceptance=domain_acceptance, labels=str(labels) if labels else None, merge=merge or None,
+            task=task, target=target, classes=_classes(classes),
         )
         cfg = load_config(config, overrides)
         if cfg.data is None:
@@ -245,13 +288,22 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     probes: bool = typer.Option(True, "--probes/--no-probes",
                                 help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe)."),
+    labels: Optional[Path] = LabelsOpt(),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
     from kneeosteo.evaluation.metrics import format_table
     from kneeosteo.evaluation.probes import format_probes
+    from kneeosteo.evaluation.task_scoring import format_task_metrics
 
-    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes)
+    if labels is not None and data is None:
+        raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
+    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
+                                  labels=labels)
+    if metrics.get("task") in ("multiclass", "regression"):
+        print(format_task_metrics(run.name, metrics))
+        print(f"wrote metrics.json, predictions.csv and figures to {where}")
+        return
     print(format_table({run.name: metrics}))
     if probes:
         print(format_probes(metrics["shortcut_probes"]))
@@ -288,6 +340,7 @@ def calibrate(
     coverage: float = typer.Option(0.9, help=COVERAGE_HELP),
     domain_acceptance: float = typer.Option(0.95, help=ACCEPTANCE_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    labels: Optional[Path] = LabelsOpt(),
 ):
     """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder."""
     from kneeosteo.experiments.trust_fit import calibrate_run, trust_line
@@ -301,8 +354,13 @@ def calibrate(
         raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
     ensure_writable(out)
     new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
-                        acceptance=domain_acceptance, device=device)
-    print(trust_line(new.trust))
+                        acceptance=domain_acceptance, device=device, labels=labels)
+    if new.config.task != "binary":
+        from kneeosteo.experiments.task_trust import task_trust_line
+
+        print(task_trust_line(new.config.record["task_trust"]))
+    else:
+        print(trust_line(new.trust))
     print(f"wrote {new.path} (model {new.model_id}); {run} is unchanged")
 
 
@@ -476,6 +534,8 @@ def reproduce(
     master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
     ray: Optional[str] = RayOpt(),
     cpus_per_cell: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."),
+    labels: Optional[Path] = LabelsOpt(),
+    merge: Optional[list[str]] = MergeOpt(),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -504,9 +564,10 @@ def reproduce(
     root = _data(data)
     n_seeds = 3 if quick and seeds == 5 else seeds
     base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
-                                "patience": patience or (3 if quick else None)})
+                                "patience": patience or (3 if quick else None),
+                                "labels": str(labels) if labels else None, "merge": merge or None})
     chosen = models.split(",") if models else default_models(quick)
-    scan = scan_dataset(root, positive=base.positive)
+    scan = scan_dataset(root, positive=base.positive, **base.scan_options())
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                   test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,

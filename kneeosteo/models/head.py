@@ -11,7 +11,8 @@ __all__ = ["ClassifierHead"]
 
 
 class ClassifierHead(nn.Module):
-    """Hidden blocks of Linear -> BatchNorm1d -> Dropout -> ReLU, then Linear(-> 1): one logit.
+    """Hidden blocks of Linear -> BatchNorm1d -> Dropout -> ReLU, then Linear(-> outputs): one logit
+    (or one per class for a multiclass task, or the value of a regression; ``models/task.py``).
 
     The block order is the paper's. Dropout before ReLU is mathematically the same as after it
     (dropout multiplies by 0 or a positive scale, which commutes with ReLU), so following the
@@ -26,6 +27,9 @@ class ClassifierHead(nn.Module):
         in_features: int,
         hidden: Sequence[int] = (1024, 512, 256, 128),
         dropout: Sequence[float] = (0.5, 0.3, 0.2, 0.1),
+        outputs: int = 1,
+        output_shift: float = 0.0,
+        output_scale: float = 1.0,
     ):
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
@@ -43,12 +47,22 @@ class ClassifierHead(nn.Module):
             layers += [nn.Linear(prev, width), nn.BatchNorm1d(width), nn.Dropout(p), nn.ReLU()]
             prev = width
         self.layers = nn.Sequential(*layers)
-        self.out = nn.Linear(prev, 1)
+        if outputs < 1:
+            raise ValueError(f"outputs must be >= 1, got {outputs}")
+        self.outputs = int(outputs)  # 1: a logit or a value; K: one logit per class (models/task.py)
+        self.out = nn.Linear(prev, self.outputs)
+        # a regression answers in target units: out * scale + shift, with the training targets'
+        # mean and standard deviation, so the freshly initialised head starts near the mean
+        self.output_shift, self.output_scale = float(output_shift), float(output_scale)
 
     def config(self) -> dict:
-        return {"in_features": self.in_features, "hidden": list(self.hidden), "dropout": list(self.dropout)}
+        extra = {"outputs": self.outputs} if self.outputs != 1 else {}  # a one-output head's config is unchanged
+        if (self.output_shift, self.output_scale) != (0.0, 1.0):
+            extra.update(output_shift=self.output_shift, output_scale=self.output_scale)
+        return {"in_features": self.in_features, "hidden": list(self.hidden), "dropout": list(self.dropout), **extra}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"ClassifierHead expects (B, {self.in_features}), got {tuple(x.shape)}")
-        return self.out(self.layers(x))
+        y = self.out(self.layers(x))
+        return y if (self.output_shift, self.output_scale) == (0.0, 1.0) else y * self.output_scale + self.output_shift

@@ -13,9 +13,10 @@ from torch import nn
 
 from kneeosteo.models.attention import AttentionModule
 from kneeosteo.models.head import ClassifierHead
-from kneeosteo.errors import CheckpointError
+from kneeosteo.errors import CheckpointError, ConfigError
 from kneeosteo.models.backbones import build_backbone, freeze, train_last_stages
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
+from kneeosteo.models.task import get_task
 from kneeosteo.models.weights import WeightsInfo
 
 __all__ = ["HybridModel", "build_model", "build_model_from_config"]
@@ -60,8 +61,11 @@ class HybridModel(nn.Module):
         image_size: int = 224,
         backbone_weights: WeightsInfo | None = None,
         trainable_stages: int = 0,
+        task: str = "binary",
+        outputs: int = 1,
     ):
         super().__init__()
+        self.task = get_task(task).name
         if not (use_attention or use_backbone):
             raise ValueError("at least one of use_attention / use_backbone must be True")
         get_backbone_spec(backbone_name)  # validate; the name also fixes the input normalisation
@@ -82,7 +86,7 @@ class HybridModel(nn.Module):
             train_last_stages(self.backbone, backbone_name, self.trainable_stages)
         self.attention = AttentionModule(3, attention_features) if self.use_attention else None
         head_in = self.feature_dim + (attention_features if self.use_attention else 0)
-        self.head = ClassifierHead(head_in, head_hidden, head_dropout)
+        self.head = ClassifierHead(head_in, head_hidden, head_dropout, outputs)
 
     def train(self, mode: bool = True) -> "HybridModel":
         super().train(mode)
@@ -155,12 +159,13 @@ class HybridModel(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """P(osteoporosis) per image, always computed in eval mode (the previous mode is restored):
+        """P(osteoporosis) per image (a multiclass model: (B, K) class probabilities; a regression:
+        the values), always computed in eval mode (the previous mode is restored):
         dropout and batch statistics at prediction time are a classic silent bug."""
         was_training = self.training
         self.eval()
         try:
-            return torch.sigmoid(self(images, features).float())
+            return get_task(self.task).answer_of(self(images, features))
         finally:
             self.train(was_training)
 
@@ -182,6 +187,7 @@ class HybridModel(nn.Module):
             "attention": self.attention.config() if self.attention is not None else None,
             "head": self.head.config(),
             "backbone_weights": self.backbone_weights.to_dict() if self.backbone_weights else None,
+            **({"task": self.task} if self.task != "binary" else {}),  # the paper's binary model: unchanged
         }
 
 
@@ -195,6 +201,8 @@ def build_model(
     trainable_stages: int = 0,
     image_size: int = 224,
     allow_download: bool = True,
+    task: str = "binary",
+    outputs: int = 1,
 ) -> tuple[HybridModel, WeightsInfo]:
     """Build the hybrid model with a resolved backbone (see ``build_backbone`` for ``weights``).
 
@@ -216,6 +224,8 @@ def build_model(
         image_size=image_size,
         backbone_weights=info if use_backbone else None,
         trainable_stages=trainable_stages if finetune else 0,
+        task=task,
+        outputs=outputs,
     )
     return model, info
 
@@ -250,8 +260,13 @@ def build_model_from_config(
             image_size=int(config.get("image_size", 224)),
             backbone_weights=info,
             trainable_stages=int(config.get("trainable_stages", 0)),
+            task=str(config.get("task", "binary")),
+            outputs=int(head.get("outputs", 1)),
         )
-    except (KeyError, TypeError) as exc:
+        if "output_shift" in head:
+            model.head = ClassifierHead(model.head.in_features, model.head.hidden, model.head.dropout,
+                                        model.head.outputs, float(head["output_shift"]), float(head["output_scale"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"model config is incomplete or malformed: {type(exc).__name__}: {exc}") from exc
     if att is not None and model.attention is not None and model.attention.config() != att:
         raise CheckpointError(f"attention config {att} is not buildable (got {model.attention.config()})")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kneeosteo import __version__
@@ -36,6 +35,8 @@ from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, precache, prepare
 from kneeosteo.models import build_model, get_backbone_spec
+from kneeosteo.models.head import ClassifierHead
+from kneeosteo.models.task import get_task
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
@@ -79,15 +80,28 @@ def resolve_split(cfg: TrainConfig, data: Path, split_file: Path, prep: Preproce
     that makes it decodes every image; with ``prep`` it keeps what ``prepare`` will need of each
     (``features.prepare.precache``), so no image is decoded twice in one run."""
     if cfg.split:
-        return load_split(cfg.split, data, cfg.fold)
+        return task_sets(load_split(cfg.split, data, cfg.fold, target=cfg.target), cfg)
     hook = None
     if prep is not None:
         cache = TensorCache(cache_dir() / "tensors")
         hook = lambda info, img: precache(info["content_id"], img.pixels, prep, cache)  # noqa: E731
-    scan = scan_dataset(data, positive=cfg.positive, on_image=hook)
+    scan = scan_dataset(data, positive=cfg.positive, on_image=hook, **cfg.scan_options())
     doc = make_split(scan, "paper", seed=cfg.seed)
     write_split(doc, split_file)
-    return load_split(split_file, data)
+    return task_sets(load_split(split_file, data), cfg)
+
+
+def task_sets(sets: SplitSets, cfg: TrainConfig) -> SplitSets:
+    """The split as the task sees it: ``--merge`` applied (a split file keeps the original
+    classes), and a binary task checked to have two classes."""
+    if cfg.merge:
+        sets = sets.merged(cfg.merge, cfg.positive if cfg.kind == "binary" else None)
+    if cfg.kind == "binary" and len(sets.classes) != 2:
+        raise ConfigError(f"the split has {len(sets.classes)} classes ({', '.join(sets.classes)}): "
+                          "use --task multiclass, or --merge such as osteopenia=normal")
+    if cfg.kind == "multiclass" and len(sets.classes) < 2:
+        raise ConfigError(f"the split has one class ({', '.join(sets.classes)}): nothing to classify")
+    return sets
 
 
 @dataclass
@@ -134,7 +148,8 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))) if train else None
     model.train(train)
-    total, correct, probs = 0.0, 0, np.zeros(n, dtype=np.float64)
+    task = get_task(getattr(getattr(model, "module", model), "task", "binary"))
+    total, correct, probs = 0.0, 0, None
     steps = range(0, n, cfg.batch_size)
     for start in progress_bar(steps, desc, total=len(steps)):
         idx = order[start : start + cfg.batch_size]
@@ -151,22 +166,24 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
             if world > 1:
-                summed = F.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="sum")
+                summed = task.loss(logits, y, w, reduction="sum")
                 loss = summed * (world / batch_n)
             else:
-                loss = F.binary_cross_entropy_with_logits(logits, y, weight=w)
+                loss = task.loss(logits, y, w)
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        p = torch.sigmoid(logits.detach()).double().cpu().numpy()
+        p = task.answer_of(logits.detach()).double().cpu().numpy()
+        if probs is None:
+            probs = np.zeros((n, *p.shape[1:]), dtype=np.float64)
         probs[idx.numpy()] = p
         total += float(summed.detach()) if world > 1 else float(loss.detach()) * len(idx)
-        correct += int(((p >= cfg.threshold) == (y.cpu().numpy() >= 0.5)).sum())
+        correct += int(task.correct(p, y.cpu().numpy(), cfg.threshold).sum())
     if world > 1:
         ctx.batch = None
         total, correct = ctx.all_sum(total, correct)
-    return total / n, correct / n, probs
+    return total / n, correct / n, (np.zeros(n) if probs is None else probs)
 
 
 def _save_state(run: RunDir, model, optimizer, state: dict) -> None:
@@ -241,13 +258,13 @@ def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, 
 def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist, prep: Preprocess) -> SplitSets:
     """The run's split; rank 0 writes split.json, the other ranks read what it wrote."""
     if resume and run.split_file.exists():  # the split file copied at the start, same fold
-        return load_split(run.split_file, data, cfg.fold)
+        return task_sets(load_split(run.split_file, data, cfg.fold, target=cfg.target), cfg)
     if ctx.is_main:
         sets = resolve_split(cfg, data, run.split_file, prep)
         if cfg.split and not run.split_file.exists():
             write_text(run.split_file, Path(cfg.split).read_text())
     ctx.barrier()
-    return sets if ctx.is_main else load_split(cfg.split or run.split_file, data, cfg.fold)
+    return sets if ctx.is_main else task_sets(load_split(cfg.split or run.split_file, data, cfg.fold, target=cfg.target), cfg)
 
 
 @dataclass
@@ -303,11 +320,20 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     # (the split's own seeded generator is independent of the initialisation drawn here)
     model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
                                use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size,
-                               trainable_stages=cfg.trainable_stages)
+                               trainable_stages=cfg.trainable_stages, task=cfg.kind)
     model.to(device)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
     sets = _split_sets(cfg, data, run, resume, ctx, prep)
+    outputs = get_task(cfg.kind).outputs(len(sets.classes))
+    if cfg.kind != "binary":  # K logits, or a value in target units; the head drawn from the run's seed
+        shift, scale = 0.0, 1.0
+        if cfg.kind == "regression":
+            y = np.array([v for _, v in sets.items("train")], dtype=np.float64)
+            shift, scale = float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
+        torch.manual_seed(cfg.seed)
+        model.head = ClassifierHead(model.head.in_features, model.head.hidden, model.head.dropout, outputs,
+                                    round(shift, 6), round(scale, 6)).to(device)
     cache_backbone = cfg.use_backbone and not cfg.finetune
     backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
@@ -350,8 +376,16 @@ def _metadata_weights(data: Path, train: PreparedSet, seed: int) -> tuple[torch.
 
 
 def _save_model(s: _Setup, cfg: TrainConfig) -> None:
-    negative = next(c for c in s.sets.classes if c != s.sets.positive)
-    s.run.save_model(s.model, s.prep, (negative, s.sets.positive), cfg.threshold, s.settings, s.record)
+    s.run.save_model(s.model, s.prep, run_classes(s.sets, cfg.kind), cfg.threshold, s.settings, s.record,
+                     task=cfg.kind, target=cfg.target)
+
+
+def run_classes(sets: SplitSets, kind: str) -> tuple[str, ...]:
+    """The classes a run's identity records: (negative, positive), the K classes in index order,
+    or none for a regression."""
+    if kind == "binary":
+        return (next(c for c in sets.classes if c != sets.positive), sets.positive)
+    return tuple(sets.classes) if kind == "multiclass" else ()
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:

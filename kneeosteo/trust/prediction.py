@@ -42,13 +42,25 @@ class TrustedPrediction:
     domain_score: float  # NaN: no domain check
     domain_threshold: float
     calibrated: bool = True
+    # a multiclass run: (class, probability) per class; a regression: the value and its interval
+    probabilities: tuple[tuple[str, float], ...] = ()
+    value: float = float("nan")
+    interval: tuple[float, float] = ()
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``prediction_set`` as a list, a missing domain score as None."""
-        return {"status": self.status, "probability": self.probability, "raw_probability": self.raw_probability,
-                "label": self.label, "prediction_set": list(self.prediction_set),
-                "domain_score": _or_none(self.domain_score), "domain_threshold": _or_none(self.domain_threshold),
-                "calibrated": self.calibrated}
+        """JSON-ready: ``prediction_set`` as a list, a missing domain score as None; the task
+        fields only where the run has them."""
+        out = {"status": self.status, "probability": _or_none(self.probability),
+               "raw_probability": _or_none(self.raw_probability),
+               "label": self.label, "prediction_set": list(self.prediction_set),
+               "domain_score": _or_none(self.domain_score), "domain_threshold": _or_none(self.domain_threshold),
+               "calibrated": self.calibrated}
+        if self.probabilities:
+            out["probabilities"] = dict(self.probabilities)
+        if np.isfinite(self.value):
+            out["value"] = float(self.value)
+            out["interval"] = [_or_none(v) for v in self.interval] if self.interval else None
+        return out
 
 
 def _or_none(v: float):

@@ -1,0 +1,106 @@
+"""Scoring a multiclass or regression run (``--task multiclass``, ``--target t_score|bmd``).
+
+The binary run keeps ``evaluate.score`` (the paper's metrics, probes, calibration); this module
+is its counterpart for the other two tasks of ``models/task.py``:
+
+- **multiclass**: per-class and macro sensitivity, specificity, precision, F1 and one-vs-rest
+  AUC with intervals, the K x K confusion matrix, weighted kappa (``evaluation/multiclass.py``);
+  ``predictions.csv`` has one probability column per class;
+- **regression**: MAE, RMSE, bias, Pearson and Spearman r, Bland-Altman limits of agreement, and
+  for a T-score the WHO bands of the predicted values scored against the true ones
+  (``evaluation/regression.py``); figures ``bland_altman.png`` and ``predicted_vs_true.png``.
+
+With the run's fitted task trust (``record["task_trust"]``: a temperature and conformal sets for
+K classes, a conformal interval for a value), the test coverage of the sets or intervals is
+reported beside the metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kneeosteo.data.split import SplitSets
+from kneeosteo.data.who import WHO_CUTOFFS
+from kneeosteo.evaluation import figures
+from kneeosteo.evaluation.multiclass import format_multiclass_table, multiclass_metrics_with_ci
+from kneeosteo.evaluation.regression import format_regression_table, regression_metrics_with_ci
+from kneeosteo.features.prepare import PreparedSet
+from kneeosteo.run import RunDir
+from kneeosteo.trust.multiclass import ConformalInterval, ConformalSetsK, TemperatureScalerK, empirical_interval_coverage
+from kneeosteo.utils.atomic import write_json
+from kneeosteo.utils.csvfile import write_csv
+
+__all__ = ["format_task_metrics", "score_task", "task_answers"]
+
+
+def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
+    """The run's answers from raw outputs: calibrated class probabilities and conformal sets
+    (multiclass), or values and conformal intervals (regression), as the fitted trust allows."""
+    trust = run.config.record.get("task_trust") or {}
+    if run.config.task == "multiclass":
+        scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
+        probs = scaler.transform(outputs)
+        sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
+        return {"probabilities": probs, "sets": sets, "calibrated": "temperature" in trust and "temperature_note" not in trust}
+    values = np.asarray(outputs, dtype=np.float64).reshape(-1)
+    interval = ConformalInterval.from_dict(trust["interval"]).predict(values) if "interval" in trust else None
+    return {"values": values, "interval": interval}
+
+
+def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitSets, out: Path,
+               history: list[dict] | None = None) -> dict:
+    """Metrics, predictions.csv and figures of a multiclass or regression run under ``out``.
+    ``outputs``: the model's raw outputs on ``test`` (K logits per row, or one value)."""
+    cfg = run.config
+    out.mkdir(parents=True, exist_ok=True)
+    answers = task_answers(run, outputs)
+    if cfg.task == "multiclass":
+        y = test.targets.numpy().astype(int)
+        probs = answers["probabilities"]
+        metrics = multiclass_metrics_with_ci(y, probs, list(cfg.classes))
+        if answers["sets"] is not None:
+            s = answers["sets"]
+            metrics["conformal"] = {"coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
+                                    "coverage": float(s[np.arange(len(y)), y].mean()) if len(y) else float("nan"),
+                                    "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan")}
+        metrics["calibrated"] = answers["calibrated"]
+        header = ("path", "label", "prediction", *[f"p_{c}" for c in cfg.classes])
+        rows = [(p, cfg.classes[t], cfg.classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
+                for p, t, q in zip(test.paths, y, probs)]
+        write_csv(out / "predictions.csv", header, rows)
+        figures.confusion_k(metrics["confusion"], list(cfg.classes), out / "confusion_matrix.png")
+    else:
+        y = test.targets.numpy().astype(np.float64)
+        pred = answers["values"]
+        metrics = regression_metrics_with_ci(y, pred, target=cfg.target)
+        if answers["interval"] is not None:
+            lo, hi = answers["interval"]
+            metrics["conformal"] = {"coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
+                                    "coverage": float(empirical_interval_coverage(y, lo, hi)),
+                                    "half_width": float(np.median(hi - lo) / 2)}
+        header = ("path", cfg.target, "prediction", "interval_low", "interval_high")
+        lo, hi = answers["interval"] if answers["interval"] is not None else (np.full(len(y), np.nan),) * 2
+        write_csv(out / "predictions.csv", header,
+                  [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(test.paths, y, pred, lo, hi)])
+        figures.bland_altman(y, pred, out / "bland_altman.png", cfg.target)
+        figures.predicted_vs_true(y, pred, out / "predicted_vs_true.png", cfg.target,
+                                  WHO_CUTOFFS if cfg.target == "t_score" else None)
+    metrics["unreadable"] = test.bad
+    metrics["classes"] = list(cfg.classes)
+    write_json(out / "metrics.json", metrics)
+    if history:
+        figures.curves(history, out)
+    return metrics
+
+
+def format_task_metrics(name: str, metrics: dict) -> str:
+    """evaluate's printout for a multiclass or regression run."""
+    table = format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
+    lines = [name, table]
+    c = metrics.get("conformal")
+    if c:
+        what = "sets" if metrics.get("task") == "multiclass" else "intervals"
+        lines.append(f"conformal {what}: test coverage {c['coverage']:.3f} (target {c['coverage_target']})")
+    return "\n".join(lines)

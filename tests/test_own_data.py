@@ -1,0 +1,290 @@
+"""Your own data (issue 19): label manifests, patient-level grouping, merged classes, a 3-class
+run and a T-score regression run, end to end on generated hospital-style exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import imagegen as g
+from kneeosteo.config import TrainConfig
+from kneeosteo.data.audit import build_audit, render_markdown
+from kneeosteo.data.grouping import split_groups
+from kneeosteo.data.manifest import parse_merge, read_manifest
+from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.split import PARTS, load_split, make_split, patient_leaks, write_split
+from kneeosteo.data.who import who_band
+from kneeosteo.errors import ConfigError, DataError
+from kneeosteo.evaluation.evaluate import evaluate_run
+from kneeosteo.experiments.pipeline import train_and_score
+from kneeosteo.inference.predictor import Predictor
+from kneeosteo.interfaces.cli import main
+from kneeosteo.run import RunDir
+
+
+def _write_manifest(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _partition_of(doc: dict) -> dict[str, str]:
+    return {p: part for part in PARTS for p in doc[part]}
+
+
+# --------------------------------------------------------------------------- manifests
+@pytest.fixture
+def small_export(tmp_path):
+    root = tmp_path / "d"
+    for i in range(6):
+        g.png_grey8(root / "img" / f"a{i}.png", array=g.dataset_image(i, "normal"))
+        g.png_grey8(root / "img" / f"b{i}.png", array=g.dataset_image(i, "osteoporosis"))
+    return root
+
+
+def test_bad_manifest_rows_are_left_out_each_named_by_its_row_and_reason(small_export, tmp_path, caplog):
+    (tmp_path / "outside.png").write_bytes((small_export / "img" / "a0.png").read_bytes())
+    rows = [["img/a0.png", "normal", "-0.5", "A"],           # row 2: fine
+            ["img/b0.png", "osteoporosis", "-3.0", "A"],     # row 3: fine
+            ["img/missing.png", "normal", "-0.1", "A"],      # row 4: missing file
+            ["img/a0.png", "normal", "-0.5", "A"],           # row 5: duplicate path
+            ["img/a1.png", "normal", "minus one", "B"],      # row 6: non-numeric T-score
+            ["../outside.png", "normal", "0", "B"],          # row 7: outside DATA
+            ["img/a2.png", "", "-0.2", "B"],                 # row 8: no label
+            ["img/a3.png", "osteopenia", "-1.5", "B"],       # row 9: unknown label
+            ["img/b1.png", "osteoporosis"],                  # row 10: too few cells
+            ["img/b2.png", "osteoporosis", "-2.9", "C"]]     # row 11: fine
+    manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "t_score", "site"], rows)
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
+    assert sorted(r.path for r in scan.records) == ["img/a0.png", "img/b0.png", "img/b2.png"]
+    reasons = {m["row"]: m["reason"] for m in scan.left_out}
+    assert reasons == {4: "file not found", 5: "duplicate path (first on row 2)",
+                       6: "non-numeric t_score 'minus one'", 7: "path outside the data folder (absolute or '..')",
+                       8: "no label", 9: "unknown label 'osteopenia' (classes: normal, osteoporosis)",
+                       10: "2 cells, the header has 4"}
+    for row in reasons:  # one warning line per row, naming the manifest and the row
+        assert any(f"labels.csv row {row} " in m for m in caplog.messages)
+    rec = scan.by_path()["img/b2.png"]
+    assert rec.values == {"t_score": -2.9} and rec.info == {"site": "C"} and rec.target == 1
+    audit = build_audit(scan)
+    assert audit["manifest_rows_left_out"] == scan.left_out
+    md = render_markdown(audit)
+    assert "row 9 `img/a3.png`: unknown label 'osteopenia'" in md
+    assert "site: 2 distinct; A 2, C 1" in md and "t_score:" in md
+
+
+def test_whole_file_problems_are_one_line_errors_naming_the_manifest(small_export, tmp_path, capsys):
+    with pytest.raises(DataError, match="labels.csv: label manifest not found"):
+        read_manifest(tmp_path / "labels.csv", small_export)
+    bad = _write_manifest(tmp_path / "nopath.csv", ["file", "label"], [["img/a0.png", "normal"]])
+    with pytest.raises(DataError, match="nopath.csv: no 'path' column"):
+        read_manifest(bad, small_export)
+    nothing = _write_manifest(tmp_path / "nolabel.csv", ["path", "side"], [["img/a0.png", "left"]])
+    with pytest.raises(DataError, match="nothing to learn from"):
+        read_manifest(nothing, small_export)
+    with pytest.raises(SystemExit) as exc:
+        main(["split", str(small_export), "--labels", str(bad), "--out", str(tmp_path / "s.json")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "no 'path' column" in err and len(err.splitlines()) == 1
+
+
+def test_a_manifest_with_three_labels_needs_the_multiclass_task_or_a_merge(tmp_path):
+    data, manifest, _ = g.make_patient_dataset(tmp_path / "d", patients=6)
+    with pytest.raises(DataError, match="--task multiclass, or merge"):
+        scan_dataset(data, labels=manifest)
+    merged = scan_dataset(data, labels=manifest, merge=["osteopenia=normal"])
+    assert merged.classes == ["normal", "osteoporosis"]
+    assert {r.label for r in merged.records if r.values["t_score"] > -2.5} == {"normal"}
+    assert scan_dataset(data, labels=manifest, require_binary=False).classes == ["normal", "osteopenia", "osteoporosis"]
+
+
+def test_merge_turns_three_class_folders_into_the_papers_binary_task(tmp_path):
+    root = tmp_path / "d"
+    for c in ("normal", "osteopenia", "osteoporosis"):
+        for i in range(5):
+            g.png_grey8(root / c / f"{c}_{i}.png", array=g.dataset_image(i, c, classes=("normal", "osteopenia", "osteoporosis")))
+    with pytest.raises(DataError, match="expected exactly two class folders"):
+        scan_dataset(root)
+    scan = scan_dataset(root, merge={"osteopenia": "osteoporosis"})
+    assert scan.classes == ["normal", "osteoporosis"]
+    assert scan.by_path()["osteopenia/osteopenia_0.png"].target == 1
+    doc = make_split(scan, "paper", seed=0, test_size=5)
+    assert doc["merge"] == {"osteopenia": "osteoporosis"}
+    write_split(doc, tmp_path / "s.json")
+    sets = load_split(tmp_path / "s.json")
+    assert sets.label("osteopenia/osteopenia_0.png") == "osteoporosis"  # not its folder's name
+    assert all(t == (sets.label(p) == "osteoporosis") for p, t in sets.items("train"))
+
+
+@pytest.mark.parametrize("items, message", [
+    (["osteopenia"], "CLASS=INTO"), (["a=a"], "CLASS=INTO"), (["a=b", "a=c"], "merged into both"),
+    (["a=b", "b=c"], "both merged and merged into")])
+def test_bad_merges_are_config_errors(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_merge(items)
+    assert parse_merge("osteopenia=normal, x=y") == {"osteopenia": "normal", "x": "y"}
+
+
+# --------------------------------------------------------------------------- patients
+def test_both_knees_of_every_patient_land_in_one_partition_for_every_seed_and_protocol(tmp_path):
+    data, manifest, rows = g.make_patient_dataset(tmp_path / "d", patients=20)
+    scan = scan_dataset(data, labels=manifest, require_binary=False)
+    patient = {r["path"]: r["patient_id"] for r in rows}
+    for seed in range(4):
+        for doc in (make_split(scan, "paper", seed=seed, test_size=10),):
+            part = _partition_of(doc)
+            assert len(part) == len(rows)
+            for pid in {r["patient_id"] for r in rows}:
+                assert len({part[p] for p, q in patient.items() if q == pid}) == 1, (seed, pid)
+            assert "patient_id" in doc["group_key"] and doc["groups"] == 20
+    folds = make_split(scan, "kfold", seed=0, folds=4)["folds"]
+    for fold in folds:
+        part = _partition_of(fold)
+        for pid in {r["patient_id"] for r in rows}:
+            assert len({part[p] for p, q in patient.items() if q == pid}) == 1
+
+
+def test_dicom_patient_ids_group_films_when_the_manifest_has_none(tmp_path):
+    root = tmp_path / "d"
+    rows = []
+    for k in range(8):  # two DICOM films per patient sharing a PatientID; no patient_id column
+        for side in ("left", "right"):
+            a = g.t_score_image(-1.0 * (k % 3), 2 * k + (side == "right"))
+            g.dicom(root / f"f{k}_{side}.dcm", bits=8, array=a, patient_id=f"PX{k}")
+            rows.append([f"f{k}_{side}.dcm", "osteoporosis" if k % 2 else "normal"])
+    # an anonymised pair: no PatientID, one StudyInstanceUID
+    for side in ("left", "right"):
+        g.dicom(root / f"anon_{side}.dcm", bits=8, array=g.t_score_image(0.0, 40 + (side == "left")),
+                patient_id="", study_uid="1.2.3.4.5")
+        rows.append([f"anon_{side}.dcm", "normal"])
+    manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label"], rows)
+    scan = scan_dataset(root, labels=manifest)
+    assert scan.by_path()["f3_left.dcm"].meta.patient_id == "PX3"
+    groups, used = split_groups(scan.records)
+    assert used[-2:] == ["PatientID", "StudyInstanceUID"]
+    assert groups["f3_left.dcm"] == groups["f3_right.dcm"] != groups["f4_left.dcm"]
+    assert groups["anon_left.dcm"] == groups["anon_right.dcm"]
+    assert len(set(groups.values())) == 9
+    part = _partition_of(make_split(scan, "paper", seed=1, test_size=4, val_fraction=0.2))
+    assert all(part[f"f{k}_left.dcm"] == part[f"f{k}_right.dcm"] for k in range(8))
+
+
+def test_audit_reports_patients_and_flags_a_split_made_without_patient_ids(tmp_path):
+    data, manifest, rows = g.make_patient_dataset(tmp_path / "d", patients=8, dicom_every=2)
+    scan = scan_dataset(data, labels=manifest, require_binary=False)
+    paths = sorted(r["path"] for r in rows)
+    naive = {"data": str(data), "train": paths[0::2], "val": [], "test": paths[1::2],
+             "classes": scan.classes, "labels": {r["path"]: r["label"] for r in rows}}  # left knees | right knees
+    (tmp_path / "naive.json").write_text(json.dumps(naive))
+    audit = build_audit(scan, split=tmp_path / "naive.json")
+    check = audit["split_check"]
+    assert check["patients_spanning_partitions"] == 8  # 4 of them named twice (manifest + DICOM): once
+    assert "split made without patient ids (group_key not recorded)" in check["flag"]
+    assert "DICOM PatientID" in check["flag"] and "8 patient(s) span" in check["flag"]
+    assert audit["patients"]["patients"] == 8 and audit["patients"]["images_per_patient"]["median"] == 2
+    write_split(make_split(scan, "paper", seed=0, test_size=4), tmp_path / "good.json")
+    good = build_audit(scan, split=tmp_path / "good.json")["split_check"]
+    assert good["flag"] == "" and good["patients_spanning_partitions"] == 0
+    assert patient_leaks(load_split(tmp_path / "good.json"), scan.records) == []
+
+
+# --------------------------------------------------------------------------- task runs
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory, one_thread):
+    """A 24-patient export, its split, and a 3-class and a T-score run trained on it."""
+    root = tmp_path_factory.mktemp("hospital")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        data, manifest, rows = g.make_patient_dataset(root / "d", patients=24)
+        scan = scan_dataset(data, labels=manifest, require_binary=False)
+        write_split(make_split(scan, "paper", seed=0, test_size=12, val_fraction=0.25), root / "split.json")
+        common = dict(data=str(data), labels=str(manifest), split=str(root / "split.json"), backbone_weights="none",
+                      image_size=64, epochs=12, batch_size=8, copies=1, precision="fp32")
+        runs = {}
+        for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"})):
+            runs[name] = train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
+    return SimpleNamespace(root=root, data=data, manifest=manifest, rows=rows, **runs)
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_three_class_run_end_to_end(hospital):
+    run = RunDir(hospital.mc)
+    assert run.config.task == "multiclass"
+    assert run.config.classes == ("normal", "osteopenia", "osteoporosis")
+    m = json.loads(run.metrics_file.read_text())
+    assert m["task"] == "multiclass" and set(m["per_class"]) == set(run.config.classes)
+    cm = np.array(m["confusion"])
+    assert cm.shape == (3, 3) and cm.sum() == 12
+    assert m["accuracy"]["value"] == pytest.approx(np.trace(cm) / 12)
+    assert m["macro"]["auc"]["value"] > 0.6  # texture tracks the band: clearly above chance (0.5)
+    assert (run.path / "confusion_matrix.png").stat().st_size > 1000
+    preds = _csv(run.predictions_file)
+    for r in preds:
+        q = [float(r[f"p_{c}"]) for c in run.config.classes]
+        assert sum(q) == pytest.approx(1, abs=1e-5)
+        assert r["prediction"] == run.config.classes[int(np.argmax(q))]
+    assert sum(r["label"] == r["prediction"] for r in preds) == np.trace(cm)
+    # evaluating again from the folder gives the same numbers
+    again, _ = evaluate_run(run.path, out=hospital.root / "mc-again")
+    assert again["confusion"] == m["confusion"]
+    # predict shows every class's probability; the label is the most probable class
+    result = Predictor(run.path).predict([hospital.data / "films"], progress=False)
+    assert len(result.predictions) == 48 and not result.errors
+    for p in result.predictions:
+        assert set(p.probabilities) == set(run.config.classes)
+        assert sum(p.probabilities.values()) == pytest.approx(1, abs=1e-6)
+        assert p.label == max(p.probabilities, key=p.probabilities.get)
+        assert p.status in ("ok", "uncertain") and set(p.prediction_set) <= set(run.config.classes)
+    with pytest.raises(ConfigError, match="--engine torch"):
+        Predictor(run.path, engine="onnxruntime")
+
+
+def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
+    run = RunDir(hospital.reg)
+    assert (run.config.task, run.config.target, run.config.classes) == ("regression", "t_score", ())
+    truth = {r["path"]: float(r["t_score"]) for r in hospital.rows}
+    preds = _csv(run.predictions_file)
+    assert len(preds) == 12
+    assert all(float(r["t_score"]) == pytest.approx(truth[r["path"]]) for r in preds)  # the manifest's values
+    y = np.array([float(r["t_score"]) for r in preds])
+    yhat = np.array([float(r["prediction"]) for r in preds])
+    m = json.loads(run.metrics_file.read_text())
+    assert m["mae"]["value"] == pytest.approx(np.abs(yhat - y).mean(), abs=1e-3)
+    assert m["pearson_r"]["value"] == pytest.approx(np.corrcoef(y, yhat)[0, 1], abs=1e-3)
+    assert m["pearson_r"]["value"] > 0.4  # the generated texture tracks T: learnable in 12 epochs
+    assert set(m["who_classification"]["per_class"]) == {"normal", "osteopenia", "osteoporosis"}
+    assert "conformal" in m and (run.path / "bland_altman.png").is_file() and (run.path / "predicted_vs_true.png").is_file()
+    interval = run.config.record["task_trust"]["interval"]
+    assert interval["coverage"] == 0.9
+    result = Predictor(run.path).predict([hospital.data / "films"], progress=False)
+    for p in result.predictions:
+        assert p.label == who_band(p.value)
+        assert p.interval_low <= p.value <= p.interval_high
+        assert p.probabilities is None
+
+
+def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", str(hospital.data), "--labels", str(hospital.manifest), "--out", str(tmp_path / "r"),
+              "--models", "hybrid-efficientnet_lite0", "--seeds", "1"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("--task multiclass" in err or "merge" in err)
+    with pytest.raises(ConfigError, match="needs a label manifest"):
+        TrainConfig(target="t_score")
+    with pytest.raises(ConfigError, match="binary task only"):
+        TrainConfig(task="multiclass", reweight="metadata")
