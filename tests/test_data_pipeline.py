@@ -189,7 +189,7 @@ def test_empty_class_folder_scans_with_a_warning_but_cannot_be_split(tmp_path, c
     with caplog.at_level(logging.WARNING):
         scan = scan_dataset(root)
     assert len(scan.records) == 4 and len(scan.unreadable) == 1
-    assert any("class 'osteoporosis' holds no readable image" in m for m in caplog.messages)
+    assert any("class folder 'osteoporosis' holds no readable image" in m for m in caplog.messages)
     with pytest.raises(DataError, match="images in every class.*none in osteoporosis"):
         make_split(scan, test_size=2)
 

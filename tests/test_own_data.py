@@ -23,6 +23,8 @@ from kneeosteo.data.who import who_band
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation.evaluate import evaluate_run
 from kneeosteo.experiments.pipeline import train_and_score
+from kneeosteo.data.reader import read_image
+from kneeosteo.inference.explain import Explainer
 from kneeosteo.inference.predictor import Predictor
 from kneeosteo.interfaces.cli import main
 from kneeosteo.run import RunDir
@@ -251,6 +253,12 @@ def test_a_three_class_run_end_to_end(hospital):
         assert p.status in ("ok", "uncertain") and set(p.prediction_set) <= set(run.config.classes)
     with pytest.raises(ConfigError, match="--engine torch"):
         Predictor(run.path, engine="onnxruntime")
+    # explain: Grad-CAM of the predicted class's logit, on the image's own grid
+    pixels = read_image(hospital.data / "films" / "p000_left.png").pixels
+    ex = Explainer(run.path).explain(pixels)
+    first = next(p for p in result.predictions if p.path.endswith("p000_left.png"))
+    assert ex.label == ex.target == first.label and ex.gradcam.shape == pixels.shape
+    assert ex.stats()["probabilities"] == pytest.approx(first.probabilities, abs=1e-5)  # batch of 1 vs 16
 
 
 def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
@@ -275,6 +283,10 @@ def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
         assert p.label == who_band(p.value)
         assert p.interval_low <= p.value <= p.interval_high
         assert p.probabilities is None
+    pixels = read_image(hospital.data / "films" / "p001_right.png").pixels
+    ex = Explainer(run.path).explain(pixels)
+    assert ex.target == "t_score (what raises it)" and ex.gradcam.shape == pixels.shape
+    assert ex.stats()["value"] == pytest.approx(next(p.value for p in result.predictions if p.path.endswith("p001_right.png")), abs=1e-4)
 
 
 def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_path, capsys):
@@ -288,3 +300,16 @@ def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_pat
         TrainConfig(target="t_score")
     with pytest.raises(ConfigError, match="binary task only"):
         TrainConfig(task="multiclass", reweight="metadata")
+
+
+def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path):
+    from kneeosteo.experiments.trust_fit import calibrate_run
+
+    src = RunDir(hospital.reg)
+    new = calibrate_run(src.path, tmp_path / "recal", split=hospital.root / "split.json", coverage=0.5)
+    interval = new.config.record["task_trust"]["interval"]
+    assert interval["coverage"] == 0.5 and interval["n_calibration"] == src.config.record["task_trust"]["calibration_images"]
+    assert new.config.weights_sha256 == src.config.weights_sha256
+    assert src.config.record["task_trust"]["interval"]["coverage"] == 0.9  # the original is untouched
+    with pytest.raises(DataError, match="pass --split"):
+        calibrate_run(src.path, tmp_path / "site", data=hospital.data)

@@ -260,7 +260,7 @@ def scan_dataset(
         r.target = index[r.label]
     for label in scan.classes:
         if not any(r.label == label for r in scan.records):
-            log.warning("class '%s' holds no readable image", label)
+            log.warning("%s '%s' holds no readable image", "class" if manifest is not None else "class folder", label)
     return scan
 
 

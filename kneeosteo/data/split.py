@@ -101,7 +101,8 @@ def make_split(
     """Build the split document (see module docstring)."""
     empty = [c for c in scan.classes if not any(r.label == c for r in scan.records)]
     if scan.target == "label" and (len(scan.classes) < 2 or empty):
-        raise DataError(f"{scan.manifest or scan.root}: a split needs images in every class {scan.classes}"
+        raise DataError(f"{scan.manifest or scan.root}: a split needs images in "
+                        f"{'both classes' if len(scan.classes) == 2 else 'every class'} {scan.classes}"
                         + (f" (none in {', '.join(empty)})" if empty else ""))
     if not scan.records:
         raise DataError(f"{scan.manifest or scan.root}: no usable images to split")

@@ -2,7 +2,7 @@
 end of training (the binary run's are in ``trust_fit``):
 
 - **multiclass**: one temperature for the K logits (kept at 1 with fewer than
-  ``trust_fit.MIN_TEMPERATURE_IMAGES`` images or a fit that runs to its bound), then split-
+  ``trust.calibration.MIN_TEMPERATURE_IMAGES`` images or a fit that runs to its bound), then split-
   conformal prediction sets at ``coverage`` on the calibrated probabilities;
 - **regression**: a split-conformal interval ``prediction -+ half width`` at ``coverage`` (a
   T-score of -2.1 [-2.9, -1.3], say), from the validation residuals.
@@ -14,14 +14,16 @@ The binary run's domain check has no counterpart here yet (README: limitations).
 
 from __future__ import annotations
 
-from kneeosteo.data.split import SplitSets
+from pathlib import Path
+
+from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import prepare_part, raw_outputs
-from kneeosteo.experiments.trust_fit import _T_BOUNDS, MIN_TEMPERATURE_IMAGES
 from kneeosteo.run import RunDir
+from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
 from kneeosteo.trust.multiclass import ConformalInterval, ConformalSetsK, TemperatureScalerK
 
-__all__ = ["fit_task_trust", "task_trust_line"]
+__all__ = ["calibrate_task_run", "fit_task_trust", "task_trust_line"]
 
 
 def fit_task_trust(run: RunDir, model, sets: SplitSets, coverage: float = 0.9, device: str = "cpu") -> dict:
@@ -41,7 +43,7 @@ def fit_task_trust(run: RunDir, model, sets: SplitSets, coverage: float = 0.9, d
         fitted["temperature_note"] = f"kept at 1: {len(y)} images are too few"
     else:
         t = scaler.fit(out, y)
-        if not _T_BOUNDS[0] < t < _T_BOUNDS[1]:
+        if not DEGENERATE_TEMPERATURE[0] < t < DEGENERATE_TEMPERATURE[1]:
             scaler = TemperatureScalerK()
             fitted["temperature_note"] = f"kept at 1: the fit ran to its bound ({t:.3g})"
     probs = scaler.transform(out)
@@ -57,3 +59,22 @@ def task_trust_line(trust: dict) -> str:
     t = trust["temperature"]["temperature"]
     return (f"trust: temperature {t:.3g}{' (' + trust['temperature_note'] + ')' if 'temperature_note' in trust else ''}; "
             f"conformal sets at coverage {trust['conformal']['coverage']:g} ({n} validation images)")
+
+
+def calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, device: str) -> RunDir:
+    """``calibrate`` for a multiclass or regression run: its temperature and conformal sets, or
+    its conformal interval, refitted on a split's validation partition (``experiments/task_trust.py``)."""
+    cfg = src.config
+    if data is not None and split is None:
+        raise DataError(f"a {cfg.task} run is calibrated on a split's validation part: pass --split "
+                        "(make one with `kneeosteo split DATA --labels ...`)")
+    split_file = Path(split) if split is not None else src.split_file
+    sets = load_split(split_file, data if data is not None else cfg.record.get("data"), cfg.settings.get("fold"),
+                      target=cfg.target)
+    if cfg.settings.get("merge"):
+        sets = sets.merged(cfg.settings["merge"])
+    trust = fit_task_trust(src, model, sets, coverage, device)
+    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
+                           "calibration_data": {"data": str(sets.data), "split": str(split_file)}})
+    new.update_record(task_trust=trust)
+    return new

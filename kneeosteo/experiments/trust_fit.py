@@ -38,18 +38,18 @@ from kneeosteo.evaluation.evaluate import predict_prepared, prepare_part
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler, TrustBundle, choose_threshold, logit
+from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
 
 __all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
            "trust_line"]
 
 log = logging.getLogger(__name__)
-MIN_TEMPERATURE_IMAGES = 10
 # Below this many in-domain images the feature check is not fitted: with 14 images in 1280
 # dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
 # and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
 MIN_DOMAIN_IMAGES = 50
-_T_BOUNDS = (0.0101, 99.0)  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
+_T_BOUNDS = DEGENERATE_TEMPERATURE  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
 
 
 @torch.no_grad()
@@ -161,7 +161,9 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     parse_operating_point(operating_point)  # a bad setting fails before any image is read
     common = dict(operating_point=operating_point, coverage=coverage, acceptance=acceptance, device=device)
     if cfg.task != "binary":
-        return _calibrate_task_run(src, model, out, data, split, coverage, device)
+        from kneeosteo.experiments.task_trust import calibrate_task_run
+
+        return calibrate_task_run(src, model, out, data, split, coverage, device)
     if data is not None and split is None:
         scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=cfg.settings.get("merge") or None)
         if scan.classes and list(scan.classes) != list(cfg.classes) and set(scan.classes) != set(cfg.classes):
@@ -186,25 +188,4 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
                            "calibration_data": record})
     new.save_trust(bundle)
-    return new
-
-
-def _calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, device: str) -> RunDir:
-    """``calibrate`` for a multiclass or regression run: its temperature and conformal sets, or
-    its conformal interval, refitted on a split's validation partition (``experiments/task_trust.py``)."""
-    from kneeosteo.experiments.task_trust import fit_task_trust
-
-    cfg = src.config
-    if data is not None and split is None:
-        raise DataError(f"a {cfg.task} run is calibrated on a split's validation part: pass --split "
-                        "(make one with `kneeosteo split DATA --labels ...`)")
-    split_file = Path(split) if split is not None else src.split_file
-    sets = load_split(split_file, data if data is not None else cfg.record.get("data"), cfg.settings.get("fold"),
-                      target=cfg.target)
-    if cfg.settings.get("merge"):
-        sets = sets.merged(cfg.settings["merge"])
-    trust = fit_task_trust(src, model, sets, coverage, device)
-    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
-                           "calibration_data": {"data": str(sets.data), "split": str(split_file)}})
-    new.update_record(task_trust=trust)
     return new

@@ -23,6 +23,7 @@ from torch import nn
 
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.models import get_backbone_spec
+from kneeosteo.inference.predictor import task_verdicts
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.trust import TrustBundle, TrustedPrediction, untrusted_prediction
 
@@ -101,7 +102,8 @@ class _LogitNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not images.requires_grad:
             images = images.detach().requires_grad_(True)
-        return self.model(images=images).float().unsqueeze(1)
+        out = self.model(images=images).float()
+        return out if out.dim() == 2 else out.unsqueeze(1)  # a multiclass model's (B, K) logits stay as they are
 
 
 class Explainer:
@@ -110,12 +112,15 @@ class Explainer:
     def __init__(self, run: str | os.PathLike | None = None, *, target: str = "positive",
                  threshold: float | None = None, device: str = "cpu"):
         run = RunDir.open(run)
-        self._setup(run.load_model(device), run.info, target, threshold, device, run.trust)
+        self._run = run if run.config.task != "binary" else None  # multiclass/regression answers need the run's record
+        self._setup(run.load_model(device), run.info, target, threshold, device,
+                    run.trust if self._run is None else None)
 
     @classmethod
     def from_model(cls, model: nn.Module, info: ModelInfo, *, target: str = "positive",
                    threshold: float | None = None, device: str = "cpu", trust: TrustBundle | None = None) -> "Explainer":
         self = cls.__new__(cls)
+        self._run = None
         self._setup(model.eval(), info, target, threshold, device, trust)
         return self
 
@@ -133,6 +138,10 @@ class Explainer:
     def verdict(self, pixels: np.ndarray) -> TrustedPrediction:
         """The prediction's fields for one image (what ``predict`` gives for it)."""
         x = self.info.preprocess(pixels)[None].to(self.device)
+        if self._run is not None:
+            with torch.no_grad():
+                out = self.model(images=x).float().double().cpu().numpy()
+            return task_verdicts(self._run, out)[0]
         with torch.no_grad():
             z, feats = self.model.logit_and_features(x)
         z = float(z.float()[0])
@@ -152,11 +161,20 @@ class Explainer:
             raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
         x = self.info.preprocess(pixels)[None].to(self.device)
         verdict = self.verdict(pixels)
-        if target == "predicted":
+        if self._run is not None:  # multiclass: the predicted class's logit; regression: the value itself
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            classes = self._run.config.classes
+            cls = classes.index(verdict.label) if self._run.config.task == "multiclass" else 0
+            targets = [ClassifierOutputTarget(cls)]
+            explained = verdict.label if classes else f"{self._run.config.target} (what raises it)"
+        elif target == "predicted":
             cls = int(verdict.probability >= self.threshold)
         else:
             cls = int(target == "positive")
-        targets = [BinaryClassifierOutputTarget(cls)]
+        if self._run is None:
+            targets = [BinaryClassifierOutputTarget(cls)]
+            explained = self.info.positive if cls else self.info.negative
         cam = GradCAM(model=_LogitNet(self.model), target_layers=[self.layer])
         try:
             with torch.enable_grad():
@@ -169,7 +187,6 @@ class Explainer:
             self.model.zero_grad(set_to_none=True)
         am = None if self.model.attention is None else self.model.attention.last_spatial_map[0, 0].cpu().numpy()
         shape, prep = pixels.shape, self.info.preprocess
-        return Explanation(verdict.probability, self.info.positive, verdict.label,
-                           self.info.positive if cls else self.info.negative, self.layer_name,
+        return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
                            to_image_shape(norm, shape, prep),
                            None if am is None else to_image_shape(am, shape, prep), raw, am, verdict)

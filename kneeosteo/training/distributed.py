@@ -195,6 +195,9 @@ def relaunch_args(cli) -> list[str]:
             out += [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
         elif getattr(p, "is_flag", False):
             out.append(p.opts[0] if v else p.secondary_opts[0])
+        elif isinstance(v, (list, tuple)):  # a repeatable option (--merge A=B --merge C=D); none given: ()
+            for x in v:
+                out += [p.opts[0], str(x)]
         else:
             out += [p.opts[0], str(v)]
     return out

@@ -23,9 +23,13 @@ from kneeosteo.errors import ConfigError
 
 from ._arrays import as_scores, as_scores_and_labels
 
-__all__ = ["PlattScaler", "TemperatureScaler", "calibrator_from_dict", "fit_calibrator", "logit", "sigmoid"]
+__all__ = ["DEGENERATE_TEMPERATURE", "MIN_TEMPERATURE_IMAGES", "PlattScaler", "TemperatureScaler", "calibrator_from_dict", "fit_calibrator", "logit", "sigmoid"]
 
 _EPS = 1e-12
+# Fitting a temperature on too few held-out images, or on logits it can separate perfectly (the
+# fit then runs to a bound of [0.01, 100]), gives no calibration: such fits keep T = 1
+MIN_TEMPERATURE_IMAGES = 10
+DEGENERATE_TEMPERATURE = (0.0101, 99.0)  # a fitted T outside this open interval ran to a bound
 
 
 def sigmoid(z) -> np.ndarray:
