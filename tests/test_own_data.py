@@ -313,3 +313,41 @@ def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path
     assert src.config.record["task_trust"]["interval"]["coverage"] == 0.9  # the original is untouched
     with pytest.raises(DataError, match="pass --split"):
         calibrate_run(src.path, tmp_path / "site", data=hospital.data)
+
+
+def test_compare_pairs_two_multiclass_runs_and_refuses_other_pairs(hospital, tmp_path, capsys):
+    from kneeosteo.evaluation.compare import compare_runs
+
+    settings = {**RunDir(hospital.mc).config.settings, "seed": 1, "out": str(tmp_path / "mc2")}
+    other = train_and_score(TrainConfig(**settings), console=lambda *a: None)
+    c = compare_runs(hospital.mc, other)
+    assert c["task"] == "multiclass" and c["n"] == 12
+    assert set(c["per_class"]) == {"normal", "osteopenia", "osteoporosis"}
+    a, b = c["mcnemar_correct"]["b"], c["mcnemar_correct"]["c"]
+    assert c["accuracy_a"] - c["accuracy_b"] == pytest.approx((a - b) / 12)  # discordant pairs explain the gap
+    assert 0 <= c["stuart_maxwell"]["p_value"] <= 1 or c["stuart_maxwell"].get("note")
+    same = compare_runs(hospital.mc, hospital.mc)
+    assert same["stuart_maxwell"]["p_value"] == 1.0 and same["mcnemar_correct"]["pvalue"] == 1.0
+    with pytest.raises(DataError, match="nothing to pair"):
+        compare_runs(hospital.mc, hospital.reg)
+    assert main_code(["compare", str(hospital.reg), str(hospital.reg), "--out", str(tmp_path / "c.json")]) == 0
+    assert "Wilcoxon" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["wilcoxon_abs_errors"]["p_value"] == 1.0
+
+
+def main_code(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def test_report_and_export_refuse_a_task_run_in_one_line(hospital, tmp_path):
+    from kneeosteo.inference.export import export_onnx
+    from kneeosteo.reporting import write_report
+
+    with pytest.raises(ConfigError, match="binary runs"):
+        write_report(hospital.mc, tmp_path / "r.html")
+    with pytest.raises(ConfigError, match="no ONNX export yet"):
+        export_onnx(hospital.reg, tmp_path / "m.onnx")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.errors import InferenceError
+from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.utils.atomic import write_bytes
@@ -89,6 +89,12 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
     }
 
 
+def binary_only(run: RunDir) -> None:
+    """The ONNX export carries one probability and one logit: the paper's binary model."""
+    if run.config.task != "binary":
+        raise ConfigError(f"{run.path}: a {run.config.task} run has no ONNX export yet; predict with --engine torch")
+
+
 def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                 verify: bool = True) -> Path:
     """Export ``run`` (None: the bundled model) to ``out``, check it with onnx.checker and, when
@@ -98,6 +104,7 @@ def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: in
     if opset < 17:
         raise ValueError(f"opset {opset} is too old; use 17 or newer")
     run = RunDir.open(run)
+    binary_only(run)
     info = run.info
     net = ExportNet(run.load_model("cpu")).eval()
     s = info.preprocess.size
@@ -209,6 +216,7 @@ def ensure_onnx(run: str | os.PathLike | RunDir | None) -> Path:
     else (a damaged, swapped or stale file) is exported again. A ``model.onnx`` lying in the run
     folder is never used: it could have been planted there."""
     run = RunDir.open(run)
+    binary_only(run)
     info = run.info  # verifies the weights' sha256 on the way
     cached = cached_onnx_path(info)
     if not (is_sealed(cached) and _matches(cached, info)):

@@ -313,6 +313,23 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="A scored run folder (or an `evaluate` output folder inside one)."),
+    run_b: Path = typer.Argument(..., help="Another, scored on the same test images."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the tests as JSON here."),
+):
+    """Paired tests of two runs on the same test images: McNemar + DeLong (binary), Stuart-Maxwell + per-class McNemar (multiclass), Wilcoxon on absolute errors (regression)."""
+    from kneeosteo.evaluation.compare import compare_runs, format_comparison
+    from kneeosteo.utils.atomic import write_json
+
+    result = compare_runs(run_a, run_b)
+    print(format_comparison(result))
+    if out is not None:
+        write_json(out, result)
+        print(f"wrote {out}")
+
+
+@app.command()
 def report(
     path: Path = typer.Argument(..., help="A run folder, or a `reproduce` output folder."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: inline figures, no network)."),
