@@ -127,6 +127,35 @@ def _train_tiny(root: Path) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def hospital(tmp_path_factory) -> SimpleNamespace:
+    """A generated 24-patient export (two knees each, some DICOM, labels.csv with WHO-band labels
+    and T-scores), its split, and a 3-class run (``.mc``) and a T-score run (``.reg``) trained on
+    it (issue 19: test_own_data, test_browser)."""
+    import imagegen as g
+    from kneeosteo.config import TrainConfig
+    from kneeosteo.data.scan import scan_dataset
+    from kneeosteo.data.split import make_split, write_split
+    from kneeosteo.experiments.pipeline import train_and_score
+
+    root = tmp_path_factory.mktemp("hospital")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+            data, manifest, rows = g.make_patient_dataset(root / "d", patients=24)
+            scan = scan_dataset(data, labels=manifest, require_binary=False)
+            write_split(make_split(scan, "paper", seed=0, test_size=12, val_fraction=0.25), root / "split.json")
+            common = dict(data=str(data), labels=str(manifest), split=str(root / "split.json"), backbone_weights="none",
+                          image_size=64, epochs=12, batch_size=8, copies=1, precision="fp32")
+            runs = {name: train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
+                    for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"}))}
+    finally:
+        torch.set_num_threads(before)
+    return SimpleNamespace(root=root, data=data, manifest=manifest, rows=rows, **runs)
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> SimpleNamespace:
     """The session's tiny trained run: ``.run`` (folder), ``.data``, ``.split``, ``.root``."""
     return _train_tiny(tmp_path_factory.mktemp("tiny-model"))

@@ -160,3 +160,25 @@ def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny_r
     assert shot.stat().st_size > 10_000
     if UPDATE:
         shutil.copyfile(shot, REPO / "docs" / "report.png")
+
+
+def test_the_page_shows_class_probabilities_and_a_t_score_interval(page, hospital):
+    """A multiclass run's page lists every class's probability; a T-score run's hides the
+    probability card and shows the value with its interval (issue 19)."""
+    film = hospital.data / "films" / "p002_left.png"
+    for run in (hospital.mc, hospital.reg):
+        with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=1))) as url:
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.set_input_files("#file", str(film))
+            page.wait_for_selector("#result", state="visible", timeout=20_000)
+            want = _api_predict(url, film)
+            assert page.is_visible("#taskcard") and not errors
+            text = page.inner_text("#taskval")
+            assert page.inner_text("#label") == want["label"]
+            if "probabilities" in want and want["probabilities"]:
+                for c, p in want["probabilities"].items():
+                    assert f"{c} {p:.3f}" in text
+            else:
+                assert text.startswith(f"{want['value']:.2f}") and not page.is_visible("#probcard")

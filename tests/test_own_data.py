@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,23 +200,6 @@ def test_audit_reports_patients_and_flags_a_split_made_without_patient_ids(tmp_p
 
 
 # --------------------------------------------------------------------------- task runs
-@pytest.fixture(scope="module")
-def hospital(tmp_path_factory, one_thread):
-    """A 24-patient export, its split, and a 3-class and a T-score run trained on it."""
-    root = tmp_path_factory.mktemp("hospital")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        data, manifest, rows = g.make_patient_dataset(root / "d", patients=24)
-        scan = scan_dataset(data, labels=manifest, require_binary=False)
-        write_split(make_split(scan, "paper", seed=0, test_size=12, val_fraction=0.25), root / "split.json")
-        common = dict(data=str(data), labels=str(manifest), split=str(root / "split.json"), backbone_weights="none",
-                      image_size=64, epochs=12, batch_size=8, copies=1, precision="fp32")
-        runs = {}
-        for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"})):
-            runs[name] = train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
-    return SimpleNamespace(root=root, data=data, manifest=manifest, rows=rows, **runs)
-
-
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -351,3 +333,25 @@ def test_report_and_export_refuse_a_task_run_in_one_line(hospital, tmp_path):
         write_report(hospital.mc, tmp_path / "r.html")
     with pytest.raises(ConfigError, match="no ONNX export yet"):
         export_onnx(hospital.reg, tmp_path / "m.onnx")
+
+
+def test_the_api_gives_class_probabilities_and_t_score_intervals(hospital):
+    from fastapi.testclient import TestClient
+
+    from kneeosteo.interfaces.web import WebSettings, create_app
+
+    film = hospital.data / "films" / "p002_left.png"
+    for run, check in ((hospital.mc, "probabilities"), (hospital.reg, "value")):
+        with TestClient(create_app(WebSettings(run=run, workers=1, queue=1))) as client:
+            for endpoint in ("/api/predict", "/api/explain"):
+                r = client.post(endpoint, files={"file": (film.name, film.read_bytes(), "image/png")})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert check in body
+                if check == "probabilities":
+                    assert set(body["probabilities"]) == {"normal", "osteopenia", "osteoporosis"}
+                    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+                else:
+                    assert body["label"] == who_band(body["value"]) and len(body["interval"]) == 2
+                    assert body["probability"] is None
+            assert "taskcard" in client.get("/").text  # the page has the card that shows them

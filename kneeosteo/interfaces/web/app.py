@@ -75,9 +75,10 @@ class Prediction(BaseModel):
     filename: str = Field(description="The client's file name, echoed for display only.")
     status: str = Field(description="ok; uncertain (the conformal set holds both classes); out_of_domain (the "
                                     "image does not look like the knee radiographs the model was trained on).")
-    probability: float = Field(description="Calibrated P(positive class), in [0, 1] (the raw one when "
-                                           "`calibrated` is false).")
-    raw_probability: float = Field(description="The model's own P(positive class), before calibration.")
+    probability: Optional[float] = Field(description="Calibrated P(positive class), in [0, 1] (the raw one when "
+                                                     "`calibrated` is false); a multiclass run: P(label); null for a "
+                                                     "regression run.")
+    raw_probability: Optional[float] = Field(description="The model's own P(positive class), before calibration.")
     label: str = Field(description="The class at the operating threshold; empty when out_of_domain.")
     prediction_set: list[str] = Field(description="The conformal prediction set at the run's coverage; "
                                                   "empty when out_of_domain.")
@@ -92,6 +93,12 @@ class Prediction(BaseModel):
     format: str
     width: int
     height: int
+    probabilities: Optional[dict[str, float]] = Field(
+        None, description="A multiclass run: the calibrated probability of every class (absent otherwise).")
+    value: Optional[float] = Field(None, description="A regression run: the predicted T-score or BMD (absent otherwise).")
+    interval: Optional[list[Optional[float]]] = Field(
+        None, description="A regression run: the split-conformal interval [low, high] of the value (null bound: "
+                          "too few calibration images for the coverage).")
 
 
 class Explanation(Prediction):
