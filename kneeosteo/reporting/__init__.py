@@ -6,8 +6,6 @@ Layer: above inference (it explains images with ``inference.explain``), below in
 
 from __future__ import annotations
 
-from kneeosteo.errors import ConfigError
-
 from pathlib import Path
 
 from kneeosteo.utils.atomic import write_text
@@ -33,12 +31,6 @@ def write_report(path: str | Path, out: str | Path, *, pdf: str | Path | None = 
     if is_grid(path):
         html = render("grid.html.j2", **grid_context(path))
     else:
-        from kneeosteo.run import RunDir
-
-        task = RunDir.open(path).config.task
-        if task != "binary":  # the page's sections (probes, calibration, gallery) are the binary model's
-            raise ConfigError(f"{path}: `report` covers binary runs; for this {task} run see its metrics.json, "
-                              "predictions.csv and figures (`kneeosteo evaluate`)")
         html = render("run.html.j2", **run_context(path, data=data, correct=correct, seed=seed))
     write_text(out, html)
     if pdf is not None:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from kneeosteo.errors import DataError
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation import figures
 from kneeosteo.reporting import gallery, sanity
 from kneeosteo.reporting.checklist import checklist_rows
@@ -289,6 +289,10 @@ def run_context(run_path: str | Path, data: str | Path | None = None, correct: i
     """Everything the run template needs, for ``run_path``; ``work`` is a scratch folder."""
     run = RunDir.open(run_path)
     data_dir = resolve_data(run, data)
+    task = run.config.task
+    if task != "binary":  # the page's sections (probes, calibration, gallery) are the binary model's
+        raise ConfigError(f"{run.path}: `report` covers binary runs; for this {task} run see its metrics.json, "
+                          "predictions.csv and figures (`kneeosteo evaluate`)")
     with tempfile.TemporaryDirectory(prefix="kneeosteo-report-") as tmp:
         work = Path(work or tmp)
         folder, note = scored_folder(run, data_dir, work)
@@ -297,7 +301,9 @@ def run_context(run_path: str | Path, data: str | Path | None = None, correct: i
         if data_dir is not None:
             from kneeosteo.data.scan import scan_dataset
 
-            scan = scan_dataset(data_dir, positive=run.config.positive)
+            settings = run.config.settings  # a run trained from a label manifest, or with merged classes
+            scan = scan_dataset(data_dir, positive=run.config.positive, labels=settings.get("labels"),
+                                merge=settings.get("merge") or None)
         sections = {
             "summary": summary_section(run, metrics, note),
             "data-flow": data_flow_section(run, scan),
