@@ -298,16 +298,30 @@ def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path
 
 
 def test_compare_pairs_two_multiclass_runs_and_refuses_other_pairs(hospital, tmp_path, capsys):
+    """A known answer: a copy of the 3-class run whose predictions.csv has 3 right answers made
+    wrong and 1 wrong answer made right gives exactly b = 3, c = 1 (McNemar's discordant pairs)."""
     from kneeosteo.evaluation.compare import compare_runs
 
-    settings = {**RunDir(hospital.mc).config.settings, "seed": 1, "out": str(tmp_path / "mc2")}
-    other = train_and_score(TrainConfig(**settings), console=lambda *a: None)
-    c = compare_runs(hospital.mc, other)
+    src = RunDir(hospital.mc)
+    other = src.derive(tmp_path / "mc-edited", {"note": "predictions edited by the test"})
+    rows = _csv(src.predictions_file)
+    classes = list(src.config.classes)
+    right = [r for r in rows if r["label"] == r["prediction"]]
+    wrong = [r for r in rows if r["label"] != r["prediction"]]
+    assert len(right) >= 3 and len(wrong) >= 1, "the fixture run must have both right and wrong answers"
+    for r in right[:3]:
+        r["prediction"] = classes[(classes.index(r["label"]) + 1) % 3]
+    wrong[0]["prediction"] = wrong[0]["label"]
+    with open(other.predictions_file, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    c = compare_runs(src.path, other.path)
     assert c["task"] == "multiclass" and c["n"] == 12
-    assert set(c["per_class"]) == {"normal", "osteopenia", "osteoporosis"}
-    a, b = c["mcnemar_correct"]["b"], c["mcnemar_correct"]["c"]
-    assert c["accuracy_a"] - c["accuracy_b"] == pytest.approx((a - b) / 12)  # discordant pairs explain the gap
-    assert 0 <= c["stuart_maxwell"]["p_value"] <= 1 or c["stuart_maxwell"].get("note")
+    assert (c["mcnemar_correct"]["b"], c["mcnemar_correct"]["c"]) == (3, 1)
+    assert c["mcnemar_correct"]["pvalue"] == pytest.approx(0.625)  # exact binomial, 4 discordant pairs
+    assert c["accuracy_a"] - c["accuracy_b"] == pytest.approx(2 / 12)
+    assert set(c["per_class"]) == set(classes) and c["stuart_maxwell"]["df"] >= 1
     same = compare_runs(hospital.mc, hospital.mc)
     assert same["stuart_maxwell"]["p_value"] == 1.0 and same["mcnemar_correct"]["pvalue"] == 1.0
     with pytest.raises(DataError, match="nothing to pair"):
