@@ -236,7 +236,8 @@ def render(out: Path) -> str:
         doc = _load(out, name)
         lines += fn(doc) if doc else [f"## {name.title()}", "", "Not run yet.", ""]
     for name, title in (("fp32_path.md", "Compute paths and the fp32 levers (issue 17)"),
-                        ("make_run_paths.md", "`make run` per compute path (issue 17)")):
+                        ("make_run_paths.md", "`make run` per compute path (issue 17)"),
+                        ("predict_paths.md", "`predict` per compute path: share of the fp32 peak (issue 17)")):
         if (out / name).is_file():  # written by benchmarks/bench_fp32_path.py and by hand from timed make runs
             body = (out / name).read_text().strip().split("\n", 1)[-1].strip()  # its own title dropped
             lines += [f"## {title}", "", body, ""]
