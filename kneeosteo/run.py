@@ -66,6 +66,9 @@ RUN_FILES = {
                   "sha256 of `trust.safetensors` and of the weights; its own sha256 is in config.json's record",
     "trust.safetensors": "the trust arrays: conformal calibration scores, the domain check's mean, scale and "
                          "shrunk inverse covariance (float64)",
+    "domain.json": "a multiclass or regression run's domain check (issue 19): method, threshold, what it was fitted "
+                   "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
+    "domain.safetensors": "that domain check's arrays: mean, scale and shrunk inverse covariance (float64)",
     "calibration.png": "reliability diagram of the test probabilities, raw and calibrated (`evaluate`)",
     "decision_curve.png": "net benefit of the calibrated model against treat-all and treat-none (`evaluate`)",
     "checkpoint/": "last epoch's state for `--resume` (one atomic safetensors file, and a readable state.json)",
@@ -212,6 +215,14 @@ class RunDir:
         return self.path / "trust.safetensors"
 
     @property
+    def domain_file(self) -> Path:
+        return self.path / "domain.json"
+
+    @property
+    def domain_tensors_file(self) -> Path:
+        return self.path / "domain.safetensors"
+
+    @property
     def card_file(self) -> Path:
         return self.path / "MODEL_CARD.md"
 
@@ -312,42 +323,78 @@ class RunDir:
         trust.safetensors and of the weights it was fitted for: an edited, swapped or planted
         trust file is a CheckpointError naming it."""
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
 
         from kneeosteo.errors import DataError
         from kneeosteo.trust import TrustBundle
 
-        recorded = self.config.record.get("trust")
-        present = [f for f in (self.trust_file, self.trust_tensors_file) if f.exists()]
-        if recorded is None:
-            if present:
-                raise CheckpointError(f"{present[0]}: trust file not recorded in {self.config_file.name} (planted or "
-                                      "left by an interrupted write); remove it or refit with `kneeosteo calibrate`")
+        loaded = self._verified_pair("trust", self.trust_file, self.trust_tensors_file)
+        if loaded is None:
             return None
-        for f in (self.trust_file, self.trust_tensors_file):
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing or not a regular file, but {self.config_file.name} records trust "
-                                      "files; copy the whole run folder")
-        if not isinstance(recorded, dict) or sha256_file(self.trust_file) != recorded.get("sha256"):
-            raise CheckpointError(f"{self.trust_file}: sha256 differs from the one recorded in "
-                                  f"{self.config_file.name}; the file was edited or swapped after fitting")
+        meta, tensors = loaded
         try:
-            meta = json.loads(self.trust_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.trust_file}: unreadable ({exc})") from exc
-        if sha256_file(self.trust_tensors_file) != meta.get("tensors_sha256"):
-            raise CheckpointError(f"{self.trust_tensors_file}: sha256 differs from the one recorded in "
-                                  f"{self.trust_file.name}; the file was edited or swapped after fitting")
-        if meta.get("weights_sha256") != self.config.weights_sha256:
-            raise CheckpointError(f"{self.trust_file}: fitted for other weights ({meta.get('weights_sha256')!r})")
-        try:
-            bundle = TrustBundle.from_state(load_file(str(self.trust_tensors_file)), meta)
+            bundle = TrustBundle.from_state(tensors, meta)
         except (KeyError, TypeError, ValueError, DataError, SafetensorError) as exc:
             raise CheckpointError(f"{self.trust_file}: malformed trust state ({type(exc).__name__}: {exc})") from exc
         if tuple(bundle.classes) != self.config.classes:
             raise CheckpointError(f"{self.trust_file}: classes {list(bundle.classes)} differ from the model's "
                                   f"{list(self.config.classes)}")
         return bundle
+
+    def _verified_pair(self, key: str, json_file: Path, tensors_file: Path) -> tuple[dict, dict] | None:
+        """(meta, arrays) of a JSON + safetensors pair whose JSON's sha256 config.json's record holds
+        under ``key`` (trust files; a task run's domain check), or None when none is recorded.
+
+        The record holds the JSON's sha256, the JSON the arrays' and the weights' sha256: an edited,
+        swapped or planted file is a CheckpointError naming it."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        recorded = self.config.record.get(key)
+        present = [f for f in (json_file, tensors_file) if f.exists()]
+        if recorded is None:
+            if present:
+                raise CheckpointError(f"{present[0]}: {key} file not recorded in {self.config_file.name} (planted or "
+                                      "left by an interrupted write); remove it or refit with `kneeosteo calibrate`")
+            return None
+        for f in (json_file, tensors_file):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing or not a regular file, but {self.config_file.name} records {key} "
+                                      "files; copy the whole run folder")
+        if not isinstance(recorded, dict) or sha256_file(json_file) != recorded.get("sha256"):
+            raise CheckpointError(f"{json_file}: sha256 differs from the one recorded in "
+                                  f"{self.config_file.name}; the file was edited or swapped after fitting")
+        try:
+            meta = json.loads(json_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{json_file}: unreadable ({exc})") from exc
+        if sha256_file(tensors_file) != meta.get("tensors_sha256"):
+            raise CheckpointError(f"{tensors_file}: sha256 differs from the one recorded in "
+                                  f"{json_file.name}; the file was edited or swapped after fitting")
+        if meta.get("weights_sha256") != self.config.weights_sha256:
+            raise CheckpointError(f"{json_file}: fitted for other weights ({meta.get('weights_sha256')!r})")
+        try:
+            return meta, load_file(str(tensors_file))
+        except SafetensorError as exc:
+            raise CheckpointError(f"{tensors_file}: malformed ({exc})") from exc
+
+    @functools.cached_property
+    def domain(self):
+        """A multiclass or regression run's domain check (``kneeosteo.trust.DomainCheck``), verified
+        like the trust files; None when the run has none (binary runs keep theirs in trust.json)."""
+        from kneeosteo.errors import DataError
+        from kneeosteo.trust import DomainCheck
+
+        loaded = self._verified_pair("domain", self.domain_file, self.domain_tensors_file)
+        if loaded is None:
+            return None
+        meta, tensors = loaded
+        try:
+            check = DomainCheck.from_state(tensors, meta["domain"])
+        except (KeyError, TypeError, ValueError, DataError) as exc:
+            raise CheckpointError(f"{self.domain_file}: malformed domain state ({type(exc).__name__}: {exc})") from exc
+        if not math.isfinite(check.threshold):
+            raise CheckpointError(f"{self.domain_file}: domain threshold is not finite")
+        return check
 
     def load_model(self, device: str = "cpu", backbone_weights=None):
         """The run's HybridModel in eval mode on ``device`` (weights verified against config.json)."""
@@ -371,7 +418,8 @@ class RunDir:
 
         ident = identity(preprocess, classes, threshold, task, target)
         _checked(ident, self.weights_file)
-        for stale in (self.trust_file, self.trust_tensors_file):  # fitted for the weights replaced now
+        for stale in (self.trust_file, self.trust_tensors_file, self.domain_file,
+                      self.domain_tensors_file):  # fitted for the weights replaced now
             stale.unlink(missing_ok=True)
         sha = save_weights(model, self.weights_file, ident)
         write_json(self.config_file, {
@@ -396,6 +444,19 @@ class RunDir:
         write_json(self.trust_file, meta)
         self.update_record(trust={"sha256": sha256_file(self.trust_file)})
 
+    def save_domain(self, check, fitted: str) -> None:
+        """Write a task run's domain check: domain.safetensors, then domain.json (with the former's
+        sha256 and the weights'), then domain.json's sha256 into config.json's record."""
+        from safetensors.numpy import save_file
+
+        tensors, meta = check.to_state()
+        with atomic_path(self.domain_tensors_file) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        write_json(self.domain_file, {"format": "kneeosteo-domain/1", "domain": meta, "fitted": fitted,
+                                      "tensors_sha256": sha256_file(self.domain_tensors_file),
+                                      "weights_sha256": self.config.weights_sha256})
+        self.update_record(domain={"sha256": sha256_file(self.domain_file)})
+
     def derive(self, out: "str | Path", record: dict) -> "RunDir":
         """A new run folder at ``out`` with a byte copy of this run's weights and split, and this
         run's identity and settings; ``record`` is added to the copied record (nothing here is
@@ -413,7 +474,7 @@ class RunDir:
             with atomic_path(new.split_file) as tmp:
                 shutil.copyfile(self.split_file, tmp)
         doc = json.loads(self.config_file.read_text())
-        base = {k: v for k, v in (doc.get("record") or {}).items() if k != "trust"}
+        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain")}
         doc["record"] = {**base, **record}
         if sha256_file(new.weights_file) != src.weights_sha256:
             raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")
@@ -425,8 +486,8 @@ class RunDir:
         doc = json.loads(self.config_file.read_text())
         doc["record"].update(values)
         write_json(self.config_file, doc)
-        self.__dict__.pop("config", None)
-        self.__dict__.pop("trust", None)
+        for cached in ("config", "trust", "domain"):
+            self.__dict__.pop(cached, None)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -369,3 +369,45 @@ def test_the_api_gives_class_probabilities_and_t_score_intervals(hospital):
                     assert body["label"] == who_band(body["value"]) and len(body["interval"]) == 2
                     assert body["probability"] is None
             assert "taskcard" in client.get("/").text  # the page has the card that shows them
+
+
+def test_a_task_runs_domain_check_refuses_noise_and_is_verified(hospital, tmp_path, monkeypatch):
+    """The binary run's domain check, for a 3-class run: fitted on the training films (the
+    threshold of 50 images lowered to this run's 34), saved as domain.json + .safetensors,
+    verified like the trust files; an image that fails it is out of domain with no label."""
+    from kneeosteo.errors import CheckpointError
+    from kneeosteo.evaluation.evaluate import prepare_part
+    from kneeosteo.experiments import task_trust
+
+    run = RunDir(hospital.mc).derive(tmp_path / "mc-domain", {})
+    model = run.load_model()
+    sets = load_split(run.split_file, hospital.data)
+    train = prepare_part(model, sets.items("train"), hospital.data, run.config.preprocess, "cpu", "train")
+    monkeypatch.setattr(task_trust, "MIN_DOMAIN_IMAGES", 20)
+    note = task_trust.fit_task_domain(run, model, train)
+    assert note.startswith(f"fitted on {len(sets.train)} training images") and run.domain is not None
+    noise = g.png_grey8(tmp_path / "noise.png", array=np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    blank = g.png_grey8(tmp_path / "blank.png", array=np.full((64, 64), 120, dtype=np.uint8))
+    films = sorted((hospital.data / "films").glob("*.png"))
+    result = Predictor(run.path).predict([noise, blank, *films], progress=False)
+    by_name = {Path(p.path).name: p for p in result.predictions}
+    # 34 images in 1280 dimensions of a random-weight backbone give a loose threshold (why 50 is
+    # the minimum): uniform noise is still the farthest of all, and a blank film fails the pixels
+    assert by_name["noise.png"].domain_score > max(by_name[f.name].domain_score for f in films)
+    b = by_name["blank.png"]
+    assert (b.status, b.label, b.prediction_set) == ("out_of_domain", "", ())
+    assert set(b.probabilities) == set(run.config.classes)  # the numbers are still shown, as for a binary run
+    accepted = np.mean([by_name[f.name].status != "out_of_domain" for f in films])
+    assert accepted >= 0.75, accepted  # the run's own films (training, validation and test) mostly pass
+    assert Explainer(run.path).explain(read_image(blank).pixels).label == ""
+    # an edited domain.json is refused, naming the file
+    doc = json.loads(run.domain_file.read_text())
+    doc["domain"]["threshold"] *= 100
+    run.domain_file.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="domain.json: sha256 differs"):
+        RunDir(run.path).domain
+    # a domain check planted in a run that records none is refused too
+    plain = RunDir(hospital.reg).derive(tmp_path / "reg-copy", {})
+    (plain.path / "domain.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not recorded"):
+        Predictor(plain.path).predict([noise], progress=False)

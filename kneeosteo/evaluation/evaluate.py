@@ -28,7 +28,7 @@ from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.compute_path import compute_path
 from kneeosteo.utils.csvfile import write_csv
 
-__all__ = ["PREDICTION_FIELDS", "evaluate_run", "predict_prepared", "raw_outputs", "score"]
+__all__ = ["PREDICTION_FIELDS", "backbone_features", "evaluate_run", "predict_prepared", "raw_outputs", "score"]
 
 PREDICTION_FIELDS = ("path", "label", "probability", "prediction")
 
@@ -128,3 +128,16 @@ def prepare_part(model, items: list[tuple[str, int]], root: Path, prep: Preproce
     backbone_id = backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None) if cached else None
     return prepare(items, root, prep, TensorCache(cache_dir() / "tensors"), backbone=model.backbone if cached else None,
                    backbone_id=backbone_id, device=device, label=label)
+
+
+@torch.no_grad()
+def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch_size: int = 32) -> np.ndarray | None:
+    """(N, D) float64 backbone features of ``data`` (cached ones when the backbone is frozen,
+    else computed now); None for a model without a backbone branch."""
+    if model.backbone is None or not model.use_backbone:
+        return None
+    if data.features is not None:
+        return data.features.double().numpy()
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()

@@ -87,6 +87,10 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
         figures.bland_altman(y, pred, out / "bland_altman.png", cfg.target)
         figures.predicted_vs_true(y, pred, out / "predicted_vs_true.png", cfg.target,
                                   WHO_CUTOFFS if cfg.target == "t_score" else None)
+    if run.domain is not None and test.features is not None:  # the share of test films the domain check accepts
+        dist = run.domain.distance(test.features.double().numpy())
+        metrics["domain_acceptance"] = {"accepted": float(np.mean(dist <= run.domain.threshold)),
+                                        "threshold": run.domain.threshold, "n": int(len(dist))}
     metrics["unreadable"] = test.bad
     metrics["classes"] = list(cfg.classes)
     write_json(out / "metrics.json", metrics)
@@ -99,6 +103,9 @@ def format_task_metrics(name: str, metrics: dict) -> str:
     """evaluate's printout for a multiclass or regression run."""
     table = format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
     lines = [name, table]
+    d = metrics.get("domain_acceptance")
+    if d:
+        lines.append(f"domain check: accepts {d['accepted']:.3f} of the {d['n']} test images (by their features)")
     c = metrics.get("conformal")
     if c:
         what = "sets" if metrics.get("task") == "multiclass" else "intervals"

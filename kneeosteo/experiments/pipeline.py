@@ -15,7 +15,7 @@ from kneeosteo.evaluation.evaluate import score
 from kneeosteo.evaluation.metrics import format_table
 from kneeosteo.evaluation.probes import format_probes
 from kneeosteo.evaluation.task_scoring import format_task_metrics
-from kneeosteo.experiments.task_trust import fit_task_trust, task_trust_line
+from kneeosteo.experiments.task_trust import fit_task_domain, fit_task_trust, task_trust_line
 from kneeosteo.experiments.trust_fit import fit_trust_from_split, trust_line
 from kneeosteo.training.trainer import train
 
@@ -55,6 +55,8 @@ def _score_task_run(result, cfg: TrainConfig, console) -> None:
     else:
         result.run.update_record(task_trust=trust)
         console(task_trust_line(trust))
+    console("domain check: " + fit_task_domain(result.run, result.model, result.train, cfg.domain_acceptance,
+                                               result.device))
     metrics = score(result.run, result.model, result.test, result.sets, result.run.path, device=result.device,
                     history=result.history)
     console(format_task_metrics(result.run.path.name, metrics))

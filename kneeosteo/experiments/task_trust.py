@@ -9,21 +9,41 @@ end of training (the binary run's are in ``trust_fit``):
 
 They are small (a few numbers) and go into config.json's record as ``task_trust``, next to
 the rest of what training recorded; ``evaluation.task_scoring.task_answers`` applies them.
-The binary run's domain check has no counterpart here yet (README: limitations).
+The **domain check** is the binary run's (``fit_task_domain``), fitted on the training images
+and kept in domain.json + domain.safetensors, verified like the trust files (``RunDir.domain``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
-from kneeosteo.evaluation.evaluate import prepare_part, raw_outputs
+from kneeosteo.evaluation.evaluate import backbone_features, prepare_part, raw_outputs
+from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
+from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES, DomainCheck
 from kneeosteo.trust.multiclass import ConformalInterval, ConformalSetsK, TemperatureScalerK
 
-__all__ = ["calibrate_task_run", "fit_task_trust", "task_trust_line"]
+__all__ = ["calibrate_task_run", "fit_task_domain", "fit_task_trust", "task_trust_line"]
+
+
+def fit_task_domain(run: RunDir, model, train: PreparedSet, acceptance: float = 0.95, device: str = "cpu") -> str:
+    """The binary run's domain check (``trust.DomainCheck``: Mahalanobis distance of the frozen
+    backbone's features, threshold at ``acceptance`` of out-of-fold distances), fitted on the
+    training originals and saved as domain.json + domain.safetensors; returns what was done."""
+    feats = backbone_features(model, train.originals(), run.config.preprocess, device)
+    if feats is None:
+        return "pixel checks only: the model has no backbone features"
+    if len(feats) < MIN_DOMAIN_IMAGES:
+        return (f"pixel checks only: {len(feats)} training images are too few for a feature distance "
+                f"(at least {MIN_DOMAIN_IMAGES})")
+    check = DomainCheck(acceptance=acceptance).fit(feats)
+    note = f"fitted on {len(feats)} training images, threshold at {acceptance:g} of out-of-fold distances"
+    run.save_domain(check, note)
+    return note
 
 
 def fit_task_trust(run: RunDir, model, sets: SplitSets, coverage: float = 0.9, device: str = "cpu") -> dict:
@@ -77,4 +97,6 @@ def calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, de
     new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
                            "calibration_data": {"data": str(sets.data), "split": str(split_file)}})
     new.update_record(task_trust=trust)
+    if src.domain is not None:  # fitted on the training images for these weights: still valid
+        new.save_domain(src.domain, json.loads(src.domain_file.read_text()).get("fitted", ""))
     return new

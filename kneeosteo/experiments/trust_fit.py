@@ -34,35 +34,19 @@ import torch
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
-from kneeosteo.evaluation.evaluate import predict_prepared, prepare_part
+from kneeosteo.evaluation.evaluate import backbone_features, predict_prepared, prepare_part
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler, TrustBundle, choose_threshold, logit
 from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
+from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
 
 __all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
            "trust_line"]
 
 log = logging.getLogger(__name__)
-# Below this many in-domain images the feature check is not fitted: with 14 images in 1280
-# dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
-# and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
-MIN_DOMAIN_IMAGES = 50
 _T_BOUNDS = DEGENERATE_TEMPERATURE  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
-
-
-@torch.no_grad()
-def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch_size: int = 32) -> np.ndarray | None:
-    """(N, D) float64 backbone features of ``data`` (cached ones when the backbone is frozen,
-    else computed now); None for a model without a backbone branch."""
-    if model.backbone is None or not model.use_backbone:
-        return None
-    if data.features is not None:
-        return data.features.double().numpy()
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()
 
 
 def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:

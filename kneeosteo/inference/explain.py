@@ -140,8 +140,9 @@ class Explainer:
         x = self.info.preprocess(pixels)[None].to(self.device)
         if self._run is not None:
             with torch.no_grad():
-                out = self.model(images=x).float().double().cpu().numpy()
-            return task_verdicts(self._run, out)[0]
+                out, feats = self.model.logit_and_features(x)
+            feats = None if feats is None else feats.float().double().cpu().numpy()
+            return task_verdicts(self._run, out.float().double().cpu().numpy(), feats, [pixels])[0]
         with torch.no_grad():
             z, feats = self.model.logit_and_features(x)
         z = float(z.float()[0])
@@ -165,9 +166,10 @@ class Explainer:
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
             classes = self._run.config.classes
-            cls = classes.index(verdict.label) if self._run.config.task == "multiclass" else 0
+            probs = [p for _, p in verdict.probabilities]
+            cls = int(np.argmax(probs)) if self._run.config.task == "multiclass" else 0  # the top class, in domain or not
             targets = [ClassifierOutputTarget(cls)]
-            explained = verdict.label if classes else f"{self._run.config.target} (what raises it)"
+            explained = classes[cls] if classes else f"{self._run.config.target} (what raises it)"
         elif target == "predicted":
             cls = int(verdict.probability >= self.threshold)
         else:

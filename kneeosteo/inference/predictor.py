@@ -37,7 +37,7 @@ from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.data.who import who_band
 from kneeosteo.evaluation.task_scoring import task_answers
 from kneeosteo.models.task import get_task
-from kneeosteo.trust import TrustedPrediction, untrusted_prediction
+from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
 __all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Prediction", "PredictionResult", "Predictor",
@@ -207,7 +207,7 @@ class Predictor:
         were checked elsewhere (``predict --ray``'s read tasks), ``pixel_reasons`` replaces them."""
         p, z, feats = self.forward(images)
         if self.task != "binary":
-            return task_verdicts(self.run, z)
+            return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
         return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
@@ -271,27 +271,43 @@ class Predictor:
                           d.get("value"), lo, hi)
 
 
-def task_verdicts(run: RunDir, outputs: np.ndarray) -> list[TrustedPrediction]:
+def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None = None,
+                  pixels: Sequence[np.ndarray | None] | None = None,
+                  pixel_reasons: Sequence[list[str]] | None = None) -> list[TrustedPrediction]:
     """A multiclass or regression run's answers as TrustedPredictions: the top class with every
     class's calibrated probability and the conformal set (``uncertain`` when it is not one
     class), or the value with its conformal interval (the label: its WHO band for a T-score).
-    These runs have no domain check yet (README: limitations)."""
+    The run's domain check (``RunDir.domain``; pixel checks alone without one) makes an image
+    ``out_of_domain``: no label, no set, the numbers still shown, as for a binary run."""
     cfg = run.config
     a = task_answers(run, outputs)
+    check = run.domain
+    n = len(outputs)
+    verdicts = []
+    for i in range(n):
+        px = None if pixels is None else pixels[i]
+        reasons = None if pixel_reasons is None else pixel_reasons[i]
+        if check is None or features is None:
+            ok = not reasons if reasons is not None else (px is None or not pixel_problems(px))
+            verdicts.append((float("nan"), float("nan"), ok))
+        else:
+            v = check.assess(np.asarray(features[i], dtype=np.float64)[None, :], px, pixel_reasons=reasons)
+            verdicts.append((v.score, v.threshold, v.ok))
     out = []
     if cfg.task == "multiclass":
         for i, q in enumerate(a["probabilities"]):
+            score, thr, ok = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = "ok" if a["sets"] is None or len(pset) == 1 else "uncertain"
-            out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k], pset, float("nan"),
-                                         float("nan"), a["calibrated"],
+            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or len(pset) == 1 else "uncertain")
+            out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
+                                         pset if ok else (), score, thr, a["calibrated"],
                                          tuple((c, float(v)) for c, v in zip(cfg.classes, q))))
         return out
     for i, v in enumerate(a["values"]):
-        label = who_band(float(v)) if cfg.target == "t_score" else ""
+        score, thr, ok = verdicts[i]
+        label = who_band(float(v)) if (cfg.target == "t_score" and ok) else ""
         interval = () if a["interval"] is None else (float(a["interval"][0][i]), float(a["interval"][1][i]))
-        out.append(TrustedPrediction("ok", float("nan"), float("nan"), label, (), float("nan"), float("nan"),
+        out.append(TrustedPrediction("ok" if ok else "out_of_domain", float("nan"), float("nan"), label, (), score, thr,
                                      a["interval"] is not None, (), float(v), interval))
     return out
-

@@ -39,9 +39,15 @@ from sklearn.neighbors import NearestNeighbors
 
 from kneeosteo.errors import ConfigError, DataError
 
-__all__ = ["METHODS", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
+__all__ = ["METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
 
 METHODS = ("mahalanobis", "knn")
+
+
+# Below this many in-domain images the feature check is not fitted: with 14 images in 1280
+# dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
+# and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
+MIN_DOMAIN_IMAGES = 50
 
 
 @dataclass(frozen=True)
