@@ -162,14 +162,15 @@ def test_quick_run_runs_every_bf16_path_and_marks_emulation(quick):
     assert "torch-cl-bf16" in inf["int8_accuracy_kop"]["engines"]  # the bf16 accuracy pass runs either way
 
 
-def test_a_full_run_measures_the_bf16_peak_in_full_and_marks_it_emulated(monkeypatch):
-    """Only --quick shrinks the emulated bf16 matmul; a full run measures it at full size and marks it."""
+def test_an_emulated_bf16_peak_is_measured_smaller_and_marked_emulated(monkeypatch):
+    """A native bf16 peak is measured at full size; an emulated one (minutes per 4096-wide call) at
+    1024 wide twice in a full run and 256 wide once with --quick, and marked emulated either way."""
     from benchmarks import machine, report
 
     calls = []
     monkeypatch.setattr(machine, "matmul_peak", lambda dt, n=4096, reps=5: calls.append((dt, n, reps)) or
                         {"dtype": dt, "n": n, "reps": reps, "available": True, "best_gflops": 1.0})
-    for quick, native, want in ((False, False, (4096, 5)), (False, True, (4096, 5)),
+    for quick, native, want in ((False, False, machine.FULL_EMULATED_BF16), (False, True, (4096, 5)),
                                 (True, True, (1024, 3)), (True, False, (256, 1))):
         calls.clear()
         pk = machine.peaks(quick, native)
