@@ -60,6 +60,7 @@ class TrainConfig:
     crop_fraction: tuple[float, float] = (0.8, 1.0)
     rotation: float = 15.0
     source_augment: bool = False  # with augment = online: JPEG re-encoding, gamma, blur, noise, flips
+    label_smoothing: float = 0.0  # classification targets moved towards uniform by this much (label noise)
     epochs: int = 30
     patience: int = 6  # early stopping on validation loss
     batch_size: int = 32
@@ -130,6 +131,9 @@ class TrainConfig:
         number("rotation", 0.0, 180.0)
         number("trainable_stages", 0, 64, integer=True)
         number("backbone_lr_scale", 1e-6, 10.0)
+        number("label_smoothing", 0.0, 0.5)
+        if self.label_smoothing and self.kind == "regression":
+            raise ConfigError(f"label_smoothing = {self.label_smoothing} is for classification, not a {self.target} regression")
         if self.trainable_stages and not self.finetune:
             raise ConfigError(f"trainable_stages = {self.trainable_stages} needs finetune = true (the backbone is frozen)")
         if self.source_augment and self.augment != "online":

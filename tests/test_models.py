@@ -620,3 +620,30 @@ def test_weights_file_bytes_depend_only_on_content(tmp_path):
     assert len({(tmp_path / f"w{i}.safetensors").read_bytes() for i in range(8)}) == 1
     twin = load_weights(tmp_path / "w0.safetensors", shas.pop())  # any safetensors reader loads it
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_label_smoothing_is_two_class_cross_entropy_smoothing_and_only_for_classes():
+    """Binary label smoothing moves 1 -> 1 - s/2 and 0 -> s/2: the same loss as PyTorch's
+    cross-entropy label smoothing on the logits [0, z]; 0 is the paper's loss; a regression refuses it."""
+    import torch.nn.functional as F
+
+    from kneeosteo.config import TrainConfig
+    from kneeosteo.errors import ConfigError
+    from kneeosteo.models.task import get_task
+
+    z = torch.linspace(-3, 3, 7)
+    y = torch.tensor([0.0, 1, 1, 0, 1, 0, 1])
+    binary = get_task("binary")
+    two = torch.stack([torch.zeros(7), z], 1)
+    for s in (0.1, 0.3):
+        assert float(binary.loss(z, y, smoothing=s)) == pytest.approx(
+            float(F.cross_entropy(two, y.long(), label_smoothing=s)), abs=1e-6)
+    assert float(binary.loss(z, y, smoothing=0.0)) == pytest.approx(float(F.binary_cross_entropy_with_logits(z, y)))
+    assert float(binary.loss(z, y, smoothing=0.2)) != pytest.approx(float(binary.loss(z, y)))
+    k = torch.randn(7, 3)
+    assert float(get_task("multiclass").loss(k, y, smoothing=0.2)) == pytest.approx(
+        float(F.cross_entropy(k, y.long(), label_smoothing=0.2)))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TrainConfig(label_smoothing=0.7)
+    with pytest.raises(ConfigError, match="for classification"):
+        TrainConfig(labels="l.csv", target="t_score", label_smoothing=0.1)

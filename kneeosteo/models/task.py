@@ -41,13 +41,18 @@ class TaskSpec:
         return n_classes if self.name == "multiclass" else 1
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", smoothing: float = 0.0) -> torch.Tensor:
         """The training loss of outputs ``out`` ((B,) or (B, K)) against targets ``y`` (float:
-        0/1, a class index, or a value); ``weight``: per-row loss weights or None."""
+        0/1, a class index, or a value); ``weight``: per-row loss weights or None.
+        ``smoothing`` (label smoothing, Szegedy et al. 2016): a classification target is moved
+        that far towards the uniform distribution (binary: 1 -> 1 - s/2, 0 -> s/2, as
+        ``F.cross_entropy(label_smoothing=s)`` does for two classes), so a mislabelled film
+        cannot push its logit without bound."""
         if self.name == "binary":
-            return F.binary_cross_entropy_with_logits(out, y, weight=weight, reduction=reduction)
+            target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
+            return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
         if self.name == "multiclass":
-            rows = F.cross_entropy(out, y.long(), reduction="none")
+            rows = F.cross_entropy(out, y.long(), reduction="none", label_smoothing=smoothing)
         else:
             rows = F.huber_loss(out, y, delta=HUBER_DELTA, reduction="none")
         if weight is not None:

@@ -165,11 +165,12 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
             w = None if w is None else w[rows]
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
+            smoothing = cfg.label_smoothing if train else 0.0  # validation loss on the labels as given
             if world > 1:
-                summed = task.loss(logits, y, w, reduction="sum")
+                summed = task.loss(logits, y, w, reduction="sum", smoothing=smoothing)
                 loss = summed * (world / batch_n)
             else:
-                loss = task.loss(logits, y, w)
+                loss = task.loss(logits, y, w, smoothing=smoothing)
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
