@@ -127,6 +127,27 @@ def test_merge_turns_three_class_folders_into_the_papers_binary_task(tmp_path):
     assert all(t == (sets.label(p) == "osteoporosis") for p, t in sets.items("train"))
 
 
+def test_a_three_class_split_file_is_merged_for_a_binary_run(tmp_path):
+    """A split made with three classes, trained with --merge: the labels and targets follow the
+    merge, not the split file's classes (trainer.task_sets uses SplitSets.merged)."""
+    from kneeosteo.training.trainer import task_sets
+
+    data, manifest, rows = g.make_patient_dataset(tmp_path / "d", patients=6)
+    write_split(make_split(scan_dataset(data, labels=manifest, require_binary=False), "paper", seed=0, test_size=3),
+                tmp_path / "s.json")
+    sets = load_split(tmp_path / "s.json")
+    assert sets.classes == ["normal", "osteopenia", "osteoporosis"]
+    with pytest.raises(ConfigError, match="3 classes"):
+        task_sets(sets, TrainConfig())
+    merged = task_sets(sets, TrainConfig(merge={"osteopenia": "osteoporosis"}))
+    label = {r["path"]: r["label"] for r in rows}
+    assert merged.classes == ["normal", "osteoporosis"]
+    for part in PARTS:
+        for p, t in merged.items(part):
+            assert t == (label[p] != "normal"), p
+    assert sets.classes == ["normal", "osteopenia", "osteoporosis"]  # the loaded split is not changed
+
+
 @pytest.mark.parametrize("items, message", [
     (["osteopenia"], "CLASS=INTO"), (["a=a"], "CLASS=INTO"), (["a=b", "a=c"], "merged into both"),
     (["a=b", "b=c"], "both merged and merged into")])
@@ -272,12 +293,17 @@ def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
 
 
 def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["reproduce", str(hospital.data), "--labels", str(hospital.manifest), "--out", str(tmp_path / "r"),
-              "--models", "hybrid-efficientnet_lite0", "--seeds", "1"])
-    assert exc.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("--task multiclass" in err or "merge" in err)
+    settings = tmp_path / "three.toml"
+    settings.write_text('task = "multiclass"\n')
+    for extra, says in (([], "--task multiclass, or merge"),  # three labels met by a binary scan
+                        (["--config", str(settings)], "reproduce compares binary classifiers")):  # its own check
+        with pytest.raises(SystemExit) as exc:
+            main(["reproduce", str(hospital.data), "--labels", str(hospital.manifest), "--out", str(tmp_path / "r"),
+                  "--models", "hybrid-efficientnet_lite0", "--seeds", "1", *extra])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "r" / "cells").exists()  # refused before any cell trained
     with pytest.raises(ConfigError, match="needs a label manifest"):
         TrainConfig(target="t_score")
     with pytest.raises(ConfigError, match="binary task only"):

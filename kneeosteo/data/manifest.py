@@ -31,11 +31,9 @@ from pathlib import Path, PurePosixPath
 
 from kneeosteo.errors import ConfigError, DataError
 
-__all__ = ["KNOWN_COLUMNS", "NUMERIC_COLUMNS", "TARGETS", "Manifest", "ManifestRow", "parse_merge", "read_manifest"]
+__all__ = ["NUMERIC_COLUMNS", "TARGETS", "Manifest", "ManifestRow", "parse_merge", "read_manifest"]
 
 NUMERIC_COLUMNS = ("t_score", "bmd")  # also the regression targets (``--target``)
-TEXT_COLUMNS = ("patient_id", "side", "study_date")
-KNOWN_COLUMNS = ("path", "label", *TEXT_COLUMNS, *NUMERIC_COLUMNS)
 TARGETS = ("label", *NUMERIC_COLUMNS)  # TrainConfig.target: "label" = classification
 MAX_ROWS = 5_000_000  # a bigger "manifest" is a mistake, not a data set
 
@@ -56,10 +54,6 @@ class Manifest:
     columns: list[str]
     rows: list[ManifestRow]
     left_out: list[dict]  # {"row", "path", "reason"}
-
-    @property
-    def has_patient_ids(self) -> bool:
-        return any(r.patient_id for r in self.rows)
 
     def leave_out(self, row: ManifestRow, reason: str) -> None:
         self.left_out.append({"row": row.row, "path": row.path, "reason": reason})

@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kneeosteo.data.duplicates import NEAR_DUP_THRESHOLD, deduplicate
-from kneeosteo.data.grouping import split_groups
-from kneeosteo.data.scan import POSITIVE_CLASS, Record, Scan
+from kneeosteo.data.grouping import patient_keys, split_groups
+from kneeosteo.data.scan import POSITIVE_CLASS, Record, Scan, binary_classes
+from kneeosteo.data.who import severity_order
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.hashing import sha256_file
@@ -174,11 +175,6 @@ class SplitSets:
     def merged(self, merge: dict[str, str], positive: str | None = None) -> "SplitSets":
         """The same split with classes merged (``{"osteopenia": "normal"}``); ``positive``: a binary
         task, classes ordered [negative, positive]."""
-        from dataclasses import replace
-
-        from kneeosteo.data.scan import binary_classes
-        from kneeosteo.data.who import severity_order
-
         paths = self.train + self.val + self.test
         labels = {p: merge.get(self.label(p), self.label(p)) for p in paths}
         found = sorted(set(labels.values()) | {merge.get(c, c) for c in self.classes})
@@ -261,8 +257,6 @@ def load_split(path: str | Path, data: str | Path | None = None, fold: int | Non
 def patient_leaks(sets: SplitSets, records: list[Record]) -> list[dict]:
     """Patients (by the keys of ``grouping.patient_keys``) whose films sit in more than one
     partition of ``sets``: [{"key", "partitions": {part: [paths]}}]. Empty for a sound split."""
-    from kneeosteo.data.grouping import patient_keys
-
     part_of = {p: name for name in PARTS for p in getattr(sets, name)}
     by_key: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for r in records:

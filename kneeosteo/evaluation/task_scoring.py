@@ -28,7 +28,8 @@ from kneeosteo.evaluation.multiclass import format_multiclass_table, multiclass_
 from kneeosteo.evaluation.regression import format_regression_table, regression_metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
-from kneeosteo.trust.multiclass import ConformalInterval, ConformalSetsK, TemperatureScalerK, empirical_interval_coverage
+from kneeosteo.trust.multiclass import (ConformalInterval, ConformalSetsK, TemperatureScalerK,
+                                        empirical_interval_coverage, empirical_set_coverage)
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.csvfile import write_csv
 
@@ -63,7 +64,7 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
         if answers["sets"] is not None:
             s = answers["sets"]
             metrics["conformal"] = {"coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
-                                    "coverage": float(s[np.arange(len(y)), y].mean()) if len(y) else float("nan"),
+                                    "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
                                     "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan")}
         metrics["calibrated"] = answers["calibrated"]
         header = ("path", "label", "prediction", *[f"p_{c}" for c in cfg.classes])

@@ -46,7 +46,6 @@ __all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "
            "trust_line"]
 
 log = logging.getLogger(__name__)
-_T_BOUNDS = DEGENERATE_TEMPERATURE  # TemperatureScaler searches [0.01, 100]; at a bound the fit is degenerate
 
 
 def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:
@@ -55,7 +54,7 @@ def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:
         return TemperatureScaler(1.0), f"kept at 1: {z.size} images ({n_min} of the rarer class) are too few"
     cal = TemperatureScaler()
     t = cal.fit(z, y)
-    if not _T_BOUNDS[0] < t < _T_BOUNDS[1]:
+    if not DEGENERATE_TEMPERATURE[0] < t < DEGENERATE_TEMPERATURE[1]:
         return TemperatureScaler(1.0), f"kept at 1: the fit ran to its bound ({t:.3g}; perfectly separable logits)"
     return cal, f"fitted on {z.size} images"
 

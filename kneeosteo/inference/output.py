@@ -175,7 +175,8 @@ def format_table(result: PredictionResult) -> str:
                                num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f")]
                               for p in result.predictions]
     # the task columns only when a row has them: a binary run's table is the paper model's
-    keep = [i for i in range(len(COLUMNS)) if i < 12 or any(r[i] != "-" for r in rows[1:])]
+    first_task = COLUMNS.index("probabilities")
+    keep = [i for i in range(len(COLUMNS)) if i < first_task or any(r[i] != "-" for r in rows[1:])]
     rows = [[r[i] for i in keep] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

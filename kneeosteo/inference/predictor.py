@@ -114,9 +114,11 @@ class Predictor:
     def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "auto",
                  onnx: str | os.PathLike | None = None, threshold: float | None = None,
                  batch_size: int = 16, device: str = "cpu"):
-        if onnx is None and RunDir.open(run).config.task != "binary":
+        # one RunDir: its config (the weights' sha256 checked) is read once, not once per question
+        opened = RunDir.open(run) if (run is not None or onnx is None) else None
+        if onnx is None and opened.config.task != "binary":
             if engine not in ("auto", "torch"):  # the ONNX export and int8 cover the paper's binary model
-                raise ConfigError(f"--engine {engine}: a {RunDir.open(run).config.task} run predicts with "
+                raise ConfigError(f"--engine {engine}: a {opened.config.task} run predicts with "
                                   "--engine torch (ONNX export covers binary models only)")
             engine = "torch"
         engine = resolve_engine(engine, device, onnx)
@@ -132,7 +134,7 @@ class Predictor:
         self._autocast = torch.bfloat16 if engine == "torch-bf16" else None
         self.run: RunDir | None
         if engine.startswith("torch"):
-            self.run = RunDir.open(run)
+            self.run = opened if opened is not None else RunDir.open(run)
             info = self.run.info
             self._model = self.run.load_model(device).to(memory_format=torch.channels_last)
         else:
@@ -140,7 +142,7 @@ class Predictor:
             from kneeosteo.inference.quantize import ensure_int8_onnx
 
             int8 = engine == "onnxruntime-int8"
-            self.run = RunDir.open(run) if (run is not None or onnx is None) else None
+            self.run = opened
             if onnx is None:
                 onnx = ensure_int8_onnx(self.run) if int8 else ensure_onnx(self.run)
             self._session = OnnxModel(onnx)

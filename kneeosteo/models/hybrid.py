@@ -63,6 +63,8 @@ class HybridModel(nn.Module):
         trainable_stages: int = 0,
         task: str = "binary",
         outputs: int = 1,
+        output_shift: float = 0.0,
+        output_scale: float = 1.0,
     ):
         super().__init__()
         self.task = get_task(task).name
@@ -86,7 +88,7 @@ class HybridModel(nn.Module):
             train_last_stages(self.backbone, backbone_name, self.trainable_stages)
         self.attention = AttentionModule(3, attention_features) if self.use_attention else None
         head_in = self.feature_dim + (attention_features if self.use_attention else 0)
-        self.head = ClassifierHead(head_in, head_hidden, head_dropout, outputs)
+        self.head = ClassifierHead(head_in, head_hidden, head_dropout, outputs, output_shift, output_scale)
 
     def train(self, mode: bool = True) -> "HybridModel":
         super().train(mode)
@@ -262,10 +264,9 @@ def build_model_from_config(
             trainable_stages=int(config.get("trainable_stages", 0)),
             task=str(config.get("task", "binary")),
             outputs=int(head.get("outputs", 1)),
+            output_shift=float(head.get("output_shift", 0.0)),
+            output_scale=float(head.get("output_scale", 1.0)),
         )
-        if "output_shift" in head:
-            model.head = ClassifierHead(model.head.in_features, model.head.hidden, model.head.dropout,
-                                        model.head.outputs, float(head["output_shift"]), float(head["output_scale"]))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"model config is incomplete or malformed: {type(exc).__name__}: {exc}") from exc
     if att is not None and model.attention is not None and model.attention.config() != att:

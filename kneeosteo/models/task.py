@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,8 +72,6 @@ class TaskSpec:
     def correct(self, answer, y, threshold: float = 0.5):
         """Per-row hits for the history's "accuracy" column (numpy): thresholded P(positive), the
         top class, or, for a regression, |error| <= 0.5 target units."""
-        import numpy as np
-
         if self.name == "binary":
             return (answer >= threshold) == (y >= 0.5)
         if self.name == "multiclass":
