@@ -30,8 +30,11 @@ run: $(STAMP)
 	$(BIN)/kneeosteo split $(DATA) --out $(OUT)/split.json --seed $(SEED)
 	$(BIN)/kneeosteo train $(DATA) --config configs/paper.toml --split $(OUT)/split.json --backbone $(BACKBONE) --seed $(SEED) --out $(OUT)/$(BACKBONE)-seed$(SEED)
 
+# Two pytest-xdist workers (one compute thread each; tests/conftest.py's scheduler keeps each module
+# on one worker and hands out the longest groups first). TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 clean:
 	rm -rf $(OUT) .pytest_cache

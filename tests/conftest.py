@@ -5,6 +5,7 @@ skips for a missing dependency (a failure under CI=true, where .ci/run installs 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,80 @@ KOP_DIR = (REPO / ".." / "shared" / "datasets" / "kop").resolve()
 # CI (.ci/run) installs chromium, playwright, the Lite packages and has KOP and the bundled model:
 # there a missing one is a broken install step, not a reason to skip.
 CI = os.environ.get("CI", "").strip().lower() == "true"
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers) each worker computes on one thread, and so
+    do the processes its tests start (OMP_NUM_THREADS is inherited): two workers of two threads each
+    on a 2-core machine would oversubscribe it, and spinning OpenMP threads make that slower than
+    one worker."""
+    if WORKER:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+# `make test` hands whole groups of tests to its two xdist workers: a module's tests stay on one
+# worker (its module-scoped fixtures are built once), and modules that share an expensive session
+# fixture no other module uses share a group. Groups go out longest first, so the last group to
+# start is a short one: the order of the groups' wall seconds on one worker (2026-11-30), only an
+# order, never an assertion.
+SHARED_GROUPS = {"test_browser": "hospital", "test_own_data": "hospital"}
+LONGEST_FIRST = ("test_ray", "test_benchmarks", "hospital", "test_training", "test_faults", "test_distributed",
+                 "test_inference", "test_web_hostile", "test_reproduce", "test_trust_wiring", "test_models",
+                 "test_data_pipeline", "test_bad_inputs", "test_default_model", "test_integrity", "test_structure",
+                 "test_allocator", "test_cli", "test_web", "test_hostile_inputs")
+
+
+def _group(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return SHARED_GROUPS.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler with our groups as scopes, in collection order (xdist's own
+    `--dist loadgroup` marks do not reach the scheduler under pytest 9.2, whose node ids ignore
+    the suffix xdist 3.8 appends)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST, not xdist's most-tests-first
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(_group(item.nodeid), len(first_seen))
+
+    def rank(item) -> tuple[int, int]:
+        group = _group(item.nodeid)
+        return (LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)), first_seen[group]
+
+    items[:] = sorted(items, key=rank)  # stable: each module's tests keep their order
+
+
+def shared_across_workers(tmp_path_factory, name: str, build, load):
+    """``build(folder)`` once per test session, whatever the number of xdist workers: the first
+    worker to ask builds it under a file lock into a folder all workers see; the others wait, then
+    ``load(folder)``. Without xdist: ``build`` into a fresh temporary folder."""
+    if not WORKER:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's base, above each worker's own
+    with FileLock(str(folder) + ".lock"):
+        built = folder / ".built"
+        if not built.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result = build(folder)
+            built.touch()
+            return result
+    return load(folder)
 
 
 def require(condition, reason: str, *, module: bool = False) -> None:
@@ -66,12 +141,16 @@ def kop() -> Path:
 
 @pytest.fixture(scope="session")
 def kop_scan(kop, tmp_path_factory):
-    """KOP scanned once per session (~20-30 s of decoding), into a private cache."""
+    """KOP scanned once per session (~20-30 s of decoding), into a private cache (shared by the
+    xdist workers: the second reads the first one's scan memos)."""
     from kneeosteo.data.scan import scan_dataset
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(tmp_path_factory.mktemp("kop-cache")))
-        return scan_dataset(kop)
+    def scan(cache: Path):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KNEEOSTEO_CACHE", str(cache))
+            return scan_dataset(kop)
+
+    return shared_across_workers(tmp_path_factory, "kop-cache", scan, scan)
 
 
 def has_bundled_model() -> bool:
@@ -119,11 +198,15 @@ def _train_tiny(root: Path) -> SimpleNamespace:
             mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
             data = g.make_dataset(root / "data", n_per_class=10, size=TINY_SIZE).root
             write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-            run = train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
-                                              **TINY_SETTINGS), console=lambda *a: None)
+            train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
+                                            **TINY_SETTINGS), console=lambda *a: None)
     finally:
         torch.set_num_threads(before)
-    return SimpleNamespace(root=root, data=data, split=root / "split.json", run=run, cache=root / "cache")
+    return _tiny_namespace(root)
+
+
+def _tiny_namespace(root: Path) -> SimpleNamespace:
+    return SimpleNamespace(root=root, data=root / "data", split=root / "split.json", run=root / "run", cache=root / "cache")
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +241,7 @@ def hospital(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> SimpleNamespace:
     """The session's tiny trained run: ``.run`` (folder), ``.data``, ``.split``, ``.root``."""
-    return _train_tiny(tmp_path_factory.mktemp("tiny-model"))
+    return shared_across_workers(tmp_path_factory, "tiny-model", _train_tiny, _tiny_namespace)
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +261,4 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+

@@ -42,8 +42,6 @@ from kneeosteo.models import weights as weights_mod
 from kneeosteo.run import RunDir
 from conftest import require
 
-torch.set_num_threads(2)
-
 
 def _images(b: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))

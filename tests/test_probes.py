@@ -136,6 +136,30 @@ def test_shortcut_adversarial_scores_a_metadata_reader_zero_and_an_oracle_one():
     assert "skipped" in shortcut_adversarial(train, [1] * 40, test, y_test, y_test)
 
 
+def test_the_metadata_forest_is_fitted_once_per_split_and_refitted_when_the_split_changes(monkeypatch):
+    """Every model of a reproduce seed shares the split, so the forest is fitted once per split;
+    other labels, another seed or other test images are another fit, with their own answer."""
+    from kneeosteo.evaluation import probes
+
+    fits = []
+    real = probes.metadata_classifier
+    monkeypatch.setattr(probes, "metadata_classifier", lambda seed=0: fits.append(seed) or real(seed))
+    monkeypatch.setattr(probes, "_WRONG_MEMO", type(probes._WRONG_MEMO)())
+    train = [_meta("JPEG" if i % 2 else "PNG", w=100 + i) for i in range(40)]
+    y_train = [i % 2 for i in range(40)]
+    test = [_meta("JPEG" if i % 3 else "PNG") for i in range(20)]
+    y_test = np.array([i % 2 for i in range(20)])
+    first = shortcut_adversarial(train, y_train, test, y_test, y_test)
+    again = shortcut_adversarial(train, y_train, test, y_test, 1 - y_test)  # another model, same split
+    assert len(fits) == 1 and again["n"] == first["n"] > 0
+    assert (first["correct"], again["correct"]) == (first["n"], 0)
+    flipped = shortcut_adversarial(train, y_train, test, 1 - y_test, y_test)  # other test labels
+    assert len(fits) == 2 and flipped["n"] == 20 - first["n"]
+    shortcut_adversarial(train, y_train, test, y_test, y_test, seed=1)
+    shortcut_adversarial(train[:-1], y_train[:-1], test, y_test, y_test)
+    assert fits == [0, 0, 1, 0]
+
+
 def test_source_probe_finds_a_source_the_features_carry_and_not_one_they_do_not():
     rng = np.random.default_rng(0)
     metas = [_meta("JPEG" if i % 3 else "PNG", w=100 + i, h=100) for i in range(60)]

@@ -18,7 +18,9 @@ function on plain arrays plus one call (:func:`shortcut_probes`) that runs them 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +61,36 @@ def shortcut_adversarial(train_meta: list[ImageMeta], y_train, test_meta: list[I
     if len(set(y_train.tolist())) < 2:
         return {"skipped": "the training partition holds one class only"}
     x, _ = metadata_matrix(list(train_meta) + list(test_meta))  # one vocabulary of formats/modes
-    clf = metadata_classifier(seed).fit(x[: len(y_train)], y_train)
-    wrong = clf.predict(x[len(y_train):]) != y_test
+    wrong = _metadata_wrong(x, y_train, y_test, seed)
     n, k = int(wrong.sum()), int((predicted[wrong] == y_test[wrong]).sum())
     out = {"n": n, "n_test": int(len(y_test)), "metadata_accuracy": float(1 - wrong.mean())}
     if n == 0:
         return {**out, "skipped": "the metadata classifier is right on every test image"}
     return {**out, "correct": k, "accuracy": k / n, "ci95": _wilson(k, n)}
+
+
+# The metadata forest depends only on the split (metadata, labels, seed), not on the model: every
+# model of a `reproduce` seed shares it. Its answer is kept per process (a grid's cells run one
+# after another in one process, or in reused Ray workers), keyed by a digest of its inputs.
+_WRONG_MEMO: OrderedDict[str, np.ndarray] = OrderedDict()
+_WRONG_MEMO_SIZE = 64
+
+
+def _metadata_wrong(x: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, seed: int) -> np.ndarray:
+    """Which test images the metadata classifier (fitted on the first ``len(y_train)`` rows of ``x``) gets wrong."""
+    h = hashlib.sha256()
+    for part in (np.ascontiguousarray(x, dtype=np.float64), y_train.astype(np.int64), y_test.astype(np.int64),
+                 np.array([seed, len(y_train)], dtype=np.int64)):
+        h.update(part.tobytes())
+        h.update(b"|")
+    key = h.hexdigest()
+    if key not in _WRONG_MEMO:
+        clf = metadata_classifier(seed).fit(x[: len(y_train)], y_train)
+        _WRONG_MEMO[key] = clf.predict(x[len(y_train):]) != y_test
+        while len(_WRONG_MEMO) > _WRONG_MEMO_SIZE:
+            _WRONG_MEMO.popitem(last=False)
+    _WRONG_MEMO.move_to_end(key)
+    return _WRONG_MEMO[key].copy()
 
 
 def _auc_entry(y: np.ndarray, prob: np.ndarray) -> dict:
