@@ -28,8 +28,26 @@ def _papers_order(am):
     return am
 
 
-def step_fn(order: str, precision: str, batch: int, size: int):
-    """One optimiser step of AM + head on a fixed batch, as ``run_epoch`` does it (channels-last)."""
+def _index_free_pools(am):
+    """The AM's 2x2 max-pools as a max over a view of each 2x2 window: no argmax indices are kept,
+    and the backward pass (amax's) sends the gradient to every maximum of a window (a tie splits
+    it) where max_pool2d's sends it to the first: the same values but for ties. A lever measured by
+    bench_fp32_path.py (issue 17), not used by the package."""
+    import torch
+    from torch import nn
+
+    class IndexFreeMaxPool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.shape
+            return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).amax(dim=(3, 5))
+
+    am.features = nn.Sequential(*[IndexFreeMaxPool() if isinstance(m, nn.MaxPool2d) else m for m in am.features])
+    return am
+
+
+def step_fn(order: str, precision: str, batch: int, size: int, pool: str = "max_pool2d"):
+    """One optimiser step of AM + head on a fixed batch, as ``run_epoch`` does it (channels-last);
+    ``pool="index-free"`` swaps the max-pools for :func:`_index_free_pools`'."""
     import torch
     import torch.nn.functional as F
 
@@ -39,6 +57,8 @@ def step_fn(order: str, precision: str, batch: int, size: int):
     model, _ = build_model("efficientnet_lite0", weights="none", image_size=size)
     if order == "paper":
         _papers_order(model.attention)
+    if pool == "index-free":
+        _index_free_pools(model.attention)
     model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)

@@ -55,7 +55,9 @@ def variants(quick: bool) -> list[dict]:
          dict(name="AVX2 fp32 + glibc malloc keeps memory", env={**AVX2, **GLIBC_KEEP}, precision="fp32"),
          dict(name="AVX2 fp32 + OMP_WAIT_POLICY=PASSIVE", env={**AVX2, "OMP_WAIT_POLICY": "PASSIVE"}, precision="fp32"),
          dict(name="AVX2 fp32, 1 thread", env=AVX2, precision="fp32", threads=1),
-         dict(name="AVX2 fp32, batch 64", env=AVX2, precision="fp32", batch=64)]
+         dict(name="AVX2 fp32, batch 64", env=AVX2, precision="fp32", batch=64),
+         dict(name="AVX2 fp32 + glibc malloc keeps memory + index-free max-pool", env={**AVX2, **GLIBC_KEEP},
+              precision="fp32", pool="index-free")]
     for lib, path in LIBS.items():
         if Path(path).is_file():
             v.append(dict(name=f"AVX2 fp32 + {lib}", env={**AVX2, "LD_PRELOAD": path}, precision="fp32"))
@@ -73,7 +75,8 @@ def _step_flops(step_once) -> int:
     return int(fc.get_total_flops())
 
 
-def measure(precision: str, batch: int, steps: int, size: int = 224, profile: bool = False) -> dict:
+def measure(precision: str, batch: int, steps: int, size: int = 224, profile: bool = False,
+            pool: str = "max_pool2d") -> dict:
     """One epoch of ``steps`` AM + head optimiser steps, after two warm-up steps."""
     import torch
 
@@ -81,7 +84,7 @@ def measure(precision: str, batch: int, steps: int, size: int = 224, profile: bo
     from benchmarks.machine import matmul_peak
     from kneeosteo.utils.compute_path import compute_path
 
-    step = step_fn("ours", precision, batch, size)
+    step = step_fn("ours", precision, batch, size, pool=pool)
     step()
     step()
     flops = _step_flops(step)
@@ -126,7 +129,8 @@ def run_variant(v: dict, steps: int, profile: bool) -> dict:
     threads = v.get("threads", 2)
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(
-        {"precision": v["precision"], "batch": v.get("batch", 32), "steps": steps, "profile": profile})]
+        {"precision": v["precision"], "batch": v.get("batch", 32), "steps": steps, "profile": profile,
+         "pool": v.get("pool", "max_pool2d")})]
     before = loadavg()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -199,7 +203,8 @@ def main(argv=None) -> Path | None:
 
         a = json.loads(args.one)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        print(json.dumps(measure(a["precision"], a["batch"], a["steps"], profile=a["profile"])))
+        print(json.dumps(measure(a["precision"], a["batch"], a["steps"], profile=a["profile"],
+                                 pool=a.get("pool", "max_pool2d"))))
         return None
     keep = json.loads(args.out.read_text())["rows"] if (args.only and args.out.is_file()) else None
     doc = run(args.steps, args.repeats, args.quick, args.only, keep)

@@ -316,3 +316,27 @@ def test_am_step_benchmark_times_both_block_orders_on_the_same_model(one_thread)
     assert [type(m).__name__ for m in paper.features][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(ours(x), paper(x))
+
+
+def test_the_index_free_max_pool_lever_gives_max_pool2d_values_and_gradients():
+    """The benchmark's index-free pool (issue 17's lever, measured slower and not kept) must compute
+    what it stands in for, or its timing row would compare different work."""
+    import torch
+
+    from benchmarks.bench_am_step import _index_free_pools
+    from kneeosteo.models.attention import AttentionModule
+
+    torch.manual_seed(0)
+    am = AttentionModule()
+    twin = copy.deepcopy(am)
+    _index_free_pools(twin)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in twin.features)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    out, out2 = am(x), twin(x)
+    # the pooled maxima are the same numbers; amax's output layout differs from max_pool2d's, so the
+    # next conv may sum in another order (measured: up to 1.5e-8)
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    out2.square().sum().backward()
+    for (name, p), p2 in zip(am.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
