@@ -1,0 +1,118 @@
+"""Does a model rank films within one source? AUC inside source strata, from a reproduce grid.
+
+KOP's sources (file format x colour mode x aspect-ratio tercile: the three attributes the source
+probe predicts) are not pure in class: most strata hold films of both classes. Ranking a
+positive above a negative *of the same stratum* cannot come from those three attributes, so the
+within-stratum AUC (the share of same-stratum positive/negative pairs ranked right, pooled over
+strata; ties count a half) is a lower bound on what a model reads beyond them. The metadata
+forest (width, height, aspect ratio, file size, colour mode; refitted per seed on the training
+partition, as the shortcut-adversarial probe does) is scored the same way: what is left to read
+inside a stratum from the file alone.
+
+    python research/within_source.py GRID_DIR DATA [--out research/WITHIN_SOURCE.md]
+
+Reads each cell's predictions.csv and each seed's split; trains nothing. Not a package feature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import t as student_t
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kneeosteo.data.scan import scan_dataset  # noqa: E402
+from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix  # noqa: E402
+
+
+def strata(records) -> dict[str, str]:
+    """path -> "FORMAT/MODE/tercile", the tercile cut points from every film (no labels used)."""
+    aspect = np.array([r.meta.width / r.meta.height for r in records])
+    cuts = np.quantile(aspect, [1 / 3, 2 / 3])
+    tercile = np.digitize(aspect, cuts, right=True)
+    return {r.path: f"{r.meta.format}/{r.meta.mode}/{int(t)}" for r, t in zip(records, tercile)}
+
+
+def within_auc(y, score, group) -> tuple[float, int]:
+    """Pooled within-group AUC and the number of same-group positive/negative pairs."""
+    y, score, group = np.asarray(y), np.asarray(score, dtype=float), np.asarray(group)
+    right, pairs = 0.0, 0
+    for g in np.unique(group):
+        m = group == g
+        pos, neg = score[m & (y == 1)], score[m & (y == 0)]
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return (right / pairs if pairs else float("nan")), pairs
+
+
+def interval(values) -> tuple[float, float, float, float]:
+    v = np.asarray(values, dtype=float)
+    mean, sd = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    half = float(student_t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return mean, sd, mean - half, mean + half
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "WITHIN_SOURCE.md")
+    args = ap.parse_args(argv)
+    records = scan_dataset(args.data).records
+    by_path = {r.path: r for r in records}
+    stratum = strata(records)
+    seeds = sorted(int(p.stem[4:]) for p in (args.grid / "splits").glob("seed*.json"))
+    rows: dict[str, list[tuple[float, int, float]]] = {}
+    for seed in seeds:
+        split = json.loads((args.grid / "splits" / f"seed{seed}.json").read_text())
+        test = split["test"]
+        y_test = [by_path[p].target for p in test]
+        train = split["train"]
+        x, _ = metadata_matrix([by_path[p].meta for p in train] + [by_path[p].meta for p in test])
+        forest = metadata_classifier(seed).fit(x[: len(train)], [by_path[p].target for p in train])
+        meta_score = forest.predict_proba(x[len(train):])[:, 1]
+        auc, pairs = within_auc(y_test, meta_score, [stratum[p] for p in test])
+        overall = within_auc(y_test, meta_score, ["all"] * len(test))[0]
+        rows.setdefault("file metadata only (the probe's forest)", []).append((auc, pairs, overall))
+        for cell in sorted((args.grid / "cells").glob(f"*/seed{seed}/predictions.csv")):
+            with open(cell, newline="") as fh:
+                pred = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+            score = [pred[p] for p in test]
+            auc, pairs = within_auc(y_test, score, [stratum[p] for p in test])
+            overall = within_auc(y_test, score, ["all"] * len(test))[0]
+            rows.setdefault(cell.parent.parent.name, []).append((auc, pairs, overall))
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        counts.setdefault(stratum[r.path], [0, 0])[r.target] += 1
+    lines = ["# Within-source AUC of the lever grid", "",
+             f"Grid `{args.grid}`, seeds {seeds}, {len(records)} files. Strata = format / colour mode / "
+             "aspect-ratio tercile (0 = narrowest), the source probe's three attributes. Films per stratum "
+             "(normal / osteoporosis, all files):", "",
+             "| stratum | normal | osteoporosis |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v[0]} | {v[1]} |" for k, v in sorted(counts.items())]
+    lines += ["", "Per row: the usual AUC and the within-stratum AUC (same-stratum positive/negative pairs only), "
+              "mean ± sd over seeds with a 95% t-interval; pairs = same-stratum pairs per seed (mean).", "",
+              "| row | AUC (all pairs) | within-stratum AUC [95%] | minus the forest's, paired by seed [95%] | "
+              "same-stratum pairs per seed |", "|---|---:|---:|---:|---:|"]
+    meta = [v[0] for v in rows["file metadata only (the probe's forest)"]]
+    for name, vals in sorted(rows.items(), key=lambda kv: -np.mean([v[0] for v in kv[1]])):
+        w = interval([v[0] for v in vals])
+        o = interval([v[2] for v in vals])
+        d = interval([v[0] - m for v, m in zip(vals, meta)]) if len(vals) == len(meta) else None
+        diff = "-" if name.startswith("file metadata") or d is None else f"{d[0]:+.3f} [{d[2]:+.3f}, {d[3]:+.3f}]"
+        lines.append(f"| {name} | {o[0]:.3f} ± {o[1]:.3f} | {w[0]:.3f} ± {w[1]:.3f} [{w[2]:.3f}, {w[3]:.3f}] | {diff} | "
+                     f"{np.mean([v[1] for v in vals]):.0f} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
