@@ -250,7 +250,9 @@ def tiny_report(tiny, tmp_path_factory) -> Path:
     for the report tests and the browser test."""
     from kneeosteo.reporting import write_report
 
-    return write_report(tiny.run, tmp_path_factory.mktemp("report") / "report.html", data=tiny.data, correct=2)
+    return shared_across_workers(tmp_path_factory, "tiny-report",
+                                 lambda folder: write_report(tiny.run, folder / "report.html", data=tiny.data, correct=2),
+                                 lambda folder: folder / "report.html")
 
 
 @pytest.fixture(scope="module")
