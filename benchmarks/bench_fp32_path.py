@@ -167,20 +167,20 @@ def run(steps: int, repeats: int, quick: bool, only: str | None = None, keep: li
 
 def markdown(doc: dict) -> str:
     lines = ["# The cached training step per compute path, and the fp32 levers", "",
-             f"Measured {doc['started']} to {doc['finished']} (rows kept by --only from an earlier run: "
-             f"{', '.join(r['name'] for r in doc['rows'] if r.get('measured', doc['started']) < doc['started']) or 'none'}); "
-             f"{doc['steps']} optimiser steps per epoch (AM + head, "
-             f"224 px, channels-last), best of {doc['repeats']} fresh processes per row; load average before/after each.", "",
-             "| variant | step ms | wall s | user s | sys s | sys share | minor faults | GFLOP/s | share of peak | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"Last run {doc['started']} to {doc['finished']}; rows kept by --only from earlier runs keep their own "
+             f"date (column measured; unknown for rows from before the column existed). AM + head optimiser steps, "
+             f"224 px, channels-last, each variant in a fresh process (this run: {doc['steps']} steps, best of "
+             f"{doc['repeats']}; column steps); load average before/after each.", "",
+             "| variant | step ms | steps | wall s | user s | sys s | sys share | minor faults | GFLOP/s | share of peak | load | measured |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     base = None
     for r in doc["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||||")
             continue
-        lines.append(f"| {r['name']} | {r['step_ms']} | {r['wall_s']} | {r['user_s']} | {r['sys_s']} | {r['sys_share']} | "
-                     f"{r['minor_faults']} | {r['gflops']} | {r['share_of_peak']} of {r['peak_gflops']} | "
-                     f"{r['loadavg_before'][0]} / {r['loadavg_after'][0]} |")
+        lines.append(f"| {r['name']} | {r['step_ms']} | {r.get('steps', '?')} | {r['wall_s']} | {r['user_s']} | {r['sys_s']} | "
+                     f"{r['sys_share']} | {r['minor_faults']} | {r['gflops']} | {r['share_of_peak']} of {r['peak_gflops']} | "
+                     f"{r['loadavg_before'][0]} / {r['loadavg_after'][0]} | {(r.get('measured') or 'unknown')[:16]} |")
         base = r if r["name"] == "AVX2 fp32 (baseline)" else base
     if base and base.get("profile"):
         lines += ["", f"Profile of the AVX2 fp32 baseline (self CPU time; step {base['step_gflop']} GFLOP forward + backward):",
