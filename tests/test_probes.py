@@ -160,6 +160,33 @@ def test_the_metadata_forest_is_fitted_once_per_split_and_refitted_when_the_spli
     assert fits == [0, 0, 1, 0]
 
 
+def test_within_source_auc_is_half_for_a_source_reader_and_one_for_a_label_reader():
+    """Two sources, each with both classes, the label mostly given away by the source: a model
+    that reads only the source ranks every same-source pair as a tie (0.5), whatever its overall
+    AUC; one that reads the label ranks them all right (1.0); a model that ranks backwards inside
+    each source scores 0 there."""
+    from kneeosteo.evaluation.probes import within_source_auc
+
+    metas = [_meta("JPEG" if i < 20 else "PNG", w=100, h=100) for i in range(40)]
+    y = np.array([1] * 15 + [0] * 5 + [1] * 5 + [0] * 15)  # JPEG mostly positive, PNG mostly negative
+    source_reader = np.array([0.9 if m.format == "JPEG" else 0.1 for m in metas])
+    r = within_source_auc(y, source_reader, metas)
+    assert r["auc"] == 0.5 and r["pairs"] == 15 * 5 + 5 * 15 and r["strata_with_both_classes"] == 2
+    assert r["ci95"] == [0.5, 0.5] and r["n"] == 40
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, source_reader) == pytest.approx(0.75)  # (225 right + 150 ties / 2) / 400: fooled
+    label_reader = y * 0.5 + np.linspace(0, 0.1, 40)
+    good = within_source_auc(y, label_reader, metas)
+    assert good["auc"] == 1.0 and good["ci95"][0] == 1.0
+    backwards = within_source_auc(y, 1 - label_reader, metas)
+    assert backwards["auc"] == 0.0
+    noisy = within_source_auc(y, np.random.default_rng(0).random(40), metas)
+    assert noisy["ci95"][0] < noisy["auc"] < noisy["ci95"][1] and noisy["ci95"][0] < 0.5 < noisy["ci95"][1]
+    pure = within_source_auc(np.array([1] * 20 + [0] * 20), source_reader, metas)  # no mixed source
+    assert "skipped" in pure and pure["pairs"] == 0
+
+
 def test_source_probe_finds_a_source_the_features_carry_and_not_one_they_do_not():
     rng = np.random.default_rng(0)
     metas = [_meta("JPEG" if i % 3 else "PNG", w=100 + i, h=100) for i in range(60)]
@@ -175,7 +202,7 @@ def test_source_probe_finds_a_source_the_features_carry_and_not_one_they_do_not(
 
 
 def test_a_trained_run_carries_the_probes_in_its_metrics(tiny):
-    """The session's tiny run was scored by train_and_score: its metrics.json holds all three
+    """The session's tiny run was scored by train_and_score: its metrics.json holds all four
     probes with counts that match its own test set."""
     from kneeosteo.run import RunDir
 
@@ -188,4 +215,8 @@ def test_a_trained_run_carries_the_probes_in_its_metrics(tiny):
     adv = p["shortcut_adversarial"]
     assert adv["n_test"] == n_test and 0 <= adv["n"] <= n_test
     assert set(p["source"]) == {"format", "mode", "aspect_tercile"}
-    assert "bone hidden" in format_probes(p)
+    within = p["within_source"]  # the generated films: one format/mode, aspect terciles
+    assert within["n"] == n_test and within["strata"] >= 1
+    assert ("auc" in within) == (within["pairs"] > 0) and ("skipped" in within) == (within["pairs"] == 0)
+    text = format_probes(p)
+    assert "bone hidden" in text and "AUC within one source" in text

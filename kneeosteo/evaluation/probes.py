@@ -14,6 +14,10 @@ function on plain arrays plus one call (:func:`shortcut_probes`) that runs them 
 - :func:`source_probe` — how well the model's fused features (what its head reads) predict the
   file's source attributes (format, colour mode, aspect-ratio tercile), cross-validated on the
   training images. Balanced accuracy well above chance means the features carry the source.
+- :func:`within_source_auc` — the model's AUC counting only positive/negative pairs of test films
+  from the *same* source stratum (format x colour mode x aspect-ratio tercile). Those three
+  attributes cannot rank such a pair, so this is what the model reads beyond them (not proof of
+  bone: a scanner within one stratum would do too). A pure source reader scores 0.5.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix
 from kneeosteo.evaluation.stats import delong_auc_ci
 
 __all__ = ["SOURCE_ATTRIBUTES", "format_probes", "occlusion_aucs", "shortcut_adversarial", "shortcut_probes", "source_attributes",
-           "source_probe"]
+           "source_probe", "within_source_auc"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,44 @@ def source_attributes(metas: list[ImageMeta]) -> dict[str, list[str]]:
     }
 
 
+def _pairs_right(y: np.ndarray, score: np.ndarray, strata: np.ndarray) -> tuple[float, int]:
+    """Same-stratum positive/negative pairs ranked right (a tie counts a half), and their number."""
+    right, pairs = 0.0, 0
+    for g in np.unique(strata):
+        m = strata == g
+        pos, neg = score[m & (y == 1)], score[m & (y == 0)]
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            right += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
+            pairs += diff.size
+    return right, pairs
+
+
+def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta] = (), boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """AUC over the positive/negative pairs of test images from the same source stratum (format x
+    colour mode x aspect-ratio tercile; the tercile cut points from ``metas`` + ``reference``, e.g.
+    the training images: no labels are used), pooled over strata; a 95% interval from a bootstrap
+    of the images within each stratum and class."""
+    y, prob = np.asarray(y, dtype=int), np.asarray(prob, dtype=np.float64)
+    attrs = source_attributes(list(metas) + list(reference))
+    strata = np.array(["/".join(v) for v in zip(*(attrs[a][: len(metas)] for a in SOURCE_ATTRIBUTES))])
+    right, pairs = _pairs_right(y, prob, strata)
+    mixed = sorted({g for g in strata if len(set(y[strata == g].tolist())) == 2})
+    out = {"n": int(len(y)), "pairs": int(pairs), "strata": int(len(set(strata.tolist()))), "strata_with_both_classes": len(mixed)}
+    if not pairs:
+        return {**out, "skipped": "no source stratum holds test images of both classes"}
+    rng = np.random.default_rng(seed)
+    cells = [np.flatnonzero((strata == g) & (y == c)) for g in mixed for c in (0, 1)]
+    stats = []
+    for _ in range(boot):
+        idx = np.concatenate([rng.choice(c, size=len(c)) for c in cells])
+        r, n = _pairs_right(y[idx], prob[idx], strata[idx])
+        stats.append(r / n)
+    lo, hi = np.quantile(stats, [0.025, 0.975])
+    return {**out, "auc": right / pairs, "ci95": [float(lo), float(hi)]}
+
+
 def source_probe(features: np.ndarray, metas: list[ImageMeta], folds: int = 5, seed: int = 0) -> dict:
     """Cross-validated balanced accuracy of a logistic regression predicting each source attribute
     from ``features``; chance is 1 / classes. Classes with fewer than ``folds`` images are left out;
@@ -175,9 +217,9 @@ def _fused(model, prep: Preprocess, part, device: str) -> np.ndarray:
 
 def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[str], y_test, prob, threshold: float,
                     train=None, device: str = "cpu", seed: int = 0) -> dict:
-    """All three probes for one scored test set. ``train`` is the prepared training partition
+    """All four probes for one scored test set. ``train`` is the prepared training partition
     (originals; ``None`` when the data scored has no training partition, e.g. an external set:
-    then only the occlusion probes run)."""
+    then only the occlusion and within-source probes run)."""
     root = Path(root)
     y_test, prob = np.asarray(y_test, dtype=int), np.asarray(prob, dtype=np.float64)
     images, keep = [], []
@@ -188,10 +230,14 @@ def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[
         except (ImageReadError, OSError) as exc:  # it was readable a moment ago; say so, go on
             log.warning("%s: %s; left out of the occlusion probes", root / rel, exc)
     out: dict = {"occlusion": occlusion_aucs(model, prep, images, y_test[keep], device)}
-    if train is None or len(train) == 0:
+    has_train = train is not None and len(train) > 0
+    train_meta = _metas(root, train.paths) if has_train else []
+    out["within_source"] = within_source_auc(y_test[keep], prob[keep], _metas(root, [test_paths[i] for i in keep]),
+                                             train_meta, seed=seed)
+    if not has_train:
         skipped = {"skipped": "no training partition (scored on a data set without a split)"}
         return {**out, "shortcut_adversarial": skipped, "source": skipped}
-    test_meta, train_meta = _metas(root, test_paths), _metas(root, train.paths)
+    test_meta = _metas(root, test_paths)
     y_train = train.targets.numpy().astype(int)
     out["shortcut_adversarial"] = shortcut_adversarial(train_meta, y_train, test_meta, y_test,
                                                        (prob >= threshold).astype(int), seed)
@@ -207,11 +253,16 @@ def _value(entry: dict, key: str) -> str:
 
 
 def format_probes(p: dict) -> str:
-    """The probes in three lines, for the console."""
+    """The probes, a line each, for the console."""
     adv, occ = p["shortcut_adversarial"], p["occlusion"]
     lines = [f"shortcut-adversarial accuracy {_value(adv, 'accuracy')}"
              + (f" (n = {adv['n']} of {adv['n_test']})" if "n" in adv else f" ({adv['skipped']})"),
              f"AUC with the bone hidden {_value(occ['hide_bone'], 'auc')}, bone only {_value(occ['only_bone'], 'auc')}"]
+    within = p.get("within_source")
+    if within:
+        lines.append(f"AUC within one source (same-stratum pairs) {_value(within, 'auc')}"
+                     + (f" ({within['pairs']} pairs in {within['strata_with_both_classes']} strata)"
+                        if "skipped" not in within else f" ({within['skipped']})"))
     src = p["source"]
     if "skipped" in src:
         lines.append(f"source probe: {src['skipped']}")

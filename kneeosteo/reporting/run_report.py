@@ -203,7 +203,7 @@ def probes_section(metrics: dict) -> dict | None:
     if not p:
         return None
     src = p.get("source", {})
-    return {"adv": p.get("shortcut_adversarial", {}), "occ": p.get("occlusion", {}),
+    return {"adv": p.get("shortcut_adversarial", {}), "occ": p.get("occlusion", {}), "within": p.get("within_source"),
             "source": {k: v for k, v in src.items() if isinstance(v, dict)}, "source_skipped": src.get("skipped")}
 
 
