@@ -24,33 +24,13 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import t as student_t
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kneeosteo.data.scan import scan_dataset  # noqa: E402
 from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix  # noqa: E402
-
-
-def strata(records) -> dict[str, str]:
-    """path -> "FORMAT/MODE/tercile", the tercile cut points from every film (no labels used)."""
-    aspect = np.array([r.meta.width / r.meta.height for r in records])
-    cuts = np.quantile(aspect, [1 / 3, 2 / 3])
-    tercile = np.digitize(aspect, cuts, right=True)
-    return {r.path: f"{r.meta.format}/{r.meta.mode}/{int(t)}" for r, t in zip(records, tercile)}
-
-
-def within_auc(y, score, group) -> tuple[float, int]:
-    """Pooled within-group AUC and the number of same-group positive/negative pairs."""
-    y, score, group = np.asarray(y), np.asarray(score, dtype=float), np.asarray(group)
-    right, pairs = 0.0, 0
-    for g in np.unique(group):
-        m = group == g
-        pos, neg = score[m & (y == 1)], score[m & (y == 0)]
-        if len(pos) and len(neg):
-            diff = pos[:, None] - neg[None, :]
-            right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.size
-    return (right / pairs if pairs else float("nan")), pairs
+from kneeosteo.evaluation.probes import within_source_auc  # noqa: E402
 
 
 def interval(values) -> tuple[float, float, float, float]:
@@ -68,7 +48,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     records = scan_dataset(args.data).records
     by_path = {r.path: r for r in records}
-    stratum = strata(records)
+
+    def within(test: list[str], y_test: list[int], score) -> tuple[float, int]:
+        """The package's probe, the tercile cut points from every file (the test films + the rest)."""
+        rest = [r.meta for r in records if r.path not in set(test)]
+        w = within_source_auc(y_test, score, [by_path[p].meta for p in test], rest, boot=1)
+        return w["auc"], w["pairs"]
+
     seeds = sorted(int(p.stem[4:]) for p in (args.grid / "splits").glob("seed*.json"))
     rows: dict[str, list[tuple[float, int, float]]] = {}
     for seed in seeds:
@@ -79,19 +65,21 @@ def main(argv=None) -> None:
         x, _ = metadata_matrix([by_path[p].meta for p in train] + [by_path[p].meta for p in test])
         forest = metadata_classifier(seed).fit(x[: len(train)], [by_path[p].target for p in train])
         meta_score = forest.predict_proba(x[len(train):])[:, 1]
-        auc, pairs = within_auc(y_test, meta_score, [stratum[p] for p in test])
-        overall = within_auc(y_test, meta_score, ["all"] * len(test))[0]
+        auc, pairs = within(test, y_test, meta_score)
+        overall = roc_auc_score(y_test, meta_score)
         rows.setdefault("file metadata only (the probe's forest)", []).append((auc, pairs, overall))
         for cell in sorted((args.grid / "cells").glob(f"*/seed{seed}/predictions.csv")):
             with open(cell, newline="") as fh:
                 pred = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
             score = [pred[p] for p in test]
-            auc, pairs = within_auc(y_test, score, [stratum[p] for p in test])
-            overall = within_auc(y_test, score, ["all"] * len(test))[0]
+            auc, pairs = within(test, y_test, score)
+            overall = roc_auc_score(y_test, score)
             rows.setdefault(cell.parent.parent.name, []).append((auc, pairs, overall))
+    aspect = np.array([r.meta.width / r.meta.height for r in records])
+    tercile = np.digitize(aspect, np.quantile(aspect, [1 / 3, 2 / 3]), right=True)
     counts: dict[str, list[int]] = {}
-    for r in records:
-        counts.setdefault(stratum[r.path], [0, 0])[r.target] += 1
+    for r, t in zip(records, tercile):
+        counts.setdefault(f"{r.meta.format}/{r.meta.mode}/{int(t)}", [0, 0])[r.target] += 1
     lines = ["# Within-source AUC of the lever grid", "",
              f"Grid `{args.grid}`, seeds {seeds}, {len(records)} files. Strata = format / colour mode / "
              "aspect-ratio tercile (0 = narrowest), the source probe's three attributes. Films per stratum "
