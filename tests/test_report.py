@@ -106,6 +106,17 @@ def test_summary_and_performance_carry_the_runs_numbers(tiny, report):
     assert f"{auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" in perf
 
 
+def test_probe_section_carries_the_runs_within_source_auc(tiny, report):
+    _, _, page = report
+    w = json.loads(RunDir(tiny.run).metrics_file.read_text())["shortcut_probes"]["within_source"]
+    probes = page.section("probes")
+    assert "AUC within one source" in probes
+    if "auc" in w:
+        assert f"{w['auc']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['pairs']} pairs" in probes
+    else:
+        assert w["skipped"] in probes
+
+
 def test_data_flow_counts_add_up_to_the_split(tiny, report):
     _, _, page = report
     doc = json.loads(RunDir(tiny.run).split_file.read_text())
