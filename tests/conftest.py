@@ -47,6 +47,7 @@ def _group(nodeid: str) -> str:
     return SHARED_GROUPS.get(module, module)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist (plain `pytest`, -p no:xdist) it is never called
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scope scheduler with our groups as scopes, in collection order (xdist's own
     `--dist loadgroup` marks do not reach the scheduler under pytest 9.2, whose node ids ignore
