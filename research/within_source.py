@@ -9,9 +9,13 @@ forest (width, height, aspect ratio, file size, colour mode; refitted per seed o
 partition, as the shortcut-adversarial probe does) is scored the same way: what is left to read
 inside a stratum from the file alone.
 
-    python research/within_source.py GRID_DIR DATA [--out research/WITHIN_SOURCE.md]
+    python research/within_source.py GRID_DIR DATA [--out research/WITHIN_SOURCE.md] [--write-cells]
 
 Reads each cell's predictions.csv and each seed's split; trains nothing. Not a package feature.
+``--write-cells`` also adds the probe as `evaluate` computes it (tercile cut points from the seed's
+training and test films, bootstrap interval) to each cell's metrics.json, marked as added from
+predictions.csv, for cells scored before the probe existed; `reproduce` on the grid folder then
+tabulates it with the other probes (the cells themselves are reused, not retrained).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kneeosteo.data.scan import scan_dataset  # noqa: E402
 from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix  # noqa: E402
 from kneeosteo.evaluation.probes import within_source_auc  # noqa: E402
+from kneeosteo.utils.atomic import write_json  # noqa: E402
+
+
+def _write_cell(cell: Path, probe: dict) -> None:
+    metrics = json.loads((cell / "metrics.json").read_text())
+    probes = metrics.get("shortcut_probes")
+    if probes is None or "within_source" in probes and "added_from" not in probes["within_source"]:
+        return  # no probes at all, or scored with the probe already: left as it is
+    probes["within_source"] = {**probe, "added_from": "predictions.csv, by research/within_source.py --write-cells"}
+    write_json(cell / "metrics.json", metrics)
 
 
 def interval(values) -> tuple[float, float, float, float]:
@@ -45,14 +59,14 @@ def main(argv=None) -> None:
     ap.add_argument("grid", type=Path)
     ap.add_argument("data", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "WITHIN_SOURCE.md")
+    ap.add_argument("--write-cells", action="store_true", help="add the probe to each cell's metrics.json")
     args = ap.parse_args(argv)
     records = scan_dataset(args.data).records
     by_path = {r.path: r for r in records}
 
-    def within(test: list[str], y_test: list[int], score) -> tuple[float, int]:
-        """The package's probe, the tercile cut points from every file (the test films + the rest)."""
-        rest = [r.meta for r in records if r.path not in set(test)]
-        w = within_source_auc(y_test, score, [by_path[p].meta for p in test], rest, boot=1)
+    def within(test: list[str], train: list[str], y_test: list[int], score) -> tuple[float, int]:
+        """The package's probe as `evaluate` runs it: tercile cut points from the seed's training and test films."""
+        w = within_source_auc(y_test, score, [by_path[p].meta for p in test], [by_path[p].meta for p in train], boot=1)
         return w["auc"], w["pairs"]
 
     seeds = sorted(int(p.stem[4:]) for p in (args.grid / "splits").glob("seed*.json"))
@@ -65,14 +79,17 @@ def main(argv=None) -> None:
         x, _ = metadata_matrix([by_path[p].meta for p in train] + [by_path[p].meta for p in test])
         forest = metadata_classifier(seed).fit(x[: len(train)], [by_path[p].target for p in train])
         meta_score = forest.predict_proba(x[len(train):])[:, 1]
-        auc, pairs = within(test, y_test, meta_score)
+        auc, pairs = within(test, train, y_test, meta_score)
         overall = roc_auc_score(y_test, meta_score)
         rows.setdefault("file metadata only (the probe's forest)", []).append((auc, pairs, overall))
         for cell in sorted((args.grid / "cells").glob(f"*/seed{seed}/predictions.csv")):
             with open(cell, newline="") as fh:
                 pred = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
             score = [pred[p] for p in test]
-            auc, pairs = within(test, y_test, score)
+            if args.write_cells:
+                _write_cell(cell.parent, within_source_auc(y_test, score, [by_path[p].meta for p in test],
+                                                           [by_path[p].meta for p in train], seed=seed))
+            auc, pairs = within(test, train, y_test, score)
             overall = roc_auc_score(y_test, score)
             rows.setdefault(cell.parent.parent.name, []).append((auc, pairs, overall))
     aspect = np.array([r.meta.width / r.meta.height for r in records])
@@ -82,8 +99,9 @@ def main(argv=None) -> None:
         counts.setdefault(f"{r.meta.format}/{r.meta.mode}/{int(t)}", [0, 0])[r.target] += 1
     lines = ["# Within-source AUC of the lever grid", "",
              f"Grid `{args.grid}`, seeds {seeds}, {len(records)} files. Strata = format / colour mode / "
-             "aspect-ratio tercile (0 = narrowest), the source probe's three attributes. Films per stratum "
-             "(normal / osteoporosis, all files):", "",
+             "aspect-ratio tercile, the source probe's three attributes; in each seed the tercile cut points come "
+             "from that seed's training and test films, as `evaluate`'s probe does. Films per stratum with the "
+             "cut points of all files (0 = narrowest; normal / osteoporosis):", "",
              "| stratum | normal | osteoporosis |", "|---|---:|---:|"]
     lines += [f"| {k} | {v[0]} | {v[1]} |" for k, v in sorted(counts.items())]
     lines += ["", "Per row: the usual AUC and the within-stratum AUC (same-stratum positive/negative pairs only), "
