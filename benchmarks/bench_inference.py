@@ -394,7 +394,7 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
     threads = threads or torch.get_num_threads()
     models = list(models or (("efficientnet_lite0",) if quick else MODELS))
     engines = list(engines or ENGINES)
-    size = 48 if quick else 224  # --quick: small (at 32 px static int8 ONNX Runtime rejects a 5x5 depthwise conv on a 1x1 map)
+    size = 48 if quick else 224  # --quick: small (at 32 px ONNX Runtime's static int8 session rejects a late depthwise conv's input shape)
     settings = {
         "image_size": size, "batches": list(BATCHES), "threads": threads,
         "warmup": 1 if quick else 3, "min_iters": 3 if quick else 20, "max_iters": 20 if quick else 300,

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import t as student_t
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kneeosteo.data.scan import scan_dataset  # noqa: E402
 from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix  # noqa: E402
 from kneeosteo.evaluation.probes import within_source_auc  # noqa: E402
+from kneeosteo.evaluation.stats import mean_std_ci  # noqa: E402
 from kneeosteo.utils.atomic import write_json  # noqa: E402
 
 
@@ -47,13 +47,6 @@ def _write_cell(cell: Path, probe: dict) -> None:
     write_json(cell / "metrics.json", metrics)
 
 
-def interval(values) -> tuple[float, float, float, float]:
-    v = np.asarray(values, dtype=float)
-    mean, sd = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    half = float(student_t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return mean, sd, mean - half, mean + half
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("grid", type=Path)
@@ -64,10 +57,11 @@ def main(argv=None) -> None:
     records = scan_dataset(args.data).records
     by_path = {r.path: r for r in records}
 
-    def within(test: list[str], train: list[str], y_test: list[int], score) -> tuple[float, int]:
-        """The package's probe as `evaluate` runs it: tercile cut points from the seed's training and test films."""
-        w = within_source_auc(y_test, score, [by_path[p].meta for p in test], [by_path[p].meta for p in train], boot=1)
-        return w["auc"], w["pairs"]
+    def within(test: list[str], train: list[str], y_test: list[int], score, seed: int) -> dict:
+        """The package's probe as `evaluate` runs it: tercile cut points from the seed's training and
+        test films (its bootstrap interval only when the cells are written)."""
+        return within_source_auc(y_test, score, [by_path[p].meta for p in test], [by_path[p].meta for p in train],
+                                 boot=1000 if args.write_cells else 1, seed=seed)
 
     seeds = sorted(int(p.stem[4:]) for p in (args.grid / "splits").glob("seed*.json"))
     rows: dict[str, list[tuple[float, int, float]]] = {}
@@ -79,19 +73,17 @@ def main(argv=None) -> None:
         x, _ = metadata_matrix([by_path[p].meta for p in train] + [by_path[p].meta for p in test])
         forest = metadata_classifier(seed).fit(x[: len(train)], [by_path[p].target for p in train])
         meta_score = forest.predict_proba(x[len(train):])[:, 1]
-        auc, pairs = within(test, train, y_test, meta_score)
-        overall = roc_auc_score(y_test, meta_score)
-        rows.setdefault("file metadata only (the probe's forest)", []).append((auc, pairs, overall))
+        w = within(test, train, y_test, meta_score, seed)
+        rows.setdefault("file metadata only (the probe's forest)", []).append(
+            (w["auc"], w["pairs"], roc_auc_score(y_test, meta_score)))
         for cell in sorted((args.grid / "cells").glob(f"*/seed{seed}/predictions.csv")):
             with open(cell, newline="") as fh:
                 pred = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
             score = [pred[p] for p in test]
+            w = within(test, train, y_test, score, seed)
             if args.write_cells:
-                _write_cell(cell.parent, within_source_auc(y_test, score, [by_path[p].meta for p in test],
-                                                           [by_path[p].meta for p in train], seed=seed))
-            auc, pairs = within(test, train, y_test, score)
-            overall = roc_auc_score(y_test, score)
-            rows.setdefault(cell.parent.parent.name, []).append((auc, pairs, overall))
+                _write_cell(cell.parent, w)
+            rows.setdefault(cell.parent.parent.name, []).append((w["auc"], w["pairs"], roc_auc_score(y_test, score)))
     aspect = np.array([r.meta.width / r.meta.height for r in records])
     tercile = np.digitize(aspect, np.quantile(aspect, [1 / 3, 2 / 3]), right=True)
     counts: dict[str, list[int]] = {}
@@ -110,11 +102,13 @@ def main(argv=None) -> None:
               "same-stratum pairs per seed |", "|---|---:|---:|---:|---:|"]
     meta = [v[0] for v in rows["file metadata only (the probe's forest)"]]
     for name, vals in sorted(rows.items(), key=lambda kv: -np.mean([v[0] for v in kv[1]])):
-        w = interval([v[0] for v in vals])
-        o = interval([v[2] for v in vals])
-        d = interval([v[0] - m for v, m in zip(vals, meta)]) if len(vals) == len(meta) else None
-        diff = "-" if name.startswith("file metadata") or d is None else f"{d[0]:+.3f} [{d[2]:+.3f}, {d[3]:+.3f}]"
-        lines.append(f"| {name} | {o[0]:.3f} ± {o[1]:.3f} | {w[0]:.3f} ± {w[1]:.3f} [{w[2]:.3f}, {w[3]:.3f}] | {diff} | "
+        w = mean_std_ci([v[0] for v in vals])
+        o = mean_std_ci([v[2] for v in vals])
+        d = mean_std_ci([v[0] - m for v, m in zip(vals, meta)]) if len(vals) == len(meta) else None
+        diff = "-" if name.startswith("file metadata") or d is None else \
+            f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        lines.append(f"| {name} | {o['mean']:.3f} ± {o['std']:.3f} | {w['mean']:.3f} ± {w['std']:.3f} "
+                     f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] | {diff} | "
                      f"{np.mean([v[1] for v in vals]):.0f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

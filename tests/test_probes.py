@@ -8,6 +8,7 @@ loses it with only the bone shown, a bone reader the other way round.
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -181,8 +182,18 @@ def test_within_source_auc_is_half_for_a_source_reader_and_one_for_a_label_reade
     assert good["auc"] == 1.0 and good["ci95"][0] == 1.0
     backwards = within_source_auc(y, 1 - label_reader, metas)
     assert backwards["auc"] == 0.0
-    noisy = within_source_auc(y, np.random.default_rng(0).random(40), metas)
+    scores = np.random.default_rng(0).random(40)
+    noisy = within_source_auc(y, scores, metas)
     assert noisy["ci95"][0] < noisy["auc"] < noisy["ci95"][1] and noisy["ci95"][0] < 0.5 < noisy["ci95"][1]
+    # the interval is a bootstrap of the films within each source and class: drawn here by hand
+    rng, stats = np.random.default_rng(1), []
+    cells = [np.flatnonzero((y == c) & ((np.arange(40) < 20) == s)) for s in (True, False) for c in (0, 1)]
+    for _ in range(2000):
+        idx = np.concatenate([rng.choice(c, len(c)) for c in cells])
+        yy, pp, src = y[idx], scores[idx], idx < 20
+        d = [pp[(src == s) & (yy == 1)][:, None] - pp[(src == s) & (yy == 0)][None, :] for s in (True, False)]
+        stats.append(sum(float((x > 0).sum() + 0.5 * (x == 0).sum()) for x in d) / sum(x.size for x in d))
+    assert np.quantile(stats, [0.025, 0.975]) == pytest.approx(noisy["ci95"], abs=0.03)
     pure = within_source_auc(np.array([1] * 20 + [0] * 20), source_reader, metas)  # no mixed source
     assert "skipped" in pure and pure["pairs"] == 0
 
@@ -215,8 +226,15 @@ def test_a_trained_run_carries_the_probes_in_its_metrics(tiny):
     adv = p["shortcut_adversarial"]
     assert adv["n_test"] == n_test and 0 <= adv["n"] <= n_test
     assert set(p["source"]) == {"format", "mode", "aspect_tercile"}
-    within = p["within_source"]  # the generated films: one format/mode, aspect terciles
-    assert within["n"] == n_test and within["strata"] >= 1
-    assert ("auc" in within) == (within["pairs"] > 0) and ("skipped" in within) == (within["pairs"] == 0)
+    within = p["within_source"]  # the generated films: one format, mode and shape, so one stratum
+    n_pos = m["counts"]["tp"] + m["counts"]["fn"]
+    assert (within["n"], within["strata"], within["pairs"]) == (n_test, 1, n_pos * (n_test - n_pos))
+    with open(run.predictions_file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    from sklearn.metrics import roc_auc_score
+
+    # one stratum: every pair is a same-source pair, so the probe is the ordinary AUC
+    assert within["auc"] == pytest.approx(roc_auc_score([int(r["label"]) for r in rows],
+                                                        [float(r["probability"]) for r in rows]), abs=1e-6)
     text = format_probes(p)
     assert "bone hidden" in text and "AUC within one source" in text

@@ -139,5 +139,4 @@ def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch
     if data.features is not None:
         return data.features.double().numpy()
     model.eval()
-    with torch.no_grad():
-        return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()
+    return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()

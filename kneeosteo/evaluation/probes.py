@@ -144,17 +144,17 @@ def source_attributes(metas: list[ImageMeta]) -> dict[str, list[str]]:
     }
 
 
-def _pairs_right(y: np.ndarray, score: np.ndarray, strata: np.ndarray) -> tuple[float, int]:
-    """Same-stratum positive/negative pairs ranked right (a tie counts a half), and their number."""
-    right, pairs = 0.0, 0
+def _stratum_comparisons(y: np.ndarray, score: np.ndarray, strata: np.ndarray) -> list[np.ndarray]:
+    """For each stratum holding both classes, C[i, j] = 1, 0.5 or 0 as its i-th positive ranks
+    above, ties or ranks below its j-th negative."""
+    out = []
     for g in np.unique(strata):
         m = strata == g
         pos, neg = score[m & (y == 1)], score[m & (y == 0)]
         if len(pos) and len(neg):
-            diff = pos[:, None] - neg[None, :]
-            right += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
-            pairs += diff.size
-    return right, pairs
+            d = pos[:, None] - neg[None, :]
+            out.append((d > 0) + 0.5 * (d == 0))
+    return out
 
 
 def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta] = (), boot: int = 1000,
@@ -162,24 +162,25 @@ def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta
     """AUC over the positive/negative pairs of test images from the same source stratum (format x
     colour mode x aspect-ratio tercile; the tercile cut points from ``metas`` + ``reference``, e.g.
     the training images: no labels are used), pooled over strata; a 95% interval from a bootstrap
-    of the images within each stratum and class."""
+    of the images within each stratum and class (a resample's right pairs are a @ C @ b, with a
+    and b how often it drew each positive and each negative)."""
     y, prob = np.asarray(y, dtype=int), np.asarray(prob, dtype=np.float64)
     attrs = source_attributes(list(metas) + list(reference))
     strata = np.array(["/".join(v) for v in zip(*(attrs[a][: len(metas)] for a in SOURCE_ATTRIBUTES))])
-    right, pairs = _pairs_right(y, prob, strata)
-    mixed = sorted({g for g in strata if len(set(y[strata == g].tolist())) == 2})
-    out = {"n": int(len(y)), "pairs": int(pairs), "strata": int(len(set(strata.tolist()))), "strata_with_both_classes": len(mixed)}
+    comps = _stratum_comparisons(y, prob, strata)
+    pairs = sum(c.size for c in comps)
+    out = {"n": int(len(y)), "pairs": int(pairs), "strata": int(len(set(strata.tolist()))),
+           "strata_with_both_classes": len(comps)}
     if not pairs:
         return {**out, "skipped": "no source stratum holds test images of both classes"}
     rng = np.random.default_rng(seed)
-    cells = [np.flatnonzero((strata == g) & (y == c)) for g in mixed for c in (0, 1)]
-    stats = []
-    for _ in range(boot):
-        idx = np.concatenate([rng.choice(c, size=len(c)) for c in cells])
-        r, n = _pairs_right(y[idx], prob[idx], strata[idx])
-        stats.append(r / n)
-    lo, hi = np.quantile(stats, [0.025, 0.975])
-    return {**out, "auc": right / pairs, "ci95": [float(lo), float(hi)]}
+    right = np.zeros(boot)
+    for c in comps:
+        a = rng.multinomial(c.shape[0], np.full(c.shape[0], 1 / c.shape[0]), size=boot)
+        b = rng.multinomial(c.shape[1], np.full(c.shape[1], 1 / c.shape[1]), size=boot)
+        right += np.einsum("ri,ij,rj->r", a, c, b)
+    lo, hi = np.quantile(right / pairs, [0.025, 0.975])
+    return {**out, "auc": float(sum(c.sum() for c in comps) / pairs), "ci95": [float(lo), float(hi)]}
 
 
 def source_probe(features: np.ndarray, metas: list[ImageMeta], folds: int = 5, seed: int = 0) -> dict:
@@ -232,12 +233,12 @@ def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[
     out: dict = {"occlusion": occlusion_aucs(model, prep, images, y_test[keep], device)}
     has_train = train is not None and len(train) > 0
     train_meta = _metas(root, train.paths) if has_train else []
-    out["within_source"] = within_source_auc(y_test[keep], prob[keep], _metas(root, [test_paths[i] for i in keep]),
-                                             train_meta, seed=seed)
+    kept_meta = _metas(root, [test_paths[i] for i in keep])
+    out["within_source"] = within_source_auc(y_test[keep], prob[keep], kept_meta, train_meta, seed=seed)
     if not has_train:
         skipped = {"skipped": "no training partition (scored on a data set without a split)"}
         return {**out, "shortcut_adversarial": skipped, "source": skipped}
-    test_meta = _metas(root, test_paths)
+    test_meta = kept_meta if len(keep) == len(test_paths) else _metas(root, test_paths)
     y_train = train.targets.numpy().astype(int)
     out["shortcut_adversarial"] = shortcut_adversarial(train_meta, y_train, test_meta, y_test,
                                                        (prob >= threshold).astype(int), seed)

@@ -42,8 +42,7 @@ from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_
 from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
 
-__all__ = ["MIN_DOMAIN_IMAGES", "MIN_TEMPERATURE_IMAGES", "backbone_features", "calibrate_run", "fit_trust", "fit_trust_from_split",
-           "trust_line"]
+__all__ = ["calibrate_run", "fit_trust", "fit_trust_from_split", "trust_line"]
 
 log = logging.getLogger(__name__)
 
