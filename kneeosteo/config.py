@@ -51,7 +51,7 @@ class TrainConfig:
     finetune: bool = False  # train the backbone too (no feature cache)
     trainable_stages: int = 0  # with finetune: train only the backbone's last N stages (0 = all of it)
     backbone_lr_scale: float = 1.0  # discriminative learning rate: the backbone learns at lr x this
-    preprocess: str = "paper"  # paper | robust
+    preprocess: str = "paper"  # paper | robust (letterbox) | bone (letterbox, all but the bone region black)
     clahe: bool = False
     image_size: int = 224
     augment: str = "offline"  # offline (paper, 5 copies) | online | none
@@ -61,6 +61,7 @@ class TrainConfig:
     rotation: float = 15.0
     source_augment: bool = False  # with augment = online: JPEG re-encoding, gamma, blur, noise, flips
     label_smoothing: float = 0.0  # classification targets moved towards uniform by this much (label noise)
+    gce_q: float = 0.0  # > 0: generalised cross-entropy (1 - p^q) / q instead of cross-entropy (label noise)
     epochs: int = 30
     patience: int = 6  # early stopping on validation loss
     batch_size: int = 32
@@ -132,8 +133,12 @@ class TrainConfig:
         number("trainable_stages", 0, 64, integer=True)
         number("backbone_lr_scale", 1e-6, 10.0)
         number("label_smoothing", 0.0, 0.5)
-        if self.label_smoothing and self.kind == "regression":
-            raise ConfigError(f"label_smoothing = {self.label_smoothing} is for classification, not a {self.target} regression")
+        number("gce_q", 0.0, 1.0)
+        for name in ("label_smoothing", "gce_q"):
+            if getattr(self, name) and self.kind == "regression":
+                raise ConfigError(f"{name} = {getattr(self, name)} is for classification, not a {self.target} regression")
+        if self.label_smoothing and self.gce_q:
+            raise ConfigError(f"label_smoothing = {self.label_smoothing} and gce_q = {self.gce_q}: choose one loss against label noise")
         if self.trainable_stages and not self.finetune:
             raise ConfigError(f"trainable_stages = {self.trainable_stages} needs finetune = true (the backbone is frozen)")
         if self.source_augment and self.augment != "online":

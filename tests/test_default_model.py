@@ -109,6 +109,12 @@ def test_loss_weights_reach_the_training_loss():
         per = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.targets, reduction="none")
     only_pos = loss_with(data.targets.clone())
     assert only_pos == pytest.approx(float((per * data.targets).mean()), rel=1e-6)
+    # the trainer trains with the configured robust loss (GCE here), not plain cross-entropy
+    cfg.gce_q = 0.7
+    p_target = torch.where(data.targets == 1, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
+    assert loss_with(None) == pytest.approx(float(((1 - p_target ** 0.7) / 0.7).mean()), rel=1e-5)
+    # ... while its validation pass (no optimizer) scores the task's own loss on the labels as given
+    assert run_epoch(model, Batches(data, prep), cfg, "cpu", None, None, torch.Generator())[0] == pytest.approx(plain, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -645,3 +645,43 @@ def test_label_smoothing_is_two_class_cross_entropy_smoothing_and_only_for_class
         TrainConfig(label_smoothing=0.7)
     with pytest.raises(ConfigError, match="for classification"):
         TrainConfig(labels="l.csv", target="t_score", label_smoothing=0.1)
+
+
+def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
+    """GCE (1 - p^q)/q for p the probability given to the target: q -> 0 is cross-entropy, q = 1 is
+    1 - p; a confidently *wrong* label pulls with a vanishing gradient where cross-entropy's stays
+    near 1; multiclass uses the softmax probability of the target; smoothing and GCE exclude each
+    other and a regression refuses it."""
+    import torch.nn.functional as F
+
+    from kneeosteo.config import TrainConfig
+    from kneeosteo.errors import ConfigError
+    from kneeosteo.models.task import get_task
+
+    binary = get_task("binary")
+    z = torch.linspace(-4, 4, 9)
+    y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0, 1])
+    p = torch.sigmoid(z)
+    p_target = torch.where(y == 1, p, 1 - p)
+    for q in (0.3, 0.7):
+        assert float(binary.loss(z, y, gce_q=q)) == pytest.approx(float(((1 - p_target ** q) / q).mean()), rel=1e-5)
+    assert float(binary.loss(z, y, gce_q=1.0)) == pytest.approx(float((1 - p_target).mean()), rel=1e-5)
+    assert float(binary.loss(z, y, gce_q=1e-4)) == pytest.approx(float(F.binary_cross_entropy_with_logits(z, y)), rel=1e-3)
+    w = torch.arange(9.0)
+    assert float(binary.loss(z, y, w, gce_q=0.7)) == pytest.approx(float((w * (1 - p_target ** 0.7) / 0.7).mean()), rel=1e-5)
+    # a film labelled 1 that the model calls 0 with logit -8: bounded pull
+    wrong = torch.tensor([-8.0], requires_grad=True)
+    binary.loss(wrong, torch.tensor([1.0]), gce_q=0.7).backward()
+    ce = torch.tensor([-8.0], requires_grad=True)
+    binary.loss(ce, torch.tensor([1.0])).backward()
+    assert abs(float(wrong.grad)) < 0.01 < 0.99 < abs(float(ce.grad))
+    k = torch.randn(6, 3)
+    yk = torch.tensor([0.0, 1, 2, 2, 1, 0])
+    pk = torch.softmax(k, -1)[torch.arange(6), yk.long()]
+    assert float(get_task("multiclass").loss(k, yk, gce_q=0.5)) == pytest.approx(float(((1 - pk ** 0.5) / 0.5).mean()), rel=1e-5)
+    with pytest.raises(ConfigError, match="gce_q"):
+        TrainConfig(gce_q=1.5)
+    with pytest.raises(ConfigError, match="choose one loss"):
+        TrainConfig(gce_q=0.7, label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="gce_q = 0.7 is for classification"):
+        TrainConfig(labels="l.csv", target="t_score", gce_q=0.7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -65,6 +66,30 @@ def test_bone_mask_finds_the_shafts_and_leaves_the_background():
     # the same on uint8 input, and a blank image hides everything rather than guessing
     assert (bone_mask((img * 255).astype(np.uint8)) == m).mean() > 0.98
     assert bone_mask(np.full((40, 50), 0.5, np.float32)).all()
+
+
+def test_bone_preset_shows_the_network_only_the_bone_letterboxed():
+    """preprocess = bone: the film's border and a burnt-in marker become black, the shafts stay,
+    the picture is letterboxed where ``content_box`` says (as 'robust')."""
+    from kneeosteo.data.preprocess import Preprocess
+
+    img, truth = film(border=0.3, bone=0.9, seed=0, h=SIZE, w=SIZE // 2 * 2)
+    img = np.pad(img, ((0, 0), (SIZE // 4, SIZE // 4)), constant_values=0.3)  # wider film: letterbox bars top/bottom
+    truth = np.pad(truth, ((0, 0), (SIZE // 4, SIZE // 4)))
+    img[2:8, 2:20] = 1.0  # a burnt-in marker in the border
+    prep = Preprocess("bone", SIZE)
+    geo = prep.geometry(img)[0].numpy()
+    top, left, nh, nw = prep.content_box(*img.shape)
+    assert (top, left, nh, nw) == Preprocess("robust", SIZE).content_box(*img.shape) and top > 0
+    inside = cv2.resize(truth.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
+    content = geo[top:top + nh, left:left + nw]
+    assert content[inside].mean() > 0.8  # the bone is shown
+    sx, sy = nw / img.shape[1], nh / img.shape[0]
+    marker = content[int(2 * sy):int(8 * sy) + 1, int(2 * sx):int(20 * sx) + 1]
+    assert content[:, : nw // 8].max() == 0 and marker.max() == 0  # the border and the marker are black
+    robust = Preprocess("robust", SIZE).geometry(img)[0].numpy()
+    assert robust[top + 1, left + 1] > 0.25  # where 'robust' shows the film's border
+    assert geo[:top].max() == 0 and geo[top + nh:].max() == 0  # the letterbox bars
 
 
 def test_bone_mask_ignores_a_burnt_in_white_bar():

@@ -1,11 +1,14 @@
 """Turn a canonical greyscale radiograph into the tensor a network eats.
 
-Two presets:
+Three presets:
 - ``paper``: stretch to 224x224 (aspect ratio ignored, as the paper does), 3 identical channels,
   normalised with the backbone's mean/std.
 - ``robust``: aspect-preserving letterbox onto a black square, optional CLAHE. Stretching makes a
   tall narrow film look different from a square one, which lets a network read the *source*
   (a label shortcut the audit finds on KOP) instead of bone; the letterbox removes that cue.
+- ``bone``: as ``robust``, after everything outside the label-free bone region
+  (:func:`kneeosteo.data.bone.bone_mask`) is set to black: the film's border, padding, soft tissue
+  and burnt-in text (what a network can read of the film's source outside the bone) never reach it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kneeosteo.data.bone import bone_mask
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRESETS = ("paper", "robust")
+PRESETS = ("paper", "robust", "bone")
 
 
 def scaled_size(h: int, w: int, longest: int) -> tuple[int, int]:
@@ -49,6 +54,8 @@ class Preprocess:
     def geometry(self, pixels: np.ndarray) -> torch.Tensor:
         """(H, W) float [0,1] -> (1, S, S) float32 [0,1]: the resized picture before normalisation."""
         img = np.ascontiguousarray(pixels, dtype=np.float32)
+        if self.preset == "bone":  # the mask is found on the picture as read, before any contrast change
+            img = np.where(bone_mask(img), img, np.float32(0))
         if self.clahe:
             u16 = np.round(img * 65535).astype(np.uint16)
             img = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u16).astype(np.float32) / 65535
@@ -65,7 +72,7 @@ class Preprocess:
 
     def content_box(self, h: int, w: int) -> tuple[int, int, int, int]:
         """Where an (h, w) image lands in the S x S network input: ``(top, left, height, width)``.
-        'paper' stretches it over the whole square; 'robust' letterboxes it, centred. The one
+        'paper' stretches it over the whole square; 'robust' and 'bone' letterbox it, centred. The one
         place this arithmetic lives: Grad-CAM and the web overlays crop maps back with it."""
         s = self.size
         if self.preset == "paper":

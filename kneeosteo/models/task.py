@@ -42,18 +42,28 @@ class TaskSpec:
         return n_classes if self.name == "multiclass" else 1
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
-             reduction: str = "mean", smoothing: float = 0.0) -> torch.Tensor:
+             reduction: str = "mean", smoothing: float = 0.0, gce_q: float = 0.0) -> torch.Tensor:
         """The training loss of outputs ``out`` ((B,) or (B, K)) against targets ``y`` (float:
         0/1, a class index, or a value); ``weight``: per-row loss weights or None.
         ``smoothing`` (label smoothing, Szegedy et al. 2016): a classification target is moved
         that far towards the uniform distribution (binary: 1 -> 1 - s/2, 0 -> s/2, as
         ``F.cross_entropy(label_smoothing=s)`` does for two classes), so a mislabelled film
-        cannot push its logit without bound."""
+        cannot push its logit without bound.
+        ``gce_q`` > 0 (classification): the generalised cross-entropy of Zhang & Sabuncu (2018),
+        (1 - p^q) / q for p the probability given to the target class, instead of -log p: q -> 0
+        is cross-entropy, q = 1 the mean absolute error, which a mislabelled film pulls on with a
+        bounded gradient."""
         if self.name == "binary":
             target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
-            return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
-        if self.name == "multiclass":
-            rows = F.cross_entropy(out, y.long(), reduction="none", label_smoothing=smoothing)
+            if not gce_q:
+                return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
+            rows = (target * _gce(F.logsigmoid(out), gce_q) + (1 - target) * _gce(F.logsigmoid(-out), gce_q))
+        elif self.name == "multiclass":
+            if gce_q:
+                log_p = F.log_softmax(out.float(), dim=-1).gather(-1, y.long()[:, None])[:, 0]
+                rows = _gce(log_p, gce_q)
+            else:
+                rows = F.cross_entropy(out, y.long(), reduction="none", label_smoothing=smoothing)
         else:
             rows = F.huber_loss(out, y, delta=HUBER_DELTA, reduction="none")
         if weight is not None:
@@ -77,6 +87,11 @@ class TaskSpec:
         if self.name == "multiclass":
             return np.argmax(answer, axis=-1) == y.astype(int)
         return np.abs(answer - y) <= 0.5
+
+
+def _gce(log_p: torch.Tensor, q: float) -> torch.Tensor:
+    """Generalised cross-entropy of the log-probability given to the target: (1 - p^q) / q."""
+    return (1 - torch.exp(q * log_p)) / q
 
 
 TASKS = {t.name: t for t in (

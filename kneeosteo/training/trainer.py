@@ -165,12 +165,13 @@ def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optim
             w = None if w is None else w[rows]
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
-            smoothing = cfg.label_smoothing if train else 0.0  # validation loss on the labels as given
+            # validation loss: the task's own loss on the labels as given (early stopping compares like with like)
+            robust = {"smoothing": cfg.label_smoothing, "gce_q": cfg.gce_q} if train else {}
             if world > 1:
-                summed = task.loss(logits, y, w, reduction="sum", smoothing=smoothing)
+                summed = task.loss(logits, y, w, reduction="sum", **robust)
                 loss = summed * (world / batch_n)
             else:
-                loss = task.loss(logits, y, w, smoothing=smoothing)
+                loss = task.loss(logits, y, w, **robust)
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
