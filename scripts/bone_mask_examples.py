@@ -1,9 +1,12 @@
 """Show what the shortcut probes hide: the package's label-free bone mask on KOP films.
 
 Usage: python scripts/bone_mask_examples.py DATA OUT_PNG [NAME ...]
+       python scripts/bone_mask_examples.py --preset DATA OUT_PNG [NAME ...]
 
 Writes one picture: per film (rows) the radiograph with the mask's outline in red, probe (a)'s
-view (bone hidden) and probe (b)'s view (only the bone). Prints the share of the film the mask
+view (bone hidden) and probe (b)'s view (only the bone). With ``--preset``: what a model trained
+with ``preprocess = bone`` is shown instead: the network input for the film, and for probe (a)'s
+and probe (b)'s views (the preset finds the bone region again on each view). Prints the share of the film the mask
 covers for every readable image of DATA (median and range), the figure the README quotes.
 """
 
@@ -16,6 +19,7 @@ import cv2
 import numpy as np
 
 from kneeosteo.data.bone import bone_mask, occlude
+from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import read_image, to_uint8
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.utils.atomic import atomic_path
@@ -35,7 +39,16 @@ def panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.hstack([cv2.resize(v, size, interpolation=cv2.INTER_AREA) for v in views])
 
 
-def main(data: str, out: str, *names: str) -> None:
+def preset_panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    prep = Preprocess("bone", ROW_HEIGHT)
+    views = [pixels] + [prep.geometry(v)[0].numpy() for v in
+                        (pixels, occlude(pixels, mask, "hide_bone"), occlude(pixels, mask, "only_bone"))]
+    scale = ROW_HEIGHT / pixels.shape[0]
+    views[0] = cv2.resize(to_uint8(pixels), (max(1, round(pixels.shape[1] * scale)), ROW_HEIGHT), interpolation=cv2.INTER_AREA)
+    return np.hstack([cv2.cvtColor(v if v.dtype == np.uint8 else to_uint8(v), cv2.COLOR_GRAY2BGR) for v in views])
+
+
+def main(data: str, out: str, *names: str, preset: bool = False) -> None:
     scan = scan_dataset(Path(data))
     shares, rows = [], []
     by_name = {Path(r.path).stem: r for r in scan.records}
@@ -44,7 +57,7 @@ def main(data: str, out: str, *names: str) -> None:
     for name in names or ("normal_0014", "normal_0096", "osteoporosis_0055", "osteoporosis_0113"):
         rec = by_name[name]
         px = read_image(Path(data) / rec.path).pixels
-        rows.append(panel(px, bone_mask(px)))
+        rows.append((preset_panel if preset else panel)(px, bone_mask(px)))
     width = max(r.shape[1] for r in rows)
     sheet = np.vstack([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
     ok, png = cv2.imencode(".png", sheet)
@@ -55,6 +68,7 @@ def main(data: str, out: str, *names: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    args = [a for a in sys.argv[1:] if a != "--preset"]
+    if len(args) < 2:
         sys.exit(__doc__)
-    main(*sys.argv[1:])
+    main(*args, preset="--preset" in sys.argv[1:])

@@ -40,8 +40,10 @@ def architecture(rd: RunDir) -> str:
     if ident["use_attention"]:
         branches += " fused with the attention module (128 features)"
     head = "-".join(str(v) for v in [ident["head"]["in_features"], *ident["head"]["hidden"], 1])
-    geometry = ("stretched to {0}x{0} (`paper` preset)" if prep.preset == "paper"
-                else "letterboxed onto a black {0}x{0} square, aspect ratio kept (`robust` preset)").format(prep.size)
+    geometry = {"paper": "stretched to {0}x{0} (`paper` preset)",
+                "robust": "letterboxed onto a black {0}x{0} square, aspect ratio kept (`robust` preset)",
+                "bone": "everything outside its label-free bone region set to black, then letterboxed onto a black "
+                        "{0}x{0} square, aspect ratio kept (`bone` preset)"}[prep.preset].format(prep.size)
     weighting = ("each training image weighted by 1 / P(its label | file metadata), a forest fitted out of fold "
                  "on the training images (`reweight = \"metadata\"`)" if s.get("reweight") == "metadata" else "unweighted")
     augment = {"none": "no augmentation", "offline": f"{s.get('copies')} augmented copies per training image",
@@ -55,18 +57,19 @@ def evidence(table: dict, keys: list[str]) -> str:
     seeds = len(table["info"]["seeds"])
     out = [f"`kneeosteo reproduce`, {seeds} seeds, the same 72 test images per seed for every row "
            "(mean ± std over seeds; shortcut-adversarial accuracy pooled over seeds, Wilson interval):", "",
-           "| model | accuracy | AUC | shortcut-adversarial acc (n) | AUC bone hidden | AUC bone only | McNemar p | DeLong p |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| model | accuracy | AUC | shortcut-adversarial acc (n) | AUC bone hidden | AUC bone only | AUC within source "
+           "| McNemar p | DeLong p |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for k in keys:
         r = rows.get(k)
         if r is None:
             continue
-        f = lambda c: f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}"  # noqa: E731
+        f = lambda c: f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if c + "_mean" in r else "-"  # noqa: E731
         adv = (f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
                f"({r['adversarial_n']})") if "adversarial_n" in r else "-"
         p = lambda c: f"{r[c]:.3g}" if c in r else "ref"  # noqa: E731
         out.append(f"| {r['title']} | {f('accuracy')} | {f('auc')} | {adv} | {f('auc_bone_hidden')} | "
-                   f"{f('auc_bone_only')} | {p('mcnemar_p')} | {p('delong_p')} |")
+                   f"{f('auc_bone_only')} | {f('auc_within_source')} | {p('mcnemar_p')} | {p('delong_p')} |")
     return "\n".join(out)
 
 
