@@ -81,7 +81,8 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
         _P + "classes": json.dumps([info.negative, info.positive]),
         _P + "input": (f"images: float32 (B, 3, {p.size}, {p.size}); read the radiograph as greyscale "
                        f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
-                       f"robust: letterbox onto a black square; bone: black out all but kneeosteo.data.bone.bone_mask's region, then letterbox), CLAHE={p.clahe}, copy to 3 channels, "
+                       f"robust: letterbox onto a black square; bone: black out all but "
+                       f"kneeosteo.data.bone.bone_mask's region, then letterbox), CLAHE={p.clahe}, copy to 3 channels, "
                        f"then (x - mean) / std with mean={list(p.mean)}, std={list(p.std)}"),
         _P + "output": f"probability: float32 (B,), P({info.positive}); logit: float32 (B,); features: float32 "
                        f"(B, D), the frozen backbone's pooled features (for the domain check; absent without a "
