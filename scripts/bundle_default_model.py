@@ -130,7 +130,8 @@ Best epoch {rec.get('best_epoch')} of {rec.get('epochs_run')} by validation loss
 |---|---|
 {rows}
 
-Test-set accuracy: **{m['accuracy']['value']:.4f}**.
+Test-set accuracy: **{m['accuracy']['value']:.4f}**. These are one split's figures (seed {split['seed']});
+the evidence below gives the mean ± std of the same settings over the grid's seeds: quote those.
 
 ## Does it read bone? (shortcut probes on the same test images)
 ```
@@ -150,7 +151,8 @@ this model's accuracy on the test images where that forest is wrong (chance: 0.5
 - A 72-image test set: the accuracy's 95% interval is about +-8 points wide.
 - {trust_text(rd)}
 - Image source, film format and post-processing shift the output: on the images where the file's
-  metadata points the wrong way its accuracy is near chance (pooled over the grid's seeds, above).
+  metadata points the wrong way its accuracy falls towards chance (0.5; pooled over the grid's
+  seeds in the evidence above).
 """
 
 
