@@ -41,11 +41,11 @@ def panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def preset_panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     prep = Preprocess("bone", ROW_HEIGHT)
-    views = [pixels] + [prep.geometry(v)[0].numpy() for v in
-                        (pixels, occlude(pixels, mask, "hide_bone"), occlude(pixels, mask, "only_bone"))]
-    scale = ROW_HEIGHT / pixels.shape[0]
-    views[0] = cv2.resize(to_uint8(pixels), (max(1, round(pixels.shape[1] * scale)), ROW_HEIGHT), interpolation=cv2.INTER_AREA)
-    return np.hstack([cv2.cvtColor(v if v.dtype == np.uint8 else to_uint8(v), cv2.COLOR_GRAY2BGR) for v in views])
+    film = cv2.resize(to_uint8(pixels), (max(1, round(pixels.shape[1] * ROW_HEIGHT / pixels.shape[0])), ROW_HEIGHT),
+                      interpolation=cv2.INTER_AREA)
+    inputs = [to_uint8(prep.geometry(v)[0].numpy())
+              for v in (pixels, occlude(pixels, mask, "hide_bone"), occlude(pixels, mask, "only_bone"))]
+    return np.hstack([cv2.cvtColor(v, cv2.COLOR_GRAY2BGR) for v in [film, *inputs]])
 
 
 def main(data: str, out: str, *names: str, preset: bool = False) -> None:
