@@ -52,7 +52,7 @@ screenshot: $(STAMP) browser-deps
 load-test: $(STAMP)
 	$(BIN)/python benchmarks/load_test.py $(if $(RUN),--run $(RUN))
 
-# Benchmarks (not part of `make test`); writes benchmarks/results/*.json and benchmarks/RESULTS.md.
+# Benchmarks (not part of `make test`); writes docs/results/benchmarks/*.json and RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python benchmarks/bench_am_step.py

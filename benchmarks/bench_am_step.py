@@ -4,7 +4,7 @@
 This is the step that bounds the cached-vs-naive ratio of the training benchmark, so its cost
 and the effect of the reordering are measured on their own:
 
-    python benchmarks/bench_am_step.py [--iters 8] [--out benchmarks/results/am_step.json]
+    python benchmarks/bench_am_step.py [--iters 8] [--out docs/results/benchmarks/am_step.json]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "am_step.json")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "am_step.json")
     args = ap.parse_args(argv)
     doc = run(args.iters, args.batch, args.size)
     return write_results(args.out, doc, markdown)

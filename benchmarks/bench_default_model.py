@@ -2,7 +2,7 @@
 30 minutes, and prediction within 1 s per image, on this machine's cores.
 
     python benchmarks/bench_default_model.py --data ../shared/datasets/kop [--split S] [--images 24]
-        [--out benchmarks/results/default_model.json]
+        [--out docs/results/benchmarks/default_model.json]
 
 Training runs `kneeosteo train DATA --config configs/default_model.toml --split S --precision fp32`
 in a fresh process with a cold feature cache (its own temporary KNEEOSTEO_CACHE), timed end to end
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "kop"))
     ap.add_argument("--split", default=None, help="split file (default: the bundled model's, the seed-0 paper split)")
     ap.add_argument("--images", type=int, default=24, help="test images to time prediction on")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "default_model.json"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "benchmarks" / "default_model.json"))
     args = ap.parse_args(argv)
     data = Path(args.data)
     split = Path(args.split) if args.split else REPO / "kneeosteo" / "assets" / "default_model" / "split.json"

@@ -196,7 +196,7 @@ def main(argv=None) -> Path | None:
     ap.add_argument("--quick", action="store_true", help="three variants, for a smoke test")
     ap.add_argument("--only", help="measure only the variants whose name contains this; keep the others' rows from --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp32_path.json")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "fp32_path.json")
     args = ap.parse_args(argv)
     if args.one:
         import torch

@@ -5,8 +5,8 @@
     python -m benchmarks.bench_scaling grid [--data DIR --quick]          # reproduce: local vs --ray, same tables?
     python -m benchmarks.bench_scaling predict [--inputs DIR]             # predict: --workers 2 vs --ray
 
-Each writes ``benchmarks/results/scaling_<name>.json`` (appending a run) and rebuilds
-``benchmarks/results/scaling.md``, which ``benchmarks/report.py`` puts into RESULTS.md. Every
+Each writes ``docs/results/benchmarks/scaling_<name>.json`` (appending a run) and rebuilds
+``docs/results/benchmarks/scaling.md``, which ``benchmarks/report.py`` puts into RESULTS.md. Every
 figure carries the load average at its start and end: on a shared machine a timing is an upper
 bound, and rows taken with a load average above the CPU count are labelled "under load".
 Peak RSS is each measured process's own high-water mark (``ru_maxrss`` of the child, or VmHWM).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, imagegen, loadavg, now_iso, proc_status_kb
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "docs" / "results" / "benchmarks"
 PY = sys.executable
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "benchmarks"
 
 
 def synthetic_radiograph(size: int = 512, seed: int = 0) -> bytes:

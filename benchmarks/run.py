@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 from benchmarks.common import REPO, set_threads, write_json  # noqa: E402
 
 SECTIONS = ("loading", "training", "inference")
-DEFAULT_OUT = REPO / "benchmarks" / "results"
-DEFAULT_MD = REPO / "benchmarks" / "RESULTS.md"
+DEFAULT_OUT = REPO / "docs" / "results" / "benchmarks"
+DEFAULT_MD = DEFAULT_OUT / "RESULTS.md"
 
 
 def parse_args(argv=None):

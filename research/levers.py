@@ -14,7 +14,7 @@ wrong), occlusion probes (a) bone hidden / (b) only bone shown, AUC of the same 
 Usage (from the repository root, PYTHONPATH=. and KNEEOSTEO_CACHE set):
     python research/levers.py prepare            # decode, bone masks, example PNGs
     python research/levers.py features CONFIG... # frozen features (cached npz)
-    python research/levers.py evaluate [LEVER...]# OOF metrics -> research/results/
+    python research/levers.py evaluate [LEVER...]# OOF metrics -> docs/results/research/
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("KNEEOSTEO_DATA") or ROOT.parent.parent / "shared" / "datasets" / "kop")
 CACHE = Path(os.environ.get("KNEEOSTEO_CACHE") or Path.home() / ".cache" / "kneeosteo-levers")
-RESULTS = Path(os.environ.get("LEVERS_RESULTS", ROOT / "results"))
+RESULTS = Path(os.environ.get("LEVERS_RESULTS", ROOT.parent / "docs" / "results" / "research"))
 MAX_SIDE = 1024      # decoded radiographs are cached at most this long (uint8)
 MASK_SIDE = 512      # bone masks are computed at this scale
 REPEATS, FOLDS, INNER = 5, 5, 5
@@ -568,7 +568,7 @@ def cmd_evaluate(args) -> None:
             continue
         oof = RESULTS / "oof" / f"{name}.npz"
         if oof.is_file() and name not in args.levers:
-            d = np.load(oof, allow_pickle=True)
+            d = np.load(oof)
             res = {"P": {v: d[v] for v in ("orig", "hide_bone", "only_bone")}}
             if name == REFERENCE:
                 ref_P = res["P"]["orig"]

@@ -5,7 +5,7 @@ Engines (``engine=``; ``kneeosteo predict --engine``):
 
 - ``auto`` (default): ``onnxruntime`` on the CPU, ``torch`` on CUDA. ONNX Runtime fp32 was the
   fastest engine that agrees with PyTorch fp32 (|dp| < 1e-3) on both backbones, at batch 1 and
-  32 (``benchmarks/RESULTS.md``, ``python -m benchmarks.run``).
+  32 (``docs/results/benchmarks/RESULTS.md``, ``python -m benchmarks.run``).
 - ``torch``: PyTorch fp32, channels-last, under ``inference_mode`` (the reference).
 - ``onnxruntime``: ONNX Runtime fp32 on the model's export (``onnx=`` file or made on demand).
 - ``torch-bf16`` and ``onnxruntime-int8`` (static int8, QDQ, calibrated on the run's training
@@ -49,7 +49,7 @@ COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "la
            # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
            "probabilities", "value", "interval_low", "interval_high")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
-CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: benchmarks/RESULTS.md
+CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Predictor:
         engine = resolve_engine(engine, device, onnx)
         if engine in LOSSY_ENGINES:
             log.warning("--engine %s is lossy: probabilities can differ from fp32 by tenths on a sensitive model "
-                        "(benchmarks/RESULTS.md); use it for throughput, not for reported results", engine)
+                        "(docs/results/benchmarks/RESULTS.md); use it for throughput, not for reported results", engine)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:

@@ -428,7 +428,7 @@ def predict(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="preds.csv, preds.json or preds.parquet (a folder of Parquet part files; needs pyarrow) (default: a table on stdout)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
-    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images)."),
+    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see docs/results/benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images)."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
