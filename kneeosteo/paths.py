@@ -14,7 +14,7 @@ KAGGLE_HELP = (
 
 
 def data_candidates(explicit: str | None = None) -> list[Path]:
-    """The search order documented in the README: DATA=, $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop."""
+    """The search order documented in the README and docs/install.md: DATA=, $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop."""
     cands = [explicit, os.environ.get("KNEEOSTEO_DATA"), "data/kop", "../shared/datasets/kop"]
     return [Path(c) for c in cands if c]
 

@@ -46,7 +46,7 @@ __all__ = ["RUN_FILES", "ModelInfo", "RunConfig", "RunDir"]
 FORMAT = "kneeosteo-run"
 FORMAT_VERSION = 2
 
-# Every file a run folder may hold, with what it is; the README's table is this one (a test checks).
+# Every file a run folder may hold, with what it is; docs/cli.md's table (`train`) is this one (a test checks).
 RUN_FILES = {
     "config.json": "`identity` (what changes a prediction: architecture, preprocessing, class names, threshold), "
                    "`settings` (every training setting as asked), `record` (split sizes, backbone weights' source "

@@ -7,7 +7,7 @@ Writes one picture: per film (rows) the radiograph with the mask's outline in re
 view (bone hidden) and probe (b)'s view (only the bone). With ``--preset``: what a model trained
 with ``preprocess = bone`` is shown instead: the network input for the film, and for probe (a)'s
 and probe (b)'s views (the preset finds the bone region again on each view). Prints the share of the film the mask
-covers for every readable image of DATA (median and range), the figure the README quotes.
+covers for every readable image of DATA (median and range), the figure docs/shortcut.md quotes.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def trust_text(rd: RunDir) -> str:
     fit = (f"temperature {d['calibration'].get('temperature', 1.0):.3f} on {d['fitted']['calibration_images']} "
            f"validation images, threshold {d['threshold']}, coverage {d['coverage']}, {d['domain_method']} domain "
            f"threshold {d['domain_threshold']:.1f}")
-    return ("Its trust files (`trust.json`, README \"Trusting a prediction\") flag images unlike its training "
+    return ("Its trust files (`trust.json`, docs/trust.md, \"Trusting a prediction\") flag images unlike its training "
             "films as `out_of_domain` and answers whose conformal set holds both classes as `uncertain`; "
             f"they were fitted by `kneeosteo calibrate` on its own split ({fit}). "
             "The domain check was measured on generated and DICOM non-knee images and shifted KOP copies, "
@@ -109,7 +109,7 @@ population and must not be used to make decisions about patients.
 ## What it is
 {architecture(rd)}
 Backbone weights: `{rec['backbone_weights']['source']}`, sha256 `{rec['backbone_weights']['sha256']}`.
-Why these settings: README, "The default model and the evidence for it".
+Why these settings: docs/model.md, "The default model and the evidence for it".
 
 ## Data
 KOP (Kaggle "Osteoporosis Knee X-ray Dataset"): 372 files, 186 per class. After de-duplication

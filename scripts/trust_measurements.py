@@ -1,4 +1,4 @@
-"""Build the image sets behind the README's "Trusting a prediction" figures, from KOP and a run's
+"""Build the image sets behind the "Trusting a prediction" figures (docs/trust.md), from KOP and a run's
 split: the shifted "site" halves (site A to calibrate on, site B to score), four variants of the
 KOP test images for the domain check, and the generated non-knee corpus.
 

@@ -2,11 +2,11 @@
 through `audit`, `split`, `train`, `predict` and the web API, plus the data sets that are wrong
 as a whole (a class folder without images, one class only, a split naming missing files).
 
-Each file has one documented outcome (README, "Reliability"): *read* (used like any image),
+Each file has one documented outcome (docs/reliability.md): *read* (used like any image),
 *unreadable* (reported by name with the reason, the rest processed), *skipped* (not an image
 suffix: a warning in a scan, an error line when named explicitly), or *ignored* (a symlinked
 folder, never followed). The web API decides by content, not by name, so its column differs for
-a PNG named .txt (200). The test prints the tally the README reports.
+a PNG named .txt (200). The test prints the tally docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def _expected_tally() -> dict[str, Counter]:
 def test_zz_the_tally_is_what_was_observed():
     """Runs last in this module (definition order). Every interface's tally, built from the
     outcomes the tests above captured, is the one the corpus table promises; it is printed for
-    the README's reliability section."""
+    docs/reliability.md."""
     inputs = len(CORPUS) + 2 * GOOD_PER_CLASS
     print(f"\nbad-input corpus: {len(CORPUS)} bad files + {2 * GOOD_PER_CLASS} good ones = {inputs} inputs")
     for interface, counts in TALLY.items():

@@ -621,7 +621,7 @@ def test_kop_audit_finds_the_duplicates_the_manifest_implies(kop_scan, kop_manif
         assert any(set(grp) <= members for members, _ in found), grp
     for grp in conflicts:
         assert any(set(grp) <= members and conflict for members, conflict in found), grp
-    # exactly the groups the manifest implies, as the README states: 17 groups of 34 files, 10
+    # exactly the groups the manifest implies, as docs/cli.md (`audit`) states: 17 groups of 34 files, 10
     # of them filed under both labels (identical pixels in different bytes would be more)
     ex = a["exact_duplicates"]
     assert (ex["groups"], ex["files_involved"], ex["label_conflicts"]) == (len(dup), sum(map(len, dup)), len(conflicts))

@@ -41,7 +41,7 @@ def test_paper_config_is_the_paper_protocol_and_make_run_uses_it():
 
 def test_default_config_describes_the_bundled_model_and_the_readme_gives_its_command():
     """configs/default_model.toml is what the bundled model was trained with (every setting the file
-    names), and the README gives the command that trains it on another split."""
+    names), and the docs (Commands, `train`) give the command that trains it on another split."""
     from kneeosteo.run import RunDir
 
     import tomllib
@@ -54,8 +54,8 @@ def test_default_config_describes_the_bundled_model_and_the_readme_gives_its_com
         got = bundled[key]
         assert (tuple(got) if isinstance(got, list) else got) == getattr(cfg, key), key
     assert bundled.get("reweight", "none") == cfg.reweight  # newer than the bundled run: its default applies
-    readme = (REPO / "README.md").read_text()
-    assert "kneeosteo train DATA --config configs/default_model.toml --split S --out RUN" in readme
+    docs = (REPO / "docs" / "cli.md").read_text()
+    assert "kneeosteo train DATA --config configs/default_model.toml --split S --out RUN" in docs
 
 
 def _meta(fmt: str) -> ImageMeta:

@@ -5,7 +5,7 @@ nothing unpickles, and every file the package writes goes through the atomic hel
 
 Every fault ends with the run's own files intact (no data lost): the resumed run's history,
 metrics and predictions are byte-for-byte those of a run that was never interrupted. The
-README's reliability section counts the faults injected here (one per collected case; the
+docs/reliability.md counts the faults injected here (one per collected case; the
 kill -9 test kills twice).
 """
 

@@ -2,7 +2,7 @@
 kneeosteo, each pinned by a test that failed before its fix. The rule: no input produces a
 traceback, a hang, a non-finite probability or a silent omission.
 
-Kinds exercised here (the README's reliability section lists them with the outcomes):
+Kinds exercised here (docs/reliability.md lists them with the outcomes):
 FIFO in a data folder or named on the command line, non-UTF-8 file names in `explain`, one
 image failing inside an `explain` batch, NaN/inf float TIFFs, 32-bit integer TIFFs, small files
 with huge pixels (PNG, JPEG, 16-bit PNG, palette, DICOM), unreadable sub-folders, a
@@ -285,8 +285,8 @@ def test_bomb_message_and_readme_quote_the_one_limit(tmp_path):
     from kneeosteo.data.reader import MAX_PIXELS
 
     mp = f"{MAX_PIXELS / 1e6:g} megapixels"
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert f"more than {mp}" in readme
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "own-data.md").read_text()  # "Data layout"
+    assert f"more than {mp}" in docs
     for w, h in ((60000, 60000), (12000, 9000)):  # beyond Pillow's own backstop, and only beyond ours
         with pytest.raises(ImageReadError) as exc:
             read_image(g.bomb_png(tmp_path / f"bomb{w}.png", w, h))

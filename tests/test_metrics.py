@@ -180,7 +180,7 @@ def test_table_order_and_paper_columns():
     # the paper's Table I order, then AUC; the paper reports all but AUC
     assert metric_names() == ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "loss", "auc")
     assert metric_names(paper=False) == ("auc",)
-    assert [METRICS[k].title for k in metric_names()][3::2] == ["FPR", "F1", "AUC"]  # README header
+    assert [METRICS[k].title for k in metric_names()][3::2] == ["FPR", "F1", "AUC"]  # the results tables' header
 
 
 @pytest.mark.parametrize("name", list(METRICS))

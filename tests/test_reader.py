@@ -261,7 +261,7 @@ def test_error_is_picklable():
 
 def test_is_candidate(tmp_path):
     assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"} <= IMAGE_SUFFIXES
-    assert is_candidate(tmp_path / "x.gif")  # the README says GIF is readable: the CLI must try it
+    assert is_candidate(tmp_path / "x.gif")  # docs/own-data.md says GIF is readable: the CLI must try it
     assert is_candidate(tmp_path / "x.PNG") and is_candidate(tmp_path / "x.dicom")
     assert not is_candidate(tmp_path / "x.txt")
     assert is_candidate(g.dicom(tmp_path / "IM0001"))

@@ -1,7 +1,7 @@
 """The package's structure: layers that only point down, no import cycle, one error root that
 the command line turns into one line, and backbone registry entries that are complete.
 
-The layer table below is the package's data flow (README, "Layout"); a module may import its
+The layer table below is the package's data flow (docs/architecture.md, "Package layout"); a module may import its
 own layer and the layers below it, never above, and the two peers of layer 4 (training,
 evaluation) never import each other: what combines them lives in ``experiments``.
 """
@@ -245,7 +245,7 @@ def test_an_unknown_backbone_is_a_config_error():
 
 
 def test_adding_a_backbone_is_one_registry_entry(monkeypatch):
-    """The README's recipe: register a spec, and the config, the model factory and the Grad-CAM
+    """The recipe in docs/architecture.md ("Extending"): register a spec, and the config, the model factory and the Grad-CAM
     layer lookup accept it without any other change."""
     from torch import nn
 
@@ -269,11 +269,11 @@ def test_adding_a_backbone_is_one_registry_entry(monkeypatch):
 
 
 def test_the_readme_lists_exactly_the_run_folder_files():
-    """One table of what a run folder holds (``kneeosteo.run.RUN_FILES``); the README shows it."""
+    """One table of what a run folder holds (``kneeosteo.run.RUN_FILES``); docs/cli.md (`train`) shows it."""
     from kneeosteo.run import RUN_FILES
 
-    readme = (PKG.parent / "README.md").read_text()
-    table = readme[readme.index("RUN holds:"):].split("\n\n")[1]
+    docs = (PKG.parent / "docs" / "cli.md").read_text()
+    table = docs[docs.index("RUN holds:"):].split("\n\n")[1]
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
             for line in table.splitlines()[2:]}
     assert rows == RUN_FILES

@@ -321,5 +321,5 @@ def test_serve_runs_uvicorn_with_the_guard_and_its_documented_limits(monkeypatch
     kw = calls[0]
     assert issubclass(kw["http"], GuardedH11Protocol) and kw["http"].limits == ConnectionLimits()
     assert (ConnectionLimits().idle_s, ConnectionLimits().header_s, ConnectionLimits().body_window_s,
-            ConnectionLimits().body_min_bytes) == (5.0, 10.0, 10.0, 10_000)  # the README's numbers
+            ConnectionLimits().body_min_bytes) == (5.0, 10.0, 10.0, 10_000)  # the numbers in docs/cli.md (`serve`)
     assert kw["timeout_keep_alive"] == 5 and kw["host"] == "127.0.0.1"

@@ -11,7 +11,7 @@ from the body; Otsu #2 on the body pixels (saturated ones left out) separates so
 bone; a morphological opening; the connected components with at least 10% of the largest one's
 area are kept (at most 4: femur, tibia, fibula, patella); holes are filled; the region is dilated
 by 3% of the side. On KOP the median mask covers 0.39 of the film (range 0.11-0.59); its known
-failure is a tibia darker than Otsu #2 (only the femur is found), examples in the README.
+failure is a tibia darker than Otsu #2 (only the femur is found), examples in docs/shortcut.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from scipy.sparse.csgraph import connected_components
 from kneeosteo.data.scan import Record
 from kneeosteo.errors import ConfigError
 
-NEAR_DUP_THRESHOLD = 6  # bits of 64; see README "Duplicates" for how it was chosen on KOP
+NEAR_DUP_THRESHOLD = 6  # bits of 64; docs/cli.md (`audit`) says how it was chosen on KOP
 
 
 def exact_groups(records: list[Record]) -> list[list[Record]]:

@@ -6,7 +6,7 @@ objects), so every number in a results table can be recomputed from saved predic
 One table, :data:`METRICS`, says for each metric its name, title, how it is computed (from the
 confusion counts, or from labels and scores), its interval kind and whether the paper reports
 it. It drives ``metrics.json`` (:func:`metrics_with_ci`), :func:`binary_metrics`, the
-``evaluate`` printout (:func:`format_table`), Table I's columns and the README's column list
+``evaluate`` printout (:func:`format_table`), Table I's columns and the documentation's column list
 (:func:`metric_names`). Adding a metric is one :func:`register_metric` call (or one entry here).
 
 Conventions

@@ -18,7 +18,7 @@ What is fitted on what:
 
 The temperature, threshold and conformal quantile share the same held-out images; the
 temperature has one parameter, so the exchangeability the conformal guarantee needs is only
-mildly strained (the README says so).
+mildly strained (docs/trust.md says so).
 """
 
 from __future__ import annotations

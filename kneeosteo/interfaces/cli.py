@@ -93,7 +93,7 @@ def ray_flag(argv: list[str]) -> list[str]:
 
 
 LABELS_HELP = ("Label manifest (CSV: path,label[,patient_id,t_score,bmd,side,study_date,...]; paths relative to DATA) "
-               "instead of class folders. See README 'Your own data'.")
+               "instead of class folders. See docs/own-data.md.")
 MERGE_HELP = "Merge classes before anything else: CLASS=INTO, such as osteopenia=normal (repeatable)."
 TASK_HELP = "binary (the paper's; two classes) or multiclass (K classes, softmax head)."
 TARGET_HELP = "label (classify), or t_score / bmd: regress that manifest column (Huber loss)."
@@ -631,7 +631,7 @@ def serve(
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can upload images; "
                    "there is no authentication", err=True)
     typer.echo(f"kneeosteo: model {web.state.service.info.model_id} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: README
+    uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: docs/cli.md (serve)
 
 
 def _one_line(text: str) -> str:

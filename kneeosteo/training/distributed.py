@@ -6,7 +6,7 @@ batch, so N processes run the optimisation of one process with the same ``batch_
 head layers would otherwise see only a rank's slice, and are swapped for global-batch versions:
 BatchNorm normalises the gathered batch (``nn.SyncBatchNorm`` refuses CPU tensors), and
 dropout draws the whole batch's mask from the identically seeded generator and keeps its rows.
-N processes then match one up to floating-point summation order (README, "Scaling out").
+N processes then match one up to floating-point summation order (docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ client's h11 state and closes the connection when
   client a ``100 Continue``.
 
 While the request is complete and the server works on it, nothing is timed: that wait is ours,
-and the bounded pool limits it. See README (`serve`) for the values and why."""
+and the bounded pool limits it. See docs/cli.md (`serve`) for the values and why."""
 
 from __future__ import annotations
 
