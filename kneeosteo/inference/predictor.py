@@ -10,8 +10,8 @@ Engines (``engine=``; ``kneeosteo predict --engine``):
 - ``onnxruntime``: ONNX Runtime fp32 on the model's export (``onnx=`` file or made on demand).
 - ``torch-bf16`` and ``onnxruntime-int8`` (static int8, QDQ, calibrated on the run's training
   images, made on demand and cached) are *lossy*: on the bundled model they moved test-split
-  probabilities by up to 0.2 (bf16) and 0.7 (int8) and flipped labels, because that model reacts
-  to input changes as small as one grey level (RESULTS.md). They are never the default, and
+  probabilities by tenths and flipped labels, because that model reacts to input changes as
+  small as one grey level (``docs/results/benchmarks/engine_flips_default_model.json``). They are never the default, and
   choosing one logs a warning.
 
 Images are read and preprocessed in a few threads (decoders release the GIL) and run through

@@ -11,8 +11,8 @@ each choice is written down with its reason:
   the spatial map is then computed on already re-weighted channels.
 * **Max-pool before ReLU** inside each block. ReLU is monotone, so ``relu(maxpool(x))`` equals
   ``maxpool(relu(x))`` exactly (outputs and gradients), but the ReLU and its backward then touch
-  a quarter of the elements: a training step of AM + head runs 1.36x faster on a 2-core CPU
-  (bf16, channels-last; ``benchmarks/bench_am_step.py``). Checkpoints are unaffected (the parameter names are the same).
+  a quarter of the elements, so a training step of AM + head runs faster (measured by
+  ``benchmarks/bench_am_step.py``: ``docs/results/benchmarks/am_step.md``). Checkpoints are unaffected (the parameter names are the same).
 * **Conv bias on** (PyTorch and Keras default): there is no batch norm that would cancel it.
 * **Global average pooling** before the 64 -> 128 Linear + ReLU. Flattening 64x14x14 would add
   1.6M parameters on a small data set and tie the module to one input size.

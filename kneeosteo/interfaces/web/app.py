@@ -37,10 +37,9 @@ _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inlin
 
 # The service decodes at most this many pixels per upload (`serve --max-megapixels`), refused from
 # the header before anything is decoded. The largest radiographs are ~23 MP (a 24x30 cm
-# mammogram at 50 um); knee films from CR/DR panels are 3-15 MP. Decoding peaks at ~13 bytes a
-# pixel (8-bit frame, float32 copy, clipping; measured +310 MB for a 25 MP PNG), so 25 MP is about
-# 0.3 GB per running job, against ~1.3 GB at the reader's own 100 MP limit, which let six
-# 9999x9999 uploads take the server from 1.5 to 4.2 GB.
+# mammogram at 50 um); knee films from CR/DR panels are 3-15 MP. Decoding costs about 13 bytes a
+# pixel (8-bit frame, float32 copy, clipping), so a job at 25 MP stays a fraction of the reader's
+# own 100 MP limit; docs/cli.md (`serve`) gives the measured figures.
 SERVICE_MAX_PIXELS = 25_000_000
 
 
