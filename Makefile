@@ -8,7 +8,7 @@ SEED   ?= 0
 OUT    ?= runs/make-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean browser-deps test-browser screenshot load-test bench
+.PHONY: run test docs venv clean browser-deps test-browser screenshot load-test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ run: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(OUT) .pytest_cache
