@@ -20,8 +20,7 @@ from scipy.special import expit, log_expit
 from sklearn.linear_model import LogisticRegression
 
 from kneeosteo.errors import ConfigError
-
-from ._arrays import as_scores, as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels, as_values
 
 __all__ = ["DEGENERATE_TEMPERATURE", "MIN_TEMPERATURE_IMAGES", "PlattScaler", "TemperatureScaler", "calibrator_from_dict", "fit_calibrator", "logit", "sigmoid"]
 
@@ -69,7 +68,7 @@ class TemperatureScaler:
 
     def transform(self, logits) -> np.ndarray:
         """Calibrated probabilities of the positive class."""
-        return sigmoid(as_scores(logits, "logits") / self.temperature)
+        return sigmoid(as_values(logits, "logits") / self.temperature)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "temperature": self.temperature}
@@ -98,7 +97,7 @@ class PlattScaler:
         return self.a, self.b
 
     def transform(self, logits) -> np.ndarray:
-        return sigmoid(self.a * as_scores(logits, "logits") + self.b)
+        return sigmoid(self.a * as_values(logits, "logits") + self.b)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "a": self.a, "b": self.b}

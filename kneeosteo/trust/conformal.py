@@ -21,8 +21,7 @@ import numpy as np
 from crepes import ConformalClassifier as _CrepesClassifier
 
 from kneeosteo.errors import ConfigError, DataError
-
-from ._arrays import as_labels, as_scores, as_scores_and_labels
+from kneeosteo.utils.arrays import as_binary_labels, as_scores_and_labels, as_values
 
 __all__ = ["CLASS_NAMES", "ConformalClassifier", "abstention_rate", "empirical_coverage", "nonconformity"]
 
@@ -31,7 +30,7 @@ CLASS_NAMES = ("normal", "osteoporosis")  # index 0 negative, 1 positive
 
 def nonconformity(probabilities) -> np.ndarray:
     """(n, 2) scores: column c is ``1 - p(class c)``, i.e. ``[p, 1 - p]``."""
-    p = as_scores(probabilities, "probabilities")
+    p = as_values(probabilities, "probabilities")
     return np.stack([p, 1 - p], axis=1)
 
 
@@ -131,7 +130,7 @@ def _mask(sets, class_names) -> np.ndarray:
 
 def empirical_coverage(sets, y, class_names: tuple[str, str] = CLASS_NAMES) -> float:
     """Share of images whose true class is in their set (``sets``: names or an (n, 2) mask)."""
-    m, yy = _mask(sets, class_names), as_labels(y)
+    m, yy = _mask(sets, class_names), as_binary_labels(y, "labels")
     if m.shape[0] != yy.size or yy.size == 0:
         raise DataError(f"coverage: {m.shape[0]} sets but {yy.size} labels")
     return float(m[np.arange(yy.size), yy].mean())

@@ -24,8 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from kneeosteo.errors import ConfigError
-
-from ._arrays import as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels
 
 __all__ = ["ALLOWED_FORMS", "OperatingPoint", "choose_threshold", "parse_operating_point"]
 
