@@ -11,6 +11,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from kneeosteo.choices import REWEIGHTS  # re-exported: TrainConfig.reweight
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import Record
 from kneeosteo.utils.intervals import wilson_interval
@@ -82,7 +83,6 @@ def metadata_only_accuracy(
     }
 
 
-REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight
 
 
 def metadata_weights(metas: list[ImageMeta] | list[Record], y, seed: int = 0, folds: int = 5,

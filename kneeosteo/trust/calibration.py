@@ -15,9 +15,7 @@ Each stores as a small JSON dict (``to_dict``/``calibrator_from_dict``).
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit
-from sklearn.linear_model import LogisticRegression
 
 from kneeosteo.errors import ConfigError
 from kneeosteo.utils.arrays import as_scores_and_labels, as_values
@@ -60,6 +58,8 @@ class TemperatureScaler:
 
     def fit(self, logits, y) -> float:
         """Fit on held-out logits and 0/1 labels; returns (and keeps) the temperature."""
+        from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
         res = minimize_scalar(lambda lt: _nll(z / np.exp(lt), yy), bounds=self._LOG_T_BOUNDS,
                               method="bounded", options={"xatol": 1e-6})
@@ -91,6 +91,8 @@ class PlattScaler:
 
     def fit(self, logits, y) -> tuple[float, float]:
         """Fit on held-out logits and 0/1 labels; returns (and keeps) ``(a, b)``."""
+        from sklearn.linear_model import LogisticRegression  # fitting only: not on predict's path
+
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
         lr = LogisticRegression(C=np.inf, max_iter=1000).fit(z[:, None], yy)
         self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])

@@ -20,10 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_expit
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss
 
 from kneeosteo.errors import ConfigError
 from kneeosteo.utils.arrays import as_scores_and_labels, check_probabilities
@@ -114,6 +110,8 @@ def expected_calibration_error_interval(probabilities, y, n_bins: int = 10, n_bo
 
 def brier_score(probabilities, y) -> float:
     """Mean squared difference between probability and outcome (0 is perfect, 0.25 a coin)."""
+    from sklearn.metrics import brier_score_loss  # fitting only: not on predict's path
+
     p, yy = as_scores_and_labels(probabilities, y, both_classes=False, name="probabilities")
     check_probabilities(p, "probabilities")
     return float(brier_score_loss(yy, p, labels=[0, 1]))
@@ -134,6 +132,10 @@ class CalibrationFit:
 
 def calibration_slope_intercept(probabilities, y) -> CalibrationFit:
     """Logistic recalibration of the outcome on ``logit(probability)`` (see module docstring)."""
+    from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+    from scipy.special import log_expit
+    from sklearn.linear_model import LogisticRegression
+
     p, yy = as_scores_and_labels(probabilities, y, name="probabilities")
     check_probabilities(p, "probabilities")
     z = logit(p)

@@ -18,7 +18,6 @@ images, so coverage holds within each class, at the price of fewer images per qu
 from __future__ import annotations
 
 import numpy as np
-from crepes import ConformalClassifier as _CrepesClassifier
 
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.utils.arrays import as_binary_labels, as_scores_and_labels, as_values
@@ -46,6 +45,8 @@ def _crepes_quantile(cal_alphas: np.ndarray, coverage: float) -> float:
     Inclusion is monotone in the score and changes only at calibration scores, so asking crepes
     for the p-values of the calibration scores themselves (and of one score above them all)
     finds the exact boundary."""
+    from crepes import ConformalClassifier as _CrepesClassifier  # fitting only: not on predict's path
+
     cc = _CrepesClassifier().fit(cal_alphas)
     probe = np.append(np.unique(cal_alphas), np.inf)
     admitted = cc.predict_p(probe, smoothing=False) >= 1 - coverage
@@ -94,6 +95,8 @@ class ConformalClassifier:
 
     def p_values(self, probabilities) -> np.ndarray:
         """(n, 2) crepes p-values (non-smoothed) from the stored calibration scores."""
+        from crepes import ConformalClassifier as _CrepesClassifier  # fitting only: not on predict's path
+
         self._fitted()
         a = nonconformity(probabilities)
         cc = _CrepesClassifier()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from crepes import ConformalRegressor as _CrepesRegressor
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from kneeosteo.errors import DataError
@@ -52,6 +50,8 @@ class TemperatureScalerK(TemperatureScaler):
 
     def fit(self, logits, y) -> float:
         """Fit on held-out (n, K) logits and class indices; returns (and keeps) the temperature."""
+        from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+
         z = as_matrix(logits, "calibration logits")
         yy = as_class_indices(y, z.shape[1], "calibration labels", n=z.shape[0])
         rows = np.arange(z.shape[0])
@@ -134,6 +134,8 @@ class ConformalInterval:
     def fit(self, y_true, y_pred, coverage: float | None = None) -> "ConformalInterval":
         """Calibrate on held-out true values and the model's predictions of them; ``coverage``
         (if given) replaces the one set at construction."""
+        from crepes import ConformalRegressor as _CrepesRegressor  # fitting only: not on predict's path
+
         if coverage is not None:
             self.coverage = _check_coverage(coverage)
         t, p = as_values(y_true, "calibration true values"), as_values(y_pred, "calibration predictions")
