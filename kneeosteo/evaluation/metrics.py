@@ -32,7 +32,12 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from kneeosteo.evaluation.stats import rank_auc_rows
 from kneeosteo.utils.arrays import as_binary_labels, as_values, check_nonempty, check_probabilities, check_same_length
-from kneeosteo.utils.intervals import bootstrap_replicates, percentile_interval, wilson_interval
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = [
     "METRICS",
@@ -287,10 +292,7 @@ def metrics_with_ci(
     intervals are ``nan``. Also returned: ``counts``, ``threshold``, ``n``, ``n_positive``,
     ``n_negative``, and the ``alpha``, ``n_boot``, ``seed`` used.
     """
-    if n_boot < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     y, p = _check_pair(y_true, prob)
     point = binary_metrics(y, p, threshold=threshold)
     counts = {k: point[k] for k in ("tp", "fp", "fn", "tn")}

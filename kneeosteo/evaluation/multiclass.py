@@ -28,12 +28,16 @@ from scipy.stats import chi2
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 from statsmodels.stats.contingency_tables import SquareTable
 
-from kneeosteo.evaluation.metrics import _EPS
+from kneeosteo.evaluation.metrics import _EPS, precision, sensitivity, specificity
 from kneeosteo.evaluation.metrics import f1 as f1_counts
-from kneeosteo.evaluation.metrics import precision, sensitivity, specificity
 from kneeosteo.evaluation.stats import delong_auc_ci, mcnemar_exact, rank_auc_rows
 from kneeosteo.utils.arrays import as_class_indices, as_matrix, check_same_length
-from kneeosteo.utils.intervals import bootstrap_replicates, percentile_interval, wilson_interval
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = [
     "label_metrics_with_ci",
@@ -148,10 +152,7 @@ def _bootstrap(y, pred, probs, k, n_boot, seed) -> dict[str, np.ndarray]:
 
 def _scores(y, pred, probs, classes, alpha, n_boot, seed) -> dict[str, Any]:
     """The shared body of :func:`label_metrics_with_ci` and :func:`multiclass_metrics_with_ci`."""
-    if int(n_boot) < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     k, n = len(classes), int(y.size)
     labels = list(range(k))
     cm = confusion_matrix(y, pred, labels=labels)

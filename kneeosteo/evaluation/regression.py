@@ -25,12 +25,16 @@ from scipy.stats import t as student_t
 
 from kneeosteo.data.who import WHO_CLASSES, WHO_CUTOFFS, who_band_index
 from kneeosteo.errors import ArrayError
-from kneeosteo.evaluation.metrics import _ratio, confusion_counts
-from kneeosteo.evaluation.metrics import accuracy, sensitivity, specificity
+from kneeosteo.evaluation.metrics import _ratio, accuracy, confusion_counts, sensitivity, specificity
 from kneeosteo.evaluation.multiclass import _cell, _interval, format_multiclass_table, label_metrics_with_ci
 from kneeosteo.evaluation.stats import mean_std_ci
 from kneeosteo.utils.arrays import as_values, check_same_length
-from kneeosteo.utils.intervals import bootstrap_replicates, percentile_interval, wilson_interval
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = ["TARGETS", "LOA_Z", "bland_altman_limits", "regression_metrics_with_ci", "format_regression_table"]
 
@@ -148,10 +152,7 @@ def regression_metrics_with_ci(
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if int(n_boot) < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     t, p = _check_pair(y_true, y_pred)
     d = p - t
     boot = _bootstrap(t, p, int(n_boot), seed)
@@ -174,7 +175,8 @@ def regression_metrics_with_ci(
         "rmse": _interval(float(np.sqrt((d * d).mean())), *percentile_interval(boot["rmse"], alpha), "bootstrap"),
         "bias": ba["bias"],
         "pearson_r": {**_interval(r, lo, hi, "fisher_z"), "p_value": r_p},
-        "spearman_r": {**_interval(rho, *percentile_interval(boot["spearman_r"], alpha), "bootstrap"), "p_value": rho_p},
+        "spearman_r": {**_interval(rho, *percentile_interval(boot["spearman_r"], alpha), "bootstrap"),
+                       "p_value": rho_p},
         "limits_of_agreement": {"lower": ba["lower"], "upper": ba["upper"], "sd": ba["sd"]},
         "alpha": float(alpha),
         "n_boot": int(n_boot),

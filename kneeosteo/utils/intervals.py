@@ -13,11 +13,25 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BOOT_CHUNK_ELEMS", "bootstrap_replicates", "percentile_interval", "wilson_interval"]
+__all__ = [
+    "BOOT_CHUNK_ELEMS",
+    "bootstrap_replicates",
+    "check_interval_settings",
+    "percentile_interval",
+    "wilson_interval",
+]
 
 #: Bounds a bootstrap's memory: at most this many resampled case indices (times ``case_cost``)
 #: are drawn at once (~16 MB per float array).
 BOOT_CHUNK_ELEMS = 2_000_000
+
+
+def check_interval_settings(n_boot: int, alpha: float) -> None:
+    """A bootstrap needs at least one resample and a (1 - alpha) interval an alpha in (0, 1)."""
+    if int(n_boot) < 1:
+        raise ValueError("n_boot must be >= 1")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must be in (0, 1)")
 
 
 def wilson_interval(count: int, nobs: int, alpha: float = 0.05) -> tuple[float, float]:
