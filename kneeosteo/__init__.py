@@ -1,3 +1,3 @@
 """kneeosteo: osteoporosis detection in knee radiographs (hybrid DenseNet169 + attention model)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -19,11 +19,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kneeosteo.choices import CLASSIFICATION_TASKS, PRESETS, REWEIGHTS
 from kneeosteo.data.manifest import TARGETS
-from kneeosteo.data.preprocess import PRESETS
-from kneeosteo.data.shortcut import REWEIGHTS
 from kneeosteo.errors import ConfigError
-from kneeosteo.models.task import CLASSIFICATION_TASKS, task_of
 
 __all__ = ["AUGMENT_MODES", "DEVICES", "PRECISIONS", "PRESETS", "REWEIGHTS", "TrainConfig", "load_config"]
 
@@ -163,6 +161,8 @@ class TrainConfig:
     @property
     def kind(self) -> str:
         """binary, multiclass or regression (``models.task.task_of``)."""
+        from kneeosteo.models.task import task_of  # torch: imported when a run needs it, not at start-up
+
         return task_of(self.task, self.target)
 
     def scan_options(self) -> dict:

@@ -11,6 +11,7 @@ The tree, lowest layer first::
     KneeosteoError
     ├── ConfigError           a setting is unknown, out of range or impossible here (exit 2)
     ├── DataError             a data set as a whole: missing folder, one class only, empty partition
+    │   ├── ArrayError        labels, scores or probabilities of the wrong shape, range or length (also a ValueError)
     │   └── ImageReadError    one file could not be decoded (.path, .reason); batches skip it
     │       └── NotAnImageError   plainly not an image: skipped with a warning
     ├── ModelError            a model cannot be found, loaded or used
@@ -23,6 +24,7 @@ The tree, lowest layer first::
 from __future__ import annotations
 
 __all__ = [
+    "ArrayError",
     "BackboneWeightsError",
     "CheckpointError",
     "ConfigError",
@@ -50,6 +52,12 @@ class ConfigError(KneeosteoError, ValueError):
 
 class DataError(KneeosteoError):
     """A problem with the data set as a whole (missing folder, one class only, empty partition)."""
+
+
+class ArrayError(DataError, ValueError):
+    """Arrays handed to a metric or a trust estimator (labels, scores, probabilities, bounds) of the
+    wrong shape, range or length; raised by :mod:`kneeosteo.utils.arrays` only. Also a ``ValueError``,
+    as numpy's and scikit-learn's own checks are."""
 
 
 class ImageReadError(DataError):

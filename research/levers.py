@@ -487,17 +487,17 @@ def boot_auc(P, y, n_boot=1000, seed=0, ref=None):
 
 
 def summarise(res, y, wrong, ref_P=None):
-    from statsmodels.stats.proportion import proportion_confint
+    from kneeosteo.utils.intervals import wilson_interval
 
     P = res["P"]
     R, n = P["orig"].shape
     correct = (P["orig"] >= 0.5) == y
     acc = float(correct.mean())
-    lo, hi = proportion_confint(int(round(acc * n)), n, method="wilson")
+    lo, hi = wilson_interval(int(round(acc * n)), n)
     adv_n = wrong.sum(axis=1)
     adv_acc = float(correct[wrong].mean())
     m = float(adv_n.mean())
-    alo, ahi = proportion_confint(int(round(adv_acc * m)), int(round(m)), method="wilson")
+    alo, ahi = wilson_interval(int(round(adv_acc * m)), int(round(m)))
     out = {
         "accuracy": {"value": acc, "ci": [float(lo), float(hi)], "per_repeat": correct.mean(axis=1).tolist()},
         "auc": boot_auc(P["orig"], y, ref=ref_P),

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +33,7 @@ from kneeosteo.evaluation.probes import shortcut_probes  # noqa: E402
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci  # noqa: E402
 from kneeosteo.run import RunDir  # noqa: E402
 from kneeosteo.utils.atomic import write_json, write_text  # noqa: E402
+from kneeosteo.utils.intervals import wilson_interval  # noqa: E402
 
 REF = "hybrid-efficientnet_lite0"
 
@@ -110,7 +110,7 @@ def summarise(cells: list[dict]) -> dict:
         "auc_bone_only": mean_std_ci([probe(c, "only_bone") for c in cells]),
         "auc_within_source": mean_std_ci([c["probes"]["within_source"]["auc"] for c in cells]),
         "adversarial": {"correct": k, "n": n, "accuracy": k / n,
-                        "ci95": [float(v) for v in proportion_confint(k, n, method="wilson")],
+                        "ci95": list(wilson_interval(k, n)),
                         "per_seed": [f"{a['correct']}/{a['n']}" for a in adv]},
         "source_probe": {a: float(np.mean([c["probes"]["source"][a]["balanced_accuracy"] for c in cells]))
                          for a in ("format", "mode", "aspect_tercile")},

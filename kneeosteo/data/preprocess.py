@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kneeosteo.choices import PRESETS  # re-exported: defined where the command line reads it cheaply
 from kneeosteo.data.bone import bone_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRESETS = ("paper", "robust", "bone")
 
 
 def scaled_size(h: int, w: int, longest: int) -> tuple[int, int]:

@@ -10,10 +10,11 @@ import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from statsmodels.stats.proportion import proportion_confint
 
+from kneeosteo.choices import REWEIGHTS  # re-exported: TrainConfig.reweight
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import Record
+from kneeosteo.utils.intervals import wilson_interval
 
 FEATURES = ("width", "height", "aspect_ratio", "file_size", "bit_depth", "channels", "format", "mode")
 
@@ -67,7 +68,7 @@ def metadata_only_accuracy(
         pred = (prob[:, 1] >= 0.5).astype(int) if k == 2 else prob.argmax(axis=1)
         accs.append((pred == y).mean())
         aucs.append(roc_auc_score(y, prob[:, 1]) if k == 2 else roc_auc_score(y, prob, multi_class="ovr"))
-    lo, hi = proportion_confint(int(round(np.mean(accs) * len(y))), len(y), alpha=0.05, method="wilson")
+    lo, hi = wilson_interval(int(round(np.mean(accs) * len(y))), len(y))
     order = np.argsort(-importances)
     return {
         "classifier": f"RandomForest(200 trees, depth 4), {folds}-fold StratifiedGroupKFold x {repeats}",
@@ -82,7 +83,6 @@ def metadata_only_accuracy(
     }
 
 
-REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight
 
 
 def metadata_weights(metas: list[ImageMeta] | list[Record], y, seed: int = 0, folds: int = 5,

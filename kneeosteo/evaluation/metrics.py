@@ -29,9 +29,15 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
-from statsmodels.stats.proportion import proportion_confint
 
 from kneeosteo.evaluation.stats import rank_auc_rows
+from kneeosteo.utils.arrays import as_binary_labels, as_values, check_nonempty, check_probabilities, check_same_length
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = [
     "METRICS",
@@ -53,7 +59,6 @@ __all__ = [
 ]
 
 _EPS = 1e-7  # Keras' default epsilon: keeps the loss comparable with the paper's Keras logs.
-_BOOT_CHUNK_ELEMS = 2_000_000  # bounds bootstrap memory (~16 MB per float array) for large n.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,31 +216,11 @@ def metric_names(paper: bool | None = None) -> tuple[str, ...]:
 # input handling
 
 
-def _as_labels(y: Any, name: str) -> np.ndarray:
-    arr = np.asarray(y).ravel()
-    if arr.dtype == bool:
-        return arr.astype(np.int64)
-    if arr.size and not np.all(np.isin(arr, (0, 1))):
-        raise ValueError(f"{name} must contain only 0/1 labels, got values {np.unique(arr)[:10]}")
-    return arr.astype(np.int64)
-
-
-def _as_probs(prob: Any) -> np.ndarray:
-    arr = np.asarray(prob, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("prob contains NaN or inf")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        raise ValueError(f"prob must lie in [0, 1], got range [{arr.min()}, {arr.max()}]")
-    return arr
-
-
 def _check_pair(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = _as_labels(y_true, "y_true")
-    p = _as_probs(prob)
-    if y.shape != p.shape:
-        raise ValueError(f"y_true has {y.size} items but prob has {p.size}")
-    if y.size == 0:
-        raise ValueError("empty input: no metric is defined on zero cases")
+    y = as_binary_labels(y_true, "y_true", flatten=True)
+    p = check_probabilities(as_values(prob, "prob", flatten=True), "prob")
+    check_same_length(y_true=y, prob=p)
+    check_nonempty(y, "y_true")
     return y, p
 
 
@@ -249,10 +234,9 @@ def _ratio(num: float, den: float) -> float:
 
 def confusion_counts(y_true: Any, y_pred: Any) -> dict[str, int]:
     """Return ``{"tp", "fp", "fn", "tn"}`` as plain ints (positive class = 1)."""
-    y = _as_labels(y_true, "y_true")
-    yp = _as_labels(y_pred, "y_pred")
-    if y.shape != yp.shape:
-        raise ValueError(f"y_true has {y.size} items but y_pred has {yp.size}")
+    y = as_binary_labels(y_true, "y_true", flatten=True)
+    yp = as_binary_labels(y_pred, "y_pred", flatten=True)
+    check_same_length(y_true=y, y_pred=yp)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, yp, labels=[0, 1]).ravel())
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
@@ -275,41 +259,18 @@ def binary_metrics(y_true: Any, prob: Any, threshold: float = 0.5) -> dict[str, 
 # intervals
 
 
-def _wilson(count: int, nobs: int, alpha: float) -> tuple[float, float]:
-    """Wilson rather than Wald: stays inside [0, 1] and keeps coverage near 0/1 and at n ~ 30."""
-    if nobs == 0:
-        return math.nan, math.nan
-    lo, hi = proportion_confint(count, nobs, alpha=alpha, method="wilson")
-    return float(lo), float(hi)
-
-
 def _stratified_bootstrap(
-    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, rng: np.random.Generator,
-    metrics: Sequence[Metric],
+    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int, metrics: Sequence[Metric],
 ) -> dict[str, np.ndarray]:
     """Resample positives and negatives separately so every replicate keeps the test set's
     class balance (and AUC stays defined), vectorised over replicates in memory-bounded chunks."""
-    p_pos, p_neg = p[y == 1], p[y == 0]
-    m, k = p_pos.size, p_neg.size
-    n = m + k
-    out = {metric.name: np.full(n_boot, math.nan) for metric in metrics}
-    chunk = max(1, _BOOT_CHUNK_ELEMS // n)
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        ip = rng.integers(0, m, size=(b, m)) if m else np.empty((b, 0), dtype=np.int64)
-        ineg = rng.integers(0, k, size=(b, k)) if k else np.empty((b, 0), dtype=np.int64)
-        bp, bn = p_pos[ip], p_neg[ineg]
-        for metric in metrics:
-            out[metric.name][start : start + b] = metric.replicates(bp, bn, threshold)
-    return out
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
 
+    def statistic(idx: np.ndarray) -> dict[str, np.ndarray]:
+        bp, bn = p[idx[:, : pos.size]], p[idx[:, pos.size :]]
+        return {metric.name: metric.replicates(bp, bn, threshold) for metric in metrics}
 
-def _percentile_ci(samples: np.ndarray, alpha: float) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return math.nan, math.nan
-    lo, hi = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(lo), float(hi)
+    return bootstrap_replicates(statistic, [pos, neg], n_boot, seed)
 
 
 def metrics_with_ci(
@@ -331,22 +292,19 @@ def metrics_with_ci(
     intervals are ``nan``. Also returned: ``counts``, ``threshold``, ``n``, ``n_positive``,
     ``n_negative``, and the ``alpha``, ``n_boot``, ``seed`` used.
     """
-    if n_boot < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     y, p = _check_pair(y_true, prob)
     point = binary_metrics(y, p, threshold=threshold)
     counts = {k: point[k] for k in ("tp", "fp", "fn", "tn")}
     boot_metrics = [m for m in METRICS.values() if m.interval == "bootstrap"]
-    boot = _stratified_bootstrap(y, p, float(threshold), int(n_boot), np.random.default_rng(seed), boot_metrics)
+    boot = _stratified_bootstrap(y, p, float(threshold), int(n_boot), seed, boot_metrics)
     out: dict[str, Any] = {}
     for name, metric in METRICS.items():
         value = point[name]
         if metric.interval == "wilson":
-            lo, hi = _wilson(*metric.counts(**counts), alpha)
+            lo, hi = wilson_interval(*metric.counts(**counts), alpha)
         else:
-            lo, hi = _percentile_ci(boot[name], alpha) if not math.isnan(value) else (math.nan, math.nan)
+            lo, hi = percentile_interval(boot[name], alpha) if not math.isnan(value) else (math.nan, math.nan)
         out[name] = {"value": value, "ci_low": lo, "ci_high": hi, "method": metric.interval}
 
     out["counts"] = counts

@@ -28,10 +28,16 @@ from scipy.stats import chi2
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 from statsmodels.stats.contingency_tables import SquareTable
 
-from kneeosteo.evaluation.metrics import _BOOT_CHUNK_ELEMS, _EPS, _percentile_ci, _ratio, _wilson
+from kneeosteo.evaluation.metrics import _EPS, precision, sensitivity, specificity
 from kneeosteo.evaluation.metrics import f1 as f1_counts
-from kneeosteo.evaluation.metrics import precision, sensitivity, specificity
 from kneeosteo.evaluation.stats import delong_auc_ci, mcnemar_exact, rank_auc_rows
+from kneeosteo.utils.arrays import as_class_indices, as_matrix, check_same_length
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = [
     "label_metrics_with_ci",
@@ -55,37 +61,6 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"class names must be distinct, got {list(names)}")
     return names
-
-
-def _check_labels(values: Any, k: int, name: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one class index per case, got an array of shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty: no metric is defined on zero cases")
-    if arr.dtype == bool:
-        arr = arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.mod(arr, 1) == 0):
-        raise ValueError(f"{name} must hold integer class indices, got {arr.dtype} values {arr[:5]}")
-    arr = arr.astype(np.int64)
-    if arr.min() < 0 or arr.max() >= k:
-        raise ValueError(f"{name} must hold class indices in [0, {k}), got values {np.unique(arr)[:10]}")
-    return arr
-
-
-def _check_probs(probs: Any, n: int, k: int) -> np.ndarray:
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2 or p.shape != (n, k):
-        raise ValueError(f"probs must have shape (n, K) = ({n}, {k}), got {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs contains NaN or inf")
-    if p.min() < 0.0 or p.max() > 1.0:
-        raise ValueError(f"probs must lie in [0, 1], got range [{p.min()}, {p.max()}]")
-    sums = p.sum(axis=1)
-    if not np.allclose(sums, 1.0, atol=1e-3):
-        worst = int(np.argmax(np.abs(sums - 1.0)))
-        raise ValueError(f"each row of probs must sum to 1 (softmax outputs); row {worst} sums to {sums[worst]}")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,16 +106,6 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     return _ratio_rows(np.where(ok, x, 0.0).sum(axis=-1), count)
 
 
-def _stratified_indices(y: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np.ndarray:
-    """(b, n) case indices, resampled within each true class, grouped by class in class order."""
-    blocks = []
-    for c in range(k):
-        members = np.flatnonzero(y == c)
-        if members.size:
-            blocks.append(members[rng.integers(0, members.size, size=(b, members.size))])
-    return np.concatenate(blocks, axis=1)
-
-
 def _per_class_rows(cm: np.ndarray) -> dict[str, np.ndarray]:
     """Each confusion-based per-class metric of a (..., K, K) stack, shape (..., K)."""
     counts = _one_vs_rest(cm)
@@ -158,16 +123,15 @@ def _interval(value: float, lo: float, hi: float, method: str) -> dict[str, Any]
     return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi), "method": method}
 
 
-def _bootstrap(y, pred, probs, k, n_boot, rng) -> dict[str, np.ndarray]:
-    """Per-replicate per-class metrics (b, K), macro means (b,), weighted kappa (b,)."""
+def _bootstrap(y, pred, probs, k, n_boot, seed) -> dict[str, np.ndarray]:
+    """Per-replicate per-class metrics (b, K), macro means (b,), weighted kappa (b,), resampling
+    within each true class."""
     n = y.size
-    out: dict[str, list[np.ndarray]] = {}
     counts = np.bincount(y, minlength=k)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    chunk = max(1, _BOOT_CHUNK_ELEMS // (n * (k if probs is not None else 1)))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = _stratified_indices(y, k, b, rng)
+
+    def statistic(idx: np.ndarray) -> dict[str, np.ndarray]:
+        b = idx.shape[0]
         cm = _confusion_rows(y[idx], pred[idx], k)
         rows = _per_class_rows(cm)
         rows["kappa"] = _quadratic_kappa_rows(cm)
@@ -180,24 +144,22 @@ def _bootstrap(y, pred, probs, k, n_boot, rng) -> dict[str, np.ndarray]:
                     scores = probs[idx, c]
                     auc[:, c] = rank_auc_rows(scores[:, inside], scores[:, ~inside])
             rows["auc"] = auc
-        for name, v in rows.items():
-            out.setdefault(name, []).append(v)
-    return {name: np.concatenate(v, axis=0) for name, v in out.items()}
+        return rows
+
+    strata = [np.flatnonzero(y == c) for c in range(k)]  # the indices come grouped by class, in class order
+    return bootstrap_replicates(statistic, strata, n_boot, seed, case_cost=k if probs is not None else 1)
 
 
 def _scores(y, pred, probs, classes, alpha, n_boot, seed) -> dict[str, Any]:
     """The shared body of :func:`label_metrics_with_ci` and :func:`multiclass_metrics_with_ci`."""
-    if int(n_boot) < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     k, n = len(classes), int(y.size)
     labels = list(range(k))
     cm = confusion_matrix(y, pred, labels=labels)
     counts = _one_vs_rest(cm)
     point = _per_class_rows(cm)
     point["f1"] = f1_score(y, pred, labels=labels, average=None, zero_division=np.nan).astype(np.float64)
-    boot = _bootstrap(y, pred, probs, k, int(n_boot), np.random.default_rng(seed))
+    boot = _bootstrap(y, pred, probs, k, int(n_boot), seed)
     names = ("sensitivity", "specificity", "precision", "f1") + (("auc",) if probs is not None else ())
 
     per_class: dict[str, dict[str, Any]] = {}
@@ -205,8 +167,8 @@ def _scores(y, pred, probs, classes, alpha, n_boot, seed) -> dict[str, Any]:
         entry: dict[str, Any] = {"support": int(cm[c].sum())}
         one = {key: int(v[c]) for key, v in counts.items()}
         for name, fn in _WILSON.items():
-            entry[name] = _interval(point[name][c], *_wilson(*fn(**one), alpha), "wilson")
-        entry["f1"] = _interval(point["f1"][c], *_percentile_ci(boot["f1"][:, c], alpha), "bootstrap")
+            entry[name] = _interval(point[name][c], *wilson_interval(*fn(**one), alpha), "wilson")
+        entry["f1"] = _interval(point["f1"][c], *percentile_interval(boot["f1"][:, c], alpha), "bootstrap")
         if probs is not None:
             entry["auc"] = _class_auc(y == c, probs[:, c], boot["auc"][:, c], alpha)
         per_class[cname] = entry
@@ -214,7 +176,7 @@ def _scores(y, pred, probs, classes, alpha, n_boot, seed) -> dict[str, Any]:
     macro = {}
     for name in names:
         value = float(_nanmean_rows(np.array([per_class[c][name]["value"] for c in classes])))
-        macro[name] = _interval(value, *_percentile_ci(_nanmean_rows(boot[name]), alpha), "bootstrap")
+        macro[name] = _interval(value, *percentile_interval(_nanmean_rows(boot[name]), alpha), "bootstrap")
 
     correct = int(np.trace(cm))
     kappa_value = math.nan
@@ -224,11 +186,11 @@ def _scores(y, pred, probs, classes, alpha, n_boot, seed) -> dict[str, Any]:
         "task": "multiclass",
         "n": n,
         "classes": list(classes),
-        "accuracy": _interval(correct / n, *_wilson(correct, n, alpha), "wilson"),
+        "accuracy": _interval(correct / n, *wilson_interval(correct, n, alpha), "wilson"),
         "per_class": per_class,
         "macro": macro,
         "confusion": [[int(v) for v in row] for row in cm],
-        "cohen_kappa_weighted": _interval(kappa_value, *_percentile_ci(boot["kappa"], alpha), "bootstrap"),
+        "cohen_kappa_weighted": _interval(kappa_value, *percentile_interval(boot["kappa"], alpha), "bootstrap"),
         "alpha": float(alpha),
         "n_boot": int(n_boot),
         "seed": int(seed),
@@ -245,7 +207,7 @@ def _class_auc(positive: np.ndarray, score: np.ndarray, replicates: np.ndarray, 
     if m >= 2 and positive.size - m >= 2:
         d = delong_auc_ci(positive.astype(np.int64), score, alpha=alpha)
         return _interval(value, d["ci_low"], d["ci_high"], "delong")
-    return _interval(value, *_percentile_ci(replicates, alpha), "bootstrap")
+    return _interval(value, *percentile_interval(replicates, alpha), "bootstrap")
 
 
 def label_metrics_with_ci(
@@ -266,10 +228,9 @@ def label_metrics_with_ci(
     metric a ``{"value", "ci_low", "ci_high", "method"}`` dict.
     """
     classes = _check_classes(classes)
-    yy = _check_labels(y, len(classes), "y")
-    pp = _check_labels(pred, len(classes), "pred")
-    if yy.shape != pp.shape:
-        raise ValueError(f"y has {yy.size} items but pred has {pp.size}")
+    yy = as_class_indices(y, len(classes), "y")
+    pp = as_class_indices(pred, len(classes), "pred")
+    check_same_length(y=yy, pred=pp)
     return _scores(yy, pp, None, classes, alpha, n_boot, seed)
 
 
@@ -304,8 +265,8 @@ def multiclass_metrics_with_ci(
     true class and seeded, so reruns are bit-identical.
     """
     classes = _check_classes(classes)
-    yy = _check_labels(y, len(classes), "y")
-    p = _check_probs(probs, yy.size, len(classes))
+    yy = as_class_indices(y, len(classes), "y")
+    p = as_matrix(probs, "probs", shape=(yy.size, len(classes)), softmax=True)
     pred = np.argmax(p, axis=1)
     out = _scores(yy, pred, p, classes, alpha, n_boot, seed)
     ce = -np.log(np.clip(p[np.arange(yy.size), yy], _EPS, 1.0 - _EPS))
@@ -393,11 +354,10 @@ def paired_multiclass_tests(y: Any, pred_a: Any, pred_b: Any, classes: Sequence[
     """
     classes = _check_classes(classes)
     k = len(classes)
-    yy = _check_labels(y, k, "y")
-    a = _check_labels(pred_a, k, "pred_a")
-    b = _check_labels(pred_b, k, "pred_b")
-    if not (yy.shape == a.shape == b.shape):
-        raise ValueError(f"y, pred_a and pred_b must have equal lengths, got {yy.size}, {a.size}, {b.size}")
+    yy = as_class_indices(y, k, "y")
+    a = as_class_indices(pred_a, k, "pred_a")
+    b = as_class_indices(pred_b, k, "pred_b")
+    check_same_length(y=yy, pred_a=a, pred_b=b)
     table = confusion_matrix(a, b, labels=list(range(k)))
     return {
         "stuart_maxwell": _stuart_maxwell(table),

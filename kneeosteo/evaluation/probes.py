@@ -34,7 +34,6 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from statsmodels.stats.proportion import proportion_confint
 
 from kneeosteo.data.bone import OCCLUSIONS, bone_mask, occlude
 from kneeosteo.data.preprocess import Preprocess
@@ -42,6 +41,7 @@ from kneeosteo.data.reader import ImageMeta, ImageReadError, read_image
 from kneeosteo.data.scan import file_meta
 from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix
 from kneeosteo.evaluation.stats import delong_auc_ci
+from kneeosteo.utils.intervals import percentile_interval, wilson_interval
 
 __all__ = ["SOURCE_ATTRIBUTES", "format_probes", "occlusion_aucs", "shortcut_adversarial", "shortcut_probes", "source_attributes",
            "source_probe", "within_source_auc"]
@@ -49,11 +49,6 @@ __all__ = ["SOURCE_ATTRIBUTES", "format_probes", "occlusion_aucs", "shortcut_adv
 log = logging.getLogger(__name__)
 
 SOURCE_ATTRIBUTES = ("format", "mode", "aspect_tercile")
-
-
-def _wilson(k: int, n: int) -> list[float]:
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return [float(lo), float(hi)]
 
 
 def shortcut_adversarial(train_meta: list[ImageMeta], y_train, test_meta: list[ImageMeta], y_test, predicted,
@@ -70,7 +65,7 @@ def shortcut_adversarial(train_meta: list[ImageMeta], y_train, test_meta: list[I
     out = {"n": n, "n_test": int(len(y_test)), "metadata_accuracy": float(1 - wrong.mean())}
     if n == 0:
         return {**out, "skipped": "the metadata classifier is right on every test image"}
-    return {**out, "correct": k, "accuracy": k / n, "ci95": _wilson(k, n)}
+    return {**out, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n))}
 
 
 # The metadata forest depends only on the split (metadata, labels, seed), not on the model: every
@@ -179,8 +174,8 @@ def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta
         a = rng.multinomial(c.shape[0], np.full(c.shape[0], 1 / c.shape[0]), size=boot)
         b = rng.multinomial(c.shape[1], np.full(c.shape[1], 1 / c.shape[1]), size=boot)
         right += np.einsum("ri,ij,rj->r", a, c, b)
-    lo, hi = np.quantile(right / pairs, [0.025, 0.975])
-    return {**out, "auc": float(sum(c.sum() for c in comps) / pairs), "ci95": [float(lo), float(hi)]}
+    lo, hi = percentile_interval(right / pairs, 0.05)
+    return {**out, "auc": float(sum(c.sum() for c in comps) / pairs), "ci95": [lo, hi]}
 
 
 def source_probe(features: np.ndarray, metas: list[ImageMeta], folds: int = 5, seed: int = 0) -> dict:

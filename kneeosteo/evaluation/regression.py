@@ -24,10 +24,17 @@ from scipy.stats import pearsonr, rankdata, spearmanr
 from scipy.stats import t as student_t
 
 from kneeosteo.data.who import WHO_CLASSES, WHO_CUTOFFS, who_band_index
-from kneeosteo.evaluation.metrics import _BOOT_CHUNK_ELEMS, _percentile_ci, _ratio, _wilson, confusion_counts
-from kneeosteo.evaluation.metrics import accuracy, sensitivity, specificity
+from kneeosteo.errors import ArrayError
+from kneeosteo.evaluation.metrics import _ratio, accuracy, confusion_counts, sensitivity, specificity
 from kneeosteo.evaluation.multiclass import _cell, _interval, format_multiclass_table, label_metrics_with_ci
 from kneeosteo.evaluation.stats import mean_std_ci
+from kneeosteo.utils.arrays import as_values, check_same_length
+from kneeosteo.utils.intervals import (
+    bootstrap_replicates,
+    check_interval_settings,
+    percentile_interval,
+    wilson_interval,
+)
 
 __all__ = ["TARGETS", "LOA_Z", "bland_altman_limits", "regression_metrics_with_ci", "format_regression_table"]
 
@@ -39,21 +46,10 @@ LOA_Z = 1.96
 
 
 def _check_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    arrays = []
-    for name, values in (("y_true", y_true), ("y_pred", y_pred)):
-        arr = np.asarray(values, dtype=np.float64)
-        if arr.ndim == 2 and arr.shape[1] == 1:
-            arr = arr[:, 0]
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be one value per case, got an array of shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name}: {int(np.sum(~np.isfinite(arr)))} value(s) are NaN or inf")
-        arrays.append(arr)
-    t, p = arrays
-    if t.size != p.size:
-        raise ValueError(f"y_true has {t.size} items but y_pred has {p.size}")
+    t, p = as_values(y_true, "y_true"), as_values(y_pred, "y_pred")
+    check_same_length(y_true=t, y_pred=p)
     if t.size < 3:
-        raise ValueError(f"regression metrics need at least 3 cases, got {t.size}")
+        raise ArrayError(f"regression metrics need at least 3 cases, got {t.size}")
     return t, p
 
 
@@ -91,19 +87,14 @@ def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1.0), math.nan)
 
 
-def _bootstrap(t: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    n = t.size
-    out = {k: np.empty(n_boot) for k in ("mae", "rmse", "spearman_r")}
-    chunk = max(1, _BOOT_CHUNK_ELEMS // n)
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
+def _bootstrap(t: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    def statistic(idx: np.ndarray) -> dict[str, np.ndarray]:
         bt, bp = t[idx], p[idx]
         d = bp - bt
-        out["mae"][start : start + b] = np.abs(d).mean(axis=1)
-        out["rmse"][start : start + b] = np.sqrt((d * d).mean(axis=1))
-        out["spearman_r"][start : start + b] = _row_corr(rankdata(bt, axis=1), rankdata(bp, axis=1))
-    return out
+        return {"mae": np.abs(d).mean(axis=1), "rmse": np.sqrt((d * d).mean(axis=1)),
+                "spearman_r": _row_corr(rankdata(bt, axis=1), rankdata(bp, axis=1))}
+
+    return bootstrap_replicates(statistic, [np.arange(t.size)], n_boot, seed)
 
 
 def _correlation(fn, t: np.ndarray, p: np.ndarray) -> tuple[float, float, Any]:
@@ -122,7 +113,7 @@ def _binary_osteoporosis(t: np.ndarray, p: np.ndarray, alpha: float) -> dict[str
     out: dict[str, Any] = {"cutoff": float(WHO_CUTOFFS[-1]), "rule": "T <= cutoff", "counts": counts}
     for name, fn in (("sensitivity", sensitivity), ("specificity", specificity), ("accuracy", accuracy)):
         num, den = fn(**counts)
-        out[name] = _interval(_ratio(num, den), *_wilson(num, den, alpha), "wilson")
+        out[name] = _interval(_ratio(num, den), *wilson_interval(num, den, alpha), "wilson")
     return out
 
 
@@ -161,13 +152,10 @@ def regression_metrics_with_ci(
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if int(n_boot) < 1:
-        raise ValueError("n_boot must be >= 1")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must be in (0, 1)")
+    check_interval_settings(n_boot, alpha)
     t, p = _check_pair(y_true, y_pred)
     d = p - t
-    boot = _bootstrap(t, p, int(n_boot), np.random.default_rng(seed))
+    boot = _bootstrap(t, p, int(n_boot), seed)
     ba = bland_altman_limits(t, p, alpha=alpha)
 
     r, r_p, res = _correlation(pearsonr, t, p)
@@ -183,11 +171,12 @@ def regression_metrics_with_ci(
         "task": "regression",
         "target": target,
         "n": int(t.size),
-        "mae": _interval(float(np.abs(d).mean()), *_percentile_ci(boot["mae"], alpha), "bootstrap"),
-        "rmse": _interval(float(np.sqrt((d * d).mean())), *_percentile_ci(boot["rmse"], alpha), "bootstrap"),
+        "mae": _interval(float(np.abs(d).mean()), *percentile_interval(boot["mae"], alpha), "bootstrap"),
+        "rmse": _interval(float(np.sqrt((d * d).mean())), *percentile_interval(boot["rmse"], alpha), "bootstrap"),
         "bias": ba["bias"],
         "pearson_r": {**_interval(r, lo, hi, "fisher_z"), "p_value": r_p},
-        "spearman_r": {**_interval(rho, *_percentile_ci(boot["spearman_r"], alpha), "bootstrap"), "p_value": rho_p},
+        "spearman_r": {**_interval(rho, *percentile_interval(boot["spearman_r"], alpha), "bootstrap"),
+                       "p_value": rho_p},
         "limits_of_agreement": {"lower": ba["lower"], "upper": ba["upper"], "sd": ba["sd"]},
         "alpha": float(alpha),
         "n_boot": int(n_boot),

@@ -20,6 +20,7 @@ from kneeosteo.evaluation.probes import SOURCE_ATTRIBUTES
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact, mean_std_ci
 from kneeosteo.utils.atomic import write_json, write_text
 from kneeosteo.utils.csvfile import csv_text
+from kneeosteo.utils.intervals import wilson_interval
 
 __all__ = ["PAPER_TABLE", "Predictions", "aggregate", "paired_tests", "probe_summary", "render_markdown", "table_csv",
            "write_table1"]
@@ -95,13 +96,6 @@ def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[
     return rows, {"same_test_images": same_images}
 
 
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    from statsmodels.stats.proportion import proportion_confint
-
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return float(lo), float(hi)
-
-
 def probe_summary(per_seed: Mapping[int, list[dict]]) -> dict:
     """One model's shortcut probes over seeds: shortcut-adversarial accuracy pooled over seeds
     (correct / n summed, Wilson interval) and per seed; occlusion AUCs, the within-source AUC and
@@ -128,7 +122,7 @@ def probe_summary(per_seed: Mapping[int, list[dict]]) -> dict:
             if vals:
                 src.setdefault(attr, []).append(float(np.mean(vals)))
     if n:
-        lo, hi = _wilson(k, n)
+        lo, hi = wilson_interval(k, n)
         out.update(adversarial_accuracy=k / n, adversarial_ci_low=lo, adversarial_ci_high=hi, adversarial_n=n,
                    adversarial_per_seed="; ".join(seeds_txt))
     for kind, name in (("hide_bone", "auc_bone_hidden"), ("only_bone", "auc_bone_only")):

@@ -35,7 +35,6 @@ from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.data.who import who_band
-from kneeosteo.evaluation.task_scoring import task_answers
 from kneeosteo.models.task import get_task
 from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
@@ -281,6 +280,9 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
     class), or the value with its conformal interval (the label: its WHO band for a T-score).
     The run's domain check (``RunDir.domain``; pixel checks alone without one) makes an image
     ``out_of_domain``: no label, no set, the numbers still shown, as for a binary run."""
+    # here, not at the top: it brings scikit-learn, matplotlib and torchvision, which a binary run never needs
+    from kneeosteo.evaluation.task_scoring import task_answers
+
     cfg = run.config
     a = task_answers(run, outputs)
     check = run.domain

@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from kneeosteo.choices import CLASSIFICATION_TASKS
 from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
 from kneeosteo.data import formats
 from kneeosteo.data.manifest import TARGETS
-from kneeosteo.models.task import CLASSIFICATION_TASKS
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 from kneeosteo.utils.text import printable
@@ -42,12 +42,14 @@ def _data(path: Optional[Path]) -> Path:
 
 
 def _choice(options):
-    """A value parser that accepts only ``options`` (click exits 2 with the list otherwise)."""
-    options = [str(o) for o in options]
+    """A value parser that accepts only ``options`` (click exits 2 with the list otherwise); a
+    function returning them is called only when a value is parsed (the backbone registry imports
+    torch, which ``--help`` should not wait for)."""
 
     def parse(value: str) -> str:
-        if value not in options:
-            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(options)}")
+        allowed = [str(o) for o in (options() if callable(options) else options)]
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(allowed)}")
         return value
 
     return parse
@@ -198,7 +200,7 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split JSON; made with the paper protocol when absent."),
     fold: Optional[int] = typer.Option(None, help="Fold of a k-fold split file."),
-    backbone: Optional[str] = typer.Option(None, parser=_choice(_backbones()), help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them."),
+    backbone: Optional[str] = typer.Option(None, parser=_choice(_backbones), help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them."),
     backbone_weights: Optional[str] = typer.Option(None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."),
     attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
     use_backbone: Optional[bool] = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),

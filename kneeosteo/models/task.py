@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kneeosteo.choices import CLASSIFICATION_TASKS  # re-exported: --task
 from kneeosteo.errors import ConfigError
 
 __all__ = ["CLASSIFICATION_TASKS", "HUBER_DELTA", "TASKS", "TaskSpec", "get_task", "task_of"]
@@ -99,7 +100,6 @@ TASKS = {t.name: t for t in (
     TaskSpec("multiclass", "cross-entropy over K softmax logits", "a probability per class"),
     TaskSpec("regression", f"Huber (delta {HUBER_DELTA})", "the predicted value"),
 )}
-CLASSIFICATION_TASKS = ("binary", "multiclass")  # --task; regression comes from --target
 
 
 def task_of(task: str, target: str = "label") -> str:

@@ -15,13 +15,10 @@ Each stores as a small JSON dict (``to_dict``/``calibrator_from_dict``).
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit
-from sklearn.linear_model import LogisticRegression
 
 from kneeosteo.errors import ConfigError
-
-from ._arrays import as_scores, as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels, as_values
 
 __all__ = ["DEGENERATE_TEMPERATURE", "MIN_TEMPERATURE_IMAGES", "PlattScaler", "TemperatureScaler", "calibrator_from_dict", "fit_calibrator", "logit", "sigmoid"]
 
@@ -61,6 +58,8 @@ class TemperatureScaler:
 
     def fit(self, logits, y) -> float:
         """Fit on held-out logits and 0/1 labels; returns (and keeps) the temperature."""
+        from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
         res = minimize_scalar(lambda lt: _nll(z / np.exp(lt), yy), bounds=self._LOG_T_BOUNDS,
                               method="bounded", options={"xatol": 1e-6})
@@ -69,7 +68,7 @@ class TemperatureScaler:
 
     def transform(self, logits) -> np.ndarray:
         """Calibrated probabilities of the positive class."""
-        return sigmoid(as_scores(logits, "logits") / self.temperature)
+        return sigmoid(as_values(logits, "logits") / self.temperature)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "temperature": self.temperature}
@@ -92,13 +91,15 @@ class PlattScaler:
 
     def fit(self, logits, y) -> tuple[float, float]:
         """Fit on held-out logits and 0/1 labels; returns (and keeps) ``(a, b)``."""
+        from sklearn.linear_model import LogisticRegression  # fitting only: not on predict's path
+
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
         lr = LogisticRegression(C=np.inf, max_iter=1000).fit(z[:, None], yy)
         self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
         return self.a, self.b
 
     def transform(self, logits) -> np.ndarray:
-        return sigmoid(self.a * as_scores(logits, "logits") + self.b)
+        return sigmoid(self.a * as_values(logits, "logits") + self.b)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "a": self.a, "b": self.b}

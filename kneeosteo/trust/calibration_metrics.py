@@ -20,14 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_expit
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss
 
 from kneeosteo.errors import ConfigError
+from kneeosteo.utils.arrays import as_scores_and_labels, check_probabilities
+from kneeosteo.utils.intervals import bootstrap_replicates, percentile_interval
 
-from ._arrays import as_scores_and_labels
 from .calibration import logit
 
 __all__ = [
@@ -39,11 +36,6 @@ __all__ = [
     "expected_calibration_error_interval",
     "reliability_diagram",
 ]
-
-
-def _check_probabilities(p: np.ndarray) -> None:
-    if p.size and (p.min() < 0 or p.max() > 1):
-        raise ConfigError("probabilities must lie in [0, 1]")
 
 
 def _bin_ids(p: np.ndarray, n_bins: int) -> np.ndarray:
@@ -73,7 +65,7 @@ class ReliabilityDiagram:
 
 def reliability_diagram(probabilities, y, n_bins: int = 10) -> ReliabilityDiagram:
     p, yy = as_scores_and_labels(probabilities, y, both_classes=False, name="probabilities")
-    _check_probabilities(p)
+    check_probabilities(p, "probabilities")
     ids = _bin_ids(p, n_bins)
     counts = np.bincount(ids, minlength=n_bins).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -92,7 +84,7 @@ def _ece(p: np.ndarray, y: np.ndarray, n_bins: int) -> float:
 def expected_calibration_error(probabilities, y, n_bins: int = 10) -> float:
     """ECE of the positive-class probability over ``n_bins`` equal-width bins (0 is perfect)."""
     p, yy = as_scores_and_labels(probabilities, y, both_classes=False, name="probabilities")
-    _check_probabilities(p)
+    check_probabilities(p, "probabilities")
     return _ece(p, yy.astype(np.float64), n_bins)
 
 
@@ -100,24 +92,28 @@ def expected_calibration_error_interval(probabilities, y, n_bins: int = 10, n_bo
                                         level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """``(ece, low, high)``: the ECE and a stratified bootstrap percentile interval at ``level``."""
     p, yy = as_scores_and_labels(probabilities, y, name="probabilities")
-    _check_probabilities(p)
+    check_probabilities(p, "probabilities")
     if not 0 < level < 1:
         raise ConfigError(f"level must lie in (0, 1), got {level}")
     yf = yy.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(yy == 1), np.flatnonzero(yy == 0)
-    stats = np.empty(int(n_boot))
-    for b in range(int(n_boot)):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        stats[b] = _ece(p[idx], yf[idx], n_bins)
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return _ece(p, yf, n_bins), float(lo), float(hi)
+
+    def statistic(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {"ece": np.array([_ece(p[i], yf[i], n_bins) for i in idx])}
+
+    # one resample per draw (chunk=1): the ECE is a Python call per resample anyway, and it keeps
+    # the random stream (and so the intervals) of the per-resample loop this replaced
+    strata = [np.flatnonzero(yy == 1), np.flatnonzero(yy == 0)]
+    stats = bootstrap_replicates(statistic, strata, int(n_boot), seed, chunk=1)["ece"]
+    lo, hi = percentile_interval(stats, 1 - level)
+    return _ece(p, yf, n_bins), lo, hi
 
 
 def brier_score(probabilities, y) -> float:
     """Mean squared difference between probability and outcome (0 is perfect, 0.25 a coin)."""
+    from sklearn.metrics import brier_score_loss  # fitting only: not on predict's path
+
     p, yy = as_scores_and_labels(probabilities, y, both_classes=False, name="probabilities")
-    _check_probabilities(p)
+    check_probabilities(p, "probabilities")
     return float(brier_score_loss(yy, p, labels=[0, 1]))
 
 
@@ -136,8 +132,12 @@ class CalibrationFit:
 
 def calibration_slope_intercept(probabilities, y) -> CalibrationFit:
     """Logistic recalibration of the outcome on ``logit(probability)`` (see module docstring)."""
+    from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+    from scipy.special import log_expit
+    from sklearn.linear_model import LogisticRegression
+
     p, yy = as_scores_and_labels(probabilities, y, name="probabilities")
-    _check_probabilities(p)
+    check_probabilities(p, "probabilities")
     z = logit(p)
     lr = LogisticRegression(C=np.inf, max_iter=1000).fit(z[:, None], yy)
     # calibration-in-the-large: logit P(y) = a + 1 * z (z as an offset); a 1-D convex problem

@@ -18,11 +18,9 @@ images, so coverage holds within each class, at the price of fewer images per qu
 from __future__ import annotations
 
 import numpy as np
-from crepes import ConformalClassifier as _CrepesClassifier
 
 from kneeosteo.errors import ConfigError, DataError
-
-from ._arrays import as_labels, as_scores, as_scores_and_labels
+from kneeosteo.utils.arrays import as_binary_labels, as_scores_and_labels, as_values
 
 __all__ = ["CLASS_NAMES", "ConformalClassifier", "abstention_rate", "empirical_coverage", "nonconformity"]
 
@@ -31,7 +29,7 @@ CLASS_NAMES = ("normal", "osteoporosis")  # index 0 negative, 1 positive
 
 def nonconformity(probabilities) -> np.ndarray:
     """(n, 2) scores: column c is ``1 - p(class c)``, i.e. ``[p, 1 - p]``."""
-    p = as_scores(probabilities, "probabilities")
+    p = as_values(probabilities, "probabilities")
     return np.stack([p, 1 - p], axis=1)
 
 
@@ -47,6 +45,8 @@ def _crepes_quantile(cal_alphas: np.ndarray, coverage: float) -> float:
     Inclusion is monotone in the score and changes only at calibration scores, so asking crepes
     for the p-values of the calibration scores themselves (and of one score above them all)
     finds the exact boundary."""
+    from crepes import ConformalClassifier as _CrepesClassifier  # fitting only: not on predict's path
+
     cc = _CrepesClassifier().fit(cal_alphas)
     probe = np.append(np.unique(cal_alphas), np.inf)
     admitted = cc.predict_p(probe, smoothing=False) >= 1 - coverage
@@ -95,6 +95,8 @@ class ConformalClassifier:
 
     def p_values(self, probabilities) -> np.ndarray:
         """(n, 2) crepes p-values (non-smoothed) from the stored calibration scores."""
+        from crepes import ConformalClassifier as _CrepesClassifier  # fitting only: not on predict's path
+
         self._fitted()
         a = nonconformity(probabilities)
         cc = _CrepesClassifier()
@@ -131,7 +133,7 @@ def _mask(sets, class_names) -> np.ndarray:
 
 def empirical_coverage(sets, y, class_names: tuple[str, str] = CLASS_NAMES) -> float:
     """Share of images whose true class is in their set (``sets``: names or an (n, 2) mask)."""
-    m, yy = _mask(sets, class_names), as_labels(y)
+    m, yy = _mask(sets, class_names), as_binary_labels(y, "labels")
     if m.shape[0] != yy.size or yy.size == 0:
         raise DataError(f"coverage: {m.shape[0]} sets but {yy.size} labels")
     return float(m[np.arange(yy.size), yy].mean())

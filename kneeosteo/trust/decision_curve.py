@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kneeosteo.errors import ConfigError
-
-from ._arrays import as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels
 
 __all__ = ["DecisionCurve", "decision_curve", "net_benefit", "treat_all_net_benefit"]
 

@@ -30,14 +30,14 @@ An input is in domain when its distance is at most the threshold and no pixel ch
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve, solve_triangular
-from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage
-from sklearn.model_selection import KFold
-from sklearn.neighbors import NearestNeighbors
 
 from kneeosteo.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # scikit-learn and SciPy are imported where a check is fitted, not on predict's path
+    from sklearn.neighbors import NearestNeighbors
 
 __all__ = ["METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
 
@@ -105,6 +105,9 @@ def _shrunk_inverse(z: np.ndarray) -> dict[str, np.ndarray]:
     ``x' C^-1 x = (|x|^2 - b |W x|^2) / a`` with ``a = s * mu``, ``b = (1 - s) / n`` and
     ``W = L^-1 z`` (``L L' = a I + b z z'``, n by n), so only the (n, d) ``factor`` is stored
     and no d by d matrix is ever inverted."""
+    from scipy.linalg import cho_factor, cho_solve, solve_triangular  # fitting only: not on predict's path
+    from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage
+
     n, d = z.shape
     if n > d:
         cov = LedoitWolf(assume_centered=True, store_precision=False).fit(z).covariance_
@@ -116,6 +119,12 @@ def _shrunk_inverse(z: np.ndarray) -> dict[str, np.ndarray]:
     a, b = s * mu, (1 - s) / n
     lower = np.linalg.cholesky(a * np.eye(n) + b * (z @ z.T))
     return {"factor": solve_triangular(lower, z, lower=True), "coef": np.array([a, b])}
+
+
+def _nearest_neighbours(k: int, reference: np.ndarray) -> NearestNeighbors:
+    from sklearn.neighbors import NearestNeighbors  # a kNN check only: the default (Mahalanobis) predicts without it
+
+    return NearestNeighbors(n_neighbors=k).fit(reference)
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,7 @@ class DomainCheck:
                 a, b = arrays["coef"]
                 d2 = ((z * z).sum(axis=1) - b * ((z @ arrays["factor"].T) ** 2).sum(axis=1)) / a
             return np.sqrt(np.maximum(d2, 0.0))
-        nn = nn or NearestNeighbors(n_neighbors=self.k).fit(arrays["reference"])
+        nn = nn or _nearest_neighbours(self.k, arrays["reference"])
         return nn.kneighbors(z, n_neighbors=self.k)[0].mean(axis=1)
 
     def fit(self, features, heldout_features=None, folds: int = 5, seed: int = 0) -> "DomainCheck":
@@ -191,6 +200,8 @@ class DomainCheck:
             if x.shape[0] < 2 * folds:
                 raise DataError(f"domain check: {x.shape[0]} in-domain images are too few for "
                                 f"{folds}-fold threshold setting; give held-out features")
+            from sklearn.model_selection import KFold
+
             scores = np.empty(x.shape[0])
             for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
                 scores[test] = self._distance(self._fit_arrays(x[train]), x[test])
@@ -212,7 +223,7 @@ class DomainCheck:
         # C order, float64: what safetensors gives back, so a reloaded check scores bit for bit alike
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
         self._arrays = arrays
-        self._nn = NearestNeighbors(n_neighbors=self.k).fit(arrays["reference"]) if self.method == "knn" else None
+        self._nn = _nearest_neighbours(self.k, arrays["reference"]) if self.method == "knn" else None
 
     # -- scoring -----------------------------------------------------------------------------
     def distance(self, features) -> np.ndarray:

@@ -25,13 +25,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from crepes import ConformalRegressor as _CrepesRegressor
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from kneeosteo.errors import DataError
+from kneeosteo.utils.arrays import as_class_indices, as_matrix, as_values
 
-from ._arrays import as_scores
 from .calibration import TemperatureScaler
 from .conformal import _check_coverage, _crepes_quantile
 
@@ -44,28 +42,6 @@ __all__ = [
 ]
 
 
-def _as_matrix(values, name: str) -> np.ndarray:
-    """``values`` as a finite (n, K) float64 matrix with K >= 2."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] < 2:
-        raise DataError(f"{name}: expected an (n, K) array with K >= 2 classes, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise DataError(f"{name}: {int(np.sum(~np.isfinite(arr)))} value(s) are not finite")
-    return arr
-
-
-def _as_class_labels(values, k: int, n: int, name: str) -> np.ndarray:
-    """``values`` as n class indices in [0, k)."""
-    arr = np.asarray(values)
-    if arr.ndim != 1 or arr.size != n:
-        raise DataError(f"{name}: expected {n} class indices, got an array of shape {arr.shape}")
-    if n == 0:
-        raise DataError(f"{name}: no images to fit or score on")
-    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.mod(arr, 1) == 0) or arr.min() < 0 or arr.max() >= k:
-        raise DataError(f"{name}: labels must be class indices in [0, {k})")
-    return arr.astype(np.int64)
-
-
 class TemperatureScalerK(TemperatureScaler):
     """``p = softmax(z / T)`` over K logits; ``fit`` finds the ``T`` in [0.01, 100] with the
     lowest NLL. The binary :class:`TemperatureScaler` is the K = 2 case with logits ``[0, z]``."""
@@ -74,8 +50,10 @@ class TemperatureScalerK(TemperatureScaler):
 
     def fit(self, logits, y) -> float:
         """Fit on held-out (n, K) logits and class indices; returns (and keeps) the temperature."""
-        z = _as_matrix(logits, "calibration logits")
-        yy = _as_class_labels(y, z.shape[1], z.shape[0], "calibration labels")
+        from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
+
+        z = as_matrix(logits, "calibration logits")
+        yy = as_class_indices(y, z.shape[1], "calibration labels", n=z.shape[0])
         rows = np.arange(z.shape[0])
 
         def nll(log_t: float) -> float:
@@ -87,7 +65,7 @@ class TemperatureScalerK(TemperatureScaler):
 
     def transform(self, logits) -> np.ndarray:
         """(n, K) calibrated class probabilities."""
-        return softmax(_as_matrix(logits, "logits") / self.temperature, axis=1)
+        return softmax(as_matrix(logits, "logits") / self.temperature, axis=1)
 
     def __repr__(self) -> str:
         return f"TemperatureScalerK(temperature={self.temperature:.4g})"
@@ -107,9 +85,9 @@ class ConformalSetsK:
 
         A class with no calibration images (class-conditional only) gets quantile ``+inf``: it
         is in every set, as crepes puts every class in when it has too few scores."""
-        p = _as_matrix(probs, "conformal calibration probabilities")
+        p = as_matrix(probs, "conformal calibration probabilities")
         k = p.shape[1]
-        yy = _as_class_labels(y, k, p.shape[0], "conformal calibration labels")
+        yy = as_class_indices(y, k, "conformal calibration labels", n=p.shape[0])
         scores = 1.0 - p[np.arange(yy.size), yy]
         if self.class_conditional:
             q = [_crepes_quantile(scores[yy == c], self.coverage) if np.any(yy == c) else np.inf for c in range(k)]
@@ -123,7 +101,7 @@ class ConformalSetsK:
         """(n, K) booleans: is class c in image i's set (``1 - p_c <= quantile_c``)."""
         if self.quantiles is None:
             raise DataError("the conformal sets have not been calibrated (call fit first)")
-        p = _as_matrix(probs, "probabilities")
+        p = as_matrix(probs, "probabilities")
         if p.shape[1] != self.quantiles.size:
             raise DataError(f"probabilities have {p.shape[1]} classes, the calibration had {self.quantiles.size}")
         return (1.0 - p) <= self.quantiles[None, :]
@@ -156,9 +134,11 @@ class ConformalInterval:
     def fit(self, y_true, y_pred, coverage: float | None = None) -> "ConformalInterval":
         """Calibrate on held-out true values and the model's predictions of them; ``coverage``
         (if given) replaces the one set at construction."""
+        from crepes import ConformalRegressor as _CrepesRegressor  # fitting only: not on predict's path
+
         if coverage is not None:
             self.coverage = _check_coverage(coverage)
-        t, p = as_scores(y_true, "calibration true values"), as_scores(y_pred, "calibration predictions")
+        t, p = as_values(y_true, "calibration true values"), as_values(y_pred, "calibration predictions")
         if t.size != p.size or t.size == 0:
             raise DataError(f"conformal interval: {t.size} true values but {p.size} predictions")
         with warnings.catch_warnings():
@@ -172,7 +152,7 @@ class ConformalInterval:
         """``(lower, upper)`` arrays: ``y_pred -+ half_width`` (``-inf, +inf`` if too few cases)."""
         if self.half_width is None:
             raise DataError("the conformal interval has not been calibrated (call fit first)")
-        p = as_scores(y_pred, "predictions")
+        p = as_values(y_pred, "predictions")
         return p - self.half_width, p + self.half_width
 
     def to_dict(self) -> dict:
@@ -191,17 +171,10 @@ class ConformalInterval:
         return ci
 
 
-def _as_bounds(values, name: str) -> np.ndarray:
-    """Interval bounds as a float64 vector: +-inf allowed (an uncalibratable interval), NaN not."""
-    arr = np.asarray(values, dtype=np.float64).ravel()
-    if np.any(np.isnan(arr)):
-        raise DataError(f"{name}: {int(np.sum(np.isnan(arr)))} bound(s) are NaN")
-    return arr
-
-
 def empirical_interval_coverage(y, lower, upper) -> float:
     """Share of cases with ``lower <= y <= upper`` (bounds may be infinite)."""
-    yy, lo, hi = as_scores(y, "true values"), _as_bounds(lower, "lower"), _as_bounds(upper, "upper")
+    yy = as_values(y, "true values")
+    lo, hi = (as_values(b, name, flatten=True, allow_inf=True) for b, name in ((lower, "lower"), (upper, "upper")))
     if not (yy.size == lo.size == hi.size) or yy.size == 0:
         raise DataError(f"interval coverage: {yy.size} values, {lo.size} lower and {hi.size} upper bounds")
     return float(np.mean((lo <= yy) & (yy <= hi)))
@@ -212,5 +185,5 @@ def empirical_set_coverage(sets, y) -> float:
     m = np.asarray(sets, dtype=bool)
     if m.ndim != 2:
         raise DataError(f"set coverage: expected an (n, K) boolean array, got shape {m.shape}")
-    yy = _as_class_labels(y, m.shape[1], m.shape[0], "labels")
+    yy = as_class_indices(y, m.shape[1], "labels", n=m.shape[0])
     return float(m[np.arange(yy.size), yy].mean())

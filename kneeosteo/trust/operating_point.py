@@ -21,11 +21,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from kneeosteo.errors import ConfigError
-
-from ._arrays import as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels
 
 __all__ = ["ALLOWED_FORMS", "OperatingPoint", "choose_threshold", "parse_operating_point"]
 
@@ -83,6 +81,8 @@ def parse_operating_point(text) -> OperatingPoint:
 
 def choose_threshold(probabilities, y, operating_point="youden") -> float:
     """The threshold the ``operating_point`` picks on these (validation) probabilities."""
+    from sklearn.metrics import roc_curve  # fitting only: not on predict's path
+
     op = parse_operating_point(operating_point)
     if op.kind == "fixed":
         return float(op.value)
