@@ -634,6 +634,31 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: README
 
 
+@app.command()
+def pacs(
+    url: str = typer.Argument(..., help="The PACS's DICOMweb root, such as http://127.0.0.1:8042/dicom-web (Orthanc)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Binary run folder (default: the bundled model)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Folder for the outbox of results not yet stored "
+                                         "(default: in the cache, one per URL). Keep it between passes."),
+    credentials: Optional[Path] = typer.Option(None, "--credentials", help="File whose first line is USER:PASSWORD "
+                                               "(default: $KNEEOSTEO_PACS_USER and $KNEEOSTEO_PACS_PASSWORD)."),
+    since: Optional[str] = typer.Option(None, help="Only studies of this day (YYYYMMDD) or later."),
+    study: Optional[list[str]] = typer.Option(None, "--study", help="Only this study (StudyInstanceUID; repeatable)."),
+    max_instances: int = typer.Option(20, min=1, help="Skip a series with more films than this (a knee study has a few)."),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for each PACS answer."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Find knee films in a PACS (QIDO-RS, WADO-RS), predict, and store a DICOM SR and a heat-map Secondary Capture per film back (STOW-RS). Research use only."""
+    from kneeosteo.interfaces.pacs import load_credentials, run_pacs
+
+    done = run_pacs(url, run=run, state=state, credentials=load_credentials(credentials), since=since, studies=study,
+                    max_instances=max_instances, timeout=timeout, device=device,
+                    echo=lambda line: print(printable(line)))
+    for line in done.lines:
+        typer.echo(printable(line), err=True)
+    print(done.summary())
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
