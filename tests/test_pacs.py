@@ -23,7 +23,7 @@ from conftest import require
 from kneeosteo.errors import DataError
 from kneeosteo.interfaces.cli import main
 
-ORTHANC = shutil.which("Orthanc")
+ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DCIODVFY = shutil.which("dciodvfy")
 USER, PASSWORD = "radiology-ai", "pw-Zq81-never-printed"
