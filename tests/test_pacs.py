@@ -6,12 +6,9 @@ dciodvfy (fails under CI=true: .ci/run installs them)."""
 from __future__ import annotations
 
 import http.server
-import json
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,66 +16,24 @@ import numpy as np
 import pytest
 
 import imagegen as g
+import orthancrun
 from conftest import require
 from kneeosteo.errors import DataError
 from kneeosteo.interfaces.cli import main
 
-ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DCIODVFY = shutil.which("dciodvfy")
 USER, PASSWORD = "radiology-ai", "pw-Zq81-never-printed"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    """A running Orthanc: ``.url`` (its DICOMweb root), ``.rest`` (GET on its REST API), ``.client``."""
-    require(ORTHANC is not None, "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
-    require(PLUGIN.is_file(), f"Orthanc's DICOMweb plugin is missing ({PLUGIN}; apt-get install orthanc-dicomweb)")
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {"Name": "kneeosteo-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-              "HttpDescribeErrors": True}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    import requests
-
-    base = f"http://127.0.0.1:{port}"
-    session = requests.Session()
-    session.auth = (USER, PASSWORD)
+    """A running Orthanc (tests/orthancrun.py): ``.url`` (its DICOMweb root), ``.rest``, ``.client``."""
+    require(orthancrun.missing() is None, orthancrun.missing() or "")
     try:
-        for _ in range(200):
-            try:
-                if session.get(f"{base}/dicom-web/studies", timeout=2).status_code == 200:
-                    break
-            except requests.exceptions.ConnectionError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited ({proc.returncode}): {(root / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        else:
-            pytest.fail("Orthanc did not answer within 20 s")
-        from dicomweb_client.api import DICOMwebClient
-
-        yield SimpleNamespace(url=f"{base}/dicom-web", base=base, root=root, port=port,
-                              rest=lambda path: session.get(base + path, timeout=10).json(),
-                              client=DICOMwebClient(f"{base}/dicom-web", session=session))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        with orthancrun.running_orthanc(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD) as server:
+            yield server
+    except RuntimeError as exc:  # it did not start: a failure, not a skip
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -342,7 +297,7 @@ def test_credentials_from_a_file_and_never_in_the_url(orthanc, tiny, capsys, mon
 
 
 def test_a_pacs_that_is_down_is_one_line(tiny, creds, capsys, tmp_path):
-    code, out, err = _run(["pacs", f"http://127.0.0.1:{_free_port()}/dicom-web", "--run", str(tiny.run),
+    code, out, err = _run(["pacs", f"http://127.0.0.1:{orthancrun.free_port()}/dicom-web", "--run", str(tiny.run),
                            "--state", str(tmp_path / "s"), "--timeout", "5"], capsys)
     assert code == 1 and "cannot reach it" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
