@@ -34,7 +34,8 @@ def missing() -> str | None:
 
 @contextmanager
 def running_orthanc(root: Path, user: str, password: str, timeout: float = 30.0) -> Iterator[SimpleNamespace]:
-    """``.url`` (the DICOMweb root), ``.base``, ``.rest(path)`` (GET JSON), ``.client`` (dicomweb-client)."""
+    """``.url`` (the DICOMweb root), ``.base``, ``.rest(path)`` (GET JSON), ``.upload(bytes)`` (a file
+    through the REST API, which takes files STOW-RS refuses), ``.client`` (dicomweb-client)."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -67,6 +68,7 @@ def running_orthanc(root: Path, user: str, password: str, timeout: float = 30.0)
                 time.sleep(0.1)
             yield SimpleNamespace(url=f"{base}/dicom-web", base=base, root=root, port=port, proc=proc,
                                   rest=lambda path: session.get(base + path, timeout=10).json(),
+                                  upload=lambda data: session.post(base + "/instances", data=data, timeout=30).json(),
                                   client=DICOMwebClient(f"{base}/dicom-web", session=session))
         finally:
             proc.terminate()

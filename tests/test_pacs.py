@@ -277,6 +277,35 @@ def test_a_series_too_large_is_named_and_nothing_is_fetched(orthanc, tiny, creds
     assert _ours(orthanc, study.uid) == {"SR": [], "OT": []}
 
 
+def test_films_a_reference_or_the_reader_cannot_take_are_named_and_the_rest_goes_on(orthanc, tiny, creds, capsys,
+                                                                                    tmp_path):
+    """A film without SOPClassUID (Orthanc's REST API takes it, STOW-RS would not) and one that
+    declares 60000 x 60000 pixels: each named, nothing stored for it, not even fetched for the
+    second; the good film of the same series gets its SR."""
+    import pydicom
+
+    study = _study(orthanc, tmp_path, "bad", knee=1, blank=0, chest=0)
+    names = {}
+    for bad in ("no_class", "huge"):
+        ds = pydicom.dcmread(study.films[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        if bad == "no_class":
+            del ds.SOPClassUID
+        else:
+            ds.Rows = ds.Columns = 60000
+        ds.save_as(tmp_path / f"{bad}.dcm", enforce_file_format=True)
+        assert orthanc.upload((tmp_path / f"{bad}.dcm").read_bytes())["Status"] == "Success"
+        names[bad] = ds.SOPInstanceUID
+    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"),
+                           "--study", study.uid], capsys)
+    assert code == 0, err
+    assert f"film {names['no_class']}: the DICOM lacks SOPClassUID" in err
+    assert f"film {names['huge']}: declares 60000 x 60000 pixels" in err and "not fetched" in err
+    assert "1 films stored" in out and "2 films and 0 series skipped" in out
+    ours = _ours(orthanc, study.uid)
+    assert len(ours["SR"]) == 1 and len(ours["OT"]) <= 1
+
+
 def test_a_wrong_password_is_one_line(orthanc, tiny, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("KNEEOSTEO_PACS_USER", USER)
     monkeypatch.setenv("KNEEOSTEO_PACS_PASSWORD", "not-the-password")

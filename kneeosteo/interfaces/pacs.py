@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.errors import ConfigError, DataError, ImageReadError, KneeosteoError
 from kneeosteo.paths import cache_dir
 
@@ -48,6 +49,7 @@ MAX_INSTANCES = 20
 # DICOM JSON tags
 MODALITY, BODY_PART, MANUFACTURER_TAG = "00080060", "00180015", "00080070"
 SERIES_UID, SOP_UID, STUDY_UID, N_SERIES_INSTANCES = "0020000E", "00080018", "0020000D", "00201209"
+ROWS, COLUMNS = "00280010", "00280011"
 
 
 class PacsError(KneeosteoError):
@@ -262,7 +264,7 @@ def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.
                     out.lines.append(f"study {study_uid} series {series_uid}: {verdict}")
                 continue
             instances = pacs.call("QIDO-RS (instances)", pacs.client.search_for_instances, study_uid, series_uid,
-                                  get_remaining=True)
+                                  fields=["Rows", "Columns"], get_remaining=True)
             if len(instances) > max_instances:  # the count QIDO gave for the series may be absent
                 out.skipped_series += 1
                 out.lines.append(f"study {study_uid} series {series_uid}: {len(instances)} films, more than "
@@ -274,6 +276,12 @@ def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.
                     continue
                 if sop in done:
                     out.already += 1
+                    continue
+                rows, cols = _value(inst, ROWS), _value(inst, COLUMNS)
+                if rows.isdigit() and cols.isdigit() and int(rows) * int(cols) > MAX_PIXELS:
+                    out.bad_films += 1
+                    out.lines.append(f"study {study_uid} series {series_uid} film {sop}: declares {rows} x {cols} "
+                                     f"pixels, more than the reader's {MAX_PIXELS:,}; skipped, not fetched")
                     continue
                 status = _one_film(pacs, explainer, study_uid, series_uid, sop, fetch_dir, outbox, out)
                 if status is None:
