@@ -369,3 +369,45 @@ def test_a_film_without_the_tags_a_reference_needs_is_named(tmp_path):
     t = TrustedPrediction("ok", 0.7, 0.6, "osteoporosis", ("osteoporosis",), float("nan"), float("nan"))
     with pytest.raises(DataError, match="nothing was written"):
         structured_report(ds, t, RunDir.bundled().info, 0.5, series_uid=new_uid(), sop_uid=new_uid())
+
+
+def test_predict_dicom_out_writes_an_sr_per_dicom_film_with_the_csv_numbers(tiny, capsys, tmp_path):
+    """`predict --dicom-out`: the SR carries the CSV row's probability; a heat map for the in-domain
+    film only; a PNG is named (no patient or study to report into); everything passes dciodvfy."""
+    import csv
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from kneeosteo.inference.dicom_out import read_sr
+
+    study = generate_uid()
+    good = _film(tmp_path / "in", "good", g.dataset_image(3, "osteoporosis"), study, generate_uid())
+    blank = _film(tmp_path / "in", "blank", np.full((64, 64), 90, np.uint8), study, generate_uid())
+    png = g.png_grey8(tmp_path / "in" / "plain.png", array=g.dataset_image(4, "normal"))
+    code, out, err = _run(["predict", str(good), str(blank), str(png), "--run", str(tiny.run), "--out",
+                           str(tmp_path / "preds.csv"), "--dicom-out", str(tmp_path / "dcm"), "--threshold", "0.3"], capsys)
+    assert code == 0, err
+    assert f"{png}: not a DICOM file" in err
+    rows = {Path(r["path"]).stem: r for r in csv.DictReader(open(tmp_path / "preds.csv"))}
+    uid = {name: pydicom.dcmread(p).SOPInstanceUID for name, p in (("good", good), ("blank", blank))}
+    assert sorted(p.name for p in (tmp_path / "dcm").iterdir()) == sorted(
+        [f"{uid['good']}.sr.dcm", f"{uid['good']}.sc.dcm", f"{uid['blank']}.sr.dcm"])
+    sr = read_sr(pydicom.dcmread(tmp_path / "dcm" / f"{uid['good']}.sr.dcm"))
+    assert sr.source_sop_uid == uid["good"] and sr.status == rows["good"]["status"]
+    assert abs(sr.probability - float(rows["good"]["probability"])) < 1e-6
+    nums = {}
+
+    def walk(items):
+        for it in items:
+            if it.ValueType == "NUM":
+                nums[it.ConceptNameCodeSequence[0].CodeMeaning] = float(it.MeasuredValueSequence[0].NumericValue)
+            walk(it.get("ContentSequence", []))
+
+    walk(pydicom.dcmread(tmp_path / "dcm" / f"{uid['good']}.sr.dcm").ContentSequence)
+    assert nums["Decision threshold on the probability"] == 0.3 == float(rows["good"]["threshold"])
+    assert abs(nums["Uncalibrated model probability"] - float(rows["good"]["raw_probability"])) < 1e-6
+    ood = read_sr(pydicom.dcmread(tmp_path / "dcm" / f"{uid['blank']}.sr.dcm"))
+    assert rows["blank"]["status"] == ood.status == "out_of_domain" and ood.probability is None
+    for f in (tmp_path / "dcm").iterdir():
+        assert _dciodvfy_errors(pydicom.dcmread(f), tmp_path / "v") == [], f.name

@@ -33,7 +33,7 @@ from kneeosteo.run import ModelInfo
 from kneeosteo.trust import TrustedPrediction
 
 __all__ = ["MANUFACTURER", "REFERENCE_TAGS", "RESEARCH_USE", "SCHEME", "DicomResult", "check_reference",
-           "heatmap_rgb", "new_uid", "read_sr", "secondary_capture", "structured_report"]
+           "heatmap_rgb", "new_uid", "read_sr", "secondary_capture", "structured_report", "write_dicom_results"]
 
 SCHEME = "99KNEEOSTEO"
 MANUFACTURER = "kneeosteo"
@@ -292,3 +292,51 @@ def read_sr(ds) -> DicomResult | None:
         return None
     return DicomResult(str(found["source"]), algorithm[len(prefix):], str(found.get("status", "")),
                        found.get("probability"), found.get("finding"))
+
+
+def write_dicom_results(predictions, explainer, out_dir, progress: bool = False) -> tuple[list, list[str]]:
+    """``predict --dicom-out``: for each prediction of a DICOM file, its SR (and, in domain, its
+    heat-map SC) as ``OUT/<source SOPInstanceUID>.sr.dcm`` / ``.sc.dcm``, written atomically. The
+    SR holds the prediction's own numbers (the CSV row's, whatever the engine); ``explainer`` (the
+    same run, torch) draws the map. Returns (written paths, one line per input left out)."""
+    from pathlib import Path
+
+    import pydicom
+
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.errors import ImageReadError
+    from kneeosteo.utils.atomic import atomic_path
+
+    out_dir = Path(out_dir)
+    written, skipped = [], []
+    for p in predictions:
+        try:
+            ds = pydicom.dcmread(p.path, stop_before_pixels=False)
+        except Exception:  # pydicom raises several types for a file that is not DICOM
+            skipped.append(f"{p.path}: not a DICOM file, so no patient or study to put an SR in; no DICOM output")
+            continue
+        try:
+            check_reference(ds, p.path)
+        except DataError as exc:
+            skipped.append(str(exc))
+            continue
+        t = TrustedPrediction(p.status, p.probability, p.raw_probability, p.label, tuple(p.prediction_set),
+                              float("nan") if p.domain_score is None else p.domain_score,
+                              float("nan") if p.domain_threshold is None else p.domain_threshold, p.calibrated)
+        objects = [("sr", structured_report(ds, t, explainer.info, p.threshold, series_uid=new_uid(), sop_uid=new_uid()))]
+        if p.status != "out_of_domain":
+            try:
+                pixels = read_image(p.path).pixels
+            except ImageReadError as exc:  # it was read a moment ago; changed since
+                skipped.append(f"{p.path}: {exc.reason}; no DICOM output")
+                continue
+            ex = explainer.explain(pixels)
+            caption = f"P({explainer.info.positive}) {p.probability:.2f}: {p.label} ({p.status})"
+            objects.append(("sc", secondary_capture(ds, heatmap_rgb(pixels, ex.gradcam, caption), series_uid=new_uid(),
+                                                    sop_uid=new_uid())))
+        for kind, obj in objects:
+            target = out_dir / f"{ds.SOPInstanceUID}.{kind}.dcm"
+            with atomic_path(target) as tmp:
+                obj.save_as(tmp, enforce_file_format=True)
+            written.append(target)
+    return written, skipped

@@ -436,6 +436,7 @@ def predict(
     ray: Optional[str] = RayOpt(),
     actors: Optional[int] = typer.Option(None, min=1, help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor)."),
     cpus_per_actor: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."),
+    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra)."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
@@ -458,12 +459,19 @@ def predict(
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
+    if dicom_out is not None and (ray is not None or workers > 1):
+        raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
     from kneeosteo.utils.atomic import ensure_writable
 
+    if dicom_out is not None:
+        ensure_writable(dicom_out)
     if out is not None:
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
+    if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
+        raise typer.BadParameter("DICOM reports are written for a binary run folder (--run), whose model also "
+                                 "draws the heat map", param_hint="--dicom-out")
     if ray is not None:
         from kneeosteo.inference.ray_predict import predict_ray
 
@@ -492,6 +500,15 @@ def predict(
     if not result.predictions:
         raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)" if result.errors
                         else "no image found in the inputs")
+    if dicom_out is not None:
+        from kneeosteo.inference import Explainer
+        from kneeosteo.inference.dicom_out import write_dicom_results
+
+        explainer = Explainer(predictor.run.path, threshold=threshold, device=device)
+        written, skipped = write_dicom_results(result.predictions, explainer, dicom_out)
+        for line in skipped:
+            typer.echo(printable(line), err=True)
+        print(f"wrote {len(written)} DICOM objects to {dicom_out}")
 
 
 @app.command()
