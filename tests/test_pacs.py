@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import http.server
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -330,6 +332,17 @@ def test_a_pacs_that_is_down_is_one_line(tiny, creds, capsys, tmp_path):
                            "--state", str(tmp_path / "s"), "--timeout", "5"], capsys)
     assert code == 1 and "cannot reach it" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_a_pacs_that_never_answers_is_one_line_after_the_timeout(tiny, creds, capsys, tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t0 = time.monotonic()
+        code, out, err = _run(["pacs", f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", "--run",
+                               str(tiny.run), "--state", str(tmp_path / "s"), "--timeout", "0.5"], capsys)
+    assert code == 1 and "no answer within --timeout 0.5 s" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 30  # three tries of 0.5 s and two waits, plus loading the model
 
 
 def test_a_pacs_answering_500_is_one_line_and_nothing_is_stored(tiny, creds, capsys, tmp_path):

@@ -134,12 +134,12 @@ class _Pacs:
         session = requests.Session()
         if credentials is not None:
             session.auth = (credentials.user, credentials.password)
-        self.url = url
-        self.client = DICOMwebClient(url, session=session)
-        self.timeout = timeout
-        # dicomweb-client gives requests no timeout: a PACS that never answers would hang the pass
-        request = session.request
-        session.request = lambda *a, **kw: request(*a, **{"timeout": timeout, **kw})
+        self.url, self.timeout = url, timeout
+        self.client = DICOMwebClient(url, session=session, timeout=timeout)
+        # dicomweb-client retries every failure, a refused connection included, 5 times with waits
+        # doubling from 2 s (30 s for a PACS that is down); 3 tries from 1 s still ride out a
+        # PACS answering 503 for a moment
+        self.client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
 
     def call(self, what: str, fn: Callable, *args, **kwargs):
         import requests
@@ -151,6 +151,8 @@ class _Pacs:
             reason = getattr(exc.response, "reason", "") or ""
             hint = " (check the credentials)" if status in (401, 403) else ""
             raise PacsError(f"PACS {self.url}: {what} answered HTTP {status} {reason}{hint}".rstrip()) from None
+        except requests.exceptions.Timeout:
+            raise PacsError(f"PACS {self.url}: {what} failed: no answer within --timeout {self.timeout:g} s") from None
         except requests.exceptions.RequestException as exc:
             kind = type(exc).__name__
             raise PacsError(f"PACS {self.url}: {what} failed: cannot reach it ({kind})") from None
