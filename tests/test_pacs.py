@@ -270,6 +270,20 @@ def test_a_pass_stopped_halfway_loses_nothing_and_the_next_finishes(failure, ort
     assert not any((state / "outbox").rglob("*.dcm"))
 
 
+def test_a_second_pass_on_the_same_state_while_one_runs_stops_with_one_line(orthanc, tiny, creds, capsys, tmp_path):
+    import fcntl
+
+    state = tmp_path / "state"
+    state.mkdir()
+    with open(state / ".lock", "w") as held:  # what a running pass holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(state)], capsys)
+    assert code == 1 and "another `kneeosteo pacs` pass is using" in err
+    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(state), "--study", "1.2.3"],
+                          capsys)
+    assert code == 0, err  # released: the next pass runs
+
+
 def test_a_series_too_large_is_named_and_nothing_is_fetched(orthanc, tiny, creds, capsys, tmp_path):
     study = _study(orthanc, tmp_path, "huge", knee=3, blank=0, chest=0)
     code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"),

@@ -29,9 +29,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from kneeosteo.data.reader import MAX_PIXELS
@@ -180,10 +181,8 @@ def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.
              credentials: Credentials | None = None, since: str | None = None, studies: list[str] | None = None,
              max_instances: int = MAX_INSTANCES, timeout: float = 60.0, device: str = "cpu",
              echo: Callable[[str], None] = print, explainer=None) -> PacsPass:
-    """One pass over the PACS at ``url`` (its DICOMweb root); see the module docstring."""
-    import pydicom
-
-    from kneeosteo.inference.dicom_out import read_sr
+    """One pass over the PACS at ``url`` (its DICOMweb root); see the module docstring. One pass
+    at a time per ``state`` folder."""
     from kneeosteo.inference.explain import Explainer
     from kneeosteo.utils.atomic import ensure_writable
 
@@ -196,10 +195,37 @@ def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.
         explainer = Explainer(run, device=device)
     if getattr(explainer, "_run", None) is not None:
         raise ConfigError("`kneeosteo pacs` writes reports of binary runs (P(positive)); this run is not binary")
-    model_id = explainer.info.model_id
 
     state = Path(state) if state is not None else cache_dir() / "pacs" / hashlib.sha256(url.encode()).hexdigest()[:12]
     ensure_writable(state)
+    with _one_pass_at_a_time(state):
+        return _pass(url, explainer, state, credentials, since, studies, max_instances, timeout, echo)
+
+
+@contextmanager
+def _one_pass_at_a_time(state: Path) -> Iterator[None]:
+    """Two passes at once (a cron job that overran) would predict the same films twice before
+    either SR is in the PACS: the second one stops with one line instead."""
+    import fcntl
+
+    with open(state / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PacsError(f"another `kneeosteo pacs` pass is using {state}; let it finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pass(url: str, explainer, state: Path, credentials: Credentials | None, since: str | None,
+          studies: list[str] | None, max_instances: int, timeout: float, echo: Callable[[str], None]) -> PacsPass:
+    import pydicom
+
+    from kneeosteo.inference.dicom_out import read_sr
+
+    model_id = explainer.info.model_id
     outbox = state / "outbox" / model_id
     outbox.mkdir(parents=True, exist_ok=True)
     pacs = _Pacs(url, credentials, timeout)
