@@ -146,6 +146,8 @@ def test_the_pass_stores_an_sr_per_knee_film_and_a_map_per_in_domain_one(round_t
     sources = {pydicom.dcmread(p).SOPInstanceUID: p.stem for p in rt.study.films}
     knee = {uid for uid, stem in sources.items() if not stem.startswith("chest")}
     assert set(results) == knee  # one SR per knee film, none for the chest series
+    for sr in ours["SR"]:  # the private coding scheme is declared
+        assert [d.CodingSchemeDesignator for d in sr.CodingSchemeIdentificationSequence] == ["99KNEEOSTEO"]
     for uid, r in results.items():
         assert r.model_id == model_id
         if sources[uid].startswith("blank"):  # out of domain: says so, no finding, no probability

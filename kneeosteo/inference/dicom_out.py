@@ -181,6 +181,13 @@ def structured_report(source, t: TrustedPrediction, info: ModelInfo, threshold: 
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
         series_description=f"kneeosteo SR (research use only) {info.model_id}"[:MAX_LO], is_complete=True)
     _mark(sr)
+    from pydicom.dataset import Dataset
+
+    scheme = Dataset()  # the private scheme, declared as PS3.3 C.12.1.1.2 asks
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "kneeosteo concepts"
+    scheme.CodingSchemeResponsibleOrganization = "the kneeosteo project"
+    sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
 
 
