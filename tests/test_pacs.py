@@ -9,6 +9,7 @@ import http.server
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -440,3 +441,15 @@ def test_predict_dicom_out_writes_an_sr_per_dicom_film_with_the_csv_numbers(tiny
     assert rows["blank"]["status"] == ood.status == "out_of_domain" and ood.probability is None
     for f in (tmp_path / "dcm").iterdir():
         assert _dciodvfy_errors(pydicom.dcmread(f), tmp_path / "v") == [], f.name
+
+
+@pytest.mark.parametrize("module", ["highdicom", "dicomweb_client"])
+def test_without_the_pacs_extra_it_is_one_line(module, tiny, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    code, out, err = _run(["pacs", "http://127.0.0.1:9/dicom-web", "--run", str(tiny.run), "--state",
+                           str(tmp_path / "s")], capsys)
+    assert code == 1 and "pip install 'kneeosteo[pacs]'" in err and "Traceback" not in err
+    if module == "highdicom":
+        png = g.png_grey8(tmp_path / "a.png")
+        code, out, err = _run(["predict", str(png), "--dicom-out", str(tmp_path / "d")], capsys)
+        assert code == 1 and "pip install 'kneeosteo[pacs]'" in err

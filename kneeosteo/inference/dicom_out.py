@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kneeosteo import __version__
-from kneeosteo.errors import DataError
+from kneeosteo.errors import DataError, KneeosteoError
 from kneeosteo.run import ModelInfo
 from kneeosteo.trust import TrustedPrediction
 
 __all__ = ["MANUFACTURER", "REFERENCE_TAGS", "RESEARCH_USE", "SCHEME", "DicomResult", "check_reference",
-           "heatmap_rgb", "new_uid", "read_sr", "secondary_capture", "structured_report", "write_dicom_results"]
+           "heatmap_rgb", "new_uid", "read_sr", "require_extra", "secondary_capture", "structured_report", "write_dicom_results"]
 
 SCHEME = "99KNEEOSTEO"
 MANUFACTURER = "kneeosteo"
@@ -42,6 +42,18 @@ RESEARCH_USE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 # plus the image attributes highdicom copies into the SC
 REFERENCE_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 MAX_LO = 64  # a DICOM LO value's length
+
+
+def require_extra(*modules: str) -> None:
+    """One line instead of an ImportError when the ``pacs`` extra is not installed."""
+    import importlib
+
+    for name in ("highdicom",) + modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise KneeosteoError(f"DICOM output needs highdicom and dicomweb-client ({exc}); "
+                                 "pip install 'kneeosteo[pacs]'") from None
 
 
 def new_uid() -> str:

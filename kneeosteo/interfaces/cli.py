@@ -464,6 +464,9 @@ def predict(
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_out is not None:
+        from kneeosteo.inference.dicom_out import require_extra
+
+        require_extra()  # before the images are read
         ensure_writable(dicom_out)
     if out is not None:
         ensure_writable(out.parent)  # before reading thousands of images, not after

@@ -183,10 +183,12 @@ def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.
              echo: Callable[[str], None] = print, explainer=None) -> PacsPass:
     """One pass over the PACS at ``url`` (its DICOMweb root); see the module docstring. One pass
     at a time per ``state`` folder."""
+    from kneeosteo.inference.dicom_out import require_extra
     from kneeosteo.inference.explain import Explainer
     from kneeosteo.utils.atomic import ensure_writable
 
     url = _check_url(url)
+    require_extra("dicomweb_client")
     if max_instances < 1:
         raise ConfigError(f"--max-instances must be >= 1, got {max_instances}")
     if since is not None and not (len(since) == 8 and since.isdigit()):
