@@ -453,3 +453,26 @@ def test_without_the_pacs_extra_it_is_one_line(module, tiny, capsys, monkeypatch
         png = g.png_grey8(tmp_path / "a.png")
         code, out, err = _run(["predict", str(png), "--dicom-out", str(tmp_path / "d")], capsys)
         assert code == 1 and "pip install 'kneeosteo[pacs]'" in err
+
+
+def test_a_long_model_id_survives_the_sr_whole(tmp_path):
+    """A later pass recognises its own SRs by the model id in them: a long run-folder name must
+    not be cut (SH/LO limits apply to codes and descriptions, not to the SR's TEXT items)."""
+    from dataclasses import replace
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from kneeosteo.inference.dicom_out import new_uid, read_sr, structured_report
+    from kneeosteo.run import RunDir
+    from kneeosteo.trust import TrustedPrediction
+
+    info = replace(RunDir.bundled().info, model_id="a-site-calibrated-run-folder-with-a-long-descriptive-name-" * 2
+                   + "0123456789ab")
+    src = pydicom.dcmread(_film(tmp_path, "f", g.dataset_image(0, "normal"), generate_uid(), generate_uid()))
+    t = TrustedPrediction("ok", 0.7, 0.6, "osteoporosis", ("osteoporosis",), float("nan"), float("nan"))
+    sr = structured_report(src, t, info, 0.5, series_uid=new_uid(), sop_uid=new_uid())
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    back = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert back.model_id == info.model_id and back.source_sop_uid == src.SOPInstanceUID
+    assert _dciodvfy_errors(pydicom.dcmread(tmp_path / "sr.dcm"), tmp_path / "v") == []

@@ -141,10 +141,11 @@ class DicomResult:
 def _algorithm(info: ModelInfo, threshold: float):
     from highdicom.sr import AlgorithmIdentification
 
+    # TEXT items (UT): the model id is kept whole however long its folder name, since a later pass
+    # compares it to know which films are done
     return AlgorithmIdentification(
-        name=f"kneeosteo model {info.model_id}"[:MAX_LO], version=__version__,
-        parameters=[f"threshold={threshold:g}", f"positive class={info.positive}"[:MAX_LO],
-                    f"negative class={info.negative}"[:MAX_LO]])
+        name=f"kneeosteo model {info.model_id}", version=__version__,
+        parameters=[f"threshold={threshold:g}", f"positive class={info.positive}", f"negative class={info.negative}"])
 
 
 def structured_report(source, t: TrustedPrediction, info: ModelInfo, threshold: float, *, series_uid: str,
