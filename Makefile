@@ -18,7 +18,7 @@ $(BIN)/python:
 # install takes a minute instead of a multi-GB download; pyproject.toml allows a range.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q -e '.[dev,ray,pacs]'
 	touch $(STAMP)
 
 venv: $(STAMP)

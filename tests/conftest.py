@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 KOP_DIR = (REPO / ".." / "shared" / "datasets" / "kop").resolve()
-# CI (.ci/run) installs chromium, playwright, the Lite packages and has KOP and the bundled model:
+# CI (.ci/run) installs chromium, playwright, the Lite packages, Orthanc and dciodvfy, and has KOP and the bundled model:
 # there a missing one is a broken install step, not a reason to skip.
 CI = os.environ.get("CI", "").strip().lower() == "true"
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
@@ -37,7 +37,7 @@ def pytest_configure(config):
 # order, never an assertion.
 SHARED_GROUPS = {"test_browser": "hospital", "test_own_data": "hospital"}
 LONGEST_FIRST = ("test_ray", "test_benchmarks", "hospital", "test_training", "test_faults", "test_distributed",
-                 "test_inference", "test_web_hostile", "test_reproduce", "test_trust_wiring", "test_models",
+                 "test_inference", "test_pacs", "test_web_hostile", "test_reproduce", "test_trust_wiring", "test_models",
                  "test_data_pipeline", "test_bad_inputs", "test_default_model", "test_integrity", "test_structure",
                  "test_allocator", "test_cli", "test_web", "test_hostile_inputs")
 

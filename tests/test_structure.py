@@ -191,6 +191,11 @@ BAD_INVOCATIONS = [  # (arguments, exit code, words the one line must contain)
     ("report {ROOT}/not_a_run --out {ROOT}/r.html", 1, "not_a_run"),
     ("report {TAMPERED} --out {ROOT}/r.html", 1, "config.json"),
     ("report {TAMPERED} --out {ROOT}/r.html --data {ROOT}/no_such_data", 1, "no_such_data"),
+    ("predict {IMG} --dicom-out {ROOT}/d --workers 2", 2, "--dicom-out"),
+    ("pacs http://user:pw@127.0.0.1:9/dicom-web", 2, "not in the URL"),
+    ("pacs ftp://127.0.0.1/dicom-web", 2, "http(s)"),
+    ("pacs http://127.0.0.1:9/dicom-web --since yesterday", 2, "YYYYMMDD"),
+    ("pacs http://127.0.0.1:9/dicom-web --run {ROOT}/not_a_run", 1, "not_a_run"),
     ("no-such-command", 2, "no-such-command"),
 ]
 

@@ -438,6 +438,7 @@ def predict(
     ray: Optional[str] = RayOpt(),
     actors: Optional[int] = typer.Option(None, min=1, help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor)."),
     cpus_per_actor: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."),
+    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra)."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
@@ -460,12 +461,22 @@ def predict(
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
+    if dicom_out is not None and (ray is not None or workers > 1):
+        raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
     from kneeosteo.utils.atomic import ensure_writable
 
+    if dicom_out is not None:
+        from kneeosteo.inference.dicom_out import require_extra
+
+        require_extra()  # before the images are read
+        ensure_writable(dicom_out)
     if out is not None:
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
+    if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
+        raise typer.BadParameter("DICOM reports are written for a binary run folder (--run), whose model also "
+                                 "draws the heat map", param_hint="--dicom-out")
     if ray is not None:
         from kneeosteo.inference.ray_predict import predict_ray
 
@@ -494,6 +505,15 @@ def predict(
     if not result.predictions:
         raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)" if result.errors
                         else "no image found in the inputs")
+    if dicom_out is not None:
+        from kneeosteo.inference import Explainer
+        from kneeosteo.inference.dicom_out import write_dicom_results
+
+        explainer = Explainer(predictor.run.path, threshold=threshold, device=device)
+        written, skipped = write_dicom_results(result.predictions, explainer, dicom_out)
+        for line in skipped:
+            typer.echo(printable(line), err=True)
+        print(f"wrote {len(written)} DICOM objects to {dicom_out}")
 
 
 @app.command()
@@ -634,6 +654,31 @@ def serve(
                    "there is no authentication", err=True)
     typer.echo(f"kneeosteo: model {web.state.service.info.model_id} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: docs/cli.md (serve)
+
+
+@app.command()
+def pacs(
+    url: str = typer.Argument(..., help="The PACS's DICOMweb root, such as http://127.0.0.1:8042/dicom-web (Orthanc)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Binary run folder (default: the bundled model)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Folder for the outbox of results not yet stored "
+                                         "(default: in the cache, one per URL). Keep it between passes."),
+    credentials: Optional[Path] = typer.Option(None, "--credentials", help="File whose first line is USER:PASSWORD "
+                                               "(default: $KNEEOSTEO_PACS_USER and $KNEEOSTEO_PACS_PASSWORD)."),
+    since: Optional[str] = typer.Option(None, help="Only studies of this day (YYYYMMDD) or later."),
+    study: Optional[list[str]] = typer.Option(None, "--study", help="Only this study (StudyInstanceUID; repeatable)."),
+    max_instances: int = typer.Option(20, min=1, help="Skip a series with more films than this (a knee study has a few)."),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for each PACS answer."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Find knee films in a PACS (QIDO-RS, WADO-RS), predict, and store a DICOM SR and a heat-map Secondary Capture per film back (STOW-RS). Research use only."""
+    from kneeosteo.interfaces.pacs import load_credentials, run_pacs
+
+    done = run_pacs(url, run=run, state=state, credentials=load_credentials(credentials), since=since, studies=study,
+                    max_instances=max_instances, timeout=timeout, device=device,
+                    echo=lambda line: print(printable(line)))
+    for line in done.lines:
+        typer.echo(printable(line), err=True)
+    print(done.summary())
 
 
 def _one_line(text: str) -> str:
