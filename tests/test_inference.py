@@ -356,14 +356,13 @@ def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(bu
     label, no set) through Predictor and through the API, with the distance above the threshold."""
     from fastapi.testclient import TestClient
 
-    from imagegen import non_knee_corpus
     from kneeosteo.interfaces.web import WebSettings, create_app
     from kneeosteo.trust.domain import pixel_problems
 
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(bundled_cache))
     trust = RunDir(bundled_run).trust
     assert trust is not None and trust.domain is not None
-    junk = [p for p in non_knee_corpus(tmp_path / "junk") if p.name in ("document_0.png", "photo_2.png")]
+    junk = [p for p in g.non_knee_corpus(tmp_path / "junk") if p.name in ("document_0.png", "photo_2.png")]
     assert len(junk) == 2
     for p in junk:
         assert pixel_problems(read_image(p).pixels, limits=trust.pixel_limits) == [], p.name

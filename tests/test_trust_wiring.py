@@ -352,7 +352,10 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
     doc = json.loads(tiny.split.read_text())
     ids = {part: sorted(doc["content_ids"][p] for p in doc[part]) for part in ("train", "val", "test")}
     assert len(set(ids["val"])) == len(ids["val"]) >= 2 and not set(ids["val"]) & set(ids["test"] + ids["train"])
-    read = lambda paths: sorted(read_image(tiny.data / p).content_id for p in paths)  # noqa: E731
+
+    def read(paths):
+        return sorted(read_image(tiny.data / p).content_id for p in paths)
+
     assert read(seen["calibration"]) == ids["val"], "calibration was fitted on other images than the validation part"
     assert read(seen["domain"]) == ids["train"]
     p, y = seen["conformal"]
