@@ -646,6 +646,22 @@ def test_kop_paper_split(kop_scan, kop_manifest):
             assert p not in where and "label conflict" in excluded[p], p
 
 
+def test_kop_split_keeps_every_near_duplicate_cluster_of_the_audit_on_one_side(kop_scan):
+    """The audit's near-duplicate clusters (pHash <= 6 bits, README "audit": 22 on KOP), each wholly
+    in one partition of the paper split (every seed `reproduce` uses) and in one test fold of the
+    k-fold protocol: exact duplicates alone would leave 8 of them straddling partitions."""
+    clusters = dup_mod.near_duplicate_clusters(kop_scan.records)
+    assert len(clusters) == 22
+    docs = [make_split(kop_scan, "paper", seed=s) for s in range(5)]
+    docs += [{**fold, "seed": "kfold"} for fold in make_split(kop_scan, "kfold", seed=0)["folds"]]
+    for doc in docs:
+        where = _partition_of(doc)
+        straddling = [sorted({where[r.path] for r in c if r.path in where}) for c in clusters]
+        straddling = [(c[0].path, parts) for c, parts in zip(clusters, straddling) if len(parts) > 1]
+        assert not straddling, f"seed {doc['seed']}: {len(straddling)} clusters straddle partitions: {straddling[:3]}"
+        assert sum(any(r.path in where for r in c) for c in clusters) >= 20  # most clusters are in the split at all
+
+
 # --------------------------------------------------------------------------- decodes per run
 
 def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, monkeypatch):

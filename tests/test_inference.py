@@ -283,7 +283,14 @@ def test_missing_bundled_model_is_a_clear_error(ws, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def bundled_on_kop(bundled_run, kop, tmp_path_factory):
+def bundled_cache(tmp_path_factory) -> Path:
+    """One KNEEOSTEO_CACHE for this module's tests of the bundled model: its ONNX export (~5-10 s)
+    is made once, not once per test."""
+    return tmp_path_factory.mktemp("bundled-cache")
+
+
+@pytest.fixture(scope="module")
+def bundled_on_kop(bundled_run, kop, bundled_cache, tmp_path_factory):
     """The bundled model scored on its own KOP test split by `evaluate` (PyTorch fp32), and its
     ONNX export run on the same 72 prepared inputs (read back from the cache evaluate filled:
     each image is decoded once)."""
@@ -297,12 +304,12 @@ def bundled_on_kop(bundled_run, kop, tmp_path_factory):
     require(split.is_file(), f"{split} missing: the bundled model's test split is unknown")
     root = tmp_path_factory.mktemp("bundled-kop")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
+        mp.setenv("KNEEOSTEO_CACHE", str(bundled_cache))
         metrics, where = evaluate_run(bundled_run, data=kop, split=split, out=root / "eval", probes=False)
         rd = RunDir(bundled_run)
         prep = rd.config.preprocess
         sets = load_split(split, kop)
-        cache = TensorCache(root / "cache" / "tensors")
+        cache = TensorCache(bundled_cache / "tensors")
         inputs = prepare(sets.items("test"), kop, prep, cache, label="onnx")
         onnx_probs = OnnxModel(ensure_onnx(rd))(prep.normalise(inputs.grey.float()).numpy())
     with open(where / "predictions.csv", newline="") as fh:
@@ -311,7 +318,8 @@ def bundled_on_kop(bundled_run, kop, tmp_path_factory):
                            onnx=onnx_probs, decoded_again=cache.misses)
 
 
-def test_bundled_model_loads_and_predicts(bundled_run):
+def test_bundled_model_loads_and_predicts(bundled_run, bundled_cache, monkeypatch):
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(bundled_cache))
     p = Predictor()
     probs = p.predict_pixels([g.picture(64, 48, v).astype(np.float32) for v in range(2)])
     assert probs.shape == (2,) and np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()
@@ -339,6 +347,66 @@ def test_bundled_model_onnx_export_matches_torch_on_kop(bundled_on_kop):
     want = np.array([torch_probs[p] for p in bundled_on_kop.paths])
     assert len(want) == 72 and np.ptp(want) > 0.5
     np.testing.assert_allclose(bundled_on_kop.onnx, want, atol=1e-4)  # predictions.csv keeps 6 decimals
+
+
+def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(bundled_run, bundled_cache,
+                                                                               monkeypatch, tmp_path):
+    """The feature distance, not the pixel checks, is what refuses these: a generated page of text
+    and a photo-like scene pass every pixel check, and the bundled run answers out_of_domain (no
+    label, no set) through Predictor and through the API, with the distance above the threshold."""
+    from fastapi.testclient import TestClient
+
+    from kneeosteo.interfaces.web import WebSettings, create_app
+    from kneeosteo.trust.domain import pixel_problems
+
+    monkeypatch.setenv("KNEEOSTEO_CACHE", str(bundled_cache))
+    trust = RunDir(bundled_run).trust
+    assert trust is not None and trust.domain is not None
+    junk = [p for p in g.non_knee_corpus(tmp_path / "junk") if p.name in ("document_0.png", "photo_2.png")]
+    assert len(junk) == 2
+    for p in junk:
+        assert pixel_problems(read_image(p).pixels, limits=trust.pixel_limits) == [], p.name
+    app = create_app(WebSettings(run=bundled_run, workers=1, queue=1))
+    predictor = app.state.service.predictor  # the API's own Predictor (ONNX Runtime, as `predict` runs)
+    assert isinstance(predictor, Predictor) and predictor.trust is not None
+    rows = predictor.predict(junk, progress=False).predictions
+    assert len(rows) == 2
+    for r in rows:
+        assert (r.status, r.label, tuple(r.prediction_set)) == ("out_of_domain", "", ()), r
+        assert r.domain_score > r.domain_threshold == pytest.approx(trust.domain.threshold)
+    with TestClient(app) as client:
+        for p in junk:
+            r = client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["status"], body["label"], body["prediction_set"]) == ("out_of_domain", "", []), body
+            assert body["domain_score"] > body["domain_threshold"]
+
+
+def test_bundled_model_conformal_coverage_on_images_that_did_not_calibrate_it(bundled_run, bundled_on_kop):
+    """Held-out coverage: the bundled run's conformal sets were calibrated on its 27 validation
+    images; on its 72 test images (none of them a calibration image, by content id) the true class
+    is in the set as often as split conformal promises: at least the 0.1% quantile of the
+    beta-binomial law of held-out coverage (Vovk 2012; Angelopoulos & Bates 2021, section 3.2)."""
+    from scipy.stats import betabinom
+
+    from kneeosteo.trust import logit
+
+    trust = RunDir(bundled_run).trust
+    split = json.loads((bundled_run / "split.json").read_text())
+    ids = split["content_ids"]
+    n_cal = trust.conformal.calibration_scores.size
+    assert n_cal == trust.fitted["calibration_images"] == len(split["val"]) == 27
+    assert not {ids[p] for p in split["val"]} & {ids[r["path"]] for r in bundled_on_kop.rows}
+    y = np.array([int(r["label"]) for r in bundled_on_kop.rows])
+    raw = np.array([float(r["probability"]) for r in bundled_on_kop.rows])
+    mask = trust.conformal.predict_mask(trust.calibrated(logit(raw)))
+    covered = int(mask[np.arange(y.size), y].sum())
+    assert covered / y.size == pytest.approx(bundled_on_kop.metrics["trust"]["conformal_coverage"], abs=1e-12)
+    k = int(np.ceil((n_cal + 1) * trust.conformal.coverage))  # the rank of the calibration quantile
+    assert k <= n_cal  # a finite quantile: single-class sets are possible at all
+    assert covered >= betabinom(y.size, k, n_cal + 1 - k).ppf(0.001), (covered, y.size)
+    assert (mask.sum(axis=1) == 1).any()  # and the sets say something: not every answer is "both"
 
 
 def test_model_card_states_the_measured_accuracy(bundled_run):

@@ -150,6 +150,30 @@ def test_bootstrap_reproducible_contains_estimate_and_shrinks_with_n():
         assert big[k]["ci_high"] - big[k]["ci_low"] < a[k]["ci_high"] - a[k]["ci_low"], k
 
 
+def test_bootstrap_interval_is_a_hand_rolled_percentile_bootstrap_at_its_level():
+    """One interval against the textbook: the same seeded generator draws the positives' and then
+    the negatives' indices (a stratified bootstrap), each replicate is scored (AUC as pairs ranked right, F1
+    from its counts), and the interval is the replicates' alpha/2 and 1 - alpha/2 percentiles.
+    A 90% interval labelled 95% (or any other level) differs from it."""
+    y, p = paper_set()
+    n_boot, seed = 300, 11
+    pos, neg = p[y == 1], p[y == 0]
+    rng = np.random.default_rng(seed)
+    ip, ineg = rng.integers(0, pos.size, (n_boot, pos.size)), rng.integers(0, neg.size, (n_boot, neg.size))
+    reps = {"auc": [], "f1": []}
+    for i, j in zip(ip, ineg):  # AUC as the share of positive-negative pairs ranked right, ties half
+        a, b = pos[i][:, None], neg[j][None, :]
+        reps["auc"].append(float(np.mean((a > b) + 0.5 * (a == b))))
+        tp, fp = int((pos[i] >= 0.5).sum()), int((neg[j] >= 0.5).sum())
+        reps["f1"].append(2 * tp / (2 * tp + fp + (pos.size - tp)))
+    for alpha in (0.05, 0.1):
+        got = metrics_with_ci(y, p, n_boot=n_boot, seed=seed, alpha=alpha)
+        for name, r in reps.items():
+            lo, hi = np.percentile(r, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            assert (got[name]["ci_low"], got[name]["ci_high"]) == pytest.approx((lo, hi), abs=1e-12), (alpha, name)
+            assert np.mean((np.asarray(r) >= lo) & (np.asarray(r) <= hi)) >= 1 - alpha - 0.01, (alpha, name)
+
+
 def test_vectorised_rank_auc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     pos = rng.integers(0, 10, size=(20, 15)) / 10  # coarse scores -> many ties

@@ -186,6 +186,51 @@ def test_the_metadata_forest_is_fitted_once_per_split_and_refitted_when_the_spli
     assert fits == [0, 0, 1, 0]
 
 
+def test_the_metadata_forest_never_sees_a_test_label(monkeypatch):
+    """The shortcut-adversarial probe's forest is fitted on the training rows and labels only: a spy
+    on its fit records exactly those (and no test row), and its answers on the test images (read
+    back as the test label wherever it is right, the other one where it is wrong) are the same
+    whatever the test labels are, flipped or shuffled."""
+    from kneeosteo.data.shortcut import metadata_matrix
+    from kneeosteo.evaluation import probes
+
+    fits = []
+    real = probes.metadata_classifier
+
+    class Spy:
+        def __init__(self, clf):
+            self.clf = clf
+
+        def fit(self, x, y):
+            fits.append((np.array(x, copy=True), np.array(y, copy=True)))
+            self.clf.fit(x, y)
+            return self
+
+        def predict(self, x):
+            return self.clf.predict(x)
+
+    # the audit's forest with 25 trees instead of 200: what it is fitted on is the question, not its size
+    monkeypatch.setattr(probes, "metadata_classifier", lambda seed=0: Spy(real(seed).set_params(n_estimators=25)))
+    monkeypatch.setattr(probes, "_WRONG_MEMO", type(probes._WRONG_MEMO)())
+    rng = np.random.default_rng(0)
+    train = [_meta("JPEG" if i % 2 else "PNG", w=90 + i % 7) for i in range(40)]
+    y_train = np.array([i % 2 for i in range(40)])
+    test = [_meta("JPEG" if i % 3 else "PNG", w=150 + i, h=90 + i % 5) for i in range(24)]  # rows training lacks
+    y_test = rng.integers(0, 2, 24)
+    x, _ = metadata_matrix(train + test)
+    answers = []
+    for yt in (y_test, 1 - y_test, rng.permutation(y_test), np.zeros(24, int)):
+        fits.clear()
+        r = shortcut_adversarial(train, y_train, test, yt, yt)
+        assert len(fits) == 1
+        fx, fy = fits[0]
+        assert np.array_equal(fx, x[: len(train)]) and np.array_equal(fy, y_train)
+        wrong = probes._metadata_wrong(x, y_train, yt, 0)  # memoised: the fit just spied on
+        assert len(fits) == 1 and r.get("n", 0) == int(wrong.sum())
+        answers.append(np.where(wrong, 1 - yt, yt))
+    assert all(np.array_equal(a, answers[0]) for a in answers[1:])
+
+
 def test_within_source_auc_is_half_for_a_source_reader_and_one_for_a_label_reader():
     """Two sources, each with both classes, the label mostly given away by the source: a model
     that reads only the source ranks every same-source pair as a tie (0.5), whatever its overall

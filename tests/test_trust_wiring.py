@@ -319,3 +319,52 @@ def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_threa
     with pytest.raises(SystemExit) as e:
         main(["calibrate", str(old), "--out", str(tmp_path / "bad"), "--operating-point", "median"])
     assert e.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+# -- issue 30: what the trust pieces were fitted on, read from the fit's own input -------------------
+
+def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, monkeypatch, one_thread):
+    """Training's fit (``fit_trust_from_split``, what train_and_score calls) hands the temperature,
+    threshold and conformal fit the split's validation images, by content id read from the files
+    it was given (a spy on the fit's input, not the record trust.json writes); the domain fit gets
+    the training images. The conformal fit's own input (its calibration scores) is the one the
+    session's tiny run stored when it was trained."""
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.data.split import load_split
+    from kneeosteo.experiments import trust_fit
+    from kneeosteo.inference import Predictor
+
+    seen, real_fit, real_conformal = {}, trust_fit.fit_trust, trust_fit.ConformalClassifier.fit
+
+    def spy_fit(model, prep, fit_set, classes, **kw):
+        seen["calibration"] = list(fit_set.originals().paths)
+        seen["domain"] = list(kw["domain_set"].originals().paths)
+        return real_fit(model, prep, fit_set, classes, **kw)
+
+    def spy_conformal(self, p, y):
+        seen["conformal"] = (np.asarray(p, dtype=np.float64).copy(), np.asarray(y).copy())
+        return real_conformal(self, p, y)
+
+    monkeypatch.setattr(trust_fit, "fit_trust", spy_fit)
+    monkeypatch.setattr(trust_fit.ConformalClassifier, "fit", spy_conformal)
+    run = RunDir(tiny.run)
+    bundle = trust_fit.fit_trust_from_split(run, run.load_model("cpu"), load_split(tiny.split, tiny.data))
+    doc = json.loads(tiny.split.read_text())
+    ids = {part: sorted(doc["content_ids"][p] for p in doc[part]) for part in ("train", "val", "test")}
+    assert len(set(ids["val"])) == len(ids["val"]) >= 2 and not set(ids["val"]) & set(ids["test"] + ids["train"])
+
+    def read(paths):
+        return sorted(read_image(tiny.data / p).content_id for p in paths)
+
+    assert read(seen["calibration"]) == ids["val"], "calibration was fitted on other images than the validation part"
+    assert read(seen["domain"]) == ids["train"]
+    p, y = seen["conformal"]
+    assert len(p) == len(ids["val"]) and bundle.conformal.calibration_scores.size == len(ids["val"])
+    # the probabilities are the model's own on those files (temperature 1: too few to fit one)
+    want = {Path(r.path).name: r.raw_probability for r in
+            Predictor(tiny.run, engine="torch").predict([tiny.data / q for q in seen["calibration"]], progress=False).predictions}
+    got = dict(zip([Path(q).name for q in seen["calibration"]], p))
+    assert set(got) == set(want) and all(abs(got[k] - want[k]) < 2e-3 for k in got), (got, want)
+    stored = run.trust.conformal  # fitted when the session's tiny run was trained
+    assert np.allclose(np.sort(stored.calibration_scores), np.sort(bundle.conformal.calibration_scores), atol=1e-6)
+    assert sorted(stored.calibration_labels.tolist()) == sorted(y.tolist())
