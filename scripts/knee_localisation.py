@@ -1,0 +1,130 @@
+"""Measure the knee localiser against the hand marks, and draw its worst cases.
+
+Usage: python scripts/knee_localisation.py DATA MARKS_CSV [--split dev|test|all] [--gallery OUT_PNG]
+       [--all-films]
+
+MARKS_CSV (tests/data/knee_marks.csv) holds, per film, the joint centre and the tibial plateau's
+margins marked by hand (original pixels) and whether it was used to develop the localiser
+(``dev``) or held back (``test``). Prints per split: the films, how many got a knee, the joint
+centre's error as a fraction of the marked plateau width (median, 95th percentile, maximum,
+share within 10%), the plateau width's relative error, and the worst films. ``--all-films``
+also runs the localiser on every readable image of DATA and counts the films with none found
+(no marks needed). ``--gallery``: the worst films of the chosen split, marked (green) against
+found (red), with the region the preset cuts (yellow).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kneeosteo.data.knee import find_knees
+from kneeosteo.data.reader import read_image, to_uint8
+from kneeosteo.utils.atomic import atomic_path
+
+
+def measure(data: Path, rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        path = data / r["path"]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != r["sha256"]:
+            raise SystemExit(f"{path}: not the marked file (sha256 differs)")
+        img = read_image(path)
+        found = find_knees(img.pixels)
+        mx, my = float(r["joint_x"]), float(r["joint_y"])
+        pw = float(r["plateau_right_x"]) - float(r["plateau_left_x"])
+        rec = {**r, "pixels": img.pixels, "found": found, "marked_width": pw}
+        if found.knees:
+            k = min(found.knees, key=lambda k: (k.x - mx) ** 2 + (k.y - my) ** 2)
+            rec["error"] = float(np.hypot(k.x - mx, k.y - my) / pw)
+            rec["width_error"] = float(k.plateau_width / pw - 1)
+            rec["knee"] = k
+        else:
+            rec["error"], rec["width_error"], rec["knee"] = float("inf"), float("nan"), None
+        out.append(rec)
+    return out
+
+
+def summary(recs: list[dict], name: str) -> str:
+    e = np.array([r["error"] for r in recs])
+    we = np.array([r["width_error"] for r in recs if r["knee"] is not None])
+    found = int(np.isfinite(e).sum())
+    lines = [f"{name}: {len(recs)} films, knee found on {found}",
+             f"  joint-centre error / plateau width: median {np.median(e):.3f}, p95 {np.percentile(e, 95):.3f}, "
+             f"max {e.max():.3f}; within 0.10: {(e <= 0.10).sum()}/{len(e)} ({(e <= 0.10).mean():.1%})",
+             f"  plateau width error: median {np.median(we):+.3f}, median |.| {np.median(np.abs(we)):.3f}, "
+             f"max |.| {np.abs(we).max():.3f}" if we.size else "  plateau width: -"]
+    worst = sorted(recs, key=lambda r: -r["error"])[:5]
+    lines.append("  worst: " + ", ".join(f"{r['path']} ({r['error']:.2f})" for r in worst))
+    return "\n".join(lines)
+
+
+def gallery(recs: list[dict], out: Path, n: int = 8, tile: int = 300) -> None:
+    tiles = []
+    for r in sorted(recs, key=lambda r: -r["error"])[:n]:
+        u8 = to_uint8(r["pixels"])
+        h, w = u8.shape
+        s = tile / max(h, w)
+        t = cv2.cvtColor(cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_GRAY2BGR)
+        pad = np.zeros((tile, tile, 3), np.uint8)
+        pad[: t.shape[0], : t.shape[1]] = t
+        mx, my = float(r["joint_x"]) * s, float(r["joint_y"]) * s
+        cv2.line(pad, (round(float(r["plateau_left_x"]) * s), round(my)),
+                 (round(float(r["plateau_right_x"]) * s), round(my)), (0, 255, 0), 1)
+        cv2.circle(pad, (round(mx), round(my)), 3, (0, 255, 0), -1)
+        k = r["knee"]
+        if k is not None:
+            top, left, side = k.box()
+            cv2.rectangle(pad, (round(left * s), round(top * s)), (round((left + side) * s), round((top + side) * s)),
+                          (0, 255, 255), 1)
+            cv2.circle(pad, (round(k.x * s), round(k.y * s)), 3, (0, 0, 255), -1)
+        label = f"{Path(r['path']).name} err {r['error']:.2f}" if k is not None else f"{Path(r['path']).name}: none"
+        cv2.putText(pad, label, (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1)
+        tiles.append(pad)
+    while len(tiles) % 4:
+        tiles.append(np.zeros((tile, tile, 3), np.uint8))
+    grid = np.vstack([np.hstack(tiles[i : i + 4]) for i in range(0, len(tiles), 4)])
+    with atomic_path(out) as tmp:
+        cv2.imwrite(str(tmp) + ".png", grid)
+        Path(str(tmp) + ".png").replace(tmp)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        raise SystemExit(__doc__)
+    data, marks = Path(argv[0]), Path(argv[1])
+    split = argv[argv.index("--split") + 1] if "--split" in argv else "all"
+    rows = list(csv.DictReader(marks.open()))
+    recs = measure(data, rows)
+    for name in ("dev", "test", "all") if split == "all" else (split,):
+        chosen = [r for r in recs if name == "all" or r["split"] == name]
+        print(summary(chosen, name))
+        for framing in sorted({r["framing"] for r in chosen}):
+            sub = [r for r in chosen if r["framing"] == framing]
+            e = np.array([r["error"] for r in sub])
+            print(f"    {framing}: {len(sub)} films, within 0.10: {(e <= 0.10).sum()}, max {e.max():.3f}")
+    if "--gallery" in argv:
+        gallery([r for r in recs if split == "all" or r["split"] == split], Path(argv[argv.index("--gallery") + 1]))
+    if "--all-films" in argv:
+        from kneeosteo.data.scan import scan_dataset
+
+        none, counts = [], {}
+        files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        for p in files:
+            f = find_knees(read_image(p).pixels)
+            counts[len(f.knees)] = counts.get(len(f.knees), 0) + 1
+            if not f.knees:
+                none.append(f"{p.relative_to(data)}: {f.reason}")
+        print(f"all films: {len(files)}, knees found per film: {dict(sorted(counts.items()))}")
+        for line in none:
+            print("  none:", line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
