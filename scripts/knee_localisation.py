@@ -1,7 +1,7 @@
 """Measure the knee localiser against the hand marks, and draw its worst cases.
 
 Usage: python scripts/knee_localisation.py DATA MARKS_CSV [--split dev|test|all] [--gallery OUT_PNG]
-       [--all-films]
+       [--all-films] [--pairs]
 
 MARKS_CSV (tests/data/knee_marks.csv) holds, per film, the joint centre and the tibial plateau's
 margins marked by hand (original pixels) and whether it was used to develop the localiser
@@ -9,7 +9,8 @@ margins marked by hand (original pixels) and whether it was used to develop the 
 centre's error as a fraction of the marked plateau width (median, 95th percentile, maximum,
 share within 10%), the plateau width's relative error, and the worst films. ``--all-films``
 also runs the localiser on every readable image of DATA and counts the films with none found
-(no marks needed). ``--gallery``: the worst films of the chosen split, marked (green) against
+(no marks needed). ``--pairs``: two-knee films built from pairs of marked films (the second
+mirrored, side by side, touching), both knees measured. ``--gallery``: the worst films of the chosen split, marked (green) against
 found (red), with the region the preset cuts (yellow).
 """
 
@@ -48,6 +49,38 @@ def measure(data: Path, rows: list[dict]) -> list[dict]:
             rec["error"], rec["width_error"], rec["knee"] = float("inf"), float("nan"), None
         out.append(rec)
     return out
+
+
+def side_by_side(a: dict, b: dict) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """Film ``a`` on the left, film ``b`` mirrored on the right at ``a``'s height, touching (no gap):
+    a two-knee film, and its two marked knees (joint x, joint y, plateau width) in its pixels."""
+    pa, pb = a["pixels"], b["pixels"]
+    f = pa.shape[0] / pb.shape[0]
+    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), pa.shape[0]), interpolation=cv2.INTER_AREA)[:, ::-1]
+    wa, wb = pa.shape[1], pb.shape[1]
+    film = np.hstack([pa, pb])
+    ka = (float(a["joint_x"]), float(a["joint_y"]), a["marked_width"])
+    kb = (wa + wb - float(b["joint_x"]) * f, float(b["joint_y"]) * f, b["marked_width"] * f)
+    return film, [ka, kb]
+
+
+def pairs(recs: list[dict]) -> str:
+    """Two-knee films from consecutive marked films: both knees found, each on its side, errors."""
+    n = both = sides = 0
+    errs = []
+    for a, b in zip(recs[0::2], recs[1::2]):
+        film, marks = side_by_side(a, b)
+        found = find_knees(film).knees
+        n += 1
+        if len(found) != 2:
+            continue
+        both += 1
+        sides += found[0].position == "left" and found[1].position == "right" and found[0].x < film.shape[1] / 2 < found[1].x
+        errs += [float(np.hypot(k.x - mx, k.y - my) / pw) for k, (mx, my, pw) in zip(found, marks)]
+    e = np.array(errs) if errs else np.array([np.inf])
+    return (f"two-knee films (pairs, the right one mirrored, touching): {n}; both knees found on {both}, "
+            f"left/right right on {sides}; joint-centre error / plateau width over {len(errs)} knees: "
+            f"median {np.median(e):.3f}, max {e.max():.3f}, within 0.10: {(e <= 0.10).sum()}")
 
 
 def summary(recs: list[dict], name: str) -> str:
@@ -109,6 +142,9 @@ def main(argv: list[str]) -> None:
             sub = [r for r in chosen if r["framing"] == framing]
             e = np.array([r["error"] for r in sub])
             print(f"    {framing}: {len(sub)} films, within 0.10: {(e <= 0.10).sum()}, max {e.max():.3f}")
+    if "--pairs" in argv:
+        for name in ("dev", "test") if split == "all" else (split,):
+            print(name, pairs([r for r in recs if r["split"] == name]))
     if "--gallery" in argv:
         gallery([r for r in recs if split == "all" or r["split"] == split], Path(argv[argv.index("--gallery") + 1]))
     if "--all-films" in argv:

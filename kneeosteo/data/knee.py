@@ -180,6 +180,55 @@ def _plateau(grey: np.ndarray, body: np.ndarray, row: int, a: int, b: int, leg_w
     return float(a + left), float(a + right + 1)
 
 
+def _knee_in(grey: np.ndarray, body: np.ndarray, a: int, b: int, side: int) -> tuple[float, int, float] | str:
+    """The knee of the leg in columns [a, b): (centre column, joint row, plateau width), or why none."""
+    j = _joint_row(grey, body, a, b)
+    if isinstance(j, str):
+        return j
+    row, leg_w = j
+    edges = _plateau(grey, body, row, a, b, leg_w)
+    if edges is None:
+        return "no tibial plateau below the joint space"
+    left, right = edges
+    condyles = _plateau(grey, body, row, a, b, leg_w, above=True)
+    centre = (left + right) / 2 if condyles is None else (left + right + sum(condyles)) / 4
+    width = right - left if condyles is None else max(right - left, condyles[1] - condyles[0])
+    if width < MIN_PLATEAU * side:
+        return f"the plateau found ({width / side:.0%} of the film) is too small for a knee"
+    return centre, row, width
+
+
+def _two_legs(grey: np.ndarray, body: np.ndarray, a: int, b: int, side: int) -> list[tuple[int, int]]:
+    """[a, b) split in two where it holds two knees side by side with no background between them
+    (touching legs, or two films put together): below the joint row, two bone runs (brighter
+    than Otsu's threshold over the band) each a knee wide, with soft tissue between them."""
+    j = _joint_row(grey, body, a, b)
+    if isinstance(j, str):
+        return [(a, b)]
+    row, leg_w = j
+    h = grey.shape[0]
+    y0, y1 = min(h - 1, row + max(1, int(0.02 * leg_w))), min(h, row + max(2, int(0.08 * leg_w)))
+    prof = _smooth(grey[y0:y1, a:b].mean(axis=0), 0.005 * side + 0.5)
+    t = _otsu(np.clip(prof * 255, 0, 255)) / 255
+    runs = [(s0, s1) for s0, s1 in _runs(prof > t) if s1 - s0 >= MIN_PLATEAU * side]
+    if len(runs) != 2:
+        return [(a, b)]
+    (l0, l1), (r0, r1) = runs
+    if r0 - l1 < 0.02 * side or max(l1 - l0, r1 - r0) > 2 * min(l1 - l0, r1 - r0):
+        return [(a, b)]
+    m = a + (l1 + r0) // 2
+    return [(a, m), (m, b)]
+
+
+def _a_pair(knees: list) -> bool:
+    """Two knees found side by side are believed only as a pair: both found, similar plateau widths
+    (within a factor 1.6) and joint rows within one plateau width of each other."""
+    if len(knees) != 2 or any(isinstance(k, str) for k in knees):
+        return False
+    (_, r1, w1), (_, r2, w2) = knees
+    return max(w1, w2) <= 1.6 * min(w1, w2) and abs(r1 - r2) <= max(w1, w2)
+
+
 def find_knees(pixels: np.ndarray) -> KneeSearch:
     """The knee joints of a canonical greyscale film (float [0, 1] or uint8, H x W), left to right."""
     img = pixels if pixels.dtype == np.uint8 else to_uint8(pixels)
@@ -199,25 +248,16 @@ def find_knees(pixels: np.ndarray) -> KneeSearch:
     legs = [(a, b) for a, b in _runs(cols >= LEG_ROWS) if b - a >= MIN_LEG * sw]
     if not legs:
         return _none("no leg (no column band of body)")
+    side = max(sh, sw)
     found, reasons = [], []
     for a, b in legs:
-        j = _joint_row(grey, body, a, b)
-        if isinstance(j, str):
-            reasons.append(j)
-            continue
-        row, leg_w = j
-        edges = _plateau(grey, body, row, a, b, leg_w)
-        if edges is None:
-            reasons.append("no tibial plateau below the joint space")
-            continue
-        left, right = edges
-        condyles = _plateau(grey, body, row, a, b, leg_w, above=True)
-        centre = (left + right) / 2 if condyles is None else (left + right + sum(condyles)) / 4
-        width = right - left if condyles is None else max(right - left, condyles[1] - condyles[0])
-        if width < MIN_PLATEAU * max(sh, sw):
-            reasons.append(f"the plateau found ({width / max(sh, sw):.0%} of the film) is too small for a knee")
-            continue
-        found.append((centre / scale, (row + 0.5) / scale, width / scale))
+        parts = _two_legs(grey, body, a, b, side)
+        knees = [_knee_in(grey, body, pa, pb, side) for pa, pb in parts]
+        if len(parts) == 2 and not _a_pair(knees):
+            knees = [_knee_in(grey, body, a, b, side)]
+        for k in knees:
+            (reasons if isinstance(k, str) else found).append(k)
+    found = sorted((x / scale, (row + 0.5) / scale, width / scale) for x, row, width in found)
     if not found:
         return _none("; ".join(dict.fromkeys(reasons)))
     if len(found) > 2:
