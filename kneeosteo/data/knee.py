@@ -47,11 +47,12 @@ ROI_SIDE = 448  # default side (px) a region is resampled to
 LEG_ROWS = 0.3  # a leg column holds body in at least this share of the rows
 MIN_LEG = 0.08  # a leg is at least this share of the film's width
 MIN_PLATEAU = 0.08  # a plateau narrower than this share of the film's longest side is not a knee
-MIN_VALLEY = 0.03
+MIN_VALLEY = 0.02  # the joint space's mean black-hat response (grey, 0-1) is at least this deep
+MIN_PEAK = 4.0  # ... and this many times the median row's (noise has no row that stands out)
 JOINT_KERNEL = 0.15  # the black-hat's vertical line, as a share of the leg's width
 PLATEAU_BAND = (0.01, 0.05)  # the rows below the joint row where the plateau's edges are read (x leg width)
-EDGE_SHARE = 0.25  # a plateau edge is the outermost grey edge at least this share of the strongest
-SKIN_MARGIN = 0.03  # edges this close (x leg width) to the leg's outline are the skin's, not the bone's  # the joint space lies at least this far (grey, 0-1) below the bone around it
+EDGE_SHARE = 0.35  # a plateau edge is the outermost grey edge at least this share of the strongest
+SKIN_MARGIN = 0.06  # edges this close (x leg width) to the leg's outline are the skin's, not the bone's
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ def _extent(mask_row: np.ndarray) -> tuple[int, int] | None:
     return (int(idx[0]), int(idx[-1]) + 1) if idx.size else None
 
 
-def _joint_row(grey: np.ndarray, body: np.ndarray, a: int, b: int) -> tuple[int, float] | str:
-    """The joint row of the leg in columns [a, b) and the leg's width there, or why not.
+def _joint_row(grey: np.ndarray, body: np.ndarray, a: int, b: int) -> tuple[int, float, int, int] | str:
+    """The joint row of the leg in columns [a, b), the leg's width there and the dark band's reach
+    above and below the row (rows), or why not.
 
     The joint space is a thin dark band across the knee: a morphological black-hat with a
     vertical line (taller than the band) lifts exactly such bands; each row's score is its mean
@@ -139,9 +141,12 @@ def _joint_row(grey: np.ndarray, body: np.ndarray, a: int, b: int) -> tuple[int,
         score[y] = hat[y, lo:hi].mean()
     score = _smooth(score, 0.002 * h + 0.5)
     row = int(np.argmax(score))
-    if score[row] < MIN_VALLEY:
+    if score[row] < MIN_VALLEY or score[row] < MIN_PEAK * float(np.median(score[present])):
         return "no joint space (a dark band across the leg)"
-    return row, float(widths[row])
+    # the band's own extent: rows on either side until the response halves
+    below = next((i for i in range(row, h) if score[i] < 0.5 * score[row]), h) - row
+    above = row - next((i for i in range(row, -1, -1) if score[i] < 0.5 * score[row]), -1)
+    return row, float(widths[row]), above, below
 
 
 def _outermost_peak(g: np.ndarray) -> int:
@@ -155,13 +160,14 @@ def _outermost_peak(g: np.ndarray) -> int:
     return int(np.argmax(g))
 
 
-def _plateau(grey: np.ndarray, body: np.ndarray, row: int, a: int, b: int, leg_w: float,
+def _plateau(grey: np.ndarray, body: np.ndarray, row: int, reach: int, a: int, b: int, leg_w: float,
              above: bool = False) -> tuple[float, float] | None:
     """(left, right) of the tibial plateau: the outermost strong rising and falling grey edges of
-    a band of rows just below the joint row, inside the leg (away from its skin); ``above``: of
-    the femoral condyles, in the same band above the joint row."""
+    a band of rows just below the joint space (``reach`` rows below ``row``), inside the leg (away
+    from its skin); ``above``: of the femoral condyles, in the same band above the joint space."""
     h = grey.shape[0]
-    d0, d1 = max(1, int(round(PLATEAU_BAND[0] * leg_w))), max(2, int(round(PLATEAU_BAND[1] * leg_w)))
+    d0 = reach + max(1, int(round(PLATEAU_BAND[0] * leg_w)))
+    d1 = d0 + max(2, int(round(PLATEAU_BAND[1] * leg_w)))
     y0, y1 = (max(0, row - d1), max(0, row - d0)) if above else (min(h - 1, row + d0), min(h, row + d1))
     if y1 <= y0:
         return None
@@ -185,12 +191,12 @@ def _knee_in(grey: np.ndarray, body: np.ndarray, a: int, b: int, side: int) -> t
     j = _joint_row(grey, body, a, b)
     if isinstance(j, str):
         return j
-    row, leg_w = j
-    edges = _plateau(grey, body, row, a, b, leg_w)
+    row, leg_w, above, below = j
+    edges = _plateau(grey, body, row, below, a, b, leg_w)
     if edges is None:
         return "no tibial plateau below the joint space"
     left, right = edges
-    condyles = _plateau(grey, body, row, a, b, leg_w, above=True)
+    condyles = _plateau(grey, body, row, above, a, b, leg_w, above=True)
     centre = (left + right) / 2 if condyles is None else (left + right + sum(condyles)) / 4
     width = right - left if condyles is None else max(right - left, condyles[1] - condyles[0])
     if width < MIN_PLATEAU * side:
@@ -205,9 +211,10 @@ def _two_legs(grey: np.ndarray, body: np.ndarray, a: int, b: int, side: int) -> 
     j = _joint_row(grey, body, a, b)
     if isinstance(j, str):
         return [(a, b)]
-    row, leg_w = j
+    row, leg_w, _, below = j
     h = grey.shape[0]
-    y0, y1 = min(h - 1, row + max(1, int(0.02 * leg_w))), min(h, row + max(2, int(0.08 * leg_w)))
+    y0 = min(h - 1, row + below + max(1, int(0.01 * leg_w)))
+    y1 = min(h, y0 + max(2, int(0.06 * leg_w)))
     prof = _smooth(grey[y0:y1, a:b].mean(axis=0), 0.005 * side + 0.5)
     t = _otsu(np.clip(prof * 255, 0, 255)) / 255
     runs = [(s0, s1) for s0, s1 in _runs(prof > t) if s1 - s0 >= MIN_PLATEAU * side]
@@ -240,7 +247,9 @@ def find_knees(pixels: np.ndarray) -> KneeSearch:
     small = _clear_edge_bands(small)
     sh, sw = small.shape
     grey = cv2.GaussianBlur(small, (0, 0), 0.003 * max(sh, sw)).astype(np.float32) / 255
-    t1 = _otsu(grey * 255) / 255
+    # the body: above the midpoint of the film's darkest grey and Otsu's threshold (Otsu alone
+    # splits soft tissue from bone where the body fills most of the film)
+    t1 = (_otsu(grey * 255) / 255 + float(np.percentile(grey, 1))) / 2
     body = (grey > t1) & (small < 250)
     if body.mean() < 0.02 or np.ptp(grey[body]) < 0.05:
         return _none("no body/bone contrast")
