@@ -117,7 +117,8 @@ def gallery(recs: list[dict], out: Path, n: int = 8, tile: int = 300) -> None:
             cv2.rectangle(pad, (round(left * s), round(top * s)), (round((left + side) * s), round((top + side) * s)),
                           (0, 255, 255), 1)
             cv2.circle(pad, (round(k.x * s), round(k.y * s)), 3, (0, 0, 255), -1)
-        label = f"{Path(r['path']).name} err {r['error']:.2f}" if k is not None else f"{Path(r['path']).name}: none"
+        label = (f"{r['split']} {Path(r['path']).name} err {r['error']:.2f}" if k is not None
+                 else f"{r['split']} {Path(r['path']).name}: none")
         cv2.putText(pad, label, (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1)
         tiles.append(pad)
     while len(tiles) % 4:
