@@ -149,8 +149,6 @@ def main(argv: list[str]) -> None:
     if "--gallery" in argv:
         gallery([r for r in recs if split == "all" or r["split"] == split], Path(argv[argv.index("--gallery") + 1]))
     if "--all-films" in argv:
-        from kneeosteo.data.scan import scan_dataset
-
         none, counts = [], {}
         files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         for p in files:

@@ -129,7 +129,7 @@ def _joint_row(grey: np.ndarray, body: np.ndarray, a: int, b: int) -> tuple[int,
         e = _extent(leg[y])
         widths[y], centres[y] = e[1] - e[0], a + (e[0] + e[1]) / 2
     leg_w = float(np.median(widths[present]))
-    length = max(5, int(round(JOINT_KERNEL * leg_w)) | 1)
+    length = max(5, round(JOINT_KERNEL * leg_w) | 1)
     hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_RECT, (1, length)))
     score = np.zeros(h)
     margin = length // 2 + 1
@@ -137,7 +137,7 @@ def _joint_row(grey: np.ndarray, body: np.ndarray, a: int, b: int) -> tuple[int,
         if not present[y]:
             continue
         half = 0.25 * widths[y]
-        lo, hi = int(round(centres[y] - half)), int(round(centres[y] + half)) + 1
+        lo, hi = round(centres[y] - half), round(centres[y] + half) + 1
         score[y] = hat[y, lo:hi].mean()
     score = _smooth(score, 0.002 * h + 0.5)
     row = int(np.argmax(score))
@@ -166,8 +166,8 @@ def _plateau(grey: np.ndarray, body: np.ndarray, row: int, reach: int, a: int, b
     a band of rows just below the joint space (``reach`` rows below ``row``), inside the leg (away
     from its skin); ``above``: of the femoral condyles, in the same band above the joint space."""
     h = grey.shape[0]
-    d0 = reach + max(1, int(round(PLATEAU_BAND[0] * leg_w)))
-    d1 = d0 + max(2, int(round(PLATEAU_BAND[1] * leg_w)))
+    d0 = reach + max(1, round(PLATEAU_BAND[0] * leg_w))
+    d1 = d0 + max(2, round(PLATEAU_BAND[1] * leg_w))
     y0, y1 = (max(0, row - d1), max(0, row - d0)) if above else (min(h - 1, row + d0), min(h, row + d1))
     if y1 <= y0:
         return None
@@ -175,7 +175,7 @@ def _plateau(grey: np.ndarray, body: np.ndarray, row: int, reach: int, a: int, b
     e = _extent(body[y0:y1, a:b].any(axis=0))
     if e is None:
         return None
-    m = int(round(SKIN_MARGIN * leg_w))
+    m = round(SKIN_MARGIN * leg_w)
     lo, hi = e[0] + m, e[1] - m
     if hi - lo < 8:
         return None
