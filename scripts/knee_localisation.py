@@ -10,7 +10,8 @@ centre's error as a fraction of the marked plateau width (median, 95th percentil
 share within 10%), the plateau width's relative error, and the worst films. ``--all-films``
 also runs the localiser on every readable image of DATA and counts the films with none found
 (no marks needed). ``--pairs``: two-knee films built from pairs of marked films (the second
-mirrored, side by side, touching), both knees measured. ``--gallery``: the worst films of the chosen split, marked (green) against
+mirrored, scaled to the first's plateau width and shifted so the joints are level, side by side,
+touching), both knees measured. ``--gallery``: the worst films of the chosen split, marked (green) against
 found (red), with the region the preset cuts (yellow).
 """
 
@@ -52,35 +53,46 @@ def measure(data: Path, rows: list[dict]) -> list[dict]:
 
 
 def side_by_side(a: dict, b: dict) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
-    """Film ``a`` on the left, film ``b`` mirrored on the right at ``a``'s height, touching (no gap):
-    a two-knee film, and its two marked knees (joint x, joint y, plateau width) in its pixels."""
+    """Film ``a`` on the left and film ``b`` mirrored on the right, touching (no gap), ``b`` scaled
+    to ``a``'s marked plateau width and shifted so the two joints are level (as one patient's
+    knees on one standing film would be): a two-knee film, and its two marked knees (joint x,
+    joint y, plateau width) in its pixels."""
     pa, pb = a["pixels"], b["pixels"]
-    f = pa.shape[0] / pb.shape[0]
-    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), pa.shape[0]), interpolation=cv2.INTER_AREA)[:, ::-1]
-    wa, wb = pa.shape[1], pb.shape[1]
-    film = np.hstack([pa, pb])
-    ka = (float(a["joint_x"]), float(a["joint_y"]), a["marked_width"])
-    kb = (wa + wb - float(b["joint_x"]) * f, float(b["joint_y"]) * f, b["marked_width"] * f)
+    f = a["marked_width"] / b["marked_width"]
+    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))),
+                    interpolation=cv2.INTER_AREA)[:, ::-1]
+    ya, yb = float(a["joint_y"]), float(b["joint_y"]) * f
+    oa = max(0, round(yb - ya))
+    ob = oa + round(ya - yb)
+    h = max(oa + pa.shape[0], ob + pb.shape[0])
+    film = np.zeros((h, pa.shape[1] + pb.shape[1]), np.float32)
+    film[oa : oa + pa.shape[0], : pa.shape[1]] = pa
+    film[ob : ob + pb.shape[0], pa.shape[1] :] = pb
+    ka = (float(a["joint_x"]), ya + oa, a["marked_width"])
+    kb = (film.shape[1] - float(b["joint_x"]) * f, yb + ob, b["marked_width"] * f)
     return film, [ka, kb]
 
 
 def pairs(recs: list[dict]) -> str:
     """Two-knee films from consecutive marked films: both knees found, each on its side, errors."""
     n = both = sides = 0
-    errs = []
+    errs, refused = [], []
     for a, b in zip(recs[0::2], recs[1::2]):
         film, marks = side_by_side(a, b)
-        found = find_knees(film).knees
+        search = find_knees(film)
+        found = search.knees
         n += 1
         if len(found) != 2:
+            refused.append(f"{a['path']} + {b['path']}: {search.reason or len(found)}")
             continue
         both += 1
         sides += found[0].position == "left" and found[1].position == "right" and found[0].x < film.shape[1] / 2 < found[1].x
         errs += [float(np.hypot(k.x - mx, k.y - my) / pw) for k, (mx, my, pw) in zip(found, marks)]
     e = np.array(errs) if errs else np.array([np.inf])
-    return (f"two-knee films (pairs, the right one mirrored, touching): {n}; both knees found on {both}, "
+    return (f"two-knee films (pairs, the right one mirrored, scaled and shifted to the left one's knee, touching): {n}; both knees found on {both}, "
             f"left/right right on {sides}; joint-centre error / plateau width over {len(errs)} knees: "
-            f"median {np.median(e):.3f}, max {e.max():.3f}, within 0.10: {(e <= 0.10).sum()}")
+            f"median {np.median(e):.3f}, max {e.max():.3f}, within 0.10: {(e <= 0.10).sum()}"
+            + "".join(f"\n  not two knees: {r}" for r in refused))
 
 
 def summary(recs: list[dict], name: str) -> str:

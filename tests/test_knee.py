@@ -67,6 +67,14 @@ def test_two_generated_knees_side_by_side_left_and_right(gap):
     assert _error(right, (240 + gap + 240 - 110, 220), 95) <= 0.05  # b is mirrored
 
 
+def test_two_knees_that_are_no_pair_are_refused():
+    """Two knee-like regions whose joints lie far apart in height: one of them is not a knee (or
+    the film is no standing pair); neither is guessed."""
+    film = g.two_knee_film(g.knee_film(240, 480, (120, 110), 90), g.knee_film(240, 480, (120, 380), 90, seed=1), 40)
+    found = find_knees(film)
+    assert found.knees == () and "no pair" in found.reason
+
+
 def test_one_knee_on_half_a_film_is_still_single():
     """A film holding one knee and a blank half (no second leg) is not made into two knees."""
     film = np.hstack([g.knee_film(240, 480, (120, 200), 90), np.full((480, 240), 0.04)])
@@ -358,24 +366,42 @@ def test_localiser_on_the_held_out_marks(kop):
     assert errors.max() <= 0.25
 
 
-def test_two_knee_films_from_marked_pairs(kop):
-    """Held-out marked films in pairs side by side (the second mirrored, touching): both knees
-    found and each on its side on every pair, each joint within 10% of its plateau width on at
-    least 90% of knees (measured: 16 of 16 pairs, 30 of 32 knees)."""
+def _pair(kop, a: dict, b: dict):
+    """Marked film ``a`` left, ``b`` mirrored right, ``b`` scaled to ``a``'s plateau and shifted so
+    the joints are level (one patient's knees on one standing film), touching; and the two marks
+    (x, y, plateau width) in the composite's pixels (as scripts/knee_localisation.py --pairs)."""
     import cv2
 
+    pa, pb = _film(kop, a), _film(kop, b)
+    wa_, wb_ = (float(r["plateau_right_x"]) - float(r["plateau_left_x"]) for r in (a, b))
+    f = wa_ / wb_
+    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))),
+                    interpolation=cv2.INTER_AREA)[:, ::-1]
+    ya, yb = float(a["joint_y"]), float(b["joint_y"]) * f
+    oa = max(0, round(yb - ya))
+    ob = oa + round(ya - yb)
+    film = np.zeros((max(oa + pa.shape[0], ob + pb.shape[0]), pa.shape[1] + pb.shape[1]), np.float32)
+    film[oa : oa + pa.shape[0], : pa.shape[1]] = pa
+    film[ob : ob + pb.shape[0], pa.shape[1] :] = pb
+    return film, pa.shape[1], [(float(a["joint_x"]), ya + oa, wa_), (film.shape[1] - float(b["joint_x"]) * f, yb + ob, wb_ * f)]
+
+
+def test_two_knee_films_from_marked_pairs(kop):
+    """Held-out marked films in pairs side by side (``_pair``): both knees found, each on its
+    side, on at least 15 of the 16 pairs (a pair refused must say why), each joint within 10% of
+    its plateau width on at least 90% of the knees found (measured: README)."""
     rows = [r for r in _marked(kop) if r["split"] == "test"]
-    errors = []
+    errors, refused = [], 0
     for a, b in zip(rows[0::2], rows[1::2]):
-        pa, pb = _film(kop, a), _film(kop, b)
-        f = pa.shape[0] / pb.shape[0]
-        pb = cv2.resize(pb, (round(pb.shape[1] * f), pa.shape[0]), interpolation=cv2.INTER_AREA)[:, ::-1]
-        film = np.hstack([pa, pb])
-        found = find_knees(film).knees
+        film, seam, marks = _pair(kop, a, b)
+        search = find_knees(film)
+        if not search.knees:
+            assert "no pair" in search.reason
+            refused += 1
+            continue
+        found = search.knees
         assert [k.position for k in found] == ["left", "right"], (a["path"], b["path"])
-        assert found[0].x < pa.shape[1] < found[1].x
-        marks = [(float(a["joint_x"]), float(a["joint_y"]), float(a["plateau_right_x"]) - float(a["plateau_left_x"])),
-                 (film.shape[1] - float(b["joint_x"]) * f, float(b["joint_y"]) * f,
-                  (float(b["plateau_right_x"]) - float(b["plateau_left_x"])) * f)]
+        assert found[0].x < seam < found[1].x
         errors += [_error(k, (mx, my), pw) for k, (mx, my, pw) in zip(found, marks)]
+    assert refused <= 1
     assert (np.array(errors) <= 0.10).mean() >= 0.90, sorted(errors)[-4:]

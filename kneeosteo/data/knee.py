@@ -271,6 +271,8 @@ def find_knees(pixels: np.ndarray) -> KneeSearch:
         return _none("; ".join(dict.fromkeys(reasons)))
     if len(found) > 2:
         return _none(f"{len(found)} knee-like regions (a film holds one or two knees)")
+    if len(found) == 2 and not _a_pair([(x, y, pw) for x, y, pw in found]):
+        return _none("two knee-like regions that are no pair (different sizes, or joints at different heights)")
     names = ("single",) if len(found) == 1 else ("left", "right")
     return KneeSearch(tuple(Knee(n, x, y, pw) for n, (x, y, pw) in zip(names, found)))
 
