@@ -127,9 +127,13 @@ def test_roi_past_the_film_is_black():
     assert roi[:, :12].max() == 0.0 and roi[:, 25:].min() == pytest.approx(0.7, abs=1e-5)
 
 
-def test_knee_preset_gives_the_region_and_one_view_per_knee():
+def test_knee_preset_gives_the_region_and_one_view_per_knee(monkeypatch):
     prep = Preprocess("knee", 96)
     assert prep.key() != Preprocess("robust", 96).key()
+    before = prep.key()
+    monkeypatch.setattr("kneeosteo.data.preprocess.LOCALISER_VERSION", 2)
+    assert prep.key() != before  # a changed localiser never reads the old one's cached regions
+    monkeypatch.undo()
     single = g.knee_film()
     k = find_knees(single).knees[0]
     geo = prep.geometry(single)
@@ -246,7 +250,7 @@ def knee_run(tmp_path_factory, one_thread):
 
 def test_knee_run_predicts_each_knee_and_the_film(knee_run, tmp_path):
     from kneeosteo.inference import Predictor
-    from kneeosteo.inference.output import write_predictions
+    from kneeosteo.inference.output import format_table, write_predictions
 
     run, single, pair, blank = knee_run
     pred = Predictor(run, engine="torch")
@@ -276,6 +280,16 @@ def test_knee_run_predicts_each_knee_and_the_film(knee_run, tmp_path):
     doc = json.loads(write_predictions(result, tmp_path / "p.json").read_text())
     j = {Path(r["path"]).name: r for r in doc["predictions"]}
     assert len(j["pair.png"]["knees"]) == 2 and j["single.png"]["knee_reason"] == ""
+    table = format_table(result)
+    assert "knees" in table.splitlines()[0] and "left:" in table and "no knee found" in table
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    t = pq.read_table(write_predictions(result, tmp_path / "p.parquet")).to_pylist()
+    by = {Path(r["path"]).name: r for r in t}
+    assert [k["position"] for k in json.loads(by["pair.png"]["knees"])] == ["left", "right"]
+    assert by["blank.png"]["knee_reason"].startswith("no knee found")
 
 
 def test_knee_run_explain_draws_each_knee_at_its_place(knee_run):

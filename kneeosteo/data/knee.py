@@ -39,7 +39,9 @@ import numpy as np
 from kneeosteo.data.bone import _clear_edge_bands
 from kneeosteo.data.reader import to_uint8
 
-__all__ = ["ROI_SCALE", "ROI_SIDE", "Knee", "KneeSearch", "find_knees", "knee_roi"]
+__all__ = ["LOCALISER_VERSION", "ROI_SCALE", "ROI_SIDE", "Knee", "KneeSearch", "find_knees", "knee_roi"]
+
+LOCALISER_VERSION = 1  # raise on any change that moves a knee: the 'knee' preset's cache key holds it
 
 WORK_SIDE = 512  # the search runs at this longest side; positions are returned in original pixels
 ROI_SCALE = 2.0  # the region's side as a multiple of the tibial plateau's width

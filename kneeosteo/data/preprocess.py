@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kneeosteo.data.bone import bone_mask
-from kneeosteo.data.knee import Knee, KneeSearch, find_knees, knee_roi
+from kneeosteo.data.knee import LOCALISER_VERSION, Knee, KneeSearch, find_knees, knee_roi
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,8 +57,10 @@ class Preprocess:
             raise ValueError(f"unknown preprocessing preset {self.preset!r} (choose from {PRESETS})")
 
     def key(self) -> str:
-        """Stable id of everything that changes the pixels; part of every cache key."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Stable id of everything that changes the pixels; part of every cache key ('knee': with
+        the localiser's version, so a changed localiser never reads regions cut by the old one)."""
+        doc = asdict(self) if self.preset != "knee" else {**asdict(self), "localiser": LOCALISER_VERSION}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def geometry(self, pixels: np.ndarray, knee: Knee | None = None) -> torch.Tensor:
         """(H, W) float [0,1] -> (1, S, S) float32 [0,1]: the resized picture before normalisation.
