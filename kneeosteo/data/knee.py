@@ -10,23 +10,29 @@ label and no trained model is involved, so nothing can leak from the classes), a
 tibial plateau's width, so every knee reaches the network at the same anatomical scale.
 
 How (at ``WORK_SIDE`` px on the longest side; the idea of anatomical proposals from intensity
-profiles is Tiulpin et al.'s, SCIA 2017, whose detector then scores proposals with a trained
-HOG-SVM; here no trained part is used):
+profiles is Tiulpin et al.'s KneeLocalizer, SCIA 2017, whose detector then scores proposals with
+a trained HOG-SVM; here no trained part is used):
 
-1. Bone: two Otsu thresholds, as the bone mask of :mod:`kneeosteo.data.bone` does (film
-   background from body, then soft tissue from bone), without its dilation.
-2. Legs: the columns where bone is present in at least ``LEG_ROWS`` of the rows form runs;
-   each run at least ``MIN_LEG`` of the film's width wide is a leg (two runs: two knees, named
-   ``left`` and ``right`` by their place in the image; one: ``single``).
-3. Joint row: within a leg, the rows where the bone is widest are the femoral condyles and the
-   tibial plateau; the joint space is the darkest band between them, found as the row whose
-   mean grey over the central columns lies deepest below the brightest rows above and below it.
-4. Plateau: the bone's extent in a band of rows just below the joint row (median over the band)
-   is the tibial plateau; its midpoint is the joint centre's column.
+1. Body: grey above the midpoint of the film's darkest grey and Otsu's threshold (Otsu alone
+   splits soft tissue from bone where the body fills most of the film).
+2. Legs: the columns holding body in at least ``LEG_ROWS`` of the rows form runs; each run at
+   least ``MIN_LEG`` of the film's width is a leg. A run may hold two touching knees: it is split
+   where the band below its joint row holds two knee-wide bone runs with soft tissue between.
+3. Joint row: the joint space is a thin dark band across the knee; a morphological black-hat
+   with a vertical line taller than the band lifts it; the row with the largest mean response
+   over the leg's central half is the joint row, if that response is at least ``MIN_VALLEY`` and
+   ``MIN_PEAK`` times the median row's.
+4. Plateau and condyles: in a band of rows just below (above) the dark band's reach, the
+   outermost grey edges at least ``EDGE_SHARE`` of the strongest, away from the skin, are the
+   tibial plateau's (femoral condyles') margins; the joint centre's column is the mean of the
+   two midpoints, the plateau width the larger of the two widths.
+5. Two knees (``left`` and ``right`` by their place in the image; one knee: ``single``) are
+   believed only as a pair: plateaus within a factor 1.6, joints level within a plateau width.
 
-A film where any step fails (no body/bone contrast, no leg, no dark band between two wide bone
-regions, a plateau implausibly small for the film) gets no knee and a reason, never a guess.
-Measured against hand marks on KOP films: README, "Knee localisation".
+A film where any step fails (no body/bone contrast, no leg, no joint space, a plateau too small
+for the film, two knees that are no pair) gets no knee and a reason, never a guess. It is no
+non-knee detector: photographs and CT/MR pictures can yield a "knee"; the domain check refuses
+those. Measured against hand marks on KOP films: README, "Knee localisation and per-knee answers".
 """
 
 from __future__ import annotations
