@@ -313,6 +313,9 @@ def test_knee_run_explain_draws_each_knee_at_its_place(knee_run):
     assert e.trust.probability == pytest.approx(ex.verdict(pixels).probability)
     none = ex.explain(read_image(blank).pixels)
     assert none.trust.status == "out_of_domain" and none.trust.knee_reason.startswith("no knee found")
+    from kneeosteo.inference.report import verdict_text
+
+    assert verdict_text(none, ex.threshold).startswith("out of domain: no knee found: ")
 
 
 def test_knee_run_api_carries_the_knees(knee_run):
