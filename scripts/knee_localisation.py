@@ -1,7 +1,7 @@
 """Measure the knee localiser against the hand marks, and draw its worst cases.
 
 Usage: python scripts/knee_localisation.py DATA MARKS_CSV [--split dev|test|all] [--gallery OUT_PNG]
-       [--all-films] [--pairs]
+       [--all-films] [--pairs] [--regions OUT_PNG]
 
 MARKS_CSV (tests/data/knee_marks.csv) holds, per film, the joint centre and the tibial plateau's
 margins marked by hand (original pixels) and whether it was used to develop the localiser
@@ -12,7 +12,8 @@ also runs the localiser on every readable image of DATA and counts the films wit
 (no marks needed). ``--pairs``: two-knee films built from pairs of marked films (the second
 mirrored, scaled to the first's plateau width and shifted so the joints are level, side by side,
 touching), both knees measured. ``--gallery``: the worst films of the chosen split, marked (green) against
-found (red), with the region the preset cuts (yellow).
+found (red), with the region the preset cuts (yellow). ``--regions``: one film per framing and class with
+its region's box, next to the region the ``knee`` preset gives the network.
 """
 
 from __future__ import annotations
@@ -141,6 +142,42 @@ def gallery(recs: list[dict], out: Path, n: int = 8, tile: int = 300) -> None:
         Path(str(tmp) + ".png").replace(tmp)
 
 
+def regions(recs: list[dict], out: Path, tile: int = 200) -> None:
+    """One film per framing and class (the first of each), drawn with its region's box, next to
+    the region the 'knee' preset gives the network (at ``tile`` px)."""
+    from kneeosteo.data.knee import knee_roi
+
+    chosen, seen = [], set()
+    for r in recs:
+        key = (r["framing"], r["path"].split("/")[0])
+        if key not in seen and r["knee"] is not None:
+            seen.add(key)
+            chosen.append(r)
+    pairs_ = []
+    for r in chosen:
+        u8 = to_uint8(r["pixels"])
+        h, w = u8.shape
+        s = tile / max(h, w)
+        t = cv2.cvtColor(cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_GRAY2BGR)
+        film = np.zeros((tile, tile, 3), np.uint8)
+        film[: t.shape[0], : t.shape[1]] = t
+        top, left, side = r["knee"].box()
+        cv2.rectangle(film, (round(left * s), round(top * s)), (round((left + side) * s), round((top + side) * s)),
+                      (0, 255, 255), 1)
+        cv2.putText(film, f"{Path(r['path']).name} ({r['framing']})", (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                    (0, 255, 255), 1)
+        roi = cv2.cvtColor(to_uint8(knee_roi(r["pixels"], r["knee"], tile)), cv2.COLOR_GRAY2BGR)
+        pairs_.append(np.hstack([film, roi]))
+    while len(pairs_) % 2:
+        pairs_.append(np.zeros_like(pairs_[0]))
+    grid = np.vstack([np.hstack([pairs_[i], np.full((tile, 6, 3), 255, np.uint8), pairs_[i + 1]])
+                      for i in range(0, len(pairs_), 2)])
+    with atomic_path(out) as tmp:
+        cv2.imwrite(str(tmp) + ".png", grid)
+        Path(str(tmp) + ".png").replace(tmp)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise SystemExit(__doc__)
@@ -155,6 +192,8 @@ def main(argv: list[str]) -> None:
             sub = [r for r in chosen if r["framing"] == framing]
             e = np.array([r["error"] for r in sub])
             print(f"    {framing}: {len(sub)} films, within 0.10: {(e <= 0.10).sum()}, max {e.max():.3f}")
+    if "--regions" in argv:
+        regions([r for r in recs if split == "all" or r["split"] == split], Path(argv[argv.index("--regions") + 1]))
     if "--pairs" in argv:
         for name in ("dev", "test") if split == "all" else (split,):
             print(name, pairs([r for r in recs if r["split"] == name]))
