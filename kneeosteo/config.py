@@ -49,7 +49,7 @@ class TrainConfig:
     finetune: bool = False  # train the backbone too (no feature cache)
     trainable_stages: int = 0  # with finetune: train only the backbone's last N stages (0 = all of it)
     backbone_lr_scale: float = 1.0  # discriminative learning rate: the backbone learns at lr x this
-    preprocess: str = "paper"  # paper | robust (letterbox) | bone (letterbox, all but the bone region black)
+    preprocess: str = "paper"  # paper | robust (letterbox) | bone (letterbox, all but the bone region black) | knee (the joint's region)
     clahe: bool = False
     image_size: int = 224
     augment: str = "offline"  # offline (paper, 5 copies) | online | none

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 W, H = 64, 48  # default size: deliberately not square, so transposition bugs show
 
@@ -484,3 +484,42 @@ def non_knee_corpus(folder: Path) -> list[Path]:
         if (samples / name).is_file():
             out.append(samples / name)
     return out
+
+
+# --------------------------------------------------------------------------- knee films (issue 32)
+
+def knee_film(width: int = 240, height: int = 480, joint: tuple[float, float] = (120, 200), plateau: float = 90,
+              texture: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Float64 HxW in [0, 1]: a schematic frontal knee with a known joint centre ``joint`` (x, y)
+    and tibial plateau width ``plateau`` (px): dark film, a rounded soft-tissue leg 1.9 plateaus wide,
+    the femur (shaft flaring into condyles 0.96 plateau wide), a dark joint space 0.06 plateau
+    high, the tibia (plateau, tapering to its shaft) and the fibula, slightly blurred;
+    ``texture`` adds that much grain inside the bone (a "trabecular" class cue)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    jx, jy, p = float(joint[0]), float(joint[1]), float(plateau)
+    gap = 0.06 * p
+    dx = np.abs(x - jx) / p
+    up = (jy - gap / 2 - y) / p  # above the joint space, in plateau widths
+    down = (y - jy - gap / 2) / p  # below it
+    femur_half = np.where(up <= 0.35, 0.48, np.clip(0.48 - (up - 0.35) * 0.47, 0.22, 0.48))
+    femur = (up >= 0) & (dx <= femur_half)
+    femur &= ~((up < 0.08) & (dx > 0.48 - 0.08 + up))  # rounded condyles
+    tibia_half = np.where(down <= 0.2, 0.5, np.clip(0.5 - (down - 0.2) * 0.47, 0.22, 0.5))
+    tibia = (down >= 0) & (dx <= tibia_half)
+    fibula = (down >= 0.22) & (np.abs(x - (jx + 0.4 * p)) <= 0.06 * p)
+    bone = femur | tibia | fibula
+    img = np.full((height, width), 0.04)
+    img += 0.41 * np.sqrt(np.clip(1 - (dx / 0.95) ** 2, 0, 1))  # soft tissue: brightness follows thickness
+    img[bone] = 0.8
+    if texture:
+        img[bone] += rng.normal(0.0, texture, size=int(bone.sum()))
+    img = np.asarray(Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0)),
+                     dtype=np.float64) / 255
+    img += rng.normal(0.0, 0.005, size=img.shape)
+    return np.clip(img, 0.0, 1.0)
+
+
+def two_knee_film(left: np.ndarray, right: np.ndarray, gap: int = 0) -> np.ndarray:
+    """``left`` and ``right`` (same height) side by side, ``right`` mirrored, ``gap`` black columns between."""
+    return np.hstack([left, np.zeros((left.shape[0], gap)), right[:, ::-1]])

@@ -9,6 +9,14 @@ Three presets:
 - ``bone``: as ``robust``, after everything outside the label-free bone region
   (:func:`kneeosteo.data.bone.bone_mask`) is set to black: the film's border, padding, soft tissue
   and burnt-in text (what a network can read of the film's source outside the bone) never reach it.
+- ``knee``: the knee joint's region (:func:`kneeosteo.data.knee.find_knees`, label-free): a
+  square centred on the joint, ``ROI_SCALE`` (2) tibial plateau widths on a side, resampled to
+  ``size`` (384-512 is the intended range), so every framing (close knee, long shin, whole leg)
+  reaches the network at one anatomical scale and without the framing. A film holding two
+  knees gives one view per knee (:meth:`Preprocess.knee_views`; prediction scores each and
+  aggregates); ``geometry`` (training, one tensor per film) takes the left one. A film where no
+  knee is found is letterboxed whole for training (0 of KOP's 372 films); prediction refuses it
+  (``out_of_domain``, with the reason).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch.nn.functional as F
 
 from kneeosteo.choices import PRESETS  # re-exported: defined where the command line reads it cheaply
 from kneeosteo.data.bone import bone_mask
+from kneeosteo.data.knee import LOCALISER_VERSION, Knee, KneeSearch, find_knees, knee_roi
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,17 +57,25 @@ class Preprocess:
             raise ValueError(f"unknown preprocessing preset {self.preset!r} (choose from {PRESETS})")
 
     def key(self) -> str:
-        """Stable id of everything that changes the pixels; part of every cache key."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Stable id of everything that changes the pixels; part of every cache key ('knee': with
+        the localiser's version, so a changed localiser never reads regions cut by the old one)."""
+        doc = asdict(self) if self.preset != "knee" else {**asdict(self), "localiser": LOCALISER_VERSION}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
-    def geometry(self, pixels: np.ndarray) -> torch.Tensor:
-        """(H, W) float [0,1] -> (1, S, S) float32 [0,1]: the resized picture before normalisation."""
+    def geometry(self, pixels: np.ndarray, knee: Knee | None = None) -> torch.Tensor:
+        """(H, W) float [0,1] -> (1, S, S) float32 [0,1]: the resized picture before normalisation.
+        'knee': the region of ``knee`` (default: the first knee found; none found: the whole film
+        letterboxed, see the module doc)."""
         img = np.ascontiguousarray(pixels, dtype=np.float32)
+        if self.preset == "knee":
+            if knee is None:
+                found = find_knees(img).knees
+                knee = found[0] if found else None
+            if knee is not None:
+                return torch.from_numpy(self._clahe(knee_roi(img, knee, self.size)))[None].clamp_(0, 1)
         if self.preset == "bone":  # the mask is found on the picture as read, before any contrast change
             img = np.where(bone_mask(img), img, np.float32(0))
-        if self.clahe:
-            u16 = np.round(img * 65535).astype(np.uint16)
-            img = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u16).astype(np.float32) / 65535
+        img = self._clahe(img)
         t = torch.from_numpy(img)[None, None]
         s = self.size
         if self.preset == "paper":
@@ -70,12 +87,27 @@ class Preprocess:
             out[..., top : top + nh, left : left + nw] = small
         return out[0].clamp_(0, 1)
 
+    def _clahe(self, img: np.ndarray) -> np.ndarray:
+        if not self.clahe:
+            return img
+        u16 = np.round(img * 65535).astype(np.uint16)
+        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u16).astype(np.float32) / 65535
+
+    def knee_views(self, pixels: np.ndarray) -> tuple[KneeSearch, list[torch.Tensor]]:
+        """'knee': the knees found and one normalised (3, S, S) input per knee (none found: no
+        input, and the search's reason). Other presets: no search, the film's one input."""
+        if self.preset != "knee":
+            return KneeSearch(()), [self(pixels)]
+        found = find_knees(pixels)
+        return found, [self.normalise(self.geometry(pixels, k)) for k in found.knees]
+
     def content_box(self, h: int, w: int) -> tuple[int, int, int, int]:
         """Where an (h, w) image lands in the S x S network input: ``(top, left, height, width)``.
         'paper' stretches it over the whole square; 'robust' and 'bone' letterbox it, centred. The one
-        place this arithmetic lives: Grad-CAM and the web overlays crop maps back with it."""
+        place this arithmetic lives: Grad-CAM and the web overlays crop maps back with it. ('knee'
+        fills the square with the knee's region: maps go back to that region, ``Knee.box``.)"""
         s = self.size
-        if self.preset == "paper":
+        if self.preset in ("paper", "knee"):
             return 0, 0, s, s
         nh, nw = scaled_size(h, w, s)
         return (s - nh) // 2, (s - nw) // 2, nh, nw

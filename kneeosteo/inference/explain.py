@@ -16,18 +16,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kneeosteo.data.knee import Knee
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.models import get_backbone_spec
+from kneeosteo.inference.knees import film_verdict, no_knee_verdict
 from kneeosteo.inference.predictor import task_verdicts
+from kneeosteo.models import get_backbone_spec
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.trust import TrustBundle, TrustedPrediction, untrusted_prediction
 
-__all__ = ["Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape"]
+__all__ = ["Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape", "to_knee_region"]
 
 TARGETS = ("positive", "negative", "predicted")
 
@@ -57,6 +60,23 @@ def to_image_shape(m: np.ndarray, shape: tuple[int, int], prep: Preprocess) -> n
     t = t[..., top : top + nh, left : left + nw]
     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     return np.clip(np.nan_to_num(t[0, 0].numpy()), 0.0, 1.0)
+
+
+def to_knee_region(m: np.ndarray, shape: tuple[int, int], knee: Knee) -> np.ndarray:
+    """A map over a knee run's input (the knee's square region, any resolution) -> (H, W) over
+    the whole film: the map resampled onto the region's box (``Knee.box``), zero outside it and
+    where the box reaches past the film."""
+    h, w = shape
+    top, left, side = knee.box()
+    src = np.ascontiguousarray(m, dtype=np.float32)
+    f = src.shape[0] / side  # map cells per film pixel
+    # film pixel (x, y) -> map (x', y') = ((x + 0.5) - left) * f - 0.5, pixel centres aligned
+    mat = np.array([[f, 0, (0.5 - left) * f - 0.5], [0, f, (0.5 - top) * f - 0.5]], dtype=np.float64)
+    out = cv2.warpAffine(src, mat, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE)
+    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5  # pixel centres inside the box keep the map
+    inside = ((ys >= top) & (ys < top + side))[:, None] & ((xs >= left) & (xs < left + side))[None, :]
+    return np.where(inside, np.clip(np.nan_to_num(out), 0.0, 1.0), np.float32(0))
 
 
 def map_stats(m: np.ndarray) -> dict:
@@ -136,8 +156,23 @@ class Explainer:
         self.layer_name, self.layer = gradcam_layer(model)
 
     def verdict(self, pixels: np.ndarray) -> TrustedPrediction:
-        """The prediction's fields for one image (what ``predict`` gives for it)."""
-        x = self.info.preprocess(pixels)[None].to(self.device)
+        """The prediction's fields for one image (what ``predict`` gives for it); a knee run's film:
+        each knee's, aggregated (:mod:`kneeosteo.inference.knees`)."""
+        if self.info.preprocess.preset == "knee":
+            return self._knees(pixels)[2]
+        return self._verdict_of(self.info.preprocess(pixels)[None], pixels)
+
+    def _knees(self, pixels: np.ndarray):
+        """A knee run: (the knee search, each knee's input, the film's verdict)."""
+        search, inputs = self.info.preprocess.knee_views(pixels)
+        if not inputs:
+            return search, inputs, no_knee_verdict(search, calibrated=self.trust is not None or self._run is not None)
+        per_knee = [self._verdict_of(x[None], pixels) for x in inputs]
+        classes = tuple(self._run.config.classes) if self._run is not None else (self.info.negative, self.info.positive)
+        return search, inputs, film_verdict(search, per_knee, classes, self.threshold)
+
+    def _verdict_of(self, x: torch.Tensor, pixels: np.ndarray) -> TrustedPrediction:
+        x = x.to(self.device)
         if self._run is not None:
             with torch.no_grad():
                 out, feats = self.model.logit_and_features(x)
@@ -154,20 +189,22 @@ class Explainer:
         """Canonical greyscale (H, W) in [0, 1] -> maps on that (H, W) grid.
 
         ``target`` overrides the explainer's: positive, negative or predicted."""
-        from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
         target = target or self.target
         if target not in TARGETS:
             raise ValueError(f"unknown Grad-CAM target {target!r} (choose from {TARGETS})")
-        x = self.info.preprocess(pixels)[None].to(self.device)
-        verdict = self.verdict(pixels)
+        prep = self.info.preprocess
+        if prep.preset == "knee":
+            search, inputs, verdict = self._knees(pixels)
+        else:
+            search, inputs, verdict = None, [prep(pixels)], self.verdict(pixels)
         if self._run is not None:  # multiclass: the predicted class's logit; regression: the value itself
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
             classes = self._run.config.classes
             probs = [p for _, p in verdict.probabilities]
-            cls = int(np.argmax(probs)) if self._run.config.task == "multiclass" else 0  # the top class, in domain or not
+            cls = int(np.argmax(probs)) if self._run.config.task == "multiclass" and probs else 0  # the top class, in domain or not
             targets = [ClassifierOutputTarget(cls)]
             explained = classes[cls] if classes else f"{self._run.config.target} (what raises it)"
         elif target == "predicted":
@@ -177,6 +214,31 @@ class Explainer:
         if self._run is None:
             targets = [BinaryClassifierOutputTarget(cls)]
             explained = self.info.positive if cls else self.info.negative
+        maps = [self._gradcam(x[None].to(self.device), targets) for x in inputs]
+        shape = pixels.shape
+        if search is None:
+            norm, raw, am = maps[0]
+            return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
+                               to_image_shape(norm, shape, prep),
+                               None if am is None else to_image_shape(am, shape, prep), raw, am, verdict)
+        # a knee run: each knee's map drawn at its region on the whole film (zero elsewhere);
+        # the raw maps are one per knee, stacked (none found: a zero map)
+        has_am = self.model.attention is not None
+        gradcam = np.zeros(shape, np.float32)
+        attention = np.zeros(shape, np.float32) if has_am else None
+        for knee, (norm, _, am) in zip(search.knees, maps):
+            np.maximum(gradcam, to_knee_region(norm, shape, knee), out=gradcam)
+            if has_am:
+                np.maximum(attention, to_knee_region(am, shape, knee), out=attention)
+        raw = np.stack([r for _, r, _ in maps]) if maps else np.zeros((1, 1), np.float32)
+        am_raw = (np.stack([a for _, _, a in maps]) if maps else np.zeros((1, 1), np.float32)) if has_am else None
+        return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
+                           gradcam, attention, raw, am_raw, verdict)
+
+    def _gradcam(self, x: torch.Tensor, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One input's (normalised Grad-CAM, raw Grad-CAM, attention map), on the network's grids."""
+        from pytorch_grad_cam import GradCAM
+
         cam = GradCAM(model=_LogitNet(self.model), target_layers=[self.layer])
         try:
             with torch.enable_grad():
@@ -188,7 +250,4 @@ class Explainer:
             cam.activations_and_grads.release()
             self.model.zero_grad(set_to_none=True)
         am = None if self.model.attention is None else self.model.attention.last_spatial_map[0, 0].cpu().numpy()
-        shape, prep = pixels.shape, self.info.preprocess
-        return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
-                           to_image_shape(norm, shape, prep),
-                           None if am is None else to_image_shape(am, shape, prep), raw, am, verdict)
+        return norm, raw, am

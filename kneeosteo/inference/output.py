@@ -6,6 +6,7 @@ them all), CSV into one file, Parquet into a folder of part files (``preds.parqu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
 __all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "csv_row", "format_table",
-           "write_predictions"]
+           "knees_cell", "write_predictions"]
 
 OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
 STREAM_SUFFIXES = (".csv", ".parquet")  # written row by row; JSON is one document
@@ -32,7 +33,16 @@ def csv_row(p: Prediction) -> tuple:
             SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
             str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
             SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
-            _num(p.value), _num(p.interval_low), _num(p.interval_high))
+            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason)
+
+
+def knees_cell(p: Prediction) -> str:
+    """A knee run's knees as one CSV/Parquet cell: compact JSON (a list of objects, left to right:
+    position, x, y, plateau_width, box and the knee's own answer); empty for other runs."""
+    if p.knees is None:
+        return ""
+    return json.dumps([{k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()} for d in p.knees],
+                      separators=(",", ":"), default=str)
 
 
 def _pyarrow():
@@ -51,7 +61,8 @@ def parquet_schema():
                       ("prediction_set", pa.list_(pa.string())), ("domain_score", pa.float64()),
                       ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
                       ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
-                      ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64())])
+                      ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64()),
+                      ("knees", pa.string()), ("knee_reason", pa.string())])
 
 
 def _utf8(text: str) -> str:
@@ -101,6 +112,7 @@ class PredictionWriter:
             for name in cols:
                 v = getattr(p, name)
                 cols[name].append(_utf8(v) if name == "path" else list(v) if name == "prediction_set"
+                                  else (knees_cell(p) or None) if name == "knees"
                                   else (None if v is None else list(v.items())) if name == "probabilities" else v)
         table = pa.table(cols, schema=self._schema)
         with atomic_path(self._dir / f"part-{self._parts:05d}.parquet") as tmp:
@@ -158,6 +170,15 @@ def _num(v) -> str:
     return "" if v is None or v != v else f"{v:.6f}"  # v != v: NaN (a regression has no probability)
 
 
+def _knees_text(p: Prediction) -> str:
+    """A knee run's knees for the terminal: ``left:ok 0.812;right:uncertain 0.430``."""
+    if not p.knees:
+        return "-"
+    def prob(v) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+    return SET_SEPARATOR.join(f"{k['position']}:{k['status']} {prob(k.get('probability'))}" for k in p.knees)
+
+
 def format_table(result: PredictionResult) -> str:
     """Aligned columns for a terminal; content ids shortened to 12 hex digits (files keep all 64).
     Names are shown through ``printable``: a newline, tab, escape sequence, bidi mark or
@@ -172,7 +193,8 @@ def format_table(result: PredictionResult) -> str:
                                num(p.domain_score, ".4g"), num(p.domain_threshold, ".4g"),
                                "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
                                SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
-                               num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f")]
+                               num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f"),
+                               _knees_text(p), printable(p.knee_reason) or "-"]
                               for p in result.predictions]
     # the task columns only when a row has them: a binary run's table is the paper model's
     first_task = COLUMNS.index("probabilities")

@@ -30,9 +30,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from kneeosteo.data.knee import KneeSearch
 from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
+from kneeosteo.inference.knees import film_verdict, no_knee_verdict
 from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.data.who import who_band
 from kneeosteo.models.task import get_task
@@ -46,7 +48,9 @@ __all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Predict
 COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "label", "prediction_set",
            "domain_score", "domain_threshold", "calibrated", "threshold", "model",
            # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
-           "probabilities", "value", "interval_low", "interval_high")
+           "probabilities", "value", "interval_low", "interval_high",
+           # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
+           "knees", "knee_reason")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -83,10 +87,13 @@ class Prediction:
     value: float | None = None  # regression: the predicted T-score or BMD
     interval_low: float | None = None  # its split-conformal interval
     interval_high: float | None = None
+    knees: tuple[dict, ...] | None = None  # a knee run: per knee, left to right (kneeosteo.inference.knees)
+    knee_reason: str = ""  # a knee run's film with no knee found: why
 
     def as_row(self) -> dict:
         row = asdict(self)
         row["prediction_set"] = list(self.prediction_set)
+        row["knees"] = None if self.knees is None else [dict(k) for k in self.knees]
         return row
 
 
@@ -226,13 +233,38 @@ class Predictor:
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out) if out else np.zeros(0)
 
+    @property
+    def knee_run(self) -> bool:
+        """A run trained on knee regions: every film is scored knee by knee (issue 32)."""
+        return self.info.preprocess.preset == "knee"
+
+    def assess_films(self, views: Sequence[tuple[KneeSearch, list[torch.Tensor]]],
+                     pixels: Sequence[np.ndarray]) -> list[TrustedPrediction]:
+        """A knee run: each film's knees (``Preprocess.knee_views``) scored in one batch, then each
+        film's answer aggregated from its knees' (:func:`kneeosteo.inference.knees.film_verdict`);
+        a film with no knee is ``out_of_domain`` with the reason."""
+        inputs = [x for _, xs in views for x in xs]
+        film_px = [px for (_, xs), px in zip(views, pixels) for _ in xs]
+        answers = iter(self.assess(torch.stack(inputs), film_px) if inputs else [])
+        classes = (self.info.negative, self.info.positive) if self.task == "binary" else tuple(self.run.config.classes)
+        out = []
+        for search, xs in views:
+            if not xs:
+                out.append(no_knee_verdict(search, calibrated=self.trust is not None))
+            else:
+                out.append(film_verdict(search, [next(answers) for _ in xs], classes, self.threshold))
+        return out
+
     def predict_trusted(self, pixels: Sequence[np.ndarray]) -> list[TrustedPrediction]:
         """Canonical greyscale images (H, W) in [0, 1] -> TrustedPrediction each, batched."""
         prep = self.info.preprocess
         out: list[TrustedPrediction] = []
         for i in range(0, len(pixels), self.batch_size):
             chunk = pixels[i : i + self.batch_size]
-            out.extend(self.assess(torch.stack([prep(p) for p in chunk]), chunk))
+            if self.knee_run:
+                out.extend(self.assess_films([prep.knee_views(p) for p in chunk], chunk))
+            else:
+                out.extend(self.assess(torch.stack([prep(p) for p in chunk]), chunk))
         return out
 
     def predict(self, inputs: Iterable[str | os.PathLike], progress: bool = True) -> PredictionResult:
@@ -245,7 +277,7 @@ class Predictor:
             try:
                 img = read_image(path)
                 img.content_id  # hash in the worker thread too (cached on the image)
-                return img, prep(img.pixels)
+                return img, (prep.knee_views(img.pixels) if self.knee_run else prep(img.pixels))
             except ImageReadError as exc:
                 return exc, None
 
@@ -258,7 +290,9 @@ class Predictor:
                 result.errors.extend(img for img, _ in loaded if isinstance(img, ImageReadError))
                 if not good:
                     continue
-                verdicts = self.assess(torch.stack([x for _, _, x in good]), [img.pixels for _, img, _ in good])
+                film_px = [img.pixels for _, img, _ in good]
+                verdicts = (self.assess_films([x for _, _, x in good], film_px) if self.knee_run
+                            else self.assess(torch.stack([x for _, _, x in good]), film_px))
                 result.predictions.extend(self.row(p, img.content_id, t) for (p, img, _), t in zip(good, verdicts))
         return result
 
@@ -269,7 +303,7 @@ class Predictor:
         return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
                           t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
                           self.threshold, self.model_id, dict(t.probabilities) or None,
-                          d.get("value"), lo, hi)
+                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason)
 
 
 def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None = None,

@@ -109,6 +109,8 @@ def predict_ray(inputs: Iterable, out: str | os.PathLike, predictor: Predictor, 
     if out.suffix.lower() not in STREAM_SUFFIXES:
         raise ConfigError(f"{out}: predict --ray writes {' or '.join(STREAM_SUFFIXES)} (rows are streamed, "
                           "a JSON document is not)")
+    if predictor.knee_run:  # its read tasks make one input per film; a knee run needs one per knee
+        raise ConfigError("predict --ray does not score a knee run (preset 'knee') knee by knee; predict without --ray")
     if cpus_per_actor <= 0 or (actors is not None and actors < 1):
         raise ConfigError("--actors must be >= 1 and --cpus-per-actor > 0")
     files, errors = collect_inputs(inputs)

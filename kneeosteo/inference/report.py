@@ -30,7 +30,8 @@ def verdict_text(ex: Explanation, threshold: float) -> str:
     """The figure's verdict line: status first; no label for an out-of-domain image."""
     t = ex.trust
     if t is not None and t.status == "out_of_domain":
-        return f"out of domain: {OUT_OF_DOMAIN_TEXT} (no label; the maps explain nothing)"
+        why = t.knee_reason or OUT_OF_DOMAIN_TEXT  # a knee run's film with no knee: why none was found
+        return f"out of domain: {why} (no label; the maps explain nothing)"
     cal = "" if t is None or t.calibrated else " (uncalibrated)"
     status = "" if t is None else f"{t.status}: "
     return f"{status}P({ex.positive}) = {ex.probability:.3f}{cal} -> {ex.label} (threshold {threshold:g})"

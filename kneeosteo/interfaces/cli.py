@@ -210,7 +210,7 @@ def train(
     source_augment: Optional[bool] = typer.Option(None, "--source-augment/--no-source-augment", help="With --augment online: also JPEG re-encoding, gamma, blur, noise and flips, against film-source cues."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing in [0, 0.5] against label noise (default 0: the paper's targets)."),
     gce_q: Optional[float] = typer.Option(None, help="Generalised cross-entropy (1 - p^q)/q with this q in (0, 1] against label noise, instead of cross-entropy (default 0: off)."),
-    preprocess: Optional[str] = typer.Option(None, parser=_choice(PRESETS), help="paper (stretch to 224), robust (letterbox) or bone (letterbox, all but the bone region black)."),
+    preprocess: Optional[str] = typer.Option(None, parser=_choice(PRESETS), help="paper (stretch to 224), robust (letterbox), bone (letterbox, all but the bone region black) or knee (each knee joint's region at 2 plateau widths; use --image-size 384-512)."),
     clahe: Optional[bool] = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
     augment: Optional[str] = typer.Option(None, parser=_choice(AUGMENT_MODES), help="offline (paper: 5 copies), online, or none."),
     copies: Optional[int] = typer.Option(None, help="Augmented copies per training image (paper: 5)."),

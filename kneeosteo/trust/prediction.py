@@ -13,7 +13,10 @@ Field names are the interfaces' contract (CLI CSV/JSON, API JSON, web page, expl
 - ``domain_score`` and ``domain_threshold``: the feature distance and the threshold it was
   held to (higher is further from the training images); empty (``None`` in JSON) for a run
   without a domain check;
-- ``calibrated``: False for a run without trust files (``probability`` is then the raw one).
+- ``calibrated``: False for a run without trust files (``probability`` is then the raw one);
+- ``knees`` and ``knee_reason``: a run trained on knee regions (preset ``knee``) only: each
+  knee's region and own answer, and why the film has none (``out_of_domain``) when no knee was
+  found (:mod:`kneeosteo.inference.knees` aggregates them).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class TrustedPrediction:
     probabilities: tuple[tuple[str, float], ...] = ()
     value: float = float("nan")
     interval: tuple[float, float] = ()
+    # a 'knee' run (issue 32): each knee's region and answer (dicts, left to right) behind this
+    # film's aggregated answer, and why there is none when no knee was found
+    knees: tuple[dict, ...] = ()
+    knee_reason: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready: ``prediction_set`` as a list, a missing domain score as None; the task
@@ -60,6 +67,9 @@ class TrustedPrediction:
         if np.isfinite(self.value):
             out["value"] = float(self.value)
             out["interval"] = [_or_none(v) for v in self.interval] if self.interval else None
+        if self.knees or self.knee_reason:
+            out["knees"] = [dict(k) for k in self.knees]
+            out["knee_reason"] = self.knee_reason
         return out
 
 

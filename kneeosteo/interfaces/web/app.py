@@ -98,6 +98,13 @@ class Prediction(BaseModel):
     interval: Optional[list[Optional[float]]] = Field(
         None, description="A regression run: the split-conformal interval [low, high] of the value (null bound: "
                           "too few calibration images for the coverage).")
+    knees: Optional[list[dict]] = Field(
+        None, description="A run trained on knee regions: each knee found, left to right (position, joint centre x/y "
+                          "and plateau width in pixels, the region's box [top, left, side]) with its own answer "
+                          "(status, probability, label, prediction_set, domain_score); the film's answer above "
+                          "aggregates them (absent for other runs).")
+    knee_reason: Optional[str] = Field(None, description="A knee run: why no knee was found (the film is then "
+                                                         "out_of_domain); empty when knees were found.")
 
 
 class Explanation(Prediction):
