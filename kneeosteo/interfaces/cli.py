@@ -20,6 +20,7 @@ from rich.markup import escape
 from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
 from kneeosteo.data import formats
 from kneeosteo.data.manifest import TARGETS
+from kneeosteo.data.reference import DEFINITIONS
 from kneeosteo.models.task import CLASSIFICATION_TASKS
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
@@ -59,7 +60,7 @@ def _backbones() -> list[str]:
     return list_backbones()
 
 
-PROTOCOLS = ("paper", "kfold")
+PROTOCOLS = ("paper", "kfold", "holdout-reference")  # kneeosteo.data.split.PROTOCOLS (not imported: sklearn)
 
 
 OPERATING_POINT_HELP = ("Operating threshold on the calibrated probability, chosen on the validation images: youden, "
@@ -104,6 +105,15 @@ def LabelsOpt():
     return typer.Option(None, "--labels", help=LABELS_HELP)
 
 
+REFERENCE_HELP = ("Reference manifest (CSV: path,t_score[,diagnosis,source_id,age,sex,weight_kg,...]; a file may "
+                  "have several rows): the measured truth the labels are checked against. See README 'Reference labels'.")
+DEFINITION_HELP = "Binary truth from the reference: osteoporosis (T <= -2.5, WHO) or low_bone_mass (T < -1)."
+
+
+def ReferenceOpt():
+    return typer.Option(None, "--reference", help=REFERENCE_HELP)
+
+
 def MergeOpt():
     return typer.Option(None, "--merge", help=MERGE_HELP)
 
@@ -127,15 +137,19 @@ def audit(
     merge: Optional[list[str]] = MergeOpt(),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Also check this split file: does any patient span two partitions?"),
+    reference: Optional[Path] = ReferenceOpt(),
 ):
     """Count, de-duplicate and check a data set for label shortcuts and patients; writes audit.json and audit.md."""
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
+    from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out)  # fail before the scan, not after it
-    scan = scan_dataset(_data(data), positive=positive, require_binary=False, labels=labels, merge=merge, target=target)
-    report = build_audit(scan, near_threshold=near_threshold, seed=seed, split=split_file)
+    root = _data(data)
+    ref = read_reference(reference, root) if reference is not None else None  # a bad reference fails before the scan
+    scan = scan_dataset(root, positive=positive, require_binary=False, labels=labels, merge=merge, target=target)
+    report = build_audit(scan, near_threshold=near_threshold, seed=seed, split=split_file, reference=ref)
     paths = write_audit(report, out)
     for line in summary_lines(report):
         print(line)
@@ -146,7 +160,7 @@ def audit(
 def split(
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("out/split.json"), "--out", help="Where to write the split JSON."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds; holdout-reference: test = the --reference films scored against their T-score truth, train/val = the rest."),
     folds: int = typer.Option(5, help="Number of folds for --protocol kfold."),
     seed: int = typer.Option(0, help="Random seed."),
     test_size: int = typer.Option(72, help="Test images for --protocol paper (the paper's 72)."),
@@ -158,23 +172,32 @@ def split(
     task: str = typer.Option("binary", parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
     classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
+    reference: Optional[Path] = ReferenceOpt(),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """De-duplicate, then split into train/val/test with no picture or patient shared between partitions."""
+    from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
     from kneeosteo.models.task import task_of
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
-    scan = scan_dataset(_data(data), positive=positive, labels=labels, merge=merge, target=target,
+    root = _data(data)
+    ref = read_reference(reference, root) if reference is not None else None
+    scan = scan_dataset(root, positive=positive, labels=labels, merge=merge, target=target,
                         classes=_classes(classes), require_binary=task_of(task, target) == "binary")
-    doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold)
+    doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref,
+                     definition=definition)
     write_split(doc, out)
     parts = doc["folds"] if protocol == "kfold" else [doc]
     for k, p in enumerate(parts):
         tag = f"fold {k}: " if protocol == "kfold" else ""
         print(tag + ", ".join(f"{name} {len(p[name])}" for name in ("train", "val", "test")))
-    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts); classes {', '.join(doc['classes'])}; "
+    if "reference" in doc:
+        print(f"held out: {len(doc['test'])} reference films, truth {doc['reference']['meaning']}; "
+              f"{len(doc['reference']['multi_truth'])} reference file(s) with no single truth excluded")
+    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts, links to held-out films); classes {', '.join(doc['classes'])}; "
           f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)")
     if scan.left_out:
         print(f"left out {len(scan.left_out)} manifest row(s); `kneeosteo audit --labels` lists why")
