@@ -217,3 +217,36 @@ def test_kop_reference_agreement_is_41_and_77_of_93(kop, kop_scan):
     assert held_out_leaks(doc, kop_scan.records) == []
     assert not (set(doc["train"]) | set(doc["val"])) & set(ref.files)
     assert len(doc["test"]) == 84  # 93 single-truth files, 84 distinct pictures
+
+
+def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(refdata, tmp_path, monkeypatch):
+    """The protocol end to end through `reproduce` (the cheap model, one epoch): what CI runs."""
+    import torch
+
+    from kneeosteo.config import TrainConfig
+    from kneeosteo.experiments.reproduce import reproduce
+
+    root, ref_file, _ = refdata
+    monkeypatch.setenv("KNEEOSTEO_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
+        out = tmp_path / "repro"
+        rows = reproduce(root, out, base, ["am-only"], seeds=[0, 1], protocol="holdout-reference",
+                         reference=ref_file, console=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert rows[0]["seeds"] == 2
+    ref = read_reference(ref_file, root)
+    truth = {f.path: int(f.positive("osteoporosis")) for f in ref.single}
+    for seed in (0, 1):
+        split = json.loads((out / "splits" / f"seed{seed}.json").read_text())
+        assert sorted(split["test"]) == sorted(truth) and split["protocol"] == "holdout-reference"
+        with open(out / "cells" / "am-only" / f"seed{seed}" / "predictions.csv", newline="") as fh:
+            scored = {r["path"]: int(r["label"]) for r in csv.DictReader(fh)}
+        assert scored == truth  # scored against the reference's truth, not the folders
+    md = (out / "table1.md").read_text()
+    assert "Held-out source" in md and "osteoporosis = T <= -2.5" in md
+    with pytest.raises(ConfigError, match="go together"):
+        reproduce(root, tmp_path / "r2", base, ["am-only"], seeds=[0], protocol="holdout-reference")

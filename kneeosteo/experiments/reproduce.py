@@ -157,15 +157,22 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
 
 
 def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: int, positive: str,
-                test_size: int = 72, scan_kw: dict | None = None) -> dict[int, Path]:
+                test_size: int = 72, scan_kw: dict | None = None, reference: Path | None = None,
+                definition: str = "osteoporosis") -> dict[int, Path]:
     """One split file per seed, written once and reused on rerun (so a resume sees the same split).
-    ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``)."""
-    paths, scan = {}, None
+    ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``); ``reference`` and
+    ``definition``: the held-out source of ``--protocol holdout-reference`` (its test films are
+    the same every seed)."""
+    from kneeosteo.data.reference import read_reference
+
+    paths, scan, ref = {}, None, None
     for s in seeds:
         p = out / "splits" / f"seed{s}.json"
         if not p.is_file():
             scan = scan or scan_dataset(data, positive=positive, **(scan_kw or {}))
-            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds), p)
+            ref = ref or (read_reference(reference, data) if reference is not None else None)
+            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds, reference=ref,
+                                   definition=definition), p)
         paths[s] = p
     return paths
 
@@ -211,8 +218,9 @@ def _silent(*_args, **_kw) -> None:
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
               test_size: int = 72, display_only: tuple[str, ...] = (), ray: str | None = None,
-              cpus_per_cell: float = 1.0) -> list[dict]:
+              cpus_per_cell: float = 1.0, reference: Path | None = None, definition: str = "osteoporosis") -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
+    ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``.
 
     ``ray``: None runs the cells here one after another; an address (``"local"``, ``"auto"``,
     ``HOST:PORT``) runs each unfinished cell as a Ray task (:mod:`kneeosteo.experiments.ray_grid`)."""
@@ -254,8 +262,11 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     if base.kind != "binary":
         raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
                           "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
+    if (protocol == "holdout-reference") != (reference is not None):
+        raise ConfigError("--protocol holdout-reference and --reference go together")
     if ctx.is_main:
-        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options())
+        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference,
+                    definition)
     ctx.barrier()
     splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
@@ -275,6 +286,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         return []
     rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut,
                            _seed_probes(cells))
+    if reference is not None:
+        info["held_out"] = json.loads(splits[seeds[0]].read_text()).get("reference")
     info.update(reference=ref, seeds=seeds, protocol=protocol, models=models,
                 compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]))
     write_table1(out, rows, info)

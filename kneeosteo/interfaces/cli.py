@@ -562,7 +562,7 @@ def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
     models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models), or settings files (configs/default_model.toml): such a model trains exactly the file's settings."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed), kfold (every image tested once per repeat) or holdout-reference (test = the --reference films, scored against their T-score truth, the same every seed)."),
     folds: int = typer.Option(5, help="Folds for --protocol kfold."),
     test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
     quick: bool = typer.Option(False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."),
@@ -578,6 +578,8 @@ def reproduce(
     cpus_per_cell: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."),
     labels: Optional[Path] = LabelsOpt(),
     merge: Optional[list[str]] = MergeOpt(),
+    reference: Optional[Path] = ReferenceOpt(),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -604,6 +606,8 @@ def reproduce(
     if launch_if_asked(ctx, devices, nodes, master):
         return
     root = _data(data)
+    if (protocol == "holdout-reference") != (reference is not None):
+        raise typer.BadParameter("--protocol holdout-reference and --reference go together", param_hint="--reference")
     n_seeds = 3 if quick and seeds == 5 else seeds
     base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
                                 "patience": patience or (3 if quick else None),
@@ -613,7 +617,7 @@ def reproduce(
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                   test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,
-                  cpus_per_cell=cpus_per_cell)
+                  cpus_per_cell=cpus_per_cell, reference=reference, definition=definition)
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
