@@ -314,6 +314,9 @@ def evaluate(
     probes: bool = typer.Option(True, "--probes/--no-probes",
                                 help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe)."),
     labels: Optional[Path] = LabelsOpt(),
+    reference: Optional[Path] = ReferenceOpt(),
+    covariates: Optional[str] = typer.Option(None, help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also score the clinical logistic, the OST index and the fused model beside the image model."),
+    definition: Optional[str] = typer.Option(None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
@@ -323,8 +326,15 @@ def evaluate(
 
     if labels is not None and data is None:
         raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
+    names = None
+    if covariates is not None or reference is not None:
+        from kneeosteo.evaluation.clinical import parse_covariates
+
+        if reference is None or covariates is None:
+            raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
+        names = parse_covariates(covariates)
     metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
-                                  labels=labels)
+                                  labels=labels, reference=reference, covariates=names, definition=definition)
     if metrics.get("task") in ("multiclass", "regression"):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
@@ -334,6 +344,11 @@ def evaluate(
         print(format_probes(metrics["shortcut_probes"]))
     for line in trust_summary(metrics["trust"]):
         print(line)
+    if "clinical" in metrics:
+        from kneeosteo.evaluation.clinical import format_comparison
+
+        for line in format_comparison(metrics["clinical"]):
+            print(line)
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 
