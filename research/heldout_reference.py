@@ -65,7 +65,7 @@ def image_predictions(runs: dict[str, Path], split_file: Path, data: Path, work:
             folder = work / name.replace(" ", "_").replace("/", "_")
             evaluate_run(run, data, split_file, folder, probes=False)
             probs, threshold = _predictions(folder)
-            how = f"scored here on the split's test films ({run.config.record.get('data', '?')} training)"
+            how = f"trained elsewhere (its own split of {run.config.record.get('data', '?')}), scored here on the split's test films"
         settings = run.config.settings
         out[name] = {"probs": probs, "threshold": threshold, "seen": _seen(run, split), "how": how,
                      "settings": {k: settings.get(k) for k in ("backbone", "attention", "preprocess", "epochs",

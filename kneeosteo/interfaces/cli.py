@@ -197,7 +197,8 @@ def split(
     if "reference" in doc:
         print(f"held out: {len(doc['test'])} reference films, truth {doc['reference']['meaning']}; "
               f"{len(doc['reference']['multi_truth'])} reference file(s) with no single truth excluded")
-    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts, links to held-out films); classes {', '.join(doc['classes'])}; "
+    why = "duplicates, label conflicts" + (", links to held-out films, no single truth" if "reference" in doc else "")
+    print(f"excluded {len(doc['excluded'])} files ({why}); classes {', '.join(doc['classes'])}; "
           f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)")
     if scan.left_out:
         print(f"left out {len(scan.left_out)} manifest row(s); `kneeosteo audit --labels` lists why")
