@@ -234,7 +234,7 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
         base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
         out = tmp_path / "repro"
         rows = reproduce(root, out, base, ["am-only"], seeds=[0, 1], protocol="holdout-reference",
-                         reference=ref_file, console=lambda _: None)
+                         reference=ref_file, covariates=["age", "sex", "weight_kg"], console=lambda _: None)
     finally:
         torch.set_num_threads(threads)
     assert rows[0]["seeds"] == 2
@@ -248,5 +248,9 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
         assert scored == truth  # scored against the reference's truth, not the folders
     md = (out / "table1.md").read_text()
     assert "Held-out source" in md and "osteoporosis = T <= -2.5" in md
+    clinical = json.loads((out / "clinical.json").read_text())
+    assert clinical["n"] == 7 and [s["seed"] for s in clinical["models"]["am-only"]] == [0, 1]
+    assert set(clinical["fixed"]) == {"clinical logistic", "OST index"}
+    assert "| am-only | 2 |" in (out / "clinical.md").read_text()
     with pytest.raises(ConfigError, match="go together"):
         reproduce(root, tmp_path / "r2", base, ["am-only"], seeds=[0], protocol="holdout-reference")

@@ -49,7 +49,8 @@ from kneeosteo.trust.decision_curve import decision_curve
 
 __all__ = [
     "OST_CUTOFF", "OST_COLUMNS", "ClinicalSet", "by_path", "clinical_comparison", "clinical_set",
-    "cross_fitted_logistic", "fit_logistic", "format_comparison", "ost_index", "parse_covariates", "patient_folds",
+    "cross_fitted_logistic", "fit_logistic", "format_comparison", "ost_index", "over_seeds", "parse_covariates",
+    "patient_folds", "render_over_seeds",
 ]
 
 OST_COLUMNS = ("weight_kg", "age")
@@ -255,3 +256,50 @@ def by_path(predictions: dict[str, float], paths: list[str]) -> np.ndarray:
         raise DataError(f"no image prediction for {len(missing)} film(s), such as {missing[0]}")
     return np.array([predictions[p] for p in paths], dtype=np.float64)
 
+
+
+def over_seeds(cs: ClinicalSet, predictions: dict[tuple[str, int], dict[str, float]], thresholds: dict[str, float],
+               folds: int = 5) -> dict:
+    """The comparison for every (model, seed) of a ``reproduce`` grid on one held-out test set:
+    ``predictions[(model, seed)]`` maps path -> P(positive). The clinical logistic and OST do not
+    depend on the seed (one fit, ``seed`` 0 folds); each seed's fused model uses that seed's image
+    probabilities. Returns per model the seeds' image AUC, fused AUC and dAUC (fused - clinical,
+    image - clinical) with their DeLong intervals."""
+    per: dict[str, list[dict]] = {}
+    for (model, seed), probs in sorted(predictions.items()):
+        c = clinical_comparison(cs, {model: (by_path(probs, cs.paths), thresholds.get(model, 0.5))}, folds=folds)
+        rows = {r["model"]: r for r in c["rows"]}
+        inc = {(d["a"], d["b"]): d for d in c["incremental"]}
+        fused = f"fused ({model} + covariates)"
+        per.setdefault(model, []).append({
+            "seed": seed, "image_auc": rows[model]["auc"], "fused_auc": rows[fused]["auc"],
+            "fused_minus_clinical": inc[(fused, "clinical logistic")], "image_minus_clinical": inc[(model, "clinical logistic")],
+            **({"image_minus_ost": inc[(model, "OST index")]} if (model, "OST index") in inc else {})})
+        fixed = {k: rows[k] for k in ("clinical logistic", "OST index") if k in rows}
+    return {"n": int(len(cs.y)), "positives": int(cs.y.sum()), "covariates": cs.names, "left_out": cs.left_out,
+            "fixed": fixed, "models": per,
+            "cost": "clinical and fused rows are cross-fitted on the held-out films (patient-level folds); "
+                    "the image models never saw them; OST has nothing fitted"}
+
+
+def render_over_seeds(doc: dict) -> str:
+    """Markdown of :func:`over_seeds`: the fixed baselines, then per model the seeds' mean."""
+    lines = [f"# Clinical baselines on the held-out films ({doc['n']} films, {doc['positives']} positive; "
+             f"covariates {', '.join(doc['covariates'])}; {len(doc['left_out'])} left out)", "",
+             "| model | AUC [95% CI] | sensitivity | specificity | rule |", "|---|---|---|---|---|"]
+    for name, r in doc["fixed"].items():
+        a = r["auc"]
+        lines.append(f"| {name} | {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {r['sensitivity']:.3f} | "
+                     f"{r['specificity']:.3f} | {r['rule']} |")
+    lines += ["", "| image model | seeds | image AUC (mean, range) | fused AUC (mean, range) | fused - clinical dAUC "
+              "(mean; seeds with CI above 0) | image - clinical dAUC (mean) |", "|---|---|---|---|---|---|"]
+    for model, seeds in doc["models"].items():
+        img = [s["image_auc"]["auc"] for s in seeds]
+        fus = [s["fused_auc"]["auc"] for s in seeds]
+        fc = [s["fused_minus_clinical"] for s in seeds]
+        ic = [s["image_minus_clinical"]["diff"] for s in seeds]
+        lines.append(f"| {model} | {len(seeds)} | {np.mean(img):.3f} ({min(img):.3f}-{max(img):.3f}) | "
+                     f"{np.mean(fus):.3f} ({min(fus):.3f}-{max(fus):.3f}) | {np.mean([d['diff'] for d in fc]):+.3f}; "
+                     f"{sum(1 for d in fc if d['ci_low'] > 0)} of {len(fc)} | {np.mean(ic):+.3f} |")
+    lines += ["", f"({doc['cost']}; paired DeLong intervals per seed in clinical.json.)"]
+    return "\n".join(lines) + "\n"

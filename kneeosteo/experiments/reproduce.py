@@ -218,9 +218,12 @@ def _silent(*_args, **_kw) -> None:
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
               test_size: int = 72, display_only: tuple[str, ...] = (), ray: str | None = None,
-              cpus_per_cell: float = 1.0, reference: Path | None = None, definition: str = "osteoporosis") -> list[dict]:
+              cpus_per_cell: float = 1.0, reference: Path | None = None, definition: str = "osteoporosis",
+              covariates: list[str] | None = None) -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
-    ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``.
+    ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``;
+    ``covariates``: also write the clinical baselines beside every model (``clinical.md``/``.json``,
+    :func:`kneeosteo.evaluation.clinical.over_seeds`).
 
     ``ray``: None runs the cells here one after another; an address (``"local"``, ``"auto"``,
     ``HOST:PORT``) runs each unfinished cell as a Ray task (:mod:`kneeosteo.experiments.ray_grid`)."""
@@ -264,6 +267,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
                           "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
     if (protocol == "holdout-reference") != (reference is not None):
         raise ConfigError("--protocol holdout-reference and --reference go together")
+    if covariates and reference is None:
+        raise ConfigError("--covariates needs --protocol holdout-reference --reference (the covariates' manifest)")
     if ctx.is_main:
         make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference,
                     definition)
@@ -291,4 +296,25 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     info.update(reference=ref, seeds=seeds, protocol=protocol, models=models,
                 compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]))
     write_table1(out, rows, info)
+    if covariates:
+        write_clinical(out, reference, definition, covariates, cells, splits[seeds[0]])
     return rows
+
+
+def write_clinical(out: Path, reference: Path, definition: str, covariates: list[str], cells: list[Cell],
+                   split_path: Path) -> None:
+    """``clinical.json`` and ``clinical.md``: the clinical logistic, OST and each model's fused
+    model on the held-out films, every seed."""
+    from kneeosteo.data.reference import read_reference
+    from kneeosteo.evaluation.clinical import clinical_set, over_seeds, render_over_seeds
+    from kneeosteo.utils.atomic import write_text
+
+    test = json.loads(split_path.read_text())["test"]
+    cs = clinical_set(read_reference(reference), test, definition, covariates)
+    preds = {k: {p: v[1] for p, v in d.items()} for k, d in _seed_predictions(cells).items()}
+    thresholds = {c.model.key: float((c.run.read_json(c.run.metrics_file.name) or {}).get("threshold", 0.5))
+                  for c in cells if c.run.metrics_file.is_file()}
+    doc = over_seeds(cs, preds, thresholds)
+    doc.update(reference=str(reference), definition=definition)
+    write_json(out / "clinical.json", doc)
+    write_text(out / "clinical.md", render_over_seeds(doc))

@@ -596,6 +596,7 @@ def reproduce(
     merge: Optional[list[str]] = MergeOpt(),
     reference: Optional[Path] = ReferenceOpt(),
     definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
+    covariates: Optional[str] = typer.Option(None, help="With --protocol holdout-reference: covariate columns of --reference (such as age,sex,weight_kg); writes clinical.md beside table1 (clinical logistic, OST, each model fused)."),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -621,6 +622,8 @@ def reproduce(
             raise typer.BadParameter("--ray runs each cell as one Ray task; drop --devices/--nodes", param_hint="--ray")
     if launch_if_asked(ctx, devices, nodes, master):
         return
+    from kneeosteo.evaluation.clinical import parse_covariates
+
     root = _data(data)
     if (protocol == "holdout-reference") != (reference is not None):
         raise typer.BadParameter("--protocol holdout-reference and --reference go together", param_hint="--reference")
@@ -633,11 +636,14 @@ def reproduce(
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                   test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,
-                  cpus_per_cell=cpus_per_cell, reference=reference, definition=definition)
+                  cpus_per_cell=cpus_per_cell, reference=reference, definition=definition,
+                  covariates=parse_covariates(covariates) if covariates else None)
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
-    print(f"wrote {out}/table1.md, table1.csv, table1.png")
+    if covariates:
+        print((out / "clinical.md").read_text())
+    print(f"wrote {out}/table1.md, table1.csv, table1.png" + (", clinical.md" if covariates else ""))
 
 
 @app.command()
