@@ -63,7 +63,8 @@ def image_predictions(runs: dict[str, Path], split_file: Path, data: Path, work:
             how = "trained on the holdout split"
         else:
             folder = work / name.replace(" ", "_").replace("/", "_")
-            evaluate_run(run, data, split_file, folder, probes=False)
+            if not (folder / "predictions.csv").is_file():  # a --work folder keeps them for a rerun
+                evaluate_run(run, data, split_file, folder, probes=False)
             probs, threshold = _predictions(folder)
             how = f"trained elsewhere (its own split of {run.config.record.get('data', '?')}), scored here on the split's test films"
         settings = run.config.settings
@@ -149,13 +150,14 @@ def main() -> None:
     ap.add_argument("--covariates", default="age,sex,weight_kg,height_m,bmi")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("research/HELDOUT_REFERENCE.md"))
+    ap.add_argument("--work", type=Path, default=None, help="keep the scores of runs trained elsewhere here (reused)")
     args = ap.parse_args()
     runs = dict(item.split("=", 1) for item in args.run)
     names = parse_covariates(args.covariates)
     ref = read_reference(args.reference, args.data)
     split = json.loads(args.split.read_text())
     with tempfile.TemporaryDirectory(prefix="heldout-") as tmp:
-        preds = image_predictions({k: Path(v) for k, v in runs.items()}, args.split, args.data, Path(tmp))
+        preds = image_predictions({k: Path(v) for k, v in runs.items()}, args.split, args.data, args.work or Path(tmp))
     doc = {"reference": str(args.reference), "split": str(args.split), "n_test": len(split["test"]),
            "runs": [{"name": k, **{x: v[x] for x in ("how", "seen", "settings", "best_epoch")}} for k, v in preds.items()],
            "definitions": {}}
