@@ -67,9 +67,18 @@ def split_check(scan: Scan, split_file: str | Path) -> dict:
             "leaks": leaks[:100], "flag": flag}
 
 
+def reference_check(scan: Scan, reference) -> dict:
+    """How the scan's labels agree with a reference manifest (``data/reference.py``), per binary
+    definition: the table, the disagreeing files, the files with no single truth."""
+    from kneeosteo.data.reference import agreement
+
+    return {**reference.summary(), **agreement(reference, {r.path: r.label for r in scan.records}, scan.positive)}
+
+
 def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0,
-                split: str | Path | None = None) -> dict:
-    """The audit document; ``split``: also check that split file for patients on both sides."""
+                split: str | Path | None = None, reference=None) -> dict:
+    """The audit document; ``split``: also check that split file for patients on both sides;
+    ``reference``: a :class:`~kneeosteo.data.reference.Reference` the labels are checked against."""
     recs = scan.records
     per_class = {}
     for label in scan.classes:
@@ -118,6 +127,7 @@ def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int 
         "columns": _column_summary(recs),
         "patients": group_summary(recs),
         **({"split_check": split_check(scan, split)} if split is not None else {}),
+        **({"reference": reference_check(scan, reference)} if reference is not None else {}),
     }
 
 
@@ -181,6 +191,8 @@ def render_markdown(a: dict) -> str:
                      f"every patient in one partition (group key: {', '.join(sc['group_key'] or ['not recorded'])})")
         for leak in sc["leaks"][:20]:
             lines.append(f"- {leak['key']}: " + "; ".join(f"{p}: {', '.join(v)}" for p, v in leak["partitions"].items()))
+    if "reference" in a:
+        lines += reference_lines(a["reference"], a["positive_class"])
     lines += ["", "## Unreadable files", ""]
     lines += [f"- `{u['path']}`: {u['reason']}" for u in a["unreadable"]] or ["none"]
     s = a["shortcut_metadata_only"]
@@ -200,6 +212,32 @@ def render_markdown(a: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_lines(ref: dict, positive: str) -> list[str]:
+    """The audit's reference section: agreement per definition, disagreeing and multi-truth files."""
+    lines = ["", f"## Labels against the reference `{ref['file']}`", "",
+             f"{ref['rows']} rows for {ref['files']} files; {ref['files_with_single_truth']} files in the data with a "
+             f"single truth are compared; {len(ref['multi_truth'])} file(s) with no single truth are excluded from "
+             f"training and scoring whenever this reference is used; {len(ref['not_in_data'])} reference file(s) "
+             "not among the data's files.", "",
+             f"| definition | label '{positive}' agrees with the reference | share | TP | FP | FN | TN |", "|---|---|---|---|---|---|---|"]
+    for d in ref["definitions"].values():
+        t = d["table"]
+        share = "" if d["share"] is None else f"{d['share']:.3f}"
+        lines.append(f"| {d['meaning']} | {d['agree']} of {d['of']} | {share} | {t['tp']} | {t['fp']} | {t['fn']} | {t['tn']} |")
+    lines += ["", "Folder label by WHO band: " + "; ".join(
+        f"{lab}: " + ", ".join(f"{b} {n}" for b, n in bands.items()) for lab, bands in sorted(ref["folder_by_band"].items()))]
+    for name, d in ref["definitions"].items():
+        lines += ["", f"### Files whose label disagrees ({name}: {len(d['disagreeing'])})", ""]
+        lines += [f"- `{m['path']}`: label {m['folder']}, reference {m['band']}"
+                  + ("" if m["t_score"] is None else f" (T {m['t_score']:g})") for m in d["disagreeing"]] or ["none"]
+    lines += ["", f"### Files with no single truth (excluded: {len(ref['multi_truth'])})", ""]
+    lines += [f"- `{m['path']}`: {m['reason']}" for m in ref["multi_truth"]] or ["none"]
+    if ref["not_in_data"]:
+        lines += ["", f"### Reference files not in the data ({len(ref['not_in_data'])})", ""]
+        lines += [f"- `{p}`" for p in ref["not_in_data"]]
+    return lines
+
+
 def summary_lines(a: dict) -> list[str]:
     ex, nd, s = a["exact_duplicates"], a["near_duplicates"], a["shortcut_metadata_only"]
     counts = ", ".join(f"{k} {v['images']}" for k, v in a["per_class"].items())
@@ -214,6 +252,13 @@ def summary_lines(a: dict) -> list[str]:
         out.append(f"manifest rows left out: {len(a['manifest_rows_left_out'])} (reasons in audit.md)")
     if a.get("split_check", {}).get("flag"):
         out.append(f"SPLIT CHECK: {a['split_check']['flag']}")
+    ref = a.get("reference")
+    if ref:
+        for d in ref["definitions"].values():
+            out.append(f"labels vs reference, {d['meaning']}: {d['agree']} of {d['of']} agree "
+                       f"({len(d['disagreeing'])} disagree)")
+        out.append(f"reference files with no single truth (excluded): {len(ref['multi_truth'])}"
+                   + (f" ({', '.join(m['path'] for m in ref['multi_truth'])})" if ref["multi_truth"] else ""))
     if s.get("accuracy") is not None:
         lo, hi = s["accuracy_ci95"]
         out.append(f"metadata-only accuracy: {s['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), AUC {s['auc']:.3f}")

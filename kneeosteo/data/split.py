@@ -11,6 +11,11 @@ File format (paths relative to DATA, POSIX, the label is the first path componen
      "excluded": [{"path": ..., "reason": ...}], ...}
 
 ``--protocol kfold`` replaces train/val/test by ``"folds": [{"train", "val", "test"}, ...]``.
+``--protocol holdout-reference --reference tscores.csv`` holds a whole source out: test = every
+film of the reference manifest with a single truth (one per exact-duplicate group), labelled by its
+T-score under the chosen ``definition``; train/val = the other films with their own labels, less
+every film linked to a held-out one by a duplicate, a near duplicate or a patient. The test set
+is the same for every seed; ``"reference"`` records the manifest, its sha256 and the definition.
 Files written by other tools need only the partition keys (and ``data`` if DATA isn't given).
 """
 
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT = "kneeosteo-split/1"
 PAPER_TEST_SIZE = 72
 PARTS = ("train", "val", "test")
+PROTOCOLS = ("paper", "kfold", "holdout-reference")
 
 
 def _units(records: list[Record], threshold: int) -> tuple[list[list[Record]], list[str]]:
@@ -98,8 +104,16 @@ def make_split(
     val_fraction: float = 0.1,
     folds: int = 5,
     near_threshold: int = NEAR_DUP_THRESHOLD,
+    reference=None,
+    definition: str = "osteoporosis",
 ) -> dict:
-    """Build the split document (see module docstring)."""
+    """Build the split document (see module docstring). ``reference``: a
+    :class:`~kneeosteo.data.reference.Reference` (needed by ``holdout-reference``); ``definition``:
+    its binary truth (``osteoporosis`` or ``low_bone_mass``)."""
+    if protocol == "holdout-reference":
+        return _holdout_reference(scan, reference, definition, seed, val_fraction, near_threshold)
+    if reference is not None:
+        raise ConfigError(f"--reference holds a source out: use it with --protocol holdout-reference, not {protocol!r}")
     empty = [c for c in scan.classes if not any(r.label == c for r in scan.records)]
     if scan.target == "label" and (len(scan.classes) < 2 or empty):
         raise DataError(f"{scan.manifest or scan.root}: a split needs images in "
@@ -142,7 +156,7 @@ def make_split(
             fold["test"] = _flat([units[i] for i in te])
             doc["folds"].append(fold)
     else:
-        raise ConfigError(f"unknown protocol {protocol!r} (use 'paper' or 'kfold')")
+        raise ConfigError(f"unknown protocol {protocol!r} (use {', '.join(PROTOCOLS)})")
     doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
     doc["content_ids"] = {r.path: r.content_id for r in kept}
     doc["labels"] = {r.path: r.label for r in kept}  # the class of each file, whatever its folder
@@ -150,6 +164,141 @@ def make_split(
     if values:
         doc["values"] = values
     return doc
+
+
+def _reference_units(records: list[Record], reference, threshold: int) -> tuple[list[list[Record]], list[str]]:
+    """The split's units over every record, with films sharing a reference patient (source_id)
+    joined too: a patient filed under two paths is one unit."""
+    patient = {}
+    for f in reference.files.values():
+        ids = sorted({r.patient for r in f.rows if r.patient})
+        if ids:
+            patient[f.path] = ids
+    by_id: dict[str, list[str]] = defaultdict(list)
+    for path, ids in patient.items():
+        for i in ids:
+            by_id[i].append(path)
+    units, used = _units(records, threshold)
+    # merge units that share a reference patient (union-find over unit indices)
+    parent = list(range(len(units)))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    unit_of = {r.path: k for k, u in enumerate(units) for r in u}
+    for paths in by_id.values():
+        ks = [unit_of[p] for p in paths if p in unit_of]
+        for k in ks[1:]:
+            parent[find(k)] = find(ks[0])
+    merged: dict[int, list[Record]] = defaultdict(list)
+    for k, u in enumerate(units):
+        merged[find(k)].extend(u)
+    if by_id:
+        used = used + ["reference patient (source_id)"]
+    return [sorted(u, key=lambda r: r.path) for _, u in sorted(merged.items())], used
+
+
+def _holdout_reference(scan: Scan, reference, definition: str, seed: int, val_fraction: float,
+                       near_threshold: int) -> dict:
+    """The held-out-source split (module docstring)."""
+    from kneeosteo.data.reference import DEFINITIONS, check_definition
+
+    if reference is None:
+        raise ConfigError("--protocol holdout-reference needs --reference (a manifest of the held-out films' T-scores)")
+    check_definition(definition)
+    if scan.target != "label" or len(scan.classes) != 2:
+        raise ConfigError("--protocol holdout-reference scores a binary classifier against the reference's truth")
+    by_path = scan.by_path()
+    held = [f for f in reference.files.values() if f.path in by_path]
+    if not held:
+        raise DataError(f"{reference.file}: none of its files is among the data's {len(scan.records)} images")
+    units, used = _reference_units(scan.records, reference, near_threshold)
+    ref_files = {f.path: f for f in held}
+    negative, positive = scan.classes
+    test, excluded, rest = [], [], []
+    for u in units:
+        refs = [r for r in u if r.path in ref_files]
+        if not refs:
+            rest.append(u)
+            continue
+        kept_ids: dict[str, str] = {}
+        held_names = ", ".join(r.path for r in refs[:3]) + (" ..." if len(refs) > 3 else "")
+        for r in u:
+            f = ref_files.get(r.path)
+            if f is None:
+                excluded.append({"path": r.path, "reason": f"linked to the held-out film(s) {held_names} "
+                                 "(duplicate, near duplicate or patient): kept out of training"})
+            elif not f.single_truth:
+                excluded.append({"path": r.path, "reason": f"reference gives no single truth: {', '.join(f.bands)}"})
+            elif r.content_id in kept_ids:
+                excluded.append({"path": r.path, "reason": f"exact duplicate of held-out {kept_ids[r.content_id]}"})
+            else:
+                kept_ids[r.content_id] = r.path
+                test.append(r)
+    rest_records = [r for u in rest for r in u]
+    kept, dup_excluded = deduplicate(rest_records)
+    excluded += dup_excluded
+    train_units, _ = _units(kept, near_threshold)
+    rng = np.random.default_rng(seed)
+    doc = {
+        "format": FORMAT, "data": str(scan.root), "seed": seed, "protocol": "holdout-reference",
+        "classes": scan.classes, "positive_class": scan.positive, "near_duplicate_threshold": near_threshold,
+        "group_key": used, "groups": len(units), "target": scan.target,
+        "reference": {"file": str(reference.file), "sha256": sha256_file(reference.file), "definition": definition,
+                      "meaning": DEFINITIONS[definition][0], "test_truth": "reference T-score / diagnosis",
+                      "multi_truth": [f.path for f in reference.multi_truth]},
+    }
+    if scan.merge:
+        doc["merge"] = scan.merge
+    if scan.manifest:
+        doc["manifest"] = {"file": scan.manifest, "sha256": sha256_file(scan.manifest), "left_out": scan.left_out}
+    doc.update(_train_val(train_units, val_fraction, rng))
+    doc["test"] = sorted(r.path for r in test)
+    if not doc["test"] or not doc["train"]:
+        raise DataError(f"{reference.file}: the held-out split leaves {len(doc['train'])} training and "
+                        f"{len(doc['test'])} test films")
+    doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
+    chosen = [r for u in train_units for r in u] + test
+    doc["content_ids"] = {r.path: r.content_id for r in chosen}
+    labels = {r.path: r.label for u in train_units for r in u}
+    labels.update({r.path: positive if ref_files[r.path].positive(definition) else negative for r in test})
+    doc["labels"] = labels
+    doc["folder_labels"] = {r.path: r.label for r in test}  # the held-out films' own labels, for the record
+    values = {r.path: r.values for r in chosen if r.values}
+    t_scores = {r.path: {"t_score": ref_files[r.path].t_score} for r in test if ref_files[r.path].t_score is not None}
+    for path, v in t_scores.items():
+        values[path] = {**values.get(path, {}), **v}
+    if values:
+        doc["values"] = values
+    return doc
+
+
+def held_out_leaks(doc: dict, records: list[Record], threshold: int | None = None) -> list[dict]:
+    """Training or validation films of a split document that are a held-out (test) film, a copy
+    of one (same content id) or in one split unit with one (duplicate, near duplicate, patient:
+    ``grouping.split_groups`` over ``records``): [{"path", "part", "test"}]. Empty for a sound
+    holdout split."""
+    threshold = doc.get("near_duplicate_threshold", NEAR_DUP_THRESHOLD) if threshold is None else threshold
+    part_of = {p: part for part in PARTS for p in doc[part]}
+    named = [r for r in records if r.path in part_of]
+    groups, _ = split_groups(named, threshold)
+    test_by_group: dict[int, str] = {}
+    test_ids = {}
+    for r in named:
+        if part_of[r.path] == "test":
+            test_by_group.setdefault(groups[r.path], r.path)
+            test_ids.setdefault(r.content_id, r.path)
+    out = []
+    for r in named:
+        if part_of[r.path] == "test":
+            continue
+        hit = test_ids.get(r.content_id) or test_by_group.get(groups[r.path])
+        if hit:
+            out.append({"path": r.path, "part": part_of[r.path], "test": hit})
+    return out
 
 
 def write_split(doc: dict, path: str | Path) -> None:

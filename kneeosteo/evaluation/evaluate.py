@@ -18,7 +18,7 @@ from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.evaluation.probes import shortcut_probes
 from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
-from kneeosteo.errors import DataError
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.models.task import get_task
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
@@ -87,10 +87,18 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
 
 def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split: str | Path | None = None,
                  out: str | Path | None = None, device: str = "cpu", threshold: float | None = None,
-                 probes: bool = True, labels: str | Path | None = None) -> tuple[dict, Path]:
+                 probes: bool = True, labels: str | Path | None = None, reference: str | Path | None = None,
+                 covariates: list[str] | None = None, definition: str | None = None) -> tuple[dict, Path]:
     """Score ``run`` on: a data set ``data`` (all of it; class folders, or the label manifest
     ``labels``), a split's test part, or its own split. Returns (metrics, the folder they were
-    written to). The run's own ``merge`` applies to the data scored."""
+    written to). The run's own ``merge`` applies to the data scored.
+
+    ``reference`` and ``covariates``: also compare the image model with the clinical baselines on
+    the scored films the reference manifest covers (:mod:`kneeosteo.evaluation.clinical`), against
+    the reference truth under ``definition`` (default: the split's, else osteoporosis); the result
+    goes into the metrics under ``clinical``."""
+    if (reference is None) != (not covariates):
+        raise ConfigError("--reference and --covariates go together: the clinical baseline needs both")
     run = RunDir.open(run)
     cfg = run.config
     model = run.load_model(device)
@@ -118,7 +126,37 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
     if out is None:  # never overwrite the run's own test results with another data set's
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
-    return score(run, model, test, sets, out, threshold, device, train=train, probes=probes), out
+    metrics = score(run, model, test, sets, out, threshold, device, train=train, probes=probes)
+    if reference is not None and cfg.task == "binary":
+        import json
+
+        split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}
+        definition = definition or (split_doc.get("reference") or {}).get("definition") or "osteoporosis"
+        metrics["clinical"] = clinical_block(reference, covariates, definition, out / "predictions.csv",
+                                             float(metrics.get("threshold", cfg.threshold)), run.model_id)
+        write_json(out / "metrics.json", metrics)
+    return metrics, out
+
+
+def clinical_block(reference: str | Path, covariates: list[str], definition: str, predictions: Path,
+                   threshold: float, name: str) -> dict:
+    """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``."""
+    import csv
+
+    from kneeosteo.data.reference import read_reference
+    from kneeosteo.evaluation.clinical import by_path, clinical_comparison, clinical_set
+
+    ref = read_reference(reference)
+    with open(predictions, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        probs = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    scored = [p for p in probs if p in ref.files]
+    if not scored:
+        raise DataError(f"{reference}: none of the {len(probs)} scored films is in the reference manifest")
+    cs = clinical_set(ref, scored, definition, covariates)
+    out = clinical_comparison(cs, {f"image ({name})": (by_path(probs, cs.paths), threshold)})
+    out.update(reference=str(reference), definition=definition,
+               not_in_reference=len(probs) - len(scored))
+    return out
 
 
 def prepare_part(model, items: list[tuple[str, int]], root: Path, prep: Preprocess, device: str, label: str) -> PreparedSet:

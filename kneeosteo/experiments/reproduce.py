@@ -157,15 +157,22 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
 
 
 def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: int, positive: str,
-                test_size: int = 72, scan_kw: dict | None = None) -> dict[int, Path]:
+                test_size: int = 72, scan_kw: dict | None = None, reference: Path | None = None,
+                definition: str = "osteoporosis") -> dict[int, Path]:
     """One split file per seed, written once and reused on rerun (so a resume sees the same split).
-    ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``)."""
-    paths, scan = {}, None
+    ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``); ``reference`` and
+    ``definition``: the held-out source of ``--protocol holdout-reference`` (its test films are
+    the same every seed)."""
+    from kneeosteo.data.reference import read_reference
+
+    paths, scan, ref = {}, None, None
     for s in seeds:
         p = out / "splits" / f"seed{s}.json"
         if not p.is_file():
             scan = scan or scan_dataset(data, positive=positive, **(scan_kw or {}))
-            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds), p)
+            ref = ref or (read_reference(reference, data) if reference is not None else None)
+            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds, reference=ref,
+                                   definition=definition), p)
         paths[s] = p
     return paths
 
@@ -211,8 +218,12 @@ def _silent(*_args, **_kw) -> None:
 def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
               folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
               test_size: int = 72, display_only: tuple[str, ...] = (), ray: str | None = None,
-              cpus_per_cell: float = 1.0) -> list[dict]:
+              cpus_per_cell: float = 1.0, reference: Path | None = None, definition: str = "osteoporosis",
+              covariates: list[str] | None = None) -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
+    ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``;
+    ``covariates``: also write the clinical baselines beside every model (``clinical.md``/``.json``,
+    :func:`kneeosteo.evaluation.clinical.over_seeds`).
 
     ``ray``: None runs the cells here one after another; an address (``"local"``, ``"auto"``,
     ``HOST:PORT``) runs each unfinished cell as a Ray task (:mod:`kneeosteo.experiments.ray_grid`)."""
@@ -254,8 +265,13 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     if base.kind != "binary":
         raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
                           "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
+    if (protocol == "holdout-reference") != (reference is not None):
+        raise ConfigError("--protocol holdout-reference and --reference go together")
+    if covariates and reference is None:
+        raise ConfigError("--covariates needs --protocol holdout-reference --reference (the covariates' manifest)")
     if ctx.is_main:
-        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options())
+        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference,
+                    definition)
     ctx.barrier()
     splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
@@ -275,7 +291,30 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         return []
     rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut,
                            _seed_probes(cells))
+    if reference is not None:
+        info["held_out"] = json.loads(splits[seeds[0]].read_text()).get("reference")
     info.update(reference=ref, seeds=seeds, protocol=protocol, models=models,
                 compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]))
     write_table1(out, rows, info)
+    if covariates:
+        write_clinical(out, reference, definition, covariates, cells, splits[seeds[0]])
     return rows
+
+
+def write_clinical(out: Path, reference: Path, definition: str, covariates: list[str], cells: list[Cell],
+                   split_path: Path) -> None:
+    """``clinical.json`` and ``clinical.md``: the clinical logistic, OST and each model's fused
+    model on the held-out films, every seed."""
+    from kneeosteo.data.reference import read_reference
+    from kneeosteo.evaluation.clinical import clinical_set, over_seeds, render_over_seeds
+    from kneeosteo.utils.atomic import write_text
+
+    test = json.loads(split_path.read_text())["test"]
+    cs = clinical_set(read_reference(reference), test, definition, covariates)
+    preds = {k: {p: v[1] for p, v in d.items()} for k, d in _seed_predictions(cells).items()}
+    thresholds = {c.model.key: float((c.run.read_json(c.run.metrics_file.name) or {}).get("threshold", 0.5))
+                  for c in cells if c.run.metrics_file.is_file()}
+    doc = over_seeds(cs, preds, thresholds)
+    doc.update(reference=str(reference), definition=definition)
+    write_json(out / "clinical.json", doc)
+    write_text(out / "clinical.md", render_over_seeds(doc))

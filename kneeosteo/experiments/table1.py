@@ -190,6 +190,12 @@ def render_markdown(rows: list[dict], info: dict) -> str:
             + f" | {paper_s} | {p('mcnemar_p')} | {p('delong_p')} | {r.get('seconds', '-')} |"
         )
     lines += ["", *_probe_table(rows)]
+    held = info.get("held_out")
+    if held:
+        lines += ["", f"Held-out source: the test films are every film of `{held['file']}` with a single truth, "
+                  f"scored against it ({held['meaning']}), the same films every seed; no duplicate, near duplicate "
+                  f"or patient of theirs was trained on; {len(held.get('multi_truth', []))} reference file(s) with no "
+                  "single truth excluded. Training labels are the data's own (class folders)."]
     lines += [
         "",
         "Cells: mean ± std over seeds [95% t-interval over seeds]. Paired tests are against the reference "

@@ -21,6 +21,7 @@ from kneeosteo.choices import CLASSIFICATION_TASKS
 from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
 from kneeosteo.data import formats
 from kneeosteo.data.manifest import TARGETS
+from kneeosteo.data.reference import DEFINITIONS
 from kneeosteo.errors import DataError, KneeosteoError, OutputError
 from kneeosteo.paths import KAGGLE_HELP, find_data_dir
 from kneeosteo.utils.text import printable
@@ -61,7 +62,7 @@ def _backbones() -> list[str]:
     return list_backbones()
 
 
-PROTOCOLS = ("paper", "kfold")
+PROTOCOLS = ("paper", "kfold", "holdout-reference")  # kneeosteo.data.split.PROTOCOLS (not imported: sklearn)
 
 
 OPERATING_POINT_HELP = ("Operating threshold on the calibrated probability, chosen on the validation images: youden, "
@@ -106,6 +107,15 @@ def LabelsOpt():
     return typer.Option(None, "--labels", help=LABELS_HELP)
 
 
+REFERENCE_HELP = ("Reference manifest (CSV: path,t_score[,diagnosis,source_id,age,sex,weight_kg,...]; a file may "
+                  "have several rows): the measured truth the labels are checked against. See README 'Reference labels'.")
+DEFINITION_HELP = "Binary truth from the reference: osteoporosis (T <= -2.5, WHO) or low_bone_mass (T < -1)."
+
+
+def ReferenceOpt():
+    return typer.Option(None, "--reference", help=REFERENCE_HELP)
+
+
 def MergeOpt():
     return typer.Option(None, "--merge", help=MERGE_HELP)
 
@@ -129,15 +139,19 @@ def audit(
     merge: Optional[list[str]] = MergeOpt(),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Also check this split file: does any patient span two partitions?"),
+    reference: Optional[Path] = ReferenceOpt(),
 ):
     """Count, de-duplicate and check a data set for label shortcuts and patients; writes audit.json and audit.md."""
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
+    from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out)  # fail before the scan, not after it
-    scan = scan_dataset(_data(data), positive=positive, require_binary=False, labels=labels, merge=merge, target=target)
-    report = build_audit(scan, near_threshold=near_threshold, seed=seed, split=split_file)
+    root = _data(data)
+    ref = read_reference(reference, root) if reference is not None else None  # a bad reference fails before the scan
+    scan = scan_dataset(root, positive=positive, require_binary=False, labels=labels, merge=merge, target=target)
+    report = build_audit(scan, near_threshold=near_threshold, seed=seed, split=split_file, reference=ref)
     paths = write_audit(report, out)
     for line in summary_lines(report):
         print(line)
@@ -148,7 +162,7 @@ def audit(
 def split(
     data: Optional[Path] = DataArg,
     out: Path = typer.Option(Path("out/split.json"), "--out", help="Where to write the split JSON."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds; holdout-reference: test = the --reference films scored against their T-score truth, train/val = the rest."),
     folds: int = typer.Option(5, help="Number of folds for --protocol kfold."),
     seed: int = typer.Option(0, help="Random seed."),
     test_size: int = typer.Option(72, help="Test images for --protocol paper (the paper's 72)."),
@@ -160,23 +174,33 @@ def split(
     task: str = typer.Option("binary", parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
     classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
+    reference: Optional[Path] = ReferenceOpt(),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """De-duplicate, then split into train/val/test with no picture or patient shared between partitions."""
+    from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
     from kneeosteo.models.task import task_of
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
-    scan = scan_dataset(_data(data), positive=positive, labels=labels, merge=merge, target=target,
+    root = _data(data)
+    ref = read_reference(reference, root) if reference is not None else None
+    scan = scan_dataset(root, positive=positive, labels=labels, merge=merge, target=target,
                         classes=_classes(classes), require_binary=task_of(task, target) == "binary")
-    doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold)
+    doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref,
+                     definition=definition)
     write_split(doc, out)
     parts = doc["folds"] if protocol == "kfold" else [doc]
     for k, p in enumerate(parts):
         tag = f"fold {k}: " if protocol == "kfold" else ""
         print(tag + ", ".join(f"{name} {len(p[name])}" for name in ("train", "val", "test")))
-    print(f"excluded {len(doc['excluded'])} files (duplicates, label conflicts); classes {', '.join(doc['classes'])}; "
+    if "reference" in doc:
+        print(f"held out: {len(doc['test'])} reference films, truth {doc['reference']['meaning']}; "
+              f"{len(doc['reference']['multi_truth'])} reference file(s) with no single truth excluded")
+    why = "duplicates, label conflicts" + (", links to held-out films, no single truth" if "reference" in doc else "")
+    print(f"excluded {len(doc['excluded'])} files ({why}); classes {', '.join(doc['classes'])}; "
           f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)")
     if scan.left_out:
         print(f"left out {len(scan.left_out)} manifest row(s); `kneeosteo audit --labels` lists why")
@@ -293,6 +317,9 @@ def evaluate(
     probes: bool = typer.Option(True, "--probes/--no-probes",
                                 help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe)."),
     labels: Optional[Path] = LabelsOpt(),
+    reference: Optional[Path] = ReferenceOpt(),
+    covariates: Optional[str] = typer.Option(None, help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also score the clinical logistic, the OST index and the fused model beside the image model."),
+    definition: Optional[str] = typer.Option(None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
@@ -302,8 +329,15 @@ def evaluate(
 
     if labels is not None and data is None:
         raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
+    names = None
+    if covariates is not None or reference is not None:
+        from kneeosteo.evaluation.clinical import parse_covariates
+
+        if reference is None or covariates is None:
+            raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
+        names = parse_covariates(covariates)
     metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
-                                  labels=labels)
+                                  labels=labels, reference=reference, covariates=names, definition=definition)
     if metrics.get("task") in ("multiclass", "regression"):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
@@ -313,6 +347,11 @@ def evaluate(
         print(format_probes(metrics["shortcut_probes"]))
     for line in trust_summary(metrics["trust"]):
         print(line)
+    if "clinical" in metrics:
+        from kneeosteo.evaluation.clinical import format_comparison
+
+        for line in format_comparison(metrics["clinical"]):
+            print(line)
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 
@@ -561,7 +600,7 @@ def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
     models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models), or settings files (configs/default_model.toml): such a model trains exactly the file's settings."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed) or kfold (every image tested once per repeat)."),
+    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed), kfold (every image tested once per repeat) or holdout-reference (test = the --reference films, scored against their T-score truth, the same every seed)."),
     folds: int = typer.Option(5, help="Folds for --protocol kfold."),
     test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
     quick: bool = typer.Option(False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."),
@@ -577,6 +616,9 @@ def reproduce(
     cpus_per_cell: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."),
     labels: Optional[Path] = LabelsOpt(),
     merge: Optional[list[str]] = MergeOpt(),
+    reference: Optional[Path] = ReferenceOpt(),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
+    covariates: Optional[str] = typer.Option(None, help="With --protocol holdout-reference: covariate columns of --reference (such as age,sex,weight_kg); writes clinical.md beside table1 (clinical logistic, OST, each model fused)."),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
     from kneeosteo.data.audit import build_audit
@@ -602,7 +644,11 @@ def reproduce(
             raise typer.BadParameter("--ray runs each cell as one Ray task; drop --devices/--nodes", param_hint="--ray")
     if launch_if_asked(ctx, devices, nodes, master):
         return
+    from kneeosteo.evaluation.clinical import parse_covariates
+
     root = _data(data)
+    if (protocol == "holdout-reference") != (reference is not None):
+        raise typer.BadParameter("--protocol holdout-reference and --reference go together", param_hint="--reference")
     n_seeds = 3 if quick and seeds == 5 else seeds
     base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
                                 "patience": patience or (3 if quick else None),
@@ -612,11 +658,14 @@ def reproduce(
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
                   test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,
-                  cpus_per_cell=cpus_per_cell)
+                  cpus_per_cell=cpus_per_cell, reference=reference, definition=definition,
+                  covariates=parse_covariates(covariates) if covariates else None)
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
-    print(f"wrote {out}/table1.md, table1.csv, table1.png")
+    if covariates:
+        print((out / "clinical.md").read_text())
+    print(f"wrote {out}/table1.md, table1.csv, table1.png" + (", clinical.md" if covariates else ""))
 
 
 @app.command()

@@ -183,7 +183,7 @@ def performance_section(run: RunDir, folder: Path, metrics: dict, work: Path) ->
     return {"columns": [c[0] for c in columns], "table": table, "counts": counts,
             "classes": list(run.config.classes), "n": metrics.get("n"),
             "roc": file_uri(folder / "roc.png"), "confusion": file_uri(folder / "confusion_matrix.png"),
-            "curves": curves}
+            "curves": curves, "clinical": metrics.get("clinical")}
 
 
 def calibration_section(folder: Path, metrics: dict) -> dict | None:
