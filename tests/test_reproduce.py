@@ -136,8 +136,13 @@ def test_paired_tests_and_aggregation_recomputed_from_the_cells(tiny_repro):
             p = np.array([v[1] for v in preds.values()])
             acc, auc = float(np.mean((p >= 0.5) == y)), float(roc_auc_score(y, p))
             assert metrics["accuracy"]["value"] == pytest.approx(acc, abs=1e-12), (key, seed)
-            assert metrics["auc"]["value"] == pytest.approx(auc, abs=1e-6), (key, seed)  # probabilities: 6 decimals
-            per_seed.append({"accuracy": acc, "auc": auc})
+            # predictions.csv keeps 6 decimals: a positive and a negative that round to the same value
+            # count half in the file's AUC, whatever their order was; each such pair may move it by
+            # 0.5 / (positives x negatives) (an untrained tiny model's outputs differ in the 6th decimal)
+            tied = int(np.sum(p[y == 1][:, None] == p[y == 0][None, :]))
+            slack = 0.5 * tied / (int(np.sum(y == 1)) * int(np.sum(y == 0)))
+            assert metrics["auc"]["value"] == pytest.approx(auc, abs=1e-6 + slack), (key, seed)
+            per_seed.append({"accuracy": acc, "auc": auc})  # Table I aggregates the cells' predictions.csv
         for col in ("accuracy", "auc"):
             v = np.array([s[col] for s in per_seed])
             mean, sd = float(v.mean()), float(v.std(ddof=1))
