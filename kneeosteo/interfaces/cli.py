@@ -458,9 +458,11 @@ def predict(
         raise typer.BadParameter(f"use one of {', '.join(ENGINES)}", param_hint="--engine")
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
+    from kneeosteo.inference.output import check_output
     from kneeosteo.utils.atomic import ensure_writable
 
     if out is not None:
+        check_output(out, inputs)  # never replaces what we did not write, nor an input
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
