@@ -113,3 +113,15 @@ def test_our_own_outputs_are_still_replaced_with_the_usual_permissions(tmp_path)
     (tmp_path / "empty.csv").touch()  # an empty file holds nothing to lose
     write_predictions(PredictionResult(_rows(1), []), tmp_path / "empty.csv")
     assert (tmp_path / "empty.csv").read_text().startswith("path,content_id,")
+
+
+# -- row 11: an optional dependency is checked before work starts ----------------------------------
+
+def test_parquet_without_pyarrow_is_refused_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    from kneeosteo.inference import Predictor
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError, as when not installed
+    monkeypatch.setattr(Predictor, "__init__", lambda *a, **k: pytest.fail("the model was loaded first"))
+    assert _main(["predict", g.png_grey8(tmp_path / "x.png"), "--out", tmp_path / "p.parquet"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "needs pyarrow" in err

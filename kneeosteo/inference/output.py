@@ -59,8 +59,11 @@ def _foreign(out: Path) -> str | None:
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse, before any work, an ``out`` that would destroy what kneeosteo did not write: one
     that exists and is not an earlier prediction output (a folder of our part files, a file
-    beginning with our header) or is empty, and one that is also an input (or holds one)."""
+    beginning with our header) or is empty, and one that is also an input (or holds one); and
+    Parquet without pyarrow."""
     out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        _pyarrow()  # not installed: one line now, not after predicting everything
     try:
         where = out.resolve()
         for item in inputs:
