@@ -125,3 +125,24 @@ def test_parquet_without_pyarrow_is_refused_before_the_model_is_loaded(tmp_path,
     assert _main(["predict", g.png_grey8(tmp_path / "x.png"), "--out", tmp_path / "p.parquet"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "needs pyarrow" in err
+
+
+# -- row 10: a regression run's JSON is JSON -------------------------------------------------------
+
+def test_predict_json_has_no_nan_or_infinity(tmp_path):
+    import json
+
+    from kneeosteo.inference.output import write_predictions
+    from kneeosteo.inference.predictor import Prediction, PredictionResult
+
+    nan, inf = float("nan"), float("inf")
+    row = Prediction("a.png", "0" * 64, "ok", nan, nan, "osteopenia", (), None, None, True, 0.5, "m",
+                     probabilities={"normal": nan}, value=-1.7, interval_low=-inf, interval_high=inf)
+    out = write_predictions(PredictionResult([row]), tmp_path / "p.json")
+
+    def strict(name):
+        raise ValueError(f"not JSON: {name}")
+
+    got = json.loads(out.read_text(), parse_constant=strict)["predictions"][0]
+    assert (got["probability"], got["raw_probability"], got["interval_low"], got["interval_high"]) == (None,) * 4
+    assert got["probabilities"] == {"normal": None} and got["value"] == -1.7

@@ -6,6 +6,7 @@ them all), CSV into one file, Parquet into a folder of part files (``preds.parqu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -208,11 +209,18 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
             w.write(result.predictions)
     elif suffix == ".json":
         check_output(out)
-        write_json(out, {"columns": list(COLUMNS), "predictions": [p.as_row() for p in result.predictions],
+        write_json(out, {"columns": list(COLUMNS), "predictions": [_finite(p.as_row()) for p in result.predictions],
                          "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})
     else:
         raise ValueError(f"{out}: unknown output type {suffix or '(none)'!r}; use {' or '.join(OUTPUT_SUFFIXES)}")
     return out
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no NaN or infinity (strict parsers reject Python's ``NaN``): null, as the API writes."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else
+            {c: None if not math.isfinite(x) else x for c, x in v.items()} if isinstance(v, dict) else v
+            for k, v in row.items()}
 
 
 def _num(v) -> str:
