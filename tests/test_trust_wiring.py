@@ -78,6 +78,24 @@ def test_calibrate_refuses_an_existing_run_as_output(tiny, tmp_path):
         calibrate_run(tiny.run, tiny.run, tiny.data)
 
 
+def test_calibrate_refuses_an_out_inside_the_run_or_a_folder_with_files(tiny, tmp_path, capsys):
+    """Issue 28 row 12: nothing is written inside the run read, nor over a folder's files."""
+    from kneeosteo.interfaces.cli import main
+
+    before = _tree_digest(tiny.run)
+    taken = tmp_path / "mine"
+    taken.mkdir()
+    (taken / "split.json").write_text("my split")
+    (taken / "trust.json").write_text("my notes")
+    for out in (Path(tiny.run) / "sub", taken):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", str(tiny.run), str(tiny.data), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and len(err.strip().splitlines()) == 1 and "choose" in err
+    assert _tree_digest(tiny.run) == before and not (Path(tiny.run) / "sub").exists()
+    assert (taken / "split.json").read_text() == "my split" and (taken / "trust.json").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("damage", ["edit-json", "edit-tensors", "delete-json", "plant"])
 def test_a_damaged_trust_file_is_refused(tiny, tmp_path, damage):
     run = RunDir(shutil.copytree(tiny.run, tmp_path / "run"))

@@ -42,7 +42,7 @@ from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_
 from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
 
-__all__ = ["calibrate_run", "fit_trust", "fit_trust_from_split", "trust_line"]
+__all__ = ["calibrate_run", "check_new_run_folder", "fit_trust", "fit_trust_from_split", "trust_line"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,23 @@ def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point
                              "domain_set": "training partition (originals)"})
 
 
+def check_new_run_folder(run: str | Path, out: str | Path) -> None:
+    """``calibrate``'s ``--out`` must be a new run folder: not a run already, not inside (or
+    holding) the run it reads, and not an existing folder with files in it (whose split.json or
+    trust.json would be overwritten)."""
+    where, src = Path(out).resolve(), Path(run).resolve()
+    if RunDir(out).is_run():
+        raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
+    if where == src or src in where.parents or where in src.parents:
+        raise DataError(f"{out}: inside (or around) the run {run}; choose a --out outside it (the original run is never changed)")
+    try:
+        taken = where.exists() and (not where.is_dir() or any(where.iterdir()))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot be checked ({exc.strerror or exc})") from exc
+    if taken:
+        raise DataError(f"{out}: exists and is not an empty folder; choose a new --out (nothing was changed)")
+
+
 def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", coverage: float = 0.9,
                   acceptance: float = 0.95, device: str = "cpu", labels=None) -> RunDir:
     """`kneeosteo calibrate`: a new run folder at ``out`` with ``run``'s weights (a byte copy; the
@@ -136,8 +153,7 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
       the domain check on its training partition, as training does.
     """
     src = RunDir.open(run)
-    if RunDir(out).is_run():
-        raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
+    check_new_run_folder(src.path, out)
     model = src.load_model(device)
     cfg = src.config
     parse_operating_point(operating_point)  # a bad setting fails before any image is read

@@ -362,7 +362,7 @@ def calibrate(
     labels: Optional[Path] = LabelsOpt(),
 ):
     """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder."""
-    from kneeosteo.experiments.trust_fit import calibrate_run, trust_line
+    from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, trust_line
     from kneeosteo.trust.conformal import _check_coverage
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
@@ -371,6 +371,7 @@ def calibrate(
     _check_coverage(coverage)
     if not 0 < domain_acceptance < 1:
         raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
+    check_new_run_folder(run, out)  # before ensure_writable creates it
     ensure_writable(out)
     new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
                         acceptance=domain_acceptance, device=device, labels=labels)
