@@ -322,3 +322,18 @@ def test_trusted_prediction_fields_and_statuses():
                        "domain_score", "domain_threshold", "calibrated"]
     assert d["calibrated"] is True
     json.dumps(d)
+
+
+def test_ok_only_when_the_label_is_the_single_member_of_the_set():
+    """Issue 28 row 3: a low operating threshold labels osteoporosis where the conformal set is
+    {normal}; such an answer is uncertain, never ok."""
+    z, y = _binary(2000, 10)
+    cal = TemperatureScaler()
+    cal.fit(2 * z, y)
+    cc = ConformalClassifier(0.9).fit(cal.transform(2 * z), y)
+    kw = dict(calibrator=cal, threshold=0.05, conformal=cc, domain_score=1.0, domain_threshold=5.0, in_domain=True)
+    answers = [trusted_prediction(float(v), **kw) for v in np.linspace(-8, 8, 161)]
+    clash = [t for t in answers if len(t.prediction_set) == 1 and t.prediction_set[0] != t.label]
+    assert clash, "the grid should reach a label outside its one-class set"
+    assert all(t.status == "uncertain" for t in clash)
+    assert all(t.status == "ok" for t in answers if t.prediction_set == (t.label,))

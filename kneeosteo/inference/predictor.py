@@ -301,7 +301,7 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
             score, thr, ok = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or len(pset) == 1 else "uncertain")
+            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
             out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
                                          pset if ok else (), score, thr, a["calibrated"],
                                          tuple((c, float(v)) for c, v in zip(cfg.classes, q))))
