@@ -337,3 +337,52 @@ def test_ok_only_when_the_label_is_the_single_member_of_the_set():
     assert clash, "the grid should reach a label outside its one-class set"
     assert all(t.status == "uncertain" for t in clash)
     assert all(t.status == "ok" for t in answers if t.prediction_set == (t.label,))
+
+
+# -- fail closed on a stored state (issue 28 row 9) ---------------------------------------------
+
+def _bundle_state():
+    from kneeosteo.trust import TrustBundle
+
+    z, y = _binary(400, 11)
+    cal = TemperatureScaler()
+    cal.fit(z, y)
+    cc = ConformalClassifier(0.9).fit(cal.transform(z), y)
+    dc = DomainCheck().fit(_in_domain(120, 8, 3))
+    return TrustBundle(cal, 0.5, "0.5", cc, dc, ("normal", "osteoporosis")).to_state()
+
+
+@pytest.mark.parametrize("damage", ["mean-nan", "scale-inf", "scale-zero", "threshold-huge", "threshold-nan",
+                                    "temperature-huge", "conformal-nan"])
+def test_a_non_finite_or_out_of_range_trust_state_is_refused(damage):
+    """With the hashes fixed up, such a state made every distance NaN (counted in domain) or let
+    anything through; now it is refused (RunDir turns the error into one naming the file)."""
+    from kneeosteo.trust import TrustBundle
+
+    tensors, meta = _bundle_state()
+    TrustBundle.from_state(tensors, meta)  # the undamaged state loads
+    if damage == "mean-nan":
+        tensors["domain.mean"][0] = np.nan
+    elif damage == "scale-inf":
+        tensors["domain.scale"][1] = np.inf
+    elif damage == "scale-zero":
+        tensors["domain.scale"][1] = 0.0
+    elif damage == "threshold-huge":
+        meta["domain"]["threshold"] = 1e308
+    elif damage == "threshold-nan":
+        meta["domain"]["threshold"] = float("nan")
+    elif damage == "temperature-huge":
+        meta["calibration"]["temperature"] = 1e300
+    else:
+        tensors["conformal.calibration_scores"][0] = np.nan
+    with pytest.raises((DataError, ConfigError, ValueError)):
+        TrustBundle.from_state(tensors, meta)
+
+
+def test_a_nan_distance_is_out_of_domain():
+    dc = DomainCheck().fit(_in_domain(120, 8, 3))
+    x = _in_domain(1, 8, 4)
+    assert dc.assess(x).ok
+    dc._arrays["mean"] = np.full(8, np.nan)  # a state that slipped through: fail closed, never "in domain"
+    v = dc.assess(x)
+    assert not v.ok and "not finite" in v.reasons[0]

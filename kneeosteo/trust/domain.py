@@ -39,7 +39,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from kneeosteo.errors import ConfigError, DataError
 
-__all__ = ["METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
+__all__ = ["MAX_DOMAIN_THRESHOLD", "METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
 
 METHODS = ("mahalanobis", "knn")
 
@@ -48,6 +48,9 @@ METHODS = ("mahalanobis", "knn")
 # dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
 # and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
 MIN_DOMAIN_IMAGES = 50
+# A stored threshold above this is not one a fit gives (the bundled model's: 129.7 in 1280
+# standardised dimensions); with it, anything at all would pass the feature check.
+MAX_DOMAIN_THRESHOLD = 1e5
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,9 @@ class DomainCheck:
             raise DataError(f"domain check: assess takes one image's features, got {x.shape[0]}")
         score = float(self.distance(x)[0])
         reasons = list(pixel_reasons) if pixel_reasons is not None else pixel_problems(pixels, rgb, self.pixel_limits)
-        if score > self.threshold:
+        if not np.isfinite(score):  # fail closed: NaN > threshold is False
+            reasons.insert(0, "feature distance is not finite")
+        elif score > self.threshold:
             reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {self.threshold:.3g})")
         return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))
 
@@ -257,6 +262,15 @@ class DomainCheck:
         missing = [n for n in needed if n not in tensors]
         if missing:
             raise DataError(f"domain-check state lacks {', '.join(missing)}")
-        dc._set_arrays({n: tensors[n] for n in needed})
-        dc.threshold = float(meta["threshold"])
+        arrays = {n: np.asarray(tensors[n], dtype=np.float64) for n in needed}
+        bad = [n for n, v in arrays.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise DataError(f"domain-check state: {', '.join(bad)} not finite")
+        if np.any(arrays["scale"] <= 0) or ("coef" in arrays and np.any(arrays["coef"] <= 0)):
+            raise DataError("domain-check state: a scale or shrinkage coefficient is not positive")
+        threshold = float(meta["threshold"])
+        if not (np.isfinite(threshold) and 0 < threshold <= MAX_DOMAIN_THRESHOLD):
+            raise DataError(f"domain-check state: threshold {threshold!r} out of (0, {MAX_DOMAIN_THRESHOLD:g}]")
+        dc._set_arrays(arrays)
+        dc.threshold = threshold
         return dc
