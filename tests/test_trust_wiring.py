@@ -337,3 +337,35 @@ def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_threa
     with pytest.raises(SystemExit) as e:
         main(["calibrate", str(old), "--out", str(tmp_path / "bad"), "--operating-point", "median"])
     assert e.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+# -- calibrate at a site: the refit threshold (issue 28 row 4) --------------------------------------
+
+def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_on(bundled_run, tmp_path, caplog,
+                                                                                   one_thread):
+    """Two films set the threshold to the larger distance (ordinary films then fail); the refit
+    used fp16-cached inputs, so a calibration film itself was refused at prediction (fp32). Now:
+    fewer than 40 films keep the run's threshold; enough are refit on predict's own inputs;
+    identical films with two labels are left out with a warning."""
+    import logging
+
+    import imagegen as g
+    from kneeosteo.experiments.trust_fit import calibrate_run, min_refit_images
+    from kneeosteo.inference import Predictor
+
+    before = RunDir(bundled_run).trust.domain.threshold
+    few = g.make_dataset(tmp_path / "few", n_per_class=2)
+    kept = calibrate_run(bundled_run, tmp_path / "few-run", few.root).trust
+    assert kept.domain.threshold == before and "too few" in kept.fitted["domain"]
+
+    assert min_refit_images(0.95) == 40
+    site = g.make_dataset(tmp_path / "site", n_per_class=21, conflict_duplicates=1)
+    with caplog.at_level(logging.WARNING):
+        new = calibrate_run(bundled_run, tmp_path / "site-run", site.root)
+    assert any("identical images with two labels" in m for m in caplog.messages)
+    assert new.trust.fitted["calibration_images"] == 41  # 43 files less the film and its copy in the other class
+    result = Predictor(new.path, engine="torch").predict([p for p, _ in site.items], progress=False)
+    scores = np.array([r.domain_score for r in result.predictions if "conflict" not in r.path
+                       and Path(r.path).name != site.conflicts[0][0].name])
+    assert new.trust.domain.threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
+    assert (scores <= new.trust.domain.threshold * (1 + 1e-5)).mean() >= 0.95
