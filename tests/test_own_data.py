@@ -118,6 +118,19 @@ def test_hostile_manifest_rows_are_left_out_and_the_rest_goes_on(small_export, t
         assert exc.value.code in (0, 1) and "Traceback" not in capsys.readouterr().err
 
 
+def test_audit_md_takes_labels_and_cells_literally(small_export, tmp_path):
+    """Also noted in issue 28: a label's raw markup went into audit.md as markup."""
+    rows = [["img/a0.png", "normal", "[click](javascript:alert(1))"], ["img/b0.png", "osteoporosis", "x|y"],
+            ["img/a1.png", "<img src=x onerror=alert(1)>", "A"]]
+    manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "site"], rows)
+    scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
+    md = render_markdown(build_audit(scan))
+    import re
+
+    assert not re.search(r"(?<!\\)<img|(?<!\\)\]\(javascript|x\|y", md)  # nothing unescaped
+    assert "\\<img src=x onerror=alert(1)\\>" in md and "x\\|y" in md
+
+
 def test_a_too_long_data_folder_name_is_one_line(tmp_path, capsys):
     for command in ("audit", "split"):
         with pytest.raises(SystemExit) as exc:
