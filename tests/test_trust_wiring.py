@@ -369,3 +369,15 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
                        and Path(r.path).name != site.conflicts[0][0].name])
     assert new.trust.domain.threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
     assert (scores <= new.trust.domain.threshold * (1 + 1e-5)).mean() >= 0.95
+
+
+def test_an_upside_down_kop_film_is_refused(kop, bundled_run, one_thread):
+    """Issue 28 row 6: normal_0007 mirrored top to bottom lies within the distance threshold (83 <
+    130), so only the orientation check (its mirror image, the upright film, is closer) refuses it."""
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.inference import Predictor
+
+    px = read_image(kop / "normal" / "normal_0007.jpeg").pixels
+    up, down = Predictor(bundled_run, engine="torch").predict_trusted([px, np.ascontiguousarray(px[::-1])])
+    assert up.status != "out_of_domain"
+    assert down.status == "out_of_domain" and down.domain_score <= down.domain_threshold

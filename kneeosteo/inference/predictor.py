@@ -212,8 +212,12 @@ class Predictor:
             return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
+        mirrored = None
+        if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
+            mirrored = self.forward(torch.flip(torch.as_tensor(images), dims=[-2]))[2]
         return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
-                                   None if pixel_reasons is None else pixel_reasons[i]) for i in range(len(z))]
+                                   None if pixel_reasons is None else pixel_reasons[i],
+                                   None if mirrored is None else mirrored[i]) for i in range(len(z))]
 
     @property
     def pixel_limits(self):
