@@ -181,7 +181,10 @@ def check_new_run_folder(run: str | Path, out: str | Path) -> None:
     """``calibrate``'s ``--out`` must be a new run folder: not a run already, not inside (or
     holding) the run it reads, and not an existing folder with files in it (whose split.json or
     trust.json would be overwritten)."""
-    where, src = Path(out).resolve(), Path(run).resolve()
+    try:
+        where, src = Path(out).resolve(), Path(run).resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop, a name too long
+        raise DataError(f"{out}: cannot be checked ({getattr(exc, 'strerror', None) or exc})") from exc
     if RunDir(out).is_run():
         raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
     if where == src or src in where.parents or where in src.parents:

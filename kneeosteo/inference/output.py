@@ -68,12 +68,15 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     try:
         where = out.resolve()
         for item in inputs:
-            p = Path(item).resolve()
+            try:
+                p = Path(item).resolve()
+            except (OSError, RuntimeError):  # a link loop, a name too long: the input's own error, later
+                p = Path(os.path.abspath(item))
             if p == where or where in p.parents:
                 raise OutputError(f"{out}: is also an input; choose another --out")
         why = _foreign(out) if os.path.lexists(out) else None
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot be checked ({exc.strerror or exc})") from exc
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"{out}: cannot be checked ({getattr(exc, 'strerror', None) or exc})") from exc
     if why is not None:
         raise OutputError(f"{out}: exists and is {why}, not an earlier output of `kneeosteo predict`; "
                           "nothing was changed: choose another --out or move it away")
