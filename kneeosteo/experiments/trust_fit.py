@@ -26,11 +26,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kneeosteo.data.reader import ImageReadError, read_image
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
@@ -41,8 +43,9 @@ from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler,
 from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
 from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
+from kneeosteo.utils.progress import progress_bar
 
-__all__ = ["calibrate_run", "fit_trust", "fit_trust_from_split", "trust_line"]
+__all__ = ["calibrate_run", "check_new_run_folder", "exact_set", "fit_trust", "min_refit_images", "fit_trust_from_split", "trust_line"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,48 @@ def _temperature(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, str]:
     if not DEGENERATE_TEMPERATURE[0] < t < DEGENERATE_TEMPERATURE[1]:
         return TemperatureScaler(1.0), f"kept at 1: the fit ran to its bound ({t:.3g}; perfectly separable logits)"
     return cal, f"fitted on {z.size} images"
+
+
+def min_refit_images(acceptance: float) -> int:
+    """Films needed to refit a domain threshold at ``acceptance``: two expected beyond it (40 at
+    0.95). With two films, 0.95's quantile is the larger distance, and ordinary films fail."""
+    return max(MIN_TEMPERATURE_IMAGES, math.ceil(2 / (1 - acceptance) - 1e-9))
+
+
+def exact_set(records, root: Path, prep, label: str = "calibration (site)") -> PreparedSet:
+    """``records`` (scan records) as a PreparedSet of the exact fp32 inputs ``predict`` gives the
+    network (the feature cache keeps fp16 inputs; a threshold fitted on those held films that
+    prediction then refused). Identical images are kept once; identical images with two labels
+    are a label conflict and left out; both said in a warning."""
+    by_content: dict[str, list] = {}
+    for r in records:
+        by_content.setdefault(r.content_id, []).append(r)
+    keep, copies, conflicts = [], 0, []
+    for group in by_content.values():
+        if len({r.target for r in group}) > 1:
+            conflicts.extend(r.path for r in group)
+            continue
+        copies += len(group) - 1
+        keep.append(group[0])
+    if copies or conflicts:
+        log.warning("%s: %d identical cop%s kept once; %d file(s) left out as identical images with two labels%s",
+                    label, copies, "y" if copies == 1 else "ies", len(conflicts),
+                    f" ({', '.join(conflicts[:4])}{', ...' if len(conflicts) > 4 else ''})" if conflicts else "")
+    grey, targets, paths, bad = [], [], [], []
+    for r in progress_bar(keep, f"{label}: images", total=len(keep)):
+        try:
+            grey.append(prep.geometry(read_image(Path(root) / r.path).pixels))
+        except ImageReadError as exc:
+            log.warning("%s: %s; left out", Path(root) / r.path, exc.reason)
+            bad.append({"path": r.path, "reason": exc.reason})
+            continue
+        targets.append(float(r.target))
+        paths.append(r.path)
+    if not grey:
+        raise DataError(f"{root}: no readable image in the {label} set")
+    return PreparedSet(torch.stack(grey), torch.tensor(targets), paths, [0] * len(paths), None,
+                       bad + [{"path": p, "reason": "label conflict: an identical image has the other label"}
+                              for p in conflicts])
 
 
 def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.5", coverage: float = 0.9,
@@ -83,8 +128,14 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
         info["domain"] = "pixel checks only: the model has no backbone features"
     elif domain is not None:
         check = copy.deepcopy(domain)
-        check.refit_threshold(feats)
-        info["domain"] = f"training-image fit kept; threshold refitted on {len(feats)} calibration images"
+        need = min_refit_images(check.acceptance)
+        if len(feats) < need:
+            info["domain"] = (f"training-image fit and threshold kept: {len(feats)} calibration images are too few "
+                              f"to refit it (at least {need} at acceptance {check.acceptance:g})")
+            log.warning("domain check: %s", info["domain"])
+        else:
+            check.refit_threshold(feats)
+            info["domain"] = f"training-image fit kept; threshold refitted on {len(feats)} calibration images"
     else:
         source = fit_set if domain_set is None else domain_set.originals()
         x = feats if domain_set is None else backbone_features(model, source, prep, device)
@@ -126,6 +177,26 @@ def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point
                              "domain_set": "training partition (originals)"})
 
 
+def check_new_run_folder(run: str | Path, out: str | Path) -> None:
+    """``calibrate``'s ``--out`` must be a new run folder: not a run already, not inside (or
+    holding) the run it reads, and not an existing folder with files in it (whose split.json or
+    trust.json would be overwritten)."""
+    try:
+        where, src = Path(out).resolve(), Path(run).resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop, a name too long
+        raise DataError(f"{out}: cannot be checked ({getattr(exc, 'strerror', None) or exc})") from exc
+    if RunDir(out).is_run():
+        raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
+    if where == src or src in where.parents or where in src.parents:
+        raise DataError(f"{out}: inside (or around) the run {run}; choose a --out outside it (the original run is never changed)")
+    try:
+        taken = where.exists() and (not where.is_dir() or any(where.iterdir()))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot be checked ({exc.strerror or exc})") from exc
+    if taken:
+        raise DataError(f"{out}: exists and is not an empty folder; choose a new --out (nothing was changed)")
+
+
 def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", coverage: float = 0.9,
                   acceptance: float = 0.95, device: str = "cpu", labels=None) -> RunDir:
     """`kneeosteo calibrate`: a new run folder at ``out`` with ``run``'s weights (a byte copy; the
@@ -136,8 +207,7 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
       the domain check on its training partition, as training does.
     """
     src = RunDir.open(run)
-    if RunDir(out).is_run():
-        raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
+    check_new_run_folder(src.path, out)
     model = src.load_model(device)
     cfg = src.config
     parse_operating_point(operating_point)  # a bad setting fails before any image is read
@@ -150,8 +220,7 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
         scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=cfg.settings.get("merge") or None)
         if scan.classes and list(scan.classes) != list(cfg.classes) and set(scan.classes) != set(cfg.classes):
             raise DataError(f"{data}: class folders {scan.classes} differ from the model's {list(cfg.classes)}")
-        items = [(r.path, r.target) for r in scan.records]
-        site = prepare_part(model, items, data, cfg.preprocess, device, "calibration (site)")
+        site = exact_set(scan.records, data, cfg.preprocess)
         old = src.trust
         bundle = fit_trust(model, cfg.preprocess, site, cfg.classes, domain=None if old is None else old.domain,
                            fitted={"mode": "site", "calibration_set": str(data)}, **common)

@@ -218,8 +218,12 @@ class Predictor:
             return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
+        mirrored = None
+        if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
+            mirrored = self.forward(torch.flip(torch.as_tensor(images), dims=[-2]))[2]
         return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
-                                   None if pixel_reasons is None else pixel_reasons[i]) for i in range(len(z))]
+                                   None if pixel_reasons is None else pixel_reasons[i],
+                                   None if mirrored is None else mirrored[i]) for i in range(len(z))]
 
     @property
     def pixel_limits(self):
@@ -337,7 +341,7 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
             score, thr, ok = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or len(pset) == 1 else "uncertain")
+            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
             out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
                                          pset if ok else (), score, thr, a["calibrated"],
                                          tuple((c, float(v)) for c, v in zip(cfg.classes, q))))

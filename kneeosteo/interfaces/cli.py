@@ -403,7 +403,7 @@ def calibrate(
     labels: Optional[Path] = LabelsOpt(),
 ):
     """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder."""
-    from kneeosteo.experiments.trust_fit import calibrate_run, trust_line
+    from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, trust_line
     from kneeosteo.trust.conformal import _check_coverage
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
@@ -412,6 +412,7 @@ def calibrate(
     _check_coverage(coverage)
     if not 0 < domain_acceptance < 1:
         raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
+    check_new_run_folder(run, out)  # before ensure_writable creates it
     ensure_writable(out)
     new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
                         acceptance=domain_acceptance, device=device, labels=labels)
@@ -502,6 +503,7 @@ def predict(
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
     if dicom_out is not None and (ray is not None or workers > 1):
         raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
+    from kneeosteo.inference.output import check_output
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_out is not None:
@@ -510,6 +512,7 @@ def predict(
         require_extra()  # before the images are read
         ensure_writable(dicom_out)
     if out is not None:
+        check_output(out, inputs)  # never replaces what we did not write, nor an input
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly

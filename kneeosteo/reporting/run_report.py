@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import platform
+import shlex
 import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
@@ -255,8 +256,8 @@ def reproducibility_section(run: RunDir) -> dict:
     settings = {k: v for k, v in cfg.settings.items()
                 if v is not None and k not in ("data", "out", "split", "extra") and not isinstance(v, dict)}
     toml = "[train]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(settings.items()))
-    command = (f"kneeosteo train {cfg.record.get('data', 'DATA')} --config settings.toml --split split.json "
-               f"--out {run.path.name}")
+    command = shlex.join(["kneeosteo", "train", str(cfg.record.get("data", "DATA")), "--config", "settings.toml",
+                          "--split", "split.json", "--out", run.path.name])
     split = {}
     if run.split_file.is_file():
         doc = json.loads(run.split_file.read_text())

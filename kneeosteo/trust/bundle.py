@@ -42,9 +42,10 @@ class TrustBundle:
     fitted: dict = field(default_factory=dict)
 
     # -- use ------------------------------------------------------------------------------------
-    def predict(self, logit: float, features=None, pixels=None, pixel_reasons=None) -> TrustedPrediction:
+    def predict(self, logit: float, features=None, pixels=None, pixel_reasons=None, mirrored=None) -> TrustedPrediction:
         """One image: its raw logit, its backbone features (D,) and its canonical pixels (or, from a
-        process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`' check found)."""
+        process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`' check found);
+        ``mirrored``: the features of the image mirrored top to bottom (the orientation check)."""
         if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
             ok = not pixel_reasons if pixel_reasons is not None else (pixels is None or not pixel_problems(pixels))
             score, dthr = float("nan"), float("nan")
@@ -52,7 +53,8 @@ class TrustBundle:
             if features is None:
                 raise DataError("this run's domain check needs the image's backbone features")
             verdict = self.domain.assess(np.asarray(features, dtype=np.float64)[None, :], pixels,
-                                         pixel_reasons=pixel_reasons)
+                                         pixel_reasons=pixel_reasons,
+                                         mirrored=None if mirrored is None else np.asarray(mirrored, dtype=np.float64)[None, :])
             score, dthr, ok = verdict.score, verdict.threshold, verdict.ok
         return trusted_prediction(logit, calibrator=self.calibrator, threshold=self.threshold,
                                   conformal=self.conformal, domain_score=score, domain_threshold=dthr,

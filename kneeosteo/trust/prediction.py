@@ -2,8 +2,9 @@
 
 Field names are the interfaces' contract (CLI CSV/JSON, API JSON, web page, explain JSON):
 
-- ``status``: ``out_of_domain`` when the domain check fails; else ``uncertain`` when the
-  conformal set is not a single class; else ``ok``;
+- ``status``: ``out_of_domain`` when the domain check fails; else ``ok`` when the conformal
+  set is the label alone; else ``uncertain`` (a set of both classes, none, or one class that is
+  not the label, as a threshold far from 0.5 can give);
 - ``probability``: the calibrated probability of the positive class; ``raw_probability`` the
   model's own ``sigmoid(logit)``;
 - ``label``: the class at the operating threshold (``probability >= threshold`` is positive),
@@ -96,6 +97,8 @@ def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal,
         status, label, pset = "out_of_domain", "", ()
     else:
         pset = conformal.predict(np.array([prob]))[0]
-        status = "ok" if len(pset) == 1 else "uncertain"
         label = class_names[1] if prob >= threshold else class_names[0]
+        # ok only when the set is the label alone: an operating threshold far from 0.5 can give a
+        # label the conformal set leaves out, and that answer is not one to act on
+        status = "ok" if tuple(pset) == (label,) else "uncertain"
     return TrustedPrediction(status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold))

@@ -54,6 +54,31 @@ class WebSettings:
     max_pixels: int = SERVICE_MAX_PIXELS
 
 
+# What /api/model withholds from a stranger: server paths (the run, the venv, the data and the
+# run calibrated from) and the file names of the calibration films. A key's value is set to null
+# (the field stays, so a client sees what is withheld); our own phrases in those keys are kept.
+_WITHHELD_KEYS = frozenset({"data", "out", "split", "labels", "path", "run", "config", "resume", "onnx",
+                            "calibration_set", "domain_set", "cache"})
+_DROPPED_KEYS = frozenset({"content_ids", "command_line", "environment"})
+_OWN_PHRASES = frozenset({"validation partition", "training partition (originals)"})
+
+
+def _looks_like_path(text: str) -> bool:
+    return ("/" in text or "\\" in text) and (" " not in text or text.startswith(("/", "./", "../", "~")))
+
+
+def public_doc(obj, key: str = ""):
+    """``obj`` (config.json, metrics, the trust summary) without anything about the server:
+    values under path-like keys and path-like strings become null, file-name lists are dropped."""
+    if isinstance(obj, dict):
+        return {k: public_doc(v, k) for k, v in obj.items() if k not in _DROPPED_KEYS}
+    if isinstance(obj, list):
+        return [public_doc(v, key) for v in obj]
+    if isinstance(obj, str) and ((key in _WITHHELD_KEYS and obj not in _OWN_PHRASES) or _looks_like_path(obj)):
+        return None
+    return obj
+
+
 def card_caveat(card: Optional[str]) -> str:
     """The model card's caveat: in its first paragraph that limits its use ('Research use only
     ...'), the bold sentence saying so, else the first such sentence; without Markdown marks.
@@ -136,9 +161,10 @@ class Service:
         self.model_doc = {
             "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
-            "calibrated": run.trust is not None, "trust": None if run.trust is None else run.trust.summary(),
-            "caveat": self.caveat, "card": card, "config": run.read_json(run.config_file.name),
-            "metrics": run.read_json(run.metrics_file.name),
+            "calibrated": run.trust is not None,
+            "trust": None if run.trust is None else public_doc(run.trust.summary()),
+            "caveat": self.caveat, "card": card, "config": public_doc(run.read_json(run.config_file.name)),
+            "metrics": public_doc(run.read_json(run.metrics_file.name)),
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
                        "workers": settings.workers, "queue": settings.queue},
         }
