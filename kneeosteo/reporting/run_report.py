@@ -195,6 +195,8 @@ def calibration_section(folder: Path, metrics: dict) -> dict | None:
             "abstention": t.get("abstention_rate"), "confident_share": t.get("confident_share"),
             "confident": t.get("confident_subset"), "domain_acceptance": t.get("domain_acceptance_by_features"),
             "domain_method": t.get("domain_method"), "n": t.get("n"),
+            "per_class": t.get("conformal_coverage_per_class"), "class_conditional": t.get("class_conditional"),
+            "shift": t.get("batch_shift"), "site": t.get("site_check"),
             "reliability": file_uri(folder / "calibration.png"), "decision": file_uri(folder / "decision_curve.png")}
 
 

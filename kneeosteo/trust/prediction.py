@@ -13,7 +13,10 @@ Field names are the interfaces' contract (CLI CSV/JSON, API JSON, web page, expl
 - ``domain_score`` and ``domain_threshold``: the feature distance and the threshold it was
   held to (higher is further from the training images); empty (``None`` in JSON) for a run
   without a domain check;
-- ``calibrated``: False for a run without trust files (``probability`` is then the raw one).
+- ``calibrated``: False for a run without trust files (``probability`` is then the raw one);
+- ``status_reason``: why the status is what it is, in words (issue 33): which domain check
+  failed; both classes (or none) in the set at the run's coverage; no signal at this site (the
+  site check's AUC interval holds 0.5); a batch shift (set by the batch's alarm, not here).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from kneeosteo.errors import DataError
 from .calibration import sigmoid
 from .conformal import CLASS_NAMES
 
-__all__ = ["STATUSES", "TrustedPrediction", "trusted_prediction"]
+__all__ = ["STATUSES", "TrustedPrediction", "set_reason", "trusted_prediction"]
 
 STATUSES = ("ok", "uncertain", "out_of_domain")
+OUT_OF_DOMAIN_REASON = "out of domain"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class TrustedPrediction:
     probabilities: tuple[tuple[str, float], ...] = ()
     value: float = float("nan")
     interval: tuple[float, float] = ()
+    status_reason: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready: ``prediction_set`` as a list, a missing domain score as None; the task
@@ -54,7 +59,7 @@ class TrustedPrediction:
                "raw_probability": _or_none(self.raw_probability),
                "label": self.label, "prediction_set": list(self.prediction_set),
                "domain_score": _or_none(self.domain_score), "domain_threshold": _or_none(self.domain_threshold),
-               "calibrated": self.calibrated}
+               "calibrated": self.calibrated, "status_reason": self.status_reason}
         if self.probabilities:
             out["probabilities"] = dict(self.probabilities)
         if np.isfinite(self.value):
@@ -67,16 +72,28 @@ def _or_none(v: float):
     return None if v is None or not np.isfinite(v) else float(v)
 
 
+def set_reason(pset: tuple[str, ...], coverage: float) -> str:
+    """The reason of an in-domain status from its conformal set."""
+    if len(pset) == 1:
+        return f"in domain; one class in the {coverage:.0%} prediction set"
+    if not pset:
+        return f"no class in the {coverage:.0%} prediction set"
+    return f"both classes in the {coverage:.0%} prediction set"
+
+
 def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal, domain_score: float,
                        domain_threshold: float, in_domain: bool,
-                       class_names: tuple[str, str] = CLASS_NAMES) -> TrustedPrediction:
+                       class_names: tuple[str, str] = CLASS_NAMES, domain_reasons: tuple[str, ...] = (),
+                       no_signal: str = "") -> TrustedPrediction:
     """Combine one image's raw ``logit`` with the fitted pieces.
 
     ``calibrator``: a fitted :class:`~.calibration.TemperatureScaler` or ``PlattScaler``;
     ``threshold``: the operating threshold on the calibrated probability; ``conformal``: a
     fitted :class:`~.conformal.ConformalClassifier` (calibrated on calibrated probabilities);
     ``domain_score``/``domain_threshold``/``in_domain``: the domain check's verdict (for
-    instance ``DomainCheck.assess``'s ``score``, ``threshold`` and ``ok``)."""
+    instance ``DomainCheck.assess``'s ``score``, ``threshold`` and ``ok``; ``domain_reasons`` its
+    ``reasons``); ``no_signal``: the site check's sentence when the model showed no signal at the
+    site the run was calibrated on (every in-domain answer is then ``uncertain``, for that reason)."""
     z = float(np.asarray(logit, dtype=np.float64).reshape(-1)[0]) if np.ndim(logit) else float(logit)
     if not np.isfinite(z):
         raise DataError("the model's logit is not finite")
@@ -84,8 +101,13 @@ def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal,
     prob = float(calibrator.transform(np.array([z]))[0])
     if not in_domain:
         status, label, pset = "out_of_domain", "", ()
+        reason = "; ".join(domain_reasons) or OUT_OF_DOMAIN_REASON
     else:
         pset = conformal.predict(np.array([prob]))[0]
         status = "ok" if len(pset) == 1 else "uncertain"
         label = class_names[1] if prob >= threshold else class_names[0]
-    return TrustedPrediction(status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold))
+        reason = set_reason(tuple(pset), conformal.coverage)
+        if no_signal:
+            status, reason = "uncertain", no_signal
+    return TrustedPrediction(status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold),
+                             status_reason=reason)
