@@ -410,6 +410,18 @@ def trust_summary(t: dict) -> list[str]:
                  f"{at['sensitivity']['value']:.3f}, specificity {at['specificity']['value']:.3f}")
     lines.append(f"conformal coverage {t['conformal_coverage']:.3f} (target {t['coverage']:g}), abstention "
                  f"{t['abstention_rate']:.3f}; domain acceptance {t.get('domain_acceptance_by_features', float('nan')):.3f}")
+    per = t.get("conformal_coverage_per_class")
+    if per:
+        kind = "Mondrian sets" if t.get("class_conditional") else "one quantile for both classes"
+        lines.append("coverage per class (" + kind + "): "
+                     + ", ".join(f"{c} {'-' if v is None else format(v, '.3f')}" for c, v in per.items()))
+    shift = t.get("batch_shift")
+    if shift:
+        p = "" if shift.get("p_value") is None else f", KS {shift['statistic']:.3f}, p {shift['p_value']:.3g}"
+        lines.append(f"batch shift over these {shift['n']} images: {shift['verdict']}{p}")
+    site = t.get("site_check")
+    if site:
+        lines.append(f"site check (when calibrated): {site['verdict']}: {site['reason']}")
     return lines
 
 

@@ -232,7 +232,8 @@ def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: 
         explained.append((c.path, pixels, ex))
         shown.append({"path": c.path, "kind": c.kind, "probability": c.probability, "correct": c.correct,
                       "picture": image_uri(gallery.panels(pixels, ex.gradcam, ex.attention)),
-                      "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else ""})
+                      "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else "",
+                      "status_reason": ex.trust.status_reason if ex.trust is not None else ""})
     check = sanity.sanity_check(explained, twin)
     by_path = {r["path"]: r for r in check["images"]}
     for s in shown:
