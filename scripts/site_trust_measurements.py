@@ -126,11 +126,60 @@ def write_bundled_reference(x: np.ndarray, idx: dict) -> None:
           f"vs stored {bundle.domain.threshold:.4f})")
 
 
+def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[str]) -> dict:
+    """The alarm on the T-score films against a run trained without any of them (its own stored
+    references), and the site check on half of the WHO-labelled ones, ``ok`` counted on the other
+    half, 5 random halvings."""
+    run = RunDir.open(a.nosrc_run)
+    trust = run.trust
+    pred = Predictor(run.path, engine="torch")
+    src = sorted(p for p in source_paths)
+    zs, fs = [], []
+    for i in range(0, len(src), 16):
+        xs = torch.stack([pred.info.preprocess(read_image(a.data / p).pixels) for p in src[i : i + 16]])
+        _, z, f = pred.forward(xs)
+        zs.append(z)
+        fs.append(f)
+    z, x = np.concatenate(zs), np.concatenate(fs)
+    dist = trust.domain.distance(x)
+    s = batch_shift(trust.shift_reference, dist, trust.calibrated(z))
+    out = {"run": str(run.path), "batch_shift": s.to_dict(), "accepted_by_domain_check":
+           float((dist <= trust.domain.threshold).mean()), "n": len(src)}
+    print("no-source run, T-score films:", s.line(), flush=True)
+    keep = np.array([p in truth for p in src])
+    ys = np.array([truth[p] for p in np.array(src)[keep]])
+    zk, xk = z[keep], x[keep]
+    rows = []
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(ys.size)
+        h = ys.size // 2
+        ai, bi = perm[:h], perm[h:]
+        sc = site_check(trust, zk[ai], ys[ai], trust.classes, run.config.threshold)
+        cal, note = temperature_fit(zk[ai], ys[ai])
+        cc = ConformalClassifier(0.9).fit(cal.transform(zk[ai]), ys[ai])
+        dom = copy.deepcopy(trust.domain)
+        dom.refit_threshold(xk[ai])
+        pb = cal.transform(zk[bi])
+        single = cc.predict_mask(pb).sum(axis=1) == 1
+        inside = dom.distance(xk[bi]) <= dom.threshold
+        right = (pb >= trust.threshold).astype(int) == ys[bi]
+        ok = single & inside & (sc["verdict"] == "signal")
+        rows.append({"seed": seed, "verdict": sc["verdict"], "auc": sc["auc"], "temperature": note,
+                     "ok": int(ok.sum()), "ok_right": int((ok & right).sum()),
+                     "ok_without_the_rule": int((single & inside).sum()),
+                     "ok_right_without_the_rule": int((single & inside & right).sum()), "other_half": int(bi.size)})
+        print("no-source site", rows[-1], flush=True)
+    out["site_check"] = {"n": int(ys.size), "positives": int(ys.sum()), "seeds": rows}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data", type=Path)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/site_trust.npz"))
     ap.add_argument("--out", type=Path, default=Path("docs/results/site_trust.json"))
+    ap.add_argument("--nosrc-run", type=Path, default=None,
+                    help="a run trained without the T-score films: the alarm and the site check against it")
     ap.add_argument("--write-bundled-reference", action="store_true",
                     help="store the alarm's references in the bundled model's trust files, then stop")
     a = ap.parse_args()
@@ -176,6 +225,19 @@ def main() -> None:
         accepted = float((check.distance(bx) <= check.threshold).mean())
         out[name] = {**s.to_dict(), "accepted_by_domain_check": accepted}
         print(name, s.line(), f"accepted {accepted:.3f}", flush=True)
+    # how often each shifted batch fires when only n of its films are predicted (20 random draws each)
+    power = {}
+    for name, (bx, bz) in batches.items():
+        d_all, p_all = check.distance(bx), bundle.calibrated(bz)
+        for n in (20, 40):
+            rng = np.random.default_rng(n)
+            fired = 0
+            for _ in range(20):
+                pick = rng.choice(d_all.size, n, replace=False)
+                fired += batch_shift(ref, d_all[pick], p_all[pick]).fired
+            power[f"{name}, n {n}"] = fired / 20
+            print("power", name, n, fired / 20, flush=True)
+    results["fired_share_by_batch_size"] = power
     truth = tscore_truth(a.data)
     src = np.array([idx[p] for p in sorted(truth) if p in idx])
     source_paths = {r["path"] for r in csv.DictReader((a.data / "tscores.csv").open())}
@@ -191,6 +253,9 @@ def main() -> None:
                      "not against a model trained without them"}
     print("T-score source", s.line(), flush=True)
     results["shifted_batches"] = out
+
+    if a.nosrc_run is not None:
+        results["no_source_run"] = no_source_run(a, paths, truth, source_paths)
 
     # 4. site check on half of the T-score films (WHO truth), ok on the other half
     ys = np.array([truth[paths[i]] for i in src])

@@ -230,3 +230,26 @@ def test_mondrian_sets_cover_each_class_where_marginal_sets_do_not():
         assert check(c1), (cond, c0, c1)
         if cond:
             assert abs(c0 - 0.9) < 0.03
+
+
+def test_evaluate_reports_the_batch_shift_and_coverage_per_class(tiny, tmp_path, one_thread):
+    from kneeosteo.evaluation.evaluate import evaluate_run
+    from kneeosteo.interfaces.cli import trust_summary
+
+    metrics, _ = evaluate_run(tiny.run, tiny.data, out=tmp_path / "ev")
+    t = metrics["trust"]
+    assert t["batch_shift"]["n"] == t["n"]
+    assert t["batch_shift"]["verdict"] == ("too few images" if t["n"] < MIN_SHIFT_IMAGES else t["batch_shift"]["verdict"])
+    per = t["conformal_coverage_per_class"]
+    assert set(per) == {"normal", "osteoporosis"}
+    # the overall coverage is the class-weighted mean of the per-class ones
+    counts = metrics["counts"]
+    n_pos, n_neg = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
+    assert t["conformal_coverage"] == pytest.approx((per["normal"] * n_neg + per["osteoporosis"] * n_pos) / (n_pos + n_neg))
+    lines = "\n".join(trust_summary(t))
+    assert "coverage per class" in lines and "batch shift over these" in lines
+
+
+def test_report_shows_the_batch_shift_and_the_coverage_per_class(tiny_report):
+    html = Path(tiny_report).read_text()
+    assert "Batch shift alarm on these" in html and "Coverage per class" in html
