@@ -253,3 +253,10 @@ def test_evaluate_reports_the_batch_shift_and_coverage_per_class(tiny, tmp_path,
 def test_report_shows_the_batch_shift_and_the_coverage_per_class(tiny_report):
     html = Path(tiny_report).read_text()
     assert "Batch shift alarm on these" in html and "Coverage per class" in html
+
+
+def test_a_non_finite_shift_reference_is_refused():
+    with pytest.raises(ValueError, match="not finite"):
+        ShiftReference.from_state({"domain_scores": np.array([1.0, np.nan])}, {})
+    with pytest.raises(ValueError, match="empty"):
+        ShiftReference.from_state({"probabilities": np.zeros(0)}, {})
