@@ -206,6 +206,13 @@ def test_predict_json_and_api_carry_the_batch_shift_and_the_reasons(tiny, tmp_pa
     assert body["status_reason"]
     shift = client.get("/api/model").json()["batch_shift"]
     assert shift["n"] == 1 and shift["verdict"] == "too few images" and shift["min_n"] == MIN_SHIFT_IMAGES
+    # the session's window: 40 more requests all answered with probability 1 are a shift
+    service = client.app.state.service
+    with service._recent_lock:
+        service._recent.extend([(None, 1.0)] * 40)
+        service._seen += 40
+    shift = client.get("/api/model").json()["batch_shift"]
+    assert shift["n"] == 41 and shift["verdict"] == "shift" and shift["requests_seen"] == 41
 
 
 # -- Mondrian sets -----------------------------------------------------------------------------
