@@ -129,7 +129,7 @@ def site_check_lines(sc: dict) -> list[str]:
     def ci(d):
         return f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
-    lines = [f"site check: {sc['verdict'].upper()}: {sc['reason']}",
+    lines = [f"site check: {sc['verdict'].upper()}: {sc['reason'].removeprefix(NO_SIGNAL + ': ')}",
              f"  AUC {ci(sc['auc'])}; ECE {ci(sc['ece'])}; calibration slope "
              f"{sc['calibration_slope'] if sc['calibration_slope'] is None else format(sc['calibration_slope'], '.3f')}; "
              f"accuracy at the run's threshold {sc['threshold']:.3g}: {ci(sc['accuracy'])}"]
