@@ -319,7 +319,16 @@ def test_trusted_prediction_fields_and_statuses():
     assert away.status == "out_of_domain" and away.label == "" and away.prediction_set == ()
     d = away.to_dict()
     assert list(d) == ["status", "probability", "raw_probability", "label", "prediction_set",
-                       "domain_score", "domain_threshold", "calibrated"]
+                       "domain_score", "domain_threshold", "calibrated", "status_reason"]
+    # issue 33: every status says why
+    assert confident.status_reason == "in domain; one class in the 90% prediction set"
+    assert torn.status_reason == "both classes in the 90% prediction set"
+    assert d["status_reason"] == "out of domain"  # no reasons given: the generic one
+    named = trusted_prediction(8.0, **kw, domain_score=9.0, in_domain=False, domain_reasons=("blank image", "x"))
+    assert named.status_reason == "blank image; x"
+    mute = trusted_prediction(8.0, **kw, domain_score=1.0, in_domain=True, no_signal="no signal at this site: why")
+    assert mute.status == "uncertain" and mute.status_reason == "no signal at this site: why"
+    assert mute.label == "osteoporosis" and mute.prediction_set == ("osteoporosis",)
     assert d["calibrated"] is True
     json.dumps(d)
 

@@ -23,7 +23,7 @@ from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
 __all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "check_output", "csv_row",
-           "format_table", "knees_cell", "write_predictions"]
+           "format_table", "knees_cell", "shift_side_file", "write_predictions"]
 
 OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
 STREAM_SUFFIXES = (".csv", ".parquet")  # written row by row; JSON is one document
@@ -90,7 +90,8 @@ def csv_row(p: Prediction) -> tuple:
             SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
             str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
             SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
-            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason)
+            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason,
+            p.status_reason)
 
 
 def knees_cell(p: Prediction) -> str:
@@ -119,7 +120,8 @@ def parquet_schema():
                       ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
                       ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
                       ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64()),
-                      ("knees", pa.string()), ("knee_reason", pa.string())])
+                      ("knees", pa.string()), ("knee_reason", pa.string()),
+                      ("status_reason", pa.string())])
 
 
 def _utf8(text: str) -> str:
@@ -214,18 +216,32 @@ class PredictionWriter:
         return False
 
 
+def shift_side_file(out: str | Path) -> Path:
+    """Where a CSV or Parquet output's ``batch_shift`` record goes: ``preds.csv`` ->
+    ``preds.batch_shift.json`` beside it (a JSON output carries it inside)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.batch_shift.json")
+
+
 def write_predictions(result: PredictionResult, out: str | Path) -> Path:
     """CSV: the columns only (errors go to stderr; a two-class set joined by ``;``, a missing domain
-    score empty); Parquet: the same columns typed, in part files; JSON: rows plus an ``errors`` list."""
+    score empty); Parquet: the same columns typed, in part files; JSON: rows plus an ``errors`` list.
+    The batch shift alarm's record (``result.batch_shift``, when assessed): a ``batch_shift`` key
+    of the JSON, or the side file :func:`shift_side_file` next to a CSV or Parquet output."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix in STREAM_SUFFIXES:
         with PredictionWriter(out) as w:
             w.write(result.predictions)
+        if result.batch_shift is not None:
+            write_json(shift_side_file(out), {"batch_shift": result.batch_shift})
     elif suffix == ".json":
         check_output(out)
-        write_json(out, {"columns": list(COLUMNS), "predictions": [_finite(p.as_row()) for p in result.predictions],
-                         "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})
+        doc = {"columns": list(COLUMNS), "predictions": [_finite(p.as_row()) for p in result.predictions],
+               "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]}
+        if result.batch_shift is not None:
+            doc["batch_shift"] = result.batch_shift
+        write_json(out, doc)
     else:
         raise ValueError(f"{out}: unknown output type {suffix or '(none)'!r}; use {' or '.join(OUTPUT_SUFFIXES)}")
     return out
@@ -266,7 +282,8 @@ def format_table(result: PredictionResult) -> str:
                                "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
                                SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
                                num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f"),
-                               _knees_text(p), printable(p.knee_reason) or "-"]
+                               _knees_text(p), printable(p.knee_reason) or "-",
+                               printable(p.status_reason) or "-"]
                               for p in result.predictions]
     # the task columns only when a row has them: a binary run's table is the paper model's
     first_task = COLUMNS.index("probabilities")

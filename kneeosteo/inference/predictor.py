@@ -50,7 +50,9 @@ COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "la
            # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
            "probabilities", "value", "interval_low", "interval_high",
            # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
-           "knees", "knee_reason")
+           "knees", "knee_reason",
+           # why the status is what it is (issue 33): last, so the columns before it keep their places
+           "status_reason")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -89,6 +91,7 @@ class Prediction:
     interval_high: float | None = None
     knees: tuple[dict, ...] | None = None  # a knee run: per knee, left to right (kneeosteo.inference.knees)
     knee_reason: str = ""  # a knee run's film with no knee found: why
+    status_reason: str = ""  # which domain check failed; both classes in the set; no signal; batch shift
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -101,6 +104,7 @@ class Prediction:
 class PredictionResult:
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[ImageReadError] = field(default_factory=list)  # .path, .reason
+    batch_shift: dict | None = None  # the batch shift alarm's record (kneeosteo.inference.batch), once assessed
 
 
 class Predictor:
@@ -307,7 +311,8 @@ class Predictor:
         return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
                           t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
                           self.threshold, self.model_id, dict(t.probabilities) or None,
-                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason)
+                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason,
+                          t.status_reason)
 
 
 def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None = None,
@@ -330,26 +335,34 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
         px = None if pixels is None else pixels[i]
         reasons = None if pixel_reasons is None else pixel_reasons[i]
         if check is None or features is None:
-            ok = not reasons if reasons is not None else (px is None or not pixel_problems(px))
-            verdicts.append((float("nan"), float("nan"), ok))
+            why = list(reasons) if reasons is not None else ([] if px is None else pixel_problems(px))
+            verdicts.append((float("nan"), float("nan"), not why, "; ".join(why)))
         else:
             v = check.assess(np.asarray(features[i], dtype=np.float64)[None, :], px, pixel_reasons=reasons)
-            verdicts.append((v.score, v.threshold, v.ok))
+            verdicts.append((v.score, v.threshold, v.ok, "; ".join(v.reasons)))
     out = []
     if cfg.task == "multiclass":
         for i, q in enumerate(a["probabilities"]):
-            score, thr, ok = verdicts[i]
+            score, thr, ok, why = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
             status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
+            reason = (why or "out of domain") if not ok else ("in domain; no prediction sets (uncalibrated run)"
+                                                              if a["sets"] is None else
+                                                              "in domain; one class in the prediction set"
+                                                              if pset == (cfg.classes[k],) else
+                                                              "the most probable class is not the one class in the prediction set"
+                                                              if len(pset) == 1 else
+                                                              f"{len(pset)} classes in the prediction set")
             out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
                                          pset if ok else (), score, thr, a["calibrated"],
-                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q))))
+                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q)), status_reason=reason))
         return out
     for i, v in enumerate(a["values"]):
-        score, thr, ok = verdicts[i]
+        score, thr, ok, why = verdicts[i]
         label = who_band(float(v)) if (cfg.target == "t_score" and ok) else ""
         interval = () if a["interval"] is None else (float(a["interval"][0][i]), float(a["interval"][1][i]))
         out.append(TrustedPrediction("ok" if ok else "out_of_domain", float("nan"), float("nan"), label, (), score, thr,
-                                     a["interval"] is not None, (), float(v), interval))
+                                     a["interval"] is not None, (), float(v), interval,
+                                     status_reason="in domain" if ok else (why or "out of domain")))
     return out

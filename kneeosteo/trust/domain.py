@@ -203,6 +203,9 @@ class DomainCheck:
         self.method, self.acceptance, self.k = method, float(acceptance), int(k)
         self.pixel_limits = replace(pixel_limits, film_checks=True)  # a film check needs a fitted film domain
         self.threshold: float | None = None
+        # the held-out in-domain distances the threshold was taken from (out-of-fold, given held-out
+        # ones, or a site's films): the batch shift alarm's reference; not part of the stored state
+        self.heldout_scores: np.ndarray | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._nn: NearestNeighbors | None = None
 
@@ -259,6 +262,7 @@ class DomainCheck:
             for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
                 scores[test] = self._distance(self._fit_arrays(x[train]), x[test])
         self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores = np.asarray(scores, dtype=np.float64)
         self._set_arrays(self._fit_arrays(x))
         return self
 
@@ -270,6 +274,7 @@ class DomainCheck:
             raise DataError("the domain check has not been fitted (call fit first)")
         scores = self._distance(self._arrays, self._features(heldout_features, "held-out features"), self._nn)
         self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores = np.asarray(scores, dtype=np.float64)
         return self.threshold
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:

@@ -9,7 +9,8 @@ import html
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -41,6 +42,9 @@ _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inlin
 # pixel (8-bit frame, float32 copy, clipping), so a job at 25 MP stays a fraction of the reader's
 # own 100 MP limit; docs/cli.md (`serve`) gives the measured figures.
 SERVICE_MAX_PIXELS = 25_000_000
+# the served session's batch shift alarm looks at this many of its most recent predictions
+RECENT_REQUESTS = 200
+SHIFT_REFRESH = 10  # a prediction recomputes the alarm once this many requests arrived since the last time
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class Prediction(BaseModel):
                                                       "training images; null when the run has no domain check.")
     domain_threshold: Optional[float]
     calibrated: bool = Field(description="False for a run without trust files (no calibration, no domain check).")
+    status_reason: str = Field("", description="Why the status is what it is: which domain check failed; both "
+                                               "classes in the set; no signal at the site the run was calibrated "
+                                               "on; a batch shift among this session's recent requests.")
     threshold: float
     positive_class: str
     model_id: str = Field(description="<run name>-<sha256[:12] of the weights>.")
@@ -155,6 +162,12 @@ class Service:
         self.predictor = Predictor(run, threshold=settings.threshold, device=settings.device, batch_size=1)
         self.explainer = Explainer(run, threshold=settings.threshold, device=settings.device)
         self._explain_lock = threading.Lock()
+        # the batch shift alarm over this session's recent requests (issue 33): their domain scores
+        # and calibrated probabilities, newest last; no image, name or content id is kept
+        self._recent: deque[tuple[float | None, float]] = deque(maxlen=RECENT_REQUESTS)
+        self._recent_lock = threading.Lock()
+        self._shift = None  # (requests seen when computed, BatchShift)
+        self._seen = 0
         self.info = self.predictor.info
         card = run.card_file.read_text() if run.card_file.is_file() else None
         self.caveat = card_caveat(card)
@@ -188,7 +201,36 @@ class Service:
                 "attention_png": None if ex.attention is None else
                 encode_b64(overlay_png(img.pixels, ex.attention, stretch=True))}
 
+    def batch_shift(self, every: int = 1) -> dict:
+        """The alarm over the last ``RECENT_REQUESTS`` predictions of this session, recomputed once
+        ``every`` new requests have arrived since the last computation (a permutation test costs
+        about a third of a second: predictions refresh it every ``SHIFT_REFRESH`` requests, the
+        model panel whenever anything is new)."""
+        from kneeosteo.inference.batch import shift_for
+        from kneeosteo.trust.shift import MIN_SHIFT_IMAGES
+
+        with self._recent_lock:
+            recent, seen = list(self._recent), self._seen
+            shift = self._shift
+        if shift is None or seen - shift[0] >= every or (seen != shift[0] and len(recent) <= MIN_SHIFT_IMAGES):
+            result = shift_for(self.predictor.trust, [d for d, _ in recent], [p for _, p in recent],
+                               self.predictor.task)
+            shift = (seen, result)
+            with self._recent_lock:
+                self._shift = shift
+        return {**shift[1].to_dict(), "window": RECENT_REQUESTS, "requests_seen": seen}
+
     def _row(self, img, name: str, t) -> dict:
+        with self._recent_lock:
+            self._recent.append((t.to_dict()["domain_score"], t.probability))
+            self._seen += 1
+        shift = self.batch_shift(SHIFT_REFRESH)
+        if shift["verdict"] == "shift" and t.status == "ok":
+            from kneeosteo.inference.batch import BATCH_SHIFT_REASON
+
+            t = replace(t, status="uncertain", status_reason=(
+                f"{BATCH_SHIFT_REASON}: this session's last {shift['n']} images differ from the calibration "
+                f"images (p {shift['p_value']:.3g}); the prediction set's coverage does not hold for them"))
         return {"filename": name, **t.to_dict(), "threshold": self.info.threshold,
                 "positive_class": self.info.positive, "model_id": self.info.model_id,
                 "content_id": img.content_id, "format": img.meta.format,
@@ -294,8 +336,9 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
 
     @app.get("/api/model", tags=["model"])
     async def model() -> dict:
-        """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json."""
-        return service.model_doc
+        """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json,
+        and the batch shift alarm over this session's recent requests (`batch_shift`)."""
+        return {**service.model_doc, "batch_shift": service.batch_shift()}
 
     @app.post("/api/predict", response_model=Prediction, responses=_ERRORS, tags=["model"])
     async def predict(file: Upload):
