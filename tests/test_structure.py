@@ -28,7 +28,7 @@ PKG = Path(__file__).resolve().parent.parent / "kneeosteo"
 LAYERS = {  # module prefix -> layer
     "kneeosteo": 0, "kneeosteo.errors": 0, "kneeosteo.paths": 0, "kneeosteo.utils": 0,
     "kneeosteo.data": 1,
-    "kneeosteo.models": 2,
+    "kneeosteo.models": 2, "kneeosteo.tasks": 2,
     "kneeosteo.config": 3, "kneeosteo.run": 3, "kneeosteo.features": 3, "kneeosteo.trust": 3,
     "kneeosteo.training": 4, "kneeosteo.evaluation": 4,
     "kneeosteo.experiments": 5,

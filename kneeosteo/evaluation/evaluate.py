@@ -19,7 +19,7 @@ from kneeosteo.evaluation.probes import shortcut_probes
 from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
 from kneeosteo.errors import ConfigError, DataError
-from kneeosteo.models.task import get_task
+from kneeosteo.tasks import Binary, task_for
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
@@ -44,7 +44,7 @@ def raw_outputs(model, data: PreparedSet, prep: Preprocess, device: str = "cpu",
 def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     """P(positive) (binary), class probabilities (multiclass) or values (regression) on ``data``."""
     z = torch.from_numpy(raw_outputs(model, data, prep, device, batch_size))
-    return get_task(getattr(model, "task", "binary")).answer_of(z).double().numpy()
+    return (getattr(model, "task", None) or Binary()).answer_of(z).double().numpy()
 
 
 def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, threshold: float | None = None,
@@ -55,7 +55,7 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
     under ``shortcut_probes``; ``train`` (the prepared training originals) enables the two that
     need a training partition."""
-    if run.config.task != "binary":
+    if not isinstance(task_for(run.config), Binary):
         return score_task(run, raw_outputs(model, test, run.config.preprocess, device), test, sets, out, history)
     threshold = run.config.threshold if threshold is None else threshold
     prob = predict_prepared(model, test, run.config.preprocess, device)
@@ -103,22 +103,22 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
     cfg = run.config
     model = run.load_model(device)
     merge = cfg.settings.get("merge") or {}
-    probes = probes and cfg.task == "binary"  # the shortcut probes are binary (metadata vs. one label)
+    task = task_for(cfg)
+    probes = probes and isinstance(task, Binary)  # the shortcut probes are binary (metadata vs. one label)
     if split is not None or data is None:
         sets = load_split(split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"),
                           target=cfg.target)
         if merge:
-            sets = sets.merged(merge, cfg.positive if cfg.task == "binary" else None)
+            sets = sets.merged(merge, task.merge_positive(cfg.positive))
         root = sets.data
     else:
         scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=merge, target=cfg.target,
-                            require_binary=cfg.task == "binary",
-                            classes=list(cfg.classes) if cfg.task == "multiclass" else None)
+                            require_binary=task.require_binary, classes=task.expected_classes(cfg.classes))
         root = Path(data)
         sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records],
                          labels={r.path: r.label for r in scan.records},
                          values={r.path: r.values for r in scan.records if r.values}, target=cfg.target)
-    if cfg.task == "multiclass" and list(sets.classes) != list(cfg.classes):
+    if task.expected_classes(cfg.classes) not in (None, list(sets.classes)):
         raise DataError(f"{split or data or run.split_file}: classes {list(sets.classes)} differ from the model's "
                         f"{list(cfg.classes)}")
     test = prepare_part(model, sets.items("test"), root, cfg.preprocess, device, "test")
@@ -127,7 +127,7 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
     metrics = score(run, model, test, sets, out, threshold, device, train=train, probes=probes)
-    if reference is not None and cfg.task == "binary":
+    if reference is not None and isinstance(task, Binary):
         import json
 
         split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}

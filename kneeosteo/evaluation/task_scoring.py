@@ -1,7 +1,7 @@
 """Scoring a multiclass or regression run (``--task multiclass``, ``--target t_score|bmd``).
 
 The binary run keeps ``evaluate.score`` (the paper's metrics, probes, calibration); this module
-is its counterpart for the other two tasks of ``models/task.py``:
+is its counterpart for the other two tasks of ``kneeosteo/tasks``:
 
 - **multiclass**: per-class and macro sensitivity, specificity, precision, F1 and one-vs-rest
   AUC with intervals, the K x K confusion matrix, weighted kappa (``evaluation/multiclass.py``);

@@ -262,8 +262,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         if m.key not in random_init:
             status[m.key] = m.trained or ("frozen backbone" if m.backbone else "trained from scratch")
     ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
-    if base.kind != "binary":
-        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
+    if base.task != "binary":
+        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.task} "
                           "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
     if (protocol == "holdout-reference") != (reference is not None):
         raise ConfigError("--protocol holdout-reference and --reference go together")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+from kneeosteo.tasks import Binary, Task
 from kneeosteo.trust import TrustBundle
 from kneeosteo.trust.shift import BatchShift, batch_shift
 
@@ -19,10 +20,10 @@ BATCH_SHIFT_REASON = "batch shift"
 
 
 def shift_for(trust: TrustBundle | None, domain_scores: Sequence, probabilities: Sequence,
-              task: str = "binary") -> BatchShift:
+              task: Task | None = None) -> BatchShift:
     """The alarm for one batch's domain scores and calibrated probabilities under ``trust``."""
     n = len(probabilities)
-    if task != "binary":
+    if task is not None and not isinstance(task, Binary):
         return BatchShift("unavailable", n, note=f"the alarm covers binary runs; this is a {task} run")
     if trust is None:
         return BatchShift("unavailable", n, note="this run has no trust files (no reference distributions); "
@@ -30,7 +31,7 @@ def shift_for(trust: TrustBundle | None, domain_scores: Sequence, probabilities:
     return batch_shift(trust.shift_reference, domain_scores, probabilities)
 
 
-def assess_batch(result, trust: TrustBundle | None, task: str = "binary") -> BatchShift:
+def assess_batch(result, trust: TrustBundle | None, task: Task | None = None) -> BatchShift:
     """The alarm over ``result``'s predictions (a ``PredictionResult``); when it fires, the ``ok``
     rows become ``uncertain`` with the reason. Stores ``result.batch_shift`` and returns it."""
     rows = result.predictions

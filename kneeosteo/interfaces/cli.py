@@ -181,14 +181,14 @@ def split(
     from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
-    from kneeosteo.models.task import task_of
+    from kneeosteo.tasks import task_named
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
     root = _data(data)
     ref = read_reference(reference, root) if reference is not None else None
     scan = scan_dataset(root, positive=positive, labels=labels, merge=merge, target=target,
-                        classes=_classes(classes), require_binary=task_of(task, target) == "binary")
+                        classes=_classes(classes), require_binary=task_named(task, target).require_binary)
     doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref,
                      definition=definition)
     write_split(doc, out)
@@ -526,6 +526,7 @@ def predict(
     if dicom_out is not None and (ray is not None or workers > 1):
         raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
     from kneeosteo.inference.output import check_output
+    from kneeosteo.tasks import Binary
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_out is not None:
@@ -538,7 +539,7 @@ def predict(
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
-    if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
+    if dicom_out is not None and (predictor.run is None or not isinstance(predictor.task, Binary)):
         raise typer.BadParameter("DICOM reports are written for a binary run folder (--run), whose model also "
                                  "draws the heat map", param_hint="--dicom-out")
     if ray is not None:
