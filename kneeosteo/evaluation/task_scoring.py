@@ -28,6 +28,7 @@ from kneeosteo.evaluation.multiclass import format_multiclass_table, multiclass_
 from kneeosteo.evaluation.regression import format_regression_table, regression_metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Multiclass, task_for, task_named
 from kneeosteo.trust.multiclass import (ConformalInterval, ConformalSetsK, TemperatureScalerK,
                                         empirical_interval_coverage, empirical_set_coverage)
 from kneeosteo.utils.atomic import write_json
@@ -40,7 +41,7 @@ def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
     """The run's answers from raw outputs: calibrated class probabilities and conformal sets
     (multiclass), or values and conformal intervals (regression), as the fitted trust allows."""
     trust = run.config.record.get("task_trust") or {}
-    if run.config.task == "multiclass":
+    if isinstance(task_for(run.config), Multiclass):
         scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
         probs = scaler.transform(outputs)
         sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
@@ -57,7 +58,7 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
     cfg = run.config
     out.mkdir(parents=True, exist_ok=True)
     answers = task_answers(run, outputs)
-    if cfg.task == "multiclass":
+    if isinstance(task_for(cfg), Multiclass):
         y = test.targets.numpy().astype(int)
         probs = answers["probabilities"]
         metrics = multiclass_metrics_with_ci(y, probs, list(cfg.classes))
@@ -102,13 +103,14 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
 
 def format_task_metrics(name: str, metrics: dict) -> str:
     """evaluate's printout for a multiclass or regression run."""
-    table = format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
+    multiclass = isinstance(task_named(str(metrics.get("task"))), Multiclass)
+    table = format_multiclass_table(metrics) if multiclass else format_regression_table(metrics)
     lines = [name, table]
     d = metrics.get("domain_acceptance")
     if d:
         lines.append(f"domain check: accepts {d['accepted']:.3f} of the {d['n']} test images (by their features)")
     c = metrics.get("conformal")
     if c:
-        what = "sets" if metrics.get("task") == "multiclass" else "intervals"
+        what = "sets" if multiclass else "intervals"
         lines.append(f"conformal {what}: test coverage {c['coverage']:.3f} (target {c['coverage_target']})")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from kneeosteo.models.weights import find_default_weights
 from kneeosteo.run import RunDir
 from kneeosteo.utils.compute_path import cells_paths
 from kneeosteo.training import distributed
+from kneeosteo.tasks import Binary, task_for
 from kneeosteo.utils.atomic import ensure_writable, write_json
 
 __all__ = [
@@ -262,8 +263,8 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
         if m.key not in random_init:
             status[m.key] = m.trained or ("frozen backbone" if m.backbone else "trained from scratch")
     ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
-    if base.task != "binary":
-        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.task} "
+    if not isinstance(task_for(base), Binary):
+        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {task_for(base)} "
                           "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
     if (protocol == "holdout-reference") != (reference is not None):
         raise ConfigError("--protocol holdout-reference and --reference go together")

@@ -40,6 +40,7 @@ from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import backbone_features, predict_prepared, prepare_part
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Binary, task_for
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.trust import (
     ConformalClassifier,
@@ -312,7 +313,7 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     parse_operating_point(operating_point)  # a bad setting fails before any image is read
     common = dict(operating_point=operating_point, coverage=coverage, acceptance=acceptance, device=device,
                   class_conditional=class_conditional)
-    if cfg.task != "binary":
+    if not isinstance(task_for(cfg), Binary):
         from kneeosteo.experiments.task_trust import calibrate_task_run
 
         return calibrate_task_run(src, model, out, data, split, coverage, device)

@@ -326,6 +326,7 @@ def evaluate(
     from kneeosteo.evaluation.metrics import format_table
     from kneeosteo.evaluation.probes import format_probes
     from kneeosteo.evaluation.task_scoring import format_task_metrics
+    from kneeosteo.tasks import Binary, task_named
 
     if labels is not None and data is None:
         raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
@@ -338,7 +339,7 @@ def evaluate(
         names = parse_covariates(covariates)
     metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
                                   labels=labels, reference=reference, covariates=names, definition=definition)
-    if metrics.get("task") in ("multiclass", "regression"):
+    if not isinstance(task_named(str(metrics.get("task", "binary"))), Binary):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
         return
@@ -412,6 +413,7 @@ def calibrate(
     holds 0.5 is 'no signal at this site' and the new run marks every prediction uncertain."""
     from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, site_check_lines, trust_line
     from kneeosteo.trust.conformal import _check_coverage
+    from kneeosteo.tasks import Binary, task_for
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
 
@@ -424,7 +426,7 @@ def calibrate(
     new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
                         acceptance=domain_acceptance, device=device, labels=labels,
                         class_conditional=class_conditional)
-    if new.config.task != "binary":
+    if not isinstance(task_for(new.config), Binary):
         from kneeosteo.experiments.task_trust import task_trust_line
 
         print(task_trust_line(new.config.record["task_trust"]))
