@@ -1,0 +1,79 @@
+"""The task objects (kneeosteo/tasks): one name read in one place, each class's behaviour, and
+older configs (a regression stored as task binary + a number target) reading as the same task."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kneeosteo.config import TrainConfig
+from kneeosteo.errors import ConfigError
+from kneeosteo.run import RunDir
+from kneeosteo.tasks import Binary, Multiclass, Regression, task_for, task_named
+
+
+def test_a_number_target_makes_the_config_a_regression_whatever_task_says():
+    for stored in ("binary", "multiclass", "regression"):  # older runs stored task binary with target t_score
+        cfg = TrainConfig(task=stored, target="t_score", labels="labels.csv")
+        assert cfg.task == "regression" and task_for(cfg) == Regression("t_score")
+    assert task_for(TrainConfig()) == Binary() and task_for(TrainConfig(task="multiclass")) == Multiclass()
+    assert task_for(TrainConfig(target="bmd", labels="l.csv")) != Regression("t_score")
+
+
+def test_unknown_or_incomplete_tasks_are_config_errors():
+    with pytest.raises(ConfigError, match="needs a number target"):
+        TrainConfig(task="regression")
+    with pytest.raises(ConfigError, match="task"):
+        TrainConfig(task="ordinal")
+    with pytest.raises(ConfigError, match="unknown task 'ordinal'"):
+        task_named("ordinal")
+    with pytest.raises(ConfigError, match="binary task only"):
+        TrainConfig(task="multiclass", operating_point="youden")
+
+
+def test_each_task_answers_for_its_classes():
+    classes = ("normal", "osteopenia", "osteoporosis")
+    b, m, r = Binary(), Multiclass(), Regression("t_score")
+    assert [t.outputs(3) for t in (b, m, r)] == [1, 3, 1]
+    assert b.run_classes(("osteoporosis", "normal"), "osteoporosis") == ("normal", "osteoporosis")
+    assert m.run_classes(classes, "") == classes and r.run_classes(classes, "") == ()
+    assert (b.merge_positive("osteoporosis"), m.merge_positive("osteoporosis")) == ("osteoporosis", None)
+    assert (b.require_binary, m.require_binary, r.require_binary) == (True, False, False)
+    assert (b.expected_classes(classes), m.expected_classes(classes)) == (None, list(classes))
+    with pytest.raises(ConfigError, match="3 classes"):
+        b.check_split_classes(classes)
+    with pytest.raises(ConfigError, match="one class"):
+        m.check_split_classes(("normal",))
+    m.check_split_classes(classes)
+    assert b.head_scaling(np.zeros(4)) is None  # the paper's one-logit head is kept as built
+    assert m.head_scaling(np.zeros(4)) == (0.0, 1.0)
+    assert r.head_scaling(np.array([-3.0, -1.0])) == (-2.0, 1.0)
+    assert r.head_scaling(np.array([-2.0, -2.0])) == (-2.0, 1.0)  # no spread: unit scale, not 0
+
+
+def test_answers_and_hits():
+    import torch
+
+    z = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    assert torch.allclose(Binary().answer_of(z[:, 1]), torch.sigmoid(z[:, 1]))
+    assert torch.allclose(Multiclass().answer_of(z), torch.softmax(z, dim=-1))
+    assert torch.equal(Regression("bmd").answer_of(z[:, 0]), z[:, 0])
+    assert Binary().correct(np.array([0.7, 0.2]), np.array([1.0, 1.0])).tolist() == [True, False]
+    assert Multiclass().correct(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1.0, 1.0])).tolist() == [True, False]
+    assert Regression("t_score").correct(np.array([-2.0, 0.0]), np.array([-2.4, -1.0])).tolist() == [True, False]
+
+
+def test_the_bundled_run_is_binary_and_its_model_config_keeps_the_papers_format():
+    run = RunDir.bundled()
+    assert task_for(run.config) == Binary()
+    model = run.load_model("cpu")
+    assert model.task == Binary() and "task" not in model.model_config()
+
+
+def test_building_a_task_does_not_import_torch():
+    code = "import sys; from kneeosteo.tasks import task_named; task_named('binary'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
