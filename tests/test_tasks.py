@@ -77,3 +77,14 @@ def test_building_a_task_does_not_import_torch():
     code = "import sys; from kneeosteo.tasks import task_named; task_named('binary'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_task_models_config_names_it_except_the_papers_binary_model():
+    from kneeosteo.models.hybrid import build_model_from_config
+
+    assert [t.model_entry() for t in (Binary(), Multiclass(), Regression("bmd"))] == [
+        {}, {"task": "multiclass"}, {"task": "regression"}]
+    config = RunDir.bundled().config.model
+    for task in (Multiclass(), Regression("t_score")):
+        rebuilt = build_model_from_config({**config, **task.model_entry()})  # the name round-trips through the config
+        assert type(rebuilt.task) is type(task) and rebuilt.model_config()["task"] == task.name

@@ -16,7 +16,7 @@ from kneeosteo.models.head import ClassifierHead
 from kneeosteo.errors import CheckpointError, ConfigError
 from kneeosteo.models.backbones import build_backbone, freeze, train_last_stages
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
-from kneeosteo.tasks import Binary, task_named
+from kneeosteo.tasks import task_named
 from kneeosteo.models.weights import WeightsInfo
 
 __all__ = ["HybridModel", "build_model", "build_model_from_config"]
@@ -189,7 +189,7 @@ class HybridModel(nn.Module):
             "attention": self.attention.config() if self.attention is not None else None,
             "head": self.head.config(),
             "backbone_weights": self.backbone_weights.to_dict() if self.backbone_weights else None,
-            **({"task": self.task.name} if not isinstance(self.task, Binary) else {}),  # the paper's binary model: unchanged
+            **self.task.model_entry(),  # the paper's binary model: no entry
         }
 
 

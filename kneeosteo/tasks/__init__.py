@@ -55,6 +55,10 @@ class Task:
         return self.name
 
     # ------------------------------------------------------------------ the model
+    def model_entry(self) -> dict:
+        """What the model's config (``HybridModel.model_config``) records of the task."""
+        return {"task": self.name}
+
     def outputs(self, n_classes: int) -> int:
         """Width of the head's last layer."""
         return 1
@@ -142,6 +146,9 @@ class Binary(Task):
             target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
             return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
         return super().loss(out, y, weight, reduction, smoothing, gce_q)
+
+    def model_entry(self) -> dict:
+        return {}  # the paper's binary model's config: unchanged since before tasks existed
 
     def answer_of(self, out):
         import torch
