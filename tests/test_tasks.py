@@ -88,3 +88,20 @@ def test_a_task_models_config_names_it_except_the_papers_binary_model():
     for task in (Multiclass(), Regression("t_score")):
         rebuilt = build_model_from_config({**config, **task.model_entry()})  # the name round-trips through the config
         assert type(rebuilt.task) is type(task) and rebuilt.model_config()["task"] == task.name
+
+
+def test_each_tasks_predictions_csv_columns_and_formatting():
+    paths = ["a.png", "b.png"]
+    header, rows = Binary().prediction_table(paths, np.array([1, 0]), np.array([0.5, 0.25]), threshold=0.5)
+    assert header == ("path", "label", "probability", "prediction")  # the paper's file, unchanged
+    assert rows == [("a.png", 1, "0.500000", 1), ("b.png", 0, "0.250000", 0)]
+    header, rows = Multiclass().prediction_table(paths, np.array([2, 0]), np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]),
+                                                 ("normal", "osteopenia", "osteoporosis"))
+    assert header == ("path", "label", "prediction", "p_normal", "p_osteopenia", "p_osteoporosis")
+    assert rows[0] == ("a.png", "osteoporosis", "osteoporosis", "0.100000", "0.200000", "0.700000")
+    assert rows[1][1:3] == ("normal", "normal")
+    truth, values = np.array([-2.5, 0.125]), np.array([-2.0, 0.0])
+    header, rows = Regression("t_score").prediction_table(paths, truth, values, interval=(values - 1, values + 1))
+    assert header == ("path", "t_score", "prediction", "interval_low", "interval_high")
+    assert rows[0] == ("a.png", "-2.5000", "-2.0000", "-3.0000", "-1.0000")
+    assert Regression("bmd").prediction_table(paths, truth, values)[1][1][3:] == ("nan", "nan")  # no interval fitted

@@ -19,7 +19,7 @@ from kneeosteo.evaluation.probes import shortcut_probes
 from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
 from kneeosteo.errors import ConfigError, DataError
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import BINARY_PREDICTION_FIELDS, Binary, task_for
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
 from kneeosteo.paths import cache_dir
@@ -30,7 +30,7 @@ from kneeosteo.utils.csvfile import write_csv
 
 __all__ = ["PREDICTION_FIELDS", "backbone_features", "evaluate_run", "predict_prepared", "raw_outputs", "score"]
 
-PREDICTION_FIELDS = ("path", "label", "probability", "prediction")
+PREDICTION_FIELDS = BINARY_PREDICTION_FIELDS
 
 
 @torch.no_grad()
@@ -76,8 +76,7 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     out.mkdir(parents=True, exist_ok=True)
     metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", PREDICTION_FIELDS,
-              [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(test.paths, y, prob)])
+    write_csv(out / "predictions.csv", *task_for(run.config).prediction_table(test.paths, y, prob, threshold=threshold))
     if history:
         figures.curves(history, out)
     figures.confusion(metrics["counts"], sets.classes, out)

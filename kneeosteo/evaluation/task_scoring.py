@@ -68,10 +68,7 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
                                     "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
                                     "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan")}
         metrics["calibrated"] = answers["calibrated"]
-        header = ("path", "label", "prediction", *[f"p_{c}" for c in cfg.classes])
-        rows = [(p, cfg.classes[t], cfg.classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
-                for p, t, q in zip(test.paths, y, probs)]
-        write_csv(out / "predictions.csv", header, rows)
+        write_csv(out / "predictions.csv", *task_for(cfg).prediction_table(test.paths, y, probs, cfg.classes))
         figures.confusion_k(metrics["confusion"], list(cfg.classes), out / "confusion_matrix.png")
     else:
         y = test.targets.numpy().astype(np.float64)
@@ -82,10 +79,7 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
             metrics["conformal"] = {"coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
                                     "coverage": float(empirical_interval_coverage(y, lo, hi)),
                                     "half_width": float(np.median(hi - lo) / 2)}
-        header = ("path", cfg.target, "prediction", "interval_low", "interval_high")
-        lo, hi = answers["interval"] if answers["interval"] is not None else (np.full(len(y), np.nan),) * 2
-        write_csv(out / "predictions.csv", header,
-                  [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(test.paths, y, pred, lo, hi)])
+        write_csv(out / "predictions.csv", *task_for(cfg).prediction_table(test.paths, y, pred, interval=answers["interval"]))
         figures.bland_altman(y, pred, out / "bland_altman.png", cfg.target)
         figures.predicted_vs_true(y, pred, out / "predicted_vs_true.png", cfg.target,
                                   WHO_CUTOFFS if cfg.target == "t_score" else None)

@@ -28,9 +28,10 @@ import numpy as np
 from kneeosteo.choices import CLASSIFICATION_TASKS, TASK_NAMES
 from kneeosteo.errors import ConfigError
 
-__all__ = ["CLASSIFICATION_TASKS", "HUBER_DELTA", "TASK_NAMES", "Binary", "Multiclass", "Regression", "Task",
+__all__ = ["BINARY_PREDICTION_FIELDS", "CLASSIFICATION_TASKS", "HUBER_DELTA", "TASK_NAMES", "Binary", "Multiclass", "Regression", "Task",
            "task_for", "task_named", "task_name"]
 
+BINARY_PREDICTION_FIELDS = ("path", "label", "probability", "prediction")  # the paper's predictions.csv
 HUBER_DELTA = 1.0  # in target units: one T-score unit, i.e. one standard deviation of young-adult BMD
 
 
@@ -118,6 +119,14 @@ class Task:
         """The classes a data set scanned for this run must have (multiclass), or None."""
         return None
 
+    # ------------------------------------------------------------------ evaluate's predictions.csv
+    def prediction_table(self, paths: Sequence[str], truth: np.ndarray, answers: np.ndarray,
+                         classes: Sequence[str] = (), threshold: float = 0.5,
+                         interval: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[tuple[str, ...], list[tuple]]:
+        """(header, rows) of a scored test set: ``truth`` (class indices or values), ``answers``
+        (P(positive), class probabilities or values), a regression's conformal ``interval``."""
+        raise NotImplementedError
+
 
 def _gce(log_p, q: float):
     """Generalised cross-entropy of the log-probability given to the target: (1 - p^q) / q."""
@@ -176,6 +185,10 @@ class Binary(Task):
     def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
         return (next(c for c in classes if c != positive), positive)
 
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        return (BINARY_PREDICTION_FIELDS,
+                [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)])
+
 
 class Multiclass(Task):
     name = "multiclass"
@@ -211,6 +224,11 @@ class Multiclass(Task):
     def expected_classes(self, classes: Sequence[str]) -> list[str] | None:
         return list(classes)
 
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        header = ("path", "label", "prediction", *[f"p_{c}" for c in classes])
+        return header, [(p, classes[t], classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
+                        for p, t, q in zip(paths, truth, answers)]
+
 
 class Regression(Task):
     name = "regression"
@@ -234,6 +252,12 @@ class Regression(Task):
     def head_scaling(self, values: np.ndarray) -> tuple[float, float] | None:
         y = np.asarray(values, dtype=np.float64)
         return float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
+
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        lo, hi = interval if interval is not None else (np.full(len(truth), np.nan),) * 2
+        header = ("path", self.target, "prediction", "interval_low", "interval_high")
+        return header, [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}")
+                        for p, t, v, a, b in zip(paths, truth, answers, lo, hi)]
 
 
 def task_name(task: str, target: str = "label") -> str:
