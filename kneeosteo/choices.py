@@ -9,7 +9,12 @@ from __future__ import annotations
 
 __all__ = ["CLASSIFICATION_TASKS", "PRESETS", "REWEIGHTS", "TASK_NAMES"]
 
-PRESETS = ("paper", "robust", "bone", "knee")  # data/preprocess.py: the paper's resize, letterbox, bone region, knee region
+PRESETS = (
+    "paper",
+    "robust",
+    "bone",
+    "knee",
+)  # data/preprocess.py: the paper's resize, letterbox, bone region, knee region
 REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight (data/shortcut.py)
 CLASSIFICATION_TASKS = ("binary", "multiclass")  # --task; regression comes from --target (kneeosteo/tasks)
 TASK_NAMES = (*CLASSIFICATION_TASKS, "regression")  # the run folder's names (config.json, the weights' identity)

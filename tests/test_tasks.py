@@ -83,7 +83,10 @@ def test_a_task_models_config_names_it_except_the_papers_binary_model():
     from kneeosteo.models.hybrid import build_model_from_config
 
     assert [t.model_entry() for t in (Binary(), Multiclass(), Regression("bmd"))] == [
-        {}, {"task": "multiclass"}, {"task": "regression"}]
+        {},
+        {"task": "multiclass"},
+        {"task": "regression"},
+    ]
     config = RunDir.bundled().config.model
     for task in (Multiclass(), Regression("t_score")):
         rebuilt = build_model_from_config({**config, **task.model_entry()})  # the name round-trips through the config
@@ -95,8 +98,9 @@ def test_each_tasks_predictions_csv_columns_and_formatting():
     header, rows = Binary().prediction_table(paths, np.array([1, 0]), np.array([0.5, 0.25]), threshold=0.5)
     assert header == ("path", "label", "probability", "prediction")  # the paper's file, unchanged
     assert rows == [("a.png", 1, "0.500000", 1), ("b.png", 0, "0.250000", 0)]
-    header, rows = Multiclass().prediction_table(paths, np.array([2, 0]), np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]),
-                                                 ("normal", "osteopenia", "osteoporosis"))
+    header, rows = Multiclass().prediction_table(
+        paths, np.array([2, 0]), np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]), ("normal", "osteopenia", "osteoporosis")
+    )
     assert header == ("path", "label", "prediction", "p_normal", "p_osteopenia", "p_osteoporosis")
     assert rows[0] == ("a.png", "osteoporosis", "osteoporosis", "0.100000", "0.200000", "0.700000")
     assert rows[1][1:3] == ("normal", "normal")

@@ -21,15 +21,27 @@ when a task is built, so the configuration and ``--help`` do not load it.
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
 from kneeosteo.choices import CLASSIFICATION_TASKS, TASK_NAMES
 from kneeosteo.errors import ConfigError
 
-__all__ = ["BINARY_PREDICTION_FIELDS", "CLASSIFICATION_TASKS", "HUBER_DELTA", "TASK_NAMES", "Binary", "Multiclass", "Regression", "Task",
-           "task_for", "task_named", "task_name"]
+__all__ = [
+    "BINARY_PREDICTION_FIELDS",
+    "CLASSIFICATION_TASKS",
+    "HUBER_DELTA",
+    "TASK_NAMES",
+    "Binary",
+    "Multiclass",
+    "Regression",
+    "Task",
+    "task_for",
+    "task_named",
+    "task_name",
+]
 
 BINARY_PREDICTION_FIELDS = ("path", "label", "probability", "prediction")  # the paper's predictions.csv
 HUBER_DELTA = 1.0  # in target units: one T-score unit, i.e. one standard deviation of young-adult BMD
@@ -120,9 +132,15 @@ class Task:
         return None
 
     # ------------------------------------------------------------------ evaluate's predictions.csv
-    def prediction_table(self, paths: Sequence[str], truth: np.ndarray, answers: np.ndarray,
-                         classes: Sequence[str] = (), threshold: float = 0.5,
-                         interval: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[tuple[str, ...], list[tuple]]:
+    def prediction_table(
+        self,
+        paths: Sequence[str],
+        truth: np.ndarray,
+        answers: np.ndarray,
+        classes: Sequence[str] = (),
+        threshold: float = 0.5,
+        interval: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[tuple[str, ...], list[tuple]]:
         """(header, rows) of a scored test set: ``truth`` (class indices or values), ``answers``
         (P(positive), class probabilities or values), a regression's conformal ``interval``."""
         raise NotImplementedError
@@ -179,15 +197,19 @@ class Binary(Task):
 
     def check_split_classes(self, classes: Sequence[str]) -> None:
         if len(classes) != 2:
-            raise ConfigError(f"the split has {len(classes)} classes ({', '.join(classes)}): "
-                              "use --task multiclass, or --merge such as osteopenia=normal")
+            raise ConfigError(
+                f"the split has {len(classes)} classes ({', '.join(classes)}): "
+                "use --task multiclass, or --merge such as osteopenia=normal"
+            )
 
     def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
         return (next(c for c in classes if c != positive), positive)
 
     def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
-        return (BINARY_PREDICTION_FIELDS,
-                [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)])
+        return (
+            BINARY_PREDICTION_FIELDS,
+            [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)],
+        )
 
 
 class Multiclass(Task):
@@ -226,8 +248,10 @@ class Multiclass(Task):
 
     def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
         header = ("path", "label", "prediction", *[f"p_{c}" for c in classes])
-        return header, [(p, classes[t], classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
-                        for p, t, q in zip(paths, truth, answers)]
+        return header, [
+            (p, classes[t], classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
+            for p, t, q in zip(paths, truth, answers)
+        ]
 
 
 class Regression(Task):
@@ -256,8 +280,9 @@ class Regression(Task):
     def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
         lo, hi = interval if interval is not None else (np.full(len(truth), np.nan),) * 2
         header = ("path", self.target, "prediction", "interval_low", "interval_high")
-        return header, [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}")
-                        for p, t, v, a, b in zip(paths, truth, answers, lo, hi)]
+        return header, [
+            (p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(paths, truth, answers, lo, hi)
+        ]
 
 
 def task_name(task: str, target: str = "label") -> str:
