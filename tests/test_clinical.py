@@ -175,3 +175,45 @@ def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(scored_tiny, tin
     with pytest.raises(DataError, match=message):
         cs_ref = read_reference(ref)
         clinical_set(cs_ref, [r[0] for r in rows], "osteoporosis", ["age", "sex", "weight_kg"])
+
+
+def test_compare_prints_the_clinical_rows_beside_the_two_runs(scored_tiny, tiny, tmp_path, capsys):
+    """`compare A B --reference --covariates`: each run's row is its own AUC against the reference
+    truth (checked with sklearn), each gets its fused row, and the baselines sit beside them."""
+    run, ref, rows = scored_tiny
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(run, a)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(a), str(tiny.data), "--out", str(a), "--no-probes"])
+    assert exc.value.code in (0, None)
+    shutil.copytree(a, b)
+    with open(b / "predictions.csv", newline="") as fh:
+        pred = list(csv.DictReader(fh))
+    rng = np.random.default_rng(3)
+    for r in pred:  # run B: other probabilities, same films and labels
+        r["probability"] = f"{rng.uniform():.6f}"
+    with open(b / "predictions.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(pred[0]))
+        w.writeheader()
+        w.writerows(pred)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(a), str(b), "--reference", str(ref), "--covariates", "age,sex,weight_kg",
+              "--out", str(tmp_path / "c.json")])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())["clinical"]
+    truth = {r[0]: int(r[1] <= -2.5) for r in rows}
+    got = {r["model"]: r for r in c["rows"]}
+    for folder, key in ((a, "A"), (b, "B")):
+        with open(folder / "predictions.csv", newline="") as fh:
+            probs = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+        name = next(m for m in got if m.startswith(f"{key} ("))
+        paths = sorted(probs)
+        want = roc_auc_score([truth[p] for p in paths], [probs[p] for p in paths])
+        assert got[name]["auc"]["auc"] == pytest.approx(want), key
+        assert f"fused ({name} + covariates)" in got and f"  {name}: AUC {want:.3f}" in out
+    assert "clinical logistic: AUC" in out and "OST index: AUC" in out and c["n"] == 20
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(a), str(b), "--reference", str(ref)])
+    assert exc.value.code == 2

@@ -360,13 +360,29 @@ def compare(
     run_a: Path = typer.Argument(..., help="A scored run folder (or an `evaluate` output folder inside one)."),
     run_b: Path = typer.Argument(..., help="Another, scored on the same test images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the tests as JSON here."),
+    reference: Optional[Path] = ReferenceOpt(),
+    covariates: Optional[str] = typer.Option(None, help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also print the clinical logistic, the OST index and each run fused with the covariates, on the films the reference covers."),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """Paired tests of two runs on the same test images: McNemar + DeLong (binary), Stuart-Maxwell + per-class McNemar (multiclass), Wilcoxon on absolute errors (regression)."""
-    from kneeosteo.evaluation.compare import compare_runs, format_comparison
+    from kneeosteo.evaluation.compare import clinical_beside, compare_runs, format_comparison
     from kneeosteo.utils.atomic import write_json
 
+    names = None
+    if covariates is not None or reference is not None:
+        from kneeosteo.evaluation.clinical import parse_covariates
+
+        if reference is None or covariates is None:
+            raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
+        names = parse_covariates(covariates)
     result = compare_runs(run_a, run_b)
     print(format_comparison(result))
+    if names:
+        from kneeosteo.evaluation.clinical import format_comparison as format_clinical
+
+        result["clinical"] = clinical_beside(run_a, run_b, reference, names, definition)
+        for line in format_clinical(result["clinical"]):
+            print(line)
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")
