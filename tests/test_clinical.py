@@ -217,3 +217,103 @@ def test_compare_prints_the_clinical_rows_beside_the_two_runs(scored_tiny, tiny,
     with pytest.raises(SystemExit) as exc:
         main(["compare", str(a), str(b), "--reference", str(ref)])
     assert exc.value.code == 2
+
+
+def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_covariates(scored_tiny, tiny, tmp_path, capsys):
+    """`evaluate --store-fused` writes plain coefficients that reproduce an independent sklearn fit;
+    `predict --covariates` gives the fused answer where every covariate is there, and marks the
+    rest image-only (a missing cell, a missing row, a non-number), naming each; never a filled-in value."""
+    from scipy.special import logit as _logit
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from kneeosteo.models.fused import load_fused
+    from kneeosteo.run import RunDir
+
+    run, ref, rows = scored_tiny
+    fr = tmp_path / "fr"
+    shutil.copytree(run, fr)
+    (fr / "fused.json").unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(fr), str(tiny.data), "--out", str(tmp_path / "e"), "--no-probes", "--reference", str(ref),
+              "--covariates", "age,sex,weight_kg", "--store-fused"])
+    assert exc.value.code in (0, None)
+    assert "stored the fused model (fitted on these 20 films)" in capsys.readouterr().out
+    fused = load_fused(fr, RunDir(fr).config.weights_sha256)
+    assert fused.covariates == ("age", "sex", "weight_kg") and fused.fitted_on["films"] == 20
+    with open(tmp_path / "e" / "predictions.csv", newline="") as fh:
+        raw = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    cov = {r[0]: [float(r[3]), 1.0 if r[4] == "female" else 0.0, float(r[5])] for r in rows}
+    truth = {r[0]: int(r[1] <= -2.5) for r in rows}
+    paths = sorted(raw)
+    x = np.array([[float(_logit(np.clip(raw[p], 1e-6, 1 - 1e-6))), *cov[p]] for p in paths])
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(max_iter=1000).fit(scaler.transform(x), [truth[p] for p in paths])
+    want = lr.predict_proba(scaler.transform(x))[:, 1]
+    got = [fused.probability(raw[p], cov[p]) for p in paths]
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+    films = [tiny.data / p for p in paths[:4]]
+    covs = tmp_path / "covs.csv"
+    with open(covs, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "age", "sex", "weight_kg"])
+        w.writerow([films[0], 70, "female", 60])  # row 2: complete
+        w.writerow([films[1], "", "female", 60])  # row 3: age missing
+        w.writerow([films[3], 70, "female", "heavy"])  # row 4: not a number; films[2] has no row
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", *map(str, films), "--run", str(fr), "--engine", "torch", "--covariates", str(covs),
+              "--out", str(tmp_path / "p.csv")])
+    assert exc.value.code in (0, None)
+    err = capsys.readouterr().err
+    with open(tmp_path / "p.csv", newline="") as fh:
+        out = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    first = out[films[0].name]
+    assert first["answer_basis"] == "image_and_covariates"
+    assert float(first["fused_probability"]) == pytest.approx(
+        fused.probability(float(first["raw_probability"]), [70, 1.0, 60]), abs=1e-6)
+    for f in films[1:]:
+        assert out[f.name]["answer_basis"] == "image_only" and out[f.name]["fused_probability"] == "", f
+    assert "row 3 (" in err and "age missing: answered image-only" in err
+    assert f"{films[2]}: no row in {covs}" in err
+    assert "row 4: covariate weight_kg 'heavy' is not a number: answered image-only" in err
+    # without covariates: every answer image-only, said once
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(fr), "--engine", "torch", "--out", str(tmp_path / "q.csv")])
+    assert "without them every answer is image-only" in capsys.readouterr().err
+    with open(tmp_path / "q.csv", newline="") as fh:
+        assert [r["answer_basis"] for r in csv.DictReader(fh)] == ["image_only"]
+    # the API: the covariates form field (a JSON object)
+    from fastapi.testclient import TestClient
+
+    from kneeosteo.interfaces.web import WebSettings, create_app
+
+    with TestClient(create_app(WebSettings(run=fr, workers=1, queue=2))) as client:
+        assert client.get("/api/model").json()["fused"]["covariates"] == ["age", "sex", "weight_kg"]
+
+        def ask(covariates):
+            data = {} if covariates is None else {"covariates": covariates}
+            return client.post("/api/predict", files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
+                               data=data)
+
+        full = ask(json.dumps({"age": 70, "sex": "female", "weight_kg": 60})).json()
+        assert full["answer_basis"] == "image_and_covariates" and full["missing_covariates"] == []
+        assert full["fused_probability"] == pytest.approx(fused.probability(full["raw_probability"], [70, 1.0, 60]))
+        part = ask(json.dumps({"age": 70})).json()
+        assert (part["answer_basis"], part["fused_probability"], part["missing_covariates"]) == \
+            ("image_only", None, ["sex", "weight_kg"])
+        assert ask(None).json()["answer_basis"] == "image_only"
+        bad = ask(json.dumps({"age": "old"}))
+        assert bad.status_code == 422 and bad.json()["detail"] == "covariates: covariate age 'old' is not a number"
+        assert ask(json.dumps({"height": 1.6})).status_code == 422 and ask("[70]").status_code == 422
+    # a run without a fused model refuses covariates; a fused model of other weights is refused
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(run), "--engine", "torch", "--covariates", str(covs)])
+    assert exc.value.code == 2
+    doc = json.loads((fr / "fused.json").read_text())
+    (fr / "fused.json").write_text(json.dumps({**doc, "weights_sha256": "0" * 64}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(fr), "--engine", "torch", "--covariates", str(covs)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "fused.json: fitted for weights 000000000000" in err

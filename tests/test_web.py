@@ -141,6 +141,14 @@ def test_model_endpoint(client, tiny_run):
     assert doc["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 25_000_000, "workers": 2, "queue": 2}  # 25 MP: the service default
 
 
+def test_a_run_without_a_fused_model_refuses_covariates_and_answers_image_only(client, files):
+    r = client.post("/api/predict", files={"file": ("knee.png", files["png"].read_bytes(), "image/png")},
+                    data={"covariates": '{"age": 70}'})
+    assert r.status_code == 422 and "takes no covariates" in r.json()["detail"]
+    r = post(client, "/api/predict", files["png"])
+    assert r.status_code == 200 and r.json()["answer_basis"] == "image_only" and r.json()["fused_probability"] is None
+
+
 def test_caveat_comes_from_the_model_card():
     card = ("# Model card: default\n\n**Research use only — not a diagnostic device.** It has not been\n"
             "validated on any clinical population.\n\n## Data\nKOP.\n")

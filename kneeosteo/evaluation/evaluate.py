@@ -88,7 +88,8 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
 def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split: str | Path | None = None,
                  out: str | Path | None = None, device: str = "cpu", threshold: float | None = None,
                  probes: bool = True, labels: str | Path | None = None, reference: str | Path | None = None,
-                 covariates: list[str] | None = None, definition: str | None = None) -> tuple[dict, Path]:
+                 covariates: list[str] | None = None, definition: str | None = None,
+                 store_fused: bool = False) -> tuple[dict, Path]:
     """Score ``run`` on: a data set ``data`` (all of it; class folders, or the label manifest
     ``labels``), a split's test part, or its own split. Returns (metrics, the folder they were
     written to). The run's own ``merge`` applies to the data scored.
@@ -96,9 +97,13 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
     ``reference`` and ``covariates``: also compare the image model with the clinical baselines on
     the scored films the reference manifest covers (:mod:`kneeosteo.evaluation.clinical`), against
     the reference truth under ``definition`` (default: the split's, else osteoporosis); the result
-    goes into the metrics under ``clinical``."""
+    goes into the metrics under ``clinical``. ``store_fused``: also fit the fused model on those
+    films and store it in the run (``fused.json``, :mod:`kneeosteo.models.fused`), so that
+    ``predict`` and the API answer from the image and the covariates."""
     if (reference is None) != (not covariates):
         raise ConfigError("--reference and --covariates go together: the clinical baseline needs both")
+    if store_fused and reference is None:
+        raise ConfigError("--store-fused fits the fused model on the films of --reference with its --covariates: give both")
     run = RunDir.open(run)
     cfg = run.config
     model = run.load_model(device)
@@ -133,14 +138,16 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
         split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}
         definition = definition or (split_doc.get("reference") or {}).get("definition") or "osteoporosis"
         metrics["clinical"] = clinical_block(reference, covariates, definition, out / "predictions.csv",
-                                             float(metrics.get("threshold", cfg.threshold)), run.model_id)
+                                             float(metrics.get("threshold", cfg.threshold)), run.model_id,
+                                             store=run if store_fused else None)
         write_json(out / "metrics.json", metrics)
     return metrics, out
 
 
 def clinical_block(reference: str | Path, covariates: list[str], definition: str, predictions: Path,
-                   threshold: float, name: str) -> dict:
-    """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``."""
+                   threshold: float, name: str, store: RunDir | None = None) -> dict:
+    """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``;
+    ``store``: also fit the fused model on all of them and write it to that run's ``fused.json``."""
     import csv
 
     from kneeosteo.data.reference import read_reference
@@ -156,6 +163,19 @@ def clinical_block(reference: str | Path, covariates: list[str], definition: str
     out = clinical_comparison(cs, {f"image ({name})": (by_path(probs, cs.paths), threshold)})
     out.update(reference=str(reference), definition=definition,
                not_in_reference=len(probs) - len(scored))
+    if store is not None:
+        from kneeosteo.evaluation.clinical import fit_fused
+        from kneeosteo.models.fused import FUSED_FILE
+        from kneeosteo.utils.hashing import sha256_file
+
+        row = next(r for r in out["rows"] if r["model"].startswith("fused ("))
+        fused = fit_fused(cs, by_path(probs, cs.paths), store.config.weights_sha256, definition,
+                          {"reference": str(reference), "reference_sha256": sha256_file(reference),
+                           "predictions": str(predictions)},
+                          {"auc": row["auc"], "how": f"cross-fitted on the same films ({out['folds']} patient-level "
+                           "folds); the stored model is fitted on all of them, so no figure on these films tests it"})
+        write_json(store.path / FUSED_FILE, fused.to_json())
+        out["stored_fused"] = str(store.path / FUSED_FILE)
     return out
 
 

@@ -33,7 +33,8 @@ def csv_row(p: Prediction) -> tuple:
             SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
             str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
             SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
-            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason)
+            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason,
+            _num(p.fused_probability), p.answer_basis)
 
 
 def knees_cell(p: Prediction) -> str:
@@ -62,7 +63,8 @@ def parquet_schema():
                       ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
                       ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
                       ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64()),
-                      ("knees", pa.string()), ("knee_reason", pa.string())])
+                      ("knees", pa.string()), ("knee_reason", pa.string()),
+                      ("fused_probability", pa.float64()), ("answer_basis", pa.string())])
 
 
 def _utf8(text: str) -> str:
@@ -194,7 +196,9 @@ def format_table(result: PredictionResult) -> str:
                                "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
                                SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
                                num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f"),
-                               _knees_text(p), printable(p.knee_reason) or "-"]
+                               _knees_text(p), printable(p.knee_reason) or "-", num(p.fused_probability, ".4f"),
+                               p.answer_basis if p.fused_probability is not None or p.answer_basis != "image_only"
+                               else "-"]
                               for p in result.predictions]
     # the task columns only when a row has them: a binary run's table is the paper model's
     first_task = COLUMNS.index("probabilities")

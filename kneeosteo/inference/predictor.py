@@ -50,7 +50,10 @@ COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "la
            # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
            "probabilities", "value", "interval_low", "interval_high",
            # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
-           "knees", "knee_reason")
+           "knees", "knee_reason",
+           # a run with a fused model (issue 31, `evaluate --store-fused`): its answer from the image and the
+           # covariates, and what each answer rests on (image_only | image_and_covariates)
+           "fused_probability", "answer_basis")
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -89,6 +92,8 @@ class Prediction:
     interval_high: float | None = None
     knees: tuple[dict, ...] | None = None  # a knee run: per knee, left to right (kneeosteo.inference.knees)
     knee_reason: str = ""  # a knee run's film with no knee found: why
+    fused_probability: float | None = None  # the run's fused model (image + covariates), when given them all
+    answer_basis: str = "image_only"  # image_only | image_and_covariates: never a filled-in covariate
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -167,6 +172,11 @@ class Predictor:
                 self.info = replace(self.info, threshold=self.trust.threshold)
             else:
                 self.trust = replace(self.trust, threshold=float(threshold))
+        from kneeosteo.models.fused import load_fused
+
+        # the run's fused model (image + covariates), checked against its weights; None for most runs
+        self.fused = (load_fused(self.run.path, self.run.config.weights_sha256)
+                      if self.run is not None and self.task == "binary" else None)
         if (self.trust is not None and self.trust.domain is not None and self._session is not None
                 and "features" not in self._session.output_names):
             raise InferenceError(f"{onnx}: an export without the features output, which this run's domain check "

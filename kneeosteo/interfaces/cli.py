@@ -320,6 +320,7 @@ def evaluate(
     reference: Optional[Path] = ReferenceOpt(),
     covariates: Optional[str] = typer.Option(None, help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also score the clinical logistic, the OST index and the fused model beside the image model."),
     definition: Optional[str] = typer.Option(None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."),
+    store_fused: bool = typer.Option(False, "--store-fused", help="With --reference/--covariates: fit the fused model (image + covariates) on those films and store it in the run (fused.json), so predict and the API use the covariates. Its quality figure is the cross-fitted one: the films it is fitted on no longer test it."),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
@@ -337,7 +338,8 @@ def evaluate(
             raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
         names = parse_covariates(covariates)
     metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
-                                  labels=labels, reference=reference, covariates=names, definition=definition)
+                                  labels=labels, reference=reference, covariates=names, definition=definition,
+                                  store_fused=store_fused)
     if metrics.get("task") in ("multiclass", "regression"):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
@@ -352,6 +354,9 @@ def evaluate(
 
         for line in format_comparison(metrics["clinical"]):
             print(line)
+        if metrics["clinical"].get("stored_fused"):
+            print(f"stored the fused model (fitted on these {metrics['clinical']['n']} films) in "
+                  f"{metrics['clinical']['stored_fused']}")
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 
@@ -494,6 +499,7 @@ def predict(
     actors: Optional[int] = typer.Option(None, min=1, help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor)."),
     cpus_per_actor: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."),
     dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra)."),
+    covariates: Optional[Path] = typer.Option(None, "--covariates", help="For a run with a fused model (fused.json, `evaluate --store-fused`): a CSV with path and the model's covariate columns; adds fused_probability, and answer_basis image_and_covariates (image_only where a value is missing, named on stderr)."),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
@@ -529,6 +535,17 @@ def predict(
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
+    table = None
+    if covariates is not None:
+        if predictor.fused is None:
+            raise typer.BadParameter(f"model {predictor.model_id} has no fused model (fused.json) to take covariates; "
+                                     "fit one with `kneeosteo evaluate RUN --reference R --covariates ... "
+                                     "--store-fused`", param_hint="--covariates")
+        if ray is not None:
+            raise typer.BadParameter("--covariates is applied in this process: drop --ray", param_hint="--covariates")
+        from kneeosteo.inference.covariates import read_covariates
+
+        table = read_covariates(covariates, predictor.fused.covariates)  # before the images are read
     if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
         raise typer.BadParameter("DICOM reports are written for a binary run folder (--run), whose model also "
                                  "draws the heat map", param_hint="--dicom-out")
@@ -550,6 +567,16 @@ def predict(
         result = predict_sharded(inputs, workers, **kwargs)
     else:
         result = predictor.predict(inputs)
+    fused_notes = []
+    if predictor.fused is not None:
+        from kneeosteo.inference.covariates import apply_covariates
+
+        if table is None:
+            fused_notes = [f"model {predictor.model_id} takes covariates ({', '.join(predictor.fused.covariates)}; "
+                           "--covariates FILE.csv): without them every answer is image-only"]
+        else:
+            result.predictions, fused_notes = apply_covariates(result.predictions, predictor.fused, table,
+                                                               str(covariates))
     if out is not None:
         write_predictions(result, out)
         print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
@@ -557,6 +584,8 @@ def predict(
         print(format_table(result))
     for err in result.errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
+    for line in fused_notes:
+        typer.echo(printable(line), err=True)
     if not result.predictions:
         raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)" if result.errors
                         else "no image found in the inputs")
