@@ -306,6 +306,13 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
         bad = ask(json.dumps({"age": "old"}))
         assert bad.status_code == 422 and bad.json()["detail"] == "covariates: covariate age 'old' is not a number"
         assert ask(json.dumps({"height": 1.6})).status_code == 422 and ask("[70]").status_code == 422
+        # the page: a field per covariate (built from /api/model), sent with the film to /api/explain
+        page = client.get("/").text
+        assert 'id="covariates"' in page and 'form.append("covariates", JSON.stringify(covariates))' in page
+        shown = client.post("/api/explain", files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
+                            data={"covariates": json.dumps({"age": 70, "sex": "female", "weight_kg": 60})}).json()
+        assert shown["answer_basis"] == "image_and_covariates"
+        assert shown["fused_probability"] == pytest.approx(full["fused_probability"])
     # a run without a fused model refuses covariates; a fused model of other weights is refused
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(films[0]), "--run", str(run), "--engine", "torch", "--covariates", str(covs)])

@@ -156,6 +156,10 @@ class Service:
 
     def predict(self, path: Path, name: str, covariates: dict | None = None) -> dict:
         img = decode(path, name, self.settings.max_pixels)
+        return self._answer(img, name, covariates)
+
+    def _answer(self, img, name: str, covariates: dict | None) -> dict:
+        """The image model's row, plus the fused model's answer when the run has one."""
         row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])
         row["answer_basis"] = "image_only"
         if self.fused is not None:
@@ -193,9 +197,9 @@ class Service:
                 raise HTTPException(422, f"covariates: {str(exc)[:150]}") from None
         return doc
 
-    def explain(self, path: Path, name: str) -> dict:
+    def explain(self, path: Path, name: str, covariates: dict | None = None) -> dict:
         img = decode(path, name, self.settings.max_pixels)
-        row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])  # what /api/predict gives
+        row = self._answer(img, name, covariates)  # what /api/predict gives
         if row["status"] == "out_of_domain":  # no label, so no map of the evidence for one
             return {**row, "gradcam_target": "", "gradcam_layer": self.explainer.layer_name, "gradcam_all_zero": False,
                     "image_png": encode_b64(grey_png(img.pixels)), "gradcam_png": None, "attention_png": None}
@@ -327,9 +331,11 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
         return await run_job(file, lambda path, name: service.predict(path, name, cells))
 
     @app.post("/api/explain", response_model=Explanation, responses=_ERRORS, tags=["model"])
-    async def explain(file: Upload):
+    async def explain(file: Upload, covariates: Annotated[Optional[str], Form(
+            description="As for /api/predict: a JSON object of the fused model's covariates.")] = None):
         """The prediction plus the radiograph, Grad-CAM and attention overlays as base64 PNGs."""
-        return await run_job(file, service.explain)
+        cells = service.check_covariates(covariates)
+        return await run_job(file, lambda path, name: service.explain(path, name, cells))
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
