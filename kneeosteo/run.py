@@ -70,7 +70,8 @@ RUN_FILES = {
                    "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
     "domain.safetensors": "that domain check's arrays: mean, scale and shrunk inverse covariance (float64)",
     "fused.json": "the fused model (image + covariates, issue 31; `evaluate --store-fused`): standardised logistic "
-                  "coefficients as plain numbers, the covariates it takes, the weights' sha256 and the films it was fitted on",
+                  "coefficients as plain numbers, the covariates it takes, the weights' sha256 and the films it was fitted on; "
+                  "its own sha256 is in config.json's record",
     "calibration.png": "reliability diagram of the test probabilities, raw and calibrated (`evaluate`)",
     "decision_curve.png": "net benefit of the calibrated model against treat-all and treat-none (`evaluate`)",
     "checkpoint/": "last epoch's state for `--resume` (one atomic safetensors file, and a readable state.json)",

@@ -195,6 +195,9 @@ def test_the_page_sends_covariates_to_a_run_with_a_fused_model(page, tiny, tmp_p
     fused = FusedModel(("age", "sex"), (0.0, 60.0, 0.5), (1.0, 10.0, 0.5), (0.8, 1.2, 0.3), -0.4,
                        RunDir(run).config.weights_sha256, "osteoporosis")
     write_json(run / FUSED_FILE, fused.to_json())
+    from kneeosteo.utils.hashing import sha256_file
+
+    RunDir(run).update_record(fused={"sha256": sha256_file(run / FUSED_FILE)})
     film = g.png_grey8(tmp_path / "knee.png", array=g.dataset_image(5, "osteoporosis", size=320))
     with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=2))) as url:
         errors = []

@@ -239,7 +239,7 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
               "--covariates", "age,sex,weight_kg", "--store-fused"])
     assert exc.value.code in (0, None)
     assert "stored the fused model (fitted on these 20 films)" in capsys.readouterr().out
-    fused = load_fused(fr, RunDir(fr).config.weights_sha256)
+    fused = load_fused(fr, RunDir(fr).config.weights_sha256, RunDir(fr).config.record["fused"]["sha256"])
     assert fused.covariates == ("age", "sex", "weight_kg") and fused.fitted_on["films"] == 20
     with open(tmp_path / "e" / "predictions.csv", newline="") as fh:
         raw = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
@@ -317,10 +317,21 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(films[0]), "--run", str(run), "--engine", "torch", "--covariates", str(covs)])
     assert exc.value.code == 2
+    from kneeosteo.errors import CheckpointError
+    from kneeosteo.utils.hashing import sha256_file
+
     doc = json.loads((fr / "fused.json").read_text())
-    (fr / "fused.json").write_text(json.dumps({**doc, "weights_sha256": "0" * 64}))
+    (fr / "fused.json").write_text(json.dumps({**doc, "intercept": doc["intercept"] + 1}))  # an edited coefficient
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(films[0]), "--run", str(fr), "--engine", "torch", "--covariates", str(covs)])
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "fused.json: fitted for weights 000000000000" in err
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "fused.json: sha256 differs" in err
+    (fr / "fused.json").write_text(json.dumps({**doc, "weights_sha256": "0" * 64}))  # recorded, but other weights
+    with pytest.raises(CheckpointError, match="fitted for weights 000000000000"):
+        load_fused(fr, RunDir(fr).config.weights_sha256, sha256_file(fr / "fused.json"))
+    planted = tmp_path / "planted"  # a fused.json config.json's record does not know
+    planted.mkdir()
+    shutil.copy(fr / "fused.json", planted / "fused.json")
+    with pytest.raises(CheckpointError, match="not recorded in config.json"):
+        load_fused(planted, "x", None)

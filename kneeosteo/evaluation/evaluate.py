@@ -175,6 +175,7 @@ def clinical_block(reference: str | Path, covariates: list[str], definition: str
                           {"auc": row["auc"], "how": f"cross-fitted on the same films ({out['folds']} patient-level "
                            "folds); the stored model is fitted on all of them, so no figure on these films tests it"})
         write_json(store.path / FUSED_FILE, fused.to_json())
+        store.update_record(fused={"sha256": sha256_file(store.path / FUSED_FILE)})  # the file first, then its record
         out["stored_fused"] = str(store.path / FUSED_FILE)
     return out
 

@@ -175,7 +175,8 @@ class Predictor:
         from kneeosteo.models.fused import load_fused
 
         # the run's fused model (image + covariates), checked against its weights; None for most runs
-        self.fused = (load_fused(self.run.path, self.run.config.weights_sha256)
+        self.fused = (load_fused(self.run.path, self.run.config.weights_sha256,
+                                 (self.run.config.record.get("fused") or {}).get("sha256"))
                       if self.run is not None and self.task == "binary" else None)
         if (self.trust is not None and self.trust.domain is not None and self._session is not None
                 and "features" not in self._session.output_names):

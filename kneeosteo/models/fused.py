@@ -10,7 +10,8 @@ never a pickle. It is a logistic regression on standardised inputs
 
 The image input is the model's *raw* probability (``predictions.csv``'s ``probability``,
 ``predict``'s ``raw_probability``), so a later ``calibrate`` does not change what it was fitted on.
-The file records the weights' sha256 it was fitted for: loaded beside other weights it is refused.
+The file records the weights' sha256 it was fitted for, and config.json's record its own sha256
+(``record.fused.sha256``, as for the trust files): an edited, planted or foreign file is refused.
 
 A run "uses" covariates when it holds ``fused.json``. Each answer then says what it rests on
 (``answer_basis``): ``image_and_covariates`` when every covariate was given, ``image_only`` when one
@@ -20,6 +21,7 @@ number is a :class:`~kneeosteo.errors.DataError` naming it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -129,15 +131,26 @@ class FusedModel:
             raise CheckpointError(f"{where}: malformed fused model ({exc})") from None
 
 
-def load_fused(run_path: str | Path, weights_sha256: str) -> FusedModel | None:
-    """``RUN/fused.json``, checked against the run's weights; None when the run has none."""
+def load_fused(run_path: str | Path, weights_sha256: str, recorded_sha256: str | None) -> FusedModel | None:
+    """``RUN/fused.json``, checked against the sha256 config.json's record holds for it
+    (``recorded_sha256``) and against the run's weights; None when the run has none. A file the
+    record does not know (planted, or left by an interrupted write), an edited one, or one fitted
+    for other weights is a CheckpointError naming it."""
     f = Path(run_path) / FUSED_FILE
-    if not f.exists():
+    if recorded_sha256 is None:
+        if f.exists():
+            raise CheckpointError(f"{f}: not recorded in config.json (planted or left by an interrupted write); "
+                                  "remove it or refit with `kneeosteo evaluate RUN ... --store-fused`")
         return None
     if not f.is_file():
-        raise CheckpointError(f"{f}: not a regular file")
+        raise CheckpointError(f"{f}: missing or not a regular file, but config.json records a fused model; "
+                              "copy the whole run folder")
     try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != recorded_sha256:
+            raise CheckpointError(f"{f}: sha256 differs from the one recorded in config.json; the file was edited "
+                                  "or swapped after fitting")
+        doc = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{f}: unreadable ({exc})") from None
     if not isinstance(doc, dict):
