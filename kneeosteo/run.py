@@ -477,7 +477,7 @@ class RunDir:
             with atomic_path(new.split_file) as tmp:
                 shutil.copyfile(self.split_file, tmp)
         doc = json.loads(self.config_file.read_text())
-        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain")}
+        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain", "fused")}
         doc["record"] = {**base, **record}
         if sha256_file(new.weights_file) != src.weights_sha256:
             raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")

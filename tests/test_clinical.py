@@ -240,6 +240,8 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
     assert exc.value.code in (0, None)
     assert "stored the fused model (fitted on these 20 films)" in capsys.readouterr().out
     fused = load_fused(fr, RunDir(fr).config.weights_sha256, RunDir(fr).config.record["fused"]["sha256"])
+    derived = RunDir(fr).derive(tmp_path / "derived", {})  # a derived run copies neither the file nor its record
+    assert "fused" not in derived.config.record and load_fused(derived.path, "x", None) is None
     assert fused.covariates == ("age", "sex", "weight_kg") and fused.fitted_on["films"] == 20
     with open(tmp_path / "e" / "predictions.csv", newline="") as fh:
         raw = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
