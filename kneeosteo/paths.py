@@ -21,8 +21,13 @@ def data_candidates(explicit: str | None = None) -> list[Path]:
 
 def find_data_dir(explicit: str | None = None) -> Path | None:
     for cand in data_candidates(explicit):
-        if cand.is_dir():
-            return cand
+        try:
+            if cand.is_dir():
+                return cand
+        except OSError as exc:  # a name too long, a permission: that folder's one line, not a traceback
+            from kneeosteo.errors import DataError
+
+            raise DataError(f"{cand}: data folder cannot be used ({exc.strerror or exc})") from exc
         if explicit and cand == Path(explicit):
             return None  # an explicit choice that doesn't exist must not fall through silently
     return None

@@ -337,3 +337,28 @@ def test_out_through_a_file_says_a_part_of_the_path_is_a_file(tmp_path, capsys):
     assert _main(["predict", img, "--out", afile / "x.csv"]) == 1
     err = capsys.readouterr().err
     assert "a part of the path is a file" in err and "File exists" not in err
+
+
+def test_names_over_255_bytes_are_one_line_each_and_the_batch_goes_on(tmp_path, caplog):
+    """Issue 28 row 2 and the manifest items: a file name too long (argument or manifest row) is
+    that input's error; Excel's byte-order mark is not an entry; a repeated row is said, read once."""
+    import logging
+
+    from kneeosteo.inference.inputs import collect_inputs
+
+    good = g.png_grey8(tmp_path / "a.png")
+    long_png, long_csv = tmp_path / ("x" * 300 + ".png"), tmp_path / ("y" * 300 + ".csv")
+    manifest = tmp_path / "list.csv"
+    manifest.write_bytes("\ufeffpath\na.png\n./a.png\n".encode() + b"z" * 300 + b".png\n")
+    with caplog.at_level(logging.WARNING):
+        files, errors = collect_inputs([long_png, long_csv, manifest, good])
+    assert files == [good]
+    assert [e.path for e in errors] == [str(long_png), str(long_csv), str(tmp_path / ("z" * 300 + ".png"))]
+    assert all("File name too long" in e.reason for e in errors)
+    assert any("row 3 (./a.png) repeats row 2" in m for m in caplog.messages)
+
+
+def test_predict_with_a_too_long_name_is_one_line(tmp_path, capsys):
+    assert _main(["predict", "--engine", "torch", tmp_path / ("x" * 300 + ".png")]) == 1
+    err = capsys.readouterr().err
+    assert "File name too long" in err and "Traceback" not in err

@@ -139,7 +139,7 @@ def test_cli_predict_csv_json_table_and_exit_codes(ws, torch_result, tmp_path, c
     capsys.readouterr()
     assert _main(["predict", "--run", ws.run, ws.images / "a.png", "--threshold", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == list(COLUMNS[:12]) and "osteoporosis" in out[1]
+    assert out[0].split() == [*COLUMNS[:12], "status_reason"] and "osteoporosis" in out[1]
 
     bad = [ws.images / "folder" / "bad.png", ws.images / "readme.txt"]
     assert _main(["predict", "--run", ws.run, *bad]) == 1

@@ -83,6 +83,62 @@ def test_bad_manifest_rows_are_left_out_each_named_by_its_row_and_reason(small_e
     assert "site: 2 distinct; A 2, C 1" in md and "t_score:" in md
 
 
+def test_hostile_manifest_rows_are_left_out_and_the_rest_goes_on(small_export, tmp_path, capsys):
+    """Issue 28 rows 2, 7, 8 and the T-score range: a name over 255 bytes, links out of DATA (a
+    file and a folder link to /), a path listed with two labels, ``1_000`` and 1000 as T-scores."""
+    import os
+
+    (tmp_path / "secret.png").write_bytes((small_export / "img" / "a0.png").read_bytes())
+    os.symlink(tmp_path / "secret.png", small_export / "img" / "link.png")
+    os.symlink("/", small_export / "root")
+    os.symlink(small_export / "img" / "a5.png", small_export / "img" / "inner.png")  # inside DATA: fine
+    rows = [["img/a0.png", "normal", "-0.5"],                  # row 2: fine
+            ["img/" + "x" * 300 + ".png", "normal", "0"],       # row 3: name too long
+            ["img/link.png", "normal", "0"],                    # row 4: a link out of DATA
+            [f"root{tmp_path}/secret.png", "normal", "0"],      # row 5: through a folder link to /
+            ["img/b0.png", "osteoporosis", "-3.0"],             # row 6: conflicts with row 7
+            ["img/b0.png", "normal", "-3.0"],                   # row 7
+            ["img/a1.png", "normal", "1_000"],                  # row 8: not a number
+            ["img/a2.png", "normal", "1000"],                   # row 9: not a T-score
+            ["img/inner.png", "normal", "-0.1"],                # row 10: fine
+            ["img/b1.png", "osteoporosis", "-2.7"]]             # row 11: fine
+    manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "t_score"], rows)
+    scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
+    assert sorted(r.path for r in scan.records) == ["img/a0.png", "img/b1.png", "img/inner.png"]
+    reasons = {m["row"]: m["reason"] for m in scan.left_out}
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9]
+    assert "File name too long" in reasons[3]
+    assert reasons[4] == reasons[5] == "path outside the data folder (through a symbolic link)"
+    assert reasons[6].startswith("label conflict") and reasons[7].startswith("label conflict")
+    assert reasons[8] == "non-numeric t_score '1_000'" and "out of [-10, 10]" in reasons[9]
+    for command in (["audit", small_export, "--labels", manifest, "--out", tmp_path / "a"],
+                    ["split", small_export, "--labels", manifest, "--out", tmp_path / "s.json", "--test-size", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in command])
+        assert exc.value.code in (0, 1) and "Traceback" not in capsys.readouterr().err
+
+
+def test_audit_md_takes_labels_and_cells_literally(small_export, tmp_path):
+    """Also noted in issue 28: a label's raw markup went into audit.md as markup."""
+    rows = [["img/a0.png", "normal", "[click](javascript:alert(1))"], ["img/b0.png", "osteoporosis", "x|y"],
+            ["img/a1.png", "<img src=x onerror=alert(1)>", "A"]]
+    manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "site"], rows)
+    scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
+    md = render_markdown(build_audit(scan))
+    import re
+
+    assert not re.search(r"(?<!\\)<img|(?<!\\)\]\(javascript|x\|y", md)  # nothing unescaped
+    assert "\\<img src=x onerror=alert(1)\\>" in md and "x\\|y" in md
+
+
+def test_a_too_long_data_folder_name_is_one_line(tmp_path, capsys):
+    for command in ("audit", "split"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, str(tmp_path / ("d" * 300)), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and len(err.splitlines()) == 1 and "File name too long" in err
+
+
 def test_whole_file_problems_are_one_line_errors_naming_the_manifest(small_export, tmp_path, capsys):
     with pytest.raises(DataError, match="labels.csv: label manifest not found"):
         read_manifest(tmp_path / "labels.csv", small_export)

@@ -262,3 +262,19 @@ def test_pdf_prints_the_same_page(report, tmp_path):
     pdf = print_pdf(html, tmp_path / "report.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-"
     assert 4 <= page_count(pdf) <= 30  # nine sections, each printed from a new page
+
+
+def test_the_retrain_command_is_shell_quoted(tmp_path):
+    """Issue 28 row 13: a data path with a quote or a space, pasted from the report, is one argument."""
+    import shlex
+    from types import SimpleNamespace
+
+    from kneeosteo.reporting.run_report import reproducibility_section
+
+    (tmp_path / "config.json").write_text("{}")
+    data = "/data/o'brien knees; rm -rf ~"
+    cfg = SimpleNamespace(settings={"seed": 0}, record={"data": data}, weights_sha256="0" * 64)
+    run = SimpleNamespace(config=cfg, path=tmp_path / "my run", split_file=tmp_path / "none.json",
+                          config_file=tmp_path / "config.json", trust_file=tmp_path / "none.json")
+    argv = shlex.split(reproducibility_section(run)["command"])
+    assert argv[:3] == ["kneeosteo", "train", data] and argv[-2:] == ["--out", "my run"]

@@ -319,6 +319,118 @@ def test_trusted_prediction_fields_and_statuses():
     assert away.status == "out_of_domain" and away.label == "" and away.prediction_set == ()
     d = away.to_dict()
     assert list(d) == ["status", "probability", "raw_probability", "label", "prediction_set",
-                       "domain_score", "domain_threshold", "calibrated"]
+                       "domain_score", "domain_threshold", "calibrated", "status_reason"]
+    # issue 33: every status says why
+    assert confident.status_reason == "in domain; one class in the 90% prediction set"
+    assert torn.status_reason == "both classes in the 90% prediction set"
+    assert d["status_reason"] == "out of domain"  # no reasons given: the generic one
+    named = trusted_prediction(8.0, **kw, domain_score=9.0, in_domain=False, domain_reasons=("blank image", "x"))
+    assert named.status_reason == "blank image; x"
+    mute = trusted_prediction(8.0, **kw, domain_score=1.0, in_domain=True, no_signal="no signal at this site: why")
+    assert mute.status == "uncertain" and mute.status_reason == "no signal at this site: why"
+    assert mute.label == "osteoporosis" and mute.prediction_set == ("osteoporosis",)
     assert d["calibrated"] is True
     json.dumps(d)
+
+
+def test_ok_only_when_the_label_is_the_single_member_of_the_set():
+    """Issue 28 row 3: a low operating threshold labels osteoporosis where the conformal set is
+    {normal}; such an answer is uncertain, never ok."""
+    z, y = _binary(2000, 10)
+    cal = TemperatureScaler()
+    cal.fit(2 * z, y)
+    cc = ConformalClassifier(0.9).fit(cal.transform(2 * z), y)
+    kw = dict(calibrator=cal, threshold=0.05, conformal=cc, domain_score=1.0, domain_threshold=5.0, in_domain=True)
+    answers = [trusted_prediction(float(v), **kw) for v in np.linspace(-8, 8, 161)]
+    clash = [t for t in answers if len(t.prediction_set) == 1 and t.prediction_set[0] != t.label]
+    assert clash, "the grid should reach a label outside its one-class set"
+    assert all(t.status == "uncertain" for t in clash)
+    assert all(t.status == "ok" for t in answers if t.prediction_set == (t.label,))
+
+
+# -- fail closed on a stored state (issue 28 row 9) ---------------------------------------------
+
+def _bundle_state():
+    from kneeosteo.trust import TrustBundle
+
+    z, y = _binary(400, 11)
+    cal = TemperatureScaler()
+    cal.fit(z, y)
+    cc = ConformalClassifier(0.9).fit(cal.transform(z), y)
+    dc = DomainCheck().fit(_in_domain(120, 8, 3))
+    return TrustBundle(cal, 0.5, "0.5", cc, dc, ("normal", "osteoporosis")).to_state()
+
+
+@pytest.mark.parametrize("damage", ["mean-nan", "scale-inf", "scale-zero", "threshold-huge", "threshold-nan",
+                                    "temperature-huge", "conformal-nan"])
+def test_a_non_finite_or_out_of_range_trust_state_is_refused(damage):
+    """With the hashes fixed up, such a state made every distance NaN (counted in domain) or let
+    anything through; now it is refused (RunDir turns the error into one naming the file)."""
+    from kneeosteo.trust import TrustBundle
+
+    tensors, meta = _bundle_state()
+    TrustBundle.from_state(tensors, meta)  # the undamaged state loads
+    if damage == "mean-nan":
+        tensors["domain.mean"][0] = np.nan
+    elif damage == "scale-inf":
+        tensors["domain.scale"][1] = np.inf
+    elif damage == "scale-zero":
+        tensors["domain.scale"][1] = 0.0
+    elif damage == "threshold-huge":
+        meta["domain"]["threshold"] = 1e308
+    elif damage == "threshold-nan":
+        meta["domain"]["threshold"] = float("nan")
+    elif damage == "temperature-huge":
+        meta["calibration"]["temperature"] = 1e300
+    else:
+        tensors["conformal.calibration_scores"][0] = np.nan
+    with pytest.raises((DataError, ConfigError, ValueError)):
+        TrustBundle.from_state(tensors, meta)
+
+
+def test_a_nan_distance_is_out_of_domain():
+    dc = DomainCheck().fit(_in_domain(120, 8, 3))
+    x = _in_domain(1, 8, 4)
+    assert dc.assess(x).ok
+    dc._arrays["mean"] = np.full(8, np.nan)  # a state that slipped through: fail closed, never "in domain"
+    v = dc.assess(x)
+    assert not v.ok and "not finite" in v.reasons[0]
+
+
+# -- the film checks: orientation, composition, noise (issue 28 row 6) -------------------------
+
+def _knee_like(h: int = 400, w: int = 200, seed: int = 0) -> np.ndarray:
+    """A dark film with one bright bone column (shaft, joint block, shaft) and faint smooth texture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    half = np.where(np.abs(y - 0.5) < 0.08, 0.22, 0.12)  # the joint is wider than the shafts
+    bone = np.exp(-((x - 0.5) / half) ** 8) * (0.55 + 0.1 * y)
+    img = 0.08 + bone + 0.01 * np.sin(12 * y) * np.cos(9 * x) + rng.normal(0, 0.002, (h, w))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def test_film_checks_refuse_strong_noise_and_two_knees_side_by_side():
+    from kneeosteo.trust import PixelLimits
+    from kneeosteo.trust.domain import bone_columns, noise_level
+
+    film = _knee_like()
+    films = PixelLimits(film_checks=True)
+    assert pixel_problems(film, limits=films) == [] and bone_columns(film) == 1 and noise_level(film) < 0.03
+    noisy = np.clip(film + np.random.default_rng(1).normal(0, 0.2, film.shape), 0, 1)
+    assert any("strong noise" in r for r in pixel_problems(noisy, limits=films))
+    pair = np.hstack([film, _knee_like(seed=2)])
+    assert bone_columns(pair) == 2
+    assert any("side by side" in r for r in pixel_problems(pair, limits=films))
+    assert pixel_problems(noisy) == pixel_problems(pair) == []  # off without a fitted film domain
+    assert DomainCheck().pixel_limits.film_checks  # a feature check turns them on
+
+
+def test_a_film_whose_mirror_image_is_closer_is_upside_down():
+    dc = DomainCheck().fit(_in_domain(120, 8, 3))
+    xs = _in_domain(40, 8, 4)
+    d = dc.distance(xs)
+    inside = np.flatnonzero(d <= dc.threshold)
+    near, far = xs[inside[np.argmin(d[inside])]][None], xs[inside[np.argmax(d[inside])]][None]
+    assert dc.assess(near, mirrored=far).ok  # upright: its mirror image lies further out
+    v = dc.assess(far, mirrored=near)  # in domain by distance, but its mirror image is closer
+    assert not v.ok and "upside down" in v.reasons[0]

@@ -78,6 +78,24 @@ def test_calibrate_refuses_an_existing_run_as_output(tiny, tmp_path):
         calibrate_run(tiny.run, tiny.run, tiny.data)
 
 
+def test_calibrate_refuses_an_out_inside_the_run_or_a_folder_with_files(tiny, tmp_path, capsys):
+    """Issue 28 row 12: nothing is written inside the run read, nor over a folder's files."""
+    from kneeosteo.interfaces.cli import main
+
+    before = _tree_digest(tiny.run)
+    taken = tmp_path / "mine"
+    taken.mkdir()
+    (taken / "split.json").write_text("my split")
+    (taken / "trust.json").write_text("my notes")
+    for out in (Path(tiny.run) / "sub", taken):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", str(tiny.run), str(tiny.data), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and len(err.strip().splitlines()) == 1 and "choose" in err
+    assert _tree_digest(tiny.run) == before and not (Path(tiny.run) / "sub").exists()
+    assert (taken / "split.json").read_text() == "my split" and (taken / "trust.json").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("damage", ["edit-json", "edit-tensors", "delete-json", "plant"])
 def test_a_damaged_trust_file_is_refused(tiny, tmp_path, damage):
     run = RunDir(shutil.copytree(tiny.run, tmp_path / "run"))
@@ -368,3 +386,47 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
     stored = run.trust.conformal  # fitted when the session's tiny run was trained
     assert np.allclose(np.sort(stored.calibration_scores), np.sort(bundle.conformal.calibration_scores), atol=1e-6)
     assert sorted(stored.calibration_labels.tolist()) == sorted(y.tolist())
+
+
+# -- calibrate at a site: the refit threshold (issue 28 row 4) --------------------------------------
+
+def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_on(bundled_run, tmp_path, caplog,
+                                                                                   one_thread):
+    """Two films set the threshold to the larger distance (ordinary films then fail); the refit
+    used fp16-cached inputs, so a calibration film itself was refused at prediction (fp32). Now:
+    fewer than 40 films keep the run's threshold; enough are refit on predict's own inputs;
+    identical films with two labels are left out with a warning."""
+    import logging
+
+    import imagegen as g
+    from kneeosteo.experiments.trust_fit import calibrate_run, min_refit_images
+    from kneeosteo.inference import Predictor
+
+    before = RunDir(bundled_run).trust.domain.threshold
+    few = g.make_dataset(tmp_path / "few", n_per_class=2)
+    kept = calibrate_run(bundled_run, tmp_path / "few-run", few.root).trust
+    assert kept.domain.threshold == before and "too few" in kept.fitted["domain"]
+
+    assert min_refit_images(0.95) == 40
+    site = g.make_dataset(tmp_path / "site", n_per_class=21, conflict_duplicates=1)
+    with caplog.at_level(logging.WARNING):
+        new = calibrate_run(bundled_run, tmp_path / "site-run", site.root)
+    assert any("identical images with two labels" in m for m in caplog.messages)
+    assert new.trust.fitted["calibration_images"] == 41  # 43 files less the film and its copy in the other class
+    result = Predictor(new.path, engine="torch").predict([p for p, _ in site.items], progress=False)
+    scores = np.array([r.domain_score for r in result.predictions if "conflict" not in r.path
+                       and Path(r.path).name != site.conflicts[0][0].name])
+    assert new.trust.domain.threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
+    assert (scores <= new.trust.domain.threshold * (1 + 1e-5)).mean() >= 0.95
+
+
+def test_an_upside_down_kop_film_is_refused(kop, bundled_run, one_thread):
+    """Issue 28 row 6: normal_0007 mirrored top to bottom lies within the distance threshold (83 <
+    130), so only the orientation check (its mirror image, the upright film, is closer) refuses it."""
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.inference import Predictor
+
+    px = read_image(kop / "normal" / "normal_0007.jpeg").pixels
+    up, down = Predictor(bundled_run, engine="torch").predict_trusted([px, np.ascontiguousarray(px[::-1])])
+    assert up.status != "out_of_domain"
+    assert down.status == "out_of_domain" and down.domain_score <= down.domain_threshold

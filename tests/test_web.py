@@ -136,7 +136,9 @@ def test_model_endpoint(client, tiny_run):
     info = RunDir(tiny_run).info
     assert doc["model_id"] == info.model_id and doc["threshold"] == info.threshold == 0.5
     assert doc["classes"] == {"negative": "normal", "positive": "osteoporosis"}
-    assert doc["config"] == json.loads((tiny_run / "config.json").read_text())
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert doc["config"]["identity"]["classes"] == config["identity"]["classes"]
+    assert doc["config"]["weights_sha256"] == config["weights_sha256"]
     assert doc["caveat"] == DEFAULT_CAVEAT and doc["card"] is None  # a trained run has no card
     assert doc["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 25_000_000, "workers": 2, "queue": 2}  # 25 MP: the service default
 
@@ -147,6 +149,35 @@ def test_a_run_without_a_fused_model_refuses_covariates_and_answers_image_only(c
     assert r.status_code == 422 and "takes no covariates" in r.json()["detail"]
     r = post(client, "/api/predict", files["png"])
     assert r.status_code == 200 and r.json()["answer_basis"] == "image_only" and r.json()["fused_probability"] is None
+
+
+def test_model_endpoint_tells_a_stranger_nothing_about_the_server(client, tiny_run, tiny):
+    """Issue 28 row 5: no absolute path (the run, the data, the venv), no calibration file names."""
+    import sys
+
+    text = client.get("/api/model").text
+    config = (tiny_run / "config.json").read_text()
+    for secret in (str(tiny_run), str(tiny.data)):
+        assert secret in config and secret not in text  # in the run's file, not in the answer
+    assert sys.prefix not in text
+    assert "content_ids" not in text and "command_line" not in text and '"/' not in text
+
+
+def test_public_doc_withholds_paths_and_calibration_file_names():
+    from kneeosteo.interfaces.web.app import public_doc
+
+    doc = {"settings": {"data": "../shared/kop", "epochs": 3},
+           "record": {"calibrated_from": {"run": "/srv/runs/a", "model_id": "m-1"},
+                      "calibration_data": {"data": "site", "content_ids": {"p/a.png": "00"}},
+                      "reweight": {"method": "1 / P(own label | file metadata)"},
+                      "backbone_weights": {"path": "/venv/lib/x.pth", "sha256": "ab"}},
+           "fitted": {"calibration_set": "/data/site films", "domain_set": "training partition (originals)"}}
+    out = public_doc(doc)
+    assert out == {"settings": {"data": None, "epochs": 3},
+                   "record": {"calibrated_from": {"run": None, "model_id": "m-1"}, "calibration_data": {"data": None},
+                              "reweight": {"method": "1 / P(own label | file metadata)"},
+                              "backbone_weights": {"path": None, "sha256": "ab"}},
+                   "fitted": {"calibration_set": None, "domain_set": "training partition (originals)"}}
 
 
 def test_caveat_comes_from_the_model_card():

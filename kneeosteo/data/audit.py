@@ -6,6 +6,7 @@ unreadable files, and the metadata-only shortcut accuracy.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from kneeosteo.data.grouping import KEY_SOURCES, dicom_patient_ids, group_summar
 from kneeosteo.data.scan import Scan
 from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.utils.atomic import write_json, write_text
+from kneeosteo.utils.text import printable
 
 
 def _dist(values: list[float]) -> dict:
@@ -131,8 +133,24 @@ def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int 
     }
 
 
+_MARKUP = re.compile(r"([\\`*<>\[\]|&])")
+
+
+def _md(text) -> str:
+    """User text (a label, a column, a patient id, a reason quoting them) as Markdown text: control
+    characters shown escaped, and HTML, links, emphasis and table pipes taken literally."""
+    return _MARKUP.sub(r"\\\1", printable(str(text)))
+
+
+def _code(text) -> str:
+    """A name as a Markdown code span that no backtick in it can end early."""
+    t = printable(str(text))
+    fence = "`" * (max((len(r) for r in re.findall("`+", t)), default=0) + 1)
+    return f"{fence} {t} {fence}" if len(fence) > 1 else f"`{t}`"
+
+
 def render_markdown(a: dict) -> str:
-    lines = [f"# Audit of `{a['data']}`", ""]
+    lines = [f"# Audit of {_code(a['data'])}", ""]
     lines += [
         f"- files read: {a['files_read']}, distinct images (by decoded pixels): {a['distinct_images']}",
         f"- unreadable files: {len(a['unreadable'])}; skipped (not images): {len(a['skipped_not_images'])}",
@@ -147,10 +165,10 @@ def render_markdown(a: dict) -> str:
         fmt = ", ".join(f"{k} {v}" for k, v in sorted(c["formats"].items()))
         mode = ", ".join(f"{k} {v}" for k, v in sorted(c["modes"].items()))
         if not w:
-            lines.append(f"| {label} | 0 | | | | | |")
+            lines.append(f"| {_md(label)} | 0 | | | | | |")
             continue
         lines.append(
-            f"| {label} | {c['images']} | {fmt} | {mode} | {w['median']:.0f} [{w['min']:.0f}-{w['max']:.0f}] "
+            f"| {_md(label)} | {c['images']} | {fmt} | {mode} | {w['median']:.0f} [{w['min']:.0f}-{w['max']:.0f}] "
             f"| {h['median']:.0f} [{h['min']:.0f}-{h['max']:.0f}] | {ar['median']:.3f} |"
         )
     ex = a["exact_duplicates"]
@@ -159,16 +177,16 @@ def render_markdown(a: dict) -> str:
     lines.append("")
     for g in ex["list"]:
         tag = "**LABEL CONFLICT** " if g["conflict"] else ""
-        lines.append(f"- {tag}" + ", ".join(f"`{m['path']}`" for m in g["members"]))
+        lines.append(f"- {tag}" + ", ".join(_code(m["path"]) for m in g["members"]))
     nd = a["near_duplicates"]
     lines += ["", f"## Near duplicates ({nd['method']}, <= {nd['threshold_bits']} bits)", ""]
     lines.append(f"{nd['clusters']} clusters of different pictures within the threshold.")
     lines.append("")
     for g in nd["list"]:
         tag = "(cross-label) " if g["cross_label"] else ""
-        lines.append(f"- {tag}" + ", ".join(f"`{m['path']}` ({m['label']})" for m in g["members"]))
+        lines.append(f"- {tag}" + ", ".join(f"{_code(m['path'])} ({_md(m['label'])})" for m in g["members"]))
     lines += ["", "## Labels and patients", ""]
-    lines.append(f"labels from: `{a['labels_from']}`" + (f"; merged: {', '.join(f'{k} -> {v}' for k, v in a['merge'].items())}"
+    lines.append(f"labels from: {_code(a['labels_from'])}" + (f"; merged: {', '.join(f'{_md(k)} -> {_md(v)}' for k, v in a['merge'].items())}"
                                                         if a["merge"] else ""))
     pt = a["patients"]
     per = pt.get("images_per_patient")
@@ -177,24 +195,24 @@ def render_markdown(a: dict) -> str:
                  + (f"; images per patient median {per['median']:g} [{per['min']}-{per['max']}], "
                     f"{per['patients_with_2_or_more']} patients with 2 or more" if per else ""))
     for col, by_class in a["columns"]["numbers"].items():
-        lines.append(f"- {col}: " + "; ".join(f"{lab} median {d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
+        lines.append(f"- {_md(col)}: " + "; ".join(f"{_md(lab)} median {d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
                                                for lab, d in by_class.items() if d))
     for col, t in a["columns"]["text"].items():
-        lines.append(f"- {col}: {t['distinct']} distinct; " + ", ".join(f"{k} {v}" for k, v in t["most_common"].items()))
+        lines.append(f"- {_md(col)}: {t['distinct']} distinct; " + ", ".join(f"{_md(k)} {v}" for k, v in t["most_common"].items()))
     if a["manifest_rows_left_out"]:
         lines += ["", f"### Manifest rows left out ({len(a['manifest_rows_left_out'])})", ""]
-        lines += [f"- row {m['row']} `{m['path']}`: {m['reason']}" for m in a["manifest_rows_left_out"]]
+        lines += [f"- row {m['row']} {_code(m['path'])}: {_md(m['reason'])}" for m in a["manifest_rows_left_out"]]
     if "split_check" in a:
         sc = a["split_check"]
-        lines += ["", f"### Split check: `{sc['file']}`", ""]
+        lines += ["", f"### Split check: {_code(sc['file'])}", ""]
         lines.append(f"**{sc['flag']}**" if sc["flag"] else
                      f"every patient in one partition (group key: {', '.join(sc['group_key'] or ['not recorded'])})")
         for leak in sc["leaks"][:20]:
-            lines.append(f"- {leak['key']}: " + "; ".join(f"{p}: {', '.join(v)}" for p, v in leak["partitions"].items()))
+            lines.append(f"- {_md(leak['key'])}: " + "; ".join(f"{p}: {_md(', '.join(v))}" for p, v in leak["partitions"].items()))
     if "reference" in a:
         lines += reference_lines(a["reference"], a["positive_class"])
     lines += ["", "## Unreadable files", ""]
-    lines += [f"- `{u['path']}`: {u['reason']}" for u in a["unreadable"]] or ["none"]
+    lines += [f"- {_code(u['path'])}: {_md(u['reason'])}" for u in a["unreadable"]] or ["none"]
     s = a["shortcut_metadata_only"]
     lines += ["", "## Shortcut check: label from file metadata only", ""]
     if s.get("accuracy") is None:

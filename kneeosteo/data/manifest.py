@@ -17,8 +17,9 @@ byte-order mark is accepted). One row per image::
 
 Whole-file problems (no such file, no ``path`` column, no label or target column) are a
 :class:`~kneeosteo.errors.DataError` naming the file. A bad *row* (missing file, empty or unknown
-label, duplicate path, non-numeric T-score, a path outside DATA) is left out with a one-line
-reason naming the row; nothing is dropped silently: the reasons travel to the audit
+label, duplicate path, a path listed twice with two labels (a label conflict: every row of it),
+non-numeric or out-of-range T-score, a path outside DATA, symbolic links followed, a name the system
+cannot open) is left out with a one-line reason naming the row; nothing is dropped silently: the reasons travel to the audit
 (``manifest_rows_left_out``) and the split file.
 """
 
@@ -89,13 +90,34 @@ def _relative(text: str) -> str | None:
     return p.as_posix()
 
 
+# T-scores are standard deviations from a young adult's mean: beyond these a cell is a typo or
+# another unit (``1_000``, a BMD in the wrong column), never a patient
+T_SCORE_RANGE = (-10.0, 10.0)
+
+
 def _number(text: str) -> float | None:
-    """A finite number from a cell; None when the cell is not one (a decimal comma is not guessed)."""
+    """A finite number from a cell; None when the cell is not one (a decimal comma is not guessed,
+    nor Python's ``1_000``)."""
+    if "_" in text:
+        return None
     try:
         v = float(text)
     except ValueError:
         return None
     return v if math.isfinite(v) else None
+
+
+def _out_of_range(column: str, v: float) -> str | None:
+    if column == "t_score" and not T_SCORE_RANGE[0] <= v <= T_SCORE_RANGE[1]:
+        return f"t_score {v:g} out of [{T_SCORE_RANGE[0]:g}, {T_SCORE_RANGE[1]:g}]"
+    if column == "bmd" and not v > 0:
+        return f"bmd {v:g} is not positive"
+    return None
+
+
+def _inside(target: Path, root: Path) -> bool:
+    """Does ``target`` (symbolic links followed) lie inside ``root``?"""
+    return target.resolve().is_relative_to(root)
 
 
 def read_manifest(file: str | Path, root: str | Path) -> Manifest:
@@ -123,7 +145,9 @@ def read_manifest(file: str | Path, root: str | Path) -> Manifest:
     if len(lines) > MAX_ROWS:
         raise DataError(f"{file}: {len(lines)} rows, more than {MAX_ROWS}")
     out = Manifest(file, columns, [], [])
-    seen: dict[str, int] = {}
+    seen: dict[str, ManifestRow] = {}
+    conflicts: dict[str, list[int]] = {}  # a path listed with two labels: left out, every row of it
+    real_root = root.resolve()
     for number, cells in enumerate(lines, start=2):
         if not any(c.strip() for c in cells):
             continue  # a blank line, as spreadsheets leave at the end
@@ -138,18 +162,40 @@ def read_manifest(file: str | Path, root: str | Path) -> Manifest:
             continue
         row.path = rel
         if rel in seen:
-            out.leave_out(row, f"duplicate path (first on row {seen[rel]})")
+            first = seen[rel]
+            if row.label != first.label:  # as identical images with two labels: a label conflict
+                conflicts.setdefault(rel, [first.row]).append(number)
+                out.leave_out(row, f"label conflict: {row.label!r} here, {first.label!r} on row {first.row}")
+            else:
+                out.leave_out(row, f"duplicate path (first on row {first.row})")
             continue
-        seen[rel] = number
+        seen[rel] = row
         bad = [c for c in NUMERIC_COLUMNS if values.get(c) and _number(values[c]) is None]
         if bad:
             out.leave_out(row, "; ".join(f"non-numeric {c} {values[c]!r}" for c in bad))
             continue
         row.values = {c: _number(values[c]) for c in NUMERIC_COLUMNS if values.get(c)}
+        wild = [w for w in (_out_of_range(c, v) for c, v in row.values.items()) if w]
+        if wild:
+            out.leave_out(row, "; ".join(wild))
+            continue
         row.info = {c: v for c, v in values.items() if c not in ("path", "label", "patient_id", *NUMERIC_COLUMNS) and v}
         target = root / rel
-        if not target.is_file():
-            out.leave_out(row, "file not found" if not target.exists() else "not a regular file")
+        try:
+            if not target.is_file():
+                out.leave_out(row, "file not found" if not target.exists() else "not a regular file")
+                continue
+            if not _inside(target, real_root):
+                out.leave_out(row, "path outside the data folder (through a symbolic link)")
+                continue
+        except (OSError, RuntimeError) as exc:  # a name too long, a permission, a link loop: this row only
+            out.leave_out(row, f"cannot be opened ({getattr(exc, 'strerror', None) or exc})")
             continue
         out.rows.append(row)
+    if conflicts:
+        for row in [r for r in out.rows if r.path in conflicts]:
+            out.rows.remove(row)
+            rows = conflicts[row.path]
+            out.leave_out(row, f"label conflict: the path is listed again with another label on row(s) "
+                               f"{', '.join(map(str, rows[1:]))}")
     return out

@@ -28,6 +28,7 @@ from kneeosteo.trust import (
     logit,
     reliability_diagram,
 )
+from kneeosteo.trust.shift import batch_shift
 
 __all__ = ["calibration_figure", "decision_curve_figure", "trust_metrics"]
 
@@ -63,11 +64,18 @@ def trust_metrics(run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: P
     block["at_operating_threshold"] = metrics_with_ci(y, cal, threshold=bundle.threshold)
     block["at_0.5"] = metrics_with_ci(y, cal, threshold=0.5)
     in_domain = np.ones(y.size, dtype=bool)
+    scores = None
     if bundle.domain is not None and features is not None:
-        in_domain = bundle.domain.distance(np.asarray(features, dtype=np.float64)) <= bundle.domain.threshold
+        scores = bundle.domain.distance(np.asarray(features, dtype=np.float64))
+        in_domain = scores <= bundle.domain.threshold
         block["domain_acceptance_by_features"] = float(in_domain.mean())
+    # the batch shift alarm over the scored images, as `predict` runs it over a folder (issue 33)
+    block["batch_shift"] = batch_shift(bundle.shift_reference, scores, cal).to_dict()
     mask = bundle.conformal.predict_mask(cal)
     block["conformal_coverage"] = empirical_coverage(mask, y)
+    hit = mask[np.arange(y.size), y]  # per class: what Mondrian sets promise (issue 33)
+    block["conformal_coverage_per_class"] = {c: float(hit[y == k].mean()) if (y == k).any() else None
+                                             for k, c in enumerate(run.config.classes)}
     block["abstention_rate"] = abstention_rate(mask)
     confident = in_domain & (mask.sum(axis=1) == 1)
     block["confident_share"] = float(confident.mean())

@@ -180,10 +180,14 @@ class Explainer:
             return task_verdicts(self._run, out.float().double().cpu().numpy(), feats, [pixels])[0]
         with torch.no_grad():
             z, feats = self.model.logit_and_features(x)
+            mirrored = None
+            if self.trust is not None and self.trust.domain is not None and feats is not None:
+                mirrored = self.model.logit_and_features(torch.flip(x, dims=[-2]))[1][0].double().cpu().numpy()
         z = float(z.float()[0])
         if self.trust is None:
             return untrusted_prediction(z, self.threshold, (self.info.negative, self.info.positive))
-        return self.trust.predict(z, None if feats is None else feats[0].double().cpu().numpy(), pixels)
+        return self.trust.predict(z, None if feats is None else feats[0].double().cpu().numpy(), pixels,
+                                  mirrored=mirrored)
 
     def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
         """Canonical greyscale (H, W) in [0, 1] -> maps on that (H, W) grid.

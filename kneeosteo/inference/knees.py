@@ -39,8 +39,9 @@ _SEVERITY = ("ok", "uncertain", "out_of_domain")
 def no_knee_verdict(search: KneeSearch, calibrated: bool) -> TrustedPrediction:
     """A film where no knee was found: ``out_of_domain``, no numbers, the search's reason."""
     nan = float("nan")
-    return TrustedPrediction("out_of_domain", nan, nan, "", (), nan, nan, calibrated,
-                             knee_reason=f"no knee found: {search.reason}")
+    why = f"no knee found: {search.reason}"
+    return TrustedPrediction("out_of_domain", nan, nan, "", (), nan, nan, calibrated, knee_reason=why,
+                             status_reason=why)
 
 
 def _mean(values) -> float:
@@ -84,5 +85,12 @@ def film_verdict(search: KneeSearch, verdicts: Sequence[TrustedPrediction], clas
             label = labels.pop() if len(labels) == 1 else ""
         if len(labels) > 1 or (pset and len(pset) != 1):
             status = "uncertain"
+    # the reason: the knees disagreeing, else the worst knee's own (named by its position)
+    worst = max(zip(search.knees, verdicts), key=lambda kt: _SEVERITY.index(kt[1].status))
+    if status != "out_of_domain" and (len({t.label for t in verdicts}) > 1 or (pset and len(pset) != 1)):
+        reason = "the knees' labels or prediction sets differ"
+    else:
+        reason = f"{worst[0].position} knee: {worst[1].status_reason}" if worst[1].status_reason else ""
     return TrustedPrediction(status, prob, raw, label, pset, score, verdicts[0].domain_threshold,
-                             all(t.calibrated for t in verdicts), probabilities, value, interval, knees)
+                             all(t.calibrated for t in verdicts), probabilities, value, interval, knees,
+                             status_reason=reason)

@@ -7,24 +7,81 @@ them all), CSV into one file, Parquet into a folder of part files (``preds.parqu
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
-from kneeosteo.errors import KneeosteoError
+from kneeosteo.errors import KneeosteoError, OutputError
 from kneeosteo.inference.predictor import COLUMNS, Prediction, PredictionResult
-from kneeosteo.utils.atomic import atomic_path, write_json
+from kneeosteo.utils.atomic import atomic_path, new_folder_mode, write_json
 from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
-__all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "csv_row", "format_table",
-           "knees_cell", "write_predictions"]
+__all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "check_output", "csv_row",
+           "format_table", "knees_cell", "shift_side_file", "write_predictions"]
 
 OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
 STREAM_SUFFIXES = (".csv", ".parquet")  # written row by row; JSON is one document
 SET_SEPARATOR = ";"  # a conformal set of two classes in a CSV cell: "normal;osteoporosis"
 SHARD_ROWS = 100_000  # rows per Parquet part file
+PART_FILE = re.compile(r"part-\d{5}\.parquet")
+# how our own files begin (a file that does not is the user's, and is never replaced)
+_OWN_START = {".csv": b"path,content_id,", ".json": b'{\n  "columns": [\n    "path",'}
+
+
+def _foreign(out: Path) -> str | None:
+    """Why ``out``, which exists, is not a prediction output of ours (None: it is ours, or empty)."""
+    st = out.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    suffix = out.suffix.lower()
+    if suffix == ".parquet":
+        if not stat.S_ISDIR(st.st_mode):
+            return "not a folder of Parquet part files"
+        with os.scandir(out) as entries:
+            other = sorted(e.name for e in entries if not (PART_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)))
+        return f"a folder holding {other[0]!r}" + (f" and {len(other) - 1} more" if len(other) > 1 else "") if other else None
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return None
+    start = _OWN_START.get(suffix, b"")
+    with open(out, "rb") as fh:
+        head = fh.read(len(start))
+    return None if start and head == start else f"not a {suffix.lstrip('.').upper()} prediction file of kneeosteo"
+
+
+def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an ``out`` that would destroy what kneeosteo did not write: one
+    that exists and is not an earlier prediction output (a folder of our part files, a file
+    beginning with our header) or is empty, and one that is also an input (or holds one); and
+    Parquet without pyarrow."""
+    out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        _pyarrow()  # not installed: one line now, not after predicting everything
+    try:
+        where = out.resolve()
+        for item in inputs:
+            try:
+                p = Path(item).resolve()
+            except (OSError, RuntimeError):  # a link loop, a name too long: the input's own error, later
+                p = Path(os.path.abspath(item))
+            if p == where or where in p.parents:
+                raise OutputError(f"{out}: is also an input; choose another --out")
+        why = _foreign(out) if os.path.lexists(out) else None
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"{out}: cannot be checked ({getattr(exc, 'strerror', None) or exc})") from exc
+    if why is not None:
+        raise OutputError(f"{out}: exists and is {why}, not an earlier output of `kneeosteo predict`; "
+                          "nothing was changed: choose another --out or move it away")
+    return out
 
 
 def csv_row(p: Prediction) -> tuple:
@@ -34,7 +91,7 @@ def csv_row(p: Prediction) -> tuple:
             str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
             SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
             _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason,
-            _num(p.fused_probability), p.answer_basis)
+            p.status_reason, _num(p.fused_probability), p.answer_basis)
 
 
 def knees_cell(p: Prediction) -> str:
@@ -64,6 +121,7 @@ def parquet_schema():
                       ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
                       ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64()),
                       ("knees", pa.string()), ("knee_reason", pa.string()),
+                      ("status_reason", pa.string()),
                       ("fused_probability", pa.float64()), ("answer_basis", pa.string())])
 
 
@@ -84,6 +142,7 @@ class PredictionWriter:
         if self.suffix not in STREAM_SUFFIXES:
             raise ValueError(f"{out}: cannot stream {self.suffix or '(none)'!r}; use {' or '.join(STREAM_SUFFIXES)}")
         self._pending: list[Prediction] = []
+        check_output(self.out)
 
     def __enter__(self) -> "PredictionWriter":
         if self.suffix == ".csv":
@@ -93,6 +152,7 @@ class PredictionWriter:
             self._schema = parquet_schema()
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+            os.chmod(self._dir, new_folder_mode())  # mkdtemp made it 0700
             self._parts = 0
         return self
 
@@ -129,8 +189,9 @@ class PredictionWriter:
                 if self._pending or not self._parts:  # an empty result is still a readable (empty) table
                     self._flush(self._pending)
                 self._pending = []
+                check_output(self.out)  # again: something may have been put there meanwhile
                 old = None
-                if self.out.is_dir() and not self.out.is_symlink():
+                if os.path.lexists(self.out):  # only ever our own part files (or nothing)
                     old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", suffix=".tmp", dir=self.out.parent))
                     os.replace(self.out, old / "x")
                 try:
@@ -139,11 +200,15 @@ class PredictionWriter:
                     if old is not None:
                         os.replace(old / "x", self.out)
                     raise
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                if old is not None:  # file by file, never a whole tree: only what check_output let through
+                    for part in (old / "x").iterdir():
+                        if PART_FILE.fullmatch(part.name):
+                            part.unlink()
+                    (old / "x").rmdir()
+                    old.rmdir()
+        except OutputError:
+            raise
         except OSError as exc:
-            from kneeosteo.errors import OutputError
-
             raise OutputError(f"{self.out}: could not be written ({exc.strerror or exc}); "
                               "its previous version, if any, is unchanged") from exc
         finally:
@@ -152,20 +217,42 @@ class PredictionWriter:
         return False
 
 
+def shift_side_file(out: str | Path) -> Path:
+    """Where a CSV or Parquet output's ``batch_shift`` record goes: ``preds.csv`` ->
+    ``preds.batch_shift.json`` beside it (a JSON output carries it inside)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.batch_shift.json")
+
+
 def write_predictions(result: PredictionResult, out: str | Path) -> Path:
     """CSV: the columns only (errors go to stderr; a two-class set joined by ``;``, a missing domain
-    score empty); Parquet: the same columns typed, in part files; JSON: rows plus an ``errors`` list."""
+    score empty); Parquet: the same columns typed, in part files; JSON: rows plus an ``errors`` list.
+    The batch shift alarm's record (``result.batch_shift``, when assessed): a ``batch_shift`` key
+    of the JSON, or the side file :func:`shift_side_file` next to a CSV or Parquet output."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix in STREAM_SUFFIXES:
         with PredictionWriter(out) as w:
             w.write(result.predictions)
+        if result.batch_shift is not None:
+            write_json(shift_side_file(out), {"batch_shift": result.batch_shift})
     elif suffix == ".json":
-        write_json(out, {"columns": list(COLUMNS), "predictions": [p.as_row() for p in result.predictions],
-                         "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]})
+        check_output(out)
+        doc = {"columns": list(COLUMNS), "predictions": [_finite(p.as_row()) for p in result.predictions],
+               "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]}
+        if result.batch_shift is not None:
+            doc["batch_shift"] = result.batch_shift
+        write_json(out, doc)
     else:
         raise ValueError(f"{out}: unknown output type {suffix or '(none)'!r}; use {' or '.join(OUTPUT_SUFFIXES)}")
     return out
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no NaN or infinity (strict parsers reject Python's ``NaN``): null, as the API writes."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else
+            {c: None if not math.isfinite(x) else x for c, x in v.items()} if isinstance(v, dict) else v
+            for k, v in row.items()}
 
 
 def _num(v) -> str:
@@ -196,7 +283,8 @@ def format_table(result: PredictionResult) -> str:
                                "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
                                SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
                                num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f"),
-                               _knees_text(p), printable(p.knee_reason) or "-", num(p.fused_probability, ".4f"),
+                               _knees_text(p), printable(p.knee_reason) or "-",
+                               printable(p.status_reason) or "-", num(p.fused_probability, ".4f"),
                                p.answer_basis if p.fused_probability is not None or p.answer_basis != "image_only"
                                else "-"]
                               for p in result.predictions]

@@ -51,6 +51,8 @@ COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "la
            "probabilities", "value", "interval_low", "interval_high",
            # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
            "knees", "knee_reason",
+           # why the status is what it is (issue 33): last, so the columns before it keep their places
+           "status_reason",
            # a run with a fused model (issue 31, `evaluate --store-fused`): its answer from the image and the
            # covariates, and what each answer rests on (image_only | image_and_covariates)
            "fused_probability", "answer_basis")
@@ -92,6 +94,7 @@ class Prediction:
     interval_high: float | None = None
     knees: tuple[dict, ...] | None = None  # a knee run: per knee, left to right (kneeosteo.inference.knees)
     knee_reason: str = ""  # a knee run's film with no knee found: why
+    status_reason: str = ""  # which domain check failed; both classes in the set; no signal; batch shift
     fused_probability: float | None = None  # the run's fused model (image + covariates), when given them all
     answer_basis: str = "image_only"  # image_only | image_and_covariates: never a filled-in covariate
 
@@ -106,6 +109,7 @@ class Prediction:
 class PredictionResult:
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[ImageReadError] = field(default_factory=list)  # .path, .reason
+    batch_shift: dict | None = None  # the batch shift alarm's record (kneeosteo.inference.batch), once assessed
 
 
 class Predictor:
@@ -229,8 +233,12 @@ class Predictor:
             return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
+        mirrored = None
+        if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
+            mirrored = self.forward(torch.flip(torch.as_tensor(images), dims=[-2]))[2]
         return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
-                                   None if pixel_reasons is None else pixel_reasons[i]) for i in range(len(z))]
+                                   None if pixel_reasons is None else pixel_reasons[i],
+                                   None if mirrored is None else mirrored[i]) for i in range(len(z))]
 
     @property
     def pixel_limits(self):
@@ -314,7 +322,8 @@ class Predictor:
         return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
                           t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
                           self.threshold, self.model_id, dict(t.probabilities) or None,
-                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason)
+                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason,
+                          t.status_reason)
 
 
 def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None = None,
@@ -337,26 +346,34 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
         px = None if pixels is None else pixels[i]
         reasons = None if pixel_reasons is None else pixel_reasons[i]
         if check is None or features is None:
-            ok = not reasons if reasons is not None else (px is None or not pixel_problems(px))
-            verdicts.append((float("nan"), float("nan"), ok))
+            why = list(reasons) if reasons is not None else ([] if px is None else pixel_problems(px))
+            verdicts.append((float("nan"), float("nan"), not why, "; ".join(why)))
         else:
             v = check.assess(np.asarray(features[i], dtype=np.float64)[None, :], px, pixel_reasons=reasons)
-            verdicts.append((v.score, v.threshold, v.ok))
+            verdicts.append((v.score, v.threshold, v.ok, "; ".join(v.reasons)))
     out = []
     if cfg.task == "multiclass":
         for i, q in enumerate(a["probabilities"]):
-            score, thr, ok = verdicts[i]
+            score, thr, ok, why = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or len(pset) == 1 else "uncertain")
+            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
+            reason = (why or "out of domain") if not ok else ("in domain; no prediction sets (uncalibrated run)"
+                                                              if a["sets"] is None else
+                                                              "in domain; one class in the prediction set"
+                                                              if pset == (cfg.classes[k],) else
+                                                              "the most probable class is not the one class in the prediction set"
+                                                              if len(pset) == 1 else
+                                                              f"{len(pset)} classes in the prediction set")
             out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
                                          pset if ok else (), score, thr, a["calibrated"],
-                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q))))
+                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q)), status_reason=reason))
         return out
     for i, v in enumerate(a["values"]):
-        score, thr, ok = verdicts[i]
+        score, thr, ok, why = verdicts[i]
         label = who_band(float(v)) if (cfg.target == "t_score" and ok) else ""
         interval = () if a["interval"] is None else (float(a["interval"][0][i]), float(a["interval"][1][i]))
         out.append(TrustedPrediction("ok" if ok else "out_of_domain", float("nan"), float("nan"), label, (), score, thr,
-                                     a["interval"] is not None, (), float(v), interval))
+                                     a["interval"] is not None, (), float(v), interval,
+                                     status_reason="in domain" if ok else (why or "out of domain")))
     return out

@@ -422,9 +422,16 @@ def calibrate(
     domain_acceptance: float = typer.Option(0.95, help=ACCEPTANCE_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     labels: Optional[Path] = LabelsOpt(),
+    class_conditional: bool = typer.Option(False, "--class-conditional", help="Mondrian conformal sets: one quantile "
+                                           "per class, so the coverage holds within each class (needs more films "
+                                           "of each class: at 0.9, at least 9 per class for a one-class answer)."),
 ):
-    """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder."""
-    from kneeosteo.experiments.trust_fit import calibrate_run, trust_line
+    """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder.
+
+    With SITE data (labelled films of one site), first print the site check: the run's own AUC
+    (with interval), ECE, calibration slope, set coverage and accuracy there; an AUC interval that
+    holds 0.5 is 'no signal at this site' and the new run marks every prediction uncertain."""
+    from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, site_check_lines, trust_line
     from kneeosteo.trust.conformal import _check_coverage
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
@@ -433,14 +440,18 @@ def calibrate(
     _check_coverage(coverage)
     if not 0 < domain_acceptance < 1:
         raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
+    check_new_run_folder(run, out)  # before ensure_writable creates it
     ensure_writable(out)
     new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
-                        acceptance=domain_acceptance, device=device, labels=labels)
+                        acceptance=domain_acceptance, device=device, labels=labels,
+                        class_conditional=class_conditional)
     if new.config.task != "binary":
         from kneeosteo.experiments.task_trust import task_trust_line
 
         print(task_trust_line(new.config.record["task_trust"]))
     else:
+        if new.trust.site_check is not None:
+            print("\n".join(site_check_lines(new.trust.site_check)))
         print(trust_line(new.trust))
     print(f"wrote {new.path} (model {new.model_id}); {run} is unchanged")
 
@@ -462,6 +473,18 @@ def trust_summary(t: dict) -> list[str]:
                  f"{at['sensitivity']['value']:.3f}, specificity {at['specificity']['value']:.3f}")
     lines.append(f"conformal coverage {t['conformal_coverage']:.3f} (target {t['coverage']:g}), abstention "
                  f"{t['abstention_rate']:.3f}; domain acceptance {t.get('domain_acceptance_by_features', float('nan')):.3f}")
+    per = t.get("conformal_coverage_per_class")
+    if per:
+        kind = "Mondrian sets" if t.get("class_conditional") else "one quantile for both classes"
+        lines.append("coverage per class (" + kind + "): "
+                     + ", ".join(f"{c} {'-' if v is None else format(v, '.3f')}" for c, v in per.items()))
+    shift = t.get("batch_shift")
+    if shift:
+        p = "" if shift.get("p_value") is None else f", KS {shift['statistic']:.3f}, p {shift['p_value']:.3g}"
+        lines.append(f"batch shift over these {shift['n']} images: {shift['verdict']}{p}")
+    site = t.get("site_check")
+    if site:
+        lines.append(f"site check (when calibrated): {site['verdict']}: {site['reason']}")
     return lines
 
 
@@ -524,6 +547,7 @@ def predict(
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
     if dicom_out is not None and (ray is not None or workers > 1):
         raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
+    from kneeosteo.inference.output import check_output
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_out is not None:
@@ -532,6 +556,7 @@ def predict(
         require_extra()  # before the images are read
         ensure_writable(dicom_out)
     if out is not None:
+        check_output(out, inputs)  # never replaces what we did not write, nor an input
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
@@ -555,6 +580,7 @@ def predict(
         rows, errors = predict_ray(inputs, out, predictor, kwargs, address=ray, actors=actors,
                                    cpus_per_actor=cpus_per_actor)
         print(f"wrote {rows} predictions to {out} (model {predictor.model_id})")
+        print("batch shift: not assessed with --ray (the rows are streamed out as they come)")
         for err in errors:
             typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
         if not rows:
@@ -567,6 +593,9 @@ def predict(
         result = predict_sharded(inputs, workers, **kwargs)
     else:
         result = predictor.predict(inputs)
+    from kneeosteo.inference.batch import assess_batch
+
+    shift = assess_batch(result, predictor.trust, predictor.task)  # before writing: a shift changes the rows
     fused_notes = []
     if predictor.fused is not None:
         from kneeosteo.inference.covariates import apply_covariates
@@ -580,8 +609,10 @@ def predict(
     if out is not None:
         write_predictions(result, out)
         print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
+        print(shift.line())
     elif result.predictions:
         print(format_table(result))
+        typer.echo(shift.line(), err=True)
     for err in result.errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     for line in fused_notes:

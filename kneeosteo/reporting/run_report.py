@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import platform
+import shlex
 import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
@@ -195,6 +196,8 @@ def calibration_section(folder: Path, metrics: dict) -> dict | None:
             "abstention": t.get("abstention_rate"), "confident_share": t.get("confident_share"),
             "confident": t.get("confident_subset"), "domain_acceptance": t.get("domain_acceptance_by_features"),
             "domain_method": t.get("domain_method"), "n": t.get("n"),
+            "per_class": t.get("conformal_coverage_per_class"), "class_conditional": t.get("class_conditional"),
+            "shift": t.get("batch_shift"), "site": t.get("site_check"),
             "reliability": file_uri(folder / "calibration.png"), "decision": file_uri(folder / "decision_curve.png")}
 
 
@@ -230,7 +233,8 @@ def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: 
         explained.append((c.path, pixels, ex))
         shown.append({"path": c.path, "kind": c.kind, "probability": c.probability, "correct": c.correct,
                       "picture": image_uri(gallery.panels(pixels, ex.gradcam, ex.attention)),
-                      "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else ""})
+                      "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else "",
+                      "status_reason": ex.trust.status_reason if ex.trust is not None else ""})
     check = sanity.sanity_check(explained, twin)
     by_path = {r["path"]: r for r in check["images"]}
     for s in shown:
@@ -255,8 +259,8 @@ def reproducibility_section(run: RunDir) -> dict:
     settings = {k: v for k, v in cfg.settings.items()
                 if v is not None and k not in ("data", "out", "split", "extra") and not isinstance(v, dict)}
     toml = "[train]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(settings.items()))
-    command = (f"kneeosteo train {cfg.record.get('data', 'DATA')} --config settings.toml --split split.json "
-               f"--out {run.path.name}")
+    command = shlex.join(["kneeosteo", "train", str(cfg.record.get("data", "DATA")), "--config", "settings.toml",
+                          "--split", "split.json", "--out", run.path.name])
     split = {}
     if run.split_file.is_file():
         doc = json.loads(run.split_file.read_text())

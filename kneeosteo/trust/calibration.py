@@ -75,7 +75,10 @@ class TemperatureScaler:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TemperatureScaler":
-        return cls(float(d["temperature"]))
+        t = float(d["temperature"])
+        if not DEGENERATE_TEMPERATURE[0] <= t <= DEGENERATE_TEMPERATURE[1]:  # no fit keeps such a value
+            raise ConfigError(f"temperature {t!r} out of [{DEGENERATE_TEMPERATURE[0]:g}, {DEGENERATE_TEMPERATURE[1]:g}]")
+        return cls(t)
 
     def __repr__(self) -> str:
         return f"TemperatureScaler(temperature={self.temperature:.4g})"
@@ -106,7 +109,10 @@ class PlattScaler:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlattScaler":
-        return cls(float(d["a"]), float(d["b"]))
+        a, b = float(d["a"]), float(d["b"])
+        if not (np.isfinite(a) and np.isfinite(b)):
+            raise ConfigError(f"Platt coefficients a={a!r}, b={b!r} are not finite")
+        return cls(a, b)
 
     def __repr__(self) -> str:
         return f"PlattScaler(a={self.a:.4g}, b={self.b:.4g})"

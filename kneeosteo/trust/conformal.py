@@ -122,6 +122,9 @@ class ConformalClassifier:
         cc.calibration_labels = np.asarray(tensors["calibration_labels"], dtype=np.int64)
         if cc.quantiles.shape != (2,):
             raise DataError(f"conformal state: quantiles must have shape (2,), got {cc.quantiles.shape}")
+        scores = cc.calibration_scores
+        if np.isnan(cc.quantiles).any() or not np.all((scores >= 0) & (scores <= 1)):  # also false for NaN
+            raise DataError("conformal state: quantiles or calibration scores are NaN or out of [0, 1]")
         return cc
 
 

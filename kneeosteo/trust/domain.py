@@ -29,7 +29,7 @@ An input is in domain when its distance is at most the threshold and no pixel ch
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,7 +39,8 @@ from kneeosteo.errors import ConfigError, DataError
 if TYPE_CHECKING:  # scikit-learn and SciPy are imported where a check is fitted, not on predict's path
     from sklearn.neighbors import NearestNeighbors
 
-__all__ = ["METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits", "pixel_problems"]
+__all__ = ["MAX_DOMAIN_THRESHOLD", "METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits",
+           "bone_columns", "noise_level", "pixel_problems"]
 
 METHODS = ("mahalanobis", "knn")
 
@@ -48,6 +49,9 @@ METHODS = ("mahalanobis", "knn")
 # dimensions (the test suite's tiny run) out-of-fold distances spread over two orders of magnitude
 # and the check rejected one of ten images of the run's own data; only the pixel checks apply then.
 MIN_DOMAIN_IMAGES = 50
+# A stored threshold above this is not one a fit gives (the bundled model's: 129.7 in 1280
+# standardised dimensions); with it, anything at all would pass the feature check.
+MAX_DOMAIN_THRESHOLD = 1e5
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,48 @@ class PixelLimits:
     min_grey_levels: int = 32
     max_saturation: float = 0.15
     max_aspect: float = 3.0
+    # the film checks (issue 28): applied with a fitted feature check (``DomainCheck`` turns them on),
+    # which is what says a film is a knee film at all. max_noise: the noise level (:func:`noise_level`)
+    # above which an image is refused as strong noise; max_bone_columns: bone regions side by side in
+    # the top or bottom of the bone region (:func:`bone_columns`; two knees in one image: 2)
+    film_checks: bool = False
+    max_noise: float = 0.03
+    max_bone_columns: int = 1
+
+
+def noise_level(pixels: np.ndarray) -> float:
+    """Pixel noise of a [0, 1] greyscale image (Donoho's estimate: the median absolute high-pass
+    residual / 0.6745) on every k-th pixel, k such that 512 px remain on the longest side:
+    subsampling, unlike averaging, keeps each pixel's noise, so the level does not fall with the
+    scan size (KOP's 246 training films of the bundled model: median 0.006, at most 0.016;
+    Gaussian noise of sigma 0.05 added: at least 0.034)."""
+    import cv2
+
+    g = np.asarray(pixels, dtype=np.float32)
+    h, w = g.shape
+    s = 512 / max(h, w)
+    small = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_NEAREST)
+    return float(np.median(np.abs(small - cv2.GaussianBlur(small, (0, 0), 1.0))) / 0.6745)
+
+
+def bone_columns(pixels: np.ndarray) -> int:
+    """How many bone regions stand side by side in the top (5-30%) or bottom (70-95%) band of the
+    label-free bone region: 1 for a knee film (a femur above, tibia and fibula below), 2 for two
+    knees side by side (separated by a gap of at least 3% of the width)."""
+    from kneeosteo.data.bone import bone_mask
+
+    m = bone_mask(np.asarray(pixels, dtype=np.float32))
+    ys = np.nonzero(m.any(axis=1))[0]
+    if ys.size == 0 or m.all():
+        return 0
+    top, bottom = int(ys[0]), int(ys[-1])
+    gap = max(1, int(0.03 * m.shape[1]))
+    most = 0
+    for lo, hi in ((0.05, 0.3), (0.7, 0.95)):
+        band = m[top + int(lo * (bottom - top)): top + int(hi * (bottom - top)) + 1]
+        idx = np.nonzero(band.mean(axis=0) > 0.5)[0]
+        most = max(most, 0 if idx.size == 0 else 1 + int(np.sum(np.diff(idx) > gap)))
+    return most
 
 
 def pixel_problems(pixels=None, rgb=None, limits: PixelLimits = PixelLimits()) -> list[str]:
@@ -81,6 +127,13 @@ def pixel_problems(pixels=None, rgb=None, limits: PixelLimits = PixelLimits()) -
         aspect = max(h, w) / min(h, w)
         if aspect > limits.max_aspect:
             problems.append(f"implausible aspect ratio ({aspect:.2f} > {limits.max_aspect})")
+        if limits.film_checks and not problems:
+            noise = noise_level(g)
+            if noise > limits.max_noise:
+                problems.append(f"strong noise (noise level {noise:.3f} > {limits.max_noise})")
+            columns = bone_columns(g)
+            if columns > limits.max_bone_columns:
+                problems.append(f"{columns} bone regions side by side (two knees or films in one image?)")
     if rgb is not None:
         c = np.asarray(rgb)
         if c.ndim != 3 or c.shape[2] < 3:
@@ -148,8 +201,11 @@ class DomainCheck:
         if int(k) < 1:
             raise ConfigError(f"domain-check k must be at least 1, got {k}")
         self.method, self.acceptance, self.k = method, float(acceptance), int(k)
-        self.pixel_limits = pixel_limits
+        self.pixel_limits = replace(pixel_limits, film_checks=True)  # a film check needs a fitted film domain
         self.threshold: float | None = None
+        # the held-out in-domain distances the threshold was taken from (out-of-fold, given held-out
+        # ones, or a site's films): the batch shift alarm's reference; not part of the stored state
+        self.heldout_scores: np.ndarray | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._nn: NearestNeighbors | None = None
 
@@ -206,6 +262,7 @@ class DomainCheck:
             for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
                 scores[test] = self._distance(self._fit_arrays(x[train]), x[test])
         self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores = np.asarray(scores, dtype=np.float64)
         self._set_arrays(self._fit_arrays(x))
         return self
 
@@ -217,6 +274,7 @@ class DomainCheck:
             raise DataError("the domain check has not been fitted (call fit first)")
         scores = self._distance(self._arrays, self._features(heldout_features, "held-out features"), self._nn)
         self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores = np.asarray(scores, dtype=np.float64)
         return self.threshold
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -232,16 +290,26 @@ class DomainCheck:
             raise DataError("the domain check has not been fitted (call fit first)")
         return self._distance(self._arrays, self._features(features), self._nn)
 
-    def assess(self, features, pixels=None, rgb=None, pixel_reasons=None) -> DomainVerdict:
+    def assess(self, features, pixels=None, rgb=None, pixel_reasons=None, mirrored=None) -> DomainVerdict:
         """The verdict for one image (one feature vector, optionally its pixels, or the reasons
-        :func:`pixel_problems` gave for them under :attr:`pixel_limits` where the pixels were)."""
+        :func:`pixel_problems` gave for them under :attr:`pixel_limits` where the pixels were).
+        ``mirrored``: the features of the image mirrored top to bottom; when that mirror image is
+        closer to the training films than the image itself, the image is upside down (or
+        mirrored top to bottom) and refused."""
         x = self._features(features)
         if x.shape[0] != 1:
             raise DataError(f"domain check: assess takes one image's features, got {x.shape[0]}")
         score = float(self.distance(x)[0])
         reasons = list(pixel_reasons) if pixel_reasons is not None else pixel_problems(pixels, rgb, self.pixel_limits)
-        if score > self.threshold:
+        if not np.isfinite(score):  # fail closed: NaN > threshold is False
+            reasons.insert(0, "feature distance is not finite")
+        elif score > self.threshold:
             reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {self.threshold:.3g})")
+        elif mirrored is not None:
+            flipped = float(self.distance(self._features(mirrored, "mirrored features"))[0])
+            if not flipped >= score:
+                reasons.insert(0, f"upside down or mirrored top to bottom (its mirror image is closer to the "
+                                  f"training images: distance {flipped:.3g} < {score:.3g})")
         return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))
 
     def score(self, features, pixels=None, rgb=None) -> tuple[float, bool]:
@@ -268,6 +336,15 @@ class DomainCheck:
         missing = [n for n in needed if n not in tensors]
         if missing:
             raise DataError(f"domain-check state lacks {', '.join(missing)}")
-        dc._set_arrays({n: tensors[n] for n in needed})
-        dc.threshold = float(meta["threshold"])
+        arrays = {n: np.asarray(tensors[n], dtype=np.float64) for n in needed}
+        bad = [n for n, v in arrays.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise DataError(f"domain-check state: {', '.join(bad)} not finite")
+        if np.any(arrays["scale"] <= 0) or ("coef" in arrays and np.any(arrays["coef"] <= 0)):
+            raise DataError("domain-check state: a scale or shrinkage coefficient is not positive")
+        threshold = float(meta["threshold"])
+        if not (np.isfinite(threshold) and 0 < threshold <= MAX_DOMAIN_THRESHOLD):
+            raise DataError(f"domain-check state: threshold {threshold!r} out of (0, {MAX_DOMAIN_THRESHOLD:g}]")
+        dc._set_arrays(arrays)
+        dc.threshold = threshold
         return dc

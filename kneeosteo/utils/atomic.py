@@ -82,6 +82,12 @@ def new_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def new_folder_mode() -> int:
+    """What ``mkdir`` would give a new folder: 0777 less the umask (0755 under 022); ``mkdtemp``
+    makes it 0700, which would hide an output from the rest of the user's group."""
+    return 0o777 & ~current_umask()
+
+
 def remove_temporaries(folder: str | os.PathLike) -> int:
     """Delete what a killed writer left in ``folder``: its temporaries, never a finished file."""
     stale = [p for pattern in (".*.tmp", ".kneeosteo-probe-*") for p in Path(folder).glob(pattern)]

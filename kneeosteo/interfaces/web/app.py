@@ -9,7 +9,8 @@ import html
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -41,6 +42,9 @@ _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inlin
 # pixel (8-bit frame, float32 copy, clipping), so a job at 25 MP stays a fraction of the reader's
 # own 100 MP limit; docs/cli.md (`serve`) gives the measured figures.
 SERVICE_MAX_PIXELS = 25_000_000
+# the served session's batch shift alarm looks at this many of its most recent predictions
+RECENT_REQUESTS = 200
+SHIFT_REFRESH = 10  # a prediction recomputes the alarm once this many requests arrived since the last time
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,31 @@ class WebSettings:
     queue: int = 16  # jobs that may wait for a thread; more get 503
     max_upload_bytes: int = 32 * 1000 * 1000
     max_pixels: int = SERVICE_MAX_PIXELS
+
+
+# What /api/model withholds from a stranger: server paths (the run, the venv, the data and the
+# run calibrated from) and the file names of the calibration films. A key's value is set to null
+# (the field stays, so a client sees what is withheld); our own phrases in those keys are kept.
+_WITHHELD_KEYS = frozenset({"data", "out", "split", "labels", "path", "run", "config", "resume", "onnx",
+                            "calibration_set", "domain_set", "cache"})
+_DROPPED_KEYS = frozenset({"content_ids", "command_line", "environment"})
+_OWN_PHRASES = frozenset({"validation partition", "training partition (originals)"})
+
+
+def _looks_like_path(text: str) -> bool:
+    return ("/" in text or "\\" in text) and (" " not in text or text.startswith(("/", "./", "../", "~")))
+
+
+def public_doc(obj, key: str = ""):
+    """``obj`` (config.json, metrics, the trust summary) without anything about the server:
+    values under path-like keys and path-like strings become null, file-name lists are dropped."""
+    if isinstance(obj, dict):
+        return {k: public_doc(v, k) for k, v in obj.items() if k not in _DROPPED_KEYS}
+    if isinstance(obj, list):
+        return [public_doc(v, key) for v in obj]
+    if isinstance(obj, str) and ((key in _WITHHELD_KEYS and obj not in _OWN_PHRASES) or _looks_like_path(obj)):
+        return None
+    return obj
 
 
 def card_caveat(card: Optional[str]) -> str:
@@ -85,6 +114,9 @@ class Prediction(BaseModel):
                                                       "training images; null when the run has no domain check.")
     domain_threshold: Optional[float]
     calibrated: bool = Field(description="False for a run without trust files (no calibration, no domain check).")
+    status_reason: str = Field("", description="Why the status is what it is: which domain check failed; both "
+                                               "classes in the set; no signal at the site the run was calibrated "
+                                               "on; a batch shift among this session's recent requests.")
     threshold: float
     positive_class: str
     model_id: str = Field(description="<run name>-<sha256[:12] of the weights>.")
@@ -137,6 +169,12 @@ class Service:
         self.predictor = Predictor(run, threshold=settings.threshold, device=settings.device, batch_size=1)
         self.explainer = Explainer(run, threshold=settings.threshold, device=settings.device)
         self._explain_lock = threading.Lock()
+        # the batch shift alarm over this session's recent requests (issue 33): their domain scores
+        # and calibrated probabilities, newest last; no image, name or content id is kept
+        self._recent: deque[tuple[float | None, float]] = deque(maxlen=RECENT_REQUESTS)
+        self._recent_lock = threading.Lock()
+        self._shift = None  # (requests seen when computed, BatchShift)
+        self._seen = 0
         self.info = self.predictor.info
         self.fused = self.predictor.fused
         card = run.card_file.read_text() if run.card_file.is_file() else None
@@ -144,12 +182,15 @@ class Service:
         self.model_doc = {
             "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
-            "calibrated": run.trust is not None, "trust": None if run.trust is None else run.trust.summary(),
-            "caveat": self.caveat, "card": card,
+            "calibrated": run.trust is not None,
+            "trust": None if run.trust is None else public_doc(run.trust.summary()),
+            "caveat": self.caveat, "card": card, "config": public_doc(run.read_json(run.config_file.name)),
+            "metrics": public_doc(run.read_json(run.metrics_file.name)),
+            # a run that uses covariates: which, and its quoted figure; no file names or paths
             "fused": None if self.fused is None else {
                 "covariates": list(self.fused.covariates), "definition": self.fused.definition,
-                "estimate": self.fused.estimate, "fitted_on": self.fused.fitted_on}, "config": run.read_json(run.config_file.name),
-            "metrics": run.read_json(run.metrics_file.name),
+                "films": self.fused.fitted_on.get("films"), "positives": self.fused.fitted_on.get("positives"),
+                "auc": (self.fused.estimate.get("auc") or {}).get("auc"), "how": self.fused.estimate.get("how")},
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
                        "workers": settings.workers, "queue": settings.queue},
         }
@@ -212,7 +253,36 @@ class Service:
                 "attention_png": None if ex.attention is None else
                 encode_b64(overlay_png(img.pixels, ex.attention, stretch=True))}
 
+    def batch_shift(self, every: int = 1) -> dict:
+        """The alarm over the last ``RECENT_REQUESTS`` predictions of this session, recomputed once
+        ``every`` new requests have arrived since the last computation (a permutation test costs
+        about a third of a second: predictions refresh it every ``SHIFT_REFRESH`` requests, the
+        model panel whenever anything is new)."""
+        from kneeosteo.inference.batch import shift_for
+        from kneeosteo.trust.shift import MIN_SHIFT_IMAGES
+
+        with self._recent_lock:
+            recent, seen = list(self._recent), self._seen
+            shift = self._shift
+        if shift is None or seen - shift[0] >= every or (seen != shift[0] and len(recent) <= MIN_SHIFT_IMAGES):
+            result = shift_for(self.predictor.trust, [d for d, _ in recent], [p for _, p in recent],
+                               self.predictor.task)
+            shift = (seen, result)
+            with self._recent_lock:
+                self._shift = shift
+        return {**shift[1].to_dict(), "window": RECENT_REQUESTS, "requests_seen": seen}
+
     def _row(self, img, name: str, t) -> dict:
+        with self._recent_lock:
+            self._recent.append((t.to_dict()["domain_score"], t.probability))
+            self._seen += 1
+        shift = self.batch_shift(SHIFT_REFRESH)
+        if shift["verdict"] == "shift" and t.status == "ok":
+            from kneeosteo.inference.batch import BATCH_SHIFT_REASON
+
+            t = replace(t, status="uncertain", status_reason=(
+                f"{BATCH_SHIFT_REASON}: this session's last {shift['n']} images differ from the calibration "
+                f"images (p {shift['p_value']:.3g}); the prediction set's coverage does not hold for them"))
         return {"filename": name, **t.to_dict(), "threshold": self.info.threshold,
                 "positive_class": self.info.positive, "model_id": self.info.model_id,
                 "content_id": img.content_id, "format": img.meta.format,
@@ -318,8 +388,9 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
 
     @app.get("/api/model", tags=["model"])
     async def model() -> dict:
-        """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json."""
-        return service.model_doc
+        """Model id, threshold, classes, the model card (Markdown) and its caveat, config.json, metrics.json,
+        and the batch shift alarm over this session's recent requests (`batch_shift`)."""
+        return {**service.model_doc, "batch_shift": service.batch_shift()}
 
     @app.post("/api/predict", response_model=Prediction, responses=_ERRORS, tags=["model"])
     async def predict(file: Upload, covariates: Annotated[Optional[str], Form(
