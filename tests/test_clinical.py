@@ -291,7 +291,9 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
     from kneeosteo.interfaces.web import WebSettings, create_app
 
     with TestClient(create_app(WebSettings(run=fr, workers=1, queue=2))) as client:
-        assert client.get("/api/model").json()["fused"]["covariates"] == ["age", "sex", "weight_kg"]
+        model_text = client.get("/api/model").text
+        assert json.loads(model_text)["fused"]["covariates"] == ["age", "sex", "weight_kg"]
+        assert str(ref) not in model_text and str(tmp_path) not in model_text  # no paths to a stranger (issue 28)
 
         def ask(covariates):
             data = {} if covariates is None else {"covariates": covariates}
