@@ -15,7 +15,12 @@ from sklearn.metrics import roc_auc_score
 from kneeosteo.data.reference import read_reference
 from kneeosteo.errors import DataError
 from kneeosteo.evaluation.clinical import (
-    clinical_comparison, clinical_set, cross_fitted_logistic, fit_logistic, ost_index, patient_folds,
+    clinical_comparison,
+    clinical_set,
+    cross_fitted_logistic,
+    fit_logistic,
+    ost_index,
+    patient_folds,
 )
 from kneeosteo.interfaces.cli import main
 
@@ -52,8 +57,17 @@ def synthetic(n: int = 60, seed: int = 0):
     age = rng.uniform(40, 85, n)
     t = -0.09 * (age - 40) + rng.normal(0, 0.8, n)
     weight = rng.uniform(50, 90, n)
-    films = [(f"f/{i:03d}.png", round(float(t[i]), 2), f"P{i}", int(age[i]), "female" if i % 3 else "male",
-              round(float(weight[i]), 1)) for i in range(n)]
+    films = [
+        (
+            f"f/{i:03d}.png",
+            round(float(t[i]), 2),
+            f"P{i}",
+            int(age[i]),
+            "female" if i % 3 else "male",
+            round(float(weight[i]), 1),
+        )
+        for i in range(n)
+    ]
     image = 1 / (1 + np.exp(-(-(t + 2.5) + rng.normal(0, 1.5, n))))
     return films, image
 
@@ -83,16 +97,25 @@ def test_incremental_value_matches_an_independent_delong(tmp_path):
     d = next(d for d in c["incremental"] if d["a"].startswith("fused") and d["b"] == "clinical logistic")
     diff, se = brute_delong(cs.y, fused, clinical)
     assert d["diff"] == pytest.approx(diff) and d["se"] == pytest.approx(se)
-    assert d["ci_low"] == pytest.approx(diff - 1.959963984540054 * se) and d["ci_high"] == pytest.approx(diff + 1.959963984540054 * se)
+    assert d["ci_low"] == pytest.approx(diff - 1.959963984540054 * se) and d["ci_high"] == pytest.approx(
+        diff + 1.959963984540054 * se
+    )
     d = next(d for d in c["incremental"] if d["a"] == "image" and d["b"] == "OST index")
     diff, se = brute_delong(cs.y, image, -cs.ost)
     assert d["diff"] == pytest.approx(diff) and d["se"] == pytest.approx(se)
     # sensitivity/specificity at the rule each row states
     t = rows["image"]["counts"]
     y, called = cs.y.astype(bool), image >= 0.5
-    assert t == {"tp": int(np.sum(y & called)), "fp": int(np.sum(~y & called)), "fn": int(np.sum(y & ~called)),
-                 "tn": int(np.sum(~y & ~called))}
-    assert rows["clinical logistic"]["decision_curve"]["net_benefit"] and "calibration" in rows["fused (image + covariates)"]
+    assert t == {
+        "tp": int(np.sum(y & called)),
+        "fp": int(np.sum(~y & called)),
+        "fn": int(np.sum(y & ~called)),
+        "tn": int(np.sum(~y & ~called)),
+    }
+    assert (
+        rows["clinical logistic"]["decision_curve"]["net_benefit"]
+        and "calibration" in rows["fused (image + covariates)"]
+    )
     assert "calibration" not in rows["OST index"]  # a score, not a probability
 
 
@@ -130,18 +153,40 @@ def scored_tiny(tiny, tmp_path_factory):
     for i, p in enumerate(films):
         osteo = p.startswith("osteoporosis/")
         t = (-3.0 if osteo else -0.4) + float(rng.normal(0, 0.3))
-        rows.append((p, round(t, 2), f"P{i}", int(75 + rng.integers(-8, 8) if osteo else 55 + rng.integers(-8, 8)),
-                     "female", 60.0 + i))
+        rows.append(
+            (
+                p,
+                round(t, 2),
+                f"P{i}",
+                int(75 + rng.integers(-8, 8) if osteo else 55 + rng.integers(-8, 8)),
+                "female",
+                60.0 + i,
+            )
+        )
     return run, write_reference(base / "ref.csv", rows), rows
 
 
-def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_shows_it(scored_tiny, tiny, tmp_path, capsys):
+def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_shows_it(
+    scored_tiny, tiny, tmp_path, capsys
+):
     from kneeosteo.reporting import write_report
 
     run, ref, _ = scored_tiny
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", str(run), str(tiny.data), "--out", str(run), "--no-probes", "--reference", str(ref),
-              "--covariates", "age,sex,weight_kg"])
+        main(
+            [
+                "evaluate",
+                str(run),
+                str(tiny.data),
+                "--out",
+                str(run),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+            ]
+        )
     assert exc.value.code in (0, None)
     out = capsys.readouterr().out
     assert "clinical comparison on 20 films (10 positive)" in out and "OST index: AUC" in out
@@ -154,11 +199,16 @@ def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_
     assert "Against the clinical baseline" in html and "clinical logistic" in html and "incremental value" in html
 
 
-@pytest.mark.parametrize("cell, value, message", [
-    ("age", "", "row 3 \\(.*\\): covariate age is missing"),
-    ("weight_kg", "heavy", "row 3 \\(.*\\): covariate weight_kg 'heavy' is not a number"),
-])
-def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(scored_tiny, tiny, tmp_path, capsys, cell, value, message):
+@pytest.mark.parametrize(
+    "cell, value, message",
+    [
+        ("age", "", "row 3 \\(.*\\): covariate age is missing"),
+        ("weight_kg", "heavy", "row 3 \\(.*\\): covariate weight_kg 'heavy' is not a number"),
+    ],
+)
+def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(
+    scored_tiny, tiny, tmp_path, capsys, cell, value, message
+):
     import re
 
     run, _, rows = scored_tiny
@@ -167,8 +217,20 @@ def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(scored_tiny, tin
     bad[1][col] = value
     ref = write_reference(tmp_path / "bad.csv", [tuple(r) for r in bad])
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", str(run), str(tiny.data), "--out", str(tmp_path / "e"), "--no-probes", "--reference", str(ref),
-              "--covariates", "age,sex,weight_kg"])
+        main(
+            [
+                "evaluate",
+                str(run),
+                str(tiny.data),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+            ]
+        )
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
@@ -198,8 +260,19 @@ def test_compare_prints_the_clinical_rows_beside_the_two_runs(scored_tiny, tiny,
         w.writerows(pred)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["compare", str(a), str(b), "--reference", str(ref), "--covariates", "age,sex,weight_kg",
-              "--out", str(tmp_path / "c.json")])
+        main(
+            [
+                "compare",
+                str(a),
+                str(b),
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
     assert exc.value.code in (0, None)
     out = capsys.readouterr().out
     c = json.loads((tmp_path / "c.json").read_text())["clinical"]
@@ -219,7 +292,9 @@ def test_compare_prints_the_clinical_rows_beside_the_two_runs(scored_tiny, tiny,
     assert exc.value.code == 2
 
 
-def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_covariates(scored_tiny, tiny, tmp_path, capsys):
+def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_covariates(
+    scored_tiny, tiny, tmp_path, capsys
+):
     """`evaluate --store-fused` writes plain coefficients that reproduce an independent sklearn fit;
     `predict --covariates` gives the fused answer where every covariate is there, and marks the
     rest image-only (a missing cell, a missing row, a non-number), naming each; never a filled-in value."""
@@ -235,8 +310,21 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
     shutil.copytree(run, fr)
     (fr / "fused.json").unlink(missing_ok=True)
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", str(fr), str(tiny.data), "--out", str(tmp_path / "e"), "--no-probes", "--reference", str(ref),
-              "--covariates", "age,sex,weight_kg", "--store-fused"])
+        main(
+            [
+                "evaluate",
+                str(fr),
+                str(tiny.data),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+                "--store-fused",
+            ]
+        )
     assert exc.value.code in (0, None)
     assert "stored the fused model (fitted on these 20 films)" in capsys.readouterr().out
     fused = load_fused(fr, RunDir(fr).config.weights_sha256, RunDir(fr).config.record["fused"]["sha256"])
@@ -264,8 +352,20 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
         w.writerow([films[1], "", "female", 60])  # row 3: age missing
         w.writerow([films[3], 70, "female", "heavy"])  # row 4: not a number; films[2] has no row
     with pytest.raises(SystemExit) as exc:
-        main(["predict", *map(str, films), "--run", str(fr), "--engine", "torch", "--covariates", str(covs),
-              "--out", str(tmp_path / "p.csv")])
+        main(
+            [
+                "predict",
+                *map(str, films),
+                "--run",
+                str(fr),
+                "--engine",
+                "torch",
+                "--covariates",
+                str(covs),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
     assert exc.value.code in (0, None)
     err = capsys.readouterr().err
     with open(tmp_path / "p.csv", newline="") as fh:
@@ -273,7 +373,8 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
     first = out[films[0].name]
     assert first["answer_basis"] == "image_and_covariates"
     assert float(first["fused_probability"]) == pytest.approx(
-        fused.probability(float(first["raw_probability"]), [70, 1.0, 60]), abs=1e-6)
+        fused.probability(float(first["raw_probability"]), [70, 1.0, 60]), abs=1e-6
+    )
     for f in films[1:]:
         assert out[f.name]["answer_basis"] == "image_only" and out[f.name]["fused_probability"] == "", f
     assert "row 3 (" in err and "age missing: answered image-only" in err
@@ -297,15 +398,19 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
 
         def ask(covariates):
             data = {} if covariates is None else {"covariates": covariates}
-            return client.post("/api/predict", files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
-                               data=data)
+            return client.post(
+                "/api/predict", files={"file": (films[0].name, films[0].read_bytes(), "image/png")}, data=data
+            )
 
         full = ask(json.dumps({"age": 70, "sex": "female", "weight_kg": 60})).json()
         assert full["answer_basis"] == "image_and_covariates" and full["missing_covariates"] == []
         assert full["fused_probability"] == pytest.approx(fused.probability(full["raw_probability"], [70, 1.0, 60]))
         part = ask(json.dumps({"age": 70})).json()
-        assert (part["answer_basis"], part["fused_probability"], part["missing_covariates"]) == \
-            ("image_only", None, ["sex", "weight_kg"])
+        assert (part["answer_basis"], part["fused_probability"], part["missing_covariates"]) == (
+            "image_only",
+            None,
+            ["sex", "weight_kg"],
+        )
         assert ask(None).json()["answer_basis"] == "image_only"
         bad = ask(json.dumps({"age": "old"}))
         assert bad.status_code == 422 and bad.json()["detail"] == "covariates: covariate age 'old' is not a number"
@@ -313,8 +418,11 @@ def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_cov
         # the page: a field per covariate (built from /api/model), sent with the film to /api/explain
         page = client.get("/").text
         assert 'id="covariates"' in page and 'form.append("covariates", JSON.stringify(covariates))' in page
-        shown = client.post("/api/explain", files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
-                            data={"covariates": json.dumps({"age": 70, "sex": "female", "weight_kg": 60})}).json()
+        shown = client.post(
+            "/api/explain",
+            files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
+            data={"covariates": json.dumps({"age": 70, "sex": "female", "weight_kg": 60})},
+        ).json()
         assert shown["answer_basis"] == "image_and_covariates"
         assert shown["fused_probability"] == pytest.approx(full["fused_probability"])
     # a run without a fused model refuses covariates; a fused model of other weights is refused

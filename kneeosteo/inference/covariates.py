@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from kneeosteo.errors import DataError
 from kneeosteo.inference.predictor import Prediction
@@ -43,8 +43,10 @@ def read_covariates(file: str | Path, names: Sequence[str]) -> dict[str, tuple[i
         raise DataError(f"{file}: no 'path' column (columns: {', '.join(header) or 'none'})")
     absent = [n for n in names if n not in header]
     if absent:
-        raise DataError(f"{file}: no covariate column {', '.join(absent)}, which the run's fused model takes "
-                        f"(columns: {', '.join(header)})")
+        raise DataError(
+            f"{file}: no covariate column {', '.join(absent)}, which the run's fused model takes "
+            f"(columns: {', '.join(header)})"
+        )
     out: dict[str, tuple[int, dict[str, str]]] = {}
     for number, row in enumerate(rows, start=2):
         row = {(k or "").strip(): v for k, v in row.items()}
@@ -56,8 +58,12 @@ def read_covariates(file: str | Path, names: Sequence[str]) -> dict[str, tuple[i
     return out
 
 
-def apply_covariates(predictions: Sequence[Prediction], fused: FusedModel,
-                     table: dict[str, tuple[int, dict[str, str]]] | None, source: str = "") -> tuple[list[Prediction], list[str]]:
+def apply_covariates(
+    predictions: Sequence[Prediction],
+    fused: FusedModel,
+    table: dict[str, tuple[int, dict[str, str]]] | None,
+    source: str = "",
+) -> tuple[list[Prediction], list[str]]:
     """The predictions with the fused model's answer where every covariate is there, and one note
     per image answered from the image alone (saying why)."""
     out, notes = [], []
@@ -81,7 +87,8 @@ def apply_covariates(predictions: Sequence[Prediction], fused: FusedModel,
             out.append(p)
             continue
         if a["missing_covariates"]:
-            notes.append(f"{source} row {number} ({p.path}): {', '.join(a['missing_covariates'])} missing: "
-                         "answered image-only")
+            notes.append(
+                f"{source} row {number} ({p.path}): {', '.join(a['missing_covariates'])} missing: answered image-only"
+            )
         out.append(replace(p, fused_probability=a["fused_probability"], answer_basis=a["answer_basis"]))
     return out, notes

@@ -24,15 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from kneeosteo.data.reference import SEX_CODES
 from kneeosteo.errors import CheckpointError, DataError
 
-__all__ = ["FORMAT", "FUSED_FILE", "IMAGE_AND_COVARIATES", "IMAGE_ONLY", "FusedModel", "covariate_value",
-           "load_fused"]
+__all__ = ["FORMAT", "FUSED_FILE", "IMAGE_AND_COVARIATES", "IMAGE_ONLY", "FusedModel", "covariate_value", "load_fused"]
 
 FUSED_FILE = "fused.json"
 FORMAT = "kneeosteo-fused-logistic"
@@ -101,18 +100,30 @@ class FusedModel:
             (missing.append(name) if v is None else values.append(v))
         if missing:
             return {"fused_probability": None, "answer_basis": IMAGE_ONLY, "missing_covariates": missing}
-        return {"fused_probability": self.probability(raw_image_probability, values),
-                "answer_basis": IMAGE_AND_COVARIATES, "missing_covariates": []}
+        return {
+            "fused_probability": self.probability(raw_image_probability, values),
+            "answer_basis": IMAGE_AND_COVARIATES,
+            "missing_covariates": [],
+        }
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "inputs": ["logit(raw image probability)", *self.covariates],
-                "covariates": list(self.covariates), "mean": list(self.mean), "scale": list(self.scale),
-                "coef": list(self.coef), "intercept": self.intercept, "threshold": self.threshold,
-                "weights_sha256": self.weights_sha256, "definition": self.definition,
-                "fitted_on": self.fitted_on, "estimate": self.estimate}
+        return {
+            "format": FORMAT,
+            "inputs": ["logit(raw image probability)", *self.covariates],
+            "covariates": list(self.covariates),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "coef": list(self.coef),
+            "intercept": self.intercept,
+            "threshold": self.threshold,
+            "weights_sha256": self.weights_sha256,
+            "definition": self.definition,
+            "fitted_on": self.fitted_on,
+            "estimate": self.estimate,
+        }
 
     @classmethod
-    def from_json(cls, doc: dict, where: str) -> "FusedModel":
+    def from_json(cls, doc: dict, where: str) -> FusedModel:
         try:
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
@@ -125,8 +136,16 @@ class FusedModel:
                 raise ValueError("a coefficient is not a finite number")
             if any(v <= 0 for v in arrays[1]):
                 raise ValueError("a scale is not positive")
-            return cls(names, *arrays, numbers[0], str(doc["weights_sha256"]), str(doc["definition"]),
-                       numbers[1], dict(doc.get("fitted_on") or {}), dict(doc.get("estimate") or {}))
+            return cls(
+                names,
+                *arrays,
+                numbers[0],
+                str(doc["weights_sha256"]),
+                str(doc["definition"]),
+                numbers[1],
+                dict(doc.get("fitted_on") or {}),
+                dict(doc.get("estimate") or {}),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed fused model ({exc})") from None
 
@@ -139,17 +158,22 @@ def load_fused(run_path: str | Path, weights_sha256: str, recorded_sha256: str |
     f = Path(run_path) / FUSED_FILE
     if recorded_sha256 is None:
         if f.exists():
-            raise CheckpointError(f"{f}: not recorded in config.json (planted or left by an interrupted write); "
-                                  "remove it or refit with `kneeosteo evaluate RUN ... --store-fused`")
+            raise CheckpointError(
+                f"{f}: not recorded in config.json (planted or left by an interrupted write); "
+                "remove it or refit with `kneeosteo evaluate RUN ... --store-fused`"
+            )
         return None
     if not f.is_file():
-        raise CheckpointError(f"{f}: missing or not a regular file, but config.json records a fused model; "
-                              "copy the whole run folder")
+        raise CheckpointError(
+            f"{f}: missing or not a regular file, but config.json records a fused model; copy the whole run folder"
+        )
     try:
         data = f.read_bytes()
         if hashlib.sha256(data).hexdigest() != recorded_sha256:
-            raise CheckpointError(f"{f}: sha256 differs from the one recorded in config.json; the file was edited "
-                                  "or swapped after fitting")
+            raise CheckpointError(
+                f"{f}: sha256 differs from the one recorded in config.json; the file was edited "
+                "or swapped after fitting"
+            )
         doc = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{f}: unreadable ({exc})") from None
@@ -157,6 +181,8 @@ def load_fused(run_path: str | Path, weights_sha256: str, recorded_sha256: str |
         raise CheckpointError(f"{f}: malformed fused model (not a JSON object)")
     model = FusedModel.from_json(doc, str(f))
     if model.weights_sha256 != weights_sha256:
-        raise CheckpointError(f"{f}: fitted for weights {model.weights_sha256[:12]}, the run's are "
-                              f"{weights_sha256[:12]}: refit it (`kneeosteo evaluate RUN ... --store-fused`)")
+        raise CheckpointError(
+            f"{f}: fitted for weights {model.weights_sha256[:12]}, the run's are "
+            f"{weights_sha256[:12]}: refit it (`kneeosteo evaluate RUN ... --store-fused`)"
+        )
     return model
