@@ -79,14 +79,23 @@ def step_fn(order: str, precision: str, batch: int, size: int, pool: str = "max_
 
 
 def run(iters: int = 8, batch: int = 32, size: int = 224, precisions=("bf16", "fp32")) -> dict:
-    doc: dict = {"settings": {"batch": batch, "image_size": size, "iters": iters, "channels_last": True,
-                              "threads": set_threads(None)}, "rows": []}
+    doc: dict = {
+        "settings": {
+            "batch": batch,
+            "image_size": size,
+            "iters": iters,
+            "channels_last": True,
+            "threads": set_threads(None),
+        },
+        "rows": [],
+    }
     with section(doc):
         for precision in precisions:
             ms = {}
             for order in ("paper", "ours"):
-                times = time_calls(step_fn(order, precision, batch, size), warmup=2, min_iters=iters,
-                                   max_iters=iters, target_s=0)
+                times = time_calls(
+                    step_fn(order, precision, batch, size), warmup=2, min_iters=iters, max_iters=iters, target_s=0
+                )
                 stats = latency_stats(times, batch)
                 ms[order] = stats["p50_ms"]
                 doc["rows"].append({"precision": precision, "order": order, **stats})
@@ -96,14 +105,21 @@ def run(iters: int = 8, batch: int = 32, size: int = 224, precisions=("bf16", "f
 
 def markdown(doc: dict) -> str:
     st = doc["settings"]
-    lines = ["# AM + head training step: block order", "",
-             f"Measured {doc['started']}, load average {doc['loadavg_start']} -> {doc['loadavg_end']}; batch "
-             f"{st['batch']}, {st['image_size']} px, channels-last, threads {st['threads']}, {st['iters']} timed steps "
-             "after 2 warm-up steps. paper = conv -> ReLU -> max-pool; ours = conv -> max-pool -> ReLU (same values).", "",
-             "| precision | block order | step p50 (ms) | step p95 (ms) | images/s | speed-up |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "# AM + head training step: block order",
+        "",
+        f"Measured {doc['started']}, load average {doc['loadavg_start']} -> {doc['loadavg_end']}; batch "
+        f"{st['batch']}, {st['image_size']} px, channels-last, threads {st['threads']}, {st['iters']} timed steps "
+        "after 2 warm-up steps. paper = conv -> ReLU -> max-pool; ours = conv -> max-pool -> ReLU (same values).",
+        "",
+        "| precision | block order | step p50 (ms) | step p95 (ms) | images/s | speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in doc["rows"]:
-        lines.append(f"| {r['precision']} | {r['order']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-                     f"{r['images_per_s']:.1f} | {r.get('speedup_vs_paper_order', '')} |")
+        lines.append(
+            f"| {r['precision']} | {r['order']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+            f"{r['images_per_s']:.1f} | {r.get('speedup_vs_paper_order', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -33,8 +33,21 @@ from benchmarks.machine import describe  # noqa: E402
 
 def train_once(data: Path, split: Path, out: Path, cache: Path) -> dict:
     env = {**os.environ, "KNEEOSTEO_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "kneeosteo", "train", str(data), "--config", str(REPO / "configs" / "default_model.toml"),
-           "--split", str(split), "--out", str(out), "--precision", "fp32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kneeosteo",
+        "train",
+        str(data),
+        "--config",
+        str(REPO / "configs" / "default_model.toml"),
+        "--split",
+        str(split),
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -43,9 +56,14 @@ def train_once(data: Path, split: Path, out: Path, cache: Path) -> dict:
     from kneeosteo.run import RunDir
 
     rd = RunDir.open(out)
-    return {"command": " ".join(cmd[2:]), "wall_seconds": round(seconds, 1),
-            "prepare_seconds": rd.config.record.get("prepare_seconds"), "epochs_run": rd.config.record.get("epochs_run"),
-            "best_epoch": rd.config.record.get("best_epoch"), "autocast": rd.config.record.get("autocast")}
+    return {
+        "command": " ".join(cmd[2:]),
+        "wall_seconds": round(seconds, 1),
+        "prepare_seconds": rd.config.record.get("prepare_seconds"),
+        "epochs_run": rd.config.record.get("epochs_run"),
+        "best_epoch": rd.config.record.get("best_epoch"),
+        "autocast": rd.config.record.get("autocast"),
+    }
 
 
 def predict_times(run: Path, files: list[Path]) -> dict:
@@ -75,7 +93,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     data = Path(args.data)
     split = Path(args.split) if args.split else REPO / "kneeosteo" / "assets" / "default_model" / "split.json"
-    doc: dict = {"machine": describe(), "isa_cap": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}}
+    doc: dict = {
+        "machine": describe(),
+        "isa_cap": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+    }
     with tempfile.TemporaryDirectory(prefix="kneeosteo-bench-default-") as tmp:
         tmp = Path(tmp)
         with section(doc.setdefault("training", {})) as t:

@@ -104,10 +104,17 @@ def export_files(name: str, net, size: int, work: Path, calib: np.ndarray) -> di
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(2, 3, size, size),), buf, input_names=["images"],
-                          output_names=["probability"],
-                          dynamic_axes={"images": {0: "batch"}, "probability": {0: "batch"}},
-                          opset_version=DEFAULT_OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            net,
+            (torch.zeros(2, 3, size, size),),
+            buf,
+            input_names=["images"],
+            output_names=["probability"],
+            dynamic_axes={"images": {0: "batch"}, "probability": {0: "batch"}},
+            opset_version=DEFAULT_OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     onnx.save(onnx.load_from_string(buf.getvalue()), str(fp32))
     files["fp32"], seconds["export"] = str(fp32), round(time.perf_counter() - t, 2)
     for mode in ("dynamic", "static"):
@@ -157,8 +164,8 @@ def _make_runner(spec: dict):
 
 
 def worker(spec: dict) -> dict:
-    import torch  # noqa: F401  imports first: the baseline is a process with its libraries loaded
     import onnxruntime  # noqa: F401
+    import torch  # noqa: F401  imports first: the baseline is a process with its libraries loaded
 
     import kneeosteo.inference.export  # noqa: F401
     import kneeosteo.models  # noqa: F401
@@ -186,8 +193,9 @@ def worker(spec: dict) -> dict:
             warmup = spec["warmup"] if batch == 1 else 1
             min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] * 2 // 5)
             max_iters = spec["max_iters"]
-        times = time_calls(lambda: run(x), warmup=warmup, min_iters=min_iters,
-                           max_iters=max_iters, target_s=spec["target_s"])
+        times = time_calls(
+            lambda: run(x), warmup=warmup, min_iters=min_iters, max_iters=max_iters, target_s=spec["target_s"]
+        )
         row.update(latency_stats(times, batch))
         hwm = proc_status_kb("VmHWM")
         row["peak_rss_mb"] = round((hwm or 0) / 1024, 1)
@@ -206,7 +214,11 @@ def _in_process(spec: dict) -> dict:
     try:
         return worker(spec)
     except Exception as exc:
-        return {"engine": spec["engine"], "model": spec["model"], "skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+        return {
+            "engine": spec["engine"],
+            "model": spec["model"],
+            "skipped": f"failed: {type(exc).__name__}: {exc}"[:400],
+        }
     finally:
         torch.set_num_threads(before)
 
@@ -246,9 +258,13 @@ def head_to_head(base_spec: dict, engines=HEAD_TO_HEAD, rounds: dict | None = No
                 runners[name](x)
                 times[name].append(time.perf_counter() - t)
         out["batches"][str(batch)] = {
-            name: {"p50_ms": round(1e3 * float(np.median(ts)), 3),
-                   "images_per_s": round(batch / float(np.median(ts)), 3), "calls": len(ts)}
-            for name, ts in times.items()}
+            name: {
+                "p50_ms": round(1e3 * float(np.median(ts)), 3),
+                "images_per_s": round(batch / float(np.median(ts)), 3),
+                "calls": len(ts),
+            }
+            for name, ts in times.items()
+        }
     return out
 
 
@@ -257,17 +273,30 @@ def _run_worker(spec: dict, timeout: float) -> dict:
         json.dump(spec, fh)
         path = fh.name
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_inference", "--worker", path],
-                              capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_inference", "--worker", path],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
     except subprocess.TimeoutExpired:
-        return {"engine": spec["engine"], "model": spec["model"], "skipped": f"did not finish within the {timeout:.0f} s cap"}
+        return {
+            "engine": spec["engine"],
+            "model": spec["model"],
+            "skipped": f"did not finish within the {timeout:.0f} s cap",
+        }
     finally:
         os.unlink(path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"engine": spec["engine"], "model": spec["model"], "skipped": f"failed (exit {proc.returncode}): " + " | ".join(tail)[-400:]}
+        return {
+            "engine": spec["engine"],
+            "model": spec["model"],
+            "skipped": f"failed (exit {proc.returncode}): " + " | ".join(tail)[-400:],
+        }
     return json.loads(lines[-1])
 
 
@@ -298,7 +327,9 @@ def find_model_run(explicit: str | None, fallback: str | None = None) -> tuple[P
     return None, "no --run given, no bundled model (kneeosteo/assets/default_model/), no `make run` output"
 
 
-def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, threads: int, limit: int | None = None) -> dict:
+def int8_accuracy(
+    run: Path | None, why: str, data: Path | None, work: Path, threads: int, limit: int | None = None
+) -> dict:
     """Test-split probabilities of the trained model: torch fp32 vs ORT fp32 vs ORT int8."""
     if run is None:
         return {"skipped": why}
@@ -318,7 +349,7 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
     info = rd.info
     sets = load_split(split, data)
     test = sets.items("test")[:limit] if limit else sets.items("test")
-    calib_items = sets.items("train")[:64 if not limit else 8]
+    calib_items = sets.items("train")[: 64 if not limit else 8]
 
     def load(items):
         xs, ys = [], []
@@ -340,41 +371,62 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
     fp32 = export_onnx(run, work / "kop.fp32.onnx")
     model = rd.load_model("cpu")
     with torch.inference_mode():
-        p_torch = np.concatenate([torch.sigmoid(model(images=torch.from_numpy(x[i:i + 16])).float()).numpy()
-                                  for i in range(0, len(x), 16)]).astype(np.float64)
-    out = {"model_run": str(run), "source": why, "model_id": info.model_id, "test_images": int(len(x)),
-           "threshold": info.threshold, "calibration": f"{len(calib)} training-split images (static)", "engines": {}}
+        p_torch = np.concatenate(
+            [torch.sigmoid(model(images=torch.from_numpy(x[i : i + 16])).float()).numpy() for i in range(0, len(x), 16)]
+        ).astype(np.float64)
+    out = {
+        "model_run": str(run),
+        "source": why,
+        "model_id": info.model_id,
+        "test_images": int(len(x)),
+        "threshold": info.threshold,
+        "calibration": f"{len(calib)} training-split images (static)",
+        "engines": {},
+    }
 
     def score(p):
         acc = float(((p >= info.threshold) == (y == 1)).mean())
-        return {"accuracy": round(acc, 4), "max_abs_dp_vs_torch_fp32": float(np.max(np.abs(p - p_torch))),
-                "mean_abs_dp_vs_torch_fp32": float(np.mean(np.abs(p - p_torch))),
-                "label_flips_vs_torch_fp32": int(((p >= info.threshold) != (p_torch >= info.threshold)).sum())}
+        return {
+            "accuracy": round(acc, 4),
+            "max_abs_dp_vs_torch_fp32": float(np.max(np.abs(p - p_torch))),
+            "mean_abs_dp_vs_torch_fp32": float(np.mean(np.abs(p - p_torch))),
+            "label_flips_vs_torch_fp32": int(((p >= info.threshold) != (p_torch >= info.threshold)).sum()),
+        }
 
     out["engines"]["torch-fp32"] = score(p_torch)
     sessions = {"ort-fp32": fp32}
     for mode in ("dynamic", "static"):
         try:
-            sessions[f"ort-int8-{mode}"] = quantize_onnx(fp32, work / f"kop.int8-{mode}.onnx", mode,
-                                                         [calib[i:i + 8] for i in range(0, len(calib), 8)])
+            sessions[f"ort-int8-{mode}"] = quantize_onnx(
+                fp32, work / f"kop.int8-{mode}.onnx", mode, [calib[i : i + 8] for i in range(0, len(calib), 8)]
+            )
         except Exception as exc:
             out["engines"][f"ort-int8-{mode}"] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
     for name, path in sessions.items():
         sess = OnnxModel(path, threads=threads)
-        p = np.concatenate([sess(x[i:i + 16]) for i in range(0, len(x), 16)]).astype(np.float64)
+        p = np.concatenate([sess(x[i : i + 16]) for i in range(0, len(x), 16)]).astype(np.float64)
         out["engines"][name] = score(p)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         m = model.to(memory_format=torch.channels_last)
-        p = np.concatenate([torch.sigmoid(m(images=torch.from_numpy(x[i:i + 16]).contiguous(
-            memory_format=torch.channels_last)).float()).numpy() for i in range(0, len(x), 16)]).astype(np.float64)
+        p = np.concatenate(
+            [
+                torch.sigmoid(
+                    m(images=torch.from_numpy(x[i : i + 16]).contiguous(memory_format=torch.channels_last)).float()
+                ).numpy()
+                for i in range(0, len(x), 16)
+            ]
+        ).astype(np.float64)
     out["engines"]["torch-cl-bf16"] = score(p)
     # the model's own sensitivity, for scale: fp32, inputs moved by uniform noise of +-1 grey level
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         xn = torch.from_numpy(x)
-        xn = xn + (torch.rand(xn.shape, generator=g) - 0.5) * 2 * (1 / 255) / torch.tensor(info.preprocess.std).view(3, 1, 1)
-        p = np.concatenate([torch.sigmoid(model(images=xn[i:i + 16]).float()).numpy()
-                            for i in range(0, len(xn), 16)]).astype(np.float64)
+        xn = xn + (torch.rand(xn.shape, generator=g) - 0.5) * 2 * (1 / 255) / torch.tensor(info.preprocess.std).view(
+            3, 1, 1
+        )
+        p = np.concatenate(
+            [torch.sigmoid(model(images=xn[i : i + 16]).float()).numpy() for i in range(0, len(xn), 16)]
+        ).astype(np.float64)
     out["engines"]["torch-fp32, input +-1 grey level noise (reference)"] = score(p)
     return out
 
@@ -383,10 +435,20 @@ def int8_accuracy(run: Path | None, why: str, data: Path | None, work: Path, thr
 # the section
 
 
-def run_section(quick: bool = False, peaks: dict | None = None, threads: int | None = None, models=None,
-                engines=None, run: str | None = None, data: str | None = None, work: Path | None = None,
-                compile_cap_s: float = 420.0, isolate: bool | None = None, fallback_run: str | None = None,
-                log=print) -> dict:
+def run_section(
+    quick: bool = False,
+    peaks: dict | None = None,
+    threads: int | None = None,
+    models=None,
+    engines=None,
+    run: str | None = None,
+    data: str | None = None,
+    work: Path | None = None,
+    compile_cap_s: float = 420.0,
+    isolate: bool | None = None,
+    fallback_run: str | None = None,
+    log=print,
+) -> dict:
     """``isolate`` (default: not with ``quick``): one process per (model, engine), so the peak
     memory is that engine's own; in-process rows (the smoke run) report a cumulative peak."""
     import torch
@@ -394,10 +456,16 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
     threads = threads or torch.get_num_threads()
     models = list(models or (("efficientnet_lite0",) if quick else MODELS))
     engines = list(engines or ENGINES)
-    size = 48 if quick else 224  # --quick: small (at 32 px ONNX Runtime's static int8 session rejects a late depthwise conv's input shape)
+    size = (
+        48 if quick else 224
+    )  # --quick: small (at 32 px ONNX Runtime's static int8 session rejects a late depthwise conv's input shape)
     settings = {
-        "image_size": size, "batches": list(BATCHES), "threads": threads,
-        "warmup": 1 if quick else 3, "min_iters": 3 if quick else 20, "max_iters": 20 if quick else 300,
+        "image_size": size,
+        "batches": list(BATCHES),
+        "threads": threads,
+        "warmup": 1 if quick else 3,
+        "min_iters": 3 if quick else 20,
+        "max_iters": 20 if quick else 300,
         "target_s": 0.3 if quick else 8.0,
     }
     isolate = (not quick) if isolate is None else isolate
@@ -425,16 +493,26 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                 agree_x = sample_inputs(AGREE_N, size, mean, std, seed=1)
                 np.save(work / f"{name}.agree.npy", agree_x)
                 calib = sample_inputs(8 if quick else 32, size, mean, std, seed=2)
-                mdoc: dict = {"flops_per_image": count_flops(net, size), "params": sum(p.numel() for p in net.parameters())}
+                mdoc: dict = {
+                    "flops_per_image": count_flops(net, size),
+                    "params": sum(p.numel() for p in net.parameters()),
+                }
                 del net
                 ex = export_files(name, build_net(name, state), size, work, calib)
                 mdoc["export"] = {"seconds": ex["seconds"], "errors": ex["errors"]}
                 mdoc["engines"] = {}
                 for eng in engines:
-                    spec = {"engine": eng, "model": name, "state": str(state), "files": ex["files"],
-                            "file_errors": ex["errors"], "agree_inputs": str(work / f"{name}.agree.npy"),
-                            "batches": list(BATCHES), **settings,
-                            "once": once and bool(ENGINES[eng].get("bf16"))}
+                    spec = {
+                        "engine": eng,
+                        "model": name,
+                        "state": str(state),
+                        "files": ex["files"],
+                        "file_errors": ex["errors"],
+                        "agree_inputs": str(work / f"{name}.agree.npy"),
+                        "batches": list(BATCHES),
+                        **settings,
+                        "once": once and bool(ENGINES[eng].get("bf16")),
+                    }
                     cap = (60 if quick else compile_cap_s) if ENGINES[eng].get("compile") else (120 if quick else 900)
                     log(f"  inference: {name} {eng} ...")
                     res = _run_worker(spec, cap) if isolate else _in_process(spec)
@@ -447,24 +525,39 @@ def run_section(quick: bool = False, peaks: dict | None = None, threads: int | N
                 left_out = [e for e in HEAD_TO_HEAD if once and ENGINES[e].get("bf16")]
                 try:
                     mdoc["head_to_head"] = head_to_head(
-                        {"model": name, "state": str(state), "files": ex["files"], "file_errors": ex["errors"],
-                         "threads": threads, "image_size": size},
+                        {
+                            "model": name,
+                            "state": str(state),
+                            "files": ex["files"],
+                            "file_errors": ex["errors"],
+                            "threads": threads,
+                            "image_size": size,
+                        },
                         engines=[e for e in HEAD_TO_HEAD if e not in left_out],
-                        rounds={1: 3, 32: 2} if quick else {1: 30, 32: 6}, pause_s=0.05 if quick else 0.2)
+                        rounds={1: 3, 32: 2} if quick else {1: 30, 32: 6},
+                        pause_s=0.05 if quick else 0.2,
+                    )
                     for e in left_out:
                         mdoc["head_to_head"].setdefault("skipped", {})[e] = "--quick: bf16 is emulated on this CPU"
                 except Exception as exc:
                     mdoc["head_to_head"] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
                 doc["models"][name] = mdoc
             if quick:
-                doc["notes"].append("torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)")
+                doc["notes"].append(
+                    "torch.compile rows skipped in --quick (compilation alone exceeds the smoke budget)"
+                )
             if not isolate:
                 doc["notes"].append("engines ran in one process: peak RSS is cumulative, not per engine")
             if emulated:
-                doc["notes"].append("bf16 is emulated on this CPU (no AVX-512 BF16/AMX, or PyTorch capped at AVX2): "
-                                    "the bf16 rows time the emulation" + (
-                                        "; --quick timed them with one call per batch size and left them out "
-                                        "of the head-to-head" if once else ""))
+                doc["notes"].append(
+                    "bf16 is emulated on this CPU (no AVX-512 BF16/AMX, or PyTorch capped at AVX2): "
+                    "the bf16 rows time the emulation"
+                    + (
+                        "; --quick timed them with one call per batch size and left them out of the head-to-head"
+                        if once
+                        else ""
+                    )
+                )
             doc["int8_accuracy_kop"] = _kop_accuracy(quick, run, data, work, threads, fallback_run)
     finally:
         if tmp:

@@ -56,10 +56,12 @@ def main(argv: list[str]) -> None:
 
     pixels = films(argv)
     before = loadavg()
-    cases = {"find_knees": find_knees,
-             "preset knee 448": Preprocess("knee", 448).knee_views,
-             "preset paper 224": Preprocess("paper", 224),
-             "preset robust 224": Preprocess("robust", 224)}
+    cases = {
+        "find_knees": find_knees,
+        "preset knee 448": Preprocess("knee", 448).knee_views,
+        "preset paper 224": Preprocess("paper", 224),
+        "preset robust 224": Preprocess("robust", 224),
+    }
     print(f"{len(pixels)} films, load average before {before}")
     for name, fn in cases.items():
         ms = per_film_ms(fn, pixels)

@@ -75,8 +75,9 @@ def _dataloader(files, size, workers):
     from torch.utils.data import DataLoader
 
     # torch threads inside each worker: 1 (DataLoader's default), so 2 workers use 2 cores
-    loader = DataLoader(_DecodeSet(files, size), batch_size=8, num_workers=workers,
-                        multiprocessing_context="fork" if workers else None)
+    loader = DataLoader(
+        _DecodeSet(files, size), batch_size=8, num_workers=workers, multiprocessing_context="fork" if workers else None
+    )
     for _ in loader:
         pass
 
@@ -93,27 +94,45 @@ def _time(fn, repeats: int) -> float:
 def run_section(quick: bool = False, kop: Path | None = None, workers: int = 2, log=print) -> dict:
     n, (w, h), repeats = (4, (256, 512), 1) if quick else (24, (1024, 2048), 2)
     size = 64 if quick else 224
-    doc: dict = {"settings": {"images_per_format": n, "width": w, "height": h, "preprocess": f"paper, {size} px",
-                              "workers": workers, "repeats": repeats, "timing": "best of repeats"},
-                 "rows": []}
+    doc: dict = {
+        "settings": {
+            "images_per_format": n,
+            "width": w,
+            "height": h,
+            "preprocess": f"paper, {size} px",
+            "workers": workers,
+            "repeats": repeats,
+            "timing": "best of repeats",
+        },
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="kneeosteo-bench-load-") as tmp, section(doc):
         files = make_files(Path(tmp), n, w, h)
         sets = {f: files[f] for f in FORMATS}
         if kop is not None and Path(kop).is_dir():
             from kneeosteo.data.reader import is_candidate
 
-            kfiles = sorted(p for p in Path(kop).rglob("*") if p.is_file() and is_candidate(p)
-                            and p.suffix.lower() != ".md")
-            sets[f"{Path(kop).name} (as shipped)"] = kfiles[:: max(1, len(kfiles) // (3 if quick else 96))][: 3 if quick else 96]
+            kfiles = sorted(
+                p for p in Path(kop).rglob("*") if p.is_file() and is_candidate(p) and p.suffix.lower() != ".md"
+            )
+            sets[f"{Path(kop).name} (as shipped)"] = kfiles[:: max(1, len(kfiles) // (3 if quick else 96))][
+                : 3 if quick else 96
+            ]
         for fmt, fs in sets.items():
             mp = sum(_megapixels(f) for f in fs)
             mb = sum(f.stat().st_size for f in fs) / 2**20
-            row = {"format": fmt, "images": len(fs), "megapixels_per_image": round(mp / len(fs), 2),
-                   "mb_per_image": round(mb / len(fs), 2)}
+            row = {
+                "format": fmt,
+                "images": len(fs),
+                "megapixels_per_image": round(mp / len(fs), 2),
+                "mb_per_image": round(mb / len(fs), 2),
+            }
             _serial(fs[:1], size)  # warm imports / plugins
-            for mode, fn in (("serial", lambda: _serial(fs, size)),
-                             (f"threads{workers}", lambda: _threads(fs, size, workers)),
-                             (f"dataloader{workers}", lambda: _dataloader(fs, size, workers))):
+            for mode, fn in (
+                ("serial", lambda: _serial(fs, size)),
+                (f"threads{workers}", lambda: _threads(fs, size, workers)),
+                (f"dataloader{workers}", lambda: _dataloader(fs, size, workers)),
+            ):
                 s = _time(fn, repeats)
                 row[f"{mode}_images_per_s"] = round(len(fs) / s, 2)
                 row[f"{mode}_ms_per_image"] = round(1e3 * s / len(fs), 2)

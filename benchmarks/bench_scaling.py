@@ -47,11 +47,13 @@ def _append(name: str, doc: dict) -> None:
 
 def _run_child(cmd: list[str], env: dict | None = None) -> dict:
     """Like _timed, but the peak RSS is this child's alone: run through a tiny waiter process."""
-    waiter = ("import os,resource,subprocess,sys,time,json;t=time.perf_counter();"
-              "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
-              "ru=resource.getrusage(resource.RUSAGE_CHILDREN);"
-              "print(json.dumps({'rc':p.returncode,'wall_s':round(time.perf_counter()-t,2),"
-              "'peak_rss_mb':round(ru.ru_maxrss/1024,1),'stdout_tail':p.stdout[-1500:],'stderr_tail':p.stderr[-1500:]}))")
+    waiter = (
+        "import os,resource,subprocess,sys,time,json;t=time.perf_counter();"
+        "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+        "ru=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(json.dumps({'rc':p.returncode,'wall_s':round(time.perf_counter()-t,2),"
+        "'peak_rss_mb':round(ru.ru_maxrss/1024,1),'stdout_tail':p.stdout[-1500:],'stderr_tail':p.stderr[-1500:]}))"
+    )
     la0 = loadavg()
     p = subprocess.run([PY, "-c", waiter, *map(str, cmd)], capture_output=True, text=True, env=env, cwd=REPO)
     doc = json.loads(p.stdout.strip().splitlines()[-1])
@@ -94,17 +96,31 @@ def cluster_one(n: int) -> dict:
     labels = component_labels(cids, hexes, 6)
     wall = time.perf_counter() - t0
     sizes = np.bincount(labels)
-    return {"n": n, "threshold": 6, "plan": list(index_plan(len(set(hexes)), 6)[:2]), "cluster_s": round(wall, 2),
-            "rss_before_mb": round(rss_before / 1024, 1), "peak_rss_mb": round(proc_status_kb("VmHWM") / 1024, 1),
-            "components": int(len(sizes)), "clusters_2plus": int((sizes > 1).sum()), "largest": int(sizes.max()),
-            "loadavg_start": la0, "loadavg_end": loadavg()}
+    return {
+        "n": n,
+        "threshold": 6,
+        "plan": list(index_plan(len(set(hexes)), 6)[:2]),
+        "cluster_s": round(wall, 2),
+        "rss_before_mb": round(rss_before / 1024, 1),
+        "peak_rss_mb": round(proc_status_kb("VmHWM") / 1024, 1),
+        "components": int(len(sizes)),
+        "clusters_2plus": int((sizes > 1).sum()),
+        "largest": int(sizes.max()),
+        "loadavg_start": la0,
+        "loadavg_end": loadavg(),
+    }
 
 
 def bench_cluster(sizes: list[int]) -> dict:
     doc = {"date": now_iso(), "cpus": os.cpu_count(), "results": []}
     for n in sizes:
-        p = subprocess.run([PY, "-m", "benchmarks.bench_scaling", "cluster-one", str(n)], capture_output=True,
-                           text=True, cwd=REPO, check=True)
+        p = subprocess.run(
+            [PY, "-m", "benchmarks.bench_scaling", "cluster-one", str(n)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
         doc["results"].append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(doc["results"][-1], flush=True)
     _append("cluster", doc)
@@ -131,7 +147,9 @@ def make_archive(root: Path, n: int, size: int = 48, seed: int = 0) -> Path:
             arr = 128 + 60 * np.sin(6 * a * xx + 5 * b * yy + c) * np.cos(4 * d * xx - 3 * a * yy)
             arr = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
         path = root / label / f"{label}_{i:06d}.{'png' if i % 3 else 'jpg'}"
-        Image.fromarray(arr, "L").save(path, quality=92) if path.suffix == ".jpg" else Image.fromarray(arr, "L").save(path)
+        Image.fromarray(arr, "L").save(path, quality=92) if path.suffix == ".jpg" else Image.fromarray(arr, "L").save(
+            path
+        )
         if i % 100 != 99:
             last[label] = path
     return root
@@ -176,8 +194,16 @@ def bench_grid(data: Path | None, quick: bool, extra: list[str], local_threads: 
     work = Path(tempfile.mkdtemp(prefix="kneeosteo-grid-"))
     if data is None:  # the tiny generated grid the tests use: seconds, not the real target
         data = imagegen().make_dataset(work / "data", n_per_class=12, size=48, seed=3).root
-        extra = extra or ["--seeds", "2", "--test-size", "6", "--epochs", "2",
-                          "--models", "hybrid-efficientnet_lite0,fc-efficientnet_lite0,am-only"]
+        extra = extra or [
+            "--seeds",
+            "2",
+            "--test-size",
+            "6",
+            "--epochs",
+            "2",
+            "--models",
+            "hybrid-efficientnet_lite0,fc-efficientnet_lite0,am-only",
+        ]
     args = [PY, "-m", "kneeosteo", "reproduce", data] + (["--quick"] if quick else []) + list(extra)
     doc = {"date": now_iso(), "cpus": os.cpu_count(), "data": str(data), "args": " ".join(map(str, args[3:]))}
     doc["local_threads"] = local_threads or "default (all cores)"
@@ -186,11 +212,13 @@ def bench_grid(data: Path | None, quick: bool, extra: list[str], local_threads: 
         if name == "local" and local_threads:
             env["OMP_NUM_THREADS"] = str(local_threads)
         doc[name] = _run_child(args + ["--out", work / name] + more, env)
-        print(name, {k: doc[name][k] for k in ("rc", "wall_s", "peak_rss_mb", "loadavg_start", "loadavg_end")},
-              flush=True)
+        print(
+            name, {k: doc[name][k] for k in ("rc", "wall_s", "peak_rss_mb", "loadavg_start", "loadavg_end")}, flush=True
+        )
     tables = [work / n / "table1.csv" for n in ("local", "ray")]
     doc["same_table_apart_from_time"] = all(t.is_file() for t in tables) and (
-        _table_without_time(tables[0]) == _table_without_time(tables[1]))
+        _table_without_time(tables[0]) == _table_without_time(tables[1])
+    )
     doc["ray_over_local"] = round(doc["ray"]["wall_s"] / doc["local"]["wall_s"], 3)
     print("same tables:", doc["same_table_apart_from_time"], "ray/local:", doc["ray_over_local"])
     shutil.rmtree(work, ignore_errors=True)
@@ -229,48 +257,75 @@ def _la(d: dict) -> str:
 
 
 def render() -> Path:
-    lines = ["Written by `python -m benchmarks.bench_scaling` (issue 18). Load average: the 1-minute figure "
-             f"at the start -> end of each row, on {os.cpu_count()} CPUs; rows marked **under load** shared the "
-             "cores with other work, so their times are upper bounds.", ""]
-    runs = lambda name: (json.loads((RESULTS / f"scaling_{name}.json").read_text())["runs"]  # noqa: E731
-                         if (RESULTS / f"scaling_{name}.json").is_file() else [])
+    lines = [
+        "Written by `python -m benchmarks.bench_scaling` (issue 18). Load average: the 1-minute figure "
+        f"at the start -> end of each row, on {os.cpu_count()} CPUs; rows marked **under load** shared the "
+        "cores with other work, so their times are upper bounds.",
+        "",
+    ]
+    runs = lambda name: (
+        json.loads((RESULTS / f"scaling_{name}.json").read_text())["runs"]  # noqa: E731
+        if (RESULTS / f"scaling_{name}.json").is_file()
+        else []
+    )
     c = runs("cluster")
     if c:
-        lines += ["### Near-duplicate clustering alone (`component_labels`, threshold 6, generated hash records)", "",
-                  "| date | records | plan (blocks, equal) | wall s | peak RSS MB (process) | RSS before MB | clusters >= 2 | largest | load avg |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "### Near-duplicate clustering alone (`component_labels`, threshold 6, generated hash records)",
+            "",
+            "| date | records | plan (blocks, equal) | wall s | peak RSS MB (process) | RSS before MB | clusters >= 2 | largest | load avg |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        ]
         for run in c:
             for r in run["results"]:
-                lines.append(f"| {run['date'][:16]} | {r['n']:,} | {r['plan'][0]}, {r['plan'][1]} | {r['cluster_s']} | "
-                             f"{r['peak_rss_mb']} | {r['rss_before_mb']} | {r['clusters_2plus']:,} | {r['largest']} | {_la(r)} |")
+                lines.append(
+                    f"| {run['date'][:16]} | {r['n']:,} | {r['plan'][0]}, {r['plan'][1]} | {r['cluster_s']} | "
+                    f"{r['peak_rss_mb']} | {r['rss_before_mb']} | {r['clusters_2plus']:,} | {r['largest']} | {_la(r)} |"
+                )
         lines.append("")
     a = runs("archive")
     if a:
-        lines += ["### Archive end to end (generated 48-px PNG/JPEG files, `kneeosteo audit` then `split`)", "",
-                  "| date | files | step | exit | wall s | peak RSS MB | load avg |", "|---|---:|---|---:|---:|---:|---|"]
+        lines += [
+            "### Archive end to end (generated 48-px PNG/JPEG files, `kneeosteo audit` then `split`)",
+            "",
+            "| date | files | step | exit | wall s | peak RSS MB | load avg |",
+            "|---|---:|---|---:|---:|---:|---|",
+        ]
         for run in a:
             for name, s in run["steps"].items():
-                lines.append(f"| {run['date'][:16]} | {run['n_files']:,} | {name} | {s['rc']} | {s['wall_s']} | "
-                             f"{s['peak_rss_mb']} | {_la(s)} |")
+                lines.append(
+                    f"| {run['date'][:16]} | {run['n_files']:,} | {name} | {s['rc']} | {s['wall_s']} | "
+                    f"{s['peak_rss_mb']} | {_la(s)} |"
+                )
         lines.append("")
     g = runs("grid")
     if g:
-        lines += ["### `reproduce`: local vs `--ray` (local Ray instance)", "",
-                  "| date | arguments | local threads | local wall s | ray wall s | ray / local | same tables (time column aside) | load avg (local; ray) |",
-                  "|---|---|---|---:|---:|---:|---|---|"]
+        lines += [
+            "### `reproduce`: local vs `--ray` (local Ray instance)",
+            "",
+            "| date | arguments | local threads | local wall s | ray wall s | ray / local | same tables (time column aside) | load avg (local; ray) |",
+            "|---|---|---|---:|---:|---:|---|---|",
+        ]
         for r in g:
-            lines.append(f"| {r['date'][:16]} | `{r['args']}` | {r.get('local_threads', '?')} | {r['local']['wall_s']} | {r['ray']['wall_s']} | "
-                         f"{r['ray_over_local']} | {r['same_table_apart_from_time']} | {_la(r['local'])}; {_la(r['ray'])} |")
+            lines.append(
+                f"| {r['date'][:16]} | `{r['args']}` | {r.get('local_threads', '?')} | {r['local']['wall_s']} | {r['ray']['wall_s']} | "
+                f"{r['ray_over_local']} | {r['same_table_apart_from_time']} | {_la(r['local'])}; {_la(r['ray'])} |"
+            )
         lines.append("")
     p = runs("predict")
     if p:
-        lines += ["### `predict`: `--workers 2` vs `--ray` (whole command, start-up included)", "",
-                  "| date | images | workers 2: wall s (img/s) | ray: wall s (img/s) | identical rows | load avg (workers; ray) |",
-                  "|---|---:|---|---|---|---|"]
+        lines += [
+            "### `predict`: `--workers 2` vs `--ray` (whole command, start-up included)",
+            "",
+            "| date | images | workers 2: wall s (img/s) | ray: wall s (img/s) | identical rows | load avg (workers; ray) |",
+            "|---|---:|---|---|---|---|",
+        ]
         for r in p:
             w, y = r["workers2"], r["ray"]
-            lines.append(f"| {r['date'][:16]} | {w['rows']} | {w['wall_s']} ({w['images_per_s_incl_start']}) | "
-                         f"{y['wall_s']} ({y['images_per_s_incl_start']}) | {r['identical_rows']} | {_la(w)}; {_la(y)} |")
+            lines.append(
+                f"| {r['date'][:16]} | {w['rows']} | {w['wall_s']} ({w['images_per_s_incl_start']}) | "
+                f"{y['wall_s']} ({y['images_per_s_incl_start']}) | {r['identical_rows']} | {_la(w)}; {_la(y)} |"
+            )
         lines.append("")
     out = RESULTS / "scaling.md"
     out.write_text("\n".join(lines).rstrip() + "\n")
@@ -288,7 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     gr = sub.add_parser("grid")
     gr.add_argument("--data", type=Path, default=None, help="default: a tiny generated data set")
     gr.add_argument("--quick", action="store_true")
-    gr.add_argument("--local-threads", type=int, default=None, help="OMP_NUM_THREADS of the local run (1: bit-identical to Ray's cells)")
+    gr.add_argument(
+        "--local-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of the local run (1: bit-identical to Ray's cells)",
+    )
     gr.add_argument("extra", nargs="*", help="more reproduce arguments (after --)")
     pr = sub.add_parser("predict")
     pr.add_argument("--inputs", type=Path, default=None, help="default: generated 256-px files")

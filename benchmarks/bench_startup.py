@@ -30,13 +30,27 @@ if __package__ in (None, ""):  # `python benchmarks/bench_startup.py`
 
 from benchmarks.common import REPO, imagegen, section, write_results  # noqa: E402
 
-HEAVY = ("torch", "torchvision", "onnxruntime", "onnx", "sklearn", "scipy", "statsmodels", "matplotlib", "cv2",
-         "crepes", "pandas", "timm")
-PROBE = ("import runpy, sys, atexit, json\n"
-         "atexit.register(lambda: print('MODULES ' + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)),"
-         " file=sys.stderr))\n"
-         "sys.argv = ['kneeosteo', *sys.argv[1:]]\n"
-         "runpy.run_module('kneeosteo', run_name='__main__')\n")
+HEAVY = (
+    "torch",
+    "torchvision",
+    "onnxruntime",
+    "onnx",
+    "sklearn",
+    "scipy",
+    "statsmodels",
+    "matplotlib",
+    "cv2",
+    "crepes",
+    "pandas",
+    "timm",
+)
+PROBE = (
+    "import runpy, sys, atexit, json\n"
+    "atexit.register(lambda: print('MODULES ' + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)),"
+    " file=sys.stderr))\n"
+    "sys.argv = ['kneeosteo', *sys.argv[1:]]\n"
+    "runpy.run_module('kneeosteo', run_name='__main__')\n"
+)
 
 
 def _env(cache: Path) -> dict:
@@ -63,21 +77,30 @@ def measure(args: list[str], env: dict, repeats: int) -> dict:
     probe = run_once([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], env)
     line = [x for x in probe["stderr"].splitlines() if x.startswith("MODULES ")]
     secs = [r["seconds"] for r in runs]
-    return {"command": "kneeosteo " + " ".join(args), "repeats": repeats,
-            "wall_s_median": round(statistics.median(secs), 3), "wall_s_min": round(min(secs), 3),
-            "wall_s_max": round(max(secs), 3),
-            "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs), 1),
-            "imports": json.loads(line[-1][len("MODULES "):]) if line else None}
+    return {
+        "command": "kneeosteo " + " ".join(args),
+        "repeats": repeats,
+        "wall_s_median": round(statistics.median(secs), 3),
+        "wall_s_min": round(min(secs), 3),
+        "wall_s_max": round(max(secs), 3),
+        "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs), 1),
+        "imports": json.loads(line[-1][len("MODULES ") :]) if line else None,
+    }
 
 
 def markdown(doc: dict) -> str:
     rows = ["| command | wall s (median, min-max) | peak RSS MB | heavy libraries imported |", "|---|---|---|---|"]
     for r in doc["commands"]:
         imports = ", ".join(r["imports"] or []) or "-"
-        rows.append(f"| `{r['command'].replace(doc['image'], 'FILM')}` | {r['wall_s_median']} "
-                    f"({r['wall_s_min']}-{r['wall_s_max']}) | {r['peak_rss_mb_max']} | {imports} |")
-    return (f"# Start-up ({doc['started']}, load average {doc['loadavg_start']} -> {doc['loadavg_end']})\n\n"
-            + "\n".join(rows) + "\n")
+        rows.append(
+            f"| `{r['command'].replace(doc['image'], 'FILM')}` | {r['wall_s_median']} "
+            f"({r['wall_s_min']}-{r['wall_s_max']}) | {r['peak_rss_mb_max']} | {imports} |"
+        )
+    return (
+        f"# Start-up ({doc['started']}, load average {doc['loadavg_start']} -> {doc['loadavg_end']})\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def main(argv=None) -> Path:
@@ -94,8 +117,10 @@ def main(argv=None) -> Path:
         if warm["code"] != 0:
             raise SystemExit(f"predict failed: {warm['stderr'].strip()[-500:]}")
         with section(doc):
-            doc["commands"] = [measure(["--help"], env, args.repeats),
-                               measure(["predict", str(image)], env, args.repeats)]
+            doc["commands"] = [
+                measure(["--help"], env, args.repeats),
+                measure(["predict", str(image)], env, args.repeats),
+            ]
     return write_results(args.out, doc, markdown)
 
 

@@ -73,8 +73,9 @@ def _setup(cfg, data: Path, split_path: Path):
     from kneeosteo.training.trainer import set_seed
 
     set_seed(cfg.seed)
-    model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
-                               image_size=cfg.image_size)
+    model, winfo = build_model(
+        cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention, image_size=cfg.image_size
+    )
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
     sets = load_split(split_path, data)
@@ -162,10 +163,16 @@ def naive_epoch(model, optimizer, data: Path, sets, prep, cfg, amp, epoch: int, 
 
 
 def _row(epoch, train_s, val_s, n_train, n_val) -> dict:
-    return {"epoch": epoch, "train_s": round(train_s, 2), "val_s": round(val_s, 2),
-            "epoch_s": round(train_s + val_s, 2), "train_samples": n_train, "val_samples": n_val,
-            "train_images_per_s": round(n_train / train_s, 2) if train_s > 0 else None,
-            "loadavg": loadavg()}
+    return {
+        "epoch": epoch,
+        "train_s": round(train_s, 2),
+        "val_s": round(val_s, 2),
+        "epoch_s": round(train_s + val_s, 2),
+        "train_samples": n_train,
+        "val_samples": n_val,
+        "train_images_per_s": round(n_train / train_s, 2) if train_s > 0 else None,
+        "loadavg": loadavg(),
+    }
 
 
 def run_naive(cfg, data, split_path, amp, epochs: int, log=print) -> dict:
@@ -220,15 +227,20 @@ def run_cached(cfg, data, split_path, amp, epochs: int, cache: Path, cold: bool 
         rows.append(_row(e, train_s, val_s, len(parts["train"]), len(parts["val"])))
         log(f"  training: cached {'bf16' if amp else 'fp32'} epoch {e}: {rows[-1]['epoch_s']} s")
     out.update({"epochs": rows, **_summary(rows)})
-    out["tensor_cache_mb"] = round(sum(f.stat().st_size for f in (cache / "tensors").rglob("*") if f.is_file()) / 2**20, 1)
+    out["tensor_cache_mb"] = round(
+        sum(f.stat().st_size for f in (cache / "tensors").rglob("*") if f.is_file()) / 2**20, 1
+    )
     return out
 
 
 def _summary(rows: list[dict]) -> dict:
     ep = [r["epoch_s"] for r in rows]
     ips = [r["train_images_per_s"] for r in rows if r["train_images_per_s"]]
-    return {"mean_epoch_s": round(float(np.mean(ep)), 2), "min_epoch_s": round(float(np.min(ep)), 2),
-            "mean_train_images_per_s": round(float(np.mean(ips)), 2) if ips else None}
+    return {
+        "mean_epoch_s": round(float(np.mean(ep)), 2),
+        "min_epoch_s": round(float(np.min(ep)), 2),
+        "mean_train_images_per_s": round(float(np.mean(ips)), 2) if ips else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,8 +264,13 @@ def time_make_run(data: Path, work: Path, timeout: float = 3600.0) -> dict:
     except subprocess.TimeoutExpired:
         return {"command": " ".join(cmd), "skipped": f"did not finish within {timeout:.0f} s"}
     wall = time.perf_counter() - t
-    doc = {"command": " ".join(cmd), "cache": "cold (empty KNEEOSTEO_CACHE)", "exit_status": proc.returncode,
-           "wall_s": round(wall, 1), "tail": (proc.stdout + proc.stderr).strip().splitlines()[-6:]}
+    doc = {
+        "command": " ".join(cmd),
+        "cache": "cold (empty KNEEOSTEO_CACHE)",
+        "exit_status": proc.returncode,
+        "wall_s": round(wall, 1),
+        "tail": (proc.stdout + proc.stderr).strip().splitlines()[-6:],
+    }
     run = next(iter(sorted(out.glob("*-seed*"))), None)
     if run is not None:
         doc["run_folder"] = str(run)
@@ -295,20 +312,29 @@ def _ratios(rows: dict) -> dict:
                 "epoch_speedup": round(n["mean_epoch_s"] / c["mean_epoch_s"], 2),
                 "train_images_per_s_speedup": round(c["mean_train_images_per_s"] / n["mean_train_images_per_s"], 2),
                 "projected_30_epochs_naive_s": round(30 * n["mean_epoch_s"], 1),
-                "projected_30_epochs_cached_s": round(rows["cached_bf16"].get("prepare_cold_s", 0)
-                                                      + 30 * c["mean_epoch_s"], 1),
+                "projected_30_epochs_cached_s": round(
+                    rows["cached_bf16"].get("prepare_cold_s", 0) + 30 * c["mean_epoch_s"], 1
+                ),
             }
     return out
 
 
-def run_section(quick: bool = False, data: str | None = None, epochs_naive: int = 2, epochs_cached: int = 3,
-                make_run: bool = True, fp32: bool = True, backbones=BACKBONES, work: Path | None = None,
-                log=print) -> dict:
+def run_section(
+    quick: bool = False,
+    data: str | None = None,
+    epochs_naive: int = 2,
+    epochs_cached: int = 3,
+    make_run: bool = True,
+    fp32: bool = True,
+    backbones=BACKBONES,
+    work: Path | None = None,
+    log=print,
+) -> dict:
     import torch
 
+    from kneeosteo.config import TrainConfig
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
-    from kneeosteo.config import TrainConfig
     from kneeosteo.training.trainer import autocast_dtype
 
     tmp = tempfile.TemporaryDirectory(prefix="kneeosteo-bench-train-") if work is None else None
@@ -319,8 +345,15 @@ def run_section(quick: bool = False, data: str | None = None, epochs_naive: int 
         with section(doc):
             if quick:
                 root = imagegen().make_dataset(work / "tiny", n_per_class=10, size=64).root
-                cfg = TrainConfig(data=str(root), backbone="efficientnet_lite0", backbone_weights="none", copies=1,
-                                  batch_size=8, image_size=64, device="cpu")
+                cfg = TrainConfig(
+                    data=str(root),
+                    backbone="efficientnet_lite0",
+                    backbone_weights="none",
+                    copies=1,
+                    batch_size=8,
+                    image_size=64,
+                    device="cpu",
+                )
                 epochs_naive = epochs_cached = 1
                 data_name, fp32, make_run = "generated tiny set (20 PNGs, 64 px), 1 copy, 64-px inputs", False, False
             else:
@@ -337,19 +370,29 @@ def run_section(quick: bool = False, data: str | None = None, epochs_naive: int 
             write_split(split, split_path)
             amp = autocast_dtype(cfg.precision, "cpu")
             doc["setup"] = {
-                "data": data_name, "copies": cfg.copies, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
-                "autocast": str(amp) if amp else "fp32", "channels_last": cfg.channels_last,
-                "threads": torch.get_num_threads(), "epochs_naive": epochs_naive, "epochs_cached": epochs_cached,
+                "data": data_name,
+                "copies": cfg.copies,
+                "batch_size": cfg.batch_size,
+                "image_size": cfg.image_size,
+                "autocast": str(amp) if amp else "fp32",
+                "channels_last": cfg.channels_last,
+                "threads": torch.get_num_threads(),
+                "epochs_naive": epochs_naive,
+                "epochs_cached": epochs_cached,
                 "split_sizes": {k: len(split[k]) for k in ("train", "val", "test", "excluded")},
             }
             doc["backbones"] = {}
             for i, name in enumerate(["efficientnet_lite0"] if quick else list(backbones)):
                 bcfg = dataclasses.replace(cfg, backbone=name, backbone_weights=_weights(name, cfg.backbone_weights))
                 log(f"  training: backbone {name} (weights {bcfg.backbone_weights})")
-                rows = {"cached_bf16": run_cached(bcfg, root, split_path, amp, epochs_cached, cache, log=log),
-                        "naive_bf16": run_naive(bcfg, root, split_path, amp, epochs_naive, log)}
+                rows = {
+                    "cached_bf16": run_cached(bcfg, root, split_path, amp, epochs_cached, cache, log=log),
+                    "naive_bf16": run_naive(bcfg, root, split_path, amp, epochs_naive, log),
+                }
                 if fp32 and i == 0:  # fp32 rows for the default backbone only
-                    rows["cached_fp32"] = run_cached(bcfg, root, split_path, None, epochs_cached, cache, cold=False, log=log)
+                    rows["cached_fp32"] = run_cached(
+                        bcfg, root, split_path, None, epochs_cached, cache, cold=False, log=log
+                    )
                     rows["naive_fp32"] = run_naive(bcfg, root, split_path, None, max(1, epochs_naive - 1), log)
                 doc["backbones"][name] = {"weights": bcfg.backbone_weights, "rows": rows, "ratios": _ratios(rows)}
             if make_run:

@@ -9,9 +9,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -62,8 +62,9 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_calls(fn: Callable[[], object], *, warmup: int = 2, min_iters: int = 10, max_iters: int = 200,
-               target_s: float = 10.0) -> list[float]:
+def time_calls(
+    fn: Callable[[], object], *, warmup: int = 2, min_iters: int = 10, max_iters: int = 200, target_s: float = 10.0
+) -> list[float]:
     """Per-call wall times (s) after ``warmup`` untimed calls. Runs at least ``min_iters`` calls,
     then keeps going until ``target_s`` seconds are spent or ``max_iters`` is reached."""
     for _ in range(warmup):

@@ -45,8 +45,12 @@ def _stats(latencies: list[float]) -> dict | None:
     if not latencies:
         return None
     a = np.asarray(latencies) * 1000.0
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1),
-            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1)}
+    return {
+        "n": len(a),
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "max_ms": round(float(a.max()), 1),
+    }
 
 
 async def _drive(base: str, endpoint: str, body: bytes, requests: int, clients: int, time_limit: float):
@@ -74,9 +78,16 @@ async def _drive(base: str, endpoint: str, body: bytes, requests: int, clients: 
     return results
 
 
-def run_load_test(run: str | os.PathLike | None = None, requests: int = 200, clients: int = 20,
-                  workers: int = 2, queue: int = 16, endpoint: str = "/api/predict",
-                  time_limit: float = 180.0, image: bytes | None = None) -> dict:
+def run_load_test(
+    run: str | os.PathLike | None = None,
+    requests: int = 200,
+    clients: int = 20,
+    workers: int = 2,
+    queue: int = 16,
+    endpoint: str = "/api/predict",
+    time_limit: float = 180.0,
+    image: bytes | None = None,
+) -> dict:
     """Serve ``run`` (None: the bundled model) on loopback and load it; returns the result dict."""
     import torch
 
@@ -100,18 +111,32 @@ def run_load_test(run: str | os.PathLike | None = None, requests: int = 200, cli
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model_id": app.state.service.info.model_id,
-        "endpoint": endpoint, "requests": requests, "clients": clients, "workers": workers, "queue": queue,
-        "image_bytes": len(body), "time_limit_s": time_limit,
-        "sent": len(got), "not_sent": requests - len(got),
+        "endpoint": endpoint,
+        "requests": requests,
+        "clients": clients,
+        "workers": workers,
+        "queue": queue,
+        "image_bytes": len(body),
+        "time_limit_s": time_limit,
+        "sent": len(got),
+        "not_sent": requests - len(got),
         "status_counts": dict(sorted(counts.items())),
         "all_answered_200_or_503": len(got) == requests and set(counts) <= {"200", "503"},
-        "wall_s": round(wall, 2), "throughput_rps": round(len(got) / wall, 1) if wall else None,
-        "latency": {"all_answered": _stats(answered),
-                    "200": _stats([t for s, t in got if s == 200]),
-                    "503": _stats([t for s, t in got if s == 503])},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": threads,
-                    "load_average_1m_before": load_before},
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(got) / wall, 1) if wall else None,
+        "latency": {
+            "all_answered": _stats(answered),
+            "200": _stats([t for s, t in got if s == 200]),
+            "503": _stats([t for s, t in got if s == 503]),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": threads,
+            "load_average_1m_before": load_before,
+        },
     }
 
 
@@ -122,18 +147,22 @@ def write_results(result: dict, out: str | os.PathLike = RESULTS, label: str = "
     out = Path(out)
     js, md = out / "load_test.json", out / "load_test.md"
     write_json(js, {**result, "label": label})
-    header = ("# `kneeosteo serve` load test\n\nWritten by `benchmarks/load_test.py`; latencies in ms, "
-              "measured by the clients over loopback; 503 = the bounded pool shedding load.\n\n"
-              "| date (UTC) | model | endpoint | requests x clients | workers+queue | statuses | p50 all | p99 all "
-              "| p50 200 | p99 200 | req/s | cpus (load) | platform |\n|" + "---|" * 13 + "\n")
+    header = (
+        "# `kneeosteo serve` load test\n\nWritten by `benchmarks/load_test.py`; latencies in ms, "
+        "measured by the clients over loopback; 503 = the bounded pool shedding load.\n\n"
+        "| date (UTC) | model | endpoint | requests x clients | workers+queue | statuses | p50 all | p99 all "
+        "| p50 200 | p99 200 | req/s | cpus (load) | platform |\n|" + "---|" * 13 + "\n"
+    )
     text = md.read_text() if md.is_file() else header
     lat, ok = result["latency"]["all_answered"] or {}, result["latency"]["200"] or {}
     statuses = ", ".join(f"{k}: {v}" for k, v in result["status_counts"].items())
-    row = (f"| {result['date']} | {result['model_id']}{' (' + label + ')' if label else ''} | {result['endpoint']} "
-           f"| {result['requests']} x {result['clients']} | {result['workers']}+{result['queue']} | {statuses} "
-           f"| {lat.get('p50_ms', '-')} | {lat.get('p99_ms', '-')} | {ok.get('p50_ms', '-')} | {ok.get('p99_ms', '-')} "
-           f"| {result['throughput_rps']} | {result['machine']['cpu_count']} ({result['machine']['load_average_1m_before']}) "
-           f"| {result['machine']['platform']} |\n")
+    row = (
+        f"| {result['date']} | {result['model_id']}{' (' + label + ')' if label else ''} | {result['endpoint']} "
+        f"| {result['requests']} x {result['clients']} | {result['workers']}+{result['queue']} | {statuses} "
+        f"| {lat.get('p50_ms', '-')} | {lat.get('p99_ms', '-')} | {ok.get('p50_ms', '-')} | {ok.get('p99_ms', '-')} "
+        f"| {result['throughput_rps']} | {result['machine']['cpu_count']} ({result['machine']['load_average_1m_before']}) "
+        f"| {result['machine']['platform']} |\n"
+    )
     write_text(md, text + row)
     return js, md
 
@@ -150,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--label", default="", help="a note for the markdown row, e.g. 'tiny test model'")
     args = ap.parse_args(argv)
-    result = run_load_test(args.run, args.requests, args.clients, args.workers, args.queue, args.endpoint,
-                           args.time_limit)
+    result = run_load_test(
+        args.run, args.requests, args.clients, args.workers, args.queue, args.endpoint, args.time_limit
+    )
     js, md = write_results(result, args.out, args.label)
     print(json.dumps({k: result[k] for k in ("status_counts", "latency", "wall_s", "throughput_rps")}, indent=2))
     print(f"wrote {js} and {md}")

@@ -113,7 +113,7 @@ def matmul_peak(dtype: str = "fp32", n: int = 4096, reps: int = 5) -> dict:
             times.append(time.perf_counter() - t0)
     except Exception as exc:  # e.g. no CPU kernel for _int_mm in this build
         return {"dtype": dtype, "n": n, "available": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     times.sort()
     return {
         "dtype": dtype,

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 __all__ = ["CLASSIFICATION_TASKS", "PRESETS", "REWEIGHTS"]
 
-PRESETS = ("paper", "robust", "bone", "knee")  # data/preprocess.py: the paper's resize, letterbox, bone region, knee region
+PRESETS = (
+    "paper",
+    "robust",
+    "bone",
+    "knee",
+)  # data/preprocess.py: the paper's resize, letterbox, bone region, knee region
 REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight (data/shortcut.py)
 CLASSIFICATION_TASKS = ("binary", "multiclass")  # --task; regression comes from --target (models/task.py)

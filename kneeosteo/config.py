@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from kneeosteo.choices import CLASSIFICATION_TASKS, PRESETS, REWEIGHTS
 from kneeosteo.data.manifest import TARGETS
@@ -114,7 +115,9 @@ class TrainConfig:
         if self.kind != "binary":
             for name, default in (("reweight", "none"), ("operating_point", "0.5")):
                 if getattr(self, name) != default:
-                    raise ConfigError(f"{name} = {getattr(self, name)!r} is for the binary task only (this run: {self.kind})")
+                    raise ConfigError(
+                        f"{name} = {getattr(self, name)!r} is for the binary task only (this run: {self.kind})"
+                    )
         if self.classes and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
             raise ConfigError(f"classes = {list(self.classes)}: give two or more different names")
         choice("backbone", list_backbones())
@@ -134,13 +137,21 @@ class TrainConfig:
         number("gce_q", 0.0, 1.0)
         for name in ("label_smoothing", "gce_q"):
             if getattr(self, name) and self.kind == "regression":
-                raise ConfigError(f"{name} = {getattr(self, name)} is for classification, not a {self.target} regression")
+                raise ConfigError(
+                    f"{name} = {getattr(self, name)} is for classification, not a {self.target} regression"
+                )
         if self.label_smoothing and self.gce_q:
-            raise ConfigError(f"label_smoothing = {self.label_smoothing} and gce_q = {self.gce_q}: choose one loss against label noise")
+            raise ConfigError(
+                f"label_smoothing = {self.label_smoothing} and gce_q = {self.gce_q}: choose one loss against label noise"
+            )
         if self.trainable_stages and not self.finetune:
-            raise ConfigError(f"trainable_stages = {self.trainable_stages} needs finetune = true (the backbone is frozen)")
+            raise ConfigError(
+                f"trainable_stages = {self.trainable_stages} needs finetune = true (the backbone is frozen)"
+            )
         if self.source_augment and self.augment != "online":
-            raise ConfigError(f"source_augment = true needs augment = online (it draws per batch), not {self.augment!r}")
+            raise ConfigError(
+                f"source_augment = true needs augment = online (it draws per batch), not {self.augment!r}"
+            )
         if self.fold is not None:
             number("fold", 0, integer=True)
         from kneeosteo.trust.operating_point import parse_operating_point
@@ -152,8 +163,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {v!r}: must be a number in (0, 1), such as 0.9")
         for name, lo, hi in (("zoom", 0.1, 10.0), ("crop_fraction", 0.05, 1.0)):
             pair = getattr(self, name)
-            if (len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair)
-                    or not lo <= pair[0] <= pair[1] <= hi):
+            if (
+                len(pair) != 2
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair)
+                or not lo <= pair[0] <= pair[1] <= hi
+            ):
                 raise ConfigError(f"{name} = {pair!r}: must be LOW,HIGH with {lo} <= LOW <= HIGH <= {hi}")
         if not (self.attention or self.use_backbone):
             raise ConfigError("attention and use_backbone are both off: the model would have no input branch")
@@ -167,8 +181,13 @@ class TrainConfig:
 
     def scan_options(self) -> dict:
         """``data.scan.scan_dataset``'s keywords for this run's labels, merge, target and task."""
-        return {"labels": self.labels, "merge": self.merge, "target": self.target,
-                "classes": list(self.classes) or None, "require_binary": self.kind == "binary"}
+        return {
+            "labels": self.labels,
+            "merge": self.merge,
+            "target": self.target,
+            "classes": list(self.classes) or None,
+            "require_binary": self.kind == "binary",
+        }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -49,10 +49,10 @@ FORMAT_VERSION = 2
 # Every file a run folder may hold, with what it is; docs/cli.md's table (`train`) is this one (a test checks).
 RUN_FILES = {
     "config.json": "`identity` (what changes a prediction: architecture, preprocessing, class names, threshold), "
-                   "`settings` (every training setting as asked), `record` (split sizes, backbone weights' source "
-                   "and sha256, precision, environment, best epoch), the sha256 of `model.safetensors`",
+    "`settings` (every training setting as asked), `record` (split sizes, backbone weights' source "
+    "and sha256, precision, environment, best epoch), the sha256 of `model.safetensors`",
     "model.safetensors": "the best epoch's weights (AM + head; a frozen pretrained backbone is rebuilt from its "
-                         "verified weights file, not duplicated), with the identity in its metadata",
+    "verified weights file, not duplicated), with the identity in its metadata",
     "split.json": "the split used",
     "history.csv": "per epoch: `epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds`",
     "metrics.json": "test metrics with intervals (see `evaluate`)",
@@ -62,12 +62,12 @@ RUN_FILES = {
     "confusion_matrix.png": "the test confusion matrix (the paper's Fig. 5)",
     "roc.png": "the test ROC curve with its AUC",
     "trust.json": "the fitted trust pieces (issue 15): temperature, operating point and threshold, conformal "
-                  "coverage and quantiles, domain-check method and threshold, what each was fitted on, and the "
-                  "sha256 of `trust.safetensors` and of the weights; its own sha256 is in config.json's record",
+    "coverage and quantiles, domain-check method and threshold, what each was fitted on, and the "
+    "sha256 of `trust.safetensors` and of the weights; its own sha256 is in config.json's record",
     "trust.safetensors": "the trust arrays: conformal calibration scores, the domain check's mean, scale and "
-                         "shrunk inverse covariance (float64)",
+    "shrunk inverse covariance (float64)",
     "domain.json": "a multiclass or regression run's domain check (issue 19): method, threshold, what it was fitted "
-                   "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
+    "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
     "domain.safetensors": "that domain check's arrays: mean, scale and shrunk inverse covariance (float64)",
     "calibration.png": "reliability diagram of the test probabilities, raw and calibrated (`evaluate`)",
     "decision_curve.png": "net benefit of the calibrated model against treat-all and treat-none (`evaluate`)",
@@ -126,8 +126,9 @@ class RunConfig:
         return identity(self.preprocess, self.classes, self.threshold, self.task, self.target)
 
 
-def identity(preprocess: Preprocess, classes, threshold: float, task: str = "binary",
-             target: str = "label") -> dict[str, Any]:
+def identity(
+    preprocess: Preprocess, classes, threshold: float, task: str = "binary", target: str = "label"
+) -> dict[str, Any]:
     """The prediction-changing settings stored with the weights (besides the architecture).
     A binary run's identity has no task/target keys (the paper's; unchanged since format 2)."""
     p = asdict(preprocess)
@@ -248,26 +249,31 @@ class RunDir:
 
     # ---------------------------------------------------------------------------- finding one
     @classmethod
-    def bundled(cls) -> "RunDir":
+    def bundled(cls) -> RunDir:
         """The default model shipped in ``kneeosteo/assets/default_model/``."""
         folder = resources.files("kneeosteo").joinpath("assets", "default_model")
         missing = [f for f in ("config.json", "model.safetensors") if not folder.joinpath(f).is_file()]
         if missing:
             raise CheckpointError(
                 f"no bundled default model in this installation ({', '.join(missing)} missing in "
-                "kneeosteo/assets/default_model/); pass --run RUN, a folder written by `kneeosteo train`")
+                "kneeosteo/assets/default_model/); pass --run RUN, a folder written by `kneeosteo train`"
+            )
         if not isinstance(folder, Path):  # e.g. a zipped install: the loaders need real files
-            raise CheckpointError("the bundled default model is not on the file system (zipped install?); pass --run RUN")
+            raise CheckpointError(
+                "the bundled default model is not on the file system (zipped install?); pass --run RUN"
+            )
         return cls(folder)
 
     @classmethod
-    def open(cls, run: "str | Path | RunDir | None") -> "RunDir":
+    def open(cls, run: str | Path | RunDir | None) -> RunDir:
         """``run`` (checked to be a run folder), or the bundled default model when it is None."""
         if run is None:
             return cls.bundled()
         rd = run if isinstance(run, RunDir) else cls(run)
         if not rd.is_run():
-            raise CheckpointError(f"{rd.path}: not a run folder (no config.json); pass a folder written by `kneeosteo train`")
+            raise CheckpointError(
+                f"{rd.path}: not a run folder (no config.json); pass a folder written by `kneeosteo train`"
+            )
         return rd
 
     # ---------------------------------------------------------------------------- reading
@@ -288,19 +294,33 @@ class RunDir:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CheckpointError(f"{self.config_file}: not a {FORMAT} config")
         if doc.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{self.config_file}: format_version {doc.get('format_version')} "
-                                  f"(this kneeosteo reads {FORMAT_VERSION}); retrain the model with this version")
+            raise CheckpointError(
+                f"{self.config_file}: format_version {doc.get('format_version')} "
+                f"(this kneeosteo reads {FORMAT_VERSION}); retrain the model with this version"
+            )
         sha = doc.get("weights_sha256")
         if not isinstance(sha, str) or not isinstance(doc.get("identity"), dict):
             raise CheckpointError(f"{self.config_file}: no weights_sha256 or identity recorded")
         stored = read_identity(self.weights_file, sha)  # the sha256 covers the identity inside the file
         diffs = _diff(doc["identity"], stored)
         if diffs:
-            raise CheckpointError(f"{self.config_file} and {self.weights_file.name} disagree: " + "; ".join(diffs[:5])
-                                  + ". The config was edited or swapped after training.")
+            raise CheckpointError(
+                f"{self.config_file} and {self.weights_file.name} disagree: "
+                + "; ".join(diffs[:5])
+                + ". The config was edited or swapped after training."
+            )
         prep, classes, threshold = _checked(stored, self.weights_file)
-        return RunConfig(stored["model"], prep, classes, threshold, sha, doc.get("settings") or {}, doc.get("record") or {},
-                         str(stored.get("task", "binary")), str(stored.get("target", "label")))
+        return RunConfig(
+            stored["model"],
+            prep,
+            classes,
+            threshold,
+            sha,
+            doc.get("settings") or {},
+            doc.get("record") or {},
+            str(stored.get("task", "binary")),
+            str(stored.get("target", "label")),
+        )
 
     @property
     def model_id(self) -> str:
@@ -316,7 +336,7 @@ class RunDir:
         return ModelInfo(self.model_id, c.preprocess, c.threshold, c.negative, c.positive, c.backbone, c.weights_sha256)
 
     @functools.cached_property
-    def trust(self) -> "TrustBundle | None":
+    def trust(self) -> TrustBundle | None:
         """The fitted trust pieces, verified, or None for a run without them (an older run).
 
         config.json's record holds the sha256 of trust.json, which holds the sha256 of
@@ -336,8 +356,9 @@ class RunDir:
         except (KeyError, TypeError, ValueError, DataError, SafetensorError) as exc:
             raise CheckpointError(f"{self.trust_file}: malformed trust state ({type(exc).__name__}: {exc})") from exc
         if tuple(bundle.classes) != self.config.classes:
-            raise CheckpointError(f"{self.trust_file}: classes {list(bundle.classes)} differ from the model's "
-                                  f"{list(self.config.classes)}")
+            raise CheckpointError(
+                f"{self.trust_file}: classes {list(bundle.classes)} differ from the model's {list(self.config.classes)}"
+            )
         return bundle
 
     def _verified_pair(self, key: str, json_file: Path, tensors_file: Path) -> tuple[dict, dict] | None:
@@ -353,23 +374,31 @@ class RunDir:
         present = [f for f in (json_file, tensors_file) if f.exists()]
         if recorded is None:
             if present:
-                raise CheckpointError(f"{present[0]}: {key} file not recorded in {self.config_file.name} (planted or "
-                                      "left by an interrupted write); remove it or refit with `kneeosteo calibrate`")
+                raise CheckpointError(
+                    f"{present[0]}: {key} file not recorded in {self.config_file.name} (planted or "
+                    "left by an interrupted write); remove it or refit with `kneeosteo calibrate`"
+                )
             return None
         for f in (json_file, tensors_file):
             if not f.is_file():
-                raise CheckpointError(f"{f}: missing or not a regular file, but {self.config_file.name} records {key} "
-                                      "files; copy the whole run folder")
+                raise CheckpointError(
+                    f"{f}: missing or not a regular file, but {self.config_file.name} records {key} "
+                    "files; copy the whole run folder"
+                )
         if not isinstance(recorded, dict) or sha256_file(json_file) != recorded.get("sha256"):
-            raise CheckpointError(f"{json_file}: sha256 differs from the one recorded in "
-                                  f"{self.config_file.name}; the file was edited or swapped after fitting")
+            raise CheckpointError(
+                f"{json_file}: sha256 differs from the one recorded in "
+                f"{self.config_file.name}; the file was edited or swapped after fitting"
+            )
         try:
             meta = json.loads(json_file.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{json_file}: unreadable ({exc})") from exc
         if sha256_file(tensors_file) != meta.get("tensors_sha256"):
-            raise CheckpointError(f"{tensors_file}: sha256 differs from the one recorded in "
-                                  f"{json_file.name}; the file was edited or swapped after fitting")
+            raise CheckpointError(
+                f"{tensors_file}: sha256 differs from the one recorded in "
+                f"{json_file.name}; the file was edited or swapped after fitting"
+            )
         if meta.get("weights_sha256") != self.config.weights_sha256:
             raise CheckpointError(f"{json_file}: fitted for other weights ({meta.get('weights_sha256')!r})")
         try:
@@ -411,24 +440,43 @@ class RunDir:
             return None
 
     # ---------------------------------------------------------------------------- writing
-    def save_model(self, model, preprocess: Preprocess, classes, threshold: float, settings: dict, record: dict,
-                   task: str = "binary", target: str = "label") -> None:
+    def save_model(
+        self,
+        model,
+        preprocess: Preprocess,
+        classes,
+        threshold: float,
+        settings: dict,
+        record: dict,
+        task: str = "binary",
+        target: str = "label",
+    ) -> None:
         """Write the weights (identity inside) and config.json; what is verified on reading."""
         from kneeosteo.models.checkpoint import save_weights
 
         ident = identity(preprocess, classes, threshold, task, target)
         _checked(ident, self.weights_file)
-        for stale in (self.trust_file, self.trust_tensors_file, self.domain_file,
-                      self.domain_tensors_file):  # fitted for the weights replaced now
+        for stale in (
+            self.trust_file,
+            self.trust_tensors_file,
+            self.domain_file,
+            self.domain_tensors_file,
+        ):  # fitted for the weights replaced now
             stale.unlink(missing_ok=True)
         sha = save_weights(model, self.weights_file, ident)
-        write_json(self.config_file, {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "weights_file": self.weights_file.name, "weights_sha256": sha,
-            "identity": {"model": model.model_config(), **ident},
-            "settings": settings, "record": record,
-            "versions": {"kneeosteo": __version__, "torch": torch.__version__},
-        })
+        write_json(
+            self.config_file,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "weights_file": self.weights_file.name,
+                "weights_sha256": sha,
+                "identity": {"model": model.model_config(), **ident},
+                "settings": settings,
+                "record": record,
+                "versions": {"kneeosteo": __version__, "torch": torch.__version__},
+            },
+        )
         self.__dict__.pop("config", None)
 
     def save_trust(self, bundle) -> None:
@@ -439,8 +487,11 @@ class RunDir:
         tensors, meta = bundle.to_state()
         with atomic_path(self.trust_tensors_file) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        meta = {**meta, "tensors_sha256": sha256_file(self.trust_tensors_file),
-                "weights_sha256": self.config.weights_sha256}
+        meta = {
+            **meta,
+            "tensors_sha256": sha256_file(self.trust_tensors_file),
+            "weights_sha256": self.config.weights_sha256,
+        }
         write_json(self.trust_file, meta)
         self.update_record(trust={"sha256": sha256_file(self.trust_file)})
 
@@ -452,12 +503,19 @@ class RunDir:
         tensors, meta = check.to_state()
         with atomic_path(self.domain_tensors_file) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        write_json(self.domain_file, {"format": "kneeosteo-domain/1", "domain": meta, "fitted": fitted,
-                                      "tensors_sha256": sha256_file(self.domain_tensors_file),
-                                      "weights_sha256": self.config.weights_sha256})
+        write_json(
+            self.domain_file,
+            {
+                "format": "kneeosteo-domain/1",
+                "domain": meta,
+                "fitted": fitted,
+                "tensors_sha256": sha256_file(self.domain_tensors_file),
+                "weights_sha256": self.config.weights_sha256,
+            },
+        )
         self.update_record(domain={"sha256": sha256_file(self.domain_file)})
 
-    def derive(self, out: "str | Path", record: dict) -> "RunDir":
+    def derive(self, out: str | Path, record: dict) -> RunDir:
         """A new run folder at ``out`` with a byte copy of this run's weights and split, and this
         run's identity and settings; ``record`` is added to the copied record (nothing here is
         modified). Its model id differs by the folder name; trust files are fitted afterwards."""

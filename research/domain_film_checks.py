@@ -67,19 +67,30 @@ def main() -> None:
         t0 = time.time()
         verdicts = predictor.predict_trusted(images)
         accepted = [v for v in verdicts if v.status != "out_of_domain"]
-        out["cases"][name] = {"n": len(verdicts), "accepted": len(accepted),
-                              "ok": sum(v.status == "ok" for v in verdicts),
-                              "labels_when_accepted": dict(Counter(v.label for v in accepted))}
-        print(f"{name}: accepted {len(accepted)} of {len(verdicts)} (ok {out['cases'][name]['ok']}; labels "
-              f"{out['cases'][name]['labels_when_accepted']}) [{time.time() - t0:.0f} s]", flush=True)
-    films = sorted(str(p.relative_to(args.data)) for p in args.data.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        out["cases"][name] = {
+            "n": len(verdicts),
+            "accepted": len(accepted),
+            "ok": sum(v.status == "ok" for v in verdicts),
+            "labels_when_accepted": dict(Counter(v.label for v in accepted)),
+        }
+        print(
+            f"{name}: accepted {len(accepted)} of {len(verdicts)} (ok {out['cases'][name]['ok']}; labels "
+            f"{out['cases'][name]['labels_when_accepted']}) [{time.time() - t0:.0f} s]",
+            flush=True,
+        )
+    films = sorted(
+        str(p.relative_to(args.data)) for p in args.data.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+    )
     films = films[: args.limit] if args.limit else films
     result = predictor.predict([args.data / f for f in films], progress=False)
     status = {str(Path(r.path).relative_to(args.data)): r.status for r in result.predictions}
     for part, names in (("test", set(test)), ("train", set(split["train"])), ("all", set(films))):
         got = [status[f] for f in films if f in names and f in status]
-        out["cases"][f"ordinary_{part}"] = {"n": len(got), "accepted": sum(s != "out_of_domain" for s in got),
-                                            "ok": sum(s == "ok" for s in got)}
+        out["cases"][f"ordinary_{part}"] = {
+            "n": len(got),
+            "accepted": sum(s != "out_of_domain" for s in got),
+            "ok": sum(s == "ok" for s in got),
+        }
         c = out["cases"][f"ordinary_{part}"]
         print(f"ordinary films ({part}): accepted {c['accepted']} of {c['n']} (ok {c['ok']})", flush=True)
     refused = Counter(r.status for r in result.predictions)

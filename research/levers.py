@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +36,8 @@ ROOT = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("KNEEOSTEO_DATA") or ROOT.parent.parent / "shared" / "datasets" / "kop")
 CACHE = Path(os.environ.get("KNEEOSTEO_CACHE") or Path.home() / ".cache" / "kneeosteo-levers")
 RESULTS = Path(os.environ.get("LEVERS_RESULTS", ROOT.parent / "docs" / "results" / "research"))
-MAX_SIDE = 1024      # decoded radiographs are cached at most this long (uint8)
-MASK_SIDE = 512      # bone masks are computed at this scale
+MAX_SIDE = 1024  # decoded radiographs are cached at most this long (uint8)
+MASK_SIDE = 512  # bone masks are computed at this scale
 REPEATS, FOLDS, INNER = 5, 5, 5
 CS = np.logspace(-4, 0, 9)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -50,9 +48,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def load_records():
-    from kneeosteo.data.duplicates import leakage_groups
+    from kneeosteo.data.duplicates import deduplicate, leakage_groups
     from kneeosteo.data.scan import scan_dataset
-    from kneeosteo.data.duplicates import deduplicate
 
     scan = scan_dataset(DATA)
     kept, excluded = deduplicate(scan.records)
@@ -131,9 +128,11 @@ def cmd_prepare(args) -> None:
         m = load_mask(r, img)
         areas.append(m.mean())
     areas = np.array(areas)
-    print(f"{len(recs)} images (excluded {len(excluded)}), {len(set(groups))} leakage groups, "
-          f"decode+mask {time.time() - t:.0f}s; mask area fraction median {np.median(areas):.2f} "
-          f"[{areas.min():.2f}-{areas.max():.2f}]")
+    print(
+        f"{len(recs)} images (excluded {len(excluded)}), {len(set(groups))} leakage groups, "
+        f"decode+mask {time.time() - t:.0f}s; mask area fraction median {np.median(areas):.2f} "
+        f"[{areas.min():.2f}-{areas.max():.2f}]"
+    )
     # example sheet: original | mask outline | probe (a) | probe (b), a spread of files
     ex = ROOT / "masks"
     ex.mkdir(exist_ok=True)
@@ -154,8 +153,9 @@ def cmd_prepare(args) -> None:
         cv2.rectangle(over, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), max(2, img.shape[0] // 150))
         tiles = [cv2.resize(over, size, interpolation=cv2.INTER_AREA)]
         for kind in ("hide_bone", "only_bone"):
-            tiles.append(cv2.cvtColor(cv2.resize(occlude(img, m, kind), size, interpolation=cv2.INTER_AREA),
-                                      cv2.COLOR_GRAY2BGR))
+            tiles.append(
+                cv2.cvtColor(cv2.resize(occlude(img, m, kind), size, interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+            )
         name = Path(r.path).stem
         cv2.imwrite(str(ex / f"{name}.png"), np.hstack(tiles))
     (ex / "README.md").write_text(
@@ -163,8 +163,12 @@ def cmd_prepare(args) -> None:
         "the radiograph with the mask outline (red) and the crop box (green), then occlusion "
         "probe (a) (bone hidden, filled with the median of the rest) and probe (b) (only the "
         "bone region shown). 12 files drawn at random (seed 0) plus the smallest and the largest "
-        "mask.\n\n" + "\n".join(f"- {Path(recs[i].path).stem}.png: {recs[i].path}, mask area "
-                                 f"{areas[i]:.2f} of the image" for i in picks) + "\n")
+        "mask.\n\n"
+        + "\n".join(
+            f"- {Path(recs[i].path).stem}.png: {recs[i].path}, mask area {areas[i]:.2f} of the image" for i in picks
+        )
+        + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def make_input(img: np.ndarray, mask: np.ndarray, cfg, view: str) -> np.ndarray:
     _, geom, size, crop, inten = cfg
     flip = view.startswith("flip")
     kind = view.replace("flip_", "") if view != "flip" else "orig"
-    x = intensity(img, inten, mask)          # intensity from the full (unoccluded) image
+    x = intensity(img, inten, mask)  # intensity from the full (unoccluded) image
     x = occlude(x, mask, kind)
     if crop:
         y0, y1, x0, x1 = bbox(mask)
@@ -225,7 +229,7 @@ def make_input(img: np.ndarray, mask: np.ndarray, cfg, view: str) -> np.ndarray:
     small = cv2.resize(np.ascontiguousarray(x), (nw, nh), interpolation=interp).astype(np.float32) / 255
     out = np.zeros((size, size), np.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = small
+    out[top : top + nh, left : left + nw] = small
     return out
 
 
@@ -300,24 +304,59 @@ LEVERS = {
     "lite1-lb384": (["l1-lb384"], "single", False, "Lite1, letterbox384"),
     "lite2-lb384": (["l2-lb384"], "single", False, "Lite2, letterbox384"),
     "crop384-tta": (["l0-crop384"], "single", True, "crop384 + horizontal-flip TTA"),
-    "lite012-crop384-concat": (["l0-crop384", "l1-crop384", "l2-crop384"], "concat", False,
-                               "Lite0+1+2 crop384 features concatenated"),
-    "lite012-crop384-mean": (["l0-crop384", "l1-crop384", "l2-crop384"], "mean", False,
-                             "Lite0/1/2 crop384, mean of probabilities"),
-    "lite012-crop384-mean-tta": (["l0-crop384", "l1-crop384", "l2-crop384"], "mean", True,
-                                 "Lite0/1/2 crop384 ensemble + flip TTA"),
+    "lite012-crop384-concat": (
+        ["l0-crop384", "l1-crop384", "l2-crop384"],
+        "concat",
+        False,
+        "Lite0+1+2 crop384 features concatenated",
+    ),
+    "lite012-crop384-mean": (
+        ["l0-crop384", "l1-crop384", "l2-crop384"],
+        "mean",
+        False,
+        "Lite0/1/2 crop384, mean of probabilities",
+    ),
+    "lite012-crop384-mean-tta": (
+        ["l0-crop384", "l1-crop384", "l2-crop384"],
+        "mean",
+        True,
+        "Lite0/1/2 crop384 ensemble + flip TTA",
+    ),
     "crop-res-mean": (["l0-crop384", "l0-crop512"], "mean", False, "Lite0 crop384 + crop512, mean"),
-    "letterbox384-ipw": (["l0-lb384"], "single", False, "letterbox384, trained with inverse-propensity weights against the metadata shortcut"),
+    "letterbox384-ipw": (
+        ["l0-lb384"],
+        "single",
+        False,
+        "letterbox384, trained with inverse-propensity weights against the metadata shortcut",
+    ),
     "crop384-ipw": (["l0-crop384"], "single", False, "crop384 + inverse-propensity weights"),
-    "crop384-pct-ipw": (["l0-crop384-pct"], "single", False, "crop384 + percentile window + inverse-propensity weights"),
+    "crop384-pct-ipw": (
+        ["l0-crop384-pct"],
+        "single",
+        False,
+        "crop384 + percentile window + inverse-propensity weights",
+    ),
     "crop384-clahe-ipw": (["l0-crop384-clahe"], "single", False, "crop384 + CLAHE + inverse-propensity weights"),
-    "lite012-crop384-mean-ipw": (["l0-crop384", "l1-crop384", "l2-crop384"], "mean", False,
-                                 "Lite0/1/2 crop384 ensemble + inverse-propensity weights"),
+    "lite012-crop384-mean-ipw": (
+        ["l0-crop384", "l1-crop384", "l2-crop384"],
+        "mean",
+        False,
+        "Lite0/1/2 crop384 ensemble + inverse-propensity weights",
+    ),
     "paper-stretch224-ipw": (["l0-stretch224"], "single", False, "paper input + inverse-propensity weights"),
-    "letterbox384-resid": (["l0-lb384"], "single", False, "letterbox384, features residualised on binned metadata (training fold)"),
+    "letterbox384-resid": (
+        ["l0-lb384"],
+        "single",
+        False,
+        "letterbox384, features residualised on binned metadata (training fold)",
+    ),
     "crop384-resid": (["l0-crop384"], "single", False, "crop384, features residualised on binned metadata"),
-    "lite012-crop384-mean-resid": (["l0-crop384", "l1-crop384", "l2-crop384"], "mean", False,
-                                   "Lite0/1/2 crop384 ensemble, residualised features"),
+    "lite012-crop384-mean-resid": (
+        ["l0-crop384", "l1-crop384", "l2-crop384"],
+        "mean",
+        False,
+        "Lite0/1/2 crop384 ensemble, residualised features",
+    ),
     "select-inner": (None, "select", False, "per fold, the single config with the best inner-CV log-loss"),
 }
 REFERENCE = "paper-stretch224"
@@ -328,8 +367,10 @@ META_BASIS = None
 def outer_splits(y, groups, repeats):
     from sklearn.model_selection import StratifiedGroupKFold
 
-    return [list(StratifiedGroupKFold(FOLDS, shuffle=True, random_state=rep).split(np.zeros(len(y)), y, groups))
-            for rep in range(repeats)]
+    return [
+        list(StratifiedGroupKFold(FOLDS, shuffle=True, random_state=rep).split(np.zeros(len(y)), y, groups))
+        for rep in range(repeats)
+    ]
 
 
 def ipw_weights(xm, y, groups, seed):
@@ -433,10 +474,10 @@ def run_lever(name, y, groups, splits):
                     rr = Ridge(alpha=1.0).fit(META_BASIS[tr], xtr)
                     xtr = xtr - rr.predict(META_BASIS[tr])
                     base_pred, score, C = fit_lr(xtr, y[tr], groups[tr], rep, sw)
-                    pred = (lambda bp, r_: (lambda z, i: bp(z - r_.predict(META_BASIS[i]))))(base_pred, rr)
+                    pred = (lambda bp, r_: lambda z, i: bp(z - r_.predict(META_BASIS[i])))(base_pred, rr)
                 else:
                     base_pred, score, C = fit_lr(xtr, y[tr], groups[tr], rep, sw)
-                    pred = (lambda bp: (lambda z, i: bp(z)))(base_pred)
+                    pred = (lambda bp: lambda z, i: bp(z))(base_pred)
                 fits.append((u, pred, score, C))
             if combine == "select":
                 best = max(fits, key=lambda f: f[2])
@@ -454,8 +495,14 @@ def run_lever(name, y, groups, splits):
                 P[v][rep, te] = np.mean(ps, axis=0)
     fit_s = time.time() - t
     feat_s = sum(float(F[c][f"seconds_{v}"]) for c in configs for v in (("orig", "flip") if tta else ("orig",)))
-    return {"P": P, "fit_seconds": fit_s, "feature_seconds_orig": feat_s, "chosen": chosen, "Cs": cs,
-            "configs": configs}
+    return {
+        "P": P,
+        "fit_seconds": fit_s,
+        "feature_seconds_orig": feat_s,
+        "chosen": chosen,
+        "Cs": cs,
+        "configs": configs,
+    }
 
 
 def _auc_rows(p, y, idx_pos, idx_neg):
@@ -523,20 +570,30 @@ def _ci(d, nd=3):
 
 
 def write_table(summary, meta):
-    rows = ["| lever | accuracy [95% CI] | AUC [95% CI] | ΔAUC vs paper-stretch224 [95% CI] | "
-            "shortcut-adv. acc [95% CI] (n/repeat) | occl. (a) AUC bone hidden | occl. (b) AUC bone only | "
-            "features s (orig view) | fit s (25 folds) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| lever | accuracy [95% CI] | AUC [95% CI] | ΔAUC vs paper-stretch224 [95% CI] | "
+        "shortcut-adv. acc [95% CI] (n/repeat) | occl. (a) AUC bone hidden | occl. (b) AUC bone only | "
+        "features s (orig view) | fit s (25 folds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in summary.items():
         d = s["auc"].get("diff_vs_ref")
-        dtxt = "ref" if name == REFERENCE else (f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-")
+        dtxt = (
+            "ref" if name == REFERENCE else (f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-")
+        )
         a = s["adversarial_accuracy"]
         rows.append(
             f"| {name} | {_ci(s['accuracy'])} | {_ci(s['auc'])} | {dtxt} | {_ci(a)} ({np.mean(a['n_per_repeat']):.0f}) | "
-            f"{_ci(s['occlusion_a_auc'])} | {_ci(s['occlusion_b_auc'])} | {s['feature_seconds']:.0f} | {s['fit_seconds']:.0f} |")
-    txt = "\n".join(rows) + "\n\n" + (
-        f"n = {meta['n']} images, {meta['repeats']} x {FOLDS}-fold stratified group CV; metadata-only forest "
-        f"(same folds) accuracy per repeat {', '.join(f'{a:.3f}' for a in meta['metadata_accuracy'])}.\n")
+            f"{_ci(s['occlusion_a_auc'])} | {_ci(s['occlusion_b_auc'])} | {s['feature_seconds']:.0f} | {s['fit_seconds']:.0f} |"
+        )
+    txt = (
+        "\n".join(rows)
+        + "\n\n"
+        + (
+            f"n = {meta['n']} images, {meta['repeats']} x {FOLDS}-fold stratified group CV; metadata-only forest "
+            f"(same folds) accuracy per repeat {', '.join(f'{a:.3f}' for a in meta['metadata_accuracy'])}.\n"
+        )
+    )
     (RESULTS / "levers.md").write_text(txt)
     return txt
 
@@ -556,9 +613,15 @@ def cmd_evaluate(args) -> None:
     js = RESULTS / "levers.json"
     summary = json.loads(js.read_text())["levers"] if js.is_file() else {}
     names = args.levers or [n for n in LEVERS]
-    meta = {"n": int(len(y)), "repeats": args.repeats, "metadata_accuracy": meta_acc,
-            "metadata_wrong_per_repeat": wrong.sum(axis=1).tolist(),
-            "folds": FOLDS, "inner_folds": INNER, "Cs": CS.tolist()}
+    meta = {
+        "n": int(len(y)),
+        "repeats": args.repeats,
+        "metadata_accuracy": meta_acc,
+        "metadata_wrong_per_repeat": wrong.sum(axis=1).tolist(),
+        "folds": FOLDS,
+        "inner_folds": INNER,
+        "Cs": CS.tolist(),
+    }
     ref_P = None
     refp = RESULTS / "oof" / f"{REFERENCE}.npz"
     for name in [REFERENCE] + [n for n in names if n != REFERENCE]:
@@ -581,9 +644,12 @@ def cmd_evaluate(args) -> None:
         summary[name]["description"] = LEVERS[name][3]
         summary[name]["load_after"] = os.getloadavg()[0]
         s = summary[name]
-        print(f"{name}: acc {_ci(s['accuracy'])} auc {_ci(s['auc'])} adv {_ci(s['adversarial_accuracy'])} "
-              f"occA {s['occlusion_a_auc']['value']:.3f} occB {s['occlusion_b_auc']['value']:.3f} "
-              f"fit {s['fit_seconds']:.0f}s", flush=True)
+        print(
+            f"{name}: acc {_ci(s['accuracy'])} auc {_ci(s['auc'])} adv {_ci(s['adversarial_accuracy'])} "
+            f"occA {s['occlusion_a_auc']['value']:.3f} occB {s['occlusion_b_auc']['value']:.3f} "
+            f"fit {s['fit_seconds']:.0f}s",
+            flush=True,
+        )
         order = {n: i for i, n in enumerate(LEVERS)}
         summary = dict(sorted(summary.items(), key=lambda kv: order.get(kv[0], 99)))
         js.write_text(json.dumps({"meta": meta, "levers": summary}, indent=1))
@@ -603,10 +669,18 @@ def cmd_hybrid_prep(args) -> None:
     recs, y, groups, excluded = load_records()
     tr, te = outer_splits(y, groups, 1)[0][args.fold]
     a, b = next(StratifiedGroupKFold(10, shuffle=True, random_state=0).split(tr, y[tr], groups[tr]))
-    doc = {"format": "kneeosteo-split/1", "data": str(DATA), "seed": 0, "protocol": "levers-r0",
-           "classes": ["normal", "osteoporosis"], "positive_class": "osteoporosis",
-           "train": sorted(recs[i].path for i in tr[a]), "val": sorted(recs[i].path for i in tr[b]),
-           "test": sorted(recs[i].path for i in te), "excluded": excluded}
+    doc = {
+        "format": "kneeosteo-split/1",
+        "data": str(DATA),
+        "seed": 0,
+        "protocol": "levers-r0",
+        "classes": ["normal", "osteoporosis"],
+        "positive_class": "osteoporosis",
+        "train": sorted(recs[i].path for i in tr[a]),
+        "val": sorted(recs[i].path for i in tr[b]),
+        "test": sorted(recs[i].path for i in te),
+        "excluded": excluded,
+    }
     out = CACHE / "hybrid" / f"split_r0f{args.fold}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
@@ -655,11 +729,16 @@ def cmd_hybrid_compare(args) -> None:
         d = np.load(RESULTS / "oof" / f"{lever}.npz")
         rows[f"probe {lever}"] = (d["orig"][0], d["hide_bone"][0], d["only_bone"][0])
     w = wrong[0][te]
-    lines = [f"repeat 0, fold {args.fold}: {len(te)} test images, metadata forest wrong on {int(w.sum())}",
-             "| model | accuracy | AUC | shortcut-adv. acc (n) | occl. (a) AUC | occl. (b) AUC |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"repeat 0, fold {args.fold}: {len(te)} test images, metadata forest wrong on {int(w.sum())}",
+        "| model | accuracy | AUC | shortcut-adv. acc (n) | occl. (a) AUC | occl. (b) AUC |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, (p, pa, pb) in rows.items():
         c = (p[te] >= 0.5) == y[te]
-        lines.append(f"| {name} | {c.mean():.3f} | {auc(p):.3f} | {c[w].mean():.3f} ({int(w.sum())}) | {auc(pa):.3f} | {auc(pb):.3f} |")
+        lines.append(
+            f"| {name} | {c.mean():.3f} | {auc(p):.3f} | {c[w].mean():.3f} ({int(w.sum())}) | {auc(pa):.3f} | {auc(pb):.3f} |"
+        )
     txt = "\n".join(lines) + "\n"
     (RESULTS / f"hybrid_r0f{args.fold}_{run.name}.md").write_text(txt)
     print(txt)

@@ -16,7 +16,6 @@ MEMBERS_DIR holds ``split<S>-train<T>`` run folders. Trains nothing. Not a packa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -48,7 +47,11 @@ class MeanProbability(nn.Module):
         self.members = nn.ModuleList(members)
         first = members[0]
         self.use_backbone, self.freeze_backbone = first.use_backbone, first.freeze_backbone
-        self.backbone, self.backbone_name, self.backbone_weights = first.backbone, first.backbone_name, first.backbone_weights
+        self.backbone, self.backbone_name, self.backbone_weights = (
+            first.backbone,
+            first.backbone_name,
+            first.backbone_weights,
+        )
         self.task = "binary"
 
     def forward(self, images=None, features=None):
@@ -85,10 +88,18 @@ def score_seed(grid: Path, members_dir: Path, data: Path, seed: int) -> dict:
     prob = np.mean(member_probs, axis=0)  # what ens computes; ens itself is for the probes' occluded views
     m = metrics_with_ci(y, prob, threshold=0.5)
     probes = shortcut_probes(ens, prep, sets.data, test.paths, y, prob, 0.5, train=train, seed=seed)
-    return {"seed": seed, "members": [str(p) for p in paths], "y": y.tolist(), "paths": list(test.paths),
-            "prob": prob.tolist(), "reference_prob": member_probs[0].tolist(),
-            "member_accuracy": [float(((p >= 0.5) == y).mean()) for p in member_probs],
-            "accuracy": m["accuracy"]["value"], "auc": m["auc"]["value"], "probes": probes}
+    return {
+        "seed": seed,
+        "members": [str(p) for p in paths],
+        "y": y.tolist(),
+        "paths": list(test.paths),
+        "prob": prob.tolist(),
+        "reference_prob": member_probs[0].tolist(),
+        "member_accuracy": [float(((p >= 0.5) == y).mean()) for p in member_probs],
+        "accuracy": m["accuracy"]["value"],
+        "auc": m["auc"]["value"],
+        "probes": probes,
+    }
 
 
 def summarise(cells: list[dict]) -> dict:
@@ -103,47 +114,62 @@ def summarise(cells: list[dict]) -> dict:
     y = np.concatenate([c["y"] for c in cells])
     pa, pb = np.concatenate([c["prob"] for c in cells]), np.concatenate([c["reference_prob"] for c in cells])
     return {
-        "seeds": [c["seed"] for c in cells], "members_per_seed": [len(c["members"]) for c in cells],
-        "accuracy": ms("accuracy"), "auc": ms("auc"),
+        "seeds": [c["seed"] for c in cells],
+        "members_per_seed": [len(c["members"]) for c in cells],
+        "accuracy": ms("accuracy"),
+        "auc": ms("auc"),
         "member_accuracy_mean": float(np.mean([a for c in cells for a in c["member_accuracy"]])),
         "auc_bone_hidden": mean_std_ci([probe(c, "hide_bone") for c in cells]),
         "auc_bone_only": mean_std_ci([probe(c, "only_bone") for c in cells]),
         "auc_within_source": mean_std_ci([c["probes"]["within_source"]["auc"] for c in cells]),
-        "adversarial": {"correct": k, "n": n, "accuracy": k / n,
-                        "ci95": list(wilson_interval(k, n)),
-                        "per_seed": [f"{a['correct']}/{a['n']}" for a in adv]},
-        "source_probe": {a: float(np.mean([c["probes"]["source"][a]["balanced_accuracy"] for c in cells]))
-                         for a in ("format", "mode", "aspect_tercile")},
-        "paired_vs_hybrid": {"n": int(len(y)), "mcnemar_p": mcnemar_exact((pa >= 0.5) == y, (pb >= 0.5) == y)["pvalue"],
-                             "delong_p": delong_test(y, pa, pb)["pvalue"]},
+        "adversarial": {
+            "correct": k,
+            "n": n,
+            "accuracy": k / n,
+            "ci95": list(wilson_interval(k, n)),
+            "per_seed": [f"{a['correct']}/{a['n']}" for a in adv],
+        },
+        "source_probe": {
+            a: float(np.mean([c["probes"]["source"][a]["balanced_accuracy"] for c in cells]))
+            for a in ("format", "mode", "aspect_tercile")
+        },
+        "paired_vs_hybrid": {
+            "n": int(len(y)),
+            "mcnemar_p": mcnemar_exact((pa >= 0.5) == y, (pb >= 0.5) == y)["pvalue"],
+            "delong_p": delong_test(y, pa, pb)["pvalue"],
+        },
     }
 
 
 def report(s: dict) -> str:
     f = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"  # noqa: E731
     a = s["adversarial"]
-    return "\n".join([
-        "# An ensemble over training seeds of the paper's hybrid",
-        "",
-        "Written by `python research/seed_ensemble.py` (its docstring says how the members were trained).",
-        f"Seeds (grid splits): {s['seeds']}; members per seed: {s['members_per_seed']} (the grid's hybrid cell "
-        "and runs with training seeds S+100, S+200); P = the members' mean probability, threshold 0.5.",
-        "Mean ± std over the seeds [95% t-interval]; shortcut-adversarial accuracy pooled over seeds (Wilson).",
-        "",
-        f"| measure | the ensemble of {max(s['members_per_seed'])} training seeds |",
-        "|---|---|",
-        f"| accuracy | {f(s['accuracy'])} (its members alone: {s['member_accuracy_mean']:.3f} on average) |",
-        f"| AUC | {f(s['auc'])} |",
-        f"| shortcut-adversarial accuracy | {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] "
-        f"({a['correct']}/{a['n']}; per seed {', '.join(a['per_seed'])}) |",
-        f"| AUC with the bone hidden | {f(s['auc_bone_hidden'])} |",
-        f"| AUC with only the bone | {f(s['auc_bone_only'])} |",
-        f"| AUC within one source | {f(s['auc_within_source'])} |",
-        "| source probe format / mode / aspect | " + " / ".join(f"{v:.2f}" for v in s["source_probe"].values()) + " |",
-        f"| paired against the grid's hybrid ({s['paired_vs_hybrid']['n']} (seed, image) pairs) | McNemar p = "
-        f"{s['paired_vs_hybrid']['mcnemar_p']:.3g}, DeLong p = {s['paired_vs_hybrid']['delong_p']:.3g} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# An ensemble over training seeds of the paper's hybrid",
+            "",
+            "Written by `python research/seed_ensemble.py` (its docstring says how the members were trained).",
+            f"Seeds (grid splits): {s['seeds']}; members per seed: {s['members_per_seed']} (the grid's hybrid cell "
+            "and runs with training seeds S+100, S+200); P = the members' mean probability, threshold 0.5.",
+            "Mean ± std over the seeds [95% t-interval]; shortcut-adversarial accuracy pooled over seeds (Wilson).",
+            "",
+            f"| measure | the ensemble of {max(s['members_per_seed'])} training seeds |",
+            "|---|---|",
+            f"| accuracy | {f(s['accuracy'])} (its members alone: {s['member_accuracy_mean']:.3f} on average) |",
+            f"| AUC | {f(s['auc'])} |",
+            f"| shortcut-adversarial accuracy | {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] "
+            f"({a['correct']}/{a['n']}; per seed {', '.join(a['per_seed'])}) |",
+            f"| AUC with the bone hidden | {f(s['auc_bone_hidden'])} |",
+            f"| AUC with only the bone | {f(s['auc_bone_only'])} |",
+            f"| AUC within one source | {f(s['auc_within_source'])} |",
+            "| source probe format / mode / aspect | "
+            + " / ".join(f"{v:.2f}" for v in s["source_probe"].values())
+            + " |",
+            f"| paired against the grid's hybrid ({s['paired_vs_hybrid']['n']} (seed, image) pairs) | McNemar p = "
+            f"{s['paired_vs_hybrid']['mcnemar_p']:.3g}, DeLong p = {s['paired_vs_hybrid']['delong_p']:.3g} |",
+            "",
+        ]
+    )
 
 
 def main() -> None:

@@ -60,8 +60,14 @@ def main(argv=None) -> None:
     def within(test: list[str], train: list[str], y_test: list[int], score, seed: int) -> dict:
         """The package's probe as `evaluate` runs it: tercile cut points from the seed's training and
         test films (its bootstrap interval only when the cells are written)."""
-        return within_source_auc(y_test, score, [by_path[p].meta for p in test], [by_path[p].meta for p in train],
-                                 boot=1000 if args.write_cells else 1, seed=seed)
+        return within_source_auc(
+            y_test,
+            score,
+            [by_path[p].meta for p in test],
+            [by_path[p].meta for p in train],
+            boot=1000 if args.write_cells else 1,
+            seed=seed,
+        )
 
     seeds = sorted(int(p.stem[4:]) for p in (args.grid / "splits").glob("seed*.json"))
     rows: dict[str, list[tuple[float, int, float]]] = {}
@@ -72,10 +78,11 @@ def main(argv=None) -> None:
         train = split["train"]
         x, _ = metadata_matrix([by_path[p].meta for p in train] + [by_path[p].meta for p in test])
         forest = metadata_classifier(seed).fit(x[: len(train)], [by_path[p].target for p in train])
-        meta_score = forest.predict_proba(x[len(train):])[:, 1]
+        meta_score = forest.predict_proba(x[len(train) :])[:, 1]
         w = within(test, train, y_test, meta_score, seed)
         rows.setdefault("file metadata only (the probe's forest)", []).append(
-            (w["auc"], w["pairs"], roc_auc_score(y_test, meta_score)))
+            (w["auc"], w["pairs"], roc_auc_score(y_test, meta_score))
+        )
         for cell in sorted((args.grid / "cells").glob(f"*/seed{seed}/predictions.csv")):
             with open(cell, newline="") as fh:
                 pred = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
@@ -89,27 +96,42 @@ def main(argv=None) -> None:
     counts: dict[str, list[int]] = {}
     for r, t in zip(records, tercile):
         counts.setdefault(f"{r.meta.format}/{r.meta.mode}/{int(t)}", [0, 0])[r.target] += 1
-    lines = ["# Within-source AUC of the lever grid", "",
-             f"Grid `{args.grid}`, seeds {seeds}, {len(records)} files. Strata = format / colour mode / "
-             "aspect-ratio tercile, the source probe's three attributes; in each seed the tercile cut points come "
-             "from that seed's training and test films, as `evaluate`'s probe does. Films per stratum with the "
-             "cut points of all files (0 = narrowest; normal / osteoporosis):", "",
-             "| stratum | normal | osteoporosis |", "|---|---:|---:|"]
+    lines = [
+        "# Within-source AUC of the lever grid",
+        "",
+        f"Grid `{args.grid}`, seeds {seeds}, {len(records)} files. Strata = format / colour mode / "
+        "aspect-ratio tercile, the source probe's three attributes; in each seed the tercile cut points come "
+        "from that seed's training and test films, as `evaluate`'s probe does. Films per stratum with the "
+        "cut points of all files (0 = narrowest; normal / osteoporosis):",
+        "",
+        "| stratum | normal | osteoporosis |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {k} | {v[0]} | {v[1]} |" for k, v in sorted(counts.items())]
-    lines += ["", "Per row: the usual AUC and the within-stratum AUC (same-stratum positive/negative pairs only), "
-              "mean ± sd over seeds with a 95% t-interval; pairs = same-stratum pairs per seed (mean).", "",
-              "| row | AUC (all pairs) | within-stratum AUC [95%] | minus the forest's, paired by seed [95%] | "
-              "same-stratum pairs per seed |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Per row: the usual AUC and the within-stratum AUC (same-stratum positive/negative pairs only), "
+        "mean ± sd over seeds with a 95% t-interval; pairs = same-stratum pairs per seed (mean).",
+        "",
+        "| row | AUC (all pairs) | within-stratum AUC [95%] | minus the forest's, paired by seed [95%] | "
+        "same-stratum pairs per seed |",
+        "|---|---:|---:|---:|---:|",
+    ]
     meta = [v[0] for v in rows["file metadata only (the probe's forest)"]]
     for name, vals in sorted(rows.items(), key=lambda kv: -np.mean([v[0] for v in kv[1]])):
         w = mean_std_ci([v[0] for v in vals])
         o = mean_std_ci([v[2] for v in vals])
         d = mean_std_ci([v[0] - m for v, m in zip(vals, meta)]) if len(vals) == len(meta) else None
-        diff = "-" if name.startswith("file metadata") or d is None else \
-            f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-        lines.append(f"| {name} | {o['mean']:.3f} ± {o['std']:.3f} | {w['mean']:.3f} ± {w['std']:.3f} "
-                     f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] | {diff} | "
-                     f"{np.mean([v[1] for v in vals]):.0f} |")
+        diff = (
+            "-"
+            if name.startswith("file metadata") or d is None
+            else f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        )
+        lines.append(
+            f"| {name} | {o['mean']:.3f} ± {o['std']:.3f} | {w['mean']:.3f} ± {w['std']:.3f} "
+            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] | {diff} | "
+            f"{np.mean([v[1] for v in vals]):.0f} |"
+        )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

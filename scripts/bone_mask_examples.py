@@ -32,8 +32,9 @@ def panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     outlined = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(outlined, contours, -1, (0, 0, 255), max(2, grey.shape[0] // 150))
-    views = [outlined] + [cv2.cvtColor(to_uint8(occlude(pixels, mask, k)), cv2.COLOR_GRAY2BGR)
-                          for k in ("hide_bone", "only_bone")]
+    views = [outlined] + [
+        cv2.cvtColor(to_uint8(occlude(pixels, mask, k)), cv2.COLOR_GRAY2BGR) for k in ("hide_bone", "only_bone")
+    ]
     scale = ROW_HEIGHT / grey.shape[0]
     size = (max(1, round(grey.shape[1] * scale)), ROW_HEIGHT)
     return np.hstack([cv2.resize(v, size, interpolation=cv2.INTER_AREA) for v in views])
@@ -41,10 +42,15 @@ def panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def preset_panel(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     prep = Preprocess("bone", ROW_HEIGHT)
-    film = cv2.resize(to_uint8(pixels), (max(1, round(pixels.shape[1] * ROW_HEIGHT / pixels.shape[0])), ROW_HEIGHT),
-                      interpolation=cv2.INTER_AREA)
-    inputs = [to_uint8(prep.geometry(v)[0].numpy())
-              for v in (pixels, occlude(pixels, mask, "hide_bone"), occlude(pixels, mask, "only_bone"))]
+    film = cv2.resize(
+        to_uint8(pixels),
+        (max(1, round(pixels.shape[1] * ROW_HEIGHT / pixels.shape[0])), ROW_HEIGHT),
+        interpolation=cv2.INTER_AREA,
+    )
+    inputs = [
+        to_uint8(prep.geometry(v)[0].numpy())
+        for v in (pixels, occlude(pixels, mask, "hide_bone"), occlude(pixels, mask, "only_bone"))
+    ]
     return np.hstack([cv2.cvtColor(v, cv2.COLOR_GRAY2BGR) for v in [film, *inputs]])
 
 
@@ -64,7 +70,9 @@ def main(data: str, out: str, *names: str, preset: bool = False) -> None:
     with atomic_path(out) as tmp:
         tmp.write_bytes(png.tobytes())
     s = np.array(shares)
-    print(f"{len(s)} images: mask covers median {np.median(s):.2f} of the film (range {s.min():.2f}-{s.max():.2f}); wrote {out}")
+    print(
+        f"{len(s)} images: mask covers median {np.median(s):.2f} of the film (range {s.min():.2f}-{s.max():.2f}); wrote {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,53 +40,81 @@ def architecture(rd: RunDir) -> str:
     if ident["use_attention"]:
         branches += " fused with the attention module (128 features)"
     head = "-".join(str(v) for v in [ident["head"]["in_features"], *ident["head"]["hidden"], 1])
-    geometry = {"paper": "stretched to {0}x{0} (`paper` preset)",
-                "robust": "letterboxed onto a black {0}x{0} square, aspect ratio kept (`robust` preset)",
-                "bone": "everything outside its label-free bone region set to black, then letterboxed onto a black "
-                        "{0}x{0} square, aspect ratio kept (`bone` preset)"}[prep.preset].format(prep.size)
-    weighting = ("each training image weighted by 1 / P(its label | file metadata), a forest fitted out of fold "
-                 "on the training images (`reweight = \"metadata\"`)" if s.get("reweight") == "metadata" else "unweighted")
-    augment = {"none": "no augmentation", "offline": f"{s.get('copies')} augmented copies per training image",
-               "online": "online augmentation"}[s["augment"]]
-    return (f"{branches}, then the FC head {head}. Input: a knee radiograph, {geometry}. Training: {augment}, "
-            f"{weighting}. Output: P(osteoporosis); label `osteoporosis` at probability >= {rd.config.threshold}.")
+    geometry = {
+        "paper": "stretched to {0}x{0} (`paper` preset)",
+        "robust": "letterboxed onto a black {0}x{0} square, aspect ratio kept (`robust` preset)",
+        "bone": "everything outside its label-free bone region set to black, then letterboxed onto a black "
+        "{0}x{0} square, aspect ratio kept (`bone` preset)",
+    }[prep.preset].format(prep.size)
+    weighting = (
+        "each training image weighted by 1 / P(its label | file metadata), a forest fitted out of fold "
+        'on the training images (`reweight = "metadata"`)'
+        if s.get("reweight") == "metadata"
+        else "unweighted"
+    )
+    augment = {
+        "none": "no augmentation",
+        "offline": f"{s.get('copies')} augmented copies per training image",
+        "online": "online augmentation",
+    }[s["augment"]]
+    return (
+        f"{branches}, then the FC head {head}. Input: a knee radiograph, {geometry}. Training: {augment}, "
+        f"{weighting}. Output: P(osteoporosis); label `osteoporosis` at probability >= {rd.config.threshold}."
+    )
 
 
 def evidence(table: dict, keys: list[str]) -> str:
     rows = {r["model"]: r for r in table["rows"]}
     seeds = len(table["info"]["seeds"])
-    out = [f"`kneeosteo reproduce`, {seeds} seeds, the same 72 test images per seed for every row "
-           "(mean ± std over seeds; shortcut-adversarial accuracy pooled over seeds, Wilson interval):", "",
-           "| model | accuracy | AUC | shortcut-adversarial acc (n) | AUC bone hidden | AUC bone only | AUC within source "
-           "| McNemar p | DeLong p |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"`kneeosteo reproduce`, {seeds} seeds, the same 72 test images per seed for every row "
+        "(mean ± std over seeds; shortcut-adversarial accuracy pooled over seeds, Wilson interval):",
+        "",
+        "| model | accuracy | AUC | shortcut-adversarial acc (n) | AUC bone hidden | AUC bone only | AUC within source "
+        "| McNemar p | DeLong p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for k in keys:
         r = rows.get(k)
         if r is None:
             continue
         f = lambda c: f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if c + "_mean" in r else "-"  # noqa: E731
-        adv = (f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
-               f"({r['adversarial_n']})") if "adversarial_n" in r else "-"
+        adv = (
+            (
+                f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
+                f"({r['adversarial_n']})"
+            )
+            if "adversarial_n" in r
+            else "-"
+        )
         p = lambda c: f"{r[c]:.3g}" if c in r else "ref"  # noqa: E731
-        out.append(f"| {r['title']} | {f('accuracy')} | {f('auc')} | {adv} | {f('auc_bone_hidden')} | "
-                   f"{f('auc_bone_only')} | {f('auc_within_source')} | {p('mcnemar_p')} | {p('delong_p')} |")
+        out.append(
+            f"| {r['title']} | {f('accuracy')} | {f('auc')} | {adv} | {f('auc_bone_hidden')} | "
+            f"{f('auc_bone_only')} | {f('auc_within_source')} | {p('mcnemar_p')} | {p('delong_p')} |"
+        )
     return "\n".join(out)
 
 
 def trust_text(rd: RunDir) -> str:
     t = rd.trust
     if t is None:
-        return ("It gives a probability for any image, including ones that are not frontal knee radiographs: "
-                "this run has no trust files (no domain check, uncalibrated).")
+        return (
+            "It gives a probability for any image, including ones that are not frontal knee radiographs: "
+            "this run has no trust files (no domain check, uncalibrated)."
+        )
     d = t.summary()
-    fit = (f"temperature {d['calibration'].get('temperature', 1.0):.3f} on {d['fitted']['calibration_images']} "
-           f"validation images, threshold {d['threshold']}, coverage {d['coverage']}, {d['domain_method']} domain "
-           f"threshold {d['domain_threshold']:.1f}")
-    return ("Its trust files (`trust.json`, docs/trust.md, \"Trusting a prediction\") flag images unlike its training "
-            "films as `out_of_domain` and answers whose conformal set holds both classes as `uncertain`; "
-            f"they were fitted by `kneeosteo calibrate` on its own split ({fit}). "
-            "The domain check was measured on generated and DICOM non-knee images and shifted KOP copies, "
-            "never on knee films from another hospital.")
+    fit = (
+        f"temperature {d['calibration'].get('temperature', 1.0):.3f} on {d['fitted']['calibration_images']} "
+        f"validation images, threshold {d['threshold']}, coverage {d['coverage']}, {d['domain_method']} domain "
+        f"threshold {d['domain_threshold']:.1f}"
+    )
+    return (
+        'Its trust files (`trust.json`, docs/trust.md, "Trusting a prediction") flag images unlike its training '
+        "films as `out_of_domain` and answers whose conformal set holds both classes as `uncertain`; "
+        f"they were fitted by `kneeosteo calibrate` on its own split ({fit}). "
+        "The domain check was measured on generated and DICOM non-knee images and shifted KOP copies, "
+        "never on knee films from another hospital."
+    )
 
 
 def card(run: Path, audit: dict, table: dict | None) -> str:
@@ -96,52 +124,58 @@ def card(run: Path, audit: dict, table: dict | None) -> str:
     split = rd.read_json("split.json")
     s = audit["shortcut_metadata_only"]
     c = m["counts"]
-    rows = "\n".join(f"| {k} | {ci(m, k)} |" for k in
-                     ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "auc", "loss"))
+    rows = "\n".join(
+        f"| {k} | {ci(m, k)} |"
+        for k in ("sensitivity", "specificity", "precision", "fpr", "accuracy", "f1", "auc", "loss")
+    )
     kind = "hybrid, with the attention module" if rd.config.model["use_attention"] else "backbone + FC head"
-    grid = "" if table is None else "\n## Evidence: the levers against the paper's hybrid\n" + evidence(
-        table, [r["model"] for r in table["rows"] if r.get("seeds")])
-    return f"""# Model card: kneeosteo default model ({rd.config.model['backbone']}, {kind})
+    grid = (
+        ""
+        if table is None
+        else "\n## Evidence: the levers against the paper's hybrid\n"
+        + evidence(table, [r["model"] for r in table["rows"] if r.get("seeds")])
+    )
+    return f"""# Model card: kneeosteo default model ({rd.config.model["backbone"]}, {kind})
 
 **Research use only — not a diagnostic device.** It has not been validated on any clinical
 population and must not be used to make decisions about patients.
 
 ## What it is
 {architecture(rd)}
-Backbone weights: `{rec['backbone_weights']['source']}`, sha256 `{rec['backbone_weights']['sha256']}`.
+Backbone weights: `{rec["backbone_weights"]["source"]}`, sha256 `{rec["backbone_weights"]["sha256"]}`.
 Why these settings: docs/model.md, "The default model and the evidence for it".
 
 ## Data
 KOP (Kaggle "Osteoporosis Knee X-ray Dataset"): 372 files, 186 per class. After de-duplication
-({len(split['excluded'])} files excluded: copies of the same picture, including
-{audit['exact_duplicates']['label_conflicts']} pictures filed under both labels) and grouping of near
-duplicates: train {len(split['train'])}, validation {len(split['val'])}, test {len(split['test'])}
-images (split seed {split['seed']}, stratified, no picture shared between partitions).
+({len(split["excluded"])} files excluded: copies of the same picture, including
+{audit["exact_duplicates"]["label_conflicts"]} pictures filed under both labels) and grouping of near
+duplicates: train {len(split["train"])}, validation {len(split["val"])}, test {len(split["test"])}
+images (split seed {split["seed"]}, stratified, no picture shared between partitions).
 
 ## Training command
 ```
-kneeosteo split ../shared/datasets/kop --out split.json --seed {split['seed']}
+kneeosteo split ../shared/datasets/kop --out split.json --seed {split["seed"]}
 kneeosteo train ../shared/datasets/kop --config configs/default_model.toml --split split.json --out RUN
 ```
-Best epoch {rec.get('best_epoch')} of {rec.get('epochs_run')} by validation loss.
+Best epoch {rec.get("best_epoch")} of {rec.get("epochs_run")} by validation loss.
 
-## Test metrics (n = {m['n']}: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']})
+## Test metrics (n = {m["n"]}: TP {c["tp"]}, FP {c["fp"]}, FN {c["fn"]}, TN {c["tn"]})
 | metric | value |
 |---|---|
 {rows}
 
-Test-set accuracy: **{m['accuracy']['value']:.4f}**. These are one split's figures (seed {split['seed']});
+Test-set accuracy: **{m["accuracy"]["value"]:.4f}**. These are one split's figures (seed {split["seed"]});
 the evidence below gives the mean ± std of the same settings over the grid's seeds: quote those.
 
 ## Does it read bone? (shortcut probes on the same test images)
 ```
-{format_probes(m['shortcut_probes'])}
+{format_probes(m["shortcut_probes"])}
 ```
 {grid}
 
 ## The shortcut this must be read against
 A random forest that sees only file metadata (size, aspect ratio, file size, colour mode) reaches
-**{s['accuracy']:.3f}** accuracy (95% CI {s['accuracy_ci95'][0]:.3f}-{s['accuracy_ci95'][1]:.3f}) on the same
+**{s["accuracy"]:.3f}** accuracy (95% CI {s["accuracy_ci95"][0]:.3f}-{s["accuracy_ci95"][1]:.3f}) on the same
 data: the source of a KOP image predicts its label. The shortcut-adversarial accuracy above is
 this model's accuracy on the test images where that forest is wrong (chance: 0.5).
 

@@ -60,8 +60,9 @@ def side_by_side(a: dict, b: dict) -> tuple[np.ndarray, list[tuple[float, float,
     joint y, plateau width) in its pixels."""
     pa, pb = a["pixels"], b["pixels"]
     f = a["marked_width"] / b["marked_width"]
-    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))),
-                    interpolation=cv2.INTER_AREA)[:, ::-1]
+    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))), interpolation=cv2.INTER_AREA)[
+        :, ::-1
+    ]
     ya, yb = float(a["joint_y"]), float(b["joint_y"]) * f
     oa = max(0, round(yb - ya))
     ob = oa + round(ya - yb)
@@ -87,24 +88,32 @@ def pairs(recs: list[dict]) -> str:
             refused.append(f"{a['path']} + {b['path']}: {search.reason or len(found)}")
             continue
         both += 1
-        sides += found[0].position == "left" and found[1].position == "right" and found[0].x < film.shape[1] / 2 < found[1].x
+        sides += (
+            found[0].position == "left" and found[1].position == "right" and found[0].x < film.shape[1] / 2 < found[1].x
+        )
         errs += [float(np.hypot(k.x - mx, k.y - my) / pw) for k, (mx, my, pw) in zip(found, marks)]
     e = np.array(errs) if errs else np.array([np.inf])
-    return (f"two-knee films (pairs, the right one mirrored, scaled and shifted to the left one's knee, touching): {n}; both knees found on {both}, "
-            f"left/right right on {sides}; joint-centre error / plateau width over {len(errs)} knees: "
-            f"median {np.median(e):.3f}, max {e.max():.3f}, within 0.10: {(e <= 0.10).sum()}"
-            + "".join(f"\n  not two knees: {r}" for r in refused))
+    return (
+        f"two-knee films (pairs, the right one mirrored, scaled and shifted to the left one's knee, touching): {n}; both knees found on {both}, "
+        f"left/right right on {sides}; joint-centre error / plateau width over {len(errs)} knees: "
+        f"median {np.median(e):.3f}, max {e.max():.3f}, within 0.10: {(e <= 0.10).sum()}"
+        + "".join(f"\n  not two knees: {r}" for r in refused)
+    )
 
 
 def summary(recs: list[dict], name: str) -> str:
     e = np.array([r["error"] for r in recs])
     we = np.array([r["width_error"] for r in recs if r["knee"] is not None])
     found = int(np.isfinite(e).sum())
-    lines = [f"{name}: {len(recs)} films, knee found on {found}",
-             f"  joint-centre error / plateau width: median {np.median(e):.3f}, p95 {np.percentile(e, 95):.3f}, "
-             f"max {e.max():.3f}; within 0.10: {(e <= 0.10).sum()}/{len(e)} ({(e <= 0.10).mean():.1%})",
-             f"  plateau width error: median {np.median(we):+.3f}, median |.| {np.median(np.abs(we)):.3f}, "
-             f"max |.| {np.abs(we).max():.3f}" if we.size else "  plateau width: -"]
+    lines = [
+        f"{name}: {len(recs)} films, knee found on {found}",
+        f"  joint-centre error / plateau width: median {np.median(e):.3f}, p95 {np.percentile(e, 95):.3f}, "
+        f"max {e.max():.3f}; within 0.10: {(e <= 0.10).sum()}/{len(e)} ({(e <= 0.10).mean():.1%})",
+        f"  plateau width error: median {np.median(we):+.3f}, median |.| {np.median(np.abs(we)):.3f}, "
+        f"max |.| {np.abs(we).max():.3f}"
+        if we.size
+        else "  plateau width: -",
+    ]
     worst = sorted(recs, key=lambda r: -r["error"])[:5]
     lines.append("  worst: " + ", ".join(f"{r['path']} ({r['error']:.2f})" for r in worst))
     return "\n".join(lines)
@@ -116,22 +125,37 @@ def gallery(recs: list[dict], out: Path, n: int = 8, tile: int = 300) -> None:
         u8 = to_uint8(r["pixels"])
         h, w = u8.shape
         s = tile / max(h, w)
-        t = cv2.cvtColor(cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
-                         cv2.COLOR_GRAY2BGR)
+        t = cv2.cvtColor(
+            cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
+            cv2.COLOR_GRAY2BGR,
+        )
         pad = np.zeros((tile, tile, 3), np.uint8)
         pad[: t.shape[0], : t.shape[1]] = t
         mx, my = float(r["joint_x"]) * s, float(r["joint_y"]) * s
-        cv2.line(pad, (round(float(r["plateau_left_x"]) * s), round(my)),
-                 (round(float(r["plateau_right_x"]) * s), round(my)), (0, 255, 0), 1)
+        cv2.line(
+            pad,
+            (round(float(r["plateau_left_x"]) * s), round(my)),
+            (round(float(r["plateau_right_x"]) * s), round(my)),
+            (0, 255, 0),
+            1,
+        )
         cv2.circle(pad, (round(mx), round(my)), 3, (0, 255, 0), -1)
         k = r["knee"]
         if k is not None:
             top, left, side = k.box()
-            cv2.rectangle(pad, (round(left * s), round(top * s)), (round((left + side) * s), round((top + side) * s)),
-                          (0, 255, 255), 1)
+            cv2.rectangle(
+                pad,
+                (round(left * s), round(top * s)),
+                (round((left + side) * s), round((top + side) * s)),
+                (0, 255, 255),
+                1,
+            )
             cv2.circle(pad, (round(k.x * s), round(k.y * s)), 3, (0, 0, 255), -1)
-        label = (f"{r['split']} {Path(r['path']).name} err {r['error']:.2f}" if k is not None
-                 else f"{r['split']} {Path(r['path']).name}: none")
+        label = (
+            f"{r['split']} {Path(r['path']).name} err {r['error']:.2f}"
+            if k is not None
+            else f"{r['split']} {Path(r['path']).name}: none"
+        )
         cv2.putText(pad, label, (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1)
         tiles.append(pad)
     while len(tiles) % 4:
@@ -158,21 +182,36 @@ def regions(recs: list[dict], out: Path, tile: int = 200) -> None:
         u8 = to_uint8(r["pixels"])
         h, w = u8.shape
         s = tile / max(h, w)
-        t = cv2.cvtColor(cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
-                         cv2.COLOR_GRAY2BGR)
+        t = cv2.cvtColor(
+            cv2.resize(u8, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA),
+            cv2.COLOR_GRAY2BGR,
+        )
         film = np.zeros((tile, tile, 3), np.uint8)
         film[: t.shape[0], : t.shape[1]] = t
         top, left, side = r["knee"].box()
-        cv2.rectangle(film, (round(left * s), round(top * s)), (round((left + side) * s), round((top + side) * s)),
-                      (0, 255, 255), 1)
-        cv2.putText(film, f"{Path(r['path']).name} ({r['framing']})", (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
-                    (0, 255, 255), 1)
+        cv2.rectangle(
+            film,
+            (round(left * s), round(top * s)),
+            (round((left + side) * s), round((top + side) * s)),
+            (0, 255, 255),
+            1,
+        )
+        cv2.putText(
+            film,
+            f"{Path(r['path']).name} ({r['framing']})",
+            (3, tile - 6),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.38,
+            (0, 255, 255),
+            1,
+        )
         roi = cv2.cvtColor(to_uint8(knee_roi(r["pixels"], r["knee"], tile)), cv2.COLOR_GRAY2BGR)
         pairs_.append(np.hstack([film, roi]))
     while len(pairs_) % 2:
         pairs_.append(np.zeros_like(pairs_[0]))
-    grid = np.vstack([np.hstack([pairs_[i], np.full((tile, 6, 3), 255, np.uint8), pairs_[i + 1]])
-                      for i in range(0, len(pairs_), 2)])
+    grid = np.vstack(
+        [np.hstack([pairs_[i], np.full((tile, 6, 3), 255, np.uint8), pairs_[i + 1]]) for i in range(0, len(pairs_), 2)]
+    )
     with atomic_path(out) as tmp:
         cv2.imwrite(str(tmp) + ".png", grid)
         Path(str(tmp) + ".png").replace(tmp)

@@ -33,8 +33,9 @@ def help_text(name: str) -> str:
     from kneeosteo.interfaces.cli import app
 
     args = ["--help"] if name == TOP else [name, "--help"]
-    result = CliRunner().invoke(app, args, prog_name="kneeosteo",
-                                env={"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"})
+    result = CliRunner().invoke(
+        app, args, prog_name="kneeosteo", env={"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"}
+    )
     if result.exit_code != 0:
         raise RuntimeError(f"`kneeosteo {' '.join(args)}` exited {result.exit_code}: {result.output}")
     return "\n".join(line.rstrip() for line in result.output.strip("\n").splitlines())
@@ -46,8 +47,10 @@ def check_markers(markdown: str, names: list[str]) -> None:
     missing = sorted(set(names) - set(found))
     unknown = sorted(set(found) - set(names) - {TOP})
     if missing or unknown:
-        raise ValueError(f"docs/{CLI_PAGE}: commands without a `<!-- kneeosteo-help: NAME -->` line: {missing}; "
-                         f"lines naming no command: {unknown}")
+        raise ValueError(
+            f"docs/{CLI_PAGE}: commands without a `<!-- kneeosteo-help: NAME -->` line: {missing}; "
+            f"lines naming no command: {unknown}"
+        )
 
 
 def expand(markdown: str) -> str:

@@ -36,12 +36,16 @@ def films(folder: Path) -> list[Path]:
     arrays = []
     for cls in ("normal", "osteoporosis"):
         found = sorted((KOP / cls).glob("*")) if KOP.is_dir() else []
-        arrays.append(to_uint8(read_image(found[0]).pixels) if found
-                      else np.rint(np.clip(g.picture(1024, 1024, variant=len(arrays)), 0, 1) * 255).astype(np.uint8))
+        arrays.append(
+            to_uint8(read_image(found[0]).pixels)
+            if found
+            else np.rint(np.clip(g.picture(1024, 1024, variant=len(arrays)), 0, 1) * 255).astype(np.uint8)
+        )
     out = []
     for i, a in enumerate(arrays):
-        p = g.dicom(folder / f"knee{i}.dcm", bits=8, array=a, size=a.shape[::-1], patient_id="DEMO-001",
-                    study_uid=study)
+        p = g.dicom(
+            folder / f"knee{i}.dcm", bits=8, array=a, size=a.shape[::-1], patient_id="DEMO-001", study_uid=study
+        )
         ds = pydicom.dcmread(p)
         ds.SeriesInstanceUID, ds.BodyPartExamined, ds.PatientName = series, "KNEE", "Demo^Knee"
         ds.StudyDescription, ds.SeriesDescription, ds.InstanceNumber = "Knee radiographs", "Knee AP", i + 1
@@ -69,12 +73,16 @@ def main(argv: list[str] | None = None) -> None:
             done = run_pacs(server.url, state=tmp / "state", credentials=Credentials(USER, PASSWORD))
             print(done.summary())
             study = server.rest("/studies")[0]
-            heat = [s for s in server.rest(f"/studies/{study}/series")
-                    if s["MainDicomTags"].get("SeriesDescription", "").startswith("kneeosteo heat map")]
+            heat = [
+                s
+                for s in server.rest(f"/studies/{study}/series")
+                if s["MainDicomTags"].get("SeriesDescription", "").startswith("kneeosteo heat map")
+            ]
             with sync_api.sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-                ctx = browser.new_context(viewport={"width": 900, "height": 760},
-                                          http_credentials={"username": USER, "password": PASSWORD})
+                ctx = browser.new_context(
+                    viewport={"width": 900, "height": 760}, http_credentials={"username": USER, "password": PASSWORD}
+                )
                 page = ctx.new_page()
                 page.goto(f"{server.base}/app/explorer.html#study?uuid={study}")
                 page.wait_for_selector("#list-series li a", timeout=20_000)

@@ -44,7 +44,7 @@ from kneeosteo.data.reader import read_image
 from kneeosteo.experiments.trust_fit import site_check, temperature_fit
 from kneeosteo.inference import Predictor
 from kneeosteo.run import RunDir
-from kneeosteo.trust import ConformalClassifier, DomainCheck, TemperatureScaler
+from kneeosteo.trust import ConformalClassifier, DomainCheck
 from kneeosteo.trust.shift import ShiftReference, batch_shift
 from kneeosteo.utils.atomic import write_json
 
@@ -87,8 +87,12 @@ def features(data: Path, cache: Path) -> dict:
         logits.append(z)
         feats.append(f)
         print(f"{i + len(chunk)}/{len(jobs)}", flush=True)
-    out = {"path": np.array([p for p, _ in jobs]), "kind": np.array([k or "" for _, k in jobs]),
-           "logit": np.concatenate(logits), "features": np.concatenate(feats).astype(np.float32)}
+    out = {
+        "path": np.array([p for p, _ in jobs]),
+        "kind": np.array([k or "" for _, k in jobs]),
+        "logit": np.concatenate(logits),
+        "features": np.concatenate(feats).astype(np.float32),
+    }
     np.savez(cache, **out)
     return out
 
@@ -116,14 +120,21 @@ def write_bundled_reference(x: np.ndarray, idx: dict) -> None:
     if not np.isclose(check.threshold, bundle.domain.threshold, rtol=1e-3):
         raise SystemExit(f"this fit's threshold {check.threshold} differs from the stored {bundle.domain.threshold}")
     old = bundle.shift_reference
-    ref = ShiftReference(check.heldout_scores, old.probabilities,
-                         {"domain_source": f"out-of-fold distances of the {len(split['train'])} training images "
-                                           f"(fp32 features, as predict computes them; this fit's threshold {check.threshold:.2f}, the stored "
-                                           f"one {bundle.domain.threshold:.2f})",
-                          "probability_source": old.source["probability_source"]})
+    ref = ShiftReference(
+        check.heldout_scores,
+        old.probabilities,
+        {
+            "domain_source": f"out-of-fold distances of the {len(split['train'])} training images "
+            f"(fp32 features, as predict computes them; this fit's threshold {check.threshold:.2f}, the stored "
+            f"one {bundle.domain.threshold:.2f})",
+            "probability_source": old.source["probability_source"],
+        },
+    )
     run.save_trust(replace(bundle, shift=ref))
-    print(f"wrote the shift reference into {run.trust_file} (threshold {check.threshold:.4f} "
-          f"vs stored {bundle.domain.threshold:.4f})")
+    print(
+        f"wrote the shift reference into {run.trust_file} (threshold {check.threshold:.4f} "
+        f"vs stored {bundle.domain.threshold:.4f})"
+    )
 
 
 def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[str]) -> dict:
@@ -143,8 +154,12 @@ def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[
     z, x = np.concatenate(zs), np.concatenate(fs)
     dist = trust.domain.distance(x)
     s = batch_shift(trust.shift_reference, dist, trust.calibrated(z))
-    out = {"run": str(run.path), "batch_shift": s.to_dict(), "accepted_by_domain_check":
-           float((dist <= trust.domain.threshold).mean()), "n": len(src)}
+    out = {
+        "run": str(run.path),
+        "batch_shift": s.to_dict(),
+        "accepted_by_domain_check": float((dist <= trust.domain.threshold).mean()),
+        "n": len(src),
+    }
     print("no-source run, T-score films:", s.line(), flush=True)
     keep = np.array([p in truth for p in src])
     ys = np.array([truth[p] for p in np.array(src)[keep]])
@@ -164,10 +179,19 @@ def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[
         inside = dom.distance(xk[bi]) <= dom.threshold
         right = (pb >= trust.threshold).astype(int) == ys[bi]
         ok = single & inside & (sc["verdict"] == "signal")
-        rows.append({"seed": seed, "verdict": sc["verdict"], "auc": sc["auc"], "temperature": note,
-                     "ok": int(ok.sum()), "ok_right": int((ok & right).sum()),
-                     "ok_without_the_rule": int((single & inside).sum()),
-                     "ok_right_without_the_rule": int((single & inside & right).sum()), "other_half": int(bi.size)})
+        rows.append(
+            {
+                "seed": seed,
+                "verdict": sc["verdict"],
+                "auc": sc["auc"],
+                "temperature": note,
+                "ok": int(ok.sum()),
+                "ok_right": int((ok & right).sum()),
+                "ok_without_the_rule": int((single & inside).sum()),
+                "ok_right_without_the_rule": int((single & inside & right).sum()),
+                "other_half": int(bi.size),
+            }
+        )
         print("no-source site", rows[-1], flush=True)
     out["site_check"] = {"n": int(ys.size), "positives": int(ys.sum()), "seeds": rows}
     return out
@@ -178,10 +202,17 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/site_trust.npz"))
     ap.add_argument("--out", type=Path, default=Path("docs/results/site_trust.json"))
-    ap.add_argument("--nosrc-run", type=Path, default=None,
-                    help="a run trained without the T-score films: the alarm and the site check against it")
-    ap.add_argument("--write-bundled-reference", action="store_true",
-                    help="store the alarm's references in the bundled model's trust files, then stop")
+    ap.add_argument(
+        "--nosrc-run",
+        type=Path,
+        default=None,
+        help="a run trained without the T-score films: the alarm and the site check against it",
+    )
+    ap.add_argument(
+        "--write-bundled-reference",
+        action="store_true",
+        help="store the alarm's references in the bundled model's trust files, then stop",
+    )
     a = ap.parse_args()
     c = features(a.data, a.cache)
     orig = c["kind"] == ""
@@ -205,8 +236,15 @@ def main() -> None:
         cal, _ = temperature_fit(z[va], y[va])
         ref = ShiftReference(check.heldout_scores, cal.transform(z[va]), {})
         s = batch_shift(ref, check.distance(x[te]), cal.transform(z[te]))
-        rows.append({"seed": seed, "verdict": s.verdict, "p_value": s.p_value,
-                     "p_domain": s.tests["domain_score"]["p_value"], "p_probability": s.tests["probability"]["p_value"]})
+        rows.append(
+            {
+                "seed": seed,
+                "verdict": s.verdict,
+                "p_value": s.p_value,
+                "p_domain": s.tests["domain_score"]["p_value"],
+                "p_probability": s.tests["probability"]["p_value"],
+            }
+        )
         print("split", rows[-1], flush=True)
     results["false_alarms"] = {"splits": rows, "fired": sum(r["verdict"] == "shift" for r in rows)}
 
@@ -248,9 +286,11 @@ def main() -> None:
     s = batch_shift(ref_wo, check_wo.distance(x[src_any]), bundle.calibrated(z[src_any]))
     in_training = int(sum(paths[i] in source_paths for i in tr))
     out["T-score source films (domain fit without them)"] = {
-        **s.to_dict(), "accepted_by_domain_check": float((check_wo.distance(x[src_any]) <= check_wo.threshold).mean()),
+        **s.to_dict(),
+        "accepted_by_domain_check": float((check_wo.distance(x[src_any]) <= check_wo.threshold).mean()),
         "note_head": f"the bundled head trained on {in_training} of these films: the probability comparison is "
-                     "not against a model trained without them"}
+        "not against a model trained without them",
+    }
     print("T-score source", s.line(), flush=True)
     results["shifted_batches"] = out
 
@@ -275,11 +315,20 @@ def main() -> None:
         ok = single & (dom.distance(x[b_i]) <= dom.threshold)
         if sc["verdict"] != "signal":
             ok[:] = False
-        right = ((pb >= bundle.threshold).astype(int) == yb)
-        site_rows.append({"seed": seed, "n_half": int(h), "verdict": sc["verdict"], "auc": sc["auc"],
-                          "ok_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold)).sum()),
-                          "ok_right_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold) & right).sum()),
-                          "ok": int(ok.sum()), "ok_right": int((ok & right).sum()), "n_other_half": int(b_i.size)})
+        right = (pb >= bundle.threshold).astype(int) == yb
+        site_rows.append(
+            {
+                "seed": seed,
+                "n_half": int(h),
+                "verdict": sc["verdict"],
+                "auc": sc["auc"],
+                "ok_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold)).sum()),
+                "ok_right_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold) & right).sum()),
+                "ok": int(ok.sum()),
+                "ok_right": int((ok & right).sum()),
+                "n_other_half": int(b_i.size),
+            }
+        )
         print("site", site_rows[-1], flush=True)
     results["site_check_tscore_films"] = {"n": int(src.size), "positives": int(ys.sum()), "seeds": site_rows}
 
@@ -296,12 +345,17 @@ def main() -> None:
             cc = ConformalClassifier(0.9, class_conditional=cond).fit(cal_t.transform(z[ci]), y[ci])
             m = cc.predict_mask(cal_t.transform(z[ti]))
             hit = m[np.arange(ti.size), y[ti]]
-            row[name] = {"normal": float(hit[y[ti] == 0].mean()), "osteoporosis": float(hit[y[ti] == 1].mean()),
-                         "abstention": float((m.sum(axis=1) != 1).mean())}
+            row[name] = {
+                "normal": float(hit[y[ti] == 0].mean()),
+                "osteoporosis": float(hit[y[ti] == 1].mean()),
+                "abstention": float((m.sum(axis=1) != 1).mean()),
+            }
         mond.append(row)
         print("mondrian", row, flush=True)
-    mean = {n: {k: float(np.mean([r[n][k] for r in mond])) for k in ("normal", "osteoporosis", "abstention")}
-            for n in ("marginal", "mondrian")}
+    mean = {
+        n: {k: float(np.mean([r[n][k] for r in mond])) for k in ("normal", "osteoporosis", "abstention")}
+        for n in ("marginal", "mondrian")
+    }
     results["mondrian"] = {"seeds": mond, "mean": mean, "n_films": int(held.size)}
     print("mondrian mean", mean)
     write_json(a.out, results)

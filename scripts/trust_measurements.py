@@ -25,7 +25,7 @@ from imagegen import non_knee_corpus  # noqa: E402
 def site_look(img: Image.Image) -> Image.Image:
     """Another site's films: gamma 0.7, then contrast 0.8 about mid-grey (saved as JPEG by the caller)."""
     a = np.asarray(img, dtype=np.float64) / 255
-    a = np.clip(0.5 + 0.8 * (a ** 0.7 - 0.5), 0, 1)
+    a = np.clip(0.5 + 0.8 * (a**0.7 - 0.5), 0, 1)
     return Image.fromarray((a * 255).round().astype(np.uint8))
 
 
@@ -41,8 +41,14 @@ def main(run: Path, kop: Path, out: Path) -> None:
             site_look(load(p)).save(target, quality=70)
     variants = {
         "reencoded": (lambda im: im, 60),
-        "resized": (lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.Resampling.BILINEAR), 90),
-        "rotated": (lambda im: im.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0), 90),
+        "resized": (
+            lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.Resampling.BILINEAR),
+            90,
+        ),
+        "rotated": (
+            lambda im: im.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0),
+            90,
+        ),
         "contrast": (site_look, 90),
     }
     for name, (f, quality) in variants.items():

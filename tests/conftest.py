@@ -36,10 +36,29 @@ def pytest_configure(config):
 # start is a short one: the order of the groups' wall seconds on one worker (2026-11-30), only an
 # order, never an assertion.
 SHARED_GROUPS = {"test_browser": "hospital", "test_own_data": "hospital"}
-LONGEST_FIRST = ("test_ray", "test_benchmarks", "hospital", "test_training", "test_faults", "test_distributed",
-                 "test_inference", "test_pacs", "test_web_hostile", "test_reproduce", "test_trust_wiring", "test_models",
-                 "test_data_pipeline", "test_bad_inputs", "test_default_model", "test_integrity", "test_structure",
-                 "test_allocator", "test_cli", "test_web", "test_hostile_inputs")
+LONGEST_FIRST = (
+    "test_ray",
+    "test_benchmarks",
+    "hospital",
+    "test_training",
+    "test_faults",
+    "test_distributed",
+    "test_inference",
+    "test_pacs",
+    "test_web_hostile",
+    "test_reproduce",
+    "test_trust_wiring",
+    "test_models",
+    "test_data_pipeline",
+    "test_bad_inputs",
+    "test_default_model",
+    "test_integrity",
+    "test_structure",
+    "test_allocator",
+    "test_cli",
+    "test_web",
+    "test_hostile_inputs",
+)
 
 
 def _group(nodeid: str) -> str:
@@ -170,8 +189,9 @@ def bundled_run() -> Path:
     """The bundled default model's folder; skips without it (fails under CI=true)."""
     from kneeosteo.run import RunDir
 
-    require(has_bundled_model(),
-            "no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet")
+    require(
+        has_bundled_model(), "no bundled model in kneeosteo/assets/default_model/ (config.json + model.safetensors) yet"
+    )
     return RunDir.bundled().path
 
 
@@ -181,8 +201,17 @@ def bundled_run() -> Path:
 # same model whether or not the CPU runs bf16 natively. Shared by test_inference, test_web,
 # test_browser and test_benchmarks, which each used to train their own.
 TINY_SIZE = 64
-TINY_SETTINGS = dict(backbone="efficientnet_lite0", epochs=20, copies=1, batch_size=8, image_size=TINY_SIZE, precision="fp32",
-                     device="cpu", patience=100, lr=5e-3)
+TINY_SETTINGS = dict(
+    backbone="efficientnet_lite0",
+    epochs=20,
+    copies=1,
+    batch_size=8,
+    image_size=TINY_SIZE,
+    precision="fp32",
+    device="cpu",
+    patience=100,
+    lr=5e-3,
+)
 
 
 def _train_tiny(root: Path) -> SimpleNamespace:
@@ -199,15 +228,19 @@ def _train_tiny(root: Path) -> SimpleNamespace:
             mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
             data = g.make_dataset(root / "data", n_per_class=10, size=TINY_SIZE).root
             write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
-            train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
-                                            **TINY_SETTINGS), console=lambda *a: None)
+            train_and_score(
+                TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"), **TINY_SETTINGS),
+                console=lambda *a: None,
+            )
     finally:
         torch.set_num_threads(before)
     return _tiny_namespace(root)
 
 
 def _tiny_namespace(root: Path) -> SimpleNamespace:
-    return SimpleNamespace(root=root, data=root / "data", split=root / "split.json", run=root / "run", cache=root / "cache")
+    return SimpleNamespace(
+        root=root, data=root / "data", split=root / "split.json", run=root / "run", cache=root / "cache"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -230,10 +263,21 @@ def hospital(tmp_path_factory) -> SimpleNamespace:
             data, manifest, rows = g.make_patient_dataset(root / "d", patients=24)
             scan = scan_dataset(data, labels=manifest, require_binary=False)
             write_split(make_split(scan, "paper", seed=0, test_size=12, val_fraction=0.25), root / "split.json")
-            common = dict(data=str(data), labels=str(manifest), split=str(root / "split.json"), backbone_weights="none",
-                          image_size=64, epochs=12, batch_size=8, copies=1, precision="fp32")
-            runs = {name: train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
-                    for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"}))}
+            common = dict(
+                data=str(data),
+                labels=str(manifest),
+                split=str(root / "split.json"),
+                backbone_weights="none",
+                image_size=64,
+                epochs=12,
+                batch_size=8,
+                copies=1,
+                precision="fp32",
+            )
+            runs = {
+                name: train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
+                for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"}))
+            }
     finally:
         torch.set_num_threads(before)
     return SimpleNamespace(root=root, data=data, manifest=manifest, rows=rows, **runs)
@@ -251,9 +295,12 @@ def tiny_report(tiny, tmp_path_factory) -> Path:
     for the report tests and the browser test."""
     from kneeosteo.reporting import write_report
 
-    return shared_across_workers(tmp_path_factory, "tiny-report",
-                                 lambda folder: write_report(tiny.run, folder / "report.html", data=tiny.data, correct=2),
-                                 lambda folder: folder / "report.html")
+    return shared_across_workers(
+        tmp_path_factory,
+        "tiny-report",
+        lambda folder: write_report(tiny.run, folder / "report.html", data=tiny.data, correct=2),
+        lambda folder: folder / "report.html",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def context() -> multiprocessing.context.BaseContext:
 
 def start(argv, env: dict, cwd, stdout, stderr) -> multiprocessing.Process:
     """Start ``kneeosteo ARGV`` (as `python -m kneeosteo ARGV` would run it) in a forked process."""
-    proc = context().Process(target=_cli, args=([str(a) for a in argv], dict(env), str(cwd), str(stdout), str(stderr)),
-                             daemon=True)
+    proc = context().Process(
+        target=_cli, args=([str(a) for a in argv], dict(env), str(cwd), str(stdout), str(stderr)), daemon=True
+    )
     proc.start()
     return proc

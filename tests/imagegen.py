@@ -23,6 +23,7 @@ W, H = 64, 48  # default size: deliberately not square, so transposition bugs sh
 
 # --------------------------------------------------------------------------- pictures
 
+
 def picture(width: int = W, height: int = H, variant: int = 0) -> np.ndarray:
     """Float64 HxW in [0, 1]: diagonal gradient (exactly 0 at top-left, 1 at bottom-right
     before the disc) plus a bright disc placed by ``variant``."""
@@ -69,6 +70,7 @@ def _save(img: Image.Image, path, fmt: str, **kw) -> Path:
 
 # --------------------------------------------------------------------------- raster writers
 
+
 def png_grey8(path, variant: int = 0, array: np.ndarray | None = None, size=(W, H)) -> Path:
     a = grey8(*size, variant) if array is None else np.asarray(array, dtype=np.uint8)
     return _save(Image.fromarray(a), path, "PNG")
@@ -79,19 +81,20 @@ def png_grey16(path, variant: int = 0, array: np.ndarray | None = None, size=(W,
     return _save(Image.fromarray(a), path, "PNG")  # mode I;16
 
 
-def png_rgb(path, variant: int = 0, equal_channels: bool = False, array: np.ndarray | None = None,
-            size=(W, H)) -> Path:
+def png_rgb(path, variant: int = 0, equal_channels: bool = False, array: np.ndarray | None = None, size=(W, H)) -> Path:
     a = rgb8(*size, variant, equal_channels) if array is None else np.asarray(array, dtype=np.uint8)
     return _save(Image.fromarray(a), path, "PNG")
 
 
-def png_rgba(path, variant: int = 0, equal_channels: bool = True, alpha: int | None = None,
-             size=(W, H)) -> Path:
+def png_rgba(path, variant: int = 0, equal_channels: bool = True, alpha: int | None = None, size=(W, H)) -> Path:
     """Alpha is a horizontal ramp unless a constant ``alpha`` is given."""
     rgb = rgb8(*size, variant, equal_channels)
     w, h = size
-    a = (np.full((h, w), alpha, np.uint8) if alpha is not None
-         else np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1)))
+    a = (
+        np.full((h, w), alpha, np.uint8)
+        if alpha is not None
+        else np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    )
     return _save(Image.fromarray(np.dstack([rgb, a])), path, "PNG")
 
 
@@ -161,12 +164,26 @@ def one_by_one(path, value: int = 128) -> Path:
 
 # --------------------------------------------------------------------------- DICOM
 
-def dicom(path, photometric: str = "MONOCHROME2", bits: int = 16, rescale_slope: float | None = None,
-          rescale_intercept: float | None = None, window_center: float | None = None,
-          window_width: float | None = None, pixel_data: bool = True, rgb: bool = False,
-          array: np.ndarray | None = None, frames: int = 1, variant: int = 0, size=(W, H),
-          bits_stored: int | None = None, preamble: bool = True, patient_id: str = "TEST",
-          study_uid: str | None = None) -> Path:
+
+def dicom(
+    path,
+    photometric: str = "MONOCHROME2",
+    bits: int = 16,
+    rescale_slope: float | None = None,
+    rescale_intercept: float | None = None,
+    window_center: float | None = None,
+    window_width: float | None = None,
+    pixel_data: bool = True,
+    rgb: bool = False,
+    array: np.ndarray | None = None,
+    frames: int = 1,
+    variant: int = 0,
+    size=(W, H),
+    bits_stored: int | None = None,
+    preamble: bool = True,
+    patient_id: str = "TEST",
+    study_uid: str | None = None,
+) -> Path:
     """A minimal valid DX-like DICOM (Explicit VR Little Endian).  ``preamble=False`` writes a
     bare dataset without the 128-byte preamble, 'DICM' and file meta, as old archives do."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -228,10 +245,9 @@ def dicom(path, photometric: str = "MONOCHROME2", bits: int = 16, rescale_slope:
 
 def dicom_compressed_unsupported(path, size=(W, H)) -> Path:
     """JPEG-LS Lossless transfer syntax with junk fragments: no decoder for it is installed."""
+    import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGLSLossless
-
-    import pydicom
 
     p = dicom(path, bits=8, size=size)
     ds = pydicom.dcmread(p)
@@ -255,6 +271,7 @@ def dicom_rle(path, variant: int = 0, size=(W, H)) -> Path:
 
 
 # --------------------------------------------------------------------------- bad files
+
 
 def zero_byte(path) -> Path:
     path = Path(path)
@@ -296,8 +313,12 @@ def bomb_png(path, width: int = 60000, height: int = 60000) -> Path:
     """A well-formed PNG header claiming a huge size, with only a token IDAT: a reader that
     checks the header first rejects it without allocating anything."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + _png_chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + _png_chunk(b"IEND", b"")
+    )
     Path(path).write_bytes(data)
     return Path(path)
 
@@ -309,8 +330,12 @@ def huge_png(path, width: int = 9999, height: int = 9999) -> Path:
     z = zlib.compressobj(9)
     chunks = [z.compress(row * min(256, height - y)) for y in range(0, height, 256)] + [z.flush()]
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(chunks))
-            + _png_chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"".join(chunks))
+        + _png_chunk(b"IEND", b"")
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(data)
     return Path(path)
@@ -318,20 +343,22 @@ def huge_png(path, width: int = 9999, height: int = 9999) -> Path:
 
 # --------------------------------------------------------------------------- class-folder data set
 
+
 @dataclass
 class GeneratedDataset:
     root: Path
-    items: list[tuple[Path, str]] = field(default_factory=list)          # every file, with its label
+    items: list[tuple[Path, str]] = field(default_factory=list)  # every file, with its label
     exact_duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (original, copy)
-    conflicts: list[tuple[Path, Path]] = field(default_factory=list)   # exact copy in the other class
+    conflicts: list[tuple[Path, Path]] = field(default_factory=list)  # exact copy in the other class
     near_duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (original, noisy copy)
 
     def paths(self, label: str | None = None) -> list[Path]:
         return [p for p, lab in self.items if label is None or lab == label]
 
 
-def dataset_image(index: int, label: str, size: int = 64, seed: int = 0,
-                  learnable: bool = True, classes=("normal", "osteoporosis")) -> np.ndarray:
+def dataset_image(
+    index: int, label: str, size: int = 64, seed: int = 0, learnable: bool = True, classes=("normal", "osteoporosis")
+) -> np.ndarray:
     """A distinct uint8 "radiograph" per (seed, index): smooth random blobs; with
     ``learnable`` the second class gets strong high-frequency texture (thin trabeculae)."""
     rng = np.random.default_rng([seed, index, classes.index(label)])
@@ -345,10 +372,17 @@ def dataset_image(index: int, label: str, size: int = 64, seed: int = 0,
     return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def make_dataset(root, n_per_class: int = 8, size: int = 64, seed: int = 0,
-                 classes=("normal", "osteoporosis"), exact_duplicates: int = 0,
-                 conflict_duplicates: int = 0, near_duplicates: int = 0,
-                 learnable: bool = True) -> GeneratedDataset:
+def make_dataset(
+    root,
+    n_per_class: int = 8,
+    size: int = 64,
+    seed: int = 0,
+    classes=("normal", "osteoporosis"),
+    exact_duplicates: int = 0,
+    conflict_duplicates: int = 0,
+    near_duplicates: int = 0,
+    learnable: bool = True,
+) -> GeneratedDataset:
     """Write ``root/<class>/<class>_NNN.png``.  Duplicates copy the first images of the first
     class: ``exact_duplicates`` into the same class (``dup_`` prefix), ``conflict_duplicates``
     into the other class (``conflict_`` prefix, a label conflict), ``near_duplicates`` into the
@@ -418,9 +452,18 @@ def make_patient_dataset(root, patients: int = 18, size: int = 64, seed: int = 0
             else:
                 path = png_grey8(root / f"{name}.png", array=a).relative_to(root).as_posix()
             label = "normal" if t >= -1.0 else ("osteopenia" if t > -2.5 else "osteoporosis")
-            rows.append({"path": path, "label": label, "patient_id": f"P{k:03d}", "t_score": t,
-                         "bmd": round(1.0 + 0.12 * t, 3), "side": side, "study_date": "2024-03-01",
-                         "site": "A" if k % 2 else "B"})
+            rows.append(
+                {
+                    "path": path,
+                    "label": label,
+                    "patient_id": f"P{k:03d}",
+                    "t_score": t,
+                    "bmd": round(1.0 + 0.12 * t, 3),
+                    "side": side,
+                    "study_date": "2024-03-01",
+                    "site": "A" if k % 2 else "B",
+                }
+            )
     manifest = root / "labels.csv"
     with open(manifest, "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))
@@ -488,8 +531,15 @@ def non_knee_corpus(folder: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- knee films (issue 32)
 
-def knee_film(width: int = 240, height: int = 480, joint: tuple[float, float] = (120, 200), plateau: float = 90,
-              texture: float = 0.0, seed: int = 0) -> np.ndarray:
+
+def knee_film(
+    width: int = 240,
+    height: int = 480,
+    joint: tuple[float, float] = (120, 200),
+    plateau: float = 90,
+    texture: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Float64 HxW in [0, 1]: a schematic frontal knee with a known joint centre ``joint`` (x, y)
     and tibial plateau width ``plateau`` (px): dark film, a rounded soft-tissue leg 1.9 plateaus wide,
     the femur (shaft flaring into condyles 0.96 plateau wide), a dark joint space 0.06 plateau
@@ -514,8 +564,13 @@ def knee_film(width: int = 240, height: int = 480, joint: tuple[float, float] = 
     img[bone] = 0.8
     if texture:
         img[bone] += rng.normal(0.0, texture, size=int(bone.sum()))
-    img = np.asarray(Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0)),
-                     dtype=np.float64) / 255
+    img = (
+        np.asarray(
+            Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0)),
+            dtype=np.float64,
+        )
+        / 255
+    )
     img += rng.normal(0.0, 0.005, size=img.shape)
     return np.clip(img, 0.0, 1.0)
 

@@ -8,10 +8,10 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -42,11 +42,19 @@ def running_orthanc(root: Path, user: str, password: str, timeout: float = 30.0)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = {"Name": "kneeosteo-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": True, "RegisteredUsers": {user: password},
-              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-              "HttpDescribeErrors": True}
+    config = {
+        "Name": "kneeosteo-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: password},
+        "Plugins": [str(PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "HttpDescribeErrors": True,
+    }
     (root / "orthanc.json").write_text(json.dumps(config))
     base = f"http://127.0.0.1:{port}"
     session = requests.Session()
@@ -62,14 +70,22 @@ def running_orthanc(root: Path, user: str, password: str, timeout: float = 30.0)
                 except requests.exceptions.ConnectionError:
                     pass
                 if proc.poll() is not None:
-                    raise RuntimeError(f"Orthanc exited ({proc.returncode}): {(root / 'orthanc.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"Orthanc exited ({proc.returncode}): {(root / 'orthanc.log').read_text()[-2000:]}"
+                    )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Orthanc did not answer within {timeout:g} s")
                 time.sleep(0.1)
-            yield SimpleNamespace(url=f"{base}/dicom-web", base=base, root=root, port=port, proc=proc,
-                                  rest=lambda path: session.get(base + path, timeout=10).json(),
-                                  upload=lambda data: session.post(base + "/instances", data=data, timeout=30).json(),
-                                  client=DICOMwebClient(f"{base}/dicom-web", session=session))
+            yield SimpleNamespace(
+                url=f"{base}/dicom-web",
+                base=base,
+                root=root,
+                port=port,
+                proc=proc,
+                rest=lambda path: session.get(base + path, timeout=10).json(),
+                upload=lambda data: session.post(base + "/instances", data=data, timeout=30).json(),
+                client=DICOMwebClient(f"{base}/dicom-web", session=session),
+            )
         finally:
             proc.terminate()
             try:

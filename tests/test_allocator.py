@@ -36,8 +36,14 @@ print(json.dumps({"applied": applied, "first": first, "faults": faults() - f0, "
 def _probe(mode: str, timeout: float = 600, **env) -> dict:
     """The probe in a fresh process; ``seconds``: its wall time (mostly importing torch)."""
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
+        check=True,
+    )
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "seconds": time.monotonic() - t0}
 
 

@@ -16,8 +16,8 @@ import functools
 import json
 import logging
 import os
-from contextlib import contextmanager
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 import imagegen as g
 from kneeosteo.data import audit as audit_mod
-from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.data.scan import scan_dataset
+from kneeosteo.data.shortcut import metadata_only_accuracy
 from kneeosteo.data.split import load_split
 from kneeosteo.interfaces.cli import main
 from kneeosteo.run import RunDir
@@ -52,10 +52,20 @@ CORPUS = {
     "normal/cmyk.jpg": (functools.partial(g.jpeg_cmyk, variant=17), "read", "", 200),
     "osteoporosis/animated.gif": (functools.partial(g.gif_animated, variant=18), "read", "", 200),
     "normal/exif_rotated.jpg": (functools.partial(g.jpeg_exif_rotated, variant=19), "read", "", 200),
-    "osteoporosis/no_pixels.dcm": (functools.partial(g.dicom, pixel_data=False), "unreadable", "DICOM has no pixel data", 422),
+    "osteoporosis/no_pixels.dcm": (
+        functools.partial(g.dicom, pixel_data=False),
+        "unreadable",
+        "DICOM has no pixel data",
+        422,
+    ),
     "normal/mono1.dcm": (functools.partial(g.dicom, photometric="MONOCHROME1", variant=20), "read", "", 200),
     f"normal/{CAFE}": (functools.partial(g.png_grey8, variant=21), "read", "", 200),
-    "osteoporosis/self_loop.png": (lambda p: os.symlink(p.name, p) or p, "unreadable", "Too many levels of symbolic links", None),
+    "osteoporosis/self_loop.png": (
+        lambda p: os.symlink(p.name, p) or p,
+        "unreadable",
+        "Too many levels of symbolic links",
+        None,
+    ),
     "normal/loop": (lambda p: os.symlink("..", p, target_is_directory=True), "ignored", "", None),
 }
 GOOD_PER_CLASS = 10
@@ -99,8 +109,9 @@ def ws(tmp_path_factory, one_thread):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
         mp.setattr(audit_mod, "metadata_only_accuracy", functools.partial(metadata_only_accuracy, repeats=1))
-        yield SimpleNamespace(root=root, data=data, good=good, readable=good | _names("read"), empty=empty,
-                              single=single)
+        yield SimpleNamespace(
+            root=root, data=data, good=good, readable=good | _names("read"), empty=empty, single=single
+        )
 
 
 class _Collect(logging.Handler):
@@ -126,7 +137,9 @@ def _warnings_logged():
 @pytest.fixture(scope="module")
 def split_doc(ws):
     with _warnings_logged() as warned:
-        assert _main(["split", ws.data, "--out", ws.root / "split.json", "--test-size", "8", "--val-fraction", "0.2"]) == 0
+        assert (
+            _main(["split", ws.data, "--out", ws.root / "split.json", "--test-size", "8", "--val-fraction", "0.2"]) == 0
+        )
     doc = json.loads((ws.root / "split.json").read_text())
     doc["_warned"] = "\n".join(warned)  # what the command said, for the tally (not part of the file)
     return doc
@@ -135,8 +148,11 @@ def split_doc(ws):
 @pytest.fixture(scope="module")
 def run(ws, split_doc):
     """One epoch on the corpus, with a split that also names two files that do not exist."""
-    doc = {**split_doc, "train": split_doc["train"] + ["normal/ghost.png"],
-           "test": split_doc["test"] + ["osteoporosis/gone.png"]}
+    doc = {
+        **split_doc,
+        "train": split_doc["train"] + ["normal/ghost.png"],
+        "test": split_doc["test"] + ["osteoporosis/gone.png"],
+    }
     (ws.root / "split_missing.json").write_text(json.dumps(doc))
     (ws.root / "cfg.toml").write_text('image_size = 64\ncopies = 1\nepochs = 1\nbatch_size = 8\ndevice = "cpu"\n')
     used: dict[str, list[str]] = {}
@@ -149,8 +165,18 @@ def run(ws, split_doc):
 
     with pytest.MonkeyPatch.context() as mp, _warnings_logged() as warned:
         mp.setattr(trainer, "prepare", recording)
-        code = _main(["train", ws.data, "--split", ws.root / "split_missing.json", "--config", ws.root / "cfg.toml",
-                      "--out", ws.root / "run"])
+        code = _main(
+            [
+                "train",
+                ws.data,
+                "--split",
+                ws.root / "split_missing.json",
+                "--config",
+                ws.root / "cfg.toml",
+                "--out",
+                ws.root / "run",
+            ]
+        )
     return SimpleNamespace(code=code, path=ws.root / "run", used=used, warned="\n".join(warned))
 
 
@@ -171,10 +197,15 @@ def test_audit_reports_every_bad_file_by_name_and_reads_the_rest(ws, caplog):
             assert words in unreadable[rel], (rel, unreadable[rel])
         if outcome in ("unreadable", "skipped"):
             assert str(ws.data / rel) in warned, rel
-        seen = ("reported by name with the reason" if rel in unreadable and str(ws.data / rel) in warned
-                else "skipped with a warning" if rel in skipped and str(ws.data / rel) in warned
-                else "not followed" if rel + "/" not in warned + json.dumps(doc)
-                and not (ws.data / rel).is_file() else "read and counted")
+        seen = (
+            "reported by name with the reason"
+            if rel in unreadable and str(ws.data / rel) in warned
+            else "skipped with a warning"
+            if rel in skipped and str(ws.data / rel) in warned
+            else "not followed"
+            if rel + "/" not in warned + json.dumps(doc) and not (ws.data / rel).is_file()
+            else "read and counted"
+        )
         _tally("audit", seen)
 
 
@@ -195,7 +226,9 @@ def test_split_uses_every_readable_file_and_warns_about_the_rest(ws, split_doc):
         else:
             seen = "left out silently"
         _tally("split", seen)
-        expected = {"read": "assigned to a partition", "ignored": "not followed"}.get(outcome, "left out, named in a warning")
+        expected = {"read": "assigned to a partition", "ignored": "not followed"}.get(
+            outcome, "left out, named in a warning"
+        )
         assert seen == expected, (rel, seen)
 
 
@@ -208,7 +241,9 @@ def test_train_on_the_corpus_with_missing_split_entries(ws, split_doc, run, capl
     record = RunDir(run.path).config.record
     assert record["split_sizes"] == {k: len(split_doc[k]) for k in ("train", "val", "test")}  # ghosts dropped
     used = {p for paths in run.used.values() for p in paths}
-    assert set(run.used) == {"train", "val", "test"} and used == set(split_doc["train"] + split_doc["val"] + split_doc["test"])
+    assert set(run.used) == {"train", "val", "test"} and used == set(
+        split_doc["train"] + split_doc["val"] + split_doc["test"]
+    )
     for rel, (_, outcome, *_rest) in CORPUS.items():
         seen = "trained or tested on" if rel in used else "not in the split"
         _tally("train", seen)
@@ -219,8 +254,10 @@ def test_train_on_the_corpus_with_missing_split_entries(ws, split_doc, run, capl
     for name in sets.missing:
         assert f"split names {name}, which does not exist" in caplog.text
         said = f"split names {name}, which does not exist" in run.warned  # what the train command itself logged
-        _tally("train (split names a missing file)", "warning naming it; trained on the rest" if said and name not in used
-               else "not warned or used")
+        _tally(
+            "train (split names a missing file)",
+            "warning naming it; trained on the rest" if said and name not in used else "not warned or used",
+        )
 
 
 def test_predict_names_every_bad_file_and_predicts_the_rest(ws, run, tmp_path, capsys):
@@ -284,8 +321,10 @@ def test_a_class_folder_without_images(ws, tmp_path, capsys, caplog):
     assert _main(["audit", ws.empty, "--out", tmp_path / "audit"]) == 0
     assert "class folder 'osteoporosis' holds no readable image" in caplog.text
     capsys.readouterr()
-    for argv in (["split", ws.empty, "--out", tmp_path / "s.json"],
-                 ["train", ws.empty, "--config", ws.root / "cfg.toml", "--out", tmp_path / "run"]):
+    for argv in (
+        ["split", ws.empty, "--out", tmp_path / "s.json"],
+        ["train", ws.empty, "--config", ws.root / "cfg.toml", "--out", tmp_path / "run"],
+    ):
         assert _main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "needs images in both classes" in err and str(ws.empty) in err, err
@@ -295,8 +334,10 @@ def test_a_class_folder_without_images(ws, tmp_path, capsys, caplog):
 def test_a_single_class_data_set(ws, tmp_path, capsys):
     assert _main(["audit", ws.single, "--out", tmp_path / "audit"]) == 0
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["files_read"] == 4
-    for argv in (["split", ws.single, "--out", tmp_path / "s.json"],
-                 ["train", ws.single, "--config", ws.root / "cfg.toml", "--out", tmp_path / "run"]):
+    for argv in (
+        ["split", ws.single, "--out", tmp_path / "s.json"],
+        ["train", ws.single, "--config", ws.root / "cfg.toml", "--out", tmp_path / "run"],
+    ):
         capsys.readouterr()
         assert _main(argv) == 1
         err = capsys.readouterr().err.strip()
@@ -308,8 +349,16 @@ _HEADS = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"II*\x00",
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(files=st.lists(st.tuples(st.sampled_from(_HEADS), st.binary(max_size=512),
-                                st.sampled_from([".png", ".jpg", ".dcm", ".tif", ".txt", ""])), max_size=6))
+@given(
+    files=st.lists(
+        st.tuples(
+            st.sampled_from(_HEADS),
+            st.binary(max_size=512),
+            st.sampled_from([".png", ".jpg", ".dcm", ".tif", ".txt", ""]),
+        ),
+        max_size=6,
+    )
+)
 def test_random_bytes_through_the_scan_are_each_accounted_for_once(tmp_path_factory, files):
     """The reader's own fuzz test (test_reader.py) one level up: a data folder of random files
     never stops the scan, and every file ends up read, unreadable or skipped, exactly once."""
@@ -330,15 +379,26 @@ def _expected_tally() -> dict[str, Counter]:
     bad = n["unreadable"] + n["skipped"]
     web = Counter(v[3] for v in CORPUS.values() if v[3] is not None)
     return {
-        "audit": Counter({"read and counted": n["read"], "reported by name with the reason": n["unreadable"],
-                          "skipped with a warning": n["skipped"], "not followed": n["ignored"]}),
-        "split": Counter({"assigned to a partition": n["read"], "left out, named in a warning": bad,
-                          "not followed": n["ignored"]}),
+        "audit": Counter(
+            {
+                "read and counted": n["read"],
+                "reported by name with the reason": n["unreadable"],
+                "skipped with a warning": n["skipped"],
+                "not followed": n["ignored"],
+            }
+        ),
+        "split": Counter(
+            {"assigned to a partition": n["read"], "left out, named in a warning": bad, "not followed": n["ignored"]}
+        ),
         "train": Counter({"trained or tested on": n["read"], "not in the split": bad + n["ignored"]}),
         "train (split names a missing file)": Counter({"warning naming it; trained on the rest": 2}),
         "predict": Counter({"predicted": n["read"], "error line naming the file": bad}),
-        "web API": Counter({("200 with a probability" if code == 200 else f"{code} naming the upload, with the reason"): k
-                            for code, k in web.items()}),
+        "web API": Counter(
+            {
+                ("200 with a probability" if code == 200 else f"{code} naming the upload, with the reason"): k
+                for code, k in web.items()
+            }
+        ),
         "class folder without images": Counter({"audit: warning; split/train: one-line error": 1}),
         "single-class data set": Counter({"audit: counts; split/train: one-line error": 1}),
     }

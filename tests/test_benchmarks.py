@@ -31,9 +31,11 @@ BF16_LOGIT_TOL = 0.8
 # The benchmark's own models (random-init backbones, quick run) move by a few 1e-3 (int8) and
 # 1e-4 (bf16) in probability; 0.05 there, as before.
 LOSSY_TOL = 0.05
-INT8_COLLAPSES = ("static int8 collapses the session's tiny model (probabilities near 0.96-0.99 for images torch "
-                  "spreads over 0.02-0.999, |dp| up to 0.92, |dlogit| up to 6.5): the engine is not usable on it; "
-                  "strict, so a fix shows")
+INT8_COLLAPSES = (
+    "static int8 collapses the session's tiny model (probabilities near 0.96-0.99 for images torch "
+    "spreads over 0.02-0.999, |dp| up to 0.92, |dlogit| up to 6.5): the engine is not usable on it; "
+    "strict, so a fix shows"
+)
 
 
 def _logit(p) -> np.ndarray:
@@ -52,9 +54,13 @@ def ws(tiny, tmp_path_factory, one_thread):
     files in every format; ``images`` adds the run's own data (both classes) for a wide spread."""
     root = tmp_path_factory.mktemp("bench")
     im = root / "images"
-    files = [g.png_grey8(im / "a.png", variant=0), g.png_grey16(im / "b16.png", variant=1),
-             g.jpeg_rgb(im / "c.jpg", variant=2), g.dicom(im / "d.dcm", photometric="MONOCHROME1", variant=3),
-             g.png_grey8(im / "e.png", variant=5, size=(40, 70))]
+    files = [
+        g.png_grey8(im / "a.png", variant=0),
+        g.png_grey16(im / "b16.png", variant=1),
+        g.jpeg_rgb(im / "c.jpg", variant=2),
+        g.dicom(im / "d.dcm", photometric="MONOCHROME1", variant=3),
+        g.png_grey8(im / "e.png", variant=5, size=(40, 70)),
+    ]
     images = files + sorted(tiny.data.rglob("*.png"))
     return SimpleNamespace(root=root, data=tiny.data, run=tiny.run, files=files, images=images)
 
@@ -104,14 +110,25 @@ def test_quick_run_writes_every_section(quick):
         r = t["rows"][key]
         assert r["mean_epoch_s"] > 0 and r["epochs"][0]["train_samples"] > 0
     assert t["rows"]["cached_bf16"]["prepare_cold_s"] > 0 and t["rows"]["cached_bf16"]["prepare_warm_s"] >= 0
-    assert t["rows"]["cached_bf16"]["epochs"][0]["train_samples"] == t["rows"]["naive_bf16"]["epochs"][0]["train_samples"]
+    assert (
+        t["rows"]["cached_bf16"]["epochs"][0]["train_samples"] == t["rows"]["naive_bf16"]["epochs"][0]["train_samples"]
+    )
     r = t["ratios"]["bf16"]
-    assert r["epoch_speedup"] == round(t["rows"]["naive_bf16"]["mean_epoch_s"] / t["rows"]["cached_bf16"]["mean_epoch_s"], 2)
+    assert r["epoch_speedup"] == round(
+        t["rows"]["naive_bf16"]["mean_epoch_s"] / t["rows"]["cached_bf16"]["mean_epoch_s"], 2
+    )
 
     inf = quick.docs["inference"]
     eff = inf["models"]["efficientnet_lite0"]
     assert eff["flops_per_image"] > 0
-    for eng in ("torch-eager-fp32", "torch-cl-fp32", "torch-cl-bf16", "ort-fp32", "ort-int8-dynamic", "ort-int8-static"):
+    for eng in (
+        "torch-eager-fp32",
+        "torch-cl-fp32",
+        "torch-cl-bf16",
+        "ort-fp32",
+        "ort-int8-dynamic",
+        "ort-int8-static",
+    ):
         res = eff["engines"][eng]
         assert "batches" in res, res
         for b in ("1", "32"):
@@ -168,10 +185,19 @@ def test_an_emulated_bf16_peak_is_measured_smaller_and_marked_emulated(monkeypat
     from benchmarks import machine, report
 
     calls = []
-    monkeypatch.setattr(machine, "matmul_peak", lambda dt, n=4096, reps=5: calls.append((dt, n, reps)) or
-                        {"dtype": dt, "n": n, "reps": reps, "available": True, "best_gflops": 1.0})
-    for quick, native, want in ((False, False, machine.FULL_EMULATED_BF16), (False, True, (4096, 5)),
-                                (True, True, (1024, 3)), (True, False, (256, 1))):
+    monkeypatch.setattr(
+        machine,
+        "matmul_peak",
+        lambda dt, n=4096, reps=5: (
+            calls.append((dt, n, reps)) or {"dtype": dt, "n": n, "reps": reps, "available": True, "best_gflops": 1.0}
+        ),
+    )
+    for quick, native, want in (
+        (False, False, machine.FULL_EMULATED_BF16),
+        (False, True, (4096, 5)),
+        (True, True, (1024, 3)),
+        (True, False, (256, 1)),
+    ):
         calls.clear()
         pk = machine.peaks(quick, native)
         assert list(pk) == ["fp32", "bf16", "int8"] and pk["bf16"]["emulated"] is (not native)
@@ -220,17 +246,23 @@ def test_the_tiny_model_spreads_far_beyond_the_tolerances(reference):
     assert {"normal", "osteoporosis"} <= {r.label for r in reference.predictions}
 
 
-@pytest.mark.parametrize("engine", [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=INT8_COLLAPSES)) if e == "onnxruntime-int8" else e
-    for e in ENGINES if e != "torch"])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=INT8_COLLAPSES)) if e == "onnxruntime-int8" else e
+        for e in ENGINES
+        if e != "torch"
+    ],
+)
 def test_every_engine_agrees_with_torch_fp32(ws, reference, engine, module_cache, monkeypatch, caplog):
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(module_cache))
     with caplog.at_level(logging.WARNING, logger="kneeosteo.inference.predictor"):
         pred = Predictor(ws.run, engine=engine)
     assert ("lossy" in caplog.text) == (engine in LOSSY_ENGINES)
     res = pred.predict(ws.images, progress=False)
-    assert [(p.path, p.content_id, p.model) for p in res.predictions] == \
-        [(p.path, p.content_id, p.model) for p in reference.predictions]
+    assert [(p.path, p.content_id, p.model) for p in res.predictions] == [
+        (p.path, p.content_id, p.model) for p in reference.predictions
+    ]
     got = np.array([p.probability for p in res.predictions])
     want = np.array([p.probability for p in reference.predictions])
     assert ((got >= 0) & (got <= 1)).all()
@@ -286,8 +318,18 @@ def test_cli_engine_option(ws, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.root / "cache"))
     for engine in ("auto", "onnxruntime-int8"):
         with pytest.raises(SystemExit) as exc:
-            main(["predict", "--engine", engine, "--run", str(ws.run), str(ws.files[0]),
-                  "--out", str(tmp_path / f"{engine}.json")])
+            main(
+                [
+                    "predict",
+                    "--engine",
+                    engine,
+                    "--run",
+                    str(ws.run),
+                    str(ws.files[0]),
+                    "--out",
+                    str(tmp_path / f"{engine}.json"),
+                ]
+            )
         assert exc.value.code == 0
     for engine in ("auto", "onnxruntime-int8"):  # the CLI gives what the library's engine gives
         got = json.loads((tmp_path / f"{engine}.json").read_text())["predictions"][0]["probability"]

@@ -19,23 +19,37 @@ import pytest
 from conftest import require
 
 CHROMIUM = Path("/usr/bin/chromium")
-require(CHROMIUM.is_file(), f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run "
-        "the browser test", module=True)
+require(
+    CHROMIUM.is_file(),
+    f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the browser test",
+    module=True,
+)
 sync_api = None
 try:
     from playwright import sync_api
 except ImportError:
-    require(False, "the playwright package is not installed (pip install playwright; its browser download "
-            "is not needed)", module=True)
+    require(
+        False,
+        "the playwright package is not installed (pip install playwright; its browser download is not needed)",
+        module=True,
+    )
 
 import imagegen as g  # noqa: E402
 from kneeosteo.errors import CheckpointError  # noqa: E402
-from kneeosteo.run import RunDir  # noqa: E402
 from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app, serve_in_thread  # noqa: E402
+from kneeosteo.run import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UPDATE = os.environ.get("KNEEOSTEO_UPDATE_SCREENSHOT") == "1"
 
 
@@ -58,8 +72,13 @@ def base_url(tiny):
 def page(tmp_path):
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
-            viewport={"width": 1280, "height": 860}, timeout=20_000)
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1280, "height": 860},
+            timeout=20_000,
+        )
         try:
             yield context.pages[0] if context.pages else context.new_page()
         finally:
@@ -68,10 +87,17 @@ def page(tmp_path):
 
 def _api_predict(base_url: str, path: Path) -> dict:
     boundary = "kneeosteo-test"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(base_url + "/api/predict", data=body,
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        base_url + "/api/predict", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     with urllib.request.urlopen(req, timeout=20) as r:
         return json.loads(r.read())
 
@@ -86,8 +112,10 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
 
     page.set_input_files("#file", str(image))
     page.wait_for_selector("#result", state="visible", timeout=20_000)
-    page.wait_for_function("['image', 'gradcam', 'attention'].every("
-                           "id => { const e = document.getElementById(id); return e.complete && e.naturalWidth > 0; })")
+    page.wait_for_function(
+        "['image', 'gradcam', 'attention'].every("
+        "id => { const e = document.getElementById(id); return e.complete && e.naturalWidth > 0; })"
+    )
     shown = float(page.get_attribute("#probability", "data-value"))
     want = _api_predict(base_url, image)
     assert shown == pytest.approx(want["probability"], abs=1e-9)
@@ -113,7 +141,9 @@ def test_upload_shows_probability_and_overlays(page, base_url, tmp_path):
     # a blank image is out of domain: the page says so, and shows no label, probability bar or map
     blank = g.png_grey8(tmp_path / "blank.png", array=np.full((200, 200), 100, np.uint8))
     page.set_input_files("#file", str(blank))
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: blank')")  # not 'Analysing'
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('Done: blank')"
+    )  # not 'Analysing'
     assert _api_predict(base_url, blank)["status"] == "out_of_domain"
     assert page.inner_text("#verdict") == "out of domain"
     assert "does not look like a knee radiograph the model knows" in page.inner_text("#notice")
@@ -151,7 +181,9 @@ def test_report_opens_offline_with_every_image_and_no_console_error(page, tiny_r
     page.goto(html.as_uri())
     page.wait_for_load_state("load")
     n = page.eval_on_selector_all("img", "els => els.length")
-    broken = page.eval_on_selector_all("img", "els => els.filter(e => !(e.complete && e.naturalWidth > 0)).map(e => e.alt)")
+    broken = page.eval_on_selector_all(
+        "img", "els => els.filter(e => !(e.complete && e.naturalWidth > 0)).map(e => e.alt)"
+    )
     assert n >= 8 and broken == []
     assert errors == [] and requests == []
     assert page.eval_on_selector_all("section", "els => els.map(e => e.id)")[0] == "summary"

@@ -25,15 +25,13 @@ runner = CliRunner()
 
 @pytest.fixture
 def fast_shortcut(monkeypatch):
-    monkeypatch.setattr(audit_mod, "metadata_only_accuracy",
-                        functools.partial(metadata_only_accuracy, repeats=1))
+    monkeypatch.setattr(audit_mod, "metadata_only_accuracy", functools.partial(metadata_only_accuracy, repeats=1))
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli") / "data"
-    return g.make_dataset(root, n_per_class=12, exact_duplicates=1, conflict_duplicates=1,
-                          near_duplicates=1)
+    return g.make_dataset(root, n_per_class=12, exact_duplicates=1, conflict_duplicates=1, near_duplicates=1)
 
 
 def _main(argv: list[str]) -> int:
@@ -44,9 +42,11 @@ def _main(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- help and usage
 
+
 def test_module_entry_point_help():
-    res = subprocess.run([sys.executable, "-m", "kneeosteo", "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "kneeosteo", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     for cmd in COMMANDS:
         assert cmd in res.stdout
@@ -63,12 +63,15 @@ def test_main_exits_0_on_success():
     assert _main(["split", "--help"]) == 0
 
 
-@pytest.mark.parametrize("argv", [
-    ["audit", "--no-such-option"],
-    ["split", "--protocol", "nonsense"],
-    ["no-such-command"],
-    ["split", "--seed", "abc"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--no-such-option"],
+        ["split", "--protocol", "nonsense"],
+        ["no-such-command"],
+        ["split", "--seed", "abc"],
+    ],
+)
 def test_bad_usage_exits_2(argv, capsys):
     assert runner.invoke(app, argv).exit_code == 2
     assert _main(argv) == 2
@@ -80,22 +83,31 @@ def test_bad_protocol_message_names_the_option(tmp_path):
     assert "--protocol" in res.output and "paper" in res.output
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["summary", "--backbone", "nope"], "unknown backbone 'nope'"),
-    (["train", "{data}", "--epochs", "0"], "epochs = 0"),
-    (["train", "{data}", "--precision", "fp8"], "'fp8' is not one of"),  # click's own check
-    (["train", "{data}", "--config", "{data}/c.toml"], "precision = 'fp8'"),  # TrainConfig's
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["summary", "--backbone", "nope"], "unknown backbone 'nope'"),
+        (["train", "{data}", "--epochs", "0"], "epochs = 0"),
+        (["train", "{data}", "--precision", "fp8"], "'fp8' is not one of"),  # click's own check
+        (["train", "{data}", "--config", "{data}/c.toml"], "precision = 'fp8'"),  # TrainConfig's
+    ],
+)
 def test_bad_setting_is_a_config_error_exit_2_one_line(argv, words, tmp_path, capsys):
     """A ConfigError (a setting out of range or an unknown choice) is bad usage: exit 2, one line."""
     (tmp_path / "c.toml").write_text('precision = "fp8"\n')
-    assert _main([a.format(data=tmp_path) for a in argv] + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])) == 2
+    assert (
+        _main(
+            [a.format(data=tmp_path) for a in argv] + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- data errors
+
 
 def test_missing_data_folder_is_one_line_naming_it(capsys):
     assert _main(["audit", "/nonexistent"]) == 1
@@ -139,6 +151,7 @@ def test_data_set_error_exits_1_naming_the_folder(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- audit and split
 
+
 def test_audit_command_writes_reports_and_prints_summary(dataset, tmp_path, fast_shortcut):
     out = tmp_path / "audit"
     res = runner.invoke(app, ["audit", str(dataset.root), "--out", str(out)])
@@ -157,8 +170,7 @@ def test_audit_command_writes_reports_and_prints_summary(dataset, tmp_path, fast
 
 def test_split_command_writes_the_documented_json(dataset, tmp_path):
     out = tmp_path / "split.json"
-    res = runner.invoke(app, ["split", str(dataset.root), "--out", str(out), "--test-size", "6",
-                              "--seed", "1"])
+    res = runner.invoke(app, ["split", str(dataset.root), "--out", str(out), "--test-size", "6", "--seed", "1"])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     for key in ("format", "data", "seed", "protocol", "train", "val", "test", "excluded"):
@@ -170,14 +182,16 @@ def test_split_command_writes_the_documented_json(dataset, tmp_path):
     assert len(doc["train"]) + len(doc["val"]) + len(doc["test"]) == 24
     assert {e["path"] for e in doc["excluded"]} >= {"osteoporosis/conflict_000.png"}
     assert f"train {len(doc['train'])}, val {len(doc['val'])}, test 6" in res.stdout
-    assert "excluded 3 files (duplicates, label conflicts); classes normal, osteoporosis; kept together by: exact duplicates" in res.stdout
+    assert (
+        "excluded 3 files (duplicates, label conflicts); classes normal, osteoporosis; kept together by: exact duplicates"
+        in res.stdout
+    )
     assert res.stdout.rstrip().endswith(f"wrote {out}")
 
 
 def test_split_command_kfold(dataset, tmp_path):
     out = tmp_path / "k.json"
-    res = runner.invoke(app, ["split", str(dataset.root), "--out", str(out), "--protocol", "kfold",
-                              "--folds", "3"])
+    res = runner.invoke(app, ["split", str(dataset.root), "--out", str(out), "--protocol", "kfold", "--folds", "3"])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["protocol"] == "kfold" and len(doc["folds"]) == 3

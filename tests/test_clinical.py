@@ -15,7 +15,12 @@ from sklearn.metrics import roc_auc_score
 from kneeosteo.data.reference import read_reference
 from kneeosteo.errors import DataError
 from kneeosteo.evaluation.clinical import (
-    clinical_comparison, clinical_set, cross_fitted_logistic, fit_logistic, ost_index, patient_folds,
+    clinical_comparison,
+    clinical_set,
+    cross_fitted_logistic,
+    fit_logistic,
+    ost_index,
+    patient_folds,
 )
 from kneeosteo.interfaces.cli import main
 
@@ -52,8 +57,17 @@ def synthetic(n: int = 60, seed: int = 0):
     age = rng.uniform(40, 85, n)
     t = -0.09 * (age - 40) + rng.normal(0, 0.8, n)
     weight = rng.uniform(50, 90, n)
-    films = [(f"f/{i:03d}.png", round(float(t[i]), 2), f"P{i}", int(age[i]), "female" if i % 3 else "male",
-              round(float(weight[i]), 1)) for i in range(n)]
+    films = [
+        (
+            f"f/{i:03d}.png",
+            round(float(t[i]), 2),
+            f"P{i}",
+            int(age[i]),
+            "female" if i % 3 else "male",
+            round(float(weight[i]), 1),
+        )
+        for i in range(n)
+    ]
     image = 1 / (1 + np.exp(-(-(t + 2.5) + rng.normal(0, 1.5, n))))
     return films, image
 
@@ -83,16 +97,25 @@ def test_incremental_value_matches_an_independent_delong(tmp_path):
     d = next(d for d in c["incremental"] if d["a"].startswith("fused") and d["b"] == "clinical logistic")
     diff, se = brute_delong(cs.y, fused, clinical)
     assert d["diff"] == pytest.approx(diff) and d["se"] == pytest.approx(se)
-    assert d["ci_low"] == pytest.approx(diff - 1.959963984540054 * se) and d["ci_high"] == pytest.approx(diff + 1.959963984540054 * se)
+    assert d["ci_low"] == pytest.approx(diff - 1.959963984540054 * se) and d["ci_high"] == pytest.approx(
+        diff + 1.959963984540054 * se
+    )
     d = next(d for d in c["incremental"] if d["a"] == "image" and d["b"] == "OST index")
     diff, se = brute_delong(cs.y, image, -cs.ost)
     assert d["diff"] == pytest.approx(diff) and d["se"] == pytest.approx(se)
     # sensitivity/specificity at the rule each row states
     t = rows["image"]["counts"]
     y, called = cs.y.astype(bool), image >= 0.5
-    assert t == {"tp": int(np.sum(y & called)), "fp": int(np.sum(~y & called)), "fn": int(np.sum(y & ~called)),
-                 "tn": int(np.sum(~y & ~called))}
-    assert rows["clinical logistic"]["decision_curve"]["net_benefit"] and "calibration" in rows["fused (image + covariates)"]
+    assert t == {
+        "tp": int(np.sum(y & called)),
+        "fp": int(np.sum(~y & called)),
+        "fn": int(np.sum(y & ~called)),
+        "tn": int(np.sum(~y & ~called)),
+    }
+    assert (
+        rows["clinical logistic"]["decision_curve"]["net_benefit"]
+        and "calibration" in rows["fused (image + covariates)"]
+    )
     assert "calibration" not in rows["OST index"]  # a score, not a probability
 
 
@@ -130,18 +153,40 @@ def scored_tiny(tiny, tmp_path_factory):
     for i, p in enumerate(films):
         osteo = p.startswith("osteoporosis/")
         t = (-3.0 if osteo else -0.4) + float(rng.normal(0, 0.3))
-        rows.append((p, round(t, 2), f"P{i}", int(75 + rng.integers(-8, 8) if osteo else 55 + rng.integers(-8, 8)),
-                     "female", 60.0 + i))
+        rows.append(
+            (
+                p,
+                round(t, 2),
+                f"P{i}",
+                int(75 + rng.integers(-8, 8) if osteo else 55 + rng.integers(-8, 8)),
+                "female",
+                60.0 + i,
+            )
+        )
     return run, write_reference(base / "ref.csv", rows), rows
 
 
-def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_shows_it(scored_tiny, tiny, tmp_path, capsys):
+def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_shows_it(
+    scored_tiny, tiny, tmp_path, capsys
+):
     from kneeosteo.reporting import write_report
 
     run, ref, _ = scored_tiny
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", str(run), str(tiny.data), "--out", str(run), "--no-probes", "--reference", str(ref),
-              "--covariates", "age,sex,weight_kg"])
+        main(
+            [
+                "evaluate",
+                str(run),
+                str(tiny.data),
+                "--out",
+                str(run),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+            ]
+        )
     assert exc.value.code in (0, None)
     out = capsys.readouterr().out
     assert "clinical comparison on 20 films (10 positive)" in out and "OST index: AUC" in out
@@ -154,11 +199,16 @@ def test_evaluate_with_covariates_writes_the_clinical_comparison_and_the_report_
     assert "Against the clinical baseline" in html and "clinical logistic" in html and "incremental value" in html
 
 
-@pytest.mark.parametrize("cell, value, message", [
-    ("age", "", "row 3 \\(.*\\): covariate age is missing"),
-    ("weight_kg", "heavy", "row 3 \\(.*\\): covariate weight_kg 'heavy' is not a number"),
-])
-def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(scored_tiny, tiny, tmp_path, capsys, cell, value, message):
+@pytest.mark.parametrize(
+    "cell, value, message",
+    [
+        ("age", "", "row 3 \\(.*\\): covariate age is missing"),
+        ("weight_kg", "heavy", "row 3 \\(.*\\): covariate weight_kg 'heavy' is not a number"),
+    ],
+)
+def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(
+    scored_tiny, tiny, tmp_path, capsys, cell, value, message
+):
     import re
 
     run, _, rows = scored_tiny
@@ -167,8 +217,20 @@ def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(scored_tiny, tin
     bad[1][col] = value
     ref = write_reference(tmp_path / "bad.csv", [tuple(r) for r in bad])
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", str(run), str(tiny.data), "--out", str(tmp_path / "e"), "--no-probes", "--reference", str(ref),
-              "--covariates", "age,sex,weight_kg"])
+        main(
+            [
+                "evaluate",
+                str(run),
+                str(tiny.data),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+            ]
+        )
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err

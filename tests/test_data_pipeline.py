@@ -28,8 +28,8 @@ from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import DataError, Record, resolve_classes, scan_dataset
 from kneeosteo.data.shortcut import metadata_only_accuracy
+from kneeosteo.data.split import PAPER_TEST_SIZE, PARTS, load_split, make_split, write_split
 from kneeosteo.utils import atomic
-from kneeosteo.data.split import PARTS, PAPER_TEST_SIZE, load_split, make_split, write_split
 
 NONUTF8 = b"\xff\xfe.png"
 
@@ -37,8 +37,7 @@ NONUTF8 = b"\xff\xfe.png"
 @pytest.fixture
 def fast_shortcut(monkeypatch):
     """The shortcut check with one CV repeat instead of five (same folds, 5x faster)."""
-    monkeypatch.setattr(audit_mod, "metadata_only_accuracy",
-                        functools.partial(metadata_only_accuracy, repeats=1))
+    monkeypatch.setattr(audit_mod, "metadata_only_accuracy", functools.partial(metadata_only_accuracy, repeats=1))
 
 
 def _partition_of(doc: dict) -> dict[str, str]:
@@ -51,6 +50,7 @@ def _partition_of(doc: dict) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- scan
+
 
 @pytest.fixture
 def formats_dataset(tmp_path):
@@ -153,6 +153,7 @@ def test_audit_writes_reports_with_a_non_utf8_file_name(formats_dataset, tmp_pat
 
 # --------------------------------------------------------------------------- class folders
 
+
 def _folders(root: Path, *names: str) -> Path:
     for name in names:
         (root / name).mkdir(parents=True)
@@ -160,11 +161,14 @@ def _folders(root: Path, *names: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("names, message", [
-    (("normal", "healthy"), "no class folder named 'osteoporosis'"),
-    (("osteoporosis",), "expected exactly two class folders"),
-    (("normal", "osteopenia", "osteoporosis"), "expected exactly two class folders"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (("normal", "healthy"), "no class folder named 'osteoporosis'"),
+        (("osteoporosis",), "expected exactly two class folders"),
+        (("normal", "osteopenia", "osteoporosis"), "expected exactly two class folders"),
+    ],
+)
 def test_resolve_classes_rejects_non_binary_layouts(tmp_path, names, message):
     root = _folders(tmp_path / "d", *names)
     with pytest.raises(DataError, match=message):
@@ -196,12 +200,12 @@ def test_empty_class_folder_scans_with_a_warning_but_cannot_be_split(tmp_path, c
 
 # --------------------------------------------------------------------------- audit
 
+
 @pytest.fixture(scope="module")
 def dup_dataset(tmp_path_factory):
     """20+20 images, 2 exact duplicates, 2 label-conflict copies, 2 near duplicates; scanned once."""
     root = tmp_path_factory.mktemp("dups") / "data"
-    ds = g.make_dataset(root, n_per_class=20, exact_duplicates=2, conflict_duplicates=2,
-                        near_duplicates=2)
+    ds = g.make_dataset(root, n_per_class=20, exact_duplicates=2, conflict_duplicates=2, near_duplicates=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(tmp_path_factory.mktemp("dups-cache")))
         scan = scan_dataset(root)
@@ -244,8 +248,10 @@ def test_near_pairs_match_brute_force_in_any_block_size():
     base = rng.integers(0, 2**63, size=40, dtype=np.int64)
     flips = rng.integers(0, 64, size=(40, 3))
     # every other hash is a 0..3-bit variant of its neighbour, so there are pairs at every distance
-    vals = [int(b) if i % 2 == 0 else int(base[i - 1]) ^ sum(1 << int(f) for f in flips[i][: i % 4])
-            for i, b in enumerate(base)]
+    vals = [
+        int(b) if i % 2 == 0 else int(base[i - 1]) ^ sum(1 << int(f) for f in flips[i][: i % 4])
+        for i, b in enumerate(base)
+    ]
     hexes = [f"{v:016x}" for v in vals]
     for t in (0, 2, 6, 40):
         brute = {(i, j) for i in range(40) for j in range(i + 1, 40) if (vals[i] ^ vals[j]).bit_count() <= t}
@@ -256,10 +262,14 @@ def test_near_pairs_match_brute_force_in_any_block_size():
 
 
 def test_chains_of_near_and_exact_duplicates_form_one_group():
-    recs = [_record("a", "c1", "0000000000000000"), _record("b", "c2", "000000000000000f"),  # 4 bits from a
-            _record("c", "c3", "00000000000000ff"),  # 4 from b, 8 from a: joined through b
-            _record("d", "c9", "ffffffffffffffff"), _record("e", "c9", "0f0f0f0f0f0f0f0f"),  # same pixels
-            _record("f", "c5", "f0f0f0f0f0f0f0f0")]
+    recs = [
+        _record("a", "c1", "0000000000000000"),
+        _record("b", "c2", "000000000000000f"),  # 4 bits from a
+        _record("c", "c3", "00000000000000ff"),  # 4 from b, 8 from a: joined through b
+        _record("d", "c9", "ffffffffffffffff"),
+        _record("e", "c9", "0f0f0f0f0f0f0f0f"),  # same pixels
+        _record("f", "c5", "f0f0f0f0f0f0f0f0"),
+    ]
     assert dup_mod.leakage_groups(recs, 4) == {"a": 0, "b": 0, "c": 0, "d": 1, "e": 1, "f": 2}
     assert dup_mod.leakage_groups(recs, 3) == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 3, "f": 4}
     assert [[r.path for r in c] for c in dup_mod.near_duplicate_clusters(recs, 4)] == [["a", "b", "c"]]
@@ -303,6 +313,7 @@ def test_shortcut_check_near_chance_when_metadata_is_identical(tmp_path, fast_sh
 
 
 # --------------------------------------------------------------------------- split
+
 
 @pytest.mark.parametrize("test_size", [10, 9])
 def test_paper_split_is_exact_stratified_and_leak_free(dup_dataset, test_size):
@@ -396,8 +407,15 @@ def test_load_split_round_trip_and_folds(dup_dataset, tmp_path):
 def test_load_split_rejects_a_path_in_two_partitions(dup_dataset, tmp_path):
     ds, _ = dup_dataset
     f = tmp_path / "s.json"
-    f.write_text(json.dumps({"train": ["normal/normal_004.png", "osteoporosis/osteoporosis_000.png"],
-                             "val": [], "test": ["normal/normal_004.png"]}))
+    f.write_text(
+        json.dumps(
+            {
+                "train": ["normal/normal_004.png", "osteoporosis/osteoporosis_000.png"],
+                "val": [],
+                "test": ["normal/normal_004.png"],
+            }
+        )
+    )
     with pytest.raises(DataError, match="normal/normal_004.png"):
         load_split(f, ds.root)
 
@@ -405,9 +423,15 @@ def test_load_split_rejects_a_path_in_two_partitions(dup_dataset, tmp_path):
 def test_load_split_drops_missing_files_by_name(dup_dataset, tmp_path, caplog):
     ds, _ = dup_dataset
     f = tmp_path / "s.json"
-    f.write_text(json.dumps({"train": ["normal/normal_004.png", "normal/ghost.png"],
-                             "val": ["osteoporosis/osteoporosis_000.png"],
-                             "test": ["osteoporosis/gone.png", "normal/normal_005.png"]}))
+    f.write_text(
+        json.dumps(
+            {
+                "train": ["normal/normal_004.png", "normal/ghost.png"],
+                "val": ["osteoporosis/osteoporosis_000.png"],
+                "test": ["osteoporosis/gone.png", "normal/normal_005.png"],
+            }
+        )
+    )
     with caplog.at_level(logging.WARNING):
         sets = load_split(f, ds.root)
     assert sets.missing == ["normal/ghost.png", "osteoporosis/gone.png"]
@@ -418,9 +442,15 @@ def test_load_split_drops_missing_files_by_name(dup_dataset, tmp_path, caplog):
 def test_load_split_accepts_a_minimal_external_file(dup_dataset, tmp_path):
     ds, _ = dup_dataset
     f = tmp_path / "ext.json"
-    f.write_text(json.dumps({"train": ["normal/normal_006.png", "osteoporosis/osteoporosis_001.png"],
-                             "val": ["normal/normal_007.png"],
-                             "test": ["osteoporosis/osteoporosis_002.png"]}))
+    f.write_text(
+        json.dumps(
+            {
+                "train": ["normal/normal_006.png", "osteoporosis/osteoporosis_001.png"],
+                "val": ["normal/normal_007.png"],
+                "test": ["osteoporosis/osteoporosis_002.png"],
+            }
+        )
+    )
     sets = load_split(f, ds.root)
     assert sets.data == ds.root
     assert sets.classes == ["normal", "osteoporosis"] and sets.positive == "osteoporosis"
@@ -502,8 +532,9 @@ def test_source_augment_is_seeded_bounded_and_does_what_it_says():
     assert not torch.equal(a, grey)
     none = SourceAugment(p=0.0)
     assert torch.equal(source_augment_batch(grey, np.random.default_rng(1), none), grey)  # p = 0: untouched
-    flip_only = SourceAugment(p=1.0, gamma=(1.0, 1.0), jpeg_quality=(100, 100), blur_sigma=(1e-3, 1e-3),
-                              noise_std=(0.0, 0.0))
+    flip_only = SourceAugment(
+        p=1.0, gamma=(1.0, 1.0), jpeg_quality=(100, 100), blur_sigma=(1e-3, 1e-3), noise_std=(0.0, 0.0)
+    )
     out = source_augment_batch(grey, np.random.default_rng(1), flip_only).float()
     torch.testing.assert_close(out, grey.float().flip(-1), atol=0.02, rtol=0)  # flip; q100 JPEG nearly lossless
     harsh = SourceAugment(p=1.0, gamma=(1.0, 1.0), jpeg_quality=(5, 5), blur_sigma=(1e-3, 1e-3), noise_std=(0.0, 0.0))
@@ -513,12 +544,18 @@ def test_source_augment_is_seeded_bounded_and_does_what_it_says():
 
 def test_augment_params_key_tracks_every_parameter():
     base = AugmentParams()
-    keys = {base.key(), AugmentParams(copies=4).key(), AugmentParams(zoom=(0.9, 1.1)).key(),
-            AugmentParams(crop_fraction=(0.7, 1.0)).key(), AugmentParams(rotation=10.0).key()}
+    keys = {
+        base.key(),
+        AugmentParams(copies=4).key(),
+        AugmentParams(zoom=(0.9, 1.1)).key(),
+        AugmentParams(crop_fraction=(0.7, 1.0)).key(),
+        AugmentParams(rotation=10.0).key(),
+    }
     assert len(keys) == 5 and base.key() == AugmentParams().key()
 
 
 # --------------------------------------------------------------------------- preprocess
+
 
 def test_paper_preset_normalises_with_the_given_mean_and_std():
     pp = Preprocess()
@@ -541,8 +578,8 @@ def test_robust_preset_letterboxes_a_tall_image():
     lo, hi = int(content.min()), int(content.max())
     assert hi - lo + 1 == 56  # aspect ratio kept: 224 * 100 / 400
     assert lo == (224 - 56) // 2 and abs(lo - (223 - hi)) <= 1  # centred
-    assert torch.all(geo[:, :lo] == 0) and torch.all(geo[:, hi + 1:] == 0)  # black bars left/right
-    assert torch.all(geo[:, lo + 1:hi] > 0.99)  # full height, no bars top/bottom
+    assert torch.all(geo[:, :lo] == 0) and torch.all(geo[:, hi + 1 :] == 0)  # black bars left/right
+    assert torch.all(geo[:, lo + 1 : hi] > 0.99)  # full height, no bars top/bottom
     # a wide image gets bars top and bottom instead
     wide = Preprocess(preset="robust").geometry(np.ones((100, 400), np.float32))[0]
     assert torch.all(wide[0] == 0) and torch.all(wide[112] > 0.99)
@@ -555,7 +592,7 @@ def test_content_box_is_where_geometry_puts_the_picture(preset, h, w):
     top, left, nh, nw = prep.content_box(h, w)
     geo = prep.geometry(np.ones((h, w), np.float32))[0]
     inside = torch.zeros_like(geo, dtype=torch.bool)
-    inside[top:top + nh, left:left + nw] = True
+    inside[top : top + nh, left : left + nw] = True
     assert torch.all(geo[inside] > 0.99) and torch.all(geo[~inside] == 0)
     if preset != "paper":  # a uniform picture has no bone/background contrast: 'bone' keeps all of it
         assert max(nh, nw) == 64 and abs(nh / nw - h / w) < 2 / min(nh, nw)
@@ -576,8 +613,13 @@ def test_walk_files_is_sorted_skips_hidden_and_does_not_follow_folder_links(tmp_
 
 def test_preprocess_key_changes_with_every_parameter():
     base = Preprocess()
-    variants = [Preprocess(preset="robust"), Preprocess(size=256), Preprocess(mean=(0.5, 0.5, 0.5)),
-                Preprocess(std=(0.5, 0.5, 0.5)), Preprocess(clahe=True)]
+    variants = [
+        Preprocess(preset="robust"),
+        Preprocess(size=256),
+        Preprocess(mean=(0.5, 0.5, 0.5)),
+        Preprocess(std=(0.5, 0.5, 0.5)),
+        Preprocess(clahe=True),
+    ]
     keys = [base.key()] + [v.key() for v in variants]
     assert len(set(keys)) == len(keys)
     assert Preprocess().key() == base.key()
@@ -606,8 +648,9 @@ def kop_manifest(kop):
     for row in rows:
         groups[row["sha256"]].append(row)
     dup = [sorted(r["file"] for r in grp) for grp in groups.values() if len(grp) > 1]
-    conflicts = [sorted(r["file"] for r in grp) for grp in groups.values()
-                 if len(grp) > 1 and len({r["label"] for r in grp}) > 1]
+    conflicts = [
+        sorted(r["file"] for r in grp) for grp in groups.values() if len(grp) > 1 and len({r["label"] for r in grp}) > 1
+    ]
     return rows, dup, conflicts
 
 
@@ -664,6 +707,7 @@ def test_kop_split_keeps_every_near_duplicate_cluster_of_the_audit_on_one_side(k
 
 # --------------------------------------------------------------------------- decodes per run
 
+
 def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, monkeypatch):
     """`train --split` on a cold cache: prepare needs the content id (scan memo) and the pixels;
     one decode gives both. Counted by wrapping read_image where the data layer calls it."""
@@ -690,8 +734,9 @@ def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, m
     def run(cache_root, clear=True):
         if clear:
             decoded.clear()
-        out = prepare_mod.prepare(items, ds.root, prep, TensorCache(cache_root),
-                                  augment=AugmentParams(copies=2), workers=1)
+        out = prepare_mod.prepare(
+            items, ds.root, prep, TensorCache(cache_root), augment=AugmentParams(copies=2), workers=1
+        )
         assert len(out) == 3 * len(items)
         outputs[cache_root.name] = out.grey
         return dict(decoded)
@@ -710,6 +755,7 @@ def test_each_image_is_decoded_once_when_preparing_from_a_split_file(tmp_path, m
 
 
 # --------------------------------------------------------------------------- atomic writes
+
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_get_the_users_usual_permissions(tmp_path, umask, mode):
@@ -742,7 +788,9 @@ def test_umask_without_proc_is_read_once_and_restored(monkeypatch):
 
 
 def test_importing_the_data_layer_changes_no_global_state():
-    code = ("import os; os.umask = None; from PIL import Image; limit = Image.MAX_IMAGE_PIXELS; "
-            "import kneeosteo.utils.atomic, kneeosteo.data.scan, kneeosteo.data.reader; "
-            "assert Image.MAX_IMAGE_PIXELS == limit")
+    code = (
+        "import os; os.umask = None; from PIL import Image; limit = Image.MAX_IMAGE_PIXELS; "
+        "import kneeosteo.utils.atomic, kneeosteo.data.scan, kneeosteo.data.reader; "
+        "assert Image.MAX_IMAGE_PIXELS == limit"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)  # os.umask called at import: TypeError

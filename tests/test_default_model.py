@@ -42,9 +42,9 @@ def test_paper_config_is_the_paper_protocol_and_make_run_uses_it():
 def test_default_config_describes_the_bundled_model_and_the_readme_gives_its_command():
     """configs/default_model.toml is what the bundled model was trained with (every setting the file
     names), and the docs (Commands, `train`) give the command that trains it on another split."""
-    from kneeosteo.run import RunDir
-
     import tomllib
+
+    from kneeosteo.run import RunDir
 
     named = tomllib.loads(DEFAULT.read_text())["train"]
     bundled = RunDir.bundled().config.settings
@@ -79,8 +79,13 @@ def test_loss_weights_reach_the_training_loss():
     the other class's loss (a weight computed but never passed to the loss fails both)."""
     torch.manual_seed(0)
     n = 8
-    data = PreparedSet(torch.rand(n, 1, 8, 8, dtype=torch.float16), torch.tensor([0., 1.] * 4),
-                       [f"{i}.png" for i in range(n)], [0] * n, torch.randn(n, 4))
+    data = PreparedSet(
+        torch.rand(n, 1, 8, 8, dtype=torch.float16),
+        torch.tensor([0.0, 1.0] * 4),
+        [f"{i}.png" for i in range(n)],
+        [0] * n,
+        torch.randn(n, 4),
+    )
     model = torch.nn.Sequential()
 
     class Linear(torch.nn.Module):
@@ -112,9 +117,11 @@ def test_loss_weights_reach_the_training_loss():
     # the trainer trains with the configured robust loss (GCE here), not plain cross-entropy
     cfg.gce_q = 0.7
     p_target = torch.where(data.targets == 1, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
-    assert loss_with(None) == pytest.approx(float(((1 - p_target ** 0.7) / 0.7).mean()), rel=1e-5)
+    assert loss_with(None) == pytest.approx(float(((1 - p_target**0.7) / 0.7).mean()), rel=1e-5)
     # ... while its validation pass (no optimizer) scores the task's own loss on the labels as given
-    assert run_epoch(model, Batches(data, prep), cfg, "cpu", None, None, torch.Generator())[0] == pytest.approx(plain, rel=1e-6)
+    assert run_epoch(model, Batches(data, prep), cfg, "cpu", None, None, torch.Generator())[0] == pytest.approx(
+        plain, rel=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +130,9 @@ def small(tmp_path_factory, one_thread):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
         data = g.make_dataset(root / "data", n_per_class=8, size=48, seed=5).root
-        write_split(make_split(scan_dataset(data), "paper", seed=0, test_size=4, val_fraction=0.25), root / "split.json")
+        write_split(
+            make_split(scan_dataset(data), "paper", seed=0, test_size=4, val_fraction=0.25), root / "split.json"
+        )
     return root, data
 
 
@@ -132,8 +141,23 @@ def test_the_readme_command_trains_the_default_model(small, tmp_path):
     for two epochs at 96 px: the run is the default model's architecture, probed."""
     root, data = small
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", str(data), "--config", str(DEFAULT), "--split", str(root / "split.json"),
-                                   "--out", str(out), "--epochs", "2", "--image-size", "96"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "--config",
+            str(DEFAULT),
+            "--split",
+            str(root / "split.json"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--image-size",
+            "96",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rd = RunDir.open(out)
     want = load_config(DEFAULT, {})
@@ -149,10 +173,19 @@ def test_reproduce_trains_a_settings_file_as_a_model(small, tmp_path):
 
     root, data = small
     lever = tmp_path / "fc-robust64.toml"
-    lever.write_text('[train]\nattention = false\npreprocess = "robust"\nimage_size = 64\naugment = "none"\n'
-                     'epochs = 1\nreweight = "metadata"\n')
-    rows = reproduce(data, tmp_path / "grid", TrainConfig(data=str(data), epochs=1, image_size=64, copies=1),
-                     ["fc-efficientnet_lite0", str(lever)], seeds=[0], test_size=4, console=lambda *a: None)
+    lever.write_text(
+        '[train]\nattention = false\npreprocess = "robust"\nimage_size = 64\naugment = "none"\n'
+        'epochs = 1\nreweight = "metadata"\n'
+    )
+    rows = reproduce(
+        data,
+        tmp_path / "grid",
+        TrainConfig(data=str(data), epochs=1, image_size=64, copies=1),
+        ["fc-efficientnet_lite0", str(lever)],
+        seeds=[0],
+        test_size=4,
+        console=lambda *a: None,
+    )
     assert [r["model"] for r in rows] == ["fc-efficientnet_lite0", "fc-robust64"]
     cell = RunDir.open(tmp_path / "grid" / "cells" / "fc-robust64" / "seed0")
     s = cell.config.settings

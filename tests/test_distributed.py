@@ -24,12 +24,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 import imagegen as g
-from tinyrun import tiny_run
 from kneeosteo.inference.sharded import shard_files
-from kneeosteo.run import RunDir
 from kneeosteo.interfaces.cli import app, main
+from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist, GlobalDropout
+from tinyrun import tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -59,8 +59,20 @@ def test_two_processes_match_one(ws, monkeypatch, capfd):
     out = ws.root / "two"
     capfd.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["train", str(ws.data), "--split", str(ws.split), "--config", str(ws.cfg), "--out", str(out),
-              "--devices", "2"])
+        main(
+            [
+                "train",
+                str(ws.data),
+                "--split",
+                str(ws.split),
+                "--config",
+                str(ws.cfg),
+                "--out",
+                str(out),
+                "--devices",
+                "2",
+            ]
+        )
     stdout, stderr = capfd.readouterr()
     assert exc.value.code == 0, stderr[-3000:]
     assert stdout.count("run written to") == 1  # rank 0 speaks, rank 1 only computes
@@ -102,8 +114,22 @@ def test_relaunch_rebuilds_the_command_for_torchrun(ws, monkeypatch):
     calls = []
     monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    res = CliRunner().invoke(app, ["train", str(ws.data), "--out", str(ws.root / "x"), "--epochs", "3",
-                                   "--no-attention", "--zoom", "0.9,1.1", "--devices", "4"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(ws.data),
+            "--out",
+            str(ws.root / "x"),
+            "--epochs",
+            "3",
+            "--no-attention",
+            "--zoom",
+            "0.9,1.1",
+            "--devices",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cmd = calls[0]
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -115,8 +141,21 @@ def test_relaunch_rebuilds_the_command_for_torchrun(ws, monkeypatch):
     assert "--no-attention" in args and "--resume" not in args
 
     calls.clear()
-    res = CliRunner().invoke(app, ["train", str(ws.data), "--out", str(ws.root / "x"), "--devices", "8",
-                                   "--nodes", "2", "--master", "node0:29400"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(ws.data),
+            "--out",
+            str(ws.root / "x"),
+            "--devices",
+            "8",
+            "--nodes",
+            "2",
+            "--master",
+            "node0:29400",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cmd = calls[0]
     assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--rdzv_endpoint") + 1] == "node0:29400"
@@ -157,8 +196,20 @@ def test_sharded_predict_gives_exactly_the_rows_of_one_process(ws, tmp_path, cap
     for workers in (1, 2):
         outs[workers] = tmp_path / f"w{workers}.csv"
         with pytest.raises(SystemExit) as exc:
-            main(["predict", "--run", str(ws.run), *map(str, inputs), "--batch-size", "4",
-                  "--workers", str(workers), "--out", str(outs[workers])])
+            main(
+                [
+                    "predict",
+                    "--run",
+                    str(ws.run),
+                    *map(str, inputs),
+                    "--batch-size",
+                    "4",
+                    "--workers",
+                    str(workers),
+                    "--out",
+                    str(outs[workers]),
+                ]
+            )
         assert exc.value.code == 0
         outs[workers] = (outs[workers].read_text(), capsys.readouterr().err)
     assert outs[1] == outs[2]  # byte-identical rows, same errors in the same order

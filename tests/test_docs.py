@@ -60,8 +60,11 @@ def test_the_readme_map_reaches_every_page_of_the_site():
     readme = (REPO / "README.md").read_text()
     pages = _nav_pages()
     assert len(pages) >= 15 and "index.md" in pages and "results/README.md" in pages
-    on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")
-               if p.parent == DOCS or p.relative_to(DOCS).as_posix() == "results/README.md"}
+    on_disk = {
+        p.relative_to(DOCS).as_posix()
+        for p in DOCS.rglob("*.md")
+        if p.parent == DOCS or p.relative_to(DOCS).as_posix() == "results/README.md"
+    }
     assert on_disk == set(pages)  # no top-level page outside the navigation
     unlinked = [p for p in pages if f"](docs/{p})" not in readme]
     assert not unlinked, unlinked
@@ -72,8 +75,16 @@ def test_the_readme_map_reaches_every_page_of_the_site():
 def test_the_readme_is_a_front_door():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    for section in ("## Install", "## CLI quickstart", "## Python quickstart", "## Headline results",
-                    "## Documentation", "## Limitations", "## Citing", "## Licence"):
+    for section in (
+        "## Install",
+        "## CLI quickstart",
+        "## Python quickstart",
+        "## Headline results",
+        "## Documentation",
+        "## Limitations",
+        "## Citing",
+        "## Licence",
+    ):
         assert section in readme, section
     assert "Predictor()" in readme and "not a diagnostic device" in readme
 
@@ -99,8 +110,11 @@ def _named_in_results_readme() -> list[str]:
 def test_every_results_file_and_figure_is_named_with_its_command():
     named = _named_in_results_readme()
     results = DOCS / "results"
-    files = [p.relative_to(results).as_posix() for p in results.rglob("*")
-             if p.is_file() and p.name != "README.md" and "oof" not in p.parts]
+    files = [
+        p.relative_to(results).as_posix()
+        for p in results.rglob("*")
+        if p.is_file() and p.name != "README.md" and "oof" not in p.parts
+    ]
     files += ["../" + p.name for p in DOCS.glob("*.png")]  # the figures elsewhere in docs/
     assert len(files) > 40
     unnamed = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in named)]

@@ -26,15 +26,15 @@ from types import SimpleNamespace
 import pytest
 
 import forkrun
-from tinyrun import tiny_run
-from kneeosteo.interfaces.cli import main
+from kneeosteo.config import TrainConfig
 from kneeosteo.errors import OutputError
 from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.features import cache as cache_mod
-from kneeosteo.config import TrainConfig
+from kneeosteo.interfaces.cli import main
 from kneeosteo.run import RunDir
 from kneeosteo.utils import atomic
 from kneeosteo.utils.atomic import atomic_path, write_json
+from tinyrun import tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "kneeosteo"
@@ -166,8 +166,10 @@ def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch,
         (tmp_path / "a-file").write_text("x")
         out = tmp_path / "a-file" / "out"
     elif fault == "read-only":  # tests run as root, which ignores chmod: make the probe fail instead
+
         def readonly(*a, **kw):
             raise OSError(errno.EROFS, "Read-only file system")
+
         monkeypatch.setattr(atomic, "tempfile", SimpleNamespace(mkstemp=readonly))
     else:
         monkeypatch.setattr(atomic, "shutil", SimpleNamespace(disk_usage=lambda p: SimpleNamespace(free=2**20)))
@@ -179,8 +181,9 @@ def test_unwritable_output_is_refused_before_any_work(ws, tmp_path, monkeypatch,
     assert _main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err, err
-    assert {"not a folder": "is a file, not a folder", "read-only": "Read-only file system",
-            "full": "only 1 MiB free"}[fault] in err
+    assert {"not a folder": "is a file, not a folder", "read-only": "Read-only file system", "full": "only 1 MiB free"}[
+        fault
+    ] in err
     # refused up front, before the work each command would have left in the cache: train and
     # reproduce compute features (tensors/) first, predict exports the run to ONNX (onnx/) for
     # its default engine; nothing at all was written there
@@ -285,7 +288,9 @@ def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
     write_json(state_json, stale)  # as if killed before state.json was renamed
     for name in RESULTS:
         (run / name).unlink()
-    train_and_score(TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None)
+    train_and_score(
+        TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None
+    )
     assert_same_results(run, ws.ref)
 
 
@@ -336,8 +341,10 @@ def _sources() -> list[tuple[Path, str]]:
 def test_nothing_unpickles():
     """Model and cache files are safetensors/JSON; the one torch.load (third-party .pth backbone
     weights) is weights_only=True. Any pickle-based loader is a code-execution hole."""
-    banned = re.compile(r"\bpickle\.loads?\(|\bcPickle\b|\bdill\.|\bcloudpickle\b|\bjoblib\.load\(|allow_pickle\s*=\s*True"
-                        r"|\bpd\.read_pickle\(|\bread_pickle\(|\btorch\.package\b|\bshelve\.open\(")
+    banned = re.compile(
+        r"\bpickle\.loads?\(|\bcPickle\b|\bdill\.|\bcloudpickle\b|\bjoblib\.load\(|allow_pickle\s*=\s*True"
+        r"|\bpd\.read_pickle\(|\bread_pickle\(|\btorch\.package\b|\bshelve\.open\("
+    )
     found = []
     for path, text in _sources():
         for n, line in enumerate(text.splitlines(), 1):
@@ -351,9 +358,23 @@ def test_nothing_unpickles():
 
 
 # write calls -> which argument is the destination (None: the receiver, as in Path.write_text)
-_WRITERS = {"write_text": None, "write_bytes": None, "savefig": 0, "save": 0, "to_csv": 0, "save_file": 1,
-            "open": 0, "copy": 1, "copy2": 1, "copyfile": 1, "copyfileobj": 1, "move": 1, "rename": 1,
-            "replace": 1, "copytree": 1}
+_WRITERS = {
+    "write_text": None,
+    "write_bytes": None,
+    "savefig": 0,
+    "save": 0,
+    "to_csv": 0,
+    "save_file": 1,
+    "open": 0,
+    "copy": 1,
+    "copy2": 1,
+    "copyfile": 1,
+    "copyfileobj": 1,
+    "move": 1,
+    "rename": 1,
+    "replace": 1,
+    "copytree": 1,
+}
 _NOT_WRITES = {("os", "replace"), ("os", "rename")}  # atomic.py's own final step only (checked apart)
 
 
@@ -383,11 +404,17 @@ def _unsafe_writes(source: str) -> list[tuple[int, str]]:
         if isinstance(node, (ast.With, ast.AsyncWith)):
             for item in node.items:
                 ctx = item.context_expr
-                if isinstance(ctx, ast.Call) and _call_name(ctx.func)[1] == "atomic_path" \
-                        and isinstance(item.optional_vars, ast.Name):
+                if (
+                    isinstance(ctx, ast.Call)
+                    and _call_name(ctx.func)[1] == "atomic_path"
+                    and isinstance(item.optional_vars, ast.Name)
+                ):
                     safe.add(item.optional_vars.id)
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
-                and _call_name(node.value.func)[1] in ("BytesIO", "StringIO"):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and _call_name(node.value.func)[1] in ("BytesIO", "StringIO")
+        ):
             safe.update(t.id for t in node.targets if isinstance(t, ast.Name))
 
     def is_safe(expr) -> bool:
@@ -405,11 +432,21 @@ def _unsafe_writes(source: str) -> list[tuple[int, str]]:
         if (owner is None and isinstance(node.func, ast.Name) and name in helpers) or owner == "atomic":
             continue  # utils.atomic.write_text(final, ...): writes a temporary, then renames
         if name == "open":  # only opened for writing: a mode with w, a, x or +
-            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            mode = (
+                node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            )
             if not (isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax+")):
                 continue
-        if name in ("copy", "copy2", "copyfile", "copyfileobj", "move", "copytree", "rename", "replace") \
-                and owner not in ("shutil", "os"):
+        if name in (
+            "copy",
+            "copy2",
+            "copyfile",
+            "copyfileobj",
+            "move",
+            "copytree",
+            "rename",
+            "replace",
+        ) and owner not in ("shutil", "os"):
             continue  # str.replace, dict.copy, ...
         if name == "save" and owner in ("self",):
             continue

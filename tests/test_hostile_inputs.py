@@ -163,13 +163,16 @@ def _with(value, where=(3, 5)):
     return a
 
 
-@pytest.mark.parametrize("name,array", [
-    ("nan.tif", _with(np.nan)),
-    ("inf.tif", _with(np.inf)),
-    ("minus_inf.tif", _with(-np.inf)),
-    ("all_nan.tif", np.full((g.H, g.W), np.nan, np.float32)),
-    ("all_inf.tif", np.full((g.H, g.W), np.inf, np.float32)),
-])
+@pytest.mark.parametrize(
+    "name,array",
+    [
+        ("nan.tif", _with(np.nan)),
+        ("inf.tif", _with(np.inf)),
+        ("minus_inf.tif", _with(-np.inf)),
+        ("all_nan.tif", np.full((g.H, g.W), np.nan, np.float32)),
+        ("all_inf.tif", np.full((g.H, g.W), np.inf, np.float32)),
+    ],
+)
 def test_non_finite_float_tiff_is_an_error_naming_the_file(tmp_path, name, array):
     path = g.tiff_float(tmp_path / name, array)
     with pytest.raises(ImageReadError) as exc:
@@ -215,11 +218,23 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return np.nanmean(pad.reshape(-(-h // f), f, -(-w // f), f), axis=(1, 3))
 
 
-@pytest.mark.parametrize("writer,name", [
-    (g.png_grey8, "a.png"), (g.png_grey16, "a.png"), (g.png_rgb, "a.png"), (g.png_rgba, "a.png"),
-    (g.png_palette, "a.png"), (g.jpeg_grey, "a.jpg"), (g.jpeg_exif_rotated, "a.jpg"), (g.tiff, "a.tif"),
-    (g.bmp, "a.bmp"), (g.gif_animated, "a.gif"), (g.dicom, "a.dcm"), (g.dicom_rle, "a.dcm"),
-])
+@pytest.mark.parametrize(
+    "writer,name",
+    [
+        (g.png_grey8, "a.png"),
+        (g.png_grey16, "a.png"),
+        (g.png_rgb, "a.png"),
+        (g.png_rgba, "a.png"),
+        (g.png_palette, "a.png"),
+        (g.jpeg_grey, "a.jpg"),
+        (g.jpeg_exif_rotated, "a.jpg"),
+        (g.tiff, "a.tif"),
+        (g.bmp, "a.bmp"),
+        (g.gif_animated, "a.gif"),
+        (g.dicom, "a.dcm"),
+        (g.dicom_rle, "a.dcm"),
+    ],
+)
 def test_max_side_reduces_every_format_to_the_block_mean(tmp_path, writer, name):
     path = writer(tmp_path / name, size=(403, 101))
     full = read_image(path, max_side=None).pixels
@@ -311,7 +326,9 @@ def test_table_escapes_control_and_bidi_characters_files_keep_the_name():
     from kneeosteo.inference.predictor import Prediction, PredictionResult
 
     names = ["a\nb.png", "\u202egnp.exe", "tab\there.png", "caf\udce9.png", "x\x1b[31mred.png"]
-    rows = [Prediction(n, "0" * 64, "ok", 0.25, 0.25, "normal", ("normal",), None, None, False, 0.5, "m") for n in names]
+    rows = [
+        Prediction(n, "0" * 64, "ok", 0.25, 0.25, "normal", ("normal",), None, None, False, 0.5, "m") for n in names
+    ]
     table = format_table(PredictionResult(rows))
     lines = table.split("\n")
     assert len(lines) == 1 + len(names)

@@ -7,10 +7,8 @@ usual permissions; optional dependencies are checked before work starts."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -32,11 +30,14 @@ def _pyarrow():
 def _rows(n: int):
     from kneeosteo.inference.predictor import Prediction
 
-    return [Prediction(f"img{i}.png", f"{i:064x}", "ok", 0.2, 0.2, "normal", ("normal",), 1.0, 2.0, True, 0.5, "m")
-            for i in range(n)]
+    return [
+        Prediction(f"img{i}.png", f"{i:064x}", "ok", 0.2, 0.2, "normal", ("normal",), 1.0, 2.0, True, 0.5, "m")
+        for i in range(n)
+    ]
 
 
 # -- row 1: an output path that exists and is not ours is refused, never deleted -------------------
+
 
 def test_an_input_folder_named_like_the_output_is_refused_and_kept(tmp_path, capsys):
     folder = tmp_path / "f.parquet"
@@ -60,8 +61,9 @@ def test_an_existing_folder_of_the_users_is_refused_before_any_work(tmp_path, ca
     assert (out / "sentinel.txt").read_text() == "mine" and (out / "sub").is_dir()
 
 
-@pytest.mark.parametrize("name, text", [("notes.csv", "patient,comment\n1,keep me\n"),
-                                        ("notes.json", '{"mine": true}\n')])
+@pytest.mark.parametrize(
+    "name, text", [("notes.csv", "patient,comment\n1,keep me\n"), ("notes.json", '{"mine": true}\n')]
+)
 def test_a_file_of_the_users_is_refused_and_kept(tmp_path, capsys, name, text):
     out = tmp_path / name
     out.write_text(text)
@@ -117,6 +119,7 @@ def test_our_own_outputs_are_still_replaced_with_the_usual_permissions(tmp_path)
 
 # -- row 11: an optional dependency is checked before work starts ----------------------------------
 
+
 def test_parquet_without_pyarrow_is_refused_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
     from kneeosteo.inference import Predictor
 
@@ -129,6 +132,7 @@ def test_parquet_without_pyarrow_is_refused_before_the_model_is_loaded(tmp_path,
 
 # -- row 10: a regression run's JSON is JSON -------------------------------------------------------
 
+
 def test_predict_json_has_no_nan_or_infinity(tmp_path):
     import json
 
@@ -136,8 +140,24 @@ def test_predict_json_has_no_nan_or_infinity(tmp_path):
     from kneeosteo.inference.predictor import Prediction, PredictionResult
 
     nan, inf = float("nan"), float("inf")
-    row = Prediction("a.png", "0" * 64, "ok", nan, nan, "osteopenia", (), None, None, True, 0.5, "m",
-                     probabilities={"normal": nan}, value=-1.7, interval_low=-inf, interval_high=inf)
+    row = Prediction(
+        "a.png",
+        "0" * 64,
+        "ok",
+        nan,
+        nan,
+        "osteopenia",
+        (),
+        None,
+        None,
+        True,
+        0.5,
+        "m",
+        probabilities={"normal": nan},
+        value=-1.7,
+        interval_low=-inf,
+        interval_high=inf,
+    )
     out = write_predictions(PredictionResult([row]), tmp_path / "p.json")
 
     def strict(name):

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 import imagegen as g
+from conftest import require
+from kneeosteo import run as run_mod
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import read_image
-from kneeosteo import run as run_mod
 from kneeosteo.errors import CheckpointError
 from kneeosteo.inference import COLUMNS, Explainer, ModelInfo, OnnxModel, Predictor, RunDir, collect_inputs
 from kneeosteo.inference.explain import to_image_shape
 from kneeosteo.interfaces.cli import main
 from kneeosteo.models import build_model
-from conftest import require
 
 SIZE = 64
 GOOD = ("a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/e.png", "folder/nested/f.png")
@@ -85,8 +85,16 @@ def torch_result(ws):
 def test_collect_inputs_recurses_skips_and_reports(ws, tmp_path):
     files, errors = collect_inputs(ws.inputs + [ws.images / "a.png", tmp_path / "missing.png"])
     assert [f.relative_to(ws.images).as_posix() for f in files] == [
-        "a.png", "b16.png", "c.jpg", "d1.dcm", "d2.dcm", "folder/bad.png", "folder/e.png",
-        "folder/nested/f.png", "readme.txt"]  # folder: sorted, .txt and dot-files skipped; a.png once
+        "a.png",
+        "b16.png",
+        "c.jpg",
+        "d1.dcm",
+        "d2.dcm",
+        "folder/bad.png",
+        "folder/e.png",
+        "folder/nested/f.png",
+        "readme.txt",
+    ]  # folder: sorted, .txt and dot-files skipped; a.png once
     assert [e.reason for e in errors] == ["no such file or directory"]
     (tmp_path / "d").mkdir()
     g.png_grey8(tmp_path / "real" / "x.png")
@@ -156,8 +164,9 @@ def test_cli_predict_csv_json_table_and_exit_codes(ws, torch_result, tmp_path, c
 def test_explain_maps(ws):
     ex = Explainer(ws.run)
     a, b = g.picture(64, 48, 0).astype(np.float32), g.picture(64, 48, 1).astype(np.float32)
-    maps = {(name, t): ex.explain(img, target=t) for name, img in (("a", a), ("b", b))
-            for t in ("positive", "negative")}
+    maps = {
+        (name, t): ex.explain(img, target=t) for name, img in (("a", a), ("b", b)) for t in ("positive", "negative")
+    }
     for e in maps.values():
         for m in (e.gradcam, e.attention):
             assert m.shape == (48, 64) and np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
@@ -173,11 +182,14 @@ def test_explain_maps(ws):
     assert all(p.grad is None for p in ex.model.parameters()) and not ex.model.training
 
 
-@pytest.mark.parametrize("backbone, use_backbone, attention, layer", [
-    ("densenet169", True, True, "backbone.features.norm5"),
-    ("efficientnet_lite0", False, True, "attention.features"),
-    ("efficientnet_lite0", True, False, "backbone.bn2"),
-])
+@pytest.mark.parametrize(
+    "backbone, use_backbone, attention, layer",
+    [
+        ("densenet169", True, True, "backbone.features.norm5"),
+        ("efficientnet_lite0", False, True, "attention.features"),
+        ("efficientnet_lite0", True, False, "backbone.bn2"),
+    ],
+)
 def test_explain_other_architectures(backbone, use_backbone, attention, layer):
     model, _ = build_model(backbone, weights="none", attention=attention, use_backbone=use_backbone)
     info = ModelInfo("x", Preprocess("robust", SIZE), 0.5, "normal", "osteoporosis")
@@ -230,8 +242,10 @@ def test_onnx_export_is_valid_and_matches_torch(ws):
     assert json.loads(meta["kneeosteo.preprocess"])["size"] == SIZE
     ort = OnnxModel(ws.onnx)
     assert ort.info == ref.info
-    x = torch.stack([ref.info.preprocess(g.picture(64, 48, v).astype(np.float32)) for v in range(3)]
-                    + [ref.info.preprocess(read_image(f).pixels) for f in ws.inputs[:5]])
+    x = torch.stack(
+        [ref.info.preprocess(g.picture(64, 48, v).astype(np.float32)) for v in range(3)]
+        + [ref.info.preprocess(read_image(f).pixels) for f in ws.inputs[:5]]
+    )
     want = ref.probabilities(x)
     assert np.ptp(want) > 100 * 1e-4  # the outputs differ by far more than the tolerance
     for batch, w in ((x, want), (x[:1], want[:1])):  # dynamic batch axis
@@ -246,8 +260,9 @@ def test_onnx_export_is_valid_and_matches_torch(ws):
 
 def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monkeypatch):
     res = Predictor(engine="onnxruntime", onnx=ws.onnx).predict(ws.inputs)  # no run folder needed
-    assert [(p.path, p.content_id, p.model) for p in res.predictions] == \
-        [(p.path, p.content_id, p.model) for p in torch_result.predictions]
+    assert [(p.path, p.content_id, p.model) for p in res.predictions] == [
+        (p.path, p.content_id, p.model) for p in torch_result.predictions
+    ]
     for a, b in zip(res.predictions, torch_result.predictions):
         assert abs(a.probability - b.probability) < 1e-4
         if abs(b.probability - b.threshold) > 1e-4:
@@ -257,8 +272,12 @@ def test_predict_with_onnxruntime_matches_torch(ws, torch_result, tmp_path, monk
     # without --onnx: exported on demand into the cache, then reused
     cache = tmp_path / "cache"
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(cache))
-    assert _main(["predict", "--engine", "onnxruntime", "--run", ws.run, ws.images / "a.png",
-                  "--out", tmp_path / "o.json"]) == 0
+    assert (
+        _main(
+            ["predict", "--engine", "onnxruntime", "--run", ws.run, ws.images / "a.png", "--out", tmp_path / "o.json"]
+        )
+        == 0
+    )
     (cached,) = (cache / "onnx").glob("*.onnx")
     stamp = cached.stat().st_mtime_ns
     Predictor(ws.run, engine="onnxruntime")
@@ -314,8 +333,15 @@ def bundled_on_kop(bundled_run, kop, bundled_cache, tmp_path_factory):
         onnx_probs = OnnxModel(ensure_onnx(rd))(prep.normalise(inputs.grey.float()).numpy())
     with open(where / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return SimpleNamespace(metrics=metrics, where=where, out=root / "eval", rows=rows, paths=inputs.paths,
-                           onnx=onnx_probs, decoded_again=cache.misses)
+    return SimpleNamespace(
+        metrics=metrics,
+        where=where,
+        out=root / "eval",
+        rows=rows,
+        paths=inputs.paths,
+        onnx=onnx_probs,
+        decoded_again=cache.misses,
+    )
 
 
 def test_bundled_model_loads_and_predicts(bundled_run, bundled_cache, monkeypatch):
@@ -349,8 +375,9 @@ def test_bundled_model_onnx_export_matches_torch_on_kop(bundled_on_kop):
     np.testing.assert_allclose(bundled_on_kop.onnx, want, atol=1e-4)  # predictions.csv keeps 6 decimals
 
 
-def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(bundled_run, bundled_cache,
-                                                                               monkeypatch, tmp_path):
+def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(
+    bundled_run, bundled_cache, monkeypatch, tmp_path
+):
     """The feature distance, not the pixel checks, is what refuses these: a generated page of text
     and a photo-like scene pass every pixel check, and the bundled run answers out_of_domain (no
     label, no set) through Predictor and through the API, with the distance above the threshold."""

@@ -133,11 +133,17 @@ def test_an_edited_preprocessing_in_config_json_is_refused(copy_of_bundled):
         RunDir(copy_of_bundled).config
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("threshold", 2.0, "threshold"), ("threshold", float("nan"), "threshold"), ("threshold", -1.0, "threshold"),
-    ("std", [0.5, 0.0, 0.5], "std"), ("mean", [float("inf"), 0.5, 0.5], "finite"),
-    ("classes", ["osteoporosis", "osteoporosis"], "classes"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("threshold", 2.0, "threshold"),
+        ("threshold", float("nan"), "threshold"),
+        ("threshold", -1.0, "threshold"),
+        ("std", [0.5, 0.0, 0.5], "std"),
+        ("mean", [float("inf"), 0.5, 0.5], "finite"),
+        ("classes", ["osteoporosis", "osteoporosis"], "classes"),
+    ],
+)
 def test_out_of_range_settings_are_refused_even_with_the_hash_fixed_up(copy_of_bundled, field, value, words):
     def edit(ident):
         if field in ("std", "mean"):
@@ -153,16 +159,20 @@ def test_out_of_range_settings_are_refused_even_with_the_hash_fixed_up(copy_of_b
 
 def test_nan_weights_are_refused_even_with_the_hash_fixed_up(copy_of_bundled):
     """Item 2: weights whose bias is NaN (hash fixed up) predicted nan, labelled normal."""
-    _refit(copy_of_bundled, lambda t: {**t, "head.out.bias": torch.full_like(t["head.out.bias"], float("nan"))},
-           lambda ident: ident)
+    _refit(
+        copy_of_bundled,
+        lambda t: {**t, "head.out.bias": torch.full_like(t["head.out.bias"], float("nan"))},
+        lambda ident: ident,
+    )
     with pytest.raises(CheckpointError, match="non-finite"):
         RunDir(copy_of_bundled).load_model()
 
 
 def test_a_non_finite_probability_is_an_error_never_a_label(knee, monkeypatch):
     p = Predictor(engine="torch")
-    monkeypatch.setattr(p._model, "forward",
-                        lambda images=None, features=None: torch.full((images.shape[0],), float("nan")))
+    monkeypatch.setattr(
+        p._model, "forward", lambda images=None, features=None: torch.full((images.shape[0],), float("nan"))
+    )
     with pytest.raises(InferenceError, match="non-finite"):
         p.predict([knee], progress=False)
 

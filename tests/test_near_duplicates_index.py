@@ -42,7 +42,12 @@ def _planted(n_random: int, seed: int = 0):
 
 
 def _loop_pairs(vals, threshold):
-    return {(i, j) for i in range(len(vals)) for j in range(i + 1, len(vals)) if (vals[i] ^ vals[j]).bit_count() <= threshold}
+    return {
+        (i, j)
+        for i in range(len(vals))
+        for j in range(i + 1, len(vals))
+        if (vals[i] ^ vals[j]).bit_count() <= threshold
+    }
 
 
 def _partition(labels) -> set[frozenset[int]]:
@@ -105,7 +110,8 @@ def test_kop_clusters_equal_the_brute_force_result(kop_scan):
     assert _partition(dup.component_labels(cids, hexes, 6)) == want
     clusters = dup.near_duplicate_clusters(recs)
     assert {frozenset(r.path for r in g) for g in clusters} == {
-        frozenset(recs[i].path for i in g) for g in want if len({cids[i] for i in g}) > 1}
+        frozenset(recs[i].path for i in g) for g in want if len({cids[i] for i in g}) > 1
+    }
 
 
 def test_two_hundred_thousand_hashes_find_every_planted_pair_and_nothing_else():

@@ -16,13 +16,12 @@ from kneeosteo.config import TrainConfig
 from kneeosteo.data.audit import build_audit, render_markdown
 from kneeosteo.data.grouping import split_groups
 from kneeosteo.data.manifest import parse_merge, read_manifest
+from kneeosteo.data.reader import read_image
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import PARTS, load_split, make_split, patient_leaks, write_split
 from kneeosteo.data.who import who_band
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation.evaluate import evaluate_run
-from kneeosteo.experiments.pipeline import train_and_score
-from kneeosteo.data.reader import read_image
 from kneeosteo.inference.explain import Explainer
 from kneeosteo.inference.predictor import Predictor
 from kneeosteo.interfaces.cli import main
@@ -53,25 +52,32 @@ def small_export(tmp_path):
 
 def test_bad_manifest_rows_are_left_out_each_named_by_its_row_and_reason(small_export, tmp_path, caplog):
     (tmp_path / "outside.png").write_bytes((small_export / "img" / "a0.png").read_bytes())
-    rows = [["img/a0.png", "normal", "-0.5", "A"],           # row 2: fine
-            ["img/b0.png", "osteoporosis", "-3.0", "A"],     # row 3: fine
-            ["img/missing.png", "normal", "-0.1", "A"],      # row 4: missing file
-            ["img/a0.png", "normal", "-0.5", "A"],           # row 5: duplicate path
-            ["img/a1.png", "normal", "minus one", "B"],      # row 6: non-numeric T-score
-            ["../outside.png", "normal", "0", "B"],          # row 7: outside DATA
-            ["img/a2.png", "", "-0.2", "B"],                 # row 8: no label
-            ["img/a3.png", "osteopenia", "-1.5", "B"],       # row 9: unknown label
-            ["img/b1.png", "osteoporosis"],                  # row 10: too few cells
-            ["img/b2.png", "osteoporosis", "-2.9", "C"]]     # row 11: fine
+    rows = [
+        ["img/a0.png", "normal", "-0.5", "A"],  # row 2: fine
+        ["img/b0.png", "osteoporosis", "-3.0", "A"],  # row 3: fine
+        ["img/missing.png", "normal", "-0.1", "A"],  # row 4: missing file
+        ["img/a0.png", "normal", "-0.5", "A"],  # row 5: duplicate path
+        ["img/a1.png", "normal", "minus one", "B"],  # row 6: non-numeric T-score
+        ["../outside.png", "normal", "0", "B"],  # row 7: outside DATA
+        ["img/a2.png", "", "-0.2", "B"],  # row 8: no label
+        ["img/a3.png", "osteopenia", "-1.5", "B"],  # row 9: unknown label
+        ["img/b1.png", "osteoporosis"],  # row 10: too few cells
+        ["img/b2.png", "osteoporosis", "-2.9", "C"],
+    ]  # row 11: fine
     manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "t_score", "site"], rows)
     with caplog.at_level(logging.WARNING):
         scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
     assert sorted(r.path for r in scan.records) == ["img/a0.png", "img/b0.png", "img/b2.png"]
     reasons = {m["row"]: m["reason"] for m in scan.left_out}
-    assert reasons == {4: "file not found", 5: "duplicate path (first on row 2)",
-                       6: "non-numeric t_score 'minus one'", 7: "path outside the data folder (absolute or '..')",
-                       8: "no label", 9: "unknown label 'osteopenia' (classes: normal, osteoporosis)",
-                       10: "2 cells, the header has 4"}
+    assert reasons == {
+        4: "file not found",
+        5: "duplicate path (first on row 2)",
+        6: "non-numeric t_score 'minus one'",
+        7: "path outside the data folder (absolute or '..')",
+        8: "no label",
+        9: "unknown label 'osteopenia' (classes: normal, osteoporosis)",
+        10: "2 cells, the header has 4",
+    }
     for row in reasons:  # one warning line per row, naming the manifest and the row
         assert any(f"labels.csv row {row} " in m for m in caplog.messages)
     rec = scan.by_path()["img/b2.png"]
@@ -92,16 +98,18 @@ def test_hostile_manifest_rows_are_left_out_and_the_rest_goes_on(small_export, t
     os.symlink(tmp_path / "secret.png", small_export / "img" / "link.png")
     os.symlink("/", small_export / "root")
     os.symlink(small_export / "img" / "a5.png", small_export / "img" / "inner.png")  # inside DATA: fine
-    rows = [["img/a0.png", "normal", "-0.5"],                  # row 2: fine
-            ["img/" + "x" * 300 + ".png", "normal", "0"],       # row 3: name too long
-            ["img/link.png", "normal", "0"],                    # row 4: a link out of DATA
-            [f"root{tmp_path}/secret.png", "normal", "0"],      # row 5: through a folder link to /
-            ["img/b0.png", "osteoporosis", "-3.0"],             # row 6: conflicts with row 7
-            ["img/b0.png", "normal", "-3.0"],                   # row 7
-            ["img/a1.png", "normal", "1_000"],                  # row 8: not a number
-            ["img/a2.png", "normal", "1000"],                   # row 9: not a T-score
-            ["img/inner.png", "normal", "-0.1"],                # row 10: fine
-            ["img/b1.png", "osteoporosis", "-2.7"]]             # row 11: fine
+    rows = [
+        ["img/a0.png", "normal", "-0.5"],  # row 2: fine
+        ["img/" + "x" * 300 + ".png", "normal", "0"],  # row 3: name too long
+        ["img/link.png", "normal", "0"],  # row 4: a link out of DATA
+        [f"root{tmp_path}/secret.png", "normal", "0"],  # row 5: through a folder link to /
+        ["img/b0.png", "osteoporosis", "-3.0"],  # row 6: conflicts with row 7
+        ["img/b0.png", "normal", "-3.0"],  # row 7
+        ["img/a1.png", "normal", "1_000"],  # row 8: not a number
+        ["img/a2.png", "normal", "1000"],  # row 9: not a T-score
+        ["img/inner.png", "normal", "-0.1"],  # row 10: fine
+        ["img/b1.png", "osteoporosis", "-2.7"],
+    ]  # row 11: fine
     manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "t_score"], rows)
     scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
     assert sorted(r.path for r in scan.records) == ["img/a0.png", "img/b1.png", "img/inner.png"]
@@ -111,8 +119,10 @@ def test_hostile_manifest_rows_are_left_out_and_the_rest_goes_on(small_export, t
     assert reasons[4] == reasons[5] == "path outside the data folder (through a symbolic link)"
     assert reasons[6].startswith("label conflict") and reasons[7].startswith("label conflict")
     assert reasons[8] == "non-numeric t_score '1_000'" and "out of [-10, 10]" in reasons[9]
-    for command in (["audit", small_export, "--labels", manifest, "--out", tmp_path / "a"],
-                    ["split", small_export, "--labels", manifest, "--out", tmp_path / "s.json", "--test-size", "2"]):
+    for command in (
+        ["audit", small_export, "--labels", manifest, "--out", tmp_path / "a"],
+        ["split", small_export, "--labels", manifest, "--out", tmp_path / "s.json", "--test-size", "2"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([str(a) for a in command])
         assert exc.value.code in (0, 1) and "Traceback" not in capsys.readouterr().err
@@ -120,8 +130,11 @@ def test_hostile_manifest_rows_are_left_out_and_the_rest_goes_on(small_export, t
 
 def test_audit_md_takes_labels_and_cells_literally(small_export, tmp_path):
     """Also noted in issue 28: a label's raw markup went into audit.md as markup."""
-    rows = [["img/a0.png", "normal", "[click](javascript:alert(1))"], ["img/b0.png", "osteoporosis", "x|y"],
-            ["img/a1.png", "<img src=x onerror=alert(1)>", "A"]]
+    rows = [
+        ["img/a0.png", "normal", "[click](javascript:alert(1))"],
+        ["img/b0.png", "osteoporosis", "x|y"],
+        ["img/a1.png", "<img src=x onerror=alert(1)>", "A"],
+    ]
     manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label", "site"], rows)
     scan = scan_dataset(small_export, labels=manifest, classes=["normal", "osteoporosis"])
     md = render_markdown(build_audit(scan))
@@ -169,7 +182,9 @@ def test_merge_turns_three_class_folders_into_the_papers_binary_task(tmp_path):
     root = tmp_path / "d"
     for c in ("normal", "osteopenia", "osteoporosis"):
         for i in range(5):
-            g.png_grey8(root / c / f"{c}_{i}.png", array=g.dataset_image(i, c, classes=("normal", "osteopenia", "osteoporosis")))
+            g.png_grey8(
+                root / c / f"{c}_{i}.png", array=g.dataset_image(i, c, classes=("normal", "osteopenia", "osteoporosis"))
+            )
     with pytest.raises(DataError, match="expected exactly two class folders"):
         scan_dataset(root)
     scan = scan_dataset(root, merge={"osteopenia": "osteoporosis"})
@@ -189,8 +204,10 @@ def test_a_three_class_split_file_is_merged_for_a_binary_run(tmp_path):
     from kneeosteo.training.trainer import task_sets
 
     data, manifest, rows = g.make_patient_dataset(tmp_path / "d", patients=6)
-    write_split(make_split(scan_dataset(data, labels=manifest, require_binary=False), "paper", seed=0, test_size=3),
-                tmp_path / "s.json")
+    write_split(
+        make_split(scan_dataset(data, labels=manifest, require_binary=False), "paper", seed=0, test_size=3),
+        tmp_path / "s.json",
+    )
     sets = load_split(tmp_path / "s.json")
     assert sets.classes == ["normal", "osteopenia", "osteoporosis"]
     with pytest.raises(ConfigError, match="3 classes"):
@@ -204,9 +221,15 @@ def test_a_three_class_split_file_is_merged_for_a_binary_run(tmp_path):
     assert sets.classes == ["normal", "osteopenia", "osteoporosis"]  # the loaded split is not changed
 
 
-@pytest.mark.parametrize("items, message", [
-    (["osteopenia"], "CLASS=INTO"), (["a=a"], "CLASS=INTO"), (["a=b", "a=c"], "merged into both"),
-    (["a=b", "b=c"], "both merged and merged into")])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["osteopenia"], "CLASS=INTO"),
+        (["a=a"], "CLASS=INTO"),
+        (["a=b", "a=c"], "merged into both"),
+        (["a=b", "b=c"], "both merged and merged into"),
+    ],
+)
 def test_bad_merges_are_config_errors(items, message):
     with pytest.raises(ConfigError, match=message):
         parse_merge(items)
@@ -242,8 +265,13 @@ def test_dicom_patient_ids_group_films_when_the_manifest_has_none(tmp_path):
             rows.append([f"f{k}_{side}.dcm", "osteoporosis" if k % 2 else "normal"])
     # an anonymised pair: no PatientID, one StudyInstanceUID
     for side in ("left", "right"):
-        g.dicom(root / f"anon_{side}.dcm", bits=8, array=g.t_score_image(0.0, 40 + (side == "left")),
-                patient_id="", study_uid="1.2.3.4.5")
+        g.dicom(
+            root / f"anon_{side}.dcm",
+            bits=8,
+            array=g.t_score_image(0.0, 40 + (side == "left")),
+            patient_id="",
+            study_uid="1.2.3.4.5",
+        )
         rows.append([f"anon_{side}.dcm", "normal"])
     manifest = _write_manifest(tmp_path / "labels.csv", ["path", "label"], rows)
     scan = scan_dataset(root, labels=manifest)
@@ -261,8 +289,14 @@ def test_audit_reports_patients_and_flags_a_split_made_without_patient_ids(tmp_p
     data, manifest, rows = g.make_patient_dataset(tmp_path / "d", patients=8, dicom_every=2)
     scan = scan_dataset(data, labels=manifest, require_binary=False)
     paths = sorted(r["path"] for r in rows)
-    naive = {"data": str(data), "train": paths[0::2], "val": [], "test": paths[1::2],
-             "classes": scan.classes, "labels": {r["path"]: r["label"] for r in rows}}  # left knees | right knees
+    naive = {
+        "data": str(data),
+        "train": paths[0::2],
+        "val": [],
+        "test": paths[1::2],
+        "classes": scan.classes,
+        "labels": {r["path"]: r["label"] for r in rows},
+    }  # left knees | right knees
     (tmp_path / "naive.json").write_text(json.dumps(naive))
     audit = build_audit(scan, split=tmp_path / "naive.json")
     check = audit["split_check"]
@@ -334,7 +368,11 @@ def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
     assert m["pearson_r"]["value"] == pytest.approx(np.corrcoef(y, yhat)[0, 1], abs=1e-3)
     assert m["pearson_r"]["value"] > 0.4  # the generated texture tracks T: learnable in 12 epochs
     assert set(m["who_classification"]["per_class"]) == {"normal", "osteopenia", "osteoporosis"}
-    assert "conformal" in m and (run.path / "bland_altman.png").is_file() and (run.path / "predicted_vs_true.png").is_file()
+    assert (
+        "conformal" in m
+        and (run.path / "bland_altman.png").is_file()
+        and (run.path / "predicted_vs_true.png").is_file()
+    )
     interval = run.config.record["task_trust"]["interval"]
     assert interval["coverage"] == 0.9
     result = Predictor(run.path).predict([hospital.data / "films"], progress=False)
@@ -345,17 +383,34 @@ def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
     pixels = read_image(hospital.data / "films" / "p001_right.png").pixels
     ex = Explainer(run.path).explain(pixels)
     assert ex.target == "t_score (what raises it)" and ex.gradcam.shape == pixels.shape
-    assert ex.stats()["value"] == pytest.approx(next(p.value for p in result.predictions if p.path.endswith("p001_right.png")), abs=1e-4)
+    assert ex.stats()["value"] == pytest.approx(
+        next(p.value for p in result.predictions if p.path.endswith("p001_right.png")), abs=1e-4
+    )
 
 
 def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_path, capsys):
     settings = tmp_path / "three.toml"
     settings.write_text('task = "multiclass"\n')
-    for extra, says in (([], "--task multiclass, or merge"),  # three labels met by a binary scan
-                        (["--config", str(settings)], "reproduce compares binary classifiers")):  # its own check
+    for extra, says in (
+        ([], "--task multiclass, or merge"),  # three labels met by a binary scan
+        (["--config", str(settings)], "reproduce compares binary classifiers"),
+    ):  # its own check
         with pytest.raises(SystemExit) as exc:
-            main(["reproduce", str(hospital.data), "--labels", str(hospital.manifest), "--out", str(tmp_path / "r"),
-                  "--models", "hybrid-efficientnet_lite0", "--seeds", "1", *extra])
+            main(
+                [
+                    "reproduce",
+                    str(hospital.data),
+                    "--labels",
+                    str(hospital.manifest),
+                    "--out",
+                    str(tmp_path / "r"),
+                    "--models",
+                    "hybrid-efficientnet_lite0",
+                    "--seeds",
+                    "1",
+                    *extra,
+                ]
+            )
         assert exc.value.code != 0
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
@@ -372,7 +427,10 @@ def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path
     src = RunDir(hospital.reg)
     new = calibrate_run(src.path, tmp_path / "recal", split=hospital.root / "split.json", coverage=0.5)
     interval = new.config.record["task_trust"]["interval"]
-    assert interval["coverage"] == 0.5 and interval["n_calibration"] == src.config.record["task_trust"]["calibration_images"]
+    assert (
+        interval["coverage"] == 0.5
+        and interval["n_calibration"] == src.config.record["task_trust"]["calibration_images"]
+    )
     assert new.config.weights_sha256 == src.config.weights_sha256
     assert src.config.record["task_trust"]["interval"]["coverage"] == 0.9  # the original is untouched
     with pytest.raises(DataError, match="pass --split"):
@@ -468,7 +526,9 @@ def test_a_task_runs_domain_check_refuses_noise_and_is_verified(hospital, tmp_pa
     monkeypatch.setattr(task_trust, "MIN_DOMAIN_IMAGES", 20)
     note = task_trust.fit_task_domain(run, model, train)
     assert note.startswith(f"fitted on {len(sets.train)} training images") and run.domain is not None
-    noise = g.png_grey8(tmp_path / "noise.png", array=np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    noise = g.png_grey8(
+        tmp_path / "noise.png", array=np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    )
     blank = g.png_grey8(tmp_path / "blank.png", array=np.full((64, 64), 120, dtype=np.uint8))
     films = sorted((hospital.data / "films").glob("*.png"))
     result = Predictor(run.path).predict([noise, blank, *films], progress=False)

@@ -45,12 +45,21 @@ def creds(monkeypatch):
     monkeypatch.setenv("KNEEOSTEO_PACS_PASSWORD", PASSWORD)
 
 
-def _film(folder: Path, name: str, array: np.ndarray, study: str, series: str, body_part: str | None = "KNEE",
-          patient: str = "PAT-34", modality: str = "DX") -> Path:
+def _film(
+    folder: Path,
+    name: str,
+    array: np.ndarray,
+    study: str,
+    series: str,
+    body_part: str | None = "KNEE",
+    patient: str = "PAT-34",
+    modality: str = "DX",
+) -> Path:
     import pydicom
 
-    p = g.dicom(folder / f"{name}.dcm", bits=8, array=array, size=array.shape[::-1], patient_id=patient,
-                study_uid=study)
+    p = g.dicom(
+        folder / f"{name}.dcm", bits=8, array=array, size=array.shape[::-1], patient_id=patient, study_uid=study
+    )
     ds = pydicom.dcmread(p)
     ds.SeriesInstanceUID = series
     ds.PatientName = "Test^Knee"
@@ -73,12 +82,17 @@ def _study(orthanc, tmp_path, tag: str, knee: int = 2, blank: int = 1, chest: in
     from pydicom.uid import generate_uid
 
     study, knee_series, chest_series = generate_uid(), generate_uid(), generate_uid()
-    films = [_film(tmp_path / tag, f"knee{i}", g.dataset_image(i, ("normal", "osteoporosis")[i % 2]), study,
-                   knee_series) for i in range(knee)]
-    films += [_film(tmp_path / tag, f"blank{i}", np.full((64, 64), 90, np.uint8), study, knee_series)
-              for i in range(blank)]
-    films += [_film(tmp_path / tag, f"chest{i}", g.dataset_image(10 + i, "normal"), study, chest_series,
-                    body_part="CHEST") for i in range(chest)]
+    films = [
+        _film(tmp_path / tag, f"knee{i}", g.dataset_image(i, ("normal", "osteoporosis")[i % 2]), study, knee_series)
+        for i in range(knee)
+    ]
+    films += [
+        _film(tmp_path / tag, f"blank{i}", np.full((64, 64), 90, np.uint8), study, knee_series) for i in range(blank)
+    ]
+    films += [
+        _film(tmp_path / tag, f"chest{i}", g.dataset_image(10 + i, "normal"), study, chest_series, body_part="CHEST")
+        for i in range(chest)
+    ]
     _upload(orthanc, films)
     return SimpleNamespace(uid=study, knee_series=knee_series, chest_series=chest_series, films=films)
 
@@ -129,8 +143,9 @@ def round_trip(orthanc, tiny, tmp_path_factory):
             main(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp / "state")])
     finally:
         mp.undo()
-    return SimpleNamespace(study=study, code=exc.value.code, out=out.getvalue(), err=err.getvalue(), state=tmp / "state",
-                           tmp=tmp)
+    return SimpleNamespace(
+        study=study, code=exc.value.code, out=out.getvalue(), err=err.getvalue(), state=tmp / "state", tmp=tmp
+    )
 
 
 def test_the_pass_stores_an_sr_per_knee_film_and_a_map_per_in_domain_one(round_trip, orthanc, tiny):
@@ -163,7 +178,9 @@ def test_the_pass_stores_an_sr_per_knee_film_and_a_map_per_in_domain_one(round_t
     for ds in ours["SR"] + ours["OT"]:  # patient and study copied from the source, nothing invented
         assert ds.StudyInstanceUID == rt.study.uid and ds.PatientID == "PAT-34" and str(ds.PatientName) == "Test^Knee"
         assert not str(ds.get("PatientBirthDate", ""))
-    uids = [ds.SOPInstanceUID for ds in ours["SR"] + ours["OT"]] + [ds.SeriesInstanceUID for ds in ours["SR"] + ours["OT"]]
+    uids = [ds.SOPInstanceUID for ds in ours["SR"] + ours["OT"]] + [
+        ds.SeriesInstanceUID for ds in ours["SR"] + ours["OT"]
+    ]
     assert len(set(uids)) == len(uids) and not set(uids) & set(sources)  # every UID new
     assert f"study {rt.study.uid} series {rt.study.chest_series}: body part CHEST, not a knee; skipped" in rt.err
     assert "3 films stored" in rt.out and "1 out of domain" in rt.out
@@ -207,8 +224,19 @@ def test_every_object_written_passes_dciodvfy(round_trip, orthanc):
 
 def test_a_second_pass_stores_no_duplicate(round_trip, orthanc, tiny, creds, capsys):
     before = orthanc.rest("/statistics")["CountInstances"]
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(round_trip.state),
-                           "--study", round_trip.study.uid], capsys)
+    code, out, err = _run(
+        [
+            "pacs",
+            orthanc.url,
+            "--run",
+            str(tiny.run),
+            "--state",
+            str(round_trip.state),
+            "--study",
+            round_trip.study.uid,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert orthanc.rest("/statistics")["CountInstances"] == before
     assert "0 films stored" in out and "3 already in the PACS" in out
@@ -217,8 +245,19 @@ def test_a_second_pass_stores_no_duplicate(round_trip, orthanc, tiny, creds, cap
 def test_a_lost_state_folder_still_stores_no_duplicate(round_trip, orthanc, tiny, creds, capsys, tmp_path):
     """The PACS, not this machine's memory, says which films are done."""
     before = orthanc.rest("/statistics")["CountInstances"]
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "fresh"),
-                           "--study", round_trip.study.uid], capsys)
+    code, out, err = _run(
+        [
+            "pacs",
+            orthanc.url,
+            "--run",
+            str(tiny.run),
+            "--state",
+            str(tmp_path / "fresh"),
+            "--study",
+            round_trip.study.uid,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert orthanc.rest("/statistics")["CountInstances"] == before
 
@@ -231,8 +270,9 @@ def test_the_password_appears_nowhere(round_trip):
 
 
 @pytest.mark.parametrize("failure", ["crash", "http500"])
-def test_a_pass_stopped_halfway_loses_nothing_and_the_next_finishes(failure, orthanc, tiny, creds, capsys, tmp_path,
-                                                                    monkeypatch):
+def test_a_pass_stopped_halfway_loses_nothing_and_the_next_finishes(
+    failure, orthanc, tiny, creds, capsys, tmp_path, monkeypatch
+):
     """The SR STOW of the first film fails (a kill, or Orthanc answering 500) after its heat map
     was stored: the results wait in the outbox, and the next pass stores each film's SR and map
     exactly once."""
@@ -282,22 +322,37 @@ def test_a_second_pass_on_the_same_state_while_one_runs_stops_with_one_line(orth
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(state)], capsys)
     assert code == 1 and "another `kneeosteo pacs` pass is using" in err
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(state), "--study", "1.2.3"],
-                          capsys)
+    code, out, err = _run(
+        ["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(state), "--study", "1.2.3"], capsys
+    )
     assert code == 0, err  # released: the next pass runs
 
 
 def test_a_series_too_large_is_named_and_nothing_is_fetched(orthanc, tiny, creds, capsys, tmp_path):
     study = _study(orthanc, tmp_path, "huge", knee=3, blank=0, chest=0)
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"),
-                           "--max-instances", "2", "--study", study.uid], capsys)
+    code, out, err = _run(
+        [
+            "pacs",
+            orthanc.url,
+            "--run",
+            str(tiny.run),
+            "--state",
+            str(tmp_path / "s"),
+            "--max-instances",
+            "2",
+            "--study",
+            study.uid,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"series {study.knee_series}: 3 films, more than --max-instances 2" in err
     assert _ours(orthanc, study.uid) == {"SR": [], "OT": []}
 
 
-def test_films_a_reference_or_the_reader_cannot_take_are_named_and_the_rest_goes_on(orthanc, tiny, creds, capsys,
-                                                                                    tmp_path):
+def test_films_a_reference_or_the_reader_cannot_take_are_named_and_the_rest_goes_on(
+    orthanc, tiny, creds, capsys, tmp_path
+):
     """A film without SOPClassUID (Orthanc's REST API takes it, STOW-RS would not) and one that
     declares 60000 x 60000 pixels: each named, nothing stored for it, not even fetched for the
     second; the good film of the same series gets its SR."""
@@ -315,8 +370,9 @@ def test_films_a_reference_or_the_reader_cannot_take_are_named_and_the_rest_goes
         ds.save_as(tmp_path / f"{bad}.dcm", enforce_file_format=True)
         assert orthanc.upload((tmp_path / f"{bad}.dcm").read_bytes())["Status"] == "Success"
         names[bad] = ds.SOPInstanceUID
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"),
-                           "--study", study.uid], capsys)
+    code, out, err = _run(
+        ["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"), "--study", study.uid], capsys
+    )
     assert code == 0, err
     assert f"film {names['no_class']}: the DICOM lacks SOPClassUID" in err
     assert f"film {names['huge']}: declares 60000 x 60000 pixels" in err and "not fetched" in err
@@ -336,8 +392,21 @@ def test_credentials_from_a_file_and_never_in_the_url(orthanc, tiny, capsys, mon
     monkeypatch.delenv("KNEEOSTEO_PACS_USER", raising=False)
     monkeypatch.delenv("KNEEOSTEO_PACS_PASSWORD", raising=False)
     (tmp_path / "pacs.cred").write_text(f"{USER}:{PASSWORD}\n")
-    code, out, err = _run(["pacs", orthanc.url, "--run", str(tiny.run), "--state", str(tmp_path / "s"),
-                           "--credentials", str(tmp_path / "pacs.cred"), "--study", "1.2.3.4"], capsys)
+    code, out, err = _run(
+        [
+            "pacs",
+            orthanc.url,
+            "--run",
+            str(tiny.run),
+            "--state",
+            str(tmp_path / "s"),
+            "--credentials",
+            str(tmp_path / "pacs.cred"),
+            "--study",
+            "1.2.3.4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     url = orthanc.url.replace("http://", f"http://{USER}:{PASSWORD}@")
     code, out, err = _run(["pacs", url, "--run", str(tiny.run)], capsys)
@@ -345,8 +414,19 @@ def test_credentials_from_a_file_and_never_in_the_url(orthanc, tiny, capsys, mon
 
 
 def test_a_pacs_that_is_down_is_one_line(tiny, creds, capsys, tmp_path):
-    code, out, err = _run(["pacs", f"http://127.0.0.1:{orthancrun.free_port()}/dicom-web", "--run", str(tiny.run),
-                           "--state", str(tmp_path / "s"), "--timeout", "5"], capsys)
+    code, out, err = _run(
+        [
+            "pacs",
+            f"http://127.0.0.1:{orthancrun.free_port()}/dicom-web",
+            "--run",
+            str(tiny.run),
+            "--state",
+            str(tmp_path / "s"),
+            "--timeout",
+            "5",
+        ],
+        capsys,
+    )
     assert code == 1 and "cannot reach it" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
 
@@ -356,8 +436,19 @@ def test_a_pacs_that_never_answers_is_one_line_after_the_timeout(tiny, creds, ca
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         t0 = time.monotonic()
-        code, out, err = _run(["pacs", f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", "--run",
-                               str(tiny.run), "--state", str(tmp_path / "s"), "--timeout", "0.5"], capsys)
+        code, out, err = _run(
+            [
+                "pacs",
+                f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web",
+                "--run",
+                str(tiny.run),
+                "--state",
+                str(tmp_path / "s"),
+                "--timeout",
+                "0.5",
+            ],
+            capsys,
+        )
     assert code == 1 and "no answer within --timeout 0.5 s" in err and "Traceback" not in err
     assert time.monotonic() - t0 < 30  # three tries of 0.5 s and two waits, plus loading the model
 
@@ -376,8 +467,17 @@ def test_a_pacs_answering_500_is_one_line_and_nothing_is_stored(tiny, creds, cap
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        code, out, err = _run(["pacs", f"http://127.0.0.1:{server.server_address[1]}/dicom-web", "--run",
-                               str(tiny.run), "--state", str(tmp_path / "s")], capsys)
+        code, out, err = _run(
+            [
+                "pacs",
+                f"http://127.0.0.1:{server.server_address[1]}/dicom-web",
+                "--run",
+                str(tiny.run),
+                "--state",
+                str(tmp_path / "s"),
+            ],
+            capsys,
+        )
     finally:
         server.shutdown()
     assert code == 1 and "answered HTTP 500" in err and "Traceback" not in err
@@ -415,14 +515,30 @@ def test_predict_dicom_out_writes_an_sr_per_dicom_film_with_the_csv_numbers(tiny
     good = _film(tmp_path / "in", "good", g.dataset_image(3, "osteoporosis"), study, generate_uid())
     blank = _film(tmp_path / "in", "blank", np.full((64, 64), 90, np.uint8), study, generate_uid())
     png = g.png_grey8(tmp_path / "in" / "plain.png", array=g.dataset_image(4, "normal"))
-    code, out, err = _run(["predict", str(good), str(blank), str(png), "--run", str(tiny.run), "--out",
-                           str(tmp_path / "preds.csv"), "--dicom-out", str(tmp_path / "dcm"), "--threshold", "0.3"], capsys)
+    code, out, err = _run(
+        [
+            "predict",
+            str(good),
+            str(blank),
+            str(png),
+            "--run",
+            str(tiny.run),
+            "--out",
+            str(tmp_path / "preds.csv"),
+            "--dicom-out",
+            str(tmp_path / "dcm"),
+            "--threshold",
+            "0.3",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"{png}: not a DICOM file" in err
     rows = {Path(r["path"]).stem: r for r in csv.DictReader(open(tmp_path / "preds.csv"))}
     uid = {name: pydicom.dcmread(p).SOPInstanceUID for name, p in (("good", good), ("blank", blank))}
     assert sorted(p.name for p in (tmp_path / "dcm").iterdir()) == sorted(
-        [f"{uid['good']}.sr.dcm", f"{uid['good']}.sc.dcm", f"{uid['blank']}.sr.dcm"])
+        [f"{uid['good']}.sr.dcm", f"{uid['good']}.sc.dcm", f"{uid['blank']}.sr.dcm"]
+    )
     sr = read_sr(pydicom.dcmread(tmp_path / "dcm" / f"{uid['good']}.sr.dcm"))
     assert sr.source_sop_uid == uid["good"] and sr.status == rows["good"]["status"]
     assert abs(sr.probability - float(rows["good"]["probability"])) < 1e-6
@@ -446,8 +562,9 @@ def test_predict_dicom_out_writes_an_sr_per_dicom_film_with_the_csv_numbers(tiny
 @pytest.mark.parametrize("module", ["highdicom", "dicomweb_client"])
 def test_without_the_pacs_extra_it_is_one_line(module, tiny, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
-    code, out, err = _run(["pacs", "http://127.0.0.1:9/dicom-web", "--run", str(tiny.run), "--state",
-                           str(tmp_path / "s")], capsys)
+    code, out, err = _run(
+        ["pacs", "http://127.0.0.1:9/dicom-web", "--run", str(tiny.run), "--state", str(tmp_path / "s")], capsys
+    )
     assert code == 1 and "pip install 'kneeosteo[pacs]'" in err and "Traceback" not in err
     if module == "highdicom":
         png = g.png_grey8(tmp_path / "a.png")
@@ -467,8 +584,10 @@ def test_a_long_model_id_survives_the_sr_whole(tmp_path):
     from kneeosteo.run import RunDir
     from kneeosteo.trust import TrustedPrediction
 
-    info = replace(RunDir.bundled().info, model_id="a-site-calibrated-run-folder-with-a-long-descriptive-name-" * 2
-                   + "0123456789ab")
+    info = replace(
+        RunDir.bundled().info,
+        model_id="a-site-calibrated-run-folder-with-a-long-descriptive-name-" * 2 + "0123456789ab",
+    )
     src = pydicom.dcmread(_film(tmp_path, "f", g.dataset_image(0, "normal"), generate_uid(), generate_uid()))
     t = TrustedPrediction("ok", 0.7, 0.6, "osteoporosis", ("osteoporosis",), float("nan"), float("nan"))
     sr = structured_report(src, t, info, 0.5, series_uid=new_uid(), sop_uid=new_uid())

@@ -14,14 +14,17 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from kneeosteo.data.bone import bone_mask, occlude
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.evaluation.probes import (
-    format_probes, occlusion_aucs, shortcut_adversarial, source_attributes, source_probe,
+    format_probes,
+    occlusion_aucs,
+    shortcut_adversarial,
+    source_attributes,
+    source_probe,
 )
 
 SIZE = 96
@@ -31,11 +34,11 @@ def film(border: float, bone: float, seed: int, h: int = SIZE, w: int = SIZE) ->
     """(pixels in [0, 1], true bone region): background ``border``, tissue 0.45, two shafts ``bone``."""
     rng = np.random.default_rng(seed)
     img = np.full((h, w), border, np.float32)
-    img[:, w // 5: 4 * w // 5] = 0.45
+    img[:, w // 5 : 4 * w // 5] = 0.45
     truth = np.zeros((h, w), bool)
     for x0 in (0.30, 0.56):
         c = int(x0 * w)
-        truth[h // 10: 9 * h // 10, c: c + w // 7] = True
+        truth[h // 10 : 9 * h // 10, c : c + w // 7] = True
     img[truth] = bone
     img += rng.normal(0, 0.01, img.shape).astype(np.float32)
     return np.clip(img, 0, 1), truth
@@ -53,7 +56,7 @@ class CentreReader(nn.Module):
 
     def forward(self, images):
         s = images.shape[-1]
-        return images[:, 0, s // 4: 3 * s // 4, s // 3: 2 * s // 3].mean(dim=(1, 2))
+        return images[:, 0, s // 4 : 3 * s // 4, s // 3 : 2 * s // 3].mean(dim=(1, 2))
 
 
 def test_bone_mask_finds_the_shafts_and_leaves_the_background():
@@ -82,14 +85,14 @@ def test_bone_preset_shows_the_network_only_the_bone_letterboxed():
     top, left, nh, nw = prep.content_box(*img.shape)
     assert (top, left, nh, nw) == Preprocess("robust", SIZE).content_box(*img.shape) and top > 0
     inside = cv2.resize(truth.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
-    content = geo[top:top + nh, left:left + nw]
+    content = geo[top : top + nh, left : left + nw]
     assert content[inside].mean() > 0.8  # the bone is shown
     sx, sy = nw / img.shape[1], nh / img.shape[0]
-    marker = content[int(2 * sy):int(8 * sy) + 1, int(2 * sx):int(20 * sx) + 1]
+    marker = content[int(2 * sy) : int(8 * sy) + 1, int(2 * sx) : int(20 * sx) + 1]
     assert content[:, : nw // 8].max() == 0 and marker.max() == 0  # the border and the marker are black
     robust = Preprocess("robust", SIZE).geometry(img)[0].numpy()
     assert robust[top + 1, left + 1] > 0.25  # where 'robust' shows the film's border
-    assert geo[:top].max() == 0 and geo[top + nh:].max() == 0  # the letterbox bars
+    assert geo[:top].max() == 0 and geo[top + nh :].max() == 0  # the letterbox bars
 
 
 def test_bone_mask_ignores_a_burnt_in_white_bar():
@@ -122,10 +125,13 @@ def _films(carrier: str, n: int = 24):
     return images, np.array(y)
 
 
-@pytest.mark.parametrize("carrier,model,hidden,only", [
-    ("border", CornerReader(), "high", "chance"),
-    ("bone", CentreReader(), "chance", "high"),
-])
+@pytest.mark.parametrize(
+    "carrier,model,hidden,only",
+    [
+        ("border", CornerReader(), "high", "chance"),
+        ("bone", CentreReader(), "chance", "high"),
+    ],
+)
 def test_occlusion_probes_tell_a_border_reader_from_a_bone_reader(carrier, model, hidden, only):
     images, y = _films(carrier)
     prep = Preprocess("paper", 64)
@@ -304,7 +310,8 @@ def test_a_trained_run_carries_the_probes_in_its_metrics(tiny):
     from sklearn.metrics import roc_auc_score
 
     # one stratum: every pair is a same-source pair, so the probe is the ordinary AUC
-    assert within["auc"] == pytest.approx(roc_auc_score([int(r["label"]) for r in rows],
-                                                        [float(r["probability"]) for r in rows]), abs=1e-6)
+    assert within["auc"] == pytest.approx(
+        roc_auc_score([int(r["label"]) for r in rows], [float(r["probability"]) for r in rows]), abs=1e-6
+    )
     text = format_probes(p)
     assert "bone hidden" in text and "AUC within one source" in text

@@ -90,7 +90,9 @@ def test_ray_grid_gives_the_local_tables_and_cell_files(grids):
     assert len(files) == 3 * len(MODELS) * len(SEEDS)
     assert _cell_files(on_ray) == files  # the same weights, epochs and predictions, byte for byte
     for seed in SEEDS:  # every cell of a seed read the seed's one split
-        assert (on_ray / "splits" / f"seed{seed}.json").read_bytes() == (local / "splits" / f"seed{seed}.json").read_bytes()
+        assert (on_ray / "splits" / f"seed{seed}.json").read_bytes() == (
+            local / "splits" / f"seed{seed}.json"
+        ).read_bytes()
     finished = [line for line in logs if line.startswith("[")]
     assert len(finished) == len(MODELS) * len(SEEDS)  # one line per finished cell, with its wall time
     assert all(" s on " in line for line in finished)
@@ -131,16 +133,20 @@ def test_a_cell_whose_worker_dies_is_retried_and_resumes(grids, tmp_path):
     out = tmp_path / "killed"
     logs: list[str] = []
     cfg = TrainConfig(**{**base.__dict__, "epochs": 8, "patience": 100})
-    run = threading.Thread(target=reproduce, args=(root, out, cfg, ["am-only"]),
-                           kwargs=dict(seeds=[0], test_size=4, console=logs.append, ray="local"))
+    run = threading.Thread(
+        target=reproduce,
+        args=(root, out, cfg, ["am-only"]),
+        kwargs=dict(seeds=[0], test_size=4, console=logs.append, ray="local"),
+    )
     run.start()
     history = out / "cells" / "am-only" / "seed0" / "history.csv"
     state = out / "cells" / "am-only" / "seed0" / "checkpoint" / "state.json"
     end = time.monotonic() + 240
     # until epoch 1's resume state is saved (history.csv is written just before it: waiting for the
     # history alone let the kill land between the two, and the retry then rightly started afresh)
-    while time.monotonic() < end and not (state.is_file() and history.is_file()
-                                           and len(history.read_text().splitlines()) >= 2):
+    while time.monotonic() < end and not (
+        state.is_file() and history.is_file() and len(history.read_text().splitlines()) >= 2
+    ):
         time.sleep(0.05)
     victims = _descendants_named("ray::cell am-only seed 0")
     assert victims, "no Ray worker running the cell was found"

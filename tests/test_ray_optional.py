@@ -13,8 +13,9 @@ from kneeosteo.errors import ConfigError
 from kneeosteo.interfaces.cli import main, ray_flag
 
 
-@pytest.mark.parametrize("args", [["predict", "IMG", "--ray", "--out", "p.parquet"],
-                                  ["reproduce", "DATA", "--ray", "--out", "OUT"]])
+@pytest.mark.parametrize(
+    "args", [["predict", "IMG", "--ray", "--out", "p.parquet"], ["reproduce", "DATA", "--ray", "--out", "OUT"]]
+)
 def test_ray_missing_is_one_line_naming_the_extra(args, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when not installed
     args = [str(tmp_path / a) if a in ("IMG", "DATA", "OUT") else a for a in args]
@@ -29,7 +30,13 @@ def test_ray_missing_is_one_line_naming_the_extra(args, monkeypatch, tmp_path, c
 
 def test_bare_ray_means_a_local_instance_and_a_folder_is_not_an_address():
     assert ray_flag(["predict", "in/", "--ray"]) == ["predict", "in/", "--ray=local"]
-    assert ray_flag(["predict", "--ray", "in/", "--out", "p.csv"]) == ["predict", "--ray=local", "in/", "--out", "p.csv"]
+    assert ray_flag(["predict", "--ray", "in/", "--out", "p.csv"]) == [
+        "predict",
+        "--ray=local",
+        "in/",
+        "--out",
+        "p.csv",
+    ]
     assert ray_flag(["predict", "in/", "--ray", "--out", "p.csv"])[2] == "--ray=local"
     assert ray_flag(["reproduce", "d", "--ray", "head:6379"]) == ["reproduce", "d", "--ray", "head:6379"]
     assert ray_flag(["reproduce", "d", "--ray", "auto"])[2:] == ["--ray", "auto"]
@@ -65,8 +72,23 @@ def test_manifest_entries_are_read_like_command_line_files(tmp_path):
 def _predictions(n: int):
     from kneeosteo.inference.predictor import Prediction
 
-    return [Prediction(f"img{i}.png", f"{i:064x}", "ok", i / n, i / n, "normal", ("normal",) if i % 2 else (),
-                       None if i % 3 else 1.5, None if i % 3 else 2.0, bool(i % 2), 0.5, "m") for i in range(n)]
+    return [
+        Prediction(
+            f"img{i}.png",
+            f"{i:064x}",
+            "ok",
+            i / n,
+            i / n,
+            "normal",
+            ("normal",) if i % 2 else (),
+            None if i % 3 else 1.5,
+            None if i % 3 else 2.0,
+            bool(i % 2),
+            0.5,
+            "m",
+        )
+        for i in range(n)
+    ]
 
 
 def test_parquet_writer_shards_and_reads_back_every_row(tmp_path):
@@ -80,7 +102,7 @@ def test_parquet_writer_shards_and_reads_back_every_row(tmp_path):
     for _ in range(2):  # the second run replaces the first
         with PredictionWriter(out, shard_rows=10) as w:
             for i in range(0, 23, 4):
-                w.write(rows[i:i + 4])
+                w.write(rows[i : i + 4])
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     t = pq.read_table(out).to_pylist()
     assert [r["path"] for r in t] == [p.path for p in rows]

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import imagegen as g
 from PIL import Image
 
+import imagegen as g
 from kneeosteo.data import formats
 from kneeosteo.data.reader import (
     IMAGE_SUFFIXES,
@@ -66,8 +65,9 @@ FORMATS = [
 ]
 
 
-@pytest.mark.parametrize("writer,name,kw,fmt,mode,bits,channels", FORMATS,
-                         ids=[f"{w.__name__}-{n}-{k}" for w, n, k, *_ in FORMATS])
+@pytest.mark.parametrize(
+    "writer,name,kw,fmt,mode,bits,channels", FORMATS, ids=[f"{w.__name__}-{n}-{k}" for w, n, k, *_ in FORMATS]
+)
 def test_every_format_reads_to_canonical_image(tmp_path, writer, name, kw, fmt, mode, bits, channels):
     path = writer(tmp_path / name, **kw)
     img = read_image(path)
@@ -142,6 +142,7 @@ def test_one_by_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DICOM
+
 
 def test_dicom_without_window_is_stretched_to_own_range(tmp_path):
     a = g.grey16()
@@ -259,6 +260,7 @@ def test_error_is_picklable():
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def test_is_candidate(tmp_path):
     assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"} <= IMAGE_SUFFIXES
     assert is_candidate(tmp_path / "x.gif")  # docs/own-data.md says GIF is readable: the CLI must try it
@@ -305,8 +307,7 @@ def test_meta_and_image_are_frozen(tmp_path):
 
 
 def test_make_dataset(tmp_path):
-    ds = g.make_dataset(tmp_path, n_per_class=6, exact_duplicates=2, conflict_duplicates=1,
-                        near_duplicates=2, seed=3)
+    ds = g.make_dataset(tmp_path, n_per_class=6, exact_duplicates=2, conflict_duplicates=1, near_duplicates=2, seed=3)
     assert len(ds.items) == 6 * 2 + 2 + 1 + 2
     assert len(ds.paths("normal")) == 6 + 2 + 2 and len(ds.paths("osteoporosis")) == 6 + 1
     ids = {p: read_image(p).content_id for p, _ in ds.items}
@@ -318,25 +319,36 @@ def test_make_dataset(tmp_path):
         assert read_image(a).phash() - read_image(b).phash() <= 4
     originals = [p for p, _ in ds.items if p.stem.startswith(("normal_", "osteoporosis_"))]
     assert len({ids[p] for p in originals}) == len(originals) == 12
-    again = g.make_dataset(tmp_path / "again", n_per_class=6, exact_duplicates=2,
-                           conflict_duplicates=1, near_duplicates=2, seed=3)
+    again = g.make_dataset(
+        tmp_path / "again", n_per_class=6, exact_duplicates=2, conflict_duplicates=1, near_duplicates=2, seed=3
+    )
     assert [p.read_bytes() for p, _ in again.items] == [p.read_bytes() for p, _ in ds.items]
+
     # the class signal: osteoporosis images carry more high-frequency energy
     def hf(p):
         x = read_image(p).pixels
         return float(np.abs(np.diff(x, axis=1)).mean())
+
     assert min(hf(p) for p in ds.paths("osteoporosis")[:6]) > max(hf(p) for p in ds.paths("normal")[:6])
 
 
 # ----------------------------------------------------------------------------- fuzz
 
-_PREFIXES = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"BM", b"II*\x00", b"MM\x00*",
-             b"GIF89a", bytes(128) + b"DICM", bytes(128) + b"DICM\x02\x00\x10\x00UI"]
+_PREFIXES = [
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"GIF89a",
+    bytes(128) + b"DICM",
+    bytes(128) + b"DICM\x02\x00\x10\x00UI",
+]
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prefix=st.sampled_from(_PREFIXES), body=st.binary(max_size=2048),
-       suffix=st.sampled_from([".png", ".dcm"]))
+@given(prefix=st.sampled_from(_PREFIXES), body=st.binary(max_size=2048), suffix=st.sampled_from([".png", ".dcm"]))
 def test_random_bytes_only_ever_raise_image_read_error(tmp_path, prefix, body, suffix):
     path = tmp_path / f"x{suffix}"
     path.write_bytes(prefix + body)
@@ -365,8 +377,9 @@ def write_format(fmt: formats.InputFormat, path):
 
 @pytest.mark.parametrize("fmt,suffix", TABLE, ids=[f"{f.name}{s}" for f, s in TABLE])
 def test_every_format_in_the_table_is_read_tried_and_uploaded(tmp_path, fmt, suffix):
-    from kneeosteo.interfaces.web import uploads
     from starlette.datastructures import UploadFile
+
+    from kneeosteo.interfaces.web import uploads
 
     path = write_format(fmt, tmp_path / f"a{suffix}")
     img = read_image(path)

@@ -70,12 +70,18 @@ def test_agreement_table_matches_the_hand_count(refdata, monkeypatch):
     assert (op["agree"], op["of"]) == (3, 7)
     assert op["table"] == {"tp": 1, "fp": 3, "fn": 1, "tn": 2}
     assert {m["path"] for m in op["disagreeing"]} == {
-        "normal/normal_004.png", "osteoporosis/osteoporosis_001.png", "osteoporosis/osteoporosis_002.png",
-        "osteoporosis/osteoporosis_003.png"}
+        "normal/normal_004.png",
+        "osteoporosis/osteoporosis_001.png",
+        "osteoporosis/osteoporosis_002.png",
+        "osteoporosis/osteoporosis_003.png",
+    }
     assert (lbm["agree"], lbm["of"]) == (4, 7)
     assert lbm["table"] == {"tp": 3, "fp": 1, "fn": 2, "tn": 1}
     assert {m["path"] for m in lbm["disagreeing"]} == {
-        "normal/normal_001.png", "normal/normal_004.png", "osteoporosis/osteoporosis_002.png"}
+        "normal/normal_001.png",
+        "normal/normal_004.png",
+        "osteoporosis/osteoporosis_002.png",
+    }
     # the planted file with two truths is excluded and named, with both rows
     assert [m["path"] for m in a["multi_truth"]] == ["normal/normal_002.png"]
     assert "rows 4 (normal, T -0.5), 5 (osteoporosis, T -3)" in a["multi_truth"][0]["reason"]
@@ -86,11 +92,19 @@ def test_agreement_table_matches_the_hand_count(refdata, monkeypatch):
 
 def _minimal(ref: dict) -> dict:
     """An audit document holding only what summary_lines reads, plus the reference section."""
-    return {"exact_duplicates": {"groups": 0, "files_involved": 0, "label_conflicts": 0},
-            "near_duplicates": {"threshold_bits": 6, "clusters": 0}, "shortcut_metadata_only": {},
-            "per_class": {}, "files_read": 0, "distinct_images": 0, "unreadable": [], "skipped_not_images": [],
-            "patients": {"patients": 0, "images_without_patient": 0}, "manifest_rows_left_out": [],
-            "reference": ref}
+    return {
+        "exact_duplicates": {"groups": 0, "files_involved": 0, "label_conflicts": 0},
+        "near_duplicates": {"threshold_bits": 6, "clusters": 0},
+        "shortcut_metadata_only": {},
+        "per_class": {},
+        "files_read": 0,
+        "distinct_images": 0,
+        "unreadable": [],
+        "skipped_not_images": [],
+        "patients": {"patients": 0, "images_without_patient": 0},
+        "manifest_rows_left_out": [],
+        "reference": ref,
+    }
 
 
 def test_audit_command_prints_and_writes_the_reference_section(refdata, tmp_path, capsys, monkeypatch):
@@ -115,13 +129,22 @@ def test_audit_command_prints_and_writes_the_reference_section(refdata, tmp_path
     assert "`normal/normal_002.png`: reference gives no single truth" in md
 
 
-@pytest.mark.parametrize("row, message", [
-    (["normal/normal_000.png", "abc", "", "P0", "1", "female", "1"], r"row 2 \(normal/normal_000.png\): T-score 'abc'"),
-    (["normal/normal_000.png", "-3.0", "normal", "P0", "1", "female", "1"], r"row 2 .*diagnosis normal but T-score -3 is osteoporosis"),
-    (["normal/normal_000.png", "", "", "P0", "1", "female", "1"], r"row 2 .*neither a T-score nor a diagnosis"),
-    (["normal/missing.png", "-1", "", "P0", "1", "female", "1"], r"row 2: normal/missing.png not found"),
-    (["../x.png", "-1", "", "P0", "1", "female", "1"], r"row 2: path '../x.png' outside"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            ["normal/normal_000.png", "abc", "", "P0", "1", "female", "1"],
+            r"row 2 \(normal/normal_000.png\): T-score 'abc'",
+        ),
+        (
+            ["normal/normal_000.png", "-3.0", "normal", "P0", "1", "female", "1"],
+            r"row 2 .*diagnosis normal but T-score -3 is osteoporosis",
+        ),
+        (["normal/normal_000.png", "", "", "P0", "1", "female", "1"], r"row 2 .*neither a T-score nor a diagnosis"),
+        (["normal/missing.png", "-1", "", "P0", "1", "female", "1"], r"row 2: normal/missing.png not found"),
+        (["../x.png", "-1", "", "P0", "1", "female", "1"], r"row 2: path '../x.png' outside"),
+    ],
+)
 def test_a_bad_reference_row_is_a_one_line_error_naming_it(refdata, tmp_path, row, message):
     root, _, _ = refdata
     with pytest.raises(DataError, match=message):
@@ -138,9 +161,11 @@ def test_missing_or_non_numeric_covariates_are_errors_naming_the_row(refdata, tm
     # the planted two-patient file has no single covariate value: an error, not a mean
     with pytest.raises(DataError, match="normal_002.png .*different age"):
         covariate_matrix(list(ref.files.values()), ["age"])
-    for k, bad, message in [(6, "", r"row 8 \(osteoporosis/osteoporosis_001.png\): covariate weight_kg is missing"),
-                            (6, "heavy", r"row 8 .*covariate weight_kg 'heavy' is not a number"),
-                            (6, "nan", r"row 8 .*covariate weight_kg 'nan' is not a number")]:
+    for k, bad, message in [
+        (6, "", r"row 8 \(osteoporosis/osteoporosis_001.png\): covariate weight_kg is missing"),
+        (6, "heavy", r"row 8 .*covariate weight_kg 'heavy' is not a number"),
+        (6, "nan", r"row 8 .*covariate weight_kg 'nan' is not a number"),
+    ]:
         rows = [r[:] for r in ROWS]
         rows[k][6] = bad
         ref = read_reference(write_csv(tmp_path / "bad.csv", HEADER, rows), root)
@@ -180,21 +205,29 @@ def test_holdout_split_keeps_every_held_out_film_and_its_copies_out_of_training(
     assert docs[0]["train"] != docs[1]["train"] or docs[0]["val"] != docs[1]["val"]
     lbm = make_split(scan, "holdout-reference", seed=0, reference=ref, definition="low_bone_mass")
     assert {p for p in lbm["test"] if lbm["labels"][p] == "osteoporosis"} == {
-        "normal/normal_001.png", "normal/normal_004.png", "osteoporosis/osteoporosis_000.png",
-        "osteoporosis/osteoporosis_001.png", "osteoporosis/osteoporosis_003.png"}
+        "normal/normal_001.png",
+        "normal/normal_004.png",
+        "osteoporosis/osteoporosis_000.png",
+        "osteoporosis/osteoporosis_001.png",
+        "osteoporosis/osteoporosis_003.png",
+    }
     # the split file is what training reads: its test labels are the reference's
     path = tmp_path / "s.json"
     path.write_text(json.dumps(docs[0]))
     sets = load_split(path, root)
-    assert sets.label("normal/normal_004.png") == "osteoporosis" and sets.label("osteoporosis/osteoporosis_002.png") == "normal"
+    assert (
+        sets.label("normal/normal_004.png") == "osteoporosis"
+        and sets.label("osteoporosis/osteoporosis_002.png") == "normal"
+    )
 
 
 def test_held_out_leaks_finds_a_planted_copy_in_training(refdata):
     root, ref_file, scan = refdata
     doc = make_split(scan, "holdout-reference", seed=0, reference=read_reference(ref_file, root))
     doc["train"] = doc["train"] + ["normal/near_000.png"]  # a near copy of held-out normal_001
-    assert held_out_leaks(doc, scan.records) == [{"path": "normal/near_000.png", "part": "train",
-                                                  "test": "normal/normal_001.png"}]
+    assert held_out_leaks(doc, scan.records) == [
+        {"path": "normal/near_000.png", "part": "train", "test": "normal/normal_001.png"}
+    ]
 
 
 def test_holdout_protocol_needs_a_reference_and_reference_needs_the_protocol(refdata):
@@ -233,8 +266,17 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
     try:
         base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
         out = tmp_path / "repro"
-        rows = reproduce(root, out, base, ["am-only"], seeds=[0, 1], protocol="holdout-reference",
-                         reference=ref_file, covariates=["age", "sex", "weight_kg"], console=lambda _: None)
+        rows = reproduce(
+            root,
+            out,
+            base,
+            ["am-only"],
+            seeds=[0, 1],
+            protocol="holdout-reference",
+            reference=ref_file,
+            covariates=["age", "sex", "weight_kg"],
+            console=lambda _: None,
+        )
     finally:
         torch.set_num_threads(threads)
     assert rows[0]["seeds"] == 2

@@ -111,7 +111,9 @@ def test_probe_section_carries_the_runs_within_source_auc(tiny, report):
     w = json.loads(RunDir(tiny.run).metrics_file.read_text())["shortcut_probes"]["within_source"]
     probes = page.section("probes")
     assert "auc" in w  # the generated films are one source holding both classes
-    assert f"AUC within one source {w['auc']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['pairs']} pairs" in probes
+    assert (
+        f"AUC within one source {w['auc']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['pairs']} pairs" in probes
+    )
 
 
 def test_data_flow_counts_add_up_to_the_split(tiny, report):
@@ -140,9 +142,19 @@ def test_error_gallery_shows_every_wrong_image_false_negatives_first(tiny, repor
 
 
 def test_case_selection_order():
-    rows = [{"path": p, "label": y, "probability": q, "prediction": int(q >= 0.5)} for p, y, q in (
-        ("fn_mild", 1, 0.4), ("fn_bad", 1, 0.05), ("fp_mild", 0, 0.6), ("fp_bad", 0, 0.97),
-        ("tp1", 1, 0.9), ("tp2", 1, 0.99), ("tn1", 0, 0.2), ("tn2", 0, 0.01))]
+    rows = [
+        {"path": p, "label": y, "probability": q, "prediction": int(q >= 0.5)}
+        for p, y, q in (
+            ("fn_mild", 1, 0.4),
+            ("fn_bad", 1, 0.05),
+            ("fp_mild", 0, 0.6),
+            ("fp_bad", 0, 0.97),
+            ("tp1", 1, 0.9),
+            ("tp2", 1, 0.99),
+            ("tn1", 0, 0.2),
+            ("tn2", 0, 0.01),
+        )
+    ]
     cases = select_cases(rows, correct=2)
     assert [c.path for c in cases] == ["fn_bad", "fn_mild", "fp_bad", "fp_mild", "tp2", "tn2"]
     assert [c.kind for c in cases][:4] == ["false negative"] * 2 + ["false positive"] * 2
@@ -236,8 +248,9 @@ def test_markup_in_names_is_escaped(tmp_path):
     grid = tmp_path / "grid"
     (grid / "cells").mkdir(parents=True)
     evil = "<script>alert(1)</script>"
-    (grid / "table1.json").write_text(json.dumps({"info": {"reference": evil, "seeds": [0]},
-                                                  "rows": [{"model": "x", "title": evil, "seeds": 0}]}))
+    (grid / "table1.json").write_text(
+        json.dumps({"info": {"reference": evil, "seeds": [0]}, "rows": [{"model": "x", "title": evil, "seeds": 0}]})
+    )
     html = write_report(grid, tmp_path / "r.html").read_text()
     assert evil not in html and "&lt;script&gt;" in html
 
@@ -274,7 +287,12 @@ def test_the_retrain_command_is_shell_quoted(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     data = "/data/o'brien knees; rm -rf ~"
     cfg = SimpleNamespace(settings={"seed": 0}, record={"data": data}, weights_sha256="0" * 64)
-    run = SimpleNamespace(config=cfg, path=tmp_path / "my run", split_file=tmp_path / "none.json",
-                          config_file=tmp_path / "config.json", trust_file=tmp_path / "none.json")
+    run = SimpleNamespace(
+        config=cfg,
+        path=tmp_path / "my run",
+        split_file=tmp_path / "none.json",
+        config_file=tmp_path / "config.json",
+        trust_file=tmp_path / "none.json",
+    )
     argv = shlex.split(reproducibility_section(run)["command"])
     assert argv[:3] == ["kneeosteo", "train", data] and argv[-2:] == ["--out", "my run"]

@@ -236,9 +236,13 @@ def test_shortcut_probes_in_the_table_recomputed_from_the_cells(tiny_repro):
         if n:
             assert (ran[key]["adversarial_n"], ran[key]["adversarial_accuracy"]) == (n, pytest.approx(k / n)), key
             lo, hi = proportion_confint(k, n, method="wilson")
-            assert (ran[key]["adversarial_ci_low"], ran[key]["adversarial_ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+            assert (ran[key]["adversarial_ci_low"], ran[key]["adversarial_ci_high"]) == (
+                pytest.approx(lo),
+                pytest.approx(hi),
+            )
             assert ran[key]["adversarial_per_seed"] == "; ".join(
-                f"{s}: {a['correct']}/{a['n']}" for s, a in zip((0, 1), adv) if "correct" in a)
+                f"{s}: {a['correct']}/{a['n']}" for s, a in zip((0, 1), adv) if "correct" in a
+            )
         hidden = [p["occlusion"]["hide_bone"]["auc"] for p in probes]
         assert ran[key]["auc_bone_hidden_mean"] == pytest.approx(np.mean(hidden)), key
         within = [p["within_source"]["auc"] for p in probes]  # generated films: one source, both classes

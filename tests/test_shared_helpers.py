@@ -54,19 +54,22 @@ def test_percentile_interval_ignores_undefined_replicates():
     assert all(math.isnan(v) for v in percentile_interval(np.array([np.nan]), 0.05))
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: as_values([1.0, np.nan], "scores"), "NaN"),
-    (lambda: as_values(np.zeros((2, 2)), "scores"), "shape"),
-    (lambda: as_values([np.inf, np.nan], "lower", allow_inf=True), "1 value"),
-    (lambda: as_binary_labels([0, 2], "y"), "0/1"),
-    (lambda: as_class_indices([0, 3], 3, "y"), r"\[0, 3\)"),
-    (lambda: as_class_indices([0, 1], 3, "y", n=3), "3 class indices"),
-    (lambda: as_class_indices([], 3, "y"), "empty"),
-    (lambda: as_matrix(np.full((2, 3), 0.5), "probs", softmax=True), "sum to 1"),
-    (lambda: as_matrix(np.zeros(3), "logits"), "K >= 2"),
-    (lambda: check_same_length(y=[1, 2, 3], p=[1, 2]), "3 items"),
-    (lambda: as_scores_and_labels([0.1, 0.2], [1, 1]), "both classes"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: as_values([1.0, np.nan], "scores"), "NaN"),
+        (lambda: as_values(np.zeros((2, 2)), "scores"), "shape"),
+        (lambda: as_values([np.inf, np.nan], "lower", allow_inf=True), "1 value"),
+        (lambda: as_binary_labels([0, 2], "y"), "0/1"),
+        (lambda: as_class_indices([0, 3], 3, "y"), r"\[0, 3\)"),
+        (lambda: as_class_indices([0, 1], 3, "y", n=3), "3 class indices"),
+        (lambda: as_class_indices([], 3, "y"), "empty"),
+        (lambda: as_matrix(np.full((2, 3), 0.5), "probs", softmax=True), "sum to 1"),
+        (lambda: as_matrix(np.zeros(3), "logits"), "K >= 2"),
+        (lambda: check_same_length(y=[1, 2, 3], p=[1, 2]), "3 items"),
+        (lambda: as_scores_and_labels([0.1, 0.2], [1, 1]), "both classes"),
+    ],
+)
 def test_every_array_check_raises_the_one_error_type(call, words):
     with pytest.raises(ArrayError, match=words) as exc:
         call()

@@ -24,6 +24,7 @@ def _ref(seed=0, n_domain=246, n_prob=27):
 
 # -- the alarm -------------------------------------------------------------------------------
 
+
 def test_alarm_is_quiet_on_batches_drawn_like_the_reference():
     """40 batches of 40 drawn from the reference's own laws: at ALPHA = 0.01 (Bonferroni over two
     comparisons) at most 2 may fire by chance (P(>2) < 0.01 for a valid test)."""
@@ -86,13 +87,32 @@ def test_assess_batch_marks_ok_rows_uncertain_with_the_reason_when_it_fires():
     bundle, _, _ = _bundle(ShiftReference(rng.gamma(20, 5, 246), rng.beta(0.6, 0.6, 27), {}))
 
     def rows(scale):
-        return PredictionResult([Prediction(f"{i}.png", "c", "ok" if i % 2 else "out_of_domain", 0.5, 0.5, "normal",
-                                            ("normal",), float(d), 150.0, True, 0.5, "m", status_reason="x")
-                                 for i, d in enumerate(rng.gamma(20, 5, 40) * scale)])
+        return PredictionResult(
+            [
+                Prediction(
+                    f"{i}.png",
+                    "c",
+                    "ok" if i % 2 else "out_of_domain",
+                    0.5,
+                    0.5,
+                    "normal",
+                    ("normal",),
+                    float(d),
+                    150.0,
+                    True,
+                    0.5,
+                    "m",
+                    status_reason="x",
+                )
+                for i, d in enumerate(rng.gamma(20, 5, 40) * scale)
+            ]
+        )
 
     quiet = rows(1.0)
-    quiet.predictions = [p.__class__(**{**p.__dict__, "probability": float(v)})
-                         for p, v in zip(quiet.predictions, rng.beta(0.6, 0.6, 40))]
+    quiet.predictions = [
+        p.__class__(**{**p.__dict__, "probability": float(v)})
+        for p, v in zip(quiet.predictions, rng.beta(0.6, 0.6, 40))
+    ]
     assert not assess_batch(quiet, bundle).fired and all(p.status_reason == "x" for p in quiet.predictions)
     shifted = rows(2.0)
     s = assess_batch(shifted, bundle)
@@ -102,6 +122,7 @@ def test_assess_batch_marks_ok_rows_uncertain_with_the_reason_when_it_fires():
 
 
 # -- temperature: two bounds, two reasons ----------------------------------------------------
+
 
 def test_temperature_bounds_say_which_way_they_ran():
     from kneeosteo.experiments.trust_fit import temperature_fit
@@ -122,6 +143,7 @@ def test_temperature_bounds_say_which_way_they_ran():
 
 
 # -- the site check --------------------------------------------------------------------------
+
 
 def test_site_check_no_signal_when_the_auc_interval_holds_one_half():
     from kneeosteo.experiments.trust_fit import site_check
@@ -164,8 +186,18 @@ def test_calibrate_on_a_site_without_signal_marks_every_prediction_uncertain(tin
 
     site = _relabelled_site(tiny.data, tmp_path / "site", swap=True)
     with pytest.raises(SystemExit) as e:
-        main(["calibrate", str(tiny.run), str(site), "--out", str(tmp_path / "new"), "--coverage", "0.8",
-              "--class-conditional"])
+        main(
+            [
+                "calibrate",
+                str(tiny.run),
+                str(site),
+                "--out",
+                str(tmp_path / "new"),
+                "--coverage",
+                "0.8",
+                "--class-conditional",
+            ]
+        )
     assert e.value.code == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("site check: NO SIGNAL AT THIS SITE")
@@ -198,7 +230,9 @@ def test_predict_json_and_api_carry_the_batch_shift_and_the_reasons(tiny, tmp_pa
     doc = json.loads(out.read_text())
     n = len(doc["predictions"])
     assert doc["batch_shift"]["n"] == n and "status_reason" in doc["columns"]
-    assert doc["batch_shift"]["verdict"] == ("too few images" if n < MIN_SHIFT_IMAGES else doc["batch_shift"]["verdict"])
+    assert doc["batch_shift"]["verdict"] == (
+        "too few images" if n < MIN_SHIFT_IMAGES else doc["batch_shift"]["verdict"]
+    )
     assert all(p["status_reason"] for p in doc["predictions"])
     client = TestClient(create_app(WebSettings(run=tiny.run, workers=1, queue=1)))
     image = sorted((tiny.data / "normal").iterdir())[0]
@@ -216,6 +250,7 @@ def test_predict_json_and_api_carry_the_batch_shift_and_the_reasons(tiny, tmp_pa
 
 
 # -- Mondrian sets -----------------------------------------------------------------------------
+
 
 def test_mondrian_sets_cover_each_class_where_marginal_sets_do_not():
     """Class 0 easy, class 1 hard: one quantile for both under-covers the hard class; one per
@@ -246,13 +281,17 @@ def test_evaluate_reports_the_batch_shift_and_coverage_per_class(tiny, tmp_path,
     metrics, _ = evaluate_run(tiny.run, tiny.data, out=tmp_path / "ev")
     t = metrics["trust"]
     assert t["batch_shift"]["n"] == t["n"]
-    assert t["batch_shift"]["verdict"] == ("too few images" if t["n"] < MIN_SHIFT_IMAGES else t["batch_shift"]["verdict"])
+    assert t["batch_shift"]["verdict"] == (
+        "too few images" if t["n"] < MIN_SHIFT_IMAGES else t["batch_shift"]["verdict"]
+    )
     per = t["conformal_coverage_per_class"]
     assert set(per) == {"normal", "osteoporosis"}
     # the overall coverage is the class-weighted mean of the per-class ones
     counts = metrics["counts"]
     n_pos, n_neg = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
-    assert t["conformal_coverage"] == pytest.approx((per["normal"] * n_neg + per["osteoporosis"] * n_pos) / (n_pos + n_neg))
+    assert t["conformal_coverage"] == pytest.approx(
+        (per["normal"] * n_neg + per["osteoporosis"] * n_pos) / (n_pos + n_neg)
+    )
     lines = "\n".join(trust_summary(t))
     assert "coverage per class" in lines and "batch shift over these" in lines
 

@@ -30,19 +30,28 @@ print(json.dumps({{"code": code, "loaded": sorted(m for m in heavy if m in sys.m
 
 def _run_cli(*args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, not an installed copy
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("args, code", [
-    (("--help",), 0),
-    (("predict", "--help"), 0),
-    (("train", "--help"), 0),
-    (("train", "data", "--precision", "fp16"), 2),  # a choice not offered
-    (("predict", "x.png", "--batch-size", "0"), 2),  # out of range
-    (("no-such-command",), 2),
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (("--help",), 0),
+        (("predict", "--help"), 0),
+        (("train", "--help"), 0),
+        (("train", "data", "--precision", "fp16"), 2),  # a choice not offered
+        (("predict", "x.png", "--batch-size", "0"), 2),  # out of range
+        (("no-such-command",), 2),
+    ],
+)
 def test_help_and_bad_options_import_no_heavy_library(args, code):
     out = _run_cli(*args)
     assert out["code"] == code
@@ -51,8 +60,14 @@ def test_help_and_bad_options_import_no_heavy_library(args, code):
 
 def test_importing_the_cli_imports_no_heavy_library():
     code = f"import sys, kneeosteo.interfaces.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
@@ -61,14 +76,22 @@ def test_the_predict_path_imports_no_training_library():
     files read: torch stays (the preprocessing is the training code's, bit for bit), but none of the
     libraries only fitting and evaluation use."""
     training_only = ("sklearn", "crepes", "pandas", "statsmodels", "matplotlib", "torchvision")
-    code = ("import sys\n"
-            "from kneeosteo.inference import ENGINES, Predictor\n"
-            "from kneeosteo.inference.export import OnnxModel, ensure_onnx\n"
-            "from kneeosteo.inference.output import format_table, write_predictions\n"
-            "from kneeosteo.run import RunDir\n"
-            "assert RunDir.bundled().trust is not None\n"
-            f"print([m for m in {training_only!r} if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    code = (
+        "import sys\n"
+        "from kneeosteo.inference import ENGINES, Predictor\n"
+        "from kneeosteo.inference.export import OnnxModel, ensure_onnx\n"
+        "from kneeosteo.inference.output import format_table, write_predictions\n"
+        "from kneeosteo.run import RunDir\n"
+        "assert RunDir.bundled().trust is not None\n"
+        f"print([m for m in {training_only!r} if m in sys.modules])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr[-2000:]

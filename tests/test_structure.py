@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import graphlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,23 @@ from kneeosteo.run import RunDir
 PKG = Path(__file__).resolve().parent.parent / "kneeosteo"
 
 LAYERS = {  # module prefix -> layer
-    "kneeosteo": 0, "kneeosteo.errors": 0, "kneeosteo.paths": 0, "kneeosteo.utils": 0,
+    "kneeosteo": 0,
+    "kneeosteo.errors": 0,
+    "kneeosteo.paths": 0,
+    "kneeosteo.utils": 0,
     "kneeosteo.data": 1,
     "kneeosteo.models": 2,
-    "kneeosteo.config": 3, "kneeosteo.run": 3, "kneeosteo.features": 3, "kneeosteo.trust": 3,
-    "kneeosteo.training": 4, "kneeosteo.evaluation": 4,
+    "kneeosteo.config": 3,
+    "kneeosteo.run": 3,
+    "kneeosteo.features": 3,
+    "kneeosteo.trust": 3,
+    "kneeosteo.training": 4,
+    "kneeosteo.evaluation": 4,
     "kneeosteo.experiments": 5,
     "kneeosteo.inference": 6,
     "kneeosteo.reporting": 7,
-    "kneeosteo.interfaces": 8, "kneeosteo.__main__": 8,
+    "kneeosteo.interfaces": 8,
+    "kneeosteo.__main__": 8,
 }
 PEERS = {frozenset({"kneeosteo.training", "kneeosteo.evaluation"})}
 
@@ -201,8 +208,7 @@ BAD_INVOCATIONS = [  # (arguments, exit code, words the one line must contain)
 
 
 @pytest.mark.parametrize("args,code,words", BAD_INVOCATIONS, ids=[a for a, _, _ in BAD_INVOCATIONS])
-def test_a_bad_invocation_is_one_line_and_an_exit_code(args, code, words, bad_cli_world, capsys, monkeypatch,
-                                                       tmp_path):
+def test_a_bad_invocation_is_one_line_and_an_exit_code(args, code, words, bad_cli_world, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("KNEEOSTEO_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no DenseNet169 weights anywhere
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -256,16 +262,24 @@ def test_adding_a_backbone_is_one_registry_entry(monkeypatch):
 
     from kneeosteo.config import TrainConfig
     from kneeosteo.inference.explain import gradcam_layer
-    from kneeosteo.models import BackboneSpec, build_model, register_backbone
-    from kneeosteo.models import registry
+    from kneeosteo.models import BackboneSpec, build_model, register_backbone, registry
 
     def tiny() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     monkeypatch.setattr(registry, "BACKBONES", dict(registry.BACKBONES))
-    register_backbone(BackboneSpec(name="tiny_cnn", title="a test backbone", input_size=32,
-                                   mean=(0.5,) * 3, std=(0.5,) * 3, builder=tiny,
-                                   weight_sources="none (test)", gradcam_layer="0"))
+    register_backbone(
+        BackboneSpec(
+            name="tiny_cnn",
+            title="a test backbone",
+            input_size=32,
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            builder=tiny,
+            weight_sources="none (test)",
+            gradcam_layer="0",
+        )
+    )
     assert TrainConfig(backbone="tiny_cnn", backbone_weights="none").backbone == "tiny_cnn"
     model, info = build_model("tiny_cnn", weights="none")
     assert model.feature_dim == 8 and not info.pretrained
@@ -278,7 +292,6 @@ def test_the_readme_lists_exactly_the_run_folder_files():
     from kneeosteo.run import RUN_FILES
 
     docs = (PKG.parent / "docs" / "cli.md").read_text()
-    table = docs[docs.index("RUN holds:"):].split("\n\n")[1]
-    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
-            for line in table.splitlines()[2:]}
+    table = docs[docs.index("RUN holds:") :].split("\n\n")[1]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip() for line in table.splitlines()[2:]}
     assert rows == RUN_FILES

@@ -79,8 +79,13 @@ def test_who_band_takes_one_value():
 
 
 def test_severity_order():
-    assert severity_order(["osteoporosis", "zeta", "normal", "alpha", "osteopenia"]) == \
-        ["normal", "osteopenia", "osteoporosis", "alpha", "zeta"]
+    assert severity_order(["osteoporosis", "zeta", "normal", "alpha", "osteopenia"]) == [
+        "normal",
+        "osteopenia",
+        "osteoporosis",
+        "alpha",
+        "zeta",
+    ]
     assert severity_order({"osteoporosis", "normal"}) == ["normal", "osteoporosis"]
     assert severity_order(["Osteoporosis", "Normal", "Normal"]) == ["Normal", "Osteoporosis"]
     assert severity_order(["b", "a"]) == ["a", "b"]
@@ -130,7 +135,8 @@ def test_hand_weighted_kappa(hand):
     # Expected r_i c_j / n with margins (4, 3, 3): (12 + 12 + 9 + 9) / 4 + (12 + 12) = 34.5, / 10
     assert hand["cohen_kappa_weighted"]["value"] == pytest.approx(1 - 1.5 / 3.45)
     assert hand["cohen_kappa_weighted"]["value"] == pytest.approx(
-        cohen_kappa_score(Y_HAND, PRED_HAND, weights="quadratic"))
+        cohen_kappa_score(Y_HAND, PRED_HAND, weights="quadratic")
+    )
 
 
 def test_macro_is_the_mean_of_per_class(hand):
@@ -234,19 +240,22 @@ def test_format_multiclass_table(hand):
     assert any(line.startswith("weighted kappa") for line in lines)
 
 
-@pytest.mark.parametrize("y, probs, classes, words", [
-    ([0, 1, 2], _onehotish([0, 1]), C3, "shape"),  # too few rows
-    ([0, 1], _onehotish([0, 1]), ["a", "b"], "shape"),  # 3 columns for 2 classes
-    ([0, 3], _onehotish([0, 1]), C3, r"\[0, 3\)"),  # label out of range
-    ([0, -1], _onehotish([0, 1]), C3, r"\[0, 3\)"),
-    ([0.5, 1], _onehotish([0, 1]), C3, "integer"),
-    ([0, 1], np.full((2, 3), 0.5), C3, "sum to 1"),
-    ([0, 1], np.array([[0.5, 0.5, np.nan], [1, 0, 0]]), C3, "NaN"),
-    ([0, 1], np.array([[1.5, -0.5, 0], [1, 0, 0]]), C3, r"\[0, 1\]"),
-    ([], np.empty((0, 3)), C3, "empty"),
-    ([0, 1], _onehotish([0, 1]), ["a", "a", "b"], "distinct"),
-    ([0, 0], np.ones((2, 1)), ["a"], "at least 2"),
-])
+@pytest.mark.parametrize(
+    "y, probs, classes, words",
+    [
+        ([0, 1, 2], _onehotish([0, 1]), C3, "shape"),  # too few rows
+        ([0, 1], _onehotish([0, 1]), ["a", "b"], "shape"),  # 3 columns for 2 classes
+        ([0, 3], _onehotish([0, 1]), C3, r"\[0, 3\)"),  # label out of range
+        ([0, -1], _onehotish([0, 1]), C3, r"\[0, 3\)"),
+        ([0.5, 1], _onehotish([0, 1]), C3, "integer"),
+        ([0, 1], np.full((2, 3), 0.5), C3, "sum to 1"),
+        ([0, 1], np.array([[0.5, 0.5, np.nan], [1, 0, 0]]), C3, "NaN"),
+        ([0, 1], np.array([[1.5, -0.5, 0], [1, 0, 0]]), C3, r"\[0, 1\]"),
+        ([], np.empty((0, 3)), C3, "empty"),
+        ([0, 1], _onehotish([0, 1]), ["a", "a", "b"], "distinct"),
+        ([0, 0], np.ones((2, 1)), ["a"], "at least 2"),
+    ],
+)
 def test_multiclass_input_validation(y, probs, classes, words):
     with pytest.raises(ValueError, match=words):
         multiclass_metrics_with_ci(y, probs, classes, n_boot=10)
@@ -389,15 +398,18 @@ def test_constant_prediction_gives_nan_correlation():
     _json(m)
 
 
-@pytest.mark.parametrize("t, p, kw, words", [
-    ([1, 2, 3], [1, 2], {}, "3 items"),
-    ([1, 2], [1, 2], {}, "at least 3"),
-    ([1, 2, np.nan], [1, 2, 3], {}, "NaN"),
-    ([1, 2, 3], [1, 2, np.inf], {}, "inf"),
-    ([[1, 2], [3, 4]], [1, 2, 3, 4], {}, "shape"),
-    ([1, 2, 3], [1, 2, 3], {"target": "tscore"}, "target"),
-    ([1, 2, 3], [1, 2, 3], {"alpha": 1.5}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "t, p, kw, words",
+    [
+        ([1, 2, 3], [1, 2], {}, "3 items"),
+        ([1, 2], [1, 2], {}, "at least 3"),
+        ([1, 2, np.nan], [1, 2, 3], {}, "NaN"),
+        ([1, 2, 3], [1, 2, np.inf], {}, "inf"),
+        ([[1, 2], [3, 4]], [1, 2, 3, 4], {}, "shape"),
+        ([1, 2, 3], [1, 2, 3], {"target": "tscore"}, "target"),
+        ([1, 2, 3], [1, 2, 3], {"alpha": 1.5}, "alpha"),
+    ],
+)
 def test_regression_input_validation(t, p, kw, words):
     with pytest.raises(ValueError, match=words):
         regression_metrics_with_ci(t, p, n_boot=10, **kw)
@@ -485,8 +497,7 @@ def test_conformal_sets_k_cover_the_true_class(class_conditional):
 def test_conformal_sets_k_too_few_calibration_images_admit_every_class():
     cs = ConformalSetsK(coverage=0.95).fit(_onehotish([0, 1, 2]), [0, 1, 2])
     assert cs.predict(_onehotish([0, 1])).all()
-    cs = ConformalSetsK(coverage=0.9, class_conditional=True).fit(_onehotish([0] * 30 + [1] * 30),
-                                                                  [0] * 30 + [1] * 30)
+    cs = ConformalSetsK(coverage=0.9, class_conditional=True).fit(_onehotish([0] * 30 + [1] * 30), [0] * 30 + [1] * 30)
     assert math.isinf(cs.quantiles[2])  # no calibration image of class 2
     assert cs.predict(_onehotish([0]))[0, 2]
     assert "Infinity" in json.dumps(cs.to_dict())
@@ -530,9 +541,12 @@ def test_conformal_interval_validation():
 def test_every_returned_dict_is_json(hand):
     rng = np.random.default_rng(11)
     y = rng.integers(0, 3, 30)
-    for obj in (hand, label_metrics_with_ci(y, rng.integers(0, 3, 30), C3, n_boot=50),
-                paired_multiclass_tests(y, rng.integers(0, 3, 30), rng.integers(0, 3, 30), C3),
-                regression_metrics_with_ci(rng.normal(size=30), rng.normal(size=30), n_boot=50),
-                bland_altman_limits([1, 2, 3], [1, 2, 4])):
+    for obj in (
+        hand,
+        label_metrics_with_ci(y, rng.integers(0, 3, 30), C3, n_boot=50),
+        paired_multiclass_tests(y, rng.integers(0, 3, 30), rng.integers(0, 3, 30), C3),
+        regression_metrics_with_ci(rng.normal(size=30), rng.normal(size=30), n_boot=50),
+        bland_altman_limits([1, 2, 3], [1, 2, 4]),
+    ):
         json.dumps(obj, allow_nan=True)
         assert _json(obj).keys() == obj.keys()

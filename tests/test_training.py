@@ -21,6 +21,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import imagegen as g
+from kneeosteo.config import TrainConfig, load_config
 from kneeosteo.data.augment import AugmentParams
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import scan_dataset
@@ -28,13 +29,12 @@ from kneeosteo.data.split import make_split, write_split
 from kneeosteo.errors import ConfigError
 from kneeosteo.evaluation.evaluate import evaluate_run
 from kneeosteo.experiments.pipeline import train_and_score
+from kneeosteo.features.cache import TensorCache, backbone_cache_id, cache_key
+from kneeosteo.features.prepare import prepare
 from kneeosteo.interfaces.cli import app
 from kneeosteo.models import build_model
 from kneeosteo.run import RunDir
 from kneeosteo.training import trainer
-from kneeosteo.features.cache import TensorCache, backbone_cache_id, cache_key
-from kneeosteo.config import TrainConfig, load_config
-from kneeosteo.features.prepare import prepare
 from kneeosteo.training.trainer import HISTORY_FIELDS, train
 
 SIZE = 64
@@ -49,8 +49,18 @@ PNGS = ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png")
 
 
 def make_cfg(ws, out, **kw) -> TrainConfig:
-    base = dict(data=str(ws.data), out=str(out), split=str(ws.split), image_size=SIZE, copies=1,
-                epochs=EPOCHS, patience=100, batch_size=8, seed=0, device="cpu")
+    base = dict(
+        data=str(ws.data),
+        out=str(out),
+        split=str(ws.split),
+        image_size=SIZE,
+        copies=1,
+        epochs=EPOCHS,
+        patience=100,
+        batch_size=8,
+        seed=0,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -104,8 +114,9 @@ def train_counting(cfg: TrainConfig, mp: pytest.MonkeyPatch, resume: bool = Fals
         run = train_and_score(cfg, resume=resume, console=quiet)
     finally:
         mp.undo()
-    return SimpleNamespace(run=run, hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches),
-                           model=models[-1])
+    return SimpleNamespace(
+        run=run, hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches), model=models[-1]
+    )
 
 
 def full_forward_probs(run: Path, data: Path, paths: list[str], cache_root: Path) -> np.ndarray:
@@ -136,8 +147,9 @@ def ws(tmp_path_factory, one_thread):
         other = g.make_dataset(root / "other", n_per_class=6, size=SIZE, seed=7).root
         doc = make_split(scan_dataset(data), "paper", seed=0, test_size=TEST_SIZE, val_fraction=0.25)
         write_split(doc, root / "split.json")
-        yield SimpleNamespace(root=root, data=data, other=other, split=root / "split.json", doc=doc,
-                              cache=root / "cache")
+        yield SimpleNamespace(
+            root=root, data=data, other=other, split=root / "split.json", doc=doc, cache=root / "cache"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +352,17 @@ def test_cache_keys_name_everything_that_shapes_the_tensors(ws, tmp_path):
     assert cache_key(**k) != cache_key(**{**k, "backbone": "efficientnet_lite0:abd"})
     assert cache_key(**k) != cache_key(**{**k, "backbone": "densenet169:abc"})
     p = Preprocess("paper", 64)
-    assert len({p.key(), Preprocess("robust", 64).key(), Preprocess("paper", 65).key(),
-                Preprocess("paper", 64, mean=(0.5, 0.5, 0.5)).key()}) == 4
+    assert (
+        len(
+            {
+                p.key(),
+                Preprocess("robust", 64).key(),
+                Preprocess("paper", 65).key(),
+                Preprocess("paper", 64, mean=(0.5, 0.5, 0.5)).key(),
+            }
+        )
+        == 4
+    )
     assert AugmentParams(copies=2).key() != AugmentParams(copies=1).key()
 
     # the backbone id: the weights file's sha256 when there is one, else the module's own state
@@ -437,7 +458,9 @@ def test_resume_after_a_crash_through_the_cli(ws, runs, tmp_path, monkeypatch):
 REAL_RUN_EPOCH = trainer.run_epoch
 
 
-def _scripted_val_losses(monkeypatch, losses: dict[int, float], snapshots: dict[int, dict], crash_in: int | None = None):
+def _scripted_val_losses(
+    monkeypatch, losses: dict[int, float], snapshots: dict[int, dict], crash_in: int | None = None
+):
     """run_epoch with the real training step, validation loss ``losses[epoch]`` (parsed from the
     epoch's description), the model's trainable state recorded after each epoch in ``snapshots``,
     and a crash in the training pass of epoch ``crash_in``."""
@@ -450,7 +473,9 @@ def _scripted_val_losses(monkeypatch, losses: dict[int, float], snapshots: dict[
                 raise RuntimeError("simulated crash")
             return real(model, batches, cfg, device, amp, optimizer, generator, desc, **kw)
         _, acc, probs = real(model, batches, cfg, device, amp, desc=desc)
-        snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        snapshots[epoch] = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
+        }
         return losses[epoch], acc, probs
 
     monkeypatch.setattr(trainer, "run_epoch", scripted)
@@ -528,7 +553,9 @@ def test_early_stopping_keeps_the_best_epoch(ws, tmp_path, monkeypatch):
         if optimizer is not None:
             return real(model, batches, cfg, device, amp, optimizer, generator, desc)
         _, acc, probs = real(model, batches, cfg, device, amp, desc=desc)
-        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")})
+        snapshots.append(
+            {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        )
         return next(val_losses), acc, probs
 
     monkeypatch.setattr(trainer, "run_epoch", scripted)
@@ -537,8 +564,9 @@ def test_early_stopping_keeps_the_best_epoch(ws, tmp_path, monkeypatch):
     assert not result.run.metrics_file.exists()  # train does not score: train_and_score does
     rows = history(out)
     assert len(rows) == 3 and len(snapshots) == 3
-    assert [(h["epoch"], h["val_loss"]) for h in result.history] == \
-        [(int(r["epoch"]), float(r["val_loss"])) for r in rows]  # the history returned is history.csv's
+    assert [(h["epoch"], h["val_loss"]) for h in result.history] == [
+        (int(r["epoch"]), float(r["val_loss"])) for r in rows
+    ]  # the history returned is history.csv's
     run = RunDir(out).config.record
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert run["best_epoch"] == int(best["epoch"]) == 2
@@ -594,8 +622,17 @@ def test_partial_finetune_trains_only_the_last_stage_and_reloads(ws, tmp_path):
     """--finetune --trainable-stages 1 --backbone-lr-scale 0.1 --augment online --source-augment:
     the frozen stages keep their pretrained weights, the last stage learns, no BatchNorm statistic
     moves, the backbone's Adam group runs at lr x 0.1, and the saved run reloads to the same outputs."""
-    cfg = make_cfg(ws, tmp_path / "ft", finetune=True, trainable_stages=1, backbone_lr_scale=0.1,
-                   augment="online", source_augment=True, epochs=2, precision="fp32")
+    cfg = make_cfg(
+        ws,
+        tmp_path / "ft",
+        finetune=True,
+        trainable_stages=1,
+        backbone_lr_scale=0.1,
+        augment="online",
+        source_augment=True,
+        epochs=2,
+        precision="fp32",
+    )
     seen = {}
     real = trainer.param_groups
 
@@ -613,8 +650,11 @@ def test_partial_finetune_trains_only_the_last_stage_and_reloads(ws, tmp_path):
     for k, v in before.items():
         if "running_" in k or "num_batches" in k or not k.startswith(last):
             assert torch.equal(saved[k], v), k  # frozen weights and every BN statistic unchanged
-    assert any(not torch.equal(saved[k], v) for k, v in before.items()
-               if k.startswith(last) and "running_" not in k and "num_batches" not in k)
+    assert any(
+        not torch.equal(saved[k], v)
+        for k, v in before.items()
+        if k.startswith(last) and "running_" not in k and "num_batches" not in k
+    )
     assert seen["groups"][1][1] == pytest.approx(cfg.lr * 0.1) and seen["groups"][0][1] is None
     assert weights_contents(run) == "full"
     assert json.loads((run / "config.json").read_text())["identity"]["model"]["trainable_stages"] == 1
@@ -649,6 +689,7 @@ def test_runs_and_metrics_record_their_compute_path(ws, runs, monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the forced AVX2 path never claims native bf16
     assert bf16_native() is False and compute_path()["onednn_max_cpu_isa"] == "AVX2"
     assert path_label("torch.bfloat16", "AVX512") == "bf16 on AVX512" and path_label("fp32", "AVX2") == "fp32 on AVX2"
-    recs = [{"autocast": "fp32", "environment": {"cpu_capability": "AVX2"}}] * 2 + \
-           [{"autocast": "torch.bfloat16", "environment": {"cpu_capability": "AVX512"}}]
+    recs = [{"autocast": "fp32", "environment": {"cpu_capability": "AVX2"}}] * 2 + [
+        {"autocast": "torch.bfloat16", "environment": {"cpu_capability": "AVX512"}}
+    ]
     assert cells_paths(recs) == {"fp32 on AVX2": 2, "bf16 on AVX512": 1}

@@ -43,6 +43,7 @@ def _binary(n, seed, scale=1.5):
 
 # -- calibration --------------------------------------------------------------------------------
 
+
 def test_temperature_scaling_recovers_a_known_temperature():
     z, y = _binary(20000, 0)
     cal = TemperatureScaler()
@@ -113,18 +114,43 @@ def test_calibration_slope_and_intercept():
 
 # -- operating point ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,kind,value", [
-    ("youden", "youden", None), (" Youden ", "youden", None), ("sensitivity=0.9", "sensitivity", 0.9),
-    ("specificity = 0.85", "specificity", 0.85), ("0.5", "fixed", 0.5), ("sensitivity=1", "sensitivity", 1.0),
-])
+
+@pytest.mark.parametrize(
+    "text,kind,value",
+    [
+        ("youden", "youden", None),
+        (" Youden ", "youden", None),
+        ("sensitivity=0.9", "sensitivity", 0.9),
+        ("specificity = 0.85", "specificity", 0.85),
+        ("0.5", "fixed", 0.5),
+        ("sensitivity=1", "sensitivity", 1.0),
+    ],
+)
 def test_operating_point_parses(text, kind, value):
     op = parse_operating_point(text)
     assert (op.kind, op.value) == (kind, value)
     assert parse_operating_point(str(op)) == op
 
 
-@pytest.mark.parametrize("text", ["", "yuoden", "sensitivity", "sensitivity=", "sensitivity=1.5", "specificity=0",
-                                  "recall=0.9", "1.5", "0", "1", "nan", "inf", "-0.2", "0.5x"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "yuoden",
+        "sensitivity",
+        "sensitivity=",
+        "sensitivity=1.5",
+        "specificity=0",
+        "recall=0.9",
+        "1.5",
+        "0",
+        "1",
+        "nan",
+        "inf",
+        "-0.2",
+        "0.5x",
+    ],
+)
 def test_a_bad_operating_point_is_a_config_error_naming_the_forms(text):
     with pytest.raises(ConfigError, match="youden, sensitivity=X, specificity=X"):
         parse_operating_point(text)
@@ -154,6 +180,7 @@ def test_operating_points_meet_their_targets_and_youden_is_the_brute_force_best(
 
 
 # -- conformal ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("class_conditional", [False, True])
 def test_conformal_coverage_on_fresh_scores_is_the_target(class_conditional):
@@ -194,6 +221,7 @@ def test_conformal_with_too_few_calibration_images_keeps_both_classes():
 
 # -- decision curve -----------------------------------------------------------------------------
 
+
 def test_decision_curve_lines():
     z, y = _binary(1000, 8)
     p = sigmoid(z)
@@ -210,6 +238,7 @@ def test_decision_curve_lines():
 
 
 # -- domain check -------------------------------------------------------------------------------
+
 
 def _in_domain(n, d, seed):
     basis = np.random.default_rng(42).normal(size=(d, d)) / np.sqrt(d)  # fixed correlation
@@ -301,6 +330,7 @@ def test_assess_combines_distance_and_pixels():
 
 # -- one trusted prediction ---------------------------------------------------------------------
 
+
 def test_trusted_prediction_fields_and_statuses():
     z, y = _binary(2000, 10)
     cal = TemperatureScaler()
@@ -311,15 +341,26 @@ def test_trusted_prediction_fields_and_statuses():
     confident = trusted_prediction(8.0, **kw, domain_score=1.0, in_domain=True)
     assert confident.status == "ok" and confident.label == "osteoporosis"
     assert confident.prediction_set == ("osteoporosis",)
-    assert confident.raw_probability == pytest.approx(sigmoid(8.0)) and confident.probability < confident.raw_probability
+    assert (
+        confident.raw_probability == pytest.approx(sigmoid(8.0)) and confident.probability < confident.raw_probability
+    )
     torn = trusted_prediction(0.0, **kw, domain_score=1.0, in_domain=True)
     assert torn.status == "uncertain" and torn.prediction_set == ("normal", "osteoporosis")
     assert torn.label == "osteoporosis"  # 0.5 >= 0.4: the label follows the operating threshold
     away = trusted_prediction(8.0, **kw, domain_score=9.0, in_domain=False)
     assert away.status == "out_of_domain" and away.label == "" and away.prediction_set == ()
     d = away.to_dict()
-    assert list(d) == ["status", "probability", "raw_probability", "label", "prediction_set",
-                       "domain_score", "domain_threshold", "calibrated", "status_reason"]
+    assert list(d) == [
+        "status",
+        "probability",
+        "raw_probability",
+        "label",
+        "prediction_set",
+        "domain_score",
+        "domain_threshold",
+        "calibrated",
+        "status_reason",
+    ]
     # issue 33: every status says why
     assert confident.status_reason == "in domain; one class in the 90% prediction set"
     assert torn.status_reason == "both classes in the 90% prediction set"
@@ -350,6 +391,7 @@ def test_ok_only_when_the_label_is_the_single_member_of_the_set():
 
 # -- fail closed on a stored state (issue 28 row 9) ---------------------------------------------
 
+
 def _bundle_state():
     from kneeosteo.trust import TrustBundle
 
@@ -361,8 +403,10 @@ def _bundle_state():
     return TrustBundle(cal, 0.5, "0.5", cc, dc, ("normal", "osteoporosis")).to_state()
 
 
-@pytest.mark.parametrize("damage", ["mean-nan", "scale-inf", "scale-zero", "threshold-huge", "threshold-nan",
-                                    "temperature-huge", "conformal-nan"])
+@pytest.mark.parametrize(
+    "damage",
+    ["mean-nan", "scale-inf", "scale-zero", "threshold-huge", "threshold-nan", "temperature-huge", "conformal-nan"],
+)
 def test_a_non_finite_or_out_of_range_trust_state_is_refused(damage):
     """With the hashes fixed up, such a state made every distance NaN (counted in domain) or let
     anything through; now it is refused (RunDir turns the error into one naming the file)."""
@@ -399,12 +443,13 @@ def test_a_nan_distance_is_out_of_domain():
 
 # -- the film checks: orientation, composition, noise (issue 28 row 6) -------------------------
 
+
 def _knee_like(h: int = 400, w: int = 200, seed: int = 0) -> np.ndarray:
     """A dark film with one bright bone column (shaft, joint block, shaft) and faint smooth texture."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     half = np.where(np.abs(y - 0.5) < 0.08, 0.22, 0.12)  # the joint is wider than the shafts
-    bone = np.exp(-((x - 0.5) / half) ** 8) * (0.55 + 0.1 * y)
+    bone = np.exp(-(((x - 0.5) / half) ** 8)) * (0.55 + 0.1 * y)
     img = 0.08 + bone + 0.01 * np.sin(12 * y) * np.cos(9 * x) + rng.normal(0, 0.002, (h, w))
     return np.clip(img, 0, 1).astype(np.float32)
 

@@ -19,17 +19,21 @@ from conftest import KOP_DIR, require
 from imagegen import non_knee_corpus
 from kneeosteo.errors import CheckpointError, ConfigError
 from kneeosteo.run import RunDir
-from kneeosteo.trust import STATUSES, sigmoid
+from kneeosteo.trust import STATUSES
 
 FIELDS = ("status", "probability", "raw_probability", "label", "prediction_set", "domain_score", "domain_threshold")
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- the session's tiny run, calibrated once on its own data (20 images) ---------------------------
+
 
 @pytest.fixture(scope="module")
 def calibrated(tiny, tmp_path_factory, one_thread):
@@ -163,8 +167,11 @@ def _check_row(row: dict, bundle, threshold: float):
     raw, prob = float(row["raw_probability"]), float(row["probability"])
     z = np.log(raw) - np.log1p(-raw)
     assert prob == pytest.approx(float(bundle.calibrator.transform(np.array([z]))[0]), abs=2e-6)
-    pset = row["prediction_set"] if isinstance(row["prediction_set"], list) else \
-        [s for s in row["prediction_set"].split(";") if s]
+    pset = (
+        row["prediction_set"]
+        if isinstance(row["prediction_set"], list)
+        else [s for s in row["prediction_set"].split(";") if s]
+    )
     if row["status"] == "out_of_domain":
         assert row["label"] == "" and pset == []
     else:
@@ -266,6 +273,7 @@ def test_training_settings_reject_a_bad_operating_point_or_coverage():
 
 # -- the domain check on KOP ------------------------------------------------------------------------
 
+
 def test_domain_check_accepts_kop_test_images_and_rejects_non_knee_images(tmp_path):
     """Fitted as training fits it (frozen Lite0 features of KOP training images, out-of-fold
     threshold at 95%), on the bundled model's split: KOP test images pass, the generated
@@ -278,8 +286,9 @@ def test_domain_check_accepts_kop_test_images_and_rejects_non_knee_images(tmp_pa
     from kneeosteo.models import build_model, get_backbone_spec
     from kneeosteo.trust import DomainCheck
 
-    split = json.loads((Path(__file__).resolve().parent.parent / "kneeosteo" / "assets" / "default_model"
-                        / "split.json").read_text())
+    split = json.loads(
+        (Path(__file__).resolve().parent.parent / "kneeosteo" / "assets" / "default_model" / "split.json").read_text()
+    )
     model, _ = build_model("efficientnet_lite0", attention=False)
     spec = get_backbone_spec("efficientnet_lite0")
     prep = Preprocess("paper", 224, tuple(spec.mean), tuple(spec.std), False)
@@ -341,6 +350,7 @@ def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_threa
 
 # -- issue 30: what the trust pieces were fitted on, read from the fit's own input -------------------
 
+
 def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, monkeypatch, one_thread):
     """Training's fit (``fit_trust_from_split``, what train_and_score calls) hands the temperature,
     threshold and conformal fit the split's validation images, by content id read from the files
@@ -379,8 +389,12 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
     p, y = seen["conformal"]
     assert len(p) == len(ids["val"]) and bundle.conformal.calibration_scores.size == len(ids["val"])
     # the probabilities are the model's own on those files (temperature 1: too few to fit one)
-    want = {Path(r.path).name: r.raw_probability for r in
-            Predictor(tiny.run, engine="torch").predict([tiny.data / q for q in seen["calibration"]], progress=False).predictions}
+    want = {
+        Path(r.path).name: r.raw_probability
+        for r in Predictor(tiny.run, engine="torch")
+        .predict([tiny.data / q for q in seen["calibration"]], progress=False)
+        .predictions
+    }
     got = dict(zip([Path(q).name for q in seen["calibration"]], p))
     assert set(got) == set(want) and all(abs(got[k] - want[k]) < 2e-3 for k in got), (got, want)
     stored = run.trust.conformal  # fitted when the session's tiny run was trained
@@ -390,8 +404,10 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
 
 # -- calibrate at a site: the refit threshold (issue 28 row 4) --------------------------------------
 
-def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_on(bundled_run, tmp_path, caplog,
-                                                                                   one_thread):
+
+def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_on(
+    bundled_run, tmp_path, caplog, one_thread
+):
     """Two films set the threshold to the larger distance (ordinary films then fail); the refit
     used fp16-cached inputs, so a calibration film itself was refused at prediction (fp32). Now:
     fewer than 40 films keep the run's threshold; enough are refit on predict's own inputs;
@@ -414,8 +430,13 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
     assert any("identical images with two labels" in m for m in caplog.messages)
     assert new.trust.fitted["calibration_images"] == 41  # 43 files less the film and its copy in the other class
     result = Predictor(new.path, engine="torch").predict([p for p, _ in site.items], progress=False)
-    scores = np.array([r.domain_score for r in result.predictions if "conflict" not in r.path
-                       and Path(r.path).name != site.conflicts[0][0].name])
+    scores = np.array(
+        [
+            r.domain_score
+            for r in result.predictions
+            if "conflict" not in r.path and Path(r.path).name != site.conflicts[0][0].name
+        ]
+    )
     assert new.trust.domain.threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
     assert (scores <= new.trust.domain.threshold * (1 + 1e-5)).mean() >= 0.95
 

@@ -11,6 +11,7 @@ import json
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,17 +19,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import imagegen as g
-from kneeosteo.data.reader import read_image
-from types import SimpleNamespace
-
 from kneeosteo import run as run_mod
+from kneeosteo.data.reader import read_image
 from kneeosteo.inference import Predictor
-from kneeosteo.run import RunDir
 from kneeosteo.interfaces.cli import main
-from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app
-from kneeosteo.interfaces.web import uploads
+from kneeosteo.interfaces.web import DEFAULT_CAVEAT, WebSettings, create_app, uploads
 from kneeosteo.interfaces.web.app import card_caveat
 from kneeosteo.interfaces.web.pool import BoundedPool, PoolFull
+from kneeosteo.run import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -140,7 +138,12 @@ def test_model_endpoint(client, tiny_run):
     assert doc["config"]["identity"]["classes"] == config["identity"]["classes"]
     assert doc["config"]["weights_sha256"] == config["weights_sha256"]
     assert doc["caveat"] == DEFAULT_CAVEAT and doc["card"] is None  # a trained run has no card
-    assert doc["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 25_000_000, "workers": 2, "queue": 2}  # 25 MP: the service default
+    assert doc["limits"] == {
+        "max_upload_bytes": LIMIT,
+        "max_pixels": 25_000_000,
+        "workers": 2,
+        "queue": 2,
+    }  # 25 MP: the service default
 
 
 def test_model_endpoint_tells_a_stranger_nothing_about_the_server(client, tiny_run, tiny):
@@ -158,23 +161,34 @@ def test_model_endpoint_tells_a_stranger_nothing_about_the_server(client, tiny_r
 def test_public_doc_withholds_paths_and_calibration_file_names():
     from kneeosteo.interfaces.web.app import public_doc
 
-    doc = {"settings": {"data": "../shared/kop", "epochs": 3},
-           "record": {"calibrated_from": {"run": "/srv/runs/a", "model_id": "m-1"},
-                      "calibration_data": {"data": "site", "content_ids": {"p/a.png": "00"}},
-                      "reweight": {"method": "1 / P(own label | file metadata)"},
-                      "backbone_weights": {"path": "/venv/lib/x.pth", "sha256": "ab"}},
-           "fitted": {"calibration_set": "/data/site films", "domain_set": "training partition (originals)"}}
+    doc = {
+        "settings": {"data": "../shared/kop", "epochs": 3},
+        "record": {
+            "calibrated_from": {"run": "/srv/runs/a", "model_id": "m-1"},
+            "calibration_data": {"data": "site", "content_ids": {"p/a.png": "00"}},
+            "reweight": {"method": "1 / P(own label | file metadata)"},
+            "backbone_weights": {"path": "/venv/lib/x.pth", "sha256": "ab"},
+        },
+        "fitted": {"calibration_set": "/data/site films", "domain_set": "training partition (originals)"},
+    }
     out = public_doc(doc)
-    assert out == {"settings": {"data": None, "epochs": 3},
-                   "record": {"calibrated_from": {"run": None, "model_id": "m-1"}, "calibration_data": {"data": None},
-                              "reweight": {"method": "1 / P(own label | file metadata)"},
-                              "backbone_weights": {"path": None, "sha256": "ab"}},
-                   "fitted": {"calibration_set": None, "domain_set": "training partition (originals)"}}
+    assert out == {
+        "settings": {"data": None, "epochs": 3},
+        "record": {
+            "calibrated_from": {"run": None, "model_id": "m-1"},
+            "calibration_data": {"data": None},
+            "reweight": {"method": "1 / P(own label | file metadata)"},
+            "backbone_weights": {"path": None, "sha256": "ab"},
+        },
+        "fitted": {"calibration_set": None, "domain_set": "training partition (originals)"},
+    }
 
 
 def test_caveat_comes_from_the_model_card():
-    card = ("# Model card: default\n\n**Research use only — not a diagnostic device.** It has not been\n"
-            "validated on any clinical population.\n\n## Data\nKOP.\n")
+    card = (
+        "# Model card: default\n\n**Research use only — not a diagnostic device.** It has not been\n"
+        "validated on any clinical population.\n\n## Data\nKOP.\n"
+    )
     assert card_caveat(card) == "Research use only — not a diagnostic device."
     card = "# Card\n\nSome intro.\n\n> For research use only. Do not use it for patients.\n"
     assert card_caveat(card) == "For research use only."
@@ -241,13 +255,16 @@ def test_overlays_are_shrunk_for_display(client, tmp_path):
 
 
 @pytest.mark.parametrize("endpoint", ["/api/predict", "/api/explain"])
-@pytest.mark.parametrize("kind, code, words", [
-    ("text", 415, "not an image"),
-    ("truncated", 422, "truncated"),
-    ("truncated_jpeg", 422, "corrupt or truncated"),
-    ("bomb", 422, "decompression bomb"),
-    ("empty", 422, "empty"),
-])
+@pytest.mark.parametrize(
+    "kind, code, words",
+    [
+        ("text", 415, "not an image"),
+        ("truncated", 422, "truncated"),
+        ("truncated_jpeg", 422, "corrupt or truncated"),
+        ("bomb", 422, "decompression bomb"),
+        ("empty", 422, "empty"),
+    ],
+)
 def test_bad_uploads_get_a_reason(client, files, endpoint, kind, code, words):
     r = post(client, endpoint, files[kind])
     assert r.status_code == code
@@ -260,7 +277,10 @@ def test_bomb_by_pixel_count_is_refused_before_decoding(tiny_run, files):
     app = create_app(WebSettings(run=tiny_run, max_pixels=1000))  # the 96x96 png is over it
     with TestClient(app) as c:
         r = post(c, "/api/predict", files["png"])
-    assert r.status_code == 422 and "decompression bomb: 96x96 = 9216 pixels exceeds the limit of 1000" in r.json()["detail"]
+    assert (
+        r.status_code == 422
+        and "decompression bomb: 96x96 = 9216 pixels exceeds the limit of 1000" in r.json()["detail"]
+    )
 
 
 def test_damaged_files_that_start_like_images_are_422_others_415(client):
@@ -298,8 +318,11 @@ def test_413_from_content_length_reads_no_body(client):
     """A request declared far too large is refused from its Content-Length header alone: the
     middleware answers before reading one chunk of the body, and closes the connection."""
     sent: list = []
-    r = client.post("/api/explain", content=_body(sent), headers={
-        "content-type": "multipart/form-data; boundary=x", "content-length": str(40 * 10_000)})
+    r = client.post(
+        "/api/explain",
+        content=_body(sent),
+        headers={"content-type": "multipart/form-data; boundary=x", "content-length": str(40 * 10_000)},
+    )
     assert r.status_code == 413 and "the limit is 0.2 MB" in r.json()["detail"]
     assert r.headers.get("connection") == "close"
     assert sent == []  # refused before the body

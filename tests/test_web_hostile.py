@@ -44,13 +44,13 @@ def test_422_is_short_and_never_echoes_the_upload(client, case):
     text = base64.b64encode(raw).decode()
     if case == "empty_filename":  # starlette reads a part with filename="" as a plain field
         r = client.post("/api/predict", files={"file": ("", raw, "image/png")})
-        markers = [raw[i:i + 16] for i in (0, BIG // 2, BIG - 16)]
+        markers = [raw[i : i + 16] for i in (0, BIG // 2, BIG - 16)]
     elif case == "non_file_field":
         r = client.post("/api/explain", files={"file": (None, raw)})
-        markers = [raw[i:i + 16] for i in (0, BIG // 2, BIG - 16)]
+        markers = [raw[i : i + 16] for i in (0, BIG // 2, BIG - 16)]
     else:
         r = client.post("/api/predict", data={"file": text})
-        markers = [text[i:i + 16].encode() for i in (0, len(text) // 2, len(text) - 16)]
+        markers = [text[i : i + 16].encode() for i in (0, len(text) // 2, len(text) - 16)]
     assert r.status_code == 422
     assert len(r.content) < 2048, len(r.content)
     assert not any(m in r.content for m in markers)
@@ -69,9 +69,11 @@ def test_422_for_a_missing_field_says_what_to_send(client):
 
 # ------------------------------------------------------- 6: huge declared size, refused before decoding
 
+
 def huge_png(path: Path, width: int = 9999, height: int = 9999) -> Path:
     """A valid 8-bit grey PNG, all black, whose pixels (100 MP for 9999x9999) dwarf its file
     (~100 KB): the rows are compressed as they are made, so nothing that size is ever held."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -79,8 +81,12 @@ def huge_png(path: Path, width: int = 9999, height: int = 9999) -> Path:
     for _ in range(height):
         idat.append(comp.compress(row))
     idat.append(comp.flush())
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", b"".join(idat))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -136,8 +142,10 @@ def test_serve_max_megapixels_option_reaches_the_service(monkeypatch):
 # short limits for the test; `serve` uses ConnectionLimits() (5 s idle, 10 s headers, 10 KB / 10 s)
 IDLE, HEADERS, WINDOW, MIN_BYTES = 1.0, 1.5, 1.5, 4096
 SLACK = 3.0  # the server checks every tenth of the shortest limit; the rest is a loaded machine (see `slack`)
-POST_HEAD = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-             b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n")
+POST_HEAD = (
+    b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n"
+)
 
 
 def guarded_server(app, **limits):
@@ -197,8 +205,9 @@ def read_response(s) -> bytes:
     while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
     while len(body) < length and (chunk := s.recv(65536)):
         body += chunk
     return head + b"\r\n\r\n" + body
@@ -207,7 +216,6 @@ def read_response(s) -> bytes:
 def closed_by_server(s, deadline: float) -> bool:
     """Whether the server closes ``s`` before ``deadline`` (time.monotonic()); reads and drops
     whatever it sends first."""
-    import socket
     import time
 
     while (left := deadline - time.monotonic()) > 0:
@@ -217,7 +225,7 @@ def closed_by_server(s, deadline: float) -> bool:
                 return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
     return False
 
@@ -361,6 +369,10 @@ def test_serve_runs_uvicorn_with_the_guard_and_its_documented_limits(monkeypatch
     assert stop.value.code == 0
     kw = calls[0]
     assert issubclass(kw["http"], GuardedH11Protocol) and kw["http"].limits == ConnectionLimits()
-    assert (ConnectionLimits().idle_s, ConnectionLimits().header_s, ConnectionLimits().body_window_s,
-            ConnectionLimits().body_min_bytes) == (5.0, 10.0, 10.0, 10_000)  # the numbers in docs/cli.md (`serve`)
+    assert (
+        ConnectionLimits().idle_s,
+        ConnectionLimits().header_s,
+        ConnectionLimits().body_window_s,
+        ConnectionLimits().body_min_bytes,
+    ) == (5.0, 10.0, 10.0, 10_000)  # the numbers in docs/cli.md (`serve`)
     assert kw["timeout_keep_alive"] == 5 and kw["host"] == "127.0.0.1"

@@ -15,14 +15,21 @@ import pytest
 import torch
 
 import imagegen as g
+from kneeosteo.config import TrainConfig
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.config import TrainConfig
 from kneeosteo.experiments.pipeline import train_and_score
 
 
-def tiny_run(root: Path, settings: dict, *, n_per_class: int = 12, size: int = 64, run_name: str = "ref",
-             split_kw: dict | None = None) -> SimpleNamespace:
+def tiny_run(
+    root: Path,
+    settings: dict,
+    *,
+    n_per_class: int = 12,
+    size: int = 64,
+    run_name: str = "ref",
+    split_kw: dict | None = None,
+) -> SimpleNamespace:
     """Data under ``root/data``, ``root/split.json``, ``root/cfg.toml`` (``settings`` as TOML) and a
     run at ``root/run_name`` trained and scored with ``settings`` (``.run`` is its folder, with
     metrics.json and predictions.csv); the feature cache is ``root/cache``."""
@@ -38,8 +45,10 @@ def tiny_run(root: Path, settings: dict, *, n_per_class: int = 12, size: int = 6
             write_split(make_split(scan_dataset(data), "paper", seed=0, **split_kw), split)
             cfg = root / "cfg.toml"
             cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
-            run = train_and_score(TrainConfig(data=str(data), out=str(root / run_name), split=str(split), **settings),
-                        console=lambda *a: None)
+            run = train_and_score(
+                TrainConfig(data=str(data), out=str(root / run_name), split=str(split), **settings),
+                console=lambda *a: None,
+            )
     finally:
         torch.set_num_threads(before)
     return SimpleNamespace(root=root, data=data, split=split, cfg=cfg, run=run, cache=cache)

@@ -38,8 +38,10 @@ def _column_summary(recs) -> dict:
     """The manifest's numbers (distribution per class) and its text columns (most common values)."""
     out: dict = {"numbers": {}, "text": {}}
     for col in sorted({c for r in recs for c in r.values}):
-        out["numbers"][col] = {label: _dist([r.values[col] for r in recs if r.label == label and col in r.values])
-                               for label in sorted({r.label for r in recs})}
+        out["numbers"][col] = {
+            label: _dist([r.values[col] for r in recs if r.label == label and col in r.values])
+            for label in sorted({r.label for r in recs})
+        }
     for col in sorted({c for r in recs for c in r.info}):
         counts = Counter(r.info[col] for r in recs if col in r.info)
         out["text"][col] = {"distinct": len(counts), "most_common": dict(counts.most_common(10))}
@@ -57,16 +59,29 @@ def split_check(scan: Scan, split_file: str | Path) -> dict:
     leaks = patient_leaks(sets, scan.records)
     key = doc.get("group_key")
     patient_sources = [k for k in (key or []) if k in KEY_SOURCES]
-    carried = [s for s, n in (("DICOM PatientID", dicom_patient_ids(scan.records)),
-                              ("manifest patient_id", sum(1 for r in scan.records if r.patient_id))) if n]
+    carried = [
+        s
+        for s, n in (
+            ("DICOM PatientID", dicom_patient_ids(scan.records)),
+            ("manifest patient_id", sum(1 for r in scan.records if r.patient_id)),
+        )
+        if n
+    ]
     flag = ""
     if carried and not patient_sources:
-        flag = (f"split made without patient ids ({'group_key not recorded' if key is None else 'group_key: ' + ', '.join(key)})"
-                f" although the files carry {' and '.join(carried)}")
+        flag = (
+            f"split made without patient ids ({'group_key not recorded' if key is None else 'group_key: ' + ', '.join(key)})"
+            f" although the files carry {' and '.join(carried)}"
+        )
     if leaks:
         flag = (flag + "; " if flag else "") + f"{len(leaks)} patient(s) span two or more partitions"
-    return {"file": str(split_file), "group_key": key, "patients_spanning_partitions": len(leaks),
-            "leaks": leaks[:100], "flag": flag}
+    return {
+        "file": str(split_file),
+        "group_key": key,
+        "patients_spanning_partitions": len(leaks),
+        "leaks": leaks[:100],
+        "flag": flag,
+    }
 
 
 def reference_check(scan: Scan, reference) -> dict:
@@ -77,8 +92,9 @@ def reference_check(scan: Scan, reference) -> dict:
     return {**reference.summary(), **agreement(reference, {r.path: r.label for r in scan.records}, scan.positive)}
 
 
-def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0,
-                split: str | Path | None = None, reference=None) -> dict:
+def build_audit(
+    scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int = 0, split: str | Path | None = None, reference=None
+) -> dict:
     """The audit document; ``split``: also check that split file for patients on both sides;
     ``reference``: a :class:`~kneeosteo.data.reference.Reference` the labels are checked against."""
     recs = scan.records
@@ -112,7 +128,9 @@ def build_audit(scan: Scan, near_threshold: int = NEAR_DUP_THRESHOLD, seed: int 
             "groups": len(groups),
             "files_involved": sum(len(g) for g in groups),
             "label_conflicts": len(conflicts),
-            "list": [{"content_id": g[0].content_id, "conflict": is_conflict(g), "members": members(g)} for g in groups],
+            "list": [
+                {"content_id": g[0].content_id, "conflict": is_conflict(g), "members": members(g)} for g in groups
+            ],
         },
         "near_duplicates": {
             "method": "pHash (imagehash.phash, 64 bits), connected components",
@@ -173,7 +191,9 @@ def render_markdown(a: dict) -> str:
         )
     ex = a["exact_duplicates"]
     lines += ["", "## Exact duplicates (same decoded pixels)", ""]
-    lines.append(f"{ex['groups']} groups, {ex['files_involved']} files; **{ex['label_conflicts']} groups carry both labels**.")
+    lines.append(
+        f"{ex['groups']} groups, {ex['files_involved']} files; **{ex['label_conflicts']} groups carry both labels**."
+    )
     lines.append("")
     for g in ex["list"]:
         tag = "**LABEL CONFLICT** " if g["conflict"] else ""
@@ -186,29 +206,52 @@ def render_markdown(a: dict) -> str:
         tag = "(cross-label) " if g["cross_label"] else ""
         lines.append(f"- {tag}" + ", ".join(f"{_code(m['path'])} ({_md(m['label'])})" for m in g["members"]))
     lines += ["", "## Labels and patients", ""]
-    lines.append(f"labels from: {_code(a['labels_from'])}" + (f"; merged: {', '.join(f'{_md(k)} -> {_md(v)}' for k, v in a['merge'].items())}"
-                                                        if a["merge"] else ""))
+    lines.append(
+        f"labels from: {_code(a['labels_from'])}"
+        + (f"; merged: {', '.join(f'{_md(k)} -> {_md(v)}' for k, v in a['merge'].items())}" if a["merge"] else "")
+    )
     pt = a["patients"]
     per = pt.get("images_per_patient")
-    lines.append(f"patients: {pt['patients']} ({', '.join(f'{k} {v}' for k, v in pt['key_sources'].items()) or 'no patient ids'}); "
-                 f"images without a patient id: {pt['images_without_patient']}"
-                 + (f"; images per patient median {per['median']:g} [{per['min']}-{per['max']}], "
-                    f"{per['patients_with_2_or_more']} patients with 2 or more" if per else ""))
+    lines.append(
+        f"patients: {pt['patients']} ({', '.join(f'{k} {v}' for k, v in pt['key_sources'].items()) or 'no patient ids'}); "
+        f"images without a patient id: {pt['images_without_patient']}"
+        + (
+            f"; images per patient median {per['median']:g} [{per['min']}-{per['max']}], "
+            f"{per['patients_with_2_or_more']} patients with 2 or more"
+            if per
+            else ""
+        )
+    )
     for col, by_class in a["columns"]["numbers"].items():
-        lines.append(f"- {_md(col)}: " + "; ".join(f"{_md(lab)} median {d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
-                                               for lab, d in by_class.items() if d))
+        lines.append(
+            f"- {_md(col)}: "
+            + "; ".join(
+                f"{_md(lab)} median {d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
+                for lab, d in by_class.items()
+                if d
+            )
+        )
     for col, t in a["columns"]["text"].items():
-        lines.append(f"- {_md(col)}: {t['distinct']} distinct; " + ", ".join(f"{_md(k)} {v}" for k, v in t["most_common"].items()))
+        lines.append(
+            f"- {_md(col)}: {t['distinct']} distinct; "
+            + ", ".join(f"{_md(k)} {v}" for k, v in t["most_common"].items())
+        )
     if a["manifest_rows_left_out"]:
         lines += ["", f"### Manifest rows left out ({len(a['manifest_rows_left_out'])})", ""]
         lines += [f"- row {m['row']} {_code(m['path'])}: {_md(m['reason'])}" for m in a["manifest_rows_left_out"]]
     if "split_check" in a:
         sc = a["split_check"]
         lines += ["", f"### Split check: {_code(sc['file'])}", ""]
-        lines.append(f"**{sc['flag']}**" if sc["flag"] else
-                     f"every patient in one partition (group key: {', '.join(sc['group_key'] or ['not recorded'])})")
+        lines.append(
+            f"**{sc['flag']}**"
+            if sc["flag"]
+            else f"every patient in one partition (group key: {', '.join(sc['group_key'] or ['not recorded'])})"
+        )
         for leak in sc["leaks"][:20]:
-            lines.append(f"- {_md(leak['key'])}: " + "; ".join(f"{p}: {_md(', '.join(v))}" for p, v in leak["partitions"].items()))
+            lines.append(
+                f"- {_md(leak['key'])}: "
+                + "; ".join(f"{p}: {_md(', '.join(v))}" for p, v in leak["partitions"].items())
+            )
     if "reference" in a:
         lines += reference_lines(a["reference"], a["positive_class"])
     lines += ["", "## Unreadable files", ""]
@@ -232,22 +275,39 @@ def render_markdown(a: dict) -> str:
 
 def reference_lines(ref: dict, positive: str) -> list[str]:
     """The audit's reference section: agreement per definition, disagreeing and multi-truth files."""
-    lines = ["", f"## Labels against the reference `{ref['file']}`", "",
-             f"{ref['rows']} rows for {ref['files']} files; {ref['files_with_single_truth']} files in the data with a "
-             f"single truth are compared; {len(ref['multi_truth'])} file(s) with no single truth are excluded from "
-             f"training and scoring whenever this reference is used; {len(ref['not_in_data'])} reference file(s) "
-             "not among the data's files.", "",
-             f"| definition | label '{positive}' agrees with the reference | share | TP | FP | FN | TN |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## Labels against the reference `{ref['file']}`",
+        "",
+        f"{ref['rows']} rows for {ref['files']} files; {ref['files_with_single_truth']} files in the data with a "
+        f"single truth are compared; {len(ref['multi_truth'])} file(s) with no single truth are excluded from "
+        f"training and scoring whenever this reference is used; {len(ref['not_in_data'])} reference file(s) "
+        "not among the data's files.",
+        "",
+        f"| definition | label '{positive}' agrees with the reference | share | TP | FP | FN | TN |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in ref["definitions"].values():
         t = d["table"]
         share = "" if d["share"] is None else f"{d['share']:.3f}"
-        lines.append(f"| {d['meaning']} | {d['agree']} of {d['of']} | {share} | {t['tp']} | {t['fp']} | {t['fn']} | {t['tn']} |")
-    lines += ["", "Folder label by WHO band: " + "; ".join(
-        f"{lab}: " + ", ".join(f"{b} {n}" for b, n in bands.items()) for lab, bands in sorted(ref["folder_by_band"].items()))]
+        lines.append(
+            f"| {d['meaning']} | {d['agree']} of {d['of']} | {share} | {t['tp']} | {t['fp']} | {t['fn']} | {t['tn']} |"
+        )
+    lines += [
+        "",
+        "Folder label by WHO band: "
+        + "; ".join(
+            f"{lab}: " + ", ".join(f"{b} {n}" for b, n in bands.items())
+            for lab, bands in sorted(ref["folder_by_band"].items())
+        ),
+    ]
     for name, d in ref["definitions"].items():
         lines += ["", f"### Files whose label disagrees ({name}: {len(d['disagreeing'])})", ""]
-        lines += [f"- `{m['path']}`: label {m['folder']}, reference {m['band']}"
-                  + ("" if m["t_score"] is None else f" (T {m['t_score']:g})") for m in d["disagreeing"]] or ["none"]
+        lines += [
+            f"- `{m['path']}`: label {m['folder']}, reference {m['band']}"
+            + ("" if m["t_score"] is None else f" (T {m['t_score']:g})")
+            for m in d["disagreeing"]
+        ] or ["none"]
     lines += ["", f"### Files with no single truth (excluded: {len(ref['multi_truth'])})", ""]
     lines += [f"- `{m['path']}`: {m['reason']}" for m in ref["multi_truth"]] or ["none"]
     if ref["not_in_data"]:
@@ -273,10 +333,14 @@ def summary_lines(a: dict) -> list[str]:
     ref = a.get("reference")
     if ref:
         for d in ref["definitions"].values():
-            out.append(f"labels vs reference, {d['meaning']}: {d['agree']} of {d['of']} agree "
-                       f"({len(d['disagreeing'])} disagree)")
-        out.append(f"reference files with no single truth (excluded): {len(ref['multi_truth'])}"
-                   + (f" ({', '.join(m['path'] for m in ref['multi_truth'])})" if ref["multi_truth"] else ""))
+            out.append(
+                f"labels vs reference, {d['meaning']}: {d['agree']} of {d['of']} agree "
+                f"({len(d['disagreeing'])} disagree)"
+            )
+        out.append(
+            f"reference files with no single truth (excluded): {len(ref['multi_truth'])}"
+            + (f" ({', '.join(m['path'] for m in ref['multi_truth'])})" if ref["multi_truth"] else "")
+        )
     if s.get("accuracy") is not None:
         lo, hi = s["accuracy_ci95"]
         out.append(f"metadata-only accuracy: {s['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), AUC {s['auc']:.3f}")

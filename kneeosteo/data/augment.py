@@ -57,8 +57,15 @@ def augment(pixels: np.ndarray, rng: np.random.Generator, p: AugmentParams) -> n
     t = TF.crop(t, top, left, ch, cw)
     zoom = rng.uniform(*p.zoom)
     angle = rng.uniform(-p.rotation, p.rotation)
-    t = TF.affine(t, angle=float(angle), translate=[0, 0], scale=float(zoom), shear=[0.0, 0.0],
-                  interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+    t = TF.affine(
+        t,
+        angle=float(angle),
+        translate=[0, 0],
+        scale=float(zoom),
+        shear=[0.0, 0.0],
+        interpolation=TF.InterpolationMode.BILINEAR,
+        fill=0.0,
+    )
     return t[0].clamp(0, 1).numpy()
 
 
@@ -90,7 +97,9 @@ def _jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)[None]
 
 
-def source_augment_batch(grey: torch.Tensor, rng: np.random.Generator, p: SourceAugment = SourceAugment()) -> torch.Tensor:
+def source_augment_batch(
+    grey: torch.Tensor, rng: np.random.Generator, p: SourceAugment = SourceAugment()
+) -> torch.Tensor:
     """(B, 1, S, S) in [0, 1] -> the same shape, each image with a random subset of: horizontal
     flip, gamma, JPEG re-encoding (Pillow's codec) at a random quality, Gaussian blur,
     Gaussian noise. Deterministic given ``rng``."""
@@ -125,7 +134,13 @@ def augment_batch(grey: torch.Tensor, rng: np.random.Generator, p: AugmentParams
     for i in range(grey.shape[0]):
         f = rng.uniform(*p.crop_fraction)
         shift = [float(rng.uniform(-1, 1) * (1 - f) * s / 2) for _ in range(2)]
-        out[i] = TF.affine(grey[i], angle=float(rng.uniform(-p.rotation, p.rotation)), translate=shift,
-                           scale=float(rng.uniform(*p.zoom) / f), shear=[0.0, 0.0],
-                           interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+        out[i] = TF.affine(
+            grey[i],
+            angle=float(rng.uniform(-p.rotation, p.rotation)),
+            translate=shift,
+            scale=float(rng.uniform(*p.zoom) / f),
+            shear=[0.0, 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            fill=0.0,
+        )
     return out

@@ -49,8 +49,9 @@ _NS_SORT, _NS_CANDIDATE, _NS_BRUTE = 80.0, 25.0, 10.0
 def check_threshold(threshold: int) -> int:
     """A near-duplicate threshold in bits: an integer in [0, 64]."""
     if isinstance(threshold, bool) or int(threshold) != threshold or not 0 <= threshold <= HASH_BITS:
-        raise ConfigError(f"near-duplicate threshold must be a whole number of bits in [0, {HASH_BITS}], "
-                          f"got {threshold!r}")
+        raise ConfigError(
+            f"near-duplicate threshold must be a whole number of bits in [0, {HASH_BITS}], got {threshold!r}"
+        )
     return int(threshold)
 
 
@@ -87,7 +88,7 @@ def index_plan(n: int, threshold: int) -> tuple[int, int, float] | None:
         if combos > 5000:
             break
         key_bits = match * (HASH_BITS // blocks)  # the narrowest combination
-        cost = combos * (n * _NS_SORT + n * (n - 1) / 2 / 2.0 ** key_bits * _NS_CANDIDATE)
+        cost = combos * (n * _NS_SORT + n * (n - 1) / 2 / 2.0**key_bits * _NS_CANDIDATE)
         if best is None or cost < best[2]:
             best = (blocks, match, cost)
     return best if best is not None and best[2] < brute else None
@@ -126,7 +127,7 @@ def _brute_pairs(phashes: list[str], threshold: int, block_elems: int) -> np.nda
     rows = max(1, block_elems // (n * packed.shape[1]))
     found = [np.zeros((0, 2), dtype=np.int64)]
     for start in range(0, n, rows):
-        dist = _POPCOUNT[packed[start:start + rows, None, :] ^ packed[None, :, :]].sum(axis=-1, dtype=np.int32)
+        dist = _POPCOUNT[packed[start : start + rows, None, :] ^ packed[None, :, :]].sum(axis=-1, dtype=np.int32)
         ii, jj = np.nonzero(dist <= threshold)
         ii += start
         keep = jj > ii
@@ -166,7 +167,7 @@ def near_pairs(phashes: list[str], threshold: int, block_elems: int = 1 << 22, m
     # expand distinct-hash pairs to record pairs: records sharing a hash are at distance 0
     order = np.argsort(inverse, kind="stable")
     starts = np.searchsorted(inverse[order], np.arange(len(u) + 1))
-    members = [order[starts[k]:starts[k + 1]] for k in range(len(u))] if len(u) < n else None
+    members = [order[starts[k] : starts[k + 1]] for k in range(len(u))] if len(u) < n else None
     out = []
     if members is None:
         out.append(upairs)
@@ -230,7 +231,9 @@ def deduplicate(records: list[Record]) -> tuple[list[Record], list[dict]]:
             labels = sorted({r.label for r in g})
             for r in g:
                 others = ", ".join(o.path for o in g if o is not r)
-                excluded.append({"path": r.path, "reason": f"label conflict: same pixels as {others} ({'/'.join(labels)})"})
+                excluded.append(
+                    {"path": r.path, "reason": f"label conflict: same pixels as {others} ({'/'.join(labels)})"}
+                )
                 drop.add(r.path)
         else:
             for r in g[1:]:

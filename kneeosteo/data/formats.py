@@ -9,11 +9,20 @@ else, a new kind of decoder also needs its branch in ``reader.read_image``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-__all__ = ["FORMATS", "InputFormat", "accept_attribute", "by_pillow_format", "by_suffix", "describe",
-           "pillow_formats", "sniff", "suffixes"]
+__all__ = [
+    "FORMATS",
+    "InputFormat",
+    "accept_attribute",
+    "by_pillow_format",
+    "by_suffix",
+    "describe",
+    "pillow_formats",
+    "sniff",
+    "suffixes",
+]
 
 DECODERS = ("pillow", "dicom")
 
@@ -60,17 +69,46 @@ class InputFormat:
 
 
 FORMATS: tuple[InputFormat, ...] = (
-    InputFormat("PNG", (".png",), ("image/png",), "pillow", _starts(b"\x89PNG\r\n\x1a\n"), ("PNG",),
-                notes="8- and 16-bit; greyscale, RGB, RGBA, palette"),
-    InputFormat("JPEG", (".jpg", ".jpeg"), ("image/jpeg",), "pillow", _starts(b"\xff\xd8\xff"), ("JPEG", "MPO"),
-                notes="EXIF orientation applied"),
+    InputFormat(
+        "PNG",
+        (".png",),
+        ("image/png",),
+        "pillow",
+        _starts(b"\x89PNG\r\n\x1a\n"),
+        ("PNG",),
+        notes="8- and 16-bit; greyscale, RGB, RGBA, palette",
+    ),
+    InputFormat(
+        "JPEG",
+        (".jpg", ".jpeg"),
+        ("image/jpeg",),
+        "pillow",
+        _starts(b"\xff\xd8\xff"),
+        ("JPEG", "MPO"),
+        notes="EXIF orientation applied",
+    ),
     InputFormat("BMP", (".bmp",), ("image/bmp",), "pillow", _is_bmp, ("BMP",)),
-    InputFormat("TIFF", (".tif", ".tiff"), ("image/tiff",), "pillow", _starts(b"II*\x00", b"MM\x00*"), ("TIFF",),
-                notes="8/16/32-bit integer (32-bit: stretched to its own range), 32-bit float"),
-    InputFormat("GIF", (".gif",), ("image/gif",), "pillow", _starts(b"GIF87a", b"GIF89a"), ("GIF",),
-                notes="first frame"),
-    InputFormat("DICOM", (".dcm", ".dicom"), ("application/dicom",), "dicom", _is_dicom, trust_suffix=True,
-                notes="with or without the DICM preamble, any suffix (found by its preamble)"),
+    InputFormat(
+        "TIFF",
+        (".tif", ".tiff"),
+        ("image/tiff",),
+        "pillow",
+        _starts(b"II*\x00", b"MM\x00*"),
+        ("TIFF",),
+        notes="8/16/32-bit integer (32-bit: stretched to its own range), 32-bit float",
+    ),
+    InputFormat(
+        "GIF", (".gif",), ("image/gif",), "pillow", _starts(b"GIF87a", b"GIF89a"), ("GIF",), notes="first frame"
+    ),
+    InputFormat(
+        "DICOM",
+        (".dcm", ".dicom"),
+        ("application/dicom",),
+        "dicom",
+        _is_dicom,
+        trust_suffix=True,
+        notes="with or without the DICM preamble, any suffix (found by its preamble)",
+    ),
 )
 
 

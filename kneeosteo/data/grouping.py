@@ -84,11 +84,19 @@ def group_summary(records: list[Record]) -> dict:
             without += 1
     counts = sorted(by_key.values())
     sources = Counter(k[0] for k in by_key)
-    out = {"patients": len(by_key), "images_with_patient": sum(counts), "images_without_patient": without,
-           "key_sources": {s: sources[s] for s in KEY_SOURCES if sources[s]},
-           "dicom_patient_ids": dicom_patient_ids(records),
-           "manifest_patient_ids": sum(1 for r in records if r.patient_id)}
+    out = {
+        "patients": len(by_key),
+        "images_with_patient": sum(counts),
+        "images_without_patient": without,
+        "key_sources": {s: sources[s] for s in KEY_SOURCES if sources[s]},
+        "dicom_patient_ids": dicom_patient_ids(records),
+        "manifest_patient_ids": sum(1 for r in records if r.patient_id),
+    }
     if counts:
-        out["images_per_patient"] = {"min": counts[0], "median": float(np.median(counts)), "max": counts[-1],
-                                     "patients_with_2_or_more": sum(1 for c in counts if c >= 2)}
+        out["images_per_patient"] = {
+            "min": counts[0],
+            "median": float(np.median(counts)),
+            "max": counts[-1],
+            "patients_with_2_or_more": sum(1 for c in counts if c >= 2),
+        }
     return out

@@ -80,9 +80,13 @@ class Knee:
 
     def to_dict(self) -> dict:
         top, left, side = self.box()
-        return {"position": self.position, "x": round(self.x, 1), "y": round(self.y, 1),
-                "plateau_width": round(self.plateau_width, 1),
-                "box": [round(top, 1), round(left, 1), round(side, 1)]}
+        return {
+            "position": self.position,
+            "x": round(self.x, 1),
+            "y": round(self.y, 1),
+            "plateau_width": round(self.plateau_width, 1),
+            "box": [round(top, 1), round(left, 1), round(side, 1)],
+        }
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,9 @@ def _outermost_peak(g: np.ndarray) -> int:
     return int(np.argmax(g))
 
 
-def _plateau(grey: np.ndarray, body: np.ndarray, row: int, reach: int, a: int, b: int, leg_w: float,
-             above: bool = False) -> tuple[float, float] | None:
+def _plateau(
+    grey: np.ndarray, body: np.ndarray, row: int, reach: int, a: int, b: int, leg_w: float, above: bool = False
+) -> tuple[float, float] | None:
     """(left, right) of the tibial plateau: the outermost strong rising and falling grey edges of
     a band of rows just below the joint space (``reach`` rows below ``row``), inside the leg (away
     from its skin); ``above``: of the femoral condyles, in the same band above the joint space."""

@@ -78,7 +78,9 @@ def parse_merge(items) -> dict[str, str]:
         out[src] = dst
     chained = sorted(set(out) & set(out.values()))
     if chained:
-        raise ConfigError(f"merge: {', '.join(chained)} both merged and merged into; merge each class straight into its final one")
+        raise ConfigError(
+            f"merge: {', '.join(chained)} both merged and merged into; merge each class straight into its final one"
+        )
     return out
 
 
@@ -196,6 +198,9 @@ def read_manifest(file: str | Path, root: str | Path) -> Manifest:
         for row in [r for r in out.rows if r.path in conflicts]:
             out.rows.remove(row)
             rows = conflicts[row.path]
-            out.leave_out(row, f"label conflict: the path is listed again with another label on row(s) "
-                               f"{', '.join(map(str, rows[1:]))}")
+            out.leave_out(
+                row,
+                f"label conflict: the path is listed again with another label on row(s) "
+                f"{', '.join(map(str, rows[1:]))}",
+            )
     return out

@@ -27,8 +27,18 @@ try:  # pydicom >= 3
 except ImportError:  # pragma: no cover - pydicom 2.x
     from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "MAX_SIDE", "ImageReadError", "NotAnImageError", "ImageMeta",
-           "LoadedImage", "is_candidate", "read_image", "to_uint8"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+    "ImageReadError",
+    "NotAnImageError",
+    "ImageMeta",
+    "LoadedImage",
+    "is_candidate",
+    "read_image",
+    "to_uint8",
+]
 
 # Which files we try, and with which decoder, comes from the formats table (data/formats.py).
 IMAGE_SUFFIXES: frozenset[str] = formats.suffixes()
@@ -48,16 +58,14 @@ _MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16, "F": 32}
 NON_FINITE = "pixel values are not finite (NaN or infinity)"
 
 
-
-
 @dataclass(frozen=True)
 class ImageMeta:
     path: str
-    format: str      # decoded format: a name in the formats table (PNG, JPEG, ..., DICOM)
-    mode: str        # PIL mode, or DICOM photometric interpretation
-    width: int       # of the canonical pixels, i.e. after EXIF orientation
+    format: str  # decoded format: a name in the formats table (PNG, JPEG, ..., DICOM)
+    mode: str  # PIL mode, or DICOM photometric interpretation
+    width: int  # of the canonical pixels, i.e. after EXIF orientation
     height: int
-    bit_depth: int   # bits per sample in the source
+    bit_depth: int  # bits per sample in the source
     file_size: int
     channels: int
     # width/height stay the source's; the pixels are that size divided by ``reduction`` (rounded
@@ -138,8 +146,7 @@ def read_image(path, max_pixels: int = MAX_PIXELS, max_side: int | None = MAX_SI
                 pixels, meta = _read_pil(p, size, max_pixels, max_side)
             except UnidentifiedImageError:
                 if suffix not in _DICOM_SUFFIXES:
-                    raise ImageReadError(p, "not a recognised image format "
-                                            f"(content is not {_PIL_NAMES})") from None
+                    raise ImageReadError(p, f"not a recognised image format (content is not {_PIL_NAMES})") from None
                 pixels, meta = _read_dicom(p, size, max_pixels, max_side, force=True)
     except ImageReadError:
         raise
@@ -181,8 +188,18 @@ def _factor(width: int, height: int, max_side: int | None) -> int:
 # modes Image.reduce averages as we need; the others go strip by strip through a mode it does:
 # palette indices cannot be averaged, and alpha is dropped (reduce would weight colour by it)
 _REDUCIBLE = {"L", "RGB", "I", "F", "CMYK", "YCbCr"}
-_REDUCE_VIA = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBX": "RGB", "LA": "L", "1": "L",
-               "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
+_REDUCE_VIA = {
+    "P": "RGB",
+    "PA": "RGB",
+    "RGBA": "RGB",
+    "RGBX": "RGB",
+    "LA": "L",
+    "1": "L",
+    "I;16": "I",
+    "I;16B": "I",
+    "I;16L": "I",
+    "I;16N": "I",
+}
 
 
 def _reduce(img: Image.Image, factor: int) -> Image.Image:
@@ -235,8 +252,7 @@ def _read_pil(path: Path, size: int, max_pixels: int, max_side: int | None = MAX
         width, height = (height, width) if swap else (width, height)
     else:
         width, height = pixels.shape[1], pixels.shape[0]
-    meta = ImageMeta(str(path), entry.name if entry else fmt, mode, width, height, bits, size, channels,
-                     reduction)
+    meta = ImageMeta(str(path), entry.name if entry else fmt, mode, width, height, bits, size, channels, reduction)
     return pixels, meta
 
 
@@ -257,7 +273,7 @@ def _pil_to_grey(img: Image.Image, bits: int, path: Path) -> np.ndarray:
         if bits > 16:  # 24/32-bit integers: scanners fill a few bits of them; use the actual range
             lo, hi = float(a.min()), float(a.max())
             return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-        return a / float(2 ** bits - 1)
+        return a / float(2**bits - 1)
     if mode == "F":  # float has no intrinsic range: keep [0,1] data, stretch anything else
         a = np.asarray(img, dtype=np.float64)
         if not np.isfinite(a).all():
@@ -286,14 +302,15 @@ def _block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
     return out.astype(arr.dtype)
 
 
-def _read_dicom(path: Path, size: int, max_pixels: int, max_side: int | None, force: bool) -> tuple[np.ndarray, ImageMeta]:
+def _read_dicom(
+    path: Path, size: int, max_pixels: int, max_side: int | None, force: bool
+) -> tuple[np.ndarray, ImageMeta]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every odd tag in real-world files
         ds = pydicom.dcmread(path, force=force)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             if force:  # a forced read of a file without preamble: most likely not DICOM at all
-                raise ImageReadError(path, "not a recognised image format (no DICOM preamble, "
-                                           "no pixel data)")
+                raise ImageReadError(path, "not a recognised image format (no DICOM preamble, no pixel data)")
             raise ImageReadError(path, "DICOM has no pixel data")
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if rows <= 0 or cols <= 0:
@@ -301,11 +318,17 @@ def _read_dicom(path: Path, size: int, max_pixels: int, max_side: int | None, fo
         _bomb_check(path, cols, rows, max_pixels)
         if "TransferSyntaxUID" not in ds.file_meta:
             # no file meta: pydicom needs a syntax to decode; use the one the body was read with
-            implicit, little = (getattr(ds, "original_encoding", None)  # pydicom 2.x lacks it
-                                or (ds.is_implicit_VR, ds.is_little_endian))
-            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
-                                              pydicom.uid.ExplicitVRLittleEndian if little else
-                                              pydicom.uid.ExplicitVRBigEndian)
+            implicit, little = (
+                getattr(ds, "original_encoding", None)  # pydicom 2.x lacks it
+                or (ds.is_implicit_VR, ds.is_little_endian)
+            )
+            ds.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ImplicitVRLittleEndian
+                if implicit
+                else pydicom.uid.ExplicitVRLittleEndian
+                if little
+                else pydicom.uid.ExplicitVRBigEndian
+            )
         arr = _dicom_first_frame(path, ds)
         factor = _factor(cols, rows, max_side)
         if factor > 1:  # before the LUTs, which work in float64 on every pixel
@@ -315,10 +338,19 @@ def _read_dicom(path: Path, size: int, max_pixels: int, max_side: int | None, fo
                 arr = _block_mean(arr, factor)
         pixels = _dicom_to_grey(ds, arr)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    meta = ImageMeta(str(path), "DICOM", photometric, cols, rows,
-                     int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0), size,
-                     int(ds.get("SamplesPerPixel", 1) or 1), factor,
-                     _dicom_text(ds, "PatientID"), _dicom_text(ds, "StudyInstanceUID"))
+    meta = ImageMeta(
+        str(path),
+        "DICOM",
+        photometric,
+        cols,
+        rows,
+        int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0),
+        size,
+        int(ds.get("SamplesPerPixel", 1) or 1),
+        factor,
+        _dicom_text(ds, "PatientID"),
+        _dicom_text(ds, "StudyInstanceUID"),
+    )
     return pixels, meta
 
 
@@ -341,11 +373,14 @@ def _dicom_first_frame(path: Path, ds) -> np.ndarray:
         return arr[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr
     except Exception as e:
         if ts is not None and ts.is_transfer_syntax and ts.is_compressed:
-            raise ImageReadError(path, f"cannot decode compressed DICOM transfer syntax "
-                                       f"'{ts.name}' ({ts}): install a decoder, e.g. `pip install "
-                                       f"pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` (JPEG, "
-                                       f"JPEG 2000), `pip install pyjpegls` (JPEG-LS) or `pip "
-                                       f"install python-gdcm` [{_short(e, 120)}]") from e
+            raise ImageReadError(
+                path,
+                f"cannot decode compressed DICOM transfer syntax "
+                f"'{ts.name}' ({ts}): install a decoder, e.g. `pip install "
+                f"pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` (JPEG, "
+                f"JPEG 2000), `pip install pyjpegls` (JPEG-LS) or `pip "
+                f"install python-gdcm` [{_short(e, 120)}]",
+            ) from e
         raise
 
 

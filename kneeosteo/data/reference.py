@@ -40,8 +40,16 @@ from kneeosteo.data.who import WHO_CLASSES, who_band
 from kneeosteo.errors import ConfigError, DataError
 
 __all__ = [
-    "DEFINITIONS", "SEX_CODES", "Reference", "ReferenceFile", "ReferenceRow", "agreement", "check_definition",
-    "covariate_matrix", "is_positive", "read_reference",
+    "DEFINITIONS",
+    "SEX_CODES",
+    "Reference",
+    "ReferenceFile",
+    "ReferenceRow",
+    "agreement",
+    "check_definition",
+    "covariate_matrix",
+    "is_positive",
+    "read_reference",
 ]
 
 #: binary definition -> (what it means, the least severe WHO band index that is positive)
@@ -127,13 +135,23 @@ class Reference:
 
     def excluded(self) -> list[dict]:
         """The files with no single truth, with the reason the split and the audit give."""
-        return [{"path": f.path, "reason": "reference gives no single truth: rows "
-                 + ", ".join(f"{r.row} ({r.band}{'' if r.t_score is None else f', T {r.t_score:g}'})" for r in f.rows)}
-                for f in self.multi_truth]
+        return [
+            {
+                "path": f.path,
+                "reason": "reference gives no single truth: rows "
+                + ", ".join(f"{r.row} ({r.band}{'' if r.t_score is None else f', T {r.t_score:g}'})" for r in f.rows),
+            }
+            for f in self.multi_truth
+        ]
 
     def summary(self) -> dict:
-        return {"file": str(self.file), "rows": sum(len(f.rows) for f in self.files.values()),
-                "files": len(self.files), "single_truth": len(self.single), "multi_truth": len(self.multi_truth)}
+        return {
+            "file": str(self.file),
+            "rows": sum(len(f.rows) for f in self.files.values()),
+            "files": len(self.files),
+            "single_truth": len(self.single),
+            "multi_truth": len(self.multi_truth),
+        }
 
 
 def _relative(text: str) -> str | None:
@@ -176,8 +194,9 @@ def read_reference(file: str | Path, root: str | Path | None = None) -> Referenc
         values = dict(zip(columns, (c.strip() for c in cells)))
         rel = _relative(values["path"]) if values["path"] else None
         if rel is None:
-            raise DataError(f"{where}: " + ("no path" if not values["path"] else
-                                            f"path {values['path']!r} outside the data folder"))
+            raise DataError(
+                f"{where}: " + ("no path" if not values["path"] else f"path {values['path']!r} outside the data folder")
+            )
         if root is not None and not (Path(root) / rel).is_file():
             raise DataError(f"{where}: {rel} not found in {root}")
         t = None
@@ -190,7 +209,9 @@ def read_reference(file: str | Path, root: str | Path | None = None) -> Referenc
                 raise DataError(f"{where} ({rel}): T-score {values['t_score']!r} is not a finite number")
         diagnosis = values.get("diagnosis", "").lower()
         if diagnosis and diagnosis not in WHO_CLASSES:
-            raise DataError(f"{where} ({rel}): diagnosis {values['diagnosis']!r} is not one of {', '.join(WHO_CLASSES)}")
+            raise DataError(
+                f"{where} ({rel}): diagnosis {values['diagnosis']!r} is not one of {', '.join(WHO_CLASSES)}"
+            )
         if t is None and not diagnosis:
             raise DataError(f"{where} ({rel}): neither a T-score nor a diagnosis")
         band = who_band(t) if t is not None else diagnosis
@@ -214,12 +235,16 @@ def covariate_matrix(files: list[ReferenceFile], names: list[str], where: str = 
     known = {c for f in files for r in f.rows for c in r.cells}
     absent = [n for n in names if n not in known]
     if files and absent:
-        raise DataError(f"{where}: no covariate column {', '.join(map(repr, absent))} (columns: {', '.join(sorted(known))})")
+        raise DataError(
+            f"{where}: no covariate column {', '.join(map(repr, absent))} (columns: {', '.join(sorted(known))})"
+        )
     for i, f in enumerate(files):
         cells = f.covariates(names)
         if cells is None:
-            raise DataError(f"{where}: {f.path} (rows {', '.join(str(r.row) for r in f.rows)}) is linked to patients "
-                            f"with different {', '.join(names)}: no single covariate value")
+            raise DataError(
+                f"{where}: {f.path} (rows {', '.join(str(r.row) for r in f.rows)}) is linked to patients "
+                f"with different {', '.join(names)}: no single covariate value"
+            )
         for j, name in enumerate(names):
             text = cells.get(name, "")
             row = f.rows[0].row
@@ -245,10 +270,12 @@ def agreement(reference: Reference, folder_labels: dict[str, str], positive: str
 
     Only files with a single truth and a folder label are counted; the rest are listed."""
     scored = [f for f in reference.single if f.path in folder_labels]
-    out: dict = {"files_with_single_truth": len(scored),
-                 "multi_truth": reference.excluded(),
-                 "not_in_data": sorted(p for p in reference.files if p not in folder_labels),
-                 "definitions": {}}
+    out: dict = {
+        "files_with_single_truth": len(scored),
+        "multi_truth": reference.excluded(),
+        "not_in_data": sorted(p for p in reference.files if p not in folder_labels),
+        "definitions": {},
+    }
     bands: dict[str, dict[str, int]] = {}
     for f in scored:
         bands.setdefault(folder_labels[f.path], {b: 0 for b in WHO_CLASSES})[f.band] += 1
@@ -261,10 +288,14 @@ def agreement(reference: Reference, folder_labels: dict[str, str], positive: str
             truth = f.positive(name)
             table[("t" if folder_pos == truth else "f") + ("p" if folder_pos else "n")] += 1
             if folder_pos != truth:
-                disagree.append({"path": f.path, "folder": folder_labels[f.path], "band": f.band,
-                                 "t_score": f.t_score})
+                disagree.append({"path": f.path, "folder": folder_labels[f.path], "band": f.band, "t_score": f.t_score})
         agree = table["tp"] + table["tn"]
-        out["definitions"][name] = {"meaning": meaning, "agree": agree, "of": len(scored),
-                                    "share": agree / len(scored) if scored else None, "table": table,
-                                    "disagreeing": disagree}
+        out["definitions"][name] = {
+            "meaning": meaning,
+            "agree": agree,
+            "of": len(scored),
+            "share": agree / len(scored) if scored else None,
+            "table": table,
+            "disagreeing": disagree,
+        }
     return out

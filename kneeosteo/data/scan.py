@@ -11,16 +11,24 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from kneeosteo.data.reader import MAX_SIDE, ImageMeta, ImageReadError, LoadedImage, NotAnImageError, is_candidate, read_image
+from kneeosteo.data.reader import (
+    MAX_SIDE,
+    ImageMeta,
+    ImageReadError,
+    LoadedImage,
+    NotAnImageError,
+    is_candidate,
+    read_image,
+)
+from kneeosteo.errors import DataError
 from kneeosteo.paths import cache_dir
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.hashing import sha256_file
-from kneeosteo.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +92,11 @@ def binary_classes(found: list[str], positive: str, where, noun: str = "class") 
     if positive not in found:
         raise DataError(f"{where}: no {noun} named '{positive}' (found: {', '.join(found) or 'none'})")
     if len(found) != 2:
-        hint = ("; for more classes use --task multiclass, or merge some, such as --merge osteopenia=normal"
-                if len(found) > 2 else "")
+        hint = (
+            "; for more classes use --task multiclass, or merge some, such as --merge osteopenia=normal"
+            if len(found) > 2
+            else ""
+        )
         raise DataError(f"{where}: expected exactly two {noun}s (one negative, '{positive}'), found {found}{hint}")
     return [next(c for c in found if c != positive), positive]
 
@@ -98,8 +109,9 @@ def walk_files(folder: str | os.PathLike, errors: list[OSError] | None = None) -
     A folder that cannot be listed (permission denied, vanished) is never skipped silently: its
     OSError (``.filename`` names it) is appended to ``errors`` for the caller to report."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False,
-                                                onerror=None if errors is None else errors.append):
+    for dirpath, dirnames, filenames in os.walk(
+        folder, followlinks=False, onerror=None if errors is None else errors.append
+    ):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return out
@@ -141,8 +153,9 @@ def describe_and_read(path: Path, use_cache: bool = True) -> tuple[dict, LoadedI
                 info = json.loads(memo.read_text())
                 m = info["meta"]  # a memo from before reduced decoding (no "reduction") of a big image is stale,
                 # and so is a DICOM memo from before patient ids were read
-                if (("reduction" in m or max(m["width"], m["height"]) <= MAX_SIDE)
-                        and (m.get("format") != "DICOM" or "patient_id" in m)):
+                if ("reduction" in m or max(m["width"], m["height"]) <= MAX_SIDE) and (
+                    m.get("format") != "DICOM" or "patient_id" in m
+                ):
                     return info, None
         except (OSError, ValueError, KeyError, TypeError):
             memo = None
@@ -225,8 +238,14 @@ def scan_dataset(
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow and zlib release the GIL while decoding
         results = list(pool.map(lambda job: _describe(job[1], use_cache, on_image), jobs))
-    scan = Scan(root=root, classes=[], positive=positive, merge=merge, target=target,
-                manifest=None if manifest is None else str(manifest.file))
+    scan = Scan(
+        root=root,
+        classes=[],
+        positive=positive,
+        merge=merge,
+        target=target,
+        manifest=None if manifest is None else str(manifest.file),
+    )
     if manifest is not None:
         scan.left_out = list(manifest.left_out)
     for exc in walk_errors:  # folders that could not be listed: their files are missing, say so
@@ -248,8 +267,19 @@ def scan_dataset(
         if reason:
             scan.left_out.append({"row": source.row, "path": rel, "reason": reason})
             continue
-        scan.records.append(Record(rel, _row_label(source, target, merge), 0, info["content_id"], info["phash"], meta,
-                                   source.patient_id, dict(source.values), dict(source.info)))
+        scan.records.append(
+            Record(
+                rel,
+                _row_label(source, target, merge),
+                0,
+                info["content_id"],
+                info["phash"],
+                meta,
+                source.patient_id,
+                dict(source.values),
+                dict(source.info),
+            )
+        )
     scan.left_out.sort(key=lambda item: item["row"])
     for item in scan.left_out:
         log.warning("%s row %s (%s): %s; left out", scan.manifest, item["row"], item["path"], item["reason"])

@@ -11,7 +11,6 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from kneeosteo.choices import REWEIGHTS  # re-exported: TrainConfig.reweight
 from kneeosteo.data.reader import ImageMeta
 from kneeosteo.data.scan import Record
 from kneeosteo.utils.intervals import wilson_interval
@@ -83,10 +82,9 @@ def metadata_only_accuracy(
     }
 
 
-
-
-def metadata_weights(metas: list[ImageMeta] | list[Record], y, seed: int = 0, folds: int = 5,
-                     clip: float = 10.0) -> np.ndarray:
+def metadata_weights(
+    metas: list[ImageMeta] | list[Record], y, seed: int = 0, folds: int = 5, clip: float = 10.0
+) -> np.ndarray:
     """Inverse-propensity weights against the metadata shortcut, one per training image.
 
     Each image is weighted by 1 / P(its own label | its file metadata), P from the audit's forest

@@ -116,9 +116,11 @@ def make_split(
         raise ConfigError(f"--reference holds a source out: use it with --protocol holdout-reference, not {protocol!r}")
     empty = [c for c in scan.classes if not any(r.label == c for r in scan.records)]
     if scan.target == "label" and (len(scan.classes) < 2 or empty):
-        raise DataError(f"{scan.manifest or scan.root}: a split needs images in "
-                        f"{'both classes' if len(scan.classes) == 2 else 'every class'} {scan.classes}"
-                        + (f" (none in {', '.join(empty)})" if empty else ""))
+        raise DataError(
+            f"{scan.manifest or scan.root}: a split needs images in "
+            f"{'both classes' if len(scan.classes) == 2 else 'every class'} {scan.classes}"
+            + (f" (none in {', '.join(empty)})" if empty else "")
+        )
     if not scan.records:
         raise DataError(f"{scan.manifest or scan.root}: no usable images to split")
     kept, excluded = deduplicate(scan.records)
@@ -201,8 +203,9 @@ def _reference_units(records: list[Record], reference, threshold: int) -> tuple[
     return [sorted(u, key=lambda r: r.path) for _, u in sorted(merged.items())], used
 
 
-def _holdout_reference(scan: Scan, reference, definition: str, seed: int, val_fraction: float,
-                       near_threshold: int) -> dict:
+def _holdout_reference(
+    scan: Scan, reference, definition: str, seed: int, val_fraction: float, near_threshold: int
+) -> dict:
     """The held-out-source split (module docstring)."""
     from kneeosteo.data.reference import DEFINITIONS, check_definition
 
@@ -229,8 +232,13 @@ def _holdout_reference(scan: Scan, reference, definition: str, seed: int, val_fr
         for r in u:
             f = ref_files.get(r.path)
             if f is None:
-                excluded.append({"path": r.path, "reason": f"linked to the held-out film(s) {held_names} "
-                                 "(duplicate, near duplicate or patient): kept out of training"})
+                excluded.append(
+                    {
+                        "path": r.path,
+                        "reason": f"linked to the held-out film(s) {held_names} "
+                        "(duplicate, near duplicate or patient): kept out of training",
+                    }
+                )
             elif not f.single_truth:
                 excluded.append({"path": r.path, "reason": f"reference gives no single truth: {', '.join(f.bands)}"})
             elif r.content_id in kept_ids:
@@ -244,12 +252,24 @@ def _holdout_reference(scan: Scan, reference, definition: str, seed: int, val_fr
     train_units, _ = _units(kept, near_threshold)
     rng = np.random.default_rng(seed)
     doc = {
-        "format": FORMAT, "data": str(scan.root), "seed": seed, "protocol": "holdout-reference",
-        "classes": scan.classes, "positive_class": scan.positive, "near_duplicate_threshold": near_threshold,
-        "group_key": used, "groups": len(units), "target": scan.target,
-        "reference": {"file": str(reference.file), "sha256": sha256_file(reference.file), "definition": definition,
-                      "meaning": DEFINITIONS[definition][0], "test_truth": "reference T-score / diagnosis",
-                      "multi_truth": [f.path for f in reference.multi_truth]},
+        "format": FORMAT,
+        "data": str(scan.root),
+        "seed": seed,
+        "protocol": "holdout-reference",
+        "classes": scan.classes,
+        "positive_class": scan.positive,
+        "near_duplicate_threshold": near_threshold,
+        "group_key": used,
+        "groups": len(units),
+        "target": scan.target,
+        "reference": {
+            "file": str(reference.file),
+            "sha256": sha256_file(reference.file),
+            "definition": definition,
+            "meaning": DEFINITIONS[definition][0],
+            "test_truth": "reference T-score / diagnosis",
+            "multi_truth": [f.path for f in reference.multi_truth],
+        },
     }
     if scan.merge:
         doc["merge"] = scan.merge
@@ -258,8 +278,10 @@ def _holdout_reference(scan: Scan, reference, definition: str, seed: int, val_fr
     doc.update(_train_val(train_units, val_fraction, rng))
     doc["test"] = sorted(r.path for r in test)
     if not doc["test"] or not doc["train"]:
-        raise DataError(f"{reference.file}: the held-out split leaves {len(doc['train'])} training and "
-                        f"{len(doc['test'])} test films")
+        raise DataError(
+            f"{reference.file}: the held-out split leaves {len(doc['train'])} training and "
+            f"{len(doc['test'])} test films"
+        )
     doc["excluded"] = sorted(excluded, key=lambda e: e["path"])
     chosen = [r for u in train_units for r in u] + test
     doc["content_ids"] = {r.path: r.content_id for r in chosen}
@@ -321,7 +343,7 @@ class SplitSets:
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> {"t_score": ...}
     target: str = "label"  # or a number column: items() then gives that number
 
-    def merged(self, merge: dict[str, str], positive: str | None = None) -> "SplitSets":
+    def merged(self, merge: dict[str, str], positive: str | None = None) -> SplitSets:
         """The same split with classes merged (``{"osteopenia": "normal"}``); ``positive``: a binary
         task, classes ordered [negative, positive]."""
         paths = self.train + self.val + self.test
@@ -342,8 +364,9 @@ class SplitSets:
         return [(p, index[self.label(p)]) for p in getattr(self, part)]
 
 
-def load_split(path: str | Path, data: str | Path | None = None, fold: int | None = None,
-               target: str | None = None) -> SplitSets:
+def load_split(
+    path: str | Path, data: str | Path | None = None, fold: int | None = None, target: str | None = None
+) -> SplitSets:
     """Read and check a split file; missing files are dropped with a warning naming them.
     ``target``: train on that number (``t_score``, ``bmd``) of the split's values instead of
     the split's own target."""
@@ -390,8 +413,19 @@ def load_split(path: str | Path, data: str | Path | None = None, fold: int | Non
     labels = doc.get("labels") or {}
     values = doc.get("values") or {}
     target = str(target or doc.get("target") or "label")
-    sets = SplitSets(root, classes, positive, keep["train"], keep["val"], keep["test"], int(doc.get("seed", 0)), missing,
-                     labels, values, target)
+    sets = SplitSets(
+        root,
+        classes,
+        positive,
+        keep["train"],
+        keep["val"],
+        keep["test"],
+        int(doc.get("seed", 0)),
+        missing,
+        labels,
+        values,
+        target,
+    )
     named = set(keep["train"] + keep["val"] + keep["test"])
     if target != "label":
         lacking = sorted(f for f in named if target not in values.get(f, {}))

@@ -19,7 +19,7 @@ index a multiclass model uses for these names.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

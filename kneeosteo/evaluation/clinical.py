@@ -48,9 +48,20 @@ from kneeosteo.trust.calibration_metrics import brier_score, calibration_slope_i
 from kneeosteo.trust.decision_curve import decision_curve
 
 __all__ = [
-    "OST_CUTOFF", "OST_COLUMNS", "ClinicalSet", "by_path", "clinical_comparison", "clinical_set",
-    "cross_fitted_logistic", "fit_logistic", "format_comparison", "ost_index", "over_seeds", "parse_covariates",
-    "patient_folds", "render_over_seeds",
+    "OST_CUTOFF",
+    "OST_COLUMNS",
+    "ClinicalSet",
+    "by_path",
+    "clinical_comparison",
+    "clinical_set",
+    "cross_fitted_logistic",
+    "fit_logistic",
+    "format_comparison",
+    "ost_index",
+    "over_seeds",
+    "parse_covariates",
+    "patient_folds",
+    "render_over_seeds",
 ]
 
 OST_COLUMNS = ("weight_kg", "age")
@@ -100,8 +111,13 @@ def clinical_set(reference: Reference, paths: list[str], definition: str, names:
         elif not f.single_truth:
             left_out.append({"path": p, "reason": "no single truth"})
         elif f.covariates(need) is None:
-            left_out.append({"path": p, "reason": f"rows {', '.join(str(r.row) for r in f.rows)} give different "
-                             "covariates (two patients): no single value"})
+            left_out.append(
+                {
+                    "path": p,
+                    "reason": f"rows {', '.join(str(r.row) for r in f.rows)} give different "
+                    "covariates (two patients): no single value",
+                }
+            )
         else:
             files.append(f)
     if not files:
@@ -137,8 +153,10 @@ def patient_folds(y: np.ndarray, groups: np.ndarray, k: int = 5, seed: int = 0) 
     y = np.asarray(y)
     k = min(k, int(min(np.sum(y == 0), np.sum(y == 1))), len(set(groups.tolist())))
     if k < 2:
-        raise DataError(f"cross-fitting needs both classes in at least 2 patients each "
-                        f"({int(np.sum(y == 1))} positive, {int(np.sum(y == 0))} negative)")
+        raise DataError(
+            f"cross-fitting needs both classes in at least 2 patients each "
+            f"({int(np.sum(y == 1))} positive, {int(np.sum(y == 0))} negative)"
+        )
     folds = np.empty(len(y), dtype=np.int64)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, test) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
@@ -174,27 +192,46 @@ def _at(y: np.ndarray, called: np.ndarray) -> dict:
     tn, fp = int(np.sum(~called & ~y)), int(np.sum(called & ~y))
     sens = tp / (tp + fn) if tp + fn else math.nan
     spec = tn / (tn + fp) if tn + fp else math.nan
-    return {"sensitivity": sens, "sensitivity_ci": _wilson(tp, tp + fn),
-            "specificity": spec, "specificity_ci": _wilson(tn, tn + fp),
-            "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+    return {
+        "sensitivity": sens,
+        "sensitivity_ci": _wilson(tp, tp + fn),
+        "specificity": spec,
+        "specificity_ci": _wilson(tn, tn + fp),
+        "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+    }
 
 
-def _row(name: str, y: np.ndarray, score: np.ndarray, called: np.ndarray, rule: str, probability: bool,
-         fitted: str) -> dict:
-    row = {"model": name, "n": int(len(y)), "positives": int(np.sum(y)), "auc": delong_auc_ci(y, score),
-           "rule": rule, "fitted": fitted, **_at(y, called)}
+def _row(
+    name: str, y: np.ndarray, score: np.ndarray, called: np.ndarray, rule: str, probability: bool, fitted: str
+) -> dict:
+    row = {
+        "model": name,
+        "n": int(len(y)),
+        "positives": int(np.sum(y)),
+        "auc": delong_auc_ci(y, score),
+        "rule": rule,
+        "fitted": fitted,
+        **_at(y, called),
+    }
     if probability:
         p = np.clip(score, _EPS, 1 - _EPS)
         fit = calibration_slope_intercept(p, y)
         dca = decision_curve(p, y, DCA_THRESHOLDS)
-        row.update(brier=brier_score(p, y), calibration=fit.to_dict(),
-                   decision_curve={"thresholds": list(DCA_THRESHOLDS), "net_benefit": dca.model.tolist(),
-                                   "treat_all": dca.treat_all.tolist()})
+        row.update(
+            brier=brier_score(p, y),
+            calibration=fit.to_dict(),
+            decision_curve={
+                "thresholds": list(DCA_THRESHOLDS),
+                "net_benefit": dca.model.tolist(),
+                "treat_all": dca.treat_all.tolist(),
+            },
+        )
     return row
 
 
-def clinical_comparison(cs: ClinicalSet, image: dict[str, tuple[np.ndarray, float]], folds: int = 5,
-                        seed: int = 0) -> dict:
+def clinical_comparison(
+    cs: ClinicalSet, image: dict[str, tuple[np.ndarray, float]], folds: int = 5, seed: int = 0
+) -> dict:
     """Image model(s), clinical logistic, OST and fused model(s) on the films of ``cs``.
 
     ``image``: name -> (P(positive) per film of ``cs.paths``, the run's threshold). Returns
@@ -204,47 +241,99 @@ def clinical_comparison(cs: ClinicalSet, image: dict[str, tuple[np.ndarray, floa
     rows, scores = [], {}
     for name, (p, threshold) in image.items():
         p = np.asarray(p, dtype=np.float64)
-        rows.append(_row(name, y, p, p >= threshold, f"P >= {threshold:g} (the run's threshold)", True,
-                         "image model: nothing fitted on these films"))
+        rows.append(
+            _row(
+                name,
+                y,
+                p,
+                p >= threshold,
+                f"P >= {threshold:g} (the run's threshold)",
+                True,
+                "image model: nothing fitted on these films",
+            )
+        )
         scores[name] = p
     clinical = cross_fitted_logistic(cs.x, y, fold)
-    rows.append(_row("clinical logistic", y, clinical, clinical >= 0.5, "P >= 0.5", True,
-                     f"cross-fitted on these films ({len(set(fold.tolist()))} patient-level folds)"))
+    rows.append(
+        _row(
+            "clinical logistic",
+            y,
+            clinical,
+            clinical >= 0.5,
+            "P >= 0.5",
+            True,
+            f"cross-fitted on these films ({len(set(fold.tolist()))} patient-level folds)",
+        )
+    )
     scores["clinical logistic"] = clinical
     if cs.ost is not None:
-        rows.append(_row("OST index", y, -cs.ost, cs.ost < OST_CUTOFF, f"OST < {OST_CUTOFF:g} (Koh 2001)", False,
-                         "nothing fitted"))
+        rows.append(
+            _row(
+                "OST index",
+                y,
+                -cs.ost,
+                cs.ost < OST_CUTOFF,
+                f"OST < {OST_CUTOFF:g} (Koh 2001)",
+                False,
+                "nothing fitted",
+            )
+        )
         scores["OST index"] = -cs.ost
     incremental = []
     for name, (p, _) in image.items():
         z = logit(np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS))[:, None]
         fused = cross_fitted_logistic(np.hstack([z, cs.x]), y, fold)
         fname = f"fused ({name} + covariates)"
-        rows.append(_row(fname, y, fused, fused >= 0.5, "P >= 0.5", True,
-                         f"cross-fitted on these films ({len(set(fold.tolist()))} patient-level folds)"))
+        rows.append(
+            _row(
+                fname,
+                y,
+                fused,
+                fused >= 0.5,
+                "P >= 0.5",
+                True,
+                f"cross-fitted on these films ({len(set(fold.tolist()))} patient-level folds)",
+            )
+        )
         scores[fname] = fused
-        for a, b, question in [(fname, "clinical logistic", "does the image add to the covariates?"),
-                               (fname, name, "do the covariates add to the image?"),
-                               (name, "clinical logistic", "image model against the clinical logistic"),
-                               *([(name, "OST index", "image model against OST")] if cs.ost is not None else [])]:
+        for a, b, question in [
+            (fname, "clinical logistic", "does the image add to the covariates?"),
+            (fname, name, "do the covariates add to the image?"),
+            (name, "clinical logistic", "image model against the clinical logistic"),
+            *([(name, "OST index", "image model against OST")] if cs.ost is not None else []),
+        ]:
             incremental.append({"a": a, "b": b, "question": question, **delong_test(y, scores[a], scores[b])})
-    return {"n": int(len(y)), "positives": int(np.sum(y)), "covariates": cs.names, "left_out": cs.left_out,
-            "folds": int(len(set(fold.tolist()))), "seed": seed, "rows": rows, "incremental": incremental,
-            "cost": "clinical and fused rows are cross-fitted on the scored films (internal validation on this "
-                    "source); the image rows never saw it; OST has nothing fitted"}
+    return {
+        "n": int(len(y)),
+        "positives": int(np.sum(y)),
+        "covariates": cs.names,
+        "left_out": cs.left_out,
+        "folds": int(len(set(fold.tolist()))),
+        "seed": seed,
+        "rows": rows,
+        "incremental": incremental,
+        "cost": "clinical and fused rows are cross-fitted on the scored films (internal validation on this "
+        "source); the image rows never saw it; OST has nothing fitted",
+    }
 
 
 def format_comparison(c: dict) -> list[str]:
     """Plain-text lines of :func:`clinical_comparison`'s result."""
-    out = [f"clinical comparison on {c['n']} films ({c['positives']} positive), covariates {', '.join(c['covariates'])}"
-           + (f"; {len(c['left_out'])} left out" if c["left_out"] else "")]
+    out = [
+        f"clinical comparison on {c['n']} films ({c['positives']} positive), covariates {', '.join(c['covariates'])}"
+        + (f"; {len(c['left_out'])} left out" if c["left_out"] else "")
+    ]
     for r in c["rows"]:
         a = r["auc"]
-        out.append(f"  {r['model']}: AUC {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], sensitivity "
-                   f"{r['sensitivity']:.3f}, specificity {r['specificity']:.3f} at {r['rule']}")
+        out.append(
+            f"  {r['model']}: AUC {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], sensitivity "
+            f"{r['sensitivity']:.3f}, specificity {r['specificity']:.3f} at {r['rule']}"
+        )
     for d in c["incremental"]:
-        out.append(f"  {d['a']} - {d['b']}: dAUC {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
-                   f"p {d['pvalue']:.3g}")
+        out.append(
+            f"  {d['a']} - {d['b']}: dAUC {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
+            f"p {d['pvalue']:.3g}"
+        )
     out.append(f"  ({c['cost']})")
     return out
 
@@ -257,9 +346,9 @@ def by_path(predictions: dict[str, float], paths: list[str]) -> np.ndarray:
     return np.array([predictions[p] for p in paths], dtype=np.float64)
 
 
-
-def over_seeds(cs: ClinicalSet, predictions: dict[tuple[str, int], dict[str, float]], thresholds: dict[str, float],
-               folds: int = 5) -> dict:
+def over_seeds(
+    cs: ClinicalSet, predictions: dict[tuple[str, int], dict[str, float]], thresholds: dict[str, float], folds: int = 5
+) -> dict:
     """The comparison for every (model, seed) of a ``reproduce`` grid on one held-out test set:
     ``predictions[(model, seed)]`` maps path -> P(positive). The clinical logistic and OST do not
     depend on the seed (one fit, ``seed`` 0 folds); each seed's fused model uses that seed's image
@@ -271,35 +360,59 @@ def over_seeds(cs: ClinicalSet, predictions: dict[tuple[str, int], dict[str, flo
         rows = {r["model"]: r for r in c["rows"]}
         inc = {(d["a"], d["b"]): d for d in c["incremental"]}
         fused = f"fused ({model} + covariates)"
-        per.setdefault(model, []).append({
-            "seed": seed, "image_auc": rows[model]["auc"], "fused_auc": rows[fused]["auc"],
-            "fused_minus_clinical": inc[(fused, "clinical logistic")], "image_minus_clinical": inc[(model, "clinical logistic")],
-            **({"image_minus_ost": inc[(model, "OST index")]} if (model, "OST index") in inc else {})})
+        per.setdefault(model, []).append(
+            {
+                "seed": seed,
+                "image_auc": rows[model]["auc"],
+                "fused_auc": rows[fused]["auc"],
+                "fused_minus_clinical": inc[(fused, "clinical logistic")],
+                "image_minus_clinical": inc[(model, "clinical logistic")],
+                **({"image_minus_ost": inc[(model, "OST index")]} if (model, "OST index") in inc else {}),
+            }
+        )
         fixed = {k: rows[k] for k in ("clinical logistic", "OST index") if k in rows}
-    return {"n": int(len(cs.y)), "positives": int(cs.y.sum()), "covariates": cs.names, "left_out": cs.left_out,
-            "fixed": fixed, "models": per,
-            "cost": "clinical and fused rows are cross-fitted on the held-out films (patient-level folds); "
-                    "the image models never saw them; OST has nothing fitted"}
+    return {
+        "n": int(len(cs.y)),
+        "positives": int(cs.y.sum()),
+        "covariates": cs.names,
+        "left_out": cs.left_out,
+        "fixed": fixed,
+        "models": per,
+        "cost": "clinical and fused rows are cross-fitted on the held-out films (patient-level folds); "
+        "the image models never saw them; OST has nothing fitted",
+    }
 
 
 def render_over_seeds(doc: dict) -> str:
     """Markdown of :func:`over_seeds`: the fixed baselines, then per model the seeds' mean."""
-    lines = [f"# Clinical baselines on the held-out films ({doc['n']} films, {doc['positives']} positive; "
-             f"covariates {', '.join(doc['covariates'])}; {len(doc['left_out'])} left out)", "",
-             "| model | AUC [95% CI] | sensitivity | specificity | rule |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Clinical baselines on the held-out films ({doc['n']} films, {doc['positives']} positive; "
+        f"covariates {', '.join(doc['covariates'])}; {len(doc['left_out'])} left out)",
+        "",
+        "| model | AUC [95% CI] | sensitivity | specificity | rule |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in doc["fixed"].items():
         a = r["auc"]
-        lines.append(f"| {name} | {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {r['sensitivity']:.3f} | "
-                     f"{r['specificity']:.3f} | {r['rule']} |")
-    lines += ["", "| image model | seeds | image AUC (mean, range) | fused AUC (mean, range) | fused - clinical dAUC "
-              "(mean; seeds with CI above 0) | image - clinical dAUC (mean) |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {r['sensitivity']:.3f} | "
+            f"{r['specificity']:.3f} | {r['rule']} |"
+        )
+    lines += [
+        "",
+        "| image model | seeds | image AUC (mean, range) | fused AUC (mean, range) | fused - clinical dAUC "
+        "(mean; seeds with CI above 0) | image - clinical dAUC (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, seeds in doc["models"].items():
         img = [s["image_auc"]["auc"] for s in seeds]
         fus = [s["fused_auc"]["auc"] for s in seeds]
         fc = [s["fused_minus_clinical"] for s in seeds]
         ic = [s["image_minus_clinical"]["diff"] for s in seeds]
-        lines.append(f"| {model} | {len(seeds)} | {np.mean(img):.3f} ({min(img):.3f}-{max(img):.3f}) | "
-                     f"{np.mean(fus):.3f} ({min(fus):.3f}-{max(fus):.3f}) | {np.mean([d['diff'] for d in fc]):+.3f}; "
-                     f"{sum(1 for d in fc if d['ci_low'] > 0)} of {len(fc)} | {np.mean(ic):+.3f} |")
+        lines.append(
+            f"| {model} | {len(seeds)} | {np.mean(img):.3f} ({min(img):.3f}-{max(img):.3f}) | "
+            f"{np.mean(fus):.3f} ({min(fus):.3f}-{max(fus):.3f}) | {np.mean([d['diff'] for d in fc]):+.3f}; "
+            f"{sum(1 for d in fc if d['ci_low'] > 0)} of {len(fc)} | {np.mean(ic):+.3f} |"
+        )
     lines += ["", f"({doc['cost']}; paired DeLong intervals per seed in clinical.json.)"]
     return "\n".join(lines) + "\n"

@@ -13,15 +13,15 @@ import torch
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation import figures
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.evaluation.probes import shortcut_probes
 from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
-from kneeosteo.errors import ConfigError, DataError
-from kneeosteo.models.task import get_task
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
+from kneeosteo.models.task import get_task
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_json
@@ -41,15 +41,26 @@ def raw_outputs(model, data: PreparedSet, prep: Preprocess, device: str = "cpu",
     return torch.cat(out).numpy()
 
 
-def predict_prepared(model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+def predict_prepared(
+    model, data: PreparedSet, prep: Preprocess, device: str = "cpu", batch_size: int = 64
+) -> np.ndarray:
     """P(positive) (binary), class probabilities (multiclass) or values (regression) on ``data``."""
     z = torch.from_numpy(raw_outputs(model, data, prep, device, batch_size))
     return get_task(getattr(model, "task", "binary")).answer_of(z).double().numpy()
 
 
-def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, threshold: float | None = None,
-          device: str = "cpu", history: list[dict] | None = None, train: PreparedSet | None = None,
-          probes: bool = True) -> dict:
+def score(
+    run: RunDir,
+    model,
+    test: PreparedSet,
+    sets: SplitSets,
+    out: Path,
+    threshold: float | None = None,
+    device: str = "cpu",
+    history: list[dict] | None = None,
+    train: PreparedSet | None = None,
+    probes: bool = True,
+) -> dict:
     """Metrics with intervals, predictions.csv and figures for ``test`` under ``out``; returns the metrics.
 
     With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
@@ -66,18 +77,34 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     metrics["unreadable"] = test.bad
     env = run.config.record.get("environment") or {}
     metrics["computed_with"] = {  # results are identical on the same path, not across paths
-        "training": {"precision": str(run.config.record.get("autocast", "unknown")),
-                     "cpu_capability": env.get("cpu_capability"), "onednn_max_cpu_isa": env.get("onednn_max_cpu_isa")},
-        "scoring": {"precision": "fp32", **compute_path()}}
+        "training": {
+            "precision": str(run.config.record.get("autocast", "unknown")),
+            "cpu_capability": env.get("cpu_capability"),
+            "onednn_max_cpu_isa": env.get("onednn_max_cpu_isa"),
+        },
+        "scoring": {"precision": "fp32", **compute_path()},
+    }
     if probes:
-        metrics["shortcut_probes"] = shortcut_probes(model, run.config.preprocess, sets.data, test.paths, y, prob,
-                                                     threshold, train=train, device=device,
-                                                     seed=int(run.config.settings.get("seed", 0)))
+        metrics["shortcut_probes"] = shortcut_probes(
+            model,
+            run.config.preprocess,
+            sets.data,
+            test.paths,
+            y,
+            prob,
+            threshold,
+            train=train,
+            device=device,
+            seed=int(run.config.settings.get("seed", 0)),
+        )
     out.mkdir(parents=True, exist_ok=True)
     metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", PREDICTION_FIELDS,
-              [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(test.paths, y, prob)])
+    write_csv(
+        out / "predictions.csv",
+        PREDICTION_FIELDS,
+        [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(test.paths, y, prob)],
+    )
     if history:
         figures.curves(history, out)
     figures.confusion(metrics["counts"], sets.classes, out)
@@ -85,10 +112,19 @@ def score(run: RunDir, model, test: PreparedSet, sets: SplitSets, out: Path, thr
     return metrics
 
 
-def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split: str | Path | None = None,
-                 out: str | Path | None = None, device: str = "cpu", threshold: float | None = None,
-                 probes: bool = True, labels: str | Path | None = None, reference: str | Path | None = None,
-                 covariates: list[str] | None = None, definition: str | None = None) -> tuple[dict, Path]:
+def evaluate_run(
+    run: str | Path | RunDir,
+    data: str | Path | None = None,
+    split: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    threshold: float | None = None,
+    probes: bool = True,
+    labels: str | Path | None = None,
+    reference: str | Path | None = None,
+    covariates: list[str] | None = None,
+    definition: str | None = None,
+) -> tuple[dict, Path]:
     """Score ``run`` on: a data set ``data`` (all of it; class folders, or the label manifest
     ``labels``), a split's test part, or its own split. Returns (metrics, the folder they were
     written to). The run's own ``merge`` applies to the data scored.
@@ -105,24 +141,45 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
     merge = cfg.settings.get("merge") or {}
     probes = probes and cfg.task == "binary"  # the shortcut probes are binary (metadata vs. one label)
     if split is not None or data is None:
-        sets = load_split(split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"),
-                          target=cfg.target)
+        sets = load_split(
+            split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"), target=cfg.target
+        )
         if merge:
             sets = sets.merged(merge, cfg.positive if cfg.task == "binary" else None)
         root = sets.data
     else:
-        scan = scan_dataset(data, positive=cfg.positive, labels=labels, merge=merge, target=cfg.target,
-                            require_binary=cfg.task == "binary",
-                            classes=list(cfg.classes) if cfg.task == "multiclass" else None)
+        scan = scan_dataset(
+            data,
+            positive=cfg.positive,
+            labels=labels,
+            merge=merge,
+            target=cfg.target,
+            require_binary=cfg.task == "binary",
+            classes=list(cfg.classes) if cfg.task == "multiclass" else None,
+        )
         root = Path(data)
-        sets = SplitSets(root, scan.classes, scan.positive, [], [], [r.path for r in scan.records],
-                         labels={r.path: r.label for r in scan.records},
-                         values={r.path: r.values for r in scan.records if r.values}, target=cfg.target)
+        sets = SplitSets(
+            root,
+            scan.classes,
+            scan.positive,
+            [],
+            [],
+            [r.path for r in scan.records],
+            labels={r.path: r.label for r in scan.records},
+            values={r.path: r.values for r in scan.records if r.values},
+            target=cfg.target,
+        )
     if cfg.task == "multiclass" and list(sets.classes) != list(cfg.classes):
-        raise DataError(f"{split or data or run.split_file}: classes {list(sets.classes)} differ from the model's "
-                        f"{list(cfg.classes)}")
+        raise DataError(
+            f"{split or data or run.split_file}: classes {list(sets.classes)} differ from the model's "
+            f"{list(cfg.classes)}"
+        )
     test = prepare_part(model, sets.items("test"), root, cfg.preprocess, device, "test")
-    train = prepare_part(model, sets.items("train"), root, cfg.preprocess, device, "train") if probes and sets.train else None
+    train = (
+        prepare_part(model, sets.items("train"), root, cfg.preprocess, device, "train")
+        if probes and sets.train
+        else None
+    )
     if out is None:  # never overwrite the run's own test results with another data set's
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
@@ -132,14 +189,21 @@ def evaluate_run(run: str | Path | RunDir, data: str | Path | None = None, split
 
         split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}
         definition = definition or (split_doc.get("reference") or {}).get("definition") or "osteoporosis"
-        metrics["clinical"] = clinical_block(reference, covariates, definition, out / "predictions.csv",
-                                             float(metrics.get("threshold", cfg.threshold)), run.model_id)
+        metrics["clinical"] = clinical_block(
+            reference,
+            covariates,
+            definition,
+            out / "predictions.csv",
+            float(metrics.get("threshold", cfg.threshold)),
+            run.model_id,
+        )
         write_json(out / "metrics.json", metrics)
     return metrics, out
 
 
-def clinical_block(reference: str | Path, covariates: list[str], definition: str, predictions: Path,
-                   threshold: float, name: str) -> dict:
+def clinical_block(
+    reference: str | Path, covariates: list[str], definition: str, predictions: Path, threshold: float, name: str
+) -> dict:
     """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``."""
     import csv
 
@@ -154,18 +218,27 @@ def clinical_block(reference: str | Path, covariates: list[str], definition: str
         raise DataError(f"{reference}: none of the {len(probs)} scored films is in the reference manifest")
     cs = clinical_set(ref, scored, definition, covariates)
     out = clinical_comparison(cs, {f"image ({name})": (by_path(probs, cs.paths), threshold)})
-    out.update(reference=str(reference), definition=definition,
-               not_in_reference=len(probs) - len(scored))
+    out.update(reference=str(reference), definition=definition, not_in_reference=len(probs) - len(scored))
     return out
 
 
-def prepare_part(model, items: list[tuple[str, int]], root: Path, prep: Preprocess, device: str, label: str) -> PreparedSet:
+def prepare_part(
+    model, items: list[tuple[str, int]], root: Path, prep: Preprocess, device: str, label: str
+) -> PreparedSet:
     """Inputs, and the frozen backbone's features (cached), for scoring ``items`` (no augmentation)."""
     cached = model.use_backbone and model.freeze_backbone
     wi = model.backbone_weights
     backbone_id = backbone_cache_id(model.backbone_name, model.backbone, wi.sha256 if wi else None) if cached else None
-    return prepare(items, root, prep, TensorCache(cache_dir() / "tensors"), backbone=model.backbone if cached else None,
-                   backbone_id=backbone_id, device=device, label=label)
+    return prepare(
+        items,
+        root,
+        prep,
+        TensorCache(cache_dir() / "tensors"),
+        backbone=model.backbone if cached else None,
+        backbone_id=backbone_id,
+        device=device,
+        label=label,
+    )
 
 
 @torch.no_grad()
@@ -177,4 +250,6 @@ def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch
     if data.features is not None:
         return data.features.double().numpy()
     model.eval()
-    return torch.cat([model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]).numpy()
+    return torch.cat(
+        [model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]
+    ).numpy()

@@ -9,8 +9,8 @@ with its own Agg canvas, so importing this module sets no backend and never impo
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,8 +36,10 @@ def _save(fig: Figure, path: Path, dpi: int = 120) -> None:
 
 def curves(history: list[dict], out: Path) -> None:
     epochs = [int(r["epoch"]) for r in history]
-    for key, name, title in (("accuracy", "accuracy.png", "Training and validation accuracy"),
-                             ("loss", "loss.png", "Training and validation loss")):
+    for key, name, title in (
+        ("accuracy", "accuracy.png", "Training and validation accuracy"),
+        ("loss", "loss.png", "Training and validation loss"),
+    ):
         fig = _figure(figsize=(5, 3.5))
         ax = fig.subplots()
         ax.plot(epochs, [float(r[f"train_{key}"]) for r in history], "o-", label="train")
@@ -67,8 +69,15 @@ def confusion_k(matrix, classes: Sequence[str], out_path: Path, title: str = "Co
     ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black",
-                fontsize=14 if k <= 3 else 10)
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            color="white" if v > m.max() / 2 else "black",
+            fontsize=14 if k <= 3 else 10,
+        )
     ax.set_xticks(range(k), classes)
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
@@ -95,8 +104,9 @@ def _missing(x) -> bool:
     return x is None or x != x  # None or nan, of any float type
 
 
-def forest_plot(rows: Sequence[Mapping], path: Path, columns: Sequence[tuple[str, str]] = (("accuracy", "accuracy"),
-                                                                                          ("auc", "AUC"))) -> None:
+def forest_plot(
+    rows: Sequence[Mapping], path: Path, columns: Sequence[tuple[str, str]] = (("accuracy", "accuracy"), ("auc", "AUC"))
+) -> None:
     """Table I as a forest plot: per model, ``{col}_mean`` with its ``{col}_ci_low/high`` and the
     paper's ``{col}_paper`` as a red x, one panel per ``(column, title)``. Rows that were not run
     (no ``seeds``) are left out, except the metadata-only reference."""
@@ -131,8 +141,15 @@ def bland_altman(y_true, y_pred, out_path: Path, target_name: str) -> None:
     for key, label, style in (("upper", "+1.96 SD", "--"), ("bias", "bias", "-"), ("lower", "-1.96 SD", "--")):
         v = ba[key]["value"]
         ax.axhline(v, linestyle=style, color="crimson" if key == "bias" else "grey")
-        ax.annotate(f"{label} {v:.2f}", xy=(1.0, v), xycoords=("axes fraction", "data"), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=9)
+        ax.annotate(
+            f"{label} {v:.2f}",
+            xy=(1.0, v),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+        )
     ax.set_xlabel(f"mean of predicted and true {target_name}")
     ax.set_ylabel(f"predicted - true {target_name}")
     ax.set_title(f"Bland-Altman ({target_name}, n = {t.size})")

@@ -24,8 +24,9 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
@@ -260,7 +261,12 @@ def binary_metrics(y_true: Any, prob: Any, threshold: float = 0.5) -> dict[str, 
 
 
 def _stratified_bootstrap(
-    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int, metrics: Sequence[Metric],
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+    metrics: Sequence[Metric],
 ) -> dict[str, np.ndarray]:
     """Resample positives and negatives separately so every replicate keeps the test set's
     class balance (and AUC stays defined), vectorised over replicates in memory-bounded chunks."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import chi2
@@ -294,11 +295,18 @@ def format_multiclass_table(metrics: Mapping[str, Any]) -> str:
     result: one row per class and a macro row, columns sensitivity, specificity, precision, F1
     and AUC as ``0.812 [0.70, 0.89]`` ("-" where a column was not computed), then the accuracy,
     weighted-kappa and (when present) loss lines."""
-    columns = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("precision", "precision"),
-               ("f1", "F1"), ("auc", "AUC"))
+    columns = (
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("precision", "precision"),
+        ("f1", "F1"),
+        ("auc", "AUC"),
+    )
     header = ["class", "n", *(title for _, title in columns)]
-    body = [[name, str(row["support"]), *(_cell(row.get(key)) for key, _ in columns)]
-            for name, row in metrics["per_class"].items()]
+    body = [
+        [name, str(row["support"]), *(_cell(row.get(key)) for key, _ in columns)]
+        for name, row in metrics["per_class"].items()
+    ]
     body.append(["macro", str(metrics["n"]), *(_cell(metrics["macro"].get(key)) for key, _ in columns)])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
@@ -320,8 +328,12 @@ def _stuart_maxwell(table: np.ndarray) -> dict[str, Any]:
     off = table - np.diag(np.diag(table))
     keep = (off.sum(axis=0) + off.sum(axis=1)) > 0
     if not keep.any():
-        return {"statistic": 0.0, "df": 0, "p_value": 1.0,
-                "note": "no discordant cases (identical predictions): no evidence of a difference"}
+        return {
+            "statistic": 0.0,
+            "df": 0,
+            "p_value": 1.0,
+            "note": "no discordant cases (identical predictions): no evidence of a difference",
+        }
     sub = table[np.ix_(keep, keep)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -362,6 +374,7 @@ def paired_multiclass_tests(y: Any, pred_a: Any, pred_b: Any, classes: Sequence[
     return {
         "stuart_maxwell": _stuart_maxwell(table),
         "mcnemar_correct": mcnemar_exact(a == yy, b == yy),
-        "per_class": {name: mcnemar_exact((a == c) == (yy == c), (b == c) == (yy == c))
-                      for c, name in enumerate(classes)},
+        "per_class": {
+            name: mcnemar_exact((a == c) == (yy == c), (b == c) == (yy == c)) for c, name in enumerate(classes)
+        },
     }

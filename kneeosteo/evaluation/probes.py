@@ -43,16 +43,25 @@ from kneeosteo.data.shortcut import metadata_classifier, metadata_matrix
 from kneeosteo.evaluation.stats import delong_auc_ci
 from kneeosteo.utils.intervals import percentile_interval, wilson_interval
 
-__all__ = ["SOURCE_ATTRIBUTES", "format_probes", "occlusion_aucs", "shortcut_adversarial", "shortcut_probes", "source_attributes",
-           "source_probe", "within_source_auc"]
+__all__ = [
+    "SOURCE_ATTRIBUTES",
+    "format_probes",
+    "occlusion_aucs",
+    "shortcut_adversarial",
+    "shortcut_probes",
+    "source_attributes",
+    "source_probe",
+    "within_source_auc",
+]
 
 log = logging.getLogger(__name__)
 
 SOURCE_ATTRIBUTES = ("format", "mode", "aspect_tercile")
 
 
-def shortcut_adversarial(train_meta: list[ImageMeta], y_train, test_meta: list[ImageMeta], y_test, predicted,
-                         seed: int = 0) -> dict:
+def shortcut_adversarial(
+    train_meta: list[ImageMeta], y_train, test_meta: list[ImageMeta], y_test, predicted, seed: int = 0
+) -> dict:
     """Accuracy of ``predicted`` (0/1 per test image) on the test images the metadata classifier,
     fitted on the training images only, gets wrong; with n, a Wilson interval and that classifier's
     own test accuracy."""
@@ -78,14 +87,18 @@ _WRONG_MEMO_SIZE = 64
 def _metadata_wrong(x: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, seed: int) -> np.ndarray:
     """Which test images the metadata classifier (fitted on the first ``len(y_train)`` rows of ``x``) gets wrong."""
     h = hashlib.sha256()
-    for part in (np.ascontiguousarray(x, dtype=np.float64), y_train.astype(np.int64), y_test.astype(np.int64),
-                 np.array([seed, len(y_train)], dtype=np.int64)):
+    for part in (
+        np.ascontiguousarray(x, dtype=np.float64),
+        y_train.astype(np.int64),
+        y_test.astype(np.int64),
+        np.array([seed, len(y_train)], dtype=np.int64),
+    ):
         h.update(part.tobytes())
         h.update(b"|")
     key = h.hexdigest()
     if key not in _WRONG_MEMO:
         clf = metadata_classifier(seed).fit(x[: len(y_train)], y_train)
-        _WRONG_MEMO[key] = clf.predict(x[len(y_train):]) != y_test
+        _WRONG_MEMO[key] = clf.predict(x[len(y_train) :]) != y_test
         while len(_WRONG_MEMO) > _WRONG_MEMO_SIZE:
             _WRONG_MEMO.popitem(last=False)
     _WRONG_MEMO.move_to_end(key)
@@ -106,14 +119,15 @@ def _predict_pixels(model, prep: Preprocess, images: list[np.ndarray], device: s
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.stack([prep(p) for p in images[start:start + batch_size]]).to(device)
+        x = torch.stack([prep(p) for p in images[start : start + batch_size]]).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         out.append(torch.sigmoid(model(images=x).float()).double().cpu())
     return torch.cat(out).numpy()
 
 
-def occlusion_aucs(model, prep: Preprocess, images: list[np.ndarray], y, device: str = "cpu",
-                   batch_size: int = 16) -> dict:
+def occlusion_aucs(
+    model, prep: Preprocess, images: list[np.ndarray], y, device: str = "cpu", batch_size: int = 16
+) -> dict:
     """AUC with the bone hidden (``hide_bone``, probe a) and with only the bone shown (``only_bone``,
     probe b), each with a DeLong interval; plus the share of each film the bone mask covers."""
     y = np.asarray(y, dtype=int)
@@ -152,8 +166,9 @@ def _stratum_comparisons(y: np.ndarray, score: np.ndarray, strata: np.ndarray) -
     return out
 
 
-def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta] = (), boot: int = 1000,
-                      seed: int = 0) -> dict:
+def within_source_auc(
+    y, prob, metas: list[ImageMeta], reference: list[ImageMeta] = (), boot: int = 1000, seed: int = 0
+) -> dict:
     """AUC over the positive/negative pairs of test images from the same source stratum (format x
     colour mode x aspect-ratio tercile; the tercile cut points from ``metas`` + ``reference``, e.g.
     the training images: no labels are used), pooled over strata; a 95% interval from a bootstrap
@@ -164,8 +179,12 @@ def within_source_auc(y, prob, metas: list[ImageMeta], reference: list[ImageMeta
     strata = np.array(["/".join(v) for v in zip(*(attrs[a][: len(metas)] for a in SOURCE_ATTRIBUTES))])
     comps = _stratum_comparisons(y, prob, strata)
     pairs = sum(c.size for c in comps)
-    out = {"n": int(len(y)), "pairs": int(pairs), "strata": int(len(set(strata.tolist()))),
-           "strata_with_both_classes": len(comps)}
+    out = {
+        "n": int(len(y)),
+        "pairs": int(pairs),
+        "strata": int(len(set(strata.tolist()))),
+        "strata_with_both_classes": len(comps),
+    }
     if not pairs:
         return {**out, "skipped": "no source stratum holds test images of both classes"}
     rng = np.random.default_rng(seed)
@@ -196,8 +215,12 @@ def source_probe(features: np.ndarray, metas: list[ImageMeta], folds: int = 5, s
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
         pred = cross_val_predict(clf, features[rows], values[rows], cv=cv)
-        out[name] = {**entry, "balanced_accuracy": float(balanced_accuracy_score(values[rows], pred)),
-                     "chance": 1 / len(kept), "n": int(rows.sum())}
+        out[name] = {
+            **entry,
+            "balanced_accuracy": float(balanced_accuracy_score(values[rows], pred)),
+            "chance": 1 / len(kept),
+            "n": int(rows.sum()),
+        }
     return out
 
 
@@ -208,11 +231,23 @@ def _metas(root: Path, paths: list[str]) -> list[ImageMeta]:
 @torch.no_grad()
 def _fused(model, prep: Preprocess, part, device: str) -> np.ndarray:
     model.eval()
-    return torch.cat([model.fused_features(images=x, features=f).float().cpu() for x, f in part.batches(prep, device)]).numpy()
+    return torch.cat(
+        [model.fused_features(images=x, features=f).float().cpu() for x, f in part.batches(prep, device)]
+    ).numpy()
 
 
-def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[str], y_test, prob, threshold: float,
-                    train=None, device: str = "cpu", seed: int = 0) -> dict:
+def shortcut_probes(
+    model,
+    prep: Preprocess,
+    root: str | Path,
+    test_paths: list[str],
+    y_test,
+    prob,
+    threshold: float,
+    train=None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """All four probes for one scored test set. ``train`` is the prepared training partition
     (originals; ``None`` when the data scored has no training partition, e.g. an external set:
     then only the occlusion and within-source probes run)."""
@@ -235,8 +270,9 @@ def shortcut_probes(model, prep: Preprocess, root: str | Path, test_paths: list[
         return {**out, "shortcut_adversarial": skipped, "source": skipped}
     test_meta = kept_meta if len(keep) == len(test_paths) else _metas(root, test_paths)
     y_train = train.targets.numpy().astype(int)
-    out["shortcut_adversarial"] = shortcut_adversarial(train_meta, y_train, test_meta, y_test,
-                                                       (prob >= threshold).astype(int), seed)
+    out["shortcut_adversarial"] = shortcut_adversarial(
+        train_meta, y_train, test_meta, y_test, (prob >= threshold).astype(int), seed
+    )
     out["source"] = source_probe(_fused(model, prep, train, device), train_meta, seed=seed)
     return out
 
@@ -251,18 +287,27 @@ def _value(entry: dict, key: str) -> str:
 def format_probes(p: dict) -> str:
     """The probes, a line each, for the console."""
     adv, occ = p["shortcut_adversarial"], p["occlusion"]
-    lines = [f"shortcut-adversarial accuracy {_value(adv, 'accuracy')}"
-             + (f" (n = {adv['n']} of {adv['n_test']})" if "n" in adv else f" ({adv['skipped']})"),
-             f"AUC with the bone hidden {_value(occ['hide_bone'], 'auc')}, bone only {_value(occ['only_bone'], 'auc')}"]
+    lines = [
+        f"shortcut-adversarial accuracy {_value(adv, 'accuracy')}"
+        + (f" (n = {adv['n']} of {adv['n_test']})" if "n" in adv else f" ({adv['skipped']})"),
+        f"AUC with the bone hidden {_value(occ['hide_bone'], 'auc')}, bone only {_value(occ['only_bone'], 'auc')}",
+    ]
     within = p.get("within_source")
     if within:
-        lines.append(f"AUC within one source (same-stratum pairs) {_value(within, 'auc')}"
-                     + (f" ({within['pairs']} pairs in {within['strata_with_both_classes']} strata)"
-                        if "skipped" not in within else f" ({within['skipped']})"))
+        lines.append(
+            f"AUC within one source (same-stratum pairs) {_value(within, 'auc')}"
+            + (
+                f" ({within['pairs']} pairs in {within['strata_with_both_classes']} strata)"
+                if "skipped" not in within
+                else f" ({within['skipped']})"
+            )
+        )
     src = p["source"]
     if "skipped" in src:
         lines.append(f"source probe: {src['skipped']}")
     else:
-        parts = [f"{k} {v['balanced_accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in src.items() if "skipped" not in v]
+        parts = [
+            f"{k} {v['balanced_accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in src.items() if "skipped" not in v
+        ]
         lines.append("source probe, balanced accuracy: " + (", ".join(parts) or "n/a (one source only)"))
     return "\n".join(lines)

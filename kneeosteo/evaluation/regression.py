@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy.stats import pearsonr, rankdata, spearmanr
@@ -91,8 +92,11 @@ def _bootstrap(t: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str
     def statistic(idx: np.ndarray) -> dict[str, np.ndarray]:
         bt, bp = t[idx], p[idx]
         d = bp - bt
-        return {"mae": np.abs(d).mean(axis=1), "rmse": np.sqrt((d * d).mean(axis=1)),
-                "spearman_r": _row_corr(rankdata(bt, axis=1), rankdata(bp, axis=1))}
+        return {
+            "mae": np.abs(d).mean(axis=1),
+            "rmse": np.sqrt((d * d).mean(axis=1)),
+            "spearman_r": _row_corr(rankdata(bt, axis=1), rankdata(bp, axis=1)),
+        }
 
     return bootstrap_replicates(statistic, [np.arange(t.size)], n_boot, seed)
 
@@ -175,8 +179,10 @@ def regression_metrics_with_ci(
         "rmse": _interval(float(np.sqrt((d * d).mean())), *percentile_interval(boot["rmse"], alpha), "bootstrap"),
         "bias": ba["bias"],
         "pearson_r": {**_interval(r, lo, hi, "fisher_z"), "p_value": r_p},
-        "spearman_r": {**_interval(rho, *percentile_interval(boot["spearman_r"], alpha), "bootstrap"),
-                       "p_value": rho_p},
+        "spearman_r": {
+            **_interval(rho, *percentile_interval(boot["spearman_r"], alpha), "bootstrap"),
+            "p_value": rho_p,
+        },
         "limits_of_agreement": {"lower": ba["lower"], "upper": ba["upper"], "sd": ba["sd"]},
         "alpha": float(alpha),
         "n_boot": int(n_boot),
@@ -184,7 +190,8 @@ def regression_metrics_with_ci(
     }
     if target == "t_score":
         out["who_classification"] = label_metrics_with_ci(
-            who_band_index(t), who_band_index(p), WHO_CLASSES, alpha=alpha, n_boot=n_boot, seed=seed)
+            who_band_index(t), who_band_index(p), WHO_CLASSES, alpha=alpha, n_boot=n_boot, seed=seed
+        )
         out["binary_osteoporosis"] = _binary_osteoporosis(t, p, alpha)
     return out
 
@@ -203,9 +210,16 @@ def format_regression_table(metrics: Mapping[str, Any]) -> str:
         f"limits of agreement: lower {_cell(loa['lower'])}, upper {_cell(loa['upper'])}",
     ]
     if "who_classification" in metrics:
-        lines += ["", "WHO bands of predicted vs true T-scores:", format_multiclass_table(metrics["who_classification"])]
+        lines += [
+            "",
+            "WHO bands of predicted vs true T-scores:",
+            format_multiclass_table(metrics["who_classification"]),
+        ]
     if "binary_osteoporosis" in metrics:
         b = metrics["binary_osteoporosis"]
-        lines += ["", f"osteoporosis (T <= {b['cutoff']}): sensitivity {_cell(b['sensitivity'])}, "
-                      f"specificity {_cell(b['specificity'])}, accuracy {_cell(b['accuracy'])}"]
+        lines += [
+            "",
+            f"osteoporosis (T <= {b['cutoff']}): sensitivity {_cell(b['sensitivity'])}, "
+            f"specificity {_cell(b['specificity'])}, accuracy {_cell(b['accuracy'])}",
+        ]
     return "\n".join(lines)

@@ -28,8 +28,13 @@ from kneeosteo.evaluation.multiclass import format_multiclass_table, multiclass_
 from kneeosteo.evaluation.regression import format_regression_table, regression_metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
-from kneeosteo.trust.multiclass import (ConformalInterval, ConformalSetsK, TemperatureScalerK,
-                                        empirical_interval_coverage, empirical_set_coverage)
+from kneeosteo.trust.multiclass import (
+    ConformalInterval,
+    ConformalSetsK,
+    TemperatureScalerK,
+    empirical_interval_coverage,
+    empirical_set_coverage,
+)
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.csvfile import write_csv
 
@@ -44,14 +49,19 @@ def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
         scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
         probs = scaler.transform(outputs)
         sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
-        return {"probabilities": probs, "sets": sets, "calibrated": "temperature" in trust and "temperature_note" not in trust}
+        return {
+            "probabilities": probs,
+            "sets": sets,
+            "calibrated": "temperature" in trust and "temperature_note" not in trust,
+        }
     values = np.asarray(outputs, dtype=np.float64).reshape(-1)
     interval = ConformalInterval.from_dict(trust["interval"]).predict(values) if "interval" in trust else None
     return {"values": values, "interval": interval}
 
 
-def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitSets, out: Path,
-               history: list[dict] | None = None) -> dict:
+def score_task(
+    run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitSets, out: Path, history: list[dict] | None = None
+) -> dict:
     """Metrics, predictions.csv and figures of a multiclass or regression run under ``out``.
     ``outputs``: the model's raw outputs on ``test`` (K logits per row, or one value)."""
     cfg = run.config
@@ -63,13 +73,17 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
         metrics = multiclass_metrics_with_ci(y, probs, list(cfg.classes))
         if answers["sets"] is not None:
             s = answers["sets"]
-            metrics["conformal"] = {"coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
-                                    "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
-                                    "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan")}
+            metrics["conformal"] = {
+                "coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
+                "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
+                "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan"),
+            }
         metrics["calibrated"] = answers["calibrated"]
         header = ("path", "label", "prediction", *[f"p_{c}" for c in cfg.classes])
-        rows = [(p, cfg.classes[t], cfg.classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
-                for p, t, q in zip(test.paths, y, probs)]
+        rows = [
+            (p, cfg.classes[t], cfg.classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
+            for p, t, q in zip(test.paths, y, probs)
+        ]
         write_csv(out / "predictions.csv", header, rows)
         figures.confusion_k(metrics["confusion"], list(cfg.classes), out / "confusion_matrix.png")
     else:
@@ -78,20 +92,29 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
         metrics = regression_metrics_with_ci(y, pred, target=cfg.target)
         if answers["interval"] is not None:
             lo, hi = answers["interval"]
-            metrics["conformal"] = {"coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
-                                    "coverage": float(empirical_interval_coverage(y, lo, hi)),
-                                    "half_width": float(np.median(hi - lo) / 2)}
+            metrics["conformal"] = {
+                "coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
+                "coverage": float(empirical_interval_coverage(y, lo, hi)),
+                "half_width": float(np.median(hi - lo) / 2),
+            }
         header = ("path", cfg.target, "prediction", "interval_low", "interval_high")
         lo, hi = answers["interval"] if answers["interval"] is not None else (np.full(len(y), np.nan),) * 2
-        write_csv(out / "predictions.csv", header,
-                  [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(test.paths, y, pred, lo, hi)])
+        write_csv(
+            out / "predictions.csv",
+            header,
+            [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(test.paths, y, pred, lo, hi)],
+        )
         figures.bland_altman(y, pred, out / "bland_altman.png", cfg.target)
-        figures.predicted_vs_true(y, pred, out / "predicted_vs_true.png", cfg.target,
-                                  WHO_CUTOFFS if cfg.target == "t_score" else None)
+        figures.predicted_vs_true(
+            y, pred, out / "predicted_vs_true.png", cfg.target, WHO_CUTOFFS if cfg.target == "t_score" else None
+        )
     if run.domain is not None and test.features is not None:  # the share of test films the domain check accepts
         dist = run.domain.distance(test.features.double().numpy())
-        metrics["domain_acceptance"] = {"accepted": float(np.mean(dist <= run.domain.threshold)),
-                                        "threshold": run.domain.threshold, "n": int(len(dist))}
+        metrics["domain_acceptance"] = {
+            "accepted": float(np.mean(dist <= run.domain.threshold)),
+            "threshold": run.domain.threshold,
+            "n": int(len(dist)),
+        }
     metrics["unreadable"] = test.bad
     metrics["classes"] = list(cfg.classes)
     write_json(out / "metrics.json", metrics)
@@ -102,7 +125,9 @@ def score_task(run: RunDir, outputs: np.ndarray, test: PreparedSet, sets: SplitS
 
 def format_task_metrics(name: str, metrics: dict) -> str:
     """evaluate's printout for a multiclass or regression run."""
-    table = format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
+    table = (
+        format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
+    )
     lines = [name, table]
     d = metrics.get("domain_acceptance")
     if d:

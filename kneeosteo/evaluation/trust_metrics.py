@@ -19,11 +19,11 @@ from kneeosteo.evaluation.figures import _figure, _save
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.run import RunDir
 from kneeosteo.trust import (
+    abstention_rate,
     brier_score,
     calibration_slope_intercept,
     decision_curve,
     empirical_coverage,
-    abstention_rate,
     expected_calibration_error_interval,
     logit,
     reliability_diagram,
@@ -74,8 +74,9 @@ def trust_metrics(run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: P
     mask = bundle.conformal.predict_mask(cal)
     block["conformal_coverage"] = empirical_coverage(mask, y)
     hit = mask[np.arange(y.size), y]  # per class: what Mondrian sets promise (issue 33)
-    block["conformal_coverage_per_class"] = {c: float(hit[y == k].mean()) if (y == k).any() else None
-                                             for k, c in enumerate(run.config.classes)}
+    block["conformal_coverage_per_class"] = {
+        c: float(hit[y == k].mean()) if (y == k).any() else None for k, c in enumerate(run.config.classes)
+    }
     block["abstention_rate"] = abstention_rate(mask)
     confident = in_domain & (mask.sum(axis=1) == 1)
     block["confident_share"] = float(confident.mean())
@@ -95,8 +96,12 @@ def calibration_figure(raw: np.ndarray, calibrated: np.ndarray | None, y: np.nda
             continue
         d = reliability_diagram(p, y)
         keep = d.counts > 0
-        ax.plot(d.mean_predicted[keep], d.observed[keep], marker, label=f"{name} (n per bin {d.counts[keep].min()}-"
-                                                                        f"{d.counts[keep].max()})")
+        ax.plot(
+            d.mean_predicted[keep],
+            d.observed[keep],
+            marker,
+            label=f"{name} (n per bin {d.counts[keep].min()}-{d.counts[keep].max()})",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("mean predicted probability")

@@ -29,17 +29,34 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
         _score_task_run(result, cfg, console)
     elif result.is_main:
         try:
-            bundle = fit_trust_from_split(result.run, result.model, result.sets, operating_point=cfg.operating_point,
-                                          coverage=cfg.coverage, acceptance=cfg.domain_acceptance, device=result.device,
-                                          train=result.train)
+            bundle = fit_trust_from_split(
+                result.run,
+                result.model,
+                result.sets,
+                operating_point=cfg.operating_point,
+                coverage=cfg.coverage,
+                acceptance=cfg.domain_acceptance,
+                device=result.device,
+                train=result.train,
+            )
         except DataError as exc:  # e.g. a validation part of one class: the trained model is kept, uncalibrated
-            console(f"warning: no trust files fitted ({exc}); predictions will say calibrated: false. "
-                    f"Fit them later with `kneeosteo calibrate {result.run.path} DATA --out NEWRUN`")
+            console(
+                f"warning: no trust files fitted ({exc}); predictions will say calibrated: false. "
+                f"Fit them later with `kneeosteo calibrate {result.run.path} DATA --out NEWRUN`"
+            )
         else:
             result.run.save_trust(bundle)
             console(trust_line(bundle))
-        metrics = score(result.run, result.model, result.test, result.sets, result.run.path,
-                        device=result.device, history=result.history, train=result.train)
+        metrics = score(
+            result.run,
+            result.model,
+            result.test,
+            result.sets,
+            result.run.path,
+            device=result.device,
+            history=result.history,
+            train=result.train,
+        )
         console(format_table({result.run.path.name: metrics}))
         console(format_probes(metrics["shortcut_probes"]))
     result.ctx.barrier()  # no rank moves on (e.g. to reproduce's next cell) before rank 0 has written
@@ -55,8 +72,16 @@ def _score_task_run(result, cfg: TrainConfig, console) -> None:
     else:
         result.run.update_record(task_trust=trust)
         console(task_trust_line(trust))
-    console("domain check: " + fit_task_domain(result.run, result.model, result.train, cfg.domain_acceptance,
-                                               result.device))
-    metrics = score(result.run, result.model, result.test, result.sets, result.run.path, device=result.device,
-                    history=result.history)
+    console(
+        "domain check: " + fit_task_domain(result.run, result.model, result.train, cfg.domain_acceptance, result.device)
+    )
+    metrics = score(
+        result.run,
+        result.model,
+        result.test,
+        result.sets,
+        result.run.path,
+        device=result.device,
+        history=result.history,
+    )
     console(format_task_metrics(result.run.path.name, metrics))

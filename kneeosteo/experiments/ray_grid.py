@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kneeosteo.config import TrainConfig
 from kneeosteo.errors import ConfigError, KneeosteoError
@@ -48,8 +49,9 @@ def _label(c: Cell) -> str:
     return f"{c.model.key} seed {c.seed}" + (f" fold {c.fold}" if c.fold is not None else "")
 
 
-def _cell_task(run_cell: Callable, cell: Cell, base: TrainConfig, split_path: str, random_init: bool, env: dict,
-               threads: int) -> dict:
+def _cell_task(
+    run_cell: Callable, cell: Cell, base: TrainConfig, split_path: str, random_init: bool, env: dict, threads: int
+) -> dict:
     """Runs in a Ray worker: one cell, with the driver's cache/offline settings and ``threads``."""
     import torch
 
@@ -64,8 +66,13 @@ def _cell_task(run_cell: Callable, cell: Cell, base: TrainConfig, split_path: st
             return {"error": type(exc).__name__, "message": str(exc)}
         finally:
             torch.set_num_threads(before)
-        return {"seconds": seconds, "wall": time.perf_counter() - t, "host": socket.gethostname(),
-                "pid": os.getpid(), "resumed": resumed}
+        return {
+            "seconds": seconds,
+            "wall": time.perf_counter() - t,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "resumed": resumed,
+        }
 
 
 def cell_resources(ray, base: TrainConfig, cpus_per_cell: float) -> tuple[float, float]:
@@ -83,13 +90,25 @@ def _error_class(name: str) -> type[KneeosteoError]:
     import kneeosteo.errors as errors
 
     cls = getattr(errors, name, KneeosteoError)
-    return cls if isinstance(cls, type) and issubclass(cls, KneeosteoError) and name not in (
-        "ImageReadError", "NotAnImageError", "BackboneWeightsError") else KneeosteoError
+    return (
+        cls
+        if isinstance(cls, type)
+        and issubclass(cls, KneeosteoError)
+        and name not in ("ImageReadError", "NotAnImageError", "BackboneWeightsError")
+        else KneeosteoError
+    )
 
 
-def run_cells_ray(run_cell: Callable, cells: list[Cell], base: TrainConfig, splits: dict[int, Path],
-                  random_init: set[str], address: str | None = None, cpus_per_cell: float = 1.0,
-                  console=print) -> GridReport:
+def run_cells_ray(
+    run_cell: Callable,
+    cells: list[Cell],
+    base: TrainConfig,
+    splits: dict[int, Path],
+    random_init: set[str],
+    address: str | None = None,
+    cpus_per_cell: float = 1.0,
+    console=print,
+) -> GridReport:
     """Run the unfinished ``cells`` with ``run_cell(cell, base, split_path, random_init)`` as Ray
     tasks (see the module docstring); returns what ran."""
     with connect(address) as ray:
@@ -103,17 +122,21 @@ def run_cells_ray(run_cell: Callable, cells: list[Cell], base: TrainConfig, spli
         for c in done:
             console(f"{_label(c)} (done, reused)")
         keys = {m: i for i, m in enumerate(dict.fromkeys(c.model.key for c in cells))}
-        todo = sorted((c for c in cells if not c.run.metrics_file.is_file()),
-                      key=lambda c: (keys[c.model.key], c.seed, -1 if c.fold is None else c.fold))
+        todo = sorted(
+            (c for c in cells if not c.run.metrics_file.is_file()),
+            key=lambda c: (keys[c.model.key], c.seed, -1 if c.fold is None else c.fold),
+        )
         refs = {}
         for c in todo:
-            ref = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False,
-                                 name=f"cell {_label(c)}").remote(
-                run_cell, c, base, str(Path(splits[c.seed]).resolve()), c.model.key in random_init, env, threads)
+            ref = remote.options(
+                num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False, name=f"cell {_label(c)}"
+            ).remote(run_cell, c, base, str(Path(splits[c.seed]).resolve()), c.model.key in random_init, env, threads)
             refs[ref] = c
         if todo:
-            console(f"submitted {len(todo)} cells to Ray ({cpus:g} CPU{'s' if cpus != 1 else ''}"
-                    f"{f', {gpus:g} GPU' if gpus else ''} each; cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs)")
+            console(
+                f"submitted {len(todo)} cells to Ray ({cpus:g} CPU{'s' if cpus != 1 else ''}"
+                f"{f', {gpus:g} GPU' if gpus else ''} each; cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs)"
+            )
         results: dict[str, dict] = {}
         bar = progress_bar(None, "grid", total=len(cells), unit="cell")
         bar.update(len(done))
@@ -129,13 +152,16 @@ def run_cells_ray(run_cell: Callable, cells: list[Cell], base: TrainConfig, spli
                     except RayError as exc:  # the worker or node died more than MAX_RETRIES times
                         raise KneeosteoError(
                             f"cell {_label(c)}: its Ray worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); "
-                            "rerun the command: finished cells are kept and this one resumes") from exc
+                            "rerun the command: finished cells are kept and this one resumes"
+                        ) from exc
                     if "error" in res:
                         raise _error_class(res["error"])(f"cell {_label(c)}: {res['message']}")
                     results[_label(c)] = res
                     note = ", resumed" if res["resumed"] else ""
-                    console(f"[{len(done) + len(results)}/{len(cells)}] {_label(c)}: {res['wall']:.0f} s "
-                            f"on {res['host']}{note}")
+                    console(
+                        f"[{len(done) + len(results)}/{len(cells)}] {_label(c)}: {res['wall']:.0f} s "
+                        f"on {res['host']}{note}"
+                    )
                     bar.update(1)
         finally:
             bar.close()

@@ -26,14 +26,25 @@ from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.experiments.table1 import Predictions, aggregate, write_table1
 from kneeosteo.models.weights import find_default_weights
 from kneeosteo.run import RunDir
-from kneeosteo.utils.compute_path import cells_paths
 from kneeosteo.training import distributed
 from kneeosteo.utils.atomic import ensure_writable, write_json
+from kneeosteo.utils.compute_path import cells_paths
 
 __all__ = [
-    "BASELINES", "HYBRID_BACKBONES", "OFFLINE_BACKBONES", "PAPER_MODELS", "Cell", "ModelSpec", "config_model",
+    "BASELINES",
+    "HYBRID_BACKBONES",
+    "OFFLINE_BACKBONES",
+    "PAPER_MODELS",
+    "Cell",
+    "ModelSpec",
+    "config_model",
     "default_models",
-    "make_splits", "model_catalogue", "quick_display_only", "reproduce", "run_cell", "weights_available",
+    "make_splits",
+    "model_catalogue",
+    "quick_display_only",
+    "reproduce",
+    "run_cell",
+    "weights_available",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,8 +65,13 @@ class ModelSpec:
         return self.backbone is not None
 
 
-BASELINES = {"vgg19": "VGG19", "efficientnet_b0": "EfficientNetB0", "densenet169": "Densenet169",
-             "vit_b_16": "ViT", "resnet50": "ResNet50"}
+BASELINES = {
+    "vgg19": "VGG19",
+    "efficientnet_b0": "EfficientNetB0",
+    "densenet169": "Densenet169",
+    "vit_b_16": "ViT",
+    "resnet50": "ResNet50",
+}
 HYBRID_BACKBONES = ("densenet169", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 OFFLINE_BACKBONES = ("efficientnet_lite0",)
 
@@ -64,8 +80,9 @@ def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, 
     """Every model reproduce knows: hybrids, backbone+FC baselines/ablations, AM+FC."""
     cat: dict[str, ModelSpec] = {}
     for b in backbones:
-        cat[f"hybrid-{b}"] = ModelSpec(f"hybrid-{b}", f"Hybrid ({b} + AM)", b, True,
-                                       "Ours" if b == "densenet169" else None)
+        cat[f"hybrid-{b}"] = ModelSpec(
+            f"hybrid-{b}", f"Hybrid ({b} + AM)", b, True, "Ours" if b == "densenet169" else None
+        )
     for b in dict.fromkeys(list(BASELINES) + list(backbones)):
         cat[f"fc-{b}"] = ModelSpec(f"fc-{b}", f"{b} + FC head (no AM)", b, False, BASELINES.get(b))
     cat["am-only"] = ModelSpec("am-only", "AM + FC head (no backbone)", None, True)
@@ -77,11 +94,19 @@ def config_model(path: str) -> ModelSpec:
     cfg = load_config(path, {})
     tuned = None
     if cfg.use_backbone and cfg.finetune:
-        tuned = (f"backbone's last {cfg.trainable_stages} stage(s) fine-tuned" if cfg.trainable_stages
-                 else "backbone fine-tuned")
-    return ModelSpec(Path(path).stem, f"{Path(path).stem} ({path})", cfg.backbone if cfg.use_backbone else None,
-                     cfg.attention, config=str(Path(path).resolve()),  # resolved: a Ray task may run elsewhere
-                     trained=tuned)
+        tuned = (
+            f"backbone's last {cfg.trainable_stages} stage(s) fine-tuned"
+            if cfg.trainable_stages
+            else "backbone fine-tuned"
+        )
+    return ModelSpec(
+        Path(path).stem,
+        f"{Path(path).stem} ({path})",
+        cfg.backbone if cfg.use_backbone else None,
+        cfg.attention,
+        config=str(Path(path).resolve()),  # resolved: a Ray task may run elsewhere
+        trained=tuned,
+    )
 
 
 PAPER_MODELS = ("hybrid-densenet169",) + tuple(f"fc-{b}" for b in BASELINES)
@@ -125,7 +150,7 @@ def _cells(out: Path, specs: list[ModelSpec], seeds: list[int], folds: int | Non
     cells = []
     for s in seeds:
         for m in specs:
-            for k in ([None] if folds is None else range(folds)):
+            for k in [None] if folds is None else range(folds):
                 p = out / "cells" / m.key / f"seed{s}" / (f"fold{k}" if k is not None else "")
                 cells.append(Cell(m, s, k, p))
     return cells
@@ -138,12 +163,26 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
     m = cell.model
     if m.config:  # the file's own settings; the grid decides only the data, split, seed and device
         own = load_config(m.config, {})
-        cfg = replace(own, data=base.data, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
-                      device=base.device, backbone_weights="none" if random_init else own.backbone_weights)
+        cfg = replace(
+            own,
+            data=base.data,
+            out=str(cell.path),
+            split=str(split_path),
+            fold=cell.fold,
+            seed=cell.seed,
+            device=base.device,
+            backbone_weights="none" if random_init else own.backbone_weights,
+        )
     else:
         cfg = replace(
-            base, out=str(cell.path), split=str(split_path), fold=cell.fold, seed=cell.seed,
-            backbone=m.backbone or "efficientnet_lite0", attention=m.attention, use_backbone=m.use_backbone,
+            base,
+            out=str(cell.path),
+            split=str(split_path),
+            fold=cell.fold,
+            seed=cell.seed,
+            backbone=m.backbone or "efficientnet_lite0",
+            attention=m.attention,
+            use_backbone=m.use_backbone,
             backbone_weights="none" if random_init else base.backbone_weights,
         )
     resume = (cell.path / "checkpoint" / "state.json").is_file()
@@ -151,14 +190,27 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
     train_and_score(cfg, resume=resume, console=lambda msg: log.info("%s seed %s: %s", m.key, cell.seed, msg))
     seconds = time.perf_counter() - t
     if distributed.is_main_process():
-        prev = json.loads((cell.path / "timing.json").read_text())["seconds"] if (cell.path / "timing.json").is_file() else 0
+        prev = (
+            json.loads((cell.path / "timing.json").read_text())["seconds"]
+            if (cell.path / "timing.json").is_file()
+            else 0
+        )
         write_json(cell.path / "timing.json", {"seconds": round(prev + seconds, 1)})
     return seconds
 
 
-def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: int, positive: str,
-                test_size: int = 72, scan_kw: dict | None = None, reference: Path | None = None,
-                definition: str = "osteoporosis") -> dict[int, Path]:
+def make_splits(
+    data: Path,
+    out: Path,
+    seeds: list[int],
+    protocol: str,
+    folds: int,
+    positive: str,
+    test_size: int = 72,
+    scan_kw: dict | None = None,
+    reference: Path | None = None,
+    definition: str = "osteoporosis",
+) -> dict[int, Path]:
     """One split file per seed, written once and reused on rerun (so a resume sees the same split).
     ``scan_kw``: the label manifest and merge (``TrainConfig.scan_options``); ``reference`` and
     ``definition``: the held-out source of ``--protocol holdout-reference`` (its test films are
@@ -171,8 +223,12 @@ def make_splits(data: Path, out: Path, seeds: list[int], protocol: str, folds: i
         if not p.is_file():
             scan = scan or scan_dataset(data, positive=positive, **(scan_kw or {}))
             ref = ref or (read_reference(reference, data) if reference is not None else None)
-            write_split(make_split(scan, protocol, seed=s, test_size=test_size, folds=folds, reference=ref,
-                                   definition=definition), p)
+            write_split(
+                make_split(
+                    scan, protocol, seed=s, test_size=test_size, folds=folds, reference=ref, definition=definition
+                ),
+                p,
+            )
         paths[s] = p
     return paths
 
@@ -215,11 +271,25 @@ def _silent(*_args, **_kw) -> None:
     pass
 
 
-def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds: list[int], protocol: str = "paper",
-              folds: int = 5, allow_random_init: bool = False, shortcut: dict | None = None, console=print,
-              test_size: int = 72, display_only: tuple[str, ...] = (), ray: str | None = None,
-              cpus_per_cell: float = 1.0, reference: Path | None = None, definition: str = "osteoporosis",
-              covariates: list[str] | None = None) -> list[dict]:
+def reproduce(
+    data: Path,
+    out: Path,
+    base: TrainConfig,
+    models: list[str],
+    seeds: list[int],
+    protocol: str = "paper",
+    folds: int = 5,
+    allow_random_init: bool = False,
+    shortcut: dict | None = None,
+    console=print,
+    test_size: int = 72,
+    display_only: tuple[str, ...] = (),
+    ray: str | None = None,
+    cpus_per_cell: float = 1.0,
+    reference: Path | None = None,
+    definition: str = "osteoporosis",
+    covariates: list[str] | None = None,
+) -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
     ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``;
     ``covariates``: also write the clinical baselines beside every model (``clinical.md``/``.json``,
@@ -235,7 +305,9 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     specs = [cat[m] for m in models]
     ensure_writable(out)  # before hours of training, not after
     if ray is not None and distributed.under_torchrun():
-        raise ConfigError("--ray runs each cell as one Ray task; it cannot be combined with --devices/--nodes (torchrun)")
+        raise ConfigError(
+            "--ray runs each cell as one Ray task; it cannot be combined with --devices/--nodes (torchrun)"
+        )
     out = Path(out).resolve()  # Ray tasks may run in another working directory
     ctx = distributed.context(base.device)
     if not ctx.is_main:
@@ -261,17 +333,22 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
     for m in runnable:
         if m.key not in random_init:
             status[m.key] = m.trained or ("frozen backbone" if m.backbone else "trained from scratch")
-    ref = next((k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None)
+    ref = next(
+        (k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None
+    )
     if base.kind != "binary":
-        raise ConfigError(f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
-                          "task: train and evaluate it with `kneeosteo train`, or --merge to two classes")
+        raise ConfigError(
+            f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {base.kind} "
+            "task: train and evaluate it with `kneeosteo train`, or --merge to two classes"
+        )
     if (protocol == "holdout-reference") != (reference is not None):
         raise ConfigError("--protocol holdout-reference and --reference go together")
     if covariates and reference is None:
         raise ConfigError("--covariates needs --protocol holdout-reference --reference (the covariates' manifest)")
     if ctx.is_main:
-        make_splits(data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference,
-                    definition)
+        make_splits(
+            data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference, definition
+        )
     ctx.barrier()
     splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
@@ -289,20 +366,27 @@ def reproduce(data: Path, out: Path, base: TrainConfig, models: list[str], seeds
             console(f"    {secs:.0f} s")
     if not ctx.is_main:
         return []
-    rows, info = aggregate(specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut,
-                           _seed_probes(cells))
+    rows, info = aggregate(
+        specs, seeds, _seed_predictions(cells), _seconds(specs, cells), status, ref, shortcut, _seed_probes(cells)
+    )
     if reference is not None:
         info["held_out"] = json.loads(splits[seeds[0]].read_text()).get("reference")
-    info.update(reference=ref, seeds=seeds, protocol=protocol, models=models,
-                compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]))
+    info.update(
+        reference=ref,
+        seeds=seeds,
+        protocol=protocol,
+        models=models,
+        compute_paths=cells_paths([c.run.config.record for c in cells if c.run.config_file.is_file()]),
+    )
     write_table1(out, rows, info)
     if covariates:
         write_clinical(out, reference, definition, covariates, cells, splits[seeds[0]])
     return rows
 
 
-def write_clinical(out: Path, reference: Path, definition: str, covariates: list[str], cells: list[Cell],
-                   split_path: Path) -> None:
+def write_clinical(
+    out: Path, reference: Path, definition: str, covariates: list[str], cells: list[Cell], split_path: Path
+) -> None:
     """``clinical.json`` and ``clinical.md``: the clinical logistic, OST and each model's fused
     model on the held-out films, every seed."""
     from kneeosteo.data.reference import read_reference
@@ -312,8 +396,11 @@ def write_clinical(out: Path, reference: Path, definition: str, covariates: list
     test = json.loads(split_path.read_text())["test"]
     cs = clinical_set(read_reference(reference), test, definition, covariates)
     preds = {k: {p: v[1] for p, v in d.items()} for k, d in _seed_predictions(cells).items()}
-    thresholds = {c.model.key: float((c.run.read_json(c.run.metrics_file.name) or {}).get("threshold", 0.5))
-                  for c in cells if c.run.metrics_file.is_file()}
+    thresholds = {
+        c.model.key: float((c.run.read_json(c.run.metrics_file.name) or {}).get("threshold", 0.5))
+        for c in cells
+        if c.run.metrics_file.is_file()
+    }
     doc = over_seeds(cs, preds, thresholds)
     doc.update(reference=str(reference), definition=definition)
     write_json(out / "clinical.json", doc)

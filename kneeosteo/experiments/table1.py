@@ -9,8 +9,9 @@ metric registered in :data:`~kneeosteo.evaluation.metrics.METRICS` appears here 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -22,8 +23,16 @@ from kneeosteo.utils.atomic import write_json, write_text
 from kneeosteo.utils.csvfile import csv_text
 from kneeosteo.utils.intervals import wilson_interval
 
-__all__ = ["PAPER_TABLE", "Predictions", "aggregate", "paired_tests", "probe_summary", "render_markdown", "table_csv",
-           "write_table1"]
+__all__ = [
+    "PAPER_TABLE",
+    "Predictions",
+    "aggregate",
+    "paired_tests",
+    "probe_summary",
+    "render_markdown",
+    "table_csv",
+    "write_table1",
+]
 
 #: One model's test predictions for one seed: image path -> (label, P(positive)).
 Predictions = Mapping[str, tuple[int, float]]
@@ -51,22 +60,33 @@ class TableModel(Protocol):
     paper_row: str | None
 
 
-def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[tuple[str, int], Predictions],
-              seconds: Mapping[str, float], status: Mapping[str, str], reference: str | None,
-              shortcut: dict | None, probes: Mapping[tuple[str, int], list[dict]] | None = None) -> tuple[list[dict], dict]:
+def aggregate(
+    specs: Sequence[TableModel],
+    seeds: Sequence[int],
+    preds: Mapping[tuple[str, int], Predictions],
+    seconds: Mapping[str, float],
+    status: Mapping[str, str],
+    reference: str | None,
+    shortcut: dict | None,
+    probes: Mapping[tuple[str, int], list[dict]] | None = None,
+) -> tuple[list[dict], dict]:
     """One row per model: every metric's mean, std and t-interval over seeds, the paper's value,
     paired tests against ``reference``, the shortcut probes (``probes``: each (model, seed)'s
     ``shortcut_probes`` from metrics.json, one per fold); plus a metadata-only row from the audit's
     ``shortcut``."""
     columns = metric_names()
     # every model of a seed must have been scored on the same images
-    same_images = all(
-        len({tuple(sorted(preds[(m.key, s)])) for m in specs if (m.key, s) in preds}) <= 1 for s in seeds
-    )
+    same_images = all(len({tuple(sorted(preds[(m.key, s)])) for m in specs if (m.key, s) in preds}) <= 1 for s in seeds)
     rows = []
     for m in specs:
-        row = {"model": m.key, "title": m.title, "status": status.get(m.key, "ok"), "paper_row": m.paper_row or "",
-               "seeds": 0, "seconds": round(seconds.get(m.key, 0.0), 1)}
+        row = {
+            "model": m.key,
+            "title": m.title,
+            "status": status.get(m.key, "ok"),
+            "paper_row": m.paper_row or "",
+            "seeds": 0,
+            "seconds": round(seconds.get(m.key, 0.0), 1),
+        }
         per_seed = [preds[(m.key, s)] for s in seeds if (m.key, s) in preds]
         row["seeds"] = len(per_seed)
         scored = []
@@ -80,8 +100,14 @@ def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[
             stat = mean_std_ci(vals) if vals else {"mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan}
             if METRICS[col].unit:  # a t-interval can overshoot [0, 1]; the metric cannot
                 stat = {**stat, "ci_low": max(stat["ci_low"], 0.0), "ci_high": min(stat["ci_high"], 1.0)}
-            row.update({f"{col}_mean": stat["mean"], f"{col}_std": stat["std"],
-                        f"{col}_ci_low": stat["ci_low"], f"{col}_ci_high": stat["ci_high"]})
+            row.update(
+                {
+                    f"{col}_mean": stat["mean"],
+                    f"{col}_std": stat["std"],
+                    f"{col}_ci_low": stat["ci_low"],
+                    f"{col}_ci_high": stat["ci_high"],
+                }
+            )
             row[f"{col}_paper"] = paper.get(col, np.nan)
         if reference and m.key != reference and per_seed:
             row.update(paired_tests(preds, m.key, reference, seeds))
@@ -90,9 +116,18 @@ def aggregate(specs: Sequence[TableModel], seeds: Sequence[int], preds: Mapping[
         rows.append(row)
     if shortcut and shortcut.get("accuracy") is not None:
         lo, hi = shortcut["accuracy_ci95"]
-        rows.append({"model": "metadata-only", "title": "File metadata only (audit shortcut check)",
-                     "status": "reference", "seeds": 0, "accuracy_mean": shortcut["accuracy"],
-                     "accuracy_ci_low": lo, "accuracy_ci_high": hi, "auc_mean": shortcut["auc"]})
+        rows.append(
+            {
+                "model": "metadata-only",
+                "title": "File metadata only (audit shortcut check)",
+                "status": "reference",
+                "seeds": 0,
+                "accuracy_mean": shortcut["accuracy"],
+                "accuracy_ci_low": lo,
+                "accuracy_ci_high": hi,
+                "auc_mean": shortcut["auc"],
+            }
+        )
     return rows, {"same_test_images": same_images}
 
 
@@ -117,14 +152,22 @@ def probe_summary(per_seed: Mapping[int, list[dict]]) -> dict:
         if vals:
             within.append(float(np.mean(vals)))
         for attr in SOURCE_ATTRIBUTES:
-            vals = [f["source"][attr]["balanced_accuracy"] for f in folds
-                    if "balanced_accuracy" in f.get("source", {}).get(attr, {})]
+            vals = [
+                f["source"][attr]["balanced_accuracy"]
+                for f in folds
+                if "balanced_accuracy" in f.get("source", {}).get(attr, {})
+            ]
             if vals:
                 src.setdefault(attr, []).append(float(np.mean(vals)))
     if n:
         lo, hi = wilson_interval(k, n)
-        out.update(adversarial_accuracy=k / n, adversarial_ci_low=lo, adversarial_ci_high=hi, adversarial_n=n,
-                   adversarial_per_seed="; ".join(seeds_txt))
+        out.update(
+            adversarial_accuracy=k / n,
+            adversarial_ci_low=lo,
+            adversarial_ci_high=hi,
+            adversarial_n=n,
+            adversarial_per_seed="; ".join(seeds_txt),
+        )
     for kind, name in (("hide_bone", "auc_bone_hidden"), ("only_bone", "auc_bone_only")):
         if occ[kind]:
             st = mean_std_ci(occ[kind])
@@ -186,24 +229,32 @@ def render_markdown(rows: list[dict], info: dict) -> str:
         paper_s = f"{paper:.4f} ({r['paper_row']})" if not _missing(paper) else "-"
         p = lambda k: f"{r[k]:.3g}" if not _missing(r.get(k)) else "-"  # noqa: E731
         lines.append(
-            f"| {r['title']} | {r['status']} | {r.get('seeds', 0)} | " + " | ".join(_fmt(r, c) for c in columns)
+            f"| {r['title']} | {r['status']} | {r.get('seeds', 0)} | "
+            + " | ".join(_fmt(r, c) for c in columns)
             + f" | {paper_s} | {p('mcnemar_p')} | {p('delong_p')} | {r.get('seconds', '-')} |"
         )
     lines += ["", *_probe_table(rows)]
     held = info.get("held_out")
     if held:
-        lines += ["", f"Held-out source: the test films are every film of `{held['file']}` with a single truth, "
-                  f"scored against it ({held['meaning']}), the same films every seed; no duplicate, near duplicate "
-                  f"or patient of theirs was trained on; {len(held.get('multi_truth', []))} reference file(s) with no "
-                  "single truth excluded. Training labels are the data's own (class folders)."]
+        lines += [
+            "",
+            f"Held-out source: the test films are every film of `{held['file']}` with a single truth, "
+            f"scored against it ({held['meaning']}), the same films every seed; no duplicate, near duplicate "
+            f"or patient of theirs was trained on; {len(held.get('multi_truth', []))} reference file(s) with no "
+            "single truth excluded. Training labels are the data's own (class folders).",
+        ]
     lines += [
         "",
         "Cells: mean ± std over seeds [95% t-interval over seeds]. Paired tests are against the reference "
         f"hybrid ({info.get('reference')}), pooling the (seed, test image) pairs of all seeds: exact McNemar on "
         "correctness at threshold 0.5, DeLong on AUC.",
         f"Every model of a seed was scored on the same test images: {'yes' if info.get('same_test_images') else 'NO'}.",
-        "Trained on: " + (", ".join(f"{k} ({v} cells)" for k, v in info["compute_paths"].items())
-                          if info.get("compute_paths") else "unknown (cells from before paths were recorded)")
+        "Trained on: "
+        + (
+            ", ".join(f"{k} ({v} cells)" for k, v in info["compute_paths"].items())
+            if info.get("compute_paths")
+            else "unknown (cells from before paths were recorded)"
+        )
         + ". The same seed gives identical results on the same path (precision and instruction set), not across paths.",
     ]
     return "\n".join(lines) + "\n"
@@ -214,24 +265,39 @@ def _probe_table(rows: list[dict]) -> list[str]:
     probed = [r for r in rows if "adversarial_n" in r or "auc_bone_hidden_mean" in r]
     if not probed:
         return []
-    lines = ["Shortcut probes (does the model read bone or the film's source?):", "",
-             "| model | shortcut-adversarial acc [Wilson 95%] (n) | per seed (correct/n) | AUC bone hidden | "
-             "AUC bone only | AUC within source | source probe: format / mode / aspect (balanced acc) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "Shortcut probes (does the model read bone or the film's source?):",
+        "",
+        "| model | shortcut-adversarial acc [Wilson 95%] (n) | per seed (correct/n) | AUC bone hidden | "
+        "AUC bone only | AUC within source | source probe: format / mode / aspect (balanced acc) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in probed:
-        adv = (f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
-               f"(n = {r['adversarial_n']})") if "adversarial_n" in r else "-"
-        src = " / ".join("-" if _missing(r.get(f"source_{a}_mean")) else f"{r[f'source_{a}_mean']:.2f}"
-                         for a in SOURCE_ATTRIBUTES)
-        lines.append(f"| {r['title']} | {adv} | {r.get('adversarial_per_seed', '-')} | {_fmt(r, 'auc_bone_hidden')} | "
-                     f"{_fmt(r, 'auc_bone_only')} | {_fmt(r, 'auc_within_source')} | {src} |")
-    lines += ["", "Shortcut-adversarial: accuracy on the test images where the metadata-only forest (fitted on each "
-              "seed's training partition) is wrong; the shortcut scores 0 there, chance is 0.5. AUCs: mean ± std "
-              "over seeds with the bone region hidden (only the film's border shows) and with only the bone shown; "
-              "within source: over the positive/negative pairs from the same format x mode x aspect-tercile stratum "
-              "only (what the model reads beyond those attributes; a pure source reader scores 0.5). "
-              "Source probe: cross-validated balanced accuracy of a logistic regression predicting the file's "
-              "format, colour mode and aspect-ratio tercile from the model's fused features (training images)."]
+        adv = (
+            (
+                f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
+                f"(n = {r['adversarial_n']})"
+            )
+            if "adversarial_n" in r
+            else "-"
+        )
+        src = " / ".join(
+            "-" if _missing(r.get(f"source_{a}_mean")) else f"{r[f'source_{a}_mean']:.2f}" for a in SOURCE_ATTRIBUTES
+        )
+        lines.append(
+            f"| {r['title']} | {adv} | {r.get('adversarial_per_seed', '-')} | {_fmt(r, 'auc_bone_hidden')} | "
+            f"{_fmt(r, 'auc_bone_only')} | {_fmt(r, 'auc_within_source')} | {src} |"
+        )
+    lines += [
+        "",
+        "Shortcut-adversarial: accuracy on the test images where the metadata-only forest (fitted on each "
+        "seed's training partition) is wrong; the shortcut scores 0 there, chance is 0.5. AUCs: mean ± std "
+        "over seeds with the bone region hidden (only the film's border shows) and with only the bone shown; "
+        "within source: over the positive/negative pairs from the same format x mode x aspect-tercile stratum "
+        "only (what the model reads beyond those attributes; a pure source reader scores 0.5). "
+        "Source probe: cross-validated balanced accuracy of a logistic regression predicting the file's "
+        "format, colour mode and aspect-ratio tercile from the model's fused features (training images).",
+    ]
     return lines
 
 
@@ -245,5 +311,4 @@ def write_table1(out: Path, rows: list[dict], info: dict) -> None:
     write_text(out / "table1.csv", table_csv(rows))
     write_text(out / "table1.md", render_markdown(rows, info))
     write_json(out / "table1.json", {"info": info, "rows": rows})
-    figures.forest_plot(rows, out / "table1.png",
-                        [(c, METRICS[c].title) for c in ("accuracy", "auc") if c in METRICS])
+    figures.forest_plot(rows, out / "table1.png", [(c, METRICS[c].title) for c in ("accuracy", "auc") if c in METRICS])

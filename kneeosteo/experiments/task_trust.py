@@ -38,8 +38,10 @@ def fit_task_domain(run: RunDir, model, train: PreparedSet, acceptance: float = 
     if feats is None:
         return "pixel checks only: the model has no backbone features"
     if len(feats) < MIN_DOMAIN_IMAGES:
-        return (f"pixel checks only: {len(feats)} training images are too few for a feature distance "
-                f"(at least {MIN_DOMAIN_IMAGES})")
+        return (
+            f"pixel checks only: {len(feats)} training images are too few for a feature distance "
+            f"(at least {MIN_DOMAIN_IMAGES})"
+        )
     check = DomainCheck(acceptance=acceptance).fit(feats)
     note = f"fitted on {len(feats)} training images, threshold at {acceptance:g} of out-of-fold distances"
     run.save_domain(check, note)
@@ -75,10 +77,14 @@ def task_trust_line(trust: dict) -> str:
     n = trust.get("calibration_images")
     if "interval" in trust:
         i = trust["interval"]
-        return f"trust: conformal interval +-{i['half_width']:.3g} at coverage {i['coverage']:g} ({n} validation images)"
+        return (
+            f"trust: conformal interval +-{i['half_width']:.3g} at coverage {i['coverage']:g} ({n} validation images)"
+        )
     t = trust["temperature"]["temperature"]
-    return (f"trust: temperature {t:.3g}{' (' + trust['temperature_note'] + ')' if 'temperature_note' in trust else ''}; "
-            f"conformal sets at coverage {trust['conformal']['coverage']:g} ({n} validation images)")
+    return (
+        f"trust: temperature {t:.3g}{' (' + trust['temperature_note'] + ')' if 'temperature_note' in trust else ''}; "
+        f"conformal sets at coverage {trust['conformal']['coverage']:g} ({n} validation images)"
+    )
 
 
 def calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, device: str) -> RunDir:
@@ -86,16 +92,24 @@ def calibrate_task_run(src: RunDir, model, out, data, split, coverage: float, de
     its conformal interval, refitted on a split's validation partition (``experiments/task_trust.py``)."""
     cfg = src.config
     if data is not None and split is None:
-        raise DataError(f"a {cfg.task} run is calibrated on a split's validation part: pass --split "
-                        "(make one with `kneeosteo split DATA --labels ...`)")
+        raise DataError(
+            f"a {cfg.task} run is calibrated on a split's validation part: pass --split "
+            "(make one with `kneeosteo split DATA --labels ...`)"
+        )
     split_file = Path(split) if split is not None else src.split_file
-    sets = load_split(split_file, data if data is not None else cfg.record.get("data"), cfg.settings.get("fold"),
-                      target=cfg.target)
+    sets = load_split(
+        split_file, data if data is not None else cfg.record.get("data"), cfg.settings.get("fold"), target=cfg.target
+    )
     if cfg.settings.get("merge"):
         sets = sets.merged(cfg.settings["merge"])
     trust = fit_task_trust(src, model, sets, coverage, device)
-    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
-                           "calibration_data": {"data": str(sets.data), "split": str(split_file)}})
+    new = src.derive(
+        out,
+        {
+            "calibrated_from": {"run": str(src.path), "model_id": src.model_id},
+            "calibration_data": {"data": str(sets.data), "split": str(split_file)},
+        },
+    )
     new.update_record(task_trust=trust)
     if src.domain is not None:  # fitted on the training images for these weights: still valid
         new.save_domain(src.domain, json.loads(src.domain_file.read_text()).get("fitted", ""))

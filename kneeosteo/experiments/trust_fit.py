@@ -38,9 +38,9 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import backbone_features, predict_prepared, prepare_part
+from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
-from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.trust import (
     ConformalClassifier,
     DomainCheck,
@@ -59,8 +59,18 @@ from kneeosteo.trust.operating_point import parse_operating_point
 from kneeosteo.trust.shift import ShiftReference
 from kneeosteo.utils.progress import progress_bar
 
-__all__ = ["calibrate_run", "check_new_run_folder", "exact_set", "fit_trust", "fit_trust_from_split",
-           "min_refit_images", "site_check", "site_check_lines", "temperature_fit", "trust_line"]
+__all__ = [
+    "calibrate_run",
+    "check_new_run_folder",
+    "exact_set",
+    "fit_trust",
+    "fit_trust_from_split",
+    "min_refit_images",
+    "site_check",
+    "site_check_lines",
+    "temperature_fit",
+    "trust_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +88,16 @@ def temperature_fit(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, st
     cal = TemperatureScaler()
     t = cal.fit(z, y)
     if t <= DEGENERATE_TEMPERATURE[0]:
-        return TemperatureScaler(1.0), (f"kept at 1: the fit ran to its lower bound ({t:.3g}): the logits separate "
-                                        "these images perfectly, so no temperature calibrates them")
+        return TemperatureScaler(1.0), (
+            f"kept at 1: the fit ran to its lower bound ({t:.3g}): the logits separate "
+            "these images perfectly, so no temperature calibrates them"
+        )
     if t >= DEGENERATE_TEMPERATURE[1]:
-        return TemperatureScaler(1.0), (f"kept at 1: the fit ran to its upper bound ({t:.3g}): the logits carry no "
-                                        "information about these labels (the relation is flat or reversed), so the "
-                                        "fit flattened every probability towards 0.5")
+        return TemperatureScaler(1.0), (
+            f"kept at 1: the fit ran to its upper bound ({t:.3g}): the logits carry no "
+            "information about these labels (the relation is flat or reversed), so the "
+            "fit flattened every probability towards 0.5"
+        )
     return cal, f"fitted on {z.size} images"
 
 
@@ -109,9 +123,14 @@ def exact_set(records, root: Path, prep, label: str = "calibration (site)") -> P
         copies += len(group) - 1
         keep.append(group[0])
     if copies or conflicts:
-        log.warning("%s: %d identical cop%s kept once; %d file(s) left out as identical images with two labels%s",
-                    label, copies, "y" if copies == 1 else "ies", len(conflicts),
-                    f" ({', '.join(conflicts[:4])}{', ...' if len(conflicts) > 4 else ''})" if conflicts else "")
+        log.warning(
+            "%s: %d identical cop%s kept once; %d file(s) left out as identical images with two labels%s",
+            label,
+            copies,
+            "y" if copies == 1 else "ies",
+            len(conflicts),
+            f" ({', '.join(conflicts[:4])}{', ...' if len(conflicts) > 4 else ''})" if conflicts else "",
+        )
     grey, targets, paths, bad = [], [], [], []
     for r in progress_bar(keep, f"{label}: images", total=len(keep)):
         try:
@@ -124,9 +143,14 @@ def exact_set(records, root: Path, prep, label: str = "calibration (site)") -> P
         paths.append(r.path)
     if not grey:
         raise DataError(f"{root}: no readable image in the {label} set")
-    return PreparedSet(torch.stack(grey), torch.tensor(targets), paths, [0] * len(paths), None,
-                       bad + [{"path": p, "reason": "label conflict: an identical image has the other label"}
-                              for p in conflicts])
+    return PreparedSet(
+        torch.stack(grey),
+        torch.tensor(targets),
+        paths,
+        [0] * len(paths),
+        None,
+        bad + [{"path": p, "reason": "label conflict: an identical image has the other label"} for p in conflicts],
+    )
 
 
 def site_check(old: TrustBundle | None, z: np.ndarray, y: np.ndarray, classes, raw_threshold: float) -> dict:
@@ -141,28 +165,38 @@ def site_check(old: TrustBundle | None, z: np.ndarray, y: np.ndarray, classes, r
     m = metrics_with_ci(y, p, threshold=thr)
     auc, acc = m["auc"], m["accuracy"]
     ece, lo, hi = expected_calibration_error_interval(p, y)
-    out = {"n": int(y.size), "classes": {classes[0]: int((y == 0).sum()), classes[1]: int((y == 1).sum())},
-           "auc": {k: auc[k] for k in ("value", "ci_low", "ci_high")},
-           "ece": {"value": ece, "ci_low": lo, "ci_high": hi},
-           "calibration_slope": calibration_slope_intercept(p, y).to_dict().get("slope"),
-           "threshold": float(thr), "accuracy": {k: acc[k] for k in ("value", "ci_low", "ci_high")},
-           "calibrated": old is not None}
+    out = {
+        "n": int(y.size),
+        "classes": {classes[0]: int((y == 0).sum()), classes[1]: int((y == 1).sum())},
+        "auc": {k: auc[k] for k in ("value", "ci_low", "ci_high")},
+        "ece": {"value": ece, "ci_low": lo, "ci_high": hi},
+        "calibration_slope": calibration_slope_intercept(p, y).to_dict().get("slope"),
+        "threshold": float(thr),
+        "accuracy": {k: acc[k] for k in ("value", "ci_low", "ci_high")},
+        "calibrated": old is not None,
+    }
     if old is not None:
         mask = old.conformal.predict_mask(p)
         hit = mask[np.arange(y.size), y]
-        out["coverage"] = {"target": old.conformal.coverage, "overall": float(hit.mean()),
-                           **{c: float(hit[y == k].mean()) for k, c in enumerate(classes)},
-                           "class_conditional": old.conformal.class_conditional}
+        out["coverage"] = {
+            "target": old.conformal.coverage,
+            "overall": float(hit.mean()),
+            **{c: float(hit[y == k].mean()) for k, c in enumerate(classes)},
+            "class_conditional": old.conformal.class_conditional,
+        }
     a = out["auc"]
     where = f"AUC {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {y.size} films"
     if a["ci_high"] < 0.5:
         out["verdict"] = NO_SIGNAL
-        out["reason"] = (f"{NO_SIGNAL}: the model ranks this site's films the wrong way round ({where}); it has not "
-                         "been shown to work at this site")
+        out["reason"] = (
+            f"{NO_SIGNAL}: the model ranks this site's films the wrong way round ({where}); it has not "
+            "been shown to work at this site"
+        )
     elif a["ci_low"] <= 0.5:
         out["verdict"] = NO_SIGNAL
-        out["reason"] = (f"{NO_SIGNAL}: the AUC interval includes 0.5 ({where}); the model has not been shown to "
-                         "work at this site")
+        out["reason"] = (
+            f"{NO_SIGNAL}: the AUC interval includes 0.5 ({where}); the model has not been shown to work at this site"
+        )
     else:
         out["verdict"] = "signal"
         out["reason"] = f"the model ranks this site's films above chance ({where})"
@@ -171,18 +205,22 @@ def site_check(old: TrustBundle | None, z: np.ndarray, y: np.ndarray, classes, r
 
 def site_check_lines(sc: dict) -> list[str]:
     """The site check for the console, verdict first."""
+
     def ci(d):
         return f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
-    lines = [f"site check: {sc['verdict'].upper()}: {sc['reason'].removeprefix(NO_SIGNAL + ': ')}",
-             f"  AUC {ci(sc['auc'])}; ECE {ci(sc['ece'])}; calibration slope "
-             f"{sc['calibration_slope'] if sc['calibration_slope'] is None else format(sc['calibration_slope'], '.3f')}; "
-             f"accuracy at the run's threshold {sc['threshold']:.3g}: {ci(sc['accuracy'])}"]
+    lines = [
+        f"site check: {sc['verdict'].upper()}: {sc['reason'].removeprefix(NO_SIGNAL + ': ')}",
+        f"  AUC {ci(sc['auc'])}; ECE {ci(sc['ece'])}; calibration slope "
+        f"{sc['calibration_slope'] if sc['calibration_slope'] is None else format(sc['calibration_slope'], '.3f')}; "
+        f"accuracy at the run's threshold {sc['threshold']:.3g}: {ci(sc['accuracy'])}",
+    ]
     cov = sc.get("coverage")
     if cov:
         per = ", ".join(f"{c} {cov[c]:.3f}" for c in sc["classes"])
-        lines.append(f"  the run's {cov['target']:.0%} prediction sets covered {cov['overall']:.3f} of these films "
-                     f"({per})")
+        lines.append(
+            f"  the run's {cov['target']:.0%} prediction sets covered {cov['overall']:.3f} of these films ({per})"
+        )
     else:
         lines.append("  the run has no prediction sets (no trust files): coverage not measured")
     if sc["verdict"] == NO_SIGNAL:
@@ -190,11 +228,23 @@ def site_check_lines(sc: dict) -> list[str]:
     return lines
 
 
-def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.5", coverage: float = 0.9,
-              domain_set: PreparedSet | None = None, domain: DomainCheck | None = None,
-              acceptance: float = 0.95, device: str = "cpu", fitted: dict | None = None,
-              class_conditional: bool = False, site: TrustBundle | None = None,
-              raw_threshold: float = 0.5) -> TrustBundle:
+def fit_trust(
+    model,
+    prep,
+    fit_set: PreparedSet,
+    classes,
+    *,
+    operating_point="0.5",
+    coverage: float = 0.9,
+    domain_set: PreparedSet | None = None,
+    domain: DomainCheck | None = None,
+    acceptance: float = 0.95,
+    device: str = "cpu",
+    fitted: dict | None = None,
+    class_conditional: bool = False,
+    site: TrustBundle | None = None,
+    raw_threshold: float = 0.5,
+) -> TrustBundle:
     """The bundle for ``model``: calibration, threshold and conformal on ``fit_set``'s original
     images; the domain check fitted on ``domain_set`` (out-of-fold threshold), or ``domain``'s
     arrays with the threshold refitted on ``fit_set``, or (neither) fitted on ``fit_set``.
@@ -213,8 +263,11 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
     threshold = choose_threshold(p, y, op)
     conformal = ConformalClassifier(coverage, class_conditional=class_conditional, class_names=tuple(classes)).fit(p, y)
     info = dict(fitted or {})
-    info.update(calibration_images=int(len(y)), temperature=t_note,
-                calibration_classes={classes[0]: int((y == 0).sum()), classes[1]: int((y == 1).sum())})
+    info.update(
+        calibration_images=int(len(y)),
+        temperature=t_note,
+        calibration_classes={classes[0]: int((y == 0).sum()), classes[1]: int((y == 1).sum())},
+    )
     feats = backbone_features(model, fit_set, prep, device)
     check = None
     if feats is None:
@@ -223,8 +276,10 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
         check = copy.deepcopy(domain)
         need = min_refit_images(check.acceptance)
         if len(feats) < need:
-            info["domain"] = (f"training-image fit and threshold kept: {len(feats)} calibration images are too few "
-                              f"to refit it (at least {need} at acceptance {check.acceptance:g})")
+            info["domain"] = (
+                f"training-image fit and threshold kept: {len(feats)} calibration images are too few "
+                f"to refit it (at least {need} at acceptance {check.acceptance:g})"
+            )
             log.warning("domain check: %s", info["domain"])
         else:
             check.refit_threshold(feats)
@@ -234,18 +289,26 @@ def fit_trust(model, prep, fit_set: PreparedSet, classes, *, operating_point="0.
         x = feats if domain_set is None else backbone_features(model, source, prep, device)
         try:
             if len(x) < MIN_DOMAIN_IMAGES:
-                raise DataError(f"{len(x)} in-domain images are too few for a feature distance in {x.shape[1]} "
-                                f"dimensions (at least {MIN_DOMAIN_IMAGES}); only the pixel checks apply")
+                raise DataError(
+                    f"{len(x)} in-domain images are too few for a feature distance in {x.shape[1]} "
+                    f"dimensions (at least {MIN_DOMAIN_IMAGES}); only the pixel checks apply"
+                )
             check = DomainCheck(acceptance=acceptance).fit(x)
-            info["domain"] = (f"fitted on {len(x)} {'calibration' if domain_set is None else 'training'} images, "
-                              f"threshold at {acceptance:g} of out-of-fold distances")
+            info["domain"] = (
+                f"fitted on {len(x)} {'calibration' if domain_set is None else 'training'} images, "
+                f"threshold at {acceptance:g} of out-of-fold distances"
+            )
         except DataError as exc:
             info["domain"] = f"pixel checks only: {exc}"
             log.warning("no domain check for this run: %s", exc)
     reference = ShiftReference(
-        None if check is None else check.heldout_scores, p,
-        {"domain_source": None if check is None else info["domain"],
-         "probability_source": f"calibrated probabilities of the {len(y)} calibration images"})
+        None if check is None else check.heldout_scores,
+        p,
+        {
+            "domain_source": None if check is None else info["domain"],
+            "probability_source": f"calibrated probabilities of the {len(y)} calibration images",
+        },
+    )
     return TrustBundle(calibrator, threshold, str(op), conformal, check, tuple(classes), info, reference, checked)
 
 
@@ -255,14 +318,25 @@ def trust_line(bundle: TrustBundle) -> str:
     t = cal.get("temperature")
     dom = "none" if bundle.domain is None else f"{bundle.domain.method}, threshold {bundle.domain.threshold:.4g}"
     mondrian = " per class (Mondrian)" if bundle.conformal.class_conditional else ""
-    return (f"trust: temperature {t:.3g} ({bundle.fitted.get('temperature', '')}); operating point "
-            f"{bundle.operating_point} -> threshold {bundle.threshold:.4g}; conformal coverage "
-            f"{bundle.conformal.coverage:g}{mondrian}; domain check {dom}")
+    return (
+        f"trust: temperature {t:.3g} ({bundle.fitted.get('temperature', '')}); operating point "
+        f"{bundle.operating_point} -> threshold {bundle.threshold:.4g}; conformal coverage "
+        f"{bundle.conformal.coverage:g}{mondrian}; domain check {dom}"
+    )
 
 
-def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point="0.5", coverage: float = 0.9,
-                         acceptance: float = 0.95, device: str = "cpu", train: PreparedSet | None = None,
-                         class_conditional: bool = False) -> TrustBundle:
+def fit_trust_from_split(
+    run: RunDir,
+    model,
+    sets: SplitSets,
+    *,
+    operating_point="0.5",
+    coverage: float = 0.9,
+    acceptance: float = 0.95,
+    device: str = "cpu",
+    train: PreparedSet | None = None,
+    class_conditional: bool = False,
+) -> TrustBundle:
     """Training's fit: calibration on the validation partition, the domain check on the
     training partition's originals (``train`` when the caller has them prepared already, else
     read from the feature cache training filled)."""
@@ -270,10 +344,23 @@ def fit_trust_from_split(run: RunDir, model, sets: SplitSets, *, operating_point
     val = prepare_part(model, sets.items("val"), sets.data, prep, device, "calibration (val)")
     if train is None:
         train = prepare_part(model, sets.items("train"), sets.data, prep, device, "domain check (train)")
-    return fit_trust(model, prep, val, run.config.classes, operating_point=operating_point, coverage=coverage,
-                     domain_set=train, acceptance=acceptance, device=device, class_conditional=class_conditional,
-                     fitted={"mode": "split", "calibration_set": "validation partition",
-                             "domain_set": "training partition (originals)"})
+    return fit_trust(
+        model,
+        prep,
+        val,
+        run.config.classes,
+        operating_point=operating_point,
+        coverage=coverage,
+        domain_set=train,
+        acceptance=acceptance,
+        device=device,
+        class_conditional=class_conditional,
+        fitted={
+            "mode": "split",
+            "calibration_set": "validation partition",
+            "domain_set": "training partition (originals)",
+        },
+    )
 
 
 def check_new_run_folder(run: str | Path, out: str | Path) -> None:
@@ -287,7 +374,9 @@ def check_new_run_folder(run: str | Path, out: str | Path) -> None:
     if RunDir(out).is_run():
         raise DataError(f"{out}: already a run folder; choose a new --out (the original run is never changed)")
     if where == src or src in where.parents or where in src.parents:
-        raise DataError(f"{out}: inside (or around) the run {run}; choose a --out outside it (the original run is never changed)")
+        raise DataError(
+            f"{out}: inside (or around) the run {run}; choose a --out outside it (the original run is never changed)"
+        )
     try:
         taken = where.exists() and (not where.is_dir() or any(where.iterdir()))
     except OSError as exc:
@@ -296,8 +385,19 @@ def check_new_run_folder(run: str | Path, out: str | Path) -> None:
         raise DataError(f"{out}: exists and is not an empty folder; choose a new --out (nothing was changed)")
 
 
-def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", coverage: float = 0.9,
-                  acceptance: float = 0.95, device: str = "cpu", labels=None, class_conditional: bool = False) -> RunDir:
+def calibrate_run(
+    run,
+    out,
+    data=None,
+    split=None,
+    *,
+    operating_point="0.5",
+    coverage: float = 0.9,
+    acceptance: float = 0.95,
+    device: str = "cpu",
+    labels=None,
+    class_conditional: bool = False,
+) -> RunDir:
     """`kneeosteo calibrate`: a new run folder at ``out`` with ``run``'s weights (a byte copy; the
     original is only read) and trust pieces fitted on
 
@@ -310,8 +410,13 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
     model = src.load_model(device)
     cfg = src.config
     parse_operating_point(operating_point)  # a bad setting fails before any image is read
-    common = dict(operating_point=operating_point, coverage=coverage, acceptance=acceptance, device=device,
-                  class_conditional=class_conditional)
+    common = dict(
+        operating_point=operating_point,
+        coverage=coverage,
+        acceptance=acceptance,
+        device=device,
+        class_conditional=class_conditional,
+    )
     if cfg.task != "binary":
         from kneeosteo.experiments.task_trust import calibrate_task_run
 
@@ -322,9 +427,17 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
             raise DataError(f"{data}: class folders {scan.classes} differ from the model's {list(cfg.classes)}")
         site = exact_set(scan.records, data, cfg.preprocess)
         old = src.trust
-        bundle = fit_trust(model, cfg.preprocess, site, cfg.classes, domain=None if old is None else old.domain,
-                           fitted={"mode": "site", "calibration_set": str(data)}, site=old,
-                           raw_threshold=cfg.threshold, **common)
+        bundle = fit_trust(
+            model,
+            cfg.preprocess,
+            site,
+            cfg.classes,
+            domain=None if old is None else old.domain,
+            fitted={"mode": "site", "calibration_set": str(data)},
+            site=old,
+            raw_threshold=cfg.threshold,
+            **common,
+        )
         record = {"data": str(Path(data)), "content_ids": {r.path: r.content_id for r in scan.records}}
     else:
         split_file = Path(split) if split is not None else src.split_file
@@ -335,9 +448,13 @@ def calibrate_run(run, out, data=None, split=None, *, operating_point="0.5", cov
             ids = json.loads(split_file.read_text()).get("content_ids") or {}
         except (OSError, ValueError, AttributeError):
             ids = {}
-        record = {"data": str(sets.data), "split": str(split_file),
-                  "content_ids": {p: ids.get(p, "") for p in sets.val}}
-    new = src.derive(out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id},
-                           "calibration_data": record})
+        record = {
+            "data": str(sets.data),
+            "split": str(split_file),
+            "content_ids": {p: ids.get(p, "") for p in sets.val},
+        }
+    new = src.derive(
+        out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id}, "calibration_data": record}
+    )
     new.save_trust(bundle)
     return new

@@ -37,7 +37,7 @@ class PreparedSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def originals(self) -> "PreparedSet":
+    def originals(self) -> PreparedSet:
         keep = [i for i, v in enumerate(self.versions) if v == 0]
         return self.subset(keep)
 
@@ -48,11 +48,15 @@ class PreparedSet:
             x = prep.normalise(self.grey[sl].float()).to(device).contiguous(memory_format=torch.channels_last)
             yield x, None if self.features is None else self.features[sl].to(device)
 
-    def subset(self, idx: list[int]) -> "PreparedSet":
+    def subset(self, idx: list[int]) -> PreparedSet:
         t = torch.as_tensor(idx, dtype=torch.long)
         return PreparedSet(
-            self.grey[t], self.targets[t], [self.paths[i] for i in idx], [self.versions[i] for i in idx],
-            None if self.features is None else self.features[t], self.bad,
+            self.grey[t],
+            self.targets[t],
+            [self.paths[i] for i in idx],
+            [self.versions[i] for i in idx],
+            None if self.features is None else self.features[t],
+            self.bad,
         )
 
 
@@ -72,8 +76,15 @@ def precache(cid: str, pixels, prep: Preprocess, cache: TensorCache) -> None:
     cache.put(_small_key(cid), {"pixels": torch.from_numpy(shrink(pixels).astype("float32", copy=False))})
 
 
-def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | None, seed: int, cache: TensorCache,
-                img: LoadedImage | None = None):
+def _inputs_for(
+    path: Path,
+    cid: str,
+    prep: Preprocess,
+    aug: AugmentParams | None,
+    seed: int,
+    cache: TensorCache,
+    img: LoadedImage | None = None,
+):
     """Grey (V, 1, S, S) tensors for one image: the original, then its augmented copies; ``img`` is
     the file already decoded, if it was, so it is not decoded again (nor when ``precache`` kept
     what is needed)."""
@@ -100,8 +111,17 @@ def _inputs_for(path: Path, cid: str, prep: Preprocess, aug: AugmentParams | Non
 
 
 @torch.no_grad()
-def _features_for(keys: list[str], grey: list[torch.Tensor], prep: Preprocess, backbone: nn.Module,
-                  backbone_id: str, cache: TensorCache, batch_size: int, device: str, label: str) -> torch.Tensor:
+def _features_for(
+    keys: list[str],
+    grey: list[torch.Tensor],
+    prep: Preprocess,
+    backbone: nn.Module,
+    backbone_id: str,
+    cache: TensorCache,
+    batch_size: int,
+    device: str,
+    label: str,
+) -> torch.Tensor:
     fkeys = [cache_key(kind="features", input=k, backbone=backbone_id) for k in keys]
     feats: list[torch.Tensor | None] = [None] * len(keys)
     for i, fk in enumerate(fkeys):
@@ -112,7 +132,11 @@ def _features_for(keys: list[str], grey: list[torch.Tensor], prep: Preprocess, b
         backbone.eval()
         flat = [(i, j) for i in todo for j in range(grey[i].shape[0])]
         chunks = {i: [None] * grey[i].shape[0] for i in todo}
-        for start in progress_bar(range(0, len(flat), batch_size), f"{label}: backbone features", total=(len(flat) + batch_size - 1) // batch_size):
+        for start in progress_bar(
+            range(0, len(flat), batch_size),
+            f"{label}: backbone features",
+            total=(len(flat) + batch_size - 1) // batch_size,
+        ):
             batch = flat[start : start + batch_size]
             x = torch.stack([grey[i][j].float() for i, j in batch])
             # oneDNN (and cuDNN) pick convolution kernels by batch size: an image's features differ

@@ -32,8 +32,21 @@ from kneeosteo.errors import DataError, KneeosteoError
 from kneeosteo.run import ModelInfo
 from kneeosteo.trust import TrustedPrediction
 
-__all__ = ["MANUFACTURER", "REFERENCE_TAGS", "RESEARCH_USE", "SCHEME", "DicomResult", "check_reference",
-           "heatmap_rgb", "new_uid", "read_sr", "require_extra", "secondary_capture", "structured_report", "write_dicom_results"]
+__all__ = [
+    "MANUFACTURER",
+    "REFERENCE_TAGS",
+    "RESEARCH_USE",
+    "SCHEME",
+    "DicomResult",
+    "check_reference",
+    "heatmap_rgb",
+    "new_uid",
+    "read_sr",
+    "require_extra",
+    "secondary_capture",
+    "structured_report",
+    "write_dicom_results",
+]
 
 SCHEME = "99KNEEOSTEO"
 MANUFACTURER = "kneeosteo"
@@ -52,8 +65,9 @@ def require_extra(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise KneeosteoError(f"DICOM output needs highdicom and dicomweb-client ({exc}); "
-                                 "pip install 'kneeosteo[pacs]'") from None
+            raise KneeosteoError(
+                f"DICOM output needs highdicom and dicomweb-client ({exc}); pip install 'kneeosteo[pacs]'"
+            ) from None
 
 
 def new_uid() -> str:
@@ -67,14 +81,25 @@ def check_reference(ds, name: str) -> None:
     """Raise DataError naming ``name`` and every attribute a reference to it needs but it lacks."""
     missing = [k for k in REFERENCE_TAGS if not str(getattr(ds, k, "") or "").strip()]
     if missing:
-        raise DataError(f"{name}: the DICOM lacks {', '.join(missing)}, which the SR's reference to it needs; "
-                        "nothing was written for it")
+        raise DataError(
+            f"{name}: the DICOM lacks {', '.join(missing)}, which the SR's reference to it needs; "
+            "nothing was written for it"
+        )
 
 
 # type-2 patient and study attributes the copies need: present (maybe empty) in a valid source;
 # one that is absent is copied as empty ("unknown"), never filled with an invented value
-TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def _reference_copy(source):
@@ -111,9 +136,11 @@ CONCEPTS = {
     "positive": ("POS-CLASS", "Positive class"),
     "use": ("INTENDED-USE", "Intended use"),
 }
-STATUS_MEANINGS = {"ok": "ok: in domain, one class in the prediction set",
-                   "uncertain": "uncertain: the prediction set is not one class",
-                   "out_of_domain": "out of domain: no finding"}
+STATUS_MEANINGS = {
+    "ok": "ok: in domain, one class in the prediction set",
+    "uncertain": "uncertain: the prediction set is not one class",
+    "out_of_domain": "out of domain: no finding",
+}
 
 
 def status_reason(t: TrustedPrediction) -> tuple[str, str]:
@@ -123,8 +150,16 @@ def status_reason(t: TrustedPrediction) -> tuple[str, str]:
             return "DOMAIN-FAR", "features beyond the domain threshold"
         return "PIXELS", "pixel check failed: not like a knee radiograph"
     if t.status == "uncertain":
-        return ("SET-EMPTY", "empty prediction set") if not t.prediction_set else ("SET-BOTH", "prediction set holds both classes")
-    return ("CALIBRATED", "in domain, calibrated") if t.calibrated else ("UNCALIBRATED", "in domain; run has no calibration")
+        return (
+            ("SET-EMPTY", "empty prediction set")
+            if not t.prediction_set
+            else ("SET-BOTH", "prediction set holds both classes")
+        )
+    return (
+        ("CALIBRATED", "in domain, calibrated")
+        if t.calibrated
+        else ("UNCALIBRATED", "in domain; run has no calibration")
+    )
 
 
 @dataclass(frozen=True)
@@ -144,12 +179,23 @@ def _algorithm(info: ModelInfo, threshold: float):
     # TEXT items (UT): the model id is kept whole however long its folder name, since a later pass
     # compares it to know which films are done
     return AlgorithmIdentification(
-        name=f"kneeosteo model {info.model_id}", version=__version__,
-        parameters=[f"threshold={threshold:g}", f"positive class={info.positive}", f"negative class={info.negative}"])
+        name=f"kneeosteo model {info.model_id}",
+        version=__version__,
+        parameters=[f"threshold={threshold:g}", f"positive class={info.positive}", f"negative class={info.negative}"],
+    )
 
 
-def structured_report(source, t: TrustedPrediction, info: ModelInfo, threshold: float, *, series_uid: str,
-                      sop_uid: str, series_number: int = 901, instance_number: int = 1):
+def structured_report(
+    source,
+    t: TrustedPrediction,
+    info: ModelInfo,
+    threshold: float,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int = 901,
+    instance_number: int = 1,
+):
     """The SR (a ``highdicom.sr.Comprehensive3DSR``) of one film's verdict ``t``.
 
     ``source`` is the film's pydicom dataset (pixel data not needed); ``threshold`` the run's
@@ -163,12 +209,14 @@ def structured_report(source, t: TrustedPrediction, info: ModelInfo, threshold: 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_device_uid(info),
-            name="kneeosteo", manufacturer_name=MANUFACTURER, model_name=info.model_id[:MAX_LO]))
+            uid=_device_uid(info), name="kneeosteo", manufacturer_name=MANUFACTURER, model_name=info.model_id[:MAX_LO]
+        ),
+    )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     algorithm = _algorithm(info, threshold)
-    num = lambda key, v: hd.sr.Measurement(name=_code(*CONCEPTS[key]), value=float(v), unit=codes.UCUM.NoUnits,
-                                            algorithm_id=algorithm)
+    num = lambda key, v: hd.sr.Measurement(
+        name=_code(*CONCEPTS[key]), value=float(v), unit=codes.UCUM.NoUnits, algorithm_id=algorithm
+    )
     measurements = []
     if not ood and np.isfinite(t.probability):
         measurements += [num("probability", t.probability), num("raw", t.raw_probability)]
@@ -176,23 +224,38 @@ def structured_report(source, t: TrustedPrediction, info: ModelInfo, threshold: 
     if np.isfinite(t.domain_score):
         measurements += [num("domain", t.domain_score), num("domain_threshold", t.domain_threshold)]
     qual = lambda key, value: hd.sr.QualitativeEvaluation(_code(*CONCEPTS[key]), value)
-    evaluations = [qual("status", _code(t.status.upper().replace("_", "-"), STATUS_MEANINGS[t.status])),
-                   qual("reason", _code(*status_reason(t))),
-                   qual("positive", _code(info.positive, f"'{info.positive}' as labelled in the training data")),
-                   qual("use", _code("RESEARCH", RESEARCH_USE))]
+    evaluations = [
+        qual("status", _code(t.status.upper().replace("_", "-"), STATUS_MEANINGS[t.status])),
+        qual("reason", _code(*status_reason(t))),
+        qual("positive", _code(info.positive, f"'{info.positive}' as labelled in the training data")),
+        qual("use", _code("RESEARCH", RESEARCH_USE)),
+    ]
     if not ood:
         evaluations.insert(0, hd.sr.QualitativeEvaluation(codes.DCM.Finding, _code(t.label, t.label)))
         evaluations += [qual("set", _code(c, c)) for c in t.prediction_set]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=f"kneeosteo {source.SOPInstanceUID}"[:MAX_LO]),
-        algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
-    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=_code(*CONCEPTS["procedure"]),
-                                     imaging_measurements=[group])
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=new_uid(), identifier=f"kneeosteo {source.SOPInstanceUID}"[:MAX_LO]
+        ),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=_code(*CONCEPTS["procedure"]), imaging_measurements=[group]
+    )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report, series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
-        series_description=f"kneeosteo SR (research use only) {info.model_id}"[:MAX_LO], is_complete=True)
+        evidence=[source],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        series_description=f"kneeosteo SR (research use only) {info.model_id}"[:MAX_LO],
+        is_complete=True,
+    )
     _mark(sr)
     from pydicom.dataset import Dataset
 
@@ -247,8 +310,9 @@ def heatmap_rgb(pixels: np.ndarray, gradcam: np.ndarray, caption: str) -> np.nda
     return np.asarray(img)
 
 
-def secondary_capture(source, rgb: np.ndarray, *, series_uid: str, sop_uid: str, series_number: int = 902,
-                      instance_number: int = 1):
+def secondary_capture(
+    source, rgb: np.ndarray, *, series_uid: str, sop_uid: str, series_number: int = 902, instance_number: int = 1
+):
     """The heat map ``rgb`` (uint8 (H, W, 3)) as a Secondary Capture in ``source``'s study,
     marked derived, with burned-in annotation, and referencing the source image."""
     import highdicom as hd
@@ -257,10 +321,19 @@ def secondary_capture(source, rgb: np.ndarray, *, series_uid: str, sop_uid: str,
     check_reference(source, "source film")
     source = _reference_copy(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8), photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
-        patient_orientation=("A", "F"), transfer_syntax_uid="1.2.840.10008.1.2.1")
+        ref_dataset=source,
+        pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("A", "F"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
     # highdicom wants an orientation; the SC's is the source's, verbatim, or empty (type 2: unknown)
     sc.PatientOrientation = source.get("PatientOrientation", "") or ""
     # a knee is a paired structure: the side from the source (its series' Laterality, or the
@@ -310,8 +383,13 @@ def read_sr(ds) -> DicomResult | None:
     prefix = "kneeosteo model "
     if not algorithm.startswith(prefix) or "source" not in found:
         return None
-    return DicomResult(str(found["source"]), algorithm[len(prefix):], str(found.get("status", "")),
-                       found.get("probability"), found.get("finding"))
+    return DicomResult(
+        str(found["source"]),
+        algorithm[len(prefix) :],
+        str(found.get("status", "")),
+        found.get("probability"),
+        found.get("finding"),
+    )
 
 
 def write_dicom_results(predictions, explainer, out_dir, progress: bool = False) -> tuple[list, list[str]]:
@@ -340,10 +418,19 @@ def write_dicom_results(predictions, explainer, out_dir, progress: bool = False)
         except DataError as exc:
             skipped.append(str(exc))
             continue
-        t = TrustedPrediction(p.status, p.probability, p.raw_probability, p.label, tuple(p.prediction_set),
-                              float("nan") if p.domain_score is None else p.domain_score,
-                              float("nan") if p.domain_threshold is None else p.domain_threshold, p.calibrated)
-        objects = [("sr", structured_report(ds, t, explainer.info, p.threshold, series_uid=new_uid(), sop_uid=new_uid()))]
+        t = TrustedPrediction(
+            p.status,
+            p.probability,
+            p.raw_probability,
+            p.label,
+            tuple(p.prediction_set),
+            float("nan") if p.domain_score is None else p.domain_score,
+            float("nan") if p.domain_threshold is None else p.domain_threshold,
+            p.calibrated,
+        )
+        objects = [
+            ("sr", structured_report(ds, t, explainer.info, p.threshold, series_uid=new_uid(), sop_uid=new_uid()))
+        ]
         if p.status != "out_of_domain":
             try:
                 pixels = read_image(p.path).pixels
@@ -352,8 +439,14 @@ def write_dicom_results(predictions, explainer, out_dir, progress: bool = False)
                 continue
             ex = explainer.explain(pixels)
             caption = f"P({explainer.info.positive}) {p.probability:.2f}: {p.label} ({p.status})"
-            objects.append(("sc", secondary_capture(ds, heatmap_rgb(pixels, ex.gradcam, caption), series_uid=new_uid(),
-                                                    sop_uid=new_uid())))
+            objects.append(
+                (
+                    "sc",
+                    secondary_capture(
+                        ds, heatmap_rgb(pixels, ex.gradcam, caption), series_uid=new_uid(), sop_uid=new_uid()
+                    ),
+                )
+            )
         for kind, obj in objects:
             target = out_dir / f"{ds.SOPInstanceUID}.{kind}.dcm"
             with atomic_path(target) as tmp:

@@ -72,8 +72,9 @@ def to_knee_region(m: np.ndarray, shape: tuple[int, int], knee: Knee) -> np.ndar
     f = src.shape[0] / side  # map cells per film pixel
     # film pixel (x, y) -> map (x', y') = ((x + 0.5) - left) * f - 0.5, pixel centres aligned
     mat = np.array([[f, 0, (0.5 - left) * f - 0.5], [0, f, (0.5 - top) * f - 0.5]], dtype=np.float64)
-    out = cv2.warpAffine(src, mat, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.warpAffine(
+        src, mat, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
     ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5  # pixel centres inside the box keep the map
     inside = ((ys >= top) & (ys < top + side))[:, None] & ((xs >= left) & (xs < left + side))[None, :]
     return np.where(inside, np.clip(np.nan_to_num(out), 0.0, 1.0), np.float32(0))
@@ -81,8 +82,14 @@ def to_knee_region(m: np.ndarray, shape: tuple[int, int], knee: Knee) -> np.ndar
 
 def map_stats(m: np.ndarray) -> dict:
     r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-    return {"shape": list(m.shape), "min": float(m.min()), "max": float(m.max()), "mean": float(m.mean()),
-            "std": float(m.std()), "argmax": [int(r), int(c)]}
+    return {
+        "shape": list(m.shape),
+        "min": float(m.min()),
+        "max": float(m.max()),
+        "mean": float(m.mean()),
+        "std": float(m.std()),
+        "argmax": [int(r), int(c)],
+    }
 
 
 @dataclass
@@ -102,11 +109,16 @@ class Explanation:
         """JSON-able: the prediction's fields (status, probability, raw_probability, label,
         prediction_set, domain_score, domain_threshold, calibrated), and min/max/mean/std/argmax
         of each map (raw and on the image)."""
-        out = {**({} if self.trust is None else self.trust.to_dict()),
-               "probability": self.probability, "positive_class": self.positive, "label": self.label, "gradcam_target": self.target,
-               "gradcam_layer": self.layer,
-               "gradcam": {"raw": map_stats(self.gradcam_raw), "image": map_stats(self.gradcam)},
-               "attention": None}
+        out = {
+            **({} if self.trust is None else self.trust.to_dict()),
+            "probability": self.probability,
+            "positive_class": self.positive,
+            "label": self.label,
+            "gradcam_target": self.target,
+            "gradcam_layer": self.layer,
+            "gradcam": {"raw": map_stats(self.gradcam_raw), "image": map_stats(self.gradcam)},
+            "attention": None,
+        }
         if self.attention is not None:
             out["attention"] = {"raw": map_stats(self.attention_raw), "image": map_stats(self.attention)}
         return out
@@ -129,16 +141,31 @@ class _LogitNet(nn.Module):
 class Explainer:
     """Grad-CAM + attention maps for single images with a trained run (PyTorch only)."""
 
-    def __init__(self, run: str | os.PathLike | None = None, *, target: str = "positive",
-                 threshold: float | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        run: str | os.PathLike | None = None,
+        *,
+        target: str = "positive",
+        threshold: float | None = None,
+        device: str = "cpu",
+    ):
         run = RunDir.open(run)
         self._run = run if run.config.task != "binary" else None  # multiclass/regression answers need the run's record
-        self._setup(run.load_model(device), run.info, target, threshold, device,
-                    run.trust if self._run is None else None)
+        self._setup(
+            run.load_model(device), run.info, target, threshold, device, run.trust if self._run is None else None
+        )
 
     @classmethod
-    def from_model(cls, model: nn.Module, info: ModelInfo, *, target: str = "positive",
-                   threshold: float | None = None, device: str = "cpu", trust: TrustBundle | None = None) -> "Explainer":
+    def from_model(
+        cls,
+        model: nn.Module,
+        info: ModelInfo,
+        *,
+        target: str = "positive",
+        threshold: float | None = None,
+        device: str = "cpu",
+        trust: TrustBundle | None = None,
+    ) -> Explainer:
         self = cls.__new__(cls)
         self._run = None
         self._setup(model.eval(), info, target, threshold, device, trust)
@@ -186,8 +213,9 @@ class Explainer:
         z = float(z.float()[0])
         if self.trust is None:
             return untrusted_prediction(z, self.threshold, (self.info.negative, self.info.positive))
-        return self.trust.predict(z, None if feats is None else feats[0].double().cpu().numpy(), pixels,
-                                  mirrored=mirrored)
+        return self.trust.predict(
+            z, None if feats is None else feats[0].double().cpu().numpy(), pixels, mirrored=mirrored
+        )
 
     def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
         """Canonical greyscale (H, W) in [0, 1] -> maps on that (H, W) grid.
@@ -208,7 +236,9 @@ class Explainer:
 
             classes = self._run.config.classes
             probs = [p for _, p in verdict.probabilities]
-            cls = int(np.argmax(probs)) if self._run.config.task == "multiclass" and probs else 0  # the top class, in domain or not
+            cls = (
+                int(np.argmax(probs)) if self._run.config.task == "multiclass" and probs else 0
+            )  # the top class, in domain or not
             targets = [ClassifierOutputTarget(cls)]
             explained = classes[cls] if classes else f"{self._run.config.target} (what raises it)"
         elif target == "predicted":
@@ -222,9 +252,18 @@ class Explainer:
         shape = pixels.shape
         if search is None:
             norm, raw, am = maps[0]
-            return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
-                               to_image_shape(norm, shape, prep),
-                               None if am is None else to_image_shape(am, shape, prep), raw, am, verdict)
+            return Explanation(
+                verdict.probability,
+                self.info.positive,
+                verdict.label,
+                explained,
+                self.layer_name,
+                to_image_shape(norm, shape, prep),
+                None if am is None else to_image_shape(am, shape, prep),
+                raw,
+                am,
+                verdict,
+            )
         # a knee run: each knee's map drawn at its region on the whole film (zero elsewhere);
         # the raw maps are one per knee, stacked (none found: a zero map)
         has_am = self.model.attention is not None
@@ -236,8 +275,18 @@ class Explainer:
                 np.maximum(attention, to_knee_region(am, shape, knee), out=attention)
         raw = np.stack([r for _, r, _ in maps]) if maps else np.zeros((1, 1), np.float32)
         am_raw = (np.stack([a for _, _, a in maps]) if maps else np.zeros((1, 1), np.float32)) if has_am else None
-        return Explanation(verdict.probability, self.info.positive, verdict.label, explained, self.layer_name,
-                           gradcam, attention, raw, am_raw, verdict)
+        return Explanation(
+            verdict.probability,
+            self.info.positive,
+            verdict.label,
+            explained,
+            self.layer_name,
+            gradcam,
+            attention,
+            raw,
+            am_raw,
+            verdict,
+        )
 
     def _gradcam(self, x: torch.Tensor, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """One input's (normalised Grad-CAM, raw Grad-CAM, attention map), on the network's grids."""

@@ -31,8 +31,18 @@ from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.utils.atomic import write_bytes
 from kneeosteo.utils.hashing import sha256_file
 
-__all__ = ["DEFAULT_OPSET", "ExportNet", "OnnxModel", "ProbabilityNet", "cached_onnx_path", "ensure_onnx", "export_onnx", "is_sealed",
-           "onnx_metadata", "seal"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportNet",
+    "OnnxModel",
+    "ProbabilityNet",
+    "cached_onnx_path",
+    "ensure_onnx",
+    "export_onnx",
+    "is_sealed",
+    "onnx_metadata",
+    "seal",
+]
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
@@ -79,14 +89,16 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
         _P + "threshold": repr(info.threshold),
         _P + "weights_sha256": info.weights_sha256,
         _P + "classes": json.dumps([info.negative, info.positive]),
-        _P + "input": (f"images: float32 (B, 3, {p.size}, {p.size}); read the radiograph as greyscale "
-                       f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
-                       f"robust: letterbox onto a black square; bone: black out all but "
-                       f"kneeosteo.data.bone.bone_mask's region, then letterbox), CLAHE={p.clahe}, copy to 3 channels, "
-                       f"then (x - mean) / std with mean={list(p.mean)}, std={list(p.std)}"),
+        _P + "input": (
+            f"images: float32 (B, 3, {p.size}, {p.size}); read the radiograph as greyscale "
+            f"in [0, 1], apply the '{p.preset}' geometry (paper: stretch to {p.size}x{p.size}; "
+            f"robust: letterbox onto a black square; bone: black out all but "
+            f"kneeosteo.data.bone.bone_mask's region, then letterbox), CLAHE={p.clahe}, copy to 3 channels, "
+            f"then (x - mean) / std with mean={list(p.mean)}, std={list(p.std)}"
+        ),
         _P + "output": f"probability: float32 (B,), P({info.positive}); logit: float32 (B,); features: float32 "
-                       f"(B, D), the frozen backbone's pooled features (for the domain check; absent without a "
-                       f"backbone)",
+        f"(B, D), the frozen backbone's pooled features (for the domain check; absent without a "
+        f"backbone)",
     }
 
 
@@ -96,8 +108,9 @@ def binary_only(run: RunDir) -> None:
         raise ConfigError(f"{run.path}: a {run.config.task} run has no ONNX export yet; predict with --engine torch")
 
 
-def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                verify: bool = True) -> Path:
+def export_onnx(
+    run: str | os.PathLike | None, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True
+) -> Path:
     """Export ``run`` (None: the bundled model) to ``out``, check it with onnx.checker and, when
     onnxruntime is installed and ``verify``, compare it with PyTorch on random inputs."""
     import onnx
@@ -114,12 +127,22 @@ def export_onnx(run: str | os.PathLike | None, out: str | os.PathLike, opset: in
     names = net.output_names()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings from shape checks that are constant here
-        torch.onnx.export(net, (example,), buf, input_names=["images"], output_names=names,
-                          dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            net,
+            (example,),
+            buf,
+            input_names=["images"],
+            output_names=names,
+            dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     proto = onnx.load_from_string(buf.getvalue())
-    proto.doc_string = (f"kneeosteo hybrid model {info.model_id}: normalised knee radiographs -> "
-                        f"P({info.positive}). See metadata_props kneeosteo.* for the preprocessing.")
+    proto.doc_string = (
+        f"kneeosteo hybrid model {info.model_id}: normalised knee radiographs -> "
+        f"P({info.positive}). See metadata_props kneeosteo.* for the preprocessing."
+    )
     del proto.metadata_props[:]
     for k, v in onnx_metadata(info).items():
         proto.metadata_props.add(key=k, value=v)
@@ -159,8 +182,10 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-            raise InferenceError(f"{model if not isinstance(model, bytes) else 'model'}: not a loadable "
-                                 f"ONNX model ({type(exc).__name__}: {exc})") from exc
+            raise InferenceError(
+                f"{model if not isinstance(model, bytes) else 'model'}: not a loadable "
+                f"ONNX model ({type(exc).__name__}: {exc})"
+            ) from exc
         self.input_name = self.session.get_inputs()[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = _info_from_metadata(meta, model) if require_metadata else None
@@ -183,11 +208,19 @@ def _info_from_metadata(meta: dict[str, str], origin) -> ModelInfo:
         p = json.loads(meta[_P + "preprocess"])
         negative, positive = json.loads(meta[_P + "classes"])
         prep = Preprocess(p["preset"], int(p["size"]), tuple(p["mean"]), tuple(p["std"]), bool(p["clahe"]))
-        return ModelInfo(meta[_P + "model_id"], prep, float(meta[_P + "threshold"]), negative, positive,
-                         meta.get(_P + "backbone", ""), meta.get(_P + "weights_sha256", ""))
+        return ModelInfo(
+            meta[_P + "model_id"],
+            prep,
+            float(meta[_P + "threshold"]),
+            negative,
+            positive,
+            meta.get(_P + "backbone", ""),
+            meta.get(_P + "weights_sha256", ""),
+        )
     except (KeyError, ValueError, TypeError) as exc:
-        raise InferenceError(f"{origin}: no kneeosteo metadata ({type(exc).__name__}: {exc}); "
-                             "export it with `kneeosteo export`") from exc
+        raise InferenceError(
+            f"{origin}: no kneeosteo metadata ({type(exc).__name__}: {exc}); export it with `kneeosteo export`"
+        ) from exc
 
 
 def cached_onnx_path(info: ModelInfo, suffix: str = ".onnx") -> Path:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from kneeosteo.data.reader import is_candidate
 from kneeosteo.data.scan import folder_error, walk_files

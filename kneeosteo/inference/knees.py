@@ -40,8 +40,9 @@ def no_knee_verdict(search: KneeSearch, calibrated: bool) -> TrustedPrediction:
     """A film where no knee was found: ``out_of_domain``, no numbers, the search's reason."""
     nan = float("nan")
     why = f"no knee found: {search.reason}"
-    return TrustedPrediction("out_of_domain", nan, nan, "", (), nan, nan, calibrated, knee_reason=why,
-                             status_reason=why)
+    return TrustedPrediction(
+        "out_of_domain", nan, nan, "", (), nan, nan, calibrated, knee_reason=why, status_reason=why
+    )
 
 
 def _mean(values) -> float:
@@ -49,8 +50,9 @@ def _mean(values) -> float:
     return float(v.mean()) if v.size and np.isfinite(v).all() else float("nan")
 
 
-def film_verdict(search: KneeSearch, verdicts: Sequence[TrustedPrediction], classes: Sequence[str],
-                 threshold: float) -> TrustedPrediction:
+def film_verdict(
+    search: KneeSearch, verdicts: Sequence[TrustedPrediction], classes: Sequence[str], threshold: float
+) -> TrustedPrediction:
     """The film's answer from its knees' ``verdicts`` (one per ``search.knees``, left to right),
     each knee's region and answer in ``knees``. ``classes``: the run's classes (binary: negative,
     positive), ``threshold``: its operating threshold on the (calibrated) probability."""
@@ -58,8 +60,10 @@ def film_verdict(search: KneeSearch, verdicts: Sequence[TrustedPrediction], clas
         raise ValueError(f"{len(verdicts)} answers for {len(search.knees)} knees")
     if not search.knees:
         raise ValueError("no knee: use no_knee_verdict")
-    knees = tuple({**k.to_dict(), **{f: v for f, v in t.to_dict().items() if f != "calibrated"}}
-                  for k, t in zip(search.knees, verdicts))
+    knees = tuple(
+        {**k.to_dict(), **{f: v for f, v in t.to_dict().items() if f != "calibrated"}}
+        for k, t in zip(search.knees, verdicts)
+    )
     if len(verdicts) == 1:
         return replace(verdicts[0], knees=knees)
     status = max((t.status for t in verdicts), key=_SEVERITY.index)
@@ -91,6 +95,18 @@ def film_verdict(search: KneeSearch, verdicts: Sequence[TrustedPrediction], clas
         reason = "the knees' labels or prediction sets differ"
     else:
         reason = f"{worst[0].position} knee: {worst[1].status_reason}" if worst[1].status_reason else ""
-    return TrustedPrediction(status, prob, raw, label, pset, score, verdicts[0].domain_threshold,
-                             all(t.calibrated for t in verdicts), probabilities, value, interval, knees,
-                             status_reason=reason)
+    return TrustedPrediction(
+        status,
+        prob,
+        raw,
+        label,
+        pset,
+        score,
+        verdicts[0].domain_threshold,
+        all(t.calibrated for t in verdicts),
+        probabilities,
+        value,
+        interval,
+        knees,
+        status_reason=reason,
+    )

@@ -13,8 +13,8 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from kneeosteo.errors import KneeosteoError, OutputError
 from kneeosteo.inference.predictor import COLUMNS, Prediction, PredictionResult
@@ -22,8 +22,18 @@ from kneeosteo.utils.atomic import atomic_path, new_folder_mode, write_json
 from kneeosteo.utils.csvfile import csv_stream
 from kneeosteo.utils.text import printable
 
-__all__ = ["OUTPUT_SUFFIXES", "SET_SEPARATOR", "STREAM_SUFFIXES", "PredictionWriter", "check_output", "csv_row",
-           "format_table", "knees_cell", "shift_side_file", "write_predictions"]
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "SET_SEPARATOR",
+    "STREAM_SUFFIXES",
+    "PredictionWriter",
+    "check_output",
+    "csv_row",
+    "format_table",
+    "knees_cell",
+    "shift_side_file",
+    "write_predictions",
+]
 
 OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
 STREAM_SUFFIXES = (".csv", ".parquet")  # written row by row; JSON is one document
@@ -44,8 +54,14 @@ def _foreign(out: Path) -> str | None:
         if not stat.S_ISDIR(st.st_mode):
             return "not a folder of Parquet part files"
         with os.scandir(out) as entries:
-            other = sorted(e.name for e in entries if not (PART_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)))
-        return f"a folder holding {other[0]!r}" + (f" and {len(other) - 1} more" if len(other) > 1 else "") if other else None
+            other = sorted(
+                e.name for e in entries if not (PART_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False))
+            )
+        return (
+            f"a folder holding {other[0]!r}" + (f" and {len(other) - 1} more" if len(other) > 1 else "")
+            if other
+            else None
+        )
     if stat.S_ISDIR(st.st_mode):
         return "a folder"
     if not stat.S_ISREG(st.st_mode):
@@ -79,19 +95,36 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     except (OSError, RuntimeError) as exc:
         raise OutputError(f"{out}: cannot be checked ({getattr(exc, 'strerror', None) or exc})") from exc
     if why is not None:
-        raise OutputError(f"{out}: exists and is {why}, not an earlier output of `kneeosteo predict`; "
-                          "nothing was changed: choose another --out or move it away")
+        raise OutputError(
+            f"{out}: exists and is {why}, not an earlier output of `kneeosteo predict`; "
+            "nothing was changed: choose another --out or move it away"
+        )
     return out
 
 
 def csv_row(p: Prediction) -> tuple:
     """One prediction as its CSV cells: a two-class set joined by ``;``, a missing domain score empty."""
-    return (p.path, p.content_id, p.status, _num(p.probability), _num(p.raw_probability), p.label,
-            SET_SEPARATOR.join(p.prediction_set), _num(p.domain_score), _num(p.domain_threshold),
-            str(p.calibrated).lower(), f"{p.threshold:g}", p.model,
-            SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
-            _num(p.value), _num(p.interval_low), _num(p.interval_high), knees_cell(p), p.knee_reason,
-            p.status_reason)
+    return (
+        p.path,
+        p.content_id,
+        p.status,
+        _num(p.probability),
+        _num(p.raw_probability),
+        p.label,
+        SET_SEPARATOR.join(p.prediction_set),
+        _num(p.domain_score),
+        _num(p.domain_threshold),
+        str(p.calibrated).lower(),
+        f"{p.threshold:g}",
+        p.model,
+        SET_SEPARATOR.join(f"{c}={v:.6f}" for c, v in p.probabilities.items()) if p.probabilities else "",
+        _num(p.value),
+        _num(p.interval_low),
+        _num(p.interval_high),
+        knees_cell(p),
+        p.knee_reason,
+        p.status_reason,
+    )
 
 
 def knees_cell(p: Prediction) -> str:
@@ -99,8 +132,11 @@ def knees_cell(p: Prediction) -> str:
     position, x, y, plateau_width, box and the knee's own answer); empty for other runs."""
     if p.knees is None:
         return ""
-    return json.dumps([{k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()} for d in p.knees],
-                      separators=(",", ":"), default=str)
+    return json.dumps(
+        [{k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()} for d in p.knees],
+        separators=(",", ":"),
+        default=str,
+    )
 
 
 def _pyarrow():
@@ -108,20 +144,37 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise KneeosteoError(f"Parquet output needs pyarrow ({exc}); pip install 'kneeosteo[ray]' (or pyarrow)") from exc
+        raise KneeosteoError(
+            f"Parquet output needs pyarrow ({exc}); pip install 'kneeosteo[ray]' (or pyarrow)"
+        ) from exc
     return pa, pq
 
 
 def parquet_schema():
     pa, _ = _pyarrow()
-    return pa.schema([("path", pa.string()), ("content_id", pa.string()), ("status", pa.string()),
-                      ("probability", pa.float64()), ("raw_probability", pa.float64()), ("label", pa.string()),
-                      ("prediction_set", pa.list_(pa.string())), ("domain_score", pa.float64()),
-                      ("domain_threshold", pa.float64()), ("calibrated", pa.bool_()), ("threshold", pa.float64()),
-                      ("model", pa.string()), ("probabilities", pa.map_(pa.string(), pa.float64())),
-                      ("value", pa.float64()), ("interval_low", pa.float64()), ("interval_high", pa.float64()),
-                      ("knees", pa.string()), ("knee_reason", pa.string()),
-                      ("status_reason", pa.string())])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("content_id", pa.string()),
+            ("status", pa.string()),
+            ("probability", pa.float64()),
+            ("raw_probability", pa.float64()),
+            ("label", pa.string()),
+            ("prediction_set", pa.list_(pa.string())),
+            ("domain_score", pa.float64()),
+            ("domain_threshold", pa.float64()),
+            ("calibrated", pa.bool_()),
+            ("threshold", pa.float64()),
+            ("model", pa.string()),
+            ("probabilities", pa.map_(pa.string(), pa.float64())),
+            ("value", pa.float64()),
+            ("interval_low", pa.float64()),
+            ("interval_high", pa.float64()),
+            ("knees", pa.string()),
+            ("knee_reason", pa.string()),
+            ("status_reason", pa.string()),
+        ]
+    )
 
 
 def _utf8(text: str) -> str:
@@ -143,7 +196,7 @@ class PredictionWriter:
         self._pending: list[Prediction] = []
         check_output(self.out)
 
-    def __enter__(self) -> "PredictionWriter":
+    def __enter__(self) -> PredictionWriter:
         if self.suffix == ".csv":
             self._csv = csv_stream(self.out, COLUMNS)
             self._write_csv = self._csv.__enter__()
@@ -164,7 +217,7 @@ class PredictionWriter:
         self._pending.extend(predictions)
         while len(self._pending) >= self.shard_rows:
             self._flush(self._pending[: self.shard_rows])
-            self._pending = self._pending[self.shard_rows:]
+            self._pending = self._pending[self.shard_rows :]
 
     def _flush(self, rows: list[Prediction]) -> None:
         pa, pq = _pyarrow()
@@ -172,9 +225,17 @@ class PredictionWriter:
         for p in rows:
             for name in cols:
                 v = getattr(p, name)
-                cols[name].append(_utf8(v) if name == "path" else list(v) if name == "prediction_set"
-                                  else (knees_cell(p) or None) if name == "knees"
-                                  else (None if v is None else list(v.items())) if name == "probabilities" else v)
+                cols[name].append(
+                    _utf8(v)
+                    if name == "path"
+                    else list(v)
+                    if name == "prediction_set"
+                    else (knees_cell(p) or None)
+                    if name == "knees"
+                    else (None if v is None else list(v.items()))
+                    if name == "probabilities"
+                    else v
+                )
         table = pa.table(cols, schema=self._schema)
         with atomic_path(self._dir / f"part-{self._parts:05d}.parquet") as tmp:
             pq.write_table(table, tmp)
@@ -208,8 +269,9 @@ class PredictionWriter:
         except OutputError:
             raise
         except OSError as exc:
-            raise OutputError(f"{self.out}: could not be written ({exc.strerror or exc}); "
-                              "its previous version, if any, is unchanged") from exc
+            raise OutputError(
+                f"{self.out}: could not be written ({exc.strerror or exc}); its previous version, if any, is unchanged"
+            ) from exc
         finally:
             if self._dir.exists():
                 shutil.rmtree(self._dir, ignore_errors=True)
@@ -237,8 +299,11 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
             write_json(shift_side_file(out), {"batch_shift": result.batch_shift})
     elif suffix == ".json":
         check_output(out)
-        doc = {"columns": list(COLUMNS), "predictions": [_finite(p.as_row()) for p in result.predictions],
-               "errors": [{"path": e.path, "reason": e.reason} for e in result.errors]}
+        doc = {
+            "columns": list(COLUMNS),
+            "predictions": [_finite(p.as_row()) for p in result.predictions],
+            "errors": [{"path": e.path, "reason": e.reason} for e in result.errors],
+        }
         if result.batch_shift is not None:
             doc["batch_shift"] = result.batch_shift
         write_json(out, doc)
@@ -249,9 +314,14 @@ def write_predictions(result: PredictionResult, out: str | Path) -> Path:
 
 def _finite(row: dict) -> dict:
     """JSON has no NaN or infinity (strict parsers reject Python's ``NaN``): null, as the API writes."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else
-            {c: None if not math.isfinite(x) else x for c, x in v.items()} if isinstance(v, dict) else v
-            for k, v in row.items()}
+    return {
+        k: None
+        if isinstance(v, float) and not math.isfinite(v)
+        else {c: None if not math.isfinite(x) else x for c, x in v.items()}
+        if isinstance(v, dict)
+        else v
+        for k, v in row.items()
+    }
 
 
 def _num(v) -> str:
@@ -262,8 +332,10 @@ def _knees_text(p: Prediction) -> str:
     """A knee run's knees for the terminal: ``left:ok 0.812;right:uncertain 0.430``."""
     if not p.knees:
         return "-"
+
     def prob(v) -> str:
         return "-" if v is None or v != v else f"{v:.3f}"
+
     return SET_SEPARATOR.join(f"{k['position']}:{k['status']} {prob(k.get('probability'))}" for k in p.knees)
 
 
@@ -272,19 +344,34 @@ def format_table(result: PredictionResult) -> str:
     Names are shown through ``printable``: a newline, tab, escape sequence, bidi mark or
     undecodable byte in a file name is escaped, so it can neither break nor reorder the table;
     the CSV and JSON files keep the real name."""
+
     def num(v, fmt: str) -> str:
         return "-" if v is None or v != v else format(v, fmt)
 
-    rows = [list(COLUMNS)] + [[printable(p.path), p.content_id[:12], p.status, num(p.probability, ".4f"),
-                               num(p.raw_probability, ".4f"), printable(p.label) or "-",
-                               printable(SET_SEPARATOR.join(p.prediction_set)) or "-",
-                               num(p.domain_score, ".4g"), num(p.domain_threshold, ".4g"),
-                               "yes" if p.calibrated else "NO", f"{p.threshold:g}", printable(p.model),
-                               SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
-                               num(p.value, ".3f"), num(p.interval_low, ".3f"), num(p.interval_high, ".3f"),
-                               _knees_text(p), printable(p.knee_reason) or "-",
-                               printable(p.status_reason) or "-"]
-                              for p in result.predictions]
+    rows = [list(COLUMNS)] + [
+        [
+            printable(p.path),
+            p.content_id[:12],
+            p.status,
+            num(p.probability, ".4f"),
+            num(p.raw_probability, ".4f"),
+            printable(p.label) or "-",
+            printable(SET_SEPARATOR.join(p.prediction_set)) or "-",
+            num(p.domain_score, ".4g"),
+            num(p.domain_threshold, ".4g"),
+            "yes" if p.calibrated else "NO",
+            f"{p.threshold:g}",
+            printable(p.model),
+            SET_SEPARATOR.join(f"{printable(c)}={v:.3f}" for c, v in (p.probabilities or {}).items()) or "-",
+            num(p.value, ".3f"),
+            num(p.interval_low, ".3f"),
+            num(p.interval_high, ".3f"),
+            _knees_text(p),
+            printable(p.knee_reason) or "-",
+            printable(p.status_reason) or "-",
+        ]
+        for p in result.predictions
+    ]
     # the task columns only when a row has them: a binary run's table is the paper model's
     first_task = COLUMNS.index("probabilities")
     keep = [i for i in range(len(COLUMNS)) if i < first_task or any(r[i] != "-" for r in rows[1:])]

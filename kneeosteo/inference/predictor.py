@@ -22,37 +22,61 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from kneeosteo.data.knee import KneeSearch
 from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
+from kneeosteo.data.who import who_band
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.inference.knees import film_verdict, no_knee_verdict
-from kneeosteo.run import ModelInfo, RunDir
-from kneeosteo.data.who import who_band
 from kneeosteo.models.task import get_task
+from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
-__all__ = ["COLUMNS", "CPU_DEFAULT_ENGINE", "ENGINES", "LOSSY_ENGINES", "Prediction", "PredictionResult", "Predictor",
-           "resolve_engine"]
+__all__ = [
+    "COLUMNS",
+    "CPU_DEFAULT_ENGINE",
+    "ENGINES",
+    "LOSSY_ENGINES",
+    "Prediction",
+    "PredictionResult",
+    "Predictor",
+    "resolve_engine",
+]
 
 # issue 15's fields, then the threshold and model; a run without trust files: calibrated false
-COLUMNS = ("path", "content_id", "status", "probability", "raw_probability", "label", "prediction_set",
-           "domain_score", "domain_threshold", "calibrated", "threshold", "model",
-           # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
-           "probabilities", "value", "interval_low", "interval_high",
-           # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
-           "knees", "knee_reason",
-           # why the status is what it is (issue 33): last, so the columns before it keep their places
-           "status_reason")
+COLUMNS = (
+    "path",
+    "content_id",
+    "status",
+    "probability",
+    "raw_probability",
+    "label",
+    "prediction_set",
+    "domain_score",
+    "domain_threshold",
+    "calibrated",
+    "threshold",
+    "model",
+    # a multiclass run's class probabilities; a regression's value and conformal interval (else empty)
+    "probabilities",
+    "value",
+    "interval_low",
+    "interval_high",
+    # a knee run (preset 'knee', issue 32): each knee's region and answer; why none was found
+    "knees",
+    "knee_reason",
+    # why the status is what it is (issue 33): last, so the columns before it keep their places
+    "status_reason",
+)
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
 LOSSY_ENGINES = ("torch-bf16", "onnxruntime-int8")
@@ -121,20 +145,32 @@ class Predictor:
     bit-identical inputs matter more than dropping torch from the reader.
     """
 
-    def __init__(self, run: str | os.PathLike | None = None, *, engine: str = "auto",
-                 onnx: str | os.PathLike | None = None, threshold: float | None = None,
-                 batch_size: int = 16, device: str = "cpu"):
+    def __init__(
+        self,
+        run: str | os.PathLike | None = None,
+        *,
+        engine: str = "auto",
+        onnx: str | os.PathLike | None = None,
+        threshold: float | None = None,
+        batch_size: int = 16,
+        device: str = "cpu",
+    ):
         # one RunDir: its config (the weights' sha256 checked) is read once, not once per question
         opened = RunDir.open(run) if (run is not None or onnx is None) else None
         if onnx is None and opened.config.task != "binary":
             if engine not in ("auto", "torch"):  # the ONNX export and int8 cover the paper's binary model
-                raise ConfigError(f"--engine {engine}: a {opened.config.task} run predicts with "
-                                  "--engine torch (ONNX export covers binary models only)")
+                raise ConfigError(
+                    f"--engine {engine}: a {opened.config.task} run predicts with "
+                    "--engine torch (ONNX export covers binary models only)"
+                )
             engine = "torch"
         engine = resolve_engine(engine, device, onnx)
         if engine in LOSSY_ENGINES:
-            log.warning("--engine %s is lossy: probabilities can differ from fp32 by tenths on a sensitive model "
-                        "(docs/results/benchmarks/RESULTS.md); use it for throughput, not for reported results", engine)
+            log.warning(
+                "--engine %s is lossy: probabilities can differ from fp32 by tenths on a sensitive model "
+                "(docs/results/benchmarks/RESULTS.md); use it for throughput, not for reported results",
+                engine,
+            )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -157,11 +193,13 @@ class Predictor:
                 onnx = ensure_int8_onnx(self.run) if int8 else ensure_onnx(self.run)
             self._session = OnnxModel(onnx)
             if int8 and "kneeosteo.quantization" not in self._session.session.get_modelmeta().custom_metadata_map:
-                raise InferenceError(f"{onnx}: not an int8 model (no kneeosteo.quantization metadata); "
-                                     "use --engine onnxruntime for it")
+                raise InferenceError(
+                    f"{onnx}: not an int8 model (no kneeosteo.quantization metadata); use --engine onnxruntime for it"
+                )
             info = self._session.info
-            if self.run is not None and (self.run.model_id != info.model_id
-                                         or self.run.config.weights_sha256 != info.weights_sha256):
+            if self.run is not None and (
+                self.run.model_id != info.model_id or self.run.config.weights_sha256 != info.weights_sha256
+            ):
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
         self.task = "binary" if self.run is None else self.run.config.task
@@ -171,10 +209,16 @@ class Predictor:
                 self.info = replace(self.info, threshold=self.trust.threshold)
             else:
                 self.trust = replace(self.trust, threshold=float(threshold))
-        if (self.trust is not None and self.trust.domain is not None and self._session is not None
-                and "features" not in self._session.output_names):
-            raise InferenceError(f"{onnx}: an export without the features output, which this run's domain check "
-                                 "needs; export it again with this version (`kneeosteo export`)")
+        if (
+            self.trust is not None
+            and self.trust.domain is not None
+            and self._session is not None
+            and "features" not in self._session.output_names
+        ):
+            raise InferenceError(
+                f"{onnx}: an export without the features output, which this run's domain check "
+                "needs; export it again with this version (`kneeosteo export`)"
+            )
 
     @property
     def model_id(self) -> str:
@@ -194,25 +238,36 @@ class Predictor:
                 z = outs[1].astype(np.float64) if len(outs) > 1 else np.log(p) - np.log1p(-p)
             feats = outs[2].astype(np.float64) if len(outs) > 2 else None
         else:
-            x = torch.as_tensor(images, dtype=torch.float32).to(self.device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(torch.device(self.device).type,
-                                                        dtype=self._autocast or torch.float32,
-                                                        enabled=self._autocast is not None):
+            x = (
+                torch.as_tensor(images, dtype=torch.float32)
+                .to(self.device)
+                .contiguous(memory_format=torch.channels_last)
+            )
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    torch.device(self.device).type,
+                    dtype=self._autocast or torch.float32,
+                    enabled=self._autocast is not None,
+                ),
+            ):
                 logits, f = self._model.logit_and_features(x)
                 feats = None if f is None else f.float().double().cpu().numpy()
                 z = logits.float().double().cpu().numpy()
                 p = get_task(self.task).answer_of(logits).double().cpu().numpy()
         if not np.isfinite(p).all():  # never a label: a NaN is "normal" at any threshold
-            raise InferenceError(f"model {self.model_id} gave a non-finite probability; its weights or "
-                                 "preprocessing are broken")
+            raise InferenceError(
+                f"model {self.model_id} gave a non-finite probability; its weights or preprocessing are broken"
+            )
         return p, z, feats
 
     def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """Normalised (B, 3, S, S) inputs -> raw P(positive) as float64 (B,)."""
         return self.forward(images)[0]
 
-    def assess(self, images, pixels: Sequence[np.ndarray | None],
-               pixel_reasons: Sequence[list[str]] | None = None) -> list[TrustedPrediction]:
+    def assess(
+        self, images, pixels: Sequence[np.ndarray | None], pixel_reasons: Sequence[list[str]] | None = None
+    ) -> list[TrustedPrediction]:
         """Normalised inputs and each image's canonical pixels -> one TrustedPrediction each:
         calibrated, thresholded, with its conformal set and domain verdict (a run without trust
         files: the raw probability at the run's threshold, ``calibrated`` False). Where the pixels
@@ -225,9 +280,16 @@ class Predictor:
         mirrored = None
         if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
             mirrored = self.forward(torch.flip(torch.as_tensor(images), dims=[-2]))[2]
-        return [self.trust.predict(z[i], None if feats is None else feats[i], pixels[i],
-                                   None if pixel_reasons is None else pixel_reasons[i],
-                                   None if mirrored is None else mirrored[i]) for i in range(len(z))]
+        return [
+            self.trust.predict(
+                z[i],
+                None if feats is None else feats[i],
+                pixels[i],
+                None if pixel_reasons is None else pixel_reasons[i],
+                None if mirrored is None else mirrored[i],
+            )
+            for i in range(len(z))
+        ]
 
     @property
     def pixel_limits(self):
@@ -237,8 +299,10 @@ class Predictor:
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched."""
         prep = self.info.preprocess
-        out = [self.probabilities(torch.stack([prep(p) for p in pixels[i : i + self.batch_size]]))
-               for i in range(0, len(pixels), self.batch_size)]
+        out = [
+            self.probabilities(torch.stack([prep(p) for p in pixels[i : i + self.batch_size]]))
+            for i in range(0, len(pixels), self.batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros(0)
 
     @property
@@ -246,8 +310,9 @@ class Predictor:
         """A run trained on knee regions: every film is scored knee by knee (issue 32)."""
         return self.info.preprocess.preset == "knee"
 
-    def assess_films(self, views: Sequence[tuple[KneeSearch, list[torch.Tensor]]],
-                     pixels: Sequence[np.ndarray]) -> list[TrustedPrediction]:
+    def assess_films(
+        self, views: Sequence[tuple[KneeSearch, list[torch.Tensor]]], pixels: Sequence[np.ndarray]
+    ) -> list[TrustedPrediction]:
         """A knee run: each film's knees (``Preprocess.knee_views``) scored in one batch, then each
         film's answer aggregated from its knees' (:func:`kneeosteo.inference.knees.film_verdict`);
         a film with no knee is ``out_of_domain`` with the reason."""
@@ -299,8 +364,11 @@ class Predictor:
                 if not good:
                     continue
                 film_px = [img.pixels for _, img, _ in good]
-                verdicts = (self.assess_films([x for _, _, x in good], film_px) if self.knee_run
-                            else self.assess(torch.stack([x for _, _, x in good]), film_px))
+                verdicts = (
+                    self.assess_films([x for _, _, x in good], film_px)
+                    if self.knee_run
+                    else self.assess(torch.stack([x for _, _, x in good]), film_px)
+                )
                 result.predictions.extend(self.row(p, img.content_id, t) for (p, img, _), t in zip(good, verdicts))
         return result
 
@@ -308,16 +376,36 @@ class Predictor:
         """The output row of one image's verdict."""
         d = t.to_dict()
         lo, hi = t.interval if t.interval else (None, None)
-        return Prediction(str(path), content_id, t.status, t.probability, t.raw_probability, t.label,
-                          t.prediction_set, d["domain_score"], d["domain_threshold"], t.calibrated,
-                          self.threshold, self.model_id, dict(t.probabilities) or None,
-                          d.get("value"), lo, hi, tuple(d["knees"]) if "knees" in d else None, t.knee_reason,
-                          t.status_reason)
+        return Prediction(
+            str(path),
+            content_id,
+            t.status,
+            t.probability,
+            t.raw_probability,
+            t.label,
+            t.prediction_set,
+            d["domain_score"],
+            d["domain_threshold"],
+            t.calibrated,
+            self.threshold,
+            self.model_id,
+            dict(t.probabilities) or None,
+            d.get("value"),
+            lo,
+            hi,
+            tuple(d["knees"]) if "knees" in d else None,
+            t.knee_reason,
+            t.status_reason,
+        )
 
 
-def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None = None,
-                  pixels: Sequence[np.ndarray | None] | None = None,
-                  pixel_reasons: Sequence[list[str]] | None = None) -> list[TrustedPrediction]:
+def task_verdicts(
+    run: RunDir,
+    outputs: np.ndarray,
+    features: np.ndarray | None = None,
+    pixels: Sequence[np.ndarray | None] | None = None,
+    pixel_reasons: Sequence[list[str]] | None = None,
+) -> list[TrustedPrediction]:
     """A multiclass or regression run's answers as TrustedPredictions: the top class with every
     class's calibrated probability and the conformal set (``uncertain`` when it is not one
     class), or the value with its conformal interval (the label: its WHO band for a T-score).
@@ -346,23 +434,55 @@ def task_verdicts(run: RunDir, outputs: np.ndarray, features: np.ndarray | None 
             score, thr, ok, why = verdicts[i]
             k = int(np.argmax(q))
             pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
-            reason = (why or "out of domain") if not ok else ("in domain; no prediction sets (uncalibrated run)"
-                                                              if a["sets"] is None else
-                                                              "in domain; one class in the prediction set"
-                                                              if pset == (cfg.classes[k],) else
-                                                              "the most probable class is not the one class in the prediction set"
-                                                              if len(pset) == 1 else
-                                                              f"{len(pset)} classes in the prediction set")
-            out.append(TrustedPrediction(status, float(q[k]), float(q[k]), cfg.classes[k] if ok else "",
-                                         pset if ok else (), score, thr, a["calibrated"],
-                                         tuple((c, float(v)) for c, v in zip(cfg.classes, q)), status_reason=reason))
+            status = (
+                "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
+            )
+            reason = (
+                (why or "out of domain")
+                if not ok
+                else (
+                    "in domain; no prediction sets (uncalibrated run)"
+                    if a["sets"] is None
+                    else "in domain; one class in the prediction set"
+                    if pset == (cfg.classes[k],)
+                    else "the most probable class is not the one class in the prediction set"
+                    if len(pset) == 1
+                    else f"{len(pset)} classes in the prediction set"
+                )
+            )
+            out.append(
+                TrustedPrediction(
+                    status,
+                    float(q[k]),
+                    float(q[k]),
+                    cfg.classes[k] if ok else "",
+                    pset if ok else (),
+                    score,
+                    thr,
+                    a["calibrated"],
+                    tuple((c, float(v)) for c, v in zip(cfg.classes, q)),
+                    status_reason=reason,
+                )
+            )
         return out
     for i, v in enumerate(a["values"]):
         score, thr, ok, why = verdicts[i]
         label = who_band(float(v)) if (cfg.target == "t_score" and ok) else ""
         interval = () if a["interval"] is None else (float(a["interval"][0][i]), float(a["interval"][1][i]))
-        out.append(TrustedPrediction("ok" if ok else "out_of_domain", float("nan"), float("nan"), label, (), score, thr,
-                                     a["interval"] is not None, (), float(v), interval,
-                                     status_reason="in domain" if ok else (why or "out of domain")))
+        out.append(
+            TrustedPrediction(
+                "ok" if ok else "out_of_domain",
+                float("nan"),
+                float("nan"),
+                label,
+                (),
+                score,
+                thr,
+                a["interval"] is not None,
+                (),
+                float(v),
+                interval,
+                status_reason="in domain" if ok else (why or "out of domain"),
+            )
+        )
     return out

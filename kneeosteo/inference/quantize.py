@@ -41,8 +41,9 @@ class _ArrayReader:
         pass
 
 
-def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "static", calibration=None,
-                  per_channel: bool = True) -> Path:
+def quantize_onnx(
+    src: str | os.PathLike, out: str | os.PathLike, mode: str = "static", calibration=None, per_channel: bool = True
+) -> Path:
     """int8 copy of the float ONNX model ``src`` (metadata_props kept).
 
     ``static``: weights and activations int8 (QDQ, per-channel weights, MinMax ranges from the
@@ -77,8 +78,15 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, mode: str = "s
             if not calibration:
                 raise ValueError("static int8 quantisation needs calibration batches")
             name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-            quantize_static(str(model_in), str(tmp), _ArrayReader(name, calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(model_in),
+                str(tmp),
+                _ArrayReader(name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         proto = onnx.load(str(tmp))
         meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
         del proto.metadata_props[:]
@@ -107,7 +115,8 @@ def _calibration_items(run: RunDir, data: str | os.PathLike | None, n: int) -> t
         raise InferenceError(
             f"--engine onnxruntime-int8 calibrates on the run's training images, but the data folder "
             f"({root or 'not recorded'}) or {split} is not there; set KNEEOSTEO_DATA to the data folder, "
-            f"or use --engine onnxruntime (fp32)")
+            f"or use --engine onnxruntime (fp32)"
+        )
     try:
         train = load_split(split, root).train
     except DataError as exc:
@@ -118,8 +127,9 @@ def _calibration_items(run: RunDir, data: str | os.PathLike | None, n: int) -> t
     return Path(root), train[::step][:n]
 
 
-def ensure_int8_onnx(run: str | os.PathLike | RunDir | None, data: str | os.PathLike | None = None,
-                     images: int = CALIBRATION_IMAGES) -> Path:
+def ensure_int8_onnx(
+    run: str | os.PathLike | RunDir | None, data: str | os.PathLike | None = None, images: int = CALIBRATION_IMAGES
+) -> Path:
     """Static int8 version of the run's ONNX export, calibrated on up to ``images`` of its training
     images (data folder: ``data``, else the one recorded in config.json, else $KNEEOSTEO_DATA),
     kept in the cache under a key naming the weights, the calibration files (size, mtime) and the
@@ -138,9 +148,19 @@ def ensure_int8_onnx(run: str | os.PathLike | RunDir | None, data: str | os.Path
             stats.append([rel, st.st_size, st.st_mtime_ns])
         except OSError:
             continue
-    key = hashlib.sha256(json.dumps({
-        "model": info.model_id, "onnx": onnx_metadata(info), "calibration": stats, "mode": "static-qdq-u8s8-per-channel-minmax",
-        "onnxruntime": onnxruntime.__version__, "opset": DEFAULT_OPSET}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "model": info.model_id,
+                "onnx": onnx_metadata(info),
+                "calibration": stats,
+                "mode": "static-qdq-u8s8-per-channel-minmax",
+                "onnxruntime": onnxruntime.__version__,
+                "opset": DEFAULT_OPSET,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     out = cached_onnx_path(info, f".int8-{key}.onnx")
     if is_sealed(out):  # the file we wrote, unchanged since
         return out

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -50,8 +50,13 @@ def _read_batch(row: dict, preprocess, limits) -> dict:
     for path in files:
         try:
             img = read_image(path)
-            items.append({"path": path, "content_id": img.content_id,
-                          "pixel_reasons": None if limits is None else pixel_problems(img.pixels, None, limits)})
+            items.append(
+                {
+                    "path": path,
+                    "content_id": img.content_id,
+                    "pixel_reasons": None if limits is None else pixel_problems(img.pixels, None, limits),
+                }
+            )
             xs.append(preprocess(img.pixels))
         except ImageReadError as exc:
             items.append({"path": path, "error": exc.reason})
@@ -78,8 +83,9 @@ class _Network:
             if good:
                 x = np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape)).copy()
                 reasons = [it["pixel_reasons"] for it in good]
-                verdicts = self.predictor.assess(x, [None] * len(good),
-                                                 None if any(r is None for r in reasons) else reasons)
+                verdicts = self.predictor.assess(
+                    x, [None] * len(good), None if any(r is None for r in reasons) else reasons
+                )
             v = iter(verdicts)
             for it in items:
                 out_batch.append(int(k))
@@ -90,8 +96,11 @@ class _Network:
                     kinds.append("ok")
                     p = self.predictor.row(it["path"], it["content_id"], next(v))
                     rows.append(json.dumps(p.as_row()))
-        return {"batch": np.array(out_batch, dtype=np.int64), "kind": np.array(kinds, dtype=object),
-                "row": np.array(rows, dtype=object)}
+        return {
+            "batch": np.array(out_batch, dtype=np.int64),
+            "kind": np.array(kinds, dtype=object),
+            "row": np.array(rows, dtype=object),
+        }
 
 
 def _prediction(row: dict) -> Prediction:
@@ -99,16 +108,24 @@ def _prediction(row: dict) -> Prediction:
     return Prediction(**row)
 
 
-def predict_ray(inputs: Iterable, out: str | os.PathLike, predictor: Predictor, predictor_kwargs: dict,
-                address: str | None = None, actors: int | None = None, cpus_per_actor: float = 1.0,
-                progress: bool = False) -> tuple[int, list[ImageReadError]]:
+def predict_ray(
+    inputs: Iterable,
+    out: str | os.PathLike,
+    predictor: Predictor,
+    predictor_kwargs: dict,
+    address: str | None = None,
+    actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    progress: bool = False,
+) -> tuple[int, list[ImageReadError]]:
     """Predict ``inputs`` on Ray into ``out`` (.csv or .parquet); returns (rows written, errors in
     input order). ``predictor`` (already loaded by the caller, so a bad model fails once, here)
     gives the preprocessing and pixel limits; each actor builds its own from ``predictor_kwargs``."""
     out = Path(out)
     if out.suffix.lower() not in STREAM_SUFFIXES:
-        raise ConfigError(f"{out}: predict --ray writes {' or '.join(STREAM_SUFFIXES)} (rows are streamed, "
-                          "a JSON document is not)")
+        raise ConfigError(
+            f"{out}: predict --ray writes {' or '.join(STREAM_SUFFIXES)} (rows are streamed, a JSON document is not)"
+        )
     if predictor.knee_run:  # its read tasks make one input per film; a knee run needs one per knee
         raise ConfigError("predict --ray does not score a knee run (preset 'knee') knee by knee; predict without --ray")
     if cpus_per_actor <= 0 or (actors is not None and actors < 1):
@@ -128,15 +145,26 @@ def predict_ray(inputs: Iterable, out: str | os.PathLike, predictor: Predictor, 
         if not files:
             return 0, errors
         n_actors = actors or max(1, int((ray.cluster_resources().get("CPU", 1) - READ_CPUS) // cpus_per_actor))
-        items = [{"batch": k, "paths": json.dumps([str(p) for p in files[i:i + bs]])}
-                 for k, i in enumerate(range(0, len(files), bs))]
+        items = [
+            {"batch": k, "paths": json.dumps([str(p) for p in files[i : i + bs]])}
+            for k, i in enumerate(range(0, len(files), bs))
+        ]
         ds = ray.data.from_items(items)
-        ds = ds.map(_read_batch, fn_kwargs={"preprocess": predictor.info.preprocess, "limits": limits},
-                    num_cpus=READ_CPUS)
-        ds = ds.map_batches(_Network, batch_size=1, batch_format="numpy", num_cpus=cpus_per_actor,
-                            compute=ray.data.ActorPoolStrategy(size=n_actors),
-                            fn_constructor_kwargs={"predictor_kwargs": kwargs, "env": forwarded_env(),
-                                                   "threads": max(1, int(round(cpus_per_actor)))})
+        ds = ds.map(
+            _read_batch, fn_kwargs={"preprocess": predictor.info.preprocess, "limits": limits}, num_cpus=READ_CPUS
+        )
+        ds = ds.map_batches(
+            _Network,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            fn_constructor_kwargs={
+                "predictor_kwargs": kwargs,
+                "env": forwarded_env(),
+                "threads": max(1, int(round(cpus_per_actor))),
+            },
+        )
         last = -1
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
             if len(b["batch"]) and int(b["batch"][0]) < last:  # preserve_order is what makes the rows match

@@ -117,8 +117,12 @@ def explain_files(explainer, inputs, out_dir: str | Path, progress: bool = True)
         used.add(name)
         try:
             ex = explainer.explain(img.pixels)
-            extra = {"path": str(path), "content_id": img.content_id, "model": explainer.info.model_id,
-                     "threshold": explainer.threshold}
+            extra = {
+                "path": str(path),
+                "content_id": img.content_id,
+                "model": explainer.info.model_id,
+                "threshold": explainer.threshold,
+            }
             written.append((path, *write_explanation(img.pixels, ex, out_dir, name, extra)))
         except OutputError:  # the output folder itself: every other image would fail the same way
             raise

@@ -49,8 +49,12 @@ def predict_sharded(inputs, workers: int, **predictor_kwargs) -> PredictionResul
         return merged
     threads = max(1, (os.cpu_count() or 1) // len(shards))
     # spawn, not fork: forking a process whose OpenMP/torch threads are running can deadlock
-    with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start, initargs=(predictor_kwargs, threads)) as pool:
+    with ProcessPoolExecutor(
+        len(shards),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start,
+        initargs=(predictor_kwargs, threads),
+    ) as pool:
         for part in pool.map(_predict, shards):
             merged.predictions.extend(part.predictions)
             merged.errors.extend(part.errors)

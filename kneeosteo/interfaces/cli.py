@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -35,7 +34,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def _data(path: Optional[Path]) -> Path:
+def _data(path: Path | None) -> Path:
     found = find_data_dir(str(path) if path else None)
     if found is None:
         raise DataError(f"{path}: data folder not found" if path else KAGGLE_HELP)
@@ -65,15 +64,21 @@ def _backbones() -> list[str]:
 PROTOCOLS = ("paper", "kfold", "holdout-reference")  # kneeosteo.data.split.PROTOCOLS (not imported: sklearn)
 
 
-OPERATING_POINT_HELP = ("Operating threshold on the calibrated probability, chosen on the validation images: youden, "
-                        "sensitivity=0.9, specificity=0.9, or a threshold such as 0.5 (default 0.5).")
+OPERATING_POINT_HELP = (
+    "Operating threshold on the calibrated probability, chosen on the validation images: youden, "
+    "sensitivity=0.9, specificity=0.9, or a threshold such as 0.5 (default 0.5)."
+)
 COVERAGE_HELP = "Split-conformal coverage of the prediction sets, in (0, 1) (default 0.9)."
 ACCEPTANCE_HELP = "Share of held-out in-domain images the domain check accepts, in (0, 1) (default 0.95)."
-DataArg = typer.Argument(None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop).")
+DataArg = typer.Argument(
+    None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop)."
+)
 PositiveOpt = typer.Option("osteoporosis", help="Name of the positive class folder.")
-RAY_HELP = ("Run on Ray: --ray alone (or --ray local) starts a local Ray instance with this machine's cores; "
-            "--ray auto joins this machine's cluster; --ray HOST:PORT or ray://HOST:PORT another one. "
-            "Needs pip install 'kneeosteo\\[ray]'.")
+RAY_HELP = (
+    "Run on Ray: --ray alone (or --ray local) starts a local Ray instance with this machine's cores; "
+    "--ray auto joins this machine's cluster; --ray HOST:PORT or ray://HOST:PORT another one. "
+    "Needs pip install 'kneeosteo\\[ray]'."
+)
 
 
 def RayOpt():
@@ -95,8 +100,10 @@ def ray_flag(argv: list[str]) -> list[str]:
     return out
 
 
-LABELS_HELP = ("Label manifest (CSV: path,label[,patient_id,t_score,bmd,side,study_date,...]; paths relative to DATA) "
-               "instead of class folders. See docs/own-data.md.")
+LABELS_HELP = (
+    "Label manifest (CSV: path,label[,patient_id,t_score,bmd,side,study_date,...]; paths relative to DATA) "
+    "instead of class folders. See docs/own-data.md."
+)
 MERGE_HELP = "Merge classes before anything else: CLASS=INTO, such as osteopenia=normal (repeatable)."
 TASK_HELP = "binary (the paper's; two classes) or multiclass (K classes, softmax head)."
 TARGET_HELP = "label (classify), or t_score / bmd: regress that manifest column (Huber loss)."
@@ -107,8 +114,10 @@ def LabelsOpt():
     return typer.Option(None, "--labels", help=LABELS_HELP)
 
 
-REFERENCE_HELP = ("Reference manifest (CSV: path,t_score[,diagnosis,source_id,age,sex,weight_kg,...]; a file may "
-                  "have several rows): the measured truth the labels are checked against. See README 'Reference labels'.")
+REFERENCE_HELP = (
+    "Reference manifest (CSV: path,t_score[,diagnosis,source_id,age,sex,weight_kg,...]; a file may "
+    "have several rows): the measured truth the labels are checked against. See README 'Reference labels'."
+)
 DEFINITION_HELP = "Binary truth from the reference: osteoporosis (T <= -2.5, WHO) or low_bone_mass (T < -1)."
 
 
@@ -120,26 +129,31 @@ def MergeOpt():
     return typer.Option(None, "--merge", help=MERGE_HELP)
 
 
-def _classes(text: Optional[str]) -> Optional[list[str]]:
+def _classes(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-NearOpt = typer.Option(6, help="pHash Hamming distance (bits of 64) at or below which two images are near "
-                               "duplicates, i.e. one leakage group.")
+NearOpt = typer.Option(
+    6,
+    help="pHash Hamming distance (bits of 64) at or below which two images are near "
+    "duplicates, i.e. one leakage group.",
+)
 
 
 @app.command()
 def audit(
-    data: Optional[Path] = DataArg,
+    data: Path | None = DataArg,
     out: Path = typer.Option(Path("out/audit"), "--out", help="Folder for audit.json and audit.md."),
     positive: str = PositiveOpt,
     near_threshold: int = NearOpt,
     seed: int = typer.Option(0, help="Seed of the shortcut check's cross-validation."),
-    labels: Optional[Path] = LabelsOpt(),
-    merge: Optional[list[str]] = MergeOpt(),
+    labels: Path | None = LabelsOpt(),
+    merge: list[str] | None = MergeOpt(),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
-    split_file: Optional[Path] = typer.Option(None, "--split", help="Also check this split file: does any patient span two partitions?"),
-    reference: Optional[Path] = ReferenceOpt(),
+    split_file: Path | None = typer.Option(
+        None, "--split", help="Also check this split file: does any patient span two partitions?"
+    ),
+    reference: Path | None = ReferenceOpt(),
 ):
     """Count, de-duplicate and check a data set for label shortcuts and patients; writes audit.json and audit.md."""
     from kneeosteo.data.audit import build_audit, summary_lines, write_audit
@@ -160,21 +174,25 @@ def audit(
 
 @app.command()
 def split(
-    data: Optional[Path] = DataArg,
+    data: Path | None = DataArg,
     out: Path = typer.Option(Path("out/split.json"), "--out", help="Where to write the split JSON."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper: 72-image stratified test set, 10% validation; kfold: K folds; holdout-reference: test = the --reference films scored against their T-score truth, train/val = the rest."),
+    protocol: str = typer.Option(
+        "paper",
+        parser=_choice(PROTOCOLS),
+        help="paper: 72-image stratified test set, 10% validation; kfold: K folds; holdout-reference: test = the --reference films scored against their T-score truth, train/val = the rest.",
+    ),
     folds: int = typer.Option(5, help="Number of folds for --protocol kfold."),
     seed: int = typer.Option(0, help="Random seed."),
     test_size: int = typer.Option(72, help="Test images for --protocol paper (the paper's 72)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of the non-test images used for validation."),
     positive: str = PositiveOpt,
     near_threshold: int = NearOpt,
-    labels: Optional[Path] = LabelsOpt(),
-    merge: Optional[list[str]] = MergeOpt(),
+    labels: Path | None = LabelsOpt(),
+    merge: list[str] | None = MergeOpt(),
     task: str = typer.Option("binary", parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
     target: str = typer.Option("label", parser=_choice(TARGETS), help=TARGET_HELP),
-    classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
-    reference: Optional[Path] = ReferenceOpt(),
+    classes: str | None = typer.Option(None, help=CLASSES_HELP),
+    reference: Path | None = ReferenceOpt(),
     definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """De-duplicate, then split into train/val/test with no picture or patient shared between partitions."""
@@ -187,27 +205,39 @@ def split(
     ensure_writable(out.parent)
     root = _data(data)
     ref = read_reference(reference, root) if reference is not None else None
-    scan = scan_dataset(root, positive=positive, labels=labels, merge=merge, target=target,
-                        classes=_classes(classes), require_binary=task_of(task, target) == "binary")
-    doc = make_split(scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref,
-                     definition=definition)
+    scan = scan_dataset(
+        root,
+        positive=positive,
+        labels=labels,
+        merge=merge,
+        target=target,
+        classes=_classes(classes),
+        require_binary=task_of(task, target) == "binary",
+    )
+    doc = make_split(
+        scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref, definition=definition
+    )
     write_split(doc, out)
     parts = doc["folds"] if protocol == "kfold" else [doc]
     for k, p in enumerate(parts):
         tag = f"fold {k}: " if protocol == "kfold" else ""
         print(tag + ", ".join(f"{name} {len(p[name])}" for name in ("train", "val", "test")))
     if "reference" in doc:
-        print(f"held out: {len(doc['test'])} reference films, truth {doc['reference']['meaning']}; "
-              f"{len(doc['reference']['multi_truth'])} reference file(s) with no single truth excluded")
+        print(
+            f"held out: {len(doc['test'])} reference films, truth {doc['reference']['meaning']}; "
+            f"{len(doc['reference']['multi_truth'])} reference file(s) with no single truth excluded"
+        )
     why = "duplicates, label conflicts" + (", links to held-out films, no single truth" if "reference" in doc else "")
-    print(f"excluded {len(doc['excluded'])} files ({why}); classes {', '.join(doc['classes'])}; "
-          f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)")
+    print(
+        f"excluded {len(doc['excluded'])} files ({why}); classes {', '.join(doc['classes'])}; "
+        f"kept together by: {', '.join(doc['group_key'])} ({doc['groups']} groups)"
+    )
     if scan.left_out:
         print(f"left out {len(scan.left_out)} manifest row(s); `kneeosteo audit --labels` lists why")
     print(f"wrote {out}")
 
 
-def _pair(text: Optional[str], name: str) -> Optional[tuple[float, float]]:
+def _pair(text: str | None, name: str) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
@@ -220,49 +250,90 @@ def _pair(text: Optional[str], name: str) -> Optional[tuple[float, float]]:
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = DataArg,
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
-    split_file: Optional[Path] = typer.Option(None, "--split", help="Split JSON; made with the paper protocol when absent."),
-    fold: Optional[int] = typer.Option(None, help="Fold of a k-fold split file."),
-    backbone: Optional[str] = typer.Option(None, parser=_choice(_backbones), help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them."),
-    backbone_weights: Optional[str] = typer.Option(None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."),
-    attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
-    use_backbone: Optional[bool] = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),
-    finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Train the backbone too (no feature cache)."),
-    trainable_stages: Optional[int] = typer.Option(None, help="With --finetune: train only the backbone's last N stages (default 0: all)."),
-    backbone_lr_scale: Optional[float] = typer.Option(None, help="Discriminative learning rate: the backbone learns at lr x this (default 1)."),
-    source_augment: Optional[bool] = typer.Option(None, "--source-augment/--no-source-augment", help="With --augment online: also JPEG re-encoding, gamma, blur, noise and flips, against film-source cues."),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing in [0, 0.5] against label noise (default 0: the paper's targets)."),
-    gce_q: Optional[float] = typer.Option(None, help="Generalised cross-entropy (1 - p^q)/q with this q in (0, 1] against label noise, instead of cross-entropy (default 0: off)."),
-    preprocess: Optional[str] = typer.Option(None, parser=_choice(PRESETS), help="paper (stretch to 224), robust (letterbox), bone (letterbox, all but the bone region black) or knee (each knee joint's region at 2 plateau widths; use --image-size 384-512)."),
-    clahe: Optional[bool] = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
-    augment: Optional[str] = typer.Option(None, parser=_choice(AUGMENT_MODES), help="offline (paper: 5 copies), online, or none."),
-    copies: Optional[int] = typer.Option(None, help="Augmented copies per training image (paper: 5)."),
-    zoom: Optional[str] = typer.Option(None, help="Zoom range LOW,HIGH (default 0.9,1.2)."),
-    crop_fraction: Optional[str] = typer.Option(None, help="ROI crop side fraction LOW,HIGH (default 0.8,1.0)."),
-    rotation: Optional[float] = typer.Option(None, help="Rotation range in degrees (default 15)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience on validation loss (default 6)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 3e-4)."),
-    seed: Optional[int] = typer.Option(None, help="Seed: same seed, same metrics."),
-    device: Optional[str] = typer.Option(None, parser=_choice(DEVICES), help="auto (CUDA when present), cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."),
-    image_size: Optional[int] = typer.Option(None, help="Network input side in px (paper: 224; default model: 512)."),
-    reweight: Optional[str] = typer.Option(None, parser=_choice(REWEIGHTS), help="none, or metadata: weight each training image by 1 / P(its label | file metadata) against the source shortcut."),
-    operating_point: Optional[str] = typer.Option(None, "--operating-point", help=OPERATING_POINT_HELP),
-    coverage: Optional[float] = typer.Option(None, help=COVERAGE_HELP),
-    domain_acceptance: Optional[float] = typer.Option(None, help=ACCEPTANCE_HELP),
-    labels: Optional[Path] = LabelsOpt(),
-    merge: Optional[list[str]] = MergeOpt(),
-    task: Optional[str] = typer.Option(None, parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
-    target: Optional[str] = typer.Option(None, parser=_choice(TARGETS), help=TARGET_HELP),
-    classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
-    devices: int = typer.Option(1, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel."),
+    data: Path | None = DataArg,
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default runs/train)."),
+    split_file: Path | None = typer.Option(
+        None, "--split", help="Split JSON; made with the paper protocol when absent."
+    ),
+    fold: int | None = typer.Option(None, help="Fold of a k-fold split file."),
+    backbone: str | None = typer.Option(
+        None,
+        parser=_choice(_backbones),
+        help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them.",
+    ),
+    backbone_weights: str | None = typer.Option(
+        None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."
+    ),
+    attention: bool | None = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
+    use_backbone: bool | None = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),
+    finetune: bool | None = typer.Option(
+        None, "--finetune/--frozen", help="Train the backbone too (no feature cache)."
+    ),
+    trainable_stages: int | None = typer.Option(
+        None, help="With --finetune: train only the backbone's last N stages (default 0: all)."
+    ),
+    backbone_lr_scale: float | None = typer.Option(
+        None, help="Discriminative learning rate: the backbone learns at lr x this (default 1)."
+    ),
+    source_augment: bool | None = typer.Option(
+        None,
+        "--source-augment/--no-source-augment",
+        help="With --augment online: also JPEG re-encoding, gamma, blur, noise and flips, against film-source cues.",
+    ),
+    label_smoothing: float | None = typer.Option(
+        None, help="Label smoothing in [0, 0.5] against label noise (default 0: the paper's targets)."
+    ),
+    gce_q: float | None = typer.Option(
+        None,
+        help="Generalised cross-entropy (1 - p^q)/q with this q in (0, 1] against label noise, instead of cross-entropy (default 0: off).",
+    ),
+    preprocess: str | None = typer.Option(
+        None,
+        parser=_choice(PRESETS),
+        help="paper (stretch to 224), robust (letterbox), bone (letterbox, all but the bone region black) or knee (each knee joint's region at 2 plateau widths; use --image-size 384-512).",
+    ),
+    clahe: bool | None = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
+    augment: str | None = typer.Option(
+        None, parser=_choice(AUGMENT_MODES), help="offline (paper: 5 copies), online, or none."
+    ),
+    copies: int | None = typer.Option(None, help="Augmented copies per training image (paper: 5)."),
+    zoom: str | None = typer.Option(None, help="Zoom range LOW,HIGH (default 0.9,1.2)."),
+    crop_fraction: str | None = typer.Option(None, help="ROI crop side fraction LOW,HIGH (default 0.8,1.0)."),
+    rotation: float | None = typer.Option(None, help="Rotation range in degrees (default 15)."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs (default 30)."),
+    patience: int | None = typer.Option(None, help="Early-stopping patience on validation loss (default 6)."),
+    batch_size: int | None = typer.Option(None, help="Batch size (default 32)."),
+    lr: float | None = typer.Option(None, help="Adam learning rate (default 3e-4)."),
+    seed: int | None = typer.Option(None, help="Seed: same seed, same metrics."),
+    device: str | None = typer.Option(None, parser=_choice(DEVICES), help="auto (CUDA when present), cpu or cuda."),
+    precision: str | None = typer.Option(
+        None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."
+    ),
+    image_size: int | None = typer.Option(None, help="Network input side in px (paper: 224; default model: 512)."),
+    reweight: str | None = typer.Option(
+        None,
+        parser=_choice(REWEIGHTS),
+        help="none, or metadata: weight each training image by 1 / P(its label | file metadata) against the source shortcut.",
+    ),
+    operating_point: str | None = typer.Option(None, "--operating-point", help=OPERATING_POINT_HELP),
+    coverage: float | None = typer.Option(None, help=COVERAGE_HELP),
+    domain_acceptance: float | None = typer.Option(None, help=ACCEPTANCE_HELP),
+    labels: Path | None = LabelsOpt(),
+    merge: list[str] | None = MergeOpt(),
+    task: str | None = typer.Option(None, parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
+    target: str | None = typer.Option(None, parser=_choice(TARGETS), help=TARGET_HELP),
+    classes: str | None = typer.Option(None, help=CLASSES_HELP),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."
+    ),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
+    devices: int = typer.Option(
+        1,
+        min=1,
+        help="Data-parallel processes on this machine (one per GPU, or CPU processes): torchrun + DistributedDataParallel.",
+    ),
     nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
-    master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
+    master: str | None = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Train the hybrid model (or an ablation) and score it on the held-out test set."""
     from kneeosteo.config import TrainConfig, load_config
@@ -275,17 +346,44 @@ def train(
         cfg = load_config(None, {**base, "out": str(resume)})
     else:
         overrides = dict(
-            data=str(_data(data)) if (data or not config) else None, out=str(out) if out else None,
-            split=str(split_file) if split_file else None, fold=fold, backbone=backbone,
-            backbone_weights=backbone_weights, attention=attention, use_backbone=use_backbone,
-            finetune=finetune, trainable_stages=trainable_stages, backbone_lr_scale=backbone_lr_scale,
-            source_augment=source_augment, label_smoothing=label_smoothing, gce_q=gce_q, preprocess=preprocess, clahe=clahe, augment=augment, copies=copies,
-            zoom=_pair(zoom, "--zoom"), crop_fraction=_pair(crop_fraction, "--crop-fraction"),
-            rotation=rotation, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, precision=precision, image_size=image_size, reweight=reweight,
-            operating_point=operating_point, coverage=coverage,
-            domain_acceptance=domain_acceptance, labels=str(labels) if labels else None, merge=merge or None,
-            task=task, target=target, classes=_classes(classes),
+            data=str(_data(data)) if (data or not config) else None,
+            out=str(out) if out else None,
+            split=str(split_file) if split_file else None,
+            fold=fold,
+            backbone=backbone,
+            backbone_weights=backbone_weights,
+            attention=attention,
+            use_backbone=use_backbone,
+            finetune=finetune,
+            trainable_stages=trainable_stages,
+            backbone_lr_scale=backbone_lr_scale,
+            source_augment=source_augment,
+            label_smoothing=label_smoothing,
+            gce_q=gce_q,
+            preprocess=preprocess,
+            clahe=clahe,
+            augment=augment,
+            copies=copies,
+            zoom=_pair(zoom, "--zoom"),
+            crop_fraction=_pair(crop_fraction, "--crop-fraction"),
+            rotation=rotation,
+            epochs=epochs,
+            patience=patience,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            precision=precision,
+            image_size=image_size,
+            reweight=reweight,
+            operating_point=operating_point,
+            coverage=coverage,
+            domain_acceptance=domain_acceptance,
+            labels=str(labels) if labels else None,
+            merge=merge or None,
+            task=task,
+            target=target,
+            classes=_classes(classes),
         )
         cfg = load_config(config, overrides)
         if cfg.data is None:
@@ -309,17 +407,29 @@ def train(
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder written by `kneeosteo train`."),
-    data: Optional[Path] = typer.Argument(None, help="Score on every image of this class-folder data set instead."),
-    split_file: Optional[Path] = typer.Option(None, "--split", help="Score on the test part of this split file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write metrics.json etc. (default: the run folder; RUN/evaluations/NAME for DATA or --split)."),
-    threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the run's, 0.5)."),
+    data: Path | None = typer.Argument(None, help="Score on every image of this class-folder data set instead."),
+    split_file: Path | None = typer.Option(None, "--split", help="Score on the test part of this split file."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Where to write metrics.json etc. (default: the run folder; RUN/evaluations/NAME for DATA or --split).",
+    ),
+    threshold: float | None = typer.Option(None, help="Decision threshold (default: the run's, 0.5)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    probes: bool = typer.Option(True, "--probes/--no-probes",
-                                help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe)."),
-    labels: Optional[Path] = LabelsOpt(),
-    reference: Optional[Path] = ReferenceOpt(),
-    covariates: Optional[str] = typer.Option(None, help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also score the clinical logistic, the OST index and the fused model beside the image model."),
-    definition: Optional[str] = typer.Option(None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."),
+    probes: bool = typer.Option(
+        True,
+        "--probes/--no-probes",
+        help="Run the shortcut probes (shortcut-adversarial accuracy, occlusion AUCs, source probe).",
+    ),
+    labels: Path | None = LabelsOpt(),
+    reference: Path | None = ReferenceOpt(),
+    covariates: str | None = typer.Option(
+        None,
+        help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also score the clinical logistic, the OST index and the fused model beside the image model.",
+    ),
+    definition: str | None = typer.Option(
+        None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."
+    ),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
@@ -336,8 +446,19 @@ def evaluate(
         if reference is None or covariates is None:
             raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
         names = parse_covariates(covariates)
-    metrics, where = evaluate_run(run, data, split_file, out, device=device, threshold=threshold, probes=probes,
-                                  labels=labels, reference=reference, covariates=names, definition=definition)
+    metrics, where = evaluate_run(
+        run,
+        data,
+        split_file,
+        out,
+        device=device,
+        threshold=threshold,
+        probes=probes,
+        labels=labels,
+        reference=reference,
+        covariates=names,
+        definition=definition,
+    )
     if metrics.get("task") in ("multiclass", "regression"):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
@@ -359,7 +480,7 @@ def evaluate(
 def compare(
     run_a: Path = typer.Argument(..., help="A scored run folder (or an `evaluate` output folder inside one)."),
     run_b: Path = typer.Argument(..., help="Another, scored on the same test images."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the tests as JSON here."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the tests as JSON here."),
 ):
     """Paired tests of two runs on the same test images: McNemar + DeLong (binary), Stuart-Maxwell + per-class McNemar (multiclass), Wilcoxon on absolute errors (regression)."""
     from kneeosteo.evaluation.compare import compare_runs, format_comparison
@@ -376,8 +497,8 @@ def compare(
 def report(
     path: Path = typer.Argument(..., help="A run folder, or a `reproduce` output folder."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: inline figures, no network)."),
-    pdf: Optional[Path] = typer.Option(None, "--pdf", help="Also print it to this PDF with headless Chromium."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The data folder (default: the one the run recorded)."),
+    pdf: Path | None = typer.Option(None, "--pdf", help="Also print it to this PDF with headless Chromium."),
+    data: Path | None = typer.Option(None, "--data", help="The data folder (default: the one the run recorded)."),
     correct: int = typer.Option(4, min=0, help="Correctly classified test images shown beside every wrong one."),
     seed: int = typer.Option(0, min=0, help="Seed of the randomised twin in the saliency sanity check."),
 ):
@@ -391,19 +512,28 @@ def report(
 @app.command()
 def calibrate(
     run: Path = typer.Argument(..., help="A run folder (read only; never changed)."),
-    data: Optional[Path] = typer.Argument(None, help="A site's labelled class folders: fit on every image of it. "
-                                                     "Without it: the run's own split (or --split)."),
+    data: Path | None = typer.Argument(
+        None,
+        help="A site's labelled class folders: fit on every image of it. Without it: the run's own split (or --split).",
+    ),
     out: Path = typer.Option(..., "--out", help="The new run folder (weights copied byte for byte, a new model id)."),
-    split_file: Optional[Path] = typer.Option(None, "--split", help="Fit as training does, on this split's validation "
-                                                                    "part (domain check on its training part)."),
+    split_file: Path | None = typer.Option(
+        None,
+        "--split",
+        help="Fit as training does, on this split's validation part (domain check on its training part).",
+    ),
     operating_point: str = typer.Option("0.5", "--operating-point", help=OPERATING_POINT_HELP),
     coverage: float = typer.Option(0.9, help=COVERAGE_HELP),
     domain_acceptance: float = typer.Option(0.95, help=ACCEPTANCE_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    labels: Optional[Path] = LabelsOpt(),
-    class_conditional: bool = typer.Option(False, "--class-conditional", help="Mondrian conformal sets: one quantile "
-                                           "per class, so the coverage holds within each class (needs more films "
-                                           "of each class: at 0.9, at least 9 per class for a one-class answer)."),
+    labels: Path | None = LabelsOpt(),
+    class_conditional: bool = typer.Option(
+        False,
+        "--class-conditional",
+        help="Mondrian conformal sets: one quantile "
+        "per class, so the coverage holds within each class (needs more films "
+        "of each class: at 0.9, at least 9 per class for a one-class answer).",
+    ),
 ):
     """Fit temperature, operating threshold, conformal sets and domain threshold into a NEW run folder.
 
@@ -421,9 +551,18 @@ def calibrate(
         raise typer.BadParameter("must lie in (0, 1), such as 0.95", param_hint="--domain-acceptance")
     check_new_run_folder(run, out)  # before ensure_writable creates it
     ensure_writable(out)
-    new = calibrate_run(run, out, data, split_file, operating_point=operating_point, coverage=coverage,
-                        acceptance=domain_acceptance, device=device, labels=labels,
-                        class_conditional=class_conditional)
+    new = calibrate_run(
+        run,
+        out,
+        data,
+        split_file,
+        operating_point=operating_point,
+        coverage=coverage,
+        acceptance=domain_acceptance,
+        device=device,
+        labels=labels,
+        class_conditional=class_conditional,
+    )
     if new.config.task != "binary":
         from kneeosteo.experiments.task_trust import task_trust_line
 
@@ -437,26 +576,39 @@ def calibrate(
 
 def trust_summary(t: dict) -> list[str]:
     """evaluate's lines about trust (metrics.json's ``trust`` block)."""
+
     def ece(block):
         e = block.get("ece")
         return "-" if e is None else f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
     lines = [f"calibration (raw): ECE {ece(t['raw'])}, Brier {t['raw']['brier']:.3f}"]
     if not t["calibrated"]:
-        return lines + ["this run has no trust files: probabilities are uncalibrated, no domain check "
-                        "(add them with `kneeosteo calibrate`)"]
+        return lines + [
+            "this run has no trust files: probabilities are uncalibrated, no domain check "
+            "(add them with `kneeosteo calibrate`)"
+        ]
     c = t["calibrated_probabilities"]
-    lines.append(f"calibration (calibrated): ECE {ece(c)}, Brier {c['brier']:.3f}, slope {c.get('slope', float('nan')):.3f}")
+    lines.append(
+        f"calibration (calibrated): ECE {ece(c)}, Brier {c['brier']:.3f}, slope {c.get('slope', float('nan')):.3f}"
+    )
     at = t["at_operating_threshold"]
-    lines.append(f"at the operating threshold {t['threshold']:.4g} ({t['operating_point']}): sensitivity "
-                 f"{at['sensitivity']['value']:.3f}, specificity {at['specificity']['value']:.3f}")
-    lines.append(f"conformal coverage {t['conformal_coverage']:.3f} (target {t['coverage']:g}), abstention "
-                 f"{t['abstention_rate']:.3f}; domain acceptance {t.get('domain_acceptance_by_features', float('nan')):.3f}")
+    lines.append(
+        f"at the operating threshold {t['threshold']:.4g} ({t['operating_point']}): sensitivity "
+        f"{at['sensitivity']['value']:.3f}, specificity {at['specificity']['value']:.3f}"
+    )
+    lines.append(
+        f"conformal coverage {t['conformal_coverage']:.3f} (target {t['coverage']:g}), abstention "
+        f"{t['abstention_rate']:.3f}; domain acceptance {t.get('domain_acceptance_by_features', float('nan')):.3f}"
+    )
     per = t.get("conformal_coverage_per_class")
     if per:
         kind = "Mondrian sets" if t.get("class_conditional") else "one quantile for both classes"
-        lines.append("coverage per class (" + kind + "): "
-                     + ", ".join(f"{c} {'-' if v is None else format(v, '.3f')}" for c, v in per.items()))
+        lines.append(
+            "coverage per class ("
+            + kind
+            + "): "
+            + ", ".join(f"{c} {'-' if v is None else format(v, '.3f')}" for c, v in per.items())
+        )
     shift = t.get("batch_shift")
     if shift:
         p = "" if shift.get("p_value") is None else f", KS {shift['statistic']:.3f}, p {shift['p_value']:.3g}"
@@ -482,25 +634,59 @@ def summary(
     model, _ = build_model(backbone, weights="none", attention=attention)
     model.eval()
     x = torch.zeros(1, 3, 224, 224)
-    print(torchinfo_summary(model, input_data={"images": x}, depth=depth, verbose=0,
-                            col_names=("output_size", "num_params", "trainable")))
+    print(
+        torchinfo_summary(
+            model,
+            input_data={"images": x},
+            depth=depth,
+            verbose=0,
+            col_names=("output_size", "num_params", "trainable"),
+        )
+    )
 
 
 @app.command()
 def predict(
-    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help=f"Image files or folders (searched recursively): {formats.describe()}."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="preds.csv, preds.json or preds.parquet (a folder of Parquet part files; needs pyarrow) (default: a table on stdout)."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
-    engine: str = typer.Option("auto", help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see docs/results/benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images)."),
-    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache)."),
+    inputs: list[Path] = typer.Argument(
+        ..., metavar="INPUT", help=f"Image files or folders (searched recursively): {formats.describe()}."
+    ),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="preds.csv, preds.json or preds.parquet (a folder of Parquet part files; needs pyarrow) (default: a table on stdout).",
+    ),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
+    engine: str = typer.Option(
+        "auto",
+        help="auto (default: onnxruntime on the CPU, the fastest engine that matches fp32, see docs/results/benchmarks/RESULTS.md; torch on CUDA), torch (PyTorch fp32), onnxruntime (fp32, runs the model's ONNX export); lossy, for throughput only: torch-bf16 (bf16 autocast), onnxruntime-int8 (static int8, calibrated on the run's training images).",
+    ),
+    onnx_file: Path | None = typer.Option(
+        None,
+        "--onnx",
+        help="Exported .onnx for --engine onnxruntime (default: export the run on demand, kept in the cache).",
+    ),
     batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch engine)."),
-    workers: int = typer.Option(1, min=1, help="Processes sharing the files (whole batches each); same rows as one, in input order."),
-    ray: Optional[str] = RayOpt(),
-    actors: Optional[int] = typer.Option(None, min=1, help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor)."),
-    cpus_per_actor: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."),
-    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra)."),
+    workers: int = typer.Option(
+        1, min=1, help="Processes sharing the files (whole batches each); same rows as one, in input order."
+    ),
+    ray: str | None = RayOpt(),
+    actors: int | None = typer.Option(
+        None,
+        min=1,
+        help="With --ray: model actors (default: the cluster's CPUs, less the read tasks', / --cpus-per-actor).",
+    ),
+    cpus_per_actor: float = typer.Option(
+        1.0, min=0.01, help="With --ray: CPUs each model actor asks for (its threads)."
+    ),
+    dicom_out: Path | None = typer.Option(
+        None,
+        "--dicom-out",
+        help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra).",
+    ),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
@@ -513,10 +699,14 @@ def predict(
         from kneeosteo.utils.ray_cluster import check_address, import_ray
 
         if out is None or out.suffix.lower() not in STREAM_SUFFIXES:
-            raise typer.BadParameter("--ray streams its rows into --out preds.parquet (a folder of part files) "
-                                     "or preds.csv", param_hint="--out")
+            raise typer.BadParameter(
+                "--ray streams its rows into --out preds.parquet (a folder of part files) or preds.csv",
+                param_hint="--out",
+            )
         if workers > 1:
-            raise typer.BadParameter("--ray and --workers are two ways to share the files; choose one", param_hint="--ray")
+            raise typer.BadParameter(
+                "--ray and --workers are two ways to share the files; choose one", param_hint="--ray"
+            )
         check_address(ray)
         import_ray()  # not installed: one line, before the model is loaded
     if engine not in ENGINES:
@@ -524,7 +714,9 @@ def predict(
     if onnx_file is not None and engine != "onnxruntime":
         raise typer.BadParameter("--onnx needs --engine onnxruntime", param_hint="--onnx")
     if dicom_out is not None and (ray is not None or workers > 1):
-        raise typer.BadParameter("--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out")
+        raise typer.BadParameter(
+            "--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out"
+        )
     from kneeosteo.inference.output import check_output
     from kneeosteo.utils.atomic import ensure_writable
 
@@ -539,20 +731,26 @@ def predict(
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
     if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
-        raise typer.BadParameter("DICOM reports are written for a binary run folder (--run), whose model also "
-                                 "draws the heat map", param_hint="--dicom-out")
+        raise typer.BadParameter(
+            "DICOM reports are written for a binary run folder (--run), whose model also draws the heat map",
+            param_hint="--dicom-out",
+        )
     if ray is not None:
         from kneeosteo.inference.ray_predict import predict_ray
 
-        rows, errors = predict_ray(inputs, out, predictor, kwargs, address=ray, actors=actors,
-                                   cpus_per_actor=cpus_per_actor)
+        rows, errors = predict_ray(
+            inputs, out, predictor, kwargs, address=ray, actors=actors, cpus_per_actor=cpus_per_actor
+        )
         print(f"wrote {rows} predictions to {out} (model {predictor.model_id})")
         print("batch shift: not assessed with --ray (the rows are streamed out as they come)")
         for err in errors:
             typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
         if not rows:
-            raise DataError(f"no image could be read ({len(errors)} unreadable, see above)" if errors
-                            else "no image found in the inputs")
+            raise DataError(
+                f"no image could be read ({len(errors)} unreadable, see above)"
+                if errors
+                else "no image found in the inputs"
+            )
         return
     if workers > 1:
         from kneeosteo.inference.sharded import predict_sharded
@@ -573,8 +771,11 @@ def predict(
     for err in result.errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not result.predictions:
-        raise DataError(f"no image could be read ({len(result.errors)} unreadable, see above)" if result.errors
-                        else "no image found in the inputs")
+        raise DataError(
+            f"no image could be read ({len(result.errors)} unreadable, see above)"
+            if result.errors
+            else "no image found in the inputs"
+        )
     if dicom_out is not None:
         from kneeosteo.inference import Explainer
         from kneeosteo.inference.dicom_out import write_dicom_results
@@ -588,11 +789,23 @@ def predict(
 
 @app.command()
 def explain(
-    images: list[Path] = typer.Argument(..., metavar="IMAGE", help=f"Image files or folders (searched recursively): {formats.describe()}."),
-    out: Path = typer.Option(..., "--out", help="Folder for NAME.png (radiograph, Grad-CAM, attention) and NAME.json per image."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
-    target: str = typer.Option("positive", parser=_choice(("positive", "negative", "predicted")), help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold for the label (default: the model's)."),
+    images: list[Path] = typer.Argument(
+        ..., metavar="IMAGE", help=f"Image files or folders (searched recursively): {formats.describe()}."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for NAME.png (radiograph, Grad-CAM, attention) and NAME.json per image."
+    ),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."
+    ),
+    target: str = typer.Option(
+        "positive",
+        parser=_choice(("positive", "negative", "predicted")),
+        help="Grad-CAM class: positive (osteoporosis; maps comparable across images), negative or predicted.",
+    ),
+    threshold: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="Decision threshold for the label (default: the model's)."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
     """Grad-CAM on the backbone's last feature map and the attention module's spatial map, per image."""
@@ -605,13 +818,18 @@ def explain(
     for err in errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
     if not written:
-        raise DataError(f"no image could be read ({len(errors)} unreadable, see above)" if errors
-                        else "no image found in the inputs")
+        raise DataError(
+            f"no image could be read ({len(errors)} unreadable, see above)"
+            if errors
+            else "no image found in the inputs"
+        )
 
 
 @app.command()
 def export(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."
+    ),
     fmt: str = typer.Option("onnx", "--format", parser=_choice(("onnx",)), help="Export format: onnx."),
     out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx."),
     opset: int = typer.Option(17, min=17, help="ONNX opset."),
@@ -620,43 +838,63 @@ def export(
     from kneeosteo.inference import export_onnx
 
     path = export_onnx(run, out, opset=opset)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}); onnx.checker passed; "
-          f"use it with `kneeosteo predict --engine onnxruntime --onnx {path} IMAGE...`")
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}); onnx.checker passed; "
+        f"use it with `kneeosteo predict --engine onnxruntime --onnx {path} IMAGE...`"
+    )
 
 
 @app.command()
 def reproduce(
     ctx: typer.Context,
-    data: Optional[Path] = DataArg,
+    data: Path | None = DataArg,
     out: Path = typer.Option(Path("runs/reproduce"), "--out", help="Output folder (cells, splits, table1.*)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each seed is one split shared by all models."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated model ids (default: all; see --list-models), or settings files (configs/default_model.toml): such a model trains exactly the file's settings."),
-    protocol: str = typer.Option("paper", parser=_choice(PROTOCOLS), help="paper (72-image test set per seed), kfold (every image tested once per repeat) or holdout-reference (test = the --reference films, scored against their T-score truth, the same every seed)."),
+    models: str | None = typer.Option(
+        None,
+        help="Comma-separated model ids (default: all; see --list-models), or settings files (configs/default_model.toml): such a model trains exactly the file's settings.",
+    ),
+    protocol: str = typer.Option(
+        "paper",
+        parser=_choice(PROTOCOLS),
+        help="paper (72-image test set per seed), kfold (every image tested once per repeat) or holdout-reference (test = the --reference films, scored against their T-score truth, the same every seed).",
+    ),
     folds: int = typer.Option(5, help="Folds for --protocol kfold."),
     test_size: int = typer.Option(72, help="Test images per seed for --protocol paper."),
-    quick: bool = typer.Option(False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per cell (default 30; --quick 8)."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience (default 6; --quick 3)."),
-    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."
+    ),
+    epochs: int | None = typer.Option(None, help="Maximum epochs per cell (default 30; --quick 8)."),
+    patience: int | None = typer.Option(None, help="Early-stopping patience (default 6; --quick 3)."),
+    allow_random_init: bool = typer.Option(
+        False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."
+    ),
     list_models: bool = typer.Option(False, "--list-models", help="Print the known model ids and exit."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML training settings shared by all cells."),
-    devices: int = typer.Option(1, min=1, help="Data-parallel processes per cell on this machine (torchrun + DistributedDataParallel)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML training settings shared by all cells."),
+    devices: int = typer.Option(
+        1, min=1, help="Data-parallel processes per cell on this machine (torchrun + DistributedDataParallel)."
+    ),
     nodes: int = typer.Option(1, min=1, help="Machines; run the same command on each, with --master."),
-    master: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
-    ray: Optional[str] = RayOpt(),
-    cpus_per_cell: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."),
-    labels: Optional[Path] = LabelsOpt(),
-    merge: Optional[list[str]] = MergeOpt(),
-    reference: Optional[Path] = ReferenceOpt(),
+    master: str | None = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
+    ray: str | None = RayOpt(),
+    cpus_per_cell: float = typer.Option(
+        1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."
+    ),
+    labels: Path | None = LabelsOpt(),
+    merge: list[str] | None = MergeOpt(),
+    reference: Path | None = ReferenceOpt(),
     definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
-    covariates: Optional[str] = typer.Option(None, help="With --protocol holdout-reference: covariate columns of --reference (such as age,sex,weight_kg); writes clinical.md beside table1 (clinical logistic, OST, each model fused)."),
+    covariates: str | None = typer.Option(
+        None,
+        help="With --protocol holdout-reference: covariate columns of --reference (such as age,sex,weight_kg); writes clinical.md beside table1 (clinical logistic, OST, each model fused).",
+    ),
 ):
     """Table I done honestly: baselines, hybrids and ablations on the same splits, over seeds, with paired tests."""
+    from kneeosteo.config import load_config
     from kneeosteo.data.audit import build_audit
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.experiments.reproduce import default_models, model_catalogue, quick_display_only
     from kneeosteo.experiments.reproduce import reproduce as run_reproduce
-    from kneeosteo.config import load_config
 
     if list_models:
         for key, spec in model_catalogue().items():
@@ -681,16 +919,37 @@ def reproduce(
     if (protocol == "holdout-reference") != (reference is not None):
         raise typer.BadParameter("--protocol holdout-reference and --reference go together", param_hint="--reference")
     n_seeds = 3 if quick and seeds == 5 else seeds
-    base = load_config(config, {"data": str(root), "epochs": epochs or (8 if quick else None),
-                                "patience": patience or (3 if quick else None),
-                                "labels": str(labels) if labels else None, "merge": merge or None})
+    base = load_config(
+        config,
+        {
+            "data": str(root),
+            "epochs": epochs or (8 if quick else None),
+            "patience": patience or (3 if quick else None),
+            "labels": str(labels) if labels else None,
+            "merge": merge or None,
+        },
+    )
     chosen = models.split(",") if models else default_models(quick)
     scan = scan_dataset(root, positive=base.positive, **base.scan_options())
     shortcut = build_audit(scan)["shortcut_metadata_only"]
-    run_reproduce(root, out, base, chosen, list(range(n_seeds)), protocol, folds, allow_random_init, shortcut,
-                  test_size=test_size, display_only=tuple(quick_display_only(chosen)) if quick else (), ray=ray,
-                  cpus_per_cell=cpus_per_cell, reference=reference, definition=definition,
-                  covariates=parse_covariates(covariates) if covariates else None)
+    run_reproduce(
+        root,
+        out,
+        base,
+        chosen,
+        list(range(n_seeds)),
+        protocol,
+        folds,
+        allow_random_init,
+        shortcut,
+        test_size=test_size,
+        display_only=tuple(quick_display_only(chosen)) if quick else (),
+        ray=ray,
+        cpus_per_cell=cpus_per_cell,
+        reference=reference,
+        definition=definition,
+        covariates=parse_covariates(covariates) if covariates else None,
+    )
     if not is_main_process():
         return
     print((out / "table1.md").read_text())
@@ -701,15 +960,22 @@ def reproduce(
 
 @app.command()
 def serve(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run folder from `kneeosteo train` (default: the bundled model)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (default loopback: only this computer)."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
     workers: int = typer.Option(2, min=1, help="Inference threads."),
-    queue: int = typer.Option(16, min=0, help="Requests that may wait for a thread; beyond that: 503 with Retry-After."),
+    queue: int = typer.Option(
+        16, min=0, help="Requests that may wait for a thread; beyond that: 503 with Retry-After."
+    ),
     max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload in MB (larger: 413)."),
-    max_megapixels: float = typer.Option(25.0, min=0.000001, help="Most pixels an upload may declare, in millions "
-                                         "(more: 422, refused from the header before decoding)."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
+    max_megapixels: float = typer.Option(
+        25.0,
+        min=0.000001,
+        help="Most pixels an upload may declare, in millions (more: 422, refused from the header before decoding).",
+    ),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Decision threshold (default: the model's)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
     """Web page and HTTP API: upload a radiograph, get P(osteoporosis) with Grad-CAM and attention overlays."""
@@ -719,10 +985,20 @@ def serve(
         from kneeosteo.interfaces.web import WebSettings, create_app
         from kneeosteo.interfaces.web.server import is_loopback, uvicorn_options
     except ImportError as exc:
-        raise KneeosteoError(f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); "
-                       "pip install fastapi uvicorn python-multipart")
-    web = create_app(WebSettings(run=run, threshold=threshold, device=device, workers=workers, queue=queue,
-                                 max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=int(max_megapixels * 1e6)))
+        raise KneeosteoError(
+            f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); pip install fastapi uvicorn python-multipart"
+        )
+    web = create_app(
+        WebSettings(
+            run=run,
+            threshold=threshold,
+            device=device,
+            workers=workers,
+            queue=queue,
+            max_upload_bytes=int(max_upload_mb * 1e6),
+            max_pixels=int(max_megapixels * 1e6),
+        )
+    )
     if device == "cpu":  # the workers share the cores instead of each claiming all of them
         import os
 
@@ -730,32 +1006,55 @@ def serve(
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if not is_loopback(host):
-        typer.echo(f"warning: listening on {host}: anyone who can reach this address can upload images; "
-                   "there is no authentication", err=True)
+        typer.echo(
+            f"warning: listening on {host}: anyone who can reach this address can upload images; "
+            "there is no authentication",
+            err=True,
+        )
     typer.echo(f"kneeosteo: model {web.state.service.info.model_id} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(web, host=host, port=port, log_level="info", **uvicorn_options())  # stalled clients closed: docs/cli.md (serve)
+    uvicorn.run(
+        web, host=host, port=port, log_level="info", **uvicorn_options()
+    )  # stalled clients closed: docs/cli.md (serve)
 
 
 @app.command()
 def pacs(
     url: str = typer.Argument(..., help="The PACS's DICOMweb root, such as http://127.0.0.1:8042/dicom-web (Orthanc)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Binary run folder (default: the bundled model)."),
-    state: Optional[Path] = typer.Option(None, "--state", help="Folder for the outbox of results not yet stored "
-                                         "(default: in the cache, one per URL). Keep it between passes."),
-    credentials: Optional[Path] = typer.Option(None, "--credentials", help="File whose first line is USER:PASSWORD "
-                                               "(default: $KNEEOSTEO_PACS_USER and $KNEEOSTEO_PACS_PASSWORD)."),
-    since: Optional[str] = typer.Option(None, help="Only studies of this day (YYYYMMDD) or later."),
-    study: Optional[list[str]] = typer.Option(None, "--study", help="Only this study (StudyInstanceUID; repeatable)."),
-    max_instances: int = typer.Option(20, min=1, help="Skip a series with more films than this (a knee study has a few)."),
+    run: Path | None = typer.Option(None, "--run", help="Binary run folder (default: the bundled model)."),
+    state: Path | None = typer.Option(
+        None,
+        "--state",
+        help="Folder for the outbox of results not yet stored "
+        "(default: in the cache, one per URL). Keep it between passes.",
+    ),
+    credentials: Path | None = typer.Option(
+        None,
+        "--credentials",
+        help="File whose first line is USER:PASSWORD (default: $KNEEOSTEO_PACS_USER and $KNEEOSTEO_PACS_PASSWORD).",
+    ),
+    since: str | None = typer.Option(None, help="Only studies of this day (YYYYMMDD) or later."),
+    study: list[str] | None = typer.Option(None, "--study", help="Only this study (StudyInstanceUID; repeatable)."),
+    max_instances: int = typer.Option(
+        20, min=1, help="Skip a series with more films than this (a knee study has a few)."
+    ),
     timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for each PACS answer."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
     """Find knee films in a PACS (QIDO-RS, WADO-RS), predict, and store a DICOM SR and a heat-map Secondary Capture per film back (STOW-RS). Research use only."""
     from kneeosteo.interfaces.pacs import load_credentials, run_pacs
 
-    done = run_pacs(url, run=run, state=state, credentials=load_credentials(credentials), since=since, studies=study,
-                    max_instances=max_instances, timeout=timeout, device=device,
-                    echo=lambda line: print(printable(line)))
+    done = run_pacs(
+        url,
+        run=run,
+        state=state,
+        credentials=load_credentials(credentials),
+        since=since,
+        studies=study,
+        max_instances=max_instances,
+        timeout=timeout,
+        device=device,
+        echo=lambda line: print(printable(line)),
+    )
     for line in done.lines:
         typer.echo(printable(line), err=True)
     print(done.summary())

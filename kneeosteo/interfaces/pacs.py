@@ -29,18 +29,17 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from kneeosteo.data.reader import MAX_PIXELS
 from kneeosteo.errors import ConfigError, DataError, ImageReadError, KneeosteoError
 from kneeosteo.paths import cache_dir
 
-__all__ = ["IMAGE_MODALITIES", "KNEE_PARTS", "Credentials", "PacsError", "PacsPass", "load_credentials",
-           "run_pacs"]
+__all__ = ["IMAGE_MODALITIES", "KNEE_PARTS", "Credentials", "PacsError", "PacsPass", "load_credentials", "run_pacs"]
 
 IMAGE_MODALITIES = ("DX", "CR", "RG")  # projection radiographs
 KNEE_PARTS = ("KNEE",)  # DICOM PS3.16 body part; absent is accepted (the domain check decides)
@@ -115,9 +114,11 @@ class PacsPass:
     lines: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.studies} studies: {self.stored} films stored ({self.resent} from the outbox, "
-                f"{self.out_of_domain} out of domain, {self.objects} objects), {self.already} already in the PACS, "
-                f"{self.bad_films} films and {self.skipped_series} series skipped")
+        return (
+            f"{self.studies} studies: {self.stored} films stored ({self.resent} from the outbox, "
+            f"{self.out_of_domain} out of domain, {self.objects} objects), {self.already} already in the PACS, "
+            f"{self.bad_films} films and {self.skipped_series} series skipped"
+        )
 
 
 def _value(item: dict, tag: str) -> str:
@@ -172,15 +173,27 @@ def _series_verdict(item: dict, max_instances: int) -> str | None:
         return f"body part {part}, not a knee; skipped"
     n = _value(item, N_SERIES_INSTANCES)
     if n.isdigit() and int(n) > max_instances:
-        return (f"{n} films, more than --max-instances {max_instances} (a knee study has a few); "
-                "skipped, nothing fetched or stored")
+        return (
+            f"{n} films, more than --max-instances {max_instances} (a knee study has a few); "
+            "skipped, nothing fetched or stored"
+        )
     return None
 
 
-def run_pacs(url: str, *, run: str | os.PathLike | None = None, state: str | os.PathLike | None = None,
-             credentials: Credentials | None = None, since: str | None = None, studies: list[str] | None = None,
-             max_instances: int = MAX_INSTANCES, timeout: float = 60.0, device: str = "cpu",
-             echo: Callable[[str], None] = print, explainer=None) -> PacsPass:
+def run_pacs(
+    url: str,
+    *,
+    run: str | os.PathLike | None = None,
+    state: str | os.PathLike | None = None,
+    credentials: Credentials | None = None,
+    since: str | None = None,
+    studies: list[str] | None = None,
+    max_instances: int = MAX_INSTANCES,
+    timeout: float = 60.0,
+    device: str = "cpu",
+    echo: Callable[[str], None] = print,
+    explainer=None,
+) -> PacsPass:
     """One pass over the PACS at ``url`` (its DICOMweb root); see the module docstring. One pass
     at a time per ``state`` folder."""
     from kneeosteo.inference.dicom_out import require_extra
@@ -221,8 +234,17 @@ def _one_pass_at_a_time(state: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pass(url: str, explainer, state: Path, credentials: Credentials | None, since: str | None,
-          studies: list[str] | None, max_instances: int, timeout: float, echo: Callable[[str], None]) -> PacsPass:
+def _pass(
+    url: str,
+    explainer,
+    state: Path,
+    credentials: Credentials | None,
+    since: str | None,
+    studies: list[str] | None,
+    max_instances: int,
+    timeout: float,
+    echo: Callable[[str], None],
+) -> PacsPass:
     import pydicom
 
     from kneeosteo.inference.dicom_out import read_sr
@@ -241,13 +263,16 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
                 try:
                     answer = pacs.call("STOW-RS", pacs.client.store_instances, [ds], ds.StudyInstanceUID)
                 except PacsError as exc:
-                    raise PacsError(f"{exc}; the film's results are kept in {entry} and the next pass "
-                                    "sends them") from None
+                    raise PacsError(
+                        f"{exc}; the film's results are kept in {entry} and the next pass sends them"
+                    ) from None
                 failed = answer.get("FailedSOPSequence") if answer is not None else None
                 if failed:
-                    raise PacsError(f"PACS {url}: STOW-RS refused {name[:2].upper()} {ds.SOPInstanceUID} "
-                                    f"(failure reason {failed[0].get('FailureReason', '?')}); "
-                                    f"kept in {entry}, the next pass sends it again")
+                    raise PacsError(
+                        f"PACS {url}: STOW-RS refused {name[:2].upper()} {ds.SOPInstanceUID} "
+                        f"(failure reason {failed[0].get('FailureReason', '?')}); "
+                        f"kept in {entry}, the next pass sends it again"
+                    )
                 out.objects += 1
         shutil.rmtree(entry)
 
@@ -265,8 +290,9 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
     found = []
     for uid in studies or [None]:  # --study: only these
         query = {**filters, **({"StudyInstanceUID": uid} if uid else {})}
-        found += pacs.call("QIDO-RS (studies)", pacs.client.search_for_studies, search_filters=query or None,
-                           get_remaining=True)
+        found += pacs.call(
+            "QIDO-RS (studies)", pacs.client.search_for_studies, search_filters=query or None, get_remaining=True
+        )
     fetch_dir = state / "fetch"
     fetch_dir.mkdir(exist_ok=True)
     for study in found:
@@ -274,14 +300,19 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
         if not study_uid:
             continue
         out.studies += 1
-        series = pacs.call("QIDO-RS (series)", pacs.client.search_for_series, study_uid,
-                           fields=["Modality", "BodyPartExamined", "Manufacturer", "NumberOfSeriesRelatedInstances"],
-                           get_remaining=True)
+        series = pacs.call(
+            "QIDO-RS (series)",
+            pacs.client.search_for_series,
+            study_uid,
+            fields=["Modality", "BodyPartExamined", "Manufacturer", "NumberOfSeriesRelatedInstances"],
+            get_remaining=True,
+        )
         done: set[str] = set()
         for s in series:  # our SRs already in the PACS: their films are done
             if _value(s, MANUFACTURER_TAG) == "kneeosteo" and _value(s, MODALITY) == "SR":
-                for meta in pacs.call("WADO-RS (metadata)", pacs.client.retrieve_series_metadata, study_uid,
-                                      _value(s, SERIES_UID)):
+                for meta in pacs.call(
+                    "WADO-RS (metadata)", pacs.client.retrieve_series_metadata, study_uid, _value(s, SERIES_UID)
+                ):
                     found = read_sr(pydicom.Dataset.from_json(meta))
                     if found is not None and found.model_id == model_id:
                         done.add(found.source_sop_uid)
@@ -293,12 +324,20 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
                     out.skipped_series += 1
                     out.lines.append(f"study {study_uid} series {series_uid}: {verdict}")
                 continue
-            instances = pacs.call("QIDO-RS (instances)", pacs.client.search_for_instances, study_uid, series_uid,
-                                  fields=["Rows", "Columns"], get_remaining=True)
+            instances = pacs.call(
+                "QIDO-RS (instances)",
+                pacs.client.search_for_instances,
+                study_uid,
+                series_uid,
+                fields=["Rows", "Columns"],
+                get_remaining=True,
+            )
             if len(instances) > max_instances:  # the count QIDO gave for the series may be absent
                 out.skipped_series += 1
-                out.lines.append(f"study {study_uid} series {series_uid}: {len(instances)} films, more than "
-                                 f"--max-instances {max_instances}; skipped, nothing fetched or stored")
+                out.lines.append(
+                    f"study {study_uid} series {series_uid}: {len(instances)} films, more than "
+                    f"--max-instances {max_instances}; skipped, nothing fetched or stored"
+                )
                 continue
             for inst in instances:
                 sop = _value(inst, SOP_UID)
@@ -310,8 +349,10 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
                 rows, cols = _value(inst, ROWS), _value(inst, COLUMNS)
                 if rows.isdigit() and cols.isdigit() and int(rows) * int(cols) > MAX_PIXELS:
                     out.bad_films += 1
-                    out.lines.append(f"study {study_uid} series {series_uid} film {sop}: declares {rows} x {cols} "
-                                     f"pixels, more than the reader's {MAX_PIXELS:,}; skipped, not fetched")
+                    out.lines.append(
+                        f"study {study_uid} series {series_uid} film {sop}: declares {rows} x {cols} "
+                        f"pixels, more than the reader's {MAX_PIXELS:,}; skipped, not fetched"
+                    )
                     continue
                 status = _one_film(pacs, explainer, study_uid, series_uid, sop, fetch_dir, outbox, out)
                 if status is None:
@@ -319,19 +360,27 @@ def _pass(url: str, explainer, state: Path, credentials: Credentials | None, sin
                 send(outbox / sop)
                 out.stored += 1
                 out.out_of_domain += status == "out_of_domain"
-                echo(f"stored the SR{' and heat map' if status != 'out_of_domain' else ''} of film {sop} "
-                     f"(study {study_uid}): {status}")
+                echo(
+                    f"stored the SR{' and heat map' if status != 'out_of_domain' else ''} of film {sop} "
+                    f"(study {study_uid}): {status}"
+                )
     shutil.rmtree(fetch_dir, ignore_errors=True)
     return out
 
 
-def _one_film(pacs: _Pacs, explainer, study_uid: str, series_uid: str, sop: str, fetch_dir: Path,
-              outbox: Path, out: PacsPass) -> str | None:
+def _one_film(
+    pacs: _Pacs, explainer, study_uid: str, series_uid: str, sop: str, fetch_dir: Path, outbox: Path, out: PacsPass
+) -> str | None:
     """Fetch, predict and put one film's SC and SR into the outbox; its status, or None (named
     in ``out.lines``) when the film cannot be used."""
     from kneeosteo.data.reader import read_image
-    from kneeosteo.inference.dicom_out import (check_reference, heatmap_rgb, new_uid, secondary_capture,
-                                               structured_report)
+    from kneeosteo.inference.dicom_out import (
+        check_reference,
+        heatmap_rgb,
+        new_uid,
+        secondary_capture,
+        structured_report,
+    )
 
     name = f"study {study_uid} series {series_uid} film {sop}"
     ds = pacs.call("WADO-RS (instance)", pacs.client.retrieve_instance, study_uid, series_uid, sop)
@@ -358,11 +407,13 @@ def _one_film(pacs: _Pacs, explainer, study_uid: str, series_uid: str, sop: str,
             ex = explainer.explain(image.pixels)
             verdict = ex.trust or verdict
             caption = f"P({explainer.info.positive}) {verdict.probability:.2f}: {verdict.label} ({verdict.status})"
-            sc = secondary_capture(ds, heatmap_rgb(image.pixels, ex.gradcam, caption), series_uid=new_uid(),
-                                   sop_uid=new_uid())
+            sc = secondary_capture(
+                ds, heatmap_rgb(image.pixels, ex.gradcam, caption), series_uid=new_uid(), sop_uid=new_uid()
+            )
             sc.save_as(tmp / "sc.dcm", enforce_file_format=True)
-        sr = structured_report(ds, verdict, explainer.info, explainer.threshold, series_uid=new_uid(),
-                               sop_uid=new_uid())
+        sr = structured_report(
+            ds, verdict, explainer.info, explainer.threshold, series_uid=new_uid(), sop_uid=new_uid()
+        )
         sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:

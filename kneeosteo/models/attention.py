@@ -29,7 +29,7 @@ training. Explanation code that needs gradients through the maps asks for them w
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,9 +148,7 @@ class AttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, return_maps: bool = False):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"AttentionModule expects (B, {self.in_channels}, H, W) images, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"AttentionModule expects (B, {self.in_channels}, H, W) images, got {tuple(x.shape)}")
         h = self.features(x)
         channel = self.channel_attention.attention_map(h)  # (B, C, 1, 1)
         h = h * channel

@@ -43,8 +43,13 @@ def _backbone_reproducible(model: HybridModel) -> bool:
     return bool(model.use_backbone and model.freeze_backbone and w and w.pretrained and w.sha256)
 
 
-def save_weights(model: HybridModel, path: str | os.PathLike, identity: dict[str, Any] | None = None, *,
-                 include_backbone: bool | None = None) -> str:
+def save_weights(
+    model: HybridModel,
+    path: str | os.PathLike,
+    identity: dict[str, Any] | None = None,
+    *,
+    include_backbone: bool | None = None,
+) -> str:
     """Write the model's tensors to ``path`` (atomically) with ``{"model": architecture, **identity}``
     in the metadata; returns the file's sha256. ``include_backbone=None`` stores a frozen
     pretrained backbone only when it cannot be rebuilt from its weights file; ``True`` forces it."""
@@ -57,14 +62,26 @@ def save_weights(model: HybridModel, path: str | os.PathLike, identity: dict[str
         raise ValueError("the backbone is fine-tuned or not from a known weights file; it must be saved")
     partial = reproducible if include_backbone is None else not include_backbone
     if model.use_backbone and model.backbone is None and not partial:
-        raise ValueError("the model has no backbone module and no identified pretrained backbone weights, so a "
-                         "checkpoint could not rebuild it; construct it with backbone_weights=WeightsInfo from build_backbone")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-               if not (partial and k.startswith("backbone."))}
+        raise ValueError(
+            "the model has no backbone module and no identified pretrained backbone weights, so a "
+            "checkpoint could not rebuild it; construct it with backbone_weights=WeightsInfo from build_backbone"
+        )
+    tensors = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+        if not (partial and k.startswith("backbone."))
+    }
     meta = {"model": model.model_config(), **(identity or {})}
-    data = canonical(st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True),
-                                                "format_version": str(WEIGHTS_FORMAT_VERSION),
-                                                "contents": _PARTIAL if partial else "full"}))
+    data = canonical(
+        st_save(
+            tensors,
+            metadata={
+                _META_KEY: json.dumps(meta, sort_keys=True),
+                "format_version": str(WEIGHTS_FORMAT_VERSION),
+                "contents": _PARTIAL if partial else "full",
+            },
+        )
+    )
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -82,16 +99,20 @@ def _read(path: Path, sha256: str | None) -> tuple[bytes, dict[str, str]]:
         raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from exc
     got = hashlib.sha256(data).hexdigest()
     if sha256 is not None and got != sha256:
-        raise CheckpointError(f"{path}: sha256 {got[:12]}... differs from the recorded {sha256[:12]}...; "
-                              "the file is truncated, altered, or from another run")
+        raise CheckpointError(
+            f"{path}: sha256 {got[:12]}... differs from the recorded {sha256[:12]}...; "
+            "the file is truncated, altered, or from another run"
+        )
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     if meta.get("format_version") != str(WEIGHTS_FORMAT_VERSION) or _META_KEY not in meta:
-        raise CheckpointError(f"{path}: not a kneeosteo weights file of format {WEIGHTS_FORMAT_VERSION} "
-                              "(written by another tool or an older kneeosteo: retrain the model)")
+        raise CheckpointError(
+            f"{path}: not a kneeosteo weights file of format {WEIGHTS_FORMAT_VERSION} "
+            "(written by another tool or an older kneeosteo: retrain the model)"
+        )
     return data, meta
 
 
@@ -102,8 +123,13 @@ def read_identity(path: str | os.PathLike, sha256: str | None = None) -> dict[st
     return json.loads(meta[_META_KEY])
 
 
-def load_weights(path: str | os.PathLike, sha256: str | None = None, *,
-                 backbone_weights: str | os.PathLike | None = None, allow_download: bool = False) -> HybridModel:
+def load_weights(
+    path: str | os.PathLike,
+    sha256: str | None = None,
+    *,
+    backbone_weights: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> HybridModel:
     """Rebuild the model described in the weights file and load it (eval mode).
 
     For a file without its frozen backbone, the backbone weights are resolved from
@@ -117,22 +143,28 @@ def load_weights(path: str | os.PathLike, sha256: str | None = None, *,
     mc = json.loads(meta[_META_KEY])["model"]
     tensors = st_load(data)
     partial = meta.get("contents") == _PARTIAL
-    model = _rebuild_with_backbone(mc, backbone_weights, allow_download, path) if partial else \
-        build_model_from_config(mc, "none")
+    model = (
+        _rebuild_with_backbone(mc, backbone_weights, allow_download, path)
+        if partial
+        else build_model_from_config(mc, "none")
+    )
     expected = {k: v for k, v in model.state_dict().items() if not (partial and k.startswith("backbone."))}
     problems = mismatch_report(expected, tensors)
     if problems:
         raise CheckpointError(" ".join([f"{path}: does not match the model described in its metadata.", *problems]))
     broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if broken:  # NaN/inf weights give NaN probabilities, which must never become a label
-        raise CheckpointError(f"{path}: non-finite values in {', '.join(broken[:5])}"
-                              + (f" and {len(broken) - 5} more tensors" if len(broken) > 5 else ""))
+        raise CheckpointError(
+            f"{path}: non-finite values in {', '.join(broken[:5])}"
+            + (f" and {len(broken) - 5} more tensors" if len(broken) > 5 else "")
+        )
     model.load_state_dict(tensors, strict=False)
     return model.eval()
 
 
-def _rebuild_with_backbone(mc: dict[str, Any], backbone_weights: str | os.PathLike | None, allow_download: bool,
-                           w_path: Path) -> HybridModel:
+def _rebuild_with_backbone(
+    mc: dict[str, Any], backbone_weights: str | os.PathLike | None, allow_download: bool, w_path: Path
+) -> HybridModel:
     rec = mc.get("backbone_weights") or {}
     want = rec.get("sha256")
     candidates: list[str | os.PathLike | None] = []

@@ -6,21 +6,21 @@ and its factory. Its checkpoint file format is in ``checkpoint.py``.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from kneeosteo.models.attention import AttentionModule
-from kneeosteo.models.head import ClassifierHead
 from kneeosteo.errors import CheckpointError, ConfigError
+from kneeosteo.models.attention import AttentionModule
 from kneeosteo.models.backbones import build_backbone, freeze, train_last_stages
+from kneeosteo.models.head import ClassifierHead
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
 from kneeosteo.models.task import get_task
 from kneeosteo.models.weights import WeightsInfo
 
 __all__ = ["HybridModel", "build_model", "build_model_from_config"]
-
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -90,7 +90,7 @@ class HybridModel(nn.Module):
         head_in = self.feature_dim + (attention_features if self.use_attention else 0)
         self.head = ClassifierHead(head_in, head_hidden, head_dropout, outputs, output_shift, output_scale)
 
-    def train(self, mode: bool = True) -> "HybridModel":
+    def train(self, mode: bool = True) -> HybridModel:
         super().train(mode)
         if self.backbone is not None and (self.freeze_backbone or self.trainable_stages):
             self.backbone.eval()

@@ -10,9 +10,10 @@ memory, no weights), never typed by hand. The entries themselves are in ``backbo
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +92,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _feature_dim(name: str) -> int:
     spec = BACKBONES[name]
     with torch.device("meta"):

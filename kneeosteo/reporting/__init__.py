@@ -13,8 +13,15 @@ from kneeosteo.utils.atomic import write_text
 __all__ = ["write_report"]
 
 
-def write_report(path: str | Path, out: str | Path, *, pdf: str | Path | None = None, data: str | Path | None = None,
-                 correct: int = 4, seed: int = 0) -> Path:
+def write_report(
+    path: str | Path,
+    out: str | Path,
+    *,
+    pdf: str | Path | None = None,
+    data: str | Path | None = None,
+    correct: int = 4,
+    seed: int = 0,
+) -> Path:
     """Write the report of ``path`` (a run folder or a ``reproduce`` folder) to ``out`` (HTML) and,
     with ``pdf``, print it there. ``data`` overrides the run's recorded data folder; ``correct``
     is how many right test images join the error gallery; ``seed`` seeds the randomised twin of

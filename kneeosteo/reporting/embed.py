@@ -37,8 +37,13 @@ def image_uri(rgb: np.ndarray, quality: int = 85) -> str:
 def render(template: str, **context) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("kneeosteo.reporting", "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("kneeosteo.reporting", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["num"] = _num
     env.filters["ci"] = _ci
     return env.get_template(template).render(**context)

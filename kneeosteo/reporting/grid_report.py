@@ -62,13 +62,32 @@ def grid_context(path: str | Path) -> dict:
             anchor = _anchor(c, root)
             label = c.relative_to(root / "cells" / key).as_posix()
             per.append({"label": label, "anchor": anchor, "accuracy": m["accuracy"]["value"], "auc": m["auc"]["value"]})
-            cells.append({"anchor": anchor, "model": r.get("title", key), "label": label, "path": c.relative_to(root).as_posix(),
-                          "model_id": run.model_id if run.config_file.is_file() else "-",
-                          "metrics": m, "adv": adv, "hide": (occ.get("hide_bone") or {}).get("auc"),
-                          "only": (occ.get("only_bone") or {}).get("auc"), "loss_png": file_uri(c / "loss.png"),
-                          "roc_png": file_uri(c / "roc.png")})
+            cells.append(
+                {
+                    "anchor": anchor,
+                    "model": r.get("title", key),
+                    "label": label,
+                    "path": c.relative_to(root).as_posix(),
+                    "model_id": run.model_id if run.config_file.is_file() else "-",
+                    "metrics": m,
+                    "adv": adv,
+                    "hide": (occ.get("hide_bone") or {}).get("auc"),
+                    "only": (occ.get("only_bone") or {}).get("auc"),
+                    "loss_png": file_uri(c / "loss.png"),
+                    "roc_png": file_uri(c / "roc.png"),
+                }
+            )
         spread.append({"title": r.get("title", key), "cells": per})
         table.append({**r, "anchor": per[0]["anchor"] if per else None})
-    return {"kind": "grid", "title": f"kneeosteo report: reproduce {root.name}", "info": info, "rows": table,
-            "forest": file_uri(root / "table1.png"), "spread": spread, "cells": cells, "caveat": CAVEAT,
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform()}
+    return {
+        "kind": "grid",
+        "title": f"kneeosteo report: reproduce {root.name}",
+        "info": info,
+        "rows": table,
+        "forest": file_uri(root / "table1.png"),
+        "spread": spread,
+        "cells": cells,
+        "caveat": CAVEAT,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+    }

@@ -33,8 +33,10 @@ def require_chromium() -> str:
     """The Chromium to print with, or ChromiumMissingError naming the remedies."""
     exe = find_chromium()
     if exe is None:
-        raise ChromiumMissingError("--pdf needs Chromium and none was found: install it (Debian: "
-                                   "apt-get install chromium) or set KNEEOSTEO_CHROMIUM=/path/to/chromium")
+        raise ChromiumMissingError(
+            "--pdf needs Chromium and none was found: install it (Debian: "
+            "apt-get install chromium) or set KNEEOSTEO_CHROMIUM=/path/to/chromium"
+        )
     return exe
 
 
@@ -42,9 +44,18 @@ def print_pdf(html: Path, pdf: Path, timeout: float = 180.0) -> Path:
     """Print ``html`` to ``pdf`` (A4, the page's print styles) with headless Chromium."""
     exe = require_chromium()
     with tempfile.TemporaryDirectory(prefix="kneeosteo-chromium-") as profile, atomic_path(Path(pdf)) as tmp:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--no-first-run", f"--user-data-dir={profile}", "--no-pdf-header-footer",
-               f"--print-to-pdf={tmp}", Path(html).resolve().as_uri()]
+        cmd = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--no-pdf-header-footer",
+            f"--print-to-pdf={tmp}",
+            Path(html).resolve().as_uri(),
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

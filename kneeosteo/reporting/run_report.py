@@ -32,17 +32,45 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run_context"]
 
-CAVEAT = ("Research use only. This model is not a medical device and has not been validated for "
-          "clinical decisions; its evidence below comes from one public data set.")
+CAVEAT = (
+    "Research use only. This model is not a medical device and has not been validated for "
+    "clinical decisions; its evidence below comes from one public data set."
+)
 HEADLINE = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
-METRIC_NAMES = {"sensitivity": "sensitivity (recall)", "specificity": "specificity", "precision": "precision (PPV)",
-                "fpr": "false positive rate", "accuracy": "accuracy", "f1": "F1", "auc": "AUC (ROC)", "loss": "log loss"}
-LIBRARIES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "scipy", "statsmodels", "grad-cam",
-             "onnxruntime", "pillow", "pydicom")
-SECTIONS = (("summary", "Summary"), ("data-flow", "Data flow"), ("audit", "Data audit"),
-            ("performance", "Performance"), ("calibration", "Calibration and decisions"),
-            ("probes", "Does it read bone?"), ("explanations", "Explanations"),
-            ("reproducibility", "Reproducibility"), ("checklist", "Checklist"))
+METRIC_NAMES = {
+    "sensitivity": "sensitivity (recall)",
+    "specificity": "specificity",
+    "precision": "precision (PPV)",
+    "fpr": "false positive rate",
+    "accuracy": "accuracy",
+    "f1": "F1",
+    "auc": "AUC (ROC)",
+    "loss": "log loss",
+}
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+    "statsmodels",
+    "grad-cam",
+    "onnxruntime",
+    "pillow",
+    "pydicom",
+)
+SECTIONS = (
+    ("summary", "Summary"),
+    ("data-flow", "Data flow"),
+    ("audit", "Data audit"),
+    ("performance", "Performance"),
+    ("calibration", "Calibration and decisions"),
+    ("probes", "Does it read bone?"),
+    ("explanations", "Explanations"),
+    ("reproducibility", "Reproducibility"),
+    ("checklist", "Checklist"),
+)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -83,16 +111,28 @@ def summary_section(run: RunDir, metrics: dict | None, note: str) -> dict:
     head = []
     if metrics:
         head = [{"name": METRIC_NAMES[k], "value": metrics[k]} for k in HEADLINE if k in metrics]
-    return {"model_id": run.model_id, "backbone": cfg.backbone, "architecture": _architecture(cfg.model),
-            "data": cfg.record.get("data", "?"), "classes": list(cfg.classes),
-            "n_test": (metrics or {}).get("n"), "headline": head, "caveat": CAVEAT, "scored": note}
+    return {
+        "model_id": run.model_id,
+        "backbone": cfg.backbone,
+        "architecture": _architecture(cfg.model),
+        "data": cfg.record.get("data", "?"),
+        "classes": list(cfg.classes),
+        "n_test": (metrics or {}).get("n"),
+        "headline": head,
+        "caveat": CAVEAT,
+        "scored": note,
+    }
 
 
 def _architecture(model: dict) -> str:
     parts = []
     if model.get("use_backbone"):
         tuned = model.get("trainable_stages")
-        state = "frozen" if model.get("freeze_backbone") else (f"last {tuned} stage(s) fine-tuned" if tuned else "fine-tuned")
+        state = (
+            "frozen"
+            if model.get("freeze_backbone")
+            else (f"last {tuned} stage(s) fine-tuned" if tuned else "fine-tuned")
+        )
         parts.append(f"{model.get('backbone')} ({state}, {model.get('feature_dim')} features)")
     if model.get("use_attention"):
         parts.append("attention module (128 features)")
@@ -131,12 +171,21 @@ def data_flow_section(run: RunDir, scan) -> dict | None:
         excluded[_category(e.get("reason", ""))] = excluded.get(_category(e.get("reason", "")), 0) + 1
     unreadable = len(scan.unreadable) if scan is not None else None
     in_split = sum(v["total"] for v in parts.values()) + len(doc.get("excluded", []))
-    return {"classes": classes, "parts": parts, "excluded": excluded, "excluded_total": len(doc.get("excluded", [])),
-            "unreadable": unreadable, "files_read": in_split + (unreadable or 0),
-            "readable": in_split, "protocol": doc.get("protocol"), "seed": doc.get("seed"),
-            "near_threshold": doc.get("near_duplicate_threshold"),
-            "source": "scan of the data folder and split.json" if scan is not None else
-                      "split.json only (data folder not here: unreadable files unknown)"}
+    return {
+        "classes": classes,
+        "parts": parts,
+        "excluded": excluded,
+        "excluded_total": len(doc.get("excluded", [])),
+        "unreadable": unreadable,
+        "files_read": in_split + (unreadable or 0),
+        "readable": in_split,
+        "protocol": doc.get("protocol"),
+        "seed": doc.get("seed"),
+        "near_threshold": doc.get("near_duplicate_threshold"),
+        "source": "scan of the data folder and split.json"
+        if scan is not None
+        else "split.json only (data folder not here: unreadable files unknown)",
+    }
 
 
 def audit_section(scan) -> dict | None:
@@ -147,13 +196,26 @@ def audit_section(scan) -> dict | None:
     a = build_audit(scan)
     rows = []
     for c, d in a["per_class"].items():
-        rows.append({"class": c, "images": d["images"],
-                     "formats": ", ".join(f"{k} {v}" for k, v in sorted(d["formats"].items())),
-                     "modes": ", ".join(f"{k} {v}" for k, v in sorted(d["modes"].items())),
-                     "width": d["width"], "height": d["height"], "aspect": d["aspect_ratio"]})
-    return {"rows": rows, "files_read": a["files_read"], "distinct": a["distinct_images"],
-            "exact": a["exact_duplicates"], "near": {k: v for k, v in a["near_duplicates"].items() if k != "list"},
-            "shortcut": a["shortcut_metadata_only"], "unreadable": a["unreadable"]}
+        rows.append(
+            {
+                "class": c,
+                "images": d["images"],
+                "formats": ", ".join(f"{k} {v}" for k, v in sorted(d["formats"].items())),
+                "modes": ", ".join(f"{k} {v}" for k, v in sorted(d["modes"].items())),
+                "width": d["width"],
+                "height": d["height"],
+                "aspect": d["aspect_ratio"],
+            }
+        )
+    return {
+        "rows": rows,
+        "files_read": a["files_read"],
+        "distinct": a["distinct_images"],
+        "exact": a["exact_duplicates"],
+        "near": {k: v for k, v in a["near_duplicates"].items() if k != "list"},
+        "shortcut": a["shortcut_metadata_only"],
+        "unreadable": a["unreadable"],
+    }
 
 
 def performance_section(run: RunDir, folder: Path, metrics: dict, work: Path) -> dict:
@@ -161,14 +223,22 @@ def performance_section(run: RunDir, folder: Path, metrics: dict, work: Path) ->
     at_op = trust.get("at_operating_threshold")
     at_half = trust.get("at_0.5") or (metrics if abs(float(metrics.get("threshold", 0.5)) - 0.5) < 1e-12 else None)
     same = at_op is not None and abs(float(at_op.get("threshold", 0.5)) - 0.5) <= 1e-12
-    columns = [("at 0.5" + (f" (= the operating threshold, operating point {trust.get('operating_point')})" if same else ""),
-                at_half)]
+    columns = [
+        (
+            "at 0.5"
+            + (f" (= the operating threshold, operating point {trust.get('operating_point')})" if same else ""),
+            at_half,
+        )
+    ]
     if at_op is not None and not same:
-        columns.append((f"at the operating threshold {float(at_op['threshold']):.3f} ({trust.get('operating_point')})", at_op))
+        columns.append(
+            (f"at the operating threshold {float(at_op['threshold']):.3f} ({trust.get('operating_point')})", at_op)
+        )
     elif at_half is None:
         columns = [(f"at the run's threshold {float(metrics.get('threshold', 0.5)):.3f}", metrics)]
-    table = [{"name": METRIC_NAMES[k], "cells": [c[k] if c and k in c else None for _, c in columns]}
-             for k in METRIC_NAMES]
+    table = [
+        {"name": METRIC_NAMES[k], "cells": [c[k] if c and k in c else None for _, c in columns]} for k in METRIC_NAMES
+    ]
     hist = run.history_file
     curves = {}
     if hist.is_file():
@@ -178,27 +248,50 @@ def performance_section(run: RunDir, folder: Path, metrics: dict, work: Path) ->
             src = work
         else:
             src = run.path
-        curves = {"accuracy": file_uri(src / "accuracy.png"), "loss": file_uri(src / "loss.png"),
-                  "epochs": len(rows), "best_epoch": run.config.record.get("best_epoch")}
+        curves = {
+            "accuracy": file_uri(src / "accuracy.png"),
+            "loss": file_uri(src / "loss.png"),
+            "epochs": len(rows),
+            "best_epoch": run.config.record.get("best_epoch"),
+        }
     counts = metrics.get("counts", {})
-    return {"columns": [c[0] for c in columns], "table": table, "counts": counts,
-            "classes": list(run.config.classes), "n": metrics.get("n"),
-            "roc": file_uri(folder / "roc.png"), "confusion": file_uri(folder / "confusion_matrix.png"),
-            "curves": curves, "clinical": metrics.get("clinical")}
+    return {
+        "columns": [c[0] for c in columns],
+        "table": table,
+        "counts": counts,
+        "classes": list(run.config.classes),
+        "n": metrics.get("n"),
+        "roc": file_uri(folder / "roc.png"),
+        "confusion": file_uri(folder / "confusion_matrix.png"),
+        "curves": curves,
+        "clinical": metrics.get("clinical"),
+    }
 
 
 def calibration_section(folder: Path, metrics: dict) -> dict | None:
     t = metrics.get("trust")
     if not t:
         return None
-    return {"raw": t.get("raw"), "calibrated": t.get("calibrated_probabilities"), "method": t.get("calibration"),
-            "fitted": t.get("fitted"), "coverage": t.get("coverage"), "conformal_coverage": t.get("conformal_coverage"),
-            "abstention": t.get("abstention_rate"), "confident_share": t.get("confident_share"),
-            "confident": t.get("confident_subset"), "domain_acceptance": t.get("domain_acceptance_by_features"),
-            "domain_method": t.get("domain_method"), "n": t.get("n"),
-            "per_class": t.get("conformal_coverage_per_class"), "class_conditional": t.get("class_conditional"),
-            "shift": t.get("batch_shift"), "site": t.get("site_check"),
-            "reliability": file_uri(folder / "calibration.png"), "decision": file_uri(folder / "decision_curve.png")}
+    return {
+        "raw": t.get("raw"),
+        "calibrated": t.get("calibrated_probabilities"),
+        "method": t.get("calibration"),
+        "fitted": t.get("fitted"),
+        "coverage": t.get("coverage"),
+        "conformal_coverage": t.get("conformal_coverage"),
+        "abstention": t.get("abstention_rate"),
+        "confident_share": t.get("confident_share"),
+        "confident": t.get("confident_subset"),
+        "domain_acceptance": t.get("domain_acceptance_by_features"),
+        "domain_method": t.get("domain_method"),
+        "n": t.get("n"),
+        "per_class": t.get("conformal_coverage_per_class"),
+        "class_conditional": t.get("class_conditional"),
+        "shift": t.get("batch_shift"),
+        "site": t.get("site_check"),
+        "reliability": file_uri(folder / "calibration.png"),
+        "decision": file_uri(folder / "decision_curve.png"),
+    }
 
 
 def probes_section(metrics: dict) -> dict | None:
@@ -206,8 +299,13 @@ def probes_section(metrics: dict) -> dict | None:
     if not p:
         return None
     src = p.get("source", {})
-    return {"adv": p.get("shortcut_adversarial", {}), "occ": p.get("occlusion", {}), "within": p.get("within_source"),
-            "source": {k: v for k, v in src.items() if isinstance(v, dict)}, "source_skipped": src.get("skipped")}
+    return {
+        "adv": p.get("shortcut_adversarial", {}),
+        "occ": p.get("occlusion", {}),
+        "within": p.get("within_source"),
+        "source": {k: v for k, v in src.items() if isinstance(v, dict)},
+        "source_skipped": src.get("skipped"),
+    }
 
 
 def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: int, seed: int) -> dict | None:
@@ -231,23 +329,39 @@ def explanations_section(run: RunDir, folder: Path, data: Path | None, correct: 
             continue
         ex = explainer.explain(pixels)
         explained.append((c.path, pixels, ex))
-        shown.append({"path": c.path, "kind": c.kind, "probability": c.probability, "correct": c.correct,
-                      "picture": image_uri(gallery.panels(pixels, ex.gradcam, ex.attention)),
-                      "layer": ex.layer, "status": ex.trust.status if ex.trust is not None else "",
-                      "status_reason": ex.trust.status_reason if ex.trust is not None else ""})
+        shown.append(
+            {
+                "path": c.path,
+                "kind": c.kind,
+                "probability": c.probability,
+                "correct": c.correct,
+                "picture": image_uri(gallery.panels(pixels, ex.gradcam, ex.attention)),
+                "layer": ex.layer,
+                "status": ex.trust.status if ex.trust is not None else "",
+                "status_reason": ex.trust.status_reason if ex.trust is not None else "",
+            }
+        )
     check = sanity.sanity_check(explained, twin)
     by_path = {r["path"]: r for r in check["images"]}
     for s in shown:
         s["gradcam_rho"] = by_path[s["path"]]["gradcam_rho"]
         s["attention_rho"] = by_path[s["path"]]["attention_rho"]
     wrong = [s for s in shown if not s["correct"]]
-    return {"cases": shown, "n_wrong": len(wrong), "n_correct": len(shown) - len(wrong),
-            "has_attention": model.attention is not None, "unreadable": unreadable,
-            "sanity": {"gradcam": check["gradcam"], "attention": check.get("attention"),
-                       "gradcam_verdict": sanity.verdict(check["gradcam"]),
-                       "attention_verdict": sanity.verdict(check.get("attention")) if "attention" in check else None,
-                       "randomised": [type(m).__name__ for m in sanity.trained_modules(model)],
-                       "seed": seed}}
+    return {
+        "cases": shown,
+        "n_wrong": len(wrong),
+        "n_correct": len(shown) - len(wrong),
+        "has_attention": model.attention is not None,
+        "unreadable": unreadable,
+        "sanity": {
+            "gradcam": check["gradcam"],
+            "attention": check.get("attention"),
+            "gradcam_verdict": sanity.verdict(check["gradcam"]),
+            "attention_verdict": sanity.verdict(check.get("attention")) if "attention" in check else None,
+            "randomised": [type(m).__name__ for m in sanity.trained_modules(model)],
+            "seed": seed,
+        },
+    }
 
 
 def _toml_value(v) -> str:
@@ -256,19 +370,40 @@ def _toml_value(v) -> str:
 
 def reproducibility_section(run: RunDir) -> dict:
     cfg = run.config
-    settings = {k: v for k, v in cfg.settings.items()
-                if v is not None and k not in ("data", "out", "split", "extra") and not isinstance(v, dict)}
+    settings = {
+        k: v
+        for k, v in cfg.settings.items()
+        if v is not None and k not in ("data", "out", "split", "extra") and not isinstance(v, dict)
+    }
     toml = "[train]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(settings.items()))
-    command = shlex.join(["kneeosteo", "train", str(cfg.record.get("data", "DATA")), "--config", "settings.toml",
-                          "--split", "split.json", "--out", run.path.name])
+    command = shlex.join(
+        [
+            "kneeosteo",
+            "train",
+            str(cfg.record.get("data", "DATA")),
+            "--config",
+            "settings.toml",
+            "--split",
+            "split.json",
+            "--out",
+            run.path.name,
+        ]
+    )
     split = {}
     if run.split_file.is_file():
         doc = json.loads(run.split_file.read_text())
         cids = doc.get("content_ids", {})
-        digest = hashlib.sha256("\n".join(f"{p}\t{cids.get(p, '')}" for part in ("train", "val", "test")
-                                          for p in sorted(doc.get(part, []))).encode()).hexdigest()
-        split = {"file_sha256": sha256_file(run.split_file), "content_digest": digest,
-                 "seed": doc.get("seed"), "protocol": doc.get("protocol")}
+        digest = hashlib.sha256(
+            "\n".join(
+                f"{p}\t{cids.get(p, '')}" for part in ("train", "val", "test") for p in sorted(doc.get(part, []))
+            ).encode()
+        ).hexdigest()
+        split = {
+            "file_sha256": sha256_file(run.split_file),
+            "content_digest": digest,
+            "seed": doc.get("seed"),
+            "protocol": doc.get("protocol"),
+        }
     versions_now = {}
     for lib in LIBRARIES:
         try:
@@ -277,26 +412,37 @@ def reproducibility_section(run: RunDir) -> dict:
             versions_now[lib] = "not installed"
     doc = json.loads(run.config_file.read_text())
     bw = cfg.record.get("backbone_weights") or {}
-    return {"toml": toml, "command": command, "recorded_command": cfg.record.get("command_line"),
-            "seed": cfg.settings.get("seed"), "precision": cfg.record.get("autocast"),
-            "environment": cfg.record.get("environment", {}), "versions_recorded": doc.get("versions", {}),
-            "versions_now": versions_now, "weights_sha256": cfg.weights_sha256,
-            "backbone_weights": {"source": bw.get("source"), "sha256": bw.get("sha256")},
-            "trust_sha256": sha256_file(run.trust_file) if run.trust_file.is_file() else None, "split": split}
+    return {
+        "toml": toml,
+        "command": command,
+        "recorded_command": cfg.record.get("command_line"),
+        "seed": cfg.settings.get("seed"),
+        "precision": cfg.record.get("autocast"),
+        "environment": cfg.record.get("environment", {}),
+        "versions_recorded": doc.get("versions", {}),
+        "versions_now": versions_now,
+        "weights_sha256": cfg.weights_sha256,
+        "backbone_weights": {"source": bw.get("source"), "sha256": bw.get("sha256")},
+        "trust_sha256": sha256_file(run.trust_file) if run.trust_file.is_file() else None,
+        "split": split,
+    }
 
 
 # ------------------------------------------------------------------------------------ the page
 
 
-def run_context(run_path: str | Path, data: str | Path | None = None, correct: int = 4, seed: int = 0,
-                work: Path | None = None) -> dict:
+def run_context(
+    run_path: str | Path, data: str | Path | None = None, correct: int = 4, seed: int = 0, work: Path | None = None
+) -> dict:
     """Everything the run template needs, for ``run_path``; ``work`` is a scratch folder."""
     run = RunDir.open(run_path)
     data_dir = resolve_data(run, data)
     task = run.config.task
     if task != "binary":  # the page's sections (probes, calibration, gallery) are the binary model's
-        raise ConfigError(f"{run.path}: `report` covers binary runs; for this {task} run see its metrics.json, "
-                          "predictions.csv and figures (`kneeosteo evaluate`)")
+        raise ConfigError(
+            f"{run.path}: `report` covers binary runs; for this {task} run see its metrics.json, "
+            "predictions.csv and figures (`kneeosteo evaluate`)"
+        )
     with tempfile.TemporaryDirectory(prefix="kneeosteo-report-") as tmp:
         work = Path(work or tmp)
         folder, note = scored_folder(run, data_dir, work)
@@ -306,8 +452,12 @@ def run_context(run_path: str | Path, data: str | Path | None = None, correct: i
             from kneeosteo.data.scan import scan_dataset
 
             settings = run.config.settings  # a run trained from a label manifest, or with merged classes
-            scan = scan_dataset(data_dir, positive=run.config.positive, labels=settings.get("labels"),
-                                merge=settings.get("merge") or None)
+            scan = scan_dataset(
+                data_dir,
+                positive=run.config.positive,
+                labels=settings.get("labels"),
+                merge=settings.get("merge") or None,
+            )
         sections = {
             "summary": summary_section(run, metrics, note),
             "data-flow": data_flow_section(run, scan),
@@ -320,16 +470,25 @@ def run_context(run_path: str | Path, data: str | Path | None = None, correct: i
         }
     available = {k for k, v in sections.items() if v is not None}
     sections["checklist"] = checklist_rows(available)
-    return {"kind": "run", "title": f"kneeosteo report: {run.model_id}", "sections": sections,
-            "toc": [(k, t) for k, t in SECTIONS], "missing_reason": _missing_reasons(data_dir, folder),
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "platform": platform.platform()}
+    return {
+        "kind": "run",
+        "title": f"kneeosteo report: {run.model_id}",
+        "sections": sections,
+        "toc": [(k, t) for k, t in SECTIONS],
+        "missing_reason": _missing_reasons(data_dir, folder),
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+    }
 
 
 def _missing_reasons(data: Path | None, folder: Path | None) -> dict:
     no_data = "the data folder is not here: pass --data DIR"
     no_scores = "the run has no test results and they cannot be computed here: pass --data DIR"
-    return {"data-flow": "the run folder has no split.json", "audit": no_data,
-            "performance": no_scores, "calibration": "the run has no trust files (`kneeosteo calibrate`)",
-            "probes": "the run's metrics have no shortcut probes (`kneeosteo evaluate RUN --probes`)",
-            "explanations": no_data if data is None else no_scores}
+    return {
+        "data-flow": "the run folder has no split.json",
+        "audit": no_data,
+        "performance": no_scores,
+        "calibration": "the run has no trust files (`kneeosteo calibrate`)",
+        "probes": "the run's metrics have no shortcut probes (`kneeosteo evaluate RUN --probes`)",
+        "explanations": no_data if data is None else no_scores,
+    }

@@ -25,8 +25,11 @@ __all__ = ["randomised_copy", "rank_correlation", "sanity_check", "trained_modul
 
 def trained_modules(model: nn.Module) -> list[nn.Module]:
     """Modules holding weights that training updates (those with ``requires_grad`` parameters)."""
-    return [m for m in model.modules()
-            if hasattr(m, "reset_parameters") and any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "reset_parameters") and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
 
 
 def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -62,8 +65,14 @@ def _summary(values: list[float]) -> dict:
     if not len(v):
         return {"n": 0, "median": None, "q1": None, "q3": None, "undefined": len(values)}
     q1, med, q3 = np.percentile(v, [25, 50, 75])
-    return {"n": int(len(v)), "median": float(med), "q1": float(q1), "q3": float(q3),
-            "share_below_0.5": float((np.abs(v) < 0.5).mean()), "undefined": len(values) - int(len(v))}
+    return {
+        "n": int(len(v)),
+        "median": float(med),
+        "q1": float(q1),
+        "q3": float(q3),
+        "share_below_0.5": float((np.abs(v) < 0.5).mean()),
+        "undefined": len(values) - int(len(v)),
+    }
 
 
 def sanity_check(explained: list[tuple[str, np.ndarray, object]], random_explainer) -> dict:
@@ -75,10 +84,15 @@ def sanity_check(explained: list[tuple[str, np.ndarray, object]], random_explain
     rows = []
     for name, pixels, a in explained:
         b = random_explainer.explain(pixels)
-        rows.append({"path": name,
-                     "gradcam_rho": rank_correlation(a.gradcam_raw, b.gradcam_raw),
-                     "attention_rho": rank_correlation(a.attention_raw, b.attention_raw)
-                     if a.attention_raw is not None else None})
+        rows.append(
+            {
+                "path": name,
+                "gradcam_rho": rank_correlation(a.gradcam_raw, b.gradcam_raw),
+                "attention_rho": rank_correlation(a.attention_raw, b.attention_raw)
+                if a.attention_raw is not None
+                else None,
+            }
+        )
     out = {"images": rows, "gradcam": _summary([r["gradcam_rho"] for r in rows])}
     if any(r["attention_rho"] is not None for r in rows):
         out["attention"] = _summary([r["attention_rho"] for r in rows if r["attention_rho"] is not None])
@@ -94,5 +108,7 @@ def verdict(summary: dict | None) -> str:
         return f"passes: median rho {med:.2f}, the maps depend on the trained weights"
     if abs(med) < 0.6:
         return f"weak: median rho {med:.2f}, the maps partly survive randomising the trained weights"
-    return (f"fails: median rho {med:.2f}, the maps barely change when the trained weights are random; "
-            "they show the input or the frozen backbone more than what the model learned")
+    return (
+        f"fails: median rho {med:.2f}, the maps barely change when the trained weights are random; "
+        "they show the input or the frozen backbone more than what the model learned"
+    )

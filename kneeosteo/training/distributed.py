@@ -25,8 +25,17 @@ from torch import nn
 
 from kneeosteo.errors import ConfigError, DataError, KneeosteoError
 
-__all__ = ["Dist", "context", "data_parallel", "is_main_process", "launch", "launch_if_asked", "relaunch_args",
-           "under_torchrun", "warm_cache"]
+__all__ = [
+    "Dist",
+    "context",
+    "data_parallel",
+    "is_main_process",
+    "launch",
+    "launch_if_asked",
+    "relaunch_args",
+    "under_torchrun",
+    "warm_cache",
+]
 
 TIMEOUT = datetime.timedelta(hours=2)  # ranks wait this long for each other (feature extraction)
 
@@ -102,7 +111,7 @@ def warm_cache(ctx: Dist, sets, prepare_parts) -> None:
         try:
             prepare_parts(shard, (part,))
         except DataError:  # this rank's shard is empty or unreadable; the full pass after the barrier
-            pass           # reports the files (or the empty partition) once, on every rank
+            pass  # reports the files (or the empty partition) once, on every rank
     ctx.barrier()
 
 
@@ -129,8 +138,14 @@ class GlobalBatchNorm(nn.BatchNorm1d):
     BatchNorm1d in eval mode or outside a sharded batch."""
 
     def __init__(self, bn: nn.BatchNorm1d, ctx: Dist):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device if bn.affine else None)
+        super().__init__(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            device=bn.weight.device if bn.affine else None,
+        )
         self.load_state_dict(bn.state_dict())
         self.ctx = ctx
 
@@ -179,7 +194,9 @@ def data_parallel(model: nn.Module, ctx: Dist, device: str) -> nn.Module:
     kw = {"device_ids": [ctx.local_rank]} if device == "cuda" else {}
     # buffers: the head's running statistics are computed identically on every rank, and the
     # frozen backbone's never change, so re-broadcasting them each step is wasted traffic
-    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    )
     return ddp(model, **{sync: False}, **kw)
 
 
@@ -210,8 +227,7 @@ def launch(args: list[str], devices: int, nodes: int = 1, master: str | None = N
     if nodes > 1:
         if not master:
             raise ConfigError("--nodes > 1 needs --master HOST:PORT (the same on every node)")
-        cmd += ["--nnodes", str(nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", master,
-                "--rdzv_id", "kneeosteo"]
+        cmd += ["--nnodes", str(nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", master, "--rdzv_id", "kneeosteo"]
     else:
         cmd += ["--standalone"]
     return subprocess.call(cmd + ["-m", "kneeosteo", *args])

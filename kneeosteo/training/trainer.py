@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shlex
 import sys
@@ -42,8 +41,8 @@ from kneeosteo.run import RunDir
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist
 from kneeosteo.utils.allocator import keep_freed_memory
-from kneeosteo.utils.compute_path import bf16_native, compute_path
 from kneeosteo.utils.atomic import atomic_path, ensure_writable, remove_temporaries, write_json, write_text
+from kneeosteo.utils.compute_path import bf16_native, compute_path
 from kneeosteo.utils.csvfile import write_csv
 from kneeosteo.utils.progress import progress_bar
 
@@ -97,8 +96,10 @@ def task_sets(sets: SplitSets, cfg: TrainConfig) -> SplitSets:
     if cfg.merge:
         sets = sets.merged(cfg.merge, cfg.positive if cfg.kind == "binary" else None)
     if cfg.kind == "binary" and len(sets.classes) != 2:
-        raise ConfigError(f"the split has {len(sets.classes)} classes ({', '.join(sets.classes)}): "
-                          "use --task multiclass, or --merge such as osteopenia=normal")
+        raise ConfigError(
+            f"the split has {len(sets.classes)} classes ({', '.join(sets.classes)}): "
+            "use --task multiclass, or --merge such as osteopenia=normal"
+        )
     if cfg.kind == "multiclass" and len(sets.classes) < 2:
         raise ConfigError(f"the split has one class ({', '.join(sets.classes)}): nothing to classify")
     return sets
@@ -134,9 +135,17 @@ class Batches:
         return x, feats, self.data.targets[idx].to(device)
 
 
-def run_epoch(model, batches: Batches, cfg: TrainConfig, device: str, amp, optimizer=None,
-              generator: torch.Generator | None = None, desc: str = "",
-              ctx: Dist | None = None) -> tuple[float, float, np.ndarray]:
+def run_epoch(
+    model,
+    batches: Batches,
+    cfg: TrainConfig,
+    device: str,
+    amp,
+    optimizer=None,
+    generator: torch.Generator | None = None,
+    desc: str = "",
+    ctx: Dist | None = None,
+) -> tuple[float, float, np.ndarray]:
     """One pass; trains when ``optimizer`` is given. Returns mean loss, accuracy, probabilities.
 
     With ``ctx.world > 1`` every rank draws the same permutation and trains on its slice of each
@@ -198,8 +207,11 @@ def _save_state(run: RunDir, model, optimizer, state: dict) -> None:
         for name, v in optimizer.state.get(p, {}).items():
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(v)
     with atomic_path(run.state_file) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"state": json.dumps(state)})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"state": json.dumps(state)},
+        )
     write_json(run.state_json, state)
 
 
@@ -236,25 +248,40 @@ def aug_params(cfg: TrainConfig) -> AugmentParams:
     return AugmentParams(cfg.copies, tuple(cfg.zoom), tuple(cfg.crop_fraction), cfg.rotation)
 
 
-def prepare_partitions(cfg: TrainConfig, data: Path, sets: SplitSets, backbone, backbone_id: str | None,
-                       prep: Preprocess, device: str, parts=("train", "val", "test"),
-                       ctx: Dist | None = None) -> dict[str, PreparedSet]:
+def prepare_partitions(
+    cfg: TrainConfig,
+    data: Path,
+    sets: SplitSets,
+    backbone,
+    backbone_id: str | None,
+    prep: Preprocess,
+    device: str,
+    parts=("train", "val", "test"),
+    ctx: Dist | None = None,
+) -> dict[str, PreparedSet]:
     """Partitions as tensors; under DDP each rank first computes its shard into the shared cache."""
     if ctx is not None and ctx.world > 1:
-        distributed.warm_cache(ctx, sets, lambda shard, ps: prepare_partitions(
-            cfg, data, shard, backbone, backbone_id, prep, device, ps))
+        distributed.warm_cache(
+            ctx, sets, lambda shard, ps: prepare_partitions(cfg, data, shard, backbone, backbone_id, prep, device, ps)
+        )
     cache = TensorCache(cache_dir() / "tensors")
     aug = aug_params(cfg)
     out = {}
     for part in parts:
         out[part] = prepare(
-            sets.items(part), data, prep, cache,
+            sets.items(part),
+            data,
+            prep,
+            cache,
             augment=aug if (part == "train" and cfg.augment == "offline") else None,
-            seed=cfg.seed, backbone=backbone, backbone_id=backbone_id, device=device, label=part,
+            seed=cfg.seed,
+            backbone=backbone,
+            backbone_id=backbone_id,
+            device=device,
+            label=part,
         )
     log.info("tensor cache: %d hits, %d misses", cache.hits, cache.misses)
     return out
-
 
 
 def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist, prep: Preprocess) -> SplitSets:
@@ -266,7 +293,11 @@ def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Di
         if cfg.split and not run.split_file.exists():
             write_text(run.split_file, Path(cfg.split).read_text())
     ctx.barrier()
-    return sets if ctx.is_main else task_sets(load_split(cfg.split or run.split_file, data, cfg.fold, target=cfg.target), cfg)
+    return (
+        sets
+        if ctx.is_main
+        else task_sets(load_split(cfg.split or run.split_file, data, cfg.fold, target=cfg.target), cfg)
+    )
 
 
 @dataclass
@@ -320,9 +351,16 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     set_seed(cfg.seed)
     # the model first: missing backbone weights fail in a second, before the data is scanned
     # (the split's own seeded generator is independent of the initialisation drawn here)
-    model, winfo = build_model(cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention,
-                               use_backbone=cfg.use_backbone, finetune=cfg.finetune, image_size=cfg.image_size,
-                               trainable_stages=cfg.trainable_stages, task=cfg.kind)
+    model, winfo = build_model(
+        cfg.backbone,
+        weights=cfg.backbone_weights,
+        attention=cfg.attention,
+        use_backbone=cfg.use_backbone,
+        finetune=cfg.finetune,
+        image_size=cfg.image_size,
+        trainable_stages=cfg.trainable_stages,
+        task=cfg.kind,
+    )
     model.to(device)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
@@ -334,13 +372,15 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
             y = np.array([v for _, v in sets.items("train")], dtype=np.float64)
             shift, scale = float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
         torch.manual_seed(cfg.seed)
-        model.head = ClassifierHead(model.head.in_features, model.head.hidden, model.head.dropout, outputs,
-                                    round(shift, 6), round(scale, 6)).to(device)
+        model.head = ClassifierHead(
+            model.head.in_features, model.head.hidden, model.head.dropout, outputs, round(shift, 6), round(scale, 6)
+        ).to(device)
     cache_backbone = cfg.use_backbone and not cfg.finetune
     backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
-    parts = prepare_partitions(cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep,
-                               device, ctx=ctx)
+    parts = prepare_partitions(
+        cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep, device, ctx=ctx
+    )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     record = {
@@ -358,8 +398,9 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     weights = None
     if cfg.reweight == "metadata":
         weights, record["reweight"] = _metadata_weights(data, parts["train"], cfg.seed)
-    return _Setup(run, data, device, amp, ctx, sets, model, prep, parts, {**cfg.to_dict(), "data": str(data)}, record,
-                  weights)
+    return _Setup(
+        run, data, device, amp, ctx, sets, model, prep, parts, {**cfg.to_dict(), "data": str(data)}, record, weights
+    )
 
 
 def _metadata_weights(data: Path, train: PreparedSet, seed: int) -> tuple[torch.Tensor, dict]:
@@ -371,15 +412,26 @@ def _metadata_weights(data: Path, train: PreparedSet, seed: int) -> tuple[torch.
     w = metadata_weights(metas, [target[p] for p in paths], seed=seed)
     by_path = dict(zip(paths, w))
     rows = torch.tensor([by_path[p] for p in train.paths], dtype=torch.float32)
-    summary = {"method": "1 / P(own label | file metadata), out-of-fold forest, clipped at 10, mean 1",
-               "min": round(float(w.min()), 4), "max": round(float(w.max()), 4),
-               "share_above_2": round(float((w > 2).mean()), 4)}
+    summary = {
+        "method": "1 / P(own label | file metadata), out-of-fold forest, clipped at 10, mean 1",
+        "min": round(float(w.min()), 4),
+        "max": round(float(w.max()), 4),
+        "share_above_2": round(float((w > 2).mean()), 4),
+    }
     return rows, summary
 
 
 def _save_model(s: _Setup, cfg: TrainConfig) -> None:
-    s.run.save_model(s.model, s.prep, run_classes(s.sets, cfg.kind), cfg.threshold, s.settings, s.record,
-                     task=cfg.kind, target=cfg.target)
+    s.run.save_model(
+        s.model,
+        s.prep,
+        run_classes(s.sets, cfg.kind),
+        cfg.threshold,
+        s.settings,
+        s.record,
+        task=cfg.kind,
+        target=cfg.target,
+    )
 
 
 def run_classes(sets: SplitSets, kind: str) -> tuple[str, ...]:
@@ -395,8 +447,10 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     ``lr * backbone_lr_scale`` (discriminative learning rates). Empty groups are left out."""
     backbone = {id(p) for p in model.backbone.parameters()} if getattr(model, "backbone", None) is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in backbone]},
-              {"params": [p for p in trainable if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale}]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in backbone]},
+        {"params": [p for p in trainable if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -409,8 +463,10 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
         state = _load_state(s.run, s.model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
     online = aug_params(cfg) if cfg.augment == "online" else None
-    batches = {k: Batches(v, s.prep, online if k == "train" else None, cfg.source_augment and k == "train")
-               for k, v in s.parts.items()}
+    batches = {
+        k: Batches(v, s.prep, online if k == "train" else None, cfg.source_augment and k == "train")
+        for k, v in s.parts.items()
+    }
     batches["train"].weights = s.weights
     sharded = {"ctx": s.ctx} if s.ctx.world > 1 else {}
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
@@ -418,12 +474,23 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
         t = time.perf_counter()
-        tl, ta, _ = run_epoch(net, batches["train"], cfg, s.device, s.amp, optimizer, gen, f"epoch {epoch} train", **sharded)
+        tl, ta, _ = run_epoch(
+            net, batches["train"], cfg, s.device, s.amp, optimizer, gen, f"epoch {epoch} train", **sharded
+        )
         vl, va, _ = run_epoch(s.model, batches["val"], cfg, s.device, s.amp, desc=f"epoch {epoch} val")
-        row = {"epoch": epoch, "train_loss": round(tl, 6), "train_accuracy": round(ta, 6), "val_loss": round(vl, 6),
-               "val_accuracy": round(va, 6), "lr": cfg.lr, "seconds": round(time.perf_counter() - t, 2)}
+        row = {
+            "epoch": epoch,
+            "train_loss": round(tl, 6),
+            "train_accuracy": round(ta, 6),
+            "val_loss": round(vl, 6),
+            "val_accuracy": round(va, 6),
+            "lr": cfg.lr,
+            "seconds": round(time.perf_counter() - t, 2),
+        }
         state["history"].append(row)
-        console(f"epoch {epoch:3d}  train loss {tl:.4f} acc {ta:.3f}  val loss {vl:.4f} acc {va:.3f}  ({row['seconds']:.1f}s)")
+        console(
+            f"epoch {epoch:3d}  train loss {tl:.4f} acc {ta:.3f}  val loss {vl:.4f} acc {va:.3f}  ({row['seconds']:.1f}s)"
+        )
         improved = vl < state["best_val_loss"] - 1e-6
         if improved:
             state.update(best_val_loss=vl, best_epoch=epoch, bad_epochs=0)
@@ -452,8 +519,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=print) -> TrainResult:
         s.run.update_record(best_epoch=state["best_epoch"], epochs_run=state["epoch"])
         console(f"best epoch {state['best_epoch']} (val loss {state['best_val_loss']:.4f}); scoring the test set")
     best = s.run.load_model(s.device) if s.ctx.is_main else s.model
-    return TrainResult(s.run, best, s.parts["test"], s.parts["train"].originals(), s.sets, state["history"], s.device,
-                       s.ctx)
+    return TrainResult(
+        s.run, best, s.parts["test"], s.parts["train"].originals(), s.sets, state["history"], s.device, s.ctx
+    )
 
 
 def _silent(*_args, **_kw) -> None:

@@ -64,8 +64,9 @@ class TrustBundle:
             return self.shift
         s, y = self.conformal.calibration_scores, self.conformal.calibration_labels
         p = None if s is None else np.where(y == 1, 1.0 - s, s)
-        return ShiftReference(None, p, {"probability_source": "calibration images (from the conformal scores)",
-                                        "domain_source": None})
+        return ShiftReference(
+            None, p, {"probability_source": "calibration images (from the conformal scores)", "domain_source": None}
+        )
 
     # -- use ------------------------------------------------------------------------------------
     def predict(self, logit: float, features=None, pixels=None, pixel_reasons=None, mirrored=None) -> TrustedPrediction:
@@ -73,20 +74,32 @@ class TrustBundle:
         process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`' check found);
         ``mirrored``: the features of the image mirrored top to bottom (the orientation check)."""
         if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
-            reasons = list(pixel_reasons) if pixel_reasons is not None else (
-                [] if pixels is None else pixel_problems(pixels))
+            reasons = (
+                list(pixel_reasons) if pixel_reasons is not None else ([] if pixels is None else pixel_problems(pixels))
+            )
             ok, score, dthr = not reasons, float("nan"), float("nan")
         else:
             if features is None:
                 raise DataError("this run's domain check needs the image's backbone features")
-            verdict = self.domain.assess(np.asarray(features, dtype=np.float64)[None, :], pixels,
-                                         pixel_reasons=pixel_reasons,
-                                         mirrored=None if mirrored is None else np.asarray(mirrored, dtype=np.float64)[None, :])
+            verdict = self.domain.assess(
+                np.asarray(features, dtype=np.float64)[None, :],
+                pixels,
+                pixel_reasons=pixel_reasons,
+                mirrored=None if mirrored is None else np.asarray(mirrored, dtype=np.float64)[None, :],
+            )
             score, dthr, ok, reasons = verdict.score, verdict.threshold, verdict.ok, verdict.reasons
-        return trusted_prediction(logit, calibrator=self.calibrator, threshold=self.threshold,
-                                  conformal=self.conformal, domain_score=score, domain_threshold=dthr,
-                                  in_domain=ok, class_names=self.classes, domain_reasons=tuple(reasons),
-                                  no_signal=self.no_signal)
+        return trusted_prediction(
+            logit,
+            calibrator=self.calibrator,
+            threshold=self.threshold,
+            conformal=self.conformal,
+            domain_score=score,
+            domain_threshold=dthr,
+            in_domain=ok,
+            class_names=self.classes,
+            domain_reasons=tuple(reasons),
+            no_signal=self.no_signal,
+        )
 
     @property
     def pixel_limits(self) -> PixelLimits:
@@ -101,10 +114,16 @@ class TrustBundle:
         """``(tensors, meta)``: arrays prefixed ``conformal.`` / ``domain.``; JSON for the rest."""
         ct, cm = self.conformal.to_state()
         tensors = {f"conformal.{k}": np.asarray(v, dtype=np.float64) for k, v in ct.items()}
-        meta = {"format": TRUST_FORMAT, "classes": list(self.classes),
-                "calibration": self.calibrator.to_dict(), "threshold": float(self.threshold),
-                "operating_point": self.operating_point, "conformal": cm, "domain": None,
-                "fitted": self.fitted}
+        meta = {
+            "format": TRUST_FORMAT,
+            "classes": list(self.classes),
+            "calibration": self.calibrator.to_dict(),
+            "threshold": float(self.threshold),
+            "operating_point": self.operating_point,
+            "conformal": cm,
+            "domain": None,
+            "fitted": self.fitted,
+        }
         if self.domain is not None:
             dt, dm = self.domain.to_state()
             tensors.update({f"domain.{k}": v for k, v in dt.items()})
@@ -118,11 +137,11 @@ class TrustBundle:
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> "TrustBundle":
+    def from_state(cls, tensors: dict, meta: dict) -> TrustBundle:
         """Inverse of :meth:`to_state`; KeyError/ValueError/TypeError/DataError on a bad state."""
         if meta.get("format") != TRUST_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {TRUST_FORMAT}")
-        part = lambda p: {k[len(p):]: np.asarray(v) for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+        part = lambda p: {k[len(p) :]: np.asarray(v) for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
         threshold = float(meta["threshold"])
         if not (np.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold {threshold} out of [0, 1]")
@@ -139,21 +158,38 @@ class TrustBundle:
         site = meta.get("site_check")
         if site is not None and not isinstance(site, dict):
             raise ValueError("site_check must be a JSON object")
-        return cls(calibrator_from_dict(meta["calibration"]), threshold, str(meta["operating_point"]),
-                   conformal, domain, classes, dict(meta.get("fitted") or {}), shift, site)
+        return cls(
+            calibrator_from_dict(meta["calibration"]),
+            threshold,
+            str(meta["operating_point"]),
+            conformal,
+            domain,
+            classes,
+            dict(meta.get("fitted") or {}),
+            shift,
+            site,
+        )
 
     def summary(self) -> dict:
         """What the interfaces show about the bundle (API /api/model, evaluate)."""
-        return {"calibration": self.calibrator.to_dict(), "threshold": self.threshold,
-                "operating_point": self.operating_point, "coverage": self.conformal.coverage,
-                "domain_threshold": None if self.domain is None else self.domain.threshold,
-                "domain_method": None if self.domain is None else self.domain.method,
-                "class_conditional": self.conformal.class_conditional,
-                "shift_reference": None if self.shift is None else {
-                    "domain_scores": None if self.shift.domain_scores is None else int(self.shift.domain_scores.size),
-                    "probabilities": None if self.shift.probabilities is None else int(self.shift.probabilities.size),
-                    **self.shift.source},
-                "site_check": self.site_check, "fitted": self.fitted}
+        return {
+            "calibration": self.calibrator.to_dict(),
+            "threshold": self.threshold,
+            "operating_point": self.operating_point,
+            "coverage": self.conformal.coverage,
+            "domain_threshold": None if self.domain is None else self.domain.threshold,
+            "domain_method": None if self.domain is None else self.domain.method,
+            "class_conditional": self.conformal.class_conditional,
+            "shift_reference": None
+            if self.shift is None
+            else {
+                "domain_scores": None if self.shift.domain_scores is None else int(self.shift.domain_scores.size),
+                "probabilities": None if self.shift.probabilities is None else int(self.shift.probabilities.size),
+                **self.shift.source,
+            },
+            "site_check": self.site_check,
+            "fitted": self.fitted,
+        }
 
 
 def untrusted_prediction(logit: float, threshold: float, classes: tuple[str, str]) -> TrustedPrediction:
@@ -162,6 +198,15 @@ def untrusted_prediction(logit: float, threshold: float, classes: tuple[str, str
     if not np.isfinite(raw):
         raise DataError("the model's logit is not finite")
     label = classes[1] if raw >= threshold else classes[0]
-    return TrustedPrediction("ok", raw, raw, label, (label,), float("nan"), float("nan"), calibrated=False,
-                             status_reason="uncalibrated: this run has no trust files (no domain check, no "
-                                           "prediction set; add them with `kneeosteo calibrate`)")
+    return TrustedPrediction(
+        "ok",
+        raw,
+        raw,
+        label,
+        (label,),
+        float("nan"),
+        float("nan"),
+        calibrated=False,
+        status_reason="uncalibrated: this run has no trust files (no domain check, no "
+        "prediction set; add them with `kneeosteo calibrate`)",
+    )

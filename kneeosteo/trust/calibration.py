@@ -20,7 +20,16 @@ from scipy.special import expit, log_expit
 from kneeosteo.errors import ConfigError
 from kneeosteo.utils.arrays import as_scores_and_labels, as_values
 
-__all__ = ["DEGENERATE_TEMPERATURE", "MIN_TEMPERATURE_IMAGES", "PlattScaler", "TemperatureScaler", "calibrator_from_dict", "fit_calibrator", "logit", "sigmoid"]
+__all__ = [
+    "DEGENERATE_TEMPERATURE",
+    "MIN_TEMPERATURE_IMAGES",
+    "PlattScaler",
+    "TemperatureScaler",
+    "calibrator_from_dict",
+    "fit_calibrator",
+    "logit",
+    "sigmoid",
+]
 
 _EPS = 1e-12
 # Fitting a temperature on too few held-out images, or on logits it can separate perfectly (the
@@ -61,8 +70,9 @@ class TemperatureScaler:
         from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
 
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
-        res = minimize_scalar(lambda lt: _nll(z / np.exp(lt), yy), bounds=self._LOG_T_BOUNDS,
-                              method="bounded", options={"xatol": 1e-6})
+        res = minimize_scalar(
+            lambda lt: _nll(z / np.exp(lt), yy), bounds=self._LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6}
+        )
         self.temperature = float(np.exp(res.x))
         return self.temperature
 
@@ -74,10 +84,12 @@ class TemperatureScaler:
         return {"method": self.method, "temperature": self.temperature}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TemperatureScaler":
+    def from_dict(cls, d: dict) -> TemperatureScaler:
         t = float(d["temperature"])
         if not DEGENERATE_TEMPERATURE[0] <= t <= DEGENERATE_TEMPERATURE[1]:  # no fit keeps such a value
-            raise ConfigError(f"temperature {t!r} out of [{DEGENERATE_TEMPERATURE[0]:g}, {DEGENERATE_TEMPERATURE[1]:g}]")
+            raise ConfigError(
+                f"temperature {t!r} out of [{DEGENERATE_TEMPERATURE[0]:g}, {DEGENERATE_TEMPERATURE[1]:g}]"
+            )
         return cls(t)
 
     def __repr__(self) -> str:
@@ -108,7 +120,7 @@ class PlattScaler:
         return {"method": self.method, "a": self.a, "b": self.b}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PlattScaler":
+    def from_dict(cls, d: dict) -> PlattScaler:
         a, b = float(d["a"]), float(d["b"])
         if not (np.isfinite(a) and np.isfinite(b)):
             raise ConfigError(f"Platt coefficients a={a!r}, b={b!r} are not finite")

@@ -58,9 +58,13 @@ class ReliabilityDiagram:
 
     def to_dict(self) -> dict:
         nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
-        return {"centres": self.centres.tolist(), "edges": self.edges.tolist(),
-                "mean_predicted": nan_to_none(self.mean_predicted), "observed": nan_to_none(self.observed),
-                "counts": self.counts.astype(int).tolist()}
+        return {
+            "centres": self.centres.tolist(),
+            "edges": self.edges.tolist(),
+            "mean_predicted": nan_to_none(self.mean_predicted),
+            "observed": nan_to_none(self.observed),
+            "counts": self.counts.astype(int).tolist(),
+        }
 
 
 def reliability_diagram(probabilities, y, n_bins: int = 10) -> ReliabilityDiagram:
@@ -88,8 +92,9 @@ def expected_calibration_error(probabilities, y, n_bins: int = 10) -> float:
     return _ece(p, yy.astype(np.float64), n_bins)
 
 
-def expected_calibration_error_interval(probabilities, y, n_bins: int = 10, n_boot: int = 1000,
-                                        level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def expected_calibration_error_interval(
+    probabilities, y, n_bins: int = 10, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """``(ece, low, high)``: the ECE and a stratified bootstrap percentile interval at ``level``."""
     p, yy = as_scores_and_labels(probabilities, y, name="probabilities")
     check_probabilities(p, "probabilities")

@@ -58,8 +58,9 @@ def _crepes_quantile(cal_alphas: np.ndarray, coverage: float) -> float:
 class ConformalClassifier:
     """Split-conformal sets at ``coverage`` for calibrated positive-class probabilities."""
 
-    def __init__(self, coverage: float = 0.9, class_conditional: bool = False,
-                 class_names: tuple[str, str] = CLASS_NAMES):
+    def __init__(
+        self, coverage: float = 0.9, class_conditional: bool = False, class_names: tuple[str, str] = CLASS_NAMES
+    ):
         self.coverage = _check_coverage(coverage)
         self.class_conditional = bool(class_conditional)
         self.class_names = tuple(class_names)
@@ -67,10 +68,11 @@ class ConformalClassifier:
         self.calibration_scores: np.ndarray | None = None  # true-class scores, for p-values
         self.calibration_labels: np.ndarray | None = None
 
-    def fit(self, probabilities, y) -> "ConformalClassifier":
+    def fit(self, probabilities, y) -> ConformalClassifier:
         """Calibrate on held-out probabilities and 0/1 labels."""
-        p, yy = as_scores_and_labels(probabilities, y, both_classes=self.class_conditional,
-                                     name="conformal calibration probabilities")
+        p, yy = as_scores_and_labels(
+            probabilities, y, both_classes=self.class_conditional, name="conformal calibration probabilities"
+        )
         alphas = nonconformity(p)[np.arange(p.size), yy]
         if self.class_conditional:
             q = [_crepes_quantile(alphas[yy == c], self.coverage) for c in (0, 1)]
@@ -108,14 +110,21 @@ class ConformalClassifier:
     def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
         """``(tensors, meta)``: arrays for safetensors, plain JSON for the rest."""
         self._fitted()
-        tensors = {"quantiles": self.quantiles.copy(), "calibration_scores": self.calibration_scores.copy(),
-                   "calibration_labels": self.calibration_labels.copy()}
-        meta = {"coverage": self.coverage, "class_conditional": self.class_conditional,
-                "class_names": list(self.class_names), "n_calibration": int(self.calibration_scores.size)}
+        tensors = {
+            "quantiles": self.quantiles.copy(),
+            "calibration_scores": self.calibration_scores.copy(),
+            "calibration_labels": self.calibration_labels.copy(),
+        }
+        meta = {
+            "coverage": self.coverage,
+            "class_conditional": self.class_conditional,
+            "class_names": list(self.class_names),
+            "n_calibration": int(self.calibration_scores.size),
+        }
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> "ConformalClassifier":
+    def from_state(cls, tensors: dict, meta: dict) -> ConformalClassifier:
         cc = cls(meta["coverage"], meta["class_conditional"], tuple(meta["class_names"]))
         cc.quantiles = np.asarray(tensors["quantiles"], dtype=np.float64)
         cc.calibration_scores = np.asarray(tensors["calibration_scores"], dtype=np.float64)

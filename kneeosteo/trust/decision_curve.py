@@ -52,9 +52,13 @@ class DecisionCurve:
     prevalence: float
 
     def to_dict(self) -> dict:
-        return {"thresholds": self.thresholds.tolist(), "model": self.model.tolist(),
-                "treat_all": self.treat_all.tolist(), "treat_none": self.treat_none.tolist(),
-                "prevalence": self.prevalence}
+        return {
+            "thresholds": self.thresholds.tolist(),
+            "model": self.model.tolist(),
+            "treat_all": self.treat_all.tolist(),
+            "treat_none": self.treat_none.tolist(),
+            "prevalence": self.prevalence,
+        }
 
 
 def decision_curve(probabilities, y, thresholds=None) -> DecisionCurve:
@@ -65,5 +69,6 @@ def decision_curve(probabilities, y, thresholds=None) -> DecisionCurve:
     pt = _check_thresholds(thresholds)
     p, yy = as_scores_and_labels(probabilities, y, both_classes=False, name="probabilities")
     prevalence = float(yy.mean())
-    return DecisionCurve(pt, net_benefit(p, yy, pt), treat_all_net_benefit(prevalence, pt),
-                         np.zeros_like(pt), prevalence)
+    return DecisionCurve(
+        pt, net_benefit(p, yy, pt), treat_all_net_benefit(prevalence, pt), np.zeros_like(pt), prevalence
+    )

@@ -39,8 +39,17 @@ from kneeosteo.errors import ConfigError, DataError
 if TYPE_CHECKING:  # scikit-learn and SciPy are imported where a check is fitted, not on predict's path
     from sklearn.neighbors import NearestNeighbors
 
-__all__ = ["MAX_DOMAIN_THRESHOLD", "METHODS", "MIN_DOMAIN_IMAGES", "DomainCheck", "DomainVerdict", "PixelLimits",
-           "bone_columns", "noise_level", "pixel_problems"]
+__all__ = [
+    "MAX_DOMAIN_THRESHOLD",
+    "METHODS",
+    "MIN_DOMAIN_IMAGES",
+    "DomainCheck",
+    "DomainVerdict",
+    "PixelLimits",
+    "bone_columns",
+    "noise_level",
+    "pixel_problems",
+]
 
 METHODS = ("mahalanobis", "knn")
 
@@ -98,7 +107,7 @@ def bone_columns(pixels: np.ndarray) -> int:
     gap = max(1, int(0.03 * m.shape[1]))
     most = 0
     for lo, hi in ((0.05, 0.3), (0.7, 0.95)):
-        band = m[top + int(lo * (bottom - top)): top + int(hi * (bottom - top)) + 1]
+        band = m[top + int(lo * (bottom - top)) : top + int(hi * (bottom - top)) + 1]
         idx = np.nonzero(band.mean(axis=0) > 0.5)[0]
         most = max(most, 0 if idx.size == 0 else 1 + int(np.sum(np.diff(idx) > gap)))
     return most
@@ -119,8 +128,9 @@ def pixel_problems(pixels=None, rgb=None, limits: PixelLimits = PixelLimits()) -
         if float(g.std()) < limits.min_std:
             problems.append(f"blank or uniform image (grey-level spread {g.std():.3f} < {limits.min_std})")
         else:
-            levels = int(np.count_nonzero(np.bincount(np.clip(np.rint(g * 255), 0, 255).astype(np.uint8).ravel(),
-                                                      minlength=256)))
+            levels = int(
+                np.count_nonzero(np.bincount(np.clip(np.rint(g * 255), 0, 255).astype(np.uint8).ravel(), minlength=256))
+            )
             if levels < limits.min_grey_levels:
                 problems.append(f"too few grey levels ({levels} < {limits.min_grey_levels})")
         h, w = g.shape
@@ -192,8 +202,13 @@ class DomainVerdict:
 
 
 class DomainCheck:
-    def __init__(self, method: str = "mahalanobis", acceptance: float = 0.95, k: int = 5,
-                 pixel_limits: PixelLimits = PixelLimits()):
+    def __init__(
+        self,
+        method: str = "mahalanobis",
+        acceptance: float = 0.95,
+        k: int = 5,
+        pixel_limits: PixelLimits = PixelLimits(),
+    ):
         if method not in METHODS:
             raise ConfigError(f"domain-check method {method!r} is not one of: {', '.join(METHODS)}")
         if not 0 < acceptance < 1:
@@ -246,7 +261,7 @@ class DomainCheck:
         nn = nn or _nearest_neighbours(self.k, arrays["reference"])
         return nn.kneighbors(z, n_neighbors=self.k)[0].mean(axis=1)
 
-    def fit(self, features, heldout_features=None, folds: int = 5, seed: int = 0) -> "DomainCheck":
+    def fit(self, features, heldout_features=None, folds: int = 5, seed: int = 0) -> DomainCheck:
         """Fit on in-domain ``features``; set the threshold on ``heldout_features`` if given,
         else on out-of-fold distances of ``features`` (``folds``-fold, shuffled by ``seed``)."""
         x = self._features(features)
@@ -254,8 +269,10 @@ class DomainCheck:
             scores = self._distance(self._fit_arrays(x), self._features(heldout_features, "held-out features"))
         else:
             if x.shape[0] < 2 * folds:
-                raise DataError(f"domain check: {x.shape[0]} in-domain images are too few for "
-                                f"{folds}-fold threshold setting; give held-out features")
+                raise DataError(
+                    f"domain check: {x.shape[0]} in-domain images are too few for "
+                    f"{folds}-fold threshold setting; give held-out features"
+                )
             from sklearn.model_selection import KFold
 
             scores = np.empty(x.shape[0])
@@ -308,8 +325,11 @@ class DomainCheck:
         elif mirrored is not None:
             flipped = float(self.distance(self._features(mirrored, "mirrored features"))[0])
             if not flipped >= score:
-                reasons.insert(0, f"upside down or mirrored top to bottom (its mirror image is closer to the "
-                                  f"training images: distance {flipped:.3g} < {score:.3g})")
+                reasons.insert(
+                    0,
+                    f"upside down or mirrored top to bottom (its mirror image is closer to the "
+                    f"training images: distance {flipped:.3g} < {score:.3g})",
+                )
         return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))
 
     def score(self, features, pixels=None, rgb=None) -> tuple[float, bool]:
@@ -322,12 +342,18 @@ class DomainCheck:
         """``(tensors, meta)``: float64 arrays for safetensors and a JSON-able dict."""
         if self.threshold is None:
             raise DataError("the domain check has not been fitted (call fit first)")
-        meta = {"method": self.method, "acceptance": self.acceptance, "k": self.k, "threshold": self.threshold,
-                "n_features": int(self._arrays["mean"].size), "pixel_limits": asdict(self.pixel_limits)}
+        meta = {
+            "method": self.method,
+            "acceptance": self.acceptance,
+            "k": self.k,
+            "threshold": self.threshold,
+            "n_features": int(self._arrays["mean"].size),
+            "pixel_limits": asdict(self.pixel_limits),
+        }
         return {k: v.copy() for k, v in self._arrays.items()}, meta
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> "DomainCheck":
+    def from_state(cls, tensors: dict, meta: dict) -> DomainCheck:
         dc = cls(meta["method"], meta["acceptance"], meta["k"], PixelLimits(**meta.get("pixel_limits", {})))
         if dc.method == "knn":
             needed = ("mean", "scale", "reference")

@@ -80,7 +80,7 @@ class ConformalSetsK:
         self.quantiles: np.ndarray | None = None  # (K,), equal unless class-conditional
         self.n_calibration = 0
 
-    def fit(self, probs, y) -> "ConformalSetsK":
+    def fit(self, probs, y) -> ConformalSetsK:
         """Calibrate on held-out (n, K) probabilities and class indices in [0, K).
 
         A class with no calibration images (class-conditional only) gets quantile ``+inf``: it
@@ -109,12 +109,16 @@ class ConformalSetsK:
     def to_dict(self) -> dict:
         if self.quantiles is None:
             raise DataError("the conformal sets have not been calibrated (call fit first)")
-        return {"method": "split_conformal_sets_k", "coverage": self.coverage,
-                "class_conditional": self.class_conditional, "quantiles": [float(q) for q in self.quantiles],
-                "n_calibration": self.n_calibration}
+        return {
+            "method": "split_conformal_sets_k",
+            "coverage": self.coverage,
+            "class_conditional": self.class_conditional,
+            "quantiles": [float(q) for q in self.quantiles],
+            "n_calibration": self.n_calibration,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConformalSetsK":
+    def from_dict(cls, d: dict) -> ConformalSetsK:
         cs = cls(float(d["coverage"]), bool(d["class_conditional"]))
         cs.quantiles = np.asarray(d["quantiles"], dtype=np.float64)
         if cs.quantiles.ndim != 1 or cs.quantiles.size < 2:
@@ -131,7 +135,7 @@ class ConformalInterval:
         self.half_width: float | None = None
         self.n_calibration = 0
 
-    def fit(self, y_true, y_pred, coverage: float | None = None) -> "ConformalInterval":
+    def fit(self, y_true, y_pred, coverage: float | None = None) -> ConformalInterval:
         """Calibrate on held-out true values and the model's predictions of them; ``coverage``
         (if given) replaces the one set at construction."""
         from crepes import ConformalRegressor as _CrepesRegressor  # fitting only: not on predict's path
@@ -158,11 +162,15 @@ class ConformalInterval:
     def to_dict(self) -> dict:
         if self.half_width is None:
             raise DataError("the conformal interval has not been calibrated (call fit first)")
-        return {"method": "split_conformal_interval", "coverage": self.coverage,
-                "half_width": self.half_width, "n_calibration": self.n_calibration}
+        return {
+            "method": "split_conformal_interval",
+            "coverage": self.coverage,
+            "half_width": self.half_width,
+            "n_calibration": self.n_calibration,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConformalInterval":
+    def from_dict(cls, d: dict) -> ConformalInterval:
         ci = cls(float(d["coverage"]))
         ci.half_width = float(d["half_width"])
         if not ci.half_width >= 0:

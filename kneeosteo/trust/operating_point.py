@@ -70,12 +70,16 @@ def parse_operating_point(text) -> OperatingPoint:
     if m:
         value = _number(m.group(2), original)
         if not 0 < value <= 1:
-            raise ConfigError(f"operating point {original!r}: the {m.group(1)} target must lie in (0, 1]; "
-                              f"allowed forms: {ALLOWED_FORMS}")
+            raise ConfigError(
+                f"operating point {original!r}: the {m.group(1)} target must lie in (0, 1]; "
+                f"allowed forms: {ALLOWED_FORMS}"
+            )
         return OperatingPoint(m.group(1), value)
     value = _number(s, original)
     if not 0 < value < 1:
-        raise ConfigError(f"operating point {original!r}: a threshold must lie in (0, 1); allowed forms: {ALLOWED_FORMS}")
+        raise ConfigError(
+            f"operating point {original!r}: a threshold must lie in (0, 1); allowed forms: {ALLOWED_FORMS}"
+        )
     return OperatingPoint("fixed", value)
 
 

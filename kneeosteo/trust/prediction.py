@@ -63,11 +63,17 @@ class TrustedPrediction:
     def to_dict(self) -> dict:
         """JSON-ready: ``prediction_set`` as a list, a missing domain score as None; the task
         fields only where the run has them."""
-        out = {"status": self.status, "probability": _or_none(self.probability),
-               "raw_probability": _or_none(self.raw_probability),
-               "label": self.label, "prediction_set": list(self.prediction_set),
-               "domain_score": _or_none(self.domain_score), "domain_threshold": _or_none(self.domain_threshold),
-               "calibrated": self.calibrated, "status_reason": self.status_reason}
+        out = {
+            "status": self.status,
+            "probability": _or_none(self.probability),
+            "raw_probability": _or_none(self.raw_probability),
+            "label": self.label,
+            "prediction_set": list(self.prediction_set),
+            "domain_score": _or_none(self.domain_score),
+            "domain_threshold": _or_none(self.domain_threshold),
+            "calibrated": self.calibrated,
+            "status_reason": self.status_reason,
+        }
         if self.probabilities:
             out["probabilities"] = dict(self.probabilities)
         if np.isfinite(self.value):
@@ -94,10 +100,19 @@ def set_reason(pset: tuple[str, ...], label: str, coverage: float) -> str:
     return f"both classes in the {coverage:.0%} prediction set"
 
 
-def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal, domain_score: float,
-                       domain_threshold: float, in_domain: bool,
-                       class_names: tuple[str, str] = CLASS_NAMES, domain_reasons: tuple[str, ...] = (),
-                       no_signal: str = "") -> TrustedPrediction:
+def trusted_prediction(
+    logit: float,
+    *,
+    calibrator,
+    threshold: float,
+    conformal,
+    domain_score: float,
+    domain_threshold: float,
+    in_domain: bool,
+    class_names: tuple[str, str] = CLASS_NAMES,
+    domain_reasons: tuple[str, ...] = (),
+    no_signal: str = "",
+) -> TrustedPrediction:
     """Combine one image's raw ``logit`` with the fitted pieces.
 
     ``calibrator``: a fitted :class:`~.calibration.TemperatureScaler` or ``PlattScaler``;
@@ -124,5 +139,6 @@ def trusted_prediction(logit: float, *, calibrator, threshold: float, conformal,
         reason = set_reason(tuple(pset), label, conformal.coverage)
         if no_signal:
             status, reason = "uncertain", no_signal
-    return TrustedPrediction(status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold),
-                             status_reason=reason)
+    return TrustedPrediction(
+        status, prob, raw, label, tuple(pset), float(domain_score), float(domain_threshold), status_reason=reason
+    )

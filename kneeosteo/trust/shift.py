@@ -54,19 +54,31 @@ def _ks(x: np.ndarray, y: np.ndarray, axis: int = -1, one_sided: bool = False) -
     sorted_values = np.take_along_axis(values, order, axis=-1)
     gap = np.cumsum(np.take_along_axis(weights, order, axis=-1), axis=-1)
     # only where the value changes: tied values enter the distribution functions together
-    last = np.concatenate([sorted_values[..., 1:] != sorted_values[..., :-1],
-                           np.ones(sorted_values.shape[:-1] + (1,), dtype=bool)], axis=-1)
+    last = np.concatenate(
+        [sorted_values[..., 1:] != sorted_values[..., :-1], np.ones(sorted_values.shape[:-1] + (1,), dtype=bool)],
+        axis=-1,
+    )
     gap = np.where(last, gap, 0.0)
     return gap.max(axis=-1) if one_sided else np.abs(gap).max(axis=-1)
 
 
 def _test(batch: np.ndarray, reference: np.ndarray, one_sided: bool) -> dict:
-    res = permutation_test((batch, reference), lambda a, b, axis=-1: _ks(a, b, axis, one_sided),
-                           permutation_type="independent", vectorized=True, n_resamples=PERMUTATIONS,
-                           alternative="greater", random_state=_SEED)
-    return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n": int(batch.size),
-            "n_reference": int(reference.size), "alternative": "further from the training images" if one_sided
-            else "different (either way)"}
+    res = permutation_test(
+        (batch, reference),
+        lambda a, b, axis=-1: _ks(a, b, axis, one_sided),
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=PERMUTATIONS,
+        alternative="greater",
+        random_state=_SEED,
+    )
+    return {
+        "statistic": float(res.statistic),
+        "p_value": float(res.pvalue),
+        "n": int(batch.size),
+        "n_reference": int(reference.size),
+        "alternative": "further from the training images" if one_sided else "different (either way)",
+    }
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ class ShiftReference:
         return tensors, dict(self.source)
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict | None) -> "ShiftReference":
+    def from_state(cls, tensors: dict, meta: dict | None) -> ShiftReference:
         def get(name):
             if name not in tensors:
                 return None
@@ -96,6 +108,7 @@ class ShiftReference:
             if a.size == 0 or not np.all(np.isfinite(a)):
                 raise ValueError(f"shift reference {name}: empty or not finite")
             return a
+
         return cls(get("domain_scores"), get("probabilities"), dict(meta or {}))
 
 
@@ -118,10 +131,18 @@ class BatchShift:
         return self.verdict == "shift"
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "statistic": self.statistic, "p_value": self.p_value, "n": self.n,
-                "alpha": ALPHA, "min_n": MIN_SHIFT_IMAGES, "test": "Kolmogorov-Smirnov, permutation p-value "
-                f"({PERMUTATIONS} resamples), Bonferroni over the comparisons run", "tests": self.tests or {},
-                "note": self.note}
+        return {
+            "verdict": self.verdict,
+            "statistic": self.statistic,
+            "p_value": self.p_value,
+            "n": self.n,
+            "alpha": ALPHA,
+            "min_n": MIN_SHIFT_IMAGES,
+            "test": "Kolmogorov-Smirnov, permutation p-value "
+            f"({PERMUTATIONS} resamples), Bonferroni over the comparisons run",
+            "tests": self.tests or {},
+            "note": self.note,
+        }
 
     def line(self) -> str:
         """One line for the console."""
@@ -134,22 +155,30 @@ def batch_shift(reference: ShiftReference | None, domain_scores=None, probabilit
     """Compare a batch's domain scores and calibrated probabilities (one per image; NaN or None
     entries, images without a score, are left out of that comparison) with ``reference``."""
     p = np.asarray([] if probabilities is None else probabilities, dtype=np.float64).reshape(-1)
-    d = np.asarray([] if domain_scores is None else [np.nan if v is None else v for v in domain_scores],
-                   dtype=np.float64).reshape(-1)
+    d = np.asarray(
+        [] if domain_scores is None else [np.nan if v is None else v for v in domain_scores], dtype=np.float64
+    ).reshape(-1)
     p, d = p[np.isfinite(p)], d[np.isfinite(d)]
     n = int(max(p.size, d.size))
     if reference is None or (reference.probabilities is None and reference.domain_scores is None):
-        return BatchShift("unavailable", n, note="this run stores no reference distributions (fitted before "
-                                                 "the alarm existed); refit its trust files with `kneeosteo calibrate`")
+        return BatchShift(
+            "unavailable",
+            n,
+            note="this run stores no reference distributions (fitted before "
+            "the alarm existed); refit its trust files with `kneeosteo calibrate`",
+        )
     if n < MIN_SHIFT_IMAGES:
-        return BatchShift("too few images", n, note=f"the alarm needs at least {MIN_SHIFT_IMAGES} images; "
-                                                    f"{n} cannot show a shift")
+        return BatchShift(
+            "too few images", n, note=f"the alarm needs at least {MIN_SHIFT_IMAGES} images; {n} cannot show a shift"
+        )
     tests, missing = {}, []
     if reference.domain_scores is not None and d.size >= MIN_SHIFT_IMAGES:
         tests["domain_score"] = _test(d, reference.domain_scores, one_sided=True)
     elif reference.domain_scores is None:
-        missing.append("domain scores: no reference distances stored (run fitted before the alarm existed, or "
-                       "without a feature check)")
+        missing.append(
+            "domain scores: no reference distances stored (run fitted before the alarm existed, or "
+            "without a feature check)"
+        )
     if reference.probabilities is not None and p.size >= MIN_SHIFT_IMAGES:
         tests["probability"] = _test(p, reference.probabilities, one_sided=False)
     if not tests:
@@ -157,10 +186,15 @@ def batch_shift(reference: ShiftReference | None, domain_scores=None, probabilit
     name, worst = min(tests.items(), key=lambda kv: kv[1]["p_value"])
     adjusted = min(1.0, worst["p_value"] * len(tests))
     fired = adjusted <= ALPHA
-    what = {"domain_score": "the images lie further from the training films than held-out ones do",
-            "probability": "the calibrated probabilities are distributed unlike the calibration images'"}[name]
-    note = (f"{what} (p {adjusted:.3g} <= {ALPHA}); the prediction sets' coverage does not hold for this batch"
-            if fired else f"no comparison reached p <= {ALPHA}")
+    what = {
+        "domain_score": "the images lie further from the training films than held-out ones do",
+        "probability": "the calibrated probabilities are distributed unlike the calibration images'",
+    }[name]
+    note = (
+        f"{what} (p {adjusted:.3g} <= {ALPHA}); the prediction sets' coverage does not hold for this batch"
+        if fired
+        else f"no comparison reached p <= {ALPHA}"
+    )
     if missing:
         note += "; not compared: " + "; ".join(missing)
     return BatchShift("shift" if fired else "no shift detected", n, worst["statistic"], adjusted, tests, note)

@@ -80,9 +80,7 @@ def as_class_indices(values: Any, k: int, name: str, n: int | None = None) -> np
     return arr.astype(np.int64)
 
 
-def as_matrix(
-    values: Any, name: str, *, shape: tuple[int, int] | None = None, softmax: bool = False
-) -> np.ndarray:
+def as_matrix(values: Any, name: str, *, shape: tuple[int, int] | None = None, softmax: bool = False) -> np.ndarray:
     """``values`` as a finite (n, K) float64 matrix: of exactly ``shape`` if given, else K >= 2;
     ``softmax``: rows of probabilities in [0, 1] that sum to 1 (within 1e-3)."""
     arr = np.asarray(values, dtype=np.float64)
@@ -112,8 +110,11 @@ def check_same_length(**arrays: np.ndarray) -> None:
     """All ``arrays`` (keyword = the argument's name) hold the same number of cases."""
     sizes = {name: len(a) for name, a in arrays.items()}
     if len(set(sizes.values())) > 1:
-        raise ArrayError(", ".join(sizes) + " must have equal lengths: "
-                         + ", ".join(f"{name} has {n} items" for name, n in sizes.items()))
+        raise ArrayError(
+            ", ".join(sizes)
+            + " must have equal lengths: "
+            + ", ".join(f"{name} has {n} items" for name, n in sizes.items())
+        )
 
 
 def as_scores_and_labels(

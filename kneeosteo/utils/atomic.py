@@ -16,15 +16,26 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
 from kneeosteo.errors import OutputError
 
 MIN_FREE_BYTES = 64 * 2**20
 # errors that mean "this folder cannot take our files", as opposed to a bug in the caller
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                  errno.EEXIST, errno.EISDIR, errno.EFBIG}
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.EFBIG,
+}
 
 
 def _reason(exc: OSError) -> str:
@@ -51,8 +62,10 @@ def ensure_writable(folder: str | os.PathLike, min_free: int = MIN_FREE_BYTES) -
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write output here ({_reason(exc)})") from exc
     if free < min_free:
-        raise OutputError(f"{folder}: only {free / 2**20:.0f} MiB free on its disk, at least "
-                          f"{min_free / 2**20:.0f} MiB needed; free some space or choose another folder")
+        raise OutputError(
+            f"{folder}: only {free / 2**20:.0f} MiB free on its disk, at least "
+            f"{min_free / 2**20:.0f} MiB needed; free some space or choose another folder"
+        )
     return folder
 
 
@@ -116,8 +129,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         if exc.errno not in _OUTPUT_ERRNOS:
             raise
-        raise OutputError(f"{target}: could not be written ({_reason(exc)}); "
-                          "its previous version, if any, is unchanged") from exc
+        raise OutputError(
+            f"{target}: could not be written ({_reason(exc)}); its previous version, if any, is unchanged"
+        ) from exc
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()

@@ -39,8 +39,9 @@ def _capped() -> bool:
     """PyTorch kept below AVX-512 (``ATEN_CPU_CAPABILITY``) or oneDNN below its bf16 ISAs."""
     capability = torch.backends.cpu.get_cpu_capability()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return capability in ("DEFAULT", "NO AVX", "AVX2") or \
-        bool(isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "DEFAULT")))
+    return capability in ("DEFAULT", "NO AVX", "AVX2") or bool(
+        isa and not any(k in isa for k in ("BF16", "AMX", "ALL", "DEFAULT"))
+    )
 
 
 def bf16_native(flags: list[str] | None = None) -> bool:
@@ -57,10 +58,13 @@ def bf16_native(flags: list[str] | None = None) -> bool:
 def compute_path() -> dict:
     """This process's path: PyTorch's CPU capability, the oneDNN cap, the CPU flags, native bf16."""
     flags = cpu_flags()  # one read of /proc/cpuinfo
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
-            "cpu_flags": flags, "bf16_native": bf16_native(flags),
-            "forced_below_cpu": _capped() and any(f.startswith(("avx512", "amx")) for f in flags)}
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
+        "cpu_flags": flags,
+        "bf16_native": bf16_native(flags),
+        "forced_below_cpu": _capped() and any(f.startswith(("avx512", "amx")) for f in flags),
+    }
 
 
 def cells_paths(records: list[dict]) -> dict[str, int]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from kneeosteo.utils.atomic import atomic_path, write_text
 

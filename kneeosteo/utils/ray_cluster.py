@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from kneeosteo.errors import ConfigError, KneeosteoError
 
@@ -24,8 +24,15 @@ __all__ = ["INSTALL_HINT", "LOCAL", "check_address", "is_address", "connect", "f
 INSTALL_HINT = "pip install 'kneeosteo[ray]'"
 LOCAL = "local"
 _ADDRESS = re.compile(r"^(auto|local|ray://[A-Za-z0-9.\-\[\]:]+:\d+|[A-Za-z0-9.\-\[\]:]+:\d+)$")
-_FORWARDED = ("KNEEOSTEO_CACHE", "KNEEOSTEO_OFFLINE", "KNEEOSTEO_DATA", "HF_HUB_CACHE", "TORCH_HOME",
-              "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+_FORWARDED = (
+    "KNEEOSTEO_CACHE",
+    "KNEEOSTEO_OFFLINE",
+    "KNEEOSTEO_DATA",
+    "HF_HUB_CACHE",
+    "TORCH_HOME",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+)
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +54,10 @@ def check_address(address: str | None) -> str:
     else (a folder name swallowed by ``--ray``, say) is refused with the way out."""
     address = LOCAL if address in (None, "") else address
     if not _ADDRESS.match(address):
-        raise ConfigError(f"--ray {address!r}: not a Ray address (local, auto, HOST:PORT or ray://HOST:PORT); "
-                          "write --ray=local for a local instance")
+        raise ConfigError(
+            f"--ray {address!r}: not a Ray address (local, auto, HOST:PORT or ray://HOST:PORT); "
+            "write --ray=local for a local instance"
+        )
     return address
 
 
@@ -68,7 +77,9 @@ def connect(address: str | None = None) -> Iterator[object]:
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise KneeosteoError(f"--ray {address}: cannot start or reach Ray ({' '.join(str(exc).split())[:300]})") from exc
+        raise KneeosteoError(
+            f"--ray {address}: cannot start or reach Ray ({' '.join(str(exc).split())[:300]})"
+        ) from exc
     try:
         yield ray
     finally:

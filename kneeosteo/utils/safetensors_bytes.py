@@ -18,10 +18,10 @@ __all__ = ["canonical"]
 def canonical(data: bytes) -> bytes:
     """``data`` (a whole safetensors file) with its header's metadata keys in sorted order."""
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     meta = header.pop("__metadata__", None)
     ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
     ordered.update(header)
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]

@@ -10,10 +10,11 @@ import re
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -32,8 +33,10 @@ DEFAULT_CAVEAT = "Research use only — not a diagnostic device."
 BUSY = "the server is busy: every worker is in use and the queue is full; try again in a moment"
 _CAVEAT_RE = re.compile(r"research use|not a (medical|diagnostic)|not for (clinical|diagnos)", re.I)
 # the page loads nothing from anywhere else: the browser enforces what the page promises
-_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-        "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
 
 
 # The service decodes at most this many pixels per upload (`serve --max-megapixels`), refused from
@@ -49,8 +52,8 @@ SHIFT_REFRESH = 10  # a prediction recomputes the alarm once this many requests 
 
 @dataclass(frozen=True)
 class WebSettings:
-    run: Optional[Path] = None  # None: the bundled default model
-    threshold: Optional[float] = None  # None: the model's
+    run: Path | None = None  # None: the bundled default model
+    threshold: float | None = None  # None: the model's
     device: str = "cpu"
     workers: int = 2  # inference threads
     queue: int = 16  # jobs that may wait for a thread; more get 503
@@ -61,8 +64,22 @@ class WebSettings:
 # What /api/model withholds from a stranger: server paths (the run, the venv, the data and the
 # run calibrated from) and the file names of the calibration films. A key's value is set to null
 # (the field stays, so a client sees what is withheld); our own phrases in those keys are kept.
-_WITHHELD_KEYS = frozenset({"data", "out", "split", "labels", "path", "run", "config", "resume", "onnx",
-                            "calibration_set", "domain_set", "cache"})
+_WITHHELD_KEYS = frozenset(
+    {
+        "data",
+        "out",
+        "split",
+        "labels",
+        "path",
+        "run",
+        "config",
+        "resume",
+        "onnx",
+        "calibration_set",
+        "domain_set",
+        "cache",
+    }
+)
 _DROPPED_KEYS = frozenset({"content_ids", "command_line", "environment"})
 _OWN_PHRASES = frozenset({"validation partition", "training partition (originals)"})
 
@@ -83,7 +100,7 @@ def public_doc(obj, key: str = ""):
     return obj
 
 
-def card_caveat(card: Optional[str]) -> str:
+def card_caveat(card: str | None) -> str:
     """The model card's caveat: in its first paragraph that limits its use ('Research use only
     ...'), the bold sentence saying so, else the first such sentence; without Markdown marks.
     The project's standard caveat when the card has none."""
@@ -98,25 +115,34 @@ def card_caveat(card: Optional[str]) -> str:
     return DEFAULT_CAVEAT
 
 
-
 class Prediction(BaseModel):
     filename: str = Field(description="The client's file name, echoed for display only.")
-    status: str = Field(description="ok; uncertain (the conformal set holds both classes); out_of_domain (the "
-                                    "image does not look like the knee radiographs the model was trained on).")
-    probability: Optional[float] = Field(description="Calibrated P(positive class), in [0, 1] (the raw one when "
-                                                     "`calibrated` is false); a multiclass run: P(label); null for a "
-                                                     "regression run.")
-    raw_probability: Optional[float] = Field(description="The model's own P(positive class), before calibration.")
+    status: str = Field(
+        description="ok; uncertain (the conformal set holds both classes); out_of_domain (the "
+        "image does not look like the knee radiographs the model was trained on)."
+    )
+    probability: float | None = Field(
+        description="Calibrated P(positive class), in [0, 1] (the raw one when "
+        "`calibrated` is false); a multiclass run: P(label); null for a "
+        "regression run."
+    )
+    raw_probability: float | None = Field(description="The model's own P(positive class), before calibration.")
     label: str = Field(description="The class at the operating threshold; empty when out_of_domain.")
-    prediction_set: list[str] = Field(description="The conformal prediction set at the run's coverage; "
-                                                  "empty when out_of_domain.")
-    domain_score: Optional[float] = Field(description="Distance of the image's backbone features from the "
-                                                      "training images; null when the run has no domain check.")
-    domain_threshold: Optional[float]
+    prediction_set: list[str] = Field(
+        description="The conformal prediction set at the run's coverage; empty when out_of_domain."
+    )
+    domain_score: float | None = Field(
+        description="Distance of the image's backbone features from the "
+        "training images; null when the run has no domain check."
+    )
+    domain_threshold: float | None
     calibrated: bool = Field(description="False for a run without trust files (no calibration, no domain check).")
-    status_reason: str = Field("", description="Why the status is what it is: which domain check failed; both "
-                                               "classes in the set; no signal at the site the run was calibrated "
-                                               "on; a batch shift among this session's recent requests.")
+    status_reason: str = Field(
+        "",
+        description="Why the status is what it is: which domain check failed; both "
+        "classes in the set; no signal at the site the run was calibrated "
+        "on; a batch shift among this session's recent requests.",
+    )
     threshold: float
     positive_class: str
     model_id: str = Field(description="<run name>-<sha256[:12] of the weights>.")
@@ -124,19 +150,26 @@ class Prediction(BaseModel):
     format: str
     width: int
     height: int
-    probabilities: Optional[dict[str, float]] = Field(
-        None, description="A multiclass run: the calibrated probability of every class (absent otherwise).")
-    value: Optional[float] = Field(None, description="A regression run: the predicted T-score or BMD (absent otherwise).")
-    interval: Optional[list[Optional[float]]] = Field(
-        None, description="A regression run: the split-conformal interval [low, high] of the value (null bound: "
-                          "too few calibration images for the coverage).")
-    knees: Optional[list[dict]] = Field(
-        None, description="A run trained on knee regions: each knee found, left to right (position, joint centre x/y "
-                          "and plateau width in pixels, the region's box [top, left, side]) with its own answer "
-                          "(status, probability, label, prediction_set, domain_score); the film's answer above "
-                          "aggregates them (absent for other runs).")
-    knee_reason: Optional[str] = Field(None, description="A knee run: why no knee was found (the film is then "
-                                                         "out_of_domain); empty when knees were found.")
+    probabilities: dict[str, float] | None = Field(
+        None, description="A multiclass run: the calibrated probability of every class (absent otherwise)."
+    )
+    value: float | None = Field(None, description="A regression run: the predicted T-score or BMD (absent otherwise).")
+    interval: list[float | None] | None = Field(
+        None,
+        description="A regression run: the split-conformal interval [low, high] of the value (null bound: "
+        "too few calibration images for the coverage).",
+    )
+    knees: list[dict] | None = Field(
+        None,
+        description="A run trained on knee regions: each knee found, left to right (position, joint centre x/y "
+        "and plateau width in pixels, the region's box [top, left, side]) with its own answer "
+        "(status, probability, label, prediction_set, domain_score); the film's answer above "
+        "aggregates them (absent for other runs).",
+    )
+    knee_reason: str | None = Field(
+        None,
+        description="A knee run: why no knee was found (the film is then out_of_domain); empty when knees were found.",
+    )
 
 
 class Explanation(Prediction):
@@ -144,10 +177,13 @@ class Explanation(Prediction):
     gradcam_layer: str
     gradcam_all_zero: bool = Field(description="Nothing in the layer speaks for the target class (a valid answer).")
     image_png: str = Field(description="The decoded radiograph, PNG, base64.")
-    gradcam_png: Optional[str] = Field(description="Grad-CAM over the radiograph, PNG, base64; null when "
-                                                   "out_of_domain (a map would explain nothing).")
-    attention_png: Optional[str] = Field(description="Attention map over the radiograph, PNG, base64; "
-                                                     "null without an attention module or when out_of_domain.")
+    gradcam_png: str | None = Field(
+        description="Grad-CAM over the radiograph, PNG, base64; null when out_of_domain (a map would explain nothing)."
+    )
+    attention_png: str | None = Field(
+        description="Attention map over the radiograph, PNG, base64; "
+        "null without an attention module or when out_of_domain."
+    )
 
 
 class Service:
@@ -172,14 +208,22 @@ class Service:
         card = run.card_file.read_text() if run.card_file.is_file() else None
         self.caveat = card_caveat(card)
         self.model_doc = {
-            "model_id": self.info.model_id, "backbone": self.info.backbone, "threshold": self.info.threshold,
+            "model_id": self.info.model_id,
+            "backbone": self.info.backbone,
+            "threshold": self.info.threshold,
             "classes": {"negative": self.info.negative, "positive": self.info.positive},
             "calibrated": run.trust is not None,
             "trust": None if run.trust is None else public_doc(run.trust.summary()),
-            "caveat": self.caveat, "card": card, "config": public_doc(run.read_json(run.config_file.name)),
+            "caveat": self.caveat,
+            "card": card,
+            "config": public_doc(run.read_json(run.config_file.name)),
             "metrics": public_doc(run.read_json(run.metrics_file.name)),
-            "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
-                       "workers": settings.workers, "queue": settings.queue},
+            "limits": {
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_pixels": settings.max_pixels,
+                "workers": settings.workers,
+                "queue": settings.queue,
+            },
         }
 
     def predict(self, path: Path, name: str) -> dict:
@@ -190,16 +234,28 @@ class Service:
         img = decode(path, name, self.settings.max_pixels)
         row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])  # what /api/predict gives
         if row["status"] == "out_of_domain":  # no label, so no map of the evidence for one
-            return {**row, "gradcam_target": "", "gradcam_layer": self.explainer.layer_name, "gradcam_all_zero": False,
-                    "image_png": encode_b64(grey_png(img.pixels)), "gradcam_png": None, "attention_png": None}
+            return {
+                **row,
+                "gradcam_target": "",
+                "gradcam_layer": self.explainer.layer_name,
+                "gradcam_all_zero": False,
+                "image_png": encode_b64(grey_png(img.pixels)),
+                "gradcam_png": None,
+                "attention_png": None,
+            }
         with self._explain_lock:
             ex = self.explainer.explain(img.pixels)
-        return {**row, "gradcam_target": ex.target, "gradcam_layer": ex.layer,
-                "gradcam_all_zero": bool(ex.gradcam_raw.max() <= 0),
-                "image_png": encode_b64(grey_png(img.pixels)),
-                "gradcam_png": encode_b64(overlay_png(img.pixels, ex.gradcam)),
-                "attention_png": None if ex.attention is None else
-                encode_b64(overlay_png(img.pixels, ex.attention, stretch=True))}
+        return {
+            **row,
+            "gradcam_target": ex.target,
+            "gradcam_layer": ex.layer,
+            "gradcam_all_zero": bool(ex.gradcam_raw.max() <= 0),
+            "image_png": encode_b64(grey_png(img.pixels)),
+            "gradcam_png": encode_b64(overlay_png(img.pixels, ex.gradcam)),
+            "attention_png": None
+            if ex.attention is None
+            else encode_b64(overlay_png(img.pixels, ex.attention, stretch=True)),
+        }
 
     def batch_shift(self, every: int = 1) -> dict:
         """The alarm over the last ``RECENT_REQUESTS`` predictions of this session, recomputed once
@@ -213,8 +269,9 @@ class Service:
             recent, seen = list(self._recent), self._seen
             shift = self._shift
         if shift is None or seen - shift[0] >= every or (seen != shift[0] and len(recent) <= MIN_SHIFT_IMAGES):
-            result = shift_for(self.predictor.trust, [d for d, _ in recent], [p for _, p in recent],
-                               self.predictor.task)
+            result = shift_for(
+                self.predictor.trust, [d for d, _ in recent], [p for _, p in recent], self.predictor.task
+            )
             shift = (seen, result)
             with self._recent_lock:
                 self._shift = shift
@@ -228,21 +285,35 @@ class Service:
         if shift["verdict"] == "shift" and t.status == "ok":
             from kneeosteo.inference.batch import BATCH_SHIFT_REASON
 
-            t = replace(t, status="uncertain", status_reason=(
-                f"{BATCH_SHIFT_REASON}: this session's last {shift['n']} images differ from the calibration "
-                f"images (p {shift['p_value']:.3g}); the prediction set's coverage does not hold for them"))
-        return {"filename": name, **t.to_dict(), "threshold": self.info.threshold,
-                "positive_class": self.info.positive, "model_id": self.info.model_id,
-                "content_id": img.content_id, "format": img.meta.format,
-                "width": img.meta.width, "height": img.meta.height}
+            t = replace(
+                t,
+                status="uncertain",
+                status_reason=(
+                    f"{BATCH_SHIFT_REASON}: this session's last {shift['n']} images differ from the calibration "
+                    f"images (p {shift['p_value']:.3g}); the prediction set's coverage does not hold for them"
+                ),
+            )
+        return {
+            "filename": name,
+            **t.to_dict(),
+            "threshold": self.info.threshold,
+            "positive_class": self.info.positive,
+            "model_id": self.info.model_id,
+            "content_id": img.content_id,
+            "format": img.meta.format,
+            "width": img.meta.width,
+            "height": img.meta.height,
+        }
 
 
 def _page(caveat: str, settings: WebSettings) -> str:
     text = resources.files("kneeosteo.interfaces.web").joinpath("static", "index.html").read_text("utf-8")
-    return (text.replace("__CAVEAT__", html.escape(caveat))
-            .replace("__MAX_BYTES__", str(settings.max_upload_bytes))
-            .replace("__ACCEPT_LIST__", html.escape(ACCEPT_LIST))
-            .replace("__ACCEPTED__", html.escape(ACCEPTED)))
+    return (
+        text.replace("__CAVEAT__", html.escape(caveat))
+        .replace("__MAX_BYTES__", str(settings.max_upload_bytes))
+        .replace("__ACCEPT_LIST__", html.escape(ACCEPT_LIST))
+        .replace("__ACCEPTED__", html.escape(ACCEPTED))
+    )
 
 
 Upload = Annotated[UploadFile, File(description=f"The radiograph: {ACCEPTED}.")]
@@ -255,11 +326,16 @@ class ErrorBody(BaseModel):
 _ERRORS = {
     413: {"model": ErrorBody, "description": "Upload larger than the limit."},
     415: {"model": ErrorBody, "description": f"Not an image this service reads ({formats.describe()})."},
-    422: {"model": ErrorBody, "description": "A recognised image that cannot be decoded (empty, corrupt, "
-                                             "truncated, decompression bomb, more pixels than the service "
-                                             "decodes), or no `file` field holding a file."},
-    503: {"model": ErrorBody, "description": "All workers busy and the queue full; retry after the "
-                                             "Retry-After seconds."},
+    422: {
+        "model": ErrorBody,
+        "description": "A recognised image that cannot be decoded (empty, corrupt, "
+        "truncated, decompression bomb, more pixels than the service "
+        "decodes), or no `file` field holding a file.",
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "All workers busy and the queue full; retry after the Retry-After seconds.",
+    },
 }
 SEND_FILE = "send the image as a file in the multipart/form-data field `file` (with a file name)"
 
@@ -273,8 +349,11 @@ def validation_detail(exc: RequestValidationError, limit: int = 300) -> str:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "header", "path")]
         field = ".".join(loc) or "request"
         if field == "file":
-            problem = "no `file` field" if err.get("type") == "missing" else \
-                "the `file` field is not a file (a plain form field, or a file with an empty name)"
+            problem = (
+                "no `file` field"
+                if err.get("type") == "missing"
+                else "the `file` field is not a file (a plain form field, or a file with an empty name)"
+            )
             parts.append(f"{problem}: {SEND_FILE}")
         else:
             parts.append(f"{field}: {str(err.get('msg', 'invalid'))[:100]}")
@@ -308,10 +387,10 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": validation_detail(exc)}, 422)
 
-
     @app.exception_handler(ModelError)
     async def model_failed(request, exc: ModelError):  # e.g. a non-finite probability: never a label
         return JSONResponse({"detail": " ".join(str(exc).split())}, 500)
+
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     page = _page(service.caveat, settings)
 
@@ -327,8 +406,10 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff",
-                                           "Cache-Control": "no-store"})
+        return HTMLResponse(
+            page,
+            headers={"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict:

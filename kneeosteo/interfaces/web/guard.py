@@ -101,8 +101,7 @@ class GuardedH11Protocol(H11Protocol):
             if self.flow.read_paused or getattr(self.cycle, "waiting_for_100_continue", False):
                 self._since, self._got = now, 0  # the server is the one not reading
             elif age >= lim.body_window_s:
-                return self._close(f"request body: fewer than {lim.body_min_bytes} bytes "
-                                   f"in {lim.body_window_s:g} s")
+                return self._close(f"request body: fewer than {lim.body_min_bytes} bytes in {lim.body_window_s:g} s")
         self._timer = self.loop.call_later(lim.tick_s, self._check)
 
     def _close(self, why: str) -> None:
@@ -130,5 +129,4 @@ def uvicorn_options(limits: ConnectionLimits = ConnectionLimits()) -> dict:
     """uvicorn.Config/uvicorn.run keywords for the guarded server: the guarded h11 protocol (also
     where httptools is installed), uvicorn's own keep-alive timer agreeing with ``idle_s``, and no
     WebSocket support (the app has no WebSocket route)."""
-    return {"http": guarded_protocol(limits), "ws": "none",
-            "timeout_keep_alive": max(1, math.ceil(limits.idle_s))}
+    return {"http": guarded_protocol(limits), "ws": "none", "timeout_keep_alive": max(1, math.ceil(limits.idle_s))}

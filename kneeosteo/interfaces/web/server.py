@@ -8,8 +8,8 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from kneeosteo.interfaces.web.guard import ConnectionLimits, uvicorn_options
 
@@ -26,8 +26,9 @@ def is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 20.0,
-                    limits: Optional[ConnectionLimits] = ConnectionLimits(), **config) -> Iterator[str]:
+def serve_in_thread(
+    app, host: str = "127.0.0.1", timeout: float = 20.0, limits: ConnectionLimits | None = ConnectionLimits(), **config
+) -> Iterator[str]:
     """Serve ``app`` on ``host`` at a port the OS picks; yields the base URL, stops on exit.
     ``limits``: the client time limits (None: uvicorn's own, which never close a stalled client)."""
     import uvicorn

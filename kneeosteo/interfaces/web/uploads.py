@@ -113,11 +113,15 @@ def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
     except ImageReadError as exc:
         reason = exc.reason.replace(str(path), name)
         by_name = formats.by_suffix(path.suffix)
-        if isinstance(exc, NotAnImageError) or (reason.startswith("not a recognised") and by_name and by_name.trust_suffix):
+        if isinstance(exc, NotAnImageError) or (
+            reason.startswith("not a recognised") and by_name and by_name.trust_suffix
+        ):
             raise HTTPException(415, f"{name}: {reason}") from None  # DICOM by name only, and it is not
         if reason.startswith("not a recognised"):  # its first bytes said what it is: a damaged file
             reason = f"corrupt {by_name.name if by_name else path.suffix[1:].upper()} data: the file starts like one but cannot be decoded"
         if reason.startswith("decompression bomb"):  # the declared size is over ours (or over Pillow's own limit)
-            reason += (f"; this service decodes at most {max_pixels / 1e6:g} MP per image (`serve --max-megapixels`):"
-                       " send a smaller image")
+            reason += (
+                f"; this service decodes at most {max_pixels / 1e6:g} MP per image (`serve --max-megapixels`):"
+                " send a smaller image"
+            )
         raise HTTPException(422, f"{name}: {reason}") from None
