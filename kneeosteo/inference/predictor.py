@@ -365,7 +365,7 @@ class Predictor:
         def load(path: Path):
             try:
                 img = read_image(path)
-                img.content_id  # hash in the worker thread too (cached on the image)
+                _ = img.content_id  # hash in the worker thread too (cached on the image)
                 return img, (prep.knee_views(img.pixels) if self.knee_run else prep(img.pixels))
             except ImageReadError as exc:
                 return exc, None

@@ -243,7 +243,7 @@ def _pair(text: str | None, name: str) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise typer.BadParameter("give two numbers as LOW,HIGH", param_hint=name)
+        raise typer.BadParameter("give two numbers as LOW,HIGH", param_hint=name) from None
     return lo, hi
 
 
@@ -1051,7 +1051,7 @@ def serve(
     except ImportError as exc:
         raise KneeosteoError(
             f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); pip install fastapi uvicorn python-multipart"
-        )
+        ) from exc
     web = create_app(
         WebSettings(
             run=run,
