@@ -138,7 +138,9 @@ class FusedModel:
                 raise ValueError("a scale is not positive")
             return cls(
                 names,
-                *arrays,
+                arrays[0],
+                arrays[1],
+                arrays[2],
                 numbers[0],
                 str(doc["weights_sha256"]),
                 str(doc["definition"]),
