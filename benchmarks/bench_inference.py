@@ -194,7 +194,11 @@ def worker(spec: dict) -> dict:
             min_iters = spec["min_iters"] if batch == 1 else max(3, spec["min_iters"] * 2 // 5)
             max_iters = spec["max_iters"]
         times = time_calls(
-            lambda: run(x), warmup=warmup, min_iters=min_iters, max_iters=max_iters, target_s=spec["target_s"]
+            lambda: run(x),  # noqa: B023 (timed here, before x changes)
+            warmup=warmup,
+            min_iters=min_iters,
+            max_iters=max_iters,
+            target_s=spec["target_s"],
         )
         row.update(latency_stats(times, batch))
         hwm = proc_status_kb("VmHWM")

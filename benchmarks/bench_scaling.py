@@ -263,8 +263,8 @@ def render() -> Path:
         "cores with other work, so their times are upper bounds.",
         "",
     ]
-    runs = lambda name: (
-        json.loads((RESULTS / f"scaling_{name}.json").read_text())["runs"]  # noqa: E731
+    runs = lambda name: (  # noqa: E731
+        json.loads((RESULTS / f"scaling_{name}.json").read_text())["runs"]
         if (RESULTS / f"scaling_{name}.json").is_file()
         else []
     )

@@ -69,6 +69,9 @@ RUN_FILES = {
     "domain.json": "a multiclass or regression run's domain check (issue 19): method, threshold, what it was fitted "
     "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
     "domain.safetensors": "that domain check's arrays: mean, scale and shrunk inverse covariance (float64)",
+    "fused.json": "the fused model (image + covariates, issue 31; `evaluate --store-fused`): standardised logistic "
+    "coefficients as plain numbers, the covariates it takes, the weights' sha256 and the films it was fitted on; "
+    "its own sha256 is in config.json's record",
     "calibration.png": "reliability diagram of the test probabilities, raw and calibrated (`evaluate`)",
     "decision_curve.png": "net benefit of the calibrated model against treat-all and treat-none (`evaluate`)",
     "checkpoint/": "last epoch's state for `--resume` (one atomic safetensors file, and a readable state.json)",
@@ -532,7 +535,7 @@ class RunDir:
             with atomic_path(new.split_file) as tmp:
                 shutil.copyfile(self.split_file, tmp)
         doc = json.loads(self.config_file.read_text())
-        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain")}
+        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain", "fused")}
         doc["record"] = {**base, **record}
         if sha256_file(new.weights_file) != src.weights_sha256:
             raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")

@@ -623,7 +623,6 @@ def cmd_evaluate(args) -> None:
         "Cs": CS.tolist(),
     }
     ref_P = None
-    refp = RESULTS / "oof" / f"{REFERENCE}.npz"
     for name in [REFERENCE] + [n for n in names if n != REFERENCE]:
         configs, combine, *_ = LEVERS[name]
         if configs and not all(feature_path(c).is_file() for c in configs):

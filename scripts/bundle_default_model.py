@@ -78,7 +78,7 @@ def evidence(table: dict, keys: list[str]) -> str:
         r = rows.get(k)
         if r is None:
             continue
-        f = lambda c: f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if c + "_mean" in r else "-"  # noqa: E731
+        f = lambda c: f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if c + "_mean" in r else "-"  # noqa: E731, B023
         adv = (
             (
                 f"{r['adversarial_accuracy']:.3f} [{r['adversarial_ci_low']:.3f}, {r['adversarial_ci_high']:.3f}] "
@@ -87,7 +87,7 @@ def evidence(table: dict, keys: list[str]) -> str:
             if "adversarial_n" in r
             else "-"
         )
-        p = lambda c: f"{r[c]:.3g}" if c in r else "ref"  # noqa: E731
+        p = lambda c: f"{r[c]:.3g}" if c in r else "ref"  # noqa: E731, B023
         out.append(
             f"| {r['title']} | {f('accuracy')} | {f('auc')} | {adv} | {f('auc_bone_hidden')} | "
             f"{f('auc_bone_only')} | {f('auc_within_source')} | {p('mcnemar_p')} | {p('delong_p')} |"

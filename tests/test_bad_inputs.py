@@ -297,7 +297,7 @@ def test_web_api_answers_every_bad_upload_with_a_reason(ws, run):
     from kneeosteo.interfaces.web import WebSettings, create_app
 
     with TestClient(create_app(WebSettings(run=run.path, workers=1))) as client:
-        for rel, (_, outcome, words, status) in CORPUS.items():
+        for rel, (_, _outcome, words, status) in CORPUS.items():
             if status is None:  # a symlink is a file-system object, not something one uploads
                 continue
             name = os.fsencode(Path(rel).name).decode("latin-1")  # what a browser would send

@@ -201,7 +201,7 @@ def test_the_page_shows_class_probabilities_and_a_t_score_interval(page, hospita
     for run in (hospital.mc, hospital.reg):
         with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=1))) as url:
             errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("pageerror", lambda e: errors.append(str(e)))  # noqa: B023 (this run's page)
             page.goto(url + "/")
             page.set_input_files("#file", str(film))
             page.wait_for_selector("#result", state="visible", timeout=20_000)
@@ -214,3 +214,43 @@ def test_the_page_shows_class_probabilities_and_a_t_score_interval(page, hospita
                     assert f"{c} {p:.3f}" in text
             else:
                 assert text.startswith(f"{want['value']:.2f}") and not page.is_visible("#probcard")
+
+
+def test_the_page_sends_covariates_to_a_run_with_a_fused_model(page, tiny, tmp_path):
+    """A run with fused.json (issue 31): the page shows one field per covariate, sends them with
+    the film, and shows the fused answer; with one left empty it says image-only and which."""
+    from kneeosteo.models.fused import FUSED_FILE, FusedModel
+    from kneeosteo.utils.atomic import write_json
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny.run, run)
+    fused = FusedModel(
+        ("age", "sex"),
+        (0.0, 60.0, 0.5),
+        (1.0, 10.0, 0.5),
+        (0.8, 1.2, 0.3),
+        -0.4,
+        RunDir(run).config.weights_sha256,
+        "osteoporosis",
+    )
+    write_json(run / FUSED_FILE, fused.to_json())
+    from kneeosteo.utils.hashing import sha256_file
+
+    RunDir(run).update_record(fused={"sha256": sha256_file(run / FUSED_FILE)})
+    film = g.png_grey8(tmp_path / "knee.png", array=g.dataset_image(5, "osteoporosis", size=320))
+    with serve_in_thread(create_app(WebSettings(run=run, workers=1, queue=2))) as url:
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#covariates", state="visible")
+        page.fill("#covfields input[name=age]", "72")
+        page.fill("#covfields input[name=sex]", "female")
+        page.set_input_files("#file", str(film))
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: knee')")
+        raw = _api_predict(url, film)["raw_probability"]
+        assert page.inner_text("#fused") == f"P {fused.probability(raw, [72, 1.0]):.3f} (image and covariates)"
+        page.fill("#covfields input[name=sex]", "")
+        page.evaluate("() => { document.getElementById('status').textContent = ''; }")
+        page.set_input_files("#file", str(film))
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done: knee')")
+        assert page.inner_text("#fused") == "image only: sex missing" and not errors

@@ -237,3 +237,213 @@ def test_a_missing_or_non_numeric_covariate_is_a_one_line_error(
     with pytest.raises(DataError, match=message):
         cs_ref = read_reference(ref)
         clinical_set(cs_ref, [r[0] for r in rows], "osteoporosis", ["age", "sex", "weight_kg"])
+
+
+def test_compare_prints_the_clinical_rows_beside_the_two_runs(scored_tiny, tiny, tmp_path, capsys):
+    """`compare A B --reference --covariates`: each run's row is its own AUC against the reference
+    truth (checked with sklearn), each gets its fused row, and the baselines sit beside them."""
+    run, ref, rows = scored_tiny
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(run, a)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(a), str(tiny.data), "--out", str(a), "--no-probes"])
+    assert exc.value.code in (0, None)
+    shutil.copytree(a, b)
+    with open(b / "predictions.csv", newline="") as fh:
+        pred = list(csv.DictReader(fh))
+    rng = np.random.default_rng(3)
+    for r in pred:  # run B: other probabilities, same films and labels
+        r["probability"] = f"{rng.uniform():.6f}"
+    with open(b / "predictions.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(pred[0]))
+        w.writeheader()
+        w.writerows(pred)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "compare",
+                str(a),
+                str(b),
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())["clinical"]
+    truth = {r[0]: int(r[1] <= -2.5) for r in rows}
+    got = {r["model"]: r for r in c["rows"]}
+    for folder, key in ((a, "A"), (b, "B")):
+        with open(folder / "predictions.csv", newline="") as fh:
+            probs = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+        name = next(m for m in got if m.startswith(f"{key} ("))
+        paths = sorted(probs)
+        want = roc_auc_score([truth[p] for p in paths], [probs[p] for p in paths])
+        assert got[name]["auc"]["auc"] == pytest.approx(want), key
+        assert f"fused ({name} + covariates)" in got and f"  {name}: AUC {want:.3f}" in out
+    assert "clinical logistic: AUC" in out and "OST index: AUC" in out and c["n"] == 20
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(a), str(b), "--reference", str(ref)])
+    assert exc.value.code == 2
+
+
+def test_stored_fused_model_is_the_logistic_fit_and_predict_answers_from_the_covariates(
+    scored_tiny, tiny, tmp_path, capsys
+):
+    """`evaluate --store-fused` writes plain coefficients that reproduce an independent sklearn fit;
+    `predict --covariates` gives the fused answer where every covariate is there, and marks the
+    rest image-only (a missing cell, a missing row, a non-number), naming each; never a filled-in value."""
+    from scipy.special import logit as _logit
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from kneeosteo.models.fused import load_fused
+    from kneeosteo.run import RunDir
+
+    run, ref, rows = scored_tiny
+    fr = tmp_path / "fr"
+    shutil.copytree(run, fr)
+    (fr / "fused.json").unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "evaluate",
+                str(fr),
+                str(tiny.data),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-probes",
+                "--reference",
+                str(ref),
+                "--covariates",
+                "age,sex,weight_kg",
+                "--store-fused",
+            ]
+        )
+    assert exc.value.code in (0, None)
+    assert "stored the fused model (fitted on these 20 films)" in capsys.readouterr().out
+    fused = load_fused(fr, RunDir(fr).config.weights_sha256, RunDir(fr).config.record["fused"]["sha256"])
+    derived = RunDir(fr).derive(tmp_path / "derived", {})  # a derived run copies neither the file nor its record
+    assert "fused" not in derived.config.record and load_fused(derived.path, "x", None) is None
+    assert fused.covariates == ("age", "sex", "weight_kg") and fused.fitted_on["films"] == 20
+    with open(tmp_path / "e" / "predictions.csv", newline="") as fh:
+        raw = {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    cov = {r[0]: [float(r[3]), 1.0 if r[4] == "female" else 0.0, float(r[5])] for r in rows}
+    truth = {r[0]: int(r[1] <= -2.5) for r in rows}
+    paths = sorted(raw)
+    x = np.array([[float(_logit(np.clip(raw[p], 1e-6, 1 - 1e-6))), *cov[p]] for p in paths])
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(max_iter=1000).fit(scaler.transform(x), [truth[p] for p in paths])
+    want = lr.predict_proba(scaler.transform(x))[:, 1]
+    got = [fused.probability(raw[p], cov[p]) for p in paths]
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+    films = [tiny.data / p for p in paths[:4]]
+    covs = tmp_path / "covs.csv"
+    with open(covs, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "age", "sex", "weight_kg"])
+        w.writerow([films[0], 70, "female", 60])  # row 2: complete
+        w.writerow([films[1], "", "female", 60])  # row 3: age missing
+        w.writerow([films[3], 70, "female", "heavy"])  # row 4: not a number; films[2] has no row
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "predict",
+                *map(str, films),
+                "--run",
+                str(fr),
+                "--engine",
+                "torch",
+                "--covariates",
+                str(covs),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+    assert exc.value.code in (0, None)
+    err = capsys.readouterr().err
+    with open(tmp_path / "p.csv", newline="") as fh:
+        out = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    first = out[films[0].name]
+    assert first["answer_basis"] == "image_and_covariates"
+    assert float(first["fused_probability"]) == pytest.approx(
+        fused.probability(float(first["raw_probability"]), [70, 1.0, 60]), abs=1e-6
+    )
+    for f in films[1:]:
+        assert out[f.name]["answer_basis"] == "image_only" and out[f.name]["fused_probability"] == "", f
+    assert "row 3 (" in err and "age missing: answered image-only" in err
+    assert f"{films[2]}: no row in {covs}" in err
+    assert "row 4: covariate weight_kg 'heavy' is not a number: answered image-only" in err
+    # without covariates: every answer image-only, said once
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(fr), "--engine", "torch", "--out", str(tmp_path / "q.csv")])
+    assert "without them every answer is image-only" in capsys.readouterr().err
+    with open(tmp_path / "q.csv", newline="") as fh:
+        assert [r["answer_basis"] for r in csv.DictReader(fh)] == ["image_only"]
+    # the API: the covariates form field (a JSON object)
+    from fastapi.testclient import TestClient
+
+    from kneeosteo.interfaces.web import WebSettings, create_app
+
+    with TestClient(create_app(WebSettings(run=fr, workers=1, queue=2))) as client:
+        model_text = client.get("/api/model").text
+        assert json.loads(model_text)["fused"]["covariates"] == ["age", "sex", "weight_kg"]
+        assert str(ref) not in model_text and str(tmp_path) not in model_text  # no paths to a stranger (issue 28)
+
+        def ask(covariates):
+            data = {} if covariates is None else {"covariates": covariates}
+            return client.post(
+                "/api/predict", files={"file": (films[0].name, films[0].read_bytes(), "image/png")}, data=data
+            )
+
+        full = ask(json.dumps({"age": 70, "sex": "female", "weight_kg": 60})).json()
+        assert full["answer_basis"] == "image_and_covariates" and full["missing_covariates"] == []
+        assert full["fused_probability"] == pytest.approx(fused.probability(full["raw_probability"], [70, 1.0, 60]))
+        part = ask(json.dumps({"age": 70})).json()
+        assert (part["answer_basis"], part["fused_probability"], part["missing_covariates"]) == (
+            "image_only",
+            None,
+            ["sex", "weight_kg"],
+        )
+        assert ask(None).json()["answer_basis"] == "image_only"
+        bad = ask(json.dumps({"age": "old"}))
+        assert bad.status_code == 422 and bad.json()["detail"] == "covariates: covariate age 'old' is not a number"
+        assert ask(json.dumps({"height": 1.6})).status_code == 422 and ask("[70]").status_code == 422
+        # the page: a field per covariate (built from /api/model), sent with the film to /api/explain
+        page = client.get("/").text
+        assert 'id="covariates"' in page and 'form.append("covariates", JSON.stringify(covariates))' in page
+        shown = client.post(
+            "/api/explain",
+            files={"file": (films[0].name, films[0].read_bytes(), "image/png")},
+            data={"covariates": json.dumps({"age": 70, "sex": "female", "weight_kg": 60})},
+        ).json()
+        assert shown["answer_basis"] == "image_and_covariates"
+        assert shown["fused_probability"] == pytest.approx(full["fused_probability"])
+    # a run without a fused model refuses covariates; a fused model of other weights is refused
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(run), "--engine", "torch", "--covariates", str(covs)])
+    assert exc.value.code == 2
+    from kneeosteo.errors import CheckpointError
+    from kneeosteo.utils.hashing import sha256_file
+
+    doc = json.loads((fr / "fused.json").read_text())
+    (fr / "fused.json").write_text(json.dumps({**doc, "intercept": doc["intercept"] + 1}))  # an edited coefficient
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(films[0]), "--run", str(fr), "--engine", "torch", "--covariates", str(covs)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and "fused.json: sha256 differs" in err
+    (fr / "fused.json").write_text(json.dumps({**doc, "weights_sha256": "0" * 64}))  # recorded, but other weights
+    with pytest.raises(CheckpointError, match="fitted for weights 000000000000"):
+        load_fused(fr, RunDir(fr).config.weights_sha256, sha256_file(fr / "fused.json"))
+    planted = tmp_path / "planted"  # a fused.json config.json's record does not know
+    planted.mkdir()
+    shutil.copy(fr / "fused.json", planted / "fused.json")
+    with pytest.raises(CheckpointError, match="not recorded in config.json"):
+        load_fused(planted, "x", None)

@@ -379,7 +379,8 @@ def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(
     bundled_run, bundled_cache, monkeypatch, tmp_path
 ):
     """The feature distance, not the pixel checks, is what refuses these: a generated page of text
-    and a photo-like scene pass every pixel check, and the bundled run answers out_of_domain (no
+    and an MR slice pass every pixel check (the photo-like scenes no longer do: the film checks see
+    several bone-like regions side by side in them), and the bundled run answers out_of_domain (no
     label, no set) through Predictor and through the API, with the distance above the threshold."""
     from fastapi.testclient import TestClient
 
@@ -389,7 +390,7 @@ def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(bundled_cache))
     trust = RunDir(bundled_run).trust
     assert trust is not None and trust.domain is not None
-    junk = [p for p in g.non_knee_corpus(tmp_path / "junk") if p.name in ("document_0.png", "photo_2.png")]
+    junk = [p for p in g.non_knee_corpus(tmp_path / "junk") if p.name in ("document_0.png", "MR_small.dcm")]
     assert len(junk) == 2
     for p in junk:
         assert pixel_problems(read_image(p).pixels, limits=trust.pixel_limits) == [], p.name
@@ -401,13 +402,16 @@ def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(
     for r in rows:
         assert (r.status, r.label, tuple(r.prediction_set)) == ("out_of_domain", "", ()), r
         assert r.domain_score > r.domain_threshold == pytest.approx(trust.domain.threshold)
+        assert "features unlike the training images" in r.status_reason, r  # the distance refused it
     with TestClient(app) as client:
         for p in junk:
-            r = client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")})
+            mime = "application/dicom" if p.suffix == ".dcm" else "image/png"
+            r = client.post("/api/predict", files={"file": (p.name, p.read_bytes(), mime)})
             assert r.status_code == 200, r.text
             body = r.json()
             assert (body["status"], body["label"], body["prediction_set"]) == ("out_of_domain", "", []), body
             assert body["domain_score"] > body["domain_threshold"]
+            assert "features unlike the training images" in body["status_reason"], body
 
 
 def test_bundled_model_conformal_coverage_on_images_that_did_not_calibrate_it(bundled_run, bundled_on_kop):

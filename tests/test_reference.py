@@ -294,5 +294,19 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
     assert clinical["n"] == 7 and [s["seed"] for s in clinical["models"]["am-only"]] == [0, 1]
     assert set(clinical["fixed"]) == {"clinical logistic", "OST index"}
     assert "| am-only | 2 |" in (out / "clinical.md").read_text()
+    # the report page shows the baselines and, per seed, the incremental value with its interval
+    from kneeosteo.reporting import write_report
+
+    html = write_report(out, tmp_path / "grid.html").read_text()
+    assert 'id="clinical"' in html and "covariates age, sex, weight_kg" in html
+    for name, r in clinical["fixed"].items():
+        a = r["auc"]
+        assert f'<td>{name}</td><td class="n">{a["auc"]:.3f} [{a["ci_low"]:.3f}, {a["ci_high"]:.3f}]</td>' in html
+    for s in clinical["models"]["am-only"]:
+        d = s["fused_minus_clinical"]
+        assert (
+            f'am-only, seed {s["seed"]}</td><td class="n">{s["image_auc"]["auc"]:.3f}' in html
+            and f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" in html
+        ), s
     with pytest.raises(ConfigError, match="go together"):
         reproduce(root, tmp_path / "r2", base, ["am-only"], seeds=[0], protocol="holdout-reference")

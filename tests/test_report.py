@@ -174,7 +174,7 @@ def test_randomised_copy_changes_trained_weights_only():
     torch.manual_seed(0)
     model, _ = build_model("efficientnet_lite0")
     twin = randomised_copy(model, seed=1)
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), twin.state_dict().items()):
+    for (k, v), (_k2, v2) in zip(model.state_dict().items(), twin.state_dict().items()):
         if k.startswith("backbone."):
             assert torch.equal(v, v2), k  # the frozen pretrained backbone is not what training learned
     changed = [k for k, v in model.head.state_dict().items() if not torch.equal(v, twin.head.state_dict()[k])]

@@ -199,7 +199,7 @@ def test_cli_predict_csv_and_json_carry_the_fields(calibrated, tiny, tmp_path, o
                 rows[suffix] = list(csv.DictReader(fh))
         else:
             rows[suffix] = json.loads(out.read_text())["predictions"]
-    for suffix, got in rows.items():
+    for _suffix, got in rows.items():
         assert len(got) == 21
         for row in got:
             _check_row(row, run.trust, run.trust.threshold)

@@ -146,6 +146,17 @@ def test_model_endpoint(client, tiny_run):
     }  # 25 MP: the service default
 
 
+def test_a_run_without_a_fused_model_refuses_covariates_and_answers_image_only(client, files):
+    r = client.post(
+        "/api/predict",
+        files={"file": ("knee.png", files["png"].read_bytes(), "image/png")},
+        data={"covariates": '{"age": 70}'},
+    )
+    assert r.status_code == 422 and "takes no covariates" in r.json()["detail"]
+    r = post(client, "/api/predict", files["png"])
+    assert r.status_code == 200 and r.json()["answer_basis"] == "image_only" and r.json()["fused_probability"] is None
+
+
 def test_model_endpoint_tells_a_stranger_nothing_about_the_server(client, tiny_run, tiny):
     """Issue 28 row 5: no absolute path (the run, the data, the venv), no calibration file names."""
     import sys

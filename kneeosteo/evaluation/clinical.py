@@ -44,6 +44,7 @@ from statsmodels.stats.proportion import proportion_confint
 from kneeosteo.data.reference import Reference, covariate_matrix
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation.stats import delong_auc_ci, delong_test
+from kneeosteo.models.fused import FusedModel
 from kneeosteo.trust.calibration_metrics import brier_score, calibration_slope_intercept
 from kneeosteo.trust.decision_curve import decision_curve
 
@@ -55,6 +56,7 @@ __all__ = [
     "clinical_comparison",
     "clinical_set",
     "cross_fitted_logistic",
+    "fit_fused",
     "fit_logistic",
     "format_comparison",
     "ost_index",
@@ -180,6 +182,34 @@ def cross_fitted_logistic(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np
         test = folds == f
         out[test] = fit_logistic(x[~test], y[~test]).predict_proba(x[test])[:, 1]
     return out
+
+
+def fit_fused(
+    cs: ClinicalSet,
+    raw_image_probability: np.ndarray,
+    weights_sha256: str,
+    definition: str,
+    fitted_on: dict,
+    estimate: dict,
+) -> FusedModel:
+    """The fused model fitted on every film of ``cs`` (the same logistic regression the comparison
+    cross-fits), as the plain numbers :class:`~kneeosteo.models.fused.FusedModel` stores.
+    ``estimate``: what to quote for it (the cross-fitted AUC: these films are its training rows)."""
+    z = logit(np.clip(np.asarray(raw_image_probability, dtype=np.float64), _EPS, 1 - _EPS))[:, None]
+    pipe = fit_logistic(np.hstack([z, cs.x]), cs.y)
+    scaler, lr = pipe[0], pipe[-1]
+    return FusedModel(
+        tuple(cs.names),
+        tuple(map(float, scaler.mean_)),
+        tuple(map(float, scaler.scale_)),
+        tuple(map(float, lr.coef_[0])),
+        float(lr.intercept_[0]),
+        weights_sha256,
+        definition,
+        0.5,
+        {**fitted_on, "films": int(len(cs.y)), "positives": int(cs.y.sum())},
+        estimate,
+    )
 
 
 def _wilson(k: int, n: int) -> list[float]:

@@ -12,6 +12,11 @@ two scored runs (their ``predictions.csv``, or an ``evaluate`` folder's), whatev
 
 The two files must hold the same images with the same labels: a comparison on different test
 images is no paired test, and is refused naming the first difference.
+
+With a reference manifest and covariates (binary runs), :func:`clinical_beside` puts the clinical
+baselines beside the two runs on the films the reference covers, scored against its truth: the
+clinical logistic, the OST index, each run fused with the covariates, and the paired DeLong
+differences (:func:`kneeosteo.evaluation.clinical.clinical_comparison`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from kneeosteo.evaluation.stats import delong_test, mcnemar_exact
 from kneeosteo.run import RunDir
 from kneeosteo.tasks import Binary, Multiclass, task_for, task_named
 
-__all__ = ["compare_runs", "format_comparison"]
+__all__ = ["clinical_beside", "compare_runs", "format_comparison"]
 
 
 def _rows(folder: Path) -> dict[str, dict]:
@@ -113,6 +118,50 @@ def compare_runs(a: str | Path, b: str | Path) -> dict:
             mae_difference=float((ea - eb).mean()),
             wilcoxon_abs_errors=test,
         )
+    return out
+
+
+def _threshold(folder: Path, run: RunDir) -> float:
+    """The threshold the folder's predictions were called at (its metrics.json, else the run's)."""
+    import json
+
+    m = folder / "metrics.json"
+    if m.is_file():
+        t = json.loads(m.read_text()).get("threshold")
+        if t is not None:
+            return float(t)
+    return float(run.config.threshold)
+
+
+def clinical_beside(
+    a: str | Path, b: str | Path, reference: str | Path, covariates: list[str], definition: str = "osteoporosis"
+) -> dict:
+    """The clinical comparison of runs ``a`` and ``b`` (both binary, scored on the same films) on
+    the films of ``reference``, against its truth under ``definition``."""
+    from kneeosteo.data.reference import check_definition, read_reference
+    from kneeosteo.evaluation.clinical import by_path, clinical_comparison, clinical_set
+
+    a, b = Path(a), Path(b)
+    run_a, run_b = _run_of(a), _run_of(b)
+    if not isinstance(task_for(run_a.config), Binary) or not isinstance(task_for(run_b.config), Binary):
+        raise DataError("--reference/--covariates compare binary runs (a probability of the positive class)")
+    ref = read_reference(reference)
+    probs = {}
+    for key, folder in (("a", a), ("b", b)):
+        probs[key] = {p: float(r["probability"]) for p, r in _rows(folder).items()}
+    scored = [p for p in probs["a"] if p in ref.files and p in probs["b"]]
+    if not scored:
+        raise DataError(f"{reference}: none of the {len(probs['a'])} scored films is in the reference manifest")
+    cs = clinical_set(ref, scored, check_definition(definition), covariates)
+    name_a, name_b = f"A ({run_a.model_id})", f"B ({run_b.model_id})"
+    out = clinical_comparison(
+        cs,
+        {
+            name_a: (by_path(probs["a"], cs.paths), _threshold(a, run_a)),
+            name_b: (by_path(probs["b"], cs.paths), _threshold(b, run_b)),
+        },
+    )
+    out.update(reference=str(reference), definition=definition, not_in_reference=len(probs["a"]) - len(scored))
     return out
 
 

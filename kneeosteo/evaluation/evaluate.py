@@ -120,6 +120,7 @@ def evaluate_run(
     reference: str | Path | None = None,
     covariates: list[str] | None = None,
     definition: str | None = None,
+    store_fused: bool = False,
 ) -> tuple[dict, Path]:
     """Score ``run`` on: a data set ``data`` (all of it; class folders, or the label manifest
     ``labels``), a split's test part, or its own split. Returns (metrics, the folder they were
@@ -128,9 +129,15 @@ def evaluate_run(
     ``reference`` and ``covariates``: also compare the image model with the clinical baselines on
     the scored films the reference manifest covers (:mod:`kneeosteo.evaluation.clinical`), against
     the reference truth under ``definition`` (default: the split's, else osteoporosis); the result
-    goes into the metrics under ``clinical``."""
+    goes into the metrics under ``clinical``. ``store_fused``: also fit the fused model on those
+    films and store it in the run (``fused.json``, :mod:`kneeosteo.models.fused`), so that
+    ``predict`` and the API answer from the image and the covariates."""
     if (reference is None) != (not covariates):
         raise ConfigError("--reference and --covariates go together: the clinical baseline needs both")
+    if store_fused and reference is None:
+        raise ConfigError(
+            "--store-fused fits the fused model on the films of --reference with its --covariates: give both"
+        )
     run = RunDir.open(run)
     cfg = run.config
     model = run.load_model(device)
@@ -193,15 +200,23 @@ def evaluate_run(
             out / "predictions.csv",
             float(metrics.get("threshold", cfg.threshold)),
             run.model_id,
+            store=run if store_fused else None,
         )
         write_json(out / "metrics.json", metrics)
     return metrics, out
 
 
 def clinical_block(
-    reference: str | Path, covariates: list[str], definition: str, predictions: Path, threshold: float, name: str
+    reference: str | Path,
+    covariates: list[str],
+    definition: str,
+    predictions: Path,
+    threshold: float,
+    name: str,
+    store: RunDir | None = None,
 ) -> dict:
-    """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``."""
+    """The clinical comparison of the image model's ``predictions.csv`` on the films of ``reference``;
+    ``store``: also fit the fused model on all of them and write it to that run's ``fused.json``."""
     import csv
 
     from kneeosteo.data.reference import read_reference
@@ -216,6 +231,27 @@ def clinical_block(
     cs = clinical_set(ref, scored, definition, covariates)
     out = clinical_comparison(cs, {f"image ({name})": (by_path(probs, cs.paths), threshold)})
     out.update(reference=str(reference), definition=definition, not_in_reference=len(probs) - len(scored))
+    if store is not None:
+        from kneeosteo.evaluation.clinical import fit_fused
+        from kneeosteo.models.fused import FUSED_FILE
+        from kneeosteo.utils.hashing import sha256_file
+
+        row = next(r for r in out["rows"] if r["model"].startswith("fused ("))
+        fused = fit_fused(
+            cs,
+            by_path(probs, cs.paths),
+            store.config.weights_sha256,
+            definition,
+            {"reference": str(reference), "reference_sha256": sha256_file(reference), "predictions": str(predictions)},
+            {
+                "auc": row["auc"],
+                "how": f"cross-fitted on the same films ({out['folds']} patient-level "
+                "folds); the stored model is fitted on all of them, so no figure on these films tests it",
+            },
+        )
+        write_json(store.path / FUSED_FILE, fused.to_json())
+        store.update_record(fused={"sha256": sha256_file(store.path / FUSED_FILE)})  # the file first, then its record
+        out["stored_fused"] = str(store.path / FUSED_FILE)
     return out
 
 

@@ -227,7 +227,7 @@ def render_markdown(rows: list[dict], info: dict) -> str:
     for r in rows:
         paper = r.get("accuracy_paper")
         paper_s = f"{paper:.4f} ({r['paper_row']})" if not _missing(paper) else "-"
-        p = lambda k: f"{r[k]:.3g}" if not _missing(r.get(k)) else "-"  # noqa: E731
+        p = lambda k: f"{r[k]:.3g}" if not _missing(r.get(k)) else "-"  # noqa: E731, B023 (used in this iteration)
         lines.append(
             f"| {r['title']} | {r['status']} | {r.get('seeds', 0)} | "
             + " | ".join(_fmt(r, c) for c in columns)

@@ -214,7 +214,7 @@ def structured_report(
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     algorithm = _algorithm(info, threshold)
-    num = lambda key, v: hd.sr.Measurement(
+    num = lambda key, v: hd.sr.Measurement(  # noqa: E731
         name=_code(*CONCEPTS[key]), value=float(v), unit=codes.UCUM.NoUnits, algorithm_id=algorithm
     )
     measurements = []
@@ -223,7 +223,7 @@ def structured_report(
     measurements.append(num("threshold", threshold))
     if np.isfinite(t.domain_score):
         measurements += [num("domain", t.domain_score), num("domain_threshold", t.domain_threshold)]
-    qual = lambda key, value: hd.sr.QualitativeEvaluation(_code(*CONCEPTS[key]), value)
+    qual = lambda key, value: hd.sr.QualitativeEvaluation(_code(*CONCEPTS[key]), value)  # noqa: E731
     evaluations = [
         qual("status", _code(t.status.upper().replace("_", "-"), STATUS_MEANINGS[t.status])),
         qual("reason", _code(*status_reason(t))),

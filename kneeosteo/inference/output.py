@@ -124,6 +124,8 @@ def csv_row(p: Prediction) -> tuple:
         knees_cell(p),
         p.knee_reason,
         p.status_reason,
+        _num(p.fused_probability),
+        p.answer_basis,
     )
 
 
@@ -173,6 +175,8 @@ def parquet_schema():
             ("knees", pa.string()),
             ("knee_reason", pa.string()),
             ("status_reason", pa.string()),
+            ("fused_probability", pa.float64()),
+            ("answer_basis", pa.string()),
         ]
     )
 
@@ -369,6 +373,8 @@ def format_table(result: PredictionResult) -> str:
             _knees_text(p),
             printable(p.knee_reason) or "-",
             printable(p.status_reason) or "-",
+            num(p.fused_probability, ".4f"),
+            p.answer_basis if p.fused_probability is not None or p.answer_basis != "image_only" else "-",
         ]
         for p in result.predictions
     ]

@@ -76,6 +76,10 @@ COLUMNS = (
     "knee_reason",
     # why the status is what it is (issue 33): last, so the columns before it keep their places
     "status_reason",
+    # a run with a fused model (issue 31, `evaluate --store-fused`): its answer from the image and the
+    # covariates, and what each answer rests on (image_only | image_and_covariates)
+    "fused_probability",
+    "answer_basis",
 )
 ENGINES = ("auto", "torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")
 CPU_DEFAULT_ENGINE = "onnxruntime"  # the numbers behind it: docs/results/benchmarks/RESULTS.md
@@ -116,6 +120,8 @@ class Prediction:
     knees: tuple[dict, ...] | None = None  # a knee run: per knee, left to right (kneeosteo.inference.knees)
     knee_reason: str = ""  # a knee run's film with no knee found: why
     status_reason: str = ""  # which domain check failed; both classes in the set; no signal; batch shift
+    fused_probability: float | None = None  # the run's fused model (image + covariates), when given them all
+    answer_basis: str = "image_only"  # image_only | image_and_covariates: never a filled-in covariate
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -209,6 +215,16 @@ class Predictor:
                 self.info = replace(self.info, threshold=self.trust.threshold)
             else:
                 self.trust = replace(self.trust, threshold=float(threshold))
+        from kneeosteo.models.fused import load_fused
+
+        # the run's fused model (image + covariates), checked against its weights; None for most runs
+        self.fused = (
+            load_fused(
+                self.run.path, self.run.config.weights_sha256, (self.run.config.record.get("fused") or {}).get("sha256")
+            )
+            if self.run is not None and isinstance(self.task, Binary)
+            else None
+        )
         if (
             self.trust is not None
             and self.trust.domain is not None
@@ -353,7 +369,7 @@ class Predictor:
         def load(path: Path):
             try:
                 img = read_image(path)
-                img.content_id  # hash in the worker thread too (cached on the image)
+                _ = img.content_id  # hash in the worker thread too (cached on the image)
                 return img, (prep.knee_views(img.pixels) if self.knee_run else prep(img.pixels))
             except ImageReadError as exc:
                 return exc, None

@@ -243,7 +243,7 @@ def _pair(text: str | None, name: str) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise typer.BadParameter("give two numbers as LOW,HIGH", param_hint=name)
+        raise typer.BadParameter("give two numbers as LOW,HIGH", param_hint=name) from None
     return lo, hi
 
 
@@ -430,6 +430,11 @@ def evaluate(
     definition: str | None = typer.Option(
         None, parser=_choice(DEFINITIONS), help=DEFINITION_HELP + " Default: the split's, else osteoporosis."
     ),
+    store_fused: bool = typer.Option(
+        False,
+        "--store-fused",
+        help="With --reference/--covariates: fit the fused model (image + covariates) on those films and store it in the run (fused.json), so predict and the API use the covariates. Its quality figure is the cross-fitted one: the films it is fitted on no longer test it.",
+    ),
 ):
     """Score a trained run: the paper's metrics with 95% intervals, the shortcut probes, predictions.csv and figures."""
     from kneeosteo.evaluation.evaluate import evaluate_run
@@ -459,6 +464,7 @@ def evaluate(
         reference=reference,
         covariates=names,
         definition=definition,
+        store_fused=store_fused,
     )
     if not isinstance(task_named(str(metrics.get("task", "binary"))), Binary):
         print(format_task_metrics(run.name, metrics))
@@ -474,6 +480,11 @@ def evaluate(
 
         for line in format_comparison(metrics["clinical"]):
             print(line)
+        if metrics["clinical"].get("stored_fused"):
+            print(
+                f"stored the fused model (fitted on these {metrics['clinical']['n']} films) in "
+                f"{metrics['clinical']['stored_fused']}"
+            )
     print(f"wrote metrics.json, predictions.csv and figures to {where}")
 
 
@@ -482,13 +493,32 @@ def compare(
     run_a: Path = typer.Argument(..., help="A scored run folder (or an `evaluate` output folder inside one)."),
     run_b: Path = typer.Argument(..., help="Another, scored on the same test images."),
     out: Path | None = typer.Option(None, "--out", help="Also write the tests as JSON here."),
+    reference: Path | None = ReferenceOpt(),
+    covariates: str | None = typer.Option(
+        None,
+        help="Comma-separated covariate columns of --reference (such as age,sex,weight_kg): also print the clinical logistic, the OST index and each run fused with the covariates, on the films the reference covers.",
+    ),
+    definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
 ):
     """Paired tests of two runs on the same test images: McNemar + DeLong (binary), Stuart-Maxwell + per-class McNemar (multiclass), Wilcoxon on absolute errors (regression)."""
-    from kneeosteo.evaluation.compare import compare_runs, format_comparison
+    from kneeosteo.evaluation.compare import clinical_beside, compare_runs, format_comparison
     from kneeosteo.utils.atomic import write_json
 
+    names = None
+    if covariates is not None or reference is not None:
+        from kneeosteo.evaluation.clinical import parse_covariates
+
+        if reference is None or covariates is None:
+            raise typer.BadParameter("--reference and --covariates go together", param_hint="--covariates")
+        names = parse_covariates(covariates)
     result = compare_runs(run_a, run_b)
     print(format_comparison(result))
+    if names:
+        from kneeosteo.evaluation.clinical import format_comparison as format_clinical
+
+        result["clinical"] = clinical_beside(run_a, run_b, reference, names, definition)
+        for line in format_clinical(result["clinical"]):
+            print(line)
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")
@@ -689,6 +719,11 @@ def predict(
         "--dicom-out",
         help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra).",
     ),
+    covariates: Path | None = typer.Option(
+        None,
+        "--covariates",
+        help="For a run with a fused model (fused.json, `evaluate --store-fused`): a CSV with path and the model's covariate columns; adds fused_probability, and answer_basis image_and_covariates (image_only where a value is missing, named on stderr).",
+    ),
 ):
     """P(osteoporosis) per image, as path,content_id,probability,label,threshold,model; unreadable files are listed at the end."""
     from kneeosteo.inference import ENGINES, Predictor
@@ -733,6 +768,20 @@ def predict(
         ensure_writable(out.parent)  # before reading thousands of images, not after
     kwargs = dict(run=run, engine=engine, onnx=onnx_file, threshold=threshold, batch_size=batch_size, device=device)
     predictor = Predictor(**kwargs)  # loaded here even with --workers/--ray: a bad model fails once, clearly
+    table = None
+    if covariates is not None:
+        if predictor.fused is None:
+            raise typer.BadParameter(
+                f"model {predictor.model_id} has no fused model (fused.json) to take covariates; "
+                "fit one with `kneeosteo evaluate RUN --reference R --covariates ... "
+                "--store-fused`",
+                param_hint="--covariates",
+            )
+        if ray is not None:
+            raise typer.BadParameter("--covariates is applied in this process: drop --ray", param_hint="--covariates")
+        from kneeosteo.inference.covariates import read_covariates
+
+        table = read_covariates(covariates, predictor.fused.covariates)  # before the images are read
     if dicom_out is not None and (predictor.run is None or not isinstance(predictor.task, Binary)):
         raise typer.BadParameter(
             "DICOM reports are written for a binary run folder (--run), whose model also draws the heat map",
@@ -764,6 +813,19 @@ def predict(
     from kneeosteo.inference.batch import assess_batch
 
     shift = assess_batch(result, predictor.trust, predictor.task)  # before writing: a shift changes the rows
+    fused_notes = []
+    if predictor.fused is not None:
+        from kneeosteo.inference.covariates import apply_covariates
+
+        if table is None:
+            fused_notes = [
+                f"model {predictor.model_id} takes covariates ({', '.join(predictor.fused.covariates)}; "
+                "--covariates FILE.csv): without them every answer is image-only"
+            ]
+        else:
+            result.predictions, fused_notes = apply_covariates(
+                result.predictions, predictor.fused, table, str(covariates)
+            )
     if out is not None:
         write_predictions(result, out)
         print(f"wrote {len(result.predictions)} predictions to {out} (model {predictor.model_id})")
@@ -773,6 +835,8 @@ def predict(
         typer.echo(shift.line(), err=True)
     for err in result.errors:
         typer.echo(printable(f"{err.path}: {err.reason}"), err=True)
+    for line in fused_notes:
+        typer.echo(printable(line), err=True)
     if not result.predictions:
         raise DataError(
             f"no image could be read ({len(result.errors)} unreadable, see above)"
@@ -990,7 +1054,7 @@ def serve(
     except ImportError as exc:
         raise KneeosteoError(
             f"`serve` needs FastAPI, uvicorn and python-multipart ({exc}); pip install fastapi uvicorn python-multipart"
-        )
+        ) from exc
     web = create_app(
         WebSettings(
             run=run,

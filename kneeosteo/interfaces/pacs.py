@@ -223,15 +223,18 @@ def _one_pass_at_a_time(state: Path) -> Iterator[None]:
     either SR is in the PACS: the second one stops with one line instead."""
     import fcntl
 
-    with open(state / ".lock", "w") as fh:
+    fd = os.open(state / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)  # an empty file: nothing is written
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PacsError(f"another `kneeosteo pacs` pass is using {state}; let it finish") from None
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _pass(
@@ -415,9 +418,12 @@ def _one_film(
             ds, verdict, explainer.info, explainer.threshold, series_uid=new_uid(), sop_uid=new_uid()
         )
         sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.iterdir():  # flushed to disk before the rename publishes them
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, outbox / sop)  # the entry appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

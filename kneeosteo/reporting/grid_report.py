@@ -39,6 +39,26 @@ def _model_key(model: str) -> str:
     return Path(model).stem if model.endswith(".toml") else model
 
 
+def clinical_section(root: Path) -> dict | None:
+    """``clinical.json`` of a ``reproduce --covariates`` folder (:func:`kneeosteo.evaluation.clinical.over_seeds`):
+    the fixed baselines and, per model and seed, the image and fused AUCs and the paired DeLong
+    differences with their intervals; None when the folder has none."""
+    f = root / "clinical.json"
+    if not f.is_file():
+        return None
+    doc = json.loads(f.read_text())
+    seeds = [{"model": model, **s} for model, per in doc.get("models", {}).items() for s in per]
+    return {
+        "n": doc.get("n"),
+        "positives": doc.get("positives"),
+        "covariates": doc.get("covariates", []),
+        "left_out": doc.get("left_out", []),
+        "fixed": doc.get("fixed", {}),
+        "seeds": seeds,
+        "cost": doc.get("cost"),
+    }
+
+
 def grid_context(path: str | Path) -> dict:
     root = Path(path)
     if not is_grid(root):
@@ -84,6 +104,7 @@ def grid_context(path: str | Path) -> dict:
         "title": f"kneeosteo report: reproduce {root.name}",
         "info": info,
         "rows": table,
+        "clinical": clinical_section(root),
         "forest": file_uri(root / "table1.png"),
         "spread": spread,
         "cells": cells,

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -170,6 +170,21 @@ class Prediction(BaseModel):
         None,
         description="A knee run: why no knee was found (the film is then out_of_domain); empty when knees were found.",
     )
+    fused_probability: float | None = Field(
+        None,
+        description="A run with a fused model (`GET /api/model` "
+        "`fused`): P(positive) from the image and the covariates sent in the "
+        "`covariates` form field; null when one is missing.",
+    )
+    answer_basis: str = Field(
+        "image_only",
+        description="What the answer rests on: image_and_covariates (every "
+        "covariate the fused model takes was sent) or image_only (never a filled-in value).",
+    )
+    missing_covariates: list[str] = Field(
+        default_factory=list,
+        description="The fused model's covariates that were not sent (the answer is then image_only).",
+    )
 
 
 class Explanation(Prediction):
@@ -205,6 +220,7 @@ class Service:
         self._shift = None  # (requests seen when computed, BatchShift)
         self._seen = 0
         self.info = self.predictor.info
+        self.fused = self.predictor.fused
         card = run.card_file.read_text() if run.card_file.is_file() else None
         self.caveat = card_caveat(card)
         self.model_doc = {
@@ -218,6 +234,17 @@ class Service:
             "card": card,
             "config": public_doc(run.read_json(run.config_file.name)),
             "metrics": public_doc(run.read_json(run.metrics_file.name)),
+            # a run that uses covariates: which, and its quoted figure; no file names or paths
+            "fused": None
+            if self.fused is None
+            else {
+                "covariates": list(self.fused.covariates),
+                "definition": self.fused.definition,
+                "films": self.fused.fitted_on.get("films"),
+                "positives": self.fused.fitted_on.get("positives"),
+                "auc": (self.fused.estimate.get("auc") or {}).get("auc"),
+                "how": self.fused.estimate.get("how"),
+            },
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": settings.max_pixels,
@@ -226,13 +253,55 @@ class Service:
             },
         }
 
-    def predict(self, path: Path, name: str) -> dict:
+    def predict(self, path: Path, name: str, covariates: dict | None = None) -> dict:
         img = decode(path, name, self.settings.max_pixels)
-        return self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])
+        return self._answer(img, name, covariates)
 
-    def explain(self, path: Path, name: str) -> dict:
+    def _answer(self, img, name: str, covariates: dict | None) -> dict:
+        """The image model's row, plus the fused model's answer when the run has one."""
+        row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])
+        row["answer_basis"] = "image_only"
+        if self.fused is not None:
+            row["missing_covariates"] = list(self.fused.covariates)
+            raw = row.get("raw_probability")
+            if row["status"] != "out_of_domain" and raw is not None:
+                row.update(self.fused.answer(raw, covariates or {}, "covariates"))
+        return row
+
+    def check_covariates(self, text: str | None) -> dict | None:
+        """The ``covariates`` form field (a JSON object) checked before any work: a model without a
+        fused model, an unknown name or a value that is not a number is an HTTP 422 naming it."""
+        import json
+
+        from kneeosteo.models.fused import covariate_value
+
+        if text is None or not text.strip():
+            return None
+        if self.fused is None:
+            raise HTTPException(422, f"model {self.info.model_id} takes no covariates (it has no fused model)")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise HTTPException(422, 'covariates: send a JSON object, such as {"age": 70, "sex": "female"}')
+        unknown = [k for k in doc if k not in self.fused.covariates]
+        if unknown:
+            raise HTTPException(
+                422,
+                f"covariates: unknown {', '.join(map(str, unknown))[:100]} "
+                f"(the model takes {', '.join(self.fused.covariates)})",
+            )
+        for k, v in doc.items():
+            try:
+                covariate_value(k, v)
+            except ValueError as exc:
+                raise HTTPException(422, f"covariates: {str(exc)[:150]}") from None
+        return doc
+
+    def explain(self, path: Path, name: str, covariates: dict | None = None) -> dict:
         img = decode(path, name, self.settings.max_pixels)
-        row = self._row(img, name, self.predictor.predict_trusted([img.pixels])[0])  # what /api/predict gives
+        row = self._answer(img, name, covariates)  # what /api/predict gives
         if row["status"] == "out_of_domain":  # no label, so no map of the evidence for one
             return {
                 **row,
@@ -422,14 +491,31 @@ def create_app(settings: WebSettings = WebSettings()) -> FastAPI:
         return {**service.model_doc, "batch_shift": service.batch_shift()}
 
     @app.post("/api/predict", response_model=Prediction, responses=_ERRORS, tags=["model"])
-    async def predict(file: Upload):
-        """P(osteoporosis), label and threshold for one radiograph (multipart field `file`)."""
-        return await run_job(file, service.predict)
+    async def predict(
+        file: Upload,
+        covariates: Annotated[
+            str | None,
+            Form(
+                description="For a run with a fused model: a JSON object of its covariates, such as "
+                '{"age": 70, "sex": "female", "weight_kg": 60}; a missing one gives an image_only answer.'
+            ),
+        ] = None,
+    ):
+        """P(osteoporosis), label and threshold for one radiograph (multipart field `file`); with the
+        `covariates` field, a run with a fused model also answers from the image and the covariates."""
+        cells = service.check_covariates(covariates)
+        return await run_job(file, lambda path, name: service.predict(path, name, cells))
 
     @app.post("/api/explain", response_model=Explanation, responses=_ERRORS, tags=["model"])
-    async def explain(file: Upload):
+    async def explain(
+        file: Upload,
+        covariates: Annotated[
+            str | None, Form(description="As for /api/predict: a JSON object of the fused model's covariates.")
+        ] = None,
+    ):
         """The prediction plus the radiograph, Grad-CAM and attention overlays as base64 PNGs."""
-        return await run_job(file, service.explain)
+        cells = service.check_covariates(covariates)
+        return await run_job(file, lambda path, name: service.explain(path, name, cells))
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():

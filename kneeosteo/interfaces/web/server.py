@@ -27,7 +27,11 @@ def is_loopback(host: str) -> bool:
 
 @contextmanager
 def serve_in_thread(
-    app, host: str = "127.0.0.1", timeout: float = 20.0, limits: ConnectionLimits | None = ConnectionLimits(), **config
+    app,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+    limits: ConnectionLimits | None = ConnectionLimits(),  # noqa: B008 (a frozen dataclass)
+    **config,
 ) -> Iterator[str]:
     """Serve ``app`` on ``host`` at a port the OS picks; yields the base URL, stops on exit.
     ``limits``: the client time limits (None: uvicorn's own, which never close a stalled client)."""

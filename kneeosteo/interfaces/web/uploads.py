@@ -108,7 +108,7 @@ def decode(path: Path, name: str, max_pixels: int) -> LoadedImage:
     """The reader's canonical image; its errors become 415/422 naming the upload, not our path."""
     try:
         img = read_image(path, max_pixels=max_pixels)
-        img.content_id  # hash here, in the worker thread
+        _ = img.content_id  # hash here, in the worker thread
         return img
     except ImageReadError as exc:
         reason = exc.reason.replace(str(path), name)
