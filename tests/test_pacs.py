@@ -679,6 +679,8 @@ def from_manifest(tiny, tmp_path_factory):
     dicom = _film(tmp / "in", "film", g.dataset_image(7, "osteoporosis"), generate_uid(), generate_uid())
     # relative paths, from the manifest's folder; extra columns are ignored
     rows = [{"path": f"in/{films[k].name}", "note": "x", **v} for k, v in PATIENTS.items()]
+    # a DICOM input keeps its own patient and study: its row here is not read
+    rows.append({**rows[0], "path": f"in/{dicom.name}", "PatientID": "NOT-THE-DICOM-ONE"})
     manifest = _write_manifest(tmp / "patients.csv", rows)
     args = ["predict", *map(str, films.values()), str(dicom), "--run", str(tiny.run)]
     args += ["--out", str(tmp / "preds.csv"), "--dicom-out", str(tmp / "dcm"), "--dicom-manifest", str(manifest)]
@@ -729,6 +731,8 @@ def test_a_film_from_a_manifest_gets_its_image_an_sr_referencing_it_and_a_map(fr
     scs = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID: ds for ds in objs["sc"]}
     # every wrapped image has its SR; the DICOM film keeps its own (its UID, its patient)
     assert set(srs) == set(by_uid) | {src_dicom.SOPInstanceUID}
+    own = srs[src_dicom.SOPInstanceUID]
+    assert (own.PatientID, own.StudyInstanceUID) == (src_dicom.PatientID, src_dicom.StudyInstanceUID)
     seen_names = set()
     for ds in wrapped:
         name = next(
