@@ -7,7 +7,7 @@ importing torch, OpenCV or scikit-learn. The modules that act on them re-export 
 
 from __future__ import annotations
 
-__all__ = ["CLASSIFICATION_TASKS", "PRESETS", "REWEIGHTS"]
+__all__ = ["CLASSIFICATION_TASKS", "PRESETS", "REWEIGHTS", "TASK_NAMES"]
 
 PRESETS = (
     "paper",
@@ -16,4 +16,5 @@ PRESETS = (
     "knee",
 )  # data/preprocess.py: the paper's resize, letterbox, bone region, knee region
 REWEIGHTS = ("none", "metadata")  # TrainConfig.reweight (data/shortcut.py)
-CLASSIFICATION_TASKS = ("binary", "multiclass")  # --task; regression comes from --target (models/task.py)
+CLASSIFICATION_TASKS = ("binary", "multiclass")  # --task; regression comes from --target (kneeosteo/tasks)
+TASK_NAMES = (*CLASSIFICATION_TASKS, "regression")  # the run folder's names (config.json, the weights' identity)

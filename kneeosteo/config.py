@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tomllib
 
-from kneeosteo.choices import CLASSIFICATION_TASKS, PRESETS, REWEIGHTS
+from kneeosteo.choices import PRESETS, REWEIGHTS, TASK_NAMES
 from kneeosteo.data.manifest import TARGETS
 from kneeosteo.errors import ConfigError
 
@@ -40,7 +40,7 @@ class TrainConfig:
     positive: str = "osteoporosis"
     labels: str | None = None  # a label manifest (data/manifest.py); None = class folders
     merge: dict = field(default_factory=dict)  # {"osteopenia": "normal"}: classes merged before anything else
-    task: str = "binary"  # binary | multiclass (models/task.py)
+    task: str = "binary"  # binary | multiclass | regression (kneeosteo/tasks); target != label makes it regression
     target: str = "label"  # label (classification) | t_score | bmd (regression on that manifest column)
     classes: tuple = ()  # class names in index order; empty = found in the data
     backbone: str = "efficientnet_lite0"
@@ -83,6 +83,8 @@ class TrainConfig:
         self.crop_fraction = tuple(self.crop_fraction)
         self.operating_point = str(self.operating_point)
         self.classes = tuple(self.classes)
+        if self.target != "label":  # --target makes a regression whatever --task says: one name for the task
+            self.task = "regression"
         from kneeosteo.data.manifest import parse_merge
 
         self.merge = parse_merge(self.merge)
@@ -108,15 +110,17 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
         choice("reweight", REWEIGHTS)
-        choice("task", CLASSIFICATION_TASKS)
+        choice("task", TASK_NAMES)
         choice("target", TARGETS)
+        if self.task == "regression" and self.target == "label":
+            raise ConfigError("task = 'regression' needs a number target (target = t_score or bmd)")
         if self.target != "label" and not self.labels:
             raise ConfigError(f"target = {self.target!r} needs a label manifest with that column (labels = labels.csv)")
-        if self.kind != "binary":
+        if self.task != "binary":
             for name, default in (("reweight", "none"), ("operating_point", "0.5")):
                 if getattr(self, name) != default:
                     raise ConfigError(
-                        f"{name} = {getattr(self, name)!r} is for the binary task only (this run: {self.kind})"
+                        f"{name} = {getattr(self, name)!r} is for the binary task only (this run: {self.task})"
                     )
         if self.classes and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
             raise ConfigError(f"classes = {list(self.classes)}: give two or more different names")
@@ -136,7 +140,7 @@ class TrainConfig:
         number("label_smoothing", 0.0, 0.5)
         number("gce_q", 0.0, 1.0)
         for name in ("label_smoothing", "gce_q"):
-            if getattr(self, name) and self.kind == "regression":
+            if getattr(self, name) and self.task == "regression":
                 raise ConfigError(
                     f"{name} = {getattr(self, name)} is for classification, not a {self.target} regression"
                 )
@@ -172,13 +176,6 @@ class TrainConfig:
         if not (self.attention or self.use_backbone):
             raise ConfigError("attention and use_backbone are both off: the model would have no input branch")
 
-    @property
-    def kind(self) -> str:
-        """binary, multiclass or regression (``models.task.task_of``)."""
-        from kneeosteo.models.task import task_of  # torch: imported when a run needs it, not at start-up
-
-        return task_of(self.task, self.target)
-
     def scan_options(self) -> dict:
         """``data.scan.scan_dataset``'s keywords for this run's labels, merge, target and task."""
         return {
@@ -186,7 +183,7 @@ class TrainConfig:
             "merge": self.merge,
             "target": self.target,
             "classes": list(self.classes) or None,
-            "require_binary": self.kind == "binary",
+            "require_binary": self.task == "binary",
         }
 
     def to_dict(self) -> dict:

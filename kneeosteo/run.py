@@ -110,7 +110,7 @@ class RunConfig:
     weights_sha256: str
     settings: dict
     record: dict
-    task: str = "binary"  # binary | multiclass | regression (models/task.py)
+    task: str = "binary"  # binary | multiclass | regression (kneeosteo/tasks)
     target: str = "label"  # a regression's number (t_score, bmd)
 
     @property

@@ -641,7 +641,7 @@ def test_label_smoothing_is_two_class_cross_entropy_smoothing_and_only_for_class
 
     from kneeosteo.config import TrainConfig
     from kneeosteo.errors import ConfigError
-    from kneeosteo.models.task import get_task
+    from kneeosteo.tasks import task_named as get_task
 
     z = torch.linspace(-3, 3, 7)
     y = torch.tensor([0.0, 1, 1, 0, 1, 0, 1])
@@ -672,7 +672,7 @@ def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
 
     from kneeosteo.config import TrainConfig
     from kneeosteo.errors import ConfigError
-    from kneeosteo.models.task import get_task
+    from kneeosteo.tasks import task_named as get_task
 
     binary = get_task("binary")
     z = torch.linspace(-4, 4, 9)

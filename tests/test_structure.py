@@ -31,6 +31,7 @@ LAYERS = {  # module prefix -> layer
     "kneeosteo.utils": 0,
     "kneeosteo.data": 1,
     "kneeosteo.models": 2,
+    "kneeosteo.tasks": 2,
     "kneeosteo.config": 3,
     "kneeosteo.run": 3,
     "kneeosteo.features": 3,
@@ -295,3 +296,51 @@ def test_the_readme_lists_exactly_the_run_folder_files():
     table = docs[docs.index("RUN holds:") :].split("\n\n")[1]
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip() for line in table.splitlines()[2:]}
     assert rows == RUN_FILES
+
+
+# ------------------------------------------------------------------------------ the task is an object
+
+TASK_NAME_MODULES = {  # where a task's name may be compared: where a run is read or created, and the tasks
+    "kneeosteo.tasks",
+    "kneeosteo.run",
+    "kneeosteo.config",
+    "kneeosteo.choices",
+}
+
+
+def _task_name_comparisons(source: str) -> list[int]:
+    """Line numbers where a task name ("binary", "multiclass", "regression") is an operand of a
+    comparison (==, !=, in, not in; in a tuple, list or set too)."""
+    from kneeosteo.choices import TASK_NAMES
+
+    def names(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in TASK_NAMES
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(names(e) for e in node.elts)
+        return False
+
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Compare) and any(names(n) for n in (node.left, *node.comparators))
+    ]
+
+
+def test_task_names_are_compared_only_where_a_run_is_read_or_created():
+    """Everything else asks the run's task object (kneeosteo/tasks) instead of comparing its name."""
+    found = {}
+    for module, path in _modules().items():
+        if _layer_key(module) in TASK_NAME_MODULES or module in TASK_NAME_MODULES:
+            continue
+        lines = _task_name_comparisons(path.read_text())
+        if lines:
+            found[module] = lines
+    assert not found, "task names compared as strings (ask kneeosteo.tasks.task_for(cfg) instead):\n" + "\n".join(
+        f"{m}: lines {sorted(ls)}" for m, ls in sorted(found.items())
+    )
+
+
+def test_the_task_name_checker_catches_a_comparison():
+    src = 'def f(cfg, m):\n    a = cfg.task == "binary"\n    b = m["task"] in ("multiclass", "regression")\n    c = {"task": "binary"}\n'
+    assert _task_name_comparisons(src) == [2, 3]  # a comparison, a membership test; a dict value is not one

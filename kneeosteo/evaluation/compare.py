@@ -31,6 +31,7 @@ from kneeosteo.errors import DataError
 from kneeosteo.evaluation.multiclass import paired_multiclass_tests
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Binary, Multiclass, task_for, task_named
 
 __all__ = ["clinical_beside", "compare_runs", "format_comparison"]
 
@@ -56,8 +57,8 @@ def compare_runs(a: str | Path, b: str | Path) -> dict:
     """Paired tests of the runs (or evaluation folders) ``a`` and ``b`` on their shared test set."""
     a, b = Path(a), Path(b)
     run_a, run_b = _run_of(a), _run_of(b)
-    task = run_a.config.task
-    if run_b.config.task != task or run_a.config.classes != run_b.config.classes:
+    task = task_for(run_a.config)
+    if type(task_for(run_b.config)) is not type(task) or run_a.config.classes != run_b.config.classes:
         raise DataError(
             f"{b}: a {run_b.config.task} run with classes {list(run_b.config.classes)}; {a} is a {task} "
             f"run with {list(run_a.config.classes)}: nothing to pair"
@@ -67,23 +68,19 @@ def compare_runs(a: str | Path, b: str | Path) -> dict:
         only = sorted(set(ra) ^ set(rb))
         raise DataError(f"{a} and {b} were scored on different images (e.g. {only[0]}); compare runs on one split")
     paths = sorted(ra)
-    label = (
-        "t_score"
-        if task == "regression" and "t_score" in ra[paths[0]]
-        else ("bmd" if task == "regression" else "label")
-    )
+    label = task.target  # predictions.csv's truth column: label, or a regression's target
     differ = [p for p in paths if ra[p][label] != rb[p][label]]
     if differ:
         raise DataError(f"{a} and {b} disagree on the label of {differ[0]}")
     out = {
-        "task": task,
+        "task": task.name,
         "n": len(paths),
         "a": str(a),
         "b": str(b),
         "model_a": run_a.model_id,
         "model_b": run_b.model_id,
     }
-    if task == "binary":
+    if isinstance(task, Binary):
         y = np.array([int(ra[p]["label"]) for p in paths])
         pa = np.array([float(ra[p]["probability"]) for p in paths])
         pb = np.array([float(rb[p]["probability"]) for p in paths])
@@ -95,7 +92,7 @@ def compare_runs(a: str | Path, b: str | Path) -> dict:
             mcnemar=mcnemar_exact(ca, cb),
             delong=delong_test(y, pa, pb),
         )
-    elif task == "multiclass":
+    elif isinstance(task, Multiclass):
         classes = list(run_a.config.classes)
         idx = {c: k for k, c in enumerate(classes)}
         y = [idx[ra[p]["label"]] for p in paths]
@@ -146,7 +143,7 @@ def clinical_beside(
 
     a, b = Path(a), Path(b)
     run_a, run_b = _run_of(a), _run_of(b)
-    if run_a.config.task != "binary" or run_b.config.task != "binary":
+    if not isinstance(task_for(run_a.config), Binary) or not isinstance(task_for(run_b.config), Binary):
         raise DataError("--reference/--covariates compare binary runs (a probability of the positive class)")
     ref = read_reference(reference)
     probs = {}
@@ -171,14 +168,15 @@ def clinical_beside(
 def format_comparison(c: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"{c['model_a']} vs {c['model_b']}: {c['task']}, {c['n']} paired test images"]
-    if c["task"] == "binary":
+    task = task_named(c["task"])
+    if isinstance(task, Binary):
         d, m = c["delong"], c["mcnemar"]
         lines += [
             f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g} "
             f"(b {m['b']}, c {m['c']})",
             f"AUC {d['auc_a']:.3f} vs {d['auc_b']:.3f}: DeLong p = {d['pvalue']:.4g}",
         ]
-    elif c["task"] == "multiclass":
+    elif isinstance(task, Multiclass):
         sm, m = c["stuart_maxwell"], c["mcnemar_correct"]
         lines += [
             f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g}",

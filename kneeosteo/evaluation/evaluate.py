@@ -21,16 +21,16 @@ from kneeosteo.evaluation.task_scoring import score_task
 from kneeosteo.evaluation.trust_metrics import trust_metrics
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
-from kneeosteo.models.task import get_task
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import BINARY_PREDICTION_FIELDS, Binary, task_for
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.compute_path import compute_path
 from kneeosteo.utils.csvfile import write_csv
 
 __all__ = ["PREDICTION_FIELDS", "backbone_features", "evaluate_run", "predict_prepared", "raw_outputs", "score"]
 
-PREDICTION_FIELDS = ("path", "label", "probability", "prediction")
+PREDICTION_FIELDS = BINARY_PREDICTION_FIELDS
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def predict_prepared(
 ) -> np.ndarray:
     """P(positive) (binary), class probabilities (multiclass) or values (regression) on ``data``."""
     z = torch.from_numpy(raw_outputs(model, data, prep, device, batch_size))
-    return get_task(getattr(model, "task", "binary")).answer_of(z).double().numpy()
+    return (getattr(model, "task", None) or Binary()).answer_of(z).double().numpy()
 
 
 def score(
@@ -66,7 +66,7 @@ def score(
     With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
     under ``shortcut_probes``; ``train`` (the prepared training originals) enables the two that
     need a training partition."""
-    if run.config.task != "binary":
+    if not isinstance(task_for(run.config), Binary):
         return score_task(run, raw_outputs(model, test, run.config.preprocess, device), test, sets, out, history)
     threshold = run.config.threshold if threshold is None else threshold
     prob = predict_prepared(model, test, run.config.preprocess, device)
@@ -100,11 +100,7 @@ def score(
     out.mkdir(parents=True, exist_ok=True)
     metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
     write_json(out / "metrics.json", metrics)
-    write_csv(
-        out / "predictions.csv",
-        PREDICTION_FIELDS,
-        [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(test.paths, y, prob)],
-    )
+    write_csv(out / "predictions.csv", *task_for(run.config).prediction_table(test.paths, y, prob, threshold=threshold))
     if history:
         figures.curves(history, out)
     figures.confusion(metrics["counts"], sets.classes, out)
@@ -146,13 +142,14 @@ def evaluate_run(
     cfg = run.config
     model = run.load_model(device)
     merge = cfg.settings.get("merge") or {}
-    probes = probes and cfg.task == "binary"  # the shortcut probes are binary (metadata vs. one label)
+    task = task_for(cfg)
+    probes = probes and isinstance(task, Binary)  # the shortcut probes are binary (metadata vs. one label)
     if split is not None or data is None:
         sets = load_split(
             split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"), target=cfg.target
         )
         if merge:
-            sets = sets.merged(merge, cfg.positive if cfg.task == "binary" else None)
+            sets = sets.merged(merge, task.merge_positive(cfg.positive))
         root = sets.data
     else:
         scan = scan_dataset(
@@ -161,8 +158,8 @@ def evaluate_run(
             labels=labels,
             merge=merge,
             target=cfg.target,
-            require_binary=cfg.task == "binary",
-            classes=list(cfg.classes) if cfg.task == "multiclass" else None,
+            require_binary=task.require_binary,
+            classes=task.expected_classes(cfg.classes),
         )
         root = Path(data)
         sets = SplitSets(
@@ -176,7 +173,7 @@ def evaluate_run(
             values={r.path: r.values for r in scan.records if r.values},
             target=cfg.target,
         )
-    if cfg.task == "multiclass" and list(sets.classes) != list(cfg.classes):
+    if task.expected_classes(cfg.classes) not in (None, list(sets.classes)):
         raise DataError(
             f"{split or data or run.split_file}: classes {list(sets.classes)} differ from the model's "
             f"{list(cfg.classes)}"
@@ -191,7 +188,7 @@ def evaluate_run(
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
     metrics = score(run, model, test, sets, out, threshold, device, train=train, probes=probes)
-    if reference is not None and cfg.task == "binary":
+    if reference is not None and isinstance(task, Binary):
         import json
 
         split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}

@@ -1,7 +1,7 @@
 """Scoring a multiclass or regression run (``--task multiclass``, ``--target t_score|bmd``).
 
 The binary run keeps ``evaluate.score`` (the paper's metrics, probes, calibration); this module
-is its counterpart for the other two tasks of ``models/task.py``:
+is its counterpart for the other two tasks of ``kneeosteo/tasks``:
 
 - **multiclass**: per-class and macro sensitivity, specificity, precision, F1 and one-vs-rest
   AUC with intervals, the K x K confusion matrix, weighted kappa (``evaluation/multiclass.py``);
@@ -28,6 +28,7 @@ from kneeosteo.evaluation.multiclass import format_multiclass_table, multiclass_
 from kneeosteo.evaluation.regression import format_regression_table, regression_metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Multiclass, task_for, task_named
 from kneeosteo.trust.multiclass import (
     ConformalInterval,
     ConformalSetsK,
@@ -45,7 +46,7 @@ def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
     """The run's answers from raw outputs: calibrated class probabilities and conformal sets
     (multiclass), or values and conformal intervals (regression), as the fitted trust allows."""
     trust = run.config.record.get("task_trust") or {}
-    if run.config.task == "multiclass":
+    if isinstance(task_for(run.config), Multiclass):
         scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
         probs = scaler.transform(outputs)
         sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
@@ -67,7 +68,7 @@ def score_task(
     cfg = run.config
     out.mkdir(parents=True, exist_ok=True)
     answers = task_answers(run, outputs)
-    if cfg.task == "multiclass":
+    if isinstance(task_for(cfg), Multiclass):
         y = test.targets.numpy().astype(int)
         probs = answers["probabilities"]
         metrics = multiclass_metrics_with_ci(y, probs, list(cfg.classes))
@@ -79,12 +80,7 @@ def score_task(
                 "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan"),
             }
         metrics["calibrated"] = answers["calibrated"]
-        header = ("path", "label", "prediction", *[f"p_{c}" for c in cfg.classes])
-        rows = [
-            (p, cfg.classes[t], cfg.classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
-            for p, t, q in zip(test.paths, y, probs)
-        ]
-        write_csv(out / "predictions.csv", header, rows)
+        write_csv(out / "predictions.csv", *task_for(cfg).prediction_table(test.paths, y, probs, cfg.classes))
         figures.confusion_k(metrics["confusion"], list(cfg.classes), out / "confusion_matrix.png")
     else:
         y = test.targets.numpy().astype(np.float64)
@@ -97,12 +93,8 @@ def score_task(
                 "coverage": float(empirical_interval_coverage(y, lo, hi)),
                 "half_width": float(np.median(hi - lo) / 2),
             }
-        header = ("path", cfg.target, "prediction", "interval_low", "interval_high")
-        lo, hi = answers["interval"] if answers["interval"] is not None else (np.full(len(y), np.nan),) * 2
         write_csv(
-            out / "predictions.csv",
-            header,
-            [(p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(test.paths, y, pred, lo, hi)],
+            out / "predictions.csv", *task_for(cfg).prediction_table(test.paths, y, pred, interval=answers["interval"])
         )
         figures.bland_altman(y, pred, out / "bland_altman.png", cfg.target)
         figures.predicted_vs_true(
@@ -125,15 +117,14 @@ def score_task(
 
 def format_task_metrics(name: str, metrics: dict) -> str:
     """evaluate's printout for a multiclass or regression run."""
-    table = (
-        format_multiclass_table(metrics) if metrics.get("task") == "multiclass" else format_regression_table(metrics)
-    )
+    multiclass = isinstance(task_named(str(metrics.get("task"))), Multiclass)
+    table = format_multiclass_table(metrics) if multiclass else format_regression_table(metrics)
     lines = [name, table]
     d = metrics.get("domain_acceptance")
     if d:
         lines.append(f"domain check: accepts {d['accepted']:.3f} of the {d['n']} test images (by their features)")
     c = metrics.get("conformal")
     if c:
-        what = "sets" if metrics.get("task") == "multiclass" else "intervals"
+        what = "sets" if multiclass else "intervals"
         lines.append(f"conformal {what}: test coverage {c['coverage']:.3f} (target {c['coverage_target']})")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from kneeosteo.errors import DataError
 from kneeosteo.evaluation.evaluate import backbone_features, prepare_part, raw_outputs
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Regression, task_for
 from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
 from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES, DomainCheck
 from kneeosteo.trust.multiclass import ConformalInterval, ConformalSetsK, TemperatureScalerK
@@ -57,7 +58,7 @@ def fit_task_trust(run: RunDir, model, sets: SplitSets, coverage: float = 0.9, d
     out = raw_outputs(model, val, prep, device)
     y = val.targets.numpy()
     fitted = {"calibration_set": "validation partition", "calibration_images": int(len(y))}
-    if run.config.task == "regression":
+    if isinstance(task_for(run.config), Regression):
         return {"interval": ConformalInterval(coverage).fit(y, out).to_dict(), **fitted}
     y = y.astype(int)
     scaler = TemperatureScalerK()

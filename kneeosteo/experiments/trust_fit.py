@@ -41,6 +41,7 @@ from kneeosteo.evaluation.evaluate import backbone_features, predict_prepared, p
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Binary, task_for
 from kneeosteo.trust import (
     ConformalClassifier,
     DomainCheck,
@@ -417,7 +418,7 @@ def calibrate_run(
         device=device,
         class_conditional=class_conditional,
     )
-    if cfg.task != "binary":
+    if not isinstance(task_for(cfg), Binary):
         from kneeosteo.experiments.task_trust import calibrate_task_run
 
         return calibrate_task_run(src, model, out, data, split, coverage, device)

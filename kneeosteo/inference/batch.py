@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from kneeosteo.tasks import Binary, Task
 from kneeosteo.trust import TrustBundle
 from kneeosteo.trust.shift import BatchShift, batch_shift
 
@@ -19,11 +20,11 @@ BATCH_SHIFT_REASON = "batch shift"
 
 
 def shift_for(
-    trust: TrustBundle | None, domain_scores: Sequence, probabilities: Sequence, task: str = "binary"
+    trust: TrustBundle | None, domain_scores: Sequence, probabilities: Sequence, task: Task | None = None
 ) -> BatchShift:
     """The alarm for one batch's domain scores and calibrated probabilities under ``trust``."""
     n = len(probabilities)
-    if task != "binary":
+    if task is not None and not isinstance(task, Binary):
         return BatchShift("unavailable", n, note=f"the alarm covers binary runs; this is a {task} run")
     if trust is None:
         return BatchShift(
@@ -34,7 +35,7 @@ def shift_for(
     return batch_shift(trust.shift_reference, domain_scores, probabilities)
 
 
-def assess_batch(result, trust: TrustBundle | None, task: str = "binary") -> BatchShift:
+def assess_batch(result, trust: TrustBundle | None, task: Task | None = None) -> BatchShift:
     """The alarm over ``result``'s predictions (a ``PredictionResult``); when it fires, the ``ok``
     rows become ``uncertain`` with the reason. Stores ``result.batch_shift`` and returns it."""
     rows = result.predictions

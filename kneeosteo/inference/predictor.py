@@ -36,8 +36,8 @@ from kneeosteo.data.who import who_band
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.inference.knees import film_verdict, no_knee_verdict
-from kneeosteo.models.task import get_task
 from kneeosteo.run import ModelInfo, RunDir
+from kneeosteo.tasks import Binary, Multiclass, task_for
 from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
@@ -163,7 +163,7 @@ class Predictor:
     ):
         # one RunDir: its config (the weights' sha256 checked) is read once, not once per question
         opened = RunDir.open(run) if (run is not None or onnx is None) else None
-        if onnx is None and opened.config.task != "binary":
+        if onnx is None and not isinstance(task_for(opened.config), Binary):
             if engine not in ("auto", "torch"):  # the ONNX export and int8 cover the paper's binary model
                 raise ConfigError(
                     f"--engine {engine}: a {opened.config.task} run predicts with "
@@ -208,8 +208,8 @@ class Predictor:
             ):
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
-        self.task = "binary" if self.run is None else self.run.config.task
-        self.trust = None if (self.run is None or self.task != "binary") else self.run.trust
+        self.task = Binary() if self.run is None else task_for(self.run.config)
+        self.trust = None if (self.run is None or not isinstance(self.task, Binary)) else self.run.trust
         if self.trust is not None:  # the operating threshold is on the calibrated probability
             if threshold is None:
                 self.info = replace(self.info, threshold=self.trust.threshold)
@@ -222,7 +222,7 @@ class Predictor:
             load_fused(
                 self.run.path, self.run.config.weights_sha256, (self.run.config.record.get("fused") or {}).get("sha256")
             )
-            if self.run is not None and self.task == "binary"
+            if self.run is not None and isinstance(self.task, Binary)
             else None
         )
         if (
@@ -270,7 +270,7 @@ class Predictor:
                 logits, f = self._model.logit_and_features(x)
                 feats = None if f is None else f.float().double().cpu().numpy()
                 z = logits.float().double().cpu().numpy()
-                p = get_task(self.task).answer_of(logits).double().cpu().numpy()
+                p = self.task.answer_of(logits).double().cpu().numpy()
         if not np.isfinite(p).all():  # never a label: a NaN is "normal" at any threshold
             raise InferenceError(
                 f"model {self.model_id} gave a non-finite probability; its weights or preprocessing are broken"
@@ -289,7 +289,7 @@ class Predictor:
         files: the raw probability at the run's threshold, ``calibrated`` False). Where the pixels
         were checked elsewhere (``predict --ray``'s read tasks), ``pixel_reasons`` replaces them."""
         p, z, feats = self.forward(images)
-        if self.task != "binary":
+        if not isinstance(self.task, Binary):
             return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
@@ -335,7 +335,11 @@ class Predictor:
         inputs = [x for _, xs in views for x in xs]
         film_px = [px for (_, xs), px in zip(views, pixels) for _ in xs]
         answers = iter(self.assess(torch.stack(inputs), film_px) if inputs else [])
-        classes = (self.info.negative, self.info.positive) if self.task == "binary" else tuple(self.run.config.classes)
+        classes = (
+            (self.info.negative, self.info.positive)
+            if isinstance(self.task, Binary)
+            else tuple(self.run.config.classes)
+        )
         out = []
         for search, xs in views:
             if not xs:
@@ -445,7 +449,7 @@ def task_verdicts(
             v = check.assess(np.asarray(features[i], dtype=np.float64)[None, :], px, pixel_reasons=reasons)
             verdicts.append((v.score, v.threshold, v.ok, "; ".join(v.reasons)))
     out = []
-    if cfg.task == "multiclass":
+    if isinstance(task_for(cfg), Multiclass):
         for i, q in enumerate(a["probabilities"]):
             score, thr, ok, why = verdicts[i]
             k = int(np.argmax(q))

@@ -199,7 +199,7 @@ def split(
     from kneeosteo.data.reference import read_reference
     from kneeosteo.data.scan import scan_dataset
     from kneeosteo.data.split import make_split, write_split
-    from kneeosteo.models.task import task_of
+    from kneeosteo.tasks import task_named
     from kneeosteo.utils.atomic import ensure_writable
 
     ensure_writable(out.parent)
@@ -212,7 +212,7 @@ def split(
         merge=merge,
         target=target,
         classes=_classes(classes),
-        require_binary=task_of(task, target) == "binary",
+        require_binary=task_named(task, target).require_binary,
     )
     doc = make_split(
         scan, protocol, seed, test_size, val_fraction, folds, near_threshold, reference=ref, definition=definition
@@ -441,6 +441,7 @@ def evaluate(
     from kneeosteo.evaluation.metrics import format_table
     from kneeosteo.evaluation.probes import format_probes
     from kneeosteo.evaluation.task_scoring import format_task_metrics
+    from kneeosteo.tasks import Binary, task_named
 
     if labels is not None and data is None:
         raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
@@ -465,7 +466,7 @@ def evaluate(
         definition=definition,
         store_fused=store_fused,
     )
-    if metrics.get("task") in ("multiclass", "regression"):
+    if not isinstance(task_named(str(metrics.get("task", "binary"))), Binary):
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
         return
@@ -571,6 +572,7 @@ def calibrate(
     (with interval), ECE, calibration slope, set coverage and accuracy there; an AUC interval that
     holds 0.5 is 'no signal at this site' and the new run marks every prediction uncertain."""
     from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, site_check_lines, trust_line
+    from kneeosteo.tasks import Binary, task_for
     from kneeosteo.trust.conformal import _check_coverage
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
@@ -593,7 +595,7 @@ def calibrate(
         labels=labels,
         class_conditional=class_conditional,
     )
-    if new.config.task != "binary":
+    if not isinstance(task_for(new.config), Binary):
         from kneeosteo.experiments.task_trust import task_trust_line
 
         print(task_trust_line(new.config.record["task_trust"]))
@@ -758,6 +760,7 @@ def predict(
             "--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out"
         )
     from kneeosteo.inference.output import check_output
+    from kneeosteo.tasks import Binary
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_manifest is not None and dicom_out is None:
@@ -792,7 +795,7 @@ def predict(
         from kneeosteo.inference.covariates import read_covariates
 
         table = read_covariates(covariates, predictor.fused.covariates)  # before the images are read
-    if dicom_out is not None and (predictor.run is None or predictor.task != "binary"):
+    if dicom_out is not None and (predictor.run is None or not isinstance(predictor.task, Binary)):
         raise typer.BadParameter(
             "DICOM reports are written for a binary run folder (--run), whose model also draws the heat map",
             param_hint="--dicom-out",

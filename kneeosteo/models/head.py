@@ -12,7 +12,7 @@ __all__ = ["ClassifierHead"]
 
 class ClassifierHead(nn.Module):
     """Hidden blocks of Linear -> BatchNorm1d -> Dropout -> ReLU, then Linear(-> outputs): one logit
-    (or one per class for a multiclass task, or the value of a regression; ``models/task.py``).
+    (or one per class for a multiclass task, or the value of a regression; ``kneeosteo/tasks``).
 
     The block order is the paper's. Dropout before ReLU is mathematically the same as after it
     (dropout multiplies by 0 or a positive scale, which commutes with ReLU), so following the
@@ -49,7 +49,7 @@ class ClassifierHead(nn.Module):
         self.layers = nn.Sequential(*layers)
         if outputs < 1:
             raise ValueError(f"outputs must be >= 1, got {outputs}")
-        self.outputs = int(outputs)  # 1: a logit or a value; K: one logit per class (models/task.py)
+        self.outputs = int(outputs)  # 1: a logit or a value; K: one logit per class (kneeosteo/tasks)
         self.out = nn.Linear(prev, self.outputs)
         # a regression answers in target units: out * scale + shift, with the training targets'
         # mean and standard deviation, so the freshly initialised head starts near the mean

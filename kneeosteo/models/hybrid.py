@@ -17,8 +17,8 @@ from kneeosteo.models.attention import AttentionModule
 from kneeosteo.models.backbones import build_backbone, freeze, train_last_stages
 from kneeosteo.models.head import ClassifierHead
 from kneeosteo.models.registry import BackboneSpec, get_backbone_spec
-from kneeosteo.models.task import get_task
 from kneeosteo.models.weights import WeightsInfo
+from kneeosteo.tasks import task_named
 
 __all__ = ["HybridModel", "build_model", "build_model_from_config"]
 
@@ -67,7 +67,7 @@ class HybridModel(nn.Module):
         output_scale: float = 1.0,
     ):
         super().__init__()
-        self.task = get_task(task).name
+        self.task = task_named(task)  # a Task; the model's config keeps its name
         if not (use_attention or use_backbone):
             raise ValueError("at least one of use_attention / use_backbone must be True")
         get_backbone_spec(backbone_name)  # validate; the name also fixes the input normalisation
@@ -167,7 +167,7 @@ class HybridModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return get_task(self.task).answer_of(self(images, features))
+            return self.task.answer_of(self(images, features))
         finally:
             self.train(was_training)
 
@@ -189,7 +189,7 @@ class HybridModel(nn.Module):
             "attention": self.attention.config() if self.attention is not None else None,
             "head": self.head.config(),
             "backbone_weights": self.backbone_weights.to_dict() if self.backbone_weights else None,
-            **({"task": self.task} if self.task != "binary" else {}),  # the paper's binary model: unchanged
+            **self.task.model_entry(),  # the paper's binary model: no entry
         }
 
 

@@ -35,9 +35,9 @@ from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, precache, prepare
 from kneeosteo.models import build_model, get_backbone_spec
 from kneeosteo.models.head import ClassifierHead
-from kneeosteo.models.task import get_task
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import RunDir
+from kneeosteo.tasks import Binary, Task, task_for
 from kneeosteo.training import distributed
 from kneeosteo.training.distributed import Dist
 from kneeosteo.utils.allocator import keep_freed_memory
@@ -93,15 +93,10 @@ def resolve_split(cfg: TrainConfig, data: Path, split_file: Path, prep: Preproce
 def task_sets(sets: SplitSets, cfg: TrainConfig) -> SplitSets:
     """The split as the task sees it: ``--merge`` applied (a split file keeps the original
     classes), and a binary task checked to have two classes."""
+    task = task_for(cfg)
     if cfg.merge:
-        sets = sets.merged(cfg.merge, cfg.positive if cfg.kind == "binary" else None)
-    if cfg.kind == "binary" and len(sets.classes) != 2:
-        raise ConfigError(
-            f"the split has {len(sets.classes)} classes ({', '.join(sets.classes)}): "
-            "use --task multiclass, or --merge such as osteopenia=normal"
-        )
-    if cfg.kind == "multiclass" and len(sets.classes) < 2:
-        raise ConfigError(f"the split has one class ({', '.join(sets.classes)}): nothing to classify")
+        sets = sets.merged(cfg.merge, task.merge_positive(cfg.positive))
+    task.check_split_classes(sets.classes)
     return sets
 
 
@@ -157,7 +152,7 @@ def run_epoch(
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))) if train else None
     model.train(train)
-    task = get_task(getattr(getattr(model, "module", model), "task", "binary"))
+    task = getattr(getattr(model, "module", model), "task", None) or Binary()
     total, correct, probs = 0.0, 0, None
     steps = range(0, n, cfg.batch_size)
     for start in progress_bar(steps, desc, total=len(steps)):
@@ -359,18 +354,17 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
         finetune=cfg.finetune,
         image_size=cfg.image_size,
         trainable_stages=cfg.trainable_stages,
-        task=cfg.kind,
+        task=cfg.task,
     )
     model.to(device)
     spec = get_backbone_spec(cfg.backbone)
     prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
     sets = _split_sets(cfg, data, run, resume, ctx, prep)
-    outputs = get_task(cfg.kind).outputs(len(sets.classes))
-    if cfg.kind != "binary":  # K logits, or a value in target units; the head drawn from the run's seed
-        shift, scale = 0.0, 1.0
-        if cfg.kind == "regression":
-            y = np.array([v for _, v in sets.items("train")], dtype=np.float64)
-            shift, scale = float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
+    task = task_for(cfg)
+    outputs = task.outputs(len(sets.classes))
+    scaling = task.head_scaling(np.array([v for _, v in sets.items("train")], dtype=np.float64))
+    if scaling is not None:  # K logits, or a value in target units; the head drawn from the run's seed
+        shift, scale = scaling
         torch.manual_seed(cfg.seed)
         model.head = ClassifierHead(
             model.head.in_features, model.head.hidden, model.head.dropout, outputs, round(shift, 6), round(scale, 6)
@@ -425,21 +419,19 @@ def _save_model(s: _Setup, cfg: TrainConfig) -> None:
     s.run.save_model(
         s.model,
         s.prep,
-        run_classes(s.sets, cfg.kind),
+        run_classes(s.sets, task_for(cfg)),
         cfg.threshold,
         s.settings,
         s.record,
-        task=cfg.kind,
+        task=cfg.task,
         target=cfg.target,
     )
 
 
-def run_classes(sets: SplitSets, kind: str) -> tuple[str, ...]:
+def run_classes(sets: SplitSets, task: Task) -> tuple[str, ...]:
     """The classes a run's identity records: (negative, positive), the K classes in index order,
     or none for a regression."""
-    if kind == "binary":
-        return (next(c for c in sets.classes if c != sets.positive), sets.positive)
-    return tuple(sets.classes) if kind == "multiclass" else ()
+    return task.run_classes(sets.classes, sets.positive)
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -1,0 +1,307 @@
+"""What the model learns, one class per task: :class:`Binary`, :class:`Multiclass`,
+:class:`Regression`. The task's name is read in one place (:func:`task_for`, from a training
+config or a run's config); everything else asks the task object instead of comparing names.
+
+A task fixes how many outputs the head ends in, the loss it trains with, how an output becomes an
+answer, which classes a run records and how a split's classes are checked:
+
+=============  =========  ============================  =====================================
+task           outputs    loss                          answer
+=============  =========  ============================  =====================================
+binary         1          BCE with logits (the paper)   P(positive) = sigmoid(logit)
+multiclass     K          cross-entropy                 P(class) = softmax(logits)
+regression     1          Huber (delta 1.0)             the value itself (T-score, BMD)
+=============  =========  ============================  =====================================
+
+``--task binary|multiclass`` picks a classification task; ``--target t_score|bmd`` (a column of the
+label manifest) makes it a regression, whatever ``--task`` says. The names stay the run folder's
+format (``config.json``'s ``task``); torch is imported when a loss or an answer is computed, not
+when a task is built, so the configuration and ``--help`` do not load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from kneeosteo.choices import CLASSIFICATION_TASKS, TASK_NAMES
+from kneeosteo.errors import ConfigError
+
+__all__ = [
+    "BINARY_PREDICTION_FIELDS",
+    "CLASSIFICATION_TASKS",
+    "HUBER_DELTA",
+    "TASK_NAMES",
+    "Binary",
+    "Multiclass",
+    "Regression",
+    "Task",
+    "task_for",
+    "task_named",
+    "task_name",
+]
+
+BINARY_PREDICTION_FIELDS = ("path", "label", "probability", "prediction")  # the paper's predictions.csv
+HUBER_DELTA = 1.0  # in target units: one T-score unit, i.e. one standard deviation of young-adult BMD
+
+
+class Task:
+    """One task's behaviour; subclasses override what differs."""
+
+    name: ClassVar[str]
+    loss_name: ClassVar[str]
+    answer: ClassVar[str]
+    target: str = "label"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.target == other.target
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.target))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __str__(self) -> str:
+        return self.name
+
+    # ------------------------------------------------------------------ the model
+    def model_entry(self) -> dict:
+        """What the model's config (``HybridModel.model_config``) records of the task."""
+        return {"task": self.name}
+
+    def outputs(self, n_classes: int) -> int:
+        """Width of the head's last layer."""
+        return 1
+
+    def loss(self, out, y, weight=None, reduction: str = "mean", smoothing: float = 0.0, gce_q: float = 0.0):
+        """The training loss of outputs ``out`` ((B,) or (B, K)) against targets ``y`` (float:
+        0/1, a class index, or a value); ``weight``: per-row loss weights or None.
+        ``smoothing`` (label smoothing, Szegedy et al. 2016): a classification target is moved
+        that far towards the uniform distribution (binary: 1 -> 1 - s/2, 0 -> s/2, as
+        ``F.cross_entropy(label_smoothing=s)`` does for two classes), so a mislabelled film
+        cannot push its logit without bound.
+        ``gce_q`` > 0 (classification): the generalised cross-entropy of Zhang & Sabuncu (2018),
+        (1 - p^q) / q for p the probability given to the target class, instead of -log p: q -> 0
+        is cross-entropy, q = 1 the mean absolute error, which a mislabelled film pulls on with a
+        bounded gradient."""
+        rows = self._loss_rows(out, y, smoothing, gce_q)
+        if weight is not None:
+            rows = rows * weight
+        return rows.sum() if reduction == "sum" else rows.mean()
+
+    def _loss_rows(self, out, y, smoothing: float, gce_q: float):
+        raise NotImplementedError
+
+    def answer_of(self, out):
+        """Outputs -> P(positive) (B,), class probabilities (B, K), or values (B,)."""
+        return out.float()
+
+    def correct(self, answer: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Per-row hits for the history's "accuracy" column: thresholded P(positive), the top
+        class, or, for a regression, |error| <= 0.5 target units."""
+        raise NotImplementedError
+
+    def head_scaling(self, values: np.ndarray) -> tuple[float, float] | None:
+        """(shift, scale) of a new head's output, drawn for this task (``values``: the training
+        targets), or None to keep the paper's one-logit head as built."""
+        return 0.0, 1.0
+
+    # ------------------------------------------------------------------ the classes
+    def merge_positive(self, positive: str) -> str | None:
+        """The positive class a ``--merge`` must keep (binary only)."""
+        return None
+
+    @property
+    def require_binary(self) -> bool:
+        """Whether scanning a data set must find exactly two classes."""
+        return False
+
+    def check_split_classes(self, classes: Sequence[str]) -> None:
+        """ConfigError when a split's classes cannot train this task."""
+
+    def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
+        """The classes a run's identity records: (negative, positive), the K classes in index
+        order, or none for a regression."""
+        return ()
+
+    def expected_classes(self, classes: Sequence[str]) -> list[str] | None:
+        """The classes a data set scanned for this run must have (multiclass), or None."""
+        return None
+
+    # ------------------------------------------------------------------ evaluate's predictions.csv
+    def prediction_table(
+        self,
+        paths: Sequence[str],
+        truth: np.ndarray,
+        answers: np.ndarray,
+        classes: Sequence[str] = (),
+        threshold: float = 0.5,
+        interval: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[tuple[str, ...], list[tuple]]:
+        """(header, rows) of a scored test set: ``truth`` (class indices or values), ``answers``
+        (P(positive), class probabilities or values), a regression's conformal ``interval``."""
+        raise NotImplementedError
+
+
+def _gce(log_p, q: float):
+    """Generalised cross-entropy of the log-probability given to the target: (1 - p^q) / q."""
+    import torch
+
+    return (1 - torch.exp(q * log_p)) / q
+
+
+class Binary(Task):
+    name = "binary"
+    loss_name = "binary cross-entropy with logits"
+    answer = "P(positive class)"
+
+    def _loss_rows(self, out, y, smoothing: float, gce_q: float):
+        import torch.nn.functional as F
+
+        target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
+        if not gce_q:
+            return F.binary_cross_entropy_with_logits(out, target, reduction="none")
+        return target * _gce(F.logsigmoid(out), gce_q) + (1 - target) * _gce(F.logsigmoid(-out), gce_q)
+
+    def loss(self, out, y, weight=None, reduction: str = "mean", smoothing: float = 0.0, gce_q: float = 0.0):
+        if not gce_q:  # the paper's loss exactly as before (weight inside the reduction)
+            import torch.nn.functional as F
+
+            target = y * (1 - smoothing) + smoothing / 2 if smoothing else y
+            return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction=reduction)
+        return super().loss(out, y, weight, reduction, smoothing, gce_q)
+
+    def model_entry(self) -> dict:
+        return {}  # the paper's binary model's config: unchanged since before tasks existed
+
+    def answer_of(self, out):
+        import torch
+
+        return torch.sigmoid(out.float())
+
+    def correct(self, answer: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        return (answer >= threshold) == (y >= 0.5)
+
+    def head_scaling(self, values: np.ndarray) -> tuple[float, float] | None:
+        return None
+
+    def merge_positive(self, positive: str) -> str | None:
+        return positive
+
+    @property
+    def require_binary(self) -> bool:
+        return True
+
+    def check_split_classes(self, classes: Sequence[str]) -> None:
+        if len(classes) != 2:
+            raise ConfigError(
+                f"the split has {len(classes)} classes ({', '.join(classes)}): "
+                "use --task multiclass, or --merge such as osteopenia=normal"
+            )
+
+    def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
+        return (next(c for c in classes if c != positive), positive)
+
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        return (
+            BINARY_PREDICTION_FIELDS,
+            [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)],
+        )
+
+
+class Multiclass(Task):
+    name = "multiclass"
+    loss_name = "cross-entropy over K softmax logits"
+    answer = "a probability per class"
+
+    def outputs(self, n_classes: int) -> int:
+        return n_classes
+
+    def _loss_rows(self, out, y, smoothing: float, gce_q: float):
+        import torch.nn.functional as F
+
+        if gce_q:
+            log_p = F.log_softmax(out.float(), dim=-1).gather(-1, y.long()[:, None])[:, 0]
+            return _gce(log_p, gce_q)
+        return F.cross_entropy(out, y.long(), reduction="none", label_smoothing=smoothing)
+
+    def answer_of(self, out):
+        import torch
+
+        return torch.softmax(out.float(), dim=-1)
+
+    def correct(self, answer: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        return np.argmax(answer, axis=-1) == y.astype(int)
+
+    def check_split_classes(self, classes: Sequence[str]) -> None:
+        if len(classes) < 2:
+            raise ConfigError(f"the split has one class ({', '.join(classes)}): nothing to classify")
+
+    def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
+        return tuple(classes)
+
+    def expected_classes(self, classes: Sequence[str]) -> list[str] | None:
+        return list(classes)
+
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        header = ("path", "label", "prediction", *[f"p_{c}" for c in classes])
+        return header, [
+            (p, classes[t], classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
+            for p, t, q in zip(paths, truth, answers)
+        ]
+
+
+class Regression(Task):
+    name = "regression"
+    loss_name = f"Huber (delta {HUBER_DELTA})"
+    answer = "the predicted value"
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"Regression({self.target!r})"
+
+    def _loss_rows(self, out, y, smoothing: float, gce_q: float):
+        import torch.nn.functional as F
+
+        return F.huber_loss(out, y, delta=HUBER_DELTA, reduction="none")
+
+    def correct(self, answer: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        return np.abs(answer - y) <= 0.5
+
+    def head_scaling(self, values: np.ndarray) -> tuple[float, float] | None:
+        y = np.asarray(values, dtype=np.float64)
+        return float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
+
+    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
+        lo, hi = interval if interval is not None else (np.full(len(truth), np.nan),) * 2
+        header = ("path", self.target, "prediction", "interval_low", "interval_high")
+        return header, [
+            (p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(paths, truth, answers, lo, hi)
+        ]
+
+
+def task_name(task: str, target: str = "label") -> str:
+    """The name of the task a run trains: ``regression`` for a number target, else ``task``."""
+    return "regression" if target != "label" else task
+
+
+def task_named(name: str, target: str = "label") -> Task:
+    """The task of a stored name (and a regression's target); ConfigError for an unknown name."""
+    name = task_name(name, target)
+    if name == "binary":
+        return Binary()
+    if name == "multiclass":
+        return Multiclass()
+    if name == "regression":
+        return Regression(target)
+    raise ConfigError(f"unknown task {name!r} (choose one of {', '.join(TASK_NAMES)})")
+
+
+def task_for(cfg) -> Task:
+    """The task of a training config or a run's config (anything with ``task`` and ``target``)."""
+    return task_named(str(getattr(cfg, "task", "binary")), str(getattr(cfg, "target", "label")))
