@@ -595,3 +595,271 @@ def test_a_long_model_id_survives_the_sr_whole(tmp_path):
     back = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
     assert back.model_id == info.model_id and back.source_sop_uid == src.SOPInstanceUID
     assert _dciodvfy_errors(pydicom.dcmread(tmp_path / "sr.dcm"), tmp_path / "v") == []
+
+
+# --------------------------------------------------------------------------- --dicom-manifest
+
+PATIENTS = {  # the manifest's rows for the non-DICOM films: every value copied exactly, or empty
+    "knee": {
+        "PatientID": "MRN-0042",
+        "PatientName": "Doe^Jane^Q",
+        "PatientBirthDate": "19580214",
+        "PatientSex": "F",
+        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.11111111111111111111",
+        "AccessionNumber": "ACC-77",
+        "StudyDate": "20260301",
+        "StudyTime": "093015",
+        "Laterality": "L",
+    },
+    "second": {  # the same study; optional values left blank stay empty, never filled in
+        "PatientID": "MRN-0042",
+        "PatientName": "Doe^Jane^Q",
+        "PatientBirthDate": "",
+        "PatientSex": "",
+        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.11111111111111111111",
+        "AccessionNumber": "",
+        "StudyDate": "",
+        "StudyTime": "",
+        "Laterality": "",
+    },
+    "blank": {
+        "PatientID": "MRN-0099",
+        "PatientName": "Roe^Richard",
+        "PatientBirthDate": "19700101",
+        "PatientSex": "M",
+        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.22222222222222222222",
+        "AccessionNumber": "ACC-78",
+        "StudyDate": "20260302",
+        "StudyTime": "",
+        "Laterality": "R",
+    },
+    "bad": {  # an impossible birth date: the film is named and skipped, nothing guessed
+        "PatientID": "MRN-0100",
+        "PatientName": "Poe^Edgar",
+        "PatientBirthDate": "19901301",
+        "PatientSex": "M",
+        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.33333333333333333333",
+        "AccessionNumber": "",
+        "StudyDate": "",
+        "StudyTime": "",
+        "Laterality": "",
+    },
+}
+
+
+def _write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def from_manifest(tiny, tmp_path_factory):
+    """`predict --dicom-out --dicom-manifest` over a grey PNG, a JPEG of the same study, a uniform
+    PNG (out of domain), a PNG whose row is invalid, a PNG not in the manifest, and a DICOM film."""
+    import contextlib
+    import io
+
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    tmp = tmp_path_factory.mktemp("manifest")
+    films = {
+        "knee": g.png_grey8(tmp / "in" / "knee.png", array=g.dataset_image(3, "osteoporosis")),
+        "second": tmp / "in" / "second.jpg",
+        "blank": g.png_grey8(tmp / "in" / "blank.png", array=np.full((64, 64), 90, np.uint8)),
+        "bad": g.png_grey8(tmp / "in" / "bad.png", array=g.dataset_image(5, "normal")),
+        "missing": g.png_grey8(tmp / "in" / "missing.png", array=g.dataset_image(6, "normal")),
+    }
+    Image.fromarray(g.dataset_image(4, "normal")).save(films["second"], format="JPEG", quality=95)
+    dicom = _film(tmp / "in", "film", g.dataset_image(7, "osteoporosis"), generate_uid(), generate_uid())
+    # relative paths, from the manifest's folder; extra columns are ignored
+    rows = [{"path": f"in/{films[k].name}", "note": "x", **v} for k, v in PATIENTS.items()]
+    # a DICOM input keeps its own patient and study: its row here is not read
+    rows.append({**rows[0], "path": f"in/{dicom.name}", "PatientID": "NOT-THE-DICOM-ONE"})
+    manifest = _write_manifest(tmp / "patients.csv", rows)
+    args = ["predict", *map(str, films.values()), str(dicom), "--run", str(tiny.run)]
+    args += ["--out", str(tmp / "preds.csv"), "--dicom-out", str(tmp / "dcm"), "--dicom-manifest", str(manifest)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(args)
+    return SimpleNamespace(
+        tmp=tmp,
+        films=films,
+        dicom=dicom,
+        manifest=manifest,
+        code=exc.value.code,
+        out=out.getvalue(),
+        err=err.getvalue(),
+    )
+
+
+def _objects(folder: Path) -> dict[str, list]:
+    import pydicom
+
+    out: dict[str, list] = {"image": [], "sr": [], "sc": []}
+    for f in sorted(folder.iterdir()):
+        out[f.name.split(".")[-2]].append(pydicom.dcmread(f))
+    return out
+
+
+def test_a_film_from_a_manifest_gets_its_image_an_sr_referencing_it_and_a_map(from_manifest):
+    """Known answers: each listed film becomes a Secondary Capture holding its pixels exactly (8 bit
+    to 16: x257), with the manifest's patient and study copied exactly (blank ones empty), derived
+    and marked research use; the SR and the map reference that image's SOP Instance UID and carry
+    the same patient and study; the SR holds the CSV row's probability."""
+    import csv
+
+    import pydicom
+    from PIL import Image
+
+    from kneeosteo.inference.dicom_out import RESEARCH_USE, read_sr
+
+    m = from_manifest
+    assert m.code == 0, m.err
+    objs = _objects(m.tmp / "dcm")
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(m.tmp / "preds.csv"))}
+    src_dicom = pydicom.dcmread(m.dicom)
+    wrapped = objs["image"]
+    assert len(wrapped) == 3  # knee, second, blank; not bad, missing, nor the DICOM film
+    by_uid = {ds.SOPInstanceUID: ds for ds in wrapped}
+    srs = {read_sr(ds).source_sop_uid: ds for ds in objs["sr"]}
+    scs = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID: ds for ds in objs["sc"]}
+    # every wrapped image has its SR; the DICOM film keeps its own (its UID, its patient)
+    assert set(srs) == set(by_uid) | {src_dicom.SOPInstanceUID}
+    own = srs[src_dicom.SOPInstanceUID]
+    assert (own.PatientID, own.StudyInstanceUID) == (src_dicom.PatientID, src_dicom.StudyInstanceUID)
+    seen_names = set()
+    for ds in wrapped:
+        name = next(
+            k
+            for k, v in PATIENTS.items()
+            if k != "bad"
+            and ds.PatientID == v["PatientID"]
+            and str(ds.get("AccessionNumber", "")) == v["AccessionNumber"]
+        )
+        seen_names.add(name)
+        want = PATIENTS[name]
+        film = np.asarray(Image.open(m.films[name]).convert("L"))
+        assert ds.pixel_array.dtype == np.uint16 and np.array_equal(ds.pixel_array, film.astype(np.uint16) * 257)
+        assert ds.Modality == "OT" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "research use only" in ds.SeriesDescription
+        assert RESEARCH_USE in ds.DerivationDescription
+        sr = srs[ds.SOPInstanceUID]
+        row = rows[m.films[name].name]
+        assert read_sr(sr).status == row["status"]
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+        assert evidence.SeriesInstanceUID == ds.SeriesInstanceUID
+        copies = [ds, sr] + ([scs[ds.SOPInstanceUID]] if ds.SOPInstanceUID in scs else [])
+        for obj in copies:
+            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID"):
+                assert str(obj.get(keyword, "") or "") == want[keyword], (name, obj.Modality, keyword)
+            for keyword in ("AccessionNumber", "StudyDate", "StudyTime"):
+                assert keyword in obj and str(obj.get(keyword) or "") == want[keyword], (name, obj.Modality, keyword)
+        assert str(ds.Laterality or "") == want["Laterality"]
+        if row["status"] == "out_of_domain":
+            assert ds.SOPInstanceUID not in scs and read_sr(sr).probability is None
+        else:
+            assert abs(read_sr(sr).probability - float(row["probability"])) < 1e-6
+            assert ds.SOPInstanceUID in scs
+    assert seen_names == {"knee", "second", "blank"}
+    assert rows["blank.png"]["status"] == "out_of_domain" and rows["knee.png"]["status"] != "out_of_domain"
+    made = [m.films[k].name for k in ("knee", "second", "blank")] + [m.dicom.name]
+    assert len(objs["sc"]) == sum(rows[n]["status"] != "out_of_domain" for n in made)
+
+
+def test_every_object_has_new_uids(from_manifest):
+    """Series and SOP instance UIDs are new and never reused: all distinct, none the manifest's
+    study UID or the DICOM film's; the two films of one study share the study, not a series."""
+    import pydicom
+
+    objs = [ds for group in _objects(from_manifest.tmp / "dcm").values() for ds in group]
+    src = pydicom.dcmread(from_manifest.dicom)
+    studies = {v["StudyInstanceUID"] for v in PATIENTS.values()} | {src.StudyInstanceUID}
+    uids = [ds.SOPInstanceUID for ds in objs] + [ds.SeriesInstanceUID for ds in objs]
+    assert len(set(uids)) == len(uids) == 2 * len(objs)
+    assert not set(uids) & (studies | {src.SOPInstanceUID, src.SeriesInstanceUID})
+    same_study = [ds for ds in objs if ds.StudyInstanceUID == PATIENTS["knee"]["StudyInstanceUID"]]
+    assert len({ds.SeriesInstanceUID for ds in same_study}) == len(same_study) >= 4
+
+
+def test_a_bad_row_and_a_film_missing_from_the_manifest_are_named_and_get_nothing(from_manifest):
+    m = from_manifest
+    lines = m.err.splitlines()
+    assert (
+        f"{m.manifest} row 5 ({m.films['bad']}): PatientBirthDate '19901301' is not a date YYYYMMDD; "
+        "no DICOM output for it" in lines
+    )
+    assert f"{m.films['missing']}: not a DICOM file and not in the --dicom-manifest; no DICOM output" in lines
+    patients = {ds.PatientID for group in _objects(m.tmp / "dcm").values() for ds in group}
+    assert PATIENTS["bad"]["PatientID"] not in patients and "Traceback" not in m.err
+    assert len(patients) == 3  # the manifest's two patients and the DICOM film's; no empty or invented one
+
+
+def test_every_object_from_a_manifest_passes_dciodvfy(from_manifest):
+    for kind, group in _objects(from_manifest.tmp / "dcm").items():
+        for ds in group:
+            assert _dciodvfy_errors(ds, from_manifest.tmp / "dciodvfy") == [], (kind, ds.PatientID)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"PatientID": ""}, "PatientID is empty"),
+        ({"PatientName": "  "}, "PatientName is empty"),
+        ({"StudyInstanceUID": "1.2.03.x"}, "StudyInstanceUID '1.2.03.x' is not a valid DICOM UID"),
+        ({"PatientSex": "female"}, "PatientSex 'female' is not M, F or O"),
+        ({"StudyDate": "2026-03-01"}, "StudyDate '2026-03-01' is not a date YYYYMMDD"),
+        ({"StudyTime": "256000"}, "StudyTime '256000' is not a time HHMMSS"),
+        ({"AccessionNumber": "A" * 17}, "AccessionNumber '" + "A" * 17 + "' longer than 16 characters"),
+        ({"PatientID": "a\\b"}, "holds a backslash"),
+        ({"Laterality": "B"}, "Laterality 'B' is not R or L"),
+    ],
+)
+def test_the_manifest_names_each_invalid_value_with_its_row(tmp_path, change, problem):
+    from kneeosteo.inference.dicom_out import manifest_key, read_dicom_manifest
+
+    good = {"path": "ok.png", **PATIENTS["knee"]}
+    rows = [good, {**good, "path": "sub/b.png", **change}]
+    table = read_dicom_manifest(_write_manifest(tmp_path / "p.csv", rows))
+    assert table[manifest_key(tmp_path / "ok.png")].problem is None
+    assert table[manifest_key(tmp_path / "ok.png")].values["PatientName"] == "Doe^Jane^Q"
+    bad = table[manifest_key(tmp_path / "sub" / "b.png")]
+    assert bad.where == f"{tmp_path / 'p.csv'} row 3" and problem in bad.problem and bad.values == {}
+
+
+def test_two_rows_for_one_film_skip_it(tmp_path):
+    from kneeosteo.inference.dicom_out import manifest_key, read_dicom_manifest
+
+    rows = [{"path": "a.png", **PATIENTS["knee"]}, {"path": str(tmp_path / "a.png"), **PATIENTS["blank"]}]
+    row = read_dicom_manifest(_write_manifest(tmp_path / "p.csv", rows))[manifest_key(tmp_path / "a.png")]
+    assert row.where.endswith("rows 2 and 3") and "two rows for one film" in row.problem
+
+
+def test_a_manifest_without_a_required_column_or_without_dicom_out_is_one_line(tiny, capsys, tmp_path):
+    png = g.png_grey8(tmp_path / "a.png", array=g.dataset_image(3, "normal"))
+    rows = [{"path": "a.png", **{k: v for k, v in PATIENTS["knee"].items() if k != "StudyInstanceUID"}}]
+    manifest = _write_manifest(tmp_path / "p.csv", rows)
+    code, out, err = _run(
+        [
+            "predict",
+            str(png),
+            "--run",
+            str(tiny.run),
+            "--dicom-out",
+            str(tmp_path / "d"),
+            "--dicom-manifest",
+            str(manifest),
+        ],
+        capsys,
+    )
+    assert code == 1 and "no StudyInstanceUID column, which the DICOM manifest needs" in err
+    assert len(err.strip().splitlines()) == 1 and not out
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())  # refused before the images
+    code, out, err = _run(["predict", str(png), "--run", str(tiny.run), "--dicom-manifest", str(manifest)], capsys)
+    assert code == 2 and "--dicom-manifest" in err and "--dicom-out" in err

@@ -14,7 +14,12 @@ Secondary Capture of its Grad-CAM heat map, both in the source film's study.
   get none.
 
 Patient and study data are copied from the source dataset by highdicom, never invented (a
-missing type-2 attribute stays empty). Every series and SOP instance UID is new
+missing type-2 attribute stays empty). A film that is not DICOM (PNG, JPEG, TIFF...) has no
+patient or study of its own: with a manifest (``predict --dicom-manifest FILE.csv``,
+:func:`read_dicom_manifest`) giving them per file, the film is first written as a DICOM Secondary
+Capture of its own (:func:`wrapped_film`: derived, research use only, the manifest's patient and
+study, new UIDs), and the SR and the heat map reference that image as they would a DICOM source.
+A film without a valid manifest row gets nothing: its patient is never guessed. Every series and SOP instance UID is new
 (:func:`new_uid`); the caller keeps them (``interfaces/pacs.py`` does, in its outbox) so that a
 retry sends the same objects instead of new copies. Codes of kneeosteo's own concepts use the
 private coding scheme ``99KNEEOSTEO``: the classes are the training data's labels, not a
@@ -23,6 +28,7 @@ clinical diagnosis, and we do not dress them up as SNOMED concepts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +44,17 @@ __all__ = [
     "RESEARCH_USE",
     "SCHEME",
     "DicomResult",
+    "ManifestRow",
     "check_reference",
     "heatmap_rgb",
+    "manifest_key",
     "new_uid",
+    "read_dicom_manifest",
     "read_sr",
     "require_extra",
     "secondary_capture",
     "structured_report",
+    "wrapped_film",
     "write_dicom_results",
 ]
 
@@ -354,6 +364,213 @@ def secondary_capture(
     return sc
 
 
+# --dicom-manifest: the columns read (others are ignored, so one CSV can also be the input manifest
+# or the covariates). Required: without them there is no patient or study to file the film in.
+MANIFEST_REQUIRED = ("PatientID", "PatientName", "StudyInstanceUID")
+# type 2 in the objects: a blank or absent cell stays empty ("unknown"), never filled in
+MANIFEST_OPTIONAL = (
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "Laterality",
+)
+_TIME = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?")
+
+
+def _check_text(value: str, limit: int) -> str | None:
+    if len(value) > limit:
+        return f"longer than {limit} characters"
+    if "\\" in value or any(ord(c) < 32 for c in value):
+        return "holds a backslash or a control character"
+    return None
+
+
+def _check_name(value: str) -> str | None:
+    if value.count("^") > 4:
+        return "has more than five ^-separated components"
+    return _check_text(value, MAX_LO)
+
+
+def _check_date(value: str) -> str | None:
+    import datetime
+
+    if len(value) != 8 or not value.isdigit():
+        return "is not a date YYYYMMDD"
+    try:
+        datetime.datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return "is not a date YYYYMMDD"
+    return None
+
+
+def _check_uid(value: str) -> str | None:
+    import warnings
+
+    from pydicom.uid import UID
+
+    with warnings.catch_warnings():  # pydicom warns of the invalid value we are about to name
+        warnings.simplefilter("ignore")
+        valid = UID(value).is_valid
+    return None if valid else "is not a valid DICOM UID (digits and dots, at most 64)"
+
+
+_CHECKS = {
+    "PatientID": lambda v: _check_text(v, MAX_LO),
+    "PatientName": _check_name,
+    "StudyInstanceUID": _check_uid,
+    "PatientBirthDate": _check_date,
+    "PatientSex": lambda v: None if v in ("M", "F", "O") else "is not M, F or O",
+    "StudyDate": _check_date,
+    "StudyTime": lambda v: None if _TIME.fullmatch(v) else "is not a time HHMMSS",
+    "StudyID": lambda v: _check_text(v, 16),
+    "AccessionNumber": lambda v: _check_text(v, 16),
+    "ReferringPhysicianName": _check_name,
+    "StudyDescription": lambda v: _check_text(v, MAX_LO),
+    "Laterality": lambda v: None if v in ("R", "L") else "is not R or L",
+}
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One film's row of a ``--dicom-manifest``: where it is (``FILE row N``) and either its
+    checked values (keyword -> value, "" for an empty type-2 one) or the problem that skips it."""
+
+    where: str
+    values: dict[str, str]
+    problem: str | None = None
+
+
+def manifest_key(path) -> str:
+    """How a manifest row and a prediction find each other: the resolved path."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return str(Path(path).absolute())
+
+
+def read_dicom_manifest(file) -> dict[str, ManifestRow]:
+    """``--dicom-manifest FILE.csv``: resolved film path -> its :class:`ManifestRow`. A ``path``
+    column (relative paths from the CSV's folder, as in an input manifest) and the
+    :data:`MANIFEST_REQUIRED` columns must be there (else DataError, one line); a row with a value
+    missing or invalid is kept with its problem, so that its film is named and skipped while the
+    rest goes on; two rows for one film skip it too (which one is right is not ours to choose)."""
+    import csv
+    from pathlib import Path
+
+    file = Path(file)
+    try:
+        with open(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            reader = csv.DictReader(fh)
+            header = [(h or "").strip() for h in reader.fieldnames or []]
+            rows = list(reader)
+    except (OSError, csv.Error) as exc:
+        raise DataError(
+            f"{file}: the DICOM manifest cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    absent = [c for c in ("path",) + MANIFEST_REQUIRED if c not in header]
+    if absent:
+        raise DataError(
+            f"{file}: no {', '.join(absent)} column, which the DICOM manifest needs "
+            f"(columns: {', '.join(header) or 'none'})"
+        )
+    out: dict[str, ManifestRow] = {}
+    for number, raw in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str) or v is None}
+        path = row.get("path", "")
+        if not path:
+            continue
+        where = f"{file} row {number}"
+        values = {k: row.get(k, "") for k in MANIFEST_REQUIRED + MANIFEST_OPTIONAL}
+        problem = None
+        for keyword in MANIFEST_REQUIRED + MANIFEST_OPTIONAL:
+            value = values[keyword]
+            if not value:
+                if keyword in MANIFEST_REQUIRED:
+                    problem = f"{keyword} is empty"
+                    break
+                continue
+            why = _CHECKS[keyword](value)
+            if why:
+                problem = f"{keyword} {value!r} {why}"
+                break
+        p = Path(path)
+        key = manifest_key(p if p.is_absolute() else file.parent / p)
+        if key in out:
+            first = out[key].where.rsplit(" ", 1)[-1]
+            out[key] = ManifestRow(
+                f"{file} rows {first} and {number}",
+                {},
+                "two rows for one film (which one is right is not ours to choose)",
+            )
+            continue
+        out[key] = ManifestRow(where, values if problem is None else {}, problem)
+    return out
+
+
+def wrapped_film(
+    pixels: np.ndarray,
+    patient: dict[str, str],
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int = 900,
+    instance_number: int = 1,
+):
+    """A non-DICOM film as a Secondary Capture that an SR can reference: the pixels kneeosteo read
+    (``pixels``, (H, W) in [0, 1], MONOCHROME2 16 bit, so an 8-bit file is kept exactly), the
+    manifest's patient and study (``patient``, checked by :func:`read_dicom_manifest`; an empty
+    value stays empty), new series and instance UIDs, ``DERIVED``, marked research use only."""
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    v = lambda k: patient.get(k) or None  # noqa: E731
+    arr = np.rint(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    sc = hd.sc.SCImage(
+        pixel_array=np.ascontiguousarray(arr),
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=16,
+        coordinate_system="PATIENT",
+        study_instance_uid=patient["StudyInstanceUID"],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_id=patient["PatientID"],
+        patient_name=patient["PatientName"],
+        patient_birth_date=v("PatientBirthDate"),
+        patient_sex=v("PatientSex"),
+        accession_number=v("AccessionNumber"),
+        study_id=v("StudyID"),
+        study_date=v("StudyDate"),
+        study_time=v("StudyTime"),
+        referring_physician_name=v("ReferringPhysicianName"),
+        laterality=v("Laterality"),
+        patient_orientation=("A", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sc.PatientOrientation = ""  # highdicom wants one; the file says none (type 2: unknown)
+    sc.Laterality = patient.get("Laterality") or ""  # a knee is paired: the manifest's side, or unknown (2C)
+    if patient.get("StudyDescription"):
+        sc.StudyDescription = patient["StudyDescription"]
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # from a workstation's exported file
+    sc.SeriesDescription = "kneeosteo film from a non-DICOM file (research use only)"
+    sc.DerivationDescription = (
+        "A non-DICOM film as kneeosteo read it, converted to DICOM; patient and study from a manifest; " + RESEARCH_USE
+    )
+    sc.ImageComments = RESEARCH_USE
+    _mark(sc)
+    return sc
+
+
 def read_sr(ds) -> DicomResult | None:
     """A kneeosteo SR's source film, model id, status, probability and finding (None: not ours)."""
     if str(getattr(ds, "Manufacturer", "")) != MANUFACTURER or str(getattr(ds, "Modality", "")) != "SR":
@@ -392,11 +609,16 @@ def read_sr(ds) -> DicomResult | None:
     )
 
 
-def write_dicom_results(predictions, explainer, out_dir, progress: bool = False) -> tuple[list, list[str]]:
+def write_dicom_results(
+    predictions, explainer, out_dir, manifest: dict[str, ManifestRow] | None = None, progress: bool = False
+) -> tuple[list, list[str]]:
     """``predict --dicom-out``: for each prediction of a DICOM file, its SR (and, in domain, its
     heat-map SC) as ``OUT/<source SOPInstanceUID>.sr.dcm`` / ``.sc.dcm``, written atomically. The
     SR holds the prediction's own numbers (the CSV row's, whatever the engine); ``explainer`` (the
-    same run, torch) draws the map. Returns (written paths, one line per input left out)."""
+    same run, torch) draws the map. A non-DICOM film with a valid row in ``manifest``
+    (:func:`read_dicom_manifest`) is first wrapped (:func:`wrapped_film`, ``OUT/<its new
+    SOPInstanceUID>.image.dcm``) and its SR and map reference that. Returns (written paths, one
+    line per input left out)."""
     from pathlib import Path
 
     import pydicom
@@ -408,11 +630,31 @@ def write_dicom_results(predictions, explainer, out_dir, progress: bool = False)
     out_dir = Path(out_dir)
     written, skipped = [], []
     for p in predictions:
+        objects = []
+        pixels = None
         try:
             ds = pydicom.dcmread(p.path, stop_before_pixels=False)
         except Exception:  # pydicom raises several types for a file that is not DICOM
-            skipped.append(f"{p.path}: not a DICOM file, so no patient or study to put an SR in; no DICOM output")
-            continue
+            if manifest is None:
+                skipped.append(
+                    f"{p.path}: not a DICOM file, so no patient or study to put an SR in "
+                    "(give them in --dicom-manifest); no DICOM output"
+                )
+                continue
+            row = manifest.get(manifest_key(p.path))
+            if row is None:
+                skipped.append(f"{p.path}: not a DICOM file and not in the --dicom-manifest; no DICOM output")
+                continue
+            if row.problem is not None:
+                skipped.append(f"{row.where} ({p.path}): {row.problem}; no DICOM output for it")
+                continue
+            try:
+                pixels = read_image(p.path).pixels
+            except ImageReadError as exc:  # it was read a moment ago; changed since
+                skipped.append(f"{p.path}: {exc.reason}; no DICOM output")
+                continue
+            ds = wrapped_film(pixels, row.values, series_uid=new_uid(), sop_uid=new_uid())
+            objects.append(("image", ds))
         try:
             check_reference(ds, p.path)
         except DataError as exc:
@@ -428,15 +670,16 @@ def write_dicom_results(predictions, explainer, out_dir, progress: bool = False)
             float("nan") if p.domain_threshold is None else p.domain_threshold,
             p.calibrated,
         )
-        objects = [
+        objects.append(
             ("sr", structured_report(ds, t, explainer.info, p.threshold, series_uid=new_uid(), sop_uid=new_uid()))
-        ]
+        )
         if p.status != "out_of_domain":
-            try:
-                pixels = read_image(p.path).pixels
-            except ImageReadError as exc:  # it was read a moment ago; changed since
-                skipped.append(f"{p.path}: {exc.reason}; no DICOM output")
-                continue
+            if pixels is None:
+                try:
+                    pixels = read_image(p.path).pixels
+                except ImageReadError as exc:  # it was read a moment ago; changed since
+                    skipped.append(f"{p.path}: {exc.reason}; no DICOM output")
+                    continue
             ex = explainer.explain(pixels)
             caption = f"P({explainer.info.positive}) {p.probability:.2f}: {p.label} ({p.status})"
             objects.append(

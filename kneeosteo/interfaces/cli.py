@@ -717,7 +717,12 @@ def predict(
     dicom_out: Path | None = typer.Option(
         None,
         "--dicom-out",
-        help="Also write, per DICOM input, a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra).",
+        help="Also write, per DICOM input (and per other input listed in --dicom-manifest), a DICOM SR and (in domain) a heat-map Secondary Capture into this folder (research use only; needs the pacs extra).",
+    ),
+    dicom_manifest: Path | None = typer.Option(
+        None,
+        "--dicom-manifest",
+        help="With --dicom-out, for inputs that are not DICOM (PNG, JPEG...): a CSV with path, PatientID, PatientName, StudyInstanceUID (required) and PatientBirthDate, PatientSex, StudyDate, StudyTime, StudyID, AccessionNumber, ReferringPhysicianName, StudyDescription, Laterality (optional, empty if blank); each listed film is also written as a DICOM Secondary Capture (derived, research use only, new UIDs) that its SR references. A film without a valid row is named and gets none.",
     ),
     covariates: Path | None = typer.Option(
         None,
@@ -758,11 +763,19 @@ def predict(
     from kneeosteo.tasks import Binary
     from kneeosteo.utils.atomic import ensure_writable
 
+    if dicom_manifest is not None and dicom_out is None:
+        raise typer.BadParameter(
+            "--dicom-manifest gives patient and study data for --dicom-out: give that too",
+            param_hint="--dicom-manifest",
+        )
+    patients = None
     if dicom_out is not None:
-        from kneeosteo.inference.dicom_out import require_extra
+        from kneeosteo.inference.dicom_out import read_dicom_manifest, require_extra
 
         require_extra()  # before the images are read
         ensure_writable(dicom_out)
+        if dicom_manifest is not None:
+            patients = read_dicom_manifest(dicom_manifest)  # a bad header: one line, before the images
     if out is not None:
         check_output(out, inputs)  # never replaces what we did not write, nor an input
         ensure_writable(out.parent)  # before reading thousands of images, not after
@@ -848,7 +861,7 @@ def predict(
         from kneeosteo.inference.dicom_out import write_dicom_results
 
         explainer = Explainer(predictor.run.path, threshold=threshold, device=device)
-        written, skipped = write_dicom_results(result.predictions, explainer, dicom_out)
+        written, skipped = write_dicom_results(result.predictions, explainer, dicom_out, patients)
         for line in skipped:
             typer.echo(printable(line), err=True)
         print(f"wrote {len(written)} DICOM objects to {dicom_out}")
