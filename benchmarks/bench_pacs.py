@@ -1,7 +1,7 @@
 """Results in the PACS (issue 34): films per minute from Orthanc to a stored SR, and what writing
 DICOM costs against writing CSV.
 
-    python benchmarks/bench_pacs.py [--films 20] [--run RUN] [--data KOP] [--out benchmarks/results/pacs.json]
+    python benchmarks/bench_pacs.py [--films 20] [--run RUN] [--data KOP] [--out docs/results/benchmarks/pacs.json]
 
 1. **Orthanc -> stored SR**: ``--films`` knee films (KOP's, each wrapped in a DX DICOM with its
    own study, when ``--data`` or ../shared/datasets/kop is there; else generated 1024 x 1024
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
         default=KOP if KOP.is_dir() else None,
         help="Class folders whose films are used (default: KOP when present, else generated films).",
     )
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pacs.json")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "pacs.json")
     args = ap.parse_args(argv)
     return write_results(args.out, run(args.films, args.run, args.data), markdown)
 

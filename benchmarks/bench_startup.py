@@ -1,7 +1,7 @@
 """Start-up cost of the command line (issue 29): `kneeosteo --help`, and `kneeosteo predict` on
 one film with the default engine, each in a fresh process, as a user waits for them.
 
-    python benchmarks/bench_startup.py [--image FILM] [--repeats 5] [--out benchmarks/results/startup.json]
+    python benchmarks/bench_startup.py [--image FILM] [--repeats 5] [--out docs/results/benchmarks/startup.json]
 
 Each command runs ``--repeats`` times in a new interpreter (``python -m kneeosteo ...``, this
 checkout first on the path); reported: wall time (median, min, max) and the peak resident set of
@@ -107,7 +107,7 @@ def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", type=Path, default=None, help="the film to predict (default: a generated PNG)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "startup.json")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kneeosteo-startup-") as tmp:
         image = args.image or imagegen().png_grey8(Path(tmp) / "knee.png")
