@@ -25,12 +25,12 @@ cannot open) is left out with a one-line reason naming the row; nothing is dropp
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kneeosteo.errors import ConfigError, DataError
+from kneeosteo.utils.csvfile import read_csv_table
 
 __all__ = ["NUMERIC_COLUMNS", "TARGETS", "Manifest", "ManifestRow", "parse_merge", "read_manifest"]
 
@@ -125,20 +125,7 @@ def _inside(target: Path, root: Path) -> bool:
 def read_manifest(file: str | Path, root: str | Path) -> Manifest:
     """Parse and check ``file`` against the data folder ``root`` (see the module docstring)."""
     file, root = Path(file), Path(root)
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            lines = list(reader)
-    except FileNotFoundError:
-        raise DataError(f"{file}: label manifest not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{file}: cannot read the label manifest as UTF-8 CSV ({exc})") from exc
-    if not header:
-        raise DataError(f"{file}: empty label manifest (it needs a header row: path,label,...)")
-    columns = [h.strip() for h in header]
-    if "path" not in columns:
-        raise DataError(f"{file}: no 'path' column (columns: {', '.join(columns)})")
+    columns, lines = read_csv_table(file, "label manifest", "path,label,...")
     if not any(c in columns for c in TARGETS):
         raise DataError(f"{file}: no 'label', 't_score' or 'bmd' column: nothing to learn from")
     doubled = sorted({c for c in columns if columns.count(c) > 1})

@@ -29,7 +29,6 @@ reference is the ground truth, so nothing in it is skipped silently.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,6 +37,7 @@ import numpy as np
 
 from kneeosteo.data.who import WHO_CLASSES, who_band
 from kneeosteo.errors import ConfigError, DataError
+from kneeosteo.utils.csvfile import read_csv_table
 
 __all__ = [
     "DEFINITIONS",
@@ -164,20 +164,7 @@ def _relative(text: str) -> str | None:
 def read_reference(file: str | Path, root: str | Path | None = None) -> Reference:
     """Parse a reference manifest (module docstring); ``root``: also check every file exists."""
     file = Path(file)
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            lines = list(reader)
-    except FileNotFoundError:
-        raise DataError(f"{file}: reference manifest not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{file}: cannot read the reference manifest as UTF-8 CSV ({exc})") from exc
-    if not header:
-        raise DataError(f"{file}: empty reference manifest (it needs a header row: path,t_score,...)")
-    columns = [h.strip() for h in header]
-    if "path" not in columns:
-        raise DataError(f"{file}: no 'path' column (columns: {', '.join(columns)})")
+    columns, lines = read_csv_table(file, "reference manifest", "path,t_score,...")
     if "t_score" not in columns and "diagnosis" not in columns:
         raise DataError(f"{file}: no 't_score' or 'diagnosis' column: no reference truth")
     doubled = sorted({c for c in columns if columns.count(c) > 1})

@@ -15,9 +15,10 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from kneeosteo.errors import DataError
 from kneeosteo.utils.atomic import atomic_path, write_text
 
-__all__ = ["csv_stream", "csv_text", "safe_cell", "write_csv"]
+__all__ = ["csv_stream", "csv_text", "read_csv_table", "safe_cell", "write_csv"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -61,3 +62,25 @@ def csv_stream(target: str | os.PathLike, header: Sequence[str]) -> Iterator[Cal
 def write_csv(target: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
     """Write ``rows`` under ``header`` to ``target`` atomically."""
     write_text(target, csv_text(header, rows))
+
+
+def read_csv_table(file: str | os.PathLike, what: str, header_hint: str) -> tuple[list[str], list[list[str]]]:
+    """A user's CSV manifest as (stripped column names, data rows): UTF-8 with or without Excel's
+    byte-order mark; a missing, unreadable or empty file is a one-line :class:`DataError` naming it
+    and ``what`` it is (``header_hint``: the header row it needs, for the message); a table without a
+    ``path`` column too."""
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            lines = list(reader)
+    except FileNotFoundError:
+        raise DataError(f"{file}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{file}: cannot read the {what} as UTF-8 CSV ({exc})") from exc
+    if not header:
+        raise DataError(f"{file}: empty {what} (it needs a header row: {header_hint})")
+    columns = [h.strip() for h in header]
+    if "path" not in columns:
+        raise DataError(f"{file}: no 'path' column (columns: {', '.join(columns)})")
+    return columns, lines
