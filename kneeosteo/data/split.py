@@ -126,23 +126,7 @@ def make_split(
     kept, excluded = deduplicate(scan.records)
     units, used = _units(kept, near_threshold)
     rng = np.random.default_rng(seed)
-    doc = {
-        "format": FORMAT,
-        "data": str(scan.root),
-        "seed": seed,
-        "protocol": protocol,
-        "classes": scan.classes,
-        "positive_class": scan.positive,
-        "near_duplicate_threshold": near_threshold,
-        # what kept files together: duplicates always, patient ids where the data had them
-        "group_key": used,
-        "groups": len(units),
-        "target": scan.target,
-    }
-    if scan.merge:
-        doc["merge"] = scan.merge
-    if scan.manifest:
-        doc["manifest"] = {"file": scan.manifest, "sha256": sha256_file(scan.manifest), "left_out": scan.left_out}
+    doc = _split_header(scan, seed, protocol, near_threshold, used, len(units))
     if protocol == "paper":
         if test_size >= len(kept):
             raise DataError(f"{scan.root}: test size {test_size} >= {len(kept)} usable images")
@@ -251,30 +235,15 @@ def _holdout_reference(
     excluded += dup_excluded
     train_units, _ = _units(kept, near_threshold)
     rng = np.random.default_rng(seed)
-    doc = {
-        "format": FORMAT,
-        "data": str(scan.root),
-        "seed": seed,
-        "protocol": "holdout-reference",
-        "classes": scan.classes,
-        "positive_class": scan.positive,
-        "near_duplicate_threshold": near_threshold,
-        "group_key": used,
-        "groups": len(units),
-        "target": scan.target,
-        "reference": {
-            "file": str(reference.file),
-            "sha256": sha256_file(reference.file),
-            "definition": definition,
-            "meaning": DEFINITIONS[definition][0],
-            "test_truth": "reference T-score / diagnosis",
-            "multi_truth": [f.path for f in reference.multi_truth],
-        },
+    doc = _split_header(scan, seed, "holdout-reference", near_threshold, used, len(units))
+    doc["reference"] = {
+        "file": str(reference.file),
+        "sha256": sha256_file(reference.file),
+        "definition": definition,
+        "meaning": DEFINITIONS[definition][0],
+        "test_truth": "reference T-score / diagnosis",
+        "multi_truth": [f.path for f in reference.multi_truth],
     }
-    if scan.merge:
-        doc["merge"] = scan.merge
-    if scan.manifest:
-        doc["manifest"] = {"file": scan.manifest, "sha256": sha256_file(scan.manifest), "left_out": scan.left_out}
     doc.update(_train_val(train_units, val_fraction, rng))
     doc["test"] = sorted(r.path for r in test)
     if not doc["test"] or not doc["train"]:
@@ -453,3 +422,25 @@ def patient_leaks(sets: SplitSets, records: list[Record]) -> list[dict]:
             seen.add(films)
             out.append({"key": f"{k[0]}={k[1]}", "partitions": {p: sorted(v) for p, v in parts.items()}})
     return out
+
+
+def _split_header(scan, seed: int, protocol: str, near_threshold: int, used, groups: int) -> dict:
+    """What every split file records before its partitions: the data, the protocol, and what kept
+    files together (duplicates always, patient ids where the data had them)."""
+    doc = {
+        "format": FORMAT,
+        "data": str(scan.root),
+        "seed": seed,
+        "protocol": protocol,
+        "classes": scan.classes,
+        "positive_class": scan.positive,
+        "near_duplicate_threshold": near_threshold,
+        "group_key": used,
+        "groups": groups,
+        "target": scan.target,
+    }
+    if scan.merge:
+        doc["merge"] = scan.merge
+    if scan.manifest:
+        doc["manifest"] = {"file": scan.manifest, "sha256": sha256_file(scan.manifest), "left_out": scan.left_out}
+    return doc
