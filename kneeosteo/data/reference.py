@@ -42,6 +42,7 @@ from kneeosteo.utils.csvfile import read_csv_table
 __all__ = [
     "DEFINITIONS",
     "SEX_CODES",
+    "covariate_value",
     "Reference",
     "ReferenceFile",
     "ReferenceRow",
@@ -212,6 +213,32 @@ def read_reference(file: str | Path, root: str | Path | None = None) -> Referenc
     return Reference(file, columns, files)
 
 
+def covariate_value(name: str, text: object) -> float | None:
+    """One covariate cell as a number: None when empty (missing); ``sex`` reads female/f as 1 and
+    male/m as 0; anything else that is not a finite number is a ValueError saying so."""
+    if text is None:
+        return None
+    if isinstance(text, bool):
+        raise ValueError(f"covariate {name} {text!r} is not a number")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        text = str(text).strip()
+        if not text:
+            return None
+        if name == "sex":
+            if text.lower() not in SEX_CODES:
+                raise ValueError(f"sex {text!r} is not female/male")
+            return SEX_CODES[text.lower()]
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"covariate {name} {text!r} is not a number")
+    return value
+
+
 def covariate_matrix(files: list[ReferenceFile], names: list[str], where: str = "reference") -> np.ndarray:
     """(len(files), len(names)) float matrix of the named covariates.
 
@@ -233,21 +260,13 @@ def covariate_matrix(files: list[ReferenceFile], names: list[str], where: str = 
                 f"with different {', '.join(names)}: no single covariate value"
             )
         for j, name in enumerate(names):
-            text = cells.get(name, "")
             row = f.rows[0].row
-            if not text:
-                raise DataError(f"{where} row {row} ({f.path}): covariate {name} is missing")
-            if name == "sex":
-                if text.lower() not in SEX_CODES:
-                    raise DataError(f"{where} row {row} ({f.path}): sex {text!r} is not female/male")
-                out[i, j] = SEX_CODES[text.lower()]
-                continue
             try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
-                raise DataError(f"{where} row {row} ({f.path}): covariate {name} {text!r} is not a number")
+                value = covariate_value(name, cells.get(name, ""))
+            except ValueError as exc:
+                raise DataError(f"{where} row {row} ({f.path}): {exc}") from None
+            if value is None:
+                raise DataError(f"{where} row {row} ({f.path}): covariate {name} is missing")
             out[i, j] = value
     return out
 

@@ -28,42 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kneeosteo.data.reference import SEX_CODES
+from kneeosteo.data.reference import covariate_value
 from kneeosteo.errors import CheckpointError, DataError
 
-__all__ = ["FORMAT", "FUSED_FILE", "IMAGE_AND_COVARIATES", "IMAGE_ONLY", "FusedModel", "covariate_value", "load_fused"]
+__all__ = ["FORMAT", "FUSED_FILE", "IMAGE_AND_COVARIATES", "IMAGE_ONLY", "FusedModel", "load_fused"]
 
 FUSED_FILE = "fused.json"
 FORMAT = "kneeosteo-fused-logistic"
 IMAGE_ONLY = "image_only"
 IMAGE_AND_COVARIATES = "image_and_covariates"
 _EPS = 1e-6
-
-
-def covariate_value(name: str, text: object) -> float | None:
-    """One covariate cell as a number: None when empty (missing); ``sex`` reads female/f as 1 and
-    male/m as 0; anything else that is not a finite number is a ValueError saying so."""
-    if text is None:
-        return None
-    if isinstance(text, bool):
-        raise ValueError(f"covariate {name} {text!r} is not a number")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        text = str(text).strip()
-        if not text:
-            return None
-        if name == "sex":
-            if text.lower() not in SEX_CODES:
-                raise ValueError(f"sex {text!r} is not female/male")
-            return SEX_CODES[text.lower()]
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"covariate {name} {text!r} is not a number")
-    return value
 
 
 @dataclass(frozen=True)

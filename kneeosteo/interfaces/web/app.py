@@ -273,7 +273,7 @@ class Service:
         fused model, an unknown name or a value that is not a number is an HTTP 422 naming it."""
         import json
 
-        from kneeosteo.models.fused import covariate_value
+        from kneeosteo.data.reference import covariate_value
 
         if text is None or not text.strip():
             return None
