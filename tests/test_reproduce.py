@@ -313,3 +313,23 @@ def test_every_lever_file_loads_and_says_what_it_trains():
             assert spec.trained == f"backbone's last {train['trainable_stages']} stage(s) fine-tuned", f.name
         else:
             assert "fine-tuned" not in (spec.trained or ""), f.name
+
+
+def test_grid_epochs_and_patience_reach_settings_file_models(tmp_path, monkeypatch):
+    """`reproduce --models FILE.toml --epochs 8 --patience 3`: the file's own 30/6 must not win
+    over the grid's explicit limits (a five-seed grid silently trained 30 epochs per cell once);
+    without limits the file's settings stand."""
+    from pathlib import Path
+
+    from kneeosteo.config import TrainConfig
+    from kneeosteo.experiments import reproduce as rp
+
+    seen = []
+    monkeypatch.setattr(rp, "train_and_score", lambda cfg, **kw: seen.append(cfg))
+    f = str(Path(__file__).resolve().parent.parent / "configs" / "default_model.toml")
+    base = TrainConfig(data=str(tmp_path))
+    for limits, want in (({"epochs": 8, "patience": 3}, (8, 3)), (None, (30, 6))):
+        cell = rp.Cell(rp.config_model(f, limits), 1, None, tmp_path / str(want[0]))
+        rp.run_cell(cell, base, tmp_path / "split.json", False)
+        assert (seen[-1].epochs, seen[-1].patience, seen[-1].seed) == (*want, 1)
+        assert seen[-1].preprocess == "bone"  # the file's other settings kept

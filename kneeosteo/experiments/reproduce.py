@@ -58,7 +58,8 @@ class ModelSpec:
     backbone: str | None  # None: attention module only
     attention: bool
     paper_row: str | None = None  # its row in table1.PAPER_TABLE
-    config: str | None = None  # a TOML settings file: the cell trains exactly these settings
+    config: str | None = None  # a TOML settings file: the cell trains exactly these settings...
+    limits: tuple[tuple[str, int], ...] = ()  # ...but for the grid's explicit --epochs/--patience
     trained: str | None = None  # what training changes, when not the default (a fine-tuned backbone)
 
     @property
@@ -90,8 +91,10 @@ def model_catalogue(backbones: tuple[str, ...] = HYBRID_BACKBONES) -> dict[str, 
     return cat
 
 
-def config_model(path: str) -> ModelSpec:
-    """A model given as a settings file (``configs/default_model.toml``): its key is the file's stem."""
+def config_model(path: str, limits: dict[str, int] | None = None) -> ModelSpec:
+    """A model given as a settings file (``configs/default_model.toml``): its key is the file's stem.
+    ``limits``: the grid's explicit ``epochs``/``patience``, which override the file's (a user who
+    asks the grid for at most 8 epochs gets that in every cell)."""
     cfg = load_config(path, {})
     tuned = None
     if cfg.use_backbone and cfg.finetune:
@@ -106,6 +109,7 @@ def config_model(path: str) -> ModelSpec:
         cfg.backbone if cfg.use_backbone else None,
         cfg.attention,
         config=str(Path(path).resolve()),  # resolved: a Ray task may run elsewhere
+        limits=tuple(sorted((limits or {}).items())),
         trained=tuned,
     )
 
@@ -173,6 +177,7 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
             seed=cell.seed,
             device=base.device,
             backbone_weights="none" if random_init else own.backbone_weights,
+            **dict(m.limits),
         )
     else:
         cfg = replace(
@@ -290,16 +295,19 @@ def reproduce(
     reference: Path | None = None,
     definition: str = "osteoporosis",
     covariates: list[str] | None = None,
+    limits: dict[str, int] | None = None,
 ) -> list[dict]:
     """Run every cell of ``models``; ``display_only`` models get a table row (paper values) but no run.
     ``reference``/``definition``: the held-out source of ``protocol="holdout-reference"``;
+    ``limits``: ``epochs``/``patience`` given on the command line, applied to settings-file models
+    too (the other models take them from ``base``).
     ``covariates``: also write the clinical baselines beside every model (``clinical.md``/``.json``,
     :func:`kneeosteo.evaluation.clinical.over_seeds`).
 
     ``ray``: None runs the cells here one after another; an address (``"local"``, ``"auto"``,
     ``HOST:PORT``) runs each unfinished cell as a Ray task (:mod:`kneeosteo.experiments.ray_grid`)."""
     cat = model_catalogue()
-    cat.update({m: config_model(m) for m in models if m.endswith(".toml")})
+    cat.update({m: config_model(m, limits) for m in models if m.endswith(".toml")})
     unknown = [m for m in list(models) + list(display_only) if m not in cat]
     if unknown:
         raise ConfigError(f"unknown model(s) {unknown}; known: {', '.join(cat)}")

@@ -944,8 +944,12 @@ def reproduce(
     quick: bool = typer.Option(
         False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."
     ),
-    epochs: int | None = typer.Option(None, help="Maximum epochs per cell (default 30; --quick 8)."),
-    patience: int | None = typer.Option(None, help="Early-stopping patience (default 6; --quick 3)."),
+    epochs: int | None = typer.Option(
+        None, help="Maximum epochs per cell, settings-file models included (default: 30 or the file's; --quick 8)."
+    ),
+    patience: int | None = typer.Option(
+        None, help="Early-stopping patience, settings-file models included (default: 6 or the file's; --quick 3)."
+    ),
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."
     ),
@@ -1009,6 +1013,7 @@ def reproduce(
             "merge": merge or None,
         },
     )
+    explicit = {k for k, v in (("epochs", epochs), ("patience", patience)) if v or quick}
     chosen = models.split(",") if models else default_models(quick)
     scan = scan_dataset(root, positive=base.positive, **base.scan_options())
     shortcut = build_audit(scan)["shortcut_metadata_only"]
@@ -1029,6 +1034,7 @@ def reproduce(
         reference=reference,
         definition=definition,
         covariates=parse_covariates(covariates) if covariates else None,
+        limits={k: v for k, v in (("epochs", base.epochs), ("patience", base.patience)) if k in explicit},
     )
     if not is_main_process():
         return
