@@ -12,7 +12,7 @@ import pytest
 from kneeosteo.config import TrainConfig
 from kneeosteo.errors import ConfigError
 from kneeosteo.run import RunDir
-from kneeosteo.tasks import Binary, Multiclass, Regression, task_for, task_named
+from kneeosteo.tasks import Binary, Multiclass, Regression, Task, task_for, task_named
 
 
 def test_a_number_target_makes_the_config_a_regression_whatever_task_says():
@@ -109,3 +109,132 @@ def test_each_tasks_predictions_csv_columns_and_formatting():
     assert header == ("path", "t_score", "prediction", "interval_low", "interval_high")
     assert rows[0] == ("a.png", "-2.5000", "-2.0000", "-3.0000", "-1.0000")
     assert Regression("bmd").prediction_table(paths, truth, values)[1][1][3:] == ("nan", "nan")  # no interval fitted
+
+
+# ------------------------------------------------------------------ what each task owns (issue 29)
+ALL_TASKS = (Binary(), Multiclass(), Regression("t_score"))
+
+
+def test_each_tasks_metrics_are_evaluations_numbers_for_its_answers():
+    from sklearn.metrics import roc_auc_score
+
+    from kneeosteo.evaluation.metrics import metrics_with_ci
+    from kneeosteo.evaluation.multiclass import multiclass_metrics_with_ci
+    from kneeosteo.evaluation.regression import regression_metrics_with_ci
+    from kneeosteo.evaluation.task_scoring import task_metrics
+
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.3, 0.6, 0.9])
+    m = task_metrics(Binary(), y, p, threshold=0.5)
+    assert m["auc"]["value"] == pytest.approx(roc_auc_score(y, p))  # the binary metrics include the AUC
+    assert m["sensitivity"]["value"] == pytest.approx(3 / 4) and m["specificity"]["value"] == pytest.approx(3 / 4)
+    assert m == metrics_with_ci(y, p, threshold=0.5)
+    at = task_metrics(Binary(), y, p, threshold=0.75)  # the threshold reaches the counts
+    assert (at["sensitivity"]["value"], at["specificity"]["value"]) == pytest.approx((2 / 4, 1.0))
+    classes = ("normal", "osteopenia", "osteoporosis")
+    yk = np.array([0, 1, 2, 0, 1, 2])
+    q = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.3, 0.6, 0.1], [0.2, 0.6, 0.2], [0.5, 0.1, 0.4]])
+    mk = task_metrics(Multiclass(), yk, q, classes)
+    assert set(mk["per_class"]) == set(classes) and mk == multiclass_metrics_with_ci(yk, q, list(classes))
+    t, v = np.array([-2.6, -1.2, 0.3, -3.0, -0.5]), np.array([-2.0, -1.5, 0.0, -2.8, -0.9])
+    for target in ("t_score", "bmd"):
+        mr = task_metrics(Regression(target), t, v)
+        assert mr["mae"]["value"] == pytest.approx(np.abs(v - t).mean())
+        assert mr == regression_metrics_with_ci(t, v, target=target)  # the task's target picks the WHO bands
+    assert "who_classification" in task_metrics(Regression("t_score"), t, v)
+    assert "who_classification" not in task_metrics(Regression("bmd"), t, v)
+
+
+def test_each_tasks_prediction_fields_and_rows():
+    classes = ("normal", "osteopenia", "osteoporosis")
+    assert Binary().prediction_fields(classes) == ("path", "label", "probability", "prediction")
+    fields = Multiclass().prediction_fields(classes)
+    assert fields[:3] == ("path", "label", "prediction") and fields[3:] == tuple(f"p_{c}" for c in classes)
+    assert Regression("bmd").prediction_fields() == ("path", "bmd", "prediction", "interval_low", "interval_high")
+    assert Binary().format_row("a.png", 1, 0.4999996, threshold=0.5) == ("a.png", 1, "0.500000", 0)  # called on p
+    assert Multiclass().format_row("a.png", 1, np.array([0.2, 0.3, 0.5]), classes)[1:3] == (
+        "osteopenia",
+        "osteoporosis",
+    )
+    assert Regression("t_score").format_row("a.png", -2.5, -2.25, low=-3.0, high=-1.5) == (
+        "a.png",
+        "-2.5000",
+        "-2.2500",
+        "-3.0000",
+        "-1.5000",
+    )
+    for task in ALL_TASKS:  # every row is as wide as the header
+        answers = np.full((2, 3), 1 / 3) if task.scoring == "classes" else np.array([0.2, 0.7])
+        header, rows = task.prediction_table(["a", "b"], np.array([0, 1]), answers, classes)
+        assert all(len(r) == len(header) for r in rows)
+
+
+def test_each_task_declares_what_its_runs_offer():
+    b, m, r = ALL_TASKS
+    flags = (
+        "has_threshold",
+        "paper_metrics",
+        "has_trust_bundle",
+        "supports_shortcut_probes",
+        "supports_clinical_baselines",
+        "supports_report",
+        "supports_onnx_export",
+        "supports_dicom_sr",
+        "supports_shift_alarm",
+    )
+    assert all(getattr(b, f) is True for f in flags)  # the paper's binary model: everything
+    for task in (m, r):  # no threshold, no P(positive): none of the binary model's features yet
+        assert not any(getattr(task, f) for f in flags), task
+    assert (b.scoring, m.scoring, r.scoring) == ("probability", "classes", "value")
+    assert (b.conformal_output, m.conformal_output, r.conformal_output) == ("sets", "sets", "intervals")
+    assert all(Task.__dict__[f].__class__ is bool for f in flags)  # the base says no: a new task opts in
+
+
+def test_every_tasks_scoring_has_its_entries_in_the_tables():
+    from kneeosteo.choices import TASK_NAMES
+    from kneeosteo.evaluation.compare import PAIRED_TESTS
+    from kneeosteo.evaluation.task_scoring import SCORING
+    from kneeosteo.inference.predictor import _VERDICTS
+
+    tasks = [task_named(n, "t_score" if n == "regression" else "label") for n in TASK_NAMES]
+    for task in tasks:
+        entry = SCORING[task.scoring]
+        assert task.scoring in PAIRED_TESTS and entry.metrics is not None
+        if not task.paper_metrics:  # scored, printed and answered by task_scoring, not evaluate.score
+            assert None not in (entry.answers, entry.score, entry.table)
+        if not task.has_trust_bundle:  # predict's answers of a task run
+            assert task.scoring in _VERDICTS
+
+
+def test_each_tasks_comparison_and_explained_output():
+    mc = {"pvalue": 0.25, "b": 3, "c": 1}
+    lines = Binary().comparison_lines(
+        {"accuracy_a": 0.75, "accuracy_b": 0.5, "mcnemar": mc, "delong": {"auc_a": 0.8, "auc_b": 0.6, "pvalue": 0.04}}
+    )
+    assert lines == [
+        "accuracy 0.750 vs 0.500: exact McNemar p = 0.25 (b 3, c 1)",
+        "AUC 0.800 vs 0.600: DeLong p = 0.04",
+    ]
+    c = {
+        "accuracy_a": 0.5,
+        "accuracy_b": 0.5,
+        "mcnemar_correct": mc,
+        "stuart_maxwell": {"statistic": 1.0, "df": 2, "p_value": 0.6},
+        "per_class": {"normal": {"pvalue": 1.0}, "osteoporosis": {"pvalue": 0.5}},
+    }
+    lines = Multiclass().comparison_lines(c)
+    assert len(lines) == 4 and lines[-1] == "  osteoporosis: one-vs-rest McNemar p = 0.5"
+    c = {"mae_a": 0.5, "mae_b": 0.75, "wilcoxon_abs_errors": {"p_value": 0.125}}
+    assert Regression("t_score").comparison_lines(c) == [
+        "MAE 0.500 vs 0.750: Wilcoxon signed-rank on absolute errors p = 0.125"
+    ]
+    assert Multiclass().explained_output([0.2, 0.5, 0.3]) == 1 and Multiclass().explained_output([]) == 0
+    assert Regression("t_score").explained_output([]) == 0
+
+
+def test_the_shift_alarm_asks_the_task():
+    from kneeosteo.inference.batch import shift_for
+
+    shift = shift_for(None, [0.1, 0.2], [0.3, 0.4], Multiclass())
+    assert shift.verdict == "unavailable" and shift.note == "the alarm covers binary runs; this is a multiclass run"
+    assert "no trust files" in shift_for(None, [0.1], [0.3], Binary()).note  # binary: on to the trust files

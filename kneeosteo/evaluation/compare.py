@@ -31,7 +31,7 @@ from kneeosteo.errors import DataError
 from kneeosteo.evaluation.multiclass import paired_multiclass_tests
 from kneeosteo.evaluation.stats import delong_test, mcnemar_exact
 from kneeosteo.run import RunDir
-from kneeosteo.tasks import Binary, Multiclass, task_for, task_named
+from kneeosteo.tasks import task_for, task_named
 
 __all__ = ["clinical_beside", "compare_runs", "format_comparison"]
 
@@ -51,6 +51,56 @@ def _run_of(folder: Path) -> RunDir:
         if RunDir(p).is_run():
             return RunDir(p)
     raise DataError(f"{folder}: not inside a run folder")
+
+
+def _paired_probabilities(ra: dict, rb: dict, paths: list[str], label: str, classes: list[str]) -> dict:
+    """Binary: exact McNemar on correctness at each run's own threshold, DeLong on the AUCs."""
+    y = np.array([int(ra[p]["label"]) for p in paths])
+    pa = np.array([float(ra[p]["probability"]) for p in paths])
+    pb = np.array([float(rb[p]["probability"]) for p in paths])
+    ca = np.array([int(ra[p]["prediction"]) for p in paths]) == y
+    cb = np.array([int(rb[p]["prediction"]) for p in paths]) == y
+    return dict(
+        accuracy_a=float(ca.mean()),
+        accuracy_b=float(cb.mean()),
+        mcnemar=mcnemar_exact(ca, cb),
+        delong=delong_test(y, pa, pb),
+    )
+
+
+def _paired_classes(ra: dict, rb: dict, paths: list[str], label: str, classes: list[str]) -> dict:
+    """Multiclass: Stuart-Maxwell, exact McNemar on correctness overall and per class."""
+    idx = {c: k for k, c in enumerate(classes)}
+    y = [idx[ra[p]["label"]] for p in paths]
+    pred_a = np.array([idx[ra[p]["prediction"]] for p in paths])
+    pred_b = np.array([idx[rb[p]["prediction"]] for p in paths])
+    return dict(
+        accuracy_a=float(np.mean(pred_a == y)),
+        accuracy_b=float(np.mean(pred_b == y)),
+        **paired_multiclass_tests(y, pred_a, pred_b, classes),
+    )
+
+
+def _paired_values(ra: dict, rb: dict, paths: list[str], label: str, classes: list[str]) -> dict:
+    """Regression: Wilcoxon signed-rank on the paired absolute errors, the mean difference."""
+    y = np.array([float(ra[p][label]) for p in paths])
+    ea = np.abs(np.array([float(ra[p]["prediction"]) for p in paths]) - y)
+    eb = np.abs(np.array([float(rb[p]["prediction"]) for p in paths]) - y)
+    if np.allclose(ea, eb):
+        test = {"statistic": 0.0, "p_value": 1.0, "note": "identical errors"}
+    else:
+        res = wilcoxon(ea, eb)
+        test = {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
+    return dict(
+        mae_a=float(ea.mean()),
+        mae_b=float(eb.mean()),
+        mae_difference=float((ea - eb).mean()),
+        wilcoxon_abs_errors=test,
+    )
+
+
+# the paired tests of each kind of answer (Task.scoring), on two predictions.csv keyed by path
+PAIRED_TESTS = {"probability": _paired_probabilities, "classes": _paired_classes, "value": _paired_values}
 
 
 def compare_runs(a: str | Path, b: str | Path) -> dict:
@@ -80,44 +130,7 @@ def compare_runs(a: str | Path, b: str | Path) -> dict:
         "model_a": run_a.model_id,
         "model_b": run_b.model_id,
     }
-    if isinstance(task, Binary):
-        y = np.array([int(ra[p]["label"]) for p in paths])
-        pa = np.array([float(ra[p]["probability"]) for p in paths])
-        pb = np.array([float(rb[p]["probability"]) for p in paths])
-        ca = np.array([int(ra[p]["prediction"]) for p in paths]) == y
-        cb = np.array([int(rb[p]["prediction"]) for p in paths]) == y
-        out.update(
-            accuracy_a=float(ca.mean()),
-            accuracy_b=float(cb.mean()),
-            mcnemar=mcnemar_exact(ca, cb),
-            delong=delong_test(y, pa, pb),
-        )
-    elif isinstance(task, Multiclass):
-        classes = list(run_a.config.classes)
-        idx = {c: k for k, c in enumerate(classes)}
-        y = [idx[ra[p]["label"]] for p in paths]
-        pred_a = np.array([idx[ra[p]["prediction"]] for p in paths])
-        pred_b = np.array([idx[rb[p]["prediction"]] for p in paths])
-        out.update(
-            accuracy_a=float(np.mean(pred_a == y)),
-            accuracy_b=float(np.mean(pred_b == y)),
-            **paired_multiclass_tests(y, pred_a, pred_b, classes),
-        )
-    else:
-        y = np.array([float(ra[p][label]) for p in paths])
-        ea = np.abs(np.array([float(ra[p]["prediction"]) for p in paths]) - y)
-        eb = np.abs(np.array([float(rb[p]["prediction"]) for p in paths]) - y)
-        if np.allclose(ea, eb):
-            test = {"statistic": 0.0, "p_value": 1.0, "note": "identical errors"}
-        else:
-            res = wilcoxon(ea, eb)
-            test = {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
-        out.update(
-            mae_a=float(ea.mean()),
-            mae_b=float(eb.mean()),
-            mae_difference=float((ea - eb).mean()),
-            wilcoxon_abs_errors=test,
-        )
+    out.update(PAIRED_TESTS[task.scoring](ra, rb, paths, label, list(run_a.config.classes)))
     return out
 
 
@@ -143,7 +156,7 @@ def clinical_beside(
 
     a, b = Path(a), Path(b)
     run_a, run_b = _run_of(a), _run_of(b)
-    if not isinstance(task_for(run_a.config), Binary) or not isinstance(task_for(run_b.config), Binary):
+    if not task_for(run_a.config).supports_clinical_baselines or not task_for(run_b.config).supports_clinical_baselines:
         raise DataError("--reference/--covariates compare binary runs (a probability of the positive class)")
     ref = read_reference(reference)
     probs = {}
@@ -168,25 +181,5 @@ def clinical_beside(
 def format_comparison(c: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"{c['model_a']} vs {c['model_b']}: {c['task']}, {c['n']} paired test images"]
-    task = task_named(c["task"])
-    if isinstance(task, Binary):
-        d, m = c["delong"], c["mcnemar"]
-        lines += [
-            f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g} "
-            f"(b {m['b']}, c {m['c']})",
-            f"AUC {d['auc_a']:.3f} vs {d['auc_b']:.3f}: DeLong p = {d['pvalue']:.4g}",
-        ]
-    elif isinstance(task, Multiclass):
-        sm, m = c["stuart_maxwell"], c["mcnemar_correct"]
-        lines += [
-            f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g}",
-            f"Stuart-Maxwell (same class frequencies?): statistic {sm['statistic']:.3f}, df {sm['df']}, "
-            f"p = {sm['p_value']:.4g}" + (f" ({sm['note']})" if sm.get("note") else ""),
-        ]
-        lines += [f"  {name}: one-vs-rest McNemar p = {t['pvalue']:.4g}" for name, t in c["per_class"].items()]
-    else:
-        w = c["wilcoxon_abs_errors"]
-        lines.append(
-            f"MAE {c['mae_a']:.3f} vs {c['mae_b']:.3f}: Wilcoxon signed-rank on absolute errors p = {w['p_value']:.4g}"
-        )
+    lines += task_named(c["task"]).comparison_lines(c)
     return "\n".join(lines)

@@ -15,9 +15,8 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import SplitSets, load_split
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation import figures
-from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.evaluation.probes import shortcut_probes
-from kneeosteo.evaluation.task_scoring import score_task
+from kneeosteo.evaluation.task_scoring import score_task, task_metrics
 from kneeosteo.evaluation.trust_metrics import trust_metrics
 from kneeosteo.features.cache import TensorCache, backbone_cache_id
 from kneeosteo.features.prepare import PreparedSet, prepare
@@ -66,12 +65,13 @@ def score(
     With ``probes`` the shortcut probes (:mod:`kneeosteo.evaluation.probes`) go into the metrics
     under ``shortcut_probes``; ``train`` (the prepared training originals) enables the two that
     need a training partition."""
-    if not isinstance(task_for(run.config), Binary):
+    task = task_for(run.config)
+    if not task.paper_metrics:
         return score_task(run, raw_outputs(model, test, run.config.preprocess, device), test, sets, out, history)
     threshold = run.config.threshold if threshold is None else threshold
     prob = predict_prepared(model, test, run.config.preprocess, device)
     y = test.targets.numpy().astype(int)
-    metrics = metrics_with_ci(y, prob, threshold=threshold)
+    metrics = task_metrics(task, y, prob, threshold=threshold)
     metrics["classes"] = sets.classes
     metrics["positive_class"] = sets.positive
     metrics["unreadable"] = test.bad
@@ -100,7 +100,7 @@ def score(
     out.mkdir(parents=True, exist_ok=True)
     metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", *task_for(run.config).prediction_table(test.paths, y, prob, threshold=threshold))
+    write_csv(out / "predictions.csv", *task.prediction_table(test.paths, y, prob, threshold=threshold))
     if history:
         figures.curves(history, out)
     figures.confusion(metrics["counts"], sets.classes, out)
@@ -143,7 +143,7 @@ def evaluate_run(
     model = run.load_model(device)
     merge = cfg.settings.get("merge") or {}
     task = task_for(cfg)
-    probes = probes and isinstance(task, Binary)  # the shortcut probes are binary (metadata vs. one label)
+    probes = probes and task.supports_shortcut_probes
     if split is not None or data is None:
         sets = load_split(
             split or run.split_file, data or cfg.record.get("data"), cfg.settings.get("fold"), target=cfg.target
@@ -188,7 +188,7 @@ def evaluate_run(
         out = run.path if (data is None and split is None) else run.evaluation_dir(Path(split or data).stem)
     out = Path(out)
     metrics = score(run, model, test, sets, out, threshold, device, train=train, probes=probes)
-    if reference is not None and isinstance(task, Binary):
+    if reference is not None and task.supports_clinical_baselines:
         import json
 
         split_doc = json.loads(Path(split or run.split_file).read_text()) if (split or data is None) else {}

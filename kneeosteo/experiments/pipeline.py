@@ -17,7 +17,7 @@ from kneeosteo.evaluation.probes import format_probes
 from kneeosteo.evaluation.task_scoring import format_task_metrics
 from kneeosteo.experiments.task_trust import fit_task_domain, fit_task_trust, task_trust_line
 from kneeosteo.experiments.trust_fit import fit_trust_from_split, trust_line
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.training.trainer import train
 
 __all__ = ["train_and_score"]
@@ -26,7 +26,7 @@ __all__ = ["train_and_score"]
 def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
     result = train(cfg, resume=resume, console=console)
-    if result.is_main and not isinstance(task_for(cfg), Binary):
+    if result.is_main and not task_for(cfg).has_trust_bundle:
         _score_task_run(result, cfg, console)
     elif result.is_main:
         try:

@@ -26,7 +26,7 @@ from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.experiments.table1 import Predictions, aggregate, write_table1
 from kneeosteo.models.weights import find_default_weights
 from kneeosteo.run import RunDir
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.training import distributed
 from kneeosteo.utils.atomic import ensure_writable, write_json
 from kneeosteo.utils.compute_path import cells_paths
@@ -345,7 +345,7 @@ def reproduce(
     ref = next(
         (k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None
     )
-    if not isinstance(task_for(base), Binary):
+    if not task_for(base).paper_metrics:
         raise ConfigError(
             f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {task_for(base)} "
             "task: train and evaluate it with `kneeosteo train`, or --merge to two classes"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kneeosteo.tasks import Binary, Task
+from kneeosteo.tasks import Task
 from kneeosteo.trust import TrustBundle
 from kneeosteo.trust.shift import BatchShift, batch_shift
 
@@ -24,7 +24,7 @@ def shift_for(
 ) -> BatchShift:
     """The alarm for one batch's domain scores and calibrated probabilities under ``trust``."""
     n = len(probabilities)
-    if task is not None and not isinstance(task, Binary):
+    if task is not None and not task.supports_shift_alarm:
         return BatchShift("unavailable", n, note=f"the alarm covers binary runs; this is a {task} run")
     if trust is None:
         return BatchShift(

@@ -28,7 +28,7 @@ from kneeosteo.inference.knees import film_verdict, no_knee_verdict
 from kneeosteo.inference.predictor import task_verdicts
 from kneeosteo.models import get_backbone_spec
 from kneeosteo.run import ModelInfo, RunDir
-from kneeosteo.tasks import Binary, Multiclass, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.trust import TrustBundle, TrustedPrediction, untrusted_prediction
 
 __all__ = ["Explainer", "Explanation", "gradcam_layer", "map_stats", "to_image_shape", "to_knee_region"]
@@ -151,9 +151,7 @@ class Explainer:
         device: str = "cpu",
     ):
         run = RunDir.open(run)
-        self._run = (
-            run if not isinstance(task_for(run.config), Binary) else None
-        )  # multiclass/regression answers need the run's record
+        self._run = None if task_for(run.config).has_threshold else run  # other answers need the run's record
         self._setup(
             run.load_model(device), run.info, target, threshold, device, run.trust if self._run is None else None
         )
@@ -239,9 +237,7 @@ class Explainer:
 
             classes = self._run.config.classes
             probs = [p for _, p in verdict.probabilities]
-            cls = (
-                int(np.argmax(probs)) if isinstance(task_for(self._run.config), Multiclass) and probs else 0
-            )  # the top class, in domain or not
+            cls = task_for(self._run.config).explained_output(probs)  # the top class, in domain or not
             targets = [ClassifierOutputTarget(cls)]
             explained = classes[cls] if classes else f"{self._run.config.target} (what raises it)"
         elif target == "predicted":

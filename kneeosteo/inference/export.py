@@ -28,7 +28,7 @@ from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.paths import cache_dir
 from kneeosteo.run import ModelInfo, RunDir
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.utils.atomic import write_bytes
 from kneeosteo.utils.hashing import sha256_file
 
@@ -105,7 +105,7 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
 
 def binary_only(run: RunDir) -> None:
     """The ONNX export carries one probability and one logit: the paper's binary model."""
-    if not isinstance(task_for(run.config), Binary):
+    if not task_for(run.config).supports_onnx_export:
         raise ConfigError(f"{run.path}: a {run.config.task} run has no ONNX export yet; predict with --engine torch")
 
 

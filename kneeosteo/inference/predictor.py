@@ -37,7 +37,7 @@ from kneeosteo.errors import ConfigError, InferenceError
 from kneeosteo.inference.inputs import collect_inputs
 from kneeosteo.inference.knees import film_verdict, no_knee_verdict
 from kneeosteo.run import ModelInfo, RunDir
-from kneeosteo.tasks import Binary, Multiclass, task_for
+from kneeosteo.tasks import Binary, task_for
 from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
 
@@ -163,7 +163,7 @@ class Predictor:
     ):
         # one RunDir: its config (the weights' sha256 checked) is read once, not once per question
         opened = RunDir.open(run) if (run is not None or onnx is None) else None
-        if onnx is None and not isinstance(task_for(opened.config), Binary):
+        if onnx is None and not task_for(opened.config).supports_onnx_export:
             if engine not in ("auto", "torch"):  # the ONNX export and int8 cover the paper's binary model
                 raise ConfigError(
                     f"--engine {engine}: a {opened.config.task} run predicts with "
@@ -336,9 +336,7 @@ class Predictor:
         film_px = [px for (_, xs), px in zip(views, pixels) for _ in xs]
         answers = iter(self.assess(torch.stack(inputs), film_px) if inputs else [])
         classes = (
-            (self.info.negative, self.info.positive)
-            if isinstance(self.task, Binary)
-            else tuple(self.run.config.classes)
+            (self.info.negative, self.info.positive) if self.task.has_threshold else tuple(self.run.config.classes)
         )
         out = []
         for search, xs in views:
@@ -448,43 +446,52 @@ def task_verdicts(
         else:
             v = check.assess(np.asarray(features[i], dtype=np.float64)[None, :], px, pixel_reasons=reasons)
             verdicts.append((v.score, v.threshold, v.ok, "; ".join(v.reasons)))
+    return _VERDICTS[task_for(cfg).scoring](cfg, a, verdicts)
+
+
+def _class_verdicts(cfg, a: dict, verdicts: list[tuple]) -> list[TrustedPrediction]:
+    """The top class, every class's probability and the conformal set (multiclass)."""
     out = []
-    if isinstance(task_for(cfg), Multiclass):
-        for i, q in enumerate(a["probabilities"]):
-            score, thr, ok, why = verdicts[i]
-            k = int(np.argmax(q))
-            pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
-            status = (
-                "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
+    for i, q in enumerate(a["probabilities"]):
+        score, thr, ok, why = verdicts[i]
+        k = int(np.argmax(q))
+        pset = () if a["sets"] is None else tuple(c for c, inside in zip(cfg.classes, a["sets"][i]) if inside)
+        status = (
+            "out_of_domain" if not ok else ("ok" if a["sets"] is None or pset == (cfg.classes[k],) else "uncertain")
+        )
+        reason = (
+            (why or "out of domain")
+            if not ok
+            else (
+                "in domain; no prediction sets (uncalibrated run)"
+                if a["sets"] is None
+                else "in domain; one class in the prediction set"
+                if pset == (cfg.classes[k],)
+                else "the most probable class is not the one class in the prediction set"
+                if len(pset) == 1
+                else f"{len(pset)} classes in the prediction set"
             )
-            reason = (
-                (why or "out of domain")
-                if not ok
-                else (
-                    "in domain; no prediction sets (uncalibrated run)"
-                    if a["sets"] is None
-                    else "in domain; one class in the prediction set"
-                    if pset == (cfg.classes[k],)
-                    else "the most probable class is not the one class in the prediction set"
-                    if len(pset) == 1
-                    else f"{len(pset)} classes in the prediction set"
-                )
+        )
+        out.append(
+            TrustedPrediction(
+                status,
+                float(q[k]),
+                float(q[k]),
+                cfg.classes[k] if ok else "",
+                pset if ok else (),
+                score,
+                thr,
+                a["calibrated"],
+                tuple((c, float(v)) for c, v in zip(cfg.classes, q)),
+                status_reason=reason,
             )
-            out.append(
-                TrustedPrediction(
-                    status,
-                    float(q[k]),
-                    float(q[k]),
-                    cfg.classes[k] if ok else "",
-                    pset if ok else (),
-                    score,
-                    thr,
-                    a["calibrated"],
-                    tuple((c, float(v)) for c, v in zip(cfg.classes, q)),
-                    status_reason=reason,
-                )
-            )
-        return out
+        )
+    return out
+
+
+def _value_verdicts(cfg, a: dict, verdicts: list[tuple]) -> list[TrustedPrediction]:
+    """The value with its conformal interval; a T-score's label is its WHO band (regression)."""
+    out = []
     for i, v in enumerate(a["values"]):
         score, thr, ok, why = verdicts[i]
         label = who_band(float(v)) if (cfg.target == "t_score" and ok) else ""
@@ -506,3 +513,8 @@ def task_verdicts(
             )
         )
     return out
+
+
+# a task run's answers as TrustedPredictions, for each kind of answer (Task.scoring) but the binary
+# one (the trust bundle's, Predictor.assess)
+_VERDICTS = {"classes": _class_verdicts, "value": _value_verdicts}

@@ -441,7 +441,7 @@ def evaluate(
     from kneeosteo.evaluation.metrics import format_table
     from kneeosteo.evaluation.probes import format_probes
     from kneeosteo.evaluation.task_scoring import format_task_metrics
-    from kneeosteo.tasks import Binary, task_named
+    from kneeosteo.tasks import task_named
 
     if labels is not None and data is None:
         raise typer.BadParameter("--labels describes a data folder: give DATA too", param_hint="--labels")
@@ -466,7 +466,7 @@ def evaluate(
         definition=definition,
         store_fused=store_fused,
     )
-    if not isinstance(task_named(str(metrics.get("task", "binary"))), Binary):
+    if not task_named(str(metrics.get("task", "binary"))).paper_metrics:
         print(format_task_metrics(run.name, metrics))
         print(f"wrote metrics.json, predictions.csv and figures to {where}")
         return
@@ -572,7 +572,7 @@ def calibrate(
     (with interval), ECE, calibration slope, set coverage and accuracy there; an AUC interval that
     holds 0.5 is 'no signal at this site' and the new run marks every prediction uncertain."""
     from kneeosteo.experiments.trust_fit import calibrate_run, check_new_run_folder, site_check_lines, trust_line
-    from kneeosteo.tasks import Binary, task_for
+    from kneeosteo.tasks import task_for
     from kneeosteo.trust.conformal import _check_coverage
     from kneeosteo.trust.operating_point import parse_operating_point
     from kneeosteo.utils.atomic import ensure_writable
@@ -595,7 +595,7 @@ def calibrate(
         labels=labels,
         class_conditional=class_conditional,
     )
-    if not isinstance(task_for(new.config), Binary):
+    if not task_for(new.config).has_trust_bundle:
         from kneeosteo.experiments.task_trust import task_trust_line
 
         print(task_trust_line(new.config.record["task_trust"]))
@@ -760,7 +760,6 @@ def predict(
             "--dicom-out writes from this one process: drop --ray/--workers", param_hint="--dicom-out"
         )
     from kneeosteo.inference.output import check_output
-    from kneeosteo.tasks import Binary
     from kneeosteo.utils.atomic import ensure_writable
 
     if dicom_manifest is not None and dicom_out is None:
@@ -795,7 +794,7 @@ def predict(
         from kneeosteo.inference.covariates import read_covariates
 
         table = read_covariates(covariates, predictor.fused.covariates)  # before the images are read
-    if dicom_out is not None and (predictor.run is None or not isinstance(predictor.task, Binary)):
+    if dicom_out is not None and (predictor.run is None or not predictor.task.supports_dicom_sr):
         raise typer.BadParameter(
             "DICOM reports are written for a binary run folder (--run), whose model also draws the heat map",
             param_hint="--dicom-out",

@@ -26,7 +26,7 @@ from kneeosteo.reporting import gallery, sanity
 from kneeosteo.reporting.checklist import checklist_rows
 from kneeosteo.reporting.embed import file_uri, image_uri
 from kneeosteo.run import RunDir
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def run_context(
     run = RunDir.open(run_path)
     data_dir = resolve_data(run, data)
     task = task_for(run.config)
-    if not isinstance(task, Binary):  # the page's sections (probes, calibration, gallery) are the binary model's
+    if not task.supports_report:  # the page's sections (probes, calibration, gallery) are the binary model's
         raise ConfigError(
             f"{run.path}: `report` covers binary runs; for this {task} run see its metrics.json, "
             "predictions.csv and figures (`kneeosteo evaluate`)"

@@ -17,6 +17,13 @@ regression     1          Huber (delta 1.0)             the value itself (T-scor
 label manifest) makes it a regression, whatever ``--task`` says. The names stay the run folder's
 format (``config.json``'s ``task``); torch is imported when a loss or an answer is computed, not
 when a task is built, so the configuration and ``--help`` do not load it.
+
+A task also says what a run of it offers, so no other module asks which class it is:
+``scoring`` (the key of the tables in ``evaluation``, ``compare`` and ``inference`` that hold the
+scorers, paired tests and verdicts of each kind of answer), ``prediction_fields`` and
+``format_row`` (``predictions.csv``), ``comparison_lines`` (``compare``'s printout), and the
+capability flags below (``has_threshold``, ``paper_metrics``, ``supports_onnx_export``, ...): a
+feature that needs one checks the flag, with the one-line message it always gave.
 """
 
 from __future__ import annotations
@@ -131,7 +138,43 @@ class Task:
         """The classes a data set scanned for this run must have (multiclass), or None."""
         return None
 
+    # ------------------------------------------------------------------ what a run of this task offers
+    scoring: ClassVar[str]
+    """What is scored: ``probability`` (one P(positive)), ``classes`` (K probabilities) or ``value``;
+    the key of evaluation's, compare's and predict's one table of scorers, tests and verdicts."""
+    has_threshold: ClassVar[bool] = False
+    """The answer is one probability called at an operating threshold (the others: top class, value)."""
+    paper_metrics: ClassVar[bool] = False
+    """Scored with the paper's table (counts at the threshold, AUC; Table I, McNemar, DeLong in reproduce)."""
+    has_trust_bundle: ClassVar[bool] = False
+    """Calibrated by the trust bundle (Platt/temperature, operating point, two-class conformal sets)."""
+    supports_shortcut_probes: ClassVar[bool] = False
+    """The shortcut probes score metadata classifiers against one binary label."""
+    supports_clinical_baselines: ClassVar[bool] = False
+    """The clinical baselines (OST, logistic, fused) are compared with P(positive) by DeLong."""
+    supports_report: ClassVar[bool] = False
+    """`report`'s sections (probes, calibration, the gallery of errors at the threshold) need P(positive)."""
+    supports_onnx_export: ClassVar[bool] = False
+    """The ONNX graph's outputs are one probability and one logit."""
+    supports_dicom_sr: ClassVar[bool] = False
+    """The DICOM SR records one probability at a threshold and the positive class's heat map."""
+    supports_shift_alarm: ClassVar[bool] = False
+    """The batch shift alarm tests calibrated P(positive) against the trust bundle's reference."""
+    conformal_output: ClassVar[str] = "sets"
+    """What the conformal step gives: prediction ``sets`` of classes, or ``intervals`` around a value."""
+
     # ------------------------------------------------------------------ evaluate's predictions.csv
+    def prediction_fields(self, classes: Sequence[str] = ()) -> tuple[str, ...]:
+        """The header of ``predictions.csv`` for a run with ``classes``."""
+        raise NotImplementedError
+
+    def format_row(
+        self, path: str, truth, answer, classes: Sequence[str] = (), threshold: float = 0.5, low=None, high=None
+    ) -> tuple:
+        """One row of ``predictions.csv``: ``truth`` (class index or value), ``answer`` (P(positive),
+        class probabilities or value), ``low``/``high`` a regression's conformal interval."""
+        raise NotImplementedError
+
     def prediction_table(
         self,
         paths: Sequence[str],
@@ -143,7 +186,20 @@ class Task:
     ) -> tuple[tuple[str, ...], list[tuple]]:
         """(header, rows) of a scored test set: ``truth`` (class indices or values), ``answers``
         (P(positive), class probabilities or values), a regression's conformal ``interval``."""
+        lo, hi = interval if interval is not None else (np.full(len(truth), np.nan),) * 2
+        rows = [
+            self.format_row(p, t, q, classes, threshold, a, b) for p, t, q, a, b in zip(paths, truth, answers, lo, hi)
+        ]
+        return self.prediction_fields(classes), rows
+
+    # ------------------------------------------------------------------ compare's printout
+    def comparison_lines(self, c: dict) -> list[str]:
+        """The lines of ``kneeosteo compare``'s paired tests (``c``: compare_runs' result)."""
         raise NotImplementedError
+
+    def explained_output(self, probabilities: Sequence[float]) -> int:
+        """The output Grad-CAM explains for a run without a threshold: the top class, or the one value."""
+        return 0
 
 
 def _gce(log_p, q: float):
@@ -157,6 +213,16 @@ class Binary(Task):
     name = "binary"
     loss_name = "binary cross-entropy with logits"
     answer = "P(positive class)"
+    scoring = "probability"
+    has_threshold = True
+    paper_metrics = True
+    has_trust_bundle = True
+    supports_shortcut_probes = True
+    supports_clinical_baselines = True
+    supports_report = True
+    supports_onnx_export = True
+    supports_dicom_sr = True
+    supports_shift_alarm = True
 
     def _loss_rows(self, out, y, smoothing: float, gce_q: float):
         import torch.nn.functional as F
@@ -205,17 +271,26 @@ class Binary(Task):
     def run_classes(self, classes: Sequence[str], positive: str) -> tuple[str, ...]:
         return (next(c for c in classes if c != positive), positive)
 
-    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
-        return (
-            BINARY_PREDICTION_FIELDS,
-            [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)],
-        )
+    def prediction_fields(self, classes: Sequence[str] = ()) -> tuple[str, ...]:
+        return BINARY_PREDICTION_FIELDS
+
+    def format_row(self, path, truth, answer, classes=(), threshold=0.5, low=None, high=None) -> tuple:
+        return (path, int(truth), f"{answer:.6f}", int(answer >= threshold))
+
+    def comparison_lines(self, c: dict) -> list[str]:
+        d, m = c["delong"], c["mcnemar"]
+        return [
+            f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g} "
+            f"(b {m['b']}, c {m['c']})",
+            f"AUC {d['auc_a']:.3f} vs {d['auc_b']:.3f}: DeLong p = {d['pvalue']:.4g}",
+        ]
 
 
 class Multiclass(Task):
     name = "multiclass"
     loss_name = "cross-entropy over K softmax logits"
     answer = "a probability per class"
+    scoring = "classes"
 
     def outputs(self, n_classes: int) -> int:
         return n_classes
@@ -246,18 +321,31 @@ class Multiclass(Task):
     def expected_classes(self, classes: Sequence[str]) -> list[str] | None:
         return list(classes)
 
-    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
-        header = ("path", "label", "prediction", *[f"p_{c}" for c in classes])
-        return header, [
-            (p, classes[t], classes[int(np.argmax(q))], *[f"{v:.6f}" for v in q])
-            for p, t, q in zip(paths, truth, answers)
+    def prediction_fields(self, classes: Sequence[str] = ()) -> tuple[str, ...]:
+        return ("path", "label", "prediction", *[f"p_{c}" for c in classes])
+
+    def format_row(self, path, truth, answer, classes=(), threshold=0.5, low=None, high=None) -> tuple:
+        return (path, classes[truth], classes[int(np.argmax(answer))], *[f"{v:.6f}" for v in answer])
+
+    def comparison_lines(self, c: dict) -> list[str]:
+        sm, m = c["stuart_maxwell"], c["mcnemar_correct"]
+        lines = [
+            f"accuracy {c['accuracy_a']:.3f} vs {c['accuracy_b']:.3f}: exact McNemar p = {m['pvalue']:.4g}",
+            f"Stuart-Maxwell (same class frequencies?): statistic {sm['statistic']:.3f}, df {sm['df']}, "
+            f"p = {sm['p_value']:.4g}" + (f" ({sm['note']})" if sm.get("note") else ""),
         ]
+        return lines + [f"  {name}: one-vs-rest McNemar p = {t['pvalue']:.4g}" for name, t in c["per_class"].items()]
+
+    def explained_output(self, probabilities: Sequence[float]) -> int:
+        return int(np.argmax(probabilities)) if len(probabilities) else 0
 
 
 class Regression(Task):
     name = "regression"
     loss_name = f"Huber (delta {HUBER_DELTA})"
     answer = "the predicted value"
+    scoring = "value"
+    conformal_output = "intervals"
 
     def __init__(self, target: str):
         self.target = target
@@ -277,11 +365,17 @@ class Regression(Task):
         y = np.asarray(values, dtype=np.float64)
         return float(y.mean()), float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0
 
-    def prediction_table(self, paths, truth, answers, classes=(), threshold=0.5, interval=None):
-        lo, hi = interval if interval is not None else (np.full(len(truth), np.nan),) * 2
-        header = ("path", self.target, "prediction", "interval_low", "interval_high")
-        return header, [
-            (p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(paths, truth, answers, lo, hi)
+    def prediction_fields(self, classes: Sequence[str] = ()) -> tuple[str, ...]:
+        return ("path", self.target, "prediction", "interval_low", "interval_high")
+
+    def format_row(self, path, truth, answer, classes=(), threshold=0.5, low=None, high=None) -> tuple:
+        low, high = (np.nan if x is None else x for x in (low, high))
+        return (path, f"{truth:.4f}", f"{answer:.4f}", f"{low:.4f}", f"{high:.4f}")
+
+    def comparison_lines(self, c: dict) -> list[str]:
+        w = c["wilcoxon_abs_errors"]
+        return [
+            f"MAE {c['mae_a']:.3f} vs {c['mae_b']:.3f}: Wilcoxon signed-rank on absolute errors p = {w['p_value']:.4g}"
         ]
 
 
