@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from imagegen import non_knee_corpus  # noqa: E402
-
 from kneeosteo.data.reader import read_image  # noqa: E402
 from kneeosteo.data.reference import read_reference  # noqa: E402
 from kneeosteo.inference import Predictor  # noqa: E402
