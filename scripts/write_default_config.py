@@ -41,24 +41,26 @@ def header(rd: RunDir, lever: Path) -> str:
     prep = rd.config.preprocess
     model = "the hybrid (frozen {b} + attention module + FC head)" if s["attention"] else "{b} + FC head"
     region = (
-        f"each knee joint's region: every knee found by the label-free localiser (kneeosteo.data.knee),\n"
-        f"# a square of {knee_mod.ROI_SCALE:g} tibial plateau widths around the joint, at {prep.size} px"
+        "each knee joint's region: every knee found by the label-free localiser\n"
+        f"# (kneeosteo.data.knee), a square of {knee_mod.ROI_SCALE:g} tibial plateau widths around the joint, "
+        f"at {prep.size} px"
         if prep.preset == "knee"
         else f"the `{prep.preset}` preset at {prep.size} px"
     )
     weighted = (
-        ", each training film weighted by\n# 1 / P(its label | file metadata) against the source shortcut"
+        ",\n# each training film weighted by 1 / P(its label | file metadata) against the source shortcut"
         if s.get("reweight") == "metadata"
         else ""
     )
+    where = lever.relative_to(ROOT) if lever.is_relative_to(ROOT) else lever
     return (
-        f"# The bundled default model: {model.format(b=s['backbone'])} shown\n"
-        f"# {region}; {s.get('copies')} offline copies per training film{weighted};\n"
+        f"# The bundled default model: {model.format(b=s['backbone'])}\n"
+        f"# shown {region};\n# {s.get('copies')} offline copies per training film{weighted};\n"
         f"# at most {s['epochs']} epochs, patience {s['patience']} (the limits it was trained with).\n"
-        f"# Chosen by the rule in research/DEFAULT_CHOICE.md (2026-12-07 03:05: the five-seed grid on the\n"
+        "# Chosen by the rule in research/DEFAULT_CHOICE.md (2026-12-07 03:05: the five-seed grid on the\n"
         f"# held-out source, `reproduce --protocol holdout-reference`, {lever.stem} against the previous\n"
-        f"# default's settings; the bundled weights are its seed-0 cell, never the best seed). The same\n"
-        f"# keys as {lever.relative_to(ROOT) if lever.is_relative_to(ROOT) else lever}, with the values the bundled run was trained with.\n"
+        "# default's settings; the bundled weights are its seed-0 cell, never the best seed).\n"
+        f"# The keys of {where}, with the values the bundled run was trained with.\n"
         "# The paper's own protocol is configs/paper.toml (`make run`). Train this on any split:\n"
         "#   kneeosteo train DATA --config configs/default_model.toml --split S --out RUN\n"
     )
