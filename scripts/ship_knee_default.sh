@@ -27,8 +27,13 @@
 #
 # Environment: ROW (default knee384), AGAINST (default default_model: the grid row of the previous
 # default's settings), REF (default DATA/tscores.csv), AUDIT (an audit.json to reuse), DEST,
-# CONFIG_OUT, DEVICE (cpu), SKIP_RULE=1 (a trial on an unfinished grid only: the seed-0 cell must be
-# done; the card then says how many seeds were in; never ship from it).
+# CONFIG_OUT, DEVICE (cpu), SKIP_RULE=1 (a trial only, never a ship: the rule is printed, not
+# enforced; the grid folder still needs table1.json and clinical.json, e.g. a copy of the finished
+# cells aggregated by `reproduce` with only their seeds; the card says how many seeds were in).
+#
+# Times on the shared 2-core machine (load ~16) on 2026-12-07, knee384 seed 0: rule check 95 s,
+# calibrate 320 s, evaluate 1004 s (the probes included), knee_domain 7-14 min, bundle 10 s, config
+# a few s; the audit was not timed (AUDIT=an existing audit.json of the same data skips it).
 set -euo pipefail
 
 GRID=${1:?usage: scripts/ship_knee_default.sh GRID DATA [WORK]}
