@@ -346,7 +346,7 @@ def domain_text(domain: dict | None, rd: RunDir) -> str:
         sys.exit(f"--domain: measured on {domain.get('model')}, not on this run ({rd.model_id})")
     c = domain["cases"]
     words = {
-        "reference": "the held-out reference films",
+        "reference": "every film named in the reference manifest (the held-out films among them)",
         "two_knee": "two-knee films built from pairs of them (one mirrored, side by side)",
         "non_knee": "the test suite's non-knee inputs (generated pictures, documents, DICOM CT and MR)",
     }
