@@ -47,10 +47,19 @@ def two_knee(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.hstack([a, b[:, ::-1]]))
 
 
+def refusing_checks(reason: str) -> set[str]:
+    """The checks named in one film's refusal, without their figures or the knee they concern:
+    "left knee: features unlike the training images (distance 183 > 95.7); 2 bone regions side by
+    side (...)" -> {"features unlike the training images", "2 bone regions side by side"}."""
+    for side in ("left", "right", "single"):
+        reason = reason.replace(f"{side} knee: ", "")
+    return {part.split(" (")[0].strip() for part in reason.split("; ") if part.strip()}
+
+
 def summary(verdicts) -> dict:
     accepted = [v for v in verdicts if v.status != "out_of_domain"]
     reasons = Counter(
-        (getattr(v, "status_reason", None) or "").split(":")[0] for v in verdicts if v.status == "out_of_domain"
+        check for v in verdicts if v.status == "out_of_domain" for check in refusing_checks(v.status_reason or "")
     )
     return {
         "n": len(verdicts),

@@ -37,7 +37,10 @@ def copy_of_bundled(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def knee(tmp_path_factory) -> Path:
-    return g.png_grey8(tmp_path_factory.mktemp("img") / "knee.png")
+    """A generated film with a knee the localiser finds, so that a knee-region model scores it too
+    (a film with no knee is answered out_of_domain without running the model)."""
+    film = np.rint(g.knee_film(texture=0.12, seed=20) * 255).astype(np.uint8)
+    return g.png_grey8(tmp_path_factory.mktemp("img") / "knee.png", array=film)
 
 
 @pytest.fixture(scope="module")

@@ -466,3 +466,32 @@ def test_two_knee_films_from_marked_pairs(kop):
         errors += [_error(k, (mx, my), pw) for k, (mx, my, pw) in zip(found, marks)]
     assert refused <= 1
     assert (np.array(errors) <= 0.10).mean() >= 0.90, sorted(errors)[-4:]
+
+
+def test_a_knee_runs_two_knee_film_is_not_refused_as_two_films(knee_run):
+    """The film checks' "bone regions side by side" rule (two knees or films in one image: a
+    whole-film run sees a picture unlike its training films) must not refuse the two knees a knee
+    run scores one by one; a film with more bone regions side by side than knees found still is."""
+    from kneeosteo.data.reader import read_image
+    from kneeosteo.inference import Predictor
+    from kneeosteo.trust import DomainCheck
+    from kneeosteo.trust.domain import bone_columns, pixel_problems
+
+    run, single, pair, blank = knee_run
+    pred = Predictor(run, engine="torch")
+    px = read_image(pair).pixels
+    search, views = pred.info.preprocess.knee_views(px)
+    # the tiny run has too few films for a feature check, and the film checks come with one: fit one
+    # on stand-in features of the backbone's width (its distances do not matter here, its film checks do)
+    dim = pred.forward(torch.stack(views))[2].shape[1]
+    pred.trust.domain = DomainCheck().fit(np.random.default_rng(0).normal(size=(40, dim)))
+    assert pred.pixel_limits.film_checks
+    assert bone_columns(px) == 2 and any("side by side" in r for r in pixel_problems(px, limits=pred.pixel_limits))
+    film = pred.predict_trusted([px])[0]
+    assert len(film.knees) == 2
+    assert "side by side" not in film.status_reason, film.status_reason
+    # one knee found, two bone regions side by side: the check still refuses it
+    from dataclasses import replace
+
+    one = pred.assess_films([(replace(search, knees=search.knees[:1]), views[:1])], [px])[0]
+    assert one.status == "out_of_domain" and "side by side" in one.status_reason, one.status_reason

@@ -334,7 +334,17 @@ class Predictor:
         a film with no knee is ``out_of_domain`` with the reason."""
         inputs = [x for _, xs in views for x in xs]
         film_px = [px for (_, xs), px in zip(views, pixels) for _ in xs]
-        answers = iter(self.assess(torch.stack(inputs), film_px) if inputs else [])
+        reasons = None
+        limits = self.pixel_limits
+        if limits is not None and limits.film_checks:
+            # the film checks see the whole film: bone regions side by side are the knees this run
+            # scores one by one (as many as were found), not a second film pasted beside the first
+            reasons = [
+                pixel_problems(px, limits=replace(limits, max_bone_columns=max(limits.max_bone_columns, len(xs))))
+                for (_, xs), px in zip(views, pixels)
+                for _ in xs
+            ]
+        answers = iter(self.assess(torch.stack(inputs), film_px, reasons) if inputs else [])
         classes = (
             (self.info.negative, self.info.positive) if self.task.has_threshold else tuple(self.run.config.classes)
         )
