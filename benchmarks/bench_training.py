@@ -18,7 +18,6 @@ An epoch is a training pass plus a validation pass, as in ``kneeosteo train``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -72,15 +71,18 @@ def _setup(cfg, data: Path, split_path: Path):
     from kneeosteo.models import build_model, get_backbone_spec
     from kneeosteo.training.trainer import set_seed
 
-    set_seed(cfg.seed)
+    set_seed(cfg.runtime.seed)
     model, winfo = build_model(
-        cfg.backbone, weights=cfg.backbone_weights, attention=cfg.attention, image_size=cfg.image_size
+        cfg.model.backbone,
+        weights=cfg.model.backbone_weights,
+        attention=cfg.model.attention,
+        image_size=cfg.data.image_size,
     )
-    spec = get_backbone_spec(cfg.backbone)
-    prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
+    spec = get_backbone_spec(cfg.model.backbone)
+    prep = Preprocess(cfg.data.preprocess, cfg.data.image_size, tuple(spec.mean), tuple(spec.std), cfg.data.clahe)
     sets = load_split(split_path, data)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(params, lr=cfg.optimiser.lr, weight_decay=cfg.optimiser.weight_decay)
     return model, winfo, prep, sets, opt
 
 
@@ -98,7 +100,7 @@ def naive_epoch(model, optimizer, data: Path, sets, prep, cfg, amp, epoch: int, 
     from kneeosteo.training.trainer import aug_params
 
     aug = aug_params(cfg)
-    rng = np.random.default_rng(cfg.seed * 100_003 + epoch)
+    rng = np.random.default_rng(cfg.runtime.seed * 100_003 + epoch)
 
     def load(item, augment: bool):
         rel, target = item
@@ -108,7 +110,7 @@ def naive_epoch(model, optimizer, data: Path, sets, prep, cfg, amp, epoch: int, 
             return None
         grey = [prep.geometry(img.pixels)]
         if augment:
-            grey += [prep.geometry(v) for v in offline_versions(img.pixels, img.content_id, cfg.seed, aug)]
+            grey += [prep.geometry(v) for v in offline_versions(img.pixels, img.content_id, cfg.runtime.seed, aug)]
         return torch.stack(grey), float(target)
 
     def batches(items, augment):
@@ -120,15 +122,15 @@ def naive_epoch(model, optimizer, data: Path, sets, prep, cfg, amp, epoch: int, 
                 g, y = got
                 buf_x.extend(g)
                 buf_y.extend([y] * len(g))
-                while len(buf_x) >= cfg.batch_size:
-                    yield buf_x[: cfg.batch_size], buf_y[: cfg.batch_size]
-                    buf_x, buf_y = buf_x[cfg.batch_size :], buf_y[cfg.batch_size :]
+                while len(buf_x) >= cfg.optimiser.batch_size:
+                    yield buf_x[: cfg.optimiser.batch_size], buf_y[: cfg.optimiser.batch_size]
+                    buf_x, buf_y = buf_x[cfg.optimiser.batch_size :], buf_y[cfg.optimiser.batch_size :]
         if buf_x:
             yield buf_x, buf_y
 
     def inputs(gs, ys):
         x = prep.normalise(torch.stack(gs))
-        if cfg.channels_last:
+        if cfg.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, torch.tensor(ys)
 
@@ -179,7 +181,7 @@ def run_naive(cfg, data, split_path, amp, epochs: int, log=print) -> dict:
     import torch
 
     model, _, prep, sets, opt = _setup(cfg, data, split_path)
-    if cfg.channels_last:
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     rows = []
     for e in range(1, epochs + 1):
@@ -201,7 +203,7 @@ def run_cached(cfg, data, split_path, amp, epochs: int, cache: Path, cold: bool 
     from kneeosteo.training.trainer import Batches, prepare_partitions, run_epoch
 
     model, winfo, prep, sets, opt = _setup(cfg, data, split_path)
-    bid = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256)
+    bid = backbone_cache_id(cfg.model.backbone, model.backbone, winfo.sha256)
     out: dict = {}
     with _env(KNEEOSTEO_CACHE=cache):
         if cold:
@@ -211,13 +213,13 @@ def run_cached(cfg, data, split_path, amp, epochs: int, cache: Path, cold: bool 
             parts = prepare_partitions(cfg, data, sets, model.backbone, bid, prep, "cpu")
             out[f"prepare_{kind}_s"] = round(time.perf_counter() - t, 2)
             log(f"  training: cached prepare ({kind}): {out[f'prepare_{kind}_s']} s")
-    if cfg.channels_last:
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches = {k: Batches(v, prep, None) for k, v in parts.items()}
     rows = []
     for e in range(1, epochs + 1):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + e)
-        torch.manual_seed(cfg.seed * 100_003 + e)
+        gen = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + e)
+        torch.manual_seed(cfg.runtime.seed * 100_003 + e)
         t = time.perf_counter()
         run_epoch(model, batches["train"], cfg, "cpu", amp, opt, gen)
         train_s = time.perf_counter() - t
@@ -345,14 +347,16 @@ def run_section(
         with section(doc):
             if quick:
                 root = imagegen().make_dataset(work / "tiny", n_per_class=10, size=64).root
-                cfg = TrainConfig(
-                    data=str(root),
-                    backbone="efficientnet_lite0",
-                    backbone_weights="none",
-                    copies=1,
-                    batch_size=8,
-                    image_size=64,
-                    device="cpu",
+                cfg = TrainConfig.from_dict(
+                    dict(
+                        data=str(root),
+                        backbone="efficientnet_lite0",
+                        backbone_weights="none",
+                        copies=1,
+                        batch_size=8,
+                        image_size=64,
+                        device="cpu",
+                    )
                 )
                 epochs_naive = epochs_cached = 1
                 data_name, fp32, make_run = "generated tiny set (20 PNGs, 64 px), 1 copy, 64-px inputs", False, False
@@ -361,21 +365,21 @@ def run_section(
                 if not root.is_dir():
                     doc["skipped"] = f"KOP not found at {root} (pass --data)"
                     return doc
-                cfg = TrainConfig(data=str(root), device="cpu")  # the defaults are the paper protocol
+                cfg = TrainConfig.from_dict(dict(data=str(root), device="cpu"))  # the defaults are the paper protocol
                 data_name = f"KOP ({root})"
             cache = work / "cache"
             with _env(KNEEOSTEO_CACHE=cache):  # the scan memo, as `kneeosteo split` leaves it
                 split = make_split(scan_dataset(root), seed=0, **({"test_size": 4} if quick else {}))
             split_path = work / "split.json"
             write_split(split, split_path)
-            amp = autocast_dtype(cfg.precision, "cpu")
+            amp = autocast_dtype(cfg.runtime.precision, "cpu")
             doc["setup"] = {
                 "data": data_name,
-                "copies": cfg.copies,
-                "batch_size": cfg.batch_size,
-                "image_size": cfg.image_size,
+                "copies": cfg.augment.copies,
+                "batch_size": cfg.optimiser.batch_size,
+                "image_size": cfg.data.image_size,
                 "autocast": str(amp) if amp else "fp32",
-                "channels_last": cfg.channels_last,
+                "channels_last": cfg.runtime.channels_last,
                 "threads": torch.get_num_threads(),
                 "epochs_naive": epochs_naive,
                 "epochs_cached": epochs_cached,
@@ -383,8 +387,8 @@ def run_section(
             }
             doc["backbones"] = {}
             for i, name in enumerate(["efficientnet_lite0"] if quick else list(backbones)):
-                bcfg = dataclasses.replace(cfg, backbone=name, backbone_weights=_weights(name, cfg.backbone_weights))
-                log(f"  training: backbone {name} (weights {bcfg.backbone_weights})")
+                bcfg = cfg.replace(backbone=name, backbone_weights=_weights(name, cfg.model.backbone_weights))
+                log(f"  training: backbone {name} (weights {bcfg.model.backbone_weights})")
                 rows = {
                     "cached_bf16": run_cached(bcfg, root, split_path, amp, epochs_cached, cache, log=log),
                     "naive_bf16": run_naive(bcfg, root, split_path, amp, epochs_naive, log),
@@ -394,7 +398,7 @@ def run_section(
                         bcfg, root, split_path, None, epochs_cached, cache, cold=False, log=log
                     )
                     rows["naive_fp32"] = run_naive(bcfg, root, split_path, None, max(1, epochs_naive - 1), log)
-                doc["backbones"][name] = {"weights": bcfg.backbone_weights, "rows": rows, "ratios": _ratios(rows)}
+                doc["backbones"][name] = {"weights": bcfg.model.backbone_weights, "rows": rows, "ratios": _ratios(rows)}
             if make_run:
                 log("  training: timing `make run` (cold cache) ...")
                 doc["make_run"] = time_make_run(root, work)

@@ -6,6 +6,10 @@ prints it (rich's layout at 100 columns, no colour). ``docs/cli.md`` must hold o
 every command the CLI has, and no line for a command it lacks: the build fails otherwise, so a new
 command cannot go undocumented. mkdocs.yml names this file under ``hooks:``; ``tests/test_docs.py``
 tests it without MkDocs.
+
+A line ``<!-- kneeosteo-settings -->`` is replaced by the table of every training setting (its
+TOML table and key, default, command-line flag and help), built from the one declaration in
+``kneeosteo/config.py``: the docs cannot list a setting the code lacks, or miss one it has.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import re
 
 MARKER = re.compile(r"^<!-- kneeosteo-help: ([\w-]+) -->$", re.MULTILINE)
+SETTINGS_MARKER = "<!-- kneeosteo-settings -->"
 CLI_PAGE = "cli.md"
 TOP = "kneeosteo"
 
@@ -65,7 +70,30 @@ def expand(markdown: str) -> str:
     return MARKER.sub(block, markdown)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def settings_table() -> str:
+    """Every training setting, table by table, from ``kneeosteo.config``'s declaration."""
+    from kneeosteo.config import settings
+
+    rows = ["| setting | default | command line | meaning |", "|---|---|---|---|"]
+    for s in settings():
+        default = "" if s.default in (None, (), {}) else f"`{s.default!r}`".replace("'", '"')
+        if isinstance(s.default, bool):
+            default = f"`{str(s.default).lower()}`"
+        elif isinstance(s.default, tuple) and s.default:
+            default = f"`{list(s.default)}`"
+        flag = f"`{s.flag}`" if s.flag else ("DATA (argument)" if s.key == "data" else "file only")
+        old = f" (flat: `{s.key}`)" if s.key != s.name else ""
+        rows.append(f"| `[{s.section}]` `{s.name}`{old} | {default} | {_cell(flag)} | {_cell(s.help)} |")
+    return "\n".join(rows) + "\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs hook
     if page.file.src_uri == CLI_PAGE:
         check_markers(markdown, commands())
+    if SETTINGS_MARKER in markdown:
+        markdown = markdown.replace(SETTINGS_MARKER, settings_table())
     return expand(markdown) if MARKER.search(markdown) else markdown

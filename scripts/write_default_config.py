@@ -79,8 +79,9 @@ def main(run: str, lever: str, out: str | None = None) -> None:
     text = header(rd, lever_path) + body
     write_text(dest, text)
     cfg = load_config(dest, {})  # the file reads back as the run's settings
+    flat = cfg.to_dict()
     for k in keys:
-        got = getattr(cfg, k)
+        got = tuple(flat[k]) if isinstance(flat[k], list) else flat[k]
         want = tuple(settings[k]) if isinstance(settings[k], list) else settings[k]
         if got != want:
             raise SystemExit(f"{dest}: {k} reads back as {got!r}, the run has {want!r}")

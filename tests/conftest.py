@@ -229,7 +229,9 @@ def _train_tiny(root: Path) -> SimpleNamespace:
             data = g.make_dataset(root / "data", n_per_class=10, size=TINY_SIZE).root
             write_split(make_split(scan_dataset(data), test_size=4), root / "split.json")
             train_and_score(
-                TrainConfig(data=str(data), out=str(root / "run"), split=str(root / "split.json"), **TINY_SETTINGS),
+                TrainConfig.from_dict(
+                    dict(data=str(data), out=str(root / "run"), split=str(root / "split.json"), **TINY_SETTINGS)
+                ),
                 console=lambda *a: None,
             )
     finally:
@@ -275,7 +277,9 @@ def hospital(tmp_path_factory) -> SimpleNamespace:
                 precision="fp32",
             )
             runs = {
-                name: train_and_score(TrainConfig(out=str(root / name), **common, **kw), console=lambda *a: None)
+                name: train_and_score(
+                    TrainConfig.from_dict(dict(out=str(root / name), **common, **kw)), console=lambda *a: None
+                )
                 for name, kw in (("mc", {"task": "multiclass"}), ("reg", {"target": "t_score"}))
             }
     finally:

@@ -31,29 +31,33 @@ DEFAULT = REPO / "configs" / "default_model.toml"
 def test_paper_config_is_the_paper_protocol_and_make_run_uses_it():
     """`make run` keeps the paper's protocol: the hybrid, 224-px stretch, 5 offline copies."""
     cfg = load_config(PAPER, {})
-    assert (cfg.attention, cfg.use_backbone, cfg.finetune) == (True, True, False)
-    assert (cfg.preprocess, cfg.image_size, cfg.augment, cfg.copies) == ("paper", 224, "offline", 5)
-    assert cfg.reweight == "none" and cfg.backbone == "efficientnet_lite0"
+    assert (cfg.model.attention, cfg.model.use_backbone, cfg.model.finetune) == (True, True, False)
+    assert (cfg.data.preprocess, cfg.data.image_size, cfg.augment.mode, cfg.augment.copies) == (
+        "paper",
+        224,
+        "offline",
+        5,
+    )
+    assert cfg.optimiser.reweight == "none" and cfg.model.backbone == "efficientnet_lite0"
     assert "--config configs/paper.toml" in (REPO / "Makefile").read_text()
     # what paper.toml does not set is the dataclass default, and those are the paper's too
-    assert asdict(cfg) == asdict(TrainConfig(**{k: v for k, v in asdict(cfg).items()}))
+    assert asdict(cfg) == asdict(TrainConfig.from_dict(cfg.to_dict()))
 
 
 def test_default_config_describes_the_bundled_model_and_the_readme_gives_its_command():
     """configs/default_model.toml is what the bundled model was trained with (every setting the file
     names), and the docs (Commands, `train`) give the command that trains it on another split."""
-    import tomllib
-
+    from kneeosteo.config import read_settings
     from kneeosteo.run import RunDir
 
-    named = tomllib.loads(DEFAULT.read_text())["train"]
+    named = read_settings(DEFAULT)
     bundled = RunDir.bundled().config.settings
     cfg = load_config(DEFAULT, {})
     assert named  # the file names the settings, it does not lean on defaults
     for key in named:
         got = bundled[key]
-        assert (tuple(got) if isinstance(got, list) else got) == getattr(cfg, key), key
-    assert bundled.get("reweight", "none") == cfg.reweight  # newer than the bundled run: its default applies
+        assert (tuple(got) if isinstance(got, list) else got) == cfg.to_dict()[key], key
+    assert bundled.get("reweight", "none") == cfg.optimiser.reweight  # newer than the bundled run: its default applies
     docs = (REPO / "docs" / "cli.md").read_text()
     assert "kneeosteo train DATA --config configs/default_model.toml --split S --out RUN" in docs
 
@@ -97,7 +101,7 @@ def test_loss_weights_reach_the_training_loss():
             return self.lin(features).squeeze(-1)
 
     model = Linear()
-    cfg = TrainConfig(batch_size=n, channels_last=False)
+    cfg = TrainConfig.from_dict(dict(batch_size=n, channels_last=False))
     from kneeosteo.data.preprocess import Preprocess
 
     prep = Preprocess("paper", 8)
@@ -115,7 +119,7 @@ def test_loss_weights_reach_the_training_loss():
     only_pos = loss_with(data.targets.clone())
     assert only_pos == pytest.approx(float((per * data.targets).mean()), rel=1e-6)
     # the trainer trains with the configured robust loss (GCE here), not plain cross-entropy
-    cfg.gce_q = 0.7
+    cfg.optimiser.gce_q = 0.7
     p_target = torch.where(data.targets == 1, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
     assert loss_with(None) == pytest.approx(float(((1 - p_target**0.7) / 0.7).mean()), rel=1e-5)
     # ... while its validation pass (no optimizer) scores the task's own loss on the labels as given
@@ -162,8 +166,8 @@ def test_the_readme_command_trains_the_default_model(small, tmp_path):
     rd = RunDir.open(out)
     want = load_config(DEFAULT, {})
     for key in ("attention", "augment", "copies", "reweight", "preprocess"):
-        assert rd.config.settings[key] == want.__dict__[key], key
-    assert (rd.config.preprocess.preset, rd.config.preprocess.size) == (want.preprocess, 96)
+        assert rd.config.settings[key] == want.to_dict()[key], key
+    assert (rd.config.preprocess.preset, rd.config.preprocess.size) == (want.data.preprocess, 96)
     m = json.loads(rd.metrics_file.read_text())
     assert "shortcut_probes" in m and "shortcut-adversarial accuracy" in res.output
 
@@ -180,7 +184,7 @@ def test_reproduce_trains_a_settings_file_as_a_model(small, tmp_path):
     rows = reproduce(
         data,
         tmp_path / "grid",
-        TrainConfig(data=str(data), epochs=1, image_size=64, copies=1),
+        TrainConfig.from_dict(dict(data=str(data), epochs=1, image_size=64, copies=1)),
         ["fc-efficientnet_lite0", str(lever)],
         seeds=[0],
         test_size=4,

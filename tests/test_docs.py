@@ -51,6 +51,23 @@ def test_the_help_block_is_the_clis_own_help(hook):
     assert "Usage: kneeosteo [OPTIONS] COMMAND" in hook.expand("<!-- kneeosteo-help: kneeosteo -->\n")
 
 
+def test_the_settings_table_and_example_are_the_configs_own(hook, tmp_path):
+    """The settings table in the CLI page is built from kneeosteo.config's declaration (every
+    setting, its table and help), and the page's TOML example is a file `--config` loads."""
+    from kneeosteo.config import load_config, settings
+
+    page = (DOCS / "cli.md").read_text()
+    assert page.count(hook.SETTINGS_MARKER) == 1
+    table = hook.settings_table()
+    for s in settings():
+        assert f"| `[{s.section}]` `{s.name}`" in table and s.help.replace("|", "\\|") in table, s.qualified
+    example = re.search(r"```toml\n(.*?)```", page, re.DOTALL)
+    assert example and "[model]" in example.group(1)
+    (tmp_path / "example.toml").write_text(example.group(1))
+    cfg = load_config(tmp_path / "example.toml", {})
+    assert (cfg.data.preprocess, cfg.optimiser.reweight, cfg.trust.operating_point) == ("bone", "metadata", "youden")
+
+
 def _nav_pages() -> list[str]:
     nav = (REPO / "mkdocs.yml").read_text().split("\nnav:\n", 1)[1]
     return re.findall(r"^\s+- [^:]+: (\S+\.md)$", nav, re.MULTILINE)

@@ -241,7 +241,9 @@ def test_read_only_cache_costs_speed_not_the_run(ws, tmp_path, monkeypatch, capl
         yield
 
     monkeypatch.setattr(cache_mod, "atomic_path", readonly)
-    cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 1})
+    cfg = TrainConfig.from_dict(
+        dict(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 1})
+    )
     run = train_and_score(cfg, console=lambda *a: None)
     assert (run / "metrics.json").is_file()
     assert not list((tmp_path / "ro-cache").rglob("*.safetensors"))
@@ -279,7 +281,9 @@ def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
     """A kill between writing the weights and state.json must not pair epoch k's weights with
     epoch k-1's state: the state travels inside last.safetensors."""
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(ws.cache))
-    cfg = TrainConfig(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 3})
+    cfg = TrainConfig.from_dict(
+        dict(data=str(ws.data), out=str(tmp_path / "run"), split=str(ws.split), **{**SETTINGS, "epochs": 3})
+    )
     run = train_and_score(cfg, console=lambda *a: None)
     state_json = RunDir(run).state_json
     assert state_json == run / "checkpoint" / "state.json" and RunDir(run).state_file.is_file()
@@ -288,9 +292,7 @@ def test_resume_state_is_one_atomic_file(ws, tmp_path, one_thread, monkeypatch):
     write_json(state_json, stale)  # as if killed before state.json was renamed
     for name in RESULTS:
         (run / name).unlink()
-    train_and_score(
-        TrainConfig(**{**cfg.to_dict(), "epochs": SETTINGS["epochs"]}), resume=True, console=lambda *a: None
-    )
+    train_and_score(cfg.replace(epochs=SETTINGS["epochs"]), resume=True, console=lambda *a: None)
     assert_same_results(run, ws.ref)
 
 

@@ -259,18 +259,20 @@ def knee_run(tmp_path_factory, one_thread):
             make_split(scan_dataset(data), "paper", seed=0, test_size=4, val_fraction=0.25), root / "split.json"
         )
         train_and_score(
-            TrainConfig(
-                data=str(data),
-                out=str(root / "run"),
-                split=str(root / "split.json"),
-                preprocess="knee",
-                image_size=64,
-                backbone_weights="none",
-                epochs=2,
-                batch_size=8,
-                copies=1,
-                precision="fp32",
-                device="cpu",
+            TrainConfig.from_dict(
+                dict(
+                    data=str(data),
+                    out=str(root / "run"),
+                    split=str(root / "split.json"),
+                    preprocess="knee",
+                    image_size=64,
+                    backbone_weights="none",
+                    epochs=2,
+                    batch_size=8,
+                    copies=1,
+                    precision="fp32",
+                    device="cpu",
+                )
             ),
             console=lambda *a: None,
         )

@@ -658,9 +658,9 @@ def test_label_smoothing_is_two_class_cross_entropy_smoothing_and_only_for_class
         float(F.cross_entropy(k, y.long(), label_smoothing=0.2))
     )
     with pytest.raises(ConfigError, match="label_smoothing"):
-        TrainConfig(label_smoothing=0.7)
+        TrainConfig.from_dict(dict(label_smoothing=0.7))
     with pytest.raises(ConfigError, match="for classification"):
-        TrainConfig(labels="l.csv", target="t_score", label_smoothing=0.1)
+        TrainConfig.from_dict(dict(labels="l.csv", target="t_score", label_smoothing=0.1))
 
 
 def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
@@ -702,8 +702,8 @@ def test_generalised_cross_entropy_is_bounded_and_meets_its_limits():
         float(((1 - pk**0.5) / 0.5).mean()), rel=1e-5
     )
     with pytest.raises(ConfigError, match="gce_q"):
-        TrainConfig(gce_q=1.5)
+        TrainConfig.from_dict(dict(gce_q=1.5))
     with pytest.raises(ConfigError, match="choose one loss"):
-        TrainConfig(gce_q=0.7, label_smoothing=0.1)
+        TrainConfig.from_dict(dict(gce_q=0.7, label_smoothing=0.1))
     with pytest.raises(ConfigError, match="gce_q = 0.7 is for classification"):
-        TrainConfig(labels="l.csv", target="t_score", gce_q=0.7)
+        TrainConfig.from_dict(dict(labels="l.csv", target="t_score", gce_q=0.7))

@@ -212,7 +212,7 @@ def test_a_three_class_split_file_is_merged_for_a_binary_run(tmp_path):
     assert sets.classes == ["normal", "osteopenia", "osteoporosis"]
     with pytest.raises(ConfigError, match="3 classes"):
         task_sets(sets, TrainConfig())
-    merged = task_sets(sets, TrainConfig(merge={"osteopenia": "osteoporosis"}))
+    merged = task_sets(sets, TrainConfig.from_dict(dict(merge={"osteopenia": "osteoporosis"})))
     label = {r["path"]: r["label"] for r in rows}
     assert merged.classes == ["normal", "osteoporosis"]
     for part in PARTS:
@@ -416,9 +416,9 @@ def test_binary_only_commands_refuse_other_tasks_with_one_line(hospital, tmp_pat
         assert len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "r" / "cells").exists()  # refused before any cell trained
     with pytest.raises(ConfigError, match="needs a label manifest"):
-        TrainConfig(target="t_score")
+        TrainConfig.from_dict(dict(target="t_score"))
     with pytest.raises(ConfigError, match="binary task only"):
-        TrainConfig(task="multiclass", reweight="metadata")
+        TrainConfig.from_dict(dict(task="multiclass", reweight="metadata"))
 
 
 def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path):

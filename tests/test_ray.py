@@ -53,7 +53,9 @@ def grids(ray_instance, one_thread_env, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("KNEEOSTEO_CACHE", str(tmp_path_factory.mktemp("cache")))  # forwarded to the tasks
     mp.setenv("KNEEOSTEO_OFFLINE", "1")
-    base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64, precision="fp32")
+    base = TrainConfig.from_dict(
+        dict(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64, precision="fp32")
+    )
     local, on_ray = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
     reproduce(root, local, base, MODELS, seeds=SEEDS, test_size=4, console=lambda _: None)
     logs: list[str] = []
@@ -132,7 +134,7 @@ def test_a_cell_whose_worker_dies_is_retried_and_resumes(grids, tmp_path):
     root, base, _, _, _ = grids
     out = tmp_path / "killed"
     logs: list[str] = []
-    cfg = TrainConfig(**{**base.__dict__, "epochs": 8, "patience": 100})
+    cfg = base.replace(epochs=8, patience=100)
     run = threading.Thread(
         target=reproduce,
         args=(root, out, cfg, ["am-only"]),

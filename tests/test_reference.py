@@ -264,7 +264,7 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
+        base = TrainConfig.from_dict(dict(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64))
         out = tmp_path / "repro"
         rows = reproduce(
             root,

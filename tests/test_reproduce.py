@@ -31,7 +31,7 @@ def tiny_repro(tmp_path_factory):
     mp.setenv("KNEEOSTEO_OFFLINE", "1")  # vgg19 weights: don't try a download
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    base = TrainConfig(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64)
+    base = TrainConfig.from_dict(dict(data=str(root), epochs=1, copies=1, batch_size=8, image_size=64))
     logs = []
     rows = reproduce(root, out, base, MODELS, seeds=[0, 1], test_size=6, console=logs.append)
     yield root, out, base, rows, logs
@@ -306,9 +306,9 @@ def test_every_lever_file_loads_and_says_what_it_trains():
     for f in levers:
         spec = config_model(str(f))
         assert spec.key == f.stem and Path(spec.config) == f.resolve()
-        import tomllib
+        from kneeosteo.config import read_settings
 
-        train = tomllib.loads(f.read_text())["train"]
+        train = read_settings(f)
         if train.get("finetune"):
             assert spec.trained == f"backbone's last {train['trainable_stages']} stage(s) fine-tuned", f.name
         else:
@@ -327,9 +327,10 @@ def test_grid_epochs_and_patience_reach_settings_file_models(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(rp, "train_and_score", lambda cfg, **kw: seen.append(cfg))
     f = str(Path(__file__).resolve().parent.parent / "configs" / "default_model.toml")
-    base = TrainConfig(data=str(tmp_path))
+    base = TrainConfig.from_dict({"data": str(tmp_path)})
     for limits, want in (({"epochs": 8, "patience": 3}, (8, 3)), (None, (30, 6))):
         cell = rp.Cell(rp.config_model(f, limits), 1, None, tmp_path / str(want[0]))
         rp.run_cell(cell, base, tmp_path / "split.json", False)
-        assert (seen[-1].epochs, seen[-1].patience, seen[-1].seed) == (*want, 1)
-        assert seen[-1].preprocess == "bone"  # the file's other settings kept
+        got = seen[-1]
+        assert (got.optimiser.epochs, got.optimiser.patience, got.runtime.seed) == (*want, 1)
+        assert got.data.preprocess == "bone"  # the file's other settings kept

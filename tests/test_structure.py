@@ -179,8 +179,8 @@ BAD_INVOCATIONS = [  # (arguments, exit code, words the one line must contain)
     ("train {DATA} --backbone densenet169 --epochs 1 --out {ROOT}/dn", 1, "densenet169"),
     ("train --resume {ROOT}/not_a_run", 1, "not_a_run"),
     ("train {DATA} --no-attention --no-backbone --out {ROOT}/r", 2, "attention"),
-    ("train {DATA} --trainable-stages 2 --out {ROOT}/r", 2, "needs finetune"),
-    ("train {DATA} --source-augment --out {ROOT}/r", 2, "augment = online"),
+    ("train {DATA} --trainable-stages 2 --out {ROOT}/r", 2, "needs model.finetune"),
+    ("train {DATA} --source-augment --out {ROOT}/r", 2, "augment.mode = online"),
     ("split {DATA} --protocol kfolds --out {ROOT}/s.json", 2, "kfolds"),
     ("audit {ROOT}/no_such_data --out {ROOT}/a", 1, "no_such_data"),
     ("evaluate {ROOT}/not_a_run", 1, "not_a_run"),
@@ -281,7 +281,7 @@ def test_adding_a_backbone_is_one_registry_entry(monkeypatch):
             gradcam_layer="0",
         )
     )
-    assert TrainConfig(backbone="tiny_cnn", backbone_weights="none").backbone == "tiny_cnn"
+    assert TrainConfig.from_dict(dict(backbone="tiny_cnn", backbone_weights="none")).model.backbone == "tiny_cnn"
     model, info = build_model("tiny_cnn", weights="none")
     assert model.feature_dim == 8 and not info.pretrained
     assert model(images=torch.randn(2, 3, 32, 32)).shape == (2,)

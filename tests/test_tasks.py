@@ -17,21 +17,24 @@ from kneeosteo.tasks import Binary, Multiclass, Regression, Task, task_for, task
 
 def test_a_number_target_makes_the_config_a_regression_whatever_task_says():
     for stored in ("binary", "multiclass", "regression"):  # older runs stored task binary with target t_score
-        cfg = TrainConfig(task=stored, target="t_score", labels="labels.csv")
-        assert cfg.task == "regression" and task_for(cfg) == Regression("t_score")
-    assert task_for(TrainConfig()) == Binary() and task_for(TrainConfig(task="multiclass")) == Multiclass()
-    assert task_for(TrainConfig(target="bmd", labels="l.csv")) != Regression("t_score")
+        cfg = TrainConfig.from_dict(dict(task=stored, target="t_score", labels="labels.csv"))
+        assert cfg.data.task == "regression" and task_for(cfg.data) == Regression("t_score")
+    assert (
+        task_for(TrainConfig().data) == Binary()
+        and task_for(TrainConfig.from_dict(dict(task="multiclass")).data) == Multiclass()
+    )
+    assert task_for(TrainConfig.from_dict(dict(target="bmd", labels="l.csv")).data) != Regression("t_score")
 
 
 def test_unknown_or_incomplete_tasks_are_config_errors():
     with pytest.raises(ConfigError, match="needs a number target"):
-        TrainConfig(task="regression")
+        TrainConfig.from_dict(dict(task="regression"))
     with pytest.raises(ConfigError, match="task"):
-        TrainConfig(task="ordinal")
+        TrainConfig.from_dict(dict(task="ordinal"))
     with pytest.raises(ConfigError, match="unknown task 'ordinal'"):
         task_named("ordinal")
     with pytest.raises(ConfigError, match="binary task only"):
-        TrainConfig(task="multiclass", operating_point="youden")
+        TrainConfig.from_dict(dict(task="multiclass", operating_point="youden"))
 
 
 def test_each_task_answers_for_its_classes():

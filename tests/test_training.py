@@ -62,7 +62,7 @@ def make_cfg(ws, out, **kw) -> TrainConfig:
         device="cpu",
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def quiet(*_args, **_kw) -> None:
@@ -597,14 +597,16 @@ def test_config_precedence_and_unknown_keys(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('epochs = 7\nlr = 0.01\nbackbone = "densenet169"\nzoom = [0.8, 1.1]\n')
     cfg = load_config(path, {"epochs": 3, "lr": None, "seed": 5})
-    assert cfg.epochs == 3  # the command line beats the file
-    assert cfg.lr == 0.01 and cfg.backbone == "densenet169"  # the file beats the defaults
-    assert cfg.zoom == (0.8, 1.1) and isinstance(cfg.zoom, tuple)
-    assert cfg.seed == 5 and cfg.batch_size == TrainConfig().batch_size  # defaults otherwise
+    assert cfg.optimiser.epochs == 3  # the command line beats the file
+    assert cfg.optimiser.lr == 0.01 and cfg.model.backbone == "densenet169"  # the file beats the defaults
+    assert cfg.augment.zoom == (0.8, 1.1) and isinstance(cfg.augment.zoom, tuple)
+    assert (
+        cfg.runtime.seed == 5 and cfg.optimiser.batch_size == TrainConfig().optimiser.batch_size
+    )  # defaults otherwise
 
     table = tmp_path / "table.toml"
     table.write_text("[train]\npatience = 2\n")
-    assert load_config(table, {}).patience == 2
+    assert load_config(table, {}).optimiser.patience == 2
     assert load_config(None, {}) == TrainConfig()
 
     bad = tmp_path / "bad.toml"
@@ -655,7 +657,7 @@ def test_partial_finetune_trains_only_the_last_stage_and_reloads(ws, tmp_path):
         for k, v in before.items()
         if k.startswith(last) and "running_" not in k and "num_batches" not in k
     )
-    assert seen["groups"][1][1] == pytest.approx(cfg.lr * 0.1) and seen["groups"][0][1] is None
+    assert seen["groups"][1][1] == pytest.approx(cfg.optimiser.lr * 0.1) and seen["groups"][0][1] is None
     assert weights_contents(run) == "full"
     assert json.loads((run / "config.json").read_text())["identity"]["model"]["trainable_stages"] == 1
     rows = predictions(run / "predictions.csv")
@@ -665,10 +667,10 @@ def test_partial_finetune_trains_only_the_last_stage_and_reloads(ws, tmp_path):
 
 
 def test_finetune_settings_are_checked():
-    with pytest.raises(ConfigError, match="trainable_stages = 2 needs finetune"):
-        TrainConfig(trainable_stages=2)
-    with pytest.raises(ConfigError, match="source_augment = true needs augment = online"):
-        TrainConfig(source_augment=True)
+    with pytest.raises(ConfigError, match="trainable_stages = 2 needs model.finetune"):
+        TrainConfig.from_dict(dict(trainable_stages=2))
+    with pytest.raises(ConfigError, match="source_augment = true needs augment.mode = online"):
+        TrainConfig.from_dict(dict(source_augment=True))
     with pytest.raises(ConfigError, match="trainable_stages = 9: efficientnet_lite0 offers 1-8"):
         build_model("efficientnet_lite0", weights="none", finetune=True, trainable_stages=9)
     with pytest.raises(ConfigError, match="vgg19 offers none"):

@@ -268,10 +268,10 @@ def test_training_settings_reject_a_bad_operating_point_or_coverage():
     from kneeosteo.config import TrainConfig
 
     with pytest.raises(ConfigError, match="operating point"):
-        TrainConfig(operating_point="median")
+        TrainConfig.from_dict(dict(operating_point="median"))
     with pytest.raises(ConfigError, match="coverage"):
-        TrainConfig(coverage=1.0)
-    assert TrainConfig(operating_point="sensitivity=0.9").operating_point == "sensitivity=0.9"
+        TrainConfig.from_dict(dict(coverage=1.0))
+    assert TrainConfig.from_dict(dict(operating_point="sensitivity=0.9")).trust.operating_point == "sensitivity=0.9"
 
 
 # -- the domain check on KOP ------------------------------------------------------------------------

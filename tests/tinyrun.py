@@ -46,7 +46,7 @@ def tiny_run(
             cfg = root / "cfg.toml"
             cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
             run = train_and_score(
-                TrainConfig(data=str(data), out=str(root / run_name), split=str(split), **settings),
+                TrainConfig.from_dict(dict(data=str(data), out=str(root / run_name), split=str(split), **settings)),
                 console=lambda *a: None,
             )
     finally:

@@ -26,7 +26,7 @@ __all__ = ["train_and_score"]
 def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
     result = train(cfg, resume=resume, console=console)
-    if result.is_main and not task_for(cfg).has_trust_bundle:
+    if result.is_main and not task_for(cfg.data).has_trust_bundle:
         _score_task_run(result, cfg, console)
     elif result.is_main:
         try:
@@ -34,9 +34,9 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
                 result.run,
                 result.model,
                 result.sets,
-                operating_point=cfg.operating_point,
-                coverage=cfg.coverage,
-                acceptance=cfg.domain_acceptance,
+                operating_point=cfg.trust.operating_point,
+                coverage=cfg.trust.coverage,
+                acceptance=cfg.trust.domain_acceptance,
                 device=result.device,
                 train=result.train,
             )
@@ -67,14 +67,15 @@ def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Pa
 def _score_task_run(result, cfg: TrainConfig, console) -> None:
     """A multiclass or regression run: its task trust on the validation images, then the test set."""
     try:
-        trust = fit_task_trust(result.run, result.model, result.sets, cfg.coverage, result.device)
+        trust = fit_task_trust(result.run, result.model, result.sets, cfg.trust.coverage, result.device)
     except DataError as exc:
         console(f"warning: no calibration fitted ({exc})")
     else:
         result.run.update_record(task_trust=trust)
         console(task_trust_line(trust))
     console(
-        "domain check: " + fit_task_domain(result.run, result.model, result.train, cfg.domain_acceptance, result.device)
+        "domain check: "
+        + fit_task_domain(result.run, result.model, result.train, cfg.trust.domain_acceptance, result.device)
     )
     metrics = score(
         result.run,

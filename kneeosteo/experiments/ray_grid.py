@@ -79,9 +79,9 @@ def cell_resources(ray, base: TrainConfig, cpus_per_cell: float) -> tuple[float,
     """(CPUs, GPUs) one cell asks Ray for."""
     if cpus_per_cell <= 0:
         raise ConfigError(f"--cpus-per-cell must be > 0, got {cpus_per_cell}")
-    if base.device == "cuda":
+    if base.runtime.device == "cuda":
         return cpus_per_cell, 1.0
-    if base.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+    if base.runtime.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
         return cpus_per_cell, 1.0
     return cpus_per_cell, 0.0
 

@@ -15,7 +15,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from kneeosteo.config import TrainConfig, load_config
@@ -97,17 +97,17 @@ def config_model(path: str, limits: dict[str, int] | None = None) -> ModelSpec:
     asks the grid for at most 8 epochs gets that in every cell)."""
     cfg = load_config(path, {})
     tuned = None
-    if cfg.use_backbone and cfg.finetune:
+    if cfg.model.use_backbone and cfg.model.finetune:
         tuned = (
-            f"backbone's last {cfg.trainable_stages} stage(s) fine-tuned"
-            if cfg.trainable_stages
+            f"backbone's last {cfg.model.trainable_stages} stage(s) fine-tuned"
+            if cfg.model.trainable_stages
             else "backbone fine-tuned"
         )
     return ModelSpec(
         Path(path).stem,
         f"{Path(path).stem} ({path})",
-        cfg.backbone if cfg.use_backbone else None,
-        cfg.attention,
+        cfg.model.backbone if cfg.model.use_backbone else None,
+        cfg.model.attention,
         config=str(Path(path).resolve()),  # resolved: a Ray task may run elsewhere
         limits=tuple(sorted((limits or {}).items())),
         trained=tuned,
@@ -168,20 +168,18 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
     m = cell.model
     if m.config:  # the file's own settings; the grid decides only the data, split, seed and device
         own = load_config(m.config, {})
-        cfg = replace(
-            own,
-            data=base.data,
+        cfg = own.replace(
+            data=base.data.path,
             out=str(cell.path),
             split=str(split_path),
             fold=cell.fold,
             seed=cell.seed,
-            device=base.device,
-            backbone_weights="none" if random_init else own.backbone_weights,
+            device=base.runtime.device,
+            backbone_weights="none" if random_init else own.model.backbone_weights,
             **dict(m.limits),
         )
     else:
-        cfg = replace(
-            base,
+        cfg = base.replace(
             out=str(cell.path),
             split=str(split_path),
             fold=cell.fold,
@@ -189,7 +187,7 @@ def run_cell(cell: Cell, base: TrainConfig, split_path: Path, random_init: bool)
             backbone=m.backbone or "efficientnet_lite0",
             attention=m.attention,
             use_backbone=m.use_backbone,
-            backbone_weights="none" if random_init else base.backbone_weights,
+            backbone_weights="none" if random_init else base.model.backbone_weights,
         )
     resume = (cell.path / "checkpoint" / "state.json").is_file()
     t = time.perf_counter()
@@ -318,7 +316,7 @@ def reproduce(
             "--ray runs each cell as one Ray task; it cannot be combined with --devices/--nodes (torchrun)"
         )
     out = Path(out).resolve()  # Ray tasks may run in another working directory
-    ctx = distributed.context(base.device)
+    ctx = distributed.context(base.runtime.device)
     if not ctx.is_main:
         console = _silent
     status, runnable, random_init = {}, [], set()
@@ -345,9 +343,9 @@ def reproduce(
     ref = next(
         (k for k in ("hybrid-densenet169", "hybrid-efficientnet_lite0") if any(m.key == k for m in runnable)), None
     )
-    if not task_for(base).paper_metrics:
+    if not task_for(base.data).paper_metrics:
         raise ConfigError(
-            f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {task_for(base)} "
+            f"reproduce compares binary classifiers (Table I, McNemar, DeLong); this is a {task_for(base.data)} "
             "task: train and evaluate it with `kneeosteo train`, or --merge to two classes"
         )
     if (protocol == "holdout-reference") != (reference is not None):
@@ -356,15 +354,15 @@ def reproduce(
         raise ConfigError("--covariates needs --protocol holdout-reference --reference (the covariates' manifest)")
     if ctx.is_main:
         make_splits(
-            data, out, seeds, protocol, folds, base.positive, test_size, base.scan_options(), reference, definition
+            data, out, seeds, protocol, folds, base.data.positive, test_size, base.scan_options(), reference, definition
         )
     ctx.barrier()
-    splits = make_splits(data, out, seeds, protocol, folds, base.positive, test_size)  # now only reads
+    splits = make_splits(data, out, seeds, protocol, folds, base.data.positive, test_size)  # now only reads
     cells = _cells(out, runnable, seeds, folds if protocol == "kfold" else None)
     if ray is not None:
         from kneeosteo.experiments.ray_grid import run_cells_ray
 
-        base = replace(base, data=str(Path(base.data).resolve()) if base.data else base.data)
+        base = base.replace(data=str(Path(base.data.path).resolve()) if base.data.path else None)
         run_cells_ray(run_cell, cells, base, splits, random_init, ray, cpus_per_cell, console)
     for i, c in enumerate(cells if ray is None else [], 1):
         fold = f" fold {c.fold}" if c.fold is not None else ""

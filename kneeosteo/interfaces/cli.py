@@ -8,16 +8,20 @@ Choices offered here are the ones the config validates (``kneeosteo.config``, th
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from kneeosteo.choices import CLASSIFICATION_TASKS
-from kneeosteo.config import AUGMENT_MODES, DEVICES, PRECISIONS, PRESETS, REWEIGHTS
+from kneeosteo.config import FLAT, Setting
 from kneeosteo.data import formats
 from kneeosteo.data.manifest import TARGETS
 from kneeosteo.data.reference import DEFINITIONS
@@ -64,16 +68,15 @@ def _backbones() -> list[str]:
 PROTOCOLS = ("paper", "kfold", "holdout-reference")  # kneeosteo.data.split.PROTOCOLS (not imported: sklearn)
 
 
-OPERATING_POINT_HELP = (
-    "Operating threshold on the calibrated probability, chosen on the validation images: youden, "
-    "sensitivity=0.9, specificity=0.9, or a threshold such as 0.5 (default 0.5)."
-)
-COVERAGE_HELP = "Split-conformal coverage of the prediction sets, in (0, 1) (default 0.9)."
-ACCEPTANCE_HELP = "Share of held-out in-domain images the domain check accepts, in (0, 1) (default 0.95)."
+# the training settings' help, written once in kneeosteo.config; other commands that take the
+# same thing say it the same way
+OPERATING_POINT_HELP = FLAT["operating_point"].help
+COVERAGE_HELP = FLAT["coverage"].help
+ACCEPTANCE_HELP = FLAT["domain_acceptance"].help
 DataArg = typer.Argument(
     None, help="Data folder with class sub-folders (default: $KNEEOSTEO_DATA, ./data/kop, ../shared/datasets/kop)."
 )
-PositiveOpt = typer.Option("osteoporosis", help="Name of the positive class folder.")
+PositiveOpt = typer.Option(FLAT["positive"].default, help=FLAT["positive"].help)
 RAY_HELP = (
     "Run on Ray: --ray alone (or --ray local) starts a local Ray instance with this machine's cores; "
     "--ray auto joins this machine's cluster; --ray HOST:PORT or ray://HOST:PORT another one. "
@@ -100,14 +103,11 @@ def ray_flag(argv: list[str]) -> list[str]:
     return out
 
 
-LABELS_HELP = (
-    "Label manifest (CSV: path,label[,patient_id,t_score,bmd,side,study_date,...]; paths relative to DATA) "
-    "instead of class folders. See docs/own-data.md."
-)
-MERGE_HELP = "Merge classes before anything else: CLASS=INTO, such as osteopenia=normal (repeatable)."
-TASK_HELP = "binary (the paper's; two classes) or multiclass (K classes, softmax head)."
-TARGET_HELP = "label (classify), or t_score / bmd: regress that manifest column (Huber loss)."
-CLASSES_HELP = "Class names in index order, comma-separated; a manifest label outside them is left out as unknown."
+LABELS_HELP = FLAT["labels"].help
+MERGE_HELP = FLAT["merge"].help
+TASK_HELP = FLAT["task"].help
+TARGET_HELP = FLAT["target"].help
+CLASSES_HELP = FLAT["classes"].help
 
 
 def LabelsOpt():
@@ -247,84 +247,90 @@ def _pair(text: str | None, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _shown_default(s: Setting) -> str | None:
+    """The default as ``--help`` shows it, from the settings table (None: nothing to show)."""
+    v = s.default
+    if v is None or v == () or v == {}:
+        return None
+    if isinstance(v, bool):
+        on, _, off = (s.flag or "").partition("/")
+        return on if v else off
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _setting_option(s: Setting, note: str | None) -> inspect.Parameter:
+    """One training setting as a typer option: its flag, help and choices from the table; None
+    (not given) by default, so a settings file or the table's default applies."""
+    base = [t for t in typing.get_args(s.type) if t is not type(None)] or [s.type]  # int | None -> int
+    annotation: Any = {"pair": str, "names": str, "repeat": list[str], "path": Path}.get(
+        s.parse or "", base[0] if base[0] in (bool, int, float, str) else str
+    )
+    shown = _shown_default(s)
+    option = typer.Option(
+        None,
+        s.flag or "",
+        help=s.help + (f" {note}" if note else "") + (f" Default: {shown}." if shown else ""),
+        show_default=False,
+        metavar=s.metavar,
+        parser=_choice(s.choices) if s.choices else None,
+    )
+    return inspect.Parameter(s.key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation | None)
+
+
+def _from_option(s: Setting, value: Any) -> Any:
+    if value is None:
+        return None
+    if s.parse == "pair":
+        return _pair(value, (s.flag or "").split("/")[0])
+    if s.parse == "names":
+        return _classes(value)
+    if s.parse == "repeat":
+        return list(value) or None
+    if s.parse == "path":
+        return str(value)
+    return value
+
+
+def setting_options(*keys: str, notes: dict[str, str] | None = None):
+    """A command decorator: the command's ``settings`` parameter becomes one option per training
+    setting named (flat keys; none named: every setting that has a flag), generated from the table
+    in :mod:`kneeosteo.config`, and receives the given ones as ``{flat key: value}``."""
+    rows = [FLAT[k] for k in keys] if keys else [s for s in FLAT.values() if s.flag]
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        params = list(sig.parameters.values())
+        at = [p.name for p in params].index("settings")
+        generated = [_setting_option(s, (notes or {}).get(s.key)) for s in rows]
+        params = params[:at] + generated + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[at + 1 :]]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            given = {s.key: _from_option(s, kwargs.pop(s.key, None)) for s in rows}
+            return fn(*args, **kwargs, settings={k: v for k, v in given.items() if v is not None})
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def ConfigOpt(help: str):
+    return typer.Option(None, "--config", help=help)
+
+
 @app.command()
+@setting_options()
 def train(
     ctx: typer.Context,
     data: Path | None = DataArg,
-    out: Path | None = typer.Option(None, "--out", help="Run folder (default runs/train)."),
-    split_file: Path | None = typer.Option(
-        None, "--split", help="Split JSON; made with the paper protocol when absent."
-    ),
-    fold: int | None = typer.Option(None, help="Fold of a k-fold split file."),
-    backbone: str | None = typer.Option(
-        None,
-        parser=_choice(_backbones),
-        help="Backbone (default efficientnet_lite0, offline; densenet169 is the paper's). `kneeosteo backbones` lists them.",
-    ),
-    backbone_weights: str | None = typer.Option(
-        None, help="'default' (package/cache/download), a .pth/.safetensors file, or 'none' (random)."
-    ),
-    attention: bool | None = typer.Option(None, "--attention/--no-attention", help="Use the attention module branch."),
-    use_backbone: bool | None = typer.Option(None, "--use-backbone/--no-backbone", help="Use the backbone branch."),
-    finetune: bool | None = typer.Option(
-        None, "--finetune/--frozen", help="Train the backbone too (no feature cache)."
-    ),
-    trainable_stages: int | None = typer.Option(
-        None, help="With --finetune: train only the backbone's last N stages (default 0: all)."
-    ),
-    backbone_lr_scale: float | None = typer.Option(
-        None, help="Discriminative learning rate: the backbone learns at lr x this (default 1)."
-    ),
-    source_augment: bool | None = typer.Option(
-        None,
-        "--source-augment/--no-source-augment",
-        help="With --augment online: also JPEG re-encoding, gamma, blur, noise and flips, against film-source cues.",
-    ),
-    label_smoothing: float | None = typer.Option(
-        None, help="Label smoothing in [0, 0.5] against label noise (default 0: the paper's targets)."
-    ),
-    gce_q: float | None = typer.Option(
-        None,
-        help="Generalised cross-entropy (1 - p^q)/q with this q in (0, 1] against label noise, instead of cross-entropy (default 0: off).",
-    ),
-    preprocess: str | None = typer.Option(
-        None,
-        parser=_choice(PRESETS),
-        help="paper (stretch to 224), robust (letterbox), bone (letterbox, all but the bone region black) or knee (each knee joint's region at 2 plateau widths; use --image-size 384-512).",
-    ),
-    clahe: bool | None = typer.Option(None, "--clahe/--no-clahe", help="CLAHE contrast equalisation before resizing."),
-    augment: str | None = typer.Option(
-        None, parser=_choice(AUGMENT_MODES), help="offline (paper: 5 copies), online, or none."
-    ),
-    copies: int | None = typer.Option(None, help="Augmented copies per training image (paper: 5)."),
-    zoom: str | None = typer.Option(None, help="Zoom range LOW,HIGH (default 0.9,1.2)."),
-    crop_fraction: str | None = typer.Option(None, help="ROI crop side fraction LOW,HIGH (default 0.8,1.0)."),
-    rotation: float | None = typer.Option(None, help="Rotation range in degrees (default 15)."),
-    epochs: int | None = typer.Option(None, help="Maximum epochs (default 30)."),
-    patience: int | None = typer.Option(None, help="Early-stopping patience on validation loss (default 6)."),
-    batch_size: int | None = typer.Option(None, help="Batch size (default 32)."),
-    lr: float | None = typer.Option(None, help="Adam learning rate (default 3e-4)."),
-    seed: int | None = typer.Option(None, help="Seed: same seed, same metrics."),
-    device: str | None = typer.Option(None, parser=_choice(DEVICES), help="auto (CUDA when present), cpu or cuda."),
-    precision: str | None = typer.Option(
-        None, parser=_choice(PRECISIONS), help="auto (bf16 where the hardware runs it natively), bf16 or fp32."
-    ),
-    image_size: int | None = typer.Option(None, help="Network input side in px (paper: 224; default model: 512)."),
-    reweight: str | None = typer.Option(
-        None,
-        parser=_choice(REWEIGHTS),
-        help="none, or metadata: weight each training image by 1 / P(its label | file metadata) against the source shortcut.",
-    ),
-    operating_point: str | None = typer.Option(None, "--operating-point", help=OPERATING_POINT_HELP),
-    coverage: float | None = typer.Option(None, help=COVERAGE_HELP),
-    domain_acceptance: float | None = typer.Option(None, help=ACCEPTANCE_HELP),
-    labels: Path | None = LabelsOpt(),
-    merge: list[str] | None = MergeOpt(),
-    task: str | None = typer.Option(None, parser=_choice(CLASSIFICATION_TASKS), help=TASK_HELP),
-    target: str | None = typer.Option(None, parser=_choice(TARGETS), help=TARGET_HELP),
-    classes: str | None = typer.Option(None, help=CLASSES_HELP),
-    config: Path | None = typer.Option(
-        None, "--config", help="TOML file with any of these settings (configs/default_model.toml, configs/paper.toml)."
+    settings: dict | None = None,
+    config: Path | None = ConfigOpt(
+        "TOML file with any of these settings, in \\[data], \\[model], \\[augment], \\[optimiser], \\[runtime] "
+        "and \\[trust] tables (configs/paper.toml), or the old flat \\[train] table."
     ),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
     devices: int = typer.Option(
@@ -336,69 +342,33 @@ def train(
     master: str | None = typer.Option(None, help="HOST:PORT of the rendezvous (one of the --nodes machines)."),
 ):
     """Train the hybrid model (or an ablation) and score it on the held-out test set."""
-    from kneeosteo.config import TrainConfig, load_config
+    from kneeosteo.config import load_config
     from kneeosteo.experiments.pipeline import train_and_score
     from kneeosteo.run import RunDir
 
     if resume is not None:
-        settings = RunDir.open(resume).config.settings
-        base = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
+        stored = RunDir.open(resume).config.settings
+        base = {k: v for k, v in stored.items() if k in FLAT or k == "extra"}
         cfg = load_config(None, {**base, "out": str(resume)})
     else:
-        overrides = dict(
-            data=str(_data(data)) if (data or not config) else None,
-            out=str(out) if out else None,
-            split=str(split_file) if split_file else None,
-            fold=fold,
-            backbone=backbone,
-            backbone_weights=backbone_weights,
-            attention=attention,
-            use_backbone=use_backbone,
-            finetune=finetune,
-            trainable_stages=trainable_stages,
-            backbone_lr_scale=backbone_lr_scale,
-            source_augment=source_augment,
-            label_smoothing=label_smoothing,
-            gce_q=gce_q,
-            preprocess=preprocess,
-            clahe=clahe,
-            augment=augment,
-            copies=copies,
-            zoom=_pair(zoom, "--zoom"),
-            crop_fraction=_pair(crop_fraction, "--crop-fraction"),
-            rotation=rotation,
-            epochs=epochs,
-            patience=patience,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            precision=precision,
-            image_size=image_size,
-            reweight=reweight,
-            operating_point=operating_point,
-            coverage=coverage,
-            domain_acceptance=domain_acceptance,
-            labels=str(labels) if labels else None,
-            merge=merge or None,
-            task=task,
-            target=target,
-            classes=_classes(classes),
-        )
-        cfg = load_config(config, overrides)
-        if cfg.data is None:
-            cfg.data = str(_data(None))
+        given = dict(settings or {})
+        if data or not config:
+            given["data"] = str(_data(data))
+        cfg = load_config(config, given)
+        if cfg.data.path is None:
+            cfg.data.path = str(_data(None))
     from kneeosteo.training.distributed import is_main_process, launch_if_asked
     from kneeosteo.utils.atomic import ensure_writable
 
-    ensure_writable(cfg.out)  # a read-only or full disk fails now, not after the features
+    out = cfg.runtime.out
+    ensure_writable(out)  # a read-only or full disk fails now, not after the features
     if launch_if_asked(ctx, devices, nodes, master):
         return
     try:
         run = train_and_score(cfg, resume=resume is not None)
     except OutputError as exc:
-        if RunDir(cfg.out).is_run():
-            raise OutputError(f"{exc}; fix that, then continue with `kneeosteo train --resume {cfg.out}`") from exc
+        if RunDir(out).is_run():
+            raise OutputError(f"{exc}; fix that, then continue with `kneeosteo train --resume {out}`") from exc
         raise
     if is_main_process():
         print(f"run written to {run}")
@@ -653,8 +623,10 @@ def trust_summary(t: dict) -> list[str]:
 
 @app.command()
 def summary(
-    backbone: str = typer.Option("efficientnet_lite0", help="Backbone name."),
-    attention: bool = typer.Option(True, "--attention/--no-attention"),
+    backbone: str = typer.Option(FLAT["backbone"].default, help=FLAT["backbone"].help),
+    attention: bool = typer.Option(
+        FLAT["attention"].default, "--attention/--no-attention", help=FLAT["attention"].help
+    ),
     depth: int = typer.Option(3, help="How deep to expand nested modules."),
 ):
     """Print the network layer by layer with output shapes and parameters (the paper's Fig. 1 and 2)."""
@@ -924,6 +896,16 @@ def export(
 
 
 @app.command()
+@setting_options(
+    "epochs",
+    "patience",
+    "labels",
+    "merge",
+    notes={
+        "epochs": "Per cell, settings-file models included; --quick: 8.",
+        "patience": "Settings-file models included; --quick: 3.",
+    },
+)
 def reproduce(
     ctx: typer.Context,
     data: Path | None = DataArg,
@@ -943,17 +925,12 @@ def reproduce(
     quick: bool = typer.Option(
         False, "--quick", help="Offline backbone only, 3 seeds, at most 8 epochs: under 20 min on 2 CPU cores."
     ),
-    epochs: int | None = typer.Option(
-        None, help="Maximum epochs per cell, settings-file models included (default: 30 or the file's; --quick 8)."
-    ),
-    patience: int | None = typer.Option(
-        None, help="Early-stopping patience, settings-file models included (default: 6 or the file's; --quick 3)."
-    ),
+    settings: dict | None = None,
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init", help="Run models without pretrained weights, marked 'random init'."
     ),
     list_models: bool = typer.Option(False, "--list-models", help="Print the known model ids and exit."),
-    config: Path | None = typer.Option(None, "--config", help="TOML training settings shared by all cells."),
+    config: Path | None = ConfigOpt("TOML training settings shared by all cells (as for `kneeosteo train --config`)."),
     devices: int = typer.Option(
         1, min=1, help="Data-parallel processes per cell on this machine (torchrun + DistributedDataParallel)."
     ),
@@ -963,8 +940,6 @@ def reproduce(
     cpus_per_cell: float = typer.Option(
         1.0, min=0.01, help="With --ray: CPUs each cell asks for (its PyTorch threads)."
     ),
-    labels: Path | None = LabelsOpt(),
-    merge: list[str] | None = MergeOpt(),
     reference: Path | None = ReferenceOpt(),
     definition: str = typer.Option("osteoporosis", parser=_choice(DEFINITIONS), help=DEFINITION_HELP),
     covariates: str | None = typer.Option(
@@ -1002,19 +977,14 @@ def reproduce(
     if (protocol == "holdout-reference") != (reference is not None):
         raise typer.BadParameter("--protocol holdout-reference and --reference go together", param_hint="--reference")
     n_seeds = 3 if quick and seeds == 5 else seeds
-    base = load_config(
-        config,
-        {
-            "data": str(root),
-            "epochs": epochs or (8 if quick else None),
-            "patience": patience or (3 if quick else None),
-            "labels": str(labels) if labels else None,
-            "merge": merge or None,
-        },
-    )
-    explicit = {k for k, v in (("epochs", epochs), ("patience", patience)) if v or quick}
+    given = {"data": str(root), **(settings or {})}
+    if quick:
+        given.setdefault("epochs", 8)
+        given.setdefault("patience", 3)
+    base = load_config(config, given)
+    explicit = {k for k in ("epochs", "patience") if k in given}
     chosen = models.split(",") if models else default_models(quick)
-    scan = scan_dataset(root, positive=base.positive, **base.scan_options())
+    scan = scan_dataset(root, positive=base.data.positive, **base.scan_options())
     shortcut = build_audit(scan)["shortcut_metadata_only"]
     run_reproduce(
         root,
@@ -1033,7 +1003,7 @@ def reproduce(
         reference=reference,
         definition=definition,
         covariates=parse_covariates(covariates) if covariates else None,
-        limits={k: v for k, v in (("epochs", base.epochs), ("patience", base.patience)) if k in explicit},
+        limits={k: v for k, v in given.items() if k in explicit},
     )
     if not is_main_process():
         return

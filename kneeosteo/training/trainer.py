@@ -78,14 +78,14 @@ def resolve_split(cfg: TrainConfig, data: Path, split_file: Path, prep: Preproce
     """The split file given, else a fresh paper-protocol split saved as ``split_file``. The scan
     that makes it decodes every image; with ``prep`` it keeps what ``prepare`` will need of each
     (``features.prepare.precache``), so no image is decoded twice in one run."""
-    if cfg.split:
-        return task_sets(load_split(cfg.split, data, cfg.fold, target=cfg.target), cfg)
+    if cfg.data.split:
+        return task_sets(load_split(cfg.data.split, data, cfg.data.fold, target=cfg.data.target), cfg)
     hook = None
     if prep is not None:
         cache = TensorCache(cache_dir() / "tensors")
         hook = lambda info, img: precache(info["content_id"], img.pixels, prep, cache)  # noqa: E731
-    scan = scan_dataset(data, positive=cfg.positive, on_image=hook, **cfg.scan_options())
-    doc = make_split(scan, "paper", seed=cfg.seed)
+    scan = scan_dataset(data, positive=cfg.data.positive, on_image=hook, **cfg.scan_options())
+    doc = make_split(scan, "paper", seed=cfg.runtime.seed)
     write_split(doc, split_file)
     return task_sets(load_split(split_file, data), cfg)
 
@@ -93,9 +93,9 @@ def resolve_split(cfg: TrainConfig, data: Path, split_file: Path, prep: Preproce
 def task_sets(sets: SplitSets, cfg: TrainConfig) -> SplitSets:
     """The split as the task sees it: ``--merge`` applied (a split file keeps the original
     classes), and a binary task checked to have two classes."""
-    task = task_for(cfg)
-    if cfg.merge:
-        sets = sets.merged(cfg.merge, task.merge_positive(cfg.positive))
+    task = task_for(cfg.data)
+    if cfg.data.merge:
+        sets = sets.merged(cfg.data.merge, task.merge_positive(cfg.data.positive))
     task.check_split_classes(sets.classes)
     return sets
 
@@ -154,13 +154,13 @@ def run_epoch(
     model.train(train)
     task = getattr(getattr(model, "module", model), "task", None) or Binary()
     total, correct, probs = 0.0, 0, None
-    steps = range(0, n, cfg.batch_size)
+    steps = range(0, n, cfg.optimiser.batch_size)
     for start in progress_bar(steps, desc, total=len(steps)):
-        idx = order[start : start + cfg.batch_size]
+        idx = order[start : start + cfg.optimiser.batch_size]
         if train and len(idx) < max(2, world):  # BatchNorm cannot train on a single sample
             continue
         batch_n = len(idx)
-        x, feats, y = batches.inputs(idx, cfg.channels_last, device, rng)
+        x, feats, y = batches.inputs(idx, cfg.runtime.channels_last, device, rng)
         w = batches.loss_weights(idx, device) if train else None
         if world > 1:  # every rank prepares the whole batch (online augmentation draws per image), keeps its rows
             rows = ctx.piece(batch_n)
@@ -170,7 +170,7 @@ def run_epoch(
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images=x, features=feats).float()
             # validation loss: the task's own loss on the labels as given (early stopping compares like with like)
-            robust = {"smoothing": cfg.label_smoothing, "gce_q": cfg.gce_q} if train else {}
+            robust = {"smoothing": cfg.optimiser.label_smoothing, "gce_q": cfg.optimiser.gce_q} if train else {}
             if world > 1:
                 summed = task.loss(logits, y, w, reduction="sum", **robust)
                 loss = summed * (world / batch_n)
@@ -185,7 +185,7 @@ def run_epoch(
             probs = np.zeros((n, *p.shape[1:]), dtype=np.float64)
         probs[idx.numpy()] = p
         total += float(summed.detach()) if world > 1 else float(loss.detach()) * len(idx)
-        correct += int(task.correct(p, y.cpu().numpy(), cfg.threshold).sum())
+        correct += int(task.correct(p, y.cpu().numpy(), cfg.trust.threshold).sum())
     if world > 1:
         ctx.batch = None
         total, correct = ctx.all_sum(total, correct)
@@ -240,7 +240,9 @@ def environment() -> dict:
 
 
 def aug_params(cfg: TrainConfig) -> AugmentParams:
-    return AugmentParams(cfg.copies, tuple(cfg.zoom), tuple(cfg.crop_fraction), cfg.rotation)
+    return AugmentParams(
+        cfg.augment.copies, tuple(cfg.augment.zoom), tuple(cfg.augment.crop_fraction), cfg.augment.rotation
+    )
 
 
 def prepare_partitions(
@@ -268,8 +270,8 @@ def prepare_partitions(
             data,
             prep,
             cache,
-            augment=aug if (part == "train" and cfg.augment == "offline") else None,
-            seed=cfg.seed,
+            augment=aug if (part == "train" and cfg.augment.mode == "offline") else None,
+            seed=cfg.runtime.seed,
             backbone=backbone,
             backbone_id=backbone_id,
             device=device,
@@ -282,16 +284,16 @@ def prepare_partitions(
 def _split_sets(cfg: TrainConfig, data: Path, run: RunDir, resume: bool, ctx: Dist, prep: Preprocess) -> SplitSets:
     """The run's split; rank 0 writes split.json, the other ranks read what it wrote."""
     if resume and run.split_file.exists():  # the split file copied at the start, same fold
-        return task_sets(load_split(run.split_file, data, cfg.fold, target=cfg.target), cfg)
+        return task_sets(load_split(run.split_file, data, cfg.data.fold, target=cfg.data.target), cfg)
     if ctx.is_main:
         sets = resolve_split(cfg, data, run.split_file, prep)
-        if cfg.split and not run.split_file.exists():
-            write_text(run.split_file, Path(cfg.split).read_text())
+        if cfg.data.split and not run.split_file.exists():
+            write_text(run.split_file, Path(cfg.data.split).read_text())
     ctx.barrier()
     return (
         sets
         if ctx.is_main
-        else task_sets(load_split(cfg.split or run.split_file, data, cfg.fold, target=cfg.target), cfg)
+        else task_sets(load_split(cfg.data.split or run.split_file, data, cfg.data.fold, target=cfg.data.target), cfg)
     )
 
 
@@ -333,49 +335,49 @@ class _Setup:
 
 def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     """Folder, device, split, model, and the partitions as tensors (cached features)."""
-    data = Path(cfg.data) if cfg.data else None
+    data = Path(cfg.data.path) if cfg.data.path else None
     if data is None or not data.is_dir():
-        raise DataError(f"{cfg.data}: data folder not found")
-    run = RunDir(ensure_writable(cfg.out))  # a read-only or full disk fails now, not after the first epoch
-    device = resolve_device(cfg.device)
+        raise DataError(f"{cfg.data.path}: data folder not found")
+    run = RunDir(ensure_writable(cfg.runtime.out))  # a read-only or full disk fails now, not after the first epoch
+    device = resolve_device(cfg.runtime.device)
     ctx = distributed.context(device)
     if resume and ctx.is_main:  # what a kill -9 in the middle of a write left behind
         for folder in (run.path, run.checkpoint_dir):
             remove_temporaries(folder)
-    amp = autocast_dtype(cfg.precision, device)
-    set_seed(cfg.seed)
+    amp = autocast_dtype(cfg.runtime.precision, device)
+    set_seed(cfg.runtime.seed)
     # the model first: missing backbone weights fail in a second, before the data is scanned
     # (the split's own seeded generator is independent of the initialisation drawn here)
     model, winfo = build_model(
-        cfg.backbone,
-        weights=cfg.backbone_weights,
-        attention=cfg.attention,
-        use_backbone=cfg.use_backbone,
-        finetune=cfg.finetune,
-        image_size=cfg.image_size,
-        trainable_stages=cfg.trainable_stages,
-        task=cfg.task,
+        cfg.model.backbone,
+        weights=cfg.model.backbone_weights,
+        attention=cfg.model.attention,
+        use_backbone=cfg.model.use_backbone,
+        finetune=cfg.model.finetune,
+        image_size=cfg.data.image_size,
+        trainable_stages=cfg.model.trainable_stages,
+        task=cfg.data.task,
     )
     model.to(device)
-    spec = get_backbone_spec(cfg.backbone)
-    prep = Preprocess(cfg.preprocess, cfg.image_size, tuple(spec.mean), tuple(spec.std), cfg.clahe)
+    spec = get_backbone_spec(cfg.model.backbone)
+    prep = Preprocess(cfg.data.preprocess, cfg.data.image_size, tuple(spec.mean), tuple(spec.std), cfg.data.clahe)
     sets = _split_sets(cfg, data, run, resume, ctx, prep)
-    task = task_for(cfg)
+    task = task_for(cfg.data)
     outputs = task.outputs(len(sets.classes))
     scaling = task.head_scaling(np.array([v for _, v in sets.items("train")], dtype=np.float64))
     if scaling is not None:  # K logits, or a value in target units; the head drawn from the run's seed
         shift, scale = scaling
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.runtime.seed)
         model.head = ClassifierHead(
             model.head.in_features, model.head.hidden, model.head.dropout, outputs, round(shift, 6), round(scale, 6)
         ).to(device)
-    cache_backbone = cfg.use_backbone and not cfg.finetune
-    backbone_id = backbone_cache_id(cfg.backbone, model.backbone, winfo.sha256) if cache_backbone else None
+    cache_backbone = cfg.model.use_backbone and not cfg.model.finetune
+    backbone_id = backbone_cache_id(cfg.model.backbone, model.backbone, winfo.sha256) if cache_backbone else None
     t0 = time.perf_counter()
     parts = prepare_partitions(
         cfg, data, sets, model.backbone if cache_backbone else None, backbone_id, prep, device, ctx=ctx
     )
-    if cfg.channels_last:
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     record = {
         "data": str(data),
@@ -390,8 +392,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
         "command_line": shlex.join(sys.argv),  # the process's: `kneeosteo train ...`, or the reproduce grid's
     }
     weights = None
-    if cfg.reweight == "metadata":
-        weights, record["reweight"] = _metadata_weights(data, parts["train"], cfg.seed)
+    if cfg.optimiser.reweight == "metadata":
+        weights, record["reweight"] = _metadata_weights(data, parts["train"], cfg.runtime.seed)
     return _Setup(
         run, data, device, amp, ctx, sets, model, prep, parts, {**cfg.to_dict(), "data": str(data)}, record, weights
     )
@@ -419,12 +421,12 @@ def _save_model(s: _Setup, cfg: TrainConfig) -> None:
     s.run.save_model(
         s.model,
         s.prep,
-        run_classes(s.sets, task_for(cfg)),
-        cfg.threshold,
+        run_classes(s.sets, task_for(cfg.data)),
+        cfg.trust.threshold,
         s.settings,
         s.record,
-        task=cfg.task,
-        target=cfg.target,
+        task=cfg.data.task,
+        target=cfg.data.target,
     )
 
 
@@ -441,7 +443,10 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) not in backbone]},
-        {"params": [p for p in trainable if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale},
+        {
+            "params": [p for p in trainable if id(p) in backbone],
+            "lr": cfg.optimiser.lr * cfg.optimiser.backbone_lr_scale,
+        },
     ]
     return [g for g in groups if g["params"]]
 
@@ -449,22 +454,24 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
     """The epochs: train, validate, keep the best by validation loss, save state every epoch."""
     net = distributed.data_parallel(s.model, s.ctx, s.device) if s.ctx.world > 1 else s.model
-    optimizer = torch.optim.Adam(param_groups(s.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(
+        param_groups(s.model, cfg), lr=cfg.optimiser.lr, weight_decay=cfg.optimiser.weight_decay
+    )
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume and s.run.state_file.exists():
         state = _load_state(s.run, s.model, optimizer)
         console(f"resuming after epoch {state['epoch']}")
-    online = aug_params(cfg) if cfg.augment == "online" else None
+    online = aug_params(cfg) if cfg.augment.mode == "online" else None
     batches = {
-        k: Batches(v, s.prep, online if k == "train" else None, cfg.source_augment and k == "train")
+        k: Batches(v, s.prep, online if k == "train" else None, cfg.augment.source_augment and k == "train")
         for k, v in s.parts.items()
     }
     batches["train"].weights = s.weights
     sharded = {"ctx": s.ctx} if s.ctx.world > 1 else {}
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+    while state["epoch"] < cfg.optimiser.epochs and state["bad_epochs"] < cfg.optimiser.patience:
         epoch = state["epoch"] + 1
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
+        gen = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.runtime.seed * 100_003 + epoch)  # dropout masks: a function of (seed, epoch)
         t = time.perf_counter()
         tl, ta, _ = run_epoch(
             net, batches["train"], cfg, s.device, s.amp, optimizer, gen, f"epoch {epoch} train", **sharded
@@ -476,7 +483,7 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
             "train_accuracy": round(ta, 6),
             "val_loss": round(vl, 6),
             "val_accuracy": round(va, 6),
-            "lr": cfg.lr,
+            "lr": cfg.optimiser.lr,
             "seconds": round(time.perf_counter() - t, 2),
         }
         state["history"].append(row)
