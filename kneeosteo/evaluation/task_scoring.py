@@ -10,8 +10,8 @@ is its counterpart for the other two tasks of ``kneeosteo/tasks``:
   for a T-score the WHO bands of the predicted values scored against the true ones
   (``evaluation/regression.py``); figures ``bland_altman.png`` and ``predicted_vs_true.png``.
 
-With the run's fitted task trust (``record["task_trust"]``: a temperature and conformal sets for
-K classes, a conformal interval for a value), the test coverage of the sets or intervals is
+With the run's fitted trust (``RunDir.trust``: a temperature and conformal sets for K classes, a
+conformal interval for a value), the test coverage of the sets or intervals is
 reported beside the metrics.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from kneeosteo.data.split import SplitSets
 from kneeosteo.data.who import WHO_CUTOFFS
@@ -29,13 +30,8 @@ from kneeosteo.evaluation.regression import format_regression_table, regression_
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.tasks import Multiclass, task_for, task_named
-from kneeosteo.trust.multiclass import (
-    ConformalInterval,
-    ConformalSetsK,
-    TemperatureScalerK,
-    empirical_interval_coverage,
-    empirical_set_coverage,
-)
+from kneeosteo.trust.conformal import empirical_set_coverage
+from kneeosteo.trust.interval import empirical_interval_coverage
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.csvfile import write_csv
 
@@ -45,19 +41,22 @@ __all__ = ["format_task_metrics", "score_task", "task_answers"]
 def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
     """The run's answers from raw outputs: calibrated class probabilities and conformal sets
     (multiclass), or values and conformal intervals (regression), as the fitted trust allows."""
-    trust = run.config.record.get("task_trust") or {}
+    trust = run.trust
+    cal = None if trust is None else trust.calibrator
+    fitted = {} if trust is None else trust.fitted
     if isinstance(task_for(run.config), Multiclass):
-        scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
-        probs = scaler.transform(outputs)
-        sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
+        probs = softmax(np.asarray(outputs, dtype=np.float64), axis=1) if cal is None else cal.transform(outputs)
+        conformal = None if trust is None else trust.conformal
         return {
             "probabilities": probs,
-            "sets": sets,
-            "calibrated": "temperature" in trust and "temperature_note" not in trust,
+            "sets": None if conformal is None else conformal.predict_mask(probs),
+            "coverage": None if conformal is None else conformal.coverage,
+            "calibrated": cal is not None and "temperature_note" not in fitted,
         }
     values = np.asarray(outputs, dtype=np.float64).reshape(-1)
-    interval = ConformalInterval.from_dict(trust["interval"]).predict(values) if "interval" in trust else None
-    return {"values": values, "interval": interval}
+    ci = None if trust is None else trust.interval
+    interval = None if ci is None else ci.predict(values)
+    return {"values": values, "interval": interval, "coverage": None if ci is None else ci.coverage}
 
 
 def score_task(
@@ -75,7 +74,7 @@ def score_task(
         if answers["sets"] is not None:
             s = answers["sets"]
             metrics["conformal"] = {
-                "coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
+                "coverage_target": answers["coverage"],
                 "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
                 "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan"),
             }
@@ -89,7 +88,7 @@ def score_task(
         if answers["interval"] is not None:
             lo, hi = answers["interval"]
             metrics["conformal"] = {
-                "coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
+                "coverage_target": answers["coverage"],
                 "coverage": float(empirical_interval_coverage(y, lo, hi)),
                 "half_width": float(np.median(hi - lo) / 2),
             }
@@ -103,8 +102,8 @@ def score_task(
     if run.domain is not None and test.features is not None:  # the share of test films the domain check accepts
         dist = run.domain.distance(test.features.double().numpy())
         metrics["domain_acceptance"] = {
-            "accepted": float(np.mean(dist <= run.domain.threshold)),
-            "threshold": run.domain.threshold,
+            "accepted": float(np.mean(dist <= run.domain.threshold_)),
+            "threshold": run.domain.threshold_,
             "n": int(len(dist)),
         }
     metrics["unreadable"] = test.bad

@@ -71,7 +71,7 @@ def _score_task_run(result, cfg: TrainConfig, console) -> None:
     except DataError as exc:
         console(f"warning: no calibration fitted ({exc})")
     else:
-        result.run.update_record(task_trust=trust)
+        result.run.save_trust(trust)
         console(task_trust_line(trust))
     console(
         "domain check: " + fit_task_domain(result.run, result.model, result.train, cfg.domain_acceptance, result.device)

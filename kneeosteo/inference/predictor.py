@@ -209,7 +209,8 @@ class Predictor:
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
         self.task = Binary() if self.run is None else task_for(self.run.config)
-        self.trust = None if (self.run is None or not isinstance(self.task, Binary)) else self.run.trust
+        # a task answered at an operating threshold applies the run's bundle here; the others' trust: task_verdicts
+        self.trust = self.run.trust if self.run is not None and self.task.has_operating_point else None
         if self.trust is not None:  # the operating threshold is on the calibrated probability
             if threshold is None:
                 self.info = replace(self.info, threshold=self.trust.threshold)

@@ -598,7 +598,7 @@ def calibrate(
     if not isinstance(task_for(new.config), Binary):
         from kneeosteo.experiments.task_trust import task_trust_line
 
-        print(task_trust_line(new.config.record["task_trust"]))
+        print(task_trust_line(new.trust))
     else:
         if new.trust.site_check is not None:
             print("\n".join(site_check_lines(new.trust.site_check)))

@@ -145,6 +145,18 @@ class Task:
         (P(positive), class probabilities or values), a regression's conformal ``interval``."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    # Which trust pieces a run of this task fits, stores (trust.json) and applies, by name: the
+    # estimator for each name is in one table in the layer that has them (``trust.TRUST_PIECES``:
+    # calibration, operating_point, conformal, interval, domain, shift); tasks/ cannot import trust/.
+    trust_pieces: ClassVar[tuple[str, ...]] = ("domain",)
+
+    @property
+    def has_operating_point(self) -> bool:
+        """Whether an answer is one probability at an operating threshold (``TrustBundle.predict``
+        answers it, and ``calibrate RUN SITE`` can run its site check), not a task's own answers."""
+        return "operating_point" in self.trust_pieces
+
 
 def _gce(log_p, q: float):
     """Generalised cross-entropy of the log-probability given to the target: (1 - p^q) / q."""
@@ -211,6 +223,9 @@ class Binary(Task):
             [(p, int(t), f"{q:.6f}", int(q >= threshold)) for p, t, q in zip(paths, truth, answers)],
         )
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("calibration", "operating_point", "conformal", "domain", "shift")
+
 
 class Multiclass(Task):
     name = "multiclass"
@@ -253,6 +268,9 @@ class Multiclass(Task):
             for p, t, q in zip(paths, truth, answers)
         ]
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("calibration", "conformal", "domain")
+
 
 class Regression(Task):
     name = "regression"
@@ -283,6 +301,9 @@ class Regression(Task):
         return header, [
             (p, f"{t:.4f}", f"{v:.4f}", f"{a:.4f}", f"{b:.4f}") for p, t, v, a, b in zip(paths, truth, answers, lo, hi)
         ]
+
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("interval", "domain")
 
 
 def task_name(task: str, target: str = "label") -> str:
