@@ -468,6 +468,14 @@ def test_the_bundled_runs_format_1_trust_file_loads_and_answers_as_format_2(bund
     assert json.loads(old.trust_file.read_text())["format"] == "kneeosteo-trust/1"  # the bundle is not rewritten
     assert json.loads(old.config_file.read_text())["format_version"] == 2
     v1 = old.trust
+    raw = json.loads(old.trust_file.read_text())  # what format 1 wrote, read without the bundle's reader
+    assert (v1.threshold, v1.operating_point, v1.fitted) == (raw["threshold"], raw["operating_point"], raw["fitted"])
+    assert v1.calibrator.get_state() == raw["calibration"] and v1.shift.source_ == raw["shift"]
+    assert (v1.conformal.coverage, v1.conformal.class_conditional) == (
+        raw["conformal"]["coverage"],
+        raw["conformal"]["class_conditional"],
+    )
+    assert v1.domain.threshold_ == raw["domain"]["threshold"] and v1.domain.method == raw["domain"]["method"]
     new = old.derive(tmp_path / "v2", {})
     new.save_trust(v1)
     doc = json.loads(new.trust_file.read_text())
