@@ -355,16 +355,18 @@ class RunDir:
         from kneeosteo.trust import TrustBundle
 
         loaded = self._verified_pair("trust", self.trust_file, self.trust_tensors_file)
+        domain = (
+            None if loaded is not None else self._verified_pair("domain", self.domain_file, self.domain_tensors_file)
+        )
+        task_trust = None if loaded is not None else self.config.record.get("task_trust")
+        if loaded is None and domain is None and task_trust is None:
+            return None
         try:
             if loaded is not None:
                 where = self.trust_file
                 bundle = TrustBundle.from_storage(loaded[1], loaded[0])
             else:
-                where = self.domain_file
-                domain = self._verified_pair("domain", self.domain_file, self.domain_tensors_file)
-                task_trust = self.config.record.get("task_trust")
-                if domain is None and task_trust is None:
-                    return None
+                where = self.config_file if domain is None else self.domain_file
                 bundle = TrustBundle.from_task_record(
                     task_trust,
                     None if domain is None else {**domain[0]["domain"], **domain[1]},
