@@ -4,9 +4,9 @@
 ``reproduce`` read it, all through :class:`RunDir`. Nobody else spells its file names or parses
 its ``config.json``. The bundled default model is just a ``RunDir`` at a packaged path.
 
-``config.json`` (format ``kneeosteo-run``, version 2)::
+``config.json`` (format ``kneeosteo-run``, version 3; version 2 folders still load)::
 
-    {"format": "kneeosteo-run", "format_version": 2,
+    {"format": "kneeosteo-run", "format_version": 3,
      "weights_file": "model.safetensors", "weights_sha256": "<sha256 of that file>",
      "identity": {"model": {architecture}, "preprocess": {preset, size, mean, std, clahe},
                   "classes": [negative, positive], "threshold": 0.5},
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["RUN_FILES", "ModelInfo", "RunConfig", "RunDir"]
 
 FORMAT = "kneeosteo-run"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: every task's trust in trust.json (issue 29); 2: a task run's in record + domain.json
+READ_VERSIONS = (2, 3)  # what this version reads
 
 # Every file a run folder may hold, with what it is; docs/cli.md's table (`train`) is this one (a test checks).
 RUN_FILES = {
@@ -61,14 +62,15 @@ RUN_FILES = {
     "loss.png": "training and validation loss per epoch (the paper's Fig. 4)",
     "confusion_matrix.png": "the test confusion matrix (the paper's Fig. 5)",
     "roc.png": "the test ROC curve with its AUC",
-    "trust.json": "the fitted trust pieces (issue 15): temperature, operating point and threshold, conformal "
-    "coverage and quantiles, domain-check method and threshold, what each was fitted on, and the "
-    "sha256 of `trust.safetensors` and of the weights; its own sha256 is in config.json's record",
-    "trust.safetensors": "the trust arrays: conformal calibration scores, the domain check's mean, scale and "
-    "shrunk inverse covariance (float64)",
-    "domain.json": "a multiclass or regression run's domain check (issue 19): method, threshold, what it was fitted "
-    "on, the sha256 of `domain.safetensors` and of the weights; its own sha256 is in config.json's record",
-    "domain.safetensors": "that domain check's arrays: mean, scale and shrunk inverse covariance (float64)",
+    "trust.json": "the fitted trust pieces of any task (format `kneeosteo-trust/2`): temperature, operating point "
+    "and threshold, conformal coverage (sets or a regression's interval), domain-check method and threshold, "
+    "the shift reference, what each was fitted on, and the sha256 of `trust.safetensors` and of the weights; "
+    "its own sha256 is in config.json's record",
+    "trust.safetensors": "the trust arrays: conformal quantiles and calibration scores, the domain check's mean, "
+    "scale and shrunk inverse covariance, the shift reference (float64)",
+    "domain.json": "read only, in a folder of format 2: a multiclass or regression run's domain check (now in "
+    "trust.json)",
+    "domain.safetensors": "read only, in a folder of format 2: that domain check's arrays",
     "fused.json": "the fused model (image + covariates, issue 31; `evaluate --store-fused`): standardised logistic "
     "coefficients as plain numbers, the covariates it takes, the weights' sha256 and the films it was fitted on; "
     "its own sha256 is in config.json's record",
@@ -296,10 +298,10 @@ class RunDir:
             raise CheckpointError(f"{self.config_file}: unreadable ({exc})") from exc
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CheckpointError(f"{self.config_file}: not a {FORMAT} config")
-        if doc.get("format_version") != FORMAT_VERSION:
+        if doc.get("format_version") not in READ_VERSIONS:
             raise CheckpointError(
                 f"{self.config_file}: format_version {doc.get('format_version')} "
-                f"(this kneeosteo reads {FORMAT_VERSION}); retrain the model with this version"
+                f"(this kneeosteo reads {' and '.join(map(str, READ_VERSIONS))}); retrain the model with this version"
             )
         sha = doc.get("weights_sha256")
         if not isinstance(sha, str) or not isinstance(doc.get("identity"), dict):
@@ -340,24 +342,39 @@ class RunDir:
 
     @functools.cached_property
     def trust(self) -> TrustBundle | None:
-        """The fitted trust pieces, verified, or None for a run without them (an older run).
+        """The fitted trust pieces of any task, verified, or None for a run without them.
 
         config.json's record holds the sha256 of trust.json, which holds the sha256 of
         trust.safetensors and of the weights it was fitted for: an edited, swapped or planted
-        trust file is a CheckpointError naming it."""
+        trust file is a CheckpointError naming it. Older layouts still load: a binary run's
+        trust.json of format ``kneeosteo-trust/1``, and a multiclass or regression run of folder
+        format 2, whose trust lived in ``record["task_trust"]`` and domain.json + domain.safetensors."""
         from safetensors import SafetensorError
 
         from kneeosteo.errors import DataError
         from kneeosteo.trust import TrustBundle
 
         loaded = self._verified_pair("trust", self.trust_file, self.trust_tensors_file)
-        if loaded is None:
+        domain = (
+            None if loaded is not None else self._verified_pair("domain", self.domain_file, self.domain_tensors_file)
+        )
+        task_trust = None if loaded is not None else self.config.record.get("task_trust")
+        if loaded is None and domain is None and task_trust is None:
             return None
-        meta, tensors = loaded
         try:
-            bundle = TrustBundle.from_state(tensors, meta)
+            if loaded is not None:
+                where = self.trust_file
+                bundle = TrustBundle.from_storage(loaded[1], loaded[0])
+            else:
+                where = self.config_file if domain is None else self.domain_file
+                bundle = TrustBundle.from_task_record(
+                    task_trust,
+                    None if domain is None else {**domain[0]["domain"], **domain[1]},
+                    "" if domain is None else str(domain[0].get("fitted", "")),
+                    self.config.classes,
+                )
         except (KeyError, TypeError, ValueError, DataError, SafetensorError) as exc:
-            raise CheckpointError(f"{self.trust_file}: malformed trust state ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{where}: malformed trust state ({type(exc).__name__}: {exc})") from exc
         if tuple(bundle.classes) != self.config.classes:
             raise CheckpointError(
                 f"{self.trust_file}: classes {list(bundle.classes)} differ from the model's {list(self.config.classes)}"
@@ -409,24 +426,10 @@ class RunDir:
         except SafetensorError as exc:
             raise CheckpointError(f"{tensors_file}: malformed ({exc})") from exc
 
-    @functools.cached_property
+    @property
     def domain(self):
-        """A multiclass or regression run's domain check (``kneeosteo.trust.DomainCheck``), verified
-        like the trust files; None when the run has none (binary runs keep theirs in trust.json)."""
-        from kneeosteo.errors import DataError
-        from kneeosteo.trust import DomainCheck
-
-        loaded = self._verified_pair("domain", self.domain_file, self.domain_tensors_file)
-        if loaded is None:
-            return None
-        meta, tensors = loaded
-        try:
-            check = DomainCheck.from_state(tensors, meta["domain"])
-        except (KeyError, TypeError, ValueError, DataError) as exc:
-            raise CheckpointError(f"{self.domain_file}: malformed domain state ({type(exc).__name__}: {exc})") from exc
-        if not math.isfinite(check.threshold):
-            raise CheckpointError(f"{self.domain_file}: domain threshold is not finite")
-        return check
+        """The run's domain check (``kneeosteo.trust.DomainCheck``, part of :attr:`trust`), or None."""
+        return None if self.trust is None else self.trust.domain
 
     def load_model(self, device: str = "cpu", backbone_weights=None):
         """The run's HybridModel in eval mode on ``device`` (weights verified against config.json)."""
@@ -484,10 +487,11 @@ class RunDir:
 
     def save_trust(self, bundle) -> None:
         """Write trust.safetensors, then trust.json (with the former's sha256), then record
-        trust.json's sha256 in config.json; each write atomic."""
+        trust.json's sha256 in config.json; each write atomic. Any task's bundle: the one place a
+        run keeps its trust (an older task run's ``task_trust`` and domain files are dropped)."""
         from safetensors.numpy import save_file
 
-        tensors, meta = bundle.to_state()
+        tensors, meta = bundle.to_storage()
         with atomic_path(self.trust_tensors_file) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
         meta = {
@@ -496,27 +500,15 @@ class RunDir:
             "weights_sha256": self.config.weights_sha256,
         }
         write_json(self.trust_file, meta)
-        self.update_record(trust={"sha256": sha256_file(self.trust_file)})
-
-    def save_domain(self, check, fitted: str) -> None:
-        """Write a task run's domain check: domain.safetensors, then domain.json (with the former's
-        sha256 and the weights'), then domain.json's sha256 into config.json's record."""
-        from safetensors.numpy import save_file
-
-        tensors, meta = check.to_state()
-        with atomic_path(self.domain_tensors_file) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        write_json(
-            self.domain_file,
-            {
-                "format": "kneeosteo-domain/1",
-                "domain": meta,
-                "fitted": fitted,
-                "tensors_sha256": sha256_file(self.domain_tensors_file),
-                "weights_sha256": self.config.weights_sha256,
-            },
-        )
-        self.update_record(domain={"sha256": sha256_file(self.domain_file)})
+        doc = json.loads(self.config_file.read_text())
+        record = {k: v for k, v in doc["record"].items() if k not in ("task_trust", "domain")}
+        doc["record"] = {**record, "trust": {"sha256": sha256_file(self.trust_file)}}
+        doc["format_version"] = FORMAT_VERSION
+        write_json(self.config_file, doc)
+        for old in (self.domain_file, self.domain_tensors_file):
+            old.unlink(missing_ok=True)
+        for cached in ("config", "trust"):
+            self.__dict__.pop(cached, None)
 
     def derive(self, out: str | Path, record: dict) -> RunDir:
         """A new run folder at ``out`` with a byte copy of this run's weights and split, and this
@@ -535,8 +527,10 @@ class RunDir:
             with atomic_path(new.split_file) as tmp:
                 shutil.copyfile(self.split_file, tmp)
         doc = json.loads(self.config_file.read_text())
-        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in ("trust", "domain", "fused")}
+        dropped = ("trust", "domain", "task_trust", "fused")  # fitted for the source run; refitted for the new one
+        base = {k: v for k, v in (doc.get("record") or {}).items() if k not in dropped}
         doc["record"] = {**base, **record}
+        doc["format_version"] = FORMAT_VERSION
         if sha256_file(new.weights_file) != src.weights_sha256:
             raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")
         write_json(new.config_file, doc)
@@ -547,7 +541,7 @@ class RunDir:
         doc = json.loads(self.config_file.read_text())
         doc["record"].update(values)
         write_json(self.config_file, doc)
-        for cached in ("config", "trust", "domain"):
+        for cached in ("config", "trust"):
             self.__dict__.pop(cached, None)
 
 

@@ -117,23 +117,23 @@ def write_bundled_reference(x: np.ndarray, idx: dict) -> None:
     bundle = run.trust
     split = json.loads(run.split_file.read_text())
     check = DomainCheck(acceptance=bundle.domain.acceptance).fit(x[np.array([idx[p] for p in split["train"]])])
-    if not np.isclose(check.threshold, bundle.domain.threshold, rtol=1e-3):
-        raise SystemExit(f"this fit's threshold {check.threshold} differs from the stored {bundle.domain.threshold}")
+    if not np.isclose(check.threshold_, bundle.domain.threshold_, rtol=1e-3):
+        raise SystemExit(f"this fit's threshold {check.threshold_} differs from the stored {bundle.domain.threshold_}")
     old = bundle.shift_reference
-    ref = ShiftReference(
-        check.heldout_scores,
-        old.probabilities,
+    ref = ShiftReference().fit(
+        check.heldout_scores_,
+        old.probabilities_,
         {
             "domain_source": f"out-of-fold distances of the {len(split['train'])} training images "
-            f"(fp32 features, as predict computes them; this fit's threshold {check.threshold:.2f}, the stored "
-            f"one {bundle.domain.threshold:.2f})",
-            "probability_source": old.source["probability_source"],
+            f"(fp32 features, as predict computes them; this fit's threshold {check.threshold_:.2f}, the stored "
+            f"one {bundle.domain.threshold_:.2f})",
+            "probability_source": old.source_["probability_source"],
         },
     )
     run.save_trust(replace(bundle, shift=ref))
     print(
-        f"wrote the shift reference into {run.trust_file} (threshold {check.threshold:.4f} "
-        f"vs stored {bundle.domain.threshold:.4f})"
+        f"wrote the shift reference into {run.trust_file} (threshold {check.threshold_:.4f} "
+        f"vs stored {bundle.domain.threshold_:.4f})"
     )
 
 
@@ -157,7 +157,7 @@ def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[
     out = {
         "run": str(run.path),
         "batch_shift": s.to_dict(),
-        "accepted_by_domain_check": float((dist <= trust.domain.threshold).mean()),
+        "accepted_by_domain_check": float((dist <= trust.domain.threshold_).mean()),
         "n": len(src),
     }
     print("no-source run, T-score films:", s.line(), flush=True)
@@ -176,7 +176,7 @@ def no_source_run(a, paths: list[str], truth: dict[str, int], source_paths: set[
         dom.refit_threshold(xk[ai])
         pb = cal.transform(zk[bi])
         single = cc.predict_mask(pb).sum(axis=1) == 1
-        inside = dom.distance(xk[bi]) <= dom.threshold
+        inside = dom.distance(xk[bi]) <= dom.threshold_
         right = (pb >= trust.threshold).astype(int) == ys[bi]
         ok = single & inside & (sc["verdict"] == "signal")
         rows.append(
@@ -234,7 +234,7 @@ def main() -> None:
         tr, va, te = perm[:246], perm[246:273], perm[273:345]
         check = DomainCheck().fit(x[tr])
         cal, _ = temperature_fit(z[va], y[va])
-        ref = ShiftReference(check.heldout_scores, cal.transform(z[va]), {})
+        ref = ShiftReference().fit(check.heldout_scores_, cal.transform(z[va]), {})
         s = batch_shift(ref, check.distance(x[te]), cal.transform(z[te]))
         rows.append(
             {
@@ -252,7 +252,7 @@ def main() -> None:
     tr = np.array([idx[p] for p in split["train"]])
     te = np.array([idx[p] for p in split["test"]])
     check = DomainCheck().fit(x[tr])
-    ref = ShiftReference(check.heldout_scores, bundle.shift_reference.probabilities, {})
+    ref = ShiftReference().fit(check.heldout_scores_, bundle.shift_reference.probabilities_, {})
     batches = {"test films as they are": (x[te], z[te])}
     for k in SHIFTS:
         m = c["kind"] == k
@@ -260,7 +260,7 @@ def main() -> None:
     out = {}
     for name, (bx, bz) in batches.items():
         s = batch_shift(ref, check.distance(bx), bundle.calibrated(bz))
-        accepted = float((check.distance(bx) <= check.threshold).mean())
+        accepted = float((check.distance(bx) <= check.threshold_).mean())
         out[name] = {**s.to_dict(), "accepted_by_domain_check": accepted}
         print(name, s.line(), f"accepted {accepted:.3f}", flush=True)
     # how often each shifted batch fires when only n of its films are predicted (20 random draws each)
@@ -282,12 +282,12 @@ def main() -> None:
     src_any = np.array([idx[p] for p in sorted(source_paths) if p in idx])
     not_src = np.array([i for i in tr if paths[i] not in source_paths])
     check_wo = DomainCheck().fit(x[not_src])
-    ref_wo = ShiftReference(check_wo.heldout_scores, bundle.shift_reference.probabilities, {})
+    ref_wo = ShiftReference().fit(check_wo.heldout_scores_, bundle.shift_reference.probabilities_, {})
     s = batch_shift(ref_wo, check_wo.distance(x[src_any]), bundle.calibrated(z[src_any]))
     in_training = int(sum(paths[i] in source_paths for i in tr))
     out["T-score source films (domain fit without them)"] = {
         **s.to_dict(),
-        "accepted_by_domain_check": float((check_wo.distance(x[src_any]) <= check_wo.threshold).mean()),
+        "accepted_by_domain_check": float((check_wo.distance(x[src_any]) <= check_wo.threshold_).mean()),
         "note_head": f"the bundled head trained on {in_training} of these films: the probability comparison is "
         "not against a model trained without them",
     }
@@ -312,7 +312,7 @@ def main() -> None:
         dom.refit_threshold(x[a_i])
         pb = cal.transform(z[b_i])
         single = cc.predict_mask(pb).sum(axis=1) == 1
-        ok = single & (dom.distance(x[b_i]) <= dom.threshold)
+        ok = single & (dom.distance(x[b_i]) <= dom.threshold_)
         if sc["verdict"] != "signal":
             ok[:] = False
         right = (pb >= bundle.threshold).astype(int) == yb
@@ -322,8 +322,8 @@ def main() -> None:
                 "n_half": int(h),
                 "verdict": sc["verdict"],
                 "auc": sc["auc"],
-                "ok_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold)).sum()),
-                "ok_right_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold) & right).sum()),
+                "ok_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold_)).sum()),
+                "ok_right_if_no_rule": int((single & (dom.distance(x[b_i]) <= dom.threshold_) & right).sum()),
                 "ok": int(ok.sum()),
                 "ok_right": int((ok & right).sum()),
                 "n_other_half": int(b_i.size),

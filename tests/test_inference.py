@@ -402,7 +402,7 @@ def test_bundled_model_refuses_a_non_knee_image_that_passes_every_pixel_check(
     assert len(rows) == 2
     for r in rows:
         assert (r.status, r.label, tuple(r.prediction_set)) == ("out_of_domain", "", ()), r
-        assert r.domain_score > r.domain_threshold == pytest.approx(trust.domain.threshold)
+        assert r.domain_score > r.domain_threshold == pytest.approx(trust.domain.threshold_)
         assert "features unlike the training images" in r.status_reason, r  # the distance refused it
     with TestClient(app) as client:
         for p in junk:
@@ -427,7 +427,7 @@ def test_bundled_model_conformal_coverage_on_images_that_did_not_calibrate_it(bu
     trust = RunDir(bundled_run).trust
     split = json.loads((bundled_run / "split.json").read_text())
     ids = split["content_ids"]
-    n_cal = trust.conformal.calibration_scores.size
+    n_cal = trust.conformal.calibration_scores_.size
     assert n_cal == trust.fitted["calibration_images"] == len(split["val"])  # fitted on its validation films
     assert not {ids[p] for p in split["val"]} & {ids[r["path"]] for r in bundled_on_kop.rows}
     y = np.array([int(r["label"]) for r in bundled_on_kop.rows])

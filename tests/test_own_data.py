@@ -20,7 +20,7 @@ from kneeosteo.data.reader import read_image
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import PARTS, load_split, make_split, patient_leaks, write_split
 from kneeosteo.data.who import who_band
-from kneeosteo.errors import ConfigError, DataError
+from kneeosteo.errors import CheckpointError, ConfigError, DataError
 from kneeosteo.evaluation.evaluate import evaluate_run
 from kneeosteo.inference.explain import Explainer
 from kneeosteo.inference.predictor import Predictor
@@ -373,8 +373,7 @@ def test_a_t_score_regression_run_end_to_end_with_known_targets(hospital):
         and (run.path / "bland_altman.png").is_file()
         and (run.path / "predicted_vs_true.png").is_file()
     )
-    interval = run.config.record["task_trust"]["interval"]
-    assert interval["coverage"] == 0.9
+    assert run.trust.interval.coverage == 0.9 and run.trust.conformal is None
     result = Predictor(run.path).predict([hospital.data / "films"], progress=False)
     for p in result.predictions:
         assert p.label == who_band(p.value)
@@ -426,13 +425,11 @@ def test_calibrate_refits_a_task_runs_trust_into_a_new_folder(hospital, tmp_path
 
     src = RunDir(hospital.reg)
     new = calibrate_run(src.path, tmp_path / "recal", split=hospital.root / "split.json", coverage=0.5)
-    interval = new.config.record["task_trust"]["interval"]
-    assert (
-        interval["coverage"] == 0.5
-        and interval["n_calibration"] == src.config.record["task_trust"]["calibration_images"]
-    )
+    interval = new.trust.interval
+    assert interval.coverage == 0.5 and interval.n_calibration_ == src.trust.fitted["calibration_images"]
     assert new.config.weights_sha256 == src.config.weights_sha256
-    assert src.config.record["task_trust"]["interval"]["coverage"] == 0.9  # the original is untouched
+    assert src.trust.interval.coverage == 0.9  # the original is untouched
+    assert new.trust.domain is None or new.trust.domain.threshold_ == src.trust.domain.threshold_
     with pytest.raises(DataError, match="pass --split"):
         calibrate_run(src.path, tmp_path / "site", data=hospital.data)
 
@@ -513,8 +510,8 @@ def test_the_api_gives_class_probabilities_and_t_score_intervals(hospital):
 
 def test_a_task_runs_domain_check_refuses_noise_and_is_verified(hospital, tmp_path, monkeypatch):
     """The binary run's domain check, for a 3-class run: fitted on the training films (the
-    threshold of 50 images lowered to this run's 34), saved as domain.json + .safetensors,
-    verified like the trust files; an image that fails it is out of domain with no label."""
+    threshold of 50 images lowered to this run's 34), saved in the run's trust files (trust.json +
+    trust.safetensors) and verified like a binary run's; an image that fails it is out of domain with no label."""
     from kneeosteo.errors import CheckpointError
     from kneeosteo.evaluation.evaluate import prepare_part
     from kneeosteo.experiments import task_trust
@@ -542,14 +539,97 @@ def test_a_task_runs_domain_check_refuses_noise_and_is_verified(hospital, tmp_pa
     accepted = np.mean([by_name[f.name].status != "out_of_domain" for f in films])
     assert accepted >= 0.75, accepted  # the run's own films (training, validation and test) mostly pass
     assert Explainer(run.path).explain(read_image(blank).pixels).label == ""
-    # an edited domain.json is refused, naming the file
-    doc = json.loads(run.domain_file.read_text())
-    doc["domain"]["threshold"] *= 100
-    run.domain_file.write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match="domain.json: sha256 differs"):
+    # an edited trust.json is refused, naming the file
+    doc = json.loads(run.trust_file.read_text())
+    doc["pieces"]["domain"]["threshold"] *= 100
+    run.trust_file.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="trust.json: sha256 differs"):
         RunDir(run.path).domain
     # a domain check planted in a run that records none is refused too
     plain = RunDir(hospital.reg).derive(tmp_path / "reg-copy", {})
     (plain.path / "domain.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not recorded"):
         Predictor(plain.path).predict([noise], progress=False)
+
+
+def _as_folder_format_2(run: RunDir, bundle) -> None:
+    """Rewrite ``run``'s trust as a multiclass or regression run of folder format 2 kept it (before
+    issue 29): ``record["task_trust"]`` (the K-class and interval classes' own dicts) and the domain
+    check in domain.json + domain.safetensors, no trust.json."""
+    from safetensors.numpy import save_file
+
+    from kneeosteo.utils.hashing import sha256_file
+
+    tt = {k: v for k, v in bundle.fitted.items() if k != "domain"}
+    if bundle.calibrator is not None:
+        tt["temperature"] = {"method": "temperature_k", "temperature": bundle.calibrator.temperature_}
+    if bundle.conformal is not None:
+        c = bundle.conformal
+        tt["conformal"] = {
+            "method": "split_conformal_sets_k",
+            "coverage": c.coverage,
+            "class_conditional": c.class_conditional,
+            "quantiles": [float(q) for q in c.quantiles_],
+            "n_calibration": c.n_calibration_,
+        }
+    if bundle.interval is not None:
+        tt["interval"] = bundle.interval.get_state()
+    doc = json.loads(run.config_file.read_text())
+    doc["format_version"] = 2
+    doc["record"] = {k: v for k, v in doc["record"].items() if k != "trust"}
+    doc["record"]["task_trust"] = tt
+    if bundle.domain is not None:
+        state = bundle.domain.get_state()
+        arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+        save_file(arrays, str(run.domain_tensors_file))
+        meta = {k: v for k, v in state.items() if k not in arrays}
+        run.domain_file.write_text(
+            json.dumps(
+                {
+                    "format": "kneeosteo-domain/1",
+                    "domain": meta,
+                    "fitted": bundle.fitted["domain"],
+                    "tensors_sha256": sha256_file(run.domain_tensors_file),
+                    "weights_sha256": run.config.weights_sha256,
+                }
+            )
+        )
+        doc["record"]["domain"] = {"sha256": sha256_file(run.domain_file)}
+    run.config_file.write_text(json.dumps(doc))
+    run.trust_file.unlink(missing_ok=True)
+    run.trust_tensors_file.unlink(missing_ok=True)
+
+
+def test_a_task_run_of_folder_format_2_loads_its_trust_and_answers_alike(hospital, tmp_path, monkeypatch):
+    """Older multiclass and regression runs kept their trust in config.json's record (task_trust) and
+    domain.json: they still load, and predict gives the same answers as from the one trust file."""
+    from kneeosteo.evaluation.evaluate import prepare_part
+    from kneeosteo.experiments import task_trust
+
+    films = sorted((hospital.data / "films").glob("*.png"))[:8]
+    monkeypatch.setattr(task_trust, "MIN_DOMAIN_IMAGES", 20)
+    for src in (hospital.mc, hospital.reg):
+        new = RunDir(src).derive(tmp_path / f"{Path(src).name}-3", {})
+        model = new.load_model()
+        sets = load_split(new.split_file, hospital.data, target=new.config.target)
+        new.save_trust(task_trust.fit_task_trust(new, model, sets))
+        train = prepare_part(model, sets.items("train"), hospital.data, new.config.preprocess, "cpu", "train")
+        task_trust.fit_task_domain(new, model, train)
+        bundle = RunDir(new.path).trust
+        assert bundle.domain is not None and (bundle.conformal is None) != (bundle.interval is None)
+        old = RunDir(src).derive(tmp_path / f"{Path(src).name}-2", {})
+        _as_folder_format_2(old, bundle)
+        assert not old.trust_file.exists() and old.domain_file.is_file()
+        loaded = RunDir(old.path).trust
+        assert loaded.summary() == bundle.summary()
+        fields = ("status", "label", "prediction_set", "probabilities", "value", "interval_low", "interval_high")
+        fields += ("domain_score", "domain_threshold", "calibrated", "status_reason")
+        want = Predictor(new.path).predict(films, progress=False).predictions
+        got = Predictor(old.path).predict(films, progress=False).predictions
+        assert [[getattr(p, f) for f in fields] for p in got] == [[getattr(p, f) for f in fields] for p in want]
+        # the old layout's domain check is verified as before: an edited domain.json is refused
+        doc = json.loads(old.domain_file.read_text())
+        doc["domain"]["threshold"] *= 2
+        old.domain_file.write_text(json.dumps(doc))
+        with pytest.raises(CheckpointError, match="domain.json: sha256 differs"):
+            RunDir(old.path).trust

@@ -19,7 +19,7 @@ from kneeosteo.trust.shift import ALPHA, MIN_SHIFT_IMAGES, ShiftReference, batch
 
 def _ref(seed=0, n_domain=246, n_prob=27):
     rng = np.random.default_rng(seed)
-    return ShiftReference(rng.gamma(20, 5, n_domain), rng.beta(0.6, 0.6, n_prob), {})
+    return ShiftReference().fit(rng.gamma(20, 5, n_domain), rng.beta(0.6, 0.6, n_prob), {})
 
 
 # -- the alarm -------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_too_few_images_never_fire_and_no_reference_says_unavailable():
     tiny = batch_shift(_ref(), rng.gamma(20, 5, n) * 5, np.ones(n))
     assert tiny.verdict == "too few images" and not tiny.fired and tiny.p_value is None
     assert batch_shift(None, rng.gamma(20, 5, 50), rng.random(50)).verdict == "unavailable"
-    half = batch_shift(ShiftReference(None, rng.beta(0.6, 0.6, 27), {}), rng.gamma(20, 5, 50), rng.beta(8, 1, 50))
+    half = batch_shift(ShiftReference().fit(None, rng.beta(0.6, 0.6, 27), {}), rng.gamma(20, 5, 50), rng.beta(8, 1, 50))
     assert half.fired and set(half.tests) == {"probability"} and "no reference distances" in half.note
 
 
@@ -68,7 +68,7 @@ def _bundle(shift=None, site=None, coverage=0.9):
     rng = np.random.default_rng(5)
     z = rng.normal(0, 2, 200)
     y = (rng.random(200) < sigmoid(z)).astype(int)
-    cal = TemperatureScaler(1.0)
+    cal = TemperatureScaler(1.0).fit(z, y)
     conformal = ConformalClassifier(coverage).fit(cal.transform(z), y)
     return TrustBundle(cal, 0.5, "0.5", conformal, None, ("normal", "osteoporosis"), {}, shift, site), z, y
 
@@ -76,15 +76,15 @@ def _bundle(shift=None, site=None, coverage=0.9):
 def test_an_older_run_recovers_its_calibration_probabilities_from_the_conformal_scores():
     bundle, z, y = _bundle()
     ref = bundle.shift_reference
-    assert ref.domain_scores is None
-    np.testing.assert_allclose(ref.probabilities, sigmoid(z), atol=1e-12)
+    assert ref.domain_scores_ is None
+    np.testing.assert_allclose(ref.probabilities_, sigmoid(z), atol=1e-12)
 
 
 def test_assess_batch_marks_ok_rows_uncertain_with_the_reason_when_it_fires():
     from kneeosteo.inference.batch import assess_batch
 
     rng = np.random.default_rng(6)
-    bundle, _, _ = _bundle(ShiftReference(rng.gamma(20, 5, 246), rng.beta(0.6, 0.6, 27), {}))
+    bundle, _, _ = _bundle(ShiftReference().fit(rng.gamma(20, 5, 246), rng.beta(0.6, 0.6, 27), {}))
 
     def rows(scale):
         return PredictionResult(
@@ -130,16 +130,16 @@ def test_temperature_bounds_say_which_way_they_ran():
     y = np.array([0, 1] * 15)
     separable = np.where(y == 1, 4.0, -4.0) + np.linspace(-0.5, 0.5, 30)
     cal, note = temperature_fit(separable, y)
-    assert cal.temperature == 1.0 and "lower bound" in note and "separate these images perfectly" in note
+    assert cal.temperature_ == 1.0 and "lower bound" in note and "separate these images perfectly" in note
     reversed_ = -separable
     cal, note = temperature_fit(reversed_, y)
-    assert cal.temperature == 1.0 and "upper bound" in note and "flat or reversed" in note
+    assert cal.temperature_ == 1.0 and "upper bound" in note and "flat or reversed" in note
     assert "separable" not in note
     rng = np.random.default_rng(7)
     z = rng.normal(0, 1.5, 400)
     yy = (rng.random(400) < sigmoid(z / 2.0)).astype(int)
     cal, note = temperature_fit(z, yy)
-    assert note == "fitted on 400 images" and cal.temperature == pytest.approx(2.0, rel=0.35)
+    assert note == "fitted on 400 images" and cal.temperature_ == pytest.approx(2.0, rel=0.35)
 
 
 # -- the site check --------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_calibrate_on_a_site_without_signal_marks_every_prediction_uncertain(tin
     new = RunDir(tmp_path / "new")
     assert new.trust.site_check["verdict"] == "no signal at this site"
     assert new.trust.conformal.class_conditional is True
-    assert json.loads(new.trust_file.read_text())["conformal"]["class_conditional"] is True
+    assert json.loads(new.trust_file.read_text())["pieces"]["conformal"]["class_conditional"] is True
     preds = tmp_path / "p.csv"
     with pytest.raises(SystemExit) as e:
         main(["predict", str(site), "--run", str(new.path), "--out", str(preds)])
@@ -302,7 +302,7 @@ def test_report_shows_the_batch_shift_and_the_coverage_per_class(tiny_report):
 
 
 def test_a_non_finite_shift_reference_is_refused():
-    with pytest.raises(ValueError, match="not finite"):
-        ShiftReference.from_state({"domain_scores": np.array([1.0, np.nan])}, {})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ShiftReference.from_state({"domain_scores": np.array([1.0, np.nan])})
     with pytest.raises(ValueError, match="empty"):
-        ShiftReference.from_state({"probabilities": np.zeros(0)}, {})
+        ShiftReference.from_state({"probabilities": np.zeros(0)})

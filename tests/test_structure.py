@@ -347,12 +347,7 @@ def test_the_task_name_checker_catches_a_comparison():
 
 
 TASK_CLASSES = {"Binary", "Multiclass", "Regression"}
-TASK_ISINSTANCE_ALLOWED = {  # module -> how many type checks of a task it may still hold; the lead shrinks this
-    # the trust pieces, moved into the task classes by another helper of issue 29:
-    "kneeosteo.experiments.task_trust": 1,  # which trust a task run fits (an interval for a regression)
-    "kneeosteo.experiments.trust_fit": 1,  # calibrate: the trust bundle or a task run's trust
-    "kneeosteo.inference.predictor": 3,  # self.trust, the fused model, assess: the bundle or task_verdicts
-}
+TASK_ISINSTANCE_ALLOWED: dict[str, int] = {}  # module -> type checks of a task it may still hold: none left
 
 
 def _task_type_checks(source: str) -> list[int]:

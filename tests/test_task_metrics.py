@@ -29,9 +29,9 @@ from kneeosteo.evaluation.multiclass import (
 )
 from kneeosteo.evaluation.regression import bland_altman_limits, format_regression_table, regression_metrics_with_ci
 from kneeosteo.trust import (
+    ConformalClassifier,
     ConformalInterval,
-    ConformalSetsK,
-    TemperatureScalerK,
+    TemperatureScaler,
     empirical_interval_coverage,
     empirical_set_coverage,
 )
@@ -41,7 +41,9 @@ N_BOOT = 300  # enough for the interval checks below, keeps the file fast
 
 
 def _json(obj) -> dict:
-    return json.loads(json.dumps(obj, allow_nan=True))
+    """A trust state through JSON (its plain values) and fresh copies (its arrays), as a run stores it."""
+    arrays = {k: np.array(v) for k, v in obj.items() if isinstance(v, np.ndarray)}
+    return {**json.loads(json.dumps({k: v for k, v in obj.items() if k not in arrays}, allow_nan=True)), **arrays}
 
 
 def _onehotish(pred: list[int], k: int = 3, top: float = 0.8) -> np.ndarray:
@@ -451,22 +453,24 @@ def _tempered(n: int, k: int, temperature: float, seed: int):
 
 def test_temperature_scaler_k_recovers_a_known_temperature():
     z, y = _tempered(4000, 3, 2.0, seed=8)
-    cal = TemperatureScalerK()
-    assert cal.fit(z, y) == pytest.approx(2.0, rel=0.10)
+    cal = TemperatureScaler()
+    assert cal.fit(z, y).temperature_ == pytest.approx(2.0, rel=0.10)
     probs = cal.transform(z)
     assert probs.shape == (4000, 3) and np.allclose(probs.sum(axis=1), 1.0)
     assert (probs.argmax(axis=1) == z.argmax(axis=1)).all()  # the ranking never changes
-    back = TemperatureScalerK.from_dict(_json(cal.to_dict()))
-    assert back.temperature == cal.temperature and back.to_dict()["method"] == "temperature_k"
+    back = TemperatureScaler.from_state(_json(cal.get_state()))
+    assert back.temperature_ == cal.temperature_ and np.array_equal(back.transform(z), probs)
+    old = TemperatureScaler.from_state({"method": "temperature_k", "temperature": cal.temperature_})  # format 2
+    assert np.array_equal(old.transform(z), probs)
 
 
 def test_temperature_scaler_k_validation():
     with pytest.raises(DataError, match=r"\[0, 3\)"):
-        TemperatureScalerK().fit(np.zeros((3, 3)), [0, 1, 3])
-    with pytest.raises(DataError, match="K >= 2"):
-        TemperatureScalerK().fit(np.zeros(3), [0, 1, 0])
+        TemperatureScaler().fit(np.zeros((3, 3)), [0, 1, 3])
+    with pytest.raises(DataError, match="0/1"):  # one logit per image: the binary case, 0/1 labels
+        TemperatureScaler().fit(np.zeros(3), [0, 1, 2])
     with pytest.raises(ConfigError):
-        TemperatureScalerK(temperature=0.0)
+        TemperatureScaler(temperature=0.0).fit(np.zeros((3, 3)), [0, 1, 2])
 
 
 @pytest.mark.parametrize("class_conditional", [False, True])
@@ -480,8 +484,8 @@ def test_conformal_sets_k_cover_the_true_class(class_conditional):
     for _ in range(10):
         perm = rng.permutation(4000)
         cal, new = perm[:2000], perm[2000:]
-        cs = ConformalSetsK(coverage=0.9, class_conditional=class_conditional).fit(probs[cal], y[cal])
-        sets = cs.predict(probs[new])
+        cs = ConformalClassifier(coverage=0.9, class_conditional=class_conditional).fit(probs[cal], y[cal])
+        sets = cs.predict_mask(probs[new])
         assert sets.shape == (2000, 3) and sets.dtype == bool
         cover.append(empirical_set_coverage(sets, y[new]))
         per_class.append([empirical_set_coverage(sets[y[new] == c], y[new][y[new] == c]) for c in range(3)])
@@ -490,41 +494,43 @@ def test_conformal_sets_k_cover_the_true_class(class_conditional):
     assert np.mean(size) < 2.5  # not covering by putting every class in every set
     if class_conditional:
         assert np.min(np.mean(per_class, axis=0)) >= 0.87
-    back = ConformalSetsK.from_dict(_json(cs.to_dict()))
-    assert (back.predict(probs[new]) == sets).all()
+    back = ConformalClassifier.from_state(_json(cs.get_state()))
+    assert (back.predict_mask(probs[new]) == sets).all()
 
 
 def test_conformal_sets_k_too_few_calibration_images_admit_every_class():
-    cs = ConformalSetsK(coverage=0.95).fit(_onehotish([0, 1, 2]), [0, 1, 2])
-    assert cs.predict(_onehotish([0, 1])).all()
-    cs = ConformalSetsK(coverage=0.9, class_conditional=True).fit(_onehotish([0] * 30 + [1] * 30), [0] * 30 + [1] * 30)
-    assert math.isinf(cs.quantiles[2])  # no calibration image of class 2
-    assert cs.predict(_onehotish([0]))[0, 2]
-    assert "Infinity" in json.dumps(cs.to_dict())
+    cs = ConformalClassifier(coverage=0.95).fit(_onehotish([0, 1, 2]), [0, 1, 2])
+    assert cs.predict_mask(_onehotish([0, 1])).all()
+    cs = ConformalClassifier(coverage=0.9, class_conditional=True).fit(
+        _onehotish([0] * 30 + [1] * 30), [0] * 30 + [1] * 30
+    )
+    assert math.isinf(cs.quantiles_[2])  # no calibration image of class 2
+    assert cs.predict_mask(_onehotish([0]))[0, 2]
+    assert "Infinity" in json.dumps(cs.get_state()["quantiles"].tolist())
     with pytest.raises(DataError, match="classes"):
-        cs.predict(np.full((1, 4), 0.25))
+        cs.predict_mask(np.full((1, 4), 0.25))
 
 
 def test_conformal_interval_covers_exchangeable_residuals():
     rng = np.random.default_rng(10)
     pred_cal, pred_new = rng.normal(-1.5, 1, 2000), rng.normal(-1.5, 1, 2000)
     true_cal, true_new = pred_cal + rng.normal(0, 1, 2000), pred_new + rng.normal(0, 1, 2000)
-    ci = ConformalInterval().fit(true_cal, pred_cal, coverage=0.9)
-    assert ci.half_width == pytest.approx(1.645, abs=0.12)  # the normal's 95th percentile
+    ci = ConformalInterval(coverage=0.9).fit(true_cal, pred_cal)
+    assert ci.half_width_ == pytest.approx(1.645, abs=0.12)  # the normal's 95th percentile
     lower, upper = ci.predict(pred_new)
-    assert np.allclose(upper - lower, 2 * ci.half_width)
+    assert np.allclose(upper - lower, 2 * ci.half_width_)
     assert abs(empirical_interval_coverage(true_new, lower, upper) - 0.9) <= 0.03
-    back = ConformalInterval.from_dict(_json(ci.to_dict()))
-    assert back.half_width == ci.half_width and back.coverage == 0.9
+    back = ConformalInterval.from_state(_json(ci.get_state()))
+    assert back.half_width_ == ci.half_width_ and back.coverage == 0.9
 
 
 def test_conformal_interval_too_small_is_infinite():
     ci = ConformalInterval(coverage=0.9).fit([1.0, 2.0, 3.0], [1.1, 2.2, 2.7])
-    assert math.isinf(ci.half_width)
+    assert math.isinf(ci.half_width_)
     lower, upper = ci.predict([0.0, 1.0])
     assert np.isneginf(lower).all() and np.isposinf(upper).all()
     assert empirical_interval_coverage([5.0, -5.0], lower, upper) == 1.0
-    assert math.isinf(ConformalInterval.from_dict(json.loads(json.dumps(ci.to_dict()))).half_width)
+    assert math.isinf(ConformalInterval.from_state(json.loads(json.dumps(ci.get_state()))).half_width_)
 
 
 def test_conformal_interval_validation():
@@ -533,7 +539,7 @@ def test_conformal_interval_validation():
     with pytest.raises(DataError, match="predictions"):
         ConformalInterval().fit([1.0, 2.0], [1.0])
     with pytest.raises(ConfigError, match="coverage"):
-        ConformalInterval(coverage=1.5)
+        ConformalInterval(coverage=1.5).fit([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(DataError, match="NaN"):
         empirical_interval_coverage([1.0], [np.nan], [2.0])
 

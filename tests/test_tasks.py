@@ -177,7 +177,6 @@ def test_each_task_declares_what_its_runs_offer():
     flags = (
         "has_threshold",
         "paper_metrics",
-        "has_trust_bundle",
         "supports_shortcut_probes",
         "supports_clinical_baselines",
         "supports_report",
@@ -205,7 +204,7 @@ def test_every_tasks_scoring_has_its_entries_in_the_tables():
         assert task.scoring in PAIRED_TESTS and entry.metrics is not None
         if not task.paper_metrics:  # scored, printed and answered by task_scoring, not evaluate.score
             assert None not in (entry.answers, entry.score, entry.table)
-        if not task.has_trust_bundle:  # predict's answers of a task run
+        if not task.has_operating_point:  # predict's answers of a task run
             assert task.scoring in _VERDICTS
 
 

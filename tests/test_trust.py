@@ -20,7 +20,7 @@ from kneeosteo.trust import (
     abstention_rate,
     brier_score,
     calibration_slope_intercept,
-    calibrator_from_dict,
+    calibrator_from_state,
     choose_threshold,
     decision_curve,
     empirical_coverage,
@@ -44,22 +44,31 @@ def _binary(n, seed, scale=1.5):
 # -- calibration --------------------------------------------------------------------------------
 
 
+def _json_round_trip(state: dict) -> dict:
+    """An estimator's state through JSON (its plain values) and fresh copies (its arrays), as the
+    run folder stores it."""
+    arrays = {k: np.array(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+    plain = json.loads(json.dumps({k: v for k, v in state.items() if k not in arrays}))
+    return {**plain, **arrays}
+
+
 def test_temperature_scaling_recovers_a_known_temperature():
     z, y = _binary(20000, 0)
     cal = TemperatureScaler()
-    t = cal.fit(2.5 * z, y)  # a model 2.5x overconfident
+    t = cal.fit(2.5 * z, y).temperature_  # a model 2.5x overconfident
     assert abs(t - 2.5) / 2.5 < 0.05
     assert np.allclose(cal.transform(2.5 * z), sigmoid(z), atol=0.02)
-    back = calibrator_from_dict(json.loads(json.dumps(cal.to_dict())))
-    assert isinstance(back, TemperatureScaler) and back.temperature == cal.temperature
+    back = calibrator_from_state(json.loads(json.dumps(cal.get_state())))
+    assert isinstance(back, TemperatureScaler) and back.temperature_ == cal.temperature_
 
 
 def test_platt_scaling_undoes_scale_and_shift():
     z, y = _binary(20000, 1)
     cal = PlattScaler()
-    a, b = cal.fit(0.5 * z + 1.0, y)  # sigmoid(a * (0.5 z + 1) + b) = sigmoid(z) at a=2, b=-2
+    cal.fit(0.5 * z + 1.0, y)  # sigmoid(a * (0.5 z + 1) + b) = sigmoid(z) at a=2, b=-2
+    a, b = cal.a_, cal.b_
     assert a == pytest.approx(2.0, rel=0.08) and b == pytest.approx(-2.0, abs=0.15)
-    back = calibrator_from_dict(cal.to_dict())
+    back = calibrator_from_state(cal.get_state())
     assert np.array_equal(back.transform(z), cal.transform(z))
 
 
@@ -204,19 +213,18 @@ def test_conformal_sets_are_crepes_sets_and_round_trip():
     p = sigmoid(z)
     for cond in (False, True):
         cc = ConformalClassifier(0.85, class_conditional=cond).fit(p[:200], y[:200])
-        test = np.concatenate([p[200:], cc.calibration_scores, 1 - cc.calibration_scores])  # ties included
+        test = np.concatenate([p[200:], cc.calibration_scores_, 1 - cc.calibration_scores_])  # ties included
         assert np.array_equal(cc.predict_mask(test), cc.p_values(test) >= 1 - 0.85)
-        tensors, meta = cc.to_state()
-        back = ConformalClassifier.from_state(tensors, json.loads(json.dumps(meta)))
+        back = ConformalClassifier.from_state(_json_round_trip(cc.get_state()))
         assert back.predict(test) == cc.predict(test)
     assert set(cc.predict(p)) <= {("normal",), ("osteoporosis",), ("normal", "osteoporosis"), ()}
 
 
 def test_conformal_with_too_few_calibration_images_keeps_both_classes():
     cc = ConformalClassifier(0.95).fit([0.2, 0.8, 0.7], [0, 1, 1])  # 1/(n+1) = 0.25 >= 0.05
-    assert np.isinf(cc.quantiles).all() and cc.predict([0.01, 0.99]) == [("normal", "osteoporosis")] * 2
+    assert np.isinf(cc.quantiles_).all() and cc.predict([0.01, 0.99]) == [("normal", "osteoporosis")] * 2
     with pytest.raises(ConfigError, match="coverage"):
-        ConformalClassifier(1.0)
+        ConformalClassifier(1.0).fit([0.2, 0.8, 0.7], [0, 1, 1])
 
 
 # -- decision curve -----------------------------------------------------------------------------
@@ -251,17 +259,16 @@ def test_domain_check_accepts_in_domain_and_rejects_shifted_and_noise(method):
     d = 40
     dc = DomainCheck(method, acceptance=0.95).fit(_in_domain(300, d, 1))  # out-of-fold threshold
     fresh = dc.distance(_in_domain(3000, d, 2))
-    assert 0.91 <= np.mean(fresh <= dc.threshold) <= 0.99
+    assert 0.91 <= np.mean(fresh <= dc.threshold_) <= 0.99
     x = _in_domain(500, d, 3)
     shifted = x + 3.0 * x.std(axis=0)  # every feature moved by three of its standard deviations
     noise = np.random.default_rng(4).normal(0.0, 5.0, (500, d))
-    assert np.mean(dc.distance(shifted) > dc.threshold) >= 0.99
-    assert np.mean(dc.distance(noise) > dc.threshold) >= 0.99
-    tensors, meta = dc.to_state()
-    back = DomainCheck.from_state({k: v.copy() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
+    assert np.mean(dc.distance(shifted) > dc.threshold_) >= 0.99
+    assert np.mean(dc.distance(noise) > dc.threshold_) >= 0.99
+    back = DomainCheck.from_state(_json_round_trip(dc.get_state()))
     probe = np.concatenate([x[:50], shifted[:50], noise[:50]])
-    assert np.array_equal(back.distance(probe), dc.distance(probe)) and back.threshold == dc.threshold
-    assert all(isinstance(v, np.ndarray) for v in tensors.values())
+    assert np.array_equal(back.distance(probe), dc.distance(probe)) and back.threshold_ == dc.threshold_
+    assert all(isinstance(v, np.ndarray) for v in dc.arrays_.values())
 
 
 def test_domain_threshold_from_in_sample_distances_would_be_too_strict():
@@ -271,9 +278,9 @@ def test_domain_threshold_from_in_sample_distances_would_be_too_strict():
     dc = DomainCheck().fit(x)
     fresh = dc.distance(_in_domain(2000, d, 6))
     assert np.mean(fresh <= np.quantile(dc.distance(x), 0.95)) < 0.8  # the bug this design avoids
-    assert np.mean(fresh <= dc.threshold) >= 0.9
+    assert np.mean(fresh <= dc.threshold_) >= 0.9
     held = DomainCheck().fit(x, heldout_features=_in_domain(300, d, 7))
-    assert np.mean(fresh <= held.threshold) >= 0.9
+    assert np.mean(fresh <= held.threshold_) >= 0.9
 
 
 @pytest.mark.parametrize("n,d", [(60, 90), (200, 30)])  # Woodbury form (n <= d) and full precision
@@ -286,9 +293,9 @@ def test_mahalanobis_is_the_ledoit_wolf_distance_and_round_trips(n, d):
     zq = (q - x.mean(axis=0)) / x.std(axis=0)
     expected = np.sqrt(np.einsum("ij,jk,ik->i", zq, np.linalg.inv(cov), zq))
     assert np.allclose(dc.distance(q), expected, rtol=1e-6)
-    tensors, meta = dc.to_state()
-    assert ("factor" in tensors) == (n <= d)
-    back = DomainCheck.from_state(tensors, json.loads(json.dumps(meta)))
+    state = dc.get_state()
+    assert ("factor" in state) == (n <= d)
+    back = DomainCheck.from_state(_json_round_trip(state))
     assert np.array_equal(back.distance(q), dc.distance(q))
 
 
@@ -400,7 +407,7 @@ def _bundle_state():
     cal.fit(z, y)
     cc = ConformalClassifier(0.9).fit(cal.transform(z), y)
     dc = DomainCheck().fit(_in_domain(120, 8, 3))
-    return TrustBundle(cal, 0.5, "0.5", cc, dc, ("normal", "osteoporosis")).to_state()
+    return TrustBundle(cal, 0.5, "0.5", cc, dc, ("normal", "osteoporosis")).to_storage()
 
 
 @pytest.mark.parametrize(
@@ -413,7 +420,7 @@ def test_a_non_finite_or_out_of_range_trust_state_is_refused(damage):
     from kneeosteo.trust import TrustBundle
 
     tensors, meta = _bundle_state()
-    TrustBundle.from_state(tensors, meta)  # the undamaged state loads
+    TrustBundle.from_storage(tensors, meta)  # the undamaged state loads
     if damage == "mean-nan":
         tensors["domain.mean"][0] = np.nan
     elif damage == "scale-inf":
@@ -421,22 +428,22 @@ def test_a_non_finite_or_out_of_range_trust_state_is_refused(damage):
     elif damage == "scale-zero":
         tensors["domain.scale"][1] = 0.0
     elif damage == "threshold-huge":
-        meta["domain"]["threshold"] = 1e308
+        meta["pieces"]["domain"]["threshold"] = 1e308
     elif damage == "threshold-nan":
-        meta["domain"]["threshold"] = float("nan")
+        meta["pieces"]["domain"]["threshold"] = float("nan")
     elif damage == "temperature-huge":
-        meta["calibration"]["temperature"] = 1e300
+        meta["pieces"]["calibration"]["temperature"] = 1e300
     else:
         tensors["conformal.calibration_scores"][0] = np.nan
     with pytest.raises((DataError, ConfigError, ValueError)):
-        TrustBundle.from_state(tensors, meta)
+        TrustBundle.from_storage(tensors, meta)
 
 
 def test_a_nan_distance_is_out_of_domain():
     dc = DomainCheck().fit(_in_domain(120, 8, 3))
     x = _in_domain(1, 8, 4)
     assert dc.assess(x).ok
-    dc._arrays["mean"] = np.full(8, np.nan)  # a state that slipped through: fail closed, never "in domain"
+    dc.arrays_["mean"] = np.full(8, np.nan)  # a state that slipped through: fail closed, never "in domain"
     v = dc.assess(x)
     assert not v.ok and "not finite" in v.reasons[0]
 
@@ -467,14 +474,14 @@ def test_film_checks_refuse_strong_noise_and_two_knees_side_by_side():
     assert bone_columns(pair) == 2
     assert any("side by side" in r for r in pixel_problems(pair, limits=films))
     assert pixel_problems(noisy) == pixel_problems(pair) == []  # off without a fitted film domain
-    assert DomainCheck().pixel_limits.film_checks  # a feature check turns them on
+    assert DomainCheck().fit(_in_domain(120, 8, 3)).pixel_limits_.film_checks  # a feature check turns them on
 
 
 def test_a_film_whose_mirror_image_is_closer_is_upside_down():
     dc = DomainCheck().fit(_in_domain(120, 8, 3))
     xs = _in_domain(40, 8, 4)
     d = dc.distance(xs)
-    inside = np.flatnonzero(d <= dc.threshold)
+    inside = np.flatnonzero(d <= dc.threshold_)
     near, far = xs[inside[np.argmin(d[inside])]][None], xs[inside[np.argmax(d[inside])]][None]
     assert dc.assess(near, mirrored=far).ok  # upright: its mirror image lies further out
     v = dc.assess(far, mirrored=near)  # in domain by distance, but its mirror image is closer

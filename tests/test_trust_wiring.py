@@ -183,7 +183,7 @@ def _check_row(row: dict, bundle, threshold: float):
     if bundle.domain is None:  # pixel checks only
         assert row["domain_threshold"] in (None, "") and row["domain_score"] in (None, "")
     else:
-        assert float(row["domain_threshold"]) == pytest.approx(bundle.domain.threshold)
+        assert float(row["domain_threshold"]) == pytest.approx(bundle.domain.threshold_)
 
 
 def test_cli_predict_csv_and_json_carry_the_fields(calibrated, tiny, tmp_path, one_thread):
@@ -321,12 +321,12 @@ def test_refitting_the_domain_threshold_keeps_the_arrays():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(300, 20))
     check = DomainCheck(acceptance=0.9).fit(train)
-    arrays, before = check.to_state()[0], check.threshold
+    arrays, before = {k: v.copy() for k, v in check.arrays_.items()}, check.threshold_
     site = rng.normal(size=(200, 20)) * 1.3 + 0.5
-    after = check.refit_threshold(site)
-    assert after == check.threshold > before
+    after = check.refit_threshold(site).threshold_
+    assert after == check.threshold_ > before
     assert np.mean(check.distance(site) <= after) == pytest.approx(0.9, abs=0.01)
-    assert all(np.array_equal(arrays[k], check.to_state()[0][k]) for k in arrays)
+    assert all(np.array_equal(arrays[k], check.arrays_[k]) for k in arrays)
 
 
 def test_cli_calibrate_from_the_runs_own_split(tiny, tmp_path, capsys, one_thread):
@@ -390,7 +390,7 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
     assert read(seen["calibration"]) == ids["val"], "calibration was fitted on other images than the validation part"
     assert read(seen["domain"]) == ids["train"]
     p, y = seen["conformal"]
-    assert len(p) == len(ids["val"]) and bundle.conformal.calibration_scores.size == len(ids["val"])
+    assert len(p) == len(ids["val"]) and bundle.conformal.calibration_scores_.size == len(ids["val"])
     # the probabilities are the model's own on those files (temperature 1: too few to fit one)
     want = {
         Path(r.path).name: r.raw_probability
@@ -401,8 +401,8 @@ def test_training_calibrates_on_the_validation_images_and_nothing_else(tiny, mon
     got = dict(zip([Path(q).name for q in seen["calibration"]], p))
     assert set(got) == set(want) and all(abs(got[k] - want[k]) < 2e-3 for k in got), (got, want)
     stored = run.trust.conformal  # fitted when the session's tiny run was trained
-    assert np.allclose(np.sort(stored.calibration_scores), np.sort(bundle.conformal.calibration_scores), atol=1e-6)
-    assert sorted(stored.calibration_labels.tolist()) == sorted(y.tolist())
+    assert np.allclose(np.sort(stored.calibration_scores_), np.sort(bundle.conformal.calibration_scores_), atol=1e-6)
+    assert sorted(stored.calibration_labels_.tolist()) == sorted(y.tolist())
 
 
 # -- calibrate at a site: the refit threshold (issue 28 row 4) --------------------------------------
@@ -421,10 +421,10 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
     from kneeosteo.experiments.trust_fit import calibrate_run, min_refit_images
     from kneeosteo.inference import Predictor
 
-    before = RunDir(bundled_run).trust.domain.threshold
+    before = RunDir(bundled_run).trust.domain.threshold_
     few = g.make_dataset(tmp_path / "few", n_per_class=2)
     kept = calibrate_run(bundled_run, tmp_path / "few-run", few.root).trust
-    assert kept.domain.threshold == before and "too few" in kept.fitted["domain"]
+    assert kept.domain.threshold_ == before and "too few" in kept.fitted["domain"]
 
     assert min_refit_images(0.95) == 40
     site = g.make_dataset(tmp_path / "site", n_per_class=21, conflict_duplicates=1)
@@ -440,8 +440,8 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
             if "conflict" not in r.path and Path(r.path).name != site.conflicts[0][0].name
         ]
     )
-    assert new.trust.domain.threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
-    assert (scores <= new.trust.domain.threshold * (1 + 1e-5)).mean() >= 0.95
+    assert new.trust.domain.threshold_ == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
+    assert (scores <= new.trust.domain.threshold_ * (1 + 1e-5)).mean() >= 0.95
 
 
 def test_an_upside_down_kop_film_is_refused(kop, bundled_run, one_thread):
@@ -454,3 +454,38 @@ def test_an_upside_down_kop_film_is_refused(kop, bundled_run, one_thread):
     up, down = Predictor(bundled_run, engine="torch").predict_trusted([px, np.ascontiguousarray(px[::-1])])
     assert up.status != "out_of_domain"
     assert down.status == "out_of_domain" and down.domain_score <= down.domain_threshold
+
+
+# -- the one trust file's older layouts (issue 29) ---------------------------------------------------
+
+
+def test_the_bundled_runs_format_1_trust_file_loads_and_answers_as_format_2(bundled_run, tmp_path):
+    """The bundled model keeps its trust.json of format 1 (a binary run's, read by the compatibility
+    reader); written again in format 2, every answer on the same logits and features is the same."""
+    from kneeosteo.trust import TRUST_FORMAT
+
+    old = RunDir(bundled_run)
+    assert json.loads(old.trust_file.read_text())["format"] == "kneeosteo-trust/1"  # the bundle is not rewritten
+    assert json.loads(old.config_file.read_text())["format_version"] == 2
+    v1 = old.trust
+    raw = json.loads(old.trust_file.read_text())  # what format 1 wrote, read without the bundle's reader
+    assert (v1.threshold, v1.operating_point, v1.fitted) == (raw["threshold"], raw["operating_point"], raw["fitted"])
+    assert v1.calibrator.get_state() == raw["calibration"] and v1.shift.source_ == raw["shift"]
+    assert (v1.conformal.coverage, v1.conformal.class_conditional) == (
+        raw["conformal"]["coverage"],
+        raw["conformal"]["class_conditional"],
+    )
+    assert v1.domain.threshold_ == raw["domain"]["threshold"] and v1.domain.method == raw["domain"]["method"]
+    new = old.derive(tmp_path / "v2", {})
+    new.save_trust(v1)
+    doc = json.loads(new.trust_file.read_text())
+    assert doc["format"] == TRUST_FORMAT and set(doc["pieces"]) == {"calibration", "conformal", "domain", "shift"}
+    assert json.loads(new.config_file.read_text())["format_version"] == 3
+    v2 = RunDir(new.path).trust
+    assert v2.summary() == v1.summary()
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(12, v1.domain.n_features_)) * 0.05
+    for i, z in enumerate(np.linspace(-4, 4, 12)):
+        assert v2.predict(z, feats[i]).to_dict() == v1.predict(z, feats[i]).to_dict()
+    ref1, ref2 = v1.shift_reference, v2.shift_reference
+    assert np.array_equal(ref1.probabilities_, ref2.probabilities_) and ref1.source_ == ref2.source_

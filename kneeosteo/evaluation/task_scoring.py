@@ -10,8 +10,8 @@ is its counterpart for the other two tasks of ``kneeosteo/tasks``:
   for a T-score the WHO bands of the predicted values scored against the true ones
   (``evaluation/regression.py``); figures ``bland_altman.png`` and ``predicted_vs_true.png``.
 
-With the run's fitted task trust (``record["task_trust"]``: a temperature and conformal sets for
-K classes, a conformal interval for a value), the test coverage of the sets or intervals is
+With the run's fitted trust (``RunDir.trust``: a temperature and conformal sets for K classes, a
+conformal interval for a value), the test coverage of the sets or intervals is
 reported beside the metrics.
 
 What each kind of answer (``Task.scoring``) is scored with is one table, :data:`SCORING`: its
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from kneeosteo.data.split import SplitSets
 from kneeosteo.data.who import WHO_CUTOFFS
@@ -36,13 +37,9 @@ from kneeosteo.evaluation.regression import format_regression_table, regression_
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
 from kneeosteo.tasks import Task, task_for, task_named
-from kneeosteo.trust.multiclass import (
-    ConformalInterval,
-    ConformalSetsK,
-    TemperatureScalerK,
-    empirical_interval_coverage,
-    empirical_set_coverage,
-)
+from kneeosteo.trust.bundle import TrustBundle
+from kneeosteo.trust.conformal import empirical_set_coverage
+from kneeosteo.trust.interval import empirical_interval_coverage
 from kneeosteo.utils.atomic import write_json
 from kneeosteo.utils.csvfile import write_csv
 
@@ -61,14 +58,15 @@ def _class_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], tar
     return multiclass_metrics_with_ci(y, probs, list(classes))
 
 
-def _class_answers(trust: dict, outputs: np.ndarray) -> dict:
-    scaler = TemperatureScalerK.from_dict(trust["temperature"]) if "temperature" in trust else TemperatureScalerK()
-    probs = scaler.transform(outputs)
-    sets = ConformalSetsK.from_dict(trust["conformal"]).predict(probs) if "conformal" in trust else None
+def _class_answers(trust: TrustBundle | None, outputs: np.ndarray) -> dict:
+    cal = None if trust is None else trust.calibrator
+    conformal = None if trust is None else trust.conformal
+    probs = softmax(np.asarray(outputs, dtype=np.float64), axis=1) if cal is None else cal.transform(outputs)
     return {
         "probabilities": probs,
-        "sets": sets,
-        "calibrated": "temperature" in trust and "temperature_note" not in trust,
+        "sets": None if conformal is None else conformal.predict_mask(probs),
+        "coverage": None if conformal is None else conformal.coverage,
+        "calibrated": cal is not None and trust is not None and "temperature_note" not in trust.fitted,
     }
 
 
@@ -80,7 +78,7 @@ def _score_classes(run: RunDir, task: Task, answers: dict, test: PreparedSet, ou
     if answers["sets"] is not None:
         s = answers["sets"]
         metrics["conformal"] = {
-            "coverage_target": (cfg.record.get("task_trust") or {}).get("conformal", {}).get("coverage"),
+            "coverage_target": answers["coverage"],
             "coverage": empirical_set_coverage(s, y) if len(y) else float("nan"),
             "mean_set_size": float(s.sum(axis=1).mean()) if len(y) else float("nan"),
         }
@@ -95,10 +93,14 @@ def _value_metrics(y: np.ndarray, values: np.ndarray, classes: Sequence[str], ta
     return regression_metrics_with_ci(y, values, target=target)
 
 
-def _value_answers(trust: dict, outputs: np.ndarray) -> dict:
+def _value_answers(trust: TrustBundle | None, outputs: np.ndarray) -> dict:
     values = np.asarray(outputs, dtype=np.float64).reshape(-1)
-    interval = ConformalInterval.from_dict(trust["interval"]).predict(values) if "interval" in trust else None
-    return {"values": values, "interval": interval}
+    ci = None if trust is None else trust.interval
+    return {
+        "values": values,
+        "interval": None if ci is None else ci.predict(values),
+        "coverage": None if ci is None else ci.coverage,
+    }
 
 
 def _score_values(run: RunDir, task: Task, answers: dict, test: PreparedSet, out: Path) -> dict:
@@ -109,7 +111,7 @@ def _score_values(run: RunDir, task: Task, answers: dict, test: PreparedSet, out
     if answers["interval"] is not None:
         lo, hi = answers["interval"]
         metrics["conformal"] = {
-            "coverage_target": cfg.record["task_trust"]["interval"].get("coverage"),
+            "coverage_target": answers["coverage"],
             "coverage": float(empirical_interval_coverage(y, lo, hi)),
             "half_width": float(np.median(hi - lo) / 2),
         }
@@ -127,7 +129,7 @@ class Scoring:
     """evaluation's entry for one kind of answer (``Task.scoring``)."""
 
     metrics: Callable[..., dict]  # (y, answers, classes, target, threshold) -> metrics with intervals
-    answers: Callable[[dict, np.ndarray], dict] | None = None  # (task trust record, raw outputs) -> answers
+    answers: Callable[[TrustBundle | None, np.ndarray], dict] | None = None  # (the run's trust, raw outputs) -> answers
     score: Callable[..., dict] | None = None  # (run, task, answers, test, out) -> metrics; predictions.csv, figures
     table: Callable[[dict], str] | None = None  # evaluate's printout of the metrics
     # the binary run's answers, scoring and printout are evaluate.score's and the CLI's (probes, trust)
@@ -158,8 +160,7 @@ def _entry(task: Task, what: str) -> Callable:
 def task_answers(run: RunDir, outputs: np.ndarray) -> dict:
     """The run's answers from raw outputs: calibrated class probabilities and conformal sets
     (multiclass), or values and conformal intervals (regression), as the fitted trust allows."""
-    trust = run.config.record.get("task_trust") or {}
-    return _entry(task_for(run.config), "answers")(trust, outputs)
+    return _entry(task_for(run.config), "answers")(run.trust, outputs)
 
 
 def score_task(
@@ -175,8 +176,8 @@ def score_task(
     if run.domain is not None and test.features is not None:  # the share of test films the domain check accepts
         dist = run.domain.distance(test.features.double().numpy())
         metrics["domain_acceptance"] = {
-            "accepted": float(np.mean(dist <= run.domain.threshold)),
-            "threshold": run.domain.threshold,
+            "accepted": float(np.mean(dist <= run.domain.threshold_)),
+            "threshold": run.domain.threshold_,
             "n": int(len(dist)),
         }
     metrics["unreadable"] = test.bad

@@ -67,7 +67,7 @@ def trust_metrics(run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: P
     scores = None
     if bundle.domain is not None and features is not None:
         scores = bundle.domain.distance(np.asarray(features, dtype=np.float64))
-        in_domain = scores <= bundle.domain.threshold
+        in_domain = scores <= bundle.domain.threshold_
         block["domain_acceptance_by_features"] = float(in_domain.mean())
     # the batch shift alarm over the scored images, as `predict` runs it over a folder (issue 33)
     block["batch_shift"] = batch_shift(bundle.shift_reference, scores, cal).to_dict()

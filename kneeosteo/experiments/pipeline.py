@@ -26,7 +26,7 @@ __all__ = ["train_and_score"]
 def train_and_score(cfg: TrainConfig, resume: bool = False, console=print) -> Path:
     """Train ``cfg`` (resuming if asked), score the test set into the run folder, return the folder."""
     result = train(cfg, resume=resume, console=console)
-    if result.is_main and not task_for(cfg.data).has_trust_bundle:
+    if result.is_main and not task_for(cfg.data).has_operating_point:
         _score_task_run(result, cfg, console)
     elif result.is_main:
         try:
@@ -71,7 +71,7 @@ def _score_task_run(result, cfg: TrainConfig, console) -> None:
     except DataError as exc:
         console(f"warning: no calibration fitted ({exc})")
     else:
-        result.run.update_record(task_trust=trust)
+        result.run.save_trust(trust)
         console(task_trust_line(trust))
     console(
         "domain check: "

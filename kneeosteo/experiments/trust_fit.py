@@ -41,7 +41,7 @@ from kneeosteo.evaluation.evaluate import backbone_features, predict_prepared, p
 from kneeosteo.evaluation.metrics import metrics_with_ci
 from kneeosteo.features.prepare import PreparedSet
 from kneeosteo.run import RunDir
-from kneeosteo.tasks import Binary, task_for
+from kneeosteo.tasks import task_for
 from kneeosteo.trust import (
     ConformalClassifier,
     DomainCheck,
@@ -85,16 +85,16 @@ def temperature_fit(z: np.ndarray, y: np.ndarray) -> tuple[TemperatureScaler, st
     0.5; a temperature cannot turn a ranking round). Both keep T = 1, with the reason."""
     n_min = int(min((y == 0).sum(), (y == 1).sum()))
     if z.size < MIN_TEMPERATURE_IMAGES or n_min < 3:
-        return TemperatureScaler(1.0), f"kept at 1: {z.size} images ({n_min} of the rarer class) are too few"
-    cal = TemperatureScaler()
-    t = cal.fit(z, y)
+        return TemperatureScaler(1.0).fit(z, y), f"kept at 1: {z.size} images ({n_min} of the rarer class) are too few"
+    cal = TemperatureScaler().fit(z, y)
+    t = cal.temperature_
     if t <= DEGENERATE_TEMPERATURE[0]:
-        return TemperatureScaler(1.0), (
+        return TemperatureScaler(1.0).fit(z, y), (
             f"kept at 1: the fit ran to its lower bound ({t:.3g}): the logits separate "
             "these images perfectly, so no temperature calibrates them"
         )
     if t >= DEGENERATE_TEMPERATURE[1]:
-        return TemperatureScaler(1.0), (
+        return TemperatureScaler(1.0).fit(z, y), (
             f"kept at 1: the fit ran to its upper bound ({t:.3g}): the logits carry no "
             "information about these labels (the relation is flat or reversed), so the "
             "fit flattened every probability towards 0.5"
@@ -302,8 +302,8 @@ def fit_trust(
         except DataError as exc:
             info["domain"] = f"pixel checks only: {exc}"
             log.warning("no domain check for this run: %s", exc)
-    reference = ShiftReference(
-        None if check is None else check.heldout_scores,
+    reference = ShiftReference().fit(
+        None if check is None else check.heldout_scores_,
         p,
         {
             "domain_source": None if check is None else info["domain"],
@@ -315,9 +315,9 @@ def fit_trust(
 
 def trust_line(bundle: TrustBundle) -> str:
     """One line for the console: what was fitted."""
-    cal = bundle.calibrator.to_dict()
+    cal = bundle.calibrator.get_state()
     t = cal.get("temperature")
-    dom = "none" if bundle.domain is None else f"{bundle.domain.method}, threshold {bundle.domain.threshold:.4g}"
+    dom = "none" if bundle.domain is None else f"{bundle.domain.method}, threshold {bundle.domain.threshold_:.4g}"
     mondrian = " per class (Mondrian)" if bundle.conformal.class_conditional else ""
     return (
         f"trust: temperature {t:.3g} ({bundle.fitted.get('temperature', '')}); operating point "
@@ -418,7 +418,7 @@ def calibrate_run(
         device=device,
         class_conditional=class_conditional,
     )
-    if not isinstance(task_for(cfg), Binary):
+    if not task_for(cfg).has_operating_point:  # multiclass, regression: no threshold, no site check
         from kneeosteo.experiments.task_trust import calibrate_task_run
 
         return calibrate_task_run(src, model, out, data, split, coverage, device)

@@ -209,7 +209,8 @@ class Predictor:
                 raise InferenceError(f"{onnx}: exported from model {info.model_id}, not from {self.run.path}")
         self.info: ModelInfo = info if threshold is None else replace(info, threshold=float(threshold))
         self.task = Binary() if self.run is None else task_for(self.run.config)
-        self.trust = None if (self.run is None or not isinstance(self.task, Binary)) else self.run.trust
+        # a task answered at an operating threshold applies the run's bundle here; the others' trust: task_verdicts
+        self.trust = self.run.trust if self.run is not None and self.task.has_operating_point else None
         if self.trust is not None:  # the operating threshold is on the calibrated probability
             if threshold is None:
                 self.info = replace(self.info, threshold=self.trust.threshold)
@@ -222,7 +223,7 @@ class Predictor:
             load_fused(
                 self.run.path, self.run.config.weights_sha256, (self.run.config.record.get("fused") or {}).get("sha256")
             )
-            if self.run is not None and isinstance(self.task, Binary)
+            if self.run is not None and self.task.supports_clinical_baselines
             else None
         )
         if (
@@ -289,7 +290,7 @@ class Predictor:
         files: the raw probability at the run's threshold, ``calibrated`` False). Where the pixels
         were checked elsewhere (``predict --ray``'s read tasks), ``pixel_reasons`` replaces them."""
         p, z, feats = self.forward(images)
-        if not isinstance(self.task, Binary):
+        if not self.task.has_operating_point:
             return task_verdicts(self.run, z, feats, pixels, pixel_reasons)
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]

@@ -565,10 +565,10 @@ def calibrate(
         labels=labels,
         class_conditional=class_conditional,
     )
-    if not task_for(new.config).has_trust_bundle:
+    if not task_for(new.config).has_operating_point:
         from kneeosteo.experiments.task_trust import task_trust_line
 
-        print(task_trust_line(new.config.record["task_trust"]))
+        print(task_trust_line(new.trust))
     else:
         if new.trust.site_check is not None:
             print("\n".join(site_check_lines(new.trust.site_check)))

@@ -146,8 +146,6 @@ class Task:
     """The answer is one probability called at an operating threshold (the others: top class, value)."""
     paper_metrics: ClassVar[bool] = False
     """Scored with the paper's table (counts at the threshold, AUC; Table I, McNemar, DeLong in reproduce)."""
-    has_trust_bundle: ClassVar[bool] = False
-    """Calibrated by the trust bundle (Platt/temperature, operating point, two-class conformal sets)."""
     supports_shortcut_probes: ClassVar[bool] = False
     """The shortcut probes score metadata classifiers against one binary label."""
     supports_clinical_baselines: ClassVar[bool] = False
@@ -201,6 +199,18 @@ class Task:
         """The output Grad-CAM explains for a run without a threshold: the top class, or the one value."""
         return 0
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    # Which trust pieces a run of this task fits, stores (trust.json) and applies, by name: the
+    # estimator for each name is in one table in the layer that has them (``trust.TRUST_PIECES``:
+    # calibration, operating_point, conformal, interval, domain, shift); tasks/ cannot import trust/.
+    trust_pieces: ClassVar[tuple[str, ...]] = ("domain",)
+
+    @property
+    def has_operating_point(self) -> bool:
+        """Whether an answer is one probability at an operating threshold (``TrustBundle.predict``
+        answers it, and ``calibrate RUN SITE`` can run its site check), not a task's own answers."""
+        return "operating_point" in self.trust_pieces
+
 
 def _gce(log_p, q: float):
     """Generalised cross-entropy of the log-probability given to the target: (1 - p^q) / q."""
@@ -216,7 +226,6 @@ class Binary(Task):
     scoring = "probability"
     has_threshold = True
     paper_metrics = True
-    has_trust_bundle = True
     supports_shortcut_probes = True
     supports_clinical_baselines = True
     supports_report = True
@@ -285,6 +294,9 @@ class Binary(Task):
             f"AUC {d['auc_a']:.3f} vs {d['auc_b']:.3f}: DeLong p = {d['pvalue']:.4g}",
         ]
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("calibration", "operating_point", "conformal", "domain", "shift")
+
 
 class Multiclass(Task):
     name = "multiclass"
@@ -339,6 +351,9 @@ class Multiclass(Task):
     def explained_output(self, probabilities: Sequence[float]) -> int:
         return int(np.argmax(probabilities)) if len(probabilities) else 0
 
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("calibration", "conformal", "domain")
+
 
 class Regression(Task):
     name = "regression"
@@ -377,6 +392,9 @@ class Regression(Task):
         return [
             f"MAE {c['mae_a']:.3f} vs {c['mae_b']:.3f}: Wilcoxon signed-rank on absolute errors p = {w['p_value']:.4g}"
         ]
+
+    # ------------------------------------------------------------------ trust (issue 29)
+    trust_pieces = ("interval", "domain")
 
 
 def task_name(task: str, target: str = "label") -> str:

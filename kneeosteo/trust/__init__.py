@@ -1,33 +1,40 @@
 """Whether to believe a prediction: calibration, operating threshold, conformal prediction sets,
 decision curves and a domain (out-of-distribution) check (issue 15).
 
-Pure functions and small classes on numpy arrays, with no knowledge of runs, data sets or
-interfaces: training fits them, the run folder stores their ``to_dict``/``to_state`` output, and
-predict/serve/explain combine them with :func:`trusted_prediction`. Layer 3 (beside ``features``,
-``config``, ``run``): it may import ``errors`` and ``utils`` only.
+Pure functions and small estimators on numpy arrays, with no knowledge of runs, data sets or
+interfaces. Every estimator follows scikit-learn's conventions (:mod:`._base`): ``__init__`` stores
+its parameters unvalidated, ``fit`` validates them and the data, sets the fitted attributes (names
+ending in ``_``) and returns ``self``; ``get_state``/``from_state`` is its one state round trip.
+Two classes or K: the same class, the data decide. Training fits them, :class:`TrustBundle` stores
+every task's pieces in one trust.json, and predict/serve/explain combine them with
+:func:`trusted_prediction`. Layer 3 (beside ``features``, ``config``, ``run``): it may import
+``errors`` and ``utils`` only.
 
 Modules, one concern each:
 
-- :mod:`.calibration` — temperature and Platt scaling of a binary logit;
+- :mod:`.calibration` — temperature scaling of a binary logit or K logits, Platt scaling;
 - :mod:`.calibration_metrics` — ECE (with a stratified bootstrap interval), Brier score,
   calibration slope and intercept, reliability-diagram data;
 - :mod:`.operating_point` — ``youden|sensitivity=0.9|specificity=0.9|0.5`` parsed and chosen;
-- :mod:`.conformal` — split-conformal prediction sets (crepes), coverage, abstention rate;
-- :mod:`.multiclass` — the multiclass and regression tasks: temperature scaling of K logits,
-  K-class conformal sets, conformal intervals for a regression target, their coverage;
+- :mod:`.conformal` — split-conformal prediction sets over 2 or K classes (crepes; Mondrian too),
+  coverage, abstention rate;
+- :mod:`.interval` — split-conformal intervals for a regression target, their coverage;
 - :mod:`.decision_curve` — net benefit of the model, treat-all and treat-none;
 - :mod:`.domain` — Mahalanobis (Ledoit-Wolf) or kNN feature distance plus pixel checks;
 - :mod:`.prediction` — :class:`TrustedPrediction` and the function that builds one;
-- :mod:`.bundle` — :class:`TrustBundle`, the fitted pieces of one run (stored by ``RunDir``).
+- :mod:`.shift` — the batch shift alarm's reference and test;
+- :mod:`.bundle` — :class:`TrustBundle`, the fitted pieces of one run of any task (stored by
+  ``RunDir``), and ``TRUST_PIECES``, the table from a piece's name to its estimator.
 """
 
 from __future__ import annotations
 
-from .bundle import TRUST_FORMAT, TrustBundle, untrusted_prediction
+from ._base import TrustEstimator
+from .bundle import TRUST_FORMAT, TRUST_PIECES, TrustBundle, untrusted_prediction
 from .calibration import (
     PlattScaler,
     TemperatureScaler,
-    calibrator_from_dict,
+    calibrator_from_state,
     fit_calibrator,
     logit,
     sigmoid,
@@ -46,43 +53,41 @@ from .conformal import (
     ConformalClassifier,
     abstention_rate,
     empirical_coverage,
+    empirical_set_coverage,
     nonconformity,
 )
 from .decision_curve import DecisionCurve, decision_curve, net_benefit, treat_all_net_benefit
 from .domain import DomainCheck, DomainVerdict, PixelLimits, pixel_problems
-from .multiclass import (
-    ConformalInterval,
-    ConformalSetsK,
-    TemperatureScalerK,
-    empirical_interval_coverage,
-    empirical_set_coverage,
-)
-from .operating_point import OperatingPoint, choose_threshold, parse_operating_point
+from .interval import ConformalInterval, empirical_interval_coverage
+from .operating_point import OperatingPoint, OperatingThreshold, choose_threshold, parse_operating_point
 from .prediction import STATUSES, TrustedPrediction, trusted_prediction
+from .shift import ShiftReference
 
 __all__ = [
     "CLASS_NAMES",
     "STATUSES",
     "TRUST_FORMAT",
+    "TRUST_PIECES",
     "TrustBundle",
+    "TrustEstimator",
     "CalibrationFit",
     "ConformalClassifier",
     "ConformalInterval",
-    "ConformalSetsK",
     "DecisionCurve",
     "DomainCheck",
     "DomainVerdict",
     "OperatingPoint",
+    "OperatingThreshold",
     "PixelLimits",
     "PlattScaler",
     "ReliabilityDiagram",
+    "ShiftReference",
     "TemperatureScaler",
-    "TemperatureScalerK",
     "TrustedPrediction",
     "abstention_rate",
     "brier_score",
     "calibration_slope_intercept",
-    "calibrator_from_dict",
+    "calibrator_from_state",
     "choose_threshold",
     "decision_curve",
     "empirical_coverage",

@@ -1,5 +1,6 @@
-"""A run's fitted trust pieces together: calibrator, operating threshold, conformal sets and the
-domain check, stored as one safetensors file (arrays) and one JSON file (everything else).
+"""A run's fitted trust pieces together, for every task: calibrator, operating threshold,
+conformal sets or interval, the domain check and the shift reference, stored as one safetensors
+file (arrays) and one JSON file, trust.json (format ``kneeosteo-trust/2``, everything else).
 
 :class:`TrustBundle` turns one image's raw logit, backbone features and pixels into a
 :class:`~.prediction.TrustedPrediction`. A run without a bundle (runs written before issue 15,
@@ -16,38 +17,71 @@ import numpy as np
 
 from kneeosteo.errors import DataError
 
-from .calibration import calibrator_from_dict, sigmoid
+from .calibration import PlattScaler, TemperatureScaler, calibrator_from_state, sigmoid
 from .conformal import ConformalClassifier
 from .domain import DomainCheck, PixelLimits, pixel_problems
-from .operating_point import parse_operating_point
+from .interval import ConformalInterval
+from .operating_point import OperatingThreshold
 from .prediction import TrustedPrediction, trusted_prediction
 from .shift import ShiftReference
 
-__all__ = ["NO_SIGNAL", "TRUST_FORMAT", "TrustBundle", "untrusted_prediction"]
+__all__ = [
+    "NO_SIGNAL",
+    "TRUST_FORMAT",
+    "TRUST_FORMAT_V1",
+    "TRUST_PIECES",
+    "TrustBundle",
+    "untrusted_prediction",
+]
 
-TRUST_FORMAT = "kneeosteo-trust/1"
+TRUST_FORMAT = "kneeosteo-trust/2"  # every task's trust, pieces by name (issue 29)
+TRUST_FORMAT_V1 = "kneeosteo-trust/1"  # a binary run's, before: still read
 NO_SIGNAL = "no signal at this site"  # the site check's verdict that makes every answer uncertain
+
+# The one table from a trust piece's name (what a task's ``trust_pieces`` lists, the key in
+# trust.json's ``pieces``) to the bundle's attribute, the estimator fitted for it and its reader.
+# ``operating_point`` is stored as trust.json's top-level ``threshold`` and ``operating_point``.
+TRUST_PIECES = {
+    "calibration": ("calibrator", TemperatureScaler, calibrator_from_state),
+    "operating_point": ("threshold", OperatingThreshold, OperatingThreshold.from_state),
+    "conformal": ("conformal", ConformalClassifier, ConformalClassifier.from_state),
+    "interval": ("interval", ConformalInterval, ConformalInterval.from_state),
+    "domain": ("domain", DomainCheck, DomainCheck.from_state),
+    "shift": ("shift", ShiftReference, ShiftReference.from_state),
+}
+_STORED = [name for name in TRUST_PIECES if name != "operating_point"]
+
+
+def _split_state(state: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """An estimator's state as (JSON values, arrays)."""
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    return {k: v for k, v in state.items() if k not in arrays}, arrays
 
 
 @dataclass
 class TrustBundle:
-    """``calibrator`` (temperature or Platt), ``threshold`` on the calibrated probability (chosen by
-    ``operating_point``), ``conformal`` sets at their coverage, ``domain`` (None for a model with
-    no backbone features), the class names, ``fitted`` (what each piece was fitted on), ``shift``
-    (the batch shift alarm's reference distributions; None for a run fitted before it existed)
-    and ``site_check`` (``calibrate RUN SITE``'s verdict on the site's labelled films; None
-    otherwise). A site check whose verdict is ``no signal at this site`` makes every in-domain
-    answer ``uncertain`` with that reason."""
+    """One run's fitted trust pieces, whatever its task; each piece is None where the task has none.
 
-    calibrator: object
-    threshold: float
-    operating_point: str
-    conformal: ConformalClassifier
+    A binary run: ``calibrator`` (temperature or Platt), ``threshold`` on the calibrated probability
+    (chosen by ``operating_point``), ``conformal`` sets at their coverage, ``domain`` (None for a
+    model with no backbone features), ``shift`` (the batch shift alarm's reference distributions;
+    None for a run fitted before it existed) and ``site_check`` (``calibrate RUN SITE``'s verdict
+    on the site's labelled films; None otherwise). A site check whose verdict is ``no signal at
+    this site`` makes every in-domain answer ``uncertain`` with that reason. A multiclass run: the
+    K-logit ``calibrator``, ``conformal`` sets over K classes and ``domain``; a regression:
+    ``interval`` and ``domain``. ``classes``: the run's classes; ``fitted``: what each piece was
+    fitted on."""
+
+    calibrator: TemperatureScaler | PlattScaler | None
+    threshold: float | None
+    operating_point: str | None
+    conformal: ConformalClassifier | None
     domain: DomainCheck | None
-    classes: tuple[str, str]
+    classes: tuple[str, ...]
     fitted: dict = field(default_factory=dict)
     shift: ShiftReference | None = None
     site_check: dict | None = None
+    interval: ConformalInterval | None = None
 
     @property
     def no_signal(self) -> str:
@@ -62,17 +96,18 @@ class TrustBundle:
         (``1 - score`` for a positive, ``score`` for a negative) and no domain distances."""
         if self.shift is not None:
             return self.shift
-        s, y = self.conformal.calibration_scores, self.conformal.calibration_labels
-        p = None if s is None else np.where(y == 1, 1.0 - s, s)
-        return ShiftReference(
+        s = None if self.conformal is None else self.conformal.calibration_scores_
+        p = None if s is None else np.where(self.conformal.calibration_labels_ == 1, 1.0 - s, s)
+        return ShiftReference().fit(
             None, p, {"probability_source": "calibration images (from the conformal scores)", "domain_source": None}
         )
 
     # -- use ------------------------------------------------------------------------------------
     def predict(self, logit: float, features=None, pixels=None, pixel_reasons=None, mirrored=None) -> TrustedPrediction:
-        """One image: its raw logit, its backbone features (D,) and its canonical pixels (or, from a
-        process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`' check found);
-        ``mirrored``: the features of the image mirrored top to bottom (the orientation check)."""
+        """One image of a binary run: its raw logit, its backbone features (D,) and its canonical
+        pixels (or, from a process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`'
+        check found); ``mirrored``: the features of the image mirrored top to bottom (the
+        orientation check)."""
         if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
             reasons = (
                 list(pixel_reasons) if pixel_reasons is not None else ([] if pixels is None else pixel_problems(pixels))
@@ -104,92 +139,141 @@ class TrustBundle:
     @property
     def pixel_limits(self) -> PixelLimits:
         """The limits of the pixel check :meth:`predict` applies."""
-        return self.domain.pixel_limits if self.domain is not None else PixelLimits()
+        return self.domain.pixel_limits_ if self.domain is not None else PixelLimits()
 
     def calibrated(self, logits) -> np.ndarray:
         return self.calibrator.transform(np.asarray(logits, dtype=np.float64))
 
     # -- storage ------------------------------------------------------------------------------
-    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """``(tensors, meta)``: arrays prefixed ``conformal.`` / ``domain.``; JSON for the rest."""
-        ct, cm = self.conformal.to_state()
-        tensors = {f"conformal.{k}": np.asarray(v, dtype=np.float64) for k, v in ct.items()}
+    def to_storage(self) -> tuple[dict[str, np.ndarray], dict]:
+        """``(tensors, meta)``: each piece's arrays as ``<piece>.<name>`` (safetensors), the rest of
+        its state under ``meta["pieces"][<piece>]``, with the threshold, classes, what was fitted
+        and the site check (trust.json)."""
+        tensors: dict[str, np.ndarray] = {}
+        pieces: dict[str, dict] = {}
+        for name in _STORED:
+            est = getattr(self, TRUST_PIECES[name][0])
+            if est is None:
+                continue
+            pieces[name], arrays = _split_state(est.get_state())
+            tensors.update({f"{name}.{k}": np.asarray(v) for k, v in arrays.items()})
         meta = {
             "format": TRUST_FORMAT,
             "classes": list(self.classes),
-            "calibration": self.calibrator.to_dict(),
-            "threshold": float(self.threshold),
+            "threshold": None if self.threshold is None else float(self.threshold),
             "operating_point": self.operating_point,
-            "conformal": cm,
-            "domain": None,
+            "pieces": pieces,
             "fitted": self.fitted,
+            "site_check": self.site_check,
         }
-        if self.domain is not None:
-            dt, dm = self.domain.to_state()
-            tensors.update({f"domain.{k}": v for k, v in dt.items()})
-            meta["domain"] = dm
-        if self.shift is not None:
-            st, sm = self.shift.to_state()
-            tensors.update({f"shift.{k}": v for k, v in st.items()})
-            meta["shift"] = sm
-        if self.site_check is not None:
-            meta["site_check"] = self.site_check
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> TrustBundle:
-        """Inverse of :meth:`to_state`; KeyError/ValueError/TypeError/DataError on a bad state."""
-        if meta.get("format") != TRUST_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {TRUST_FORMAT}")
-        part = lambda p: {k[len(p) :]: np.asarray(v) for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
-        threshold = float(meta["threshold"])
-        if not (np.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-            raise ValueError(f"threshold {threshold} out of [0, 1]")
-        parse_operating_point(meta["operating_point"])
-        conformal = ConformalClassifier.from_state(part("conformal."), meta["conformal"])
-        domain = None if meta.get("domain") is None else DomainCheck.from_state(part("domain."), meta["domain"])
-        if domain is not None and not np.isfinite(domain.threshold):
-            raise ValueError("domain threshold is not finite")
+    def from_storage(cls, tensors: dict, meta: dict) -> TrustBundle:
+        """Inverse of :meth:`to_storage`; also reads a binary run's trust files of format 1.
+        KeyError/ValueError/TypeError/DataError on a bad state."""
+        fmt = meta.get("format")
+        if fmt == TRUST_FORMAT_V1:
+            meta = _v1_as_v2(meta)
+        elif fmt != TRUST_FORMAT:
+            raise ValueError(f"format {fmt!r}, expected {TRUST_FORMAT} (or {TRUST_FORMAT_V1})")
+        pieces = meta.get("pieces") or {}
+        unknown = sorted(set(pieces) - set(_STORED))
+        if unknown:
+            raise ValueError(f"unknown trust pieces {unknown}")
+        found = {}
+        for name, stored in pieces.items():
+            prefix = name + "."
+            arrays = {k[len(prefix) :]: np.asarray(v) for k, v in tensors.items() if k.startswith(prefix)}
+            found[TRUST_PIECES[name][0]] = TRUST_PIECES[name][2]({**stored, **arrays})
         classes = tuple(str(c) for c in meta["classes"])
-        if len(classes) != 2 or classes[0] == classes[1]:
-            raise ValueError(f"classes {list(classes)} must be two different names")
-        conformal.class_names = classes
-        shift = ShiftReference.from_state(part("shift."), meta["shift"]) if "shift" in meta else None
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes {list(classes)} are not different names")
+        threshold, op = meta.get("threshold"), meta.get("operating_point")
+        if threshold is not None:
+            chosen = OperatingThreshold.from_state({"threshold": threshold, "operating_point": op})
+            if len(classes) != 2:
+                raise ValueError(f"an operating threshold needs two classes, got {list(classes)}")
+            threshold, op = chosen.threshold_, str(op)
+        conformal = found.get("conformal")
+        if conformal is not None:
+            if conformal.quantiles_.size != len(classes):
+                raise ValueError(f"conformal sets over {conformal.quantiles_.size} classes, the run has {len(classes)}")
+            conformal.set_params(class_names=classes)
+            conformal.class_names_ = classes
         site = meta.get("site_check")
         if site is not None and not isinstance(site, dict):
             raise ValueError("site_check must be a JSON object")
         return cls(
-            calibrator_from_dict(meta["calibration"]),
+            found.get("calibrator"),
             threshold,
-            str(meta["operating_point"]),
+            op,
             conformal,
-            domain,
+            found.get("domain"),
             classes,
             dict(meta.get("fitted") or {}),
-            shift,
+            found.get("shift"),
             site,
+            found.get("interval"),
         )
+
+    @classmethod
+    def from_task_record(
+        cls, task_trust: dict | None, domain_state: dict | None, domain_fitted: str, classes
+    ) -> TrustBundle:
+        """A multiclass or regression run of run-folder format 2: its trust in config.json's
+        ``record["task_trust"]`` (a temperature and conformal sets, or an interval) and its domain
+        check in domain.json + domain.safetensors (``domain_state``: their state merged)."""
+        tt = dict(task_trust or {})
+        calibrator = calibrator_from_state(tt.pop("temperature")) if "temperature" in tt else None
+        conformal = ConformalClassifier.from_state(tt.pop("conformal")) if "conformal" in tt else None
+        interval = ConformalInterval.from_state(tt.pop("interval")) if "interval" in tt else None
+        domain = None if domain_state is None else DomainCheck.from_state(domain_state)
+        classes = tuple(str(c) for c in classes)
+        if conformal is not None:
+            if conformal.quantiles_.size != len(classes):
+                raise ValueError(f"conformal sets over {conformal.quantiles_.size} classes, the run has {len(classes)}")
+            conformal.set_params(class_names=classes)
+            conformal.class_names_ = classes
+        if domain is not None:
+            tt["domain"] = domain_fitted
+        return cls(calibrator, None, None, conformal, domain, classes, tt, None, None, interval)
 
     def summary(self) -> dict:
         """What the interfaces show about the bundle (API /api/model, evaluate)."""
+        shift = self.shift
         return {
-            "calibration": self.calibrator.to_dict(),
+            "calibration": None if self.calibrator is None else self.calibrator.get_state(),
             "threshold": self.threshold,
             "operating_point": self.operating_point,
-            "coverage": self.conformal.coverage,
-            "domain_threshold": None if self.domain is None else self.domain.threshold,
+            "coverage": None if self.conformal is None else self.conformal.coverage,
+            "domain_threshold": None if self.domain is None else self.domain.threshold_,
             "domain_method": None if self.domain is None else self.domain.method,
-            "class_conditional": self.conformal.class_conditional,
+            "class_conditional": None if self.conformal is None else self.conformal.class_conditional,
             "shift_reference": None
-            if self.shift is None
+            if shift is None
             else {
-                "domain_scores": None if self.shift.domain_scores is None else int(self.shift.domain_scores.size),
-                "probabilities": None if self.shift.probabilities is None else int(self.shift.probabilities.size),
-                **self.shift.source,
+                "domain_scores": None if shift.domain_scores_ is None else int(shift.domain_scores_.size),
+                "probabilities": None if shift.probabilities_ is None else int(shift.probabilities_.size),
+                **shift.source_,
             },
             "site_check": self.site_check,
             "fitted": self.fitted,
         }
+
+
+def _v1_as_v2(meta: dict) -> dict:
+    """A format-1 trust.json (binary: calibration, conformal, domain and shift at the top level)
+    in format 2's shape; the arrays' names (``conformal.*``, ``domain.*``, ``shift.*``) are alike."""
+    pieces = {"calibration": meta["calibration"], "conformal": meta["conformal"]}
+    if meta.get("domain") is not None:
+        pieces["domain"] = meta["domain"]
+    if "shift" in meta:
+        pieces["shift"] = {"source": meta["shift"]}
+    classes = meta["classes"]
+    if len(classes) != 2 or classes[0] == classes[1]:
+        raise ValueError(f"classes {list(classes)} must be two different names")
+    return {**meta, "format": TRUST_FORMAT, "pieces": pieces, "threshold": float(meta["threshold"])}
 
 
 def untrusted_prediction(logit: float, threshold: float, classes: tuple[str, str]) -> TrustedPrediction:

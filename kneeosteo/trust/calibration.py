@@ -9,23 +9,26 @@ also moves the decision point (``b``), which temperature scaling cannot, at the 
 parameter to estimate from a small validation set.
 
 Both are monotone in the logit, so the ranking (AUC) never changes; only the probabilities do.
-Each stores as a small JSON dict (``to_dict``/``calibrator_from_dict``).
+Each is a :class:`~._base.TrustEstimator` (``fit`` returns ``self``; the state is a small dict,
+``get_state``/``calibrator_from_state``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit, log_expit, log_softmax, softmax
 
 from kneeosteo.errors import ConfigError
-from kneeosteo.utils.arrays import as_scores_and_labels, as_values
+from kneeosteo.utils.arrays import as_class_indices, as_matrix, as_scores_and_labels, as_values
+
+from ._base import TrustEstimator
 
 __all__ = [
     "DEGENERATE_TEMPERATURE",
     "MIN_TEMPERATURE_IMAGES",
     "PlattScaler",
     "TemperatureScaler",
-    "calibrator_from_dict",
+    "calibrator_from_state",
     "fit_calibrator",
     "logit",
     "sigmoid",
@@ -54,97 +57,123 @@ def _nll(z: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * log_expit(z) + (1 - y) * log_expit(-z)))
 
 
-class TemperatureScaler:
-    """``p = sigmoid(z / T)``; ``fit`` finds the ``T`` in [0.01, 100] with the lowest NLL."""
+class TemperatureScaler(TrustEstimator):
+    """``p = sigmoid(z / T)`` for one binary logit per image, ``softmax(z / T)`` for (n, K) logits
+    (one ``T`` for all K; the binary case is K = 2 with logits ``[0, z]``): the data decide which.
+
+    ``temperature``: None fits ``T`` in [0.01, 100] by the lowest NLL (bounded search on
+    ``log T``); a number keeps that ``T`` (how a run too small to fit one keeps ``T = 1``).
+    Fitted: ``temperature_``."""
 
     method = "temperature"
     _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
-    def __init__(self, temperature: float = 1.0):
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+    def __init__(self, temperature: float | None = None):
+        self.temperature = temperature
 
-    def fit(self, logits, y) -> float:
-        """Fit on held-out logits and 0/1 labels; returns (and keeps) the temperature."""
+    def fit(self, logits, y) -> TemperatureScaler:
+        """Fit on held-out logits ((n,) with 0/1 labels, or (n, K) with class indices)."""
+        fixed = self.temperature
+        if fixed is not None and not (isinstance(fixed, (int, float)) and np.isfinite(fixed) and fixed > 0):
+            raise ConfigError(f"temperature must be a positive number or None (fit it), got {fixed!r}")
+        if np.ndim(logits) == 2 and np.shape(logits)[1] != 1:
+            z = as_matrix(logits, "calibration logits")
+            yy = as_class_indices(y, z.shape[1], "calibration labels", n=z.shape[0])
+            rows = np.arange(z.shape[0])
+
+            def nll(log_t: float) -> float:
+                return float(-np.mean(log_softmax(z / np.exp(log_t), axis=1)[rows, yy]))
+
+        else:
+            zb, yb = as_scores_and_labels(logits, y, both_classes=fixed is None, name="calibration logits")
+
+            def nll(log_t: float) -> float:
+                return _nll(zb / np.exp(log_t), yb)
+
+        if fixed is not None:
+            self.temperature_ = float(fixed)
+            return self
         from scipy.optimize import minimize_scalar  # fitting only: not on predict's path
 
-        z, yy = as_scores_and_labels(logits, y, name="calibration logits")
-        res = minimize_scalar(
-            lambda lt: _nll(z / np.exp(lt), yy), bounds=self._LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6}
-        )
-        self.temperature = float(np.exp(res.x))
-        return self.temperature
+        res = minimize_scalar(nll, bounds=self._LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+        self.temperature_ = float(np.exp(res.x))
+        return self
 
     def transform(self, logits) -> np.ndarray:
-        """Calibrated probabilities of the positive class."""
-        return sigmoid(as_values(logits, "logits") / self.temperature)
+        """Calibrated probabilities: of the positive class (n,), or of each class (n, K)."""
+        self._check_fitted()
+        if np.ndim(logits) == 2 and np.shape(logits)[1] != 1:
+            return softmax(as_matrix(logits, "logits") / self.temperature_, axis=1)
+        return sigmoid(as_values(logits, "logits") / self.temperature_)
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, "temperature": self.temperature}
+    def get_state(self) -> dict:
+        self._check_fitted()
+        return {"method": self.method, "temperature": self.temperature_}
 
     @classmethod
-    def from_dict(cls, d: dict) -> TemperatureScaler:
-        t = float(d["temperature"])
+    def from_state(cls, state: dict) -> TemperatureScaler:
+        # "temperature_k": a multiclass run's scaler before the K-class twin was merged in (format 2 runs)
+        if state.get("method", "temperature") not in ("temperature", "temperature_k"):
+            raise ConfigError(f"not a temperature state (method {state.get('method')!r})")
+        t = float(state["temperature"])
         if not DEGENERATE_TEMPERATURE[0] <= t <= DEGENERATE_TEMPERATURE[1]:  # no fit keeps such a value
             raise ConfigError(
                 f"temperature {t!r} out of [{DEGENERATE_TEMPERATURE[0]:g}, {DEGENERATE_TEMPERATURE[1]:g}]"
             )
-        return cls(t)
+        out = cls()
+        out.temperature_ = t
+        return out
 
-    def __repr__(self) -> str:
-        return f"TemperatureScaler(temperature={self.temperature:.4g})"
 
-
-class PlattScaler:
-    """``p = sigmoid(a * z + b)``, fitted by unpenalised logistic regression on the logit."""
+class PlattScaler(TrustEstimator):
+    """``p = sigmoid(a * z + b)``, fitted by unpenalised logistic regression on the logit.
+    Fitted: ``a_``, ``b_``."""
 
     method = "platt"
 
-    def __init__(self, a: float = 1.0, b: float = 0.0):
-        self.a, self.b = float(a), float(b)
+    def __init__(self):
+        pass
 
-    def fit(self, logits, y) -> tuple[float, float]:
-        """Fit on held-out logits and 0/1 labels; returns (and keeps) ``(a, b)``."""
+    def fit(self, logits, y) -> PlattScaler:
+        """Fit on held-out logits and 0/1 labels."""
         from sklearn.linear_model import LogisticRegression  # fitting only: not on predict's path
 
         z, yy = as_scores_and_labels(logits, y, name="calibration logits")
         lr = LogisticRegression(C=np.inf, max_iter=1000).fit(z[:, None], yy)
-        self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-        return self.a, self.b
+        self.a_, self.b_ = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        return self
 
     def transform(self, logits) -> np.ndarray:
-        return sigmoid(self.a * as_values(logits, "logits") + self.b)
+        self._check_fitted()
+        return sigmoid(self.a_ * as_values(logits, "logits") + self.b_)
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, "a": self.a, "b": self.b}
+    def get_state(self) -> dict:
+        self._check_fitted()
+        return {"method": self.method, "a": self.a_, "b": self.b_}
 
     @classmethod
-    def from_dict(cls, d: dict) -> PlattScaler:
-        a, b = float(d["a"]), float(d["b"])
+    def from_state(cls, state: dict) -> PlattScaler:
+        a, b = float(state["a"]), float(state["b"])
         if not (np.isfinite(a) and np.isfinite(b)):
             raise ConfigError(f"Platt coefficients a={a!r}, b={b!r} are not finite")
-        return cls(a, b)
+        out = cls()
+        out.a_, out.b_ = a, b
+        return out
 
-    def __repr__(self) -> str:
-        return f"PlattScaler(a={self.a:.4g}, b={self.b:.4g})"
 
-
-_METHODS = {"temperature": TemperatureScaler, "platt": PlattScaler}
+_METHODS = {"temperature": TemperatureScaler, "temperature_k": TemperatureScaler, "platt": PlattScaler}
 
 
 def fit_calibrator(method: str, logits, y) -> TemperatureScaler | PlattScaler:
     """A fitted calibrator of the named ``method`` (``temperature`` or ``platt``)."""
-    if method not in _METHODS:
-        raise ConfigError(f"calibration method {method!r} is not one of: {', '.join(_METHODS)}")
-    cal = _METHODS[method]()
-    cal.fit(logits, y)
-    return cal
+    if method not in ("temperature", "platt"):
+        raise ConfigError(f"calibration method {method!r} is not one of: temperature, platt")
+    return _METHODS[method]().fit(logits, y)
 
 
-def calibrator_from_dict(d: dict) -> TemperatureScaler | PlattScaler:
-    """The calibrator a ``to_dict`` wrote, whichever its method."""
-    method = d.get("method")
+def calibrator_from_state(state: dict) -> TemperatureScaler | PlattScaler:
+    """The calibrator a ``get_state`` wrote, whichever its method."""
+    method = state.get("method")
     if method not in _METHODS:
-        raise ConfigError(f"calibration method {method!r} is not one of: {', '.join(_METHODS)}")
-    return _METHODS[method].from_dict(d)
+        raise ConfigError(f"calibration method {method!r} is not one of: temperature, platt")
+    return _METHODS[method].from_state(state)

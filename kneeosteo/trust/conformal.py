@@ -13,6 +13,9 @@ too small for the coverage, so both classes are always in), and ``predict`` comp
 which gives exactly crepes' sets without keeping crepes on the serving path. With
 ``class_conditional=True`` (Mondrian) each class gets its own quantile from its own calibration
 images, so coverage holds within each class, at the price of fewer images per quantile.
+
+The same class takes (n, K) class probabilities of a multiclass run: score ``1 - p(true class)``,
+class c in the set when ``1 - p_c`` is no larger than its quantile.
 """
 
 from __future__ import annotations
@@ -20,9 +23,18 @@ from __future__ import annotations
 import numpy as np
 
 from kneeosteo.errors import ConfigError, DataError
-from kneeosteo.utils.arrays import as_binary_labels, as_scores_and_labels, as_values
+from kneeosteo.utils.arrays import as_binary_labels, as_class_indices, as_matrix, as_scores_and_labels, as_values
 
-__all__ = ["CLASS_NAMES", "ConformalClassifier", "abstention_rate", "empirical_coverage", "nonconformity"]
+from ._base import TrustEstimator
+
+__all__ = [
+    "CLASS_NAMES",
+    "ConformalClassifier",
+    "abstention_rate",
+    "empirical_coverage",
+    "empirical_set_coverage",
+    "nonconformity",
+]
 
 CLASS_NAMES = ("normal", "osteoporosis")  # index 0 negative, 1 positive
 
@@ -55,85 +67,135 @@ def _crepes_quantile(cal_alphas: np.ndarray, coverage: float) -> float:
     return float(probe[:-1][admitted[:-1]].max()) if admitted[:-1].any() else float("-inf")
 
 
-class ConformalClassifier:
-    """Split-conformal sets at ``coverage`` for calibrated positive-class probabilities."""
+class ConformalClassifier(TrustEstimator):
+    """Split-conformal sets at ``coverage`` over the classes of calibrated probabilities: (n,)
+    probabilities of the positive class (two classes) or (n, K) class probabilities; the data
+    decide. Fitted: ``quantiles_`` (K,), ``calibration_scores_`` and ``calibration_labels_`` (for
+    p-values), ``n_calibration_``.
 
-    def __init__(
-        self, coverage: float = 0.9, class_conditional: bool = False, class_names: tuple[str, str] = CLASS_NAMES
-    ):
-        self.coverage = _check_coverage(coverage)
-        self.class_conditional = bool(class_conditional)
-        self.class_names = tuple(class_names)
-        self.quantiles: np.ndarray | None = None  # (2,) per class (equal unless class-conditional)
-        self.calibration_scores: np.ndarray | None = None  # true-class scores, for p-values
-        self.calibration_labels: np.ndarray | None = None
+    ``class_names``: the names :meth:`predict` gives (default ``normal``/``osteoporosis`` for two
+    classes, the class indices for K). With ``class_conditional`` a class without calibration
+    images (K classes) gets quantile ``+inf``: it is in every set, as crepes puts every class in
+    when it has too few scores; two classes need both."""
+
+    method = "split_conformal"
+
+    def __init__(self, coverage: float = 0.9, class_conditional: bool = False, class_names: tuple | None = None):
+        self.coverage = coverage
+        self.class_conditional = class_conditional
+        self.class_names = class_names
+
+    @staticmethod
+    def _scores(probabilities) -> np.ndarray:
+        """(n, K) non-conformity scores ``1 - p(class c)``."""
+        if np.ndim(probabilities) == 2 and np.shape(probabilities)[1] != 1:
+            return 1.0 - as_matrix(probabilities, "probabilities")
+        return nonconformity(probabilities)
 
     def fit(self, probabilities, y) -> ConformalClassifier:
-        """Calibrate on held-out probabilities and 0/1 labels."""
-        p, yy = as_scores_and_labels(
-            probabilities, y, both_classes=self.class_conditional, name="conformal calibration probabilities"
-        )
-        alphas = nonconformity(p)[np.arange(p.size), yy]
-        if self.class_conditional:
-            q = [_crepes_quantile(alphas[yy == c], self.coverage) for c in (0, 1)]
+        """Calibrate on held-out probabilities and their labels (0/1, or class indices in [0, K))."""
+        coverage = _check_coverage(self.coverage)
+        if not isinstance(self.class_conditional, (bool, np.bool_)):
+            raise ConfigError(f"class_conditional must be True or False, got {self.class_conditional!r}")
+        if np.ndim(probabilities) == 2 and np.shape(probabilities)[1] != 1:
+            p = as_matrix(probabilities, "conformal calibration probabilities")
+            k = p.shape[1]
+            yy = as_class_indices(y, k, "conformal calibration labels", n=p.shape[0])
+            alphas = 1.0 - p[np.arange(yy.size), yy]
         else:
-            q = [_crepes_quantile(alphas, self.coverage)] * 2
-        self.quantiles = np.asarray(q, dtype=np.float64)
-        self.calibration_scores, self.calibration_labels = alphas, yy
+            pb, yy = as_scores_and_labels(
+                probabilities, y, both_classes=bool(self.class_conditional), name="conformal calibration probabilities"
+            )
+            k, alphas = 2, nonconformity(pb)[np.arange(pb.size), yy]
+        names = self._names(k)
+        if self.class_conditional:
+            q = [_crepes_quantile(alphas[yy == c], coverage) if np.any(yy == c) else np.inf for c in range(k)]
+        else:
+            q = [_crepes_quantile(alphas, coverage)] * k
+        self.quantiles_ = np.asarray(q, dtype=np.float64)
+        self.calibration_scores_, self.calibration_labels_ = alphas, yy
+        self.n_calibration_ = int(yy.size)
+        self.class_names_ = names
         return self
 
-    def _fitted(self) -> None:
-        if self.quantiles is None:
-            raise DataError("the conformal classifier has not been calibrated (call fit first)")
+    def _names(self, k: int) -> tuple[str, ...]:
+        if self.class_names is None:
+            return CLASS_NAMES if k == 2 else tuple(str(c) for c in range(k))
+        names = tuple(str(n) for n in self.class_names)
+        if len(names) != k or len(set(names)) != k:
+            raise ConfigError(f"class_names {list(names)} must be {k} different names")
+        return names
 
     def predict_mask(self, probabilities) -> np.ndarray:
-        """(n, 2) booleans: is class c in image i's set."""
-        self._fitted()
-        return nonconformity(probabilities) <= self.quantiles[None, :]
+        """(n, K) booleans: is class c in image i's set (``1 - p_c <= quantile_c``)."""
+        self._check_fitted()
+        a = self._scores(probabilities)
+        if a.shape[1] != self.quantiles_.size:
+            raise DataError(f"probabilities have {a.shape[1]} classes, the calibration had {self.quantiles_.size}")
+        return a <= self.quantiles_[None, :]
 
     def predict(self, probabilities) -> list[tuple[str, ...]]:
-        """Each image's set as a tuple of class names (``()``, one name, or both)."""
-        return [tuple(n for n, keep in zip(self.class_names, row) if keep) for row in self.predict_mask(probabilities)]
+        """Each image's set as a tuple of class names (``()``, one name, or more)."""
+        names = self.class_names_
+        return [tuple(n for n, keep in zip(names, row) if keep) for row in self.predict_mask(probabilities)]
 
     def p_values(self, probabilities) -> np.ndarray:
-        """(n, 2) crepes p-values (non-smoothed) from the stored calibration scores."""
+        """(n, K) crepes p-values (non-smoothed) from the stored calibration scores."""
         from crepes import ConformalClassifier as _CrepesClassifier  # fitting only: not on predict's path
 
-        self._fitted()
-        a = nonconformity(probabilities)
+        self._check_fitted()
+        if self.calibration_scores_ is None:
+            raise DataError("this conformal state keeps no calibration scores (an older multiclass run): no p-values")
+        a = self._scores(probabilities)
         cc = _CrepesClassifier()
         if not self.class_conditional:
-            return cc.fit(self.calibration_scores).predict_p(a, smoothing=False)
-        cc.fit(self.calibration_scores, bins=self.calibration_labels)
-        return np.stack([cc.predict_p(a[:, c], bins=np.full(len(a), c), smoothing=False) for c in (0, 1)], axis=1)
+            return cc.fit(self.calibration_scores_).predict_p(a, smoothing=False)
+        cc.fit(self.calibration_scores_, bins=self.calibration_labels_)
+        return np.stack(
+            [cc.predict_p(a[:, c], bins=np.full(len(a), c), smoothing=False) for c in range(a.shape[1])], axis=1
+        )
 
-    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """``(tensors, meta)``: arrays for safetensors, plain JSON for the rest."""
-        self._fitted()
-        tensors = {
-            "quantiles": self.quantiles.copy(),
-            "calibration_scores": self.calibration_scores.copy(),
-            "calibration_labels": self.calibration_labels.copy(),
+    def get_state(self) -> dict:
+        """Coverage, Mondrian flag, class names and sizes (JSON); quantiles and calibration scores
+        and labels (arrays)."""
+        self._check_fitted()
+        state = {
+            "method": self.method,
+            "coverage": float(self.coverage),
+            "class_conditional": bool(self.class_conditional),
+            "class_names": list(self.class_names_),
+            "n_calibration": self.n_calibration_,
+            "quantiles": self.quantiles_.copy(),
         }
-        meta = {
-            "coverage": self.coverage,
-            "class_conditional": self.class_conditional,
-            "class_names": list(self.class_names),
-            "n_calibration": int(self.calibration_scores.size),
-        }
-        return tensors, meta
+        if self.calibration_scores_ is not None:
+            state["calibration_scores"] = self.calibration_scores_.copy()
+            state["calibration_labels"] = self.calibration_labels_.copy()
+        return state
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> ConformalClassifier:
-        cc = cls(meta["coverage"], meta["class_conditional"], tuple(meta["class_names"]))
-        cc.quantiles = np.asarray(tensors["quantiles"], dtype=np.float64)
-        cc.calibration_scores = np.asarray(tensors["calibration_scores"], dtype=np.float64)
-        cc.calibration_labels = np.asarray(tensors["calibration_labels"], dtype=np.int64)
-        if cc.quantiles.shape != (2,):
-            raise DataError(f"conformal state: quantiles must have shape (2,), got {cc.quantiles.shape}")
-        scores = cc.calibration_scores
-        if np.isnan(cc.quantiles).any() or not np.all((scores >= 0) & (scores <= 1)):  # also false for NaN
-            raise DataError("conformal state: quantiles or calibration scores are NaN or out of [0, 1]")
+    def from_state(cls, state: dict) -> ConformalClassifier:
+        """Also reads the two older states: a binary run's (no ``method``) and a multiclass run's
+        ``split_conformal_sets_k`` (quantiles as a JSON list, no calibration scores)."""
+        if state.get("method", cls.method) not in (cls.method, "split_conformal_sets_k"):
+            raise DataError(f"not a conformal-sets state (method {state.get('method')!r})")
+        q = np.asarray(state["quantiles"], dtype=np.float64)
+        if q.ndim != 1 or q.size < 2:
+            raise DataError(f"conformal state: quantiles must be K >= 2 numbers, got shape {q.shape}")
+        names = state.get("class_names")
+        cc = cls(_check_coverage(float(state["coverage"])), bool(state["class_conditional"]), names)
+        cc.class_names_ = cc._names(q.size)
+        cc.quantiles_ = q
+        if "calibration_scores" in state:
+            scores = np.asarray(state["calibration_scores"], dtype=np.float64)
+            labels = np.asarray(state["calibration_labels"], dtype=np.int64)
+            if scores.shape != labels.shape or not np.all((scores >= 0) & (scores <= 1)):  # also false for NaN
+                raise DataError("conformal state: calibration scores are NaN, out of [0, 1] or unlike the labels")
+            cc.calibration_scores_, cc.calibration_labels_ = scores, labels
+        else:
+            cc.calibration_scores_ = cc.calibration_labels_ = None
+        if np.isnan(q).any():
+            raise DataError("conformal state: quantiles are NaN")
+        cc.n_calibration_ = int(state.get("n_calibration", 0 if cc.calibration_scores_ is None else scores.size))
         return cc
 
 
@@ -157,3 +219,12 @@ def abstention_rate(sets, class_names: tuple[str, str] = CLASS_NAMES) -> float:
     if m.shape[0] == 0:
         raise DataError("abstention rate: no prediction sets")
     return float((m.sum(axis=1) != 1).mean())
+
+
+def empirical_set_coverage(sets, y) -> float:
+    """Share of images whose true class (index in [0, K)) is in their (n, K) boolean set."""
+    m = np.asarray(sets, dtype=bool)
+    if m.ndim != 2:
+        raise DataError(f"set coverage: expected an (n, K) boolean array, got shape {m.shape}")
+    yy = as_class_indices(y, m.shape[1], "labels", n=m.shape[0])
+    return float(m[np.arange(yy.size), yy].mean())

@@ -36,6 +36,8 @@ import numpy as np
 
 from kneeosteo.errors import ConfigError, DataError
 
+from ._base import TrustEstimator
+
 if TYPE_CHECKING:  # scikit-learn and SciPy are imported where a check is fitted, not on predict's path
     from sklearn.neighbors import NearestNeighbors
 
@@ -201,28 +203,44 @@ class DomainVerdict:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
-class DomainCheck:
+class DomainCheck(TrustEstimator):
+    """The feature-distance check (see the module docstring). Parameters: ``method``
+    (``mahalanobis`` or ``knn``), ``acceptance`` (the held-out quantile the threshold sits at),
+    ``k`` (kNN), ``pixel_limits`` (the pixel check; a fitted check also runs the film checks),
+    ``folds`` and ``seed`` (the out-of-fold threshold without held-out features). Fitted:
+    ``threshold_``, ``heldout_scores_`` (the held-out in-domain distances the threshold was taken
+    from: the batch shift alarm's reference; not part of the state), ``arrays_`` (mean, scale and
+    the shrunk inverse covariance or the kNN reference), ``n_features_``, ``pixel_limits_``."""
+
     def __init__(
         self,
         method: str = "mahalanobis",
         acceptance: float = 0.95,
         k: int = 5,
         pixel_limits: PixelLimits = PixelLimits(),
+        folds: int = 5,
+        seed: int = 0,
     ):
-        if method not in METHODS:
-            raise ConfigError(f"domain-check method {method!r} is not one of: {', '.join(METHODS)}")
-        if not 0 < acceptance < 1:
-            raise ConfigError(f"domain-check acceptance must lie in (0, 1), such as 0.95; got {acceptance!r}")
-        if int(k) < 1:
-            raise ConfigError(f"domain-check k must be at least 1, got {k}")
-        self.method, self.acceptance, self.k = method, float(acceptance), int(k)
-        self.pixel_limits = replace(pixel_limits, film_checks=True)  # a film check needs a fitted film domain
-        self.threshold: float | None = None
-        # the held-out in-domain distances the threshold was taken from (out-of-fold, given held-out
-        # ones, or a site's films): the batch shift alarm's reference; not part of the stored state
-        self.heldout_scores: np.ndarray | None = None
-        self._arrays: dict[str, np.ndarray] = {}
-        self._nn: NearestNeighbors | None = None
+        self.method = method
+        self.acceptance = acceptance
+        self.k = k
+        self.pixel_limits = pixel_limits
+        self.folds = folds
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"domain-check method {self.method!r} is not one of: {', '.join(METHODS)}")
+        if not (isinstance(self.acceptance, (int, float)) and 0 < self.acceptance < 1):
+            raise ConfigError(f"domain-check acceptance must lie in (0, 1), such as 0.95; got {self.acceptance!r}")
+        if not (isinstance(self.k, (int, np.integer)) and self.k >= 1):
+            raise ConfigError(f"domain-check k must be an integer of at least 1, got {self.k!r}")
+        if not (isinstance(self.folds, (int, np.integer)) and self.folds >= 2):
+            raise ConfigError(f"domain-check folds must be an integer of at least 2, got {self.folds!r}")
+        if not isinstance(self.pixel_limits, PixelLimits):
+            raise ConfigError(
+                f"domain-check pixel_limits must be a PixelLimits, got {type(self.pixel_limits).__name__}"
+            )
 
     # -- fitting -----------------------------------------------------------------------------
     @staticmethod
@@ -261,55 +279,60 @@ class DomainCheck:
         nn = nn or _nearest_neighbours(self.k, arrays["reference"])
         return nn.kneighbors(z, n_neighbors=self.k)[0].mean(axis=1)
 
-    def fit(self, features, heldout_features=None, folds: int = 5, seed: int = 0) -> DomainCheck:
+    def fit(self, features, heldout_features=None) -> DomainCheck:
         """Fit on in-domain ``features``; set the threshold on ``heldout_features`` if given,
         else on out-of-fold distances of ``features`` (``folds``-fold, shuffled by ``seed``)."""
+        self._check_params()
         x = self._features(features)
         if heldout_features is not None:
             scores = self._distance(self._fit_arrays(x), self._features(heldout_features, "held-out features"))
         else:
-            if x.shape[0] < 2 * folds:
+            if x.shape[0] < 2 * self.folds:
                 raise DataError(
                     f"domain check: {x.shape[0]} in-domain images are too few for "
-                    f"{folds}-fold threshold setting; give held-out features"
+                    f"{self.folds}-fold threshold setting; give held-out features"
                 )
             from sklearn.model_selection import KFold
 
             scores = np.empty(x.shape[0])
-            for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+            for train, test in KFold(self.folds, shuffle=True, random_state=self.seed).split(x):
                 scores[test] = self._distance(self._fit_arrays(x[train]), x[test])
-        self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
-        self.heldout_scores = np.asarray(scores, dtype=np.float64)
+        self.threshold_ = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores_ = np.asarray(scores, dtype=np.float64)
+        self.pixel_limits_ = replace(self.pixel_limits, film_checks=True)  # a film check needs a fitted film domain
         self._set_arrays(self._fit_arrays(x))
         return self
 
-    def refit_threshold(self, heldout_features) -> float:
-        """Keep the fitted arrays; set the threshold to the ``acceptance`` quantile of the
+    def refit_threshold(self, heldout_features) -> DomainCheck:
+        """Keep the fitted arrays; set ``threshold_`` to the ``acceptance`` quantile of the
         distances of ``heldout_features`` (in-domain images the arrays were not fitted on, e.g.
-        a site's own films). Returns the new threshold."""
-        if self.threshold is None:
-            raise DataError("the domain check has not been fitted (call fit first)")
-        scores = self._distance(self._arrays, self._features(heldout_features, "held-out features"), self._nn)
-        self.threshold = float(np.quantile(scores, self.acceptance, method="higher"))
-        self.heldout_scores = np.asarray(scores, dtype=np.float64)
-        return self.threshold
+        a site's own films). Returns ``self``."""
+        self._check_fitted()
+        scores = self._distance(self.arrays_, self._features(heldout_features, "held-out features"), self._nn)
+        self.threshold_ = float(np.quantile(scores, self.acceptance, method="higher"))
+        self.heldout_scores_ = np.asarray(scores, dtype=np.float64)
+        return self
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         # C order, float64: what safetensors gives back, so a reloaded check scores bit for bit alike
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
-        self._arrays = arrays
+        self.arrays_ = arrays
+        self.n_features_ = int(arrays["mean"].size)
         self._nn = _nearest_neighbours(self.k, arrays["reference"]) if self.method == "knn" else None
 
     # -- scoring -----------------------------------------------------------------------------
     def distance(self, features) -> np.ndarray:
         """Domain scores (distances) of a batch of feature vectors."""
-        if self.threshold is None:
-            raise DataError("the domain check has not been fitted (call fit first)")
-        return self._distance(self._arrays, self._features(features), self._nn)
+        self._check_fitted()
+        return self._distance(self.arrays_, self._features(features), self._nn)
+
+    def accepts(self, features) -> np.ndarray:
+        """Booleans: is each feature vector's distance at most ``threshold_``."""
+        return self.distance(features) <= self.threshold_
 
     def assess(self, features, pixels=None, rgb=None, pixel_reasons=None, mirrored=None) -> DomainVerdict:
         """The verdict for one image (one feature vector, optionally its pixels, or the reasons
-        :func:`pixel_problems` gave for them under :attr:`pixel_limits` where the pixels were).
+        :func:`pixel_problems` gave for them under :attr:`pixel_limits_` where the pixels were).
         ``mirrored``: the features of the image mirrored top to bottom; when that mirror image is
         closer to the training films than the image itself, the image is upside down (or
         mirrored top to bottom) and refused."""
@@ -317,11 +340,12 @@ class DomainCheck:
         if x.shape[0] != 1:
             raise DataError(f"domain check: assess takes one image's features, got {x.shape[0]}")
         score = float(self.distance(x)[0])
-        reasons = list(pixel_reasons) if pixel_reasons is not None else pixel_problems(pixels, rgb, self.pixel_limits)
+        threshold = self.threshold_
+        reasons = list(pixel_reasons) if pixel_reasons is not None else pixel_problems(pixels, rgb, self.pixel_limits_)
         if not np.isfinite(score):  # fail closed: NaN > threshold is False
             reasons.insert(0, "feature distance is not finite")
-        elif score > self.threshold:
-            reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {self.threshold:.3g})")
+        elif score > threshold:
+            reasons.insert(0, f"features unlike the training images (distance {score:.3g} > {threshold:.3g})")
         elif mirrored is not None:
             flipped = float(self.distance(self._features(mirrored, "mirrored features"))[0])
             if not flipped >= score:
@@ -330,7 +354,7 @@ class DomainCheck:
                     f"upside down or mirrored top to bottom (its mirror image is closer to the "
                     f"training images: distance {flipped:.3g} < {score:.3g})",
                 )
-        return DomainVerdict(score, self.threshold, not reasons, tuple(reasons))
+        return DomainVerdict(score, threshold, not reasons, tuple(reasons))
 
     def score(self, features, pixels=None, rgb=None) -> tuple[float, bool]:
         """``(domain_score, ok)`` for one image."""
@@ -338,39 +362,41 @@ class DomainCheck:
         return v.score, v.ok
 
     # -- storage -----------------------------------------------------------------------------
-    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """``(tensors, meta)``: float64 arrays for safetensors and a JSON-able dict."""
-        if self.threshold is None:
-            raise DataError("the domain check has not been fitted (call fit first)")
-        meta = {
+    def get_state(self) -> dict:
+        """Method, acceptance, k, threshold, sizes and pixel limits (JSON); the float64 arrays."""
+        self._check_fitted()
+        return {
             "method": self.method,
-            "acceptance": self.acceptance,
-            "k": self.k,
-            "threshold": self.threshold,
-            "n_features": int(self._arrays["mean"].size),
-            "pixel_limits": asdict(self.pixel_limits),
+            "acceptance": float(self.acceptance),
+            "k": int(self.k),
+            "threshold": self.threshold_,
+            "n_features": self.n_features_,
+            "pixel_limits": asdict(self.pixel_limits_),
+            **{k: v.copy() for k, v in self.arrays_.items()},
         }
-        return {k: v.copy() for k, v in self._arrays.items()}, meta
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict) -> DomainCheck:
-        dc = cls(meta["method"], meta["acceptance"], meta["k"], PixelLimits(**meta.get("pixel_limits", {})))
+    def from_state(cls, state: dict) -> DomainCheck:
+        dc = cls(state["method"], state["acceptance"], state["k"], PixelLimits(**state.get("pixel_limits", {})))
+        dc._check_params()
         if dc.method == "knn":
             needed = ("mean", "scale", "reference")
         else:
-            needed = ("mean", "scale", "precision") if "precision" in tensors else ("mean", "scale", "factor", "coef")
-        missing = [n for n in needed if n not in tensors]
+            needed = ("mean", "scale", "precision") if "precision" in state else ("mean", "scale", "factor", "coef")
+        missing = [n for n in needed if n not in state]
         if missing:
             raise DataError(f"domain-check state lacks {', '.join(missing)}")
-        arrays = {n: np.asarray(tensors[n], dtype=np.float64) for n in needed}
+        arrays = {n: np.asarray(state[n], dtype=np.float64) for n in needed}
         bad = [n for n, v in arrays.items() if not np.all(np.isfinite(v))]
         if bad:
             raise DataError(f"domain-check state: {', '.join(bad)} not finite")
         if np.any(arrays["scale"] <= 0) or ("coef" in arrays and np.any(arrays["coef"] <= 0)):
             raise DataError("domain-check state: a scale or shrinkage coefficient is not positive")
-        threshold = float(meta["threshold"])
+        threshold = float(state["threshold"])
         if not (np.isfinite(threshold) and 0 < threshold <= MAX_DOMAIN_THRESHOLD):
             raise DataError(f"domain-check state: threshold {threshold!r} out of (0, {MAX_DOMAIN_THRESHOLD:g}]")
         dc._set_arrays(arrays)
-        dc.threshold = threshold
+        dc.threshold_ = threshold
+        dc.heldout_scores_ = None
+        dc.pixel_limits_ = replace(dc.pixel_limits, film_checks=True)
         return dc

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kneeosteo.errors import ConfigError
-from kneeosteo.utils.arrays import as_scores_and_labels
+from kneeosteo.utils.arrays import as_scores_and_labels, as_values
 
-__all__ = ["ALLOWED_FORMS", "OperatingPoint", "choose_threshold", "parse_operating_point"]
+from ._base import TrustEstimator
+
+__all__ = ["ALLOWED_FORMS", "OperatingPoint", "OperatingThreshold", "choose_threshold", "parse_operating_point"]
 
 ALLOWED_FORMS = "youden, sensitivity=X, specificity=X (X in (0, 1]) or a threshold in (0, 1) such as 0.5"
 _TARGET = re.compile(r"^(sensitivity|specificity)\s*=\s*([0-9.eE+-]+)$")
@@ -83,23 +85,56 @@ def parse_operating_point(text) -> OperatingPoint:
     return OperatingPoint("fixed", value)
 
 
+class OperatingThreshold(TrustEstimator):
+    """The threshold an ``operating_point`` setting picks on (validation) probabilities and 0/1
+    labels. Fitted: ``threshold_`` (a number in [0, 1]) and ``operating_point_`` (the setting, parsed
+    and written back as text)."""
+
+    def __init__(self, operating_point="youden"):
+        self.operating_point = operating_point
+
+    def fit(self, probabilities, y) -> OperatingThreshold:
+        op = parse_operating_point(self.operating_point)
+        self.operating_point_ = str(op)
+        if op.kind == "fixed":  # the threshold as given: the data choose nothing
+            self.threshold_ = float(op.value)
+            return self
+        from sklearn.metrics import roc_curve  # fitting only: not on predict's path
+
+        p, yy = as_scores_and_labels(probabilities, y, name="operating-point probabilities")
+        fpr, tpr, thr = roc_curve(yy, p, drop_intermediate=False)
+        if op.kind == "youden":
+            i = int(np.argmax(tpr - fpr))  # first (highest-threshold) maximum on ties
+        elif op.kind == "sensitivity":
+            ok = np.flatnonzero(tpr >= op.value - 1e-12)
+            i = int(ok[np.argmax(thr[ok])])
+        else:  # specificity
+            ok = np.flatnonzero(1 - fpr >= op.value - 1e-12)
+            i = int(ok[np.argmin(thr[ok])])
+        t = float(thr[i])
+        # roc_curve's first threshold is +inf ("nothing positive"); keep a storable number
+        self.threshold_ = t if math.isfinite(t) else float(np.nextafter(p.max(), np.inf))
+        return self
+
+    def predict(self, probabilities) -> np.ndarray:
+        """1 where ``probability >= threshold_``, else 0."""
+        self._check_fitted()
+        return (as_values(probabilities, "probabilities") >= self.threshold_).astype(np.int64)
+
+    def get_state(self) -> dict:
+        self._check_fitted()
+        return {"operating_point": self.operating_point_, "threshold": self.threshold_}
+
+    @classmethod
+    def from_state(cls, state: dict) -> OperatingThreshold:
+        t = float(state["threshold"])
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise ValueError(f"threshold {t} out of [0, 1]")
+        out = cls(str(parse_operating_point(state["operating_point"])))
+        out.operating_point_, out.threshold_ = out.operating_point, t
+        return out
+
+
 def choose_threshold(probabilities, y, operating_point="youden") -> float:
     """The threshold the ``operating_point`` picks on these (validation) probabilities."""
-    from sklearn.metrics import roc_curve  # fitting only: not on predict's path
-
-    op = parse_operating_point(operating_point)
-    if op.kind == "fixed":
-        return float(op.value)
-    p, yy = as_scores_and_labels(probabilities, y, name="operating-point probabilities")
-    fpr, tpr, thr = roc_curve(yy, p, drop_intermediate=False)
-    if op.kind == "youden":
-        i = int(np.argmax(tpr - fpr))  # first (highest-threshold) maximum on ties
-    elif op.kind == "sensitivity":
-        ok = np.flatnonzero(tpr >= op.value - 1e-12)
-        i = int(ok[np.argmax(thr[ok])])
-    else:  # specificity
-        ok = np.flatnonzero(1 - fpr >= op.value - 1e-12)
-        i = int(ok[np.argmin(thr[ok])])
-    t = float(thr[i])
-    # roc_curve's first threshold is +inf ("nothing positive"); keep a storable number
-    return t if math.isfinite(t) else float(np.nextafter(p.max(), np.inf))
+    return OperatingThreshold(operating_point).fit(probabilities, y).threshold_

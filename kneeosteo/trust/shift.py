@@ -35,6 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import permutation_test
 
+from kneeosteo.utils.arrays import as_values, check_nonempty
+
+from ._base import TrustEstimator
+
 __all__ = ["ALPHA", "MIN_SHIFT_IMAGES", "PERMUTATIONS", "BatchShift", "ShiftReference", "batch_shift"]
 
 ALPHA = 0.01
@@ -81,35 +85,44 @@ def _test(batch: np.ndarray, reference: np.ndarray, one_sided: bool) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class ShiftReference:
-    """What a batch is compared with: held-out in-domain ``domain_scores`` (None: not stored, an
-    older run, or no feature check) and the calibration images' calibrated ``probabilities``;
-    ``source`` says where each came from."""
+class ShiftReference(TrustEstimator):
+    """What a batch is compared with: ``fit(domain_scores, probabilities, source)`` keeps held-out
+    in-domain ``domain_scores_`` (None: not stored, an older run, or no feature check), the
+    calibration images' calibrated ``probabilities_`` (None: not stored) and ``source_`` (where each
+    came from). :meth:`predict` is the alarm on one batch (:func:`batch_shift`)."""
 
-    domain_scores: np.ndarray | None
-    probabilities: np.ndarray | None
-    source: dict
+    def __init__(self):
+        pass
 
-    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        tensors = {}
-        if self.domain_scores is not None:
-            tensors["domain_scores"] = np.asarray(self.domain_scores, dtype=np.float64)
-        if self.probabilities is not None:
-            tensors["probabilities"] = np.asarray(self.probabilities, dtype=np.float64)
-        return tensors, dict(self.source)
+    @staticmethod
+    def _reference(values, name: str) -> np.ndarray | None:
+        if values is None:
+            return None
+        a = as_values(values, f"shift reference {name}", flatten=True)
+        return check_nonempty(a, f"shift reference {name}")
+
+    def fit(self, domain_scores=None, probabilities=None, source: dict | None = None) -> ShiftReference:
+        self.domain_scores_ = self._reference(domain_scores, "domain_scores")
+        self.probabilities_ = self._reference(probabilities, "probabilities")
+        self.source_ = dict(source or {})
+        return self
+
+    def predict(self, domain_scores=None, probabilities=None) -> BatchShift:
+        """The alarm's answer for one batch."""
+        return batch_shift(self, domain_scores, probabilities)
+
+    def get_state(self) -> dict:
+        self._check_fitted()
+        state: dict = {"source": dict(self.source_)}
+        for name in ("domain_scores", "probabilities"):
+            a = getattr(self, name + "_")
+            if a is not None:
+                state[name] = np.asarray(a, dtype=np.float64)
+        return state
 
     @classmethod
-    def from_state(cls, tensors: dict, meta: dict | None) -> ShiftReference:
-        def get(name):
-            if name not in tensors:
-                return None
-            a = np.asarray(tensors[name], dtype=np.float64).reshape(-1)
-            if a.size == 0 or not np.all(np.isfinite(a)):
-                raise ValueError(f"shift reference {name}: empty or not finite")
-            return a
-
-        return cls(get("domain_scores"), get("probabilities"), dict(meta or {}))
+    def from_state(cls, state: dict) -> ShiftReference:
+        return cls().fit(state.get("domain_scores"), state.get("probabilities"), state.get("source"))
 
 
 @dataclass(frozen=True)
@@ -160,7 +173,7 @@ def batch_shift(reference: ShiftReference | None, domain_scores=None, probabilit
     ).reshape(-1)
     p, d = p[np.isfinite(p)], d[np.isfinite(d)]
     n = int(max(p.size, d.size))
-    if reference is None or (reference.probabilities is None and reference.domain_scores is None):
+    if reference is None or (reference.probabilities_ is None and reference.domain_scores_ is None):
         return BatchShift(
             "unavailable",
             n,
@@ -172,15 +185,15 @@ def batch_shift(reference: ShiftReference | None, domain_scores=None, probabilit
             "too few images", n, note=f"the alarm needs at least {MIN_SHIFT_IMAGES} images; {n} cannot show a shift"
         )
     tests, missing = {}, []
-    if reference.domain_scores is not None and d.size >= MIN_SHIFT_IMAGES:
-        tests["domain_score"] = _test(d, reference.domain_scores, one_sided=True)
-    elif reference.domain_scores is None:
+    if reference.domain_scores_ is not None and d.size >= MIN_SHIFT_IMAGES:
+        tests["domain_score"] = _test(d, reference.domain_scores_, one_sided=True)
+    elif reference.domain_scores_ is None:
         missing.append(
             "domain scores: no reference distances stored (run fitted before the alarm existed, or "
             "without a feature check)"
         )
-    if reference.probabilities is not None and p.size >= MIN_SHIFT_IMAGES:
-        tests["probability"] = _test(p, reference.probabilities, one_sided=False)
+    if reference.probabilities_ is not None and p.size >= MIN_SHIFT_IMAGES:
+        tests["probability"] = _test(p, reference.probabilities_, one_sided=False)
     if not tests:
         return BatchShift("unavailable", n, note="; ".join(missing) or "nothing to compare")
     name, worst = min(tests.items(), key=lambda kv: kv[1]["p_value"])
