@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kneeosteo import __version__
 from kneeosteo.data.preprocess import Preprocess
@@ -285,7 +284,7 @@ class RunDir:
     @functools.cached_property
     def config(self) -> RunConfig:
         """config.json, read once, with the weights file's sha256 and identity verified."""
-        from kneeosteo.models.checkpoint import read_identity
+        from kneeosteo.models.weights_file import read_identity
 
         for f in (self.config_file, self.weights_file):
             if f.exists() and not f.is_file():  # a FIFO or device would block the read forever
@@ -458,6 +457,8 @@ class RunDir:
         target: str = "label",
     ) -> None:
         """Write the weights (identity inside) and config.json; what is verified on reading."""
+        import torch
+
         from kneeosteo.models.checkpoint import save_weights
 
         ident = identity(preprocess, classes, threshold, task, target)

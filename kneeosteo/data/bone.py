@@ -12,9 +12,18 @@ bone; a morphological opening; the connected components with at least 10% of the
 area are kept (at most 4: femur, tibia, fibula, patella); holes are filled; the region is dilated
 by 3% of the side. On KOP the median mask covers 0.39 of the film (range 0.11-0.59); its known
 failure is a tibia darker than Otsu #2 (only the femur is found), examples in docs/shortcut.md.
+
+Prediction asks for a film's mask twice (the ``bone`` preset's input, then the film check that
+counts bone regions side by side, :func:`kneeosteo.trust.domain.bone_columns`): the last
+``MASK_CACHE`` masks are kept at ``MASK_SIDE`` px, keyed by a digest of the image's bytes, so the
+second call only scales the kept mask to the image (the same mask: it is a function of those bytes).
 """
 
 from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -24,6 +33,9 @@ from kneeosteo.data.reader import to_uint8
 __all__ = ["MASK_SIDE", "OCCLUSIONS", "bone_mask", "occlude"]
 
 MASK_SIDE = 512  # the mask is computed at this longest side, then scaled to the image
+MASK_CACHE = 32  # masks kept (at MASK_SIDE px, ~0.25 MB each): more than a default predict batch (16)
+_kept: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
+_kept_lock = threading.Lock()
 OCCLUSIONS = ("hide_bone", "only_bone")  # probe (a), probe (b)
 
 
@@ -55,6 +67,27 @@ def bone_mask(pixels: np.ndarray) -> np.ndarray:
     """Label-free bone region of a canonical greyscale image (float [0, 1] or uint8, H x W): a
     boolean array of the same shape. An image without a body/bone contrast (blank, uniform, too
     small) gets an all-True mask, so occluding it hides everything or nothing, never guesses."""
+    arr = np.ascontiguousarray(pixels)
+    h, w = arr.shape
+    key = (arr.dtype.str, arr.shape, hashlib.blake2b(arr.data, digest_size=16).digest())
+    with _kept_lock:
+        hit = key in _kept
+        if hit:
+            _kept.move_to_end(key)
+            small = _kept[key]
+    if not hit:
+        small = _small_mask(arr)
+        with _kept_lock:
+            _kept[key] = small
+            while len(_kept) > MASK_CACHE:
+                _kept.popitem(last=False)
+    if small is None:
+        return np.ones((h, w), dtype=bool)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _small_mask(pixels: np.ndarray) -> np.ndarray | None:
+    """The mask at ``MASK_SIDE`` px (uint8 0/1); None where the image has no body/bone contrast."""
     img = pixels if pixels.dtype == np.uint8 else to_uint8(pixels)
     h, w = img.shape
     scale = MASK_SIDE / max(h, w)
@@ -65,21 +98,21 @@ def bone_mask(pixels: np.ndarray) -> np.ndarray:
     t1, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     body = blurred[(blurred > t1) & (small < 250)]
     if body.size < 10:
-        return np.ones((h, w), dtype=bool)
+        return None
     t2, _ = cv2.threshold(body.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     m = (blurred > t2).astype(np.uint8)
     k = max(3, int(0.01 * side) | 1)
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1:
-        return np.ones((h, w), dtype=bool)
+        return None
     areas = stats[1:, cv2.CC_STAT_AREA].astype(float)
     order = np.argsort(-areas)
     keep = [i + 1 for i in order[:4] if areas[i] >= 0.1 * areas[order[0]]]
     m = _fill_holes(np.isin(lab, keep).astype(np.uint8))
     d = max(3, int(0.03 * side) * 2 + 1)
     m = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d)))
-    return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return m
 
 
 def occlude(pixels: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:

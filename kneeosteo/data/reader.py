@@ -13,19 +13,16 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import imagehash
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kneeosteo.data import formats
 from kneeosteo.errors import ImageReadError, NotAnImageError
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-except ImportError:  # pragma: no cover - pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+if TYPE_CHECKING:  # pydicom and imagehash are imported where a DICOM file is read or a hash taken
+    import imagehash
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -90,6 +87,8 @@ class LoadedImage:
         return h.hexdigest()
 
     def phash(self) -> imagehash.ImageHash:
+        import imagehash
+
         return imagehash.phash(Image.fromarray(to_uint8(self.pixels)), hash_size=8)
 
 
@@ -305,6 +304,8 @@ def _block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
 def _read_dicom(
     path: Path, size: int, max_pixels: int, max_side: int | None, force: bool
 ) -> tuple[np.ndarray, ImageMeta]:
+    import pydicom
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every odd tag in real-world files
         ds = pydicom.dcmread(path, force=force)
@@ -385,6 +386,11 @@ def _dicom_first_frame(path: Path, ds) -> np.ndarray:
 
 
 def _dicom_to_grey(ds, arr: np.ndarray) -> np.ndarray:
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)

@@ -6,6 +6,9 @@ and the frozen backbone's features (B, D) for the domain check; the batch axis i
 the model's metadata_props under ``kneeosteo.*``, so an .onnx file can be used on its own.
 The legacy TorchScript-based exporter (``dynamo=False``) is used: the dynamo exporter needs
 onnxscript, and the traced graph of this plain CNN is exact.
+
+Torch is imported where a model is exported (the graph's modules: ``export_nets``), not to run
+an export: ``OnnxModel`` and ``ensure_onnx`` with its export in the cache need only ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.errors import ConfigError, InferenceError
@@ -32,11 +34,12 @@ from kneeosteo.tasks import task_for
 from kneeosteo.utils.atomic import write_bytes
 from kneeosteo.utils.hashing import sha256_file
 
+if TYPE_CHECKING:
+    from torch import nn
+
 __all__ = [
     "DEFAULT_OPSET",
-    "ExportNet",
     "OnnxModel",
-    "ProbabilityNet",
     "cached_onnx_path",
     "ensure_onnx",
     "export_onnx",
@@ -48,37 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 _P = "kneeosteo."
-
-
-class ProbabilityNet(nn.Module):
-    """images -> sigmoid(logit): the exported graph, so ONNX users get probabilities directly."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(images=images).float())
-
-
-class ExportNet(nn.Module):
-    """The exported graph: images -> (probability, logit[, features]). The logit feeds the
-    calibration, the frozen backbone's pooled features the domain check (issue 15)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.with_features = model.use_backbone and model.backbone is not None
-
-    def output_names(self) -> list[str]:
-        return ["probability", "logit", "features"] if self.with_features else ["probability", "logit"]
-
-    def forward(self, images: torch.Tensor):
-        feats = self.model.extract_features(images) if self.with_features else None
-        z = self.model(images=images, features=feats).float()
-        if feats is None:
-            return torch.sigmoid(z), z
-        return torch.sigmoid(z), z, feats.float()
 
 
 def onnx_metadata(info: ModelInfo) -> dict[str, str]:
@@ -115,6 +87,9 @@ def export_onnx(
     """Export ``run`` (None: the bundled model) to ``out``, check it with onnx.checker and, when
     onnxruntime is installed and ``verify``, compare it with PyTorch on random inputs."""
     import onnx
+    import torch
+
+    from kneeosteo.inference.export_nets import ExportNet
 
     if opset < 17:
         raise ValueError(f"opset {opset} is too old; use 17 or newer")
@@ -159,6 +134,8 @@ def _verify(data: bytes, net: nn.Module, size: int, tol: float = 1e-4) -> None:
     if importlib.util.find_spec("onnxruntime") is None:
         log.warning("onnxruntime not installed: the export was checked, but not run")
         return
+    import torch
+
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = net(x)[0].double().numpy()
@@ -202,6 +179,15 @@ class OnnxModel:
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
+
+
+def __getattr__(name: str):
+    """The exported graph's modules (torch), where older code imports them from."""
+    if name in ("ExportNet", "ProbabilityNet"):
+        from kneeosteo.inference import export_nets
+
+        return getattr(export_nets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _info_from_metadata(meta: dict[str, str], origin) -> ModelInfo:

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kneeosteo.data.knee import KneeSearch
 from kneeosteo.data.reader import ImageReadError, LoadedImage, read_image
@@ -40,6 +40,9 @@ from kneeosteo.run import ModelInfo, RunDir
 from kneeosteo.tasks import Binary, task_for
 from kneeosteo.trust import TrustedPrediction, pixel_problems, untrusted_prediction
 from kneeosteo.utils.progress import progress_bar
+
+if TYPE_CHECKING:  # torch is imported by the torch engines only: ONNX Runtime predicts without it
+    import torch
 
 __all__ = [
     "COLUMNS",
@@ -147,8 +150,9 @@ class Predictor:
     without it, from the run's export, made on demand and kept in the cache;
     ``"onnxruntime-int8"`` likewise with the static int8 version (``onnx`` must then be an int8
     file). ``"auto"`` (default) picks one of them, see :func:`resolve_engine`; ``self.engine`` is
-    the engine used. Preprocessing uses the same (torch) code as training in every engine:
-    bit-identical inputs matter more than dropping torch from the reader.
+    the engine used. Preprocessing gives the same values as training's in every engine (bit for
+    bit): the torch engines run training's own code, ONNX Runtime its NumPy form
+    (:meth:`Preprocess.array`), so ``predict`` with it never imports torch.
     """
 
     def __init__(
@@ -183,9 +187,12 @@ class Predictor:
             raise ConfigError(f"threshold must lie in [0, 1], got {threshold}")
         self.engine, self.batch_size, self.device = engine, batch_size, device
         self._model = self._session = None
-        self._autocast = torch.bfloat16 if engine == "torch-bf16" else None
+        self._autocast = None
         self.run: RunDir | None
         if engine.startswith("torch"):
+            import torch
+
+            self._autocast = torch.bfloat16 if engine == "torch-bf16" else None
             self.run = opened if opened is not None else RunDir.open(run)
             info = self.run.info
             self._model = self.run.load_model(device).to(memory_format=torch.channels_last)
@@ -255,6 +262,8 @@ class Predictor:
                 z = outs[1].astype(np.float64) if len(outs) > 1 else np.log(p) - np.log1p(-p)
             feats = outs[2].astype(np.float64) if len(outs) > 2 else None
         else:
+            import torch
+
             x = (
                 torch.as_tensor(images, dtype=torch.float32)
                 .to(self.device)
@@ -296,7 +305,7 @@ class Predictor:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
         mirrored = None
         if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
-            mirrored = self.forward(torch.flip(torch.as_tensor(images), dims=[-2]))[2]
+            mirrored = self.forward(_upside_down(images))[2]
         return [
             self.trust.predict(
                 z[i],
@@ -315,9 +324,8 @@ class Predictor:
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched."""
-        prep = self.info.preprocess
         out = [
-            self.probabilities(torch.stack([prep(p) for p in pixels[i : i + self.batch_size]]))
+            self.probabilities(self._stack([self.inputs(p) for p in pixels[i : i + self.batch_size]]))
             for i in range(0, len(pixels), self.batch_size)
         ]
         return np.concatenate(out) if out else np.zeros(0)
@@ -327,8 +335,25 @@ class Predictor:
         """A run trained on knee regions: every film is scored knee by knee (issue 32)."""
         return self.info.preprocess.preset == "knee"
 
+    def inputs(self, pixels: np.ndarray):
+        """One film's network input, preprocessed as the engine takes it: a torch tensor for the
+        torch engines, a NumPy array (no torch imported, the same values) for ONNX Runtime; a knee
+        run: ``(KneeSearch, [one input per knee])``."""
+        prep = self.info.preprocess
+        if self._session is None:
+            return prep.knee_views(pixels) if self.knee_run else prep(pixels)
+        return prep.knee_views_array(pixels) if self.knee_run else prep.array(pixels)
+
+    def _stack(self, inputs: Sequence):
+        """Single inputs -> one (B, 3, S, S) batch of the engine's array type."""
+        if self._session is not None:
+            return np.stack(inputs)
+        import torch
+
+        return torch.stack(list(inputs))
+
     def assess_films(
-        self, views: Sequence[tuple[KneeSearch, list[torch.Tensor]]], pixels: Sequence[np.ndarray]
+        self, views: Sequence[tuple[KneeSearch, list]], pixels: Sequence[np.ndarray]
     ) -> list[TrustedPrediction]:
         """A knee run: each film's knees (``Preprocess.knee_views``) scored in one batch, then each
         film's answer aggregated from its knees' (:func:`kneeosteo.inference.knees.film_verdict`);
@@ -345,7 +370,7 @@ class Predictor:
                 for (_, xs), px in zip(views, pixels)
                 for _ in xs
             ]
-        answers = iter(self.assess(torch.stack(inputs), film_px, reasons) if inputs else [])
+        answers = iter(self.assess(self._stack(inputs), film_px, reasons) if inputs else [])
         classes = (
             (self.info.negative, self.info.positive) if self.task.has_threshold else tuple(self.run.config.classes)
         )
@@ -359,27 +384,25 @@ class Predictor:
 
     def predict_trusted(self, pixels: Sequence[np.ndarray]) -> list[TrustedPrediction]:
         """Canonical greyscale images (H, W) in [0, 1] -> TrustedPrediction each, batched."""
-        prep = self.info.preprocess
         out: list[TrustedPrediction] = []
         for i in range(0, len(pixels), self.batch_size):
             chunk = pixels[i : i + self.batch_size]
             if self.knee_run:
-                out.extend(self.assess_films([prep.knee_views(p) for p in chunk], chunk))
+                out.extend(self.assess_films([self.inputs(p) for p in chunk], chunk))
             else:
-                out.extend(self.assess(torch.stack([prep(p) for p in chunk]), chunk))
+                out.extend(self.assess(self._stack([self.inputs(p) for p in chunk]), chunk))
         return out
 
     def predict(self, inputs: Iterable[str | os.PathLike], progress: bool = True) -> PredictionResult:
         """Files and folders (recursed) -> one Prediction per readable image, errors for the rest."""
         files, errors = collect_inputs(inputs)
         result = PredictionResult(errors=errors)
-        prep = self.info.preprocess
 
         def load(path: Path):
             try:
                 img = read_image(path)
                 _ = img.content_id  # hash in the worker thread too (cached on the image)
-                return img, (prep.knee_views(img.pixels) if self.knee_run else prep(img.pixels))
+                return img, self.inputs(img.pixels)
             except ImageReadError as exc:
                 return exc, None
 
@@ -396,7 +419,7 @@ class Predictor:
                 verdicts = (
                     self.assess_films([x for _, _, x in good], film_px)
                     if self.knee_run
-                    else self.assess(torch.stack([x for _, _, x in good]), film_px)
+                    else self.assess(self._stack([x for _, _, x in good]), film_px)
                 )
                 result.predictions.extend(self.row(p, img.content_id, t) for (p, img, _), t in zip(good, verdicts))
         return result
@@ -426,6 +449,15 @@ class Predictor:
             t.knee_reason,
             t.status_reason,
         )
+
+
+def _upside_down(images):
+    """The batch flipped top to bottom (the orientation check's second pass), in its own array type."""
+    if isinstance(images, np.ndarray):
+        return np.ascontiguousarray(images[..., ::-1, :])
+    import torch
+
+    return torch.flip(torch.as_tensor(images), dims=[-2])
 
 
 def task_verdicts(

@@ -26,14 +26,14 @@ import torch
 from kneeosteo.errors import BackboneWeightsError, CheckpointError
 from kneeosteo.models.hybrid import HybridModel, build_model_from_config
 from kneeosteo.models.weights import WeightsInfo
+from kneeosteo.models.weights_file import META_KEY, PARTIAL, WEIGHTS_FORMAT_VERSION, read_identity, read_weights_file
 from kneeosteo.utils.atomic import write_bytes
 from kneeosteo.utils.state_dict import mismatch_report
 
 __all__ = ["WEIGHTS_FORMAT_VERSION", "load_weights", "read_identity", "save_weights"]
 
-WEIGHTS_FORMAT_VERSION = 2
-_META_KEY = "kneeosteo"
-_PARTIAL = "without-frozen-backbone"
+# the format's constants and the checked read: torch-free, in weights_file (read_identity is re-exported)
+_META_KEY, _PARTIAL, _read = META_KEY, PARTIAL, read_weights_file
 
 
 def _backbone_reproducible(model: HybridModel) -> bool:
@@ -84,43 +84,6 @@ def save_weights(
     )
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _read(path: Path, sha256: str | None) -> tuple[bytes, dict[str, str]]:
-    from safetensors import safe_open
-
-    if path.exists() and not path.is_file():  # a FIFO or device would block the read forever
-        raise CheckpointError(f"{path}: not a regular file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from exc
-    got = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and got != sha256:
-        raise CheckpointError(
-            f"{path}: sha256 {got[:12]}... differs from the recorded {sha256[:12]}...; "
-            "the file is truncated, altered, or from another run"
-        )
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format_version") != str(WEIGHTS_FORMAT_VERSION) or _META_KEY not in meta:
-        raise CheckpointError(
-            f"{path}: not a kneeosteo weights file of format {WEIGHTS_FORMAT_VERSION} "
-            "(written by another tool or an older kneeosteo: retrain the model)"
-        )
-    return data, meta
-
-
-def read_identity(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
-    """The identity stored in the weights file (``{"model": ..., **identity}``), after checking
-    that the file's sha256 is ``sha256`` (when given)."""
-    _, meta = _read(Path(path), sha256)
-    return json.loads(meta[_META_KEY])
 
 
 def load_weights(

@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import permutation_test
 
 from kneeosteo.utils.arrays import as_values, check_nonempty
 
@@ -67,6 +66,8 @@ def _ks(x: np.ndarray, y: np.ndarray, axis: int = -1, one_sided: bool = False) -
 
 
 def _test(batch: np.ndarray, reference: np.ndarray, one_sided: bool) -> dict:
+    from scipy.stats import permutation_test  # here: 20 images or more; predict's start-up does without it
+
     res = permutation_test(
         (batch, reference),
         lambda a, b, axis=-1: _ks(a, b, axis, one_sided),
