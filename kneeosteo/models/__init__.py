@@ -10,8 +10,9 @@ package imports ``backbones`` first, so the registry is always filled."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from kneeosteo.utils.lazy import lazy_names
 
 if TYPE_CHECKING:
     from kneeosteo.errors import BackboneWeightsError, CheckpointError
@@ -25,28 +26,28 @@ if TYPE_CHECKING:
     from kneeosteo.models.weights_file import read_identity
 
 _WHERE = {
-    "AttentionModule": "attention",
-    "BACKBONES": "registry",
-    "BackboneSpec": "registry",
+    "AttentionModule": "kneeosteo.models.attention",
+    "BACKBONES": "kneeosteo.models.registry",
+    "BackboneSpec": "kneeosteo.models.registry",
     "BackboneWeightsError": "kneeosteo.errors",
-    "ChannelAttention": "attention",
+    "ChannelAttention": "kneeosteo.models.attention",
     "CheckpointError": "kneeosteo.errors",
-    "ClassifierHead": "head",
-    "HybridModel": "hybrid",
-    "SpatialAttention": "attention",
-    "WeightsInfo": "weights",
-    "build_backbone": "backbones",
-    "build_model": "hybrid",
-    "build_model_from_config": "hybrid",
-    "find_default_weights": "weights",
-    "freeze": "backbones",
-    "get_backbone_spec": "registry",
-    "list_backbones": "registry",
-    "load_backbone_weights": "weights",
-    "load_weights": "checkpoint",
-    "read_identity": "weights_file",
-    "register_backbone": "registry",
-    "save_weights": "checkpoint",
+    "ClassifierHead": "kneeosteo.models.head",
+    "HybridModel": "kneeosteo.models.hybrid",
+    "SpatialAttention": "kneeosteo.models.attention",
+    "WeightsInfo": "kneeosteo.models.weights",
+    "build_backbone": "kneeosteo.models.backbones",
+    "build_model": "kneeosteo.models.hybrid",
+    "build_model_from_config": "kneeosteo.models.hybrid",
+    "find_default_weights": "kneeosteo.models.weights",
+    "freeze": "kneeosteo.models.backbones",
+    "get_backbone_spec": "kneeosteo.models.registry",
+    "list_backbones": "kneeosteo.models.registry",
+    "load_backbone_weights": "kneeosteo.models.weights",
+    "load_weights": "kneeosteo.models.checkpoint",
+    "read_identity": "kneeosteo.models.weights_file",
+    "register_backbone": "kneeosteo.models.registry",
+    "save_weights": "kneeosteo.models.checkpoint",
 }
 
 __all__ = [
@@ -75,15 +76,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    importlib.import_module("kneeosteo.models.backbones")  # the registry's entries
-    where = _WHERE[name]
-    value = getattr(importlib.import_module(where if "." in where else f"{__name__}.{where}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _WHERE, first="kneeosteo.models.backbones")
