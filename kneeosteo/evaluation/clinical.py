@@ -39,7 +39,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from statsmodels.stats.proportion import proportion_confint
 
 from kneeosteo.data.reference import Reference, covariate_matrix
 from kneeosteo.errors import ConfigError, DataError
@@ -47,6 +46,7 @@ from kneeosteo.evaluation.stats import delong_auc_ci, delong_test
 from kneeosteo.models.fused import FusedModel
 from kneeosteo.trust.calibration_metrics import brier_score, calibration_slope_intercept
 from kneeosteo.trust.decision_curve import decision_curve
+from kneeosteo.utils.intervals import wilson_interval
 
 __all__ = [
     "OST_CUTOFF",
@@ -212,10 +212,6 @@ def fit_fused(
     )
 
 
-def _wilson(k: int, n: int) -> list[float]:
-    return [math.nan, math.nan] if n == 0 else [float(v) for v in proportion_confint(k, n, method="wilson")]
-
-
 def _at(y: np.ndarray, called: np.ndarray) -> dict:
     y, called = np.asarray(y).astype(bool), np.asarray(called).astype(bool)
     tp, fn = int(np.sum(called & y)), int(np.sum(~called & y))
@@ -224,9 +220,9 @@ def _at(y: np.ndarray, called: np.ndarray) -> dict:
     spec = tn / (tn + fp) if tn + fp else math.nan
     return {
         "sensitivity": sens,
-        "sensitivity_ci": _wilson(tp, tp + fn),
+        "sensitivity_ci": list(wilson_interval(tp, tp + fn)),
         "specificity": spec,
-        "specificity_ci": _wilson(tn, tn + fp),
+        "specificity_ci": list(wilson_interval(tn, tn + fp)),
         "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
     }
 
