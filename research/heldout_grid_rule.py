@@ -6,50 +6,53 @@
 GRID: the ``kneeosteo reproduce --protocol holdout-reference`` folder; each cell's predictions.csv
 holds P(osteoporosis) for the same held-out films. For each row and truth (WHO osteoporosis, low
 bone mass): every seed's AUC with its DeLong interval, their mean, and the AUC of the seeds' mean
-probability (one score per film) with its DeLong interval; then the rule, applied as written:
+probability (one score per film) with its DeLong interval; then the rule, applied as written
 (a) the candidate's mean AUC above the default row's, over the same seeds, and (b) the lower
-bound of its five-seed mean-probability AUC above 0.5 (WHO truth). Writes GRID-named ``.md`` and
-``.json``. Nothing is fitted. Not a package feature.
+bound of its five-seed mean-probability AUC above 0.5 (WHO truth). The rule and the pooled AUC are
+``scripts/bundle_default_model.py``'s (``rule_figures``, ``mean_probability_auc``), the code the
+ship script enforces; this script adds the per-seed table. Writes ``.md`` and ``.json``. Nothing
+is fitted. Not a package feature.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle_default_model import _seed_predictions, mean_probability_auc, rule_figures  # noqa: E402
 
 from kneeosteo.data.reference import DEFINITIONS, read_reference  # noqa: E402
 from kneeosteo.evaluation.stats import delong_auc_ci  # noqa: E402
 from kneeosteo.utils.atomic import write_json, write_text  # noqa: E402
 
 
-def seed_probabilities(cell: Path) -> dict[str, float]:
-    with open(cell / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return {r["path"]: float(r["probability"]) for r in csv.DictReader(fh)}
-
-
-def row_figures(probs: dict[int, dict[str, float]], truth: dict[str, bool]) -> dict:
+def row_figures(grid: Path, row: str, truth: dict[str, int]) -> dict:
+    """Per seed the AUC of ``row`` on the films of ``truth`` (DeLong), their mean and sd, and the
+    AUC of the seeds' mean probability."""
+    per_seed = _seed_predictions(grid, row)
     paths = sorted(truth)
-    y = np.array([truth[p] for p in paths], dtype=int)
+    y = np.array([truth[p] for p in paths])
     seeds = {}
-    for s, pr in sorted(probs.items()):
+    for s, pr in per_seed.items():
         missing = [p for p in paths if p not in pr]
         if missing:
-            raise SystemExit(f"seed {s}: no prediction for {len(missing)} held-out films, e.g. {missing[0]}")
-        seeds[s] = delong_auc_ci(y, np.array([pr[p] for p in paths]))
-    mean_p = np.mean([[pr[p] for p in paths] for _, pr in sorted(probs.items())], axis=0)
+            raise SystemExit(f"{row} seed {s}: no prediction for {len(missing)} held-out films, e.g. {missing[0]}")
+        seeds[s] = delong_auc_ci(y, np.array([pr[p][1] for p in paths]))
+    aucs = [v["auc"] for v in seeds.values()]
     return {
         "n": len(paths),
         "positives": int(y.sum()),
-        "seeds": {str(s): seeds[s] for s in seeds},
-        "mean_auc": float(np.mean([v["auc"] for v in seeds.values()])),
-        "sd_auc": float(np.std([v["auc"] for v in seeds.values()], ddof=1)) if len(seeds) > 1 else 0.0,
-        "seed_mean_probability": delong_auc_ci(y, mean_p),
+        "seeds": {str(s): v for s, v in seeds.items()},
+        "mean_auc": float(np.mean(aucs)),
+        "sd_auc": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+        "seed_mean_probability": mean_probability_auc(per_seed, truth),
     }
 
 
@@ -63,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     candidate, default = args.rows.split(",")
     ref = read_reference(args.reference, args.data)
-    tested = set(seed_probabilities(next((args.grid / "cells" / candidate).glob("seed*"))))
+    tested = set.intersection(*(set(p) for p in _seed_predictions(args.grid, candidate).values()))
     films = {p: f for p, f in ref.files.items() if f.single_truth and p in tested}
     if len(films) != len(tested):
         raise SystemExit(f"{len(tested) - len(films)} tested films have no single truth in {args.reference}")
@@ -78,7 +81,7 @@ def main() -> None:
         "",
     ]
     for definition, (title, _) in DEFINITIONS.items():
-        truth = {p: f.positive(definition) for p, f in films.items()}
+        truth = {p: int(f.positive(definition)) for p, f in films.items()}
         doc["truths"][definition] = title
         lines += [
             f"## Truth: {title}",
@@ -87,27 +90,23 @@ def main() -> None:
             "|---|---|---|---|---|",
         ]
         for row in (candidate, default):
-            cells = sorted((args.grid / "cells" / row).glob("seed*/predictions.csv"))
-            probs = {int(c.parent.name[4:]): seed_probabilities(c.parent) for c in cells}
-            fig = row_figures(probs, truth)
+            fig = row_figures(args.grid, row, truth)
             doc["rows"].setdefault(row, {})[definition] = fig
             per = "; ".join(
                 f"{s}: {v['auc']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]" for s, v in fig["seeds"].items()
             )
             e = fig["seed_mean_probability"]
             lines.append(
-                f"| {row} | {len(probs)} | {per} | {fig['mean_auc']:.3f} ({fig['sd_auc']:.3f}) | "
+                f"| {row} | {len(fig['seeds'])} | {per} | {fig['mean_auc']:.3f} ({fig['sd_auc']:.3f}) | "
                 f"{e['auc']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}] |"
             )
         lines.append("")
     who_c = doc["rows"][candidate]["osteoporosis"]
     who_d = doc["rows"][default]["osteoporosis"]
-    same_seeds = sorted(who_c["seeds"]) == sorted(who_d["seeds"])
-    five = len(who_c["seeds"]) >= 5 and same_seeds
-    a = who_c["mean_auc"] > who_d["mean_auc"]
-    b = who_c["seed_mean_probability"]["ci_low"] > 0.5
+    rule = rule_figures(args.grid, candidate, default)
+    five, a, b = rule["complete"] and len(rule["seeds_in"]) >= 5, rule["a"], rule["b"]
     doc["rule"] = {"five_seeds": five, "a_mean_auc_above_default": a, "b_lower_bound_above_half": b}
-    doc["rule"]["passes"] = bool(five and a and b)
+    doc["rule"]["passes"] = bool(rule["passes"] and five)
     lines += [
         "## The rule (WHO truth)",
         "",
