@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import imagegen as g
 from kneeosteo.data.preprocess import Preprocess
-from kneeosteo.data.resample import _cpu_flags, _fma32, resize_bilinear_aa, torch_rounding
+from kneeosteo.data.resample import _fma32, resize_bilinear_aa, torch_rounding
+from kneeosteo.utils.cpuinfo import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
@@ -89,7 +90,7 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "roundi
 def test_resize_equals_each_torch_kernel(capability, rounding):
     """The DEFAULT kernel rounds every product, the AVX2 one fuses some: the rule that picks the
     rounding from ATEN_CPU_CAPABILITY and the CPU flags picks the kernel's."""
-    if capability == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    if capability == "avx2" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU has no AVX2/FMA kernel")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": capability}
     proc = subprocess.run(

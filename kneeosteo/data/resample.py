@@ -32,6 +32,8 @@ import platform
 
 import numpy as np
 
+from kneeosteo.utils.cpuinfo import cpu_flags
+
 __all__ = ["resize_bilinear_aa", "torch_rounding"]
 
 _BLOCK = 4  # taps added as rounded products per block by the vectorised kernels
@@ -44,20 +46,7 @@ def torch_rounding() -> str | None:
         return None
     if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() == "default":
         return "rounded"
-    return "fused4" if {"avx2", "fma"} <= _cpu_flags() else "rounded"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
+    return "fused4" if {"avx2", "fma"} <= cpu_flags() else "rounded"
 
 
 @functools.lru_cache(maxsize=64)

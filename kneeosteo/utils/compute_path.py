@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from kneeosteo.utils.cpuinfo import cpu_flags as all_cpu_flags
+
 __all__ = ["CPU_FLAGS", "bf16_native", "cells_paths", "compute_path", "cpu_flags", "path_label"]
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -23,16 +25,8 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
 
 def cpu_flags() -> list[str]:
     """The instruction-set flags of ``CPU_FLAGS`` this CPU reports (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    words = set(value.split())
-                    return [f for f in CPU_FLAGS if f in words]
-    except OSError:
-        pass
-    return []
+    present = all_cpu_flags()
+    return [f for f in CPU_FLAGS if f in present]
 
 
 def _capped() -> bool:
