@@ -19,6 +19,7 @@ from kneeosteo.trust import (
     ConformalInterval,
     DomainCheck,
     OperatingThreshold,
+    OrientationCheck,
     PlattScaler,
     ShiftReference,
     TemperatureScaler,
@@ -35,6 +36,7 @@ FEATS = RNG.normal(size=(120, 6))
 NEW_Z, NEW_ZK, NEW_FEATS = RNG.normal(0.0, 2.0, 50), RNG.normal(0.0, 2.0, (50, 3)), RNG.normal(size=(50, 6)) * 1.5
 
 
+MIRRORED = FEATS + np.r_[1.5, np.zeros(5)] + RNG.normal(0.0, 0.3, FEATS.shape)  # films turned: dim 0 moves
 SHIFT_BATCH = (RNG.gamma(20, 5, 30) * 1.2, sigmoid(NEW_Z[:30]))
 
 
@@ -51,6 +53,8 @@ def _answers(est, case: str):
         return est.distance(NEW_FEATS)
     if isinstance(est, OperatingThreshold):
         return est.predict(sigmoid(NEW_Z))
+    if isinstance(est, OrientationCheck):
+        return est.score(NEW_FEATS)
     return json.dumps(est.predict(*SHIFT_BATCH).to_dict(), sort_keys=True)
 
 
@@ -70,6 +74,7 @@ CASES = {
     "domain": (DomainCheck, (FEATS,), {"method": "cosine"}),
     "domain (kNN)": (lambda **kw: DomainCheck(method="knn", **kw), (FEATS,), {"acceptance": 2.0}),
     "operating point": (OperatingThreshold, (sigmoid(Z), Y), {"operating_point": "sideways"}),
+    "orientation": (OrientationCheck, (FEATS, MIRRORED), {"max_false_refusals": 0.7}),
     "shift": (ShiftReference, (RNG.gamma(20, 5, 200), sigmoid(Z), {"domain_source": "test"}), None),
 }
 

@@ -275,14 +275,21 @@ def prepare_part(
 
 
 @torch.no_grad()
-def backbone_features(model, data: PreparedSet, prep, device: str = "cpu", batch_size: int = 32) -> np.ndarray | None:
+def backbone_features(
+    model, data: PreparedSet, prep, device: str = "cpu", batch_size: int = 32, upside_down: bool = False
+) -> np.ndarray | None:
     """(N, D) float64 backbone features of ``data`` (cached ones when the backbone is frozen,
-    else computed now); None for a model without a backbone branch."""
+    else computed now); None for a model without a backbone branch. ``upside_down``: of each
+    input mirrored top to bottom (never cached; the orientation check's counter-examples)."""
     if model.backbone is None or not model.use_backbone:
         return None
-    if data.features is not None:
+    if data.features is not None and not upside_down:
         return data.features.double().numpy()
     model.eval()
-    return torch.cat(
-        [model.extract_features(x).double().cpu() for x, _ in data.batches(prep, device, batch_size)]
-    ).numpy()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.extract_features(torch.flip(x, dims=[-2]) if upside_down else x).double().cpu()
+                for x, _ in data.batches(prep, device, batch_size)
+            ]
+        ).numpy()

@@ -45,6 +45,7 @@ from kneeosteo.tasks import task_for
 from kneeosteo.trust import (
     ConformalClassifier,
     DomainCheck,
+    OrientationCheck,
     TemperatureScaler,
     TrustBundle,
     calibration_slope_intercept,
@@ -57,6 +58,7 @@ from kneeosteo.trust.bundle import NO_SIGNAL
 from kneeosteo.trust.calibration import DEGENERATE_TEMPERATURE, MIN_TEMPERATURE_IMAGES
 from kneeosteo.trust.domain import MIN_DOMAIN_IMAGES
 from kneeosteo.trust.operating_point import parse_operating_point
+from kneeosteo.trust.orientation import MIN_ORIENTATION_IMAGES
 from kneeosteo.trust.shift import ShiftReference
 from kneeosteo.utils.progress import progress_bar
 
@@ -239,6 +241,7 @@ def fit_trust(
     coverage: float = 0.9,
     domain_set: PreparedSet | None = None,
     domain: DomainCheck | None = None,
+    orientation: OrientationCheck | None = None,
     acceptance: float = 0.95,
     device: str = "cpu",
     fitted: dict | None = None,
@@ -271,6 +274,7 @@ def fit_trust(
     )
     feats = backbone_features(model, fit_set, prep, device)
     check = None
+    turned = None
     if feats is None:
         info["domain"] = "pixel checks only: the model has no backbone features"
     elif domain is not None:
@@ -302,6 +306,10 @@ def fit_trust(
         except DataError as exc:
             info["domain"] = f"pixel checks only: {exc}"
             log.warning("no domain check for this run: %s", exc)
+        if check is not None:
+            turned, info["orientation"] = fit_orientation(model, source, prep, device, x)
+    if domain is not None:  # a site's refit keeps the training fit's orientation check as it is
+        turned = orientation
     reference = ShiftReference().fit(
         None if check is None else check.heldout_scores_,
         p,
@@ -310,7 +318,31 @@ def fit_trust(
             "probability_source": f"calibrated probabilities of the {len(y)} calibration images",
         },
     )
-    return TrustBundle(calibrator, threshold, str(op), conformal, check, tuple(classes), info, reference, checked)
+    return TrustBundle(
+        calibrator, threshold, str(op), conformal, check, tuple(classes), info, reference, checked, orientation=turned
+    )
+
+
+def fit_orientation(model, films: PreparedSet, prep, device: str, upright: np.ndarray):
+    """``(check, note)``: the learned orientation check (:class:`~kneeosteo.trust.OrientationCheck`)
+    fitted on ``films``' features (``upright``) and those of the same inputs mirrored top to
+    bottom; ``(None, why)`` with too few films, where the older mirror comparison stays in force."""
+    try:
+        if len(upright) < MIN_ORIENTATION_IMAGES:
+            raise DataError(f"{len(upright)} films are too few (at least {MIN_ORIENTATION_IMAGES})")
+        mirrored = backbone_features(model, films, prep, device, upside_down=True)
+        oc = OrientationCheck().fit(upright, mirrored)
+    except DataError as exc:
+        note = f"none ({exc}); the mirror comparison applies"
+        log.warning("orientation check: %s", note)
+        return None, note
+    note = (
+        f"learned on {oc.n_images_} films and their top-to-bottom mirrors: out of fold it refuses "
+        f"{oc.false_refusals_:.1%} of upright films and catches {oc.detection_:.1%} of mirrored ones "
+        f"(AUC {oc.auc_:.3f})"
+    )
+    log.info("orientation check: %s", note)
+    return oc, note
 
 
 def trust_line(bundle: TrustBundle) -> str:
@@ -434,6 +466,7 @@ def calibrate_run(
             site,
             cfg.classes,
             domain=None if old is None else old.domain,
+            orientation=None if old is None else old.orientation,
             fitted={"mode": "site", "calibration_set": str(data)},
             site=old,
             raw_threshold=cfg.threshold,

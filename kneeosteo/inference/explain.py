@@ -209,7 +209,7 @@ class Explainer:
         with torch.no_grad():
             z, feats = self.model.logit_and_features(x)
             mirrored = None
-            if self.trust is not None and self.trust.domain is not None and feats is not None:
+            if self.trust is not None and self.trust.needs_mirror and feats is not None:
                 mirrored = self.model.logit_and_features(torch.flip(x, dims=[-2]))[1][0].double().cpu().numpy()
         z = float(z.float()[0])
         if self.trust is None:

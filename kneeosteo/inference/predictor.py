@@ -304,7 +304,7 @@ class Predictor:
         if self.trust is None:
             return [untrusted_prediction(zi, self.threshold, (self.info.negative, self.info.positive)) for zi in z]
         mirrored = None
-        if self.trust.domain is not None and feats is not None:  # the orientation check: one more pass, mirrored
+        if self.trust.needs_mirror and feats is not None:  # an older run's orientation check: one more pass, mirrored
             mirrored = self.forward(_upside_down(images))[2]
         return [
             self.trust.predict(

@@ -21,6 +21,7 @@ Modules, one concern each:
 - :mod:`.interval` — split-conformal intervals for a regression target, their coverage;
 - :mod:`.decision_curve` — net benefit of the model, treat-all and treat-none;
 - :mod:`.domain` — Mahalanobis (Ledoit-Wolf) or kNN feature distance plus pixel checks;
+- :mod:`.orientation` — the learned upside-down check on the same features;
 - :mod:`.prediction` — :class:`TrustedPrediction` and the function that builds one;
 - :mod:`.shift` — the batch shift alarm's reference and test;
 - :mod:`.bundle` — :class:`TrustBundle`, the fitted pieces of one run of any task (stored by
@@ -60,6 +61,7 @@ from .decision_curve import DecisionCurve, decision_curve, net_benefit, treat_al
 from .domain import DomainCheck, DomainVerdict, PixelLimits, pixel_problems
 from .interval import ConformalInterval, empirical_interval_coverage
 from .operating_point import OperatingPoint, OperatingThreshold, choose_threshold, parse_operating_point
+from .orientation import OrientationCheck
 from .prediction import STATUSES, TrustedPrediction, trusted_prediction
 from .shift import ShiftReference
 
@@ -78,6 +80,7 @@ __all__ = [
     "DomainVerdict",
     "OperatingPoint",
     "OperatingThreshold",
+    "OrientationCheck",
     "PixelLimits",
     "PlattScaler",
     "ReliabilityDiagram",

@@ -22,6 +22,7 @@ from .conformal import ConformalClassifier
 from .domain import DomainCheck, PixelLimits, pixel_problems
 from .interval import ConformalInterval
 from .operating_point import OperatingThreshold
+from .orientation import OrientationCheck
 from .prediction import TrustedPrediction, trusted_prediction
 from .shift import ShiftReference
 
@@ -48,6 +49,7 @@ TRUST_PIECES = {
     "interval": ("interval", ConformalInterval, ConformalInterval.from_state),
     "domain": ("domain", DomainCheck, DomainCheck.from_state),
     "shift": ("shift", ShiftReference, ShiftReference.from_state),
+    "orientation": ("orientation", OrientationCheck, OrientationCheck.from_state),
 }
 _STORED = [name for name in TRUST_PIECES if name != "operating_point"]
 
@@ -82,6 +84,14 @@ class TrustBundle:
     shift: ShiftReference | None = None
     site_check: dict | None = None
     interval: ConformalInterval | None = None
+    orientation: OrientationCheck | None = None
+
+    @property
+    def needs_mirror(self) -> bool:
+        """Whether :meth:`predict` wants each film's top-to-bottom mirror features: a domain check
+        fitted before the learned orientation check (:mod:`.orientation`) compares the film with
+        its mirror; a bundle with an orientation check reads the film's own features only."""
+        return self.domain is not None and self.orientation is None
 
     @property
     def no_signal(self) -> str:
@@ -107,7 +117,7 @@ class TrustBundle:
         """One image of a binary run: its raw logit, its backbone features (D,) and its canonical
         pixels (or, from a process that had the pixels, ``pixel_reasons``: what :attr:`pixel_limits`'
         check found); ``mirrored``: the features of the image mirrored top to bottom (the
-        orientation check)."""
+        orientation check of a bundle without :attr:`orientation`; ignored otherwise)."""
         if self.domain is None:  # no feature check fitted (too few training images, no backbone): pixels only
             reasons = (
                 list(pixel_reasons) if pixel_reasons is not None else ([] if pixels is None else pixel_problems(pixels))
@@ -116,13 +126,22 @@ class TrustBundle:
         else:
             if features is None:
                 raise DataError("this run's domain check needs the image's backbone features")
+            x = np.asarray(features, dtype=np.float64)[None, :]
             verdict = self.domain.assess(
-                np.asarray(features, dtype=np.float64)[None, :],
+                x,
                 pixels,
                 pixel_reasons=pixel_reasons,
-                mirrored=None if mirrored is None else np.asarray(mirrored, dtype=np.float64)[None, :],
+                mirrored=None
+                if mirrored is None or self.orientation is not None
+                else np.asarray(mirrored, dtype=np.float64)[None, :],
             )
             score, dthr, ok, reasons = verdict.score, verdict.threshold, verdict.ok, verdict.reasons
+            # the learned orientation check, on an image the distance accepted (as the mirror
+            # comparison it replaces: a film the distance refused gets no second reason)
+            near = bool(np.isfinite(score) and score <= dthr)
+            turned = self.orientation.reason(x) if self.orientation is not None and near else ""
+            if turned:
+                ok, reasons = False, (turned, *reasons)
         return trusted_prediction(
             logit,
             calibrator=self.calibrator,
@@ -215,6 +234,7 @@ class TrustBundle:
             found.get("shift"),
             site,
             found.get("interval"),
+            found.get("orientation"),
         )
 
     @classmethod
@@ -249,6 +269,14 @@ class TrustBundle:
             "coverage": None if self.conformal is None else self.conformal.coverage,
             "domain_threshold": None if self.domain is None else self.domain.threshold_,
             "domain_method": None if self.domain is None else self.domain.method,
+            "orientation": None
+            if self.orientation is None
+            else {
+                "threshold": self.orientation.threshold_,
+                "detection": self.orientation.detection_,
+                "false_refusals": self.orientation.false_refusals_,
+                "auc": self.orientation.auc_,
+            },
             "class_conditional": None if self.conformal is None else self.conformal.class_conditional,
             "shift_reference": None
             if shift is None
