@@ -12,7 +12,9 @@ is predicted as it is, to measure how many ordinary films are still accepted:
 - ``ordinary``: every KOP film unchanged (test partition and all films reported apart: the
   training films are what the check was fitted on).
 
-    python research/domain_film_checks.py DATA [--out docs/results/research/DOMAIN_FILM_CHECKS.json] [--limit N]
+    python research/domain_film_checks.py DATA [--run RUN] [--out docs/results/research/DOMAIN_FILM_CHECKS.json] [--limit N]
+
+``--run``: another run than the bundled model (its own split's test films build the cases).
 
 Prints one line per case (accepted, and how many of those were ``ok``) and writes the numbers.
 Not a package feature; prediction is the package's (``Predictor``, torch fp32).
@@ -45,8 +47,9 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/research/DOMAIN_FILM_CHECKS.json"))
     ap.add_argument("--limit", type=int, default=None, help="ordinary films: only this many (a quick look)")
+    ap.add_argument("--run", type=Path, default=None, help="the run to measure (default: the bundled model)")
     args = ap.parse_args()
-    run = RunDir.open(None)
+    run = RunDir.open(args.run)
     split = json.loads(run.split_file.read_text())
     test = sorted(split["test"])
     label = lambda p: p.split("/")[0]  # noqa: E731
@@ -61,7 +64,7 @@ def main() -> None:
         "noise0.1": [np.clip(pix(p) + rng.normal(0, 0.1, pix(p).shape), 0, 1).astype(np.float32) for p in normal],
         "noise0.2": [np.clip(pix(p) + rng.normal(0, 0.2, pix(p).shape), 0, 1).astype(np.float32) for p in normal],
     }
-    predictor = Predictor(None, engine="torch", batch_size=8)
+    predictor = Predictor(args.run, engine="torch", batch_size=8)
     out = {"model": predictor.model_id, "cases": {}}
     for name, images in cases.items():
         t0 = time.time()
