@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import imagegen as g
@@ -17,6 +18,8 @@ from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import held_out_leaks, load_split, make_split
 from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.interfaces.cli import main
+from kneeosteo.run import RunDir
+from kneeosteo.trust import logit
 
 HEADER = ["path", "t_score", "diagnosis", "source_id", "age", "sex", "weight_kg"]
 # path, T, diagnosis, patient, age, sex, weight: the known answers below are counted by hand
@@ -288,6 +291,21 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
         with open(out / "cells" / "am-only" / f"seed{seed}" / "predictions.csv", newline="") as fh:
             scored = {r["path"]: int(r["label"]) for r in csv.DictReader(fh)}
         assert scored == truth  # scored against the reference's truth, not the folders
+        # the conformal sets' coverage against both truths: the scored one and the folders' (the
+        # truth the sets were calibrated on, where their guarantee lies)
+        cell = RunDir(out / "cells" / "am-only" / f"seed{seed}")
+        t = json.loads((cell.path / "metrics.json").read_text())["trust"]
+        with open(cell.path / "predictions.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        mask = cell.trust.conformal.predict_mask(
+            cell.trust.calibrated(logit(np.array([float(r["probability"]) for r in rows])))
+        )
+        folder = np.array([int(split["folder_labels"][r["path"]] == "osteoporosis") for r in rows])
+        scored_y = np.array([int(r["label"]) for r in rows])
+        assert (folder != scored_y).any()  # the two truths differ on these films
+        got = t["conformal_coverage_folder_labels"]
+        assert got["covered"] == int(mask[np.arange(len(rows)), folder].sum()) and got["n"] == len(rows) == 7
+        assert t["conformal_coverage"] == pytest.approx(mask[np.arange(len(rows)), scored_y].mean())
     md = (out / "table1.md").read_text()
     assert "Held-out source" in md and "osteoporosis = T <= -2.5" in md
     clinical = json.loads((out / "clinical.json").read_text())
@@ -310,3 +328,33 @@ def test_reproduce_holdout_reference_scores_the_same_reference_films_every_seed(
         ), s
     with pytest.raises(ConfigError, match="go together"):
         reproduce(root, tmp_path / "r2", base, ["am-only"], seeds=[0], protocol="holdout-reference")
+
+
+def test_conformal_coverage_is_reported_against_the_folders_too_where_the_truth_differs(tmp_path):
+    """Where the scored truth (T-scores) is not the one the sets were calibrated on (folders), the
+    trust block gives the coverage against both, each counted from the same sets."""
+    from types import SimpleNamespace
+
+    from kneeosteo.evaluation.trust_metrics import trust_metrics
+    from kneeosteo.trust import ConformalClassifier, TemperatureScaler, TrustBundle
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 3, 300)
+    y = (rng.random(300) < 1 / (1 + np.exp(-z))).astype(int)
+    cal = TemperatureScaler().fit(z, y)
+    bundle = TrustBundle(
+        cal, 0.5, "0.5", ConformalClassifier(0.8).fit(cal.transform(z), y), None, ("normal", "osteoporosis")
+    )
+    run = SimpleNamespace(trust=bundle, config=SimpleNamespace(classes=["normal", "osteoporosis"], threshold=0.5))
+    zt = rng.normal(0, 3, 60)
+    folder = (zt > 0).astype(int)  # the folders follow the model
+    scored = np.where(rng.random(60) < 0.5, 1 - folder, folder)  # the other truth half disagrees
+    prob = 1 / (1 + np.exp(-zt))
+    mask = bundle.conformal.predict_mask(bundle.calibrated(zt))
+    assert (mask.sum(axis=1) == 1).sum() > 30  # informative sets: the two coverages can differ
+    block = trust_metrics(run, prob, scored, None, tmp_path, folder)
+    got = block["conformal_coverage_folder_labels"]
+    assert got["covered"] == int(mask[np.arange(60), folder].sum()) and got["n"] == 60
+    assert block["conformal_coverage"] == pytest.approx(mask[np.arange(60), scored].mean())
+    assert got["coverage"] > block["conformal_coverage"] + 0.2
+    assert "conformal_coverage_folder_labels" not in trust_metrics(run, prob, scored, None, tmp_path)

@@ -311,6 +311,9 @@ class SplitSets:
     labels: dict[str, str] = field(default_factory=dict)  # path -> class; absent: the path's first folder
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> {"t_score": ...}
     target: str = "label"  # or a number column: items() then gives that number
+    # held-out-source splits: the test films' folder labels (the truth training and calibration
+    # used), beside ``labels`` (their reference truth, what they are scored against)
+    folder_labels: dict[str, str] = field(default_factory=dict)
 
     def merged(self, merge: dict[str, str], positive: str | None = None) -> SplitSets:
         """The same split with classes merged (``{"osteopenia": "normal"}``); ``positive``: a binary
@@ -394,6 +397,7 @@ def load_split(
         labels,
         values,
         target,
+        {str(k): str(v) for k, v in (doc.get("folder_labels") or {}).items()},
     )
     named = set(keep["train"] + keep["val"] + keep["test"])
     if target != "label":

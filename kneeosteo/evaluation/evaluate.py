@@ -98,7 +98,9 @@ def score(
             seed=int(run.config.settings.get("seed", 0)),
         )
     out.mkdir(parents=True, exist_ok=True)
-    metrics["trust"] = trust_metrics(run, prob, y, None if test.features is None else test.features.numpy(), out)
+    metrics["trust"] = trust_metrics(
+        run, prob, y, None if test.features is None else test.features.numpy(), out, _folder_truth(sets, test.paths)
+    )
     write_json(out / "metrics.json", metrics)
     write_csv(out / "predictions.csv", *task.prediction_table(test.paths, y, prob, threshold=threshold))
     if history:
@@ -106,6 +108,16 @@ def score(
     figures.confusion(metrics["counts"], sets.classes, out)
     figures.roc(y, prob, metrics["auc"]["value"], out)
     return metrics
+
+
+def _folder_truth(sets: SplitSets, paths) -> np.ndarray | None:
+    """The scored films' folder labels as class indices, where the split scores them against
+    another truth (a held-out-source split: T-score truth) and every film has one; else None."""
+    folder = sets.folder_labels
+    index = {c: k for k, c in enumerate(sets.classes)}
+    if not folder or any(folder.get(p) not in index for p in paths):
+        return None
+    return np.array([index[folder[p]] for p in paths], dtype=int)
 
 
 def evaluate_run(

@@ -48,9 +48,16 @@ def _subset_metrics(y: np.ndarray, p: np.ndarray, keep: np.ndarray, threshold: f
     return metrics_with_ci(y[keep], p[keep], threshold=threshold)
 
 
-def trust_metrics(run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: Path) -> dict:
+def trust_metrics(
+    run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: Path, folder_truth: np.ndarray | None = None
+) -> dict:
     """The ``trust`` block of metrics.json for raw probabilities ``prob`` (float64) and labels
-    ``y``; ``features`` the images' backbone features (or None). Writes the two figures."""
+    ``y``; ``features`` the images' backbone features (or None). Writes the two figures.
+
+    ``folder_truth``: where ``y`` is another truth than the one the run was trained and
+    calibrated on (a held-out-source split scores its films against their T-scores), the same
+    films' folder labels: the conformal sets' coverage is reported against both, since the
+    guarantee holds only for the truth the calibration films carried."""
     bundle = run.trust
     raw = np.asarray(prob, dtype=np.float64)
     block: dict = {"calibrated": bundle is not None, "n": int(y.size), "raw": _calibration(raw, y)}
@@ -77,6 +84,15 @@ def trust_metrics(run: RunDir, prob: np.ndarray, y: np.ndarray, features, out: P
     block["conformal_coverage_per_class"] = {
         c: float(hit[y == k].mean()) if (y == k).any() else None for k, c in enumerate(run.config.classes)
     }
+    if folder_truth is not None:
+        covered = mask[np.arange(y.size), np.asarray(folder_truth, dtype=int)]
+        block["conformal_coverage_folder_labels"] = {
+            "coverage": float(covered.mean()),
+            "covered": int(covered.sum()),
+            "n": int(y.size),
+            "meaning": "the films' folder labels, the truth the sets were calibrated on; conformal_coverage is "
+            "against the truth they are scored against",
+        }
     block["abstention_rate"] = abstention_rate(mask)
     confident = in_domain & (mask.sum(axis=1) == 1)
     block["confident_share"] = float(confident.mean())

@@ -611,6 +611,13 @@ def trust_summary(t: dict) -> list[str]:
             + "): "
             + ", ".join(f"{c} {'-' if v is None else format(v, '.3f')}" for c, v in per.items())
         )
+    folder = t.get("conformal_coverage_folder_labels")
+    if folder:
+        lines.append(
+            f"conformal coverage of the films' folder labels (the truth the sets were calibrated on): "
+            f"{folder['covered']} of {folder['n']} ({folder['coverage']:.3f}); the figure above is against the "
+            "truth these films are scored against"
+        )
     shift = t.get("batch_shift")
     if shift:
         p = "" if shift.get("p_value") is None else f", KS {shift['statistic']:.3f}, p {shift['p_value']:.3g}"
