@@ -362,7 +362,36 @@ def domain_text(domain: dict | None, rd: RunDir) -> str:
     return "Measured on this run by research/knee_domain.py: " + "; ".join(parts) + "."
 
 
-def trust_text(rd: RunDir, domain: dict | None = None) -> str:
+def coverage_text(m: dict) -> str:
+    """The conformal sets' coverage of a held-out-source test against both truths (evaluate's trust
+    block): the folder labels they were calibrated on, and the T-score truth the films are scored against."""
+    t = m.get("trust") or {}
+    f = t.get("conformal_coverage_folder_labels")
+    if not f:
+        return ""
+    n = f["n"]
+    scored = round(t["conformal_coverage"] * n)
+    return (
+        f" Its conformal sets (coverage {t['coverage']:g}) hold the folder label, the truth they were calibrated "
+        f"on, for {f['covered']} of {n} held-out films, and the T-score truth those films are scored against for "
+        f"only {scored} of {n}: the guarantee is about the calibration films' truth and does not carry over to "
+        "another. Sets and a threshold that mean the WHO diagnosis need T-score-labelled calibration films "
+        "(`kneeosteo calibrate RUN SITE` on your own)."
+    )
+
+
+def orientation_text(d: dict) -> str:
+    o = d.get("orientation")
+    if not o:
+        return ""
+    return (
+        f" Upside-down films are refused by a learned orientation check (out of fold on its training films and "
+        f"their top-to-bottom mirrors: {o['false_refusals']:.1%} of upright films refused, {o['detection']:.1%} of "
+        f"mirrored ones caught)."
+    )
+
+
+def trust_text(rd: RunDir, domain: dict | None = None, m: dict | None = None) -> str:
     t = rd.trust
     if t is None:
         return (
@@ -382,7 +411,11 @@ def trust_text(rd: RunDir, domain: dict | None = None) -> str:
     return (
         'Its trust files (`trust.json`, docs/trust.md, "Trusting a prediction") flag images unlike its training '
         "films as `out_of_domain` and answers whose conformal set holds both classes as `uncertain`; "
-        f"they were fitted by `kneeosteo calibrate` on its own split ({fit}). " + domain_text(domain, rd)
+        f"they were fitted by `kneeosteo calibrate` on its own split ({fit})."
+        + orientation_text(d)
+        + coverage_text(m or {})
+        + " "
+        + domain_text(domain, rd)
     )
 
 
@@ -475,6 +508,8 @@ def card(
         "- Trained on one small public data set of mixed, undocumented sources with folder labels, and tested "
         "on its films that carry a T-score, from the same public collection: no other hospital's films. "
         "Read its figures beside the clinical baselines' (the evidence above)."
+        + f"\n- Its threshold was set on folder labels: on the held-out films it calls {c['tp'] + c['fp']} of "
+        f"{m['n']} osteoporosis (specificity {m['specificity']['value']:.3f} against the T-score truth)."
         if holdout
         else "- Trained and tested on one small public data set of mixed, undocumented sources; no external\n"
         "  validation, no patient-level information, no DXA reference standard."
@@ -516,7 +551,7 @@ this model's accuracy on the test images where that forest is wrong (chance: 0.5
 ## Known failure modes and limits
 {source}
 - A test set of {m["n"]} images: the accuracy's 95% interval is {m["accuracy"]["ci_low"]:.3f}-{m["accuracy"]["ci_high"]:.3f} here.
-- {trust_text(rd, domain)}
+- {trust_text(rd, domain, m)}
 - Image source, film format and post-processing shift the output: on the images where the file's
   metadata points the wrong way its accuracy falls towards chance (0.5{pooled}).
 """

@@ -13,8 +13,9 @@
 #   0. the rule: knee384's mean AUC over the grid's seeds above the default settings row's, the
 #      DeLong lower bound of the AUC of its seed-mean probability above 0.5, every seed in; it stops
 #      here when the rule fails (scripts/bundle_default_model.py --check-rule);
-#   1. kneeosteo calibrate on the seed-0 cell's own validation films (domain check on its training
-#      films) -> WORK/default (weights copied byte for byte); the cell's history.csv copied in;
+#   1. kneeosteo calibrate on the seed-0 cell's own validation films (domain check and orientation
+#      check on its training films, domain acceptance $ACCEPTANCE, 0.99 by research/DEFAULT_CHOICE.md
+#      of 2026-12-07 05:40) -> WORK/default (weights copied byte for byte); history.csv copied in;
 #   2. kneeosteo evaluate WORK/default: its held-out test films against their T-score truth, with
 #      the shortcut probes and the trust block;
 #   3. kneeosteo audit DATA (the metadata-only shortcut figure of the card), unless AUDIT is given;
@@ -25,7 +26,7 @@
 #   6. scripts/write_default_config.py: configs/default_model.toml becomes the bundled run's
 #      settings (or $CONFIG_OUT).
 #
-# Environment: ROW (default knee384), AGAINST (default default_model: the grid row of the previous
+# Environment: ACCEPTANCE (the domain check's, default 0.99), ROW (default knee384), AGAINST (default default_model: the grid row of the previous
 # default's settings), REF (default DATA/tscores.csv), AUDIT (an audit.json to reuse), DEST,
 # CONFIG_OUT, DEVICE (cpu), SKIP_RULE=1 (a trial only, never a ship: the rule is printed, not
 # enforced; the grid folder still needs table1.json and clinical.json, e.g. a copy of the finished
@@ -43,6 +44,7 @@ ROW=${ROW:-knee384}
 AGAINST=${AGAINST:-default_model}
 REF=${REF:-$DATA/tscores.csv}
 DEVICE=${DEVICE:-cpu}
+ACCEPTANCE=${ACCEPTANCE:-0.99}
 PY=${PY:-.venv/bin/python}
 KO=${KO:-.venv/bin/kneeosteo}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -67,7 +69,7 @@ else
 fi
 
 step "1. calibrate $CELL on its own split"
-timed $KO calibrate "$CELL" "$DATA" --split "$CELL/split.json" --out "$RUN" --device "$DEVICE"
+timed $KO calibrate "$CELL" "$DATA" --split "$CELL/split.json" --out "$RUN" --device "$DEVICE" --domain-acceptance "$ACCEPTANCE"
 cp "$CELL/history.csv" "$RUN/"
 
 step "2. evaluate $RUN"
