@@ -295,7 +295,7 @@ class Binary(Task):
         ]
 
     # ------------------------------------------------------------------ trust (issue 29)
-    trust_pieces = ("calibration", "operating_point", "conformal", "domain", "shift")
+    trust_pieces = ("calibration", "operating_point", "conformal", "domain", "orientation", "shift")
 
 
 class Multiclass(Task):
