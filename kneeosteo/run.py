@@ -21,6 +21,7 @@ range. An edited mean, threshold or class name is refused with one line naming t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -511,10 +512,12 @@ class RunDir:
         for cached in ("config", "trust"):
             self.__dict__.pop(cached, None)
 
-    def derive(self, out: str | Path, record: dict) -> RunDir:
+    def derive(self, out: str | Path, record: dict, trust_settings: dict | None = None) -> RunDir:
         """A new run folder at ``out`` with a byte copy of this run's weights and split, and this
         run's identity and settings; ``record`` is added to the copied record (nothing here is
-        modified). Its model id differs by the folder name; trust files are fitted afterwards."""
+        modified). ``trust_settings``: the ``[trust]`` settings the new run's trust files are fitted
+        with (``calibrate``'s options), replacing the source's. Its model id differs by the folder
+        name; trust files are fitted afterwards."""
         import shutil
 
         src = self.config  # verifies the weights before they are copied
@@ -531,6 +534,14 @@ class RunDir:
         dropped = ("trust", "domain", "task_trust", "fused")  # fitted for the source run; refitted for the new one
         base = {k: v for k, v in (doc.get("record") or {}).items() if k not in dropped}
         doc["record"] = {**base, **record}
+        if trust_settings:
+            from kneeosteo.config import SECTIONS
+
+            known = {f.name for f in dataclasses.fields(SECTIONS["trust"])}
+            unknown = sorted(set(trust_settings) - known)
+            if unknown:
+                raise ValueError(f"not [trust] settings: {unknown}")
+            doc["settings"] = {**(doc.get("settings") or {}), **trust_settings}
         doc["format_version"] = FORMAT_VERSION
         if sha256_file(new.weights_file) != src.weights_sha256:
             raise CheckpointError(f"{new.weights_file}: the copy differs from {self.weights_file}")

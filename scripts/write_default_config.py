@@ -5,7 +5,8 @@ Usage: python scripts/write_default_config.py RUN LEVER_TOML [OUT_TOML]
 RUN: the run being bundled (its config.json's settings are what it was trained with); LEVER_TOML:
 the settings file of the grid row it comes from (e.g. configs/levers/knee384.toml): its keys are
 the ones the new file names, each with RUN's value (so limits the grid imposed, such as
-``--epochs 8 --patience 3``, are written as they were trained, not as the lever file says).
+``--epochs 8 --patience 3``, are written as they were trained, not as the lever file says), and
+the trust settings RUN was calibrated with (operating point, coverage, domain acceptance).
 OUT_TOML: default configs/default_model.toml. The comment header says what the model is and by
 which rule it was chosen; every figure in it is read from RUN's files.
 """
@@ -24,6 +25,7 @@ from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+TRUST_KEYS = ("operating_point", "coverage", "domain_acceptance")
 
 
 def toml_value(v) -> str:
@@ -70,6 +72,9 @@ def main(run: str, lever: str, out: str | None = None) -> None:
     rd = RunDir.open(Path(run))
     lever_path = Path(lever).resolve()
     keys = list(tomllib.loads(lever_path.read_text())["train"])
+    # and the trust settings the bundled run was calibrated with (`calibrate` records them), so
+    # that training with this file fits the same trust pieces
+    keys += [k for k in TRUST_KEYS if k not in keys]
     settings = rd.config.settings
     missing = [k for k in keys if k not in settings]
     if missing:

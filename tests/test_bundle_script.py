@@ -86,7 +86,7 @@ def grid(tmp_path_factory):
                 limits={"epochs": 1},
             )
             cell = out / "cells" / "ship" / "seed0"
-            run = calibrate_run(cell, base / "run", root, cell / "split.json").path
+            run = calibrate_run(cell, base / "run", root, cell / "split.json", acceptance=0.99).path
             (run / "history.csv").write_bytes((cell / "history.csv").read_bytes())
             evaluate_run(run, probes=False)
     finally:
@@ -179,8 +179,12 @@ def test_the_default_settings_file_is_written_as_the_bundled_run_was_trained(gri
     text = dest.read_text()
     named = tomllib.loads(text)["train"]
     settings = RunDir.open(run).config.settings
-    assert list(named) == list(tomllib.loads(levers["ship"].read_text())["train"])
+    lever_keys = list(tomllib.loads(levers["ship"].read_text())["train"])
+    assert list(named) == lever_keys + [
+        k for k in ("operating_point", "coverage", "domain_acceptance") if k not in lever_keys
+    ]
     assert named["epochs"] == settings["epochs"] == 1  # the grid's limit, not the lever file's 3
+    assert named["domain_acceptance"] == 0.99  # what the run was calibrated with, not the training default
     flat = load_config(dest, {}).to_dict()
     for key in named:
         assert flat[key] == settings[key], key

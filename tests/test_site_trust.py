@@ -196,10 +196,16 @@ def test_calibrate_on_a_site_without_signal_marks_every_prediction_uncertain(tin
                 "--coverage",
                 "0.8",
                 "--class-conditional",
+                "--domain-acceptance",
+                "0.97",
             ]
         )
     assert e.value.code == 0
     out = capsys.readouterr().out.splitlines()
+    # the new run's [trust] settings are the ones it was calibrated with; the source run keeps its own
+    got = RunDir(tmp_path / "new").config.settings
+    assert (got["coverage"], got["domain_acceptance"], got["operating_point"]) == (0.8, 0.97, "0.5")
+    assert RunDir(tiny.run).config.settings["domain_acceptance"] == 0.95
     assert out[0].startswith("site check: NO SIGNAL AT THIS SITE")
     new = RunDir(tmp_path / "new")
     assert new.trust.site_check["verdict"] == "no signal at this site"

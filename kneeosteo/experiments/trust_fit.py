@@ -488,7 +488,10 @@ def calibrate_run(
             "content_ids": {p: ids.get(p, "") for p in sets.val},
         }
     new = src.derive(
-        out, {"calibrated_from": {"run": str(src.path), "model_id": src.model_id}, "calibration_data": record}
+        out,
+        {"calibrated_from": {"run": str(src.path), "model_id": src.model_id}, "calibration_data": record},
+        # the new run's [trust] settings are the ones its trust files were fitted with
+        trust_settings={"operating_point": str(operating_point), "coverage": coverage, "domain_acceptance": acceptance},
     )
     new.save_trust(bundle)
     return new
