@@ -256,7 +256,7 @@ def heldout_evidence(grid: Path, row: str, against: str, split: dict, reference:
         r["model"] for r in table["rows"] if r.get("seeds") and r["model"] not in (row, against)
     ]
     ref = _reference_for(split, reference)
-    held = table["info"].get("held_out") or split["reference"]
+    held = split.get("reference") or table["info"]["held_out"]  # the shipped split: its paths as shipped
     seeds = table["info"]["seeds"]
     per_row = {k: _seed_predictions(grid, k) for k in keys}
     rule = rule_figures(grid, row, against)

@@ -195,6 +195,19 @@ def bundled_run() -> Path:
     return RunDir.bundled().path
 
 
+PREVIOUS_DEFAULT = Path(__file__).resolve().parent / "data" / "previous_default"
+
+
+@pytest.fixture(scope="session")
+def previous_default() -> Path:
+    """The bundled model before the knee-region one (``hybrid-bone224-reweight``, bone preset, whole
+    films), kept byte for byte as a run written by an earlier version: its trust.json of format 1,
+    its run-folder format 2 and the mirror-comparison orientation check (no learned one)."""
+    from kneeosteo.run import RunDir
+
+    return RunDir.open(PREVIOUS_DEFAULT).path
+
+
 # The session's tiny model: generated 64x64 data, pretrained EfficientNet-Lite0 frozen, trained
 # long enough that its probabilities spread over most of [0, 1] (logits about -4..7: an engine
 # that answered a constant could not pass the engine-agreement tests), in fp32 so that it is the

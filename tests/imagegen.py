@@ -578,3 +578,29 @@ def knee_film(
 def two_knee_film(left: np.ndarray, right: np.ndarray, gap: int = 0) -> np.ndarray:
     """``left`` and ``right`` (same height) side by side, ``right`` mirrored, ``gap`` black columns between."""
     return np.hstack([left, np.zeros((left.shape[0], gap)), right[:, ::-1]])
+
+
+def make_knee_dataset(root, n_per_class: int = 8, conflict_duplicates: int = 0, seed: int = 0) -> GeneratedDataset:
+    """Like :func:`make_dataset`, with schematic knee films (:func:`knee_film`, 120x240, joint and
+    plateau width varied per film; the second class with bone grain) for a knee-region run, whose
+    localiser finds no knee in :func:`dataset_image`'s blobs."""
+    root = Path(root)
+    out = GeneratedDataset(root)
+    first: list[tuple[Path, np.ndarray]] = []
+    for c, label in enumerate(("normal", "osteoporosis")):
+        for i in range(n_per_class):
+            rng = np.random.default_rng([seed, c, i])
+            plateau = float(rng.uniform(40, 50))
+            joint = (float(rng.uniform(56, 64)), float(rng.uniform(95, 115)))
+            film = knee_film(120, 240, joint, plateau, texture=0.06 * c, seed=int(rng.integers(1 << 30)))
+            a = np.rint(film * 255).astype(np.uint8)
+            p = png_grey8(root / label / f"{label}_{i:03d}.png", array=a)
+            out.items.append((p, label))
+            if c == 0:
+                first.append((p, a))
+    for k in range(conflict_duplicates):
+        p0, a = first[k % len(first)]
+        p = png_grey8(root / "osteoporosis" / f"conflict_{k:03d}.png", array=a)
+        out.items.append((p, "osteoporosis"))
+        out.conflicts.append((p0, p))
+    return out

@@ -326,11 +326,11 @@ def test_grid_epochs_and_patience_reach_settings_file_models(tmp_path, monkeypat
 
     seen = []
     monkeypatch.setattr(rp, "train_and_score", lambda cfg, **kw: seen.append(cfg))
-    f = str(Path(__file__).resolve().parent.parent / "configs" / "default_model.toml")
+    f = str(Path(__file__).resolve().parent.parent / "configs" / "levers" / "knee384.toml")  # 30 epochs, patience 6
     base = TrainConfig.from_dict({"data": str(tmp_path)})
     for limits, want in (({"epochs": 8, "patience": 3}, (8, 3)), (None, (30, 6))):
         cell = rp.Cell(rp.config_model(f, limits), 1, None, tmp_path / str(want[0]))
         rp.run_cell(cell, base, tmp_path / "split.json", False)
         got = seen[-1]
         assert (got.optimiser.epochs, got.optimiser.patience, got.runtime.seed) == (*want, 1)
-        assert got.data.preprocess == "bone"  # the file's other settings kept
+        assert (got.data.preprocess, got.data.image_size) == ("knee", 384)  # the file's other settings kept

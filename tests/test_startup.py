@@ -199,9 +199,11 @@ def test_onnx_probabilities_are_unchanged_on_kop_films(onnx_cache, kop, monkeypa
     np.testing.assert_allclose([rows[str(f)] for f in files], reference[0], rtol=0, atol=1e-6)
 
 
-def test_predict_finds_the_bone_mask_once_per_film(onnx_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", ["bundled", "previous"])
+def test_predict_finds_the_bone_mask_once_per_film(which, onnx_cache, previous_default, tmp_path, monkeypatch):
     """The bone preset's input and the film check (bone regions side by side) both ask for the
-    mask; it is computed once, the second ask scales the kept one."""
+    mask; it is computed once, the second ask scales the kept one (the previous bundled model,
+    bone preset). The knee-region model asks once per film, for the film check."""
     from collections import OrderedDict
 
     from kneeosteo.data import bone, preprocess
@@ -223,10 +225,18 @@ def test_predict_finds_the_bone_mask_once_per_film(onnx_cache, tmp_path, monkeyp
     monkeypatch.setattr(preprocess, "bone_mask", mask)
     monkeypatch.setattr(bone, "_small_mask", small)
     monkeypatch.setenv("KNEEOSTEO_CACHE", str(onnx_cache))
-    predictor = Predictor(engine="onnxruntime")
-    assert predictor.info.preprocess.preset == "bone" and predictor.pixel_limits.film_checks
+    if which == "previous":
+        from kneeosteo.inference.export import ensure_onnx
+        from kneeosteo.run import RunDir
+
+        ensure_onnx(RunDir.open(previous_default))  # into the same cache
+    predictor = Predictor(previous_default if which == "previous" else None, engine="onnxruntime")
+    preset = predictor.info.preprocess.preset
+    assert preset == ("bone" if which == "previous" else "knee") and predictor.pixel_limits.film_checks
+    asked.clear(), computed.clear()
     films = [_knee_png(tmp_path / "a.png"), g.png_grey8(tmp_path / "b.png", array=np.rint(g.knee_film() * 255))]
     result = predictor.predict(films, progress=False)
     assert len(result.predictions) == 2
-    assert len(asked) == 4, asked  # twice per film: the input and the film check
-    assert len(computed) == 2, computed  # once per film
+    # twice per film for the bone preset (its input and the film check), once for the knee preset
+    assert len(asked) == (4 if preset == "bone" else 2), asked
+    assert len(computed) == 2, computed  # computed once per film

@@ -279,8 +279,10 @@ def test_training_settings_reject_a_bad_operating_point_or_coverage():
 
 def test_domain_check_accepts_kop_test_images_and_rejects_non_knee_images(tmp_path):
     """Fitted as training fits it (frozen Lite0 features of KOP training images, out-of-fold
-    threshold at 95%), on the bundled model's split: KOP test images pass, the generated
-    non-knee corpus and pydicom's CT/MR samples do not."""
+    threshold at 95%), on the bundled model's split: its validation images (same source, not
+    fitted on) pass, the generated non-knee corpus and pydicom's CT/MR samples do not. (Its test
+    images are the held-out source's, another source by design: what the check flags there is
+    measured in docs/results/research/KNEE_DOMAIN.json, not promised here.)"""
     require(KOP_DIR.is_dir(), f"KOP data set not found at {KOP_DIR}")
     import torch
 
@@ -301,12 +303,13 @@ def test_domain_check_accepts_kop_test_images_and_rejects_non_knee_images(tmp_pa
         x = torch.stack([prep(p) for p in pixels])
         return model.eval().extract_features(x).double().numpy()
 
-    # the backbone costs ~0.1 s an image on one core: a sixth of the training images (41), a third of the test (24)
+    # the backbone costs ~0.1 s an image on one core: a sixth of the training images (40), the 26 validation images
     train = [read_image(KOP_DIR / p).pixels for p in split["train"][::6]]
-    test = [read_image(KOP_DIR / p).pixels for p in split["test"][::3]]
+    test = [read_image(KOP_DIR / p).pixels for p in split["val"]]
+    assert len(test) >= 20
     check = DomainCheck().fit(feats(train))
     accepted = [check.assess(f[None], px).ok for f, px in zip(feats(test), test)]
-    assert np.mean(accepted) >= 0.9, f"{sum(accepted)} of {len(test)} KOP test images accepted"
+    assert np.mean(accepted) >= 0.9, f"{sum(accepted)} of {len(test)} KOP validation images accepted"
     junk = [read_image(p).pixels for p in non_knee_corpus(tmp_path / "junk")]
     rejected = [not check.assess(f[None], px).ok for f, px in zip(feats(junk), junk)]
     assert all(rejected), f"accepted: {[i for i, r in enumerate(rejected) if not r]}"
@@ -421,15 +424,27 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
     from kneeosteo.experiments.trust_fit import calibrate_run, min_refit_images
     from kneeosteo.inference import Predictor
 
-    before = RunDir(bundled_run).trust.domain.threshold_
-    few = g.make_dataset(tmp_path / "few", n_per_class=2)
-    kept = calibrate_run(bundled_run, tmp_path / "few-run", few.root).trust
+    # films the bundled run reads: knee films for a knee-region run, generated pictures otherwise
+    make = g.make_knee_dataset if RunDir(bundled_run).config.preprocess.preset == "knee" else g.make_dataset
+    site = make(tmp_path / "site", n_per_class=21, conflict_duplicates=1)
+    assert min_refit_images(0.95) == 40 and min_refit_images(0.99) == 200
+    # the bundled run's own check (acceptance 0.99 for the knee model) needs 200 films: 43 keep it
+    bundled = RunDir(bundled_run).trust.domain
+    kept = calibrate_run(bundled_run, tmp_path / "kept-run", site.root).trust
+    assert kept.domain.threshold_ == bundled.threshold_ and "too few" in kept.fitted["domain"]
+    assert f"at acceptance {bundled.acceptance:g}" in kept.fitted["domain"]
+    # the same run with its check at acceptance 0.95 (arrays and threshold as they are): 4 films keep
+    # it, 41 refit it
+    run95 = RunDir(bundled_run).derive(tmp_path / "run95", {"test": "acceptance 0.95"})
+    trust = RunDir(bundled_run).trust
+    trust.domain.set_params(acceptance=0.95)
+    run95.save_trust(trust)
+    before = trust.domain.threshold_
+    few = make(tmp_path / "few", n_per_class=2)
+    kept = calibrate_run(run95.path, tmp_path / "few-run", few.root).trust
     assert kept.domain.threshold_ == before and "too few" in kept.fitted["domain"]
-
-    assert min_refit_images(0.95) == 40
-    site = g.make_dataset(tmp_path / "site", n_per_class=21, conflict_duplicates=1)
     with caplog.at_level(logging.WARNING):
-        new = calibrate_run(bundled_run, tmp_path / "site-run", site.root)
+        new = calibrate_run(run95.path, tmp_path / "site-run", site.root)
     assert any("identical images with two labels" in m for m in caplog.messages)
     assert new.trust.fitted["calibration_images"] == 41  # 43 files less the film and its copy in the other class
     result = Predictor(new.path, engine="torch").predict([p for p, _ in site.items], progress=False)
@@ -440,6 +455,7 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
             if "conflict" not in r.path and Path(r.path).name != site.conflicts[0][0].name
         ]
     )
+    assert np.isfinite(scores).all() and scores.size == 41  # every film scored by the distance (a knee found)
     assert new.trust.domain.threshold_ == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
     assert (scores <= new.trust.domain.threshold_ * (1 + 1e-5)).mean() >= 0.95
 
@@ -459,13 +475,14 @@ def test_an_upside_down_kop_film_is_refused(kop, bundled_run, one_thread):
 # -- the one trust file's older layouts (issue 29) ---------------------------------------------------
 
 
-def test_the_bundled_runs_format_1_trust_file_loads_and_answers_as_format_2(bundled_run, tmp_path):
-    """The bundled model keeps its trust.json of format 1 (a binary run's, read by the compatibility
-    reader); written again in format 2, every answer on the same logits and features is the same."""
+def test_the_previous_bundled_runs_format_1_trust_file_loads_and_answers_as_format_2(previous_default, tmp_path):
+    """The previous bundled model (kept in the tests' data) has a trust.json of format 1 (a binary
+    run's, read by the compatibility reader); written again in format 2, every answer on the same
+    logits and features is the same."""
     from kneeosteo.trust import TRUST_FORMAT
 
-    old = RunDir(bundled_run)
-    assert json.loads(old.trust_file.read_text())["format"] == "kneeosteo-trust/1"  # the bundle is not rewritten
+    old = RunDir(previous_default)
+    assert json.loads(old.trust_file.read_text())["format"] == "kneeosteo-trust/1"  # the old run is not rewritten
     assert json.loads(old.config_file.read_text())["format_version"] == 2
     v1 = old.trust
     raw = json.loads(old.trust_file.read_text())  # what format 1 wrote, read without the bundle's reader

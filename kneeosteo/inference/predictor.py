@@ -323,7 +323,15 @@ class Predictor:
         return None if self.trust is None else self.trust.pixel_limits
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched."""
+        """Canonical greyscale images (H, W) in [0, 1] -> raw P(positive), batched. A knee run:
+        each film's is the mean of its knees' (as :func:`~kneeosteo.inference.knees.film_verdict`
+        aggregates them), NaN for a film on which no knee is found (``predict_trusted`` says why)."""
+        if self.knee_run:
+            views = [self.inputs(p)[1] for p in pixels]
+            flat = [x for v in views for x in v]
+            batches = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
+            probs = iter(np.concatenate([self.probabilities(self._stack(b)) for b in batches]) if flat else [])
+            return np.array([np.mean([next(probs) for _ in v]) if v else np.nan for v in views], dtype=np.float64)
         out = [
             self.probabilities(self._stack([self.inputs(p) for p in pixels[i : i + self.batch_size]]))
             for i in range(0, len(pixels), self.batch_size)
