@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_default_model import _seed_predictions, mean_probability_auc, rule_figures  # noqa: E402
+from bundle_default_model import mean_probability_auc, rule_figures, seed_predictions  # noqa: E402
 
 from kneeosteo.data.reference import DEFINITIONS, read_reference  # noqa: E402
 from kneeosteo.evaluation.stats import delong_auc_ci  # noqa: E402
@@ -36,7 +36,7 @@ from kneeosteo.utils.atomic import write_json, write_text  # noqa: E402
 def row_figures(grid: Path, row: str, truth: dict[str, int]) -> dict:
     """Per seed the AUC of ``row`` on the films of ``truth`` (DeLong), their mean and sd, and the
     AUC of the seeds' mean probability."""
-    per_seed = _seed_predictions(grid, row)
+    per_seed = seed_predictions(grid, row)
     paths = sorted(truth)
     y = np.array([truth[p] for p in paths])
     seeds = {}
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     candidate, default = args.rows.split(",")
     ref = read_reference(args.reference, args.data)
-    tested = set.intersection(*(set(p) for p in _seed_predictions(args.grid, candidate).values()))
+    tested = set.intersection(*(set(p) for p in seed_predictions(args.grid, candidate).values()))
     films = {p: f for p, f in ref.files.items() if f.single_truth and p in tested}
     if len(films) != len(tested):
         raise SystemExit(f"{len(tested) - len(films)} tested films have no single truth in {args.reference}")

@@ -148,7 +148,7 @@ def _grid_seeds(grid: Path) -> list[int]:
     return sorted(int(p.stem.removeprefix("seed")) for p in (grid / "splits").glob("seed*.json"))
 
 
-def _seed_predictions(grid: Path, row: str) -> dict[int, dict[str, tuple[int, float]]]:
+def seed_predictions(grid: Path, row: str) -> dict[int, dict[str, tuple[int, float]]]:
     out = {}
     for s in _grid_seeds(grid):
         p = _cell_predictions(grid, row, s)
@@ -173,7 +173,7 @@ def rule_figures(grid: Path, row: str, against: str) -> dict:
     AGAINST's over the same seeds; (b) the DeLong lower bound of the AUC of ROW's seed-mean
     probability above 0.5; rule 3: every seed of the grid in for both rows."""
     seeds = _grid_seeds(grid)
-    a, b = _seed_predictions(grid, row), _seed_predictions(grid, against)
+    a, b = seed_predictions(grid, row), seed_predictions(grid, against)
     common = sorted(set(a) & set(b))
 
     def auc(p):
@@ -258,7 +258,7 @@ def heldout_evidence(grid: Path, row: str, against: str, split: dict, reference:
     ref = _reference_for(split, reference)
     held = split.get("reference") or table["info"]["held_out"]  # the shipped split: its paths as shipped
     seeds = table["info"]["seeds"]
-    per_row = {k: _seed_predictions(grid, k) for k in keys}
+    per_row = {k: seed_predictions(grid, k) for k in keys}
     rule = rule_figures(grid, row, against)
     trows = {r["model"]: r for r in table["rows"]}
     out = [
