@@ -250,30 +250,21 @@ class Explainer:
         maps = [self._gradcam(x[None].to(self.device), targets) for x in inputs]
         shape = pixels.shape
         if search is None:
-            norm, raw, am = maps[0]
-            return Explanation(
-                verdict.probability,
-                self.info.positive,
-                verdict.label,
-                explained,
-                self.layer_name,
-                to_image_shape(norm, shape, prep),
-                None if am is None else to_image_shape(am, shape, prep),
-                raw,
-                am,
-                verdict,
-            )
-        # a knee run: each knee's map drawn at its region on the whole film (zero elsewhere);
-        # the raw maps are one per knee, stacked (none found: a zero map)
-        has_am = self.model.attention is not None
-        gradcam = np.zeros(shape, np.float32)
-        attention = np.zeros(shape, np.float32) if has_am else None
-        for knee, (norm, _, am) in zip(search.knees, maps):
-            np.maximum(gradcam, to_knee_region(norm, shape, knee), out=gradcam)
-            if has_am:
-                np.maximum(attention, to_knee_region(am, shape, knee), out=attention)
-        raw = np.stack([r for _, r, _ in maps]) if maps else np.zeros((1, 1), np.float32)
-        am_raw = (np.stack([a for _, _, a in maps]) if maps else np.zeros((1, 1), np.float32)) if has_am else None
+            norm, raw, am_raw = maps[0]
+            gradcam = to_image_shape(norm, shape, prep)
+            attention = None if am_raw is None else to_image_shape(am_raw, shape, prep)
+        else:
+            # a knee run: each knee's map drawn at its region on the whole film (zero elsewhere);
+            # the raw maps are one per knee, stacked (none found: a zero map)
+            has_am = self.model.attention is not None
+            gradcam = np.zeros(shape, np.float32)
+            attention = np.zeros(shape, np.float32) if has_am else None
+            for knee, (norm, _, am) in zip(search.knees, maps):
+                np.maximum(gradcam, to_knee_region(norm, shape, knee), out=gradcam)
+                if attention is not None:
+                    np.maximum(attention, to_knee_region(am, shape, knee), out=attention)
+            raw = np.stack([r for _, r, _ in maps]) if maps else np.zeros((1, 1), np.float32)
+            am_raw = (np.stack([a for _, _, a in maps]) if maps else np.zeros((1, 1), np.float32)) if has_am else None
         return Explanation(
             verdict.probability,
             self.info.positive,
