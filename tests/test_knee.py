@@ -358,6 +358,21 @@ def test_knee_run_explain_draws_each_knee_at_its_place(knee_run):
     assert verdict_text(none, ex.threshold).startswith("out of domain: no knee found: ")
 
 
+def test_knee_run_explain_command_writes_png_and_json(knee_run, tmp_path):
+    """`kneeosteo explain` through to its files on a knee run: the JSON's raw maps are one per knee,
+    stacked, and their argmax names the knee (it once failed there, unpacking two indices from three)."""
+    from kneeosteo.interfaces.cli import main
+
+    run, _, pair, _ = knee_run
+    with pytest.raises(SystemExit) as e:
+        main(["explain", str(pair), "--run", str(run), "--out", str(tmp_path / "expl")])
+    assert e.value.code == 0
+    doc = json.loads((tmp_path / "expl" / "pair.json").read_text())
+    raw = doc["gradcam"]["raw"]
+    assert raw["shape"][0] == 2 and len(raw["argmax"]) == 3 and 0 <= raw["argmax"][0] < 2
+    assert len(doc["gradcam"]["image"]["argmax"]) == 2 and (tmp_path / "expl" / "pair.png").stat().st_size > 0
+
+
 def test_knee_run_api_carries_the_knees(knee_run):
     from fastapi.testclient import TestClient
 

@@ -82,14 +82,15 @@ def to_knee_region(m: np.ndarray, shape: tuple[int, int], knee: Knee) -> np.ndar
 
 
 def map_stats(m: np.ndarray) -> dict:
-    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+    """min/max/mean/std of a map and where its maximum is: ``[row, column]``, or for a knee run's
+    raw maps (one per knee, stacked) ``[knee, row, column]``."""
     return {
         "shape": list(m.shape),
         "min": float(m.min()),
         "max": float(m.max()),
         "mean": float(m.mean()),
         "std": float(m.std()),
-        "argmax": [int(r), int(c)],
+        "argmax": [int(i) for i in np.unravel_index(int(np.argmax(m)), m.shape)],
     }
 
 
