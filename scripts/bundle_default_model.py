@@ -459,6 +459,22 @@ def command_text(split: dict) -> str:
     )
 
 
+def shift_text(m: dict, pooled: str) -> str:
+    """The source-shift limit, with this run's own shortcut-adversarial figure where it has one."""
+    adv = (m.get("shortcut_probes") or {}).get("shortcut_adversarial") or {}
+    if not adv.get("n"):
+        return (
+            "Image source, film format and post-processing shift the output: on the images where the file's\n"
+            f"  metadata points the wrong way its accuracy falls towards chance (0.5{pooled})."
+        )
+    lo, hi = adv["ci95"]
+    return (
+        "Image source, film format and post-processing shift the output: on the "
+        f"{adv['n']} of its {adv['n_test']} test images where a forest on the file's metadata alone is wrong, "
+        f"its accuracy is {adv['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] (chance 0.5{pooled})."
+    )
+
+
 def card(
     run: Path,
     audit: dict,
@@ -552,8 +568,7 @@ this model's accuracy on the test images where that forest is wrong (chance: 0.5
 {source}
 - A test set of {m["n"]} images: the accuracy's 95% interval is {m["accuracy"]["ci_low"]:.3f}-{m["accuracy"]["ci_high"]:.3f} here.
 - {trust_text(rd, domain, m)}
-- Image source, film format and post-processing shift the output: on the images where the file's
-  metadata points the wrong way its accuracy falls towards chance (0.5{pooled}).
+- {shift_text(m, pooled)}
 """
 
 
