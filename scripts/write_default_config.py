@@ -17,9 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import tomllib
-
-from kneeosteo.config import load_config
+from kneeosteo.config import FLAT, SECTIONS, load_config, read_settings
 from kneeosteo.data import knee as knee_mod
 from kneeosteo.run import RunDir
 from kneeosteo.utils.atomic import write_text
@@ -68,10 +66,20 @@ def header(rd: RunDir, lever: Path) -> str:
     )
 
 
+def sectioned(keys: list[str], values: dict) -> str:
+    """The settings ``keys`` (flat) with their ``values`` as TOML tables, one per section
+    (``[data]``, ``[model]``, ...: kneeosteo.config's order), each key under its own name there."""
+    tables: dict[str, list[str]] = {name: [] for name in SECTIONS}
+    for k in keys:
+        s = FLAT[k]
+        tables[s.section].append(f"{s.name} = {toml_value(values[k])}\n")
+    return "\n".join(f"[{name}]\n" + "".join(lines) for name, lines in tables.items() if lines)
+
+
 def main(run: str, lever: str, out: str | None = None) -> None:
     rd = RunDir.open(Path(run))
     lever_path = Path(lever).resolve()
-    keys = list(tomllib.loads(lever_path.read_text())["train"])
+    keys = list(read_settings(lever_path))  # either form of settings file, flat keys in its order
     # and the trust settings the bundled run was calibrated with (`calibrate` records them), so
     # that training with this file fits the same trust pieces
     keys += [k for k in TRUST_KEYS if k not in keys]
@@ -79,7 +87,7 @@ def main(run: str, lever: str, out: str | None = None) -> None:
     missing = [k for k in keys if k not in settings]
     if missing:
         raise SystemExit(f"{run}: its settings do not record {missing}")
-    body = "[train]\n" + "".join(f"{k} = {toml_value(settings[k])}\n" for k in keys)
+    body = sectioned(keys, settings)
     dest = Path(out) if out else ROOT / "configs" / "default_model.toml"
     text = header(rd, lever_path) + body
     write_text(dest, text)
