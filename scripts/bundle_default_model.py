@@ -44,7 +44,7 @@ import numpy as np
 
 from kneeosteo.data import knee as knee_mod
 from kneeosteo.data.reference import read_reference
-from kneeosteo.evaluation.clinical import clinical_set, over_seeds
+from kneeosteo.evaluation.clinical import clinical_set, over_seeds, seed_figures
 from kneeosteo.evaluation.probes import format_probes
 from kneeosteo.evaluation.stats import delong_auc_ci
 from kneeosteo.run import RunDir
@@ -226,15 +226,12 @@ def _seed_summary(doc: dict, meaning: str, rows: list[str], titles: dict[str, st
         seeds = doc["models"].get(key)
         if not seeds:
             continue
-        img = [s["image_auc"]["auc"] for s in seeds]
-        fus = [s["fused_auc"]["auc"] for s in seeds]
-        fc = [s["fused_minus_clinical"] for s in seeds]
-        ic = [s["image_minus_clinical"]["diff"] for s in seeds]
+        f = seed_figures(seeds, margin=-0.05)  # issue 32's target: lower bound above -0.05
+        (im, isd, ilo, ihi), (fm, flo, fhi) = f["image"], f["fused"]
         out.append(
-            f"| {titles.get(key, key)} | {len(seeds)} | {np.mean(img):.3f} ± {np.std(img, ddof=1) if len(img) > 1 else 0:.3f} "
-            f"({min(img):.3f}-{max(img):.3f}) | {np.mean(fus):.3f} ({min(fus):.3f}-{max(fus):.3f}) | "
-            f"{np.mean([d['diff'] for d in fc]):+.3f}; {sum(1 for d in fc if d['ci_low'] > -0.05)} of {len(fc)} | "
-            f"{np.mean(ic):+.3f} |"
+            f"| {titles.get(key, key)} | {f['seeds']} | {im:.3f} ± {isd:.3f} ({ilo:.3f}-{ihi:.3f}) | "
+            f"{fm:.3f} ({flo:.3f}-{fhi:.3f}) | {f['fused_minus_clinical']:+.3f}; {f['above_margin']} of {f['seeds']} | "
+            f"{f['image_minus_clinical']:+.3f} |"
         )
     return out
 
