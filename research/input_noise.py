@@ -23,6 +23,7 @@ import torch
 
 from kneeosteo.data.reader import read_image
 from kneeosteo.run import RunDir
+from kneeosteo.utils.atomic import write_json
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
         f"{out['model']}: {out['films']} test films ({len(no_knee)} without a knee): |dP| max {out['max_abs_dp']:.3f}, "
         f"mean {out['mean_abs_dp']:.4f}; {out['label_flips']} labels flip at {t:g}"
     )
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)  # atomic, the package's writer
     print(f"wrote {args.out}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from kneeosteo.data.reference import read_reference
 from kneeosteo.experiments.trust_fit import site_check, temperature_fit
 from kneeosteo.run import RunDir
 from kneeosteo.trust import ConformalClassifier, choose_threshold, logit, parse_operating_point
+from kneeosteo.utils.atomic import write_json
 
 
 def _sets(mask: np.ndarray, y: np.ndarray) -> dict:
@@ -101,7 +101,7 @@ def main() -> None:
         f"pooled: covered before {b['covered']}/{b['n']} ({b['both_class_sets']} both-class sets), "
         f"after {a['covered']}/{a['n']} ({a['both_class_sets']} both-class sets)"
     )
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)  # atomic, the package's writer
     print(f"wrote {args.out}")
 
 
