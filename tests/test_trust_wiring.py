@@ -433,6 +433,11 @@ def test_a_site_threshold_needs_enough_films_and_holds_the_films_it_was_fitted_o
     kept = calibrate_run(bundled_run, tmp_path / "kept-run", site.root).trust
     assert kept.domain.threshold_ == bundled.threshold_ and "too few" in kept.fitted["domain"]
     assert f"at acceptance {bundled.acceptance:g}" in kept.fitted["domain"]
+    # and the training fit's orientation check, as it was (a site's films never refit it)
+    orientation = RunDir(bundled_run).trust.orientation
+    if orientation is not None:
+        assert np.array_equal(kept.orientation.coef_, orientation.coef_)
+        assert kept.orientation.threshold_ == orientation.threshold_
     # the same run with its check at acceptance 0.95 (arrays and threshold as they are): 4 films keep
     # it, 41 refit it
     run95 = RunDir(bundled_run).derive(tmp_path / "run95", {"test": "acceptance 0.95"})

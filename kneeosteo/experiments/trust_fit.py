@@ -277,8 +277,8 @@ def fit_trust(
     turned = None
     if feats is None:
         info["domain"] = "pixel checks only: the model has no backbone features"
-    elif domain is not None:
-        check = copy.deepcopy(domain)
+    elif domain is not None:  # a site's refit: the training fit's checks kept, the threshold maybe refitted
+        check, turned = copy.deepcopy(domain), orientation
         need = min_refit_images(check.acceptance)
         if len(feats) < need:
             info["domain"] = (
@@ -308,8 +308,6 @@ def fit_trust(
             log.warning("no domain check for this run: %s", exc)
         if check is not None:
             turned, info["orientation"] = fit_orientation(model, source, prep, device, x)
-    if domain is not None:  # a site's refit keeps the training fit's orientation check as it is
-        turned = orientation
     reference = ShiftReference().fit(
         None if check is None else check.heldout_scores_,
         p,
