@@ -40,7 +40,7 @@ from typing import Any
 import tomllib
 
 from kneeosteo.choices import CLASSIFICATION_TASKS, PRESETS, REWEIGHTS, TASK_NAMES
-from kneeosteo.data.manifest import TARGETS
+from kneeosteo.data.manifest import NUMERIC_COLUMNS, TARGETS
 from kneeosteo.errors import ConfigError
 
 __all__ = [
@@ -129,6 +129,13 @@ class DataSection:
     target: str = setting(
         "label", "label (classify), or t_score / bmd: regress that manifest column (Huber loss).", choices=TARGETS
     )
+    aux_target: str = setting(
+        "none",
+        "A number of the label manifest or split (t_score, bmd) learned as a second output of the shared head "
+        "where a training film has it, beside the task's own target; it shapes the shared layers, predictions "
+        "do not use it (none: off).",
+        choices=("none", *NUMERIC_COLUMNS),
+    )
     classes: tuple = setting(
         (),
         "Class names in index order, comma-separated; a manifest label outside them is left out as unknown.",
@@ -205,6 +212,11 @@ class OptimiserSection:
         0.0,
         "Generalised cross-entropy (1 - p^q)/q with this q in (0, 1] against label noise, instead of "
         "cross-entropy (0: off).",
+    )
+    aux_weight: float = setting(
+        1.0,
+        "With data.aux_target: weight of the auxiliary loss (squared error of the standardised value, summed "
+        "over the batch's films that have one, divided by the batch size) beside the task's loss.",
     )
     reweight: str = setting(
         "none",
@@ -359,6 +371,12 @@ class TrainConfig:
             raise ConfigError(
                 f"data.target = {d.target!r} needs a label manifest with that column (data.labels = labels.csv)"
             )
+        choice("data.aux_target", ("none", *NUMERIC_COLUMNS))
+        if d.aux_target != "none" and d.task == "regression":
+            raise ConfigError(
+                f"data.aux_target = {d.aux_target!r} is for a classification task; this run regresses {d.target}"
+            )
+        number("optimiser.aux_weight", 0.0, 100.0)
         if d.task != "binary":
             for name, default in (("optimiser.reweight", "none"), ("trust.operating_point", "0.5")):
                 if self.get(name) != default:

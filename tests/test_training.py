@@ -26,7 +26,7 @@ from kneeosteo.data.augment import AugmentParams
 from kneeosteo.data.preprocess import Preprocess
 from kneeosteo.data.scan import scan_dataset
 from kneeosteo.data.split import make_split, write_split
-from kneeosteo.errors import ConfigError
+from kneeosteo.errors import ConfigError, DataError
 from kneeosteo.evaluation.evaluate import evaluate_run
 from kneeosteo.experiments.pipeline import train_and_score
 from kneeosteo.features.cache import TensorCache, backbone_cache_id, cache_key
@@ -615,6 +615,69 @@ def test_config_precedence_and_unknown_keys(tmp_path):
         load_config(bad, {})
     with pytest.raises(ConfigError, match="epoks"):
         load_config(None, {"epoks": 3})
+
+
+# --------------------------------------------------------------------------- auxiliary target
+
+
+def _aux_split(ws, tmp_path: Path) -> tuple[Path, dict[str, float]]:
+    """The reference split with a T-score for every other training film (osteoporosis -3.2 + a
+    little, normal -0.5 + a little), as a site's few measured films would give one."""
+    doc = json.loads(ws.split.read_text())
+    values = {
+        p: round((-3.2 if p.startswith("osteoporosis/") else -0.5) + 0.1 * (k % 5), 2)
+        for k, p in enumerate(doc["train"])
+        if k % 2 == 0
+    }
+    doc["values"] = {p: {"t_score": v} for p, v in values.items()}
+    out = tmp_path / "split_aux.json"
+    out.write_text(json.dumps(doc))
+    return out, values
+
+
+def test_aux_target_shapes_the_shared_layers_and_nothing_else(ws, runs, tmp_path):
+    """--aux-target t_score: with weight 0 the run is the plain run bit for bit (the auxiliary head
+    is drawn after every other layer and its loss adds nothing), with weight 1 its gradient reaches
+    the layers the two outputs share, so the predictions change; the run records the films that had
+    a value and their standardisation, saves the auxiliary head and reloads it."""
+    split, values = _aux_split(ws, tmp_path)
+    zero = train_and_score(
+        make_cfg(ws, tmp_path / "aux0", split=str(split), aux_target="t_score", aux_weight=0.0), console=quiet
+    )
+    one = train_and_score(make_cfg(ws, tmp_path / "aux1", split=str(split), aux_target="t_score"), console=quiet)
+    plain = (runs.a.run / "predictions.csv").read_text()
+    assert (zero / "predictions.csv").read_text() == plain
+    assert (one / "predictions.csv").read_text() != plain
+    rec = RunDir(one).config.record["aux_target"]
+    known = np.array(list(values.values()))
+    assert rec["films_with_value"] == len(values) and rec["weight"] == 1.0
+    assert rec["mean"] == pytest.approx(known.mean(), abs=1e-4) and rec["sd"] == pytest.approx(known.std(), abs=1e-4)
+    model = RunDir(one).load_model()
+    assert model.head.config()["aux_outputs"] == 1
+    rows = predictions(one / "predictions.csv")
+    probs = full_forward_probs(one, ws.data, [r["path"] for r in rows], tmp_path / "c")
+    np.testing.assert_allclose(probs, [float(r["probability"]) for r in rows], atol=1e-5)
+
+
+def test_aux_loss_counts_only_films_with_a_value():
+    pred = torch.tensor([0.5, 2.0, -1.0], requires_grad=True)
+    z = torch.tensor([1.0, float("nan"), -1.0])
+    loss = trainer.aux_loss_sum(pred, z)
+    assert loss.item() == pytest.approx(0.25)  # (0.5 - 1)^2 + 0 + (-1 + 1)^2: the NaN row adds nothing
+    loss.backward()
+    assert pred.grad.tolist() == pytest.approx([-1.0, 0.0, 0.0])  # and gets no gradient
+    assert trainer.aux_loss_sum(pred, torch.full((3,), float("nan"))).item() == 0.0
+
+
+def test_aux_target_settings_and_too_few_values_are_refused(ws, tmp_path):
+    with pytest.raises(ConfigError, match="data.aux_target = 'age': choose one of none, t_score, bmd"):
+        TrainConfig.from_dict(dict(aux_target="age"))
+    with pytest.raises(ConfigError, match="aux_target = 't_score' is for a classification task"):
+        TrainConfig.from_dict(dict(aux_target="t_score", target="bmd", labels="x.csv"))
+    with pytest.raises(ConfigError, match="optimiser.aux_weight"):
+        TrainConfig.from_dict(dict(aux_target="t_score", aux_weight=-1.0))
+    with pytest.raises(DataError, match="0 training film\\(s\\) have a t_score value; at least 2"):
+        train_and_score(make_cfg(ws, tmp_path / "none", aux_target="t_score"), console=quiet)
 
 
 # --------------------------------------------------------------------------- fine-tuning lever

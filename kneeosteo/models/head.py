@@ -30,6 +30,7 @@ class ClassifierHead(nn.Module):
         outputs: int = 1,
         output_shift: float = 0.0,
         output_scale: float = 1.0,
+        aux_outputs: int = 0,
     ):
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
@@ -54,15 +55,30 @@ class ClassifierHead(nn.Module):
         # a regression answers in target units: out * scale + shift, with the training targets'
         # mean and standard deviation, so the freshly initialised head starts near the mean
         self.output_shift, self.output_scale = float(output_shift), float(output_scale)
+        # an auxiliary output (``data.aux_target``, a T-score where one is known) read from the same
+        # last hidden layer as ``out``, so learning it shapes the layers both share (multi-task heads);
+        # training uses it, predictions do not
+        if aux_outputs < 0:
+            raise ValueError(f"aux_outputs must be >= 0, got {aux_outputs}")
+        self.aux = nn.Linear(prev, int(aux_outputs)) if aux_outputs else None
 
     def config(self) -> dict:
         extra = {"outputs": self.outputs} if self.outputs != 1 else {}  # a one-output head's config is unchanged
         if (self.output_shift, self.output_scale) != (0.0, 1.0):
             extra.update(output_shift=self.output_shift, output_scale=self.output_scale)
+        if self.aux is not None:
+            extra["aux_outputs"] = self.aux.out_features
         return {"in_features": self.in_features, "hidden": list(self.hidden), "dropout": list(self.dropout), **extra}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_aux(x)[0]
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the outputs, the auxiliary outputs or None without an auxiliary head)."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"ClassifierHead expects (B, {self.in_features}), got {tuple(x.shape)}")
-        y = self.out(self.layers(x))
-        return y if (self.output_shift, self.output_scale) == (0.0, 1.0) else y * self.output_scale + self.output_shift
+        h = self.layers(x)
+        y = self.out(h)
+        if (self.output_shift, self.output_scale) != (0.0, 1.0):
+            y = y * self.output_scale + self.output_shift
+        return y, (None if self.aux is None else self.aux(h))

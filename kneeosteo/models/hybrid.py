@@ -65,6 +65,7 @@ class HybridModel(nn.Module):
         outputs: int = 1,
         output_shift: float = 0.0,
         output_scale: float = 1.0,
+        aux_outputs: int = 0,
     ):
         super().__init__()
         self.task = task_named(task)  # a Task; the model's config keeps its name
@@ -88,7 +89,9 @@ class HybridModel(nn.Module):
             train_last_stages(self.backbone, backbone_name, self.trainable_stages)
         self.attention = AttentionModule(3, attention_features) if self.use_attention else None
         head_in = self.feature_dim + (attention_features if self.use_attention else 0)
-        self.head = ClassifierHead(head_in, head_hidden, head_dropout, outputs, output_shift, output_scale)
+        self.head = ClassifierHead(
+            head_in, head_hidden, head_dropout, outputs, output_shift, output_scale, aux_outputs=aux_outputs
+        )
 
     def train(self, mode: bool = True) -> HybridModel:
         super().train(mode)
@@ -126,8 +129,14 @@ class HybridModel(nn.Module):
         feats = self.extract_features(images)
         return self(images=images, features=feats), feats
 
-    def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.fused_features(images, features)).squeeze(-1)
+    def forward(
+        self, images: torch.Tensor | None = None, features: torch.Tensor | None = None, with_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The task's outputs (B,) or (B, K); ``with_aux``: (those, the auxiliary outputs (B,) or None)."""
+        out, aux = self.head.forward_with_aux(self.fused_features(images, features))
+        if not with_aux:
+            return out.squeeze(-1)
+        return out.squeeze(-1), (None if aux is None else aux.squeeze(-1))
 
     def fused_features(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """What the head reads: backbone and attention-module features side by side (B, head input).
@@ -205,6 +214,7 @@ def build_model(
     allow_download: bool = True,
     task: str = "binary",
     outputs: int = 1,
+    aux_outputs: int = 0,
 ) -> tuple[HybridModel, WeightsInfo]:
     """Build the hybrid model with a resolved backbone (see ``build_backbone`` for ``weights``).
 
@@ -228,6 +238,7 @@ def build_model(
         trainable_stages=trainable_stages if finetune else 0,
         task=task,
         outputs=outputs,
+        aux_outputs=aux_outputs,
     )
     return model, info
 
@@ -266,6 +277,7 @@ def build_model_from_config(
             outputs=int(head.get("outputs", 1)),
             output_shift=float(head.get("output_shift", 0.0)),
             output_scale=float(head.get("output_scale", 1.0)),
+            aux_outputs=int(head.get("aux_outputs", 0)),
         )
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"model config is incomplete or malformed: {type(exc).__name__}: {exc}") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import shlex
 import sys
@@ -110,6 +111,10 @@ class Batches:
     online: AugmentParams | None = None  # draw a fresh augmentation per batch (--augment online)
     source: bool = False  # with online: also source_augment_batch (--source-augment)
     weights: torch.Tensor | None = None  # per-row loss weights (--reweight metadata), None = all 1
+    aux: torch.Tensor | None = None  # per-row standardised auxiliary target (--aux-target), NaN = unknown
+
+    def aux_targets(self, idx: torch.Tensor, device: str) -> torch.Tensor | None:
+        return None if self.aux is None else self.aux[idx].to(device)
 
     def loss_weights(self, idx: torch.Tensor, device: str) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[idx].to(device)
@@ -162,20 +167,32 @@ def run_epoch(
         batch_n = len(idx)
         x, feats, y = batches.inputs(idx, cfg.runtime.channels_last, device, rng)
         w = batches.loss_weights(idx, device) if train else None
+        z = batches.aux_targets(idx, device) if train else None
         if world > 1:  # every rank prepares the whole batch (online augmentation draws per image), keeps its rows
             rows = ctx.piece(batch_n)
             idx, x, y = idx[rows], x[rows], y[rows]
             feats = None if feats is None else feats[rows]
             w = None if w is None else w[rows]
+            z = None if z is None else z[rows]
         with torch.set_grad_enabled(train), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(images=x, features=feats).float()
+            aux_sum = None
+            if z is not None:  # the auxiliary target (--aux-target): its head shares the layers below
+                logits, aux_out = model(images=x, features=feats, with_aux=True)
+                logits = logits.float()
+                aux_sum = cfg.optimiser.aux_weight * aux_loss_sum(aux_out, z)
+            else:
+                logits = model(images=x, features=feats).float()
             # validation loss: the task's own loss on the labels as given (early stopping compares like with like)
             robust = {"smoothing": cfg.optimiser.label_smoothing, "gce_q": cfg.optimiser.gce_q} if train else {}
             if world > 1:
                 summed = task.loss(logits, y, w, reduction="sum", **robust)
+                if aux_sum is not None:
+                    summed = summed + aux_sum
                 loss = summed * (world / batch_n)
             else:
                 loss = task.loss(logits, y, w, **robust)
+                if aux_sum is not None:  # summed over the rows that have a value, per row of the batch
+                    loss = loss + aux_sum / batch_n
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -190,6 +207,32 @@ def run_epoch(
         ctx.batch = None
         total, correct = ctx.all_sum(total, correct)
     return total / n, correct / n, (np.zeros(n) if probs is None else probs)
+
+
+def aux_loss_sum(pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Squared error of the auxiliary output on the standardised target, summed over the rows that
+    have one (``z`` NaN: no value, no loss and no gradient); 0 for a batch with none."""
+    known = ~torch.isnan(z)
+    return ((pred.float()[known] - z[known]) ** 2).sum()
+
+
+def aux_targets(sets: SplitSets, train: PreparedSet, name: str) -> tuple[torch.Tensor, dict]:
+    """The training rows' ``name`` values (the split's ``values``: a manifest column or a reference
+    T-score), standardised with the known films' mean and standard deviation; NaN where a film has
+    none. Augmented copies share their source's value. Also a summary for the run's record."""
+    raw = {p: sets.values.get(p, {}).get(name) for p in dict.fromkeys(train.paths)}
+    known = {p: float(v) for p, v in raw.items() if v is not None and math.isfinite(float(v))}
+    if len(known) < 2:
+        raise DataError(
+            f"data.aux_target = {name}: {len(known)} training film(s) have a {name} value; at least 2 are needed "
+            "(give the column in the label manifest, or train on a split whose values hold it)"
+        )
+    vals = np.array(list(known.values()))
+    mean, sd = float(vals.mean()), float(vals.std())
+    sd = sd if sd > 0 else 1.0
+    rows = torch.tensor([(known[p] - mean) / sd if p in known else math.nan for p in train.paths], dtype=torch.float32)
+    summary = {"target": name, "films_with_value": len(known), "mean": round(mean, 4), "sd": round(sd, 4)}
+    return rows, summary
 
 
 def _save_state(run: RunDir, model, optimizer, state: dict) -> None:
@@ -331,6 +374,7 @@ class _Setup:
     settings: dict
     record: dict
     weights: torch.Tensor | None = None  # training rows' loss weights (--reweight)
+    aux: torch.Tensor | None = None  # training rows' standardised auxiliary target (--aux-target)
 
 
 def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
@@ -357,6 +401,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
         image_size=cfg.data.image_size,
         trainable_stages=cfg.model.trainable_stages,
         task=cfg.data.task,
+        aux_outputs=int(cfg.data.aux_target != "none"),
     )
     model.to(device)
     spec = get_backbone_spec(cfg.model.backbone)
@@ -369,7 +414,13 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
         shift, scale = scaling
         torch.manual_seed(cfg.runtime.seed)
         model.head = ClassifierHead(
-            model.head.in_features, model.head.hidden, model.head.dropout, outputs, round(shift, 6), round(scale, 6)
+            model.head.in_features,
+            model.head.hidden,
+            model.head.dropout,
+            outputs,
+            round(shift, 6),
+            round(scale, 6),
+            aux_outputs=int(cfg.data.aux_target != "none"),
         ).to(device)
     cache_backbone = cfg.model.use_backbone and not cfg.model.finetune
     backbone_id = backbone_cache_id(cfg.model.backbone, model.backbone, winfo.sha256) if cache_backbone else None
@@ -394,8 +445,24 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Setup:
     weights = None
     if cfg.optimiser.reweight == "metadata":
         weights, record["reweight"] = _metadata_weights(data, parts["train"], cfg.runtime.seed)
+    aux = None
+    if cfg.data.aux_target != "none":
+        aux, record["aux_target"] = aux_targets(sets, parts["train"], cfg.data.aux_target)
+        record["aux_target"]["weight"] = cfg.optimiser.aux_weight
     return _Setup(
-        run, data, device, amp, ctx, sets, model, prep, parts, {**cfg.to_dict(), "data": str(data)}, record, weights
+        run,
+        data,
+        device,
+        amp,
+        ctx,
+        sets,
+        model,
+        prep,
+        parts,
+        {**cfg.to_dict(), "data": str(data)},
+        record,
+        weights,
+        aux,
     )
 
 
@@ -467,6 +534,7 @@ def _fit(s: _Setup, cfg: TrainConfig, resume: bool, console) -> dict:
         for k, v in s.parts.items()
     }
     batches["train"].weights = s.weights
+    batches["train"].aux = s.aux
     sharded = {"ctx": s.ctx} if s.ctx.world > 1 else {}
     while state["epoch"] < cfg.optimiser.epochs and state["bad_epochs"] < cfg.optimiser.patience:
         epoch = state["epoch"] + 1
