@@ -61,10 +61,14 @@ def main() -> None:
     ap.add_argument("grid", type=Path)
     ap.add_argument("data", type=Path)
     ap.add_argument("--reference", type=Path, required=True)
-    ap.add_argument("--rows", default="knee384,default_model", help="candidate,default (cell folder names)")
+    ap.add_argument(
+        "--rows",
+        default="knee384,default_model",
+        help="candidate,default[,more...] (cell folder names; rows after the second are reported, not ruled on)",
+    )
     ap.add_argument("--out", type=Path, default=Path("docs/results/research/HELDOUT_GRID"))
     args = ap.parse_args()
-    candidate, default = args.rows.split(",")
+    candidate, default, *more = args.rows.split(",")
     ref = read_reference(args.reference, args.data)
     tested = set.intersection(*(set(p) for p in seed_predictions(args.grid, candidate).values()))
     films = {p: f for p, f in ref.files.items() if f.single_truth and p in tested}
@@ -89,7 +93,7 @@ def main() -> None:
             "| row | seeds | AUC per seed [95% CI] | mean (sd) | AUC of the seeds' mean probability [95% CI] |",
             "|---|---|---|---|---|",
         ]
-        for row in (candidate, default):
+        for row in (candidate, default, *more):
             fig = row_figures(args.grid, row, truth)
             doc["rows"].setdefault(row, {})[definition] = fig
             per = "; ".join(
