@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -53,7 +54,8 @@ def refusing_checks(reason: str) -> set[str]:
     side (...)" -> {"features unlike the training images", "2 bone regions side by side"}."""
     for side in ("left", "right", "single"):
         reason = reason.replace(f"{side} knee: ", "")
-    return {part.split(" (")[0].strip() for part in reason.split("; ") if part.strip()}
+    # "; " separates checks, except inside a check's parentheses (the orientation check's figures)
+    return {part.split(" (")[0].strip() for part in re.split(r"; (?![^()]*\))", reason) if part.strip()}
 
 
 def summary(verdicts) -> dict:
