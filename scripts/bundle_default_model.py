@@ -66,7 +66,16 @@ def architecture(rd: RunDir) -> str:
     ident = rd.config.model
     s = rd.config.settings
     prep = rd.config.preprocess
-    branches = f"A frozen ImageNet {ident['backbone']} ({ident['feature_dim']} features)"
+    if not ident.get("freeze_backbone", True):
+        stages = ident.get("trainable_stages", 0)
+        tuned = ("its last stage" if stages == 1 else f"its last {stages} stages") if stages else "all of it"
+        rate = s.get("backbone_lr_scale", 1.0)
+        branches = (
+            f"An ImageNet {ident['backbone']} ({ident['feature_dim']} features) with {tuned} fine-tuned "
+            f"(at {rate:g} x the head's learning rate; every BatchNorm keeps its ImageNet statistics)"
+        )
+    else:
+        branches = f"A frozen ImageNet {ident['backbone']} ({ident['feature_dim']} features)"
     if ident["use_attention"]:
         branches += " fused with the attention module (128 features)"
     head = "-".join(str(v) for v in [ident["head"]["in_features"], *ident["head"]["hidden"], 1])
@@ -279,7 +288,8 @@ def heldout_evidence(grid: Path, row: str, against: str, split: dict, reference:
         )
     out += [
         "",
-        f"The rule fixed before the grid (research/DEFAULT_CHOICE.md, 2026-12-07 03:05): (a) mean AUC "
+        f"The rule (research/DEFAULT_CHOICE.md, 2026-12-07 03:05, applied unchanged to each later row, written "
+        f"before that row's cells): (a) mean AUC "
         f"{rule['mean_auc'][row]:.3f} against {titles.get(against, against)}'s {rule['mean_auc'][against]:.3f} "
         f"over seeds {', '.join(map(str, rule['seeds_in']))}: {'met' if rule['a'] else 'not met'}; (b) the "
         f"seeds' mean probability scores AUC {_auc_txt(rule['mean_probability_auc'])}, lower bound above "
@@ -368,11 +378,13 @@ def coverage_text(m: dict) -> str:
         return ""
     n = f["n"]
     scored = round(t["conformal_coverage"] * n)
+    both = t.get("abstention_rate")
+    both_txt = f" ({round(both * n)} of the {n} sets hold both classes: `uncertain`)" if both is not None else ""
     return (
         f" Its conformal sets (coverage {t['coverage']:g}) hold the folder label, the truth they were calibrated "
         f"on, for {f['covered']} of {n} held-out films, and the T-score truth those films are scored against for "
-        f"only {scored} of {n}: the guarantee is about the calibration films' truth and does not carry over to "
-        "another. Sets and a threshold that mean the WHO diagnosis need T-score-labelled calibration films "
+        f"{scored} of {n}{both_txt}: the guarantee is about the calibration films' truth and does not carry over "
+        "to another. Sets and a threshold that mean the WHO diagnosis need T-score-labelled calibration films "
         "(`kneeosteo calibrate RUN SITE` on your own)."
     )
 
