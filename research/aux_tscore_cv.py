@@ -110,7 +110,7 @@ def pooled(cells: list[Path]) -> dict[str, float]:
 
 def diff(y, a, b) -> dict:
     t = delong_test(y, a, b)
-    return {k: float(t[k]) for k in ("diff", "ci_low", "ci_high", "p")}
+    return {k: float(t[k]) for k in ("diff", "ci_low", "ci_high", "pvalue")}
 
 
 def main() -> None:
@@ -186,7 +186,7 @@ def report(result: dict, seeds: list[int], args) -> str:
         "# The auxiliary T-score target, cross-validated on the held-out source (issue 32)",
         "",
         f"{result['films']} held-out films in {args.folds} patient-grouped folds (sizes "
-        f"{', '.join(result['folds'].values())}); per fold the other folds' films join grid seed s's training films "
+        f"{', '.join(map(str, result['folds'].values()))}); per fold the other folds' films join grid seed s's training films "
         "with their WHO truth as label; `"
         f"{args.config}`, {args.epochs} epochs at most, patience {args.patience}; site+aux adds `--aux-target t_score "
         f"--aux-weight {args.aux_weight}`. Out-of-fold predictions pooled per arm; `{args.base_row}`: the grid's cell "
